@@ -1,0 +1,96 @@
+"""Removing a snapshot: merge layers online, one short locked step at a time.
+
+A removal leaves a layer that belongs to no snapshot below the top; the consolidation merges
+the layer above it into it, pair by pair, until the unowned layer either takes over a snapshot's
+layer or becomes the writable top again. Guest writes never land in a layer being merged: when the
+child is the writable top, a new empty helper top is put above it first. The last, small helper
+is merged under the disk lock in one step (the "stun"), like VMware's consolidation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from blocktrail.disk import chain
+from blocktrail.disk.layers import DeltaLayer
+
+if TYPE_CHECKING:
+    from blocktrail.disk.disk import Disk
+
+FINAL_MERGE_MAX_CLUSTERS = 64
+MAX_HELPER_ROUNDS = 8
+
+
+@dataclass(slots=True)
+class _Pair:
+    child_id: str
+    todo: list[int]  # child clusters still to copy, in order
+    final: bool  # merging the writable top under the lock
+
+
+class Consolidation:
+    """The merge of a removed snapshot's layer; `step` until `done`."""
+
+    def __init__(self, disk: Disk, parent_id: str) -> None:
+        self._disk = disk
+        self.parent_id = parent_id
+        self._pair: _Pair | None = None
+        self._rounds = 0
+        self.done = False
+        self.clusters_copied = 0
+        self.on_step: Callable[[], None] | None = None  # test hook: runs after each step
+
+    def step(self, max_clusters: int = 256) -> bool:
+        """Copy up to ``max_clusters`` clusters under the disk lock; -> True when finished."""
+        with self._disk._lock:
+            if not self.done:
+                self._step_locked(max_clusters)
+        if self.on_step is not None:
+            self.on_step()
+        return self.done
+
+    def run(self) -> None:
+        while not self.step():
+            pass
+
+    def _step_locked(self, max_clusters: int) -> None:
+        disk = self._disk
+        if self._pair is None:
+            self._start_pair()
+            if self.done:
+                return
+        pair = self._pair
+        assert pair is not None
+        parent, child = disk._layer(self.parent_id), disk._layer(pair.child_id)
+        assert isinstance(child, DeltaLayer)
+        batch = pair.todo if pair.final else pair.todo[:max_clusters]
+        chain.merge_clusters(parent, child, batch)
+        del pair.todo[: len(batch)]
+        self.clusters_copied += len(batch)
+        if not pair.todo:
+            disk._finish_merge(self.parent_id, pair.child_id)
+            self._pair = None
+
+    def _start_pair(self) -> None:
+        """Pick the layer above the unowned parent and get it ready to merge."""
+        disk = self._disk
+        index = disk._layer_index(self.parent_id)
+        if disk._layers[index].snapshot is not None or index == len(disk._layers) - 1:
+            self.done = True  # the parent holds a snapshot again, or is the top again
+            disk._tracker.consolidation_active = False
+            return
+        child = disk._layers[index + 1]
+        assert isinstance(child, DeltaLayer)
+        final = False
+        if index + 1 == len(disk._layers) - 1:  # the child is the writable top
+            small = len(child.states) <= FINAL_MERGE_MAX_CLUSTERS
+            if small or self._rounds >= MAX_HELPER_ROUNDS:
+                final = True
+            else:
+                disk._push_helper_top()
+                self._rounds += 1
+        parent = disk._layer(self.parent_id)
+        chain.hide_below_limit(parent, child)
+        self._pair = _Pair(child.id, sorted(child.states), final)

@@ -1,0 +1,517 @@
+"""Disk: a tracked virtual disk with snapshots. The ONE write path for its logical content."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import ParamSpec, Self, TypeVar
+
+from blocktrail.disk import chain
+from blocktrail.disk.consolidation import Consolidation
+from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
+from blocktrail.disk.meta import META_FILE, DiskMeta, LayerRecord, Snapshot
+from blocktrail.errors import (
+    BlocktrailError,
+    DiskBusy,
+    DiskClosed,
+    DiskExists,
+    DiskNotFound,
+    InvalidArgument,
+    OutOfRange,
+    SnapshotExists,
+    SnapshotNotFound,
+    StaleChangeId,
+)
+from blocktrail.extents import align_out, clip, merge
+from blocktrail.fileio import FileIO, FileLock, OsFileIO
+from blocktrail.tracking import ALL_ALLOCATED, ChangeTracker, DiskChangeInfo
+from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+LOCK_FILE = "lock"
+MAX_GRANULES = 2**32
+
+
+def _check_power_of_two(name: str, value: int, minimum: int) -> None:
+    if value < minimum or value & (value - 1):
+        raise InvalidArgument(f"{name} must be a power of two of at least {minimum}, not {value}")
+
+
+class Disk:
+    """A virtual disk: a base layer, snapshot delta layers, and a change tracker.
+
+    Thread-safety: every public method may be called from any thread. I/O (`pread`, `pwrite`,
+    `zero`, `trim`, `flush`), snapshot views' reads, snapshot create/remove/revert, resize and
+    queries serialize on one internal lock; `remove_snapshot` holds it only for one short step
+    at a time, so guest I/O goes on while a snapshot is consolidated.
+    """
+
+    def __init__(self, path: str, fileio: FileIO, lock: FileLock, meta: DiskMeta,
+                 layers: list[Layer], tracker: ChangeTracker) -> None:
+        self.path = path
+        self._fileio = fileio
+        self._file_lock: FileLock | None = lock
+        self._meta = meta
+        self._layers = layers
+        self._tracker = tracker
+        self._lock = threading.RLock()
+        self._consolidation: Consolidation | None = None
+        self._failed: BaseException | None = None
+
+    # ------------------------------------------------------------------ create / open / close
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size_bytes: int, granularity: int = 64 * 1024,
+               *, cluster_size: int = 64 * 1024, fileio: FileIO | None = None,
+               tracker_class: type[ChangeTracker] = ChangeTracker) -> Disk:
+        """Create an empty disk in the directory ``path`` (created; must be empty)."""
+        path, fileio = os.fspath(path), fileio or OsFileIO()
+        _check_power_of_two("granularity", granularity, 512)
+        _check_power_of_two("cluster size", cluster_size, 512)
+        if size_bytes < 0:
+            raise InvalidArgument(f"size must not be negative: {size_bytes}")
+        if -(-size_bytes // granularity) > MAX_GRANULES:
+            raise InvalidArgument(f"{size_bytes} bytes is more than 2^32 granules of {granularity}")
+        if fileio.exists(os.path.join(path, META_FILE)) or (
+                fileio.exists(path) and fileio.listdir(path)):
+            raise DiskExists(f"{path} already exists and is not empty")
+        fileio.makedirs(path)
+        lock = _take_lock(fileio, path)
+        base = BaseLayer.create(fileio, path, _new_layer_id())
+        tracker = tracker_class.start(fileio, path, granularity, size_bytes,
+                                      "tracking started with the disk")
+        fileio.fsync_dir(path)
+        meta = DiskMeta(str(uuid.uuid4()), datetime.now(UTC).isoformat(), size_bytes,
+                        granularity, cluster_size, "open", [], [], tracker.meta())
+        disk = cls(path, fileio, lock, meta, [base], tracker)
+        disk._commit()
+        return disk
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, fileio: FileIO | None = None,
+             tracker_class: type[ChangeTracker] = ChangeTracker) -> Disk:
+        """Open a disk; after a crash this recovers it (see docs/disk-format.md, Opening)."""
+        path, fileio = os.fspath(path), fileio or OsFileIO()
+        meta_path = os.path.join(path, META_FILE)
+        if not fileio.exists(meta_path):
+            raise DiskNotFound(f"{path} is not a blocktrail disk (no {META_FILE})")
+        lock = _take_lock(fileio, path)
+        try:
+            return cls._open_locked(path, fileio, lock, tracker_class)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: str, fileio: FileIO, lock: FileLock,
+                     tracker_class: type[ChangeTracker]) -> Disk:
+        meta = DiskMeta.from_bytes(fileio.read_file(os.path.join(path, META_FILE)), path)
+        crashed = meta.state != "closed"
+        restart = None if crashed else _seal_mismatch(fileio, path, meta)
+        layers: list[Layer] = []
+        for record in meta.layers:
+            if record.kind == "base":
+                layer: Layer = BaseLayer.open(fileio, path, record.id)
+            else:
+                layer = DeltaLayer.open(fileio, path, record.id, meta.cluster_size,
+                                        int(record.visible_below or 0))
+            layer.snapshot = record.snapshot
+            layers.append(layer)
+        tracker = tracker_class.load(fileio, path, meta.granularity, meta.size_bytes,
+                                     meta.tracker, crashed=crashed, restart_reason=restart)
+        meta.state, meta.seal = "open", {}
+        disk = cls(path, fileio, lock, meta, layers, tracker)
+        chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
+        disk._commit()
+        disk._delete_unreferenced()
+        for index in range(len(layers) - 1):  # finish removals a crash interrupted
+            if disk._layers[index].snapshot is None:
+                disk._tracker.consolidation_active = True
+                Consolidation(disk, disk._layers[index].id).run()
+                break
+        return disk
+
+    def close(self) -> None:
+        """Finish any consolidation, flush, checkpoint the tracker and mark the disk clean."""
+        with self._lock:
+            if self._file_lock is None:
+                return
+            try:
+                self._finish_consolidation()
+                self._flush_locked()
+                self._tracker.checkpoint()
+                self._meta.state = "closed"
+                self._commit(seal=True)
+            finally:
+                self._release()
+
+    def abandon(self) -> None:
+        """Drop the disk as a killed process would: no flush, no checkpoint, no clean mark.
+
+        For crash tests; the next `open` runs crash recovery."""
+        with self._lock:
+            if self._file_lock is not None:
+                self._release()
+
+    def _release(self) -> None:
+        for layer in self._layers:
+            layer.close()
+        self._tracker.close()
+        assert self._file_lock is not None
+        self._file_lock.release()
+        self._file_lock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def disk_id(self) -> str:
+        return self._meta.disk_id
+
+    @property
+    def size_bytes(self) -> int:
+        return self._meta.size_bytes
+
+    @property
+    def granularity(self) -> int:
+        return self._meta.granularity
+
+    @property
+    def cluster_size(self) -> int:
+        return self._meta.cluster_size
+
+    @property
+    def current_change_id(self) -> str:
+        with self._lock:
+            return str(self._tracker.current_change_id)
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        with self._lock:
+            return list(self._meta.snapshots)
+
+    @property
+    def tracker(self) -> ChangeTracker:
+        return self._tracker
+
+    @property
+    def closed(self) -> bool:
+        return self._file_lock is None
+
+    # ------------------------------------------------------------------ guest I/O
+
+    def pread(self, count: int, offset: int) -> bytes:
+        with self._lock:
+            self._check_usable()
+            self._check_range(count, offset, self._meta.size_bytes)
+            return chain.read_view(self._layers, self.cluster_size, count, offset)
+
+    def pwrite(self, buf: bytes, offset: int) -> None:
+        self._apply(offset, len(buf), bytes(buf))
+
+    def zero(self, count: int, offset: int) -> None:
+        self._apply(offset, count, None)
+
+    def trim(self, count: int, offset: int) -> None:
+        """Discard a range; it reads back as zeros and counts as changed."""
+        self._apply(offset, count, None)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._check_usable()
+            self._flush_locked()
+
+    def _apply(self, offset: int, length: int, data: bytes | None) -> None:
+        """The one choke point: mark the tracker, then write the top layer."""
+        with self._lock:
+            self._check_usable()
+            self._check_range(length, offset, self._meta.size_bytes)
+            if length == 0:
+                return
+            self._guard(self._tracker.mark, offset, length)
+            self._guard(chain.write_top, self._layers, self.cluster_size, offset, data, length)
+
+    def _flush_locked(self) -> None:
+        self._guard(self._layers[-1].flush)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Freeze the disk's current content under ``name``; writes go on into a new layer."""
+        _check_snapshot_name(name)
+        with self._lock:
+            self._check_usable()
+            if any(s.name == name for s in self._meta.snapshots):
+                raise SnapshotExists(f"snapshot {name!r} already exists")
+            self._flush_locked()
+            change_id = self._guard(self._tracker.advance)
+            snapshot = Snapshot(name, str(change_id), datetime.now(UTC), self.size_bytes)
+            self._layers[-1].snapshot = name
+            self._meta.snapshots.append(snapshot)
+            self._guard(self._push_top)
+            self._tracker.after_commit()
+            return snapshot
+
+    def open_snapshot(self, name: str) -> SnapshotView:
+        with self._lock:
+            self._snapshot(name)
+            return SnapshotView(self, name)
+
+    def remove_snapshot(self, name: str) -> None:
+        """Delete a snapshot, merging its layer online (consolidation)."""
+        self.begin_remove_snapshot(name).run()
+
+    def begin_remove_snapshot(self, name: str) -> Consolidation:
+        """Start removing a snapshot; the returned consolidation merges it step by step."""
+        self._finish_consolidation()
+        with self._lock:
+            self._check_usable()
+            snapshot = self._snapshot(name)
+            layer = next(la for la in self._layers if la.snapshot == name)
+            self._meta.snapshots.remove(snapshot)
+            layer.snapshot = None
+            self._tracker.consolidation_active = True
+            self._guard(self._commit)
+            self._consolidation = Consolidation(self, layer.id)
+            return self._consolidation
+
+    def revert_to_snapshot(self, name: str) -> None:
+        """Make the live disk the snapshot's content again. Snapshots newer than it are
+        discarded; change IDs after its point become stale."""
+        self._finish_consolidation()
+        with self._lock:
+            self._check_usable()
+            snapshot = self._snapshot(name)
+            index = next(i for i, la in enumerate(self._layers) if la.snapshot == name)
+            for layer in self._layers[index + 1 :]:
+                layer.close()
+            del self._layers[index + 1 :]
+            keep = self._meta.snapshots.index(snapshot) + 1
+            del self._meta.snapshots[keep:]
+            self._meta.size_bytes = snapshot.size_bytes
+            self._tracker.size_bytes = snapshot.size_bytes
+            self._guard(self._tracker.revert_to, snapshot.change_id,
+                        f"reverted to snapshot {name!r}")
+            self._guard(self._push_top)
+            self._tracker.after_commit()
+            self._delete_unreferenced()
+
+    def _snapshot(self, name: str) -> Snapshot:
+        for snapshot in self._meta.snapshots:
+            if snapshot.name == name:
+                return snapshot
+        raise SnapshotNotFound(f"disk {self.path} has no snapshot {name!r}")
+
+    def _finish_consolidation(self) -> None:
+        pending = self._consolidation
+        if pending is not None:
+            pending.run()
+            self._consolidation = None
+
+    # ------------------------------------------------------------------ resize
+
+    def resize(self, size_bytes: int) -> None:
+        """Grow or shrink. A grown range reads as zeros and counts as changed; a shrunk range is
+        gone (growing again never brings old data back)."""
+        if size_bytes < 0 or -(-size_bytes // self.granularity) > MAX_GRANULES:
+            raise InvalidArgument(f"cannot resize to {size_bytes} bytes")
+        self._finish_consolidation()
+        with self._lock:
+            self._check_usable()
+            old = self._meta.size_bytes
+            top = self._layers[-1]
+            if size_bytes < old and isinstance(top, DeltaLayer):
+                top.visible_below = min(top.visible_below, size_bytes)
+            self._guard(self._tracker.note_resize, old, size_bytes)
+            self._meta.size_bytes = size_bytes
+            self._guard(self._commit)
+            if size_bytes < old:
+                self._guard(chain.drop_beyond, top, self.cluster_size, size_bytes)
+
+    # ------------------------------------------------------------------ tracking
+
+    def query_changed_areas(self, change_id: str, start_offset: int = 0,
+                            snapshot: str | None = None) -> DiskChangeInfo:
+        """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
+        allocated areas. See docs/tracking.md."""
+        with self._lock:
+            self._check_usable()
+            snap = None if snapshot is None else self._snapshot(snapshot)
+            size = self.size_bytes if snap is None else snap.size_bytes
+            if change_id.strip() == ALL_ALLOCATED:
+                return self._allocated_areas(snapshot, size, start_offset)
+            until = None
+            if snap is not None:
+                try:
+                    until = self._tracker.resolve(snap.change_id)
+                except StaleChangeId as exc:
+                    raise StaleChangeId(f"snapshot {snap.name!r} was taken before the current "
+                                        f"tracking epoch: {exc.message}") from exc
+            return self._tracker.query(change_id, until_seq=until, size_bytes=size,
+                                       start_offset=start_offset)
+
+    def reset_tracking(self) -> str:
+        """Start a new tracking epoch: every earlier change ID is refused from now on."""
+        with self._lock:
+            self._check_usable()
+            change_id = self._guard(self._tracker.restart, "tracking reset by request")
+            self._guard(self._commit)
+            self._delete_unreferenced()
+            return str(change_id)
+
+    def _allocated_areas(self, snapshot: str | None, size: int,
+                         start_offset: int) -> DiskChangeInfo:
+        if not 0 <= start_offset < size:
+            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size})")
+        layers = self._view_layers(snapshot)
+        found = merge(align_out(e, self.granularity) for layer in layers
+                      for e in layer.allocated(size))
+        areas = clip(found, start_offset, size)
+        end = size
+        if len(areas) > MAX_EXTENTS_PER_ANSWER:
+            areas = areas[:MAX_EXTENTS_PER_ANSWER]
+            end = areas[-1].end
+        return DiskChangeInfo(start_offset, end - start_offset, tuple(areas))
+
+    # ------------------------------------------------------------------ internals
+
+    def _view_layers(self, snapshot: str | None) -> list[Layer]:
+        if snapshot is None:
+            return self._layers
+        self._snapshot(snapshot)
+        index = next(i for i, la in enumerate(self._layers) if la.snapshot == snapshot)
+        return self._layers[: index + 1]
+
+    def _read_snapshot(self, name: str, count: int, offset: int) -> bytes:
+        with self._lock:
+            self._check_usable()
+            size = self._snapshot(name).size_bytes
+            self._check_range(count, offset, size)
+            return chain.read_view(self._view_layers(name), self.cluster_size, count, offset)
+
+    def _layer(self, layer_id: str) -> Layer:
+        return self._layers[self._layer_index(layer_id)]
+
+    def _layer_index(self, layer_id: str) -> int:
+        return next(i for i, la in enumerate(self._layers) if la.id == layer_id)
+
+    def _push_top(self) -> None:
+        """Freeze the top (already flushed) and put a new empty delta above it."""
+        top = DeltaLayer.create(self._fileio, self.path, _new_layer_id(), self.cluster_size,
+                                self.size_bytes)
+        top.snapshot = None
+        self._fileio.fsync_dir(self.path)
+        self._layers.append(top)
+        self._commit()
+
+    def _push_helper_top(self) -> None:
+        self._flush_locked()
+        self._guard(self._push_top)
+
+    def _finish_merge(self, parent_id: str, child_id: str) -> None:
+        """The child's clusters are all in the parent: make that durable, drop the child."""
+        parent, child = self._layer(parent_id), self._layer(child_id)
+        self._guard(parent.flush)
+        parent.snapshot = child.snapshot
+        self._layers.remove(child)
+        self._guard(self._commit)
+        child.close()
+        self._delete_unreferenced()
+
+    def _commit(self, *, seal: bool = False) -> None:
+        """Atomically replace disk.json with the in-memory state."""
+        meta = self._meta
+        meta.layers = [LayerRecord(la.id, la.kind,
+                                   la.visible_below if isinstance(la, DeltaLayer) else None,
+                                   la.snapshot) for la in self._layers]
+        meta.tracker = self._tracker.meta()
+        meta.seal = {}
+        if seal:
+            meta.seal = {name: list(self._fileio.seal(os.path.join(self.path, name)))
+                         for la in self._layers for name in la.file_names()}
+        self._fileio.replace_atomic(os.path.join(self.path, META_FILE), meta.to_bytes())
+
+    def _delete_unreferenced(self) -> None:
+        keep = {META_FILE, LOCK_FILE} | self._tracker.files()
+        keep.update(name for la in self._layers for name in la.file_names())
+        for name in self._fileio.listdir(self.path):
+            if name not in keep and (name.startswith(("layer-", "interval-"))
+                                     or name.endswith(".tmp")):
+                self._fileio.unlink(os.path.join(self.path, name))
+
+    def _guard(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        """Run a step whose failure leaves memory and files out of step: the handle is
+        unusable afterwards (reopen the disk to recover from the files)."""
+        try:
+            return fn(*args, **kwargs)
+        except BlocktrailError:
+            raise
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    def _check_usable(self) -> None:
+        if self._file_lock is None:
+            raise DiskClosed(f"disk {self.path} is closed")
+        if self._failed is not None:
+            raise DiskClosed(f"disk {self.path} failed ({self._failed!r}); reopen it to recover")
+
+    @staticmethod
+    def _check_range(count: int, offset: int, size: int) -> None:
+        if count < 0 or offset < 0 or offset + count > size:
+            raise OutOfRange(f"range {offset}+{count} is outside the disk (size {size})")
+
+
+class SnapshotView:
+    """Read-only access to a snapshot's content."""
+
+    def __init__(self, disk: Disk, name: str) -> None:
+        self._disk = disk
+        self.name = name
+
+    @property
+    def size_bytes(self) -> int:
+        with self._disk._lock:
+            return self._disk._snapshot(self.name).size_bytes
+
+    def pread(self, count: int, offset: int) -> bytes:
+        return self._disk._read_snapshot(self.name, count, offset)
+
+
+def _new_layer_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _take_lock(fileio: FileIO, path: str) -> FileLock:
+    try:
+        return fileio.lock_exclusive(os.path.join(path, LOCK_FILE))
+    except BlockingIOError:
+        raise DiskBusy(f"disk {path} is open in another process or handle") from None
+
+
+def _check_snapshot_name(name: str) -> None:
+    if not name or len(name) > 255 or "/" in name or "@" in name or name.strip() != name:
+        raise InvalidArgument(f"invalid snapshot name {name!r}: 1-255 characters, no '/' or '@'")
+
+
+def _seal_mismatch(fileio: FileIO, path: str, meta: DiskMeta) -> str | None:
+    """A reason to restart tracking if a file changed since the disk was closed cleanly."""
+    if not meta.seal:
+        return "the disk was closed without a seal"
+    for name, sealed in meta.seal.items():
+        full = os.path.join(path, name)
+        if not fileio.exists(full) or list(fileio.seal(full)) != sealed:
+            return f"disk file {name} was changed outside blocktrail since the disk was closed"
+    return None

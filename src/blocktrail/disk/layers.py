@@ -1,0 +1,171 @@
+"""Layer files: the raw sparse base image, and delta layers with their cluster maps."""
+
+from __future__ import annotations
+
+import os
+import struct
+from enum import IntEnum
+
+import numpy as np
+
+from blocktrail.errors import CorruptMetadata, UnsupportedFormat
+from blocktrail.extents import Extent, merge
+from blocktrail.fileio import FileHandle, FileIO
+
+MAP_MAGIC = b"BTCMAP\x00"
+MAP_VERSION = 1
+MAP_HEADER_BYTES = 4096
+_MAP_HEADER = struct.Struct("<7sBI")
+
+
+class ClusterState(IntEnum):
+    ABSENT = 0  # read through to the layer below
+    DATA = 1  # the bytes are in this layer
+    ZERO = 2  # reads as zeros; nothing below shows through
+
+
+def data_name(layer_id: str) -> str:
+    return f"layer-{layer_id}.img"
+
+
+def map_name(layer_id: str) -> str:
+    return f"layer-{layer_id}.map"
+
+
+class BaseLayer:
+    """The bottom of the chain: a raw sparse image; bytes past its end read as zeros."""
+
+    kind = "base"
+
+    def __init__(self, layer_id: str, data: FileHandle) -> None:
+        self.id = layer_id
+        self.data = data
+        self.snapshot: str | None = None  # the snapshot whose frozen layer this is
+
+    def file_names(self) -> list[str]:
+        return [data_name(self.id)]
+
+    def allocated(self, size_bytes: int) -> list[Extent]:
+        return [e for e in self.data.data_extents() if e.offset < size_bytes]
+
+    def flush(self) -> None:
+        self.data.fsync()
+
+    def close(self) -> None:
+        self.data.close()
+
+    @classmethod
+    def create(cls, fileio: FileIO, directory: str, layer_id: str) -> BaseLayer:
+        handle = fileio.open(os.path.join(directory, data_name(layer_id)), create=True)
+        handle.fsync()
+        return cls(layer_id, handle)
+
+    @classmethod
+    def open(cls, fileio: FileIO, directory: str, layer_id: str) -> BaseLayer:
+        return cls(layer_id, fileio.open(os.path.join(directory, data_name(layer_id))))
+
+
+class DeltaLayer:
+    """Clusters written while this layer was the top, and a map of which ones it holds.
+
+    New map entries stay in memory (``_pending``) until `flush`, which makes the data durable
+    before the map: a crash never leaves a map entry pointing at data that did not arrive."""
+
+    kind = "delta"
+
+    def __init__(self, layer_id: str, data: FileHandle, map_file: FileHandle, cluster_size: int,
+                 states: dict[int, ClusterState], visible_below: int) -> None:
+        self.id = layer_id
+        self.data = data
+        self._map_file = map_file
+        self.cluster_size = cluster_size
+        self.states = states  # cluster index -> DATA or ZERO (ABSENT is not stored)
+        self._pending: dict[int, ClusterState] = {}
+        self.visible_below = visible_below
+        self.snapshot: str | None = None
+
+    def file_names(self) -> list[str]:
+        return [data_name(self.id), map_name(self.id)]
+
+    def state(self, cluster: int) -> ClusterState:
+        return self.states.get(cluster, ClusterState.ABSENT)
+
+    def set_state(self, cluster: int, state: ClusterState) -> None:
+        if state is ClusterState.ABSENT:
+            self.states.pop(cluster, None)
+        else:
+            self.states[cluster] = state
+        self._pending[cluster] = state
+
+    def allocated(self, size_bytes: int) -> list[Extent]:
+        cs = self.cluster_size
+        return merge(Extent(c * cs, cs) for c, s in self.states.items()
+                     if s is ClusterState.DATA and c * cs < size_bytes)
+
+    def flush(self) -> None:
+        if not self._pending:
+            self.data.fsync()
+            return
+        self.data.fsync()
+        for start, values in _runs(self._pending):
+            self._map_file.pwrite(values, MAP_HEADER_BYTES + start)
+        self._map_file.fsync()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.data.close()
+        self._map_file.close()
+
+    @classmethod
+    def create(cls, fileio: FileIO, directory: str, layer_id: str, cluster_size: int,
+               visible_below: int) -> DeltaLayer:
+        data = fileio.open(os.path.join(directory, data_name(layer_id)), create=True)
+        data.fsync()
+        map_file = fileio.open(os.path.join(directory, map_name(layer_id)), create=True)
+        header = _MAP_HEADER.pack(MAP_MAGIC, MAP_VERSION, cluster_size)
+        map_file.pwrite(header.ljust(MAP_HEADER_BYTES, b"\0"), 0)
+        map_file.fsync()
+        return cls(layer_id, data, map_file, cluster_size, {}, visible_below)
+
+    @classmethod
+    def open(cls, fileio: FileIO, directory: str, layer_id: str, cluster_size: int,
+             visible_below: int) -> DeltaLayer:
+        data = fileio.open(os.path.join(directory, data_name(layer_id)))
+        map_file = fileio.open(os.path.join(directory, map_name(layer_id)))
+        what = map_name(layer_id)
+        magic, version, stored_cluster = _MAP_HEADER.unpack_from(
+            map_file.pread(_MAP_HEADER.size, 0))
+        if magic != MAP_MAGIC:
+            raise CorruptMetadata(f"{what}: not a blocktrail cluster map")
+        if version != MAP_VERSION:
+            raise UnsupportedFormat(f"{what}: cluster map version {version} is not supported")
+        if stored_cluster != cluster_size:
+            raise CorruptMetadata(f"{what}: cluster size {stored_cluster} != {cluster_size}")
+        states: dict[int, ClusterState] = {}
+        for ext in map_file.data_extents():
+            lo = max(ext.offset, MAP_HEADER_BYTES)
+            if lo >= ext.end:
+                continue
+            raw = np.frombuffer(map_file.pread(ext.end - lo, lo), dtype=np.uint8)
+            where = np.flatnonzero(raw)
+            values = raw[where]
+            if len(values) and int(values.max()) > ClusterState.ZERO:
+                raise CorruptMetadata(f"{what}: invalid cluster state {int(values.max())}")
+            first = lo - MAP_HEADER_BYTES
+            for index, value in zip(where.tolist(), values.tolist(), strict=True):
+                states[first + index] = ClusterState(value)
+        return cls(layer_id, data, map_file, cluster_size, states, visible_below)
+
+
+Layer = BaseLayer | DeltaLayer
+
+
+def _runs(entries: dict[int, ClusterState]) -> list[tuple[int, bytes]]:
+    """Group map entries into runs of consecutive cluster indexes for few writes."""
+    out: list[tuple[int, bytearray]] = []
+    for cluster in sorted(entries):
+        if out and out[-1][0] + len(out[-1][1]) == cluster:
+            out[-1][1].append(entries[cluster])
+        else:
+            out.append((cluster, bytearray([entries[cluster]])))
+    return [(start, bytes(values)) for start, values in out]

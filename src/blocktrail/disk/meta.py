@@ -1,0 +1,106 @@
+"""disk.json: the disk's identity, size, chain, snapshots and tracker state (disk-format.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from blocktrail.errors import CorruptMetadata, UnsupportedFormat
+
+FORMAT = "blocktrail-disk"
+FORMAT_VERSION = 1
+META_FILE = "disk.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A frozen point of a disk: its name, the change ID of its point, when, and its size."""
+
+    name: str
+    change_id: str
+    created_at: datetime
+    size_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "change_id": self.change_id,
+                "created_at": self.created_at.isoformat(), "size_bytes": self.size_bytes}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Snapshot:
+        return cls(str(obj["name"]), str(obj["change_id"]),
+                   datetime.fromisoformat(str(obj["created_at"])), int(obj["size_bytes"]))
+
+
+@dataclass(slots=True)
+class LayerRecord:
+    id: str
+    kind: str  # "base" | "delta"
+    visible_below: int | None  # delta only: lowest disk size seen while it was the top
+    snapshot: str | None  # the snapshot whose frozen layer this is
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "visible_below": self.visible_below,
+                "snapshot": self.snapshot}
+
+
+@dataclass(slots=True)
+class DiskMeta:
+    disk_id: str
+    created_at: str
+    size_bytes: int
+    granularity: int
+    cluster_size: int
+    state: str  # "open" | "closed"
+    layers: list[LayerRecord]
+    snapshots: list[Snapshot]
+    tracker: dict[str, Any]
+    seal: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        obj = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "disk_id": self.disk_id,
+            "created_at": self.created_at,
+            "size_bytes": self.size_bytes,
+            "granularity": self.granularity,
+            "cluster_size": self.cluster_size,
+            "state": self.state,
+            "seal": self.seal,
+            "layers": [layer.to_json() for layer in self.layers],
+            "snapshots": [s.to_json() for s in self.snapshots],
+            "tracker": self.tracker,
+        }
+        return (json.dumps(obj, indent=2) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> DiskMeta:
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptMetadata(f"{where}: disk metadata is not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise UnsupportedFormat(f"{where}: not a blocktrail disk")
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UnsupportedFormat(
+                f"{where}: disk format version {version} was written by a newer blocktrail "
+                f"(this one reads up to {FORMAT_VERSION})")
+        try:
+            return cls(
+                disk_id=str(obj["disk_id"]),
+                created_at=str(obj["created_at"]),
+                size_bytes=int(obj["size_bytes"]),
+                granularity=int(obj["granularity"]),
+                cluster_size=int(obj["cluster_size"]),
+                state=str(obj["state"]),
+                layers=[LayerRecord(str(la["id"]), str(la["kind"]), la["visible_below"],
+                                    la["snapshot"]) for la in obj["layers"]],
+                snapshots=[Snapshot.from_json(s) for s in obj["snapshots"]],
+                tracker=dict(obj["tracker"]),
+                seal={str(k): list(v) for k, v in obj.get("seal", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptMetadata(f"{where}: disk metadata is incomplete ({exc!r})") from exc

@@ -1,0 +1,420 @@
+"""The one small layer every disk and tracker file operation goes through.
+
+`OsFileIO` is the real thing. `SimulatedFileIO` is an in-memory file system for tests that can
+lose power: `power_loss()` drops every write, create, rename and unlink that was not made durable
+(file data by `fsync`, directory entries by `fsync_dir`), as a machine that loses power would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from blocktrail.extents import Extent, merge
+
+Seal = tuple[int, int, int]  # (size, mtime_ns, inode): what a clean close remembers of a file
+
+
+class FileHandle(Protocol):
+    def pread(self, count: int, offset: int) -> bytes: ...
+    def pwrite(self, data: bytes, offset: int) -> None: ...
+    def punch_hole(self, offset: int, length: int) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def size(self) -> int: ...
+    def fsync(self) -> None: ...
+    def data_extents(self) -> list[Extent]: ...
+    def close(self) -> None: ...
+
+
+class FileLock(Protocol):
+    def release(self) -> None: ...
+
+
+class FileIO(Protocol):
+    def open(self, path: str, *, create: bool = False) -> FileHandle: ...
+    def exists(self, path: str) -> bool: ...
+    def read_file(self, path: str) -> bytes: ...
+    def replace_atomic(self, path: str, data: bytes) -> None: ...
+    def unlink(self, path: str) -> None: ...
+    def listdir(self, path: str) -> list[str]: ...
+    def makedirs(self, path: str) -> None: ...
+    def fsync_dir(self, path: str) -> None: ...
+    def seal(self, path: str) -> Seal: ...
+    def lock_exclusive(self, path: str) -> FileLock:
+        """Lock ``path`` (created if missing); raises BlockingIOError if it is held."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# The real file system
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+class OsFileHandle:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._can_punch = True
+
+    def pread(self, count: int, offset: int) -> bytes:
+        data = os.pread(self._fd, count, offset)
+        if len(data) < count:  # past the end of the file: zeros
+            data += bytes(count - len(data))
+        return data
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if self._can_punch:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _fallocate(self._fd, mode, offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, os.strerror(err))
+            self._can_punch = False
+        end = min(offset + length, self.size())
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.pwrite(_ZERO_CHUNK[:n], offset)
+            offset += n
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def fsync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def data_extents(self) -> list[Extent]:
+        size, out, pos = self.size(), [], 0
+        while pos < size:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                return [Extent(0, size)]  # no SEEK_DATA: everything may be data
+            end = os.lseek(self._fd, start, os.SEEK_HOLE)
+            out.append(Extent(start, end - start))
+            pos = end
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _OsLock:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+
+class OsFileIO:
+    """Plain POSIX files."""
+
+    def open(self, path: str, *, create: bool = False) -> FileHandle:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        return OsFileHandle(os.open(path, flags, 0o600))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def read_file(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def replace_atomic(self, path: str, data: bytes) -> None:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            OsFileHandle(fd).pwrite(data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self.fsync_dir(os.path.dirname(path) or ".")
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def seal(self, path: str) -> Seal:
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def lock_exclusive(self, path: str) -> FileLock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked") from None
+        return _OsLock(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The simulated file system
+
+_PAGE = 4096
+
+
+@dataclass
+class _Inode:
+    number: int
+    pages: dict[int, bytes] = field(default_factory=dict)
+    size: int = 0
+    durable_pages: dict[int, bytes] = field(default_factory=dict)
+    durable_size: int = 0
+    mtime: int = 0
+
+    def sync(self) -> None:
+        self.durable_pages = dict(self.pages)
+        self.durable_size = self.size
+
+    def lose_unsynced(self) -> None:
+        self.pages = dict(self.durable_pages)
+        self.size = self.durable_size
+
+
+class SimulatedFileHandle:
+    def __init__(self, fs: SimulatedFileIO, inode: _Inode) -> None:
+        self._fs = fs
+        self._inode = inode
+
+    def pread(self, count: int, offset: int) -> bytes:
+        with self._fs.mutex:
+            ino, out = self._inode, bytearray(count)
+            end = min(offset + count, ino.size)
+            pos = offset
+            while pos < end:
+                page, within = divmod(pos, _PAGE)
+                n = min(_PAGE - within, end - pos)
+                data = ino.pages.get(page)
+                if data is not None:
+                    out[pos - offset : pos - offset + n] = data[within : within + n]
+                pos += n
+            return bytes(out)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        with self._fs.mutex:
+            ino = self._inode
+            self._fs.tick(ino)
+            pos, src = offset, memoryview(data)
+            while src:
+                page, within = divmod(pos, _PAGE)
+                n = min(_PAGE - within, len(src))
+                old = ino.pages.get(page, bytes(_PAGE))
+                ino.pages[page] = old[:within] + bytes(src[:n]) + old[within + n :]
+                pos, src = pos + n, src[n:]
+            ino.size = max(ino.size, offset + len(data))
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        with self._fs.mutex:
+            ino = self._inode
+            self._fs.tick(ino)
+            end = min(offset + length, ino.size)
+            pos = offset
+            while pos < end:
+                page, within = divmod(pos, _PAGE)
+                n = min(_PAGE - within, end - pos)
+                if n == _PAGE:
+                    ino.pages.pop(page, None)
+                elif page in ino.pages:
+                    old = ino.pages[page]
+                    ino.pages[page] = old[:within] + bytes(n) + old[within + n :]
+                pos += n
+
+    def truncate(self, size: int) -> None:
+        with self._fs.mutex:
+            ino = self._inode
+            self._fs.tick(ino)
+            if size < ino.size:
+                last = size // _PAGE
+                for page in [p for p in ino.pages if p > last or (p == last and size % _PAGE == 0)]:
+                    del ino.pages[page]
+                if size % _PAGE and last in ino.pages:
+                    keep = size % _PAGE
+                    ino.pages[last] = ino.pages[last][:keep] + bytes(_PAGE - keep)
+            ino.size = size
+
+    def size(self) -> int:
+        with self._fs.mutex:
+            return self._inode.size
+
+    def fsync(self) -> None:
+        with self._fs.mutex:
+            self._fs.count_op("fsync")
+            self._inode.sync()
+
+    def data_extents(self) -> list[Extent]:
+        with self._fs.mutex:
+            ino = self._inode
+            pages = sorted(ino.pages)
+            return merge(
+                Extent(p * _PAGE, min(_PAGE, ino.size - p * _PAGE)) for p in pages
+                if p * _PAGE < ino.size
+            )
+
+    def close(self) -> None:
+        pass
+
+
+class _SimLock:
+    def __init__(self, fs: SimulatedFileIO, path: str) -> None:
+        self._fs, self._path = fs, path
+
+    def release(self) -> None:
+        with self._fs.mutex:
+            self._fs.locks.discard(self._path)
+
+
+class SimulatedFileIO:
+    """An in-memory file system that can lose power. Paths are plain strings."""
+
+    def __init__(self) -> None:
+        self.mutex = threading.RLock()
+        self.entries: dict[str, _Inode] = {}
+        self.durable_entries: dict[str, _Inode] = {}
+        self.dirs: set[str] = set()
+        self.locks: set[str] = set()
+        self.op_counts: dict[str, int] = {}
+        self._next_inode = 1
+        self._clock = 1
+
+    def tick(self, inode: _Inode) -> None:
+        self._clock += 1
+        inode.mtime = self._clock
+
+    def count_op(self, name: str) -> None:
+        self.op_counts[name] = self.op_counts.get(name, 0) + 1
+
+    def _inode(self, path: str) -> _Inode:
+        try:
+            return self.entries[path]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
+
+    def _new_inode(self) -> _Inode:
+        self._next_inode += 1
+        return _Inode(self._next_inode)
+
+    def open(self, path: str, *, create: bool = False) -> FileHandle:
+        with self.mutex:
+            if path not in self.entries:
+                if not create:
+                    raise FileNotFoundError(errno.ENOENT, "no such file", path)
+                self._check_dir(path)
+                self.entries[path] = self._new_inode()
+            return SimulatedFileHandle(self, self.entries[path])
+
+    def _check_dir(self, path: str) -> None:
+        if os.path.dirname(path) not in self.dirs:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", os.path.dirname(path))
+
+    def exists(self, path: str) -> bool:
+        with self.mutex:
+            return path in self.entries or path in self.dirs
+
+    def read_file(self, path: str) -> bytes:
+        with self.mutex:
+            ino = self._inode(path)
+            return SimulatedFileHandle(self, ino).pread(ino.size, 0)
+
+    def replace_atomic(self, path: str, data: bytes) -> None:
+        with self.mutex:
+            self._check_dir(path)
+            ino = self._new_inode()
+            handle = SimulatedFileHandle(self, ino)
+            handle.pwrite(data, 0)
+            handle.fsync()
+            self.entries[path] = ino
+            self.fsync_dir(os.path.dirname(path))
+
+    def unlink(self, path: str) -> None:
+        with self.mutex:
+            self._inode(path)
+            del self.entries[path]
+
+    def listdir(self, path: str) -> list[str]:
+        with self.mutex:
+            prefix = path.rstrip("/") + "/"
+            return sorted(p[len(prefix) :] for p in self.entries if p.startswith(prefix)
+                          and "/" not in p[len(prefix) :])
+
+    def makedirs(self, path: str) -> None:
+        with self.mutex:
+            while path and path not in ("/", "."):
+                self.dirs.add(path)
+                path = os.path.dirname(path)
+
+    def fsync_dir(self, path: str) -> None:
+        with self.mutex:
+            self.count_op("fsync_dir")
+            prefix = path.rstrip("/") + "/"
+            for name in [p for p in self.durable_entries if p.startswith(prefix)]:
+                if "/" not in name[len(prefix) :]:
+                    del self.durable_entries[name]
+            for name, ino in self.entries.items():
+                if name.startswith(prefix) and "/" not in name[len(prefix) :]:
+                    self.durable_entries[name] = ino
+
+    def seal(self, path: str) -> Seal:
+        with self.mutex:
+            ino = self._inode(path)
+            return (ino.size, ino.mtime, ino.number)
+
+    def lock_exclusive(self, path: str) -> FileLock:
+        with self.mutex:
+            if path in self.locks:
+                raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
+            self.locks.add(path)
+            return _SimLock(self, path)
+
+    def power_loss(self) -> None:
+        """Forget everything that was not made durable; release every lock (the process died)."""
+        with self.mutex:
+            self.entries = dict(self.durable_entries)
+            for ino in self.entries.values():
+                ino.lose_unsynced()
+            self.locks.clear()
+
+    def tamper(self, path: str, data: bytes, offset: int) -> None:
+        """Write to a file as a program other than blocktrail would (tests)."""
+        with self.mutex:
+            SimulatedFileHandle(self, self._inode(path)).pwrite(data, offset)

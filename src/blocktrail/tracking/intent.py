@@ -1,0 +1,94 @@
+"""The write-intent bitmap: a coarse, durable record of regions that may hold unrecorded writes.
+
+Like md's write-intent bitmap: before a write's data may reach a layer, the bit of every region it
+touches is durable. After a crash every granule of a set region counts as changed, so the tracker
+over-reports a little and never misses. Bits are cleared only after a checkpoint made the fine
+marks durable.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from blocktrail.errors import CorruptMetadata, UnsupportedFormat
+from blocktrail.fileio import FileHandle, FileIO
+
+MAGIC = b"BTINTENT"
+VERSION = 1
+HEADER_BYTES = 4096
+_HEADER = struct.Struct("<8sII Q")
+MAX_REGIONS = 16384
+
+
+def region_bytes_for(size_bytes: int, granularity: int) -> int:
+    """The smallest power of two ≥ granularity giving at most MAX_REGIONS regions."""
+    region = granularity
+    while region * MAX_REGIONS < size_bytes:
+        region *= 2
+    return region
+
+
+class IntentLog:
+    def __init__(self, handle: FileHandle, region_bytes: int, set_regions: set[int]) -> None:
+        self._handle = handle
+        self.region_bytes = region_bytes
+        self._durable = set(set_regions)  # regions whose bit is durable on disk
+        self.fsync_count = 0
+
+    @classmethod
+    def create(cls, fileio: FileIO, path: str, region_bytes: int) -> IntentLog:
+        header = _HEADER.pack(MAGIC, VERSION, 0, region_bytes).ljust(HEADER_BYTES, b"\0")
+        fileio.replace_atomic(path, header)
+        return cls(fileio.open(path), region_bytes, set())
+
+    @classmethod
+    def load(cls, fileio: FileIO, path: str, region_bytes: int) -> IntentLog:
+        """Open an existing log; `CorruptMetadata` if it cannot be trusted."""
+        data = fileio.read_file(path)
+        if len(data) < HEADER_BYTES:
+            raise CorruptMetadata(f"{path}: truncated write-intent bitmap")
+        magic, version, _zero, stored_region = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise CorruptMetadata(f"{path}: not a write-intent bitmap")
+        if version != VERSION:
+            raise UnsupportedFormat(f"{path}: write-intent bitmap version {version}")
+        if stored_region != region_bytes:
+            raise CorruptMetadata(f"{path}: region size {stored_region} != {region_bytes}")
+        regions: set[int] = set()
+        for index, byte in enumerate(data[HEADER_BYTES:]):
+            if byte:
+                regions.update(index * 8 + bit for bit in range(8) if byte >> bit & 1)
+        return cls(fileio.open(path), region_bytes, regions)
+
+    @property
+    def set_regions(self) -> frozenset[int]:
+        return frozenset(self._durable)
+
+    def ensure(self, offset: int, length: int) -> None:
+        """Make the bits of every region touched by the range durable (one fsync at most)."""
+        first = offset // self.region_bytes
+        last = (offset + max(length, 1) - 1) // self.region_bytes
+        missing = [r for r in range(first, last + 1) if r not in self._durable]
+        if not missing:
+            return
+        self._durable.update(missing)
+        for byte_index in sorted({r // 8 for r in missing}):
+            value = 0
+            for bit in range(8):
+                if byte_index * 8 + bit in self._durable:
+                    value |= 1 << bit
+            self._handle.pwrite(bytes([value]), HEADER_BYTES + byte_index)
+        self._handle.fsync()
+        self.fsync_count += 1
+
+    def clear(self) -> None:
+        """Clear every bit; call only once the fine marks are durable elsewhere."""
+        if not self._durable:
+            return
+        top = max(self._durable) // 8 + 1
+        self._handle.pwrite(bytes(top), HEADER_BYTES)
+        self._handle.fsync()
+        self._durable.clear()
+
+    def close(self) -> None:
+        self._handle.close()

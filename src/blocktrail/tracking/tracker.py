@@ -1,0 +1,346 @@
+"""The change tracker: per-interval granule bitmaps, epochs, write intent, crash recovery.
+
+The tracker knows nothing of layers. The disk calls `mark` for every guest write, zero and trim
+before the data reaches any layer, `advance` at every snapshot, and commits `meta()` into its
+metadata file. The tracker is not thread-safe by itself; the disk serializes calls to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from pyroaring import BitMap
+
+from blocktrail.errors import (
+    CorruptMetadata,
+    InvalidChangeId,
+    OutOfRange,
+    StaleChangeId,
+    UnsupportedFormat,
+)
+from blocktrail.extents import Extent
+from blocktrail.fileio import FileIO
+from blocktrail.tracking import interval_file
+from blocktrail.tracking.changeid import ChangeId, new_epoch
+from blocktrail.tracking.info import DiskChangeInfo
+from blocktrail.tracking.intent import IntentLog, region_bytes_for
+
+TRACKER_FORMAT = 1
+MAX_EXTENTS_PER_ANSWER = 65536
+INTENT_FILE = "intent.bin"
+OPEN_FILE = "open.roar"
+CHECKPOINT_EVERY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecord:
+    epoch: str
+    created_at: str
+    reason: str
+    tracker_format: int
+    inherits: tuple[str, int] | None  # (parent epoch, last sequence still valid) after a revert
+
+    def to_json(self) -> dict[str, Any]:
+        inherits = None if self.inherits is None else list(self.inherits)
+        return {"epoch": self.epoch, "created_at": self.created_at, "reason": self.reason,
+                "tracker_format": self.tracker_format, "inherits": inherits}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> EpochRecord:
+        inh = obj.get("inherits")
+        return cls(str(obj["epoch"]), str(obj["created_at"]), str(obj["reason"]),
+                   int(obj["tracker_format"]), None if inh is None else (str(inh[0]), int(inh[1])))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class ChangeTracker:
+    """Tracks which granules changed between points of a disk's history."""
+
+    consolidation_active: bool
+
+    def __init__(self, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
+                 epochs: list[EpochRecord], seq: int, intervals: dict[int, tuple[str, BitMap]],
+                 open_marks: BitMap, intent: IntentLog) -> None:
+        self._fileio = fileio
+        self._dir = directory
+        self.granularity = granularity
+        self.size_bytes = size_bytes
+        self._epochs = epochs
+        self.seq = seq
+        self._intervals = intervals
+        self._open = open_marks
+        self._intent = intent
+        self._last_checkpoint = time.monotonic()
+        self.consolidation_active = False
+        self.marks_during_consolidation = 0
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def start(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
+              reason: str) -> ChangeTracker:
+        """Start tracking a new disk: a fresh epoch at sequence 0."""
+        region = region_bytes_for(size_bytes, granularity)
+        intent = IntentLog.create(fileio, os.path.join(directory, INTENT_FILE), region)
+        record = EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None)
+        return cls(fileio, directory, granularity, size_bytes, [record], 0, {}, BitMap(), intent)
+
+    @classmethod
+    def load(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
+             meta: dict[str, Any], *, crashed: bool,
+             restart_reason: str | None) -> ChangeTracker:
+        """Load the tracker from ``meta``; after a crash, recover from the intent log.
+
+        Starts a new epoch when the history cannot be trusted (``restart_reason`` from the disk,
+        an older tracker format, a damaged file, a crash the intent log cannot prove safe)."""
+        stored_format = int(meta["format"])
+        if stored_format > TRACKER_FORMAT:
+            raise UnsupportedFormat(
+                f"tracker format {stored_format} was written by a newer blocktrail "
+                f"(this one reads up to {TRACKER_FORMAT})")
+        if stored_format < TRACKER_FORMAT and restart_reason is None:
+            restart_reason = (f"tracker format upgraded from v{stored_format} "
+                              f"to v{TRACKER_FORMAT}")
+        epochs = [EpochRecord.from_json(e) for e in meta["epochs"]]
+        seq, region = int(meta["seq"]), int(meta["intent_region_bytes"])
+        history: _History | str | None = restart_reason
+        if history is None:
+            history = _load_history(fileio, directory, meta, epochs[-1].epoch, seq, region,
+                                    crashed=crashed, granularity=granularity)
+        if isinstance(history, str):
+            intent = IntentLog.create(fileio, os.path.join(directory, INTENT_FILE), region)
+            tracker = cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(),
+                          intent)
+            tracker.restart(history)
+            return tracker
+        return cls(fileio, directory, granularity, size_bytes, epochs, seq, history.intervals,
+                   history.open_marks, history.intent)
+
+    # ---------------------------------------------------------------- recording
+
+    @property
+    def epoch(self) -> str:
+        return self._epochs[-1].epoch
+
+    @property
+    def current_change_id(self) -> ChangeId:
+        return ChangeId(self.epoch, self.seq)
+
+    @property
+    def epochs(self) -> tuple[EpochRecord, ...]:
+        return tuple(self._epochs)
+
+    @property
+    def intent_fsyncs(self) -> int:
+        return self._intent.fsync_count
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record a write to ``[offset, offset + length)``; durable intent before returning."""
+        if length <= 0:
+            return
+        if self.consolidation_active:
+            self.marks_during_consolidation += 1
+        g = self.granularity
+        self._open.add_range(offset // g, (offset + length - 1) // g + 1)
+        self._intent.ensure(offset, length)
+        if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S:
+            self.checkpoint()
+
+    def note_resize(self, old_size: int, new_size: int) -> None:
+        """A grown range counts as changed; a shrunk one is clipped away by queries."""
+        if new_size > old_size:
+            self.mark(old_size, new_size - old_size)
+        self.size_bytes = new_size
+
+    def checkpoint(self) -> None:
+        """Make the open interval durable, then clear the write-intent bits it covers."""
+        data = interval_file.encode(self.epoch, self.seq, self._open)
+        self._fileio.replace_atomic(os.path.join(self._dir, OPEN_FILE), data)
+        self._intent.clear()
+        self._last_checkpoint = time.monotonic()
+
+    def advance(self) -> ChangeId:
+        """Freeze the open interval as the next point (a snapshot). The caller commits meta()
+        and then calls `after_commit`."""
+        seq = self.seq + 1
+        name = f"interval-{self.epoch[:8]}-{seq}.roar"
+        self._open.run_optimize()
+        data = interval_file.encode(self.epoch, seq, self._open)
+        self._fileio.replace_atomic(os.path.join(self._dir, name), data)
+        self._intervals[seq] = (name, self._open)
+        self._open = BitMap()
+        self.seq = seq
+        return self.current_change_id
+
+    def after_commit(self) -> None:
+        """Every mark so far is durable in a committed interval: the intent bits can go."""
+        self._intent.clear()
+
+    def restart(self, reason: str) -> ChangeId:
+        """A new epoch: every earlier change ID is refused from now on."""
+        self._epochs.append(EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None))
+        self._intervals.clear()
+        self._open = BitMap()
+        self.seq = 0
+        self._intent.clear()
+        return self.current_change_id
+
+    def revert_to(self, change_id: str, reason: str) -> ChangeId:
+        """The disk's content became that of the point ``change_id``: IDs after it are stale,
+        IDs at or before it stay valid (the new epoch inherits them)."""
+        try:
+            seq = self.resolve(change_id)
+        except StaleChangeId:
+            return self.restart(reason + " (the snapshot predates the current epoch)")
+        for later in [s for s in self._intervals if s > seq]:
+            del self._intervals[later]
+        self._epochs.append(
+            EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, (self.epoch, seq)))
+        self._open = BitMap()
+        self.seq = seq
+        return self.current_change_id
+
+    # ---------------------------------------------------------------- answering
+
+    def resolve(self, change_id: str) -> int:
+        """The sequence, in the current epoch's numbering, of a valid change ID."""
+        cid = ChangeId.parse(change_id)
+        by_epoch = {e.epoch: e for e in self._epochs}
+        record, limit, child = self._epochs[-1], self.seq, None
+        while True:
+            if record.epoch == cid.epoch:
+                if cid.seq <= limit:
+                    return cid.seq
+                if child is None:
+                    raise InvalidChangeId(f"change ID {cid} lies in the future: the disk is at "
+                                          f"{self.current_change_id}")
+                raise StaleChangeId(
+                    f"change ID {cid} was reverted past: on {child.created_at} the disk returned "
+                    f"to point {limit} ({child.reason}); take a full backup")
+            if record.inherits is None or record.inherits[0] not in by_epoch:
+                break
+            child, limit = record, min(limit, record.inherits[1])
+            record = by_epoch[record.inherits[0]]
+        for index, earlier in enumerate(self._epochs[:-1]):
+            if earlier.epoch == cid.epoch:
+                ended = self._epochs[index + 1]
+                raise StaleChangeId(
+                    f"change ID {cid} belongs to an earlier tracking epoch, ended "
+                    f"{ended.created_at}: {ended.reason}; take a full backup")
+        raise InvalidChangeId(f"change ID {cid} does not belong to this disk")
+
+    def query(self, change_id: str, *, until_seq: int | None, size_bytes: int,
+              start_offset: int) -> DiskChangeInfo:
+        if not 0 <= start_offset < size_bytes:
+            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        since = self.resolve(change_id)
+        end_seq = self.seq if until_seq is None else until_seq
+        if since > end_seq:
+            raise InvalidChangeId(
+                f"change ID {change_id} is newer than the snapshot the query ends at")
+        sets = [self._intervals[s][1] for s in range(since + 1, end_seq + 1)]
+        if until_seq is None:
+            sets.append(self._open)
+        union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
+        return _to_change_info(union, self.granularity, start_offset, size_bytes)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": TRACKER_FORMAT,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "intent_region_bytes": self._intent.region_bytes,
+            "intervals": [[s, self._intervals[s][0]] for s in sorted(self._intervals)],
+            "epochs": [e.to_json() for e in self._epochs],
+        }
+
+    def files(self) -> set[str]:
+        """The file names in the disk directory that this tracker references."""
+        return {INTENT_FILE, OPEN_FILE} | {name for name, _ in self._intervals.values()}
+
+    def memory_bytes(self) -> int:
+        sets = [b for _, b in self._intervals.values()] + [self._open]
+        return sum(len(b.serialize()) for b in sets)
+
+    def close(self) -> None:
+        self._intent.close()
+
+
+@dataclass(slots=True)
+class _History:
+    intervals: dict[int, tuple[str, BitMap]]
+    open_marks: BitMap
+    intent: IntentLog
+
+
+def _load_history(fileio: FileIO, directory: str, meta: dict[str, Any], epoch: str, seq: int,
+                  region: int, *, crashed: bool, granularity: int) -> _History | str:
+    """Load intervals, checkpoint and intent log; -> the history, or a reason to restart."""
+    intervals: dict[int, tuple[str, BitMap]] = {}
+    try:
+        for listed_seq, name in meta["intervals"]:
+            data = fileio.read_file(os.path.join(directory, name))
+            _, stored_seq, granules = interval_file.decode(data, name)
+            if stored_seq != listed_seq:
+                raise CorruptMetadata(f"{name}: holds interval {stored_seq}, not {listed_seq}")
+            intervals[int(listed_seq)] = (str(name), granules)
+    except (OSError, CorruptMetadata) as exc:
+        return f"tracker history damaged ({exc})"
+    open_marks = BitMap()
+    open_path = os.path.join(directory, OPEN_FILE)
+    try:
+        if fileio.exists(open_path):
+            stored_epoch, stored_seq, granules = interval_file.decode(
+                fileio.read_file(open_path), OPEN_FILE)
+            if (stored_epoch, stored_seq) == (epoch, seq):
+                open_marks = granules
+            elif not crashed:
+                return "tracker checkpoint does not match the disk"
+        elif not crashed:
+            return "tracker checkpoint missing at a clean open"
+    except (OSError, CorruptMetadata) as exc:
+        return f"the tracker checkpoint is unreadable ({exc})"
+    intent_path = os.path.join(directory, INTENT_FILE)
+    try:
+        intent = IntentLog.load(fileio, intent_path, region)
+    except (OSError, CorruptMetadata) as exc:
+        if crashed:
+            return f"unclean shutdown and the write-intent log is unreadable ({exc})"
+        intent = IntentLog.create(fileio, intent_path, region)
+    if crashed:  # every granule of a region that may hold unrecorded writes counts as changed
+        per_region = region // granularity
+        for r in intent.set_regions:
+            open_marks.add_range(r * per_region, (r + 1) * per_region)
+    return _History(intervals, open_marks, intent)
+
+
+def _to_change_info(granules: BitMap, granularity: int, start_offset: int,
+                    size_bytes: int) -> DiskChangeInfo:
+    lo = start_offset // granularity
+    hi = -(-size_bytes // granularity)
+    arr = np.frombuffer(granules.to_array(), dtype=np.uint32) if len(granules) else None
+    if arr is None:
+        return DiskChangeInfo(start_offset, size_bytes - start_offset, ())
+    arr = arr[np.searchsorted(arr, lo) : np.searchsorted(arr, hi)]
+    if not len(arr):
+        return DiskChangeInfo(start_offset, size_bytes - start_offset, ())
+    breaks = np.flatnonzero(np.diff(arr) != 1)
+    starts = arr[np.concatenate(([0], breaks + 1))].astype(np.int64)
+    ends = arr[np.concatenate((breaks, [len(arr) - 1]))].astype(np.int64) + 1
+    end_offset = size_bytes
+    if len(starts) > MAX_EXTENTS_PER_ANSWER:
+        starts, ends = starts[:MAX_EXTENTS_PER_ANSWER], ends[:MAX_EXTENTS_PER_ANSWER]
+        end_offset = min(int(ends[-1]) * granularity, size_bytes)
+    areas = []
+    for s, e in zip((starts * granularity).tolist(), (ends * granularity).tolist(), strict=True):
+        lo_b, hi_b = max(s, start_offset), min(e, end_offset)
+        areas.append(Extent(lo_b, hi_b - lo_b))
+    return DiskChangeInfo(start_offset, end_offset - start_offset, tuple(areas))
