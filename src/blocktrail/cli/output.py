@@ -1,0 +1,36 @@
+"""How the CLI prints: JSON for machines, short lines for people."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import click
+
+from blocktrail.errors import InvalidArgument
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """'4G', '64K', '1048576', '2TiB' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise InvalidArgument(f"invalid size {text!r}: a number with an optional K/M/G/T suffix")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]
+    return str(size)
+
+
+def emit(as_json: bool, obj: Any, text: str) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        click.echo(text)
