@@ -23,7 +23,6 @@ from blocktrail.errors import (
     StaleChangeId,
     UnsupportedFormat,
 )
-from blocktrail.extents import Extent
 from blocktrail.fileio import FileIO
 from blocktrail.tracking import interval_file
 from blocktrail.tracking.changeid import ChangeId, new_epoch
@@ -339,8 +338,6 @@ def _to_change_info(granules: BitMap, granularity: int, start_offset: int,
     if len(starts) > MAX_EXTENTS_PER_ANSWER:
         starts, ends = starts[:MAX_EXTENTS_PER_ANSWER], ends[:MAX_EXTENTS_PER_ANSWER]
         end_offset = min(int(ends[-1]) * granularity, size_bytes)
-    areas = []
-    for s, e in zip((starts * granularity).tolist(), (ends * granularity).tolist(), strict=True):
-        lo_b, hi_b = max(s, start_offset), min(e, end_offset)
-        areas.append(Extent(lo_b, hi_b - lo_b))
-    return DiskChangeInfo(start_offset, end_offset - start_offset, tuple(areas))
+    lo_b = np.maximum(starts * granularity, start_offset)
+    hi_b = np.minimum(ends * granularity, end_offset)
+    return DiskChangeInfo.from_arrays(start_offset, end_offset - start_offset, lo_b, hi_b - lo_b)
