@@ -1,0 +1,63 @@
+"""Each package imports only downward (ARCHITECTURE.md), and the NBD protocol core does no I/O."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "blocktrail"
+
+# package -> the blocktrail packages/modules it may import (besides itself)
+ALLOWED: dict[str, set[str]] = {
+    "extents": set(),
+    "errors": set(),
+    "fileio": {"extents", "errors"},
+    "tracking": {"extents", "errors", "fileio"},
+    "disk": {"extents", "errors", "fileio", "tracking"},
+    "nbd": {"extents", "errors"},
+    "repo": {"extents", "errors", "fileio"},
+    "backup": {"extents", "errors", "fileio", "tracking", "repo", "nbd", "disk"},
+    "host": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup"},
+    "cli": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup", "host"},
+    "demo": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup", "host"},
+}
+NO_IO_MODULES = {"asyncio", "socket", "ssl", "threading", "selectors"}
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _package_of(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _modules() -> list[Path]:
+    return [p for p in SRC.rglob("*.py") if p.name != "__init__.py" or p.parent != SRC]
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_only_downward(path: Path) -> None:
+    package = _package_of(path)
+    assert package in ALLOWED, f"{package} is not in the layer map of this test"
+    for name in _imports(path):
+        parts = name.split(".")
+        if parts[0] != "blocktrail" or len(parts) < 2 or parts[1] == package:
+            continue
+        assert parts[1] in ALLOWED[package], f"{path.relative_to(SRC)} imports {name}"
+
+
+def test_nbd_protocol_core_does_no_io() -> None:
+    proto = SRC / "nbd" / "proto"
+    for path in proto.rglob("*.py") if proto.exists() else []:
+        bad = {n.split(".")[0] for n in _imports(path)} & NO_IO_MODULES
+        assert not bad, f"{path.relative_to(SRC)} imports {bad}"
