@@ -16,7 +16,8 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-def test_create_snapshot_query_roundtrip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_create_snapshot_query_roundtrip(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     disk_dir = str(tmp_path / "d0")
     code, out = run(capsys, "disk", "create", disk_dir, "--size", "4M", "--granularity", "4K",
                     "--json")
@@ -26,7 +27,8 @@ def test_create_snapshot_query_roundtrip(tmp_path: Path, capsys: pytest.CaptureF
         disk.pwrite(b"x" * 100, 8192 + 5)
     code, out = run(capsys, "snapshot", "create", disk_dir, "s1", "--json")
     assert code == 0 and json.loads(out)["name"] == "s1"
-    code, out = run(capsys, "cbt", "query", disk_dir, "--since", start, "--snapshot", "s1", "--json")
+    code, out = run(capsys, "cbt", "query", disk_dir, "--since", start, "--snapshot", "s1",
+                    "--json")
     assert code == 0
     assert json.loads(out)["changed_areas"] == [{"offset": 8192, "length": 4096}]
     code, out = run(capsys, "snapshot", "list", disk_dir, "--json")

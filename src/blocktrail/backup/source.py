@@ -1,0 +1,64 @@
+"""What the backup engine needs from a disk: the Source protocol.
+
+The engine talks to a disk only the way it would talk to a remote hypervisor: snapshot, changed
+areas, allocation, read. A local disk directory, an NBD export plus control API (our host), or a
+QEMU export with a dirty bitmap can each stand behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from blocktrail.extents import Extent
+from blocktrail.tracking import DiskChangeInfo
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSnapshot:
+    """A frozen point of the source disk the backup reads from."""
+
+    name: str
+    change_id: str | None  # None: the source has no change tracking
+    size_bytes: int
+
+
+class Source(Protocol):
+    """A disk to back up."""
+
+    @property
+    def disk_id(self) -> str: ...
+
+    @property
+    def granularity(self) -> int: ...
+
+    def create_snapshot(self, name: str) -> SourceSnapshot: ...
+
+    def remove_snapshot(self, name: str) -> None: ...
+
+    def query_changed_areas(self, change_id: str, start_offset: int,
+                            snapshot: str) -> DiskChangeInfo:
+        """Areas changed after ``change_id`` up to ``snapshot``; raises `ChangeIdError` when
+        the change ID cannot be answered (the engine then reads everything)."""
+        ...
+
+    def allocated_areas(self, snapshot: str) -> list[Extent]:
+        """Areas that may hold data (over-reporting is fine; holes read as zeros)."""
+        ...
+
+    def pread(self, snapshot: str, count: int, offset: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def all_pages(query: object, size_bytes: int) -> list[Extent]:
+    """Follow a paged QueryChangedDiskAreas-style answer to the end of the disk."""
+    out: list[Extent] = []
+    start = 0
+    while start < size_bytes:
+        info: DiskChangeInfo = query(start)  # type: ignore[operator]
+        if info.length <= 0:
+            raise RuntimeError(f"source answered an empty page at offset {start}")
+        out.extend(info.changed_areas)
+        start = info.end
+    return out

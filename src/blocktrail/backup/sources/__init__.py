@@ -1,0 +1,1 @@
+"""Adapters that put a disk behind the `Source` protocol."""
