@@ -6,7 +6,8 @@ import os
 import secrets
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import ParamSpec, Self, TypeVar
@@ -274,10 +275,9 @@ class Disk:
         self.begin_remove_snapshot(name).run()
 
     def begin_remove_snapshot(self, name: str) -> Consolidation:
-        """Start removing a snapshot; the returned consolidation merges it step by step."""
-        self._finish_consolidation()
-        with self._lock:
-            self._check_usable()
+        """Start removing a snapshot; the returned consolidation merges it step by step.
+        A removal still in progress is finished first."""
+        with self._idle_lock():
             snapshot = self._snapshot(name)
             layer = next(la for la in self._layers if la.snapshot == name)
             self._meta.snapshots.remove(snapshot)
@@ -290,9 +290,7 @@ class Disk:
     def revert_to_snapshot(self, name: str) -> None:
         """Make the live disk the snapshot's content again. Snapshots newer than it are
         discarded; change IDs after its point become stale."""
-        self._finish_consolidation()
-        with self._lock:
-            self._check_usable()
+        with self._idle_lock():
             snapshot = self._snapshot(name)
             index = next(i for i, la in enumerate(self._layers) if la.snapshot == name)
             for layer in self._layers[index + 1 :]:
@@ -318,7 +316,20 @@ class Disk:
         pending = self._consolidation
         if pending is not None:
             pending.run()
-            self._consolidation = None
+
+    @contextmanager
+    def _idle_lock(self) -> Iterator[None]:
+        """Hold the disk lock with no snapshot removal in progress (one is run to its end
+        first, without holding the lock across its steps)."""
+        while True:
+            with self._lock:
+                self._check_usable()
+                pending = self._consolidation
+                if pending is None or pending.done:
+                    self._consolidation = None
+                    yield
+                    return
+            pending.run()
 
     # ------------------------------------------------------------------ resize
 
@@ -327,9 +338,7 @@ class Disk:
         gone (growing again never brings old data back)."""
         if size_bytes < 0 or -(-size_bytes // self.granularity) > MAX_GRANULES:
             raise InvalidArgument(f"cannot resize to {size_bytes} bytes")
-        self._finish_consolidation()
-        with self._lock:
-            self._check_usable()
+        with self._idle_lock():
             old = self._meta.size_bytes
             top = self._layers[-1]
             if size_bytes < old and isinstance(top, DeltaLayer):
