@@ -312,6 +312,13 @@ class Disk:
                 return snapshot
         raise SnapshotNotFound(f"disk {self.path} has no snapshot {name!r}")
 
+    @contextmanager
+    def io_paused(self) -> Iterator[None]:
+        """Hold off all I/O and metadata changes of this disk (other threads wait), e.g. to
+        snapshot several disks at one instant. The holder may call any method."""
+        with self._idle_lock():
+            yield
+
     def _finish_consolidation(self) -> None:
         pending = self._consolidation
         if pending is not None:
