@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import emit, human, parse_size
-from blocktrail.disk import Disk
+from blocktrail.cli.target import call, host_option, on_disk
 
 
 @click.group()
@@ -15,29 +17,38 @@ def cbt() -> None:
 
 
 @cbt.command("query")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
 @click.option("--since", "since", required=True, help="A change ID, or '*' for all allocated.")
 @click.option("--snapshot", default=None, help="End the interval at this snapshot's point.")
 @click.option("--start", default="0", show_default=True, help="Start offset (paging).")
+@host_option
 @json_option
-def query(path: str, since: str, snapshot: str | None, start: str, as_json: bool) -> None:
+def query(disk: str, since: str, snapshot: str | None, start: str, host: str | None,
+          as_json: bool) -> None:
     """Areas changed after --since up to --snapshot (or now), QueryChangedDiskAreas-style.
 
     The answer may cover a prefix: continue with --start START+LENGTH until the disk's size."""
-    with Disk.open(path) as d:
-        info = d.query_changed_areas(since, parse_size(start), snapshot)
-    changed = sum(e.length for e in info.changed_areas)
-    lines = [f"{e.offset}\t{e.length}" for e in info.changed_areas]
-    lines.append(f"# {len(info.changed_areas)} areas, {human(changed)} changed in "
-                 f"[{info.start_offset}, {info.end})")
-    emit(as_json, info.to_json(), "\n".join(lines))
+    start_offset = parse_size(start)
+    params: dict[str, Any] = {"since": since, "start_offset": start_offset}
+    if snapshot is not None:
+        params["snapshot"] = snapshot
+    info: dict[str, Any] = on_disk(
+        disk, host, lambda d: d.query_changed_areas(since, start_offset, snapshot).to_json(),
+        call("GET", f"/disks/{disk}/changed-areas", params=params))
+    areas = info["changed_areas"]
+    lines = [f"{a['offset']}\t{a['length']}" for a in areas]
+    end = info["start_offset"] + info["length"]
+    lines.append(f"# {len(areas)} areas, {human(sum(a['length'] for a in areas))} changed in "
+                 f"[{info['start_offset']}, {end})")
+    emit(as_json, info, "\n".join(lines))
 
 
 @cbt.command("reset")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
+@host_option
 @json_option
-def reset(path: str, as_json: bool) -> None:
+def reset(disk: str, host: str | None, as_json: bool) -> None:
     """Start a new tracking epoch: every earlier change ID is refused from now on."""
-    with Disk.open(path) as d:
-        change_id = d.reset_tracking()
+    change_id = on_disk(disk, host, lambda d: d.reset_tracking(),
+                        lambda c: c.call("POST", f"/disks/{disk}/tracking/reset")["change_id"])
     emit(as_json, {"change_id": change_id}, f"tracking reset; change ID now {change_id}")

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from blocktrail.cli.output import emit, human, parse_size
+from blocktrail.cli.target import call, host_option, on_disk
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import import_raw
+from blocktrail.host.client import HostClient
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 def disk_info(d: Disk) -> dict[str, Any]:
     return {
+        "name": os.path.basename(os.path.normpath(d.path)),
         "path": d.path,
         "disk_id": d.disk_id,
         "size_bytes": d.size_bytes,
         "granularity": d.granularity,
-        "cluster_size": d.cluster_size,
         "current_change_id": d.current_change_id,
         "snapshots": [s.to_json() for s in d.snapshots],
         "epochs": [e.to_json() for e in d.tracker.epochs],
@@ -28,7 +31,7 @@ def disk_info(d: Disk) -> dict[str, Any]:
 
 def _describe(info: dict[str, Any]) -> str:
     lines = [
-        f"disk {info['path']}",
+        f"disk {info.get('path', info['name'])}",
         f"  id            {info['disk_id']}",
         f"  size          {human(info['size_bytes'])} ({info['size_bytes']} bytes)",
         f"  granularity   {info['granularity']}",
@@ -41,42 +44,64 @@ def _describe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _with_host(host: str, fn: Any) -> dict[str, Any]:
+    client = HostClient.from_env(host)
+    try:
+        return fn(client)  # type: ignore[no-any-return]
+    finally:
+        client.close()
+
+
 @click.group()
 def disk() -> None:
     """Create and inspect tracked disks."""
 
 
 @disk.command("create")
-@click.argument("path", type=click.Path())
+@click.argument("disk_path", metavar="DISK")
 @click.option("--size", required=True, help="Size, e.g. 64G.")
 @click.option("--granularity", default="64K", show_default=True, help="Tracking granularity.")
 @click.option("--cluster-size", default="64K", show_default=True, help="Delta cluster size.")
+@host_option
 @json_option
-def create(path: str, size: str, granularity: str, cluster_size: str, as_json: bool) -> None:
-    """Create an empty disk in the directory PATH."""
-    with Disk.create(path, parse_size(size), parse_size(granularity),
-                     cluster_size=parse_size(cluster_size)) as d:
-        info = disk_info(d)
+def create(disk_path: str, size: str, granularity: str, cluster_size: str, host: str | None,
+           as_json: bool) -> None:
+    """Create an empty disk: the directory DISK, or the disk named DISK on a host."""
+    if host is not None:
+        body = {"name": disk_path, "size_bytes": parse_size(size),
+                "granularity": parse_size(granularity)}
+        info = _with_host(host, call("POST", "/disks", json=body))
+    else:
+        with Disk.create(disk_path, parse_size(size), parse_size(granularity),
+                         cluster_size=parse_size(cluster_size)) as d:
+            info = disk_info(d)
     emit(as_json, info, _describe(info))
 
 
 @disk.command("info")
-@click.argument("path", type=click.Path())
+@click.argument("disk_path", metavar="DISK")
+@host_option
 @json_option
-def info(path: str, as_json: bool) -> None:
+def info(disk_path: str, host: str | None, as_json: bool) -> None:
     """Show a disk's size, change ID, snapshots and tracking epoch."""
-    with Disk.open(path) as d:
-        data = disk_info(d)
+    data = on_disk(disk_path, host, disk_info, call("GET", f"/disks/{disk_path}"))
     emit(as_json, data, _describe(data))
 
 
 @disk.command("import")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@click.argument("path", type=click.Path())
+@click.argument("disk_path", metavar="DISK")
 @click.option("--granularity", default="64K", show_default=True)
+@host_option
 @json_option
-def import_(source: str, path: str, granularity: str, as_json: bool) -> None:
-    """Bring the raw image SOURCE under tracking as the disk PATH (data counts as changed)."""
-    with import_raw(source, path, parse_size(granularity)) as d:
-        data = disk_info(d)
+def import_(source: str, disk_path: str, granularity: str, host: str | None,
+            as_json: bool) -> None:
+    """Bring the raw image SOURCE under tracking as DISK (its data counts as changed)."""
+    if host is not None:
+        body = {"name": disk_path, "source_path": os.path.abspath(source),
+                "granularity": parse_size(granularity)}
+        data = _with_host(host, call("POST", "/disks/import", json=body))
+    else:
+        with import_raw(source, disk_path, parse_size(granularity)) as d:
+            data = disk_info(d)
     emit(as_json, data, _describe(data))

@@ -10,6 +10,7 @@ import click
 
 from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
+from blocktrail.cli.host import host
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.errors import BlocktrailError
 
@@ -25,6 +26,7 @@ def cli() -> None:
 cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
+cli.add_command(host)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,3 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import emit, human
+from blocktrail.cli.target import call, host_option, on_disk
 from blocktrail.disk import Disk
 
 
@@ -15,50 +18,61 @@ def snapshot() -> None:
 
 
 @snapshot.command("create")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
 @click.argument("name")
+@host_option
 @json_option
-def create(path: str, name: str, as_json: bool) -> None:
-    """Freeze the disk PATH as snapshot NAME."""
-    with Disk.open(path) as d:
-        snap = d.create_snapshot(name)
-    emit(as_json, snap.to_json(), f"snapshot {snap.name} at change ID {snap.change_id}")
+def create(disk: str, name: str, host: str | None, as_json: bool) -> None:
+    """Freeze DISK as snapshot NAME."""
+    snap = on_disk(disk, host, lambda d: d.create_snapshot(name).to_json(),
+                   call("POST", f"/disks/{disk}/snapshots", json={"name": name}))
+    emit(as_json, snap, f"snapshot {snap['name']} at change ID {snap['change_id']}")
 
 
 @snapshot.command("list")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
+@host_option
 @json_option
-def list_(path: str, as_json: bool) -> None:
+def list_(disk: str, host: str | None, as_json: bool) -> None:
     """List the disk's snapshots, oldest first."""
-    with Disk.open(path) as d:
-        snaps = d.snapshots
-    text = "\n".join(f"{s.name}\t{s.change_id}\t{s.created_at.isoformat()}\t{human(s.size_bytes)}"
-                     for s in snaps) or "(no snapshots)"
-    emit(as_json, [s.to_json() for s in snaps], text)
+    snaps: list[dict[str, Any]] = on_disk(
+        disk, host, lambda d: [s.to_json() for s in d.snapshots],
+        call("GET", f"/disks/{disk}/snapshots"))
+    text = "\n".join(f"{s['name']}\t{s['change_id']}\t{s['created_at']}\t"
+                     f"{human(s['size_bytes'])}" for s in snaps) or "(no snapshots)"
+    emit(as_json, snaps, text)
 
 
 @snapshot.command("remove")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
 @click.argument("name")
+@host_option
 @json_option
-def remove(path: str, name: str, as_json: bool) -> None:
-    """Remove snapshot NAME, consolidating its layer."""
-    with Disk.open(path) as d:
-        d.remove_snapshot(name)
+def remove(disk: str, name: str, host: str | None, as_json: bool) -> None:
+    """Remove snapshot NAME, consolidating its layer (online on a host)."""
+    on_disk(disk, host, lambda d: d.remove_snapshot(name),
+            call("DELETE", f"/disks/{disk}/snapshots/{name}"))
     emit(as_json, {"removed": name}, f"removed snapshot {name}")
 
 
 @snapshot.command("revert")
-@click.argument("path", type=click.Path())
+@click.argument("disk")
 @click.argument("name")
+@host_option
 @json_option
-def revert(path: str, name: str, as_json: bool) -> None:
-    """Make the disk's content that of snapshot NAME again (newer snapshots are discarded)."""
-    with Disk.open(path) as d:
-        newer = [s.name for s in d.snapshots]
-        newer = newer[newer.index(name) + 1 :] if name in newer else []
+def revert(disk: str, name: str, host: str | None, as_json: bool) -> None:
+    """Make DISK's content that of snapshot NAME again (newer snapshots are discarded)."""
+    before = [s["name"] for s in on_disk(
+        disk, host, lambda d: [s.to_json() for s in d.snapshots],
+        call("GET", f"/disks/{disk}/snapshots"))]
+
+    def local(d: Disk) -> str:
         d.revert_to_snapshot(name)
-        change_id = d.current_change_id
+        return d.current_change_id
+
+    change_id = on_disk(disk, host, local, lambda c: c.call(
+        "POST", f"/disks/{disk}/snapshots/{name}/revert")["current_change_id"])
+    newer = before[before.index(name) + 1 :] if name in before else []
     emit(as_json, {"reverted_to": name, "discarded_snapshots": newer, "change_id": change_id},
          f"reverted to {name}" + (f"; discarded {', '.join(newer)}" if newer else "")
          + f"; change ID now {change_id}")

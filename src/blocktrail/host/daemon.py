@@ -1,0 +1,114 @@
+"""`blocktrail host`: owns the disks under a data directory and serves the control API.
+
+The API listens on a unix socket (mode 0600, no token needed: the file mode is the access
+control) or on TCP (a bearer token is required; it is generated into DATA/api-token unless given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+
+import uvicorn
+
+from blocktrail.errors import InvalidArgument
+from blocktrail.host.api import create_app
+from blocktrail.host.registry import DiskRegistry
+
+TOKEN_FILE = "api-token"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a server listens: ``unix:PATH``, ``tcp:HOST:PORT`` or ``http://HOST:PORT``."""
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        if text.startswith("unix:"):
+            return cls(unix_path=text.removeprefix("unix:"))
+        rest = text.removeprefix("http://").removeprefix("tcp:").rstrip("/")
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise InvalidArgument(f"invalid endpoint {text!r}: use unix:PATH or HOST:PORT")
+        return cls(host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    data_dir: str
+    api: Endpoint
+    token: str | None = None
+
+
+def load_or_create_token(data_dir: str) -> str:
+    path = os.path.join(data_dir, TOKEN_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def bind(endpoint: Endpoint) -> socket.socket:
+    """A bound socket; a unix socket is made 0600 before it listens, so no one else can ever
+    connect to it."""
+    if endpoint.unix_path is not None:
+        if os.path.exists(endpoint.unix_path):
+            os.unlink(endpoint.unix_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(endpoint.unix_path)
+        os.chmod(endpoint.unix_path, stat.S_IRUSR | stat.S_IWUSR)
+    else:
+        family = socket.AF_INET6 if ":" in (endpoint.host or "") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((endpoint.host or "127.0.0.1", endpoint.port or 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
+                handle_signals: bool = False) -> None:
+    """Serve until cancelled (or SIGTERM/SIGINT with ``handle_signals``); every disk is closed
+    cleanly on the way out."""
+    registry = DiskRegistry(config.data_dir)
+    token = None
+    if config.api.unix_path is None:
+        token = config.token or load_or_create_token(registry.data_dir)
+    app = create_app(registry, token)
+    sock = bind(config.api)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, setattr, server, "should_exit", True)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                await task
+            await asyncio.sleep(0.01)
+        if started is not None:
+            started.set()
+        await task
+    finally:
+        server.should_exit = True
+        if not task.done():
+            await asyncio.wait([task], timeout=5)
+        registry.close()
