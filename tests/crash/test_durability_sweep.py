@@ -267,9 +267,17 @@ class DropsMarksDuringConsolidation(ChangeTracker):
             super().mark(offset, length)
 
 
-def test_sweep_finds_the_consolidation_tracking_bug() -> None:
+class ForgetsGrownArea(ChangeTracker):
+    """The ESXi 4/5 bug: the range a disk grew by is not counted as changed."""
+
+    def note_resize(self, old_size: int, new_size: int) -> None:
+        self.size_bytes = new_size
+
+
+@pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea])
+def test_sweep_finds_faulty_trackers(faulty: type[ChangeTracker]) -> None:
     with pytest.raises(AssertionError, match="but not reported"):
         for seed in range(1, 7):
             crash_at = 1
-            while not _run(seed, crash_at, DropsMarksDuringConsolidation):
+            while not _run(seed, crash_at, faulty):
                 crash_at += 1
