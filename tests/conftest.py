@@ -6,6 +6,7 @@ Choose one with HYPOTHESIS_PROFILE=ci|deep|dev.
 from __future__ import annotations
 
 import os
+import sys
 
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +17,5 @@ settings.register_profile("ci", max_examples=2000, stateful_step_count=30, print
                           **_COMMON)
 settings.register_profile("deep", max_examples=20000, stateful_step_count=80, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/faulty.py: the re-created field bugs

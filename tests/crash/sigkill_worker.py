@@ -17,26 +17,17 @@ import random
 import sys
 import threading
 import time
+from pathlib import Path
 
 from blocktrail.disk import Disk
-from blocktrail.tracking import ChangeTracker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from faulty import TRACKERS
 
 SIZE = 4 << 20
 GRANULARITY = 4096
 CLUSTER = 16384
 SECTOR = 512
-
-
-class DropsMarksDuringConsolidation(ChangeTracker):
-    """The ESXi 6.0 bug: writes made while a snapshot is consolidated go untracked."""
-
-    def mark(self, offset: int, length: int) -> None:
-        if not self.consolidation_active:
-            super().mark(offset, length)
-
-
-TRACKERS: dict[str, type[ChangeTracker]] = {
-    "good": ChangeTracker, "drops-marks-during-consolidation": DropsMarksDuringConsolidation}
 
 
 def tag(write_id: int) -> bytes:

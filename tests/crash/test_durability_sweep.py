@@ -20,6 +20,7 @@ from blocktrail.disk import Disk
 from blocktrail.errors import DiskNotFound, StaleChangeId
 from blocktrail.fileio import FileHandle, SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
+from faulty import DropsMarksDuringConsolidation, ForgetsGrownArea, reported_granules
 
 GRANULARITY = 512
 CLUSTER = 1024
@@ -197,7 +198,7 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
             source.snapshots[name], f"snapshot {name} changed"
     for change_id, then in model.points.items():
         try:
-            reported = _reported_granules(disk, change_id)
+            reported = reported_granules(disk, change_id, GRANULARITY)
         except StaleChangeId:
             continue  # allowed only after a revert past it: checked by the model tests
         size = disk.size_bytes
@@ -205,17 +206,6 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
             lo, hi = g * GRANULARITY, min((g + 1) * GRANULARITY, size)
             if hi > len(then) or then[lo:hi] != content[lo:hi]:
                 assert g in reported, f"granule {g} changed since {change_id} but not reported"
-
-
-def _reported_granules(disk: Disk, change_id: str) -> set[int]:
-    out: set[int] = set()
-    start = 0
-    while start < disk.size_bytes:
-        info = disk.query_changed_areas(change_id, start)
-        for e in info.changed_areas:
-            out.update(range(e.offset // GRANULARITY, (e.end - 1) // GRANULARITY + 1))
-        start = info.end
-    return out
 
 
 def _run(seed: int, crash_at: int,
@@ -257,21 +247,6 @@ def test_power_loss_at_every_durability_point(seed: int) -> None:
     while not _run(seed, crash_at):
         crash_at += 1
     assert crash_at > 50, "the workload should pass through many durability points"
-
-
-class DropsMarksDuringConsolidation(ChangeTracker):
-    """The ESXi 6.0 bug: writes made while a snapshot is consolidated go untracked."""
-
-    def mark(self, offset: int, length: int) -> None:
-        if not self.consolidation_active:
-            super().mark(offset, length)
-
-
-class ForgetsGrownArea(ChangeTracker):
-    """The ESXi 4/5 bug: the range a disk grew by is not counted as changed."""
-
-    def note_resize(self, old_size: int, new_size: int) -> None:
-        self.size_bytes = new_size
 
 
 @pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea])

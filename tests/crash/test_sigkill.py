@@ -25,6 +25,8 @@ from blocktrail.disk import Disk
 sys.path.insert(0, str(Path(__file__).parent))
 from sigkill_worker import GRANULARITY, SECTOR, SIZE, tag
 
+from faulty import reported_granules
+
 WORKER = Path(__file__).with_name("sigkill_worker.py")
 TRIALS = int(os.environ.get("BLOCKTRAIL_SIGKILL_TRIALS", "200"))
 
@@ -101,17 +103,6 @@ def _granules(writes: list[tuple[int, int, int]]) -> set[int]:
             for g in range(offset // GRANULARITY, (offset + length - 1) // GRANULARITY + 1)}
 
 
-def _reported(disk: Disk, change_id: str) -> set[int]:
-    out: set[int] = set()
-    start = 0
-    while start < disk.size_bytes:
-        info = disk.query_changed_areas(change_id, start)
-        for e in info.changed_areas:
-            out.update(range(e.offset // GRANULARITY, (e.end - 1) // GRANULARITY + 1))
-        start = info.end
-    return out
-
-
 def check(disk: Disk, log: Log) -> list[str]:
     """-> the problems found (empty: the crash lost nothing and the tracker missed nothing)."""
     problems: list[str] = []
@@ -137,7 +128,7 @@ def check(disk: Disk, log: Log) -> list[str]:
     reached = [w for w in log.writes if w[0] in log.acked or tag(w[0]) in visible]
     for name, change_id, issued in [("start", log.start, 0), *log.snapshots]:
         after = [w for w in reached if w in log.writes[issued:]]
-        missed = _granules(after) - _reported(disk, change_id)
+        missed = _granules(after) - reported_granules(disk, change_id, GRANULARITY)
         if missed:
             problems.append(f"{len(missed)} granules written after {name} not reported "
                             f"(first: {min(missed)})")

@@ -30,6 +30,7 @@ from blocktrail.disk import Consolidation, Disk
 from blocktrail.errors import InvalidChangeId, StaleChangeId
 from blocktrail.fileio import SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
+from faulty import DropsMarksDuringConsolidation, ForgetsGrownArea
 
 GRANULARITY = 512
 CLUSTER = 1024
@@ -271,21 +272,6 @@ class DiskMachine(RuleBasedStateMachine):
 
 
 TestDiskMachine = DiskMachine.TestCase  # examples and steps: the profile in tests/conftest.py
-
-
-class DropsMarksDuringConsolidation(ChangeTracker):
-    """The ESXi 6.0 bug: writes made while a snapshot is consolidated go untracked."""
-
-    def mark(self, offset: int, length: int) -> None:
-        if not self.consolidation_active:
-            super().mark(offset, length)
-
-
-class ForgetsGrownArea(ChangeTracker):
-    """The ESXi 4/5 bug: the range a disk grew by is not counted as changed."""
-
-    def note_resize(self, old_size: int, new_size: int) -> None:
-        self.size_bytes = new_size
 
 
 @pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea])

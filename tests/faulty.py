@@ -1,0 +1,44 @@
+"""Test-only trackers that re-create the CBT bugs seen in the field, and shared checks.
+
+The test suites must fail against these: that is the proof they would catch the real bugs."""
+
+from __future__ import annotations
+
+from blocktrail.disk import Disk
+from blocktrail.tracking import ChangeTracker
+
+
+class DropsMarksDuringConsolidation(ChangeTracker):
+    """ESXi 6.0 (KB 2136854): writes made while a snapshot is consolidated go untracked."""
+
+    def mark(self, offset: int, length: int) -> None:
+        if not self.consolidation_active:
+            super().mark(offset, length)
+
+
+class ForgetsGrownArea(ChangeTracker):
+    """ESXi 4/5 (KB 2090639): the range a disk grew by is not counted as changed."""
+
+    def note_resize(self, old_size: int, new_size: int) -> None:
+        self.size_bytes = new_size
+
+
+TRACKERS: dict[str, type[ChangeTracker]] = {
+    "good": ChangeTracker,
+    "drops-marks-during-consolidation": DropsMarksDuringConsolidation,
+    "forgets-grown-area": ForgetsGrownArea,
+}
+
+
+def reported_granules(disk: Disk, change_id: str, granularity: int,
+                      snapshot: str | None = None) -> set[int]:
+    """Granule indexes of every page of the answer to a changed-areas query."""
+    size = disk.open_snapshot(snapshot).size_bytes if snapshot else disk.size_bytes
+    out: set[int] = set()
+    start = 0
+    while start < size:
+        info = disk.query_changed_areas(change_id, start, snapshot)
+        for e in info.changed_areas:
+            out.update(range(e.offset // granularity, (e.end - 1) // granularity + 1))
+        start = info.end
+    return out
