@@ -80,6 +80,13 @@ class UnsupportedFormat(BlocktrailError):
     exit_code = 8
 
 
+class DiskIOFailure(BlocktrailError):
+    """The operating system failed an I/O of a disk file (full file system, EIO, ...). The
+    disk handle is closed; reopening the disk recovers it from its files."""
+
+    exit_code = 11
+
+
 class CorruptMetadata(BlocktrailError):
     """A disk's metadata cannot be decoded; nothing was changed."""
 

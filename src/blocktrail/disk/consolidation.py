@@ -46,6 +46,7 @@ class Consolidation:
         """Copy up to ``max_clusters`` clusters under the disk lock; -> True when finished."""
         with self._disk._lock:
             if not self.done:
+                self._disk._check_usable()
                 self._step_locked(max_clusters)
         if self.on_step is not None:
             self.on_step()
@@ -66,7 +67,7 @@ class Consolidation:
         parent, child = disk._layer(self.parent_id), disk._layer(pair.child_id)
         assert isinstance(child, DeltaLayer)
         batch = pair.todo if pair.final else pair.todo[:max_clusters]
-        chain.merge_clusters(parent, child, batch)
+        disk._guard(chain.merge_clusters, parent, child, batch)
         del pair.todo[: len(batch)]
         self.clusters_copied += len(batch)
         if not pair.todo:
@@ -92,5 +93,5 @@ class Consolidation:
                 disk._push_helper_top()
                 self._rounds += 1
         parent = disk._layer(self.parent_id)
-        chain.hide_below_limit(parent, child)
+        disk._guard(chain.hide_below_limit, parent, child)
         self._pair = _Pair(child.id, sorted(child.states), final)

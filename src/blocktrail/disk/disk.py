@@ -21,6 +21,7 @@ from blocktrail.errors import (
     DiskBusy,
     DiskClosed,
     DiskExists,
+    DiskIOFailure,
     DiskNotFound,
     InvalidArgument,
     OutOfRange,
@@ -142,6 +143,9 @@ class Disk:
         """Finish any consolidation, flush, checkpoint the tracker and mark the disk clean."""
         with self._lock:
             if self._file_lock is None:
+                return
+            if self._failed is not None:  # memory and files disagree: recover at next open
+                self._release()
                 return
             try:
                 self._finish_consolidation()
@@ -474,6 +478,10 @@ class Disk:
             return fn(*args, **kwargs)
         except BlocktrailError:
             raise
+        except OSError as exc:
+            self._failed = exc
+            raise DiskIOFailure(f"I/O error on disk {self.path}: {exc}; nothing acknowledged is "
+                                "lost: reopen the disk to recover") from exc
         except BaseException as exc:
             self._failed = exc
             raise
