@@ -10,6 +10,7 @@ that reports every granule that differs from any still-valid change ID.
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.errors import DiskNotFound, StaleChangeId
+from blocktrail.errors import DiskClosed, DiskIOFailure, DiskNotFound, StaleChangeId
 from blocktrail.fileio import FileHandle, SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
 from faulty import DropsMarksDuringConsolidation, ForgetsGrownArea, reported_granules
@@ -61,6 +62,36 @@ class CrashingFileIO(SimulatedFileIO):
 
     def replace_atomic(self, path: str, data: bytes) -> None:
         self.durability_point()
+        super().replace_atomic(path, data)
+
+
+class FullDiskFileIO(SimulatedFileIO):
+    """Fails the N-th write, hole punch, fsync or atomic replace with ENOSPC."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.ops = 0
+
+    def io_point(self) -> None:
+        self.ops += 1
+        if self.ops == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    def open(self, path: str, *, create: bool = False) -> FileHandle:
+        handle = super().open(path, create=create)
+        for name in ("pwrite", "punch_hole", "fsync", "truncate"):
+            original = getattr(handle, name)
+
+            def failing(*args: object, _original: Callable[..., None] = original) -> None:
+                self.io_point()
+                _original(*args)
+
+            setattr(handle, name, failing)
+        return handle
+
+    def replace_atomic(self, path: str, data: bytes) -> None:
+        self.io_point()
         super().replace_atomic(path, data)
 
 
@@ -256,3 +287,37 @@ def test_sweep_finds_faulty_trackers(faulty: type[ChangeTracker]) -> None:
             crash_at = 1
             while not _run(seed, crash_at, faulty):
                 crash_at += 1
+
+
+def _run_full_disk(seed: int, fail_at: int) -> bool:
+    """-> True if the workload completed before the injected ENOSPC."""
+    fs = FullDiskFileIO(fail_at)
+    model = Model(bytearray(SIZE))
+    try:
+        disk = Disk.create(PATH, SIZE, GRANULARITY, cluster_size=CLUSTER, fileio=fs)
+    except DiskIOFailure:
+        return False
+    model.points[disk.current_change_id] = bytes(SIZE)
+    harness = Harness(disk, model)
+    try:
+        for step in workload(seed):
+            step(harness)
+        harness.do(lambda m: None, lambda d: d.close())
+    except DiskIOFailure as exc:
+        assert "reopen the disk to recover" in str(exc)
+        with pytest.raises(DiskClosed):  # the failed handle refuses further use
+            disk.pread(1, 0)
+        disk.close()  # does not mark the disk clean
+        fs.fail_at = 0
+        with Disk.open(PATH, fileio=fs) as reopened:
+            _check(reopened, [harness.before, harness.model])
+        return False
+    return True
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_full_disk_at_every_io_loses_nothing(seed: int) -> None:
+    fail_at = 1
+    while not _run_full_disk(seed, fail_at):
+        fail_at += 1
+    assert fail_at > 100

@@ -83,16 +83,19 @@ class Disk:
         if fileio.exists(os.path.join(path, META_FILE)) or (
                 fileio.exists(path) and fileio.listdir(path)):
             raise DiskExists(f"{path} already exists and is not empty")
-        fileio.makedirs(path)
-        lock = _take_lock(fileio, path)
-        base = BaseLayer.create(fileio, path, _new_layer_id())
-        tracker = tracker_class.start(fileio, path, granularity, size_bytes,
-                                      "tracking started with the disk")
-        fileio.fsync_dir(path)
-        meta = DiskMeta(str(uuid.uuid4()), datetime.now(UTC).isoformat(), size_bytes,
-                        granularity, cluster_size, "open", [], [], tracker.meta())
-        disk = cls(path, fileio, lock, meta, [base], tracker)
-        disk._commit()
+        try:
+            fileio.makedirs(path)
+            lock = _take_lock(fileio, path)
+            base = BaseLayer.create(fileio, path, _new_layer_id())
+            tracker = tracker_class.start(fileio, path, granularity, size_bytes,
+                                          "tracking started with the disk")
+            fileio.fsync_dir(path)
+            meta = DiskMeta(str(uuid.uuid4()), datetime.now(UTC).isoformat(), size_bytes,
+                            granularity, cluster_size, "open", [], [], tracker.meta())
+            disk = cls(path, fileio, lock, meta, [base], tracker)
+            disk._commit()
+        except OSError as exc:
+            raise DiskIOFailure(f"cannot create disk {path}: {exc}") from exc
         return disk
 
     @classmethod
@@ -106,6 +109,9 @@ class Disk:
         lock = _take_lock(fileio, path)
         try:
             return cls._open_locked(path, fileio, lock, tracker_class)
+        except OSError as exc:
+            lock.release()
+            raise DiskIOFailure(f"cannot open disk {path}: {exc}") from exc
         except BaseException:
             lock.release()
             raise
@@ -150,9 +156,9 @@ class Disk:
             try:
                 self._finish_consolidation()
                 self._flush_locked()
-                self._tracker.checkpoint()
+                self._guard(self._tracker.checkpoint)
                 self._meta.state = "closed"
-                self._commit(seal=True)
+                self._guard(self._commit, seal=True)
             finally:
                 self._release()
 
@@ -266,7 +272,7 @@ class Disk:
             self._layers[-1].snapshot = name
             self._meta.snapshots.append(snapshot)
             self._guard(self._push_top)
-            self._tracker.after_commit()
+            self._guard(self._tracker.after_commit)
             return snapshot
 
     def open_snapshot(self, name: str) -> SnapshotView:
@@ -307,8 +313,8 @@ class Disk:
             self._guard(self._tracker.revert_to, snapshot.change_id,
                         f"reverted to snapshot {name!r}")
             self._guard(self._push_top)
-            self._tracker.after_commit()
-            self._delete_unreferenced()
+            self._guard(self._tracker.after_commit)
+            self._guard(self._delete_unreferenced)
 
     def _snapshot(self, name: str) -> Snapshot:
         for snapshot in self._meta.snapshots:
@@ -388,7 +394,7 @@ class Disk:
             self._check_usable()
             change_id = self._guard(self._tracker.restart, "tracking reset by request")
             self._guard(self._commit)
-            self._delete_unreferenced()
+            self._guard(self._delete_unreferenced)
             return str(change_id)
 
     def _allocated_areas(self, snapshot: str | None, size: int,
@@ -448,7 +454,7 @@ class Disk:
         self._layers.remove(child)
         self._guard(self._commit)
         child.close()
-        self._delete_unreferenced()
+        self._guard(self._delete_unreferenced)
 
     def _commit(self, *, seal: bool = False) -> None:
         """Atomically replace disk.json with the in-memory state."""
