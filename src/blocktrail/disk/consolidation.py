@@ -9,7 +9,7 @@ is merged under the disk lock in one step (the "stun"), like VMware's consolidat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ class _Pair:
     child_id: str
     todo: list[int]  # child clusters still to copy, in order
     final: bool  # merging the writable top under the lock
+    synced: bool = False  # all copied and the parent made durable (outside the lock)
 
 
 class Consolidation:
@@ -40,7 +41,7 @@ class Consolidation:
         self._rounds = 0
         self.done = False
         self.clusters_copied = 0
-        self.on_step: Callable[[], None] | None = None  # test hook: runs after each step
+        self._sync_lock = threading.Lock()
 
     def step(self, max_clusters: int = 256) -> bool:
         """Copy up to ``max_clusters`` clusters under the disk lock; -> True when finished."""
@@ -48,8 +49,14 @@ class Consolidation:
             if not self.done:
                 self._disk._check_usable()
                 self._step_locked(max_clusters)
-        if self.on_step is not None:
-            self.on_step()
+            pair = self._pair
+        if pair is not None and not pair.todo and not pair.synced:
+            # Copied: make the parent durable without holding guest I/O up. Nobody else
+            # writes the parent (it lies below the top); the next step commits the merge.
+            with self._sync_lock:
+                if not pair.synced:
+                    self._disk._guard(self._disk._layer(self.parent_id).flush)
+                    pair.synced = True
         return self.done
 
     def run(self) -> None:
@@ -70,7 +77,7 @@ class Consolidation:
         disk._guard(chain.merge_clusters, parent, child, batch)
         del pair.todo[: len(batch)]
         self.clusters_copied += len(batch)
-        if not pair.todo:
+        if not pair.todo and (pair.final or pair.synced):
             disk._finish_merge(self.parent_id, pair.child_id)
             self._pair = None
 
