@@ -202,12 +202,16 @@ def consolidation(delta_bytes: int) -> list[Row]:
         stop = threading.Event()
         writes = [0]
 
+        stall = [0.0]
+
         def writer(disk: Disk = disk, stop: threading.Event = stop,
-                   writes: list[int] = writes) -> None:
+                   writes: list[int] = writes, stall: list[float] = stall) -> None:
             rng = random.Random(9)
             buf = os.urandom(4 * KiB)
             while not stop.is_set():
+                t = time.perf_counter()
                 disk.pwrite(buf, rng.randrange(0, 16 * GiB // 4096) * 4096)
+                stall[0] = max(stall[0], time.perf_counter() - t)
                 writes[0] += 1
 
         thread = threading.Thread(target=writer)
@@ -228,9 +232,10 @@ def consolidation(delta_bytes: int) -> list[Row]:
         if concurrent:
             thread.join()
         label = "with" if concurrent else "without"
-        note = f"longest locked step {longest * 1000:.0f} ms"
+        note = f"longest step {longest * 1000:.0f} ms"
         if concurrent:
-            note += f"; writer {writes[0] / seconds:,.0f} IOPS during it"
+            note += (f"; writer {writes[0] / seconds:,.0f} IOPS during it, longest write "
+                     f"{stall[0] * 1000:.0f} ms")
         rows.append(Row(f"consolidate {delta_bytes // MiB} MiB delta {label} concurrent writes",
                         seconds, "s", note))
         disk.close()

@@ -42,6 +42,7 @@ class Consolidation:
         self.done = False
         self.clusters_copied = 0
         self._sync_lock = threading.Lock()
+        self._garbage: list[str] = []  # files of merged layers, deleted outside the lock
 
     def step(self, max_clusters: int = 256) -> bool:
         """Copy up to ``max_clusters`` clusters under the disk lock; -> True when finished."""
@@ -49,7 +50,8 @@ class Consolidation:
             if not self.done:
                 self._disk._check_usable()
                 self._step_locked(max_clusters)
-            pair = self._pair
+            pair, garbage, self._garbage = self._pair, self._garbage, []
+        self._disk._delete_files(garbage)  # big files take long to unlink: not under the lock
         if pair is not None and not pair.todo and not pair.synced:
             # Copied: make the parent durable without holding guest I/O up. Nobody else
             # writes the parent (it lies below the top); the next step commits the merge.
@@ -78,7 +80,7 @@ class Consolidation:
         del pair.todo[: len(batch)]
         self.clusters_copied += len(batch)
         if not pair.todo and (pair.final or pair.synced):
-            disk._finish_merge(self.parent_id, pair.child_id)
+            self._garbage += disk._finish_merge(self.parent_id, pair.child_id)
             self._pair = None
 
     def _start_pair(self) -> None:

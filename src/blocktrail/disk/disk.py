@@ -446,15 +446,23 @@ class Disk:
         self._flush_locked()
         self._guard(self._push_top)
 
-    def _finish_merge(self, parent_id: str, child_id: str) -> None:
-        """The child's clusters are all in the parent: make that durable, drop the child."""
+    def _finish_merge(self, parent_id: str, child_id: str) -> list[str]:
+        """The child's clusters are all in the parent: make that durable, drop the child.
+        -> the child's files, now referenced by nothing, for the caller to delete."""
         parent, child = self._layer(parent_id), self._layer(child_id)
         self._guard(parent.flush)
         parent.snapshot = child.snapshot
         self._layers.remove(child)
         self._guard(self._commit)
         child.close()
-        self._guard(self._delete_unreferenced)
+        return [os.path.join(self.path, name) for name in child.file_names()]
+
+    def _delete_files(self, paths: list[str]) -> None:
+        """Delete files no metadata references any more (a crash before this leaves them to
+        the next open)."""
+        for path in paths:
+            if self._fileio.exists(path):
+                self._guard(self._fileio.unlink, path)
 
     def _commit(self, *, seal: bool = False) -> None:
         """Atomically replace disk.json with the in-memory state."""
