@@ -8,9 +8,11 @@ from collections.abc import Sequence
 
 import click
 
+from blocktrail.cli.backup import backup, check, forget, points, repo_group, restore, verify
 from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
+from blocktrail.cli.output import ExitCode
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.errors import BlocktrailError
 
@@ -27,6 +29,8 @@ cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
+for command in (repo_group, backup, points, restore, verify, check, forget):
+    cli.add_command(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             click.echo(f"error: {type(exc).__name__}: {exc.message}", err=True)
         return exc.exit_code
+    except ExitCode as exc:
+        return exc.code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130

@@ -34,3 +34,11 @@ def emit(as_json: bool, obj: Any, text: str) -> None:
         click.echo(json.dumps(obj, indent=2, default=str))
     else:
         click.echo(text)
+
+
+class ExitCode(Exception):
+    """Leave the CLI with this exit code; what it means was already printed."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code

@@ -48,6 +48,9 @@ class LocalDiskSource:
     def pread(self, snapshot: str, count: int, offset: int) -> bytes:
         return self._disk.open_snapshot(snapshot).pread(count, offset)
 
+    def snapshot_size(self, snapshot: str) -> int:
+        return self._disk.open_snapshot(snapshot).size_bytes
+
     def close(self) -> None:
         if self._owned:
             self._disk.close()

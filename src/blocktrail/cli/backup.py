@@ -1,0 +1,214 @@
+"""`blocktrail repo init | backup | points | restore | verify | check | forget`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.backup.verify import verify_point
+from blocktrail.cli.disk import json_option
+from blocktrail.cli.output import ExitCode, emit, human
+from blocktrail.errors import InvalidArgument
+from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo.errors import EXIT_REPOSITORY_DAMAGED
+
+EXIT_VERIFY_DIFFERENCES = 13
+repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
+                           envvar="BLOCKTRAIL_REPO", help="Repository directory.")
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
+                  TimeRemainingColumn(), transient=True, console=console) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@click.group("repo")
+def repo_group() -> None:
+    """Backup repositories."""
+
+
+@repo_group.command("init")
+@click.argument("path", type=click.Path())
+@json_option
+def repo_init(path: str, as_json: bool) -> None:
+    """Create an empty repository in the directory PATH."""
+    with Repository.init(path) as repo:
+        info = {"path": path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size}
+    emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)})")
+
+
+@click.command("backup")
+@click.argument("disk_path", metavar="DISK")
+@repo_option
+@click.option("--full", is_flag=True, help="Read everything, whatever the tracker says.")
+@click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=float,
+              help="Percent of unchanged chunks re-read and compared (at least 16).")
+@json_option
+def backup(disk_path: str, repo_path: str, full: bool, audit_pct: float, as_json: bool) -> None:
+    """Back up the disk directory DISK: incremental when its tracker can be trusted."""
+    with Repository.open(repo_path) as repo, \
+            contextlib.closing(LocalDiskSource(disk_path)) as src, \
+            progress_bar("backup", as_json) as progress:
+        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct),
+                            progress)
+    audit = report.audit
+    out = {"point": report.point.summary(), "kind": report.kind,
+           "fallback_reason": report.fallback_reason, "chunks_read": report.chunks_read,
+           "bytes_read": report.bytes_read, "bytes_stored": report.point.stats["bytes_stored"],
+           "seconds": round(report.seconds, 3),
+           "audit": {"sampled_chunks": audit.sampled_chunks, "tracker_trusted":
+                     audit.tracker_trusted, "mismatches": [list(e) for e in
+                                                           audit.mismatched_areas]}}
+    lines = [f"{report.kind} backup {report.point.id}: read {human(report.bytes_read)}, "
+             f"stored {human(report.point.stats['bytes_stored'])} in {report.seconds:.2f} s"]
+    if report.fallback_reason:
+        lines.append(f"full, because {report.fallback_reason}")
+    if audit.sampled_chunks:
+        lines.append(f"audit: {audit.sampled_chunks} unchanged chunks re-read, "
+                     + ("all match" if audit.tracker_trusted else
+                        f"MISMATCH at {[list(e) for e in audit.mismatched_areas]}: the tracker "
+                        "missed changes; stored the right data; the next backup is full"))
+    emit(as_json, out, "\n".join(lines))
+
+
+@click.command("points")
+@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.option("--disk", "disk_id", default=None, help="Only this disk id.")
+@json_option
+def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
+    """List restore points, oldest first."""
+    with Repository.open(repo_path) as repo:
+        found = [p.summary() for p in repo.points(disk_id)]
+    text = "\n".join(f"{p['id']}  {p['kind']:<11} {p['verify_state']:<10} {p['disk_id']}  "
+                     f"{p['change_id']}" for p in found) or "(no restore points)"
+    emit(as_json, found, text)
+
+
+@click.command("restore")
+@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("point_id", metavar="POINT")
+@click.option("--to", "target", required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw",
+              show_default=True)
+@json_option
+def restore(repo_path: str, point_id: str, target: str, fmt: str, as_json: bool) -> None:
+    """Write restore point POINT to the file --to (every chunk's hash is checked)."""
+    with Repository.open(repo_path) as repo, progress_bar("restore", as_json) as progress:
+        if fmt == "raw":
+            written = repo.restore(point_id, target, progress)
+        else:
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
+                raw = os.path.join(d, "image.raw")
+                written = repo.restore(point_id, raw, progress)
+                _convert_qcow2(raw, target)
+    emit(as_json, {"point": point_id, "target": target, "format": fmt, "data_bytes": written},
+         f"restored {point_id} to {target} ({fmt}, {human(written)} of data)")
+
+
+def _convert_qcow2(raw: str, target: str) -> None:
+    try:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, target],
+                       check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise InvalidArgument("--format qcow2 needs qemu-img (Debian package qemu-utils)") from None
+    except subprocess.CalledProcessError as exc:
+        raise InvalidArgument(f"qemu-img convert failed: {exc.stderr.strip()}") from exc
+
+
+@click.command("verify")
+@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("point_id", metavar="POINT")
+@click.option("--against", required=True, metavar="DISK[@SNAPSHOT]",
+              help="The disk directory (and snapshot) the point was taken from.")
+@click.option("--heal", is_flag=True, help="Write a corrected restore point if they differ.")
+@json_option
+def verify(repo_path: str, point_id: str, against: str, heal: bool, as_json: bool) -> None:
+    """Compare POINT with its source chunk by chunk, without trusting the tracker."""
+    disk_path, _, snapshot = against.partition("@")
+    with Repository.open(repo_path) as repo, \
+            contextlib.closing(LocalDiskSource(disk_path)) as src, \
+            progress_bar("verify", as_json) as progress:
+        report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
+                              progress=progress)
+    out: dict[str, Any] = {
+        "point": point_id, "identical": report.identical,
+        "chunks_compared": report.chunks_compared,
+        "differing_areas": [list(e) for e in report.differing_areas],
+        "healed_point": report.healed_point.id if report.healed_point else None}
+    text = (f"{point_id} equals {against} ({report.chunks_compared} chunks)" if report.identical
+            else f"{point_id} DIFFERS from {against} in {len(report.differing_areas)} areas: "
+                 f"{[list(e) for e in report.differing_areas][:20]}"
+                 + (f"; healed as {report.healed_point.id}" if report.healed_point else ""))
+    emit(as_json, out, text)
+    if not report.identical:
+        raise ExitCode(EXIT_VERIFY_DIFFERENCES)
+
+
+@click.command("check")
+@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.option("--read-data", is_flag=True, help="Read and rehash every chunk.")
+@click.option("--read-data-subset", "subset", default=None, type=float, metavar="PCT",
+              help="Read and rehash the chunks of PCT percent of the packs.")
+@json_option
+def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) -> None:
+    """Check the repository's structure (and data); name what is damaged and what it affects."""
+    with Repository.open(repo_path) as repo:
+        report = repo.check(read_data=read_data, read_data_subset_pct=subset)
+    out = {"ok": report.ok, "points": report.points, "chunks_referenced":
+           report.chunks_referenced, "chunks_read": report.chunks_read,
+           "unreferenced_packs": report.unreferenced_files,
+           "problems": [p.to_json() for p in report.problems]}
+    lines = [f"{report.points} restore points, {report.chunks_referenced} chunks referenced, "
+             f"{report.chunks_read} read: " + ("no problems" if report.ok else
+                                               f"{len(report.problems)} PROBLEMS")]
+    lines += [f"  {p.kind} {p.name}: {p.detail}; affects {', '.join(p.affected_points) or '-'}"
+              for p in report.problems]
+    emit(as_json, out, "\n".join(lines))
+    if not report.ok:
+        raise ExitCode(EXIT_REPOSITORY_DAMAGED)
+
+
+@click.command("forget")
+@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.option("--keep-last", default=0, type=int)
+@click.option("--keep-daily", default=0, type=int)
+@click.option("--keep-weekly", default=0, type=int)
+@click.option("--keep-monthly", default=0, type=int)
+@click.option("--disk", "disk_id", default=None, help="Only this disk id.")
+@click.option("--prune", "do_prune", is_flag=True, help="Then delete unreferenced data.")
+@click.option("--dry-run", is_flag=True)
+@json_option
+def forget(repo_path: str, keep_last: int, keep_daily: int, keep_weekly: int,
+           keep_monthly: int, disk_id: str | None, do_prune: bool, dry_run: bool,
+           as_json: bool) -> None:
+    """Forget restore points a retention policy does not keep (per disk)."""
+    policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
+    if policy.empty:
+        raise InvalidArgument("give at least one --keep-* option (forget keeps nothing else)")
+    with Repository.open(repo_path) as repo:
+        gone = repo.forget(policy, disk_id, dry_run=dry_run)
+        pruned = repo.prune() if do_prune and not dry_run else None
+    out = {"forgotten": [p.id for p in gone], "dry_run": dry_run,
+           "prune": None if pruned is None else vars(pruned)}
+    text = f"{'would forget' if dry_run else 'forgot'} {len(gone)} restore points"
+    if pruned is not None:
+        text += (f"; pruned {pruned.packs_deleted} packs, {pruned.pages_deleted} pages "
+                 f"({human(pruned.bytes_freed)})")
+    emit(as_json, out, text)

@@ -1,0 +1,36 @@
+"""Index files: where each chunk is (digest -> pack, offset, length)."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+from blake3 import blake3
+
+from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.packs import Location
+
+MAGIC = b"BTIX"
+VERSION = 1
+HEADER = struct.Struct("<4sII4x")
+ENTRY = struct.Struct("<32s16sQII")
+
+
+def encode(locations: dict[bytes, Location]) -> bytes:
+    body = HEADER.pack(MAGIC, VERSION, len(locations)) + b"".join(
+        ENTRY.pack(name, uuid.UUID(hex=loc.pack_id).bytes, loc.offset, loc.length,
+                   loc.plain_length) for name, loc in sorted(locations.items()))
+    return body + blake3(body).digest()
+
+
+def decode(data: bytes, where: str) -> dict[bytes, Location]:
+    if len(data) < HEADER.size + 32 or blake3(data[:-32]).digest() != data[-32:]:
+        raise RepositoryError(f"{where}: index file is damaged (checksum mismatch)")
+    magic, version, count = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION or len(data) != HEADER.size + count * ENTRY.size + 32:
+        raise RepositoryError(f"{where}: not a version {VERSION} index file")
+    out: dict[bytes, Location] = {}
+    for i in range(count):
+        name, pack, offset, length, plain = ENTRY.unpack_from(data, HEADER.size + i * ENTRY.size)
+        out[name] = Location(uuid.UUID(bytes=pack).hex, offset, length, plain)
+    return out

@@ -1,0 +1,69 @@
+"""The object envelope: magic, version, kind, codec, lengths, blake3 of the plain bytes."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import zstandard
+from blake3 import blake3
+
+from blocktrail.repo.errors import ChunkCorrupt
+
+MAGIC = b"BTOB"
+VERSION = 1
+KIND_CHUNK, KIND_PAGE = 1, 2
+CODEC_PLAIN, CODEC_ZSTD = 0, 1
+HEADER = struct.Struct("<4sBBBxII32s")
+ZERO_DIGEST = bytes(32)
+_local = threading.local()
+
+
+def digest(data: bytes) -> bytes:
+    return blake3(data).digest()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    comp = getattr(_local, "compressor", None)
+    if comp is None:  # one context per thread: zstd contexts are not shareable
+        comp = _local.compressor = zstandard.ZstdCompressor(level=3)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def seal(kind: int, plain: bytes, name: bytes | None = None) -> tuple[bytes, bytes]:
+    """-> (digest, envelope). Hashes the plain bytes, then compresses if that helps."""
+    name = name or digest(plain)
+    packed = _compressor().compress(plain)
+    codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
+    return name, HEADER.pack(MAGIC, VERSION, kind, codec, len(plain), len(payload), name) + payload
+
+
+def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
+    """The plain bytes of an envelope, checked against ``expected``; else `ChunkCorrupt`."""
+    if len(data) < HEADER.size:
+        raise ChunkCorrupt(f"{where}: object {expected.hex()} is truncated")
+    magic, version, stored_kind, codec, plain_len, stored_len, name = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION or stored_kind != kind or name != expected:
+        raise ChunkCorrupt(f"{where}: object {expected.hex()} has a damaged header")
+    payload = data[HEADER.size :]
+    if len(payload) != stored_len:
+        raise ChunkCorrupt(f"{where}: object {expected.hex()} has the wrong length")
+    try:
+        if codec == CODEC_ZSTD:
+            plain = _decompressor().decompress(payload, max_output_size=plain_len)
+        elif codec == CODEC_PLAIN:
+            plain = payload
+        else:
+            raise ChunkCorrupt(f"{where}: object {expected.hex()} has unknown codec {codec}")
+    except zstandard.ZstdError as exc:
+        raise ChunkCorrupt(f"{where}: object {expected.hex()} does not decompress") from exc
+    if len(plain) != plain_len or digest(plain) != expected:
+        raise ChunkCorrupt(f"{where}: object {expected.hex()} does not match its digest")
+    return plain

@@ -1,0 +1,46 @@
+"""Which restore points `forget` keeps (restic-style policies, per disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from blocktrail.repo.manifest import RestorePoint
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    keep_last: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly)
+
+
+def _bucketed(points: list[RestorePoint], count: int,
+              bucket: Callable[[datetime], object]) -> set[str]:
+    """The newest point of each of the ``count`` newest buckets."""
+    kept: set[str] = set()
+    seen: set[object] = set()
+    for point in points:  # newest first
+        key = bucket(point.created)
+        if key not in seen and len(seen) < count:
+            seen.add(key)
+            kept.add(point.id)
+    return kept
+
+
+def points_to_keep(points: list[RestorePoint], policy: RetentionPolicy) -> set[str]:
+    """Ids to keep among one disk's points. An empty policy keeps everything."""
+    if policy.empty:
+        return {p.id for p in points}
+    newest_first = sorted(points, key=lambda p: p.id, reverse=True)
+    keep = {p.id for p in newest_first[: policy.keep_last]}
+    keep |= _bucketed(newest_first, policy.keep_daily, lambda t: t.date())
+    keep |= _bucketed(newest_first, policy.keep_weekly, lambda t: t.isocalendar()[:2])
+    keep |= _bucketed(newest_first, policy.keep_monthly, lambda t: (t.year, t.month))
+    return keep

@@ -1,0 +1,150 @@
+"""Writing one restore point: hash and compress chunks on a thread pool, pack them, publish."""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from blocktrail import __version__
+from blocktrail.repo import index as index_file
+from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, seal
+from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
+
+if TYPE_CHECKING:
+    from blocktrail.repo.locks import RepoLock
+    from blocktrail.repo.repository import Repository
+
+MAX_IN_FLIGHT = 64
+
+
+def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
+    name, envelope = seal(KIND_CHUNK, data)
+    return name, envelope, len(data)
+
+
+class PointWriter:
+    """Collects the chunks of a new restore point; `commit` publishes it.
+
+    Chunks not put come from the parent point (an incremental) or are holes (a full)."""
+
+    def __init__(self, repo: Repository, disk_id: str, size_bytes: int,
+                 parent: RestorePoint | None, lock: RepoLock, pool: ThreadPoolExecutor) -> None:
+        self._repo = repo
+        self.disk_id = disk_id
+        self.size_bytes = size_bytes
+        self.parent = parent
+        self._lock: RepoLock | None = lock
+        self._pool = pool
+        self._entries: dict[int, bytes] = {}
+        self._pending: deque[tuple[int, Future[tuple[bytes, bytes, int]]]] = deque()
+        self._pack = PackBuilder()
+        self._new: dict[bytes, Location] = {}
+        self._in_pack: set[bytes] = set()
+        self.chunks_put = 0
+        self.bytes_stored = 0
+
+    def put_chunk(self, index: int, data: bytes) -> None:
+        """Store chunk ``index`` of the disk (all zeros: a hole, nothing stored)."""
+        self.chunks_put += 1
+        if data.count(0) == len(data):
+            self._entries[index] = ZERO_DIGEST
+            return
+        self._pending.append((index, self._pool.submit(_seal_chunk, data)))
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            self._drain(MAX_IN_FLIGHT // 2)
+
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            index, future = self._pending.popleft()
+            name, envelope, plain_length = future.result()
+            self._entries[index] = name
+            if name in self._new or name in self._in_pack or self._repo.has_chunk(name):
+                continue  # deduplicated
+            self._pack.add(name, envelope, plain_length)
+            self._in_pack.add(name)
+            self.bytes_stored += len(envelope)
+            if self._pack.size >= PACK_TARGET_BYTES:
+                self._write_pack()
+
+    def _write_pack(self) -> None:
+        if not self._pack.entries:
+            return
+        self._repo.write_pack(self._pack.pack_id, self._pack.finish())
+        self._new.update(self._pack.locations())
+        self._pack = PackBuilder()
+        self._in_pack.clear()
+
+    def commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None = None,
+               tracker_trusted: bool = True, audit: dict[str, Any] | None = None,
+               stats: dict[str, Any] | None = None) -> RestorePoint:
+        """Publish: last pack, then the index file, then pages, then the manifest."""
+        try:
+            return self._commit(kind=kind, change_id=change_id, fallback_reason=fallback_reason,
+                                tracker_trusted=tracker_trusted, audit=audit, stats=stats)
+        finally:
+            self.close()
+
+    def _commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None,
+                tracker_trusted: bool, audit: dict[str, Any] | None,
+                stats: dict[str, Any] | None) -> RestorePoint:
+        self._drain(0)
+        self._write_pack()
+        if self._new:
+            self._repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(self._new))
+            self._repo.add_locations(self._new)
+        repo = self._repo
+        pages = self._build_pages()
+        now = datetime.now(UTC)
+        point = RestorePoint(
+            id=f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}",
+            disk_id=self.disk_id, size_bytes=self.size_bytes, chunk_size=repo.chunk_size,
+            page_chunks=repo.page_chunks, pages=tuple(pages), kind=kind,
+            parent=self.parent.id if self.parent else None, change_id=change_id,
+            fallback_reason=fallback_reason, created_at=now.isoformat(),
+            tool=f"blocktrail {__version__}", tracker_trusted=tracker_trusted,
+            audit=audit or {},
+            stats={"chunks_put": self.chunks_put, "new_chunks": len(self._new),
+                   "bytes_stored": self.bytes_stored, **(stats or {})})
+        repo.write_manifest(point)
+        return point
+
+    def _build_pages(self) -> list[str]:
+        repo = self._repo
+        cs, pc = repo.chunk_size, repo.page_chunks
+        chunks = -(-self.size_bytes // cs)
+        count = -(-chunks // pc)
+        parent = self.parent
+        inherit = parent is not None and parent.size_bytes == self.size_bytes \
+            and parent.chunk_size == cs and parent.page_chunks == pc
+        by_page: dict[int, dict[int, bytes]] = {}
+        for index, name in self._entries.items():
+            by_page.setdefault(index // pc, {})[index % pc] = name
+        out: list[str] = []
+        for page_no in range(count):
+            width = min(pc, chunks - page_no * pc)
+            changes = by_page.get(page_no)
+            if inherit and parent is not None and not changes:
+                out.append(parent.pages[page_no])
+                continue
+            if inherit and parent is not None:
+                plain = bytearray(repo.read_page(parent.pages[page_no], parent.id))
+            else:
+                plain = bytearray(32 * width)
+            for slot, name in (changes or {}).items():
+                plain[slot * 32 : slot * 32 + 32] = name
+            out.append(repo.write_page(bytes(plain)))
+        return out
+
+    def close(self) -> None:
+        """Give up (or finish): pending work is dropped, the repository lock released."""
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
