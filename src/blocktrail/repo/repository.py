@@ -278,6 +278,7 @@ class Repository:
     def begin(self, disk_id: str, size_bytes: int, parent: str | None) -> PointWriter:
         """Start a restore point (an incremental when ``parent`` is given)."""
         lock = RepoLock(self._p("locks", "repo.lock"), exclusive=False, what="back up")
+        self._index = None  # a prune may have run since it was read: dedup against the truth
         try:
             parent_point = self.point(parent) if parent else None
         except BaseException:

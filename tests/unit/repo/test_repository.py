@@ -1,0 +1,334 @@
+"""The repository: round trips, dedup, growth, locks, retention, corruption, fault sweeps."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from blocktrail.fileio import FileHandle, OsFileIO
+from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo import index as index_file
+from blocktrail.repo.errors import (
+    ChunkCorrupt,
+    ManifestCorrupt,
+    ObjectMissing,
+    RepositoryBusy,
+    RepositoryError,
+)
+from blocktrail.repo.manifest import RestorePoint
+
+CS = 64 * 1024
+
+
+def image(seed: int, chunks: int, holes: frozenset[int] = frozenset()) -> list[bytes]:
+    rng = random.Random(seed)
+    return [bytes(CS) if i in holes else rng.randbytes(CS) for i in range(chunks)]
+
+
+def store(repo: Repository, disk_id: str, chunks: list[bytes], parent: str | None = None,
+          only: set[int] | None = None) -> RestorePoint:
+    writer = repo.begin(disk_id, len(chunks) * CS, parent)
+    for i, data in enumerate(chunks):
+        if only is None or i in only:
+            writer.put_chunk(i, data)
+    return writer.commit(kind="incremental" if parent else "full", change_id=None)
+
+
+def restored(repo: Repository, point: RestorePoint, tmp: Path) -> bytes:
+    target = tmp / f"{point.id}.raw"
+    repo.restore(point.id, str(target))
+    return target.read_bytes()
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -> None:
+    chunks = image(1, 40, holes=frozenset({0, 5, 39}))
+    point = store(repo, "d", chunks)
+    assert restored(repo, point, tmp_path) == b"".join(chunks)
+    target = tmp_path / f"{point.id}.raw"
+    assert target.stat().st_blocks * 512 < 38 * CS + 16 * 4096  # holes stay holes
+    assert point.stats["new_chunks"] == 37
+
+
+def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path) -> None:
+    chunks = image(2, 1024)  # 64 MiB disk
+    full = store(repo, "d", chunks)
+    before = du(tmp_path / "repo")
+    changed = {3, 100, 517, 800, 1023}
+    newer = list(chunks)
+    for i in changed:
+        newer[i] = os.urandom(CS)
+    inc = store(repo, "d", newer, parent=full.id, only=changed)
+    growth = du(tmp_path / "repo") - before
+    assert growth <= 2 * len(changed) * CS, growth
+    assert restored(repo, inc, tmp_path) == b"".join(newer)
+    assert restored(repo, full, tmp_path) == b"".join(chunks)
+
+
+def test_zeroed_chunk_in_incremental_is_a_hole_not_the_parent(repo: Repository,
+                                                             tmp_path: Path) -> None:
+    chunks = image(3, 8)
+    full = store(repo, "d", chunks)
+    newer = list(chunks)
+    newer[4] = bytes(CS)
+    inc = store(repo, "d", newer, parent=full.id, only={4})
+    assert restored(repo, inc, tmp_path) == b"".join(newer)
+
+
+def test_dedup_across_points_and_disks(repo: Repository, tmp_path: Path) -> None:
+    chunks = image(4, 64)
+    store(repo, "disk-a", chunks)
+    size = du(tmp_path / "repo")
+    other = store(repo, "disk-b", chunks)
+    assert other.stats["new_chunks"] == 0
+    assert du(tmp_path / "repo") - size < 64 * 1024  # a manifest and nothing else new
+    assert restored(repo, other, tmp_path) == b"".join(chunks)
+
+
+def test_deleting_a_point_never_breaks_another(repo: Repository, tmp_path: Path) -> None:
+    chunks = image(5, 32)
+    full = store(repo, "d", chunks)
+    newer = list(chunks)
+    newer[7] = os.urandom(CS)
+    inc = store(repo, "d", newer, parent=full.id, only={7})
+    assert [p.id for p in repo.forget(RetentionPolicy(keep_last=1))] == [full.id]
+    repo.prune()
+    assert repo.check(read_data=True).ok
+    assert restored(repo, inc, tmp_path) == b"".join(newer)
+
+
+def test_retention_policies() -> None:
+    from blocktrail.repo.retention import points_to_keep
+
+    def point(day: int, hour: int) -> RestorePoint:
+        stamp = f"2026-11-{day:02d}T{hour:02d}:00:00+00:00"
+        return RestorePoint(f"202611{day:02d}T{hour:02d}0000Z-x", "d", 1, CS, 1024, (), "full",
+                            None, None, None, stamp, "t")
+
+    points = [point(d, h) for d in range(1, 29) for h in (1, 13)]
+    keep = points_to_keep(points, RetentionPolicy(keep_last=3, keep_daily=5, keep_weekly=2))
+    expected = {"28T13", "28T01", "27T13",  # last 3
+                "26T13", "25T13", "24T13",  # newest of each of the 5 newest days (+28, 27)
+                "22T13"}  # newest of the week before (the newest week's is 28T13)
+    assert keep == {f"202611{k[:2]}T{k[3:]}0000Z-x" for k in expected}
+    assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
+
+
+def test_prune_refuses_while_a_backup_runs(repo: Repository) -> None:
+    writer = repo.begin("d", CS, None)
+    with pytest.raises(RepositoryBusy, match="backups are running"):
+        repo.prune()
+    writer.put_chunk(0, os.urandom(CS))
+    writer.commit(kind="full", change_id=None)
+    repo.prune()
+
+
+def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path) -> None:
+    import threading
+
+    points: list[RestorePoint] = []
+    data = {name: image(i + 10, 48) for i, name in enumerate("abc")}
+
+    def backup(name: str) -> None:
+        points.append(store(repo, name, data[name]))
+
+    threads = [threading.Thread(target=backup, args=(n,)) for n in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert repo.check(read_data=True).ok
+    fresh = Repository.open(tmp_path / "repo")
+    for point in points:
+        assert restored(fresh, point, tmp_path) == b"".join(data[point.disk_id])
+
+
+# corruption -------------------------------------------------------------------------------------
+
+def _two_points(repo: Repository) -> tuple[RestorePoint, RestorePoint, list[bytes]]:
+    chunks = image(6, 16)
+    full = store(repo, "d", chunks)
+    newer = list(chunks)
+    newer[9] = os.urandom(CS)
+    return full, store(repo, "d", newer, parent=full.id, only={9}), newer
+
+
+def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(repo: Repository,
+                                                                 tmp_path: Path) -> None:
+    full, inc, _ = _two_points(repo)
+    name = repo.chunk_digests(inc.id, [9])[9]
+    assert name is not None
+    loc = repo.index[name]
+    pack = next((tmp_path / "repo" / "packs").rglob(f"{loc.pack_id}.pack"))
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + 100)
+        byte = f.read(1)
+        f.seek(loc.offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fresh = Repository.open(tmp_path / "repo")
+    assert fresh.check().ok  # structure is fine; only reading the data finds it
+    report = fresh.check(read_data=True)
+    assert [(p.kind, p.name) for p in report.problems] == [("chunk", name.hex())]
+    assert report.problems[0].affected_points == (inc.id,)
+    target = tmp_path / "out.raw"
+    with pytest.raises(ChunkCorrupt, match=name.hex()):
+        fresh.restore(inc.id, str(target))
+    assert not target.exists() and not list(tmp_path.glob("out.raw.partial*"))
+    assert restored(fresh, full, tmp_path)  # the other point still restores
+
+
+def test_truncated_manifest_is_reported(repo: Repository, tmp_path: Path) -> None:
+    full, inc, _ = _two_points(repo)
+    manifest = tmp_path / "repo" / "points" / f"{inc.id}.json"
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    report = Repository.open(tmp_path / "repo").check()
+    assert [(p.kind, p.affected_points) for p in report.problems] == [("manifest", (inc.id,))]
+    with pytest.raises(ManifestCorrupt):
+        Repository.open(tmp_path / "repo").restore(inc.id, str(tmp_path / "x.raw"))
+    assert [p.id for p in Repository.open(tmp_path / "repo").points()] == [full.id]
+
+
+def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path) -> None:
+    _, inc, _ = _two_points(repo)
+    name = repo.chunk_digests(inc.id, [9])[9]
+    holder = next(p for p in (tmp_path / "repo" / "index").iterdir()
+                  if name in index_file.decode(p.read_bytes(), p.name))
+    holder.unlink()  # the incremental's index file: its chunk 9 is nowhere now
+    report = Repository.open(tmp_path / "repo").check()
+    assert {p.kind for p in report.problems} == {"chunk"}
+    assert report.affected_points == {inc.id}
+    with pytest.raises(ObjectMissing):
+        Repository.open(tmp_path / "repo").restore(inc.id, str(tmp_path / "y.raw"))
+
+
+def test_deleted_page_is_reported(repo: Repository, tmp_path: Path) -> None:
+    _, inc, _ = _two_points(repo)
+    page = next((tmp_path / "repo" / "pages").rglob(f"{inc.pages[0]}.page"))
+    page.unlink()
+    report = Repository.open(tmp_path / "repo").check()
+    assert [(p.kind, p.affected_points) for p in report.problems] == [("page", (inc.id,))]
+
+
+# fault sweeps -----------------------------------------------------------------------------------
+
+class FailNth(OsFileIO):
+    """Fails the N-th open, write, fsync, rename or unlink with EIO (or ENOSPC)."""
+
+    def __init__(self, fail_at: int, error: int = errno.EIO) -> None:
+        self.fail_at, self.error, self.ops = fail_at, error, 0
+
+    def tick(self) -> None:
+        self.ops += 1
+        if self.ops == self.fail_at:
+            raise OSError(self.error, f"injected failure at operation {self.ops}")
+
+    def open(self, path: str, *, create: bool = False) -> FileHandle:
+        self.tick()
+        return super().open(path, create=create)
+
+    def replace_atomic(self, path: str, data: bytes) -> None:
+        self.tick()
+        if self.ops + 1 == self.fail_at:  # the rename fails: a half-written temp file stays
+            with open(path + ".tmp", "wb") as f:
+                f.write(data[: len(data) // 2])
+            self.tick()
+        super().replace_atomic(path, data)
+
+    def unlink(self, path: str) -> None:
+        self.tick()
+        super().unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self.tick()
+        super().fsync_dir(path)
+
+    def read_file(self, path: str) -> bytes:
+        self.tick()
+        return super().read_file(path)
+
+
+def _sweep(tmp_path: Path, prepare: Callable[[Repository], object],
+           operation: Callable[[Repository], object],
+           verify: Callable[[Repository, Path], None]) -> int:
+    golden = tmp_path / "golden"
+    with Repository.init(golden) as repo:
+        prepare(repo)
+    n = 1
+    while True:
+        work = tmp_path / f"run{n}"
+        shutil.copytree(golden, work)
+        done = False
+        try:
+            with Repository.open(work, FailNth(n, errno.ENOSPC if n % 3 == 0 else errno.EIO)) \
+                    as faulty:
+                operation(faulty)
+            done = True
+        except (OSError, RepositoryError):
+            pass
+        with Repository.open(work) as fresh:
+            report = fresh.check(read_data=True)
+            assert report.ok, (n, report.problems)
+            verify(fresh, work)
+        shutil.rmtree(work)
+        if done:
+            return n
+        n += 1
+
+
+def test_fault_sweep_backup(tmp_path: Path) -> None:
+    chunks = image(7, 300, holes=frozenset({5, 6}))
+    newer = list(chunks)
+    for i in range(0, 300, 7):
+        newer[i] = os.urandom(CS)
+    points: list[RestorePoint] = []
+
+    def prepare(repo: Repository) -> None:
+        points.append(store(repo, "d", chunks))
+
+    def operation(repo: Repository) -> None:
+        store(repo, "d", newer, parent=points[0].id, only=set(range(0, 300, 7)))
+
+    def verify(repo: Repository, work: Path) -> None:
+        assert restored(repo, repo.point(points[0].id), work) == b"".join(chunks)
+        for point in repo.points():
+            assert restored(repo, point, work) in (b"".join(chunks), b"".join(newer))
+
+    assert _sweep(tmp_path, prepare, operation, verify) > 5
+
+
+def test_fault_sweep_prune(tmp_path: Path) -> None:
+    base = image(8, 200)
+    versions = [base]
+    for k in range(3):
+        nxt = list(versions[-1])
+        for i in range(k, 200, 5):
+            nxt[i] = os.urandom(CS)
+        versions.append(nxt)
+    ids: list[str] = []
+
+    def prepare(repo: Repository) -> None:
+        parent = None
+        for version in versions:
+            parent = store(repo, "d", version, parent).id
+            ids.append(parent)
+        repo.forget(RetentionPolicy(keep_last=2))
+
+    def verify(repo: Repository, work: Path) -> None:
+        for point_id, version in zip(ids[-2:], versions[-2:], strict=True):
+            assert restored(repo, repo.point(point_id), work) == b"".join(version)
+
+    assert _sweep(tmp_path, prepare, lambda repo: repo.prune(), verify) > 5
