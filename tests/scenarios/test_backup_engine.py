@@ -1,0 +1,167 @@
+"""The backup engine against real tracked disks: incrementals, fallbacks, the audit that catches a
+lying tracker, verify and heal."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.plan import ReadPlan, audit_sample
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.backup.verify import verify_point
+from blocktrail.disk import Disk
+from blocktrail.repo import Repository
+from faulty import DropsMarksDuringConsolidation
+
+MiB, CS = 1 << 20, 64 * 1024
+
+
+def restore_bytes(repo: Repository, point_id: str, tmp: Path) -> bytes:
+    target = tmp / f"{point_id}.raw"
+    repo.restore(point_id, str(target))
+    return target.read_bytes()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Disk, Repository, LocalDiskSource]:
+    disk = Disk.create(tmp_path / "disk", 16 * MiB)
+    rng = random.Random(1)
+    for _ in range(40):
+        disk.pwrite(rng.randbytes(100_000), rng.randrange(0, 15 * MiB))
+    return disk, Repository.init(tmp_path / "repo"), LocalDiskSource(disk)
+
+
+def test_incremental_reads_only_changes_and_restores_exactly(
+        setup: tuple[Disk, Repository, LocalDiskSource], tmp_path: Path) -> None:
+    disk, repo, source = setup
+    full = run_backup(source, repo)
+    assert full.kind == "full" and full.fallback_reason.startswith("no earlier")  # type: ignore[union-attr]
+    assert disk.snapshots == []  # the backup's snapshot is gone again
+    content = disk.pread(disk.size_bytes, 0)
+    assert restore_bytes(repo, full.point.id, tmp_path) == content
+    disk.pwrite(b"\x07" * 5000, 3 * MiB + 100)
+    disk.trim(CS, 8 * MiB)  # dirty and now a hole: stored as zeros, not inherited
+    disk.zero(10, 9 * MiB)
+    inc = run_backup(source, repo, BackupOptions(seed=1))
+    assert inc.kind == "incremental" and inc.fallback_reason is None
+    assert inc.chunks_read == 3 and inc.audit.sampled_chunks == 16 and inc.audit.tracker_trusted
+    assert restore_bytes(repo, inc.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    assert restore_bytes(repo, full.point.id, tmp_path) == content
+
+
+@pytest.mark.parametrize("event", ["reset", "resize", "forced", "failed-verify"])
+def test_fallbacks_to_full_say_why(setup: tuple[Disk, Repository, LocalDiskSource],
+                                   tmp_path: Path, event: str) -> None:
+    disk, repo, source = setup
+    first = run_backup(source, repo)
+    options = BackupOptions()
+    if event == "reset":
+        disk.reset_tracking()
+        reason = "refused"
+    elif event == "resize":
+        disk.resize(20 * MiB)
+        reason = "size changed"
+    elif event == "forced":
+        options = BackupOptions(force_full=True)
+        reason = "requested"
+    else:
+        repo.set_verify_state(first.point.id, "failed")
+        reason = "no earlier verified"
+    report = run_backup(source, repo, options)
+    assert report.kind == "full" and reason in (report.fallback_reason or "")
+    assert report.point.fallback_reason == report.fallback_reason
+    assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def _lying_tracker_setup(tmp_path: Path) -> tuple[Disk, Repository, LocalDiskSource, set[int]]:
+    """A disk whose tracker drops the writes made during a consolidation (ESXi 6.0)."""
+    disk = Disk.create(tmp_path / "disk", 16 * MiB, tracker_class=DropsMarksDuringConsolidation)
+    rng = random.Random(2)
+    disk.pwrite(rng.randbytes(16 * MiB), 0)
+    repo = Repository.init(tmp_path / "repo")
+    source = LocalDiskSource(disk)
+    run_backup(source, repo)
+    disk.create_snapshot("vm-snap")
+    disk.pwrite(rng.randbytes(CS), 0)
+    consolidation = disk.begin_remove_snapshot("vm-snap")
+    missed = {17, 99, 180, 201, 222, 240, 250, 255}
+    for chunk in missed:  # written during the consolidation: untracked by the faulty tracker
+        disk.pwrite(rng.randbytes(CS), chunk * CS)
+    consolidation.step(max_clusters=10**6)
+    while not consolidation.step():
+        pass
+    return disk, repo, source, missed
+
+
+def test_audit_catches_the_lying_tracker_with_the_expected_probability(tmp_path: Path) -> None:
+    _, _, _, missed = _lying_tracker_setup(tmp_path)
+    total, sample = 256, 16
+    plan = ReadPlan("incremental", [0], None)
+    unchanged = total - 1
+    expected = 1 - math.comb(unchanged - len(missed), sample) / math.comb(unchanged, sample)
+    trials = 2000
+    caught = sum(bool(set(audit_sample(plan, 16 * MiB, CS, percent=1.0, minimum=sample,
+                                       rng=random.Random(seed))) & missed)
+                 for seed in range(trials))
+    sigma = math.sqrt(trials * expected * (1 - expected))
+    assert abs(caught - trials * expected) < 4 * sigma, (caught, trials * expected)
+
+
+def test_audit_mismatch_stores_right_data_and_forces_a_full(tmp_path: Path) -> None:
+    disk, repo, source, missed = _lying_tracker_setup(tmp_path)
+    for seed in range(200):  # a backup whose sample hits a missed chunk
+        if set(audit_sample(ReadPlan("incremental", [0], None), 16 * MiB, CS, percent=100,
+                            minimum=0, rng=random.Random(seed))) & missed:
+            break
+    report = run_backup(source, repo, BackupOptions(audit_percent=100, seed=seed))
+    assert not report.audit.tracker_trusted
+    assert {e.offset // CS for e in report.audit.mismatched_areas} == missed
+    assert not report.point.tracker_trusted
+    assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    following = run_backup(source, repo)
+    assert following.kind == "full" and "audit" in (following.fallback_reason or "")
+
+
+def test_verify_always_names_the_missed_extents_and_heal_repairs(tmp_path: Path) -> None:
+    disk, repo, source, missed = _lying_tracker_setup(tmp_path)
+    report = run_backup(source, repo, BackupOptions(audit_percent=0, audit_minimum=0))
+    assert report.kind == "incremental" and report.audit.sampled_chunks == 0
+    assert restore_bytes(repo, report.point.id, tmp_path) != disk.pread(disk.size_bytes, 0)
+    verdict = verify_point(repo, report.point.id, source, None, heal=True)
+    assert {e.offset // CS for e in verdict.differing_areas} == missed
+    assert repo.point(report.point.id).verify_state == "failed"
+    assert verdict.healed_point is not None
+    assert restore_bytes(repo, verdict.healed_point.id, tmp_path) == disk.pread(
+        disk.size_bytes, 0)
+    assert verify_point(repo, verdict.healed_point.id, source, None).identical
+    # the next backup builds on the healed point, never on the failed one
+    disk.pwrite(b"\x01" * 10, 5 * MiB)
+    nxt = run_backup(source, repo)
+    assert nxt.point.parent == verdict.healed_point.id
+    assert restore_bytes(repo, nxt.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def test_writes_during_a_backup_belong_to_the_next(setup: tuple[Disk, Repository,
+                                                                LocalDiskSource],
+                                                   tmp_path: Path) -> None:
+    disk, repo, source = setup
+    first = run_backup(source, repo)
+    before = disk.pread(disk.size_bytes, 0)
+
+    class WritingSource(LocalDiskSource):
+        def pread(self, snapshot: str, count: int, offset: int) -> bytes:
+            disk.pwrite(os.urandom(4096), 12 * MiB)  # the guest writes while the copy runs
+            return super().pread(snapshot, count, offset)
+
+    disk.pwrite(b"\x05" * 4096, 2 * MiB)
+    expected = disk.pread(disk.size_bytes, 0)
+    second = run_backup(WritingSource(disk), repo)
+    assert restore_bytes(repo, second.point.id, tmp_path) == expected
+    third = run_backup(source, repo)
+    assert restore_bytes(repo, third.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    assert restore_bytes(repo, first.point.id, tmp_path) == before
