@@ -1,0 +1,93 @@
+"""The backup commands: JSON shapes and exit codes (13 verify differences, 12 damaged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blocktrail.cli.main import main
+from blocktrail.disk import Disk
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, object]:
+    code = main([*args, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else None
+
+
+@pytest.fixture
+def disk_and_repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, str]:
+    disk_dir, repo_dir = str(tmp_path / "vm1"), str(tmp_path / "repo")
+    with Disk.create(disk_dir, 8 << 20) as disk:
+        disk.pwrite(os.urandom(3 << 20), 1 << 20)
+    assert run(capsys, "repo", "init", repo_dir)[0] == 0
+    return disk_dir, repo_dir
+
+
+def test_backup_points_restore_verify(disk_and_repo: tuple[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    disk_dir, repo_dir = disk_and_repo
+    code, full = run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    assert code == 0 and full["kind"] == "full"  # type: ignore[index]
+    with Disk.open(disk_dir) as disk:
+        disk.pwrite(b"\x09" * 4096, 6 << 20)
+    code, inc = run(capsys, "backup", disk_dir, "--repo", repo_dir, "--audit-sample", "50")
+    assert code == 0 and inc["kind"] == "incremental"  # type: ignore[index]
+    assert inc["chunks_read"] == 1 and inc["audit"]["tracker_trusted"]  # type: ignore[index]
+    code, points = run(capsys, "points", repo_dir)
+    assert code == 0 and [p["kind"] for p in points] == ["full", "incremental"]  # type: ignore[union-attr,index]
+    for key in ("id", "disk_id", "kind", "change_id", "created_at", "verify_state"):
+        assert key in points[0]  # type: ignore[index]
+    point = points[-1]["id"]  # type: ignore[index]
+    target = tmp_path / "restored.raw"
+    assert run(capsys, "restore", repo_dir, point, "--to", str(target))[0] == 0
+    with Disk.open(disk_dir) as disk:
+        assert target.read_bytes() == disk.pread(disk.size_bytes, 0)
+    code, verdict = run(capsys, "verify", repo_dir, point, "--against", disk_dir)
+    assert code == 0 and verdict["identical"]  # type: ignore[index]
+    with Disk.open(disk_dir) as disk:
+        disk.pwrite(b"\x01" * 10, 0)  # the disk moved on: verify reports it, exit code 13
+    code, verdict = run(capsys, "verify", repo_dir, point, "--against", disk_dir)
+    assert code == 13 and verdict["differing_areas"] == [[0, 65536]]  # type: ignore[index]
+
+
+def test_check_reports_damage_with_exit_code_12(disk_and_repo: tuple[str, str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    disk_dir, repo_dir = disk_and_repo
+    run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    assert run(capsys, "check", repo_dir, "--read-data")[0] == 0
+    shutil.rmtree(Path(repo_dir) / "pages")
+    code, report = run(capsys, "check", repo_dir)
+    assert code == 12 and report["problems"][0]["kind"] == "page"  # type: ignore[index]
+
+
+def test_forget_needs_a_policy(disk_and_repo: tuple[str, str],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    _, repo_dir = disk_and_repo
+    assert run(capsys, "forget", repo_dir)[0] == 2
+
+
+@pytest.mark.interop
+def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str, str],
+                                                       tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("qemu-img") is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-img is missing (Debian package qemu-utils)")
+        pytest.skip("qemu-img is not installed")
+    disk_dir, repo_dir = disk_and_repo
+    _, report = run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    point = report["point"]["id"]  # type: ignore[index]
+    target = tmp_path / "restored.qcow2"
+    assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
+    raw = tmp_path / "source.raw"
+    with Disk.open(disk_dir) as disk:
+        raw.write_bytes(disk.pread(disk.size_bytes, 0))
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw),
+                              str(target)], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
