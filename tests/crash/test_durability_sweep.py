@@ -33,66 +33,53 @@ class PowerLoss(Exception):
     """The machine lost power at a durability point."""
 
 
-class CrashingFileIO(SimulatedFileIO):
-    def __init__(self, crash_at: int) -> None:
-        super().__init__()
-        self.crash_at = crash_at
-        self.durability_ops = 0
+class FaultyFileIO(SimulatedFileIO):
+    """Raises ``make_error()`` at the ``at``-th of the chosen operations, before it happens."""
 
-    def durability_point(self) -> None:
-        self.durability_ops += 1
-        if self.durability_ops == self.crash_at:
-            raise PowerLoss(f"power lost at durability operation {self.crash_at}")
+    HANDLE_OPERATIONS = ("pwrite", "punch_hole", "fsync", "truncate")
+
+    def __init__(self, at: int, operations: set[str], make_error: Callable[[], Exception]) -> None:
+        super().__init__()
+        self.at, self.operations, self.make_error = at, operations, make_error
+        self.count = 0
+
+    def _point(self) -> None:
+        self.count += 1
+        if self.count == self.at:
+            raise self.make_error()
 
     def open(self, path: str, *, create: bool = False) -> FileHandle:
         handle = super().open(path, create=create)
-        original = handle.fsync
-        fs = self
+        for name in self.operations.intersection(self.HANDLE_OPERATIONS):
+            original = getattr(handle, name)
 
-        def fsync() -> None:
-            fs.durability_point()
-            original()
+            def faulty(*args: object, _original: Callable[..., None] = original) -> None:
+                self._point()
+                _original(*args)
 
-        handle.fsync = fsync  # type: ignore[method-assign]
+            setattr(handle, name, faulty)
         return handle
 
     def fsync_dir(self, path: str) -> None:
-        self.durability_point()
+        if "fsync_dir" in self.operations:
+            self._point()
         super().fsync_dir(path)
 
     def replace_atomic(self, path: str, data: bytes) -> None:
-        self.durability_point()
+        self._point()
         super().replace_atomic(path, data)
 
 
-class FullDiskFileIO(SimulatedFileIO):
-    """Fails the N-th write, hole punch, fsync or atomic replace with ENOSPC."""
+def power_loss_at(n: int) -> FaultyFileIO:
+    """Power is lost at the n-th durability operation (fsync, directory fsync, replace)."""
+    return FaultyFileIO(n, {"fsync", "fsync_dir"},
+                        lambda: PowerLoss(f"power lost at durability operation {n}"))
 
-    def __init__(self, fail_at: int) -> None:
-        super().__init__()
-        self.fail_at = fail_at
-        self.ops = 0
 
-    def io_point(self) -> None:
-        self.ops += 1
-        if self.ops == self.fail_at:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-
-    def open(self, path: str, *, create: bool = False) -> FileHandle:
-        handle = super().open(path, create=create)
-        for name in ("pwrite", "punch_hole", "fsync", "truncate"):
-            original = getattr(handle, name)
-
-            def failing(*args: object, _original: Callable[..., None] = original) -> None:
-                self.io_point()
-                _original(*args)
-
-            setattr(handle, name, failing)
-        return handle
-
-    def replace_atomic(self, path: str, data: bytes) -> None:
-        self.io_point()
-        super().replace_atomic(path, data)
+def full_disk_at(n: int) -> FaultyFileIO:
+    """The n-th write, hole punch, truncate, fsync or replace fails with ENOSPC."""
+    return FaultyFileIO(n, {"pwrite", "punch_hole", "fsync", "truncate"},
+                        lambda: OSError(errno.ENOSPC, "No space left on device (injected)"))
 
 
 @dataclass
@@ -242,14 +229,14 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
 def _run(seed: int, crash_at: int,
          tracker_class: type[ChangeTracker] = ChangeTracker) -> bool:
     """-> True if the workload completed before the crash point."""
-    fs = CrashingFileIO(crash_at)
+    fs = power_loss_at(crash_at)
     model = Model(bytearray(SIZE))
     try:
         disk = Disk.create(PATH, SIZE, GRANULARITY, cluster_size=CLUSTER, fileio=fs,
                            tracker_class=tracker_class)
     except PowerLoss:
         fs.power_loss()
-        fs.crash_at = 0
+        fs.at = 0
         with pytest.raises(DiskNotFound):  # creation is all or nothing
             Disk.open(PATH, fileio=fs, tracker_class=tracker_class)
         return False
@@ -262,7 +249,7 @@ def _run(seed: int, crash_at: int,
     except PowerLoss:
         disk.abandon()
         fs.power_loss()
-        fs.crash_at = 0
+        fs.at = 0
         with Disk.open(PATH, fileio=fs, tracker_class=tracker_class) as reopened:
             _check(reopened, [harness.before, harness.model])
         # recovery is stable across reopens
@@ -291,7 +278,7 @@ def test_sweep_finds_faulty_trackers(faulty: type[ChangeTracker]) -> None:
 
 def _run_full_disk(seed: int, fail_at: int) -> bool:
     """-> True if the workload completed before the injected ENOSPC."""
-    fs = FullDiskFileIO(fail_at)
+    fs = full_disk_at(fail_at)
     model = Model(bytearray(SIZE))
     try:
         disk = Disk.create(PATH, SIZE, GRANULARITY, cluster_size=CLUSTER, fileio=fs)
@@ -308,7 +295,7 @@ def _run_full_disk(seed: int, fail_at: int) -> bool:
         with pytest.raises(DiskClosed):  # the failed handle refuses further use
             disk.pread(1, 0)
         disk.close()  # does not mark the disk clean
-        fs.fail_at = 0
+        fs.at = 0
         with Disk.open(PATH, fileio=fs) as reopened:
             _check(reopened, [harness.before, harness.model])
         return False

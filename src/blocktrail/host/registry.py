@@ -7,6 +7,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -66,19 +67,17 @@ class DiskRegistry:
             return disk
 
     def create(self, name: str, size_bytes: int, granularity: int) -> Disk:
-        check_name("disk", name)
-        with self._lock:
-            if os.path.exists(self._path(name)):
-                raise DiskExists(f"the host already has a disk {name!r}")
-            disk = self._disks[name] = Disk.create(self._path(name), size_bytes, granularity)
-            return disk
+        return self._add(name, lambda path: Disk.create(path, size_bytes, granularity))
 
     def import_raw(self, name: str, source: str, granularity: int) -> Disk:
+        return self._add(name, lambda path: import_raw(source, path, granularity))
+
+    def _add(self, name: str, make: Callable[[str], Disk]) -> Disk:
         check_name("disk", name)
         with self._lock:
             if os.path.exists(self._path(name)):
                 raise DiskExists(f"the host already has a disk {name!r}")
-            disk = self._disks[name] = import_raw(source, self._path(name), granularity)
+            disk = self._disks[name] = make(self._path(name))
             return disk
 
     # ------------------------------------------------------------------ VMs
