@@ -22,7 +22,7 @@ class RestorePoint:
     size_bytes: int
     chunk_size: int
     page_chunks: int
-    pages: tuple[str, ...]  # hex digests
+    tables: tuple[str, ...]  # hex digests of page tables (each lists up to 1024 pages)
     kind: str  # "full" | "incremental" | "healed"
     parent: str | None
     change_id: str | None
@@ -43,7 +43,7 @@ class RestorePoint:
 
     def to_bytes(self) -> bytes:
         obj = {"format": FORMAT, "version": VERSION, **asdict(self)}
-        obj["pages"] = list(self.pages)
+        obj["tables"] = list(self.tables)
         return (json.dumps(obj, indent=1) + "\n").encode()
 
     def summary(self) -> dict[str, Any]:
@@ -66,7 +66,7 @@ class RestorePoint:
             return cls(
                 id=str(obj["id"]), disk_id=str(obj["disk_id"]), size_bytes=int(obj["size_bytes"]),
                 chunk_size=int(obj["chunk_size"]), page_chunks=int(obj["page_chunks"]),
-                pages=tuple(str(p) for p in obj["pages"]), kind=str(obj["kind"]),
+                tables=tuple(str(t) for t in obj["tables"]), kind=str(obj["kind"]),
                 parent=obj["parent"], change_id=obj["change_id"],
                 fallback_reason=obj["fallback_reason"], created_at=str(obj["created_at"]),
                 tool=str(obj["tool"]), verify_state=str(obj["verify_state"]),

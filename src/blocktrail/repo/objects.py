@@ -12,7 +12,7 @@ from blocktrail.repo.errors import ChunkCorrupt
 
 MAGIC = b"BTOB"
 VERSION = 1
-KIND_CHUNK, KIND_PAGE = 1, 2
+KIND_CHUNK, KIND_PAGE, KIND_TABLE = 1, 2, 3
 CODEC_PLAIN, CODEC_ZSTD = 0, 1
 HEADER = struct.Struct("<4sBBBxII32s")
 ZERO_DIGEST = bytes(32)

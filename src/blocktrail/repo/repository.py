@@ -30,7 +30,14 @@ from blocktrail.repo.errors import (
 )
 from blocktrail.repo.locks import RepoLock
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, ZERO_DIGEST, open_envelope, seal
+from blocktrail.repo.objects import (
+    KIND_CHUNK,
+    KIND_PAGE,
+    KIND_TABLE,
+    ZERO_DIGEST,
+    open_envelope,
+    seal,
+)
 from blocktrail.repo.packs import Location, read_trailer
 from blocktrail.repo.retention import RetentionPolicy, points_to_keep
 from blocktrail.repo.writer import PointWriter
@@ -151,8 +158,9 @@ class Repository:
     def _pack_path(self, pack_id: str) -> str:
         return self._p("packs", pack_id[:2], f"{pack_id}.pack")
 
-    def _page_path(self, hexname: str) -> str:
-        return self._p("pages", hexname[:2], f"{hexname}.page")
+    def _page_path(self, hexname: str, kind: int = KIND_PAGE) -> str:
+        suffix = "page" if kind == KIND_PAGE else "table"
+        return self._p("pages", hexname[:2], f"{hexname}.{suffix}")
 
     def _list(self, sub: str, suffix: str) -> list[str]:
         root = self._p(sub)
@@ -172,9 +180,10 @@ class Repository:
     def write_index(self, name: str, data: bytes) -> None:
         self._fio.replace_atomic(self._p("index", name), data)
 
-    def write_page(self, plain: bytes) -> str:
-        name, envelope = seal(KIND_PAGE, plain)
-        path = self._page_path(name.hex())
+    def write_page(self, plain: bytes, kind: int = KIND_PAGE) -> str:
+        """Store a page (or a page table, ``kind=KIND_TABLE``); -> its hex digest."""
+        name, envelope = seal(kind, plain)
+        path = self._page_path(name.hex(), kind)
         if not self._fio.exists(path):  # content-addressed: an existing page is the same
             self._fio.makedirs(os.path.dirname(path))
             self._fio.replace_atomic(path, envelope)
@@ -227,19 +236,28 @@ class Repository:
             raise PointNotFound(f"no restore point {point_id!r} in {self.path}")
         return self._load_point(filename)
 
-    def read_page(self, hexname: str, point_id: str = "") -> bytes:
-        path = self._page_path(hexname)
-        where = f"page {hexname}" + (f" of restore point {point_id}" if point_id else "")
+    def read_page(self, hexname: str, point_id: str = "", kind: int = KIND_PAGE) -> bytes:
+        path = self._page_path(hexname, kind)
+        label = "page" if kind == KIND_PAGE else "page table"
+        where = f"{label} {hexname}" + (f" of restore point {point_id}" if point_id else "")
         try:
             data = self._fio.read_file(path)
         except FileNotFoundError:
             raise ObjectMissing(f"{where} is missing") from None
-        return open_envelope(data, KIND_PAGE, bytes.fromhex(hexname), where)
+        return open_envelope(data, kind, bytes.fromhex(hexname), where)
+
+    def pages_of(self, point: RestorePoint) -> list[str]:
+        """The point's page digests, read from its page tables."""
+        pages: list[str] = []
+        for hexname in point.tables:
+            plain = self.read_page(hexname, point.id, KIND_TABLE)
+            pages += [plain[i : i + 32].hex() for i in range(0, len(plain), 32)]
+        return pages
 
     def page_entries(self, point: RestorePoint) -> Iterator[tuple[int, bytes]]:
         """(chunk index, digest) for every chunk of the point; ZERO_DIGEST for holes."""
         chunks = -(-point.size_bytes // point.chunk_size)
-        for page_no, hexname in enumerate(point.pages):
+        for page_no, hexname in enumerate(self.pages_of(point)):
             plain = self.read_page(hexname, point.id)
             base = page_no * point.page_chunks
             for slot in range(min(point.page_chunks, chunks - base)):
@@ -249,8 +267,9 @@ class Repository:
         point = self.point(point_id)
         wanted = set(indexes)
         out: dict[int, bytes | None] = {}
+        pages = self.pages_of(point)
         for page_no in sorted({i // point.page_chunks for i in wanted}):
-            plain = self.read_page(point.pages[page_no], point.id)
+            plain = self.read_page(pages[page_no], point.id)
             for index in [i for i in wanted if i // point.page_chunks == page_no]:
                 slot = index % point.page_chunks
                 name = plain[slot * 32 : slot * 32 + 32]
@@ -344,8 +363,13 @@ class Repository:
                 point_id = filename.removesuffix(".json")
                 problems.append(Problem("manifest", filename, exc.message, (point_id,)))
                 continue
+            try:
+                pages = self.pages_of(point)
+            except RepositoryError as exc:
+                problems.append(Problem("table", point.id, exc.message, (point.id,)))
+                continue
             good_points.append(point)
-            for hexname in point.pages:
+            for hexname in pages:
                 page_users.setdefault(hexname, set()).add(point.id)
         for hexname, pids in sorted(page_users.items()):
             try:
@@ -439,20 +463,23 @@ class Repository:
         self._index = None  # re-read: other processes may have added index files
         live_chunks: set[bytes] = set()
         live_pages: set[str] = set()
+        live_tables: set[str] = set()
         for filename in self._list("points", ".json"):
             try:
                 point = self._load_point(filename)
             except ManifestCorrupt as exc:
                 raise RepositoryError(f"cannot prune: {exc.message}; run check first") from exc
-            live_pages.update(point.pages)
+            live_tables.update(point.tables)
+            live_pages.update(self.pages_of(point))
         for hexname in live_pages:
             plain = self.read_page(hexname)
             live_chunks.update(plain[i : i + 32] for i in range(0, len(plain), 32))
         live_chunks.discard(ZERO_DIGEST)
-        for rel in self._list("pages", ".page"):
-            if os.path.basename(rel).removesuffix(".page") not in live_pages:
-                self._fio.unlink(self._p("pages", rel))
-                report.pages_deleted += 1
+        for suffix, live in ((".page", live_pages), (".table", live_tables)):
+            for rel in self._list("pages", suffix):
+                if os.path.basename(rel).removesuffix(suffix) not in live:
+                    self._fio.unlink(self._p("pages", rel))
+                    report.pages_deleted += 1
         index = self.index
         pack_live: dict[str, bool] = {}
         for name, loc in index.items():

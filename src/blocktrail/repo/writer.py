@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from blocktrail import __version__
 from blocktrail.repo import index as index_file
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, seal
+from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST, seal
 from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from blocktrail.repo.repository import Repository
 
 MAX_IN_FLIGHT = 64
+TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
 
 
 def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
@@ -44,6 +45,7 @@ class PointWriter:
         self._pack = PackBuilder()
         self._new: dict[bytes, Location] = {}
         self._in_pack: set[bytes] = set()
+        self._parent_pages: list[str] | None = None
         self.chunks_put = 0
         self.bytes_stored = 0
 
@@ -97,12 +99,12 @@ class PointWriter:
             self._repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(self._new))
             self._repo.add_locations(self._new)
         repo = self._repo
-        pages = self._build_pages()
+        tables = self._build_tables(self._build_pages())
         now = datetime.now(UTC)
         point = RestorePoint(
             id=f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}",
             disk_id=self.disk_id, size_bytes=self.size_bytes, chunk_size=repo.chunk_size,
-            page_chunks=repo.page_chunks, pages=tuple(pages), kind=kind,
+            page_chunks=repo.page_chunks, tables=tuple(tables), kind=kind,
             parent=self.parent.id if self.parent else None, change_id=change_id,
             fallback_reason=fallback_reason, created_at=now.isoformat(),
             tool=f"blocktrail {__version__}", tracker_trusted=tracker_trusted,
@@ -123,20 +125,37 @@ class PointWriter:
         by_page: dict[int, dict[int, bytes]] = {}
         for index, name in self._entries.items():
             by_page.setdefault(index // pc, {})[index % pc] = name
+        self._parent_pages = repo.pages_of(parent) if inherit and parent is not None else None
         out: list[str] = []
         for page_no in range(count):
             width = min(pc, chunks - page_no * pc)
             changes = by_page.get(page_no)
-            if inherit and parent is not None and not changes:
-                out.append(parent.pages[page_no])
+            if self._parent_pages is not None and not changes:
+                out.append(self._parent_pages[page_no])
                 continue
-            if inherit and parent is not None:
-                plain = bytearray(repo.read_page(parent.pages[page_no], parent.id))
+            if self._parent_pages is not None:
+                plain = bytearray(repo.read_page(self._parent_pages[page_no], parent.id if
+                                                 parent else ""))
             else:
                 plain = bytearray(32 * width)
             for slot, name in (changes or {}).items():
                 plain[slot * 32 : slot * 32 + 32] = name
             out.append(repo.write_page(bytes(plain)))
+        return out
+
+    def _build_tables(self, pages: list[str]) -> list[str]:
+        """Group page digests into tables; a table whose pages all stayed is the parent's."""
+        per = TABLE_PAGES
+        parent, parent_pages = self.parent, self._parent_pages
+        out: list[str] = []
+        for t in range(0, len(pages), per):
+            group = pages[t : t + per]
+            if parent is not None and parent_pages is not None \
+                    and parent_pages[t : t + per] == group:
+                out.append(parent.tables[t // per])
+            else:
+                out.append(self._repo.write_page(b"".join(bytes.fromhex(h) for h in group),
+                                                 KIND_TABLE))
         return out
 
     def close(self) -> None:

@@ -217,7 +217,7 @@ def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path) -> Non
 
 def test_deleted_page_is_reported(repo: Repository, tmp_path: Path) -> None:
     _, inc, _ = _two_points(repo)
-    page = next((tmp_path / "repo" / "pages").rglob(f"{inc.pages[0]}.page"))
+    page = next((tmp_path / "repo" / "pages").rglob(f"{repo.pages_of(inc)[0]}.page"))
     page.unlink()
     report = Repository.open(tmp_path / "repo").check()
     assert [(p.kind, p.affected_points) for p in report.problems] == [("page", (inc.id,))]
