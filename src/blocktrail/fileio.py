@@ -23,7 +23,7 @@ Seal = tuple[int, int, int]  # (size, mtime_ns, inode): what a clean close remem
 
 class FileHandle(Protocol):
     def pread(self, count: int, offset: int) -> bytes: ...
-    def pwrite(self, data: bytes, offset: int) -> None: ...
+    def pwrite(self, data: bytes | bytearray, offset: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
@@ -40,7 +40,7 @@ class FileIO(Protocol):
     def open(self, path: str, *, create: bool = False) -> FileHandle: ...
     def exists(self, path: str) -> bool: ...
     def read_file(self, path: str) -> bytes: ...
-    def replace_atomic(self, path: str, data: bytes) -> None: ...
+    def replace_atomic(self, path: str, data: bytes | bytearray) -> None: ...
     def unlink(self, path: str) -> None: ...
     def listdir(self, path: str) -> list[str]: ...
     def makedirs(self, path: str) -> None: ...
@@ -74,7 +74,7 @@ class OsFileHandle:
             data += bytes(count - len(data))
         return data
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)
@@ -147,7 +147,7 @@ class OsFileIO:
         with open(path, "rb") as f:
             return f.read()
 
-    def replace_atomic(self, path: str, data: bytes) -> None:
+    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -231,7 +231,7 @@ class SimulatedFileHandle:
                 pos += n
             return bytes(out)
 
-    def pwrite(self, data: bytes, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
         with self._fs.mutex:
             ino = self._inode
             self._fs.tick(ino)
@@ -356,12 +356,12 @@ class SimulatedFileIO:
             ino = self._inode(path)
             return SimulatedFileHandle(self, ino).pread(ino.size, 0)
 
-    def replace_atomic(self, path: str, data: bytes) -> None:
+    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
         with self.mutex:
             self._check_dir(path)
             ino = self._new_inode()
             handle = SimulatedFileHandle(self, ino)
-            handle.pwrite(data, 0)
+            handle.pwrite(bytes(data), 0)
             handle.fsync()
             self.entries[path] = ino
             self.fsync_dir(os.path.dirname(path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import uuid
 
 from blake3 import blake3
 
@@ -17,9 +16,9 @@ ENTRY = struct.Struct("<32s16sQII")
 
 
 def encode(locations: dict[bytes, Location]) -> bytes:
-    body = HEADER.pack(MAGIC, VERSION, len(locations)) + b"".join(
-        ENTRY.pack(name, uuid.UUID(hex=loc.pack_id).bytes, loc.offset, loc.length,
-                   loc.plain_length) for name, loc in sorted(locations.items()))
+    entries = [ENTRY.pack(name, bytes.fromhex(loc.pack_id), loc.offset, loc.length,
+                          loc.plain_length) for name, loc in sorted(locations.items())]
+    body = HEADER.pack(MAGIC, VERSION, len(locations)) + b"".join(entries)
     return body + blake3(body).digest()
 
 
@@ -32,5 +31,5 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     out: dict[bytes, Location] = {}
     for i in range(count):
         name, pack, offset, length, plain = ENTRY.unpack_from(data, HEADER.size + i * ENTRY.size)
-        out[name] = Location(uuid.UUID(bytes=pack).hex, offset, length, plain)
+        out[name] = Location(pack.hex(), offset, length, plain)
     return out

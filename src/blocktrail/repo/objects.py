@@ -26,7 +26,7 @@ def digest(data: bytes) -> bytes:
 def _compressor() -> zstandard.ZstdCompressor:
     comp = getattr(_local, "compressor", None)
     if comp is None:  # one context per thread: zstd contexts are not shareable
-        comp = _local.compressor = zstandard.ZstdCompressor(level=3)
+        comp = _local.compressor = zstandard.ZstdCompressor(level=1)
     return comp
 
 

@@ -38,9 +38,11 @@ class PackBuilder:
     def size(self) -> int:
         return len(self._data)
 
-    def finish(self) -> bytes:
-        trailer = b"".join(TRAILER_ENTRY.pack(n, o, ln) for n, o, ln, _ in self.entries)
-        return bytes(self._data) + trailer + TRAILER_END.pack(len(self.entries), TRAILER_MAGIC)
+    def finish(self) -> bytearray:
+        """The whole pack file (the builder's buffer, extended in place: no 16 MiB copies)."""
+        self._data += b"".join(TRAILER_ENTRY.pack(n, o, ln) for n, o, ln, _ in self.entries)
+        self._data += TRAILER_END.pack(len(self.entries), TRAILER_MAGIC)
+        return self._data
 
     def locations(self) -> dict[bytes, Location]:
         return {n: Location(self.pack_id, o, ln, p) for n, o, ln, p in self.entries}

@@ -172,7 +172,7 @@ class Repository:
                           for n in self._fio.listdir(os.path.join(root, d)) if n.endswith(suffix))
         return [n for n in names if n.endswith(suffix)]
 
-    def write_pack(self, pack_id: str, data: bytes) -> None:
+    def write_pack(self, pack_id: str, data: bytes | bytearray) -> None:
         path = self._pack_path(pack_id)
         self._fio.makedirs(os.path.dirname(path))
         self._fio.replace_atomic(path, data)

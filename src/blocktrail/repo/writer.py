@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
 
 MAX_IN_FLIGHT = 64
 TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
+
+
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
 
 
 def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
@@ -46,13 +52,15 @@ class PointWriter:
         self._new: dict[bytes, Location] = {}
         self._in_pack: set[bytes] = set()
         self._parent_pages: list[str] | None = None
+        self._pack_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
+        self._pack_write: Future[None] | None = None
         self.chunks_put = 0
         self.bytes_stored = 0
 
     def put_chunk(self, index: int, data: bytes) -> None:
         """Store chunk ``index`` of the disk (all zeros: a hole, nothing stored)."""
         self.chunks_put += 1
-        if data.count(0) == len(data):
+        if data == _zeros(len(data)):
             self._entries[index] = ZERO_DIGEST
             return
         self._pending.append((index, self._pool.submit(_seal_chunk, data)))
@@ -73,9 +81,13 @@ class PointWriter:
                 self._write_pack()
 
     def _write_pack(self) -> None:
+        """Hand the full pack to the pack-writing thread (one pack in flight at a time), so
+        reading, hashing and compressing go on while it is written."""
         if not self._pack.entries:
             return
-        self._repo.write_pack(self._pack.pack_id, self._pack.finish())
+        self._wait_for_pack_write()
+        self._pack_write = self._pack_writer.submit(self._repo.write_pack, self._pack.pack_id,
+                                                    self._pack.finish())
         self._new.update(self._pack.locations())
         self._pack = PackBuilder()
         self._in_pack.clear()
@@ -90,11 +102,17 @@ class PointWriter:
         finally:
             self.close()
 
+    def _wait_for_pack_write(self) -> None:
+        if self._pack_write is not None:
+            self._pack_write.result()  # a failed write surfaces here
+            self._pack_write = None
+
     def _commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None,
                 tracker_trusted: bool, audit: dict[str, Any] | None,
                 stats: dict[str, Any] | None) -> RestorePoint:
         self._drain(0)
         self._write_pack()
+        self._wait_for_pack_write()  # every pack is durable before the index names it
         if self._new:
             self._repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(self._new))
             self._repo.add_locations(self._new)
@@ -163,6 +181,7 @@ class PointWriter:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._pack_writer.shutdown(wait=True)  # a pack being written finishes (unreferenced)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
