@@ -61,10 +61,10 @@ def test_check_reports_damage_with_exit_code_12(disk_and_repo: tuple[str, str],
     disk_dir, repo_dir = disk_and_repo
     run(capsys, "backup", disk_dir, "--repo", repo_dir)
     assert run(capsys, "check", repo_dir, "--read-data")[0] == 0
-    for page in (Path(repo_dir) / "pages").rglob("*.page"):
-        page.unlink()
+    for index_file in (Path(repo_dir) / "index").iterdir():
+        index_file.unlink()
     code, report = run(capsys, "check", repo_dir)
-    assert code == 12 and report["problems"][0]["kind"] == "page"  # type: ignore[index]
+    assert code == 12 and report["problems"][0]["kind"] == "table"  # type: ignore[index]
 
 
 def test_forget_needs_a_policy(disk_and_repo: tuple[str, str],

@@ -209,6 +209,6 @@ def forget(repo_path: str, keep_last: int, keep_daily: int, keep_weekly: int,
            "prune": None if pruned is None else vars(pruned)}
     text = f"{'would forget' if dry_run else 'forgot'} {len(gone)} restore points"
     if pruned is not None:
-        text += (f"; pruned {pruned.packs_deleted} packs, {pruned.pages_deleted} pages "
+        text += (f"; pruned {pruned.packs_deleted} packs "
                  f"({human(pruned.bytes_freed)})")
     emit(as_json, out, text)

@@ -37,9 +37,15 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def seal(kind: int, plain: bytes, name: bytes | None = None) -> tuple[bytes, bytes]:
-    """-> (digest, envelope). Hashes the plain bytes, then compresses if that helps."""
-    name = name or digest(plain)
+def object_name(kind: int, plain: bytes) -> bytes:
+    """A chunk is named by blake3 of its bytes; pages and tables by blake3 of their kind byte
+    and bytes, so no page can ever be taken for a chunk of the same bytes, or the reverse."""
+    return digest(plain) if kind == KIND_CHUNK else digest(bytes([kind]) + plain)
+
+
+def seal(kind: int, plain: bytes) -> tuple[bytes, bytes]:
+    """-> (name, envelope). Hashes the plain bytes, then compresses if that helps."""
+    name = object_name(kind, plain)
     packed = _compressor().compress(plain)
     codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
     return name, HEADER.pack(MAGIC, VERSION, kind, codec, len(plain), len(payload), name) + payload
@@ -64,6 +70,6 @@ def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
             raise ChunkCorrupt(f"{where}: object {expected.hex()} has unknown codec {codec}")
     except zstandard.ZstdError as exc:
         raise ChunkCorrupt(f"{where}: object {expected.hex()} does not decompress") from exc
-    if len(plain) != plain_len or digest(plain) != expected:
+    if len(plain) != plain_len or object_name(kind, plain) != expected:
         raise ChunkCorrupt(f"{where}: object {expected.hex()} does not match its digest")
     return plain

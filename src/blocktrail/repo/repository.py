@@ -36,7 +36,6 @@ from blocktrail.repo.objects import (
     KIND_TABLE,
     ZERO_DIGEST,
     open_envelope,
-    seal,
 )
 from blocktrail.repo.packs import Location, read_trailer
 from blocktrail.repo.retention import RetentionPolicy, points_to_keep
@@ -82,7 +81,6 @@ class CheckReport:
 
 @dataclass
 class PruneReport:
-    pages_deleted: int = 0
     packs_deleted: int = 0
     index_files_replaced: int = 0
     bytes_freed: int = 0
@@ -111,7 +109,7 @@ class Repository:
         path, fio = os.fspath(path), fileio or OsFileIO()
         if fio.exists(os.path.join(path, "config.json")):
             raise RepositoryExists(f"{path} already holds a repository")
-        for sub in ("packs", "index", "pages", "points", "locks"):
+        for sub in ("packs", "index", "points", "locks"):
             fio.makedirs(os.path.join(path, sub))
         config = {"format": FORMAT, "version": VERSION, "repo_id": uuid.uuid4().hex,
                   "chunk_size": CHUNK_SIZE, "page_chunks": PAGE_CHUNKS,
@@ -158,16 +156,12 @@ class Repository:
     def _pack_path(self, pack_id: str) -> str:
         return self._p("packs", pack_id[:2], f"{pack_id}.pack")
 
-    def _page_path(self, hexname: str, kind: int = KIND_PAGE) -> str:
-        suffix = "page" if kind == KIND_PAGE else "table"
-        return self._p("pages", hexname[:2], f"{hexname}.{suffix}")
-
     def _list(self, sub: str, suffix: str) -> list[str]:
         root = self._p(sub)
         if not self._fio.exists(root):
             return []
         names = self._fio.listdir(root)
-        if sub in ("packs", "pages"):
+        if sub == "packs":
             return sorted(os.path.join(d, n) for d in names if len(d) == 2
                           for n in self._fio.listdir(os.path.join(root, d)) if n.endswith(suffix))
         return [n for n in names if n.endswith(suffix)]
@@ -179,15 +173,6 @@ class Repository:
 
     def write_index(self, name: str, data: bytes) -> None:
         self._fio.replace_atomic(self._p("index", name), data)
-
-    def write_page(self, plain: bytes, kind: int = KIND_PAGE) -> str:
-        """Store a page (or a page table, ``kind=KIND_TABLE``); -> its hex digest."""
-        name, envelope = seal(kind, plain)
-        path = self._page_path(name.hex(), kind)
-        if not self._fio.exists(path):  # content-addressed: an existing page is the same
-            self._fio.makedirs(os.path.dirname(path))
-            self._fio.replace_atomic(path, envelope)
-        return name.hex()
 
     def write_manifest(self, point: RestorePoint) -> None:
         self._fio.replace_atomic(self._p("points", f"{point.id}.json"), point.to_bytes())
@@ -237,14 +222,10 @@ class Repository:
         return self._load_point(filename)
 
     def read_page(self, hexname: str, point_id: str = "", kind: int = KIND_PAGE) -> bytes:
-        path = self._page_path(hexname, kind)
+        """A page (or page table) of a restore point, checked against its name."""
         label = "page" if kind == KIND_PAGE else "page table"
         where = f"{label} {hexname}" + (f" of restore point {point_id}" if point_id else "")
-        try:
-            data = self._fio.read_file(path)
-        except FileNotFoundError:
-            raise ObjectMissing(f"{where} is missing") from None
-        return open_envelope(data, kind, bytes.fromhex(hexname), where)
+        return self._read_object(bytes.fromhex(hexname), kind, where)
 
     def pages_of(self, point: RestorePoint) -> list[str]:
         """The point's page digests, read from its page tables."""
@@ -278,8 +259,11 @@ class Repository:
 
     def read_chunk(self, name: bytes, where: str = "") -> bytes:
         """A chunk's plain bytes, checked against its digest."""
-        loc = self.index.get(name)
         label = f"chunk {name.hex()}" + (f" ({where})" if where else "")
+        return self._read_object(name, KIND_CHUNK, label)
+
+    def _read_object(self, name: bytes, kind: int, label: str) -> bytes:
+        loc = self.index.get(name)
         if loc is None:
             raise ObjectMissing(f"{label} is in no index file")
         handle = self._handles.get(loc.pack_id)
@@ -290,7 +274,7 @@ class Repository:
                 raise ObjectMissing(f"{label}: pack {loc.pack_id} is missing") from None
             self._handles[loc.pack_id] = handle
         data = handle.pread(loc.length, loc.offset)
-        return open_envelope(data, KIND_CHUNK, name, f"{label} in pack {loc.pack_id}")
+        return open_envelope(data, kind, name, f"{label} in pack {loc.pack_id}")
 
     # ------------------------------------------------------------------ writing points
 
@@ -475,11 +459,7 @@ class Repository:
             plain = self.read_page(hexname)
             live_chunks.update(plain[i : i + 32] for i in range(0, len(plain), 32))
         live_chunks.discard(ZERO_DIGEST)
-        for suffix, live in ((".page", live_pages), (".table", live_tables)):
-            for rel in self._list("pages", suffix):
-                if os.path.basename(rel).removesuffix(suffix) not in live:
-                    self._fio.unlink(self._p("pages", rel))
-                    report.pages_deleted += 1
+        live_chunks.update(bytes.fromhex(h) for h in live_pages | live_tables)
         index = self.index
         pack_live: dict[str, bool] = {}
         for name, loc in index.items():

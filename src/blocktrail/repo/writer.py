@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from blocktrail import __version__
 from blocktrail.repo import index as index_file
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST, seal
+from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, seal
 from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class PointWriter:
         self._pack_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
         self._pack_write: Future[None] | None = None
         self.chunks_put = 0
+        self.new_chunks = 0
         self.bytes_stored = 0
 
     def put_chunk(self, index: int, data: bytes) -> None:
@@ -72,13 +73,24 @@ class PointWriter:
             index, future = self._pending.popleft()
             name, envelope, plain_length = future.result()
             self._entries[index] = name
-            if name in self._new or name in self._in_pack or self._repo.has_chunk(name):
-                continue  # deduplicated
-            self._pack.add(name, envelope, plain_length)
-            self._in_pack.add(name)
-            self.bytes_stored += len(envelope)
-            if self._pack.size >= PACK_TARGET_BYTES:
-                self._write_pack()
+            self.new_chunks += self._add_object(name, envelope, plain_length)
+
+    def _add_object(self, name: bytes, envelope: bytes, plain_length: int) -> bool:
+        """Pack an object unless the repository or this writer has it; -> True if packed."""
+        if name in self._new or name in self._in_pack or self._repo.has_chunk(name):
+            return False  # deduplicated
+        self._pack.add(name, envelope, plain_length)
+        self._in_pack.add(name)
+        self.bytes_stored += len(envelope)
+        if self._pack.size >= PACK_TARGET_BYTES:
+            self._write_pack()
+        return True
+
+    def _store(self, kind: int, plain: bytes) -> str:
+        """Pack a page or page table; -> its name in hex."""
+        name, envelope = seal(kind, plain)
+        self._add_object(name, envelope, len(plain))
+        return name.hex()
 
     def _write_pack(self) -> None:
         """Hand the full pack to the pack-writing thread (one pack in flight at a time), so
@@ -95,7 +107,8 @@ class PointWriter:
     def commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None = None,
                tracker_trusted: bool = True, audit: dict[str, Any] | None = None,
                stats: dict[str, Any] | None = None) -> RestorePoint:
-        """Publish: last pack, then the index file, then pages, then the manifest."""
+        """Publish: the last pack (with the new pages and page tables), then the index file,
+        then the manifest."""
         try:
             return self._commit(kind=kind, change_id=change_id, fallback_reason=fallback_reason,
                                 tracker_trusted=tracker_trusted, audit=audit, stats=stats)
@@ -111,13 +124,13 @@ class PointWriter:
                 tracker_trusted: bool, audit: dict[str, Any] | None,
                 stats: dict[str, Any] | None) -> RestorePoint:
         self._drain(0)
+        tables = self._build_tables(self._build_pages())  # pages and tables go into packs too
         self._write_pack()
         self._wait_for_pack_write()  # every pack is durable before the index names it
         if self._new:
             self._repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(self._new))
             self._repo.add_locations(self._new)
         repo = self._repo
-        tables = self._build_tables(self._build_pages())
         now = datetime.now(UTC)
         point = RestorePoint(
             id=f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}",
@@ -127,7 +140,7 @@ class PointWriter:
             fallback_reason=fallback_reason, created_at=now.isoformat(),
             tool=f"blocktrail {__version__}", tracker_trusted=tracker_trusted,
             audit=audit or {},
-            stats={"chunks_put": self.chunks_put, "new_chunks": len(self._new),
+            stats={"chunks_put": self.chunks_put, "new_chunks": self.new_chunks,
                    "bytes_stored": self.bytes_stored, **(stats or {})})
         repo.write_manifest(point)
         return point
@@ -158,7 +171,7 @@ class PointWriter:
                 plain = bytearray(32 * width)
             for slot, name in (changes or {}).items():
                 plain[slot * 32 : slot * 32 + 32] = name
-            out.append(repo.write_page(bytes(plain)))
+            out.append(self._store(KIND_PAGE, bytes(plain)))
         return out
 
     def _build_tables(self, pages: list[str]) -> list[str]:
@@ -172,8 +185,7 @@ class PointWriter:
                     and parent_pages[t : t + per] == group:
                 out.append(parent.tables[t // per])
             else:
-                out.append(self._repo.write_page(b"".join(bytes.fromhex(h) for h in group),
-                                                 KIND_TABLE))
+                out.append(self._store(KIND_TABLE, b"".join(bytes.fromhex(h) for h in group)))
         return out
 
     def close(self) -> None:

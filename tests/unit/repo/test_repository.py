@@ -209,16 +209,21 @@ def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path) -> Non
                   if name in index_file.decode(p.read_bytes(), p.name))
     holder.unlink()  # the incremental's index file: its chunk 9 is nowhere now
     report = Repository.open(tmp_path / "repo").check()
-    assert {p.kind for p in report.problems} == {"chunk"}
+    # that index file also located the incremental's new page table: it is reported missing
+    assert {p.kind for p in report.problems} == {"table"}
     assert report.affected_points == {inc.id}
     with pytest.raises(ObjectMissing):
         Repository.open(tmp_path / "repo").restore(inc.id, str(tmp_path / "y.raw"))
 
 
-def test_deleted_page_is_reported(repo: Repository, tmp_path: Path) -> None:
+def test_damaged_page_is_reported(repo: Repository, tmp_path: Path) -> None:
     _, inc, _ = _two_points(repo)
-    page = next((tmp_path / "repo" / "pages").rglob(f"{repo.pages_of(inc)[0]}.page"))
-    page.unlink()
+    page = bytes.fromhex(repo.pages_of(inc)[0])
+    loc = repo.index[page]
+    pack = next((tmp_path / "repo" / "packs").rglob(f"{loc.pack_id}.pack"))
+    with open(pack, "r+b") as f:  # the page's envelope header: its length field
+        f.seek(loc.offset + 8)
+        f.write(b"\xff\xff")
     report = Repository.open(tmp_path / "repo").check()
     assert [(p.kind, p.affected_points) for p in report.problems] == [("page", (inc.id,))]
 
