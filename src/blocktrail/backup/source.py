@@ -7,9 +7,11 @@ QEMU export with a dirty bitmap can each stand behind it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from blocktrail.errors import InvalidArgument
 from blocktrail.extents import Extent
 from blocktrail.tracking import DiskChangeInfo
 
@@ -53,14 +55,14 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def all_pages(query: object, size_bytes: int) -> list[Extent]:
+def all_pages(query: Callable[[int], DiskChangeInfo], size_bytes: int) -> list[Extent]:
     """Follow a paged QueryChangedDiskAreas-style answer to the end of the disk."""
     out: list[Extent] = []
     start = 0
     while start < size_bytes:
-        info: DiskChangeInfo = query(start)  # type: ignore[operator]
+        info = query(start)
         if info.length <= 0:
-            raise RuntimeError(f"source answered an empty page at offset {start}")
+            raise InvalidArgument(f"the source answered an empty page at offset {start}")
         out.extend(info.changed_areas)
         start = info.end
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -44,10 +45,10 @@ def _describe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _with_host(host: str, fn: Any) -> dict[str, Any]:
+def _with_host(host: str, fn: Callable[[HostClient], dict[str, Any]]) -> dict[str, Any]:
     client = HostClient.from_env(host)
     try:
-        return fn(client)  # type: ignore[no-any-return]
+        return fn(client)
     finally:
         client.close()
 
