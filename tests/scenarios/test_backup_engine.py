@@ -165,3 +165,16 @@ def test_writes_during_a_backup_belong_to_the_next(setup: tuple[Disk, Repository
     third = run_backup(source, repo)
     assert restore_bytes(repo, third.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
     assert restore_bytes(repo, first.point.id, tmp_path) == before
+
+
+def test_backup_of_an_existing_snapshot_keeps_it(setup: tuple[Disk, Repository,
+                                                              LocalDiskSource],
+                                                 tmp_path: Path) -> None:
+    disk, repo, source = setup
+    snap = disk.create_snapshot("vm-nightly")
+    frozen = disk.open_snapshot("vm-nightly").pread(disk.size_bytes, 0)
+    disk.pwrite(b"\x03" * 8192, 0)  # after the snapshot: not in this backup
+    report = run_backup(source, repo, BackupOptions(snapshot="vm-nightly"))
+    assert report.point.change_id == snap.change_id
+    assert [s.name for s in disk.snapshots] == ["vm-nightly"]
+    assert restore_bytes(repo, report.point.id, tmp_path) == frozen

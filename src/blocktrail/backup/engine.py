@@ -30,6 +30,7 @@ class BackupOptions:
     audit_percent: float = 1.0  # of the chunks the tracker calls unchanged
     audit_minimum: int = 16
     seed: int | None = None
+    snapshot: str | None = None  # back up this existing snapshot (kept); None: take one
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,10 @@ def run_backup(source: Source, store: Repository, options: BackupOptions = Backu
                progress: Progress | None = None) -> BackupReport:
     started = time.perf_counter()
     base = choose_base(store, source.disk_id)
-    snapshot = source.create_snapshot(f"blocktrail-backup-{uuid.uuid4().hex[:12]}")
+    if options.snapshot is not None:
+        snapshot = source.existing_snapshot(options.snapshot)
+    else:
+        snapshot = source.create_snapshot(f"blocktrail-backup-{uuid.uuid4().hex[:12]}")
     try:
         plan = plan_read(source, snapshot, base, force_full=options.force_full,
                          chunk_size=store.chunk_size)
@@ -91,7 +95,8 @@ def run_backup(source: Source, store: Repository, options: BackupOptions = Backu
                    "mismatches": [[e.offset, e.length] for e in audit.mismatched_areas]},
             stats={"chunks_read": len(plan.chunks), "bytes_read": bytes_read})
     finally:
-        source.remove_snapshot(snapshot.name)
+        if options.snapshot is None:
+            source.remove_snapshot(snapshot.name)
     return BackupReport(point, plan.kind, plan.fallback_reason, len(plan.chunks), bytes_read,
                         audit, time.perf_counter() - started)
 

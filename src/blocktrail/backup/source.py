@@ -38,6 +38,10 @@ class Source(Protocol):
 
     def remove_snapshot(self, name: str) -> None: ...
 
+    def existing_snapshot(self, name: str) -> SourceSnapshot:
+        """A snapshot someone else took (a VM snapshot, say), to back up as it is."""
+        ...
+
     def query_changed_areas(self, change_id: str, start_offset: int,
                             snapshot: str) -> DiskChangeInfo:
         """Areas changed after ``change_id`` up to ``snapshot``; raises `ChangeIdError` when

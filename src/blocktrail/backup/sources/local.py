@@ -6,6 +6,7 @@ import os
 
 from blocktrail.backup.source import SourceSnapshot, all_pages
 from blocktrail.disk import Disk
+from blocktrail.errors import SnapshotNotFound
 from blocktrail.extents import Extent
 from blocktrail.tracking import ALL_ALLOCATED, DiskChangeInfo
 
@@ -31,6 +32,12 @@ class LocalDiskSource:
 
     def create_snapshot(self, name: str) -> SourceSnapshot:
         snap = self._disk.create_snapshot(name)
+        return SourceSnapshot(snap.name, snap.change_id, snap.size_bytes)
+
+    def existing_snapshot(self, name: str) -> SourceSnapshot:
+        snap = next((s for s in self._disk.snapshots if s.name == name), None)
+        if snap is None:
+            raise SnapshotNotFound(f"disk {self._disk.path} has no snapshot {name!r}")
         return SourceSnapshot(snap.name, snap.change_id, snap.size_bytes)
 
     def remove_snapshot(self, name: str) -> None:
