@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from blocktrail.disk import chain
 from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
 from blocktrail.disk.meta import META_FILE, DiskMeta, LayerRecord, Snapshot
+from blocktrail.disk.rwlock import DiskLock
 from blocktrail.errors import (
     BlocktrailError,
     DiskBusy,
@@ -48,10 +48,11 @@ def _check_power_of_two(name: str, value: int, minimum: int) -> None:
 class Disk:
     """A virtual disk: a base layer, snapshot delta layers, and a change tracker.
 
-    Thread-safety: every public method may be called from any thread. I/O (`pread`, `pwrite`,
-    `zero`, `trim`, `flush`), snapshot views' reads, snapshot create/remove/revert, resize and
-    queries serialize on one internal lock; `remove_snapshot` holds it only for one short step
-    at a time, so guest I/O goes on while a snapshot is consolidated.
+    Thread-safety: every public method may be called from any thread. Reads (`pread`, snapshot
+    views' `pread`, `query_changed_areas`, `snapshots`) run in parallel with each other; writes
+    (`pwrite`, `zero`, `trim`, `flush`), snapshot create/revert, resize and reset run alone.
+    `remove_snapshot` takes the disk alone only for one short step at a time, so guest reads and
+    writes go on while a snapshot is consolidated.
     """
 
     def __init__(self, path: str, fileio: FileIO, lock: FileLock, meta: DiskMeta,
@@ -62,7 +63,7 @@ class Disk:
         self._meta = meta
         self._layers = layers
         self._tracker = tracker
-        self._lock = threading.RLock()
+        self._lock = DiskLock()
         self._consolidation: Consolidation | None = None
         self._failed: BaseException | None = None
 
@@ -205,12 +206,12 @@ class Disk:
 
     @property
     def current_change_id(self) -> str:
-        with self._lock:
+        with self._lock.shared():
             return str(self._tracker.current_change_id)
 
     @property
     def snapshots(self) -> list[Snapshot]:
-        with self._lock:
+        with self._lock.shared():
             return list(self._meta.snapshots)
 
     @property
@@ -224,7 +225,7 @@ class Disk:
     # ------------------------------------------------------------------ guest I/O
 
     def pread(self, count: int, offset: int) -> bytes:
-        with self._lock:
+        with self._lock.shared():
             self._check_usable()
             self._check_range(count, offset, self._meta.size_bytes)
             return chain.read_view(self._layers, self.cluster_size, count, offset)
@@ -276,7 +277,7 @@ class Disk:
             return snapshot
 
     def open_snapshot(self, name: str) -> SnapshotView:
-        with self._lock:
+        with self._lock.shared():
             self._snapshot(name)
             return SnapshotView(self, name)
 
@@ -372,7 +373,7 @@ class Disk:
                             snapshot: str | None = None) -> DiskChangeInfo:
         """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
         allocated areas. See docs/tracking.md."""
-        with self._lock:
+        with self._lock.shared():
             self._check_usable()
             snap = None if snapshot is None else self._snapshot(snapshot)
             size = self.size_bytes if snap is None else snap.size_bytes
@@ -421,7 +422,7 @@ class Disk:
         return self._layers[: index + 1]
 
     def _read_snapshot(self, name: str, count: int, offset: int) -> bytes:
-        with self._lock:
+        with self._lock.shared():
             self._check_usable()
             size = self._snapshot(name).size_bytes
             self._check_range(count, offset, size)
@@ -521,7 +522,7 @@ class SnapshotView:
 
     @property
     def size_bytes(self) -> int:
-        with self._disk._lock:
+        with self._disk._lock.shared():
             return self._disk._snapshot(self.name).size_bytes
 
     def pread(self, count: int, offset: int) -> bytes:

@@ -28,8 +28,6 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     magic, version, count = HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION or len(data) != HEADER.size + count * ENTRY.size + 32:
         raise RepositoryError(f"{where}: not a version {VERSION} index file")
-    out: dict[bytes, Location] = {}
-    for i in range(count):
-        name, pack, offset, length, plain = ENTRY.unpack_from(data, HEADER.size + i * ENTRY.size)
-        out[name] = Location(pack.hex(), offset, length, plain)
-    return out
+    entries = ENTRY.iter_unpack(memoryview(data)[HEADER.size : -32])
+    return {name: Location(pack.hex(), offset, length, plain)
+            for name, pack, offset, length, plain in entries}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from blocktrail.repo.errors import ChunkCorrupt
 
@@ -14,8 +14,9 @@ TRAILER_MAGIC = b"BTPK"
 PACK_TARGET_BYTES = 16 << 20
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):
+    """Where an object is: a named tuple, as an index holds one per chunk."""
+
     pack_id: str
     offset: int
     length: int  # of the whole envelope
