@@ -10,8 +10,11 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from blake3 import blake3
 
@@ -21,6 +24,9 @@ from blocktrail.extents import Extent, merge
 from blocktrail.repo import Repository, RestorePoint
 
 READ_RUN_BYTES = 4 << 20
+READ_THREADS = 4  # scattered reads in flight at once
+T = TypeVar("T")
+R = TypeVar("R")
 Progress = Callable[[int, int], None]
 
 
@@ -117,16 +123,37 @@ def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
         yield start, prev - start + 1
 
 
+def read_ahead(items: Iterable[T], read: Callable[[T], R], window: int) -> Iterator[R]:
+    """``read`` applied to each item, in order, by a few threads with up to ``window`` reads
+    in flight: scattered reads overlap, memory stays bounded."""
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(read, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
                  put: Callable[[int, bytes], None], chunk_size: int,
                  progress: Progress | None) -> int:
     total, done = len(chunks), 0
     read = 0
-    for first, count in _runs(chunks, chunk_size):
+
+    def read_run(run: tuple[int, int]) -> tuple[int, int, bytes]:
+        first, count = run
         offset = first * chunk_size
         length = min(count * chunk_size, snapshot.size_bytes - offset)
-        data = source.pread(snapshot.name, length, offset)
-        read += length
+        return first, count, source.pread(snapshot.name, length, offset)
+
+    for first, count, data in read_ahead(_runs(chunks, chunk_size), read_run, window=8):
+        read += len(data)
         for i in range(count):
             put(first + i, data[i * chunk_size : (i + 1) * chunk_size])
         done += count
@@ -143,9 +170,13 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
     expected = store.chunk_digests(base.point_id, sample)
     bad: list[Extent] = []
     cs = store.chunk_size
-    for index in sample:
+
+    def read_chunk(index: int) -> bytes:
         offset = index * cs
-        data = source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
+        return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
+
+    for index, data in zip(sample, read_ahead(sample, read_chunk, window=32), strict=True):
+        offset = index * cs
         digest = None if data.count(0) == len(data) else blake3(data).digest()
         if digest != expected[index]:
             put(index, data)
