@@ -10,23 +10,18 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from blake3 import blake3
 
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
 from blocktrail.backup.source import Source, SourceSnapshot
 from blocktrail.extents import Extent, merge
+from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 
 READ_RUN_BYTES = 4 << 20
-READ_THREADS = 4  # scattered reads in flight at once
-T = TypeVar("T")
-R = TypeVar("R")
 Progress = Callable[[int, int], None]
 
 
@@ -121,23 +116,6 @@ def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
         prev = index
     if start is not None and prev is not None:
         yield start, prev - start + 1
-
-
-def read_ahead(items: Iterable[T], read: Callable[[T], R], window: int) -> Iterator[R]:
-    """``read`` applied to each item, in order, by a few threads with up to ``window`` reads
-    in flight: scattered reads overlap, memory stays bounded."""
-    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read") as pool:
-        pending: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(read, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from blocktrail.errors import InvalidArgument, UnsupportedFormat
-from blocktrail.fileio import FileHandle, FileIO, OsFileIO
+from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
+from blocktrail.pipeline import read_ahead
 from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import (
     ChunkCorrupt,
@@ -45,6 +46,7 @@ FORMAT = "blocktrail-repository"
 VERSION = 1
 CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
+WRITEBACK_BYTES = 64 << 20
 Progress = Callable[[int, int], None]
 
 
@@ -307,8 +309,9 @@ class Repository:
             os.ftruncate(fd, point.size_bytes)
             entries = [(i, n) for i, n in self.page_entries(point) if n != ZERO_DIGEST]
             where = f"restore point {point.id}"
-            chunk_reads = self._pool.map(lambda e: (e[0], self.read_chunk(e[1], where)),
-                                         entries)
+            chunk_reads = read_ahead(entries, lambda e: (e[0], self.read_chunk(e[1], where)),
+                                     window=64, executor=self._pool)
+            flushed = 0
             for done, (index, data) in enumerate(chunk_reads, 1):
                 expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
                 if len(data) != expected:
@@ -316,6 +319,9 @@ class Repository:
                                        f"not {expected}")
                 os.pwrite(fd, data, index * point.chunk_size)
                 written += len(data)
+                if written - flushed >= WRITEBACK_BYTES:  # start writing back as we go, so the
+                    start_writeback(fd)                   # final fsync finds little left
+                    flushed = written
                 if progress is not None:
                     progress(done, len(entries))
             os.fsync(fd)
