@@ -22,6 +22,7 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 
 READ_RUN_BYTES = 4 << 20
+READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
 Progress = Callable[[int, int], None]
 
 
@@ -130,7 +131,8 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
         length = min(count * chunk_size, snapshot.size_bytes - offset)
         return first, count, source.pread(snapshot.name, length, offset)
 
-    for first, count, data in read_ahead(_runs(chunks, chunk_size), read_run, window=8):
+    runs = _runs(chunks, chunk_size)
+    for first, count, data in read_ahead(runs, read_run, window=16, threads=READ_THREADS):
         read += len(data)
         for i in range(count):
             put(first + i, data[i * chunk_size : (i + 1) * chunk_size])
@@ -153,7 +155,8 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
         offset = index * cs
         return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
 
-    for index, data in zip(sample, read_ahead(sample, read_chunk, window=32), strict=True):
+    reads = read_ahead(sample, read_chunk, window=64, threads=READ_THREADS)
+    for index, data in zip(sample, reads, strict=True):
         offset = index * cs
         digest = None if data.count(0) == len(data) else blake3(data).digest()
         if digest != expected[index]:

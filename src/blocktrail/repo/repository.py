@@ -9,6 +9,7 @@ import json
 import os
 import random
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,7 @@ class Repository:
         self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                         thread_name_prefix="blocktrail-repo")
         self._handles: dict[str, FileHandle] = {}
+        self._handles_lock = threading.Lock()
 
     # ------------------------------------------------------------------ open / init
 
@@ -268,13 +270,14 @@ class Repository:
         loc = self.index.get(name)
         if loc is None:
             raise ObjectMissing(f"{label} is in no index file")
-        handle = self._handles.get(loc.pack_id)
-        if handle is None:
-            try:
-                handle = self._fio.open(self._pack_path(loc.pack_id))
-            except FileNotFoundError:
-                raise ObjectMissing(f"{label}: pack {loc.pack_id} is missing") from None
-            self._handles[loc.pack_id] = handle
+        with self._handles_lock:  # reads run on several threads
+            handle = self._handles.get(loc.pack_id)
+            if handle is None:
+                try:
+                    handle = self._fio.open(self._pack_path(loc.pack_id))
+                except FileNotFoundError:
+                    raise ObjectMissing(f"{label}: pack {loc.pack_id} is missing") from None
+                self._handles[loc.pack_id] = handle
         data = handle.pread(loc.length, loc.offset)
         return open_envelope(data, kind, name, f"{label} in pack {loc.pack_id}")
 
