@@ -19,6 +19,7 @@ import uvicorn
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.api import create_app
 from blocktrail.host.registry import DiskRegistry
+from blocktrail.nbd.server import DiskCatalog, serve_connection
 
 TOKEN_FILE = "api-token"
 
@@ -35,7 +36,8 @@ class Endpoint:
     def parse(cls, text: str) -> Endpoint:
         if text.startswith("unix:"):
             return cls(unix_path=text.removeprefix("unix:"))
-        rest = text.removeprefix("http://").removeprefix("tcp:").rstrip("/")
+        rest = text.removeprefix("http://").removeprefix("tcp:").removeprefix("nbd://")
+        rest = rest.rstrip("/")
         host, sep, port = rest.rpartition(":")
         if not sep or not port.isdigit() or not host:
             raise InvalidArgument(f"invalid endpoint {text!r}: use unix:PATH or HOST:PORT")
@@ -50,6 +52,7 @@ class HostConfig:
     data_dir: str
     api: Endpoint
     token: str | None = None
+    nbd: Endpoint | None = None
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -99,6 +102,11 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, setattr, server, "should_exit", True)
     task = asyncio.create_task(server.serve(sockets=[sock]))
+    nbd_server = None
+    if config.nbd is not None:
+        catalog = DiskCatalog(registry.get, registry.names)
+        nbd_server = await asyncio.start_server(
+            lambda r, w: serve_connection(catalog, r, w), sock=bind(config.nbd))
     try:
         while not server.started:
             if task.done():
@@ -108,6 +116,8 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
             started.set()
         await task
     finally:
+        if nbd_server is not None:
+            nbd_server.close()
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)

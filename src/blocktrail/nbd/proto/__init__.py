@@ -1,0 +1,17 @@
+"""The sans-IO NBD protocol core: no sockets, no asyncio, no threads."""
+
+from blocktrail.nbd.proto.constants import Command, CommandFlag, Errno, ReplyType
+from blocktrail.nbd.proto.errors import LocalProtocolError, NbdError, RemoteProtocolError
+from blocktrail.nbd.proto.server import (
+    NEED_DATA,
+    Disconnect,
+    ExportCatalog,
+    ExportChosen,
+    ExportInfo,
+    Request,
+    ServerConnection,
+)
+
+__all__ = ["NEED_DATA", "Command", "CommandFlag", "Disconnect", "Errno", "ExportCatalog",
+           "ExportChosen", "ExportInfo", "LocalProtocolError", "NbdError", "RemoteProtocolError",
+           "ReplyType", "Request", "ServerConnection"]

@@ -1,0 +1,171 @@
+"""The sans-IO server core: negotiation and transmission, fed whole, byte by byte and with
+trailing bytes; bounded input; errors poison the connection."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    Command,
+    CommandFlag,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    RemoteProtocolError,
+    Request,
+    ServerConnection,
+)
+from blocktrail.nbd.proto.constants import (
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    Info,
+    Option,
+    OptionReply,
+)
+
+EXPORT = ExportInfo("disk0", 1 << 20, False, "test", ("base:allocation", "qemu:dirty-bitmap:"))
+
+
+class Catalog:
+    def lookup(self, name: str) -> ExportInfo | None:
+        return EXPORT if name == "disk0" else None
+
+    def names(self) -> list[str]:
+        return ["disk0"]
+
+
+def option(opt: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, opt, len(data)) + data
+
+
+def go(name: bytes = b"disk0", infos: tuple[int, ...] = (Info.BLOCK_SIZE,)) -> bytes:
+    return option(Option.GO, struct.pack(">I", len(name)) + name
+                  + struct.pack(f">H{len(infos)}H", len(infos), *infos))
+
+
+def meta(opt: int, *queries: bytes) -> bytes:
+    body = struct.pack(">I", 5) + b"disk0" + struct.pack(">I", len(queries))
+    body += b"".join(struct.pack(">I", len(q)) + q for q in queries)
+    return option(opt, body)
+
+
+def request(command: Command, offset: int = 0, length: int = 0, flags: int = 0,
+            data: bytes = b"", cookie: int = 7) -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset, length) + data
+
+
+CLIENT = (struct.pack(">I", 3) + option(Option.STRUCTURED_REPLY)
+          + meta(Option.SET_META_CONTEXT, b"base:allocation", b"qemu:dirty-bitmap:x/1")
+          + go() + request(Command.WRITE, 4096, 3, data=b"abc")
+          + request(Command.BLOCK_STATUS, 0, 65536, CommandFlag.REQ_ONE)
+          + request(Command.DISC))
+
+
+def drive(chunks: list[bytes]) -> tuple[list[object], bytes]:
+    conn = ServerConnection(Catalog())
+    out = conn.data_to_send()
+    events: list[object] = []
+    for chunk in [*chunks, b""]:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, Disconnect):
+                return events, out + conn.data_to_send()
+        out += conn.data_to_send()
+    return events, out
+
+
+def expected_events() -> list[object]:
+    return [ExportChosen(EXPORT, True, {1: "base:allocation", 2: "qemu:dirty-bitmap:x/1"}),
+            Request(7, Command.WRITE, CommandFlag(0), 4096, 3, b"abc"),
+            Request(7, Command.BLOCK_STATUS, CommandFlag.REQ_ONE, 0, 65536), Disconnect()]
+
+
+def test_whole_and_byte_by_byte_agree() -> None:
+    whole, out_whole = drive([CLIENT])
+    single, out_single = drive([CLIENT[i : i + 1] for i in range(len(CLIENT))])
+    assert whole == single == expected_events()
+    assert out_whole == out_single
+    assert out_whole.startswith(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+
+
+def test_trailing_bytes_after_disconnect_are_not_read() -> None:
+    events, _ = drive([CLIENT + b"garbage after DISC"])
+    assert events == expected_events()
+
+
+def test_go_replies_info_export_and_block_size() -> None:
+    _, out = drive([struct.pack(">I", 1) + go()])
+    replies = _option_replies(out[18:])
+    kinds = [(k, d[:2]) for _, k, d in replies]
+    assert kinds[0] == (OptionReply.INFO, struct.pack(">H", Info.EXPORT))
+    assert (OptionReply.INFO, struct.pack(">H", Info.BLOCK_SIZE)) in kinds
+    assert replies[-1][1] == OptionReply.ACK
+
+
+def test_unknown_export_and_option_get_error_replies() -> None:
+    conn = ServerConnection(Catalog())
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", 1) + go(b"nope") + option(99) + option(Option.LIST))
+    assert conn.next_event() is NEED_DATA
+    kinds = [k for _, k, _ in _option_replies(conn.data_to_send())]
+    assert kinds == [OptionReply.ERR_UNKNOWN, OptionReply.ERR_UNSUP, OptionReply.SERVER,
+                     OptionReply.ACK]
+
+
+def test_list_meta_context_namespaces() -> None:
+    conn = ServerConnection(Catalog())
+    conn.data_to_send()
+    conn.receive_data(struct.pack(">I", 1) + meta(Option.LIST_META_CONTEXT, b"base:"))
+    assert conn.next_event() is NEED_DATA
+    replies = _option_replies(conn.data_to_send())
+    assert [d[4:] for _, k, d in replies if k == OptionReply.META_CONTEXT] == [b"base:allocation"]
+
+
+@pytest.mark.parametrize("payload", [
+    option(Option.EXPORT_NAME, b"x" * 5000),  # oversized export name
+    struct.pack(">QII", IHAVEOPT, Option.GO, 2**32 - 1),  # huge option length, not buffered
+    struct.pack(">QII", 0x1234, 1, 0),  # bad option magic
+    option(Option.EXPORT_NAME, b"nope"),  # unknown export with EXPORT_NAME: no way to refuse
+])
+def test_cve_classes_are_protocol_errors(payload: bytes) -> None:
+    conn = ServerConnection(Catalog())
+    conn.receive_data(struct.pack(">I", 1) + payload)
+    with pytest.raises(RemoteProtocolError):
+        while conn.next_event() is not NEED_DATA:
+            pass
+    assert conn.next_event() == Disconnect()  # poisoned: nothing more is read
+
+
+def test_oversized_write_and_bad_flags_are_protocol_errors() -> None:
+    for bad in (request(Command.WRITE, 0, 64 << 20), request(Command.READ, flags=CommandFlag.FUA),
+                struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 42, 1, 0, 0)):
+        conn = ServerConnection(Catalog())
+        conn.receive_data(struct.pack(">I", 1) + go() + bad)
+        assert isinstance(conn.next_event(), ExportChosen)
+        with pytest.raises(RemoteProtocolError):
+            conn.next_event()
+
+
+def test_eof_mid_message_is_a_protocol_error() -> None:
+    conn = ServerConnection(Catalog())
+    conn.receive_data(struct.pack(">I", 1) + go()[:10])
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+def _option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos < len(data):
+        magic, opt, kind, length = struct.unpack_from(">QIII", data, pos)
+        assert magic == OPTION_REPLY_MAGIC
+        out.append((opt, kind, data[pos + 20 : pos + 20 + length]))
+        pos += 20 + length
+    return out
