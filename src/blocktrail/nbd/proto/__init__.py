@@ -1,5 +1,6 @@
 """The sans-IO NBD protocol core: no sockets, no asyncio, no threads."""
 
+from blocktrail.nbd.proto.client import ClientConnection, Ready, ReplyChunk, ReplyDone
 from blocktrail.nbd.proto.constants import Command, CommandFlag, Errno, ReplyType
 from blocktrail.nbd.proto.errors import LocalProtocolError, NbdError, RemoteProtocolError
 from blocktrail.nbd.proto.server import (
@@ -12,6 +13,7 @@ from blocktrail.nbd.proto.server import (
     ServerConnection,
 )
 
-__all__ = ["NEED_DATA", "Command", "CommandFlag", "Disconnect", "Errno", "ExportCatalog",
-           "ExportChosen", "ExportInfo", "LocalProtocolError", "NbdError", "RemoteProtocolError",
-           "ReplyType", "Request", "ServerConnection"]
+__all__ = ["NEED_DATA", "ClientConnection", "Command", "CommandFlag", "Disconnect", "Errno",
+           "ExportCatalog", "ExportChosen", "ExportInfo", "LocalProtocolError", "NbdError",
+           "Ready", "RemoteProtocolError", "ReplyChunk", "ReplyDone", "ReplyType", "Request",
+           "ServerConnection"]
