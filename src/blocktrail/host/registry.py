@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -22,8 +23,11 @@ from blocktrail.errors import (
 )
 from blocktrail.fileio import OsFileIO
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
 VMS_FILE = "vms.json"
+# Files of the registry's own in DIR, never disk names.
+_RESERVED = frozenset({VMS_FILE, VMS_FILE + ".tmp"})
 
 
 def check_name(kind: str, name: str) -> str:
@@ -31,6 +35,28 @@ def check_name(kind: str, name: str) -> str:
         raise InvalidArgument(f"invalid {kind} name {name!r}: 1-64 of A-Z a-z 0-9 . _ -, "
                               "starting with a letter or digit")
     return name
+
+
+def check_disk_name(name: str) -> str:
+    check_name("disk", name)
+    if name in _RESERVED:
+        raise InvalidArgument(f"{name!r} is reserved for the host's own files; "
+                              "choose another disk name")
+    return name
+
+
+def check_import_source(path: str) -> str:
+    """``path`` names a regular file: anything else (a directory, a device, a FIFO that would
+    block the host) is refused before it is opened."""
+    if "\0" in path or not os.path.isabs(path):
+        raise InvalidArgument(f"import source {path!r} must be an absolute path on the host")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InvalidArgument(f"cannot import {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise InvalidArgument(f"cannot import {path}: not a regular file (a raw image is one)")
+    return path
 
 
 class VmNotFound(BlocktrailError):
@@ -57,7 +83,7 @@ class DiskRegistry:
                       if _NAME.fullmatch(n) and os.path.exists(self._path(n, "disk.json")))
 
     def get(self, name: str) -> Disk:
-        check_name("disk", name)
+        check_disk_name(name)
         with self._lock:
             disk = self._disks.get(name)
             if disk is None:
@@ -70,10 +96,11 @@ class DiskRegistry:
         return self._add(name, lambda path: Disk.create(path, size_bytes, granularity))
 
     def import_raw(self, name: str, source: str, granularity: int) -> Disk:
+        check_import_source(source)
         return self._add(name, lambda path: import_raw(source, path, granularity))
 
     def _add(self, name: str, make: Callable[[str], Disk]) -> Disk:
-        check_name("disk", name)
+        check_disk_name(name)
         with self._lock:
             if os.path.exists(self._path(name)):
                 raise DiskExists(f"the host already has a disk {name!r}")
