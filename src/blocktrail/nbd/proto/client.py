@@ -10,6 +10,13 @@
 
 It negotiates fixed newstyle with structured replies, the requested meta contexts, and GO.
 Anything the server sends that the protocol does not allow raises `RemoteProtocolError`.
+
+With ``tls=TlsMode.ALLOW`` or ``REQUIRE`` it sends NBD_OPT_STARTTLS first, and nothing else
+before TLS. On the server's ACK it returns `StartTls`: the I/O layer runs the TLS handshake on the
+socket and calls `tls_established()`, then feeds decrypted bytes to `receive_data` and encrypts
+what `data_to_send` returns. If the server refuses STARTTLS, REQUIRE (nbds:// URIs) raises
+`TlsNotOffered`, never falling back to plaintext; ALLOW goes on in plaintext. A server that
+requires TLS from a client without it raises `TlsRequiredByServer`.
 """
 
 from __future__ import annotations
@@ -36,8 +43,13 @@ from blocktrail.nbd.proto.constants import (
     OptionReply,
     ReplyType,
 )
-from blocktrail.nbd.proto.errors import LocalProtocolError, RemoteProtocolError
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect
+from blocktrail.nbd.proto.errors import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    TlsNotOffered,
+    TlsRequiredByServer,
+)
+from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
 
 _OPTION_REPLY = struct.Struct(">QIII")
 _SIMPLE = struct.Struct(">IIQ")
@@ -71,16 +83,20 @@ class ReplyDone:
 class _State(Enum):
     GREETING = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
     TRANSMISSION = auto()
     CLOSED = auto()
 
 
-ClientEvent = Ready | ReplyChunk | ReplyDone | Disconnect
+ClientEvent = Ready | ReplyChunk | ReplyDone | Disconnect | StartTls
 
 
 class ClientConnection:
-    def __init__(self, export: str, contexts: list[str] | None = None) -> None:
+    def __init__(self, export: str, contexts: list[str] | None = None,
+                 tls: TlsMode = TlsMode.OFF) -> None:
         self._export = export.encode()
+        self._tls = tls
+        self.tls_active = False  # the TLS handshake is done: receive_data gets decrypted bytes
         self._contexts = [c.encode() for c in contexts or []]
         self._in = bytearray()
         self._out = bytearray()
@@ -96,6 +112,9 @@ class ClientConnection:
         self._events: deque[ClientEvent] = deque()
 
     def receive_data(self, data: bytes) -> None:
+        if self._state is _State.TLS_HANDSHAKE and data:
+            raise LocalProtocolError("the TLS handshake is under way: its bytes go to the TLS "
+                                     "session; call tls_established() when it is done")
         if data:
             self._in += data
         else:
@@ -110,6 +129,9 @@ class ClientConnection:
             while True:
                 if self._state is _State.CLOSED:
                     return Disconnect()
+                if self._state is _State.TLS_HANDSHAKE:
+                    raise LocalProtocolError("run the TLS handshake and call tls_established() "
+                                             "first")
                 if self._state is _State.GREETING:
                     if not self._greeting():
                         return self._need()
@@ -117,7 +139,7 @@ class ClientConnection:
                     event = self._option_reply()
                     if event is None:
                         return self._need()
-                    if isinstance(event, Ready):
+                    if isinstance(event, Ready | StartTls):
                         return event
                 else:
                     if self._events:
@@ -126,9 +148,17 @@ class ClientConnection:
                     if replies is None:
                         return self._need()
                     self._events.extend(replies)
-        except RemoteProtocolError:
+        except (RemoteProtocolError, TlsNotOffered, TlsRequiredByServer):
             self._state = _State.CLOSED
             raise
+
+    def tls_established(self) -> None:
+        """The TLS handshake that followed `StartTls` succeeded: negotiate over TLS."""
+        if self._state is not _State.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"no TLS handshake is pending (state {self._state.name})")
+        self.tls_active = True
+        self._state = _State.OPTIONS
+        self._negotiate()
 
     def _need(self) -> object:
         if self._eof:
@@ -153,6 +183,14 @@ class ClientConnection:
         if flags & HandshakeFlag.NO_ZEROES:
             client |= ClientFlag.NO_ZEROES
         self._out += struct.pack(">I", client)
+        self._state = _State.OPTIONS
+        if self._tls is TlsMode.OFF:
+            self._negotiate()
+        else:
+            self._send_option(Option.STARTTLS, b"")  # alone: nothing else goes in plaintext
+        return True
+
+    def _negotiate(self) -> None:
         self._send_option(Option.STRUCTURED_REPLY, b"")
         if self._contexts:
             body = struct.pack(">I", len(self._export)) + self._export
@@ -161,14 +199,12 @@ class ClientConnection:
             self._send_option(Option.SET_META_CONTEXT, body)
         self._send_option(Option.GO, struct.pack(">I", len(self._export)) + self._export
                           + struct.pack(">HH", 1, Info.BLOCK_SIZE))
-        self._state = _State.OPTIONS
-        return True
 
     def _send_option(self, option: int, data: bytes) -> None:
         self._out += struct.pack(">QII", IHAVEOPT, option, len(data)) + data
         self._pending_options.append(option)
 
-    def _option_reply(self) -> Ready | bool | None:
+    def _option_reply(self) -> Ready | StartTls | bool | None:
         if len(self._in) < _OPTION_REPLY.size:
             return None
         magic, option, kind, length = _OPTION_REPLY.unpack_from(self._in)
@@ -182,6 +218,11 @@ class ClientConnection:
             return None
         data = bytes(self._in[_OPTION_REPLY.size : _OPTION_REPLY.size + length])
         del self._in[: _OPTION_REPLY.size + length]
+        if option == Option.STARTTLS:
+            return self._starttls_reply(kind, data)
+        if kind == OptionReply.ERR_TLS_REQD:
+            raise TlsRequiredByServer("the server requires TLS: connect with TLS credentials "
+                                      "(an nbds:// URI)")
         if kind >= OptionReply.ERR_UNSUP:
             message = data.decode(errors="replace")
             if option == Option.SET_META_CONTEXT or option == Option.STRUCTURED_REPLY:
@@ -203,6 +244,26 @@ class ClientConnection:
                     raise RemoteProtocolError("GO acknowledged without NBD_INFO_EXPORT")
                 self._state = _State.TRANSMISSION
                 return Ready(self._size, self._flags, dict(self._agreed))
+        return True
+
+    def _starttls_reply(self, kind: int, data: bytes) -> StartTls | bool:
+        self._pending_options.pop(0)
+        if kind == OptionReply.ACK:
+            if self._in:
+                # The server sends nothing after the ACK before our ClientHello: these bytes
+                # were injected, and must never be taken as if they had come over TLS.
+                raise RemoteProtocolError(f"{len(self._in)} bytes of plaintext followed the "
+                                          f"STARTTLS acknowledgement; connection closed")
+            self._state = _State.TLS_HANDSHAKE
+            return StartTls()
+        if kind < OptionReply.ERR_UNSUP:
+            raise RemoteProtocolError(f"unexpected reply {kind:#x} to STARTTLS")
+        message = data.decode(errors="replace")
+        if self._tls is TlsMode.REQUIRE:
+            self._send_option(Option.ABORT, b"")
+            raise TlsNotOffered(f"the server refused STARTTLS ({_reply_name(kind)}: {message}); "
+                                f"TLS is required, so the connection is closed")
+        self._negotiate()  # ALLOW: go on in plaintext
         return True
 
     # ------------------------------------------------------------------ transmission
@@ -281,3 +342,10 @@ class ClientConnection:
         self._open.discard(cookie)
         self._reads.pop(cookie, None)
         return ReplyDone(cookie, error)
+
+
+def _reply_name(kind: int) -> str:
+    try:
+        return f"NBD_REP_{OptionReply(kind).name}"
+    except ValueError:
+        return f"error {kind:#x}"

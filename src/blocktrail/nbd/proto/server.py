@@ -10,6 +10,15 @@ Negotiation (fixed newstyle) is answered here from the export catalog; the appli
 `ExportChosen`, then `Request`s, which it answers with `reply_simple` / `reply_chunk`. Anything the
 client sends that the protocol does not allow raises `RemoteProtocolError` and ends the
 connection; lengths are bounded before anything is buffered.
+
+STARTTLS (``tls=TlsMode.ALLOW`` or ``REQUIRE``): the core ACKs NBD_OPT_STARTTLS and returns
+`StartTls`. The I/O layer then sends `data_to_send()` (the ACK, in plaintext), runs the TLS
+handshake on the socket, and calls `tls_established()`; from then on it feeds the *decrypted*
+bytes to `receive_data` and encrypts what `data_to_send` returns. Nothing negotiated before
+STARTTLS survives it, and plaintext sent after STARTTLS ends the connection (a man in the middle
+may have injected it: nbdkit CVE-2021-3716). In REQUIRE mode every option before TLS other than
+STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, and EXPORT_NAME (which cannot carry an error) ends
+the connection.
 """
 
 from __future__ import annotations
@@ -87,17 +96,34 @@ class Disconnect:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """STARTTLS was acknowledged: send `data_to_send()` in plaintext, run the TLS handshake,
+    then call `tls_established()` (or close the connection if the handshake fails)."""
+
+
+class TlsMode(Enum):
+    """Whether a connection uses TLS: OFF (STARTTLS is refused / not asked for), ALLOW (used
+    when the peer wants it), REQUIRE (nothing but STARTTLS and ABORT before TLS; a client gives
+    up rather than go on in plaintext)."""
+
+    OFF = auto()
+    ALLOW = auto()
+    REQUIRE = auto()
+
+
 class _NeedData(Enum):
     NEED_DATA = auto()
 
 
 NEED_DATA = _NeedData.NEED_DATA
-Event = ExportChosen | Request | Disconnect
+Event = ExportChosen | Request | Disconnect | StartTls
 
 
 class State(Enum):
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
+    TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
     TRANSMISSION = auto()
     CLOSED = auto()
 
@@ -110,8 +136,10 @@ class _Negotiated:
 
 
 class ServerConnection:
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
         self._catalog = catalog
+        self._tls = tls
+        self.tls_active = False  # the TLS handshake is done: receive_data gets decrypted bytes
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
@@ -126,6 +154,9 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         if self.state is State.CLOSED:
             raise LocalProtocolError("the connection is closed")
+        if self.state is State.TLS_HANDSHAKE and data:
+            raise LocalProtocolError("the TLS handshake is under way: its bytes go to the TLS "
+                                     "session; call tls_established() when it is done")
         if data:
             self._in += data
         else:
@@ -140,6 +171,9 @@ class ServerConnection:
             while True:
                 if self.state is State.CLOSED:
                     return Disconnect()
+                if self.state is State.TLS_HANDSHAKE:
+                    raise LocalProtocolError("run the TLS handshake and call tls_established() "
+                                             "first")
                 if self.state is State.CLIENT_FLAGS:
                     if not self._client_flags():
                         return self._need()
@@ -147,7 +181,7 @@ class ServerConnection:
                     chosen = self._option()
                     if chosen is None:
                         return self._need()
-                    if isinstance(chosen, ExportChosen | Disconnect):
+                    if isinstance(chosen, ExportChosen | Disconnect | StartTls):
                         return chosen
                 else:
                     return self._request()
@@ -163,6 +197,13 @@ class ServerConnection:
             self.state = State.CLOSED
             return Disconnect()
         return NEED_DATA
+
+    def tls_established(self) -> None:
+        """The TLS handshake that followed `StartTls` succeeded; negotiation starts afresh."""
+        if self.state is not State.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"no TLS handshake is pending (state {self.state.name})")
+        self.tls_active = True
+        self.state = State.OPTIONS
 
     # ------------------------------------------------------------------ negotiation
 
@@ -199,6 +240,14 @@ class ServerConnection:
         return True
 
     def _handle_option(self, option: int, data: bytes) -> Event | bool:
+        if option == Option.STARTTLS:
+            return self._starttls(data)
+        if self._tls is TlsMode.REQUIRE and not self.tls_active and option != Option.ABORT:
+            if option == Option.EXPORT_NAME:
+                raise RemoteProtocolError("EXPORT_NAME before STARTTLS, and this server "
+                                          "requires TLS")
+            return self._error(option, OptionReply.ERR_TLS_REQD,
+                               "TLS is required: send NBD_OPT_STARTTLS first")
         if option == Option.EXPORT_NAME:
             return self._export_name(data)
         if option == Option.ABORT:
@@ -223,9 +272,25 @@ class ServerConnection:
             return self._info_or_go(option, data)
         if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
             return self._meta_context(option, data)
-        if option == Option.STARTTLS:
-            return self._error(option, OptionReply.ERR_UNSUP, "TLS is not configured")
         return self._error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
+
+    def _starttls(self, data: bytes) -> StartTls | bool:
+        option = Option.STARTTLS
+        if data:
+            return self._error(option, OptionReply.ERR_INVALID, "STARTTLS takes no data")
+        if self._tls is TlsMode.OFF:
+            return self._error(option, OptionReply.ERR_UNSUP, "TLS is not configured")
+        if self.tls_active:
+            return self._error(option, OptionReply.ERR_INVALID, "TLS is already active")
+        if self._in:
+            # A client waits for the ACK before its ClientHello: these bytes came from someone
+            # else, and must never be taken as if they had arrived over TLS.
+            raise RemoteProtocolError(f"{len(self._in)} bytes of plaintext followed STARTTLS "
+                                      f"before the TLS handshake; connection closed")
+        self._reply(option, OptionReply.ACK)
+        self._neg = _Negotiated(no_zeroes=self._neg.no_zeroes)  # nothing survives STARTTLS
+        self.state = State.TLS_HANDSHAKE
+        return StartTls()
 
     def _export_name(self, data: bytes) -> Event:
         export = self._lookup(data)
