@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from blocktrail.extents import Extent, merge
+from blocktrail.extents import Extent, clip, merge
 
 Seal = tuple[int, int, int]  # (size, mtime_ns, inode): what a clean close remembers of a file
 
@@ -28,7 +28,13 @@ class FileHandle(Protocol):
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
     def fsync(self) -> None: ...
-    def data_extents(self) -> list[Extent]: ...
+    def data_extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
+        """The extents that may hold data inside ``[start, end)`` (clipped to it)."""
+        ...
+    def dup(self) -> int | None:
+        """A new OS descriptor of the same open file, for zero-copy readers (the caller
+        closes it); None when the file has none."""
+        ...
     def close(self) -> None: ...
 
 
@@ -118,19 +124,26 @@ class OsFileHandle:
     def fsync(self) -> None:
         os.fdatasync(self._fd)
 
-    def data_extents(self) -> list[Extent]:
-        size, out, pos = self.size(), [], 0
-        while pos < size:
+    def data_extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
+        size = self.size()
+        end = size if end is None else min(end, size)
+        out, pos = [], start
+        while pos < end:
             try:
-                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after pos
                     break
-                return [Extent(0, size)]  # no SEEK_DATA: everything may be data
-            end = os.lseek(self._fd, start, os.SEEK_HOLE)
-            out.append(Extent(start, end - start))
-            pos = end
+                return [Extent(start, end - start)]  # no SEEK_DATA: everything may be data
+            if data >= end:
+                break
+            hole = min(end, os.lseek(self._fd, data, os.SEEK_HOLE))
+            out.append(Extent(data, hole - data))
+            pos = hole
         return out
+
+    def dup(self) -> int | None:
+        return os.dup(self._fd)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -294,14 +307,16 @@ class SimulatedFileHandle:
             self._fs.count_op("fsync")
             self._inode.sync()
 
-    def data_extents(self) -> list[Extent]:
+    def data_extents(self, start: int = 0, end: int | None = None) -> list[Extent]:
         with self._fs.mutex:
             ino = self._inode
+            end = ino.size if end is None else min(end, ino.size)
             pages = sorted(ino.pages)
-            return merge(
-                Extent(p * _PAGE, min(_PAGE, ino.size - p * _PAGE)) for p in pages
-                if p * _PAGE < ino.size
-            )
+            return clip(merge(Extent(p * _PAGE, min(_PAGE, ino.size - p * _PAGE))
+                              for p in pages if p * _PAGE < ino.size), start, end)
+
+    def dup(self) -> int | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -9,34 +9,57 @@ from __future__ import annotations
 from blocktrail.disk.layers import BaseLayer, ClusterState, DeltaLayer, Layer
 from blocktrail.extents import iter_pieces
 
+Piece = tuple[Layer | None, int, int]  # (layer holding the bytes or None for zeros, offset, length)
+
+
+def map_view(layers: list[Layer], cluster_size: int, count: int, offset: int) -> list[Piece]:
+    """Where the bytes of ``[offset, offset+count)`` of the view whose top is ``layers[-1]``
+    live: pieces in order, adjacent pieces of one layer merged. Layers keep data at logical
+    offsets, so a piece's offset is also its offset in the layer's file."""
+    if len(layers) == 1:
+        return [(layers[0], offset, count)]
+    out: list[Piece] = []
+    top = len(layers) - 1
+    for piece_offset, piece_length in iter_pieces(offset, count, cluster_size):
+        for layer, at, length in _locate(layers, top, cluster_size, piece_offset, piece_length):
+            if out and out[-1][0] is layer and out[-1][1] + out[-1][2] == at:
+                out[-1] = (layer, out[-1][1], out[-1][2] + length)
+            else:
+                out.append((layer, at, length))
+    return out
+
+
+def read_pieces(pieces: list[Piece]) -> bytes:
+    if len(pieces) == 1:
+        layer, at, length = pieces[0]
+        if layer is not None:
+            return layer.data.pread(length, at)
+    return b"".join(bytes(length) if layer is None else layer.data.pread(length, at)
+                    for layer, at, length in pieces)
+
 
 def read_view(layers: list[Layer], cluster_size: int, count: int, offset: int) -> bytes:
     """The logical bytes of the view whose top is ``layers[-1]``."""
-    if len(layers) == 1:
-        return layers[0].data.pread(count, offset)
-    out = bytearray()
-    for piece_offset, piece_length in iter_pieces(offset, count, cluster_size):
-        out += _read_piece(layers, len(layers) - 1, cluster_size, piece_offset, piece_length)
-    return bytes(out)
+    return read_pieces(map_view(layers, cluster_size, count, offset))
 
 
-def _read_piece(layers: list[Layer], top: int, cluster_size: int, offset: int,
-                length: int) -> bytes:
-    """Bytes of a piece inside one cluster, as seen through ``layers[top]`` and below."""
+def _locate(layers: list[Layer], top: int, cluster_size: int, offset: int,
+            length: int) -> list[Piece]:
+    """Where a piece inside one cluster lives, as seen through ``layers[top]`` and below."""
     for index in range(top, -1, -1):
         layer = layers[index]
         if isinstance(layer, BaseLayer):
-            return layer.data.pread(length, offset)
+            return [(layer, offset, length)]
         state = layer.state(offset // cluster_size)
         if state is ClusterState.DATA:
-            return layer.data.pread(length, offset)
+            return [(layer, offset, length)]
         if state is ClusterState.ZERO or offset >= layer.visible_below:
-            return bytes(length)
+            return [(None, offset, length)]
         if offset + length > layer.visible_below:
             visible = layer.visible_below - offset
-            below = _read_piece(layers, index - 1, cluster_size, offset, visible)
-            return below + bytes(length - visible)
-    return bytes(length)
+            return [*_locate(layers, index - 1, cluster_size, offset, visible),
+                    (None, offset + visible, length - visible)]
+    return [(None, offset, length)]
 
 
 def write_top(layers: list[Layer], cluster_size: int, offset: int, data: bytes | None,
@@ -74,8 +97,8 @@ def _write_delta_piece(layers: list[Layer], top: DeltaLayer, cluster_size: int, 
         top.data.pwrite(piece, offset)
         return
     # copy the cluster's current content up, then overlay the piece
-    current = bytearray(_read_piece(layers, len(layers) - 1, cluster_size, cluster_offset,
-                                    cluster_size))
+    current = bytearray(read_pieces(_locate(layers, len(layers) - 1, cluster_size,
+                                            cluster_offset, cluster_size)))
     within = offset - cluster_offset
     current[within : within + length] = piece
     top.data.pwrite(bytes(current), cluster_offset)

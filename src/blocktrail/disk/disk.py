@@ -15,6 +15,7 @@ from blocktrail.disk import chain
 from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
 from blocktrail.disk.meta import META_FILE, DiskMeta, LayerRecord, Snapshot
+from blocktrail.disk.readmap import MappedRead
 from blocktrail.disk.rwlock import DiskLock
 from blocktrail.errors import (
     BlocktrailError,
@@ -230,6 +231,25 @@ class Disk:
             self._check_range(count, offset, self._meta.size_bytes)
             return chain.read_view(self._layers, self.cluster_size, count, offset)
 
+    def map_read(self, count: int, offset: int, snapshot: str | None = None, *,
+                 wait: bool = True) -> MappedRead | None:
+        """Where the bytes of a read of the live disk (or a snapshot) are, for a zero-copy
+        reader; the caller closes the result. With ``wait=False``, None instead of waiting
+        while a writer holds the disk."""
+        counted = self._lock.acquire_shared(blocking=wait)
+        if counted is None:
+            return None
+        try:
+            self._check_usable()
+            layers = self._view_layers(snapshot)
+            size = self._meta.size_bytes if snapshot is None else \
+                self._snapshot(snapshot).size_bytes
+            self._check_range(count, offset, size)
+            return MappedRead.from_pieces(offset, count, chain.map_view(
+                layers, self.cluster_size, count, offset))
+        finally:
+            self._lock.release_shared(counted)
+
     def pwrite(self, buf: bytes, offset: int) -> None:
         self._apply(offset, len(buf), bytes(buf))
 
@@ -370,15 +390,22 @@ class Disk:
     # ------------------------------------------------------------------ tracking
 
     def query_changed_areas(self, change_id: str, start_offset: int = 0,
-                            snapshot: str | None = None) -> DiskChangeInfo:
+                            snapshot: str | None = None, *,
+                            end_offset: int | None = None) -> DiskChangeInfo:
         """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
-        allocated areas. See docs/tracking.md."""
+        allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
+        the end of the disk). See docs/tracking.md."""
         with self._lock.shared():
             self._check_usable()
             snap = None if snapshot is None else self._snapshot(snapshot)
             size = self.size_bytes if snap is None else snap.size_bytes
+            end = size if end_offset is None else min(size, end_offset)
+            if not 0 <= start_offset < end:
+                raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size})"
+                                 if start_offset >= size or start_offset < 0 else
+                                 f"end offset {end_offset} is not past start {start_offset}")
             if change_id.strip() == ALL_ALLOCATED:
-                return self._allocated_areas(snapshot, size, start_offset)
+                return self._allocated_areas(snapshot, start_offset, end)
             until = None
             if snap is not None:
                 try:
@@ -386,7 +413,7 @@ class Disk:
                 except StaleChangeId as exc:
                     raise StaleChangeId(f"snapshot {snap.name!r} was taken before the current "
                                         f"tracking epoch: {exc.message}") from exc
-            return self._tracker.query(change_id, until_seq=until, size_bytes=size,
+            return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)
 
     def reset_tracking(self) -> str:
@@ -398,19 +425,16 @@ class Disk:
             self._guard(self._delete_unreferenced)
             return str(change_id)
 
-    def _allocated_areas(self, snapshot: str | None, size: int,
-                         start_offset: int) -> DiskChangeInfo:
-        if not 0 <= start_offset < size:
-            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size})")
+    def _allocated_areas(self, snapshot: str | None, start: int, end: int) -> DiskChangeInfo:
+        g = self.granularity
+        lo, hi = start // g * g, -(-end // g) * g  # whole granules, as the tracker answers
         layers = self._view_layers(snapshot)
-        found = merge(align_out(e, self.granularity) for layer in layers
-                      for e in layer.allocated(size))
-        areas = clip(found, start_offset, size)
-        end = size
+        found = merge(align_out(e, g) for layer in layers for e in layer.allocated(lo, hi))
+        areas = clip(found, start, end)
         if len(areas) > MAX_EXTENTS_PER_ANSWER:
             areas = areas[:MAX_EXTENTS_PER_ANSWER]
             end = areas[-1].end
-        return DiskChangeInfo(start_offset, end - start_offset, tuple(areas))
+        return DiskChangeInfo(start, end - start, tuple(areas))
 
     # ------------------------------------------------------------------ internals
 

@@ -9,7 +9,7 @@ from enum import IntEnum
 import numpy as np
 
 from blocktrail.errors import CorruptMetadata, UnsupportedFormat
-from blocktrail.extents import Extent, merge
+from blocktrail.extents import Extent, clip, merge
 from blocktrail.fileio import FileHandle, FileIO
 
 MAP_MAGIC = b"BTCMAP\x00"
@@ -45,8 +45,9 @@ class BaseLayer:
     def file_names(self) -> list[str]:
         return [data_name(self.id)]
 
-    def allocated(self, size_bytes: int) -> list[Extent]:
-        return [e for e in self.data.data_extents() if e.offset < size_bytes]
+    def allocated(self, start: int, end: int) -> list[Extent]:
+        """Extents inside ``[start, end)`` this layer may hold data in (clipped)."""
+        return self.data.data_extents(start, end)
 
     def flush(self) -> None:
         self.data.fsync()
@@ -97,10 +98,16 @@ class DeltaLayer:
             self.states[cluster] = state
         self._pending[cluster] = state
 
-    def allocated(self, size_bytes: int) -> list[Extent]:
+    def allocated(self, start: int, end: int) -> list[Extent]:
+        """Extents inside ``[start, end)`` this layer holds data in (clipped)."""
         cs = self.cluster_size
-        return merge(Extent(c * cs, cs) for c, s in self.states.items()
-                     if s is ClusterState.DATA and c * cs < size_bytes)
+        first, stop = start // cs, -(-end // cs)
+        if stop - first < len(self.states):  # a small window of a big layer
+            clusters = [c for c in range(first, stop) if self.states.get(c) is ClusterState.DATA]
+        else:
+            clusters = [c for c, s in self.states.items()
+                        if s is ClusterState.DATA and first <= c < stop]
+        return clip(merge(Extent(c * cs, cs) for c in clusters), start, end)
 
     def flush(self) -> None:
         if not self._pending:

@@ -46,23 +46,32 @@ class DiskLock:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:  # already exclusive: reading is allowed
-                counted = False
-            else:
-                if not getattr(self._local, "reads", 0):
-                    while self._owner is not None or self._writers_waiting:
-                        self._cond.wait()
-                self._readers += 1
-                self._local.reads = getattr(self._local, "reads", 0) + 1
-                counted = True
+        counted = self.acquire_shared()
         try:
             yield
         finally:
-            if counted:
-                with self._cond:
-                    self._readers -= 1
-                    self._local.reads -= 1
-                    if not self._readers:
-                        self._cond.notify_all()
+            self.release_shared(counted)
+
+    def acquire_shared(self, *, blocking: bool = True) -> bool | None:
+        """Take the lock shared; -> whether the hold was counted (pass it to `release_shared`),
+        or None when ``blocking`` is False and a writer holds or waits for the lock."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:  # already exclusive: reading is allowed
+                return False
+            if not getattr(self._local, "reads", 0):
+                while self._owner is not None or self._writers_waiting:
+                    if not blocking:
+                        return None
+                    self._cond.wait()
+            self._readers += 1
+            self._local.reads = getattr(self._local, "reads", 0) + 1
+            return True
+
+    def release_shared(self, counted: bool | None) -> None:
+        if counted:
+            with self._cond:
+                self._readers -= 1
+                self._local.reads -= 1
+                if not self._readers:
+                    self._cond.notify_all()
