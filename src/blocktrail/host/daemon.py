@@ -19,7 +19,8 @@ import uvicorn
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.api import create_app
 from blocktrail.host.registry import DiskRegistry
-from blocktrail.nbd.server import DiskCatalog, serve_connection
+from blocktrail.nbd.exports import DiskCatalog
+from blocktrail.nbd.server import NbdServer
 
 TOKEN_FILE = "api-token"
 
@@ -104,9 +105,8 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
     task = asyncio.create_task(server.serve(sockets=[sock]))
     nbd_server = None
     if config.nbd is not None:
-        catalog = DiskCatalog(registry.get, registry.names)
-        nbd_server = await asyncio.start_server(
-            lambda r, w: serve_connection(catalog, r, w), sock=bind(config.nbd))
+        nbd_server = NbdServer(DiskCatalog(registry.get, registry.names))
+        nbd_server.listen(bind(config.nbd))
     try:
         while not server.started:
             if task.done():
@@ -117,7 +117,7 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
         await task
     finally:
         if nbd_server is not None:
-            nbd_server.close()
+            await nbd_server.close()
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)

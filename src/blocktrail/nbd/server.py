@@ -1,21 +1,30 @@
-"""An asyncio NBD server exporting disks: ``NAME`` read-write, ``NAME@SNAPSHOT`` read-only.
+"""The asyncio NBD server: exports disks (`DiskCatalog`) on a listening socket.
 
-Meta contexts: ``base:allocation`` and ``qemu:dirty-bitmap:CHANGE_ID`` (areas changed since
-CHANGE_ID, up to the snapshot for a snapshot export, up to now for the live one). A dirty-bitmap
-question that cannot be answered (stale ID, any error) gets an error reply, never a "clean"
-default. Disk calls run on worker threads so the event loop keeps serving other connections.
+Each connection is a coroutine on the event loop that receives and parses requests (the
+sans-IO `ServerConnection`), plus a `Wire` thread that sends replies. Reads of data at rest are
+answered without copying: the disk maps the range to its layer files and the wire sends them with
+``sendfile``; when a writer holds the disk, or for writes, flushes and block status, the work
+runs on a small thread pool and the reply is queued from there. Replies may leave in any order
+(NBD matches them by cookie); each is sent whole.
+
+Limits: connections (further ones are closed at once), the time a client may take to negotiate
+(slowloris), and per connection the requests and bytes in flight: past them the server stops
+reading from the client until replies have gone out, so a client that sends and never reads
+costs bounded memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
-from collections.abc import Callable
+import logging
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from blocktrail.disk import Disk
-from blocktrail.errors import BlocktrailError, ChangeIdError, OutOfRange, SnapshotNotFound
+from blocktrail.disk.readmap import MappedRead, ReadSegment
+from blocktrail.nbd.exports import DiskCatalog, RequestFailed, Target
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,
@@ -23,227 +32,267 @@ from blocktrail.nbd.proto import (
     Disconnect,
     Errno,
     ExportChosen,
-    ExportInfo,
+    InvalidRequest,
     RemoteProtocolError,
     ReplyType,
     Request,
     ServerConnection,
 )
-from blocktrail.nbd.proto.constants import (
-    BASE_ALLOCATION,
-    DIRTY_BITMAP_PREFIX,
-    STATE_DIRTY,
-    STATE_HOLE,
-    STATE_ZERO,
-)
-from blocktrail.tracking import ALL_ALLOCATED
+from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
 
-READ_CHUNK = 1 << 20
-MAX_DESCRIPTORS = 1 << 16
+log = logging.getLogger(__name__)
+RECEIVE_BYTES = 256 * 1024
+SEND_BUFFER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    disk: Disk
-    snapshot: str | None
+class ServerLimits:
+    max_connections: int = 100
+    handshake_seconds: float = 10.0
+    requests_in_flight: int = 64  # per connection
+    bytes_in_flight: int = 64 << 20  # per connection: write payloads held, read replies queued
+    disk_threads: int = 8
+
+
+class NbdServer:
+    """Serve `catalog` on listening sockets until `close`."""
+
+    def __init__(self, catalog: DiskCatalog, limits: ServerLimits = ServerLimits()) -> None:
+        self.catalog = catalog
+        self.limits = limits
+        self.executor = ThreadPoolExecutor(limits.disk_threads, thread_name_prefix="nbd-disk")
+        self._connections: set[asyncio.Task[None]] = set()
+        self._accepting: list[asyncio.Task[None]] = []
+        self.refused_connections = 0
 
     @property
-    def size_bytes(self) -> int:
-        if self.snapshot is None:
-            return self.disk.size_bytes
-        return self.disk.open_snapshot(self.snapshot).size_bytes
+    def connections(self) -> int:
+        return len(self._connections)
 
-    def pread(self, count: int, offset: int) -> bytes:
-        if self.snapshot is None:
-            return self.disk.pread(count, offset)
-        return self.disk.open_snapshot(self.snapshot).pread(count, offset)
+    def listen(self, sock: socket.socket) -> None:
+        """Accept connections on ``sock`` (bound, listening, non-blocking) from now on."""
+        self._accepting.append(asyncio.create_task(self._accept(sock)))
 
-
-class DiskCatalog:
-    """Exports the disks a lookup function finds (the host's registry)."""
-
-    def __init__(self, get_disk: Callable[[str], Disk], names: Callable[[], list[str]]) -> None:
-        self._get_disk = get_disk
-        self._names = names
-
-    def target(self, name: str) -> Target | None:
-        disk_name, _, snapshot = name.partition("@")
-        try:
-            disk = self._get_disk(disk_name)
-            if snapshot:
-                disk.open_snapshot(snapshot)
-        except BlocktrailError:
-            return None
-        return Target(disk, snapshot or None)
-
-    def lookup(self, name: str) -> ExportInfo | None:
-        target = self.target(name)
-        if target is None:
-            return None
-        change_ids = [s.change_id for s in target.disk.snapshots]
-        contexts = (BASE_ALLOCATION, DIRTY_BITMAP_PREFIX,
-                    *(DIRTY_BITMAP_PREFIX + c for c in change_ids))
-        return ExportInfo(name, target.size_bytes, target.snapshot is not None,
-                          f"blocktrail disk {name}", contexts, min_block=1,
-                          preferred_block=4096)
-
-    def names(self) -> list[str]:
-        out: list[str] = []
-        for name in self._names():
-            out.append(name)
-            with contextlib.suppress(BlocktrailError):
-                out += [f"{name}@{s.name}" for s in self._get_disk(name).snapshots]
-        return out
-
-
-class _RequestFailed(Exception):
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(message)
-        self.errno, self.message = errno, message
-
-
-async def serve_connection(catalog: DiskCatalog, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
-    conn = ServerConnection(catalog)
-    target: Target | None = None
-    chosen: ExportChosen | None = None
-    try:
-        writer.write(conn.data_to_send())
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            event = conn.next_event()
-            writer.write(conn.data_to_send())
+            sock, _ = await loop.sock_accept(listener)
+            if len(self._connections) >= self.limits.max_connections:
+                self.refused_connections += 1
+                sock.close()
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # fewer stalls of the wire on a full buffer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(_Connection(self, sock).run())
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def close(self) -> None:
+        for task in [*self._accepting, *self._connections]:
+            task.cancel()
+        await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+
+
+class _Connection:
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._sock = sock
+        self._proto = ServerConnection(server.catalog)
+        self._lock = threading.Lock()  # the sans-IO core and the accounting below
+        self._wire = Wire(sock)
+        self._in_flight = 0
+        self._bytes_in_flight = 0
+        self._room = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._waiting = False
+
+    async def run(self) -> None:
+        try:
+            chosen = await asyncio.wait_for(self._negotiate(), self._limits.handshake_seconds)
+            if chosen is not None:
+                await self._transmit(chosen)
+        except (RemoteProtocolError, TimeoutError, OSError):
+            pass
+        finally:
+            await asyncio.to_thread(self._wire.close)
+            self._sock.close()
+
+    async def _receive(self) -> None:
+        data = await self._loop.sock_recv(self._sock, RECEIVE_BYTES)
+        with self._lock:
+            self._proto.receive_data(data)
+
+    def _flush(self) -> None:
+        out = self._proto.data_to_send()
+        if out:
+            self._wire.send([out])
+
+    async def _negotiate(self) -> ExportChosen | None:
+        while True:
+            with self._lock:
+                event = self._proto.next_event()
+                self._flush()
             if event is NEED_DATA:
-                await writer.drain()
-                conn.receive_data(await reader.read(256 * 1024))
-                continue
-            if isinstance(event, Disconnect):
-                break
-            if isinstance(event, ExportChosen):
-                chosen = event
-                target = catalog.target(event.export.name)
-                if target is None:
+                await self._receive()
+            elif isinstance(event, ExportChosen):
+                return event
+            elif isinstance(event, Disconnect):
+                return None
+
+    async def _transmit(self, chosen: ExportChosen) -> None:
+        target = self._server.catalog.target(chosen.export.name)
+        if target is None:
+            return
+        while True:
+            while self._has_room():
+                with self._lock:
+                    event = self._proto.next_event()
+                if event is NEED_DATA:
                     break
+                if isinstance(event, Disconnect):
+                    await self._until(lambda: self._in_flight == 0)  # answer what is in flight
+                    return
+                if isinstance(event, Request | InvalidRequest):
+                    self._dispatch(target, chosen, event)
+            else:
+                await self._until(self._has_room)
                 continue
-            assert isinstance(event, Request) and target is not None and chosen is not None
-            await _answer(conn, target, chosen, event)
-            writer.write(conn.data_to_send())
-            await writer.drain()
-    except (RemoteProtocolError, ConnectionError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            writer.write(conn.data_to_send())
-            writer.close()
-            await writer.wait_closed()
+            await self._receive()
+
+    def _has_room(self) -> bool:
+        return (self._in_flight < self._limits.requests_in_flight
+                and self._bytes_in_flight < self._limits.bytes_in_flight)
+
+    async def _until(self, condition: object) -> None:
+        assert callable(condition)
+        while True:
+            with self._lock:
+                if condition():
+                    self._waiting = False
+                    return
+                self._waiting = True
+                self._room.clear()
+            await self._room.wait()
+
+    # ------------------------------------------------------------------ requests
+
+    def _dispatch(self, target: Target, chosen: ExportChosen,
+                  event: Request | InvalidRequest) -> None:
+        if isinstance(event, InvalidRequest):
+            self._take(0)
+            self._reply_error(event.cookie, event.errno, event.message, 0)
+            return
+        request = event
+        size = request.length if request.command is Command.READ else len(request.data)
+        self._take(size)
+        if request.command is Command.READ:
+            try:
+                if request.length == 0:
+                    raise RequestFailed(Errno.EINVAL, "READ of 0 bytes")
+                mapped = target.map_read(request.length, request.offset, wait=False)
+            except RequestFailed as failure:
+                self._reply_error(request.cookie, failure.errno, failure.message, size)
+                return
+            if mapped is not None:
+                self._send_read(request, mapped, size)
+                return
+        self._server.executor.submit(self._work, target, chosen, request, size)
+
+    def _work(self, target: Target, chosen: ExportChosen, request: Request, size: int) -> None:
+        """A request that may wait for the disk, on a worker thread."""
+        try:
+            if request.command is Command.READ:
+                mapped = target.map_read(request.length, request.offset, wait=True)
+                assert mapped is not None
+                self._send_read(request, mapped, size)
+            elif request.command is Command.BLOCK_STATUS:
+                self._send_block_status(request, target.block_status(request, chosen.contexts),
+                                        size)
+            else:
+                target.perform(request)
+                self._reply_done(request.cookie, size)
+        except RequestFailed as failure:
+            self._reply_error(request.cookie, failure.errno, failure.message, size)
+        except Exception as exc:  # a bug here must not leave the client waiting forever
+            log.exception("NBD request %s failed", request.command.name)
+            self._reply_error(request.cookie, Errno.EIO, f"internal error: {exc!r}", size)
+
+    def _send_read(self, request: Request, mapped: MappedRead, size: int) -> None:
+        proto, cookie = self._proto, request.cookie
+        items: list[Item] = []
+        with self._lock:
+            if proto.structured_replies and not request.flags & CommandFlag.DF:
+                last = len(mapped.segments) - 1
+                for index, segment in enumerate(mapped.segments):
+                    if segment.is_zero:
+                        proto.reply_hole(cookie, segment.offset, segment.length,
+                                         done=index == last)
+                        items.append(proto.data_to_send())
+                    else:
+                        proto.reply_read_header(cookie, segment.offset, segment.length,
+                                                done=index == last)
+                        items.append(proto.data_to_send())
+                        items += _payload(segment)
+            else:
+                proto.reply_read_header(cookie, request.offset, request.length, done=True)
+                items.append(proto.data_to_send())
+                for segment in mapped.segments:
+                    items += _payload(segment)
+
+            def sent() -> None:
+                mapped.close()
+                self._give(size)
+
+            self._wire.send(items, sent)
+
+    def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
+                           size: int) -> None:
+        with self._lock:
+            for index, (context_id, payload) in enumerate(answers):
+                self._proto.reply_chunk(request.cookie, ReplyType.BLOCK_STATUS,
+                                        context_id.to_bytes(4, "big") + payload,
+                                        done=index == len(answers) - 1)
+            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+    def _reply_done(self, cookie: int, size: int) -> None:
+        with self._lock:
+            if self._proto.structured_replies:
+                self._proto.reply_chunk(cookie, ReplyType.NONE, b"", done=True)
+            else:
+                self._proto.reply_simple(cookie)
+            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+    def _reply_error(self, cookie: int, errno: int, message: str, size: int) -> None:
+        with self._lock:
+            self._proto.reply_error(cookie, errno, message)
+            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+    # ------------------------------------------------------------------ accounting
+
+    def _take(self, size: int) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._bytes_in_flight += size
+
+    def _give(self, size: int) -> None:
+        """A reply went out (or was dropped): on any thread."""
+        with self._lock:
+            self._in_flight -= 1
+            self._bytes_in_flight -= size
+            wake = self._waiting
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self._loop.call_soon_threadsafe(self._room.set)
 
 
-async def _answer(conn: ServerConnection, target: Target, chosen: ExportChosen,
-                  request: Request) -> None:
-    try:
-        reply = await asyncio.to_thread(_perform, target, chosen, request)
-    except _RequestFailed as failure:
-        conn.reply_error(request.cookie, failure.errno, failure.message)
-        return
-    if request.command is Command.READ:
-        data = reply[0][1] if reply else b""
-        if chosen.structured_replies:
-            conn.reply_chunk(request.cookie, ReplyType.OFFSET_DATA,
-                             struct.pack(">Q", request.offset) + data, done=True)
-        else:
-            conn.reply_simple(request.cookie, 0, data)
-    elif request.command is Command.BLOCK_STATUS:
-        for index, (context_id, payload) in enumerate(reply):
-            conn.reply_chunk(request.cookie, ReplyType.BLOCK_STATUS,
-                             struct.pack(">I", context_id) + payload,
-                             done=index == len(reply) - 1)
-    elif chosen.structured_replies:
-        conn.reply_chunk(request.cookie, ReplyType.NONE, b"", done=True)
-    else:
-        conn.reply_simple(request.cookie)
-
-
-def _perform(target: Target, chosen: ExportChosen,
-             request: Request) -> list[tuple[int, bytes]]:
-    """Run one request against the disk (on a worker thread)."""
-    size = target.size_bytes
-    command, offset, length = request.command, request.offset, request.length
-    if command not in (Command.FLUSH,) and (offset + length > size or (
-            length == 0 and command is not Command.WRITE)):
-        raise _RequestFailed(Errno.EINVAL, f"request {offset}+{length} is outside the export "
-                                           f"({size} bytes)")
-    writes = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
-    if command in writes and target.snapshot is not None:
-        raise _RequestFailed(Errno.EPERM, "snapshot exports are read-only")
-    try:
-        disk = target.disk
-        if command is Command.READ:
-            return [(0, target.pread(length, offset))]
-        if command is Command.WRITE:
-            disk.pwrite(request.data, offset)
-        elif command is Command.TRIM:
-            disk.trim(length, offset)
-        elif command is Command.WRITE_ZEROES:
-            disk.zero(length, offset)
-        elif command is Command.BLOCK_STATUS:
-            return _block_status(target, chosen, request, size)
-        if command is Command.FLUSH or request.flags & CommandFlag.FUA:
-            disk.flush()
-        return []
-    except OutOfRange as exc:
-        raise _RequestFailed(Errno.EINVAL, exc.message) from exc
-    except BlocktrailError as exc:
-        raise _RequestFailed(Errno.EIO, exc.message) from exc
-    except OSError as exc:
-        raise _RequestFailed(Errno.EIO, str(exc)) from exc
-
-
-def _block_status(target: Target, chosen: ExportChosen, request: Request,
-                  size: int) -> list[tuple[int, bytes]]:
-    if not chosen.contexts:
-        raise _RequestFailed(Errno.EINVAL, "no meta context was negotiated")
-    end = min(size, request.offset + request.length)
-    out = []
-    for context_id, name in sorted(chosen.contexts.items()):
-        if name == BASE_ALLOCATION:
-            marked, inside, outside = _areas(target, ALL_ALLOCATED, request.offset, end), 0, \
-                STATE_HOLE | STATE_ZERO
-        elif name.startswith(DIRTY_BITMAP_PREFIX):
-            change_id = name.removeprefix(DIRTY_BITMAP_PREFIX)
-            try:  # refused: an error reply, never "clean"
-                marked = _areas(target, change_id, request.offset, end)
-            except (ChangeIdError, SnapshotNotFound) as exc:
-                raise _RequestFailed(Errno.EINVAL, f"{name}: {exc.message}") from exc
-            inside, outside = STATE_DIRTY, 0
-        else:
-            raise _RequestFailed(Errno.EINVAL, f"unknown meta context {name}")
-        descriptors = _descriptors(marked, request.offset, end, inside, outside,
-                                   one=bool(request.flags & CommandFlag.REQ_ONE))
-        out.append((context_id, b"".join(struct.pack(">II", n, f) for n, f in descriptors)))
-    return out
-
-
-def _areas(target: Target, change_id: str, start: int, end: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        info = target.disk.query_changed_areas(change_id, pos, target.snapshot)
-        out += [(max(e.offset, start), min(e.end, end)) for e in info.changed_areas
-                if e.offset < end and e.end > start]
-        pos = info.end
-    return out
-
-
-def _descriptors(marked: list[tuple[int, int]], start: int, end: int, inside: int,
-                 outside: int, *, one: bool) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    pos = start
-    for lo, hi in marked:
-        if lo > pos:
-            out.append((lo - pos, outside))
-        out.append((hi - max(lo, pos), inside))
-        pos = hi
-    if pos < end:
-        out.append((end - pos, outside))
-    if one:
-        out = out[:1]
-    return out[:MAX_DESCRIPTORS]
+def _payload(segment: ReadSegment) -> list[Item]:
+    if segment.fd is not None:
+        return [FilePart(segment.fd, segment.offset, segment.length)]
+    if segment.data is not None:
+        return [segment.data]
+    return [*zeros(segment.length)]

@@ -14,6 +14,7 @@ from blocktrail.nbd.proto import (
     Disconnect,
     ExportChosen,
     ExportInfo,
+    InvalidRequest,
     RemoteProtocolError,
     Request,
     ServerConnection,
@@ -142,14 +143,28 @@ def test_cve_classes_are_protocol_errors(payload: bytes) -> None:
     assert conn.next_event() == Disconnect()  # poisoned: nothing more is read
 
 
-def test_oversized_write_and_bad_flags_are_protocol_errors() -> None:
-    for bad in (request(Command.WRITE, 0, 64 << 20), request(Command.READ, flags=CommandFlag.FUA),
-                struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 42, 1, 0, 0)):
-        conn = ServerConnection(Catalog())
-        conn.receive_data(struct.pack(">I", 1) + go() + bad)
-        assert isinstance(conn.next_event(), ExportChosen)
-        with pytest.raises(RemoteProtocolError):
-            conn.next_event()
+def test_oversized_write_is_a_protocol_error() -> None:
+    conn = ServerConnection(Catalog())
+    conn.receive_data(struct.pack(">I", 1) + go() + request(Command.WRITE, 0, 64 << 20))
+    assert isinstance(conn.next_event(), ExportChosen)
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    (request(Command.READ, flags=CommandFlag.FUA, cookie=1), "not allowed on READ"),
+    (request(Command.WRITE, 0, 3, CommandFlag.REQ_ONE, b"abc", cookie=1), "not allowed on WRITE"),
+    (struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 42, 1, 0, 0), "unknown command 42"),
+    (request(Command.READ, 0, (32 << 20) + 1, cookie=1), "exceeds"),
+])
+def test_bad_requests_get_einval_and_the_stream_stays_in_sync(bad: bytes, why: str) -> None:
+    conn = ServerConnection(Catalog())
+    conn.receive_data(struct.pack(">I", 1) + go() + bad + request(Command.FLUSH, cookie=2))
+    assert isinstance(conn.next_event(), ExportChosen)
+    refused = conn.next_event()
+    assert isinstance(refused, InvalidRequest)
+    assert (refused.cookie, refused.errno) == (1, 22) and why in refused.message
+    assert conn.next_event() == Request(2, Command.FLUSH, CommandFlag(0), 0, 0)
 
 
 def test_eof_mid_message_is_a_protocol_error() -> None:

@@ -9,11 +9,12 @@ from blocktrail.nbd.proto.server import (
     ExportCatalog,
     ExportChosen,
     ExportInfo,
+    InvalidRequest,
     Request,
     ServerConnection,
 )
 
 __all__ = ["NEED_DATA", "ClientConnection", "Command", "CommandFlag", "Disconnect", "Errno",
-           "ExportCatalog", "ExportChosen", "ExportInfo", "LocalProtocolError", "NbdError",
-           "Ready", "RemoteProtocolError", "ReplyChunk", "ReplyDone", "ReplyType", "Request",
-           "ServerConnection"]
+           "ExportCatalog", "ExportChosen", "ExportInfo", "InvalidRequest", "LocalProtocolError",
+           "NbdError", "Ready", "RemoteProtocolError", "ReplyChunk", "ReplyDone", "ReplyType",
+           "Request", "ServerConnection"]

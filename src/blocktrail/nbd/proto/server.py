@@ -43,6 +43,7 @@ from blocktrail.nbd.proto.constants import (
     ClientFlag,
     Command,
     CommandFlag,
+    Errno,
     HandshakeFlag,
     Info,
     Option,
@@ -92,6 +93,16 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class InvalidRequest:
+    """A request the server must refuse with an error reply (the connection goes on)."""
+
+    cookie: int
+    command: int
+    errno: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     pass
 
@@ -117,7 +128,7 @@ class _NeedData(Enum):
 
 
 NEED_DATA = _NeedData.NEED_DATA
-Event = ExportChosen | Request | Disconnect | StartTls
+Event = ExportChosen | Request | InvalidRequest | Disconnect | StartTls
 
 
 class State(Enum):
@@ -141,6 +152,7 @@ class ServerConnection:
         self._tls = tls
         self.tls_active = False  # the TLS handshake is done: receive_data gets decrypted bytes
         self._in = bytearray()
+        self._pos = 0  # read position in _in during transmission
         self._out = bytearray()
         self._eof = False
         self.state = State.CLIENT_FLAGS
@@ -191,7 +203,7 @@ class ServerConnection:
 
     def _need(self) -> _NeedData | Disconnect:
         if self._eof:
-            if self._in or self.state is not State.TRANSMISSION:
+            if len(self._in) > self._pos or self.state is not State.TRANSMISSION:
                 self.state = State.CLOSED
                 raise RemoteProtocolError("the client closed the connection mid-message")
             self.state = State.CLOSED
@@ -372,28 +384,43 @@ class ServerConnection:
     # ------------------------------------------------------------------ transmission
 
     def _request(self) -> Event | _NeedData:
-        if len(self._in) < _REQUEST.size:
-            return self._need()
-        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in)
+        # Requests are parsed at a read position, and the buffer is compacted once per batch
+        # (not once per request: a batch of many small requests would move the buffer often).
+        pos = self._pos
+        if len(self._in) - pos < _REQUEST.size:
+            return self._compact_and_need()
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in, pos)
         if magic != REQUEST_MAGIC:
             raise RemoteProtocolError("bad request magic")
+        if kind == Command.WRITE and length > MAX_PAYLOAD:
+            raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
+        payload = length if kind == Command.WRITE else 0
+        end = pos + _REQUEST.size + payload
+        if len(self._in) < end:
+            return self._compact_and_need()
+        with memoryview(self._in) as view:
+            data = bytes(view[pos + _REQUEST.size : end]) if payload else b""
+        self._pos = end
         try:
             command = Command(kind)
         except ValueError:
-            raise RemoteProtocolError(f"unknown command {kind}") from None
+            return InvalidRequest(cookie, kind, Errno.EINVAL, f"unknown command {kind}")
         if flags & ~ALLOWED_FLAGS[command]:
-            raise RemoteProtocolError(f"flags {flags:#x} are not allowed on {command.name}")
-        if command is Command.WRITE and length > MAX_PAYLOAD:
-            raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
-        payload = length if command is Command.WRITE else 0
-        if len(self._in) < _REQUEST.size + payload:
-            return self._need()
-        data = bytes(self._in[_REQUEST.size : _REQUEST.size + payload])
-        del self._in[: _REQUEST.size + payload]
+            return InvalidRequest(cookie, kind, Errno.EINVAL,
+                                  f"flags {flags:#x} are not allowed on {command.name}")
+        if command in (Command.READ, Command.CACHE) and length > MAX_PAYLOAD:
+            return InvalidRequest(cookie, kind, Errno.EINVAL,
+                                  f"{command.name} of {length} bytes exceeds {MAX_PAYLOAD}")
         if command is Command.DISC:
             self.state = State.CLOSED
             return Disconnect()
         return Request(cookie, command, CommandFlag(flags), offset, length, data)
+
+    def _compact_and_need(self) -> _NeedData | Disconnect:
+        if self._pos:
+            del self._in[: self._pos]
+            self._pos = 0
+        return self._need()
 
     def reply_simple(self, cookie: int, error: int = 0, data: bytes = b"") -> None:
         self._check_transmission()
@@ -406,6 +433,29 @@ class ServerConnection:
         flags = REPLY_FLAG_DONE if done else 0
         self._out += struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, cookie,
                                  len(payload)) + payload
+
+    def reply_read_header(self, cookie: int, offset: int, length: int, *, done: bool) -> None:
+        """The header of a read's data: an OFFSET_DATA chunk (a simple reply without structured
+        replies, where ``done`` must be True). The I/O layer sends exactly ``length`` bytes of
+        data right after what `data_to_send` then returns, so they need not pass through here."""
+        self._check_transmission()
+        if self._neg.structured:
+            flags = REPLY_FLAG_DONE if done else 0
+            self._out += struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, flags,
+                                     ReplyType.OFFSET_DATA, cookie, 8 + length, offset)
+        elif not done:
+            raise LocalProtocolError("a simple reply carries a read's data in one piece")
+        else:
+            self._out += struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie)
+
+    def reply_hole(self, cookie: int, offset: int, length: int, *, done: bool) -> None:
+        """Part of a read that reads as zeros (structured replies only)."""
+        self.reply_chunk(cookie, ReplyType.OFFSET_HOLE, struct.pack(">QI", offset, length),
+                         done=done)
+
+    @property
+    def structured_replies(self) -> bool:
+        return self._neg.structured
 
     def reply_error(self, cookie: int, error: int, message: str = "") -> None:
         """An error reply, structured when negotiated (with a message), simple otherwise."""

@@ -1,0 +1,223 @@
+"""What the NBD server exports: disks (``NAME``, read-write) and snapshots (``NAME@SNAPSHOT``,
+read-only), and how each command is carried out on them.
+
+Meta contexts: ``base:allocation`` and ``qemu:dirty-bitmap:CHANGE_ID`` (areas changed since
+CHANGE_ID, up to the snapshot for a snapshot export, up to now for the live one). A dirty-bitmap
+question that cannot be answered (stale ID, any error) gets an error reply, never a "clean"
+default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from blocktrail.disk import Disk
+from blocktrail.disk.readmap import MappedRead
+from blocktrail.errors import BlocktrailError, ChangeIdError, OutOfRange, SnapshotNotFound
+from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
+from blocktrail.nbd.proto.constants import (
+    BASE_ALLOCATION,
+    DIRTY_BITMAP_PREFIX,
+    STATE_DIRTY,
+    STATE_HOLE,
+    STATE_ZERO,
+)
+from blocktrail.tracking import ALL_ALLOCATED
+
+MAX_DESCRIPTORS = 1 << 16
+ZERO_WRITE_BYTES = 1 << 20
+_DESCRIPTOR = np.dtype(">u4")
+
+
+class RequestFailed(Exception):
+    """A request the server answers with an error reply (the connection goes on)."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno, self.message = errno, message
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One export: the live disk (``snapshot`` None) or one of its snapshots."""
+
+    disk: Disk
+    snapshot: str | None
+
+    @property
+    def read_only(self) -> bool:
+        return self.snapshot is not None
+
+    @property
+    def size_bytes(self) -> int:
+        if self.snapshot is None:
+            return self.disk.size_bytes
+        return self.disk.open_snapshot(self.snapshot).size_bytes
+
+    def map_read(self, count: int, offset: int, *, wait: bool) -> MappedRead | None:
+        with _as_reply_errors():
+            return self.disk.map_read(count, offset, self.snapshot, wait=wait)
+
+    def perform(self, request: Request) -> None:
+        """A command without a data reply: WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE."""
+        command, offset, length = request.command, request.offset, request.length
+        if command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES) and self.read_only:
+            raise RequestFailed(Errno.EPERM, "snapshot exports are read-only")
+        if command is not Command.FLUSH:
+            self.check_range(command, offset, length)
+        with _as_reply_errors():
+            disk = self.disk
+            if command is Command.WRITE:
+                disk.pwrite(request.data, offset)
+            elif command is Command.TRIM:
+                disk.trim(length, offset)
+            elif command is Command.WRITE_ZEROES:
+                self._zero(offset, length, allocate=bool(request.flags & CommandFlag.NO_HOLE))
+            elif command is Command.CACHE:
+                self._prefetch(offset, length)
+            if command is Command.FLUSH or request.flags & CommandFlag.FUA:
+                disk.flush()
+
+    def _zero(self, offset: int, length: int, *, allocate: bool) -> None:
+        if not allocate:
+            self.disk.zero(length, offset)
+            return
+        for at in range(offset, offset + length, ZERO_WRITE_BYTES):  # NO_HOLE: write zeros
+            self.disk.pwrite(bytes(min(ZERO_WRITE_BYTES, offset + length - at)), at)
+
+    def _prefetch(self, offset: int, length: int) -> None:
+        mapped = self.map_read(length, offset, wait=True)
+        assert mapped is not None
+        with mapped:
+            for segment in mapped.segments:
+                if segment.fd is not None:
+                    os.posix_fadvise(segment.fd, segment.offset, segment.length,
+                                     os.POSIX_FADV_WILLNEED)
+
+    def check_range(self, command: Command, offset: int, length: int) -> None:
+        size = self.size_bytes
+        if length == 0 and command is not Command.WRITE:
+            raise RequestFailed(Errno.EINVAL, f"{command.name} of 0 bytes")
+        if offset > size or length > size - offset:
+            errno = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) \
+                else Errno.EINVAL
+            raise RequestFailed(errno, f"request {offset}+{length} is outside the export "
+                                       f"({size} bytes)")
+
+    def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
+        """(context id, descriptors) for every negotiated context."""
+        if not contexts:
+            raise RequestFailed(Errno.EINVAL, "no meta context was negotiated")
+        self.check_range(Command.BLOCK_STATUS, request.offset, request.length)
+        start, end = request.offset, request.offset + request.length
+        one = bool(request.flags & CommandFlag.REQ_ONE)
+        out = []
+        for context_id, name in sorted(contexts.items()):
+            if name == BASE_ALLOCATION:
+                marked = self._areas(ALL_ALLOCATED, start, end)
+                inside, outside = 0, STATE_HOLE | STATE_ZERO
+            elif name.startswith(DIRTY_BITMAP_PREFIX):
+                change_id = name.removeprefix(DIRTY_BITMAP_PREFIX)
+                try:  # refused: an error reply, never "clean"
+                    marked = self._areas(change_id, start, end)
+                except (ChangeIdError, SnapshotNotFound) as exc:
+                    raise RequestFailed(Errno.EINVAL, f"{name}: {exc.message}") from exc
+                inside, outside = STATE_DIRTY, 0
+            else:
+                raise RequestFailed(Errno.EINVAL, f"unknown meta context {name}")
+            out.append((context_id, descriptors(marked, start, end, inside, outside, one=one)))
+        return out
+
+    def _areas(self, change_id: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and ends of the marked areas inside [start, end)."""
+        los, his = [], []
+        pos = start
+        with _as_reply_errors():
+            while pos < end:
+                info = self.disk.query_changed_areas(change_id, pos, self.snapshot,
+                                                     end_offset=end)
+                los.append(info.offsets)
+                his.append(info.offsets + info.lengths)
+                pos = info.end
+        lo = np.clip(np.concatenate(los), start, end)
+        hi = np.clip(np.concatenate(his), start, end)
+        keep = lo < hi
+        return lo[keep], hi[keep]
+
+
+def descriptors(marked: tuple[np.ndarray, np.ndarray], start: int, end: int, inside: int,
+                outside: int, *, one: bool) -> bytes:
+    """Block status descriptors (length, flags) covering [start, end): ``inside`` on the
+    marked areas (sorted, disjoint), ``outside`` between them."""
+    lo, hi = marked
+    gap_starts = np.concatenate(([start], hi))
+    gap_ends = np.concatenate((lo, [end]))
+    count = len(lo)
+    lengths = np.empty(2 * count + 1, dtype=np.int64)
+    flags = np.empty(2 * count + 1, dtype=np.int64)
+    lengths[0::2], flags[0::2] = gap_ends - gap_starts, outside
+    lengths[1::2], flags[1::2] = hi - lo, inside
+    keep = lengths > 0
+    lengths, flags = lengths[keep], flags[keep]
+    if len(lengths) > 1:  # adjacent areas of one state become one descriptor
+        starts = np.flatnonzero(np.concatenate(([True], flags[1:] != flags[:-1])))
+        lengths, flags = np.add.reduceat(lengths, starts), flags[starts]
+    limit = 1 if one else MAX_DESCRIPTORS
+    pairs = np.column_stack((lengths[:limit], flags[:limit]))
+    return pairs.astype(_DESCRIPTOR).tobytes()
+
+
+class DiskCatalog:
+    """Exports the disks a lookup function finds (the host's registry)."""
+
+    def __init__(self, get_disk: Callable[[str], Disk], names: Callable[[], list[str]]) -> None:
+        self._get_disk = get_disk
+        self._names = names
+
+    def target(self, name: str) -> Target | None:
+        disk_name, _, snapshot = name.partition("@")
+        try:
+            disk = self._get_disk(disk_name)
+            if snapshot:
+                disk.open_snapshot(snapshot)
+        except BlocktrailError:
+            return None
+        return Target(disk, snapshot or None)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        target = self.target(name)
+        if target is None:
+            return None
+        change_ids = [s.change_id for s in target.disk.snapshots]
+        contexts = (BASE_ALLOCATION, DIRTY_BITMAP_PREFIX,
+                    *(DIRTY_BITMAP_PREFIX + c for c in change_ids))
+        return ExportInfo(name, target.size_bytes, target.read_only,
+                          f"blocktrail disk {name}", contexts, min_block=1,
+                          preferred_block=4096)
+
+    def names(self) -> list[str]:
+        out: list[str] = []
+        for name in self._names():
+            out.append(name)
+            with contextlib.suppress(BlocktrailError):
+                out += [f"{name}@{s.name}" for s in self._get_disk(name).snapshots]
+        return out
+
+
+@contextlib.contextmanager
+def _as_reply_errors() -> Iterator[None]:
+    try:
+        yield
+    except RequestFailed:
+        raise
+    except OutOfRange as exc:
+        raise RequestFailed(Errno.EINVAL, exc.message) from exc
+    except BlocktrailError as exc:
+        raise RequestFailed(Errno.EIO, exc.message) from exc
+    except OSError as exc:
+        raise RequestFailed(Errno.EIO, str(exc)) from exc
