@@ -18,7 +18,7 @@ import numpy as np
 
 from blocktrail.disk import Disk
 from blocktrail.disk.readmap import MappedRead
-from blocktrail.errors import BlocktrailError, ChangeIdError, OutOfRange, SnapshotNotFound
+from blocktrail.errors import BlocktrailError, ChangeIdError, OutOfRange
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import (
     BASE_ALLOCATION,
@@ -125,8 +125,8 @@ class Target:
                 change_id = name.removeprefix(DIRTY_BITMAP_PREFIX)
                 try:  # refused: an error reply, never "clean"
                     marked = self._areas(change_id, start, end)
-                except (ChangeIdError, SnapshotNotFound) as exc:
-                    raise RequestFailed(Errno.EINVAL, f"{name}: {exc.message}") from exc
+                except RequestFailed as failure:
+                    raise RequestFailed(failure.errno, f"{name}: {failure.message}") from failure
                 inside, outside = STATE_DIRTY, 0
             else:
                 raise RequestFailed(Errno.EINVAL, f"unknown meta context {name}")
@@ -215,7 +215,7 @@ def _as_reply_errors() -> Iterator[None]:
         yield
     except RequestFailed:
         raise
-    except OutOfRange as exc:
+    except (OutOfRange, ChangeIdError) as exc:
         raise RequestFailed(Errno.EINVAL, exc.message) from exc
     except BlocktrailError as exc:
         raise RequestFailed(Errno.EIO, exc.message) from exc

@@ -1,0 +1,318 @@
+"""The asyncio NBD server over a real unix socket, driven by a raw client: the conformance table
+(errors keep the stream in sync), reads through snapshot chains with holes, requests in flight,
+backpressure, and the limits (connections, negotiation time, connect/disconnect cycles)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from blocktrail.disk import Disk
+from blocktrail.errors import DiskNotFound
+from blocktrail.host.daemon import Endpoint, bind
+from blocktrail.nbd.exports import DiskCatalog
+from blocktrail.nbd.server import NbdServer, ServerLimits
+from nbdraw import (
+    BLOCK_STATUS,
+    CACHE,
+    CHUNK_DATA,
+    CHUNK_HOLE,
+    FLAG_DF,
+    FLAG_REQ_ONE,
+    FLUSH,
+    READ,
+    TRIM,
+    WRITE,
+    WRITE_ZEROES,
+    RawClient,
+)
+
+MiB = 1 << 20
+EINVAL, EPERM, ENOSPC = 22, 1, 28
+
+
+class Served:
+    def __init__(self, path: str, disk: Disk, server: NbdServer,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.path, self.disk, self.server, self.loop = path, disk, server, loop
+
+    def client(self, export: str = "d0", **kwargs: object) -> RawClient:
+        return RawClient(self.path, export, **kwargs)  # type: ignore[arg-type]
+
+    def on_loop(self, fn: object) -> object:
+        done: Future[object] = Future()
+        self.loop.call_soon_threadsafe(lambda: done.set_result(fn()))  # type: ignore[operator]
+        return done.result(10)
+
+
+@contextmanager
+def serve(tmp_path: Path, limits: ServerLimits | None = None,
+          size: int = 8 * MiB) -> Iterator[Served]:
+    disk = Disk.create(tmp_path / "d0", size)
+
+    def get(name: str) -> Disk:
+        if name != "d0":
+            raise DiskNotFound(f"no disk {name}")
+        return disk
+
+    path = str(tmp_path / "nbd.sock")
+    loop = asyncio.new_event_loop()
+    ready: Future[NbdServer] = Future()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        server = NbdServer(DiskCatalog(get, lambda: ["d0"]), limits or ServerLimits())
+        server.listen(bind(Endpoint(unix_path=path)))
+        ready.set_result(server)
+        await stop.wait()
+        await server.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        yield Served(path, disk, ready.result(10), loop)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop"
+        loop.close()
+        disk.close()
+
+
+def test_conformance_errors_keep_the_stream_in_sync(tmp_path: Path) -> None:
+    with serve(tmp_path) as s:
+        s.disk.create_snapshot("s1")
+        c = s.client()
+        size = c.size
+        cases = [  # (request, expected errno)
+            (dict(command=READ, offset=size - 4096, length=8192), EINVAL),  # read past EOF
+            (dict(command=WRITE, offset=size - 2, length=4, data=b"abcd"), ENOSPC),
+            (dict(command=WRITE_ZEROES, offset=size, length=4096), ENOSPC),
+            (dict(command=TRIM, offset=2**64 - 4096, length=8192), EINVAL),  # overflow
+            (dict(command=READ, offset=0, length=(32 << 20) + 1), EINVAL),  # too long
+            (dict(command=READ, offset=0, length=0), EINVAL),
+            (dict(command=BLOCK_STATUS, offset=0, length=4096), EINVAL),  # no context
+            (dict(command=42, offset=0, length=0), EINVAL),  # unknown command
+            (dict(command=READ, offset=0, length=512, flags=1), EINVAL),  # FUA on READ
+            (dict(command=WRITE, offset=0, length=3, flags=FLAG_REQ_ONE, data=b"xyz"), EINVAL),
+        ]
+        for cookie, (request, errno) in enumerate(cases, 1):
+            c.send(cookie=cookie, **request)  # type: ignore[arg-type]
+            reply = c.reply()
+            assert (reply.cookie, reply.error) == (cookie, errno), (request, reply)
+            assert reply.message
+            c.send(READ, 0, 4096, cookie=1000 + cookie)  # still in sync
+            assert c.reply().cookie == 1000 + cookie
+        assert s.disk.pread(4, 0) == bytes(4)  # the refused write changed nothing
+        c.close()
+        snap = s.client("d0@s1")
+        snap.send(WRITE, 0, 3, data=b"abc")
+        assert snap.reply().error == EPERM
+        snap.send(TRIM, 0, 4096, cookie=2)
+        assert snap.reply().error == EPERM
+        snap.close()
+
+
+def _fill(disk: Disk, rng: random.Random) -> None:
+    for _ in range(40):
+        length = rng.choice((512, 4096, 65536, 200_000))
+        disk.pwrite(rng.randbytes(length), rng.randrange(0, disk.size_bytes - length))
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_reads_through_a_snapshot_chain_equal_the_disk(tmp_path: Path, structured: bool) -> None:
+    rng = random.Random(5)
+    with serve(tmp_path) as s:
+        disk = s.disk
+        _fill(disk, rng)
+        disk.create_snapshot("a")
+        _fill(disk, rng)
+        disk.zero(3 * 65536, MiB)  # ZERO clusters in a delta
+        disk.trim(10_000, 5 * MiB + 77)
+        disk.create_snapshot("b")
+        _fill(disk, rng)
+        for export, snap in (("d0@a", "a"), ("d0@b", "b"), ("d0", None)):
+            c = s.client(export, structured=structured)
+            view = disk if snap is None else disk.open_snapshot(snap)
+            for cookie in range(1, 40):
+                length = rng.choice((1, 512, 65536, 300_001, 2 * MiB))
+                offset = rng.randrange(0, c.size - length)
+                flags = FLAG_DF if cookie % 5 == 0 else 0
+                c.send(READ, offset, length, flags=flags, cookie=cookie)
+                reply = c.reply()
+                assert reply.error == 0 and bytes(reply.data) == view.pread(length, offset)
+                if structured and flags & FLAG_DF:
+                    assert [k for k, _ in reply.chunks] == [CHUNK_DATA]
+            c.close()
+
+
+def test_holes_are_sent_as_hole_chunks(tmp_path: Path) -> None:
+    with serve(tmp_path) as s:
+        s.disk.pwrite(b"x" * 65536, 0)
+        s.disk.create_snapshot("a")
+        s.disk.pwrite(b"y" * 65536, 2 * 65536)
+        s.disk.create_snapshot("b")
+        c = s.client("d0@b")
+        c.send(READ, 0, 4 * 65536)
+        reply = c.reply()
+        assert reply.data == b"x" * 65536 + bytes(65536) + b"y" * 65536 + bytes(65536)
+        assert [k for k, _ in reply.chunks] == [CHUNK_DATA, CHUNK_HOLE, CHUNK_DATA, CHUNK_HOLE]
+        c.close()
+
+
+def test_many_requests_in_flight_and_writes_through_every_command(tmp_path: Path) -> None:
+    rng = random.Random(9)
+    with serve(tmp_path) as s:
+        c = s.client()
+        model = bytearray(c.size)
+        batch = bytearray()
+        expected: dict[int, bytes | None] = {}
+        slots = rng.sample(range(c.size // 80_000), 100)  # requests in flight may run in any
+        for cookie in range(1, 101):  # order: they must not overlap
+            offset = slots[cookie - 1] * 80_000 + rng.randrange(0, 10_000)
+            kind = rng.random()
+            if kind < 0.4:
+                data = rng.randbytes(rng.randrange(1, 70_000))
+                batch += c.request_bytes(WRITE, offset, len(data), data=data, cookie=cookie)
+                model[offset : offset + len(data)] = data
+                expected[cookie] = None
+            elif kind < 0.5:
+                batch += c.request_bytes(WRITE_ZEROES, offset, 9000, cookie=cookie)
+                model[offset : offset + 9000] = bytes(9000)
+                expected[cookie] = None
+            else:
+                batch += c.request_bytes(CACHE if kind < 0.55 else FLUSH, offset, 4096,
+                                         cookie=cookie)
+                expected[cookie] = None
+        c.sock.sendall(batch)  # all at once: many in flight
+        for _ in expected:
+            assert c.reply().error == 0
+        for cookie in range(1, 50):  # then many reads at once
+            c.send(READ, (cookie - 1) * 160_000, 160_000, cookie=5000 + cookie)
+        got = {}
+        for _ in range(49):
+            reply = c.reply()
+            got[reply.cookie] = bytes(reply.data)
+        for cookie in range(1, 50):
+            offset = (cookie - 1) * 160_000
+            assert got[5000 + cookie] == bytes(model[offset : offset + 160_000])
+        c.close()
+
+
+def test_block_status_contexts(tmp_path: Path) -> None:
+    with serve(tmp_path) as s:
+        s.disk.pwrite(b"a" * 65536, 0)
+        first = s.disk.create_snapshot("s1").change_id
+        s.disk.pwrite(b"b" * 65536, 3 * 65536)
+        s.disk.create_snapshot("s2")
+        c = s.client("d0@s2", contexts=("base:allocation", f"qemu:dirty-bitmap:{first}"))
+        ids = {name: i for i, name in c.contexts.items()}
+        c.send(BLOCK_STATUS, 0, 8 * 65536)
+        reply = c.reply()
+        assert reply.block_status[ids["base:allocation"]] == [
+            (65536, 0), (2 * 65536, 3), (65536, 0), (4 * 65536, 3)]
+        assert reply.block_status[ids[f"qemu:dirty-bitmap:{first}"]] == [
+            (3 * 65536, 0), (65536, 1), (4 * 65536, 0)]
+        c.send(BLOCK_STATUS, 65536, 65536, flags=FLAG_REQ_ONE, cookie=2)
+        assert c.reply().block_status[ids["base:allocation"]] == [(65536, 3)]
+        c.close()
+        s.disk.reset_tracking()  # the change ID is stale now: an error, never "clean"
+        c = s.client("d0@s2", contexts=(f"qemu:dirty-bitmap:{first}",))
+        c.send(BLOCK_STATUS, 0, 65536)
+        reply = c.reply()
+        assert reply.error == EINVAL and "epoch" in reply.message and not reply.block_status
+        c.close()
+
+
+def test_a_client_that_never_reads_replies_is_held_off(tmp_path: Path) -> None:
+    limits = ServerLimits(requests_in_flight=4, bytes_in_flight=4 * MiB)
+    with serve(tmp_path, limits, size=64 * MiB) as s:
+        c = s.client()
+        c.sock.setblocking(False)
+        sent = 0
+        request = c.request_bytes(READ, 0, 2 * MiB)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the server stops reading: our sends block
+            try:
+                c.sock.send(request)
+                sent += 1
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the server kept reading requests nobody takes the replies of")
+        assert sent < 10_000
+        c.sock.settimeout(30)
+        total = sent
+        got = 0
+        while got < total:  # nothing was lost: every request is answered
+            reply = c.reply()
+            assert reply.error == 0 and len(reply.data) == 2 * MiB
+            got += 1
+            c._reads[1] = (0, 2 * MiB)
+        c.close()
+
+
+def test_connection_limit_and_negotiation_deadline(tmp_path: Path) -> None:
+    limits = ServerLimits(max_connections=3, handshake_seconds=0.5)
+    with serve(tmp_path, limits) as s:
+        idle = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(s.path)
+            idle.append(sock)
+        time.sleep(0.1)
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(5)
+        extra.connect(s.path)
+        assert extra.recv(100) == b""  # closed at once: over the limit
+        assert s.server.refused_connections >= 1
+        for sock in idle:  # the silent ones are closed after the negotiation deadline
+            sock.settimeout(5)
+            data = sock.recv(100)
+            assert len(data) == 18 and sock.recv(100) == b""
+            sock.close()
+        c = s.client()  # a real client gets in again
+        c.send(READ, 0, 512)
+        assert c.reply().error == 0
+        c.close()
+        extra.close()
+
+
+def test_connect_disconnect_cycles_leave_no_descriptors(tmp_path: Path) -> None:
+    with serve(tmp_path) as s:
+        c = s.client()
+        c.close()
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(300):
+            c = s.client()
+            if i % 3 == 0:
+                c.send(READ, 0, 65536)
+            elif i % 3 == 1:  # gone in the middle of a WRITE's payload
+                c.sock.sendall(c.request_bytes(WRITE, 0, 65536, data=b"z" * 65536)[:1000])
+            c.close()
+        deadline = time.monotonic() + 10
+        while s.server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.server.connections == 0
+        assert len(os.listdir("/proc/self/fd")) <= before + 2
+        assert s.disk.pread(65536, 0) == bytes(65536)  # no partial write was applied
+
+
+def test_stopping_the_server_with_clients_attached(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with serve(tmp_path) as s:
+        clients = [s.client() for _ in range(5)]
+        clients[0].send(READ, 0, 4096)
+    assert time.monotonic() - started < 20
+    for c in clients:
+        c.close()
