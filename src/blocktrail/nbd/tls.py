@@ -56,6 +56,7 @@ __all__ = ["ClientTlsContext", "ServerTlsContext", "TlsConfig", "TlsCredentialsE
 # TLS 1.2 suites for PSK: the forward-secret AEAD ones that GnuTLS's NORMAL:+ECDHE-PSK:+DHE-PSK
 # (QEMU's and libnbd's PSK priority) offers. It offers ECDHE-PSK only with ChaCha20 (OpenSSL has
 # no ECDHE-PSK with AES-GCM, and GnuTLS's NORMAL no SHA-2 CBC suites), so AES-GCM is DHE-PSK.
+# Plain PSK-AES*-GCM would work with GnuTLS too, but has no forward secrecy.
 _PSK_TLS12_CIPHERS = (b"ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK-AES256-GCM-SHA384:"
                       b"DHE-PSK-AES128-GCM-SHA256:DHE-PSK-CHACHA20-POLY1305")
 _READ_CHUNK = 256 * 1024
@@ -127,11 +128,15 @@ class TlsSession(ABC):
         self._ended = False  # read_plaintext has reported the end of the stream
         self._failed: TlsHandshakeError | None = None
 
-    def receive_ciphertext(self, data: bytes) -> None:
+    def receive_ciphertext(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the socket; b"" when the peer closed it."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("ciphertext after the end of the stream")
+            return
         if not data:
             self._eof = True
-        self._receive(data)
+        self._receive(bytes(data))
 
     @abstractmethod
     def _receive(self, data: bytes) -> None: ...
@@ -327,8 +332,7 @@ def server_context(config: TlsConfig) -> ServerTlsContext:
         keys = read_psk_keys(config.psk_keys_path)
         path = config.psk_keys_path
         return ServerTlsContext(config, lambda: _PskSession(keys, path, server=True))
-    assert config.x509_dir is not None  # __post_init__ guarantees one of the two
-    directory = config.x509_dir
+    directory = _x509_dir(config)
     cert, key = directory / "server-cert.pem", directory / "server-key.pem"
     _check_pair(cert, key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -357,8 +361,7 @@ def client_context(config: TlsConfig) -> ClientTlsContext:
         own = {config.username: keys[config.username]}
         return ClientTlsContext(config, lambda _hostname: _PskSession(
             own, path, server=False, username=config.username))
-    assert config.x509_dir is not None
-    directory = config.x509_dir
+    directory = _x509_dir(config)
     contexts = {}
     for check_hostname in (False, True):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -379,6 +382,12 @@ def client_context(config: TlsConfig) -> ClientTlsContext:
                               server_hostname=hostname, describe=describe)
 
     return ClientTlsContext(config, make)
+
+
+def _x509_dir(config: TlsConfig) -> Path:
+    if config.x509_dir is None:  # TlsConfig holds exactly one of the two
+        raise LocalProtocolError("not an x509 configuration")
+    return config.x509_dir
 
 
 def _harden(context: ssl.SSLContext) -> None:

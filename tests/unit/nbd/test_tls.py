@@ -319,3 +319,16 @@ def test_config_needs_exactly_one_kind_and_a_good_username(tmp_path: Path) -> No
         TlsConfig(x509_dir=tmp_path, psk_file=tmp_path)
     with pytest.raises(TlsCredentialsError, match=r"without ':'"):
         TlsConfig.psk(tmp_path, "a:b")
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_ciphertext_as_a_buffer_and_nothing_after_eof(creds: Credentials, kind: str) -> None:
+    client, server = pair(creds, kind, "localhost" if kind == "x509" else None)
+    handshake(client, server)
+    client.write_plaintext(b"abc")
+    server.receive_ciphertext(memoryview(bytearray(client.ciphertext_to_send())))
+    assert server.read_plaintext() == b"abc"
+    server.receive_ciphertext(b"")
+    server.receive_ciphertext(b"")  # EOF twice is still EOF
+    with pytest.raises(LocalProtocolError, match="after the end"):
+        server.receive_ciphertext(b"x")
