@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from blocktrail.nbd.proto import NEED_DATA, Command, CommandFlag, ReplyType
-from blocktrail.nbd.proto.client import ClientConnection, Ready, ReplyChunk, ReplyDone
+from blocktrail.nbd.proto import NEED_DATA, Command, CommandFlag
+from blocktrail.nbd.proto.client import BlockStatus, ClientConnection, Ready, ReplyDone
 
 pytestmark = pytest.mark.interop
 
@@ -64,21 +63,16 @@ def test_client_reads_data_and_dirty_bitmap_from_qemu_nbd(tmp_path: Path) -> Non
             assert isinstance(ready, Ready) and ready.size_bytes == 4 << 20
             assert sorted(ready.contexts.values()) == ["base:allocation",
                                                        "qemu:dirty-bitmap:bm0"]
-            cookie = conn.send_request(Command.READ, 1 << 20, 4096)
+            data = bytearray(4096)
+            cookie = conn.send_read(1 << 20, data)
             events = exchange(sock, conn)
-            data = b"".join(e.payload[8:] for e in events if isinstance(e, ReplyChunk))
             assert data == b"\x22" * 4096 and events[-1] == ReplyDone(cookie, 0)
             conn.send_request(Command.BLOCK_STATUS, 0, 4 << 20, CommandFlag(0))
             events = exchange(sock, conn)
-            by_context = {struct.unpack_from(">I", e.payload)[0]: e.payload[4:]
-                          for e in events if isinstance(e, ReplyChunk)
-                          and e.kind is ReplyType.BLOCK_STATUS}
-            bitmap_id = next(i for i, n in ready.contexts.items() if n.startswith("qemu:"))
-            descriptors = [struct.unpack_from(">II", by_context[bitmap_id], i)
-                           for i in range(0, len(by_context[bitmap_id]), 8)]
+            by_context = {e.context: e.descriptors for e in events if isinstance(e, BlockStatus)}
             dirty = []
             offset = 0
-            for length, flags in descriptors:
+            for length, flags in by_context["qemu:dirty-bitmap:bm0"]:
                 if flags & 1:
                     dirty.append((offset, length))
                 offset += length

@@ -1,15 +1,18 @@
 """The client side of NBD as a state machine that does no I/O.
 
     conn = ClientConnection("disk0", contexts=["base:allocation"])
-    conn.receive_data(greeting)                    # from the socket
+    conn.receive_data(greeting)                    # from the socket (b"" at EOF)
     send(conn.data_to_send())                      # client flags and options
     ... until isinstance(conn.next_event(), Ready)
-    cookie = conn.send_request(Command.READ, offset, length)
+    cookie = conn.send_read(offset, buffer)        # the data lands in buffer
     send(conn.data_to_send())
-    ... conn.next_event() -> ReplyChunk(...) / ReplyDone(cookie, error)
+    ... conn.next_event() -> ReadChunk / BlockStatus / ReplyDone(cookie, error, message)
 
-It negotiates fixed newstyle with structured replies, the requested meta contexts, and GO.
-Anything the server sends that the protocol does not allow raises `RemoteProtocolError`.
+It negotiates fixed newstyle with structured replies, the requested meta contexts, the block
+size constraints (NBD_INFO_BLOCK_SIZE), and GO. The transmission phase is `Transmission`'s
+(proto/transmission.py), which receives read payloads straight into their buffers when the I/O
+layer uses `get_buffer` / `buffer_updated`. Anything the server sends that the protocol does not
+allow raises `RemoteProtocolError`; a refused export raises `NegotiationRefused`.
 
 With ``tls=TlsMode.ALLOW`` or ``REQUIRE`` it sends NBD_OPT_STARTTLS first, and nothing else
 before TLS. On the server's ACK it returns `StartTls`: the I/O layer runs the TLS handshake on the
@@ -22,39 +25,49 @@ requires TLS from a client without it raises `TlsRequiredByServer`.
 from __future__ import annotations
 
 import struct
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
 
 from blocktrail.nbd.proto.constants import (
     IHAVEOPT,
-    MAX_PAYLOAD,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
-    REPLY_FLAG_DONE,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Command,
     HandshakeFlag,
     Info,
     Option,
     OptionReply,
-    ReplyType,
 )
 from blocktrail.nbd.proto.errors import (
     LocalProtocolError,
+    NegotiationRefused,
     RemoteProtocolError,
     TlsNotOffered,
     TlsRequiredByServer,
 )
 from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
+from blocktrail.nbd.proto.transmission import RECEIVE_SIZE, Transmission
+from blocktrail.nbd.proto.transmission import BlockStatus as BlockStatus
+from blocktrail.nbd.proto.transmission import ReadChunk as ReadChunk
+from blocktrail.nbd.proto.transmission import ReplyChunk as ReplyChunk
+from blocktrail.nbd.proto.transmission import ReplyDone as ReplyDone
 
 _OPTION_REPLY = struct.Struct(">QIII")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
+_BLOCK_SIZE = struct.Struct(">III")
 MAX_OPTION_REPLY = 64 * 1024
+DEFAULT_MAX_BLOCK = 32 * 1024 * 1024  # the spec's advice when the server states no maximum
+NO_MAX_BLOCK = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class BlockSize:
+    """The server's block size constraints (NBD_INFO_BLOCK_SIZE); without them, the spec's
+    defaults: any alignment, 4 KiB preferred, at most 32 MiB a request."""
+
+    minimum: int = 1
+    preferred: int = 4096
+    maximum: int = DEFAULT_MAX_BLOCK
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,22 +75,8 @@ class Ready:
     size_bytes: int
     transmission_flags: int
     contexts: dict[int, str]  # context id -> name the server agreed to
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyChunk:
-    """Part of the answer to ``cookie``: data at an offset, a hole, or block status."""
-
-    cookie: int
-    kind: ReplyType
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyDone:
-    cookie: int
-    error: int  # 0: success; otherwise an NBD errno
-    message: str = ""
+    structured_replies: bool = True
+    block_size: BlockSize = BlockSize()
 
 
 class _State(Enum):
@@ -88,7 +87,7 @@ class _State(Enum):
     CLOSED = auto()
 
 
-ClientEvent = Ready | ReplyChunk | ReplyDone | Disconnect | StartTls
+ClientEvent = Ready | ReadChunk | ReplyChunk | BlockStatus | ReplyDone | Disconnect | StartTls
 
 
 class ClientConnection:
@@ -106,12 +105,15 @@ class ClientConnection:
         self._agreed: dict[int, str] = {}
         self._size: int | None = None
         self._flags = 0
-        self._next_cookie = 1
-        self._reads: dict[int, int] = {}  # cookie -> length, for simple READ replies
-        self._open: set[int] = set()
-        self._events: deque[ClientEvent] = deque()
+        self._structured = False
+        self._block_size = BlockSize()
+        self._tx: Transmission | None = None  # from GO on
+        self._scratch = memoryview(bytearray(RECEIVE_SIZE))
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._tx is not None:
+            self._tx.receive_data(data)
+            return
         if self._state is _State.TLS_HANDSHAKE and data:
             raise LocalProtocolError("the TLS handshake is under way: its bytes go to the TLS "
                                      "session; call tls_established() when it is done")
@@ -122,7 +124,28 @@ class ClientConnection:
 
     def data_to_send(self) -> bytes:
         out, self._out = bytes(self._out), bytearray()
+        if self._tx is not None:
+            out += self._tx.data_to_send()
         return out
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """What `data_to_send` returns, as a list of buffers: a large write's payload is passed
+        on without a copy (keep it unchanged until its reply arrives)."""
+        out, self._out = bytes(self._out), bytearray()
+        return ([out] if out else []) + (self._tx.buffers_to_send() if self._tx else [])
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where to receive the next bytes (asyncio's BufferedProtocol, ``recv_into``); then
+        call `buffer_updated`. In transmission, a read's payload goes straight to its buffer."""
+        if self._tx is not None:
+            return self._tx.get_buffer(sizehint)
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._tx is not None:
+            self._tx.buffer_updated(nbytes)
+        else:
+            self.receive_data(self._scratch[:nbytes])
 
     def next_event(self) -> ClientEvent | object:
         try:
@@ -141,14 +164,9 @@ class ClientConnection:
                         return self._need()
                     if isinstance(event, Ready | StartTls):
                         return event
-                else:
-                    if self._events:
-                        return self._events.popleft()
-                    replies = self._reply()
-                    if replies is None:
-                        return self._need()
-                    self._events.extend(replies)
-        except (RemoteProtocolError, TlsNotOffered, TlsRequiredByServer):
+                elif self._tx is not None:
+                    return self._tx.next_event()
+        except (RemoteProtocolError, NegotiationRefused, TlsNotOffered, TlsRequiredByServer):
             self._state = _State.CLOSED
             raise
 
@@ -161,11 +179,9 @@ class ClientConnection:
         self._negotiate()
 
     def _need(self) -> object:
-        if self._eof:
+        if self._eof:  # transmission's EOF is Transmission's
             self._state = _State.CLOSED
-            if self._in or self._open or self._state is not _State.TRANSMISSION:
-                raise RemoteProtocolError("the server closed the connection mid-exchange")
-            return Disconnect()
+            raise RemoteProtocolError("the server closed the connection mid-exchange")
         return NEED_DATA
 
     # ------------------------------------------------------------------ negotiation
@@ -228,8 +244,10 @@ class ClientConnection:
             if option == Option.SET_META_CONTEXT or option == Option.STRUCTURED_REPLY:
                 self._pending_options.pop(0)  # optional: go on without it
                 return True
-            raise RemoteProtocolError(f"the server refused option {option} ({kind:#x}): "
-                                      f"{message}")
+            what = (f"export {self._export.decode(errors='replace')!r}" if option == Option.GO
+                    else f"option {option}")
+            raise NegotiationRefused(f"the NBD server refused {what} ({_reply_name(kind)}: "
+                                     f"{message})")
         if kind == OptionReply.META_CONTEXT and len(data) >= 4:
             (context_id,) = struct.unpack_from(">I", data)
             self._agreed[context_id] = data[4:].decode(errors="replace")
@@ -237,13 +255,22 @@ class ClientConnection:
             (info,) = struct.unpack_from(">H", data)
             if info == Info.EXPORT:
                 self._size, self._flags = struct.unpack_from(">QH", data, 2)
+            elif info == Info.BLOCK_SIZE:
+                self._block_size = _block_size(data)
         elif kind == OptionReply.ACK:
             self._pending_options.pop(0)
+            if option == Option.STRUCTURED_REPLY:
+                self._structured = True
             if option == Option.GO:
                 if self._size is None:
                     raise RemoteProtocolError("GO acknowledged without NBD_INFO_EXPORT")
                 self._state = _State.TRANSMISSION
-                return Ready(self._size, self._flags, dict(self._agreed))
+                contexts = dict(self._agreed) if self._structured else {}
+                self._tx = Transmission(structured=self._structured, contexts=contexts,
+                                        initial=bytes(self._in))
+                self._in.clear()
+                return Ready(self._size, self._flags, contexts, self._structured,
+                             self._block_size)
         return True
 
     def _starttls_reply(self, kind: int, data: bytes) -> StartTls | bool:
@@ -269,79 +296,34 @@ class ClientConnection:
     # ------------------------------------------------------------------ transmission
 
     def send_request(self, command: Command, offset: int = 0, length: int = 0,
-                     flags: int = 0, data: bytes = b"") -> int:
-        if self._state is not _State.TRANSMISSION:
+                     flags: int = 0, data: bytes | bytearray | memoryview = b"") -> int:
+        """Queue a request; -> its cookie (see `Transmission.send_request`)."""
+        return self._transmission().send_request(command, offset, length, flags, data)
+
+    def send_read(self, offset: int, into: bytearray | memoryview, flags: int = 0) -> int:
+        """Queue a READ whose reply lands in ``into`` (see `Transmission.send_read`)."""
+        return self._transmission().send_read(offset, into, flags)
+
+    def _transmission(self) -> Transmission:
+        if self._tx is None or self._state is not _State.TRANSMISSION:
             raise LocalProtocolError("not in transmission")
-        if command is Command.WRITE and len(data) != length:
-            raise LocalProtocolError("WRITE length must equal the data's")
-        cookie = self._next_cookie
-        self._next_cookie += 1
-        self._out += struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset,
-                                 length) + data
-        if command is Command.DISC:
-            self._state = _State.CLOSED
-            return cookie
-        if command is Command.READ:
-            self._reads[cookie] = length
-        self._open.add(cookie)
-        return cookie
+        return self._tx
 
-    def _reply(self) -> list[ClientEvent] | None:
-        """The events of the next whole reply (or chunk) in the input, or None."""
-        if len(self._in) < 4:
-            return None
-        (magic,) = struct.unpack_from(">I", self._in)
-        if magic == SIMPLE_REPLY_MAGIC:
-            if len(self._in) < _SIMPLE.size:
-                return None
-            _, error, cookie = _SIMPLE.unpack_from(self._in)
-            self._check_cookie(cookie)
-            data_length = self._reads.get(cookie, 0) if error == 0 else 0
-            if len(self._in) < _SIMPLE.size + data_length:
-                return None
-            data = bytes(self._in[_SIMPLE.size : _SIMPLE.size + data_length])
-            del self._in[: _SIMPLE.size + data_length]
-            events: list[ClientEvent] = []
-            if data_length:
-                events.append(ReplyChunk(cookie, ReplyType.OFFSET_DATA, data))
-            return [*events, self._done(cookie, error)]
-        if magic != STRUCTURED_REPLY_MAGIC:
-            raise RemoteProtocolError(f"bad reply magic {magic:#x}")
-        if len(self._in) < _CHUNK.size:
-            return None
-        _, flags, kind, cookie, length = _CHUNK.unpack_from(self._in)
-        self._check_cookie(cookie)
-        if length > MAX_PAYLOAD + 8:
-            raise RemoteProtocolError(f"reply chunk of {length} bytes")
-        if len(self._in) < _CHUNK.size + length:
-            return None
-        payload = bytes(self._in[_CHUNK.size : _CHUNK.size + length])
-        del self._in[: _CHUNK.size + length]
-        if kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-            if len(payload) < 6:
-                raise RemoteProtocolError("truncated error chunk")
-            error, size = struct.unpack_from(">IH", payload)
-            message = payload[6 : 6 + size].decode(errors="replace")
-            self._open.discard(cookie)
-            self._reads.pop(cookie, None)
-            return [ReplyDone(cookie, error or 5, message)]
-        try:
-            reply_type = ReplyType(kind)
-        except ValueError:
-            raise RemoteProtocolError(f"unknown reply chunk type {kind}") from None
-        events = [] if reply_type is ReplyType.NONE else [ReplyChunk(cookie, reply_type, payload)]
-        if flags & REPLY_FLAG_DONE:
-            events.append(self._done(cookie, 0))
-        return events
 
-    def _check_cookie(self, cookie: int) -> None:
-        if cookie not in self._open:
-            raise RemoteProtocolError(f"reply for cookie {cookie}, which is not in flight")
+def _block_size(data: bytes) -> BlockSize:
+    if len(data) != 2 + _BLOCK_SIZE.size:
+        raise RemoteProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
+    minimum, preferred, maximum = _BLOCK_SIZE.unpack_from(data, 2)
 
-    def _done(self, cookie: int, error: int) -> ReplyDone:
-        self._open.discard(cookie)
-        self._reads.pop(cookie, None)
-        return ReplyDone(cookie, error)
+    def power_of_two(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if not (power_of_two(minimum) and minimum <= 64 * 1024 and power_of_two(preferred)
+            and preferred >= minimum and maximum >= minimum
+            and (maximum % minimum == 0 or maximum == NO_MAX_BLOCK)):
+        raise RemoteProtocolError(f"invalid block size constraints: minimum {minimum}, "
+                                  f"preferred {preferred}, maximum {maximum}")
+    return BlockSize(minimum, preferred, maximum)
 
 
 def _reply_name(kind: int) -> str:

@@ -1,8 +1,9 @@
-"""Protocol errors: ours (LocalProtocolError) and the peer's (RemoteProtocolError)."""
+"""NBD errors: protocol violations, ours (LocalProtocolError) and the peer's
+(RemoteProtocolError), a server's refusals and error replies, and lost connections."""
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError
+from blocktrail.errors import BlocktrailError, ChangeIdError
 
 
 class NbdError(BlocktrailError):
@@ -28,3 +29,41 @@ class TlsNotOffered(TlsError):
 
 class TlsRequiredByServer(TlsError):
     """The server requires TLS and the client was not configured to use it."""
+
+
+class NegotiationRefused(NbdError):
+    """The server refused an option the connection cannot go without (the export, mostly)."""
+
+
+class RequestFailed(NbdError):
+    """The server answered one request with an error; the connection carries on."""
+
+    def __init__(self, message: str, *, errno: int, server_message: str = "",
+                 command: str = "") -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.server_message = server_message
+        self.command = command
+
+
+class CommandNotSupported(NbdError):
+    """The export does not offer what was asked (write on a read-only export, trim, FUA...)."""
+
+
+class ConnectionLost(NbdError):
+    """The connection ended (closed by the server, reset, or closed here) with work undone."""
+
+
+class ServerUnreachable(NbdError):
+    """No NBD server answers at the address given."""
+
+    exit_code = 10
+
+
+class TlsUnavailable(NbdError):
+    """An nbds:// URI (or a TLS endpoint) was given, and this client cannot do TLS yet."""
+
+
+class DirtyBitmapUnavailable(ChangeIdError):
+    """The changed areas cannot be read from an NBD dirty bitmap (none was named, the server did
+    not agree to the context, or answered it with an error): the backup must read everything."""
