@@ -270,6 +270,7 @@ class Transmission:
         except RemoteProtocolError:
             self._closed = True
             self._payload = None
+            self._events.clear()
             raise
 
     def _need(self) -> _NeedData | Disconnect:

@@ -1,0 +1,201 @@
+"""NbdClient's verbs as blocking calls, for code that runs on threads (the backup engine).
+
+    with BlockingNbdClient.connect(uri, contexts=["base:allocation"]) as nbd:
+        data = nbd.pread(4 << 20, 0)          # from any thread; calls overlap on the wire
+
+The asyncio client runs on a private event loop in a background thread; each call hands a
+coroutine to that loop and waits for its result, so calls from many threads are in flight
+together on the connection. With ``connections=N`` and a server that allows it
+(NBD_FLAG_CAN_MULTI_CONN), N connections share the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections.abc import Coroutine, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+from blocktrail.nbd.client import DEFAULT_TIMEOUT, Descriptor, NbdClient
+from blocktrail.nbd.proto.client import BlockSize
+from blocktrail.nbd.proto.errors import LocalProtocolError
+from blocktrail.nbd.uri import NbdUri
+
+T = TypeVar("T")
+REUSED_BUFFER_BYTES = 16 << 20  # each calling thread keeps a read buffer up to this size
+
+
+class BlockingNbdClient:
+    """One export over one or more connections; close it (or use ``with``) to stop its
+    thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 clients: list[NbdClient]) -> None:
+        self._loop = loop
+        self._thread = thread
+        self._clients = clients
+        self._next = itertools.cycle(clients)
+        self._buffers = threading.local()
+        self._closed = False
+
+    @classmethod
+    def connect(cls, target: str | NbdUri, *, contexts: Sequence[str] = (),
+                connections: int = 1,
+                timeout: float | None = DEFAULT_TIMEOUT) -> BlockingNbdClient:
+        """Connect to the NBD URI ``target``; more than one of ``connections`` only when the
+        server advertises multi-conn."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="nbd-client", daemon=True)
+        thread.start()
+        try:
+            clients = asyncio.run_coroutine_threadsafe(
+                _open(target, contexts, connections, timeout), loop).result()
+        except BaseException:
+            _stop(loop, thread)
+            raise
+        return cls(loop, thread, clients)
+
+    def _run(self, coroutine: Coroutine[object, object, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise LocalProtocolError("a blocking NBD call from the client's own event loop")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _client(self) -> NbdClient:
+        return next(self._next)
+
+    # ------------------------------------------------------------------ what was negotiated
+
+    @property
+    def uri(self) -> NbdUri:
+        return self._clients[0].uri
+
+    @property
+    def size_bytes(self) -> int:
+        return self._clients[0].size_bytes
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        return self._clients[0].contexts
+
+    @property
+    def block_size(self) -> BlockSize:
+        return self._clients[0].block_size
+
+    @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    def is_read_only(self) -> bool:
+        return self._clients[0].is_read_only()
+
+    def can_flush(self) -> bool:
+        return self._clients[0].can_flush()
+
+    def can_fua(self) -> bool:
+        return self._clients[0].can_fua()
+
+    def can_trim(self) -> bool:
+        return self._clients[0].can_trim()
+
+    def can_zero(self) -> bool:
+        return self._clients[0].can_zero()
+
+    def can_multi_conn(self) -> bool:
+        return self._clients[0].can_multi_conn()
+
+    def can_meta_context(self, name: str) -> bool:
+        return self._clients[0].can_meta_context(name)
+
+    # ------------------------------------------------------------------ the verbs
+
+    def pread(self, count: int, offset: int) -> bytes:
+        """``count`` bytes at ``offset``. The data is received into a buffer this thread
+        reuses, then copied once into the bytes returned."""
+        buffer: bytearray | None = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < count:
+            buffer = bytearray(count)
+            if count <= REUSED_BUFFER_BYTES:
+                self._buffers.buffer = buffer
+        with memoryview(buffer) as view, view[:count] as target:
+            try:
+                self._run(self._client().pread_into(target, offset))
+            except BaseException:
+                self._buffers.buffer = None  # parts of the read may still land in it
+                raise
+            return bytes(target)
+
+    def pread_into(self, buffer: bytearray | memoryview, offset: int) -> None:
+        self._run(self._client().pread_into(buffer, offset))
+
+    def pwrite(self, buffer: bytes | bytearray | memoryview, offset: int, *,
+               fua: bool = False) -> None:
+        self._run(self._client().pwrite(buffer, offset, fua=fua))
+
+    def zero(self, count: int, offset: int, *, fua: bool = False, punch_hole: bool = True,
+             fast: bool = False) -> None:
+        self._run(self._client().zero(count, offset, fua=fua, punch_hole=punch_hole, fast=fast))
+
+    def trim(self, count: int, offset: int, *, fua: bool = False) -> None:
+        self._run(self._client().trim(count, offset, fua=fua))
+
+    def flush(self) -> None:
+        """Flush every connection (with multi-conn, one flush covers all; all is simpler)."""
+        for client in self._clients:
+            self._run(client.flush())
+
+    def block_status(self, count: int, offset: int, context: str) -> list[Descriptor]:
+        return self._run(self._client().block_status(count, offset, context))
+
+    def extents(self, context: str, offset: int = 0,
+                length: int | None = None) -> list[tuple[int, int, int]]:
+        return self._run(self._client().extents(context, offset, length))
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Disconnect every connection (NBD_CMD_DISC) and stop the event loop's thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._run(_close_all(self._clients))
+        finally:
+            _stop(self._loop, self._thread)
+
+    def __enter__(self) -> BlockingNbdClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+async def _open(target: str | NbdUri, contexts: Sequence[str], connections: int,
+                timeout: float | None) -> list[NbdClient]:
+    first = await NbdClient.connect(target, contexts=contexts, timeout=timeout)
+    if connections <= 1 or not first.can_multi_conn():
+        return [first]
+    results = await asyncio.gather(
+        *(NbdClient.connect(target, contexts=contexts, timeout=timeout)
+          for _ in range(connections - 1)), return_exceptions=True)
+    clients = [first] + [r for r in results if isinstance(r, NbdClient)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        await _close_all(clients)
+        raise failed[0]
+    return clients
+
+
+async def _close_all(clients: list[NbdClient]) -> None:
+    await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    with contextlib.suppress(RuntimeError):  # already closed
+        loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
