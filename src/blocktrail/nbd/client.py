@@ -39,10 +39,10 @@ from blocktrail.nbd.proto.errors import (
 )
 from blocktrail.nbd.proto.server import NEED_DATA, Disconnect
 from blocktrail.nbd.proto.transmission import BlockStatus, ReadChunk, ReplyChunk, ReplyDone
-from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsConfig
+from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters
 
 Descriptor = tuple[int, int]  # (length, flags) of one block status extent
-MAX_REQUEST_BYTES = 64 << 20  # requests are split at this even if the server allows more
+MAX_REQUEST_BYTES = 2 << 20  # reads and writes go in pieces of this, all in flight together
 MAX_WIRE_LENGTH = 0xFFFFFFFF  # the request header's length field
 DEFAULT_TIMEOUT = 30.0
 DISCONNECT_TIMEOUT = 10.0
@@ -183,7 +183,7 @@ class NbdClient:
 
     @classmethod
     async def connect_endpoint(cls, endpoint: NbdEndpoint | str, export: str = "", *,
-                               contexts: Sequence[str] = (), tls: TlsConfig | None = None,
+                               contexts: Sequence[str] = (), tls: TlsParameters | None = None,
                                timeout: float | None = DEFAULT_TIMEOUT,
                                max_in_flight: int = 64,
                                max_in_flight_bytes: int = 256 << 20) -> NbdClient:

@@ -7,7 +7,8 @@
 
 The export name is the path after the first "/", percent-decoded ("" is the default export).
 The TLS query parameters ``tls-certificates=DIR``, ``tls-psk-file=FILE`` and
-``tls-username=NAME`` are kept in a `TlsConfig`; they are refused on a plain nbd:// URI.
+``tls-username=NAME`` are kept, as given, in `TlsParameters` (the credentials themselves are
+`blocktrail.nbd.tls.TlsConfig`'s business); they are refused on a plain nbd:// URI.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ _TLS_PARAMETERS = {"tls-certificates": "certificates", "tls-psk-file": "psk_file
 
 
 @dataclass(frozen=True, slots=True)
-class TlsConfig:
-    """TLS settings from an nbds:// URI; none set means x509 with the system's defaults."""
+class TlsParameters:
+    """The TLS query parameters of an nbds:// URI (none given: x509 with libnbd's default
+    certificate directories)."""
 
     certificates: str | None = None  # directory with ca-cert.pem, client-cert.pem, ...
     psk_file: str | None = None  # pre-shared keys (username:hexkey lines)
@@ -76,7 +78,7 @@ class NbdEndpoint:
 class NbdUri:
     endpoint: NbdEndpoint
     export: str = ""
-    tls: TlsConfig | None = None  # None: plain NBD
+    tls: TlsParameters | None = None  # None: plain NBD
 
     @classmethod
     def parse(cls, text: str) -> NbdUri:
@@ -120,7 +122,7 @@ class NbdUri:
                 raise InvalidArgument(f"invalid NBD URI {text!r}: no user@ part allowed")
             endpoint = NbdEndpoint(host=parts.hostname, port=port or DEFAULT_PORT)
         export = unquote(parts.path.removeprefix("/"))
-        return cls(endpoint, export, TlsConfig(**tls_given) if tls else None)
+        return cls(endpoint, export, TlsParameters(**tls_given) if tls else None)
 
     def __str__(self) -> str:
         """The URI in its normal form (default port and parameters spelled out)."""

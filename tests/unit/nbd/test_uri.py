@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from blocktrail.errors import InvalidArgument
-from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsConfig, is_nbd_uri
+from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters, is_nbd_uri
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -17,10 +17,10 @@ from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsConfig, is_nbd_uri
     ("nbd+unix:///disk0@nightly?socket=/run/nbd.sock",
      NbdUri(NbdEndpoint(unix_path="/run/nbd.sock"), "disk0@nightly")),
     ("NBDS://h/d?tls-certificates=/etc/pki/qemu",
-     NbdUri(NbdEndpoint(host="h"), "d", TlsConfig(certificates="/etc/pki/qemu"))),
+     NbdUri(NbdEndpoint(host="h"), "d", TlsParameters(certificates="/etc/pki/qemu"))),
     ("nbds+unix:///d?socket=/s&tls-psk-file=/k.psk&tls-username=alice",
-     NbdUri(NbdEndpoint(unix_path="/s"), "d", TlsConfig(psk_file="/k.psk", username="alice"))),
-    ("nbds://h/d", NbdUri(NbdEndpoint(host="h"), "d", TlsConfig())),
+     NbdUri(NbdEndpoint(unix_path="/s"), "d", TlsParameters(psk_file="/k.psk", username="alice"))),
+    ("nbds://h/d", NbdUri(NbdEndpoint(host="h"), "d", TlsParameters())),
 ])
 def test_parse_and_normal_form(text: str, expected: NbdUri) -> None:
     uri = NbdUri.parse(text)
