@@ -7,7 +7,11 @@ import contextlib
 
 import click
 
+from blocktrail.errors import InvalidArgument
 from blocktrail.host.daemon import Endpoint, HostConfig, serve
+from blocktrail.nbd.proto.server import TlsMode
+from blocktrail.nbd.server import ServerLimits
+from blocktrail.nbd.tls import TlsConfig
 
 
 @click.command("host")
@@ -19,11 +23,46 @@ from blocktrail.host.daemon import Endpoint, HostConfig, serve
               help="Serve the disks over NBD: NAME read-write, NAME@SNAPSHOT read-only.")
 @click.option("--token", default=None, envvar="BLOCKTRAIL_TOKEN",
               help="API token for TCP (default: generated into DATA/api-token).")
-def host(data_dir: str, api: str, nbd: str | None, token: str | None) -> None:
+@click.option("--tls", "tls_mode", type=click.Choice(["off", "allow", "require"]), default=None,
+              help="NBD STARTTLS: require (refuse every option before STARTTLS, the default "
+                   "with credentials), allow, or off (the default without).")
+@click.option("--tls-creds", "tls_creds", default=None, type=click.Path(file_okay=False),
+              help="x509 credentials directory (QEMU's layout: ca-cert.pem, server-cert.pem, "
+                   "server-key.pem).")
+@click.option("--tls-psk", "tls_psk", default=None, type=click.Path(),
+              help="PSK keys file (psktool's username:hexkey lines) or a directory holding "
+                   "keys.psk.")
+@click.option("--tls-verify-client", is_flag=True,
+              help="x509: require a client certificate signed by ca-cert.pem.")
+@click.option("--max-connections", default=ServerLimits().max_connections, show_default=True,
+              type=click.IntRange(1, 10_000), help="NBD connections at once.")
+def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: str | None,
+         tls_creds: str | None, tls_psk: str | None, tls_verify_client: bool,
+         max_connections: int) -> None:
     """Own the disks under --data; serve the control API (and NBD) until interrupted."""
+    tls = _tls_config(tls_creds, tls_psk, tls_verify_client)
+    mode = TlsMode[(tls_mode or ("require" if tls else "off")).upper()]
+    if mode is not TlsMode.OFF and tls is None:
+        raise InvalidArgument(f"--tls={tls_mode} needs --tls-creds DIR or --tls-psk FILE")
+    if nbd is None and tls is not None:
+        raise InvalidArgument("TLS credentials are for NBD: give --nbd as well")
     config = HostConfig(data_dir, Endpoint.parse(api), token,
-                        Endpoint.parse(nbd) if nbd else None)
+                        Endpoint.parse(nbd) if nbd else None, mode, tls,
+                        ServerLimits(max_connections=max_connections))
     click.echo(f"blocktrail host: disks in {data_dir}, API on {config.api}"
-               + (f", NBD on {config.nbd}" if config.nbd else ""), err=True)
+               + (f", NBD on {config.nbd} (TLS {mode.name.lower()})" if config.nbd else ""),
+               err=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, handle_signals=True))
+
+
+def _tls_config(creds: str | None, psk: str | None, verify_client: bool) -> TlsConfig | None:
+    if creds and psk:
+        raise InvalidArgument("give --tls-creds or --tls-psk, not both")
+    if creds:
+        return TlsConfig.x509(creds, verify_client=verify_client)
+    if psk:
+        if verify_client:
+            raise InvalidArgument("--tls-verify-client is for x509 credentials")
+        return TlsConfig.psk(psk)
+    return None

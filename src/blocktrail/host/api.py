@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 from http import HTTPStatus
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -166,6 +166,13 @@ class VmSnapshots(BaseModel):
     snapshots: dict[str, SnapshotInfo] = Field(description="the snapshot taken, by disk name")
 
 
+class HostInfo(BaseModel):
+    version: str
+    nbd: str | None = Field(description="where the host serves NBD: unix:PATH or tcp:HOST:PORT "
+                                        "(null: not at all)")
+    tls: Literal["off", "allow", "require"] = Field(description="NBD's STARTTLS policy")
+
+
 def _snapshot_json(snap: Snapshot) -> dict[str, Any]:
     return snap.to_json()
 
@@ -206,9 +213,11 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-def create_app(registry: DiskRegistry, token: str | None = None) -> FastAPI:
+def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | None = None,
+               nbd_tls: str = "off") -> FastAPI:
     """The control API over ``registry``; with ``token``, every call needs
-    ``Authorization: Bearer <token>``."""
+    ``Authorization: Bearer <token>``. ``nbd``/``nbd_tls``: where and how the host serves the
+    disks over NBD (GET /host tells clients)."""
     def authorize(creds: BearerCredentials) -> None:
         if token is None:
             return
@@ -242,6 +251,10 @@ def create_app(registry: DiskRegistry, token: str | None = None) -> FastAPI:
             headers["Allow"] = ", ".join(_allowed_methods(app, request))
         return JSONResponse({"error": phrase.replace(" ", ""), "message": message},
                             exc.status_code, headers=headers)
+
+    @app.get("/host", response_model=HostInfo)
+    def host_info() -> dict[str, Any]:
+        return {"version": __version__, "nbd": nbd, "tls": nbd_tls}
 
     @app.get("/disks", response_model=list[DiskInfo])
     def list_disks() -> list[dict[str, Any]]:

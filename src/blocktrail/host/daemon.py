@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 
@@ -20,7 +20,9 @@ from blocktrail.errors import InvalidArgument
 from blocktrail.host.api import create_app
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.nbd.exports import DiskCatalog
-from blocktrail.nbd.server import NbdServer
+from blocktrail.nbd.proto.server import TlsMode
+from blocktrail.nbd.server import NbdServer, ServerLimits, ServerTls
+from blocktrail.nbd.tls import TlsConfig, server_context
 
 TOKEN_FILE = "api-token"
 
@@ -54,6 +56,9 @@ class HostConfig:
     api: Endpoint
     token: str | None = None
     nbd: Endpoint | None = None
+    nbd_tls_mode: TlsMode = TlsMode.OFF
+    nbd_tls: TlsConfig | None = None  # required unless the mode is OFF
+    nbd_limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -87,15 +92,31 @@ def bind(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
+def _nbd_address(sock: socket.socket | None) -> str | None:
+    if sock is None:
+        return None
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
 async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
                 handle_signals: bool = False) -> None:
     """Serve until cancelled (or SIGTERM/SIGINT with ``handle_signals``); every disk is closed
     cleanly on the way out."""
+    tls = None
+    if config.nbd_tls_mode is not TlsMode.OFF:
+        if config.nbd_tls is None:
+            raise InvalidArgument("NBD TLS needs credentials (an x509 directory or a PSK file)")
+        tls = ServerTls(config.nbd_tls_mode, server_context(config.nbd_tls))  # checked now
     registry = DiskRegistry(config.data_dir)
     token = None
     if config.api.unix_path is None:
         token = config.token or load_or_create_token(registry.data_dir)
-    app = create_app(registry, token)
+    nbd_sock = bind(config.nbd) if config.nbd is not None else None
+    app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
+                     nbd_tls=config.nbd_tls_mode.name.lower())
     sock = bind(config.api)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
@@ -104,9 +125,9 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
             loop.add_signal_handler(signum, setattr, server, "should_exit", True)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     nbd_server = None
-    if config.nbd is not None:
-        nbd_server = NbdServer(DiskCatalog(registry.get, registry.names))
-        nbd_server.listen(bind(config.nbd))
+    if nbd_sock is not None:
+        nbd_server = NbdServer(DiskCatalog(registry.get, registry.names), config.nbd_limits, tls)
+        nbd_server.listen(nbd_sock)
     try:
         while not server.started:
             if task.done():

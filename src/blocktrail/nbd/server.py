@@ -7,6 +7,10 @@ answered without copying: the disk maps the range to its layer files and the wir
 runs on a small thread pool and the reply is queued from there. Replies may leave in any order
 (NBD matches them by cookie); each is sent whole.
 
+TLS (`ServerTls`): STARTTLS with x509 certificates or a PSK, allowed or required. After the
+handshake the loop decrypts what it receives and the wire thread encrypts what it sends (reads
+are then copied through Python: no sendfile under TLS); the session is shared under a lock.
+
 Limits: connections (further ones are closed at once), the time a client may take to negotiate
 (slowloris), and per connection the requests and bytes in flight: past them the server stops
 reading from the client until replies have gone out, so a client that sends and never reads
@@ -33,11 +37,13 @@ from blocktrail.nbd.proto import (
     Errno,
     ExportChosen,
     InvalidRequest,
-    RemoteProtocolError,
     ReplyType,
     Request,
     ServerConnection,
 )
+from blocktrail.nbd.proto.errors import NbdError
+from blocktrail.nbd.proto.server import StartTls, TlsMode
+from blocktrail.nbd.tls import ServerTlsContext, TlsSession
 from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
 
 log = logging.getLogger(__name__)
@@ -54,12 +60,22 @@ class ServerLimits:
     disk_threads: int = 8
 
 
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """``mode`` ALLOW or REQUIRE with loaded credentials (`blocktrail.nbd.tls.server_context`)."""
+
+    mode: TlsMode
+    context: ServerTlsContext
+
+
 class NbdServer:
     """Serve `catalog` on listening sockets until `close`."""
 
-    def __init__(self, catalog: DiskCatalog, limits: ServerLimits = ServerLimits()) -> None:
+    def __init__(self, catalog: DiskCatalog, limits: ServerLimits = ServerLimits(),
+                 tls: ServerTls | None = None) -> None:
         self.catalog = catalog
         self.limits = limits
+        self.tls = tls
         self.executor = ThreadPoolExecutor(limits.disk_threads, thread_name_prefix="nbd-disk")
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
@@ -102,9 +118,13 @@ class _Connection:
         self._server = server
         self._limits = server.limits
         self._sock = sock
-        self._proto = ServerConnection(server.catalog)
+        self._tls = server.tls
+        self._proto = ServerConnection(server.catalog,
+                                       TlsMode.OFF if self._tls is None else self._tls.mode)
         self._lock = threading.Lock()  # the sans-IO core and the accounting below
         self._wire = Wire(sock)
+        self._session: TlsSession | None = None
+        self._tls_lock = threading.Lock()  # the TLS session: decrypting here, encrypting there
         self._in_flight = 0
         self._bytes_in_flight = 0
         self._room = asyncio.Event()
@@ -116,16 +136,58 @@ class _Connection:
             chosen = await asyncio.wait_for(self._negotiate(), self._limits.handshake_seconds)
             if chosen is not None:
                 await self._transmit(chosen)
-        except (RemoteProtocolError, TimeoutError, OSError):
+        except (NbdError, TimeoutError, OSError):  # protocol and TLS errors end the connection
             pass
         finally:
+            if self._session is not None:
+                with contextlib.suppress(NbdError), self._tls_lock:
+                    self._session.close()  # close_notify, queued behind the last reply
+                self._wire.send([])
             await asyncio.to_thread(self._wire.close)
             self._sock.close()
 
     async def _receive(self) -> None:
         data = await self._loop.sock_recv(self._sock, RECEIVE_BYTES)
+        if self._session is None:
+            with self._lock:
+                self._proto.receive_data(data)
+        else:
+            self._decrypt(data)
+
+    def _decrypt(self, data: bytes | None) -> None:
+        """Feed ciphertext (None: none new) and pass what it decrypts to the core."""
+        session = self._session
+        assert session is not None
+        plain: list[bytes] = []
+        with self._tls_lock:
+            if data is not None:
+                session.receive_ciphertext(data)
+            while chunk := session.read_plaintext():
+                plain.append(chunk)
+            ended = chunk == b""
+        self._wire.send([])  # TLS's own records (a key update, say) leave in sequence
         with self._lock:
-            self._proto.receive_data(data)
+            for chunk in plain:
+                self._proto.receive_data(chunk)
+            if ended:
+                self._proto.receive_data(b"")
+
+    async def _start_tls(self) -> None:
+        """STARTTLS was acknowledged (the ACK is queued in plaintext): the handshake."""
+        assert self._tls is not None
+        session = self._tls.context.session()
+        try:
+            while not session.do_handshake():
+                self._wire.send([session.ciphertext_to_send()], raw=True)
+                session.receive_ciphertext(await self._loop.sock_recv(self._sock,
+                                                                      RECEIVE_BYTES))
+        finally:  # the last flight, or the alert that says why the handshake failed
+            self._wire.send([session.ciphertext_to_send()], raw=True)
+        self._session = session
+        self._wire.encryptor = _Encryptor(session, self._tls_lock)
+        with self._lock:
+            self._proto.tls_established()
+        self._decrypt(None)  # the client's first options may have come with its last flight
 
     def _flush(self) -> None:
         out = self._proto.data_to_send()
@@ -141,6 +203,8 @@ class _Connection:
                 await self._receive()
             elif isinstance(event, ExportChosen):
                 return event
+            elif isinstance(event, StartTls):
+                await self._start_tls()
             elif isinstance(event, Disconnect):
                 return None
 
@@ -288,6 +352,16 @@ class _Connection:
         if wake:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 self._loop.call_soon_threadsafe(self._room.set)
+
+
+class _Encryptor:
+    def __init__(self, session: TlsSession, lock: threading.Lock) -> None:
+        self._session, self._lock = session, lock
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        with self._lock:
+            self._session.write_plaintext(plaintext)
+            return self._session.ciphertext_to_send()
 
 
 def _payload(segment: ReadSegment) -> list[Item]:

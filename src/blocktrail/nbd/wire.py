@@ -54,7 +54,8 @@ class Wire:
         self._sock = sock
         self._fd = sock.fileno()
         self._cond = threading.Condition()
-        self._queue: deque[tuple[list[Item], Callable[[], None] | None]] = deque()
+        self._queue: deque[tuple[list[Item], Callable[[], None] | None,
+                                 Encryptor | None]] = deque()
         self._closing = False
         self._flush_on_close = True
         self.error: OSError | None = None
@@ -62,15 +63,17 @@ class Wire:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def send(self, items: list[Item], on_sent: Callable[[], None] | None = None) -> None:
+    def send(self, items: list[Item], on_sent: Callable[[], None] | None = None, *,
+             raw: bool = False) -> None:
         """Queue one group; ``on_sent`` runs on the wire thread once it is sent, or when it
-        is dropped because the connection failed (it must not raise)."""
+        is dropped because the connection failed (it must not raise). Once `encryptor` is set,
+        groups are encrypted, except ``raw`` ones (TLS's own records)."""
         with self._cond:
             if self._closing or self.error is not None:
                 dropped = True
             else:
                 dropped = False
-                self._queue.append((items, on_sent))
+                self._queue.append((items, on_sent, None if raw else self.encryptor))
                 self._cond.notify()
         if dropped and on_sent is not None:
             on_sent()
@@ -104,9 +107,9 @@ class Wire:
                 if not self._queue or (self._closing and not self._flush_on_close) \
                         or self.error is not None:
                     break
-                items, on_sent = self._queue[0]
+                items, on_sent, encryptor = self._queue[0]
             try:
-                self._send_group(items)
+                self._send_group(items, encryptor)
             except OSError as exc:
                 with self._cond:
                     self.error = exc
@@ -122,13 +125,13 @@ class Wire:
         with self._cond:
             dropped, self._queue = list(self._queue), deque()
             self._cond.notify_all()
-        for _, on_sent in dropped:
+        for _, on_sent, _ in dropped:
             if on_sent is not None:
                 on_sent()
 
-    def _send_group(self, items: list[Item]) -> None:
-        if self.encryptor is not None:
-            self._send_encrypted(items)
+    def _send_group(self, items: list[Item], encryptor: Encryptor | None) -> None:
+        if encryptor is not None:
+            self._send_encrypted(items, encryptor)
             return
         pending: list[bytes | memoryview] = []
         for item in items:
@@ -140,10 +143,9 @@ class Wire:
                 pending.append(item)
         self._send_buffers(pending)
 
-    def _send_encrypted(self, items: list[Item]) -> None:
-        assert self.encryptor is not None
+    def _send_encrypted(self, items: list[Item], encryptor: Encryptor) -> None:
         plain = b"".join(_file_bytes(i) if isinstance(i, FilePart) else bytes(i) for i in items)
-        self._send_buffers([self.encryptor.encrypt(plain)])
+        self._send_buffers([encryptor.encrypt(plain)])
 
     def _send_buffers(self, buffers: list[bytes | memoryview]) -> None:
         views = deque(memoryview(b) for b in buffers if len(b))
