@@ -559,6 +559,7 @@ class NbdClient:
         error = self._error
         if not self._ready.done():
             self._ready.set_exception(type(error)(error.message))
+            self._ready.exception()  # retrieved: connect may have stopped waiting for it
         pending, self._pending = self._pending, {}
         for item in pending.values():
             self._budget.release(item.nbytes)
