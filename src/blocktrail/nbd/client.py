@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import cast
 
 from blocktrail.errors import InvalidArgument, OutOfRange
 from blocktrail.nbd.proto.client import BlockSize, ClientConnection, Ready
@@ -109,8 +110,7 @@ class _Wire(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream transport, by construction
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # a stream, by construction
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._client._conn.get_buffer(sizehint)
