@@ -8,7 +8,10 @@ four connections when the server allows several, as qemu-nbd does with ``-e 8 -r
 asyncio client on one connection reading 4 MiB runs with 8 in flight into reused buffers (no
 copies); the blocking facade called from 8 threads, each `pread` returning bytes (what the
 backup engine does), on one connection and on four (what NbdExportSource opens when the server
-allows several). Each figure is the best of three runs.
+allows several). After one warm-up round (a fresh qemu-nbd serves its first gigabytes
+markedly slower), the four take turns for three rounds; each figure is the best of its three,
+with the CPU seconds per GiB that qemu-nbd and the client spent in that run (qemu-nbd is
+single-threaded: when its CPU time nears the run's time, the server is the limit).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,13 +37,38 @@ RUN = 4 << 20
 WORKERS = 8
 
 
-def best_of(runs: int, fn: Callable[[], None]) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / float(os.sysconf("SC_CLK_TCK"))
+
+
+def _own_cpu_seconds() -> float:
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def best_runs(runs: dict[str, Callable[[], None]], rounds: int, server_pid: int
+              ) -> dict[str, tuple[float, float, float]]:
+    """(seconds, server CPU seconds, client CPU seconds) of each run's fastest of ``rounds``
+    rounds in turn, after one untimed round."""
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    best = dict.fromkeys(runs, (float("inf"), 0.0, 0.0))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            server, client = _cpu_seconds(server_pid), _own_cpu_seconds()
+            started = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - started
+            if seconds < best[name][0]:
+                best[name] = (seconds, _cpu_seconds(server_pid) - server,
+                              _own_cpu_seconds() - client)
+    return best
 
 
 def nbdcopy(uri: str) -> None:
@@ -104,15 +133,23 @@ def main(argv: list[str] | None = None) -> int:
                 "async_pread_into": lambda: async_client(uri),
                 "blocking_pread_8_threads": lambda: blocking_client(uri),
                 "blocking_pread_4_connections": lambda: blocking_client(uri, 4)}
-            results = {name: size / best_of(3, fn) / 1e6 for name, fn in runs.items()}
+            measured = best_runs(runs, 3, server.pid)
         finally:
             server.terminate()
             server.wait()
+    gib = size / (1 << 30)
+    results = {name: {"mb_per_s": round(size / seconds / 1e6),
+                      "server_cpu_s_per_gib": round(server_cpu / gib, 2),
+                      "client_cpu_s_per_gib": round(client_cpu / gib, 2)}
+               for name, (seconds, server_cpu, client_cpu) in measured.items()}
     if args.json:
-        print(json.dumps({k: round(v) for k, v in results.items()}))
+        print(json.dumps(results))
     else:
-        for name, rate in results.items():
-            print(f"{name:30} {rate:8.0f} MB/s  ({rate / results['nbdcopy']:.2f} x nbdcopy)")
+        base = results["nbdcopy"]["mb_per_s"]
+        for name, r in results.items():
+            print(f"{name:30} {r['mb_per_s']:6} MB/s ({r['mb_per_s'] / base:.2f} x nbdcopy); "
+                  f"CPU s/GiB: qemu-nbd {r['server_cpu_s_per_gib']:.2f}, "
+                  f"client {r['client_cpu_s_per_gib']:.2f}")
     return 0
 
 
