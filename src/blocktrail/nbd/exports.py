@@ -77,7 +77,10 @@ class Target:
             elif command is Command.TRIM:
                 disk.trim(length, offset)
             elif command is Command.WRITE_ZEROES:
-                self._zero(offset, length, allocate=bool(request.flags & CommandFlag.NO_HOLE))
+                allocate = bool(request.flags & CommandFlag.NO_HOLE)
+                if allocate and request.flags & CommandFlag.FAST_ZERO:  # zeros are written
+                    raise RequestFailed(Errno.ENOTSUP, "allocated zeros are written, not fast")
+                self._zero(offset, length, allocate=allocate)
             elif command is Command.CACHE:
                 self._prefetch(offset, length)
             if command is Command.FLUSH or request.flags & CommandFlag.FUA:

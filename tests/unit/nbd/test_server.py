@@ -38,7 +38,7 @@ from nbdraw import (
 )
 
 MiB = 1 << 20
-EINVAL, EPERM, ENOSPC = 22, 1, 28
+EINVAL, EPERM, ENOSPC, ENOTSUP = 22, 1, 28, 95
 
 
 class Served:
@@ -105,6 +105,7 @@ def test_conformance_errors_keep_the_stream_in_sync(tmp_path: Path) -> None:
             (dict(command=42, offset=0, length=0), EINVAL),  # unknown command
             (dict(command=READ, offset=0, length=512, flags=1), EINVAL),  # FUA on READ
             (dict(command=WRITE, offset=0, length=3, flags=FLAG_REQ_ONE, data=b"xyz"), EINVAL),
+            (dict(command=WRITE_ZEROES, offset=0, length=4096, flags=2 | 16), ENOTSUP),
         ]
         for cookie, (request, errno) in enumerate(cases, 1):
             c.send(cookie=cookie, **request)  # type: ignore[arg-type]
