@@ -1,123 +1,192 @@
-"""The end-to-end demo (`./run demo`): incremental backups of a disk under live writes.
+"""The end-to-end demo (`./run demo`): incremental backups of a disk that a real NBD client keeps
+writing, through a running host.
 
-A guest thread keeps writing, zeroing and trimming a tracked disk while, round after round, the
-demo takes a snapshot, backs it up incrementally (only the areas the tracker reports, plus a
-sampled audit of the rest), restores the new restore point and compares it byte for byte with the
-snapshot, then removes the previous snapshot — a consolidation under the guest's writes: the ESXi
-6.0 scenario, run for real. It ends with `check --read-data` of the repository.
+It starts `blocktrail host` (control API + NBD), creates a disk through the API, and has
+`qemu-io` (QEMU's own NBD client) write, zero and discard through the disk's NBD export in the
+background. Then, round after round, it takes a snapshot through the API, backs it up (full,
+then incremental: only the areas the host's tracker reports over NBD, plus a sampled audit of
+the rest), restores the new restore point and has `qemu-img compare` check it against the
+snapshot's NBD export, and removes the previous snapshot: a consolidation while qemu-io keeps
+writing, the ESXi 6.0 scenario, run for real. It ends with `check --read-data` of the repository.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from blocktrail.backup.engine import BackupOptions, run_backup
-from blocktrail.backup.sources.local import LocalDiskSource
-from blocktrail.disk import Disk
+from blocktrail.backup.sources.host import HostDiskSource
+from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
 
 MiB = 1 << 20
+say = print
 
 
-class GuestWriter(threading.Thread):
-    """Random 4-64 KiB writes, zeroes and trims until stopped."""
+class QemuIoGuest(threading.Thread):
+    """qemu-io writing 4-256 KiB of fresh patterns, zeros and discards at random offsets through
+    NBD until stopped; one command at a time (qemu-io drops commands piped in a burst)."""
 
-    def __init__(self, disk: Disk, seed: int) -> None:
+    def __init__(self, uri: str, size: int, seed: int) -> None:
         super().__init__(daemon=True)
-        self._disk, self._rng = disk, random.Random(seed)
+        self._proc = subprocess.Popen(["qemu-io", "-f", "raw", uri], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, bufsize=1)
+        self._size, self._rng = size, random.Random(seed)
         self._halt = threading.Event()
-        self.writes = 0
-        self.bytes = 0
+        self.commands = self.bytes = 0
+        self.errors: list[str] = []
+
+    def command(self, line: str) -> None:
+        """Run one qemu-io command and wait for its result."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+        _await_result(self._proc.stdout, line, self.errors)
+        self.commands += 1
 
     def run(self) -> None:
-        size = self._disk.size_bytes
-        while not self._halt.is_set():
-            length = self._rng.choice((4096, 8192, 65536))
-            offset = self._rng.randrange(0, size - length) & ~511
-            kind = self._rng.random()
+        rng = self._rng
+        while not self._halt.is_set() and not self.errors:
+            length = rng.choice((4096, 16384, 65536, 262144))
+            offset = rng.randrange(0, (self._size - length) // 4096) * 4096
+            kind = rng.random()
             if kind < 0.9:
-                self._disk.pwrite(self._rng.randbytes(length), offset)
+                self.command(f"write -P 0x{rng.randrange(1, 256):02x} {offset} {length}")
             elif kind < 0.95:
-                self._disk.zero(length, offset)
+                self.command(f"write -z {offset} {length}")
             else:
-                self._disk.trim(length, offset)
-            self.writes += 1
+                self.command(f"discard {offset} {length}")
             self.bytes += length
-            time.sleep(0.0002)
+            time.sleep(0.002)  # a guest, not a benchmark: tens of MB per second
 
     def stop(self) -> None:
         self._halt.set()
         self.join()
+        assert self._proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self._proc.stdin.write("quit\n")
+            self._proc.stdin.close()
+        self._proc.wait(30)
 
 
-def _digest(read: Callable[[int, int], bytes], size: int) -> str:
-    h = hashlib.sha256()
-    for offset in range(0, size, 4 * MiB):
-        h.update(read(min(4 * MiB, size - offset), offset))
-    return h.hexdigest()
+def _await_result(out: TextIO, command: str, errors: list[str]) -> None:
+    """Read qemu-io's output up to the statistics line of one command (or its error)."""
+    while True:
+        line = out.readline()
+        if not line:
+            errors.append(f"qemu-io exited during {command!r}")
+            return
+        if "failed" in line or "error" in line.lower():
+            errors.append(f"{command!r}: {line.strip()}")
+            return
+        if " ops; " in line:
+            return
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
+@contextlib.contextmanager
+def running_host(workdir: str) -> Iterator[tuple[str, str]]:
+    """`blocktrail host` in a child process; -> (API endpoint, NBD socket path)."""
+    api, nbd = os.path.join(workdir, "api.sock"), os.path.join(workdir, "nbd.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
+                             os.path.join(workdir, "disks"), "--api", f"unix:{api}", "--nbd",
+                             f"unix:{nbd}"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(api) and os.path.exists(nbd)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the host did not start")
+            time.sleep(0.05)
+        say(f"host: blocktrail host (pid {proc.pid}), control API unix:{api}, NBD unix:{nbd}")
+        yield f"unix:{api}", nbd
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def nbd_uri(nbd: str, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={nbd}"
+
+
+def compare(image: str, nbd: str, export: str) -> bool:
+    """`qemu-img compare` of a restored raw image with an export of the host."""
+    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", image,
+                             nbd_uri(nbd, export)], capture_output=True, text=True, check=False)
+    if result.returncode not in (0, 1):
+        raise RuntimeError(f"qemu-img compare failed: {result.stderr.strip()}")
+    return result.returncode == 0
 
 
 def run(workdir: str, size: int, rounds: int, seed: int) -> bool:
-    say = print
     say(f"blocktrail demo in {workdir}")
-    disk = Disk.create(os.path.join(workdir, "disk0"), size)
-    repo = Repository.init(os.path.join(workdir, "repo"))
-    source = LocalDiskSource(disk)
-    rng = random.Random(seed)
-    for _ in range(256):
-        disk.pwrite(rng.randbytes(256 * 1024), rng.randrange(0, size // MiB - 1) * MiB)
-    say(f"disk0: {size // MiB} MiB tracked disk, 64 MiB written; repository created")
-    guest = GuestWriter(disk, seed)
-    guest.start()
+    with running_host(workdir) as (api_endpoint, nbd), \
+            contextlib.closing(HostClient(api_endpoint)) as api:
+        api.call("POST", "/disks", json={"name": "disk0", "size_bytes": size})
+        say(f"disk0: {size // MiB} MiB, created through the control API")
+        live = nbd_uri(nbd, "disk0")
+        guest = QemuIoGuest(live, size, seed)
+        rng = random.Random(seed)
+        for _ in range(256):  # some data before the first backup
+            guest.command(f"write -P 0x{rng.randrange(1, 256):02x} "
+                          f"{rng.randrange(0, size // MiB - 1) * MiB} {256 * 1024}")
+        say(f"qemu-io wrote 64 MiB through {live}; it keeps writing in the background")
+        guest.start()
+        with Repository.init(os.path.join(workdir, "repo")) as repo, \
+                contextlib.closing(HostDiskSource(api, "disk0")) as source:
+            ok = _rounds(api, source, repo, guest, nbd, workdir, rounds)
+            guest.stop()
+            check = repo.check(read_data=True)
+        say(f"qemu-io ran {guest.commands} commands ({guest.bytes / MiB:.1f} MiB), "
+            f"{len(guest.errors)} failed{': ' + guest.errors[0] if guest.errors else ''}; "
+            f"repository check --read-data: {check.points} points, {check.chunks_read} chunks, "
+            f"{'no problems' if check.ok else f'{len(check.problems)} PROBLEMS'}")
+    ok = ok and check.ok and not guest.errors
+    say("identical" if ok else "DIFFERENT: a restore point does not equal its snapshot")
+    return ok
+
+
+def _rounds(api: HostClient, source: HostDiskSource, repo: Repository, guest: QemuIoGuest,
+            nbd: str, workdir: str, rounds: int) -> bool:
     ok, previous = True, None
     for n in range(rounds + 1):
-        time.sleep(0.3)
-        snap = disk.create_snapshot(f"round-{n}")
-        report = run_backup(source, repo, BackupOptions(snapshot=snap.name, seed=n))
+        time.sleep(0.5)
+        name = f"round-{n}"
+        api.call("POST", "/disks/disk0/snapshots", json={"name": name})
+        report = run_backup(source, repo, BackupOptions(snapshot=name, seed=n))
         target = os.path.join(workdir, "restored.raw")
         started = time.perf_counter()
         repo.restore(report.point.id, target)
         restore_s = time.perf_counter() - started
-        same = _file_digest(target) == _digest(disk.open_snapshot(snap.name).pread, size)
+        same = compare(target, nbd, f"disk0@{name}")
         os.unlink(target)
         ok &= same
         how = report.kind + (f" ({report.fallback_reason})" if report.fallback_reason else "")
-        say(f"round {n}: {how} backup of {snap.name}: read {report.bytes_read / MiB:.1f} MiB, "
-            f"stored {report.point.stats['bytes_stored'] / MiB:.1f} MiB in "
-            f"{report.seconds:.2f} s; audit re-read {report.audit.sampled_chunks} unchanged "
-            f"chunks: {'all match' if report.audit.tracker_trusted else 'MISMATCH'}; "
-            f"restored in {restore_s:.2f} s: {'identical' if same else 'DIFFERENT'}")
+        say(f"round {n}: {how} backup of snapshot {name}: read "
+            f"{report.bytes_read / MiB:.1f} MiB over NBD, stored "
+            f"{report.point.stats['bytes_stored'] / MiB:.1f} MiB in {report.seconds:.2f} s; "
+            f"audit re-read {report.audit.sampled_chunks} unchanged chunks: "
+            f"{'all match' if report.audit.tracker_trusted else 'MISMATCH'}")
+        say(f"         restored in {restore_s:.2f} s; qemu-img compare with "
+            f"disk0@{name}: {'identical' if same else 'DIFFERENT'}")
         if previous is not None:
             started = time.perf_counter()
-            disk.remove_snapshot(previous)  # consolidation while the guest writes on
-            say(f"         consolidated {previous} in {time.perf_counter() - started:.2f} s "
-                f"under live writes ({guest.writes} guest writes so far)")
-        previous = snap.name
-    guest.stop()
-    check = repo.check(read_data=True)
-    say(f"guest wrote {guest.writes} times ({guest.bytes / MiB:.1f} MiB); repository check "
-        f"--read-data: {check.points} points, {check.chunks_read} chunks, "
-        f"{'no problems' if check.ok else f'{len(check.problems)} PROBLEMS'}")
-    repo.close()
-    disk.close()
-    ok &= check.ok
-    say("identical" if ok else "DIFFERENT: a restore point does not equal its snapshot")
+            api.call("DELETE", f"/disks/disk0/snapshots/{previous}")
+            say(f"         removed {previous} (consolidation) in "
+                f"{time.perf_counter() - started:.2f} s while qemu-io wrote on "
+                f"({guest.commands} commands so far)")
+        previous = name
     return ok
 
 
@@ -128,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
+    missing = [t for t in ("qemu-io", "qemu-img") if shutil.which(t) is None]
+    if missing:
+        print(f"the demo needs {missing} (Debian package qemu-utils)", file=sys.stderr)
+        return 2
     workdir = tempfile.mkdtemp(prefix="blocktrail-demo-")
     try:
         return 0 if run(workdir, args.size_mib * MiB, args.rounds, args.seed) else 1
