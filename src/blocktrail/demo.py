@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import IO
 
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.host import HostDiskSource
@@ -82,7 +82,7 @@ class QemuIoGuest(threading.Thread):
         self._proc.wait(30)
 
 
-def _await_result(out: TextIO, command: str, errors: list[str]) -> None:
+def _await_result(out: IO[str], command: str, errors: list[str]) -> None:
     """Read qemu-io's output up to the statistics line of one command (or its error)."""
     while True:
         line = out.readline()
@@ -163,23 +163,28 @@ def _rounds(api: HostClient, source: HostDiskSource, repo: Repository, guest: Qe
     for n in range(rounds + 1):
         time.sleep(0.5)
         name = f"round-{n}"
+        started = time.perf_counter()
         api.call("POST", "/disks/disk0/snapshots", json={"name": name})
+        snapshot_s = time.perf_counter() - started
         report = run_backup(source, repo, BackupOptions(snapshot=name, seed=n))
         target = os.path.join(workdir, "restored.raw")
         started = time.perf_counter()
         repo.restore(report.point.id, target)
         restore_s = time.perf_counter() - started
+        started = time.perf_counter()
         same = compare(target, nbd, f"disk0@{name}")
+        compare_s = time.perf_counter() - started
         os.unlink(target)
         ok &= same
         how = report.kind + (f" ({report.fallback_reason})" if report.fallback_reason else "")
-        say(f"round {n}: {how} backup of snapshot {name}: read "
+        say(f"round {n}: snapshot {name} taken through the API in {snapshot_s:.2f} s; {how} "
+            f"backup: read "
             f"{report.bytes_read / MiB:.1f} MiB over NBD, stored "
             f"{report.point.stats['bytes_stored'] / MiB:.1f} MiB in {report.seconds:.2f} s; "
             f"audit re-read {report.audit.sampled_chunks} unchanged chunks: "
             f"{'all match' if report.audit.tracker_trusted else 'MISMATCH'}")
-        say(f"         restored in {restore_s:.2f} s; qemu-img compare with "
-            f"disk0@{name}: {'identical' if same else 'DIFFERENT'}")
+        say(f"         restored in {restore_s:.2f} s; qemu-img compare with the export "
+            f"disk0@{name} in {compare_s:.2f} s: {'identical' if same else 'DIFFERENT'}")
         if previous is not None:
             started = time.perf_counter()
             api.call("DELETE", f"/disks/disk0/snapshots/{previous}")

@@ -9,7 +9,7 @@ from enum import IntEnum
 import numpy as np
 
 from blocktrail.errors import CorruptMetadata, UnsupportedFormat
-from blocktrail.extents import Extent, clip, merge
+from blocktrail.extents import Extent, clip
 from blocktrail.fileio import FileHandle, FileIO
 
 MAP_MAGIC = b"BTCMAP\x00"
@@ -81,6 +81,7 @@ class DeltaLayer:
         self._map_file = map_file
         self.cluster_size = cluster_size
         self.states = states  # cluster index -> DATA or ZERO (ABSENT is not stored)
+        self._data_clusters: np.ndarray | None = None  # sorted DATA clusters, until a change
         self._pending: dict[int, ClusterState] = {}
         self.visible_below = visible_below
         self.snapshot: str | None = None
@@ -92,6 +93,7 @@ class DeltaLayer:
         return self.states.get(cluster, ClusterState.ABSENT)
 
     def set_state(self, cluster: int, state: ClusterState) -> None:
+        self._data_clusters = None
         if state is ClusterState.ABSENT:
             self.states.pop(cluster, None)
         else:
@@ -101,13 +103,20 @@ class DeltaLayer:
     def allocated(self, start: int, end: int) -> list[Extent]:
         """Extents inside ``[start, end)`` this layer holds data in (clipped)."""
         cs = self.cluster_size
-        first, stop = start // cs, -(-end // cs)
-        if stop - first < len(self.states):  # a small window of a big layer
-            clusters = [c for c in range(first, stop) if self.states.get(c) is ClusterState.DATA]
-        else:
-            clusters = [c for c, s in self.states.items()
-                        if s is ClusterState.DATA and first <= c < stop]
-        return clip(merge(Extent(c * cs, cs) for c in clusters), start, end)
+        clusters = self._data_clusters
+        if clusters is None:  # a frozen layer sorts once; the top after each change
+            clusters = np.array(sorted(c for c, s in self.states.items()
+                                       if s is ClusterState.DATA), dtype=np.int64)
+            self._data_clusters = clusters
+        window = clusters[np.searchsorted(clusters, start // cs):
+                          np.searchsorted(clusters, -(-end // cs))]
+        if not len(window):
+            return []
+        breaks = np.flatnonzero(np.diff(window) != 1)
+        firsts = window[np.concatenate(([0], breaks + 1))].tolist()
+        lasts = window[np.concatenate((breaks, [len(window) - 1]))].tolist()
+        return clip([Extent(a * cs, (b + 1 - a) * cs) for a, b in zip(firsts, lasts, strict=True)],
+                    start, end)
 
     def flush(self) -> None:
         if not self._pending:

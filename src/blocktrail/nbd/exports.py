@@ -30,6 +30,7 @@ from blocktrail.nbd.proto.constants import (
 from blocktrail.tracking import ALL_ALLOCATED
 
 MAX_DESCRIPTORS = 1 << 16
+REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
 _DESCRIPTOR = np.dtype(">u4")
 
@@ -122,19 +123,33 @@ class Target:
         out = []
         for context_id, name in sorted(contexts.items()):
             if name == BASE_ALLOCATION:
-                marked = self._areas(ALL_ALLOCATED, start, end)
-                inside, outside = 0, STATE_HOLE | STATE_ZERO
+                change_id, inside, outside = ALL_ALLOCATED, 0, STATE_HOLE | STATE_ZERO
             elif name.startswith(DIRTY_BITMAP_PREFIX):
-                change_id = name.removeprefix(DIRTY_BITMAP_PREFIX)
-                try:  # refused: an error reply, never "clean"
-                    marked = self._areas(change_id, start, end)
-                except RequestFailed as failure:
-                    raise RequestFailed(failure.errno, f"{name}: {failure.message}") from failure
-                inside, outside = STATE_DIRTY, 0
+                change_id, inside, outside = name.removeprefix(DIRTY_BITMAP_PREFIX), STATE_DIRTY, 0
             else:
                 raise RequestFailed(Errno.EINVAL, f"unknown meta context {name}")
-            out.append((context_id, descriptors(marked, start, end, inside, outside, one=one)))
+            try:  # refused: an error reply, never "clean"
+                payload = self._descriptors(change_id, start, end, inside, outside, one=one)
+            except RequestFailed as failure:
+                raise RequestFailed(failure.errno, f"{name}: {failure.message}") from failure
+            out.append((context_id, payload))
         return out
+
+    def _descriptors(self, change_id: str, start: int, end: int, inside: int, outside: int, *,
+                     one: bool) -> bytes:
+        if not one:
+            return descriptors(self._areas(change_id, start, end), start, end, inside, outside,
+                               one=False)
+        # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
+        # may be shorter than asked: look at a growing window until the extent ends inside it.
+        window = REQ_ONE_FIRST_WINDOW
+        while True:
+            stop = min(end, start + window)
+            payload = descriptors(self._areas(change_id, start, stop), start, stop, inside,
+                                  outside, one=True)
+            if stop == end or int.from_bytes(payload[:4], "big") < stop - start:
+                return payload
+            window *= 8
 
     def _areas(self, change_id: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Offsets and ends of the marked areas inside [start, end)."""

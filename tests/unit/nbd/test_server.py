@@ -227,6 +227,12 @@ def test_block_status_contexts(tmp_path: Path) -> None:
         c.send(BLOCK_STATUS, 65536, 65536, flags=FLAG_REQ_ONE, cookie=2)
         assert c.reply().block_status[ids["base:allocation"]] == [(65536, 3)]
         c.close()
+        s.disk.pwrite(b"c" * 65536, 6 * MiB)  # one extent, found in growing windows
+        s.disk.create_snapshot("s3")
+        c = s.client("d0@s3", contexts=("base:allocation",))
+        c.send(BLOCK_STATUS, 4 * 65536, c.size - 4 * 65536, flags=FLAG_REQ_ONE)
+        assert c.reply().block_status[1] == [(6 * MiB - 4 * 65536, 3)]
+        c.close()
         s.disk.reset_tracking()  # the change ID is stale now: an error, never "clean"
         c = s.client("d0@s2", contexts=(f"qemu:dirty-bitmap:{first}",))
         c.send(BLOCK_STATUS, 0, 65536)
