@@ -147,3 +147,64 @@ def test_bad_credentials_stop_the_host_at_start(tmp_path: Path) -> None:
                              "--nbd", f"unix:{tmp_path / 'nbd.sock'}", "--tls-creds",
                              str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "server-cert.pem" in result.stderr
+
+
+def _tls_options(creds: Credentials, kind: str) -> list[str]:
+    if kind == "psk":
+        return ["--tls-psk-file", str(creds.psk_file), "--tls-username", creds.psk_username]
+    return ["--tls-certificates", str(creds.client_dir)]
+
+
+@pytest.mark.parametrize("kind", ["x509", "psk"])
+def test_backups_of_a_host_that_requires_tls(creds: Credentials, start: Start, tmp_path: Path,
+                                             kind: str) -> None:
+    server_args = ["--tls-creds", str(creds.server_dir)] if kind == "x509" else \
+        ["--tls-psk", str(creds.psk_dir)]
+    api, nbd = start(*server_args)
+    repo = str(tmp_path / "repo")
+    cli("disk", "create", "disk0", "--size", "8M", "--host", api)
+    cli("repo", "init", repo)
+    run("qemu-io", *qemu_tls(creds, kind, nbd, "disk0"), "-c", "write -P 0x11 0 1M")
+    refused = subprocess.run([sys.executable, "-m", "blocktrail.cli.main", "backup", "disk0",
+                              "--host", api, "--repo", repo], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "requires TLS" in refused.stderr
+    full = cli("backup", "disk0", "--host", api, "--repo", repo, *_tls_options(creds, kind))
+    assert full["kind"] == "full"
+    write = run("qemu-io", *qemu_tls(creds, kind, nbd, "disk0"), "-c", "write -P 0x22 4M 64k")
+    assert write.returncode == 0, write.stderr
+    incremental = cli("backup", "disk0", "--host", api, "--repo", repo,
+                      *_tls_options(creds, kind))
+    assert incremental["kind"] == "incremental", incremental
+    restored = tmp_path / "restored.raw"
+    point = incremental["point"]["id"]  # type: ignore[index]
+    cli("restore", repo, str(point), "--to", str(restored))
+    expected = bytearray(8 << 20)
+    expected[: 1 << 20] = b"\x11" * (1 << 20)
+    expected[4 << 20 : (4 << 20) + (64 << 10)] = b"\x22" * (64 << 10)
+    assert restored.read_bytes() == expected
+
+
+def test_our_client_backs_up_qemu_nbd_over_tls(creds: Credentials, tmp_path: Path) -> None:
+    _tools()
+    image, sock, repo = tmp_path / "disk.raw", tmp_path / "q.sock", str(tmp_path / "repo")
+    image.write_bytes(bytes(range(256)) * 8192)
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-x", "disk0", "-k", str(sock),
+                             "--object", f"tls-creds-psk,id=tls0,endpoint=server,"
+                                         f"dir={creds.psk_dir}", "--tls-creds", "tls0",
+                             str(image)])
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        cli("repo", "init", repo)
+        uri = (f"nbds+unix://{creds.psk_username}@/disk0?socket={sock}"
+               f"&tls-psk-file={creds.psk_file}")
+        point = cli("backup", uri, "--repo", repo)["point"]["id"]  # type: ignore[index]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    restored = tmp_path / "restored.raw"
+    cli("restore", repo, str(point), "--to", str(restored))
+    assert restored.read_bytes() == image.read_bytes()

@@ -11,7 +11,7 @@ import pytest
 
 from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.backup.sources.nbd import default_disk_id
-from blocktrail.nbd.proto.errors import ServerUnreachable, TlsUnavailable
+from blocktrail.nbd.proto.errors import ServerUnreachable, TlsError
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri
 
 
@@ -47,7 +47,7 @@ def test_the_hosts_nbd_endpoint(announced: str, api_host: str | None,
 def test_a_host_without_nbd_or_requiring_tls_is_refused_with_the_reason() -> None:
     with pytest.raises(ServerUnreachable, match="--nbd"):
         HostDiskSource(FakeApi({"version": "0", "nbd": None, "tls": "off"}), "vm/1")
-    with pytest.raises(TlsUnavailable, match="requires TLS"):
+    with pytest.raises(TlsError, match="requires TLS"):
         HostDiskSource(FakeApi({"version": "0", "nbd": "unix:/s", "tls": "require"}), "vm/1")
     allowed = HostDiskSource(FakeApi({"version": "0", "nbd": "unix:/s", "tls": "allow"}), "vm/1")
     assert allowed.nbd_endpoint == NbdEndpoint(unix_path="/s")

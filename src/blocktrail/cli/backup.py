@@ -21,10 +21,10 @@ from blocktrail.backup.sources.nbd import NbdExportSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import ExitCode, emit, human
-from blocktrail.cli.target import host_option
+from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.client import HostClient
-from blocktrail.nbd.uri import is_nbd_uri
+from blocktrail.nbd.uri import TlsParameters, is_nbd_uri
 from blocktrail.repo import Repository, RetentionPolicy
 from blocktrail.repo.errors import EXIT_REPOSITORY_DAMAGED
 
@@ -47,19 +47,23 @@ def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None]
 
 @contextlib.contextmanager
 def open_source(disk: str, host: str | None, *, bitmap: str | None = None,
-                disk_id: str | None = None) -> Iterator[Source]:
+                disk_id: str | None = None, tls: TlsParameters | None = None
+                ) -> Iterator[Source]:
     """DISK as a backup source: an NBD URI (any NBD export), NAME on the host ``host``, or a
     local disk directory."""
     if not is_nbd_uri(disk) and (bitmap or disk_id):
         raise InvalidArgument("--bitmap and --disk-id are for NBD URIs (nbd://, nbd+unix://)")
+    if tls is not None and host is None:
+        raise InvalidArgument("--tls-* options are for a host's disks (--host); an nbds:// URI "
+                              "carries its own (tls-certificates=DIR, tls-psk-file=FILE)")
     if is_nbd_uri(disk):
         with contextlib.closing(NbdExportSource(disk, bitmap=bitmap, disk_id=disk_id)) as src:
             yield src
     elif host is not None:
         client = HostClient.from_env(host)
         try:
-            with contextlib.closing(HostDiskSource(client, disk,
-                                                   api_host=client.endpoint.host)) as src:
+            with contextlib.closing(HostDiskSource(client, disk, api_host=client.endpoint.host,
+                                                   tls=tls)) as src:
                 yield src
         finally:
             client.close()
@@ -87,6 +91,7 @@ def repo_init(path: str, as_json: bool) -> None:
 @click.argument("disk_path", metavar="DISK")
 @repo_option
 @host_option
+@nbd_tls_options
 @click.option("--bitmap", default=None, metavar="NAME",
               help="NBD URIs: a QEMU dirty bitmap the export offers (qemu:dirty-bitmap:NAME) "
                    "that has recorded every write since the previous backup of this disk.")
@@ -96,13 +101,15 @@ def repo_init(path: str, as_json: bool) -> None:
 @click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=float,
               help="Percent of unchanged chunks re-read and compared (at least 16).")
 @json_option
-def backup(disk_path: str, repo_path: str, host: str | None, bitmap: str | None,
+def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: str | None,
+           tls_psk_file: str | None, tls_username: str | None, bitmap: str | None,
            disk_id: str | None, full: bool, audit_pct: float, as_json: bool) -> None:
     """Back up DISK: a disk directory, NAME on a host (--host), or an NBD URI
     (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT). Incremental when the changes
     since the last restore point can be trusted; otherwise full, and the output says why."""
     with Repository.open(repo_path) as repo, \
-            open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id) as src, \
+            open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
+                        tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("backup", as_json) as progress:
         report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct),
                             progress)
@@ -177,16 +184,19 @@ def _convert_qcow2(raw: str, target: str) -> None:
               help="What the point was taken from: a disk directory or NAME on a host (--host), "
                    "and its snapshot; or an NBD URI (the export as it is now).")
 @host_option
+@nbd_tls_options
 @click.option("--heal", is_flag=True, help="Write a corrected restore point if they differ.")
 @json_option
-def verify(repo_path: str, point_id: str, against: str, host: str | None, heal: bool,
-           as_json: bool) -> None:
+def verify(repo_path: str, point_id: str, against: str, host: str | None,
+           tls_certificates: str | None, tls_psk_file: str | None, tls_username: str | None,
+           heal: bool, as_json: bool) -> None:
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
     disk_path, snapshot = against, ""
     if not is_nbd_uri(against):  # an export name may hold "@" itself
         disk_path, _, snapshot = against.partition("@")
     with Repository.open(repo_path) as repo, \
-            open_source(disk_path, host) as src, \
+            open_source(disk_path, host,
+                        tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("verify", as_json) as progress:
         report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
                               progress=progress)

@@ -8,7 +8,9 @@ from typing import Any, TypeVar
 import click
 
 from blocktrail.disk import Disk
+from blocktrail.errors import InvalidArgument
 from blocktrail.host.client import HostClient
+from blocktrail.nbd.uri import TlsParameters
 
 T = TypeVar("T")
 
@@ -33,3 +35,29 @@ def on_disk(disk: str, host: str | None, local: Callable[[Disk], T],
 
 def call(method: str, path: str, **kwargs: Any) -> Callable[[HostClient], Any]:
     return lambda client: client.call(method, path, **kwargs)
+
+
+def nbd_tls_options(fn: Callable[..., T]) -> Callable[..., T]:
+    """TLS credentials for reading a host's disks over NBD (an NBD URI carries its own)."""
+    fn = click.option("--tls-username", default=None, envvar="BLOCKTRAIL_TLS_USERNAME",
+                      metavar="NAME", help="PSK identity (default: your login name).")(fn)
+    fn = click.option("--tls-psk-file", default=None, envvar="BLOCKTRAIL_TLS_PSK_FILE",
+                      metavar="FILE", help="PSK keys file (username:hexkey lines), for a host "
+                                           "whose NBD requires TLS.")(fn)
+    fn = click.option("--tls-certificates", default=None, envvar="BLOCKTRAIL_TLS_CERTIFICATES",
+                      metavar="DIR", help="x509 client credentials (ca-cert.pem, "
+                                          "client-cert.pem, client-key.pem), for a host whose "
+                                          "NBD requires TLS.")(fn)
+    return fn
+
+
+def tls_parameters(certificates: str | None, psk_file: str | None,
+                   username: str | None) -> TlsParameters | None:
+    if certificates and psk_file:
+        raise InvalidArgument("give --tls-certificates or --tls-psk-file, not both")
+    if not (certificates or psk_file):
+        if username:
+            raise InvalidArgument("--tls-username goes with --tls-psk-file")
+        return None
+    return TlsParameters(certificates, psk_file, username)
+

@@ -14,12 +14,17 @@ its minimum. A server's error reply raises `RequestFailed` (the errno and the se
 and the connection carries on; anything the server sends that the protocol forbids raises
 `RemoteProtocolError`, fails every request in flight, and ends the connection. Memory is bounded:
 at most ``max_in_flight`` requests and ``max_in_flight_bytes`` of payload are outstanding.
+
+An nbds:// URI (or ``tls=``) means STARTTLS, required: x509 (``tls-certificates=DIR``, QEMU's
+client layout) or PSK (``tls-psk-file=FILE`` and a username). The server must agree; there is
+no fallback to plaintext. Under TLS the bytes received go through the session before the core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +41,10 @@ from blocktrail.nbd.proto.errors import (
     RemoteProtocolError,
     RequestFailed,
     ServerUnreachable,
-    TlsUnavailable,
 )
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect
+from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
 from blocktrail.nbd.proto.transmission import BlockStatus, ReadChunk, ReplyChunk, ReplyDone
+from blocktrail.nbd.tls import ClientTlsContext, TlsConfig, TlsSession, client_context
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters
 
 Descriptor = tuple[int, int]  # (length, flags) of one block status extent
@@ -109,6 +114,7 @@ class _Wire(asyncio.BufferedProtocol):
     def __init__(self, client: NbdClient) -> None:
         self._client = client
         self.transport: asyncio.Transport | None = None
+        self._ciphertext = memoryview(bytearray(256 << 10))
         self.paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -117,10 +123,15 @@ class _Wire(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # a stream, by construction
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._client._session is not None:  # ciphertext: to the TLS session first
+            return self._ciphertext
         return self._client._conn.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._client._received(nbytes)
+        if self._client._session is not None:
+            self._client._received_ciphertext(bytes(self._ciphertext[:nbytes]))
+        else:
+            self._client._received(nbytes)
 
     def eof_received(self) -> bool:
         self._client._eof()
@@ -157,9 +168,11 @@ class NbdClient:
     """One connection to one export. Make it with `connect` or `connect_endpoint`."""
 
     def __init__(self, conn: ClientConnection, uri: NbdUri, *, max_in_flight: int,
-                 max_in_flight_bytes: int) -> None:
+                 max_in_flight_bytes: int, tls: ClientTlsContext | None = None) -> None:
         self._conn = conn
         self.uri = uri
+        self._tls = tls
+        self._session: TlsSession | None = None  # from STARTTLS's ACK on
         self._loop = asyncio.get_running_loop()
         self._wire = _Wire(self)
         self._ready: asyncio.Future[Ready] = self._loop.create_future()
@@ -194,14 +207,13 @@ class NbdClient:
         if isinstance(endpoint, str):
             endpoint = NbdEndpoint.parse(endpoint)
         uri = NbdUri(endpoint, export, tls)
-        if tls is not None:
-            raise TlsUnavailable(f"{uri}: TLS is not available in this NBD client yet; use an "
-                                 "nbd:// or nbd+unix:// URI (a unix socket is protected by its "
-                                 "file mode)")
         if max_in_flight < 1 or max_in_flight_bytes < 1:
             raise InvalidArgument("max_in_flight and max_in_flight_bytes must be positive")
-        client = cls(ClientConnection(export, list(contexts)), uri, max_in_flight=max_in_flight,
-                     max_in_flight_bytes=max_in_flight_bytes)
+        tls_context = None if tls is None else client_context(tls_config(tls))
+        conn = ClientConnection(export, list(contexts),
+                                tls=TlsMode.OFF if tls is None else TlsMode.REQUIRE)
+        client = cls(conn, uri, max_in_flight=max_in_flight,
+                     max_in_flight_bytes=max_in_flight_bytes, tls=tls_context)
         try:
             async with asyncio.timeout(timeout):
                 await client._open(endpoint)
@@ -489,6 +501,9 @@ class NbdClient:
         if transport is None or self._error is not None:
             return
         buffers = self._conn.buffers_to_send()
+        if self._session is not None and self._session.handshake_done:
+            self._session.write_plaintext(b"".join(buffers))
+            buffers = [self._session.ciphertext_to_send()]
         if len(buffers) == 1:
             transport.write(buffers[0])
         elif buffers:
@@ -520,6 +535,9 @@ class NbdClient:
                     self._flush()
                 elif isinstance(event, Disconnect):
                     return
+                elif isinstance(event, StartTls):
+                    self._start_tls()
+                    return
                 else:
                     raise RemoteProtocolError(f"unexpected {type(event).__name__} in the "
                                               "negotiation")
@@ -528,6 +546,44 @@ class NbdClient:
             return
         if self._info is None:
             self._flush()  # negotiation: the client's flags and options
+
+    def _start_tls(self) -> None:
+        """The server acknowledged STARTTLS: from now on bytes go through a TLS session."""
+        if self._tls is None:
+            raise RemoteProtocolError("STARTTLS acknowledged, but no TLS was asked for")
+        endpoint = self.uri.endpoint
+        self._session = self._tls.session(endpoint.host)  # None (unix): the chain is checked
+        self._session.do_handshake()
+        self._send_ciphertext()
+
+    def _received_ciphertext(self, data: bytes) -> None:
+        session = self._session
+        if self._error is not None or session is None:
+            return
+        try:
+            session.receive_ciphertext(data)
+            if not session.handshake_done:
+                done = session.do_handshake()
+                self._send_ciphertext()
+                if not done:
+                    return
+                self._conn.tls_established()
+            while plain := session.read_plaintext():
+                self._conn.receive_data(plain)
+            if plain == b"":
+                self._conn.receive_data(b"")
+            self._send_ciphertext()  # TLS's own records, a key update say
+        except NbdError as exc:
+            self._send_ciphertext()  # the alert that tells the server why
+            self._abort(exc)
+            return
+        self._dispatch()
+
+    def _send_ciphertext(self) -> None:
+        assert self._session is not None
+        out = self._session.ciphertext_to_send()
+        if out and self._wire.transport is not None and not self._wire.transport.is_closing():
+            self._wire.transport.write(out)
 
     def _done(self, reply: ReplyDone) -> None:
         pending = self._pending.pop(reply.cookie, None)
@@ -571,6 +627,16 @@ class NbdClient:
                 item.future.set_exception(type(error)(error.message))
         if self._wire.transport is not None and not self._wire.transport.is_closing():
             self._wire.transport.abort()
+
+
+def tls_config(tls: TlsParameters) -> TlsConfig:
+    """The credentials an nbds:// URI names (libnbd's query parameters)."""
+    if tls.psk_file is not None:
+        return TlsConfig.psk(tls.psk_file, username=tls.username or getpass.getuser())
+    if tls.certificates is not None:
+        return TlsConfig.x509(tls.certificates)
+    raise InvalidArgument("TLS needs credentials: tls-certificates=DIR (x509, QEMU's client "
+                          "layout) or tls-psk-file=FILE (PSK, with tls-username=NAME)")
 
 
 def _clip(descriptors: tuple[Descriptor, ...], length: int) -> list[Descriptor]:

@@ -101,11 +101,17 @@ class NbdUri:
                                   f"{', '.join(unknown)} (known: socket, "
                                   f"{', '.join(_TLS_PARAMETERS)})")
         tls_given = {_TLS_PARAMETERS[k]: v for k, v in params.items() if k in _TLS_PARAMETERS}
+        user = unquote(parts.username) if parts.username else None
+        if user is not None:  # libnbd: the PSK username may be the URI's user part
+            if not tls:
+                raise InvalidArgument(f"invalid NBD URI {text!r}: no user@ part allowed "
+                                      "(it names a TLS PSK user, for nbds:// URIs)")
+            tls_given.setdefault("username", user)
         if tls_given and not tls:
             raise InvalidArgument(f"invalid NBD URI {text!r}: TLS parameters need an nbds:// "
                                   "or nbds+unix:// URI")
         if unix:
-            if parts.netloc:
+            if parts.netloc.rpartition("@")[2]:
                 raise InvalidArgument(f"invalid NBD URI {text!r}: {scheme}:// takes no host "
                                       f"(write {scheme}:///EXPORT?socket=PATH)")
             if not params.get("socket"):
@@ -118,8 +124,6 @@ class NbdUri:
                                       "nbd+unix:// URIs")
             if not parts.hostname:
                 raise InvalidArgument(f"invalid NBD URI {text!r}: {scheme}:// needs a host")
-            if parts.username is not None:
-                raise InvalidArgument(f"invalid NBD URI {text!r}: no user@ part allowed")
             endpoint = NbdEndpoint(host=parts.hostname, port=port or DEFAULT_PORT)
         export = unquote(parts.path.removeprefix("/"))
         return cls(endpoint, export, TlsParameters(**tls_given) if tls else None)

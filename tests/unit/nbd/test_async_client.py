@@ -37,9 +37,9 @@ from blocktrail.nbd.proto.errors import (
     NegotiationRefused,
     RequestFailed,
     ServerUnreachable,
-    TlsUnavailable,
 )
 from blocktrail.nbd.server import NbdServer
+from blocktrail.nbd.tls import TlsCredentialsError
 from nbdreplies import handshake, simple
 
 MiB = 1 << 20
@@ -152,8 +152,10 @@ def test_connect_errors_are_typed(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(ServerUnreachable, match="cannot connect"):
             await NbdClient.connect(uri(str(tmp_path / "missing.sock")))
-        with pytest.raises(TlsUnavailable, match="TLS is not available"):
+        with pytest.raises(TlsCredentialsError, match="/k"):
             await NbdClient.connect("nbds+unix:///d0?socket=/x&tls-psk-file=/k")
+        with pytest.raises(InvalidArgument, match="TLS needs credentials"):
+            await NbdClient.connect("nbds+unix:///d0?socket=/x")
         with pytest.raises(InvalidArgument, match="needs \\?socket"):
             await NbdClient.connect("nbd+unix:///d0")
 

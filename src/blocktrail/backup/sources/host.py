@@ -21,11 +21,15 @@ from blocktrail.errors import SnapshotNotFound
 from blocktrail.extents import Extent
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX
-from blocktrail.nbd.proto.errors import DirtyBitmapUnavailable, ServerUnreachable, TlsUnavailable
-from blocktrail.nbd.uri import NbdEndpoint, NbdUri
+from blocktrail.nbd.proto.errors import DirtyBitmapUnavailable, ServerUnreachable, TlsError
+from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters
 from blocktrail.tracking import DiskChangeInfo
 
 ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+class TlsCredentialsMissing(TlsError):
+    """The host requires TLS on NBD and no credentials were given."""
 
 
 class ControlApi(Protocol):
@@ -41,14 +45,17 @@ class HostDiskSource:
     to use instead of the one the host announces."""
 
     def __init__(self, api: ControlApi, disk: str, *, api_host: str | None = None,
-                 nbd: NbdEndpoint | None = None, connections: int = CONNECTIONS) -> None:
+                 nbd: NbdEndpoint | None = None, connections: int = CONNECTIONS,
+                 tls: TlsParameters | None = None) -> None:
         self._api = api
         self._disk = disk
         self._path = f"/disks/{quote(disk, safe='')}"
         info = api.call("GET", self._path)
         self._disk_id = str(info["disk_id"])
         self._granularity = int(info["granularity"])
-        self._endpoint = nbd or _announced_endpoint(api.call("GET", "/host"), api_host)
+        self._endpoint = nbd or _announced_endpoint(api.call("GET", "/host"), api_host,
+                                                    tls=tls is not None)
+        self._tls = tls
         self._connections = connections
         self._lock = threading.Lock()
         self._data: dict[str, BlockingNbdClient] = {}
@@ -67,7 +74,7 @@ class HostDiskSource:
         return self._endpoint
 
     def _export(self, snapshot: str) -> NbdUri:
-        return NbdUri(self._endpoint, f"{self._disk}@{snapshot}")
+        return NbdUri(self._endpoint, f"{self._disk}@{snapshot}", self._tls)
 
     # ------------------------------------------------------------------ snapshots (the API)
 
@@ -150,7 +157,8 @@ def _snapshot(snap: dict[str, Any]) -> SourceSnapshot:
     return SourceSnapshot(str(snap["name"]), str(snap["change_id"]), int(snap["size_bytes"]))
 
 
-def _announced_endpoint(info: dict[str, Any], api_host: str | None) -> NbdEndpoint:
+def _announced_endpoint(info: dict[str, Any], api_host: str | None, *,
+                        tls: bool) -> NbdEndpoint:
     """The NBD endpoint of ``GET /host``'s answer; one listening on every address is reached
     at the API's host name (or this machine, for an API on a unix socket)."""
     address = info.get("nbd")
@@ -158,9 +166,10 @@ def _announced_endpoint(info: dict[str, Any], api_host: str | None) -> NbdEndpoi
         raise ServerUnreachable("the host serves no NBD (start `blocktrail host` with --nbd "
                                 "unix:PATH or --nbd tcp:HOST:PORT): backups of a host's disks "
                                 "read them over NBD")
-    if info.get("tls", "off") == "require":
-        raise TlsUnavailable(f"the host requires TLS on its NBD endpoint {address}, and this "
-                             "client cannot do TLS yet")
+    if info.get("tls", "off") == "require" and not tls:
+        raise TlsCredentialsMissing(f"the host requires TLS on its NBD endpoint {address}: give "
+                                    "TLS credentials (--tls-certificates DIR or --tls-psk-file "
+                                    "FILE with --tls-username NAME)")
     endpoint = NbdEndpoint.parse(str(address))
     if endpoint.host is not None and endpoint.host in ANY_ADDRESS:
         endpoint = NbdEndpoint(host=api_host or "localhost", port=endpoint.port)

@@ -60,10 +60,6 @@ class ServerUnreachable(NbdError):
     exit_code = 10
 
 
-class TlsUnavailable(NbdError):
-    """An nbds:// URI (or a TLS endpoint) was given, and this client cannot do TLS yet."""
-
-
 class DirtyBitmapUnavailable(ChangeIdError):
     """The changed areas cannot be read from an NBD dirty bitmap (none was named, the server did
     not agree to the context, or answered it with an error): the backup must read everything."""
