@@ -82,7 +82,10 @@ class Worker:
 
 def main() -> None:
     path, seed, tracker = sys.argv[1], int(sys.argv[2]), TRACKERS[sys.argv[3]]
-    disk = Disk.create(path, SIZE, GRANULARITY, cluster_size=CLUSTER, tracker_class=tracker)
+    # fine write-intent regions: recovery over-reports whole regions, and coarse ones would cover
+    # up the marks a faulty tracker dropped
+    disk = Disk.create(path, SIZE, GRANULARITY, cluster_size=CLUSTER, tracker_class=tracker,
+                       intent_region_bytes=GRANULARITY)
     worker = Worker(disk, seed)
     worker.say(f"READY {disk.current_change_id}")
     threading.Thread(target=worker.guest, args=(seed + 1,), daemon=True).start()

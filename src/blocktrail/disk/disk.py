@@ -73,8 +73,10 @@ class Disk:
     @classmethod
     def create(cls, path: str | os.PathLike[str], size_bytes: int, granularity: int = 64 * 1024,
                *, cluster_size: int = 64 * 1024, fileio: FileIO | None = None,
-               tracker_class: type[ChangeTracker] = ChangeTracker) -> Disk:
-        """Create an empty disk in the directory ``path`` (created; must be empty)."""
+               tracker_class: type[ChangeTracker] = ChangeTracker,
+               intent_region_bytes: int | None = None) -> Disk:
+        """Create an empty disk in the directory ``path`` (created; must be empty).
+        ``intent_region_bytes``: the write-intent bitmap's region (default: chosen by size)."""
         path, fileio = os.fspath(path), fileio or OsFileIO()
         _check_power_of_two("granularity", granularity, 512)
         _check_power_of_two("cluster size", cluster_size, 512)
@@ -90,7 +92,8 @@ class Disk:
             lock = _take_lock(fileio, path)
             base = BaseLayer.create(fileio, path, _new_layer_id())
             tracker = tracker_class.start(fileio, path, granularity, size_bytes,
-                                          "tracking started with the disk")
+                                          "tracking started with the disk",
+                                          intent_region_bytes=intent_region_bytes)
             fileio.fsync_dir(path)
             meta = DiskMeta(str(uuid.uuid4()), datetime.now(UTC).isoformat(), size_bytes,
                             granularity, cluster_size, "open", [], [], tracker.meta())

@@ -18,18 +18,22 @@ VERSION = 1
 HEADER_BYTES = 4096
 _HEADER = struct.Struct("<8sII Q")
 MAX_REGIONS = 16384
+FEW_REGIONS = 64  # a small disk gets about this many regions...
+REGION_BYTES = 64 << 20  # ...of at most md's default bitmap chunk, before MAX_REGIONS applies
 # The bitmap's bytes are written (allocated) when the file is made: setting a bit later changes
 # no file size or block map, so its fdatasync commits no file system metadata. (On ext4 such a
 # commit would also write back every data block newly allocated to a layer file: ms, not µs.)
 FULL_BYTES = HEADER_BYTES + MAX_REGIONS // 8
-MIN_REGION_BYTES = 64 << 20  # as md's default bitmap chunk: one fdatasync per 64 MiB
 
 
 def region_bytes_for(size_bytes: int, granularity: int) -> int:
-    """The smallest power of two ≥ granularity and ≥ MIN_REGION_BYTES giving at most
-    MAX_REGIONS regions. Coarser regions cost fewer fdatasyncs on first writes and over-report
-    more after a crash (every granule of a touched region counts as changed)."""
-    region = max(granularity, MIN_REGION_BYTES)
+    """A power of two ≥ granularity: about size/64 on a small disk, 64 MiB from 4 GiB on, and
+    coarser still where MAX_REGIONS would not cover the disk. Coarse regions cost few
+    fdatasyncs (one per region first written since a checkpoint: 64 per 4 GiB written in a
+    row); after a crash every granule of a touched region counts as changed."""
+    region = granularity
+    while region < REGION_BYTES and region * FEW_REGIONS < size_bytes:
+        region *= 2
     while region * MAX_REGIONS < size_bytes:
         region *= 2
     return region

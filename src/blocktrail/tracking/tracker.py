@@ -18,6 +18,7 @@ from pyroaring import BitMap
 
 from blocktrail.errors import (
     CorruptMetadata,
+    InvalidArgument,
     InvalidChangeId,
     OutOfRange,
     StaleChangeId,
@@ -85,9 +86,13 @@ class ChangeTracker:
 
     @classmethod
     def start(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
-              reason: str) -> ChangeTracker:
-        """Start tracking a new disk: a fresh epoch at sequence 0."""
-        region = region_bytes_for(size_bytes, granularity)
+              reason: str, *, intent_region_bytes: int | None = None) -> ChangeTracker:
+        """Start tracking a new disk: a fresh epoch at sequence 0. ``intent_region_bytes``: the
+        write-intent bitmap's region (default: `region_bytes_for` the disk)."""
+        region = intent_region_bytes or region_bytes_for(size_bytes, granularity)
+        if region < granularity or region & (region - 1):
+            raise InvalidArgument(f"the write-intent region must be a power of two of at least "
+                                  f"the granularity ({granularity}), not {region}")
         intent = IntentLog.create(fileio, os.path.join(directory, INTENT_FILE), region)
         record = EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None)
         return cls(fileio, directory, granularity, size_bytes, [record], 0, {}, BitMap(), intent)
