@@ -4,18 +4,14 @@ and changed areas over NBD), with the guest's writes made by qemu-io through the
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from blocktrail.cli.main import main
+from hostproc import require_tools, running_host
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -24,23 +20,9 @@ CHUNK = 64 << 10
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    missing = [t for t in ("qemu-io", "qemu-img") if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian package qemu-utils)")
-        pytest.skip(f"missing {missing}")
-    api, nbd = tmp_path / "api.sock", tmp_path / "nbd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                             str(tmp_path / "data"), "--api", f"unix:{api}", "--nbd",
-                             f"unix:{nbd}"])
-    deadline = time.monotonic() + 30
-    while not (api.exists() and nbd.exists()):
-        assert proc.poll() is None and time.monotonic() < deadline, "host did not start"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    yield f"unix:{api}", nbd
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    require_tools("qemu-io", "qemu-img")
+    with running_host(tmp_path) as endpoints:
+        yield endpoints
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:

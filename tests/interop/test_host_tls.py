@@ -5,17 +5,16 @@ gets nothing when TLS is required."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from hostproc import require_tools, running_host
 from tlscreds import Credentials, make_credentials
 
 pytestmark = pytest.mark.interop
@@ -24,11 +23,7 @@ Start = Callable[..., tuple[str, Path]]
 
 
 def _tools() -> None:
-    missing = [t for t in ("qemu-io", "qemu-img", "nbdinfo", "nbdcopy") if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian packages qemu-utils, libnbd-bin)")
-        pytest.skip(f"missing {missing}")
+    require_tools("qemu-io", "qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy")
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +34,8 @@ def creds(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
     _tools()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def run_host(*tls_args: str) -> tuple[str, Path]:
-        api, nbd = tmp_path / "api.sock", tmp_path / "nbd.sock"
-        proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                                 str(tmp_path / "data"), "--api", f"unix:{api}", "--nbd",
-                                 f"unix:{nbd}", *tls_args], stderr=subprocess.PIPE)
-        procs.append(proc)
-        deadline = time.monotonic() + 30
-        while not (api.exists() and nbd.exists()):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "host did not start"
-            time.sleep(0.05)
-        time.sleep(0.2)
-        return f"unix:{api}", nbd
-
-    yield run_host
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    with ExitStack() as stack:
+        yield lambda *tls_args: stack.enter_context(running_host(tmp_path, *tls_args))
 
 
 def cli(*args: str) -> dict[str, object]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ import pytest
 
 from blocktrail.cli.main import main
 from blocktrail.nbd.client import NbdClient
+from hostproc import require_tools
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -28,11 +27,7 @@ SERVERS = ("qemu-nbd", "qemu-storage-daemon")
 
 
 def _tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian packages qemu-utils, qemu-system-common)")
-        pytest.skip(f"missing {missing}")
+    require_tools(*TOOLS)
 
 
 def qemu_io(image: Path, *commands: str) -> None:

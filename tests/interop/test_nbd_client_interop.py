@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,16 +11,13 @@ import pytest
 
 from blocktrail.nbd.proto import NEED_DATA, Command, CommandFlag
 from blocktrail.nbd.proto.client import BlockStatus, ClientConnection, Ready, ReplyDone
+from hostproc import require_tools
 
 pytestmark = pytest.mark.interop
 
 
 def _tools() -> None:
-    missing = [t for t in ("qemu-nbd", "qemu-img", "qemu-io") if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian package qemu-utils)")
-        pytest.skip(f"missing {missing}")
+    require_tools("qemu-nbd", "qemu-img", "qemu-io")
 
 
 def exchange(sock: socket.socket, conn: ClientConnection) -> list[object]:

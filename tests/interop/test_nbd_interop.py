@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hostproc import require_tools, running_host
+
 pytestmark = pytest.mark.interop
 TOOLS = ("qemu-io", "qemu-img", "nbdinfo", "nbdcopy")
-
-
-def _require_tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian packages qemu-utils, libnbd-bin)")
-        pytest.skip(f"missing {missing}")
 
 
 def cli(*args: str) -> object:
@@ -39,19 +29,9 @@ def run(*args: str) -> str:
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    _require_tools()
-    api, nbd = tmp_path / "api.sock", tmp_path / "nbd.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                             str(tmp_path / "data"), "--api", f"unix:{api}", "--nbd",
-                             f"unix:{nbd}"])
-    deadline = time.monotonic() + 30
-    while not (api.exists() and nbd.exists()):
-        assert proc.poll() is None and time.monotonic() < deadline, "host did not start"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    yield f"unix:{api}", nbd
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    require_tools(*TOOLS)
+    with running_host(tmp_path) as endpoints:
+        yield endpoints
 
 
 def uri(nbd: Path, export: str) -> str:

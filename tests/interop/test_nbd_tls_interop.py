@@ -5,8 +5,6 @@ x509 and PSK, TLS 1.3 and (for PSK) TLS 1.2."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -25,6 +23,7 @@ from blocktrail.nbd.tls import (
     client_context,
     server_context,
 )
+from hostproc import require_tools
 from nbdtls import EXPORT, NbdTlsServer, client_read, pattern
 from tlscreds import Credentials, make_credentials
 
@@ -39,12 +38,7 @@ VARIANTS = pytest.mark.parametrize("kind,priority", [("x509", ""), ("psk", ""),
 Serve = Callable[..., NbdTlsServer]
 
 
-def _tools(*names: str) -> None:
-    missing = [t for t in names if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {missing} (Debian packages qemu-utils, libnbd-bin)")
-        pytest.skip(f"missing {missing}")
+_tools = require_tools
 
 
 def run(*args: str) -> subprocess.CompletedProcess[bytes]:

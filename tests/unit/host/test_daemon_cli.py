@@ -15,22 +15,13 @@ from pathlib import Path
 import pytest
 
 from blocktrail.disk import Disk
+from hostproc import running_host
 
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    sock, data = tmp_path / "api.sock", tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                             str(data), "--api", f"unix:{sock}"], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not sock.exists():
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "host did not start"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    yield f"unix:{sock}", data
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    with running_host(tmp_path, nbd=False) as (api, _):
+        yield api, tmp_path / "data"
 
 
 def cli(*args: str) -> tuple[int, object]:

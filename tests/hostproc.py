@@ -1,0 +1,55 @@
+"""Shared by the tests that run the real thing: `blocktrail host` as a child process, and the
+check that the tools nobody here wrote are installed (a failure under CI, a skip elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+PACKAGES = {"qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils",
+            "qemu-storage-daemon": "qemu-system-common", "nbdinfo": "libnbd-bin",
+            "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit"}
+
+
+def require_tools(*names: str) -> None:
+    missing = [t for t in names if shutil.which(t) is None]
+    if missing:
+        packages = sorted({PACKAGES.get(t, t) for t in missing})
+        if os.environ.get("CI"):
+            pytest.fail(f"missing {missing} (Debian packages {', '.join(packages)})")
+        pytest.skip(f"missing {missing}")
+
+
+@contextmanager
+def running_host(tmp_path: Path, *extra: str, nbd: bool = True) -> Iterator[tuple[str, Path]]:
+    """`blocktrail host` on unix sockets under ``tmp_path``; -> (API endpoint, NBD socket).
+    It must stop cleanly (exit code 0) on SIGTERM."""
+    api, nbd_path = tmp_path / "api.sock", tmp_path / "nbd.sock"
+    args = [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
+            str(tmp_path / "data"), "--api", f"unix:{api}"]
+    if nbd:
+        args += ["--nbd", f"unix:{nbd_path}"]
+    log = tmp_path / "host.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([*args, *extra], stderr=stderr)
+    try:
+        deadline = time.monotonic() + 30
+        while not (api.exists() and (nbd_path.exists() or not nbd)):
+            if proc.poll() is not None:
+                pytest.fail(f"the host did not start: {log.read_text()}")
+            assert time.monotonic() < deadline, "the host did not start in 30 s"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        yield f"unix:{api}", nbd_path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
