@@ -203,7 +203,8 @@ def dirty_listing(work: str, image: str, size: int) -> list[Row]:
                 best_peer = min(best_peer, t)
         want = sorted((o, BLOCK) for o, _ in changes)
         same = _blocks(ours_map) == _blocks(peer_map) == _blocks(want)
-        rows.append(Row(f"dirty map, {fraction:.0%} changed (s)", best_ours, best_peer, "s",
+        rows.append(Row(f"dirty map, {fraction:.0%} changed (ms)", best_ours * 1000,
+                        best_peer * 1000, "ms",
                         f"{len(ours_map)} vs {len(peer_map)} dirty extents; maps "
                         + ("equal the change" if same else "DIFFER")))
         with Disk.open(os.path.join(data, "d0")) as disk:

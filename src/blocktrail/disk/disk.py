@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import ParamSpec, Self, TypeVar
 
+import numpy as np
+
 from blocktrail.disk import chain
 from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
@@ -30,7 +32,6 @@ from blocktrail.errors import (
     SnapshotNotFound,
     StaleChangeId,
 )
-from blocktrail.extents import align_out, clip, merge
 from blocktrail.fileio import FileIO, FileLock, OsFileIO
 from blocktrail.tracking import ALL_ALLOCATED, ChangeTracker, DiskChangeInfo
 from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
@@ -431,13 +432,22 @@ class Disk:
     def _allocated_areas(self, snapshot: str | None, start: int, end: int) -> DiskChangeInfo:
         g = self.granularity
         lo, hi = start // g * g, -(-end // g) * g  # whole granules, as the tracker answers
-        layers = self._view_layers(snapshot)
-        found = merge(align_out(e, g) for layer in layers for e in layer.allocated(lo, hi))
-        areas = clip(found, start, end)
-        if len(areas) > MAX_EXTENTS_PER_ANSWER:
-            areas = areas[:MAX_EXTENTS_PER_ANSWER]
-            end = areas[-1].end
-        return DiskChangeInfo(start, end - start, tuple(areas))
+        found = [e for layer in self._view_layers(snapshot) for e in layer.allocated(lo, hi)]
+        if not found:
+            return DiskChangeInfo(start, end - start)
+        pairs = np.array(found, dtype=np.int64)
+        firsts = pairs[:, 0] // g * g
+        lasts = -(-(pairs[:, 0] + pairs[:, 1]) // g) * g
+        order = np.argsort(firsts, kind="stable")
+        firsts, lasts = firsts[order], np.maximum.accumulate(lasts[order])
+        new_run = np.concatenate(([True], firsts[1:] > lasts[:-1]))  # not touching the last run
+        run_ends = np.concatenate((np.flatnonzero(new_run)[1:] - 1, [len(firsts) - 1]))
+        offsets = np.maximum(firsts[new_run], start)
+        ends = np.minimum(lasts[run_ends], end)
+        if len(offsets) > MAX_EXTENTS_PER_ANSWER:
+            offsets, ends = offsets[:MAX_EXTENTS_PER_ANSWER], ends[:MAX_EXTENTS_PER_ANSWER]
+            end = int(ends[-1])
+        return DiskChangeInfo.from_arrays(start, end - start, offsets, ends - offsets)
 
     # ------------------------------------------------------------------ internals
 
