@@ -24,6 +24,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -232,8 +233,7 @@ class _Connection:
         return (self._in_flight < self._limits.requests_in_flight
                 and self._bytes_in_flight < self._limits.bytes_in_flight)
 
-    async def _until(self, condition: object) -> None:
-        assert callable(condition)
+    async def _until(self, condition: Callable[[], bool]) -> None:
         while True:
             with self._lock:
                 if condition():

@@ -58,7 +58,7 @@ class Wire:
                                  Encryptor | None]] = deque()
         self._closing = False
         self._flush_on_close = True
-        self.error: OSError | None = None
+        self.error: Exception | None = None  # why the wire stopped sending
         self.encryptor: Encryptor | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -77,12 +77,6 @@ class Wire:
                 self._cond.notify()
         if dropped and on_sent is not None:
             on_sent()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until everything queued so far is sent (or the wire failed)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._queue or self.error is not None,
-                                       timeout)
 
     def close(self, *, flush_seconds: float = 5.0) -> None:
         """Stop the thread, after sending what is queued if the peer takes it within
@@ -110,7 +104,7 @@ class Wire:
                 items, on_sent, encryptor = self._queue[0]
             try:
                 self._send_group(items, encryptor)
-            except OSError as exc:
+            except Exception as exc:  # a dead peer, or a TLS failure: nothing more goes out
                 with self._cond:
                     self.error = exc
             finally:

@@ -269,7 +269,7 @@ def test_a_client_that_never_reads_replies_is_held_off(tmp_path: Path) -> None:
         c.close()
 
 
-def test_connection_limit_and_negotiation_deadline(tmp_path: Path) -> None:
+def test_connection_flood_is_capped_and_silent_clients_time_out(tmp_path: Path) -> None:
     limits = ServerLimits(max_connections=3, handshake_seconds=0.5)
     with serve(tmp_path, limits) as s:
         idle = []

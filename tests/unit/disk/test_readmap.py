@@ -1,0 +1,95 @@
+"""Disk.map_read: a read mapped to layer files reads the same bytes as pread, for the live disk
+and every snapshot, and keeps reading them after the layers it maps to are merged and deleted."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from blocktrail.disk import Disk
+from blocktrail.errors import OutOfRange
+from blocktrail.fileio import SimulatedFileIO
+
+MiB = 1 << 20
+
+
+def _scribble(disk: Disk, rng: random.Random, count: int) -> None:
+    for _ in range(count):
+        length = rng.choice((1, 512, 4096, 65536, 300_000))
+        offset = rng.randrange(0, disk.size_bytes - length)
+        action = rng.random()
+        if action < 0.8:
+            disk.pwrite(rng.randbytes(length), offset)
+        elif action < 0.9:
+            disk.zero(length, offset)
+        else:
+            disk.trim(length, offset)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mapped_reads_equal_preads(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    with Disk.create(tmp_path / "d", 8 * MiB) as disk:
+        for name in ("a", "b", "c"):
+            _scribble(disk, rng, 30)
+            disk.create_snapshot(name)
+            if name == "b":
+                disk.resize(6 * MiB)  # shrink: the top hides what lies past the end
+        _scribble(disk, rng, 30)
+        for snapshot in (None, "a", "b", "c"):
+            view = disk if snapshot is None else disk.open_snapshot(snapshot)
+            size = disk.size_bytes if snapshot is None else view.size_bytes  # type: ignore[union-attr]
+            for _ in range(40):
+                length = rng.randrange(1, 2 * MiB)
+                offset = rng.randrange(0, size - length)
+                with disk.map_read(length, offset, snapshot) as mapped:  # type: ignore[union-attr]
+                    assert sum(s.length for s in mapped.segments) == length
+                    assert mapped.read() == view.pread(length, offset)
+
+
+def test_a_mapped_read_survives_the_merge_of_its_layers(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", 4 * MiB) as disk:
+        disk.pwrite(b"a" * MiB, 0)
+        disk.create_snapshot("s1")
+        disk.pwrite(b"b" * 65536, 65536)
+        disk.create_snapshot("s2")
+        mapped = disk.map_read(2 * MiB, 0, "s2")
+        assert mapped is not None
+        expected = disk.open_snapshot("s2").pread(2 * MiB, 0)
+        disk.remove_snapshot("s1")  # merges layers and deletes their files
+        disk.remove_snapshot("s2")
+        assert mapped.read() == expected
+        mapped.close()
+
+
+def test_a_base_image_shorter_than_the_disk_maps_zeros(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", 4 * MiB) as disk:
+        disk.pwrite(b"x" * 1000, 0)  # the base file is 1000 bytes long
+        with disk.map_read(8192, 0) as mapped:  # type: ignore[union-attr]
+            assert [(s.offset, s.length, s.is_zero) for s in mapped.segments] == [
+                (0, 1000, False), (1000, 7192, True)]
+            assert mapped.read() == b"x" * 1000 + bytes(7192)
+
+
+def test_files_without_descriptors_carry_their_bytes(tmp_path: Path) -> None:
+    with Disk.create("/d", MiB, fileio=SimulatedFileIO()) as disk:
+        disk.pwrite(b"y" * 4096, 4096)
+        with disk.map_read(8192, 0) as mapped:  # type: ignore[union-attr]
+            assert all(s.fd is None for s in mapped.segments)
+            assert mapped.read() == bytes(4096) + b"y" * 4096
+
+
+def test_busy_and_out_of_range(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", MiB) as disk:
+        with pytest.raises(OutOfRange):
+            disk.map_read(4096, MiB - 100)
+        with disk.io_paused():  # a writer holds the disk: no waiting when asked not to
+            result: list[object] = []
+            thread = threading.Thread(target=lambda: result.append(
+                disk.map_read(4096, 0, wait=False)))
+            thread.start()
+            thread.join(10)
+            assert result == [None]
