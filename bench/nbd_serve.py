@@ -13,7 +13,6 @@ import signal
 
 from bench.disk_bench import NoTracking
 from blocktrail.disk import Disk
-from blocktrail.errors import DiskNotFound
 from blocktrail.host.daemon import Endpoint, bind
 from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.server import NbdServer
@@ -21,12 +20,7 @@ from blocktrail.tracking import ChangeTracker
 
 
 async def serve(disk: Disk, name: str, path: str) -> None:
-    def get(wanted: str) -> Disk:
-        if wanted != name:
-            raise DiskNotFound(f"no disk {wanted}")
-        return disk
-
-    server = NbdServer(DiskCatalog(get, lambda: [name]))
+    server = NbdServer(DiskCatalog.of({name: disk}))
     server.listen(bind(Endpoint(unix_path=path)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ import numpy as np
 
 from blocktrail.disk import Disk
 from blocktrail.disk.readmap import MappedRead
-from blocktrail.errors import BlocktrailError, ChangeIdError, OutOfRange
+from blocktrail.errors import BlocktrailError, ChangeIdError, DiskNotFound, OutOfRange
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import (
     BASE_ALLOCATION,
@@ -196,6 +196,16 @@ class DiskCatalog:
     def __init__(self, get_disk: Callable[[str], Disk], names: Callable[[], list[str]]) -> None:
         self._get_disk = get_disk
         self._names = names
+
+    @classmethod
+    def of(cls, disks: dict[str, Disk]) -> DiskCatalog:
+        """A catalog of disks already open, by export name."""
+        def get(name: str) -> Disk:
+            if name not in disks:
+                raise DiskNotFound(f"no disk {name!r} is exported")
+            return disks[name]
+
+        return cls(get, lambda: sorted(disks))
 
     def target(self, name: str) -> Target | None:
         disk_name, _, snapshot = name.partition("@")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.errors import DiskNotFound, InvalidArgument, OutOfRange
+from blocktrail.errors import InvalidArgument, OutOfRange
 from blocktrail.host.daemon import Endpoint, bind
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.client import NbdClient
@@ -59,14 +59,8 @@ def run(coroutine: Awaitable[None]) -> None:
 @asynccontextmanager
 async def our_server(tmp_path: Path, size: int = 8 * MiB) -> AsyncIterator[tuple[str, Disk]]:
     disk = Disk.create(tmp_path / "d0", size)
-
-    def get(name: str) -> Disk:
-        if name != "d0":
-            raise DiskNotFound(f"no disk {name}")
-        return disk
-
     path = str(tmp_path / "nbd.sock")
-    server = NbdServer(DiskCatalog(get, lambda: ["d0"]))
+    server = NbdServer(DiskCatalog.of({"d0": disk}))
     server.listen(bind(Endpoint(unix_path=path)))
     try:
         yield path, disk

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.errors import DiskNotFound
 from blocktrail.host.daemon import Endpoint, bind
 from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.server import NbdServer, ServerLimits
@@ -59,19 +58,13 @@ class Served:
 def serve(tmp_path: Path, limits: ServerLimits | None = None,
           size: int = 8 * MiB) -> Iterator[Served]:
     disk = Disk.create(tmp_path / "d0", size)
-
-    def get(name: str) -> Disk:
-        if name != "d0":
-            raise DiskNotFound(f"no disk {name}")
-        return disk
-
     path = str(tmp_path / "nbd.sock")
     loop = asyncio.new_event_loop()
     ready: Future[NbdServer] = Future()
     stop = asyncio.Event()
 
     async def main() -> None:
-        server = NbdServer(DiskCatalog(get, lambda: ["d0"]), limits or ServerLimits())
+        server = NbdServer(DiskCatalog.of({"d0": disk}), limits or ServerLimits())
         server.listen(bind(Endpoint(unix_path=path)))
         ready.set_result(server)
         await stop.wait()
