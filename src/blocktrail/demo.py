@@ -180,7 +180,8 @@ def _rounds(api: HostClient, source: HostDiskSource, repo: Repository, guest: Qe
         say(f"round {n}: snapshot {name} taken through the API in {snapshot_s:.2f} s; {how} "
             f"backup: read "
             f"{report.bytes_read / MiB:.1f} MiB over NBD, stored "
-            f"{report.point.stats['bytes_stored'] / MiB:.1f} MiB in {report.seconds:.2f} s; "
+            f"{report.point.stats['bytes_stored'] / MiB:.2f} MiB (qemu-io writes patterns: "
+            f"they compress) in {report.seconds:.2f} s; "
             f"audit re-read {report.audit.sampled_chunks} unchanged chunks: "
             f"{'all match' if report.audit.tracker_trusted else 'MISMATCH'}")
         say(f"         restored in {restore_s:.2f} s; qemu-img compare with the export "
