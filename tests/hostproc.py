@@ -3,6 +3,7 @@ check that the tools nobody here wrote are installed (a failure under CI, a skip
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,8 +13,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from blocktrail.cli.main import main
 
 PACKAGES = {"qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils",
             "qemu-storage-daemon": "qemu-system-common", "nbdinfo": "libnbd-bin",
@@ -53,3 +57,20 @@ def running_host(tmp_path: Path, *extra: str, nbd: bool = True) -> Iterator[tupl
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def cli_json(*args: str) -> Any:
+    """`blocktrail ARGS --json` in a child process; it must succeed."""
+    out = subprocess.run([sys.executable, "-m", "blocktrail.cli.main", *args, "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """`blocktrail ARGS --json` through `main` in this process; it must succeed."""
+    code = main([*args, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads(out)
+    assert isinstance(result, dict)
+    return result

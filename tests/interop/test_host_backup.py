@@ -3,7 +3,6 @@ and changed areas over NBD), with the guest's writes made by qemu-io through the
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.cli.main import main
-from hostproc import require_tools, running_host
+from hostproc import cli_in_process, require_tools, running_host
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -25,13 +24,7 @@ def host(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield endpoints
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
-    code = main([*args, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    result = json.loads(out)
-    assert isinstance(result, dict)
-    return result
+cli = cli_in_process
 
 
 def qemu_io(nbd: Path, *commands: str) -> None:

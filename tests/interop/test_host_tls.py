@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hostproc import require_tools, running_host
+from hostproc import cli_json, require_tools, running_host
 from tlscreds import Credentials, make_credentials
 
 pytestmark = pytest.mark.interop
@@ -38,10 +38,7 @@ def start(tmp_path: Path) -> Iterator[Start]:
         yield lambda *tls_args: stack.enter_context(running_host(tmp_path, *tls_args))
 
 
-def cli(*args: str) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-m", "blocktrail.cli.main", *args, "--json"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+cli = cli_json
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from blocktrail.cli.main import main
 from blocktrail.nbd.client import NbdClient
-from hostproc import require_tools
+from hostproc import cli_in_process, require_tools
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
@@ -63,13 +63,7 @@ def exported(kind: str, image: Path, sock: Path, bitmap: str = "bm0") -> Iterato
         sock.unlink(missing_ok=True)
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
-    code = main([*args, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    result = json.loads(out)
-    assert isinstance(result, dict)
-    return result
+cli = cli_in_process
 
 
 @pytest.fixture

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from hostproc import require_tools, running_host
+from hostproc import cli_json, require_tools, running_host
 
 pytestmark = pytest.mark.interop
 TOOLS = ("qemu-io", "qemu-img", "nbdinfo", "nbdcopy")
 
 
-def cli(*args: str) -> object:
-    out = subprocess.run([sys.executable, "-m", "blocktrail.cli.main", *args, "--json"],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)
+cli = cli_json
 
 
 def run(*args: str) -> str:

@@ -231,9 +231,8 @@ class Disk:
 
     def pread(self, count: int, offset: int) -> bytes:
         with self._lock.shared():
-            self._check_usable()
-            self._check_range(count, offset, self._meta.size_bytes)
-            return chain.read_view(self._layers, self.cluster_size, count, offset)
+            layers = self._readable_view(count, offset, None)
+            return chain.read_view(layers, self.cluster_size, count, offset)
 
     def map_read(self, count: int, offset: int, snapshot: str | None = None, *,
                  wait: bool = True) -> MappedRead | None:
@@ -244,11 +243,7 @@ class Disk:
         if counted is None:
             return None
         try:
-            self._check_usable()
-            layers = self._view_layers(snapshot)
-            size = self._meta.size_bytes if snapshot is None else \
-                self._snapshot(snapshot).size_bytes
-            self._check_range(count, offset, size)
+            layers = self._readable_view(count, offset, snapshot)
             return MappedRead.from_pieces(offset, count, chain.map_view(
                 layers, self.cluster_size, count, offset))
         finally:
@@ -460,10 +455,17 @@ class Disk:
 
     def _read_snapshot(self, name: str, count: int, offset: int) -> bytes:
         with self._lock.shared():
-            self._check_usable()
-            size = self._snapshot(name).size_bytes
-            self._check_range(count, offset, size)
-            return chain.read_view(self._view_layers(name), self.cluster_size, count, offset)
+            layers = self._readable_view(count, offset, name)
+            return chain.read_view(layers, self.cluster_size, count, offset)
+
+    def _readable_view(self, count: int, offset: int, snapshot: str | None) -> list[Layer]:
+        """The layers of the live disk or a snapshot, once the read is known to fit in it
+        (under the read lock)."""
+        self._check_usable()
+        layers = self._view_layers(snapshot)
+        size = self._meta.size_bytes if snapshot is None else self._snapshot(snapshot).size_bytes
+        self._check_range(count, offset, size)
+        return layers
 
     def _layer(self, layer_id: str) -> Layer:
         return self._layers[self._layer_index(layer_id)]
