@@ -22,13 +22,12 @@ from blocktrail.backup.verify import verify_point
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import ExitCode, emit, human
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
+from blocktrail.errors import ExitCode as Exit
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.client import HostClient
 from blocktrail.nbd.uri import TlsParameters, is_nbd_uri
 from blocktrail.repo import Repository, RetentionPolicy
-from blocktrail.repo.errors import EXIT_REPOSITORY_DAMAGED
 
-EXIT_VERIFY_DIFFERENCES = 13
 repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
                            envvar="BLOCKTRAIL_REPO", help="Repository directory.")
 
@@ -211,7 +210,7 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
                  + (f"; healed as {report.healed_point.id}" if report.healed_point else ""))
     emit(as_json, out, text)
     if not report.identical:
-        raise ExitCode(EXIT_VERIFY_DIFFERENCES)
+        raise ExitCode(Exit.VERIFY_DIFFERENCES)
 
 
 @click.command("check")
@@ -235,7 +234,7 @@ def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) 
               for p in report.problems]
     emit(as_json, out, "\n".join(lines))
     if not report.ok:
-        raise ExitCode(EXIT_REPOSITORY_DAMAGED)
+        raise ExitCode(Exit.REPOSITORY_DAMAGED)
 
 
 @click.command("forget")

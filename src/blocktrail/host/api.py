@@ -31,8 +31,10 @@ from blocktrail.errors import (
     OutOfRange,
     SnapshotExists,
     SnapshotNotFound,
+    Unauthorized,
+    VmNotFound,
 )
-from blocktrail.host.registry import NAME_PATTERN, DiskRegistry, Vm, VmNotFound
+from blocktrail.host.registry import NAME_PATTERN, DiskRegistry, Vm
 
 _STATUS: list[tuple[type[BlocktrailError], int]] = [
     (DiskNotFound, 404), (SnapshotNotFound, 404), (VmNotFound, 404),
@@ -43,10 +45,6 @@ _STATUS: list[tuple[type[BlocktrailError], int]] = [
 
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None,
                               Depends(HTTPBearer(auto_error=False))]
-
-
-class Unauthorized(BlocktrailError):
-    exit_code = 9
 
 
 _NAME_RULE = "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"

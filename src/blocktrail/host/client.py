@@ -15,10 +15,6 @@ _ERRORS: dict[str, type[errors.BlocktrailError]] = {
     if isinstance(cls, type) and issubclass(cls, errors.BlocktrailError)}
 
 
-class HostUnreachable(errors.BlocktrailError):
-    exit_code = 10
-
-
 class HostClient:
     def __init__(self, endpoint: str, token: str | None = None) -> None:
         self.endpoint = Endpoint.parse(endpoint)
@@ -44,7 +40,7 @@ class HostClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise HostUnreachable(f"cannot reach the host at {self.endpoint}: {exc}") from exc
+            raise errors.HostUnreachable(f"cannot reach the host at {self.endpoint}: {exc}") from exc
         body = response.json()
         if response.is_success:
             return body

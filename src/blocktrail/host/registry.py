@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from blocktrail.disk import Disk, Snapshot
 from blocktrail.disk.importer import import_raw
 from blocktrail.errors import (
-    BlocktrailError,
     DiskExists,
     DiskNotFound,
     InvalidArgument,
     SnapshotNotFound,
+    VmNotFound,
 )
 from blocktrail.fileio import OsFileIO
 
@@ -57,10 +57,6 @@ def check_import_source(path: str) -> str:
     if not stat.S_ISREG(mode):
         raise InvalidArgument(f"cannot import {path}: not a regular file (a raw image is one)")
     return path
-
-
-class VmNotFound(BlocktrailError):
-    exit_code = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError
-
-EXIT_REPOSITORY_DAMAGED = 12
+from blocktrail.errors import BlocktrailError, ExitCode
 
 
 class RepositoryError(BlocktrailError):
     """The repository is damaged: an object is missing or does not match its name."""
 
-    exit_code = EXIT_REPOSITORY_DAMAGED
+    exit_code = ExitCode.REPOSITORY_DAMAGED
 
 
 class ChunkCorrupt(RepositoryError):
@@ -26,16 +24,16 @@ class ManifestCorrupt(RepositoryError):
 
 
 class RepositoryNotFound(BlocktrailError):
-    exit_code = 6
+    exit_code = ExitCode.NOT_FOUND_OR_EXISTS
 
 
 class RepositoryExists(BlocktrailError):
-    exit_code = 6
+    exit_code = ExitCode.NOT_FOUND_OR_EXISTS
 
 
 class RepositoryBusy(BlocktrailError):
-    exit_code = 7
+    exit_code = ExitCode.BUSY
 
 
 class PointNotFound(BlocktrailError):
-    exit_code = 5
+    exit_code = ExitCode.SNAPSHOT_OR_POINT

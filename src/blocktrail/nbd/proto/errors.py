@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError, ChangeIdError
+from blocktrail.errors import BlocktrailError, ChangeIdError, ExitCode
 
 
 class NbdError(BlocktrailError):
-    exit_code = 14
+    exit_code = ExitCode.NBD
 
 
 class LocalProtocolError(NbdError):
@@ -57,7 +57,7 @@ class ConnectionLost(NbdError):
 class ServerUnreachable(NbdError):
     """No NBD server answers at the address given."""
 
-    exit_code = 10
+    exit_code = ExitCode.UNREACHABLE
 
 
 class DirtyBitmapUnavailable(ChangeIdError):
