@@ -13,16 +13,21 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "blocktrail"
 ALLOWED: dict[str, set[str]] = {
     "extents": set(),
     "errors": set(),
+    "names": {"errors"},
     "pipeline": set(),
     "fileio": {"extents", "errors"},
     "tracking": {"extents", "errors", "fileio"},
-    "disk": {"extents", "errors", "fileio", "tracking"},
-    "nbd": {"extents", "errors", "disk", "tracking"},  # nbd/proto: see the test below
+    "disk": {"extents", "errors", "fileio", "names", "tracking"},
+    "nbd": {"extents", "errors", "names", "disk", "tracking"},  # nbd/proto: see the test below
     "repo": {"extents", "errors", "fileio", "pipeline"},
-    "backup": {"extents", "errors", "fileio", "tracking", "repo", "nbd", "disk", "pipeline"},
-    "host": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup"},
-    "cli": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup", "host"},
-    "demo": {"extents", "errors", "fileio", "tracking", "disk", "nbd", "repo", "backup", "host"},
+    "backup": {"extents", "errors", "names", "fileio", "tracking", "repo", "nbd", "disk",
+               "pipeline"},
+    "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
+             "backup"},
+    "cli": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
+            "host"},
+    "demo": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
+             "host"},
 }
 NO_IO_MODULES = {"asyncio", "socket", "ssl", "threading", "selectors"}
 
