@@ -7,6 +7,7 @@ lose power: `power_loss()` drops every write, create, rename and unlink that was
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -18,7 +19,10 @@ from typing import Protocol
 
 from blocktrail.extents import Extent, clip, merge
 
-Seal = tuple[int, int, int]  # (size, mtime_ns, inode): what a clean close remembers of a file
+# (size, mtime_ns, ctime_ns, inode): what is remembered of a file that nothing may change. The
+# change time is set by the kernel on every change (a write, `touch -d`, chmod) and cannot be
+# set back by a program, so an edit whose size and mtime were put back still shows.
+Seal = tuple[int, int, int, int]
 
 
 class FileHandle(Protocol):
@@ -46,7 +50,11 @@ class FileIO(Protocol):
     def open(self, path: str, *, create: bool = False) -> FileHandle: ...
     def exists(self, path: str) -> bool: ...
     def read_file(self, path: str) -> bytes: ...
-    def replace_atomic(self, path: str, data: bytes | bytearray) -> None: ...
+    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+        """Write ``path`` whole or not at all: ``path.tmp``, fsync, rename, fsync the
+        directory. On failure the temporary file is removed."""
+        ...
+    def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
     def listdir(self, path: str) -> list[str]: ...
     def makedirs(self, path: str) -> None: ...
@@ -165,6 +173,11 @@ class OsFileIO:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         return OsFileHandle(os.open(path, flags, 0o600))
 
+    def create_empty(self, path: str) -> FileHandle:
+        """``path`` created, or emptied if it exists."""
+        return OsFileHandle(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                    0o600))
+
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
@@ -174,14 +187,22 @@ class OsFileIO:
 
     def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            OsFileHandle(fd).pwrite(data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            handle = self.create_empty(tmp)
+            try:
+                handle.pwrite(data, 0)
+                handle.fsync()
+            finally:
+                handle.close()
+            self.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full file system must not keep a half-written file
+            raise
         self.fsync_dir(os.path.dirname(path) or ".")
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
 
     def unlink(self, path: str) -> None:
         os.unlink(path)
@@ -201,7 +222,7 @@ class OsFileIO:
 
     def seal(self, path: str) -> Seal:
         st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns, st.st_ino)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
     def lock_exclusive(self, path: str) -> FileLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -227,6 +248,7 @@ class _Inode:
     durable_pages: dict[int, bytes] = field(default_factory=dict)
     durable_size: int = 0
     mtime: int = 0
+    ctime: int = 0
 
     def sync(self) -> None:
         self.durable_pages = dict(self.pages)
@@ -346,7 +368,7 @@ class SimulatedFileIO:
 
     def tick(self, inode: _Inode) -> None:
         self._clock += 1
-        inode.mtime = self._clock
+        inode.mtime = inode.ctime = self._clock
 
     def count_op(self, name: str) -> None:
         self.op_counts[name] = self.op_counts.get(name, 0) + 1
@@ -393,6 +415,12 @@ class SimulatedFileIO:
             self.entries[path] = ino
             self.fsync_dir(os.path.dirname(path))
 
+    def rename(self, src: str, dst: str) -> None:
+        with self.mutex:
+            self._check_dir(dst)
+            self.entries[dst] = self._inode(src)
+            del self.entries[src]
+
     def unlink(self, path: str) -> None:
         with self.mutex:
             self._inode(path)
@@ -424,7 +452,7 @@ class SimulatedFileIO:
     def seal(self, path: str) -> Seal:
         with self.mutex:
             ino = self._inode(path)
-            return (ino.size, ino.mtime, ino.number)
+            return (ino.size, ino.mtime, ino.ctime, ino.number)
 
     def lock_exclusive(self, path: str) -> FileLock:
         with self.mutex:
@@ -441,7 +469,12 @@ class SimulatedFileIO:
                 ino.lose_unsynced()
             self.locks.clear()
 
-    def tamper(self, path: str, data: bytes, offset: int) -> None:
-        """Write to a file as a program other than blocktrail would (tests)."""
+    def tamper(self, path: str, data: bytes, offset: int, *, keep_mtime: bool = False) -> None:
+        """Write to a file as a program other than blocktrail would (tests); ``keep_mtime``:
+        then put its modification time back, as `touch -d` does (the change time moves on)."""
         with self.mutex:
-            SimulatedFileHandle(self, self._inode(path)).pwrite(data, offset)
+            ino = self._inode(path)
+            mtime = ino.mtime
+            SimulatedFileHandle(self, ino).pwrite(data, offset)
+            if keep_mtime:
+                ino.mtime = mtime

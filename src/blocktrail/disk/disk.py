@@ -16,7 +16,7 @@ import numpy as np
 from blocktrail.disk import chain
 from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
-from blocktrail.disk.meta import META_FILE, DiskMeta, LayerRecord, Snapshot
+from blocktrail.disk.meta import FORMAT_VERSION, META_FILE, DiskMeta, LayerRecord, Snapshot
 from blocktrail.disk.readmap import MappedRead
 from blocktrail.disk.rwlock import DiskLock
 from blocktrail.errors import (
@@ -25,14 +25,17 @@ from blocktrail.errors import (
     DiskClosed,
     DiskExists,
     DiskIOFailure,
+    DiskNoSpace,
     DiskNotFound,
     InvalidArgument,
     OutOfRange,
     SnapshotExists,
     SnapshotNotFound,
     StaleChangeId,
+    is_no_space,
 )
 from blocktrail.fileio import FileIO, FileLock, OsFileIO
+from blocktrail.names import check_snapshot_name, is_valid_snapshot_name, legacy_snapshot_name
 from blocktrail.tracking import ALL_ALLOCATED, ChangeTracker, DiskChangeInfo
 from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
 
@@ -40,6 +43,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 LOCK_FILE = "lock"
 MAX_GRANULES = 2**32
+# What a create killed midway leaves in its directory (and nothing else): such a directory is
+# taken over by the next create.
+_CREATE_LEFTOVERS = ("lock", "intent.bin")
 
 
 def _check_power_of_two(name: str, value: int, minimum: int) -> None:
@@ -86,11 +92,19 @@ class Disk:
         if -(-size_bytes // granularity) > MAX_GRANULES:
             raise InvalidArgument(f"{size_bytes} bytes is more than 2^32 granules of {granularity}")
         if fileio.exists(os.path.join(path, META_FILE)) or (
-                fileio.exists(path) and fileio.listdir(path)):
+                fileio.exists(path) and not _only_create_leftovers(fileio.listdir(path))):
             raise DiskExists(f"{path} already exists and is not empty")
         try:
             fileio.makedirs(path)
             lock = _take_lock(fileio, path)
+        except OSError as exc:
+            raise DiskIOFailure(f"cannot create disk {path}: {exc}") from exc
+        try:
+            if fileio.exists(os.path.join(path, META_FILE)):  # created meanwhile
+                raise DiskExists(f"{path} already exists")
+            for name in fileio.listdir(path):  # what a killed create left behind
+                if name != LOCK_FILE:
+                    fileio.unlink(os.path.join(path, name))
             base = BaseLayer.create(fileio, path, _new_layer_id())
             tracker = tracker_class.start(fileio, path, granularity, size_bytes,
                                           "tracking started with the disk",
@@ -101,7 +115,11 @@ class Disk:
             disk = cls(path, fileio, lock, meta, [base], tracker)
             disk._commit()
         except OSError as exc:
-            raise DiskIOFailure(f"cannot create disk {path}: {exc}") from exc
+            lock.release()
+            raise _io_error(f"cannot create disk {path}", exc) from exc
+        except BaseException:
+            lock.release()
+            raise
         return disk
 
     @classmethod
@@ -117,7 +135,7 @@ class Disk:
             return cls._open_locked(path, fileio, lock, tracker_class)
         except OSError as exc:
             lock.release()
-            raise DiskIOFailure(f"cannot open disk {path}: {exc}") from exc
+            raise _io_error(f"cannot open disk {path}", exc) from exc
         except BaseException:
             lock.release()
             raise
@@ -127,22 +145,35 @@ class Disk:
                      tracker_class: type[ChangeTracker]) -> Disk:
         meta = DiskMeta.from_bytes(fileio.read_file(os.path.join(path, META_FILE)), path)
         crashed = meta.state != "closed"
-        restart = None if crashed else _seal_mismatch(fileio, path, meta)
+        restart = _seal_mismatch(fileio, path, meta, crashed=crashed)
+        _rename_legacy_snapshots(meta)
         layers: list[Layer] = []
-        for record in meta.layers:
-            if record.kind == "base":
-                layer: Layer = BaseLayer.open(fileio, path, record.id)
-            else:
-                layer = DeltaLayer.open(fileio, path, record.id, meta.cluster_size,
-                                        int(record.visible_below or 0))
-            layer.snapshot = record.snapshot
-            layers.append(layer)
-        tracker = tracker_class.load(fileio, path, meta.granularity, meta.size_bytes,
-                                     meta.tracker, crashed=crashed, restart_reason=restart)
-        meta.state, meta.seal = "open", {}
+        try:
+            for record in meta.layers:
+                if record.kind == "base":
+                    layer: Layer = BaseLayer.open(fileio, path, record.id)
+                else:
+                    layer = DeltaLayer.open(fileio, path, record.id, meta.cluster_size,
+                                            int(record.visible_below or 0))
+                layer.snapshot, layer.seal = record.snapshot, record.seal
+                layers.append(layer)
+            tracker = tracker_class.load(fileio, path, meta.granularity, meta.size_bytes,
+                                         meta.tracker, crashed=crashed, restart_reason=restart)
+        except BaseException:
+            for layer in layers:
+                layer.close()
+            raise
+        stored_epoch = str(meta.tracker.get("epoch"))
+        meta.state, meta.legacy_seal, meta.format_version = "open", {}, FORMAT_VERSION
         disk = cls(path, fileio, lock, meta, layers, tracker)
+        layers[-1].seal = None  # the top may be written from now on
+        for layer in layers[:-1]:  # frozen: sealed as they are now (again, after a restart)
+            if layer.snapshot is not None and (layer.seal is None or restart is not None):
+                layer.seal = disk._seal_of(layer)
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
         disk._commit()
+        if tracker.epoch != stored_epoch:  # a new epoch, durable now: the old intent can go
+            tracker.after_commit()
         disk._delete_unreferenced()
         for index in range(len(layers) - 1):  # finish removals a crash interrupted
             if disk._layers[index].snapshot is None:
@@ -164,7 +195,9 @@ class Disk:
                 self._flush_locked()
                 self._guard(self._tracker.checkpoint)
                 self._meta.state = "closed"
-                self._guard(self._commit, seal=True)
+                for layer in self._layers:
+                    layer.seal = self._guard(self._seal_of, layer)
+                self._guard(self._commit)
             finally:
                 self._release()
 
@@ -281,7 +314,7 @@ class Disk:
 
     def create_snapshot(self, name: str) -> Snapshot:
         """Freeze the disk's current content under ``name``; writes go on into a new layer."""
-        _check_snapshot_name(name)
+        check_snapshot_name(name)
         with self._lock:
             self._check_usable()
             if any(s.name == name for s in self._meta.snapshots):
@@ -289,7 +322,9 @@ class Disk:
             self._flush_locked()
             change_id = self._guard(self._tracker.advance)
             snapshot = Snapshot(name, str(change_id), datetime.now(UTC), self.size_bytes)
-            self._layers[-1].snapshot = name
+            frozen = self._layers[-1]
+            frozen.snapshot = name
+            frozen.seal = self._guard(self._seal_of, frozen)
             self._meta.snapshots.append(snapshot)
             self._guard(self._push_top)
             self._guard(self._tracker.after_commit)
@@ -311,7 +346,7 @@ class Disk:
             snapshot = self._snapshot(name)
             layer = next(la for la in self._layers if la.snapshot == name)
             self._meta.snapshots.remove(snapshot)
-            layer.snapshot = None
+            layer.snapshot = layer.seal = None  # the layers above are merged into it
             self._tracker.consolidation_active = True
             self._guard(self._commit)
             self._consolidation = Consolidation(self, layer.id)
@@ -416,11 +451,15 @@ class Disk:
                                        start_offset=start_offset)
 
     def reset_tracking(self) -> str:
-        """Start a new tracking epoch: every earlier change ID is refused from now on."""
+        """Start a new tracking epoch: every earlier change ID is refused from now on.
+
+        The new epoch is durable (disk.json) before anything of the old one is dropped: a crash
+        in between reopens in the new epoch, with the old write-intent bits still set."""
         with self._lock:
             self._check_usable()
             change_id = self._guard(self._tracker.restart, "tracking reset by request")
             self._guard(self._commit)
+            self._guard(self._tracker.after_commit)
             self._guard(self._delete_unreferenced)
             return str(change_id)
 
@@ -483,7 +522,10 @@ class Disk:
         self._commit()
 
     def _push_helper_top(self) -> None:
+        """Freeze the top for a merge: no guest write lands in it from now on."""
         self._flush_locked()
+        frozen = self._layers[-1]
+        frozen.seal = self._guard(self._seal_of, frozen)
         self._guard(self._push_top)
 
     def _finish_merge(self, parent_id: str, child_id: str) -> list[str]:
@@ -493,6 +535,8 @@ class Disk:
         self._guard(parent.flush)
         parent.snapshot = child.snapshot
         self._layers.remove(child)
+        frozen = parent.snapshot is not None and parent is not self._layers[-1]
+        parent.seal = self._guard(self._seal_of, parent) if frozen else None
         self._guard(self._commit)
         child.close()
         return [os.path.join(self.path, name) for name in child.file_names()]
@@ -504,18 +548,18 @@ class Disk:
             if self._fileio.exists(path):
                 self._guard(self._fileio.unlink, path)
 
-    def _commit(self, *, seal: bool = False) -> None:
+    def _commit(self) -> None:
         """Atomically replace disk.json with the in-memory state."""
         meta = self._meta
         meta.layers = [LayerRecord(la.id, la.kind,
                                    la.visible_below if isinstance(la, DeltaLayer) else None,
-                                   la.snapshot) for la in self._layers]
+                                   la.snapshot, la.seal) for la in self._layers]
         meta.tracker = self._tracker.meta()
-        meta.seal = {}
-        if seal:
-            meta.seal = {name: list(self._fileio.seal(os.path.join(self.path, name)))
-                         for la in self._layers for name in la.file_names()}
         self._fileio.replace_atomic(os.path.join(self.path, META_FILE), meta.to_bytes())
+
+    def _seal_of(self, layer: Layer) -> dict[str, list[int]]:
+        return {name: list(self._fileio.seal(os.path.join(self.path, name)))
+                for name in layer.file_names()}
 
     def _delete_unreferenced(self) -> None:
         keep = {META_FILE, LOCK_FILE} | self._tracker.files()
@@ -534,8 +578,8 @@ class Disk:
             raise
         except OSError as exc:
             self._failed = exc
-            raise DiskIOFailure(f"I/O error on disk {self.path}: {exc}; nothing acknowledged is "
-                                "lost: reopen the disk to recover") from exc
+            raise _io_error(f"I/O error on disk {self.path}", exc,
+                            "; nothing acknowledged is lost: reopen the disk to recover") from exc
         except BaseException as exc:
             self._failed = exc
             raise
@@ -579,17 +623,59 @@ def _take_lock(fileio: FileIO, path: str) -> FileLock:
         raise DiskBusy(f"disk {path} is open in another process or handle") from None
 
 
-def _check_snapshot_name(name: str) -> None:
-    if not name or len(name) > 255 or "/" in name or "@" in name or name.strip() != name:
-        raise InvalidArgument(f"invalid snapshot name {name!r}: 1-255 characters, no '/' or '@'")
+def _only_create_leftovers(names: list[str]) -> bool:
+    return all(n in _CREATE_LEFTOVERS or n.startswith("layer-") or n.endswith(".tmp")
+               for n in names)
 
 
-def _seal_mismatch(fileio: FileIO, path: str, meta: DiskMeta) -> str | None:
-    """A reason to restart tracking if a file changed since the disk was closed cleanly."""
-    if not meta.seal:
-        return "the disk was closed without a seal"
-    for name, sealed in meta.seal.items():
-        full = os.path.join(path, name)
-        if not fileio.exists(full) or list(fileio.seal(full)) != sealed:
-            return f"disk file {name} was changed outside blocktrail since the disk was closed"
+def _io_error(what: str, exc: OSError, advice: str = "") -> DiskIOFailure | DiskNoSpace:
+    if is_no_space(exc):
+        return DiskNoSpace(f"{what}: the file system is full ({exc.strerror}){advice}; free "
+                           "space and retry")
+    return DiskIOFailure(f"{what}: {exc}{advice}")
+
+
+def _seal_mismatch(fileio: FileIO, path: str, meta: DiskMeta, *, crashed: bool) -> str | None:
+    """A reason to restart tracking if a file that nothing may change was changed: every layer
+    after a clean close, the frozen ones (sealed when they froze) after a crash."""
+    if meta.format_version == 1:  # one seal of (size, mtime, inode), written at clean close
+        if crashed:
+            return None
+        if not meta.legacy_seal:
+            return "the disk was closed without a seal"
+        for name, sealed in meta.legacy_seal.items():
+            full = os.path.join(path, name)
+            if not fileio.exists(full) or [*fileio.seal(full)[:2], fileio.seal(full)[3]] \
+                    != sealed:
+                return (f"disk file {name} was changed outside blocktrail since the disk was "
+                        "closed")
+        return None
+    for record in meta.layers:
+        if record.seal is None:
+            if not crashed:
+                return f"layer {record.id} has no seal at a clean open"
+            continue  # the writable top, or a layer being merged into: checked nowhere
+        for name, sealed in record.seal.items():
+            full = os.path.join(path, name)
+            if not fileio.exists(full):
+                return f"disk file {name} is missing"
+            if list(fileio.seal(full)) != sealed:
+                when = "while the disk was closed" if not crashed else (
+                    "(it belongs to a frozen layer, which nothing may write)")
+                return f"disk file {name} was changed outside blocktrail {when}"
     return None
+
+
+def _rename_legacy_snapshots(meta: DiskMeta) -> None:
+    """Snapshot names an older blocktrail let through (a lone surrogate, a control character,
+    '.'), which no API or command line could name, become valid ones."""
+    taken = {s.name for s in meta.snapshots}
+    for index, snap in enumerate(meta.snapshots):
+        if is_valid_snapshot_name(snap.name):
+            continue
+        new = legacy_snapshot_name(snap.name, taken)
+        taken.add(new)
+        meta.snapshots[index] = Snapshot(new, snap.change_id, snap.created_at, snap.size_bytes)
+        for record in meta.layers:
+            if record.snapshot == snap.name:
+                record.snapshot = new

@@ -41,6 +41,7 @@ class BaseLayer:
         self.id = layer_id
         self.data = data
         self.snapshot: str | None = None  # the snapshot whose frozen layer this is
+        self.seal: dict[str, list[int]] | None = None  # while nothing may change it
 
     def file_names(self) -> list[str]:
         return [data_name(self.id)]
@@ -85,6 +86,7 @@ class DeltaLayer:
         self._pending: dict[int, ClusterState] = {}
         self.visible_below = visible_below
         self.snapshot: str | None = None
+        self.seal: dict[str, list[int]] | None = None
 
     def file_names(self) -> list[str]:
         return [data_name(self.id), map_name(self.id)]

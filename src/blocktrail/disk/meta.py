@@ -10,7 +10,7 @@ from typing import Any
 from blocktrail.errors import CorruptMetadata, UnsupportedFormat
 
 FORMAT = "blocktrail-disk"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a seal per layer, with the change time (1: one seal, at clean close)
 META_FILE = "disk.json"
 
 
@@ -39,10 +39,13 @@ class LayerRecord:
     kind: str  # "base" | "delta"
     visible_below: int | None  # delta only: lowest disk size seen while it was the top
     snapshot: str | None  # the snapshot whose frozen layer this is
+    # file name -> [size, mtime_ns, ctime_ns, inode] of a layer nothing may change (a frozen
+    # one; every layer at a clean close); None while the layer may be written
+    seal: dict[str, list[int]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "visible_below": self.visible_below,
-                "snapshot": self.snapshot}
+                "snapshot": self.snapshot, "seal": self.seal}
 
 
 @dataclass(slots=True)
@@ -56,7 +59,9 @@ class DiskMeta:
     layers: list[LayerRecord]
     snapshots: list[Snapshot]
     tracker: dict[str, Any]
-    seal: dict[str, list[int]] = field(default_factory=dict)
+    # version 1 only: [size, mtime_ns, inode] of every layer file, written at clean close
+    legacy_seal: dict[str, list[int]] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     def to_bytes(self) -> bytes:
         obj = {
@@ -68,7 +73,6 @@ class DiskMeta:
             "granularity": self.granularity,
             "cluster_size": self.cluster_size,
             "state": self.state,
-            "seal": self.seal,
             "layers": [layer.to_json() for layer in self.layers],
             "snapshots": [s.to_json() for s in self.snapshots],
             "tracker": self.tracker,
@@ -84,7 +88,9 @@ class DiskMeta:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise UnsupportedFormat(f"{where}: not a blocktrail disk")
         version = obj.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UnsupportedFormat(f"{where}: disk format version {version!r} is not one")
+        if version > FORMAT_VERSION:
             raise UnsupportedFormat(
                 f"{where}: disk format version {version} was written by a newer blocktrail "
                 f"(this one reads up to {FORMAT_VERSION})")
@@ -97,10 +103,20 @@ class DiskMeta:
                 cluster_size=int(obj["cluster_size"]),
                 state=str(obj["state"]),
                 layers=[LayerRecord(str(la["id"]), str(la["kind"]), la["visible_below"],
-                                    la["snapshot"]) for la in obj["layers"]],
+                                    la["snapshot"], _seal(la.get("seal")))
+                        for la in obj["layers"]],
                 snapshots=[Snapshot.from_json(s) for s in obj["snapshots"]],
                 tracker=dict(obj["tracker"]),
-                seal={str(k): list(v) for k, v in obj.get("seal", {}).items()},
+                legacy_seal=(_seal(obj.get("seal")) or {}) if version == 1 else {},
+                format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptMetadata(f"{where}: disk metadata is incomplete ({exc!r})") from exc
+
+
+def _seal(obj: Any) -> dict[str, list[int]] | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise TypeError(f"a seal must be an object, not {obj!r}")
+    return {str(name): [int(v) for v in values] for name, values in obj.items()}

@@ -120,7 +120,13 @@ class ChangeTracker:
             history = _load_history(fileio, directory, meta, epochs[-1].epoch, seq, region,
                                     crashed=crashed, granularity=granularity)
         if isinstance(history, str):
-            intent = IntentLog.create(fileio, os.path.join(directory, INTENT_FILE), region)
+            # The old epoch's files stay as they are until the caller has committed the new
+            # epoch (then `after_commit` clears the intent bits).
+            intent_path = os.path.join(directory, INTENT_FILE)
+            try:
+                intent = IntentLog.load(fileio, intent_path, region)
+            except (OSError, CorruptMetadata, UnsupportedFormat):
+                intent = IntentLog.create(fileio, intent_path, region)
             tracker = cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(),
                           intent)
             tracker.restart(history)
@@ -189,12 +195,14 @@ class ChangeTracker:
         self._intent.clear()
 
     def restart(self, reason: str) -> ChangeId:
-        """A new epoch: every earlier change ID is refused from now on."""
+        """A new epoch: every earlier change ID is refused from now on. In memory only: the
+        caller commits `meta()`, and only then calls `after_commit` (which drops the old
+        epoch's write-intent bits), so a crash in between never reopens the old epoch with
+        its intent gone."""
         self._epochs.append(EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None))
         self._intervals.clear()
         self._open = BitMap()
         self.seq = 0
-        self._intent.clear()
         return self.current_change_id
 
     def revert_to(self, change_id: str, reason: str) -> ChangeId:
