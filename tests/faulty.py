@@ -5,7 +5,7 @@ The test suites must fail against these: that is the proof they would catch the 
 from __future__ import annotations
 
 from blocktrail.disk import Disk
-from blocktrail.tracking import ChangeTracker
+from blocktrail.tracking import ChangeId, ChangeTracker
 
 
 class DropsMarksDuringConsolidation(ChangeTracker):
@@ -21,6 +21,17 @@ class ForgetsGrownArea(ChangeTracker):
 
     def note_resize(self, old_size: int, new_size: int) -> None:
         self.size_bytes = new_size
+
+
+class ClearsIntentBeforeResetCommits(ChangeTracker):
+    """A tracking reset in the order blocktrail once had: the old epoch's write-intent bits
+    cleared (and synced) before the new epoch was committed to disk.json. A crash in between
+    reopened the old epoch with writes since the last checkpoint untracked."""
+
+    def restart(self, reason: str) -> ChangeId:
+        change_id = super().restart(reason)
+        self._intent.clear()
+        return change_id
 
 
 TRACKERS: dict[str, type[ChangeTracker]] = {

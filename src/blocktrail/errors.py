@@ -145,7 +145,7 @@ class NoSpace(BlocktrailError):
     exit_code = ExitCode.NO_SPACE
 
 
-class DiskNoSpace(NoSpace):
+class DiskNoSpace(NoSpace, DiskIOFailure):
     """A disk's file system is full: the disk handle is closed (reopening recovers it)."""
 
 

@@ -21,7 +21,12 @@ from blocktrail.disk import Disk
 from blocktrail.errors import DiskClosed, DiskIOFailure, DiskNotFound, StaleChangeId
 from blocktrail.fileio import FileHandle, SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
-from faulty import DropsMarksDuringConsolidation, ForgetsGrownArea, reported_granules
+from faulty import (
+    ClearsIntentBeforeResetCommits,
+    DropsMarksDuringConsolidation,
+    ForgetsGrownArea,
+    reported_granules,
+)
 
 GRANULARITY = 512
 CLUSTER = 1024
@@ -170,6 +175,19 @@ def _revert(name: str) -> Step:
     return step
 
 
+def _reset() -> Step:
+    def step(h: Harness) -> None:
+        h.do(lambda m: m.points.clear(), lambda d: d.reset_tracking())
+        h.model.points[h.disk.current_change_id] = bytes(h.model.content)
+    return step
+
+
+def _checkpoint() -> Step:
+    def step(h: Harness) -> None:
+        h.do(lambda m: None, lambda d: d.checkpoint())
+    return step
+
+
 def workload(seed: int) -> list[Step]:
     rng = random.Random(seed)
 
@@ -192,6 +210,12 @@ def workload(seed: int) -> list[Step]:
         _remove("s2", [(rng.randrange(SIZE), data(300)) for _ in range(3)]),
         _revert("s3"),
         _write(5, data(100)),
+        _checkpoint(),
+        _write(SIZE + 3000, data(700)),
+        _reset(),
+        _write(700, data(1500)),
+        _snapshot("s4"),
+        _write(4000, data(300)),
     ]
 
 
@@ -207,14 +231,14 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
         sector = content[lo : lo + SECTOR]
         assert any(m.content[lo : lo + SECTOR] == sector for m in sized), \
             f"sector at {lo} is neither its content before nor after the interrupted step"
-    model = sized[-1]
     snaps = {s.name for s in disk.snapshots}
     assert snaps in ({*m.snapshots} for m in candidates), f"snapshots {snaps}"
     for name in snaps:
         source = next(m for m in candidates if name in m.snapshots)
         assert disk.open_snapshot(name).pread(len(source.snapshots[name]), 0) == \
             source.snapshots[name], f"snapshot {name} changed"
-    for change_id, then in model.points.items():
+    points = {cid: then for m in candidates for cid, then in m.points.items()}
+    for change_id, then in points.items():  # before and after: an interrupted reset too
         try:
             reported = reported_granules(disk, change_id, GRANULARITY)
         except StaleChangeId:
@@ -267,7 +291,8 @@ def test_power_loss_at_every_durability_point(seed: int) -> None:
     assert crash_at > 50, "the workload should pass through many durability points"
 
 
-@pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea])
+@pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea,
+                                    ClearsIntentBeforeResetCommits])
 def test_sweep_finds_faulty_trackers(faulty: type[ChangeTracker]) -> None:
     with pytest.raises(AssertionError, match="but not reported"):
         for seed in range(1, 7):

@@ -1,4 +1,5 @@
-"""The committed v1 disk must keep opening and reading the same (docs/disk-format.md)."""
+"""The committed disks of every format version must keep opening and reading the same
+(docs/disk-format.md)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,24 @@ from blocktrail.disk import Disk
 from blocktrail.errors import StaleChangeId
 from blocktrail.tracking import interval_file
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "disks" / "v1"
+DISKS = Path(__file__).resolve().parents[1] / "data" / "disks"
+VERSIONS = sorted(int(p.name[1:]) for p in DISKS.glob("v*"))
 
 
-@pytest.fixture
-def golden(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+@pytest.fixture(params=VERSIONS, ids=lambda v: f"v{v}")
+def golden(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    source = DISKS / f"v{request.param}"
     target = tmp_path / "disk"
-    shutil.copytree(GOLDEN / "disk", target)
-    return target, json.loads((GOLDEN / "expected.json").read_text())
+    shutil.copytree(source / "disk", target)
+    return target, json.loads((source / "expected.json").read_text())
 
 
-def test_golden_v1_reads_the_same(golden: tuple[Path, dict[str, Any]]) -> None:
+def test_every_format_version_has_a_golden_disk() -> None:
+    from blocktrail.disk.meta import FORMAT_VERSION
+    assert VERSIONS == list(range(1, FORMAT_VERSION + 1))
+
+
+def test_golden_reads_the_same(golden: tuple[Path, dict[str, Any]]) -> None:
     path, expected = golden
     with Disk.open(path) as disk:
         assert disk.size_bytes == expected["size_bytes"]
@@ -35,7 +43,7 @@ def test_golden_v1_reads_the_same(golden: tuple[Path, dict[str, Any]]) -> None:
         assert [s.to_json() for s in disk.snapshots] == [expected["snapshot"]]
 
 
-def test_golden_v1_copied_disk_refuses_old_change_ids(
+def test_golden_copied_disk_refuses_old_change_ids(
         golden: tuple[Path, dict[str, Any]]) -> None:
     """A copy has new inodes and times: files changed outside blocktrail -> new epoch."""
     path, expected = golden
@@ -46,16 +54,19 @@ def test_golden_v1_copied_disk_refuses_old_change_ids(
         assert allocated, "'*' still answers from the layers"
 
 
-def test_golden_v1_tracker_files_decode() -> None:
-    expected = json.loads((GOLDEN / "expected.json").read_text())
-    meta = json.loads((GOLDEN / "disk" / "disk.json").read_text())
-    assert meta["format_version"] == 1 and meta["tracker"]["format"] == 1
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_tracker_files_decode(version: int) -> None:
+    golden = DISKS / f"v{version}"
+    expected = json.loads((golden / "expected.json").read_text())
+    meta = json.loads((golden / "disk" / "disk.json").read_text())
+    assert meta["format_version"] == version and meta["tracker"]["format"] == 1
     [[seq, name]] = meta["tracker"]["intervals"]
     epoch, stored_seq, granules = interval_file.decode(
-        (GOLDEN / "disk" / name).read_bytes(), name)
+        (golden / "disk" / name).read_bytes(), name)
     assert (epoch, stored_seq) == (meta["tracker"]["epoch"], seq)
     assert sorted(granules) == [1, 2, 3]  # bytes 5000..15000 at 4 KiB granularity
-    _, _, open_marks = interval_file.decode((GOLDEN / "disk" / "open.roar").read_bytes(), "open")
+    _, _, open_marks = interval_file.decode((golden / "disk" / "open.roar").read_bytes(),
+                                            "open")
     since_snapshot = {o // 4096 + i for o, n in expected["since_snapshot"]
                       for i in range(n // 4096)}
     assert set(open_marks) == since_snapshot

@@ -450,6 +450,13 @@ class Disk:
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)
 
+    def checkpoint(self) -> None:
+        """Make the tracker's marks since the last snapshot durable in its checkpoint (it also
+        happens at close and every 30 s of writes), so fewer write-intent regions are set."""
+        with self._lock:
+            self._check_usable()
+            self._guard(self._tracker.checkpoint)
+
     def reset_tracking(self) -> str:
         """Start a new tracking epoch: every earlier change ID is refused from now on.
 

@@ -1,5 +1,6 @@
-"""Writes tests/data/disks/v1/: a small closed disk in format version 1, with a snapshot, a
-delta layer, tracker intervals and a checkpoint; and expected.json describing what it must read.
+"""Writes tests/data/disks/vN/ (N: the current disk format version): a small closed disk with a
+snapshot, a delta layer, tracker intervals and a checkpoint; and expected.json describing what it
+must read.
 
 Run once per released format version; the output is committed and must keep opening."""
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 from blocktrail.disk import Disk
+from blocktrail.disk.meta import FORMAT_VERSION
 
 
 def main(out: Path) -> None:
@@ -40,4 +42,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "v1")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else
+         Path(__file__).parent / f"v{FORMAT_VERSION}")
