@@ -21,7 +21,7 @@ from blocktrail.cli.main import main
 
 PACKAGES = {"qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils",
             "qemu-storage-daemon": "qemu-system-common", "nbdinfo": "libnbd-bin",
-            "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit"}
+            "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "strace": "strace"}
 
 
 def require_tools(*names: str) -> None:
