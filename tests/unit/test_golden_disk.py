@@ -29,7 +29,7 @@ def golden(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[s
 
 def test_every_format_version_has_a_golden_disk() -> None:
     from blocktrail.disk.meta import FORMAT_VERSION
-    assert VERSIONS == list(range(1, FORMAT_VERSION + 1))
+    assert list(range(1, FORMAT_VERSION + 1)) == VERSIONS
 
 
 def test_golden_reads_the_same(golden: tuple[Path, dict[str, Any]]) -> None:

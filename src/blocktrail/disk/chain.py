@@ -81,7 +81,15 @@ def write_top(layers: list[Layer], cluster_size: int, offset: int, data: bytes |
 
 def _write_delta_piece(layers: list[Layer], top: DeltaLayer, cluster_size: int, offset: int,
                        length: int, piece: bytes | None) -> None:
+    """One cluster's part of a write, alone on that cluster (other writers of the same cluster
+    wait: a copy-up must not lose a concurrent write's bytes)."""
     cluster = offset // cluster_size
+    with top.cluster_lock(cluster):
+        _write_cluster(layers, top, cluster_size, cluster, offset, length, piece)
+
+
+def _write_cluster(layers: list[Layer], top: DeltaLayer, cluster_size: int, cluster: int,
+                   offset: int, length: int, piece: bytes | None) -> None:
     cluster_offset = cluster * cluster_size
     if length == cluster_size:
         if piece is None:

@@ -56,11 +56,12 @@ def _check_power_of_two(name: str, value: int, minimum: int) -> None:
 class Disk:
     """A virtual disk: a base layer, snapshot delta layers, and a change tracker.
 
-    Thread-safety: every public method may be called from any thread. Reads (`pread`, snapshot
-    views' `pread`, `query_changed_areas`, `snapshots`) run in parallel with each other; writes
-    (`pwrite`, `zero`, `trim`, `flush`), snapshot create/revert, resize and reset run alone.
-    `remove_snapshot` takes the disk alone only for one short step at a time, so guest reads and
-    writes go on while a snapshot is consolidated.
+    Thread-safety: every public method may be called from any thread. Guest I/O (`pread`,
+    `pwrite`, `zero`, `trim`, `flush`, snapshot reads, `map_read`, `query_changed_areas`) runs in
+    parallel, from any number of threads; only changes to the layer structure (snapshot create,
+    each consolidation step, resize, revert, reset, checkpoint, close) take the disk alone, and
+    wait for the I/O in flight. `remove_snapshot` takes the disk alone only for one short step at
+    a time. See docs/disk-format.md, "Concurrency".
     """
 
     def __init__(self, path: str, fileio: FileIO, lock: FileLock, meta: DiskMeta,
@@ -293,19 +294,28 @@ class Disk:
         self._apply(offset, count, None)
 
     def flush(self) -> None:
-        with self._lock:
+        """Every write that returned before this call is durable when it returns (whichever
+        thread or connection made it)."""
+        with self._lock.shared():
             self._check_usable()
             self._flush_locked()
 
     def _apply(self, offset: int, length: int, data: bytes | None) -> None:
-        """The one choke point: mark the tracker, then write the top layer."""
-        with self._lock:
+        """The one choke point: mark the tracker (durably), then write the top layer. Under
+        the shared lock: writes run in parallel with each other and with reads, never with a
+        change of the layer structure, so the layer they write is the top when they finish."""
+        with self._lock.shared():
             self._check_usable()
             self._check_range(length, offset, self._meta.size_bytes)
             if length == 0:
                 return
             self._guard(self._tracker.mark, offset, length)
             self._guard(chain.write_top, self._layers, self.cluster_size, offset, data, length)
+        if self._tracker.checkpoint_due:
+            with self._lock:
+                if self._file_lock is not None and self._failed is None \
+                        and self._tracker.checkpoint_due:
+                    self._guard(self._tracker.checkpoint)
 
     def _flush_locked(self) -> None:
         self._guard(self._layers[-1].flush)

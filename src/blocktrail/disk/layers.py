@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from enum import IntEnum
 
 import numpy as np
@@ -16,6 +17,7 @@ MAP_MAGIC = b"BTCMAP\x00"
 MAP_VERSION = 1
 MAP_HEADER_BYTES = 4096
 _MAP_HEADER = struct.Struct("<7sBI")
+CLUSTER_LOCK_STRIPES = 64
 
 
 class ClusterState(IntEnum):
@@ -71,7 +73,12 @@ class DeltaLayer:
     """Clusters written while this layer was the top, and a map of which ones it holds.
 
     New map entries stay in memory (``_pending``) until `flush`, which makes the data durable
-    before the map: a crash never leaves a map entry pointing at data that did not arrive."""
+    before the map: a crash never leaves a map entry pointing at data that did not arrive.
+
+    Thread-safety (the writable top is written by many threads at once): a writer holds
+    `cluster_lock(c)` while it changes cluster ``c`` (a copy-up reads, merges and writes the
+    whole cluster), and sets the cluster's state only after its data is written; the map state
+    is kept under a lock of its own; flushes run one at a time."""
 
     kind = "delta"
 
@@ -84,6 +91,9 @@ class DeltaLayer:
         self.states = states  # cluster index -> DATA or ZERO (ABSENT is not stored)
         self._data_clusters: np.ndarray | None = None  # sorted DATA clusters, until a change
         self._pending: dict[int, ClusterState] = {}
+        self._state_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._cluster_locks = [threading.Lock() for _ in range(CLUSTER_LOCK_STRIPES)]
         self.visible_below = visible_below
         self.snapshot: str | None = None
         self.seal: dict[str, list[int]] | None = None
@@ -94,22 +104,27 @@ class DeltaLayer:
     def state(self, cluster: int) -> ClusterState:
         return self.states.get(cluster, ClusterState.ABSENT)
 
+    def cluster_lock(self, cluster: int) -> threading.Lock:
+        return self._cluster_locks[cluster % CLUSTER_LOCK_STRIPES]
+
     def set_state(self, cluster: int, state: ClusterState) -> None:
-        self._data_clusters = None
-        if state is ClusterState.ABSENT:
-            self.states.pop(cluster, None)
-        else:
-            self.states[cluster] = state
-        self._pending[cluster] = state
+        with self._state_lock:
+            self._data_clusters = None
+            if state is ClusterState.ABSENT:
+                self.states.pop(cluster, None)
+            else:
+                self.states[cluster] = state
+            self._pending[cluster] = state
 
     def allocated(self, start: int, end: int) -> list[Extent]:
         """Extents inside ``[start, end)`` this layer holds data in (clipped)."""
         cs = self.cluster_size
-        clusters = self._data_clusters
-        if clusters is None:  # a frozen layer sorts once; the top after each change
-            clusters = np.array(sorted(c for c, s in self.states.items()
-                                       if s is ClusterState.DATA), dtype=np.int64)
-            self._data_clusters = clusters
+        with self._state_lock:
+            clusters = self._data_clusters
+            if clusters is None:  # a frozen layer sorts once; the top after each change
+                clusters = np.array(sorted(c for c, s in self.states.items()
+                                           if s is ClusterState.DATA), dtype=np.int64)
+                self._data_clusters = clusters
         window = clusters[np.searchsorted(clusters, start // cs):
                           np.searchsorted(clusters, -(-end // cs))]
         if not len(window):
@@ -121,14 +136,17 @@ class DeltaLayer:
                     start, end)
 
     def flush(self) -> None:
-        if not self._pending:
+        """Every cluster whose state was set before this call is durable, data then map. An
+        entry set while it runs waits for the next flush: its data may not be in the fsync."""
+        with self._flush_lock:
+            with self._state_lock:
+                pending, self._pending = self._pending, {}
             self.data.fsync()
-            return
-        self.data.fsync()
-        for start, values in _runs(self._pending):
-            self._map_file.pwrite(values, MAP_HEADER_BYTES + start)
-        self._map_file.fsync()
-        self._pending.clear()
+            if not pending:
+                return
+            for start, values in _runs(pending):
+                self._map_file.pwrite(values, MAP_HEADER_BYTES + start)
+            self._map_file.fsync()
 
     def close(self) -> None:
         self.data.close()

@@ -40,7 +40,8 @@ class HostClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise errors.HostUnreachable(f"cannot reach the host at {self.endpoint}: {exc}") from exc
+            raise errors.HostUnreachable(
+                f"cannot reach the host at {self.endpoint}: {exc}") from exc
         body = response.json()
         if response.is_success:
             return body

@@ -8,7 +8,9 @@ marks durable.
 
 from __future__ import annotations
 
+import errno
 import struct
+import threading
 
 from blocktrail.errors import CorruptMetadata, UnsupportedFormat
 from blocktrail.fileio import FileHandle, FileIO
@@ -40,10 +42,15 @@ def region_bytes_for(size_bytes: int, granularity: int) -> int:
 
 
 class IntentLog:
+    """Thread-safe: concurrent writers share the syncs (group commit). A writer whose region is
+    being synced by another waits for that sync instead of starting its own."""
+
     def __init__(self, handle: FileHandle, region_bytes: int, set_regions: set[int]) -> None:
         self._handle = handle
         self.region_bytes = region_bytes
         self._durable = set(set_regions)  # regions whose bit is durable on disk
+        self._syncing: set[int] = set()  # written, their fsync under way
+        self._cond = threading.Condition(threading.Lock())
         self.fsync_count = 0
 
     @classmethod
@@ -80,30 +87,63 @@ class IntentLog:
         return frozenset(self._durable)
 
     def ensure(self, offset: int, length: int) -> None:
-        """Make the bits of every region touched by the range durable (one fsync at most)."""
+        """Make the bits of every region touched by the range durable (one fsync at most, and
+        none when another writer's sync already covers them)."""
         first = offset // self.region_bytes
         last = (offset + max(length, 1) - 1) // self.region_bytes
-        missing = [r for r in range(first, last + 1) if r not in self._durable]
-        if not missing:
-            return
-        self._durable.update(missing)
-        for byte_index in sorted({r // 8 for r in missing}):
-            value = 0
-            for bit in range(8):
-                if byte_index * 8 + bit in self._durable:
-                    value |= 1 << bit
-            self._handle.pwrite(bytes([value]), HEADER_BYTES + byte_index)
-        self._handle.fsync()
-        self.fsync_count += 1
+        regions = range(first, last + 1)
+        with self._cond:
+            missing = [r for r in regions if r not in self._durable]
+            if not missing:
+                return
+            mine = [r for r in missing if r not in self._syncing]
+            if mine:
+                # Written under the lock, so a byte on disk only ever gains bits; synced outside
+                # it, so writers in other regions do not wait for this fsync.
+                self._syncing.update(mine)
+                try:
+                    for byte_index in sorted({r // 8 for r in mine}):
+                        value = 0
+                        for bit in range(8):
+                            region = byte_index * 8 + bit
+                            if region in self._durable or region in self._syncing:
+                                value |= 1 << bit
+                        self._handle.pwrite(bytes([value]), HEADER_BYTES + byte_index)
+                except BaseException:
+                    self._syncing.difference_update(mine)
+                    self._cond.notify_all()
+                    raise
+        if mine:
+            synced = False
+            try:
+                self._handle.fsync()
+                synced = True
+            finally:
+                with self._cond:
+                    self._syncing.difference_update(mine)
+                    if synced:
+                        self._durable.update(mine)
+                        self.fsync_count += 1
+                    self._cond.notify_all()
+        with self._cond:
+            while True:
+                if all(r in self._durable for r in missing):
+                    return
+                if not any(r in self._syncing for r in missing if r not in self._durable):
+                    raise OSError(errno.EIO, "another writer's sync of the write-intent "
+                                             "bitmap failed")
+                self._cond.wait()
 
     def clear(self) -> None:
-        """Clear every bit; call only once the fine marks are durable elsewhere."""
-        if not self._durable:
-            return
-        top = max(self._durable) // 8 + 1
-        self._handle.pwrite(bytes(top), HEADER_BYTES)
-        self._handle.fsync()
-        self._durable.clear()
+        """Clear every bit; call only once the fine marks are durable elsewhere, with no writer
+        marking (the disk holds its lock exclusively)."""
+        with self._cond:
+            if not self._durable:
+                return
+            top = max(self._durable) // 8 + 1
+            self._handle.pwrite(bytes(top), HEADER_BYTES)
+            self._handle.fsync()
+            self._durable.clear()
 
     def close(self) -> None:
         self._handle.close()

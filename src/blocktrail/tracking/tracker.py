@@ -2,12 +2,17 @@
 
 The tracker knows nothing of layers. The disk calls `mark` for every guest write, zero and trim
 before the data reaches any layer, `advance` at every snapshot, and commits `meta()` into its
-metadata file. The tracker is not thread-safe by itself; the disk serializes calls to it.
+metadata file.
+
+Thread-safety: `mark` and `query` may run on many threads at once (guest I/O runs in parallel);
+everything else (snapshots, checkpoints, resets, reverts, loading) is called by the disk with its
+lock held exclusively, so no mark runs at the same time.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,6 +84,7 @@ class ChangeTracker:
         self._open = open_marks
         self._intent = intent
         self._last_checkpoint = time.monotonic()
+        self._marks_lock = threading.Lock()  # the open interval's bitmap (not thread-safe)
         self.consolidation_active = False
         self.marks_during_consolidation = 0
 
@@ -156,13 +162,18 @@ class ChangeTracker:
         """Record a write to ``[offset, offset + length)``; durable intent before returning."""
         if length <= 0:
             return
-        if self.consolidation_active:
-            self.marks_during_consolidation += 1
         g = self.granularity
-        self._open.add_range(offset // g, (offset + length - 1) // g + 1)
+        with self._marks_lock:
+            if self.consolidation_active:
+                self.marks_during_consolidation += 1
+            self._open.add_range(offset // g, (offset + length - 1) // g + 1)
         self._intent.ensure(offset, length)
-        if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S:
-            self.checkpoint()
+
+    @property
+    def checkpoint_due(self) -> bool:
+        """Writes went on for a while since the last checkpoint: the disk should call
+        `checkpoint` (with its lock held exclusively) to keep what a crash costs small."""
+        return time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S
 
     def note_resize(self, old_size: int, new_size: int) -> None:
         """A grown range counts as changed; a shrunk one is clipped away by queries."""
@@ -260,7 +271,8 @@ class ChangeTracker:
                 f"change ID {change_id} is newer than the snapshot the query ends at")
         sets = [self._intervals[s][1] for s in range(since + 1, end_seq + 1)]
         if until_seq is None:
-            sets.append(self._open)
+            with self._marks_lock:
+                sets.append(BitMap(self._open))  # writers go on marking it
         union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
         return _to_change_info(union, self.granularity, start_offset, size_bytes)
 
