@@ -10,14 +10,12 @@ is merged under the disk lock in one step (the "stun"), like VMware's consolidat
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from blocktrail.disk import chain
 from blocktrail.disk.layers import DeltaLayer
-
-if TYPE_CHECKING:
-    from blocktrail.disk.disk import Disk
+from blocktrail.disk.stack import LayerStack
 
 FINAL_MERGE_MAX_CLUSTERS = 64
 MAX_HELPER_ROUNDS = 8
@@ -34,8 +32,9 @@ class _Pair:
 class Consolidation:
     """The merge of a removed snapshot's layer; `step` until `done`."""
 
-    def __init__(self, disk: Disk, parent_id: str) -> None:
-        self._disk = disk
+    def __init__(self, stack: LayerStack, parent_id: str, on_done: Callable[[], None]) -> None:
+        self._stack = stack
+        self._on_done = on_done
         self.parent_id = parent_id
         self._pair: _Pair | None = None
         self._rounds = 0
@@ -46,18 +45,19 @@ class Consolidation:
 
     def step(self, max_clusters: int = 256) -> bool:
         """Copy up to ``max_clusters`` clusters under the disk lock; -> True when finished."""
-        with self._disk._lock:
+        stack = self._stack
+        with stack.lock:
             if not self.done:
-                self._disk._check_usable()
+                stack.check_usable()
                 self._step_locked(max_clusters)
             pair, garbage, self._garbage = self._pair, self._garbage, []
-        self._disk._delete_files(garbage)  # big files take long to unlink: not under the lock
+        stack.delete_files(garbage)  # big files take long to unlink: not under the lock
         if pair is not None and not pair.todo and not pair.synced:
             # Copied: make the parent durable without holding guest I/O up. Nobody else
             # writes the parent (it lies below the top); the next step commits the merge.
             with self._sync_lock:
                 if not pair.synced:
-                    self._disk._guard(self._disk._layer(self.parent_id).flush)
+                    stack.guard(stack.layer(self.parent_id).flush)
                     pair.synced = True
         return self.done
 
@@ -66,41 +66,42 @@ class Consolidation:
             pass
 
     def _step_locked(self, max_clusters: int) -> None:
-        disk = self._disk
+        stack = self._stack
         if self._pair is None:
             self._start_pair()
             if self.done:
                 return
         pair = self._pair
         assert pair is not None
-        parent, child = disk._layer(self.parent_id), disk._layer(pair.child_id)
+        parent, child = stack.layer(self.parent_id), stack.layer(pair.child_id)
         assert isinstance(child, DeltaLayer)
         batch = pair.todo if pair.final else pair.todo[:max_clusters]
-        disk._guard(chain.merge_clusters, parent, child, batch)
+        stack.guard(chain.merge_clusters, parent, child, batch)
         del pair.todo[: len(batch)]
         self.clusters_copied += len(batch)
         if not pair.todo and (pair.final or pair.synced):
-            self._garbage += disk._finish_merge(self.parent_id, pair.child_id)
+            self._garbage += stack.finish_merge(self.parent_id, pair.child_id)
             self._pair = None
 
     def _start_pair(self) -> None:
         """Pick the layer above the unowned parent and get it ready to merge."""
-        disk = self._disk
-        index = disk._layer_index(self.parent_id)
-        if disk._layers[index].snapshot is not None or index == len(disk._layers) - 1:
+        stack = self._stack
+        layers = stack.layers
+        index = stack.index(self.parent_id)
+        if layers[index].snapshot is not None or index == len(layers) - 1:
             self.done = True  # the parent holds a snapshot again, or is the top again
-            disk._tracker.consolidation_active = False
+            self._on_done()
             return
-        child = disk._layers[index + 1]
+        child = layers[index + 1]
         assert isinstance(child, DeltaLayer)
         final = False
-        if index + 1 == len(disk._layers) - 1:  # the child is the writable top
+        if index + 1 == len(layers) - 1:  # the child is the writable top
             small = len(child.states) <= FINAL_MERGE_MAX_CLUSTERS
             if small or self._rounds >= MAX_HELPER_ROUNDS:
                 final = True
             else:
-                disk._push_helper_top()
+                stack.push_helper_top()
                 self._rounds += 1
-        parent = disk._layer(self.parent_id)
-        disk._guard(chain.hide_below_limit, parent, child)
+        parent = stack.layer(self.parent_id)
+        stack.guard(chain.hide_below_limit, parent, child)
         self._pair = _Pair(child.id, sorted(child.states), final)

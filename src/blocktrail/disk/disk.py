@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import ParamSpec, Self, TypeVar
+from typing import Self
 
 import numpy as np
 
@@ -19,28 +18,23 @@ from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
 from blocktrail.disk.meta import FORMAT_VERSION, META_FILE, DiskMeta, LayerRecord, Snapshot
 from blocktrail.disk.readmap import MappedRead
 from blocktrail.disk.rwlock import DiskLock
+from blocktrail.disk.stack import LayerStack, io_error, new_layer_id
 from blocktrail.errors import (
-    BlocktrailError,
     DiskBusy,
-    DiskClosed,
     DiskExists,
     DiskIOFailure,
-    DiskNoSpace,
     DiskNotFound,
     InvalidArgument,
     OutOfRange,
     SnapshotExists,
     SnapshotNotFound,
     StaleChangeId,
-    is_no_space,
 )
 from blocktrail.fileio import FileIO, FileLock, OsFileIO
 from blocktrail.names import check_snapshot_name, is_valid_snapshot_name, legacy_snapshot_name
 from blocktrail.tracking import ALL_ALLOCATED, ChangeTracker, DiskChangeInfo
 from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 LOCK_FILE = "lock"
 MAX_GRANULES = 2**32
 # What a create killed midway leaves in its directory (and nothing else): such a directory is
@@ -70,11 +64,18 @@ class Disk:
         self._fileio = fileio
         self._file_lock: FileLock | None = lock
         self._meta = meta
-        self._layers = layers
         self._tracker = tracker
-        self._lock = DiskLock()
+        self._stack = LayerStack(path, fileio, layers, meta.cluster_size, self._commit,
+                                 lambda: self._meta.size_bytes)
         self._consolidation: Consolidation | None = None
-        self._failed: BaseException | None = None
+
+    @property
+    def _lock(self) -> DiskLock:
+        return self._stack.lock
+
+    @property
+    def _layers(self) -> list[Layer]:
+        return self._stack.layers
 
     # ------------------------------------------------------------------ create / open / close
 
@@ -106,7 +107,7 @@ class Disk:
             for name in fileio.listdir(path):  # what a killed create left behind
                 if name != LOCK_FILE:
                     fileio.unlink(os.path.join(path, name))
-            base = BaseLayer.create(fileio, path, _new_layer_id())
+            base = BaseLayer.create(fileio, path, new_layer_id())
             tracker = tracker_class.start(fileio, path, granularity, size_bytes,
                                           "tracking started with the disk",
                                           intent_region_bytes=intent_region_bytes)
@@ -117,7 +118,7 @@ class Disk:
             disk._commit()
         except OSError as exc:
             lock.release()
-            raise _io_error(f"cannot create disk {path}", exc) from exc
+            raise io_error(f"cannot create disk {path}", exc) from exc
         except BaseException:
             lock.release()
             raise
@@ -136,7 +137,7 @@ class Disk:
             return cls._open_locked(path, fileio, lock, tracker_class)
         except OSError as exc:
             lock.release()
-            raise _io_error(f"cannot open disk {path}", exc) from exc
+            raise io_error(f"cannot open disk {path}", exc) from exc
         except BaseException:
             lock.release()
             raise
@@ -170,7 +171,7 @@ class Disk:
         layers[-1].seal = None  # the top may be written from now on
         for layer in layers[:-1]:  # frozen: sealed as they are now (again, after a restart)
             if layer.snapshot is not None and (layer.seal is None or restart is not None):
-                layer.seal = disk._seal_of(layer)
+                layer.seal = disk._stack.seal_of(layer)
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
         disk._commit()
         if tracker.epoch != stored_epoch:  # a new epoch, durable now: the old intent can go
@@ -179,7 +180,7 @@ class Disk:
         for index in range(len(layers) - 1):  # finish removals a crash interrupted
             if disk._layers[index].snapshot is None:
                 disk._tracker.consolidation_active = True
-                Consolidation(disk, disk._layers[index].id).run()
+                disk._new_consolidation(disk._layers[index].id).run()
                 break
         return disk
 
@@ -188,17 +189,17 @@ class Disk:
         with self._lock:
             if self._file_lock is None:
                 return
-            if self._failed is not None:  # memory and files disagree: recover at next open
+            if self._stack.failed is not None:  # memory and files disagree: recover at open
                 self._release()
                 return
             try:
                 self._finish_consolidation()
                 self._flush_locked()
-                self._guard(self._tracker.checkpoint)
+                self._stack.guard(self._tracker.checkpoint)
                 self._meta.state = "closed"
                 for layer in self._layers:
-                    layer.seal = self._guard(self._seal_of, layer)
-                self._guard(self._commit)
+                    layer.seal = self._stack.guard(self._stack.seal_of, layer)
+                self._stack.guard(self._commit)
             finally:
                 self._release()
 
@@ -217,6 +218,7 @@ class Disk:
         assert self._file_lock is not None
         self._file_lock.release()
         self._file_lock = None
+        self._stack.closed = True
 
     def __enter__(self) -> Self:
         return self
@@ -297,7 +299,7 @@ class Disk:
         """Every write that returned before this call is durable when it returns (whichever
         thread or connection made it)."""
         with self._lock.shared():
-            self._check_usable()
+            self._stack.check_usable()
             self._flush_locked()
 
     def _apply(self, offset: int, length: int, data: bytes | None) -> None:
@@ -305,20 +307,21 @@ class Disk:
         the shared lock: writes run in parallel with each other and with reads, never with a
         change of the layer structure, so the layer they write is the top when they finish."""
         with self._lock.shared():
-            self._check_usable()
+            self._stack.check_usable()
             self._check_range(length, offset, self._meta.size_bytes)
             if length == 0:
                 return
-            self._guard(self._tracker.mark, offset, length)
-            self._guard(chain.write_top, self._layers, self.cluster_size, offset, data, length)
+            self._stack.guard(self._tracker.mark, offset, length)
+            self._stack.guard(chain.write_top, self._layers, self.cluster_size, offset, data,
+                              length)
         if self._tracker.checkpoint_due:
             with self._lock:
-                if self._file_lock is not None and self._failed is None \
+                if not self._stack.closed and self._stack.failed is None \
                         and self._tracker.checkpoint_due:
-                    self._guard(self._tracker.checkpoint)
+                    self._stack.guard(self._tracker.checkpoint)
 
     def _flush_locked(self) -> None:
-        self._guard(self._layers[-1].flush)
+        self._stack.guard(self._layers[-1].flush)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -326,18 +329,18 @@ class Disk:
         """Freeze the disk's current content under ``name``; writes go on into a new layer."""
         check_snapshot_name(name)
         with self._lock:
-            self._check_usable()
+            self._stack.check_usable()
             if any(s.name == name for s in self._meta.snapshots):
                 raise SnapshotExists(f"snapshot {name!r} already exists")
             self._flush_locked()
-            change_id = self._guard(self._tracker.advance)
+            change_id = self._stack.guard(self._tracker.advance)
             snapshot = Snapshot(name, str(change_id), datetime.now(UTC), self.size_bytes)
             frozen = self._layers[-1]
             frozen.snapshot = name
-            frozen.seal = self._guard(self._seal_of, frozen)
+            frozen.seal = self._stack.guard(self._stack.seal_of, frozen)
             self._meta.snapshots.append(snapshot)
-            self._guard(self._push_top)
-            self._guard(self._tracker.after_commit)
+            self._stack.guard(self._stack.push_top)
+            self._stack.guard(self._tracker.after_commit)
             return snapshot
 
     def open_snapshot(self, name: str) -> SnapshotView:
@@ -358,8 +361,8 @@ class Disk:
             self._meta.snapshots.remove(snapshot)
             layer.snapshot = layer.seal = None  # the layers above are merged into it
             self._tracker.consolidation_active = True
-            self._guard(self._commit)
-            self._consolidation = Consolidation(self, layer.id)
+            self._stack.guard(self._commit)
+            self._consolidation = self._new_consolidation(layer.id)
             return self._consolidation
 
     def revert_to_snapshot(self, name: str) -> None:
@@ -375,11 +378,11 @@ class Disk:
             del self._meta.snapshots[keep:]
             self._meta.size_bytes = snapshot.size_bytes
             self._tracker.size_bytes = snapshot.size_bytes
-            self._guard(self._tracker.revert_to, snapshot.change_id,
-                        f"reverted to snapshot {name!r}")
-            self._guard(self._push_top)
-            self._guard(self._tracker.after_commit)
-            self._guard(self._delete_unreferenced)
+            self._stack.guard(self._tracker.revert_to, snapshot.change_id,
+                              f"reverted to snapshot {name!r}")
+            self._stack.guard(self._stack.push_top)
+            self._stack.guard(self._tracker.after_commit)
+            self._stack.guard(self._delete_unreferenced)
 
     def _snapshot(self, name: str) -> Snapshot:
         for snapshot in self._meta.snapshots:
@@ -405,7 +408,7 @@ class Disk:
         first, without holding the lock across its steps)."""
         while True:
             with self._lock:
-                self._check_usable()
+                self._stack.check_usable()
                 pending = self._consolidation
                 if pending is None or pending.done:
                     self._consolidation = None
@@ -425,11 +428,11 @@ class Disk:
             top = self._layers[-1]
             if size_bytes < old and isinstance(top, DeltaLayer):
                 top.visible_below = min(top.visible_below, size_bytes)
-            self._guard(self._tracker.note_resize, old, size_bytes)
+            self._stack.guard(self._tracker.note_resize, old, size_bytes)
             self._meta.size_bytes = size_bytes
-            self._guard(self._commit)
+            self._stack.guard(self._commit)
             if size_bytes < old:
-                self._guard(chain.drop_beyond, top, self.cluster_size, size_bytes)
+                self._stack.guard(chain.drop_beyond, top, self.cluster_size, size_bytes)
 
     # ------------------------------------------------------------------ tracking
 
@@ -440,7 +443,7 @@ class Disk:
         allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
         the end of the disk). See docs/tracking.md."""
         with self._lock.shared():
-            self._check_usable()
+            self._stack.check_usable()
             snap = None if snapshot is None else self._snapshot(snapshot)
             size = self.size_bytes if snap is None else snap.size_bytes
             end = size if end_offset is None else min(size, end_offset)
@@ -464,8 +467,8 @@ class Disk:
         """Make the tracker's marks since the last snapshot durable in its checkpoint (it also
         happens at close and every 30 s of writes), so fewer write-intent regions are set."""
         with self._lock:
-            self._check_usable()
-            self._guard(self._tracker.checkpoint)
+            self._stack.check_usable()
+            self._stack.guard(self._tracker.checkpoint)
 
     def reset_tracking(self) -> str:
         """Start a new tracking epoch: every earlier change ID is refused from now on.
@@ -473,11 +476,11 @@ class Disk:
         The new epoch is durable (disk.json) before anything of the old one is dropped: a crash
         in between reopens in the new epoch, with the old write-intent bits still set."""
         with self._lock:
-            self._check_usable()
-            change_id = self._guard(self._tracker.restart, "tracking reset by request")
-            self._guard(self._commit)
-            self._guard(self._tracker.after_commit)
-            self._guard(self._delete_unreferenced)
+            self._stack.check_usable()
+            change_id = self._stack.guard(self._tracker.restart, "tracking reset by request")
+            self._stack.guard(self._commit)
+            self._stack.guard(self._tracker.after_commit)
+            self._stack.guard(self._delete_unreferenced)
             return str(change_id)
 
     def _allocated_areas(self, snapshot: str | None, start: int, end: int) -> DiskChangeInfo:
@@ -517,53 +520,16 @@ class Disk:
     def _readable_view(self, count: int, offset: int, snapshot: str | None) -> list[Layer]:
         """The layers of the live disk or a snapshot, once the read is known to fit in it
         (under the read lock)."""
-        self._check_usable()
+        self._stack.check_usable()
         layers = self._view_layers(snapshot)
         size = self._meta.size_bytes if snapshot is None else self._snapshot(snapshot).size_bytes
         self._check_range(count, offset, size)
         return layers
 
-    def _layer(self, layer_id: str) -> Layer:
-        return self._layers[self._layer_index(layer_id)]
-
-    def _layer_index(self, layer_id: str) -> int:
-        return next(i for i, la in enumerate(self._layers) if la.id == layer_id)
-
-    def _push_top(self) -> None:
-        """Freeze the top (already flushed) and put a new empty delta above it."""
-        top = DeltaLayer.create(self._fileio, self.path, _new_layer_id(), self.cluster_size,
-                                self.size_bytes)
-        top.snapshot = None
-        self._fileio.fsync_dir(self.path)
-        self._layers.append(top)
-        self._commit()
-
-    def _push_helper_top(self) -> None:
-        """Freeze the top for a merge: no guest write lands in it from now on."""
-        self._flush_locked()
-        frozen = self._layers[-1]
-        frozen.seal = self._guard(self._seal_of, frozen)
-        self._guard(self._push_top)
-
-    def _finish_merge(self, parent_id: str, child_id: str) -> list[str]:
-        """The child's clusters are all in the parent: make that durable, drop the child.
-        -> the child's files, now referenced by nothing, for the caller to delete."""
-        parent, child = self._layer(parent_id), self._layer(child_id)
-        self._guard(parent.flush)
-        parent.snapshot = child.snapshot
-        self._layers.remove(child)
-        frozen = parent.snapshot is not None and parent is not self._layers[-1]
-        parent.seal = self._guard(self._seal_of, parent) if frozen else None
-        self._guard(self._commit)
-        child.close()
-        return [os.path.join(self.path, name) for name in child.file_names()]
-
-    def _delete_files(self, paths: list[str]) -> None:
-        """Delete files no metadata references any more (a crash before this leaves them to
-        the next open)."""
-        for path in paths:
-            if self._fileio.exists(path):
-                self._guard(self._fileio.unlink, path)
+    def _new_consolidation(self, parent_id: str) -> Consolidation:
+        def done() -> None:
+            self._tracker.consolidation_active = False
+        return Consolidation(self._stack, parent_id, done)
 
     def _commit(self) -> None:
         """Atomically replace disk.json with the in-memory state."""
@@ -574,10 +540,6 @@ class Disk:
         meta.tracker = self._tracker.meta()
         self._fileio.replace_atomic(os.path.join(self.path, META_FILE), meta.to_bytes())
 
-    def _seal_of(self, layer: Layer) -> dict[str, list[int]]:
-        return {name: list(self._fileio.seal(os.path.join(self.path, name)))
-                for name in layer.file_names()}
-
     def _delete_unreferenced(self) -> None:
         keep = {META_FILE, LOCK_FILE} | self._tracker.files()
         keep.update(name for la in self._layers for name in la.file_names())
@@ -585,27 +547,6 @@ class Disk:
             if name not in keep and (name.startswith(("layer-", "interval-"))
                                      or name.endswith(".tmp")):
                 self._fileio.unlink(os.path.join(self.path, name))
-
-    def _guard(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        """Run a step whose failure leaves memory and files out of step: the handle is
-        unusable afterwards (reopen the disk to recover from the files)."""
-        try:
-            return fn(*args, **kwargs)
-        except BlocktrailError:
-            raise
-        except OSError as exc:
-            self._failed = exc
-            raise _io_error(f"I/O error on disk {self.path}", exc,
-                            "; nothing acknowledged is lost: reopen the disk to recover") from exc
-        except BaseException as exc:
-            self._failed = exc
-            raise
-
-    def _check_usable(self) -> None:
-        if self._file_lock is None:
-            raise DiskClosed(f"disk {self.path} is closed")
-        if self._failed is not None:
-            raise DiskClosed(f"disk {self.path} failed ({self._failed!r}); reopen it to recover")
 
     @staticmethod
     def _check_range(count: int, offset: int, size: int) -> None:
@@ -629,10 +570,6 @@ class SnapshotView:
         return self._disk._read_snapshot(self.name, count, offset)
 
 
-def _new_layer_id() -> str:
-    return secrets.token_hex(8)
-
-
 def _take_lock(fileio: FileIO, path: str) -> FileLock:
     try:
         return fileio.lock_exclusive(os.path.join(path, LOCK_FILE))
@@ -643,13 +580,6 @@ def _take_lock(fileio: FileIO, path: str) -> FileLock:
 def _only_create_leftovers(names: list[str]) -> bool:
     return all(n in _CREATE_LEFTOVERS or n.startswith("layer-") or n.endswith(".tmp")
                for n in names)
-
-
-def _io_error(what: str, exc: OSError, advice: str = "") -> DiskIOFailure | DiskNoSpace:
-    if is_no_space(exc):
-        return DiskNoSpace(f"{what}: the file system is full ({exc.strerror}){advice}; free "
-                           "space and retry")
-    return DiskIOFailure(f"{what}: {exc}{advice}")
 
 
 def _seal_mismatch(fileio: FileIO, path: str, meta: DiskMeta, *, crashed: bool) -> str | None:
