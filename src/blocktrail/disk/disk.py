@@ -486,12 +486,12 @@ class Disk:
     def _allocated_areas(self, snapshot: str | None, start: int, end: int) -> DiskChangeInfo:
         g = self.granularity
         lo, hi = start // g * g, -(-end // g) * g  # whole granules, as the tracker answers
-        found = [e for layer in self._view_layers(snapshot) for e in layer.allocated(lo, hi)]
-        if not found:
+        found = [layer.allocated(lo, hi) for layer in self._view_layers(snapshot)]
+        starts = np.concatenate([f[0] for f in found])
+        if not len(starts):
             return DiskChangeInfo(start, end - start)
-        pairs = np.array(found, dtype=np.int64)
-        firsts = pairs[:, 0] // g * g
-        lasts = -(-(pairs[:, 0] + pairs[:, 1]) // g) * g
+        firsts = starts // g * g
+        lasts = -(-np.concatenate([f[1] for f in found]) // g) * g
         order = np.argsort(firsts, kind="stable")
         firsts, lasts = firsts[order], np.maximum.accumulate(lasts[order])
         new_run = np.concatenate(([True], firsts[1:] > lasts[:-1]))  # not touching the last run

@@ -10,8 +10,9 @@ from enum import IntEnum
 import numpy as np
 
 from blocktrail.errors import CorruptMetadata, UnsupportedFormat
-from blocktrail.extents import Extent, clip
+from blocktrail.extents import Extent
 from blocktrail.fileio import FileHandle, FileIO
+from blocktrail.tracking.info import IntArray
 
 MAP_MAGIC = b"BTCMAP\x00"
 MAP_VERSION = 1
@@ -35,7 +36,10 @@ def map_name(layer_id: str) -> str:
 
 
 class BaseLayer:
-    """The bottom of the chain: a raw sparse image; bytes past its end read as zeros."""
+    """The bottom of the chain: a raw sparse image; bytes past its end read as zeros.
+
+    While the layer is sealed (frozen: nothing may change it) its allocation is looked up once
+    and kept; unsealing it (a merge is about to write it) drops what was kept."""
 
     kind = "base"
 
@@ -43,14 +47,33 @@ class BaseLayer:
         self.id = layer_id
         self.data = data
         self.snapshot: str | None = None  # the snapshot whose frozen layer this is
-        self.seal: dict[str, list[int]] | None = None  # while nothing may change it
+        self._seal: dict[str, list[int]] | None = None
+        self._extents: tuple[IntArray, IntArray] | None = None  # (starts, ends) if sealed
+
+    @property
+    def seal(self) -> dict[str, list[int]] | None:
+        return self._seal
+
+    @seal.setter
+    def seal(self, value: dict[str, list[int]] | None) -> None:
+        self._extents = None
+        self._seal = value
 
     def file_names(self) -> list[str]:
         return [data_name(self.id)]
 
-    def allocated(self, start: int, end: int) -> list[Extent]:
-        """Extents inside ``[start, end)`` this layer may hold data in (clipped)."""
-        return self.data.data_extents(start, end)
+    def allocated(self, start: int, end: int) -> tuple[IntArray, IntArray]:
+        """(starts, ends) of the extents inside ``[start, end)`` this layer may hold data in,
+        clipped to it."""
+        extents = self._extents
+        if extents is None:
+            extents = _arrays(self.data.data_extents(0 if self._seal else start,
+                                                     None if self._seal else end))
+            if self._seal is not None:  # frozen: nothing changes it while it is sealed
+                self._extents = extents
+        starts, ends = extents
+        lo, hi = np.searchsorted(ends, start, side="right"), np.searchsorted(starts, end)
+        return np.maximum(starts[lo:hi], start), np.minimum(ends[lo:hi], end)
 
     def flush(self) -> None:
         self.data.fsync()
@@ -116,8 +139,9 @@ class DeltaLayer:
                 self.states[cluster] = state
             self._pending[cluster] = state
 
-    def allocated(self, start: int, end: int) -> list[Extent]:
-        """Extents inside ``[start, end)`` this layer holds data in (clipped)."""
+    def allocated(self, start: int, end: int) -> tuple[IntArray, IntArray]:
+        """(starts, ends) of the extents inside ``[start, end)`` this layer holds data in,
+        clipped to it."""
         cs = self.cluster_size
         with self._state_lock:
             clusters = self._data_clusters
@@ -128,12 +152,11 @@ class DeltaLayer:
         window = clusters[np.searchsorted(clusters, start // cs):
                           np.searchsorted(clusters, -(-end // cs))]
         if not len(window):
-            return []
+            return _EMPTY, _EMPTY
         breaks = np.flatnonzero(np.diff(window) != 1)
-        firsts = window[np.concatenate(([0], breaks + 1))].tolist()
-        lasts = window[np.concatenate((breaks, [len(window) - 1]))].tolist()
-        return clip([Extent(a * cs, (b + 1 - a) * cs) for a, b in zip(firsts, lasts, strict=True)],
-                    start, end)
+        firsts = window[np.concatenate(([0], breaks + 1))]
+        lasts = window[np.concatenate((breaks, [len(window) - 1]))]
+        return np.maximum(firsts * cs, start), np.minimum((lasts + 1) * cs, end)
 
     def flush(self) -> None:
         """Every cluster whose state was set before this call is durable, data then map. An
@@ -194,6 +217,13 @@ class DeltaLayer:
 
 
 Layer = BaseLayer | DeltaLayer
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _arrays(extents: list[Extent]) -> tuple[IntArray, IntArray]:
+    starts = np.fromiter((e.offset for e in extents), dtype=np.int64, count=len(extents))
+    lengths = np.fromiter((e.length for e in extents), dtype=np.int64, count=len(extents))
+    return starts, starts + lengths
 
 
 def _runs(entries: dict[int, ClusterState]) -> list[tuple[int, bytes]]:
