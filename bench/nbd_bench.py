@@ -9,6 +9,10 @@
 - dirty-bitmap listing: ``nbdinfo --map=qemu:dirty-bitmap:...`` after 1% and 10% of the 64 KiB
   blocks changed, our snapshot export vs ``qemu-nbd -B`` on a qcow2 image with a persistent
   bitmap (the two maps are compared, too);
+- 4 KiB random writes at queue depth 32 over 4 connections (fio's nbd engine, one connection
+  per job): IOPS into an empty disk on our host (tracking on) vs qemu-nbd on an empty raw file;
+- ``base:allocation`` of a snapshot of the image (its holes: thousands of extents): our snapshot
+  export vs qemu-nbd serving the raw image (``nbdinfo --map``, best of three);
 - backup of a QEMU export: ``blocktrail backup nbd+unix://...`` of qemu-nbd with a 1% dirty
   bitmap (incremental) vs a full re-read of the same export.
 """
@@ -157,6 +161,62 @@ def _write_once(work: str, image: str, size: int, kind: str) -> float:
     return seconds
 
 
+def _fio_iops(sock: str, size: int, work: str) -> float:
+    out = os.path.join(work, "fio.json")
+    subprocess.run(["fio", "--name=randwrite", "--ioengine=nbd", f"--uri={uri(sock)}",
+                    "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=4",
+                    f"--size={size}", "--time_based", "--runtime=15", "--group_reporting",
+                    "--output-format=json", f"--output={out}"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out) as f:
+        return float(json.load(f)["jobs"][0]["write"]["iops"])
+
+
+def random_writes(work: str, image: str, size: int) -> list[Row]:
+    if shutil.which("fio") is None:
+        print("fio missing (Debian package fio): random writes skipped", file=sys.stderr)
+        return []
+    iops: dict[str, float] = {}
+    for kind in ("ours", "qemu"):
+        target = os.path.join(work, f"rand-{kind}")
+        if kind == "qemu":
+            with open(target, "wb") as f:
+                f.truncate(size)
+            cmd, sock = qemu_nbd(target, "raw", work)
+        else:
+            os.makedirs(target)
+            Disk.create(os.path.join(target, "d0"), size).close()
+            cmd, sock = host(target, work)
+        with running(cmd, sock):
+            iops[kind] = _fio_iops(sock, size, work)
+        shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+    return [Row("4 KiB random writes, QD32 x 4 connections (IOPS)", iops["ours"], iops["qemu"],
+                "IOPS", "fio nbd engine, 15 s each; higher is better")]
+
+
+def allocation_map(work: str, image: str, size: int) -> list[Row]:
+    data = os.path.join(work, "alloc-data")
+    with import_raw(image, os.path.join(data, "d0")) as disk:
+        disk.create_snapshot("s0")
+    ours_cmd, ours_sock = host(data, work)
+    peer_cmd, peer_sock = qemu_nbd(image, "raw", work, "-r")
+    with running(ours_cmd, ours_sock), running(peer_cmd, peer_sock):
+        best = {"ours": float("inf"), "peer": float("inf")}
+        for _ in range(3):
+            start = time.perf_counter()
+            ours = subprocess.run(["nbdinfo", "--map=base:allocation", uri(ours_sock, "d0@s0")],
+                                  check=True, capture_output=True, text=True).stdout
+            best["ours"] = min(best["ours"], time.perf_counter() - start)
+            start = time.perf_counter()
+            peer = subprocess.run(["nbdinfo", "--map=base:allocation", uri(peer_sock)],
+                                  check=True, capture_output=True, text=True).stdout
+            best["peer"] = min(best["peer"], time.perf_counter() - start)
+    shutil.rmtree(data)
+    return [Row("base:allocation of a snapshot (ms)", best["ours"] * 1000, best["peer"] * 1000,
+                "ms", f"{len(ours.splitlines())} vs {len(peer.splitlines())} extents, "
+                "nbdinfo --map as a whole command")]
+
+
 # ---------------------------------------------------------------------- dirty bitmaps
 
 
@@ -253,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=4)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--only", choices=["read", "write", "map", "backup"], action="append")
+    parser.add_argument("--only", choices=["read", "write", "randwrite", "alloc", "map",
+                                           "backup"], action="append")
     args = parser.parse_args(argv)
     missing = [t for t in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
                if shutil.which(t) is None]
@@ -266,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = os.path.join(work, "img.raw")
         write_image(image, size)
-        steps = {"read": read_throughput, "write": write_throughput, "map": dirty_listing,
+        steps = {"read": read_throughput, "write": write_throughput,
+                 "randwrite": random_writes, "alloc": allocation_map, "map": dirty_listing,
                  "backup": qemu_backup}
         rows: list[Row] = []
         for name, step in steps.items():

@@ -20,6 +20,7 @@ from blocktrail.disk.readmap import MappedRead
 from blocktrail.disk.rwlock import DiskLock
 from blocktrail.disk.stack import LayerStack, io_error, new_layer_id
 from blocktrail.errors import (
+    BlocktrailError,
     DiskBusy,
     DiskExists,
     DiskIOFailure,
@@ -305,15 +306,27 @@ class Disk:
     def _apply(self, offset: int, length: int, data: bytes | None) -> None:
         """The one choke point: mark the tracker (durably), then write the top layer. Under
         the shared lock: writes run in parallel with each other and with reads, never with a
-        change of the layer structure, so the layer they write is the top when they finish."""
-        with self._lock.shared():
-            self._stack.check_usable()
-            self._check_range(length, offset, self._meta.size_bytes)
+        change of the layer structure, so the layer they write is the top when they finish.
+        (Written out without helpers: it runs for every guest write.)"""
+        stack = self._stack
+        counted = stack.lock.acquire_shared()
+        try:
+            if stack.closed or stack.failed is not None:
+                stack.check_usable()
+            size = self._meta.size_bytes
+            if length < 0 or offset < 0 or offset + length > size:
+                raise OutOfRange(f"range {offset}+{length} is outside the disk (size {size})")
             if length == 0:
                 return
-            self._stack.guard(self._tracker.mark, offset, length)
-            self._stack.guard(chain.write_top, self._layers, self.cluster_size, offset, data,
-                              length)
+            try:
+                self._tracker.mark(offset, length)
+                chain.write_top(stack.layers, self._meta.cluster_size, offset, data, length)
+            except BlocktrailError:
+                raise
+            except BaseException as exc:
+                stack.guard(_reraise, exc)  # marks the disk failed, raises the typed error
+        finally:
+            stack.lock.release_shared(counted)
         if self._tracker.checkpoint_due:
             with self._lock:
                 if not self._stack.closed and self._stack.failed is None \
@@ -626,3 +639,7 @@ def _rename_legacy_snapshots(meta: DiskMeta) -> None:
         for record in meta.layers:
             if record.snapshot == snap.name:
                 record.snapshot = new
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc

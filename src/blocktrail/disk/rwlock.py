@@ -1,30 +1,34 @@
-"""The disk's lock: exclusive (reentrant) for writes and chain changes, shared for reads.
+"""The disk's lock: shared by guest I/O, exclusive (reentrant) for changes of the layer structure.
 
-Readers run in parallel with each other (their preads release the GIL), never with a writer.
-A waiting writer holds off new readers, so writes are not starved; a thread that already reads,
-or already holds the lock exclusively, may read again without waiting.
+Shared holders (reads, writes, flushes) run in parallel with each other, never with an exclusive
+holder. A waiting exclusive holder holds off new shared ones, so structure changes are not
+starved; a thread that already holds the lock (shared or exclusively) may take it shared again
+without waiting.
+
+The shared path is on every guest request: it takes one plain mutex (no Condition unless it must
+wait) and notifies only when an exclusive holder is waiting for it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 
 
 class DiskLock:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._owner: int | None = None
         self._depth = 0
         self._readers = 0
         self._writers_waiting = 0
         self._local = threading.local()
+        self._shared = _Shared(self)
 
     def __enter__(self) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._owner == me:
                 self._depth += 1
                 return
@@ -38,40 +42,56 @@ class DiskLock:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        with self._cond:
+        with self._mutex:
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
                 self._cond.notify_all()
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        counted = self.acquire_shared()
-        try:
-            yield
-        finally:
-            self.release_shared(counted)
+    def shared(self) -> _Shared:
+        """``with lock.shared():`` holds the lock shared."""
+        return self._shared
 
     def acquire_shared(self, *, blocking: bool = True) -> bool | None:
         """Take the lock shared; -> whether the hold was counted (pass it to `release_shared`),
-        or None when ``blocking`` is False and a writer holds or waits for the lock."""
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:  # already exclusive: reading is allowed
-                return False
-            if not getattr(self._local, "reads", 0):
+        or None when ``blocking`` is False and an exclusive holder holds or waits for it."""
+        local = self._local
+        reads = getattr(local, "reads", 0)
+        with self._mutex:
+            if self._owner is not None and self._owner == threading.get_ident():
+                return False  # already exclusive: reading is allowed
+            if not reads:
                 while self._owner is not None or self._writers_waiting:
                     if not blocking:
                         return None
                     self._cond.wait()
             self._readers += 1
-            self._local.reads = getattr(self._local, "reads", 0) + 1
-            return True
+        local.reads = reads + 1
+        return True
 
     def release_shared(self, counted: bool | None) -> None:
         if counted:
-            with self._cond:
+            self._local.reads -= 1
+            with self._mutex:
                 self._readers -= 1
-                self._local.reads -= 1
-                if not self._readers:
+                if not self._readers and self._writers_waiting:
                     self._cond.notify_all()
+
+
+class _Shared:
+    """The context manager of `DiskLock.shared` (one per lock; the hold is counted per thread)."""
+
+    def __init__(self, lock: DiskLock) -> None:
+        self._lock = lock
+        self._counted = threading.local()
+
+    def __enter__(self) -> None:
+        counted = self._lock.acquire_shared()
+        stack = getattr(self._counted, "stack", None)
+        if stack is None:
+            stack = self._counted.stack = []
+        stack.append(counted)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._lock.release_shared(self._counted.stack.pop())

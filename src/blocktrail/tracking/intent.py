@@ -91,6 +91,9 @@ class IntentLog:
         none when another writer's sync already covers them)."""
         first = offset // self.region_bytes
         last = (offset + max(length, 1) - 1) // self.region_bytes
+        durable = self._durable  # bits are only added while writers run (clear is exclusive)
+        if first == last and first in durable:
+            return
         regions = range(first, last + 1)
         with self._cond:
             missing = [r for r in regions if r not in self._durable]
