@@ -1,0 +1,146 @@
+"""What a user waits for at the command line, as whole commands, side by side in one run.
+
+    .venv/bin/python -m bench.cli_bench [--size-gib 4] [--json]
+
+- start-up: ``blocktrail --help`` and ``blocktrail points REPO`` (best of five), against the
+  interpreter doing nothing (``python -c pass``) and ``restic version``;
+- an incremental backup of a 1% change (scattered 64 KiB blocks) of a local disk as a whole
+  command (``blocktrail backup DIR --repo R``), against ``restic backup`` of the same change to
+  the same image file (restic 0.14 from Debian; page cache warm for both, as the change was just
+  written);
+- a full backup of a local disk against a raw sequential read of its file (``cat FILE >
+  /dev/null``), page caches dropped before each (as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from bench.peers import Restic
+from bench.workload import apply_to_file, scattered_changes, write_image
+from blocktrail.disk import Disk
+from blocktrail.disk.importer import import_raw
+
+GiB, MiB = 1 << 30, 1 << 20
+BT = [sys.executable, "-m", "blocktrail.cli.main"]
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float
+    peer: float
+    unit: str
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.peer if self.peer else float("nan")
+
+
+def _drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=env)
+    return time.perf_counter() - start
+
+
+def _best(cmd: list[str], times: int = 5, env: dict[str, str] | None = None) -> float:
+    return min(_run(cmd, env) for _ in range(times))
+
+
+def startup(repo: str) -> list[Row]:
+    python = _best([sys.executable, "-c", "pass"])
+    restic = _best(["restic", "version"]) if shutil.which("restic") else float("nan")
+    help_s = _best([*BT, "--help"])
+    points = _best([*BT, "points", repo])
+    return [Row("blocktrail --help (ms)", help_s * 1000, python * 1000, "ms",
+                "peer: python -c pass (the interpreter's own start-up)"),
+            Row("blocktrail points REPO (ms)", points * 1000, restic * 1000, "ms",
+                "peer: restic version")]
+
+
+def incremental(work: str, image: str, size: int) -> tuple[list[Row], str]:
+    disk_dir, repo = os.path.join(work, "disk"), os.path.join(work, "repo")
+    import_raw(image, disk_dir).close()
+    subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*BT, "backup", disk_dir, "--repo", repo], check=True,
+                   stdout=subprocess.DEVNULL)
+    changes = scattered_changes(size, 0.01, seed=11)
+    with Disk.open(disk_dir) as disk:
+        for offset, data in changes:
+            disk.pwrite(data, offset)
+    ours = _run([*BT, "backup", disk_dir, "--repo", repo])
+    rows = []
+    if shutil.which("restic"):
+        restic = Restic(os.path.join(work, "restic-repo"))
+        copy = os.path.join(work, "restic-disk.raw")
+        shutil.copyfile(image, copy)
+        restic.init()
+        restic.backup(copy, "full")
+        apply_to_file(copy, changes)
+        peer = restic.backup(copy, "incr").seconds
+        rows.append(Row("incremental backup of a 1% change, whole command (s)", ours, peer, "s",
+                        f"{len(changes)} scattered 64 KiB blocks of {size / GiB:g} GiB; "
+                        "peer: restic backup"))
+    return rows, repo
+
+
+def full_vs_raw_read(work: str, image: str, size: int) -> list[Row]:
+    disk_dir, repo = os.path.join(work, "full-disk"), os.path.join(work, "full-repo")
+    import_raw(image, disk_dir).close()
+    subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL)
+    layer = max((os.path.join(disk_dir, n) for n in os.listdir(disk_dir)
+                 if n.endswith(".img")), key=os.path.getsize)
+    _drop_caches()
+    raw = _run(["sh", "-c", f"cat {layer} > /dev/null"])
+    _drop_caches()
+    ours = _run([*BT, "backup", disk_dir, "--repo", repo])
+    return [Row("full backup vs raw read of the disk file (MiB/s)", size / MiB / ours,
+                size / MiB / raw, "MiB/s", f"{ours:.2f} s vs {raw:.2f} s; caches dropped "
+                "before each; higher is better")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-gib", type=float, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    size = int(args.size_gib * GiB)
+    work = tempfile.mkdtemp(prefix="bt-cli-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    try:
+        image = os.path.join(work, "img.raw")
+        write_image(image, size)
+        inc_rows, repo = incremental(work, image, size)
+        rows = startup(repo) + inc_rows + full_vs_raw_read(work, image, size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps([{**asdict(r), "ratio": r.ratio} for r in rows], indent=2))
+        return 0
+    width = max(len(r.name) for r in rows)
+    print(f"{'':<{width}}  {'ours':>10} {'peer':>10} {'ratio':>7}")
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.ours:>10.2f} {r.peer:>10.2f} {r.ratio:>7.3f}  {r.note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
