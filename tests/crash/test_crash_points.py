@@ -99,7 +99,47 @@ def _import(c: Child, source: str) -> dict[str, Any]:
 
 
 def _open(c: Child) -> None:
-    c.disk = Disk.open(c.path, tracker_class=c.tracker)
+    c.disk = Disk.open(c.path, tracker_class=c.tracker, chunk_sources=PointSource.opener)
+
+
+class PointSource:
+    """IMPORT_SOURCE as a restore point in memory (the source of an instant restore)."""
+
+    chunk_size = 4096
+    size_bytes = 0  # set below
+
+    @staticmethod
+    def opener(info: dict[str, Any]) -> PointSource:
+        return PointSource()
+
+    def holes(self) -> list[bool]:
+        cs = self.chunk_size
+        return [not any(IMPORT_SOURCE[i : i + cs]) for i in range(0, len(IMPORT_SOURCE), cs)]
+
+    def fetch(self, indexes: list[int]) -> Any:
+        cs = self.chunk_size
+        return ((i, IMPORT_SOURCE[i * cs : (i + 1) * cs]) for i in indexes)
+
+    def describe(self) -> dict[str, Any]:
+        return {"point": "memory"}
+
+    def close(self) -> None:
+        pass
+
+
+POINT_ID = "0b8e6c1f-2d5a-4f27-9b1e-6f3a0d7c9e42/3"
+
+
+def _create_restored(c: Child) -> dict[str, Any]:
+    c.disk = Disk.create_restored(c.path, PointSource(), POINT_ID, granularity=GRANULARITY,
+                                  cluster_size=CLUSTER)
+    return {"change_id": POINT_ID}
+
+
+def _fill(c: Child) -> dict[str, Any]:
+    assert c.disk is not None
+    progress = c.disk.fill(2)
+    return {"done": progress is None or progress.done}
 
 
 def _close(c: Child) -> None:
@@ -173,6 +213,7 @@ ACTIONS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "abandon": _abandon, "write": _write, "zero": _zero, "trim": _trim,
     "snapshot": _snapshot, "remove_begin": _remove_begin, "merge_step": _merge_step,
     "revert": _revert, "resize": _resize, "reset": _reset, "checkpoint": _checkpoint,
+    "create_restored": _create_restored, "fill": _fill,
 }
 
 
@@ -217,6 +258,9 @@ def apply(model: Model, begin: dict[str, Any], end: dict[str, Any] | None) -> No
         model.exists, model.content = True, bytearray(begin["size"])
         if change_id:
             model.valid[change_id] = bytes(model.content)
+    elif action == "create_restored":
+        model.exists, model.content = True, bytearray(IMPORT_SOURCE)
+        model.valid[POINT_ID] = bytes(IMPORT_SOURCE)
     elif action == "import":
         model.exists = True
         if change_id:
@@ -310,7 +354,7 @@ def tracker_answers(disk: Disk, ids: set[str]) -> dict[str, set[int] | None]:
 
 def check_disk(path: Path, candidates: list[Model]) -> dict[str, Any]:
     """The disk at ``path`` is in one of the candidate states; -> what it answered."""
-    with Disk.open(path) as disk:
+    with Disk.open(path, chunk_sources=PointSource.opener) as disk:
         content = disk.pread(disk.size_bytes, 0)
         sized = [m for m in candidates if len(m.content) == len(content)]
         assert sized, f"size {len(content)} is the size of no candidate state"
@@ -379,6 +423,20 @@ def make_check(root: Path, case: Case) -> Callable[[Trial], None]:
 
 IMPORT_SOURCE = bytes(4096) + random.Random(7).randbytes(9000) + bytes(3000) + \
     random.Random(8).randbytes(6000)
+PointSource.size_bytes = len(IMPORT_SOURCE)
+
+
+def fill_all(c: Child) -> None:
+    done = False
+    while not done:
+        c.reporter.send("begin", action="fill")
+        done = _fill(c)["done"]
+        c.reporter.send("end", action="fill", done=done)
+
+
+def _restored(c: Child) -> None:
+    c.do("create_restored")
+    c.write(5000, 3000)
 
 
 def _prepare(steps: Callable[[Child], None], root: Path, seed: int,
@@ -454,6 +512,10 @@ CASES = [
     Case("grow", _with_snapshots(1), lambda c: c.do("resize", size=SIZE * 2 - 512)),
     Case("reset", _with_snapshots(2), lambda c: c.do("reset")),
     Case("checkpoint", _with_snapshots(1), lambda c: c.do("checkpoint")),
+    Case("create-restored", lambda c: None, lambda c: c.do("create_restored")),
+    Case("fill-restored", _restored, lambda c: (c.write(0, 700), fill_all(c), c.write(9000, 99))),
+    Case("reopen-restoring", lambda c: (_restored(c), c.do("close")),
+         lambda c: (c.do("open"), c.do("close"))),
 ]
 SWEPT: dict[str, SweepResult] = {}
 

@@ -30,6 +30,9 @@ def map_view(layers: list[Layer], cluster_size: int, count: int, offset: int) ->
 
 
 def read_pieces(pieces: list[Piece]) -> bytes:
+    for layer, at, length in pieces:
+        if isinstance(layer, BaseLayer):
+            layer.prepare(at, length)
     if len(pieces) == 1:
         layer, at, length = pieces[0]
         if layer is not None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -17,6 +17,12 @@ from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
 from blocktrail.disk.meta import FORMAT_VERSION, META_FILE, DiskMeta, LayerRecord, Snapshot
 from blocktrail.disk.readmap import MappedRead
+from blocktrail.disk.restoring import (
+    ChunkSource,
+    FillProgress,
+    RestoringLayer,
+    fill_name,
+)
 from blocktrail.disk.rwlock import DiskLock
 from blocktrail.disk.stack import LayerStack, io_error, new_layer_id
 from blocktrail.errors import (
@@ -33,9 +39,10 @@ from blocktrail.errors import (
 )
 from blocktrail.fileio import FileIO, FileLock, OsFileIO
 from blocktrail.names import check_snapshot_name, is_valid_snapshot_name, legacy_snapshot_name
-from blocktrail.tracking import ALL_ALLOCATED, ChangeTracker, DiskChangeInfo
+from blocktrail.tracking import ALL_ALLOCATED, ChangeId, ChangeTracker, DiskChangeInfo
 from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
 
+SourceOpener = Callable[[dict[str, Any]], ChunkSource]
 LOCK_FILE = "lock"
 MAX_GRANULES = 2**32
 # What a create killed midway leaves in its directory (and nothing else): such a directory is
@@ -126,16 +133,66 @@ class Disk:
         return disk
 
     @classmethod
+    def create_restored(cls, path: str | os.PathLike[str], source: ChunkSource,
+                        continues: str, *, disk_id: str | None = None,
+                        granularity: int = 64 * 1024, cluster_size: int = 64 * 1024,
+                        fileio: FileIO | None = None) -> Disk:
+        """A disk whose content is at once the restore point behind ``source``: its base reads
+        chunks from the source until a background `fill` made them all local; writes go to a
+        delta above it and are tracked from the first one. ``continues``: the change ID of the
+        point (on the disk it was taken of), which stays valid here, so the next backup of this
+        disk is an incremental against that point. ``disk_id``: keep the point's disk identity
+        (the restored disk goes on in the same chain of restore points)."""
+        path, fileio = os.fspath(path), fileio or OsFileIO()
+        _check_power_of_two("granularity", granularity, 512)
+        _check_power_of_two("cluster size", cluster_size, 512)
+        size_bytes = source.size_bytes
+        if fileio.exists(os.path.join(path, META_FILE)) or (
+                fileio.exists(path) and not _only_create_leftovers(fileio.listdir(path))):
+            raise DiskExists(f"{path} already exists and is not empty")
+        continued = ChangeId.parse(continues)
+        try:
+            fileio.makedirs(path)
+            lock = _take_lock(fileio, path)
+        except OSError as exc:
+            raise io_error(f"cannot create disk {path}", exc) from exc
+        try:
+            for name in fileio.listdir(path):
+                if name != LOCK_FILE:
+                    fileio.unlink(os.path.join(path, name))
+            base = RestoringLayer.create(fileio, path, new_layer_id(), source)
+            top = DeltaLayer.create(fileio, path, new_layer_id(), cluster_size, size_bytes)
+            origin = ", ".join(f"{k} {v}" for k, v in sorted(base.source_info.items()))
+            tracker = ChangeTracker.start(fileio, path, granularity, size_bytes,
+                                          f"restored from {origin}", continues=continued)
+            fileio.fsync_dir(path)
+            meta = DiskMeta(disk_id or str(uuid.uuid4()), datetime.now(UTC).isoformat(),
+                            size_bytes, granularity, cluster_size, "open", [], [],
+                            tracker.meta())
+            disk = cls(path, fileio, lock, meta, [base, top], tracker)
+            disk._commit()
+        except OSError as exc:
+            lock.release()
+            raise io_error(f"cannot create disk {path}", exc) from exc
+        except BaseException:
+            lock.release()
+            raise
+        return disk
+
+    @classmethod
     def open(cls, path: str | os.PathLike[str], *, fileio: FileIO | None = None,
-             tracker_class: type[ChangeTracker] = ChangeTracker) -> Disk:
-        """Open a disk; after a crash this recovers it (see docs/disk-format.md, Opening)."""
+             tracker_class: type[ChangeTracker] = ChangeTracker,
+             chunk_sources: SourceOpener | None = None) -> Disk:
+        """Open a disk; after a crash this recovers it (see docs/disk-format.md, Opening).
+        ``chunk_sources`` opens the source of a restoring base layer from what disk.json
+        records (without it, reads of what is not local yet fail with `ChunkUnavailable`)."""
         path, fileio = os.fspath(path), fileio or OsFileIO()
         meta_path = os.path.join(path, META_FILE)
         if not fileio.exists(meta_path):
             raise DiskNotFound(f"{path} is not a blocktrail disk (no {META_FILE})")
         lock = _take_lock(fileio, path)
         try:
-            return cls._open_locked(path, fileio, lock, tracker_class)
+            return cls._open_locked(path, fileio, lock, tracker_class, chunk_sources)
         except OSError as exc:
             lock.release()
             raise io_error(f"cannot open disk {path}", exc) from exc
@@ -145,7 +202,8 @@ class Disk:
 
     @classmethod
     def _open_locked(cls, path: str, fileio: FileIO, lock: FileLock,
-                     tracker_class: type[ChangeTracker]) -> Disk:
+                     tracker_class: type[ChangeTracker],
+                     chunk_sources: SourceOpener | None = None) -> Disk:
         meta = DiskMeta.from_bytes(fileio.read_file(os.path.join(path, META_FILE)), path)
         crashed = meta.state != "closed"
         restart = _seal_mismatch(fileio, path, meta, crashed=crashed)
@@ -155,6 +213,10 @@ class Disk:
             for record in meta.layers:
                 if record.kind == "base":
                     layer: Layer = BaseLayer.open(fileio, path, record.id)
+                elif record.kind == "restoring":
+                    info = record.source or {}
+                    source = chunk_sources(info) if chunk_sources is not None else None
+                    layer = RestoringLayer.open_restoring(fileio, path, record.id, source, info)
                 else:
                     layer = DeltaLayer.open(fileio, path, record.id, meta.cluster_size,
                                             int(record.visible_below or 0))
@@ -171,7 +233,9 @@ class Disk:
         disk = cls(path, fileio, lock, meta, layers, tracker)
         layers[-1].seal = None  # the top may be written from now on
         for layer in layers[:-1]:  # frozen: sealed as they are now (again, after a restart)
-            if layer.snapshot is not None and (layer.seal is None or restart is not None):
+            if isinstance(layer, RestoringLayer):
+                layer.seal = None  # its filling writes it
+            elif layer.snapshot is not None and (layer.seal is None or restart is not None):
                 layer.seal = disk._stack.seal_of(layer)
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
         disk._commit()
@@ -179,7 +243,8 @@ class Disk:
             tracker.after_commit()
         disk._delete_unreferenced()
         for index in range(len(layers) - 1):  # finish removals a crash interrupted
-            if disk._layers[index].snapshot is None:
+            if disk._layers[index].snapshot is None \
+                    and not isinstance(disk._layers[index], RestoringLayer):
                 disk._tracker.consolidation_active = True
                 disk._new_consolidation(disk._layers[index].id).run()
                 break
@@ -275,14 +340,14 @@ class Disk:
                  wait: bool = True) -> MappedRead | None:
         """Where the bytes of a read of the live disk (or a snapshot) are, for a zero-copy
         reader; the caller closes the result. With ``wait=False``, None instead of waiting
-        while a writer holds the disk."""
+        (for a change of the layer structure, or for chunks a restoring base must fetch)."""
         counted = self._lock.acquire_shared(blocking=wait)
         if counted is None:
             return None
         try:
             layers = self._readable_view(count, offset, snapshot)
             return MappedRead.from_pieces(offset, count, chain.map_view(
-                layers, self.cluster_size, count, offset))
+                layers, self.cluster_size, count, offset), wait=wait)
         finally:
             self._lock.release_shared(counted)
 
@@ -476,6 +541,47 @@ class Disk:
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)
 
+    # ------------------------------------------------------------------ instant restore
+
+    @property
+    def restore_progress(self) -> FillProgress | None:
+        """How much of a restoring base is local (None: the disk's base is all local)."""
+        base = self._layers[0]
+        return base.progress() if isinstance(base, RestoringLayer) else None
+
+    def fill(self, max_chunks: int = 64) -> FillProgress | None:
+        """Fetch up to ``max_chunks`` chunks of a restoring base and make them durable; once
+        all are local, the base becomes a plain one (atomically, in disk.json) and the layer
+        above it is merged into it. -> the progress (None: nothing to fill)."""
+        with self._lock.shared():
+            self._stack.check_usable()
+            base = self._layers[0]
+            if not isinstance(base, RestoringLayer):
+                return None
+            progress = base.fill(max_chunks)
+            self._stack.guard(base.flush)
+        if progress.done:
+            self._finish_restore()
+        return progress
+
+    def _finish_restore(self) -> None:
+        with self._idle_lock():
+            base = self._layers[0]
+            if not isinstance(base, RestoringLayer) or not base.progress().done:
+                return
+            self._stack.guard(base.flush)
+            plain = BaseLayer(base.id, base.detach_data())
+            self._layers[0] = plain
+            fill_file = os.path.join(self.path, fill_name(base.id))
+            self._stack.guard(self._commit)  # from here on the base is an ordinary one
+            self._stack.guard(self._fileio.unlink, fill_file)
+            if len(self._layers) > 1 and plain.snapshot is None:
+                self._tracker.consolidation_active = True
+                self._consolidation = self._new_consolidation(plain.id)
+        pending = self._consolidation
+        if pending is not None:
+            pending.run()  # the delta above merges into the now local base
+
     def checkpoint(self) -> None:
         """Make the tracker's marks since the last snapshot durable in its checkpoint (it also
         happens at close and every 30 s of writes), so fewer write-intent regions are set."""
@@ -549,7 +655,9 @@ class Disk:
         meta = self._meta
         meta.layers = [LayerRecord(la.id, la.kind,
                                    la.visible_below if isinstance(la, DeltaLayer) else None,
-                                   la.snapshot, la.seal) for la in self._layers]
+                                   la.snapshot, la.seal,
+                                   la.source_info if isinstance(la, RestoringLayer) else None)
+                       for la in self._layers]
         meta.tracker = self._tracker.meta()
         self._fileio.replace_atomic(os.path.join(self.path, META_FILE), meta.to_bytes())
 

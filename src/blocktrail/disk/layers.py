@@ -62,6 +62,13 @@ class BaseLayer:
     def file_names(self) -> list[str]:
         return [data_name(self.id)]
 
+    def prepare(self, offset: int, length: int) -> None:
+        """Make the range readable from ``data`` (a restoring base fetches what is missing)."""
+
+    def is_local(self, offset: int, length: int) -> bool:
+        """Whether the range can be read from ``data`` now, without fetching anything."""
+        return True
+
     def allocated(self, start: int, end: int) -> tuple[IntArray, IntArray]:
         """(starts, ends) of the extents inside ``[start, end)`` this layer may hold data in,
         clipped to it."""

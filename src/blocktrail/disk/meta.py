@@ -42,10 +42,14 @@ class LayerRecord:
     # file name -> [size, mtime_ns, ctime_ns, inode] of a layer nothing may change (a frozen
     # one; every layer at a clean close); None while the layer may be written
     seal: dict[str, list[int]] | None = None
+    source: dict[str, Any] | None = None  # "restoring" only: where its chunks come from
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "visible_below": self.visible_below,
-                "snapshot": self.snapshot, "seal": self.seal}
+        out = {"id": self.id, "kind": self.kind, "visible_below": self.visible_below,
+               "snapshot": self.snapshot, "seal": self.seal}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
 
 @dataclass(slots=True)
@@ -103,7 +107,8 @@ class DiskMeta:
                 cluster_size=int(obj["cluster_size"]),
                 state=str(obj["state"]),
                 layers=[LayerRecord(str(la["id"]), str(la["kind"]), la["visible_below"],
-                                    la["snapshot"], _seal(la.get("seal")))
+                                    la["snapshot"], _seal(la.get("seal")),
+                                    None if la.get("source") is None else dict(la["source"]))
                         for la in obj["layers"]],
                 snapshots=[Snapshot.from_json(s) for s in obj["snapshots"]],
                 tracker=dict(obj["tracker"]),

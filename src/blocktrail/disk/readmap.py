@@ -44,7 +44,14 @@ class MappedRead:
         self._fds = fds
 
     @classmethod
-    def from_pieces(cls, offset: int, length: int, pieces: list[Piece]) -> MappedRead:
+    def from_pieces(cls, offset: int, length: int, pieces: list[Piece], *,
+                    wait: bool = True) -> MappedRead | None:
+        """``wait=False``: None instead of fetching what a restoring base does not hold yet."""
+        for layer, at, n in pieces:
+            if isinstance(layer, BaseLayer):
+                if not wait and not layer.is_local(at, n):
+                    return None
+                layer.prepare(at, n)
         fds: dict[int, int | None] = {}  # id(layer) -> its duplicate descriptor
         sizes: dict[int, int] = {}
         segments: list[ReadSegment] = []

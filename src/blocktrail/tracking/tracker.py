@@ -48,18 +48,25 @@ class EpochRecord:
     created_at: str
     reason: str
     tracker_format: int
-    inherits: tuple[str, int] | None  # (parent epoch, last sequence still valid) after a revert
+    # (parent epoch, last sequence still valid): after a revert, or a restore from a point
+    inherits: tuple[str, int] | None
+    # the first sequence of the parent epoch still valid: 0 after a revert (every earlier point
+    # is the disk's own history); the point's own sequence for a disk restored from a restore
+    # point (what came before it happened to another disk)
+    inherits_floor: int = 0
 
     def to_json(self) -> dict[str, Any]:
         inherits = None if self.inherits is None else list(self.inherits)
         return {"epoch": self.epoch, "created_at": self.created_at, "reason": self.reason,
-                "tracker_format": self.tracker_format, "inherits": inherits}
+                "tracker_format": self.tracker_format, "inherits": inherits,
+                "inherits_floor": self.inherits_floor}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> EpochRecord:
         inh = obj.get("inherits")
         return cls(str(obj["epoch"]), str(obj["created_at"]), str(obj["reason"]),
-                   int(obj["tracker_format"]), None if inh is None else (str(inh[0]), int(inh[1])))
+                   int(obj["tracker_format"]), None if inh is None else (str(inh[0]), int(inh[1])),
+                   int(obj.get("inherits_floor", 0)))
 
 
 def _now() -> str:
@@ -92,16 +99,28 @@ class ChangeTracker:
 
     @classmethod
     def start(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
-              reason: str, *, intent_region_bytes: int | None = None) -> ChangeTracker:
+              reason: str, *, intent_region_bytes: int | None = None,
+              continues: ChangeId | None = None) -> ChangeTracker:
         """Start tracking a new disk: a fresh epoch at sequence 0. ``intent_region_bytes``: the
-        write-intent bitmap's region (default: `region_bytes_for` the disk)."""
+        write-intent bitmap's region (default: `region_bytes_for` the disk). ``continues``: the
+        disk starts with the content another disk had at that change ID (it was restored from
+        a restore point taken there): that one change ID stays valid, so the next backup is an
+        incremental against that point; every other ID of that epoch is refused."""
         region = intent_region_bytes or region_bytes_for(size_bytes, granularity)
         if region < granularity or region & (region - 1):
             raise InvalidArgument(f"the write-intent region must be a power of two of at least "
                                   f"the granularity ({granularity}), not {region}")
         intent = IntentLog.create(fileio, os.path.join(directory, INTENT_FILE), region)
-        record = EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None)
-        return cls(fileio, directory, granularity, size_bytes, [record], 0, {}, BitMap(), intent)
+        if continues is None:
+            epochs = [EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None)]
+            seq = 0
+        else:
+            epochs = [EpochRecord(continues.epoch, _now(), "the epoch of the disk restored from",
+                                  TRACKER_FORMAT, None),
+                      EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT,
+                                  (continues.epoch, continues.seq), continues.seq)]
+            seq = continues.seq
+        return cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(), intent)
 
     @classmethod
     def load(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
@@ -237,9 +256,14 @@ class ChangeTracker:
         """The sequence, in the current epoch's numbering, of a valid change ID."""
         cid = ChangeId.parse(change_id)
         by_epoch = {e.epoch: e for e in self._epochs}
-        record, limit, child = self._epochs[-1], self.seq, None
+        record, limit, floor, child = self._epochs[-1], self.seq, 0, None
         while True:
             if record.epoch == cid.epoch:
+                if child is not None and cid.seq < floor:
+                    raise StaleChangeId(
+                        f"change ID {cid} comes before the point this disk was restored from "
+                        f"({record.epoch}/{floor}): that history is another disk's; take a "
+                        "full backup")
                 if cid.seq <= limit:
                     return cid.seq
                 if child is None:
@@ -251,6 +275,7 @@ class ChangeTracker:
             if record.inherits is None or record.inherits[0] not in by_epoch:
                 break
             child, limit = record, min(limit, record.inherits[1])
+            floor = record.inherits_floor
             record = by_epoch[record.inherits[0]]
         for index, earlier in enumerate(self._epochs[:-1]):
             if earlier.epoch == cid.epoch:
