@@ -85,14 +85,16 @@ def build_disk(path: str | os.PathLike[str], make: Callable[[str], Disk], *,
                fileio: FileIO | None = None) -> Disk:
     """The disk ``make`` creates in a new directory next to ``path``
     (``.creating-NAME-RANDOM``), closed, renamed to ``path`` and opened again: ``path`` holds
-    a whole disk or nothing. A failure removes the directory being built; a killed process
-    leaves it behind (a name no disk has; the host removes such directories at its start)."""
+    a whole disk or nothing. A failure, also of that last open, removes what was built; a
+    killed process leaves the directory being built behind (a name no disk has; the host
+    removes such directories at its start)."""
     fileio = fileio or OsFileIO()
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
     _check_free(fileio, path)
     building = os.path.join(parent, f"{BUILDING_PREFIX}{base}-{secrets.token_hex(4)}")
     try:
+        fileio.makedirs(building)
         make(building).close()
         try:
             fileio.rename(building, path)
@@ -107,7 +109,16 @@ def build_disk(path: str | os.PathLike[str], make: Callable[[str], Disk], *,
     except BaseException:
         remove_building(fileio, building)
         raise
-    return Disk.open(path, fileio=fileio)
+    try:
+        return Disk.open(path, fileio=fileio)
+    except BaseException as exc:  # nobody has seen it yet: take it back
+        with contextlib.suppress(OSError):
+            fileio.rename(path, building)
+            fileio.fsync_dir(parent)
+            remove_building(fileio, building)
+        if isinstance(exc, OSError):
+            raise io_error(f"cannot create disk {path} (nothing was created)", exc) from exc
+        raise
 
 
 def _check_free(fileio: FileIO, path: str) -> None:
