@@ -119,3 +119,41 @@ def test_a_name_that_is_not_utf8_on_the_command_line(tmp_path: Path) -> None:
                               capture_output=True, timeout=60, env=env)
         assert done.returncode == ExitCode.USAGE, done.stderr
         assert b"Traceback" not in done.stderr and b"\\udcff" in done.stderr
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (OSError(errno.EIO, "Input/output error", "/backups/repo/packs/3f"), ExitCode.IO_FAILURE),
+    (OSError(errno.ENOSPC, "No space left on device", "/backups/repo/packs/3f"),
+     ExitCode.NO_SPACE),
+])
+def test_a_backup_failing_with_a_bare_errno(error: OSError, code: int, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once exit code 1 and the bare errno; now the documented code and the file."""
+    from blocktrail.cli import backup as backup_commands
+    from blocktrail.disk import Disk
+    from blocktrail.repo import Repository
+
+    Disk.create(tmp_path / "d0", 65536).close()
+    Repository.init(str(tmp_path / "repo")).close()
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(backup_commands, "run_backup", fail)
+    exit_code, _, err = run(capsys, "backup", str(tmp_path / "d0"), "--repo",
+                            str(tmp_path / "repo"))
+    assert exit_code == code
+    assert err.count("\n") == 1 and "/backups/repo/packs/3f" in err
+
+
+@pytest.mark.parametrize("source", ["/proc/self/environ", "fifo", "dir", "missing"])
+def test_import_refuses_what_is_not_a_raw_image(source: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    path = source if source.startswith("/") else str(tmp_path / source)
+    exit_code, _, err = run(capsys, "disk", "import", path, str(tmp_path / "d0"))
+    assert exit_code == ExitCode.USAGE, err  # and the FIFO did not block it
+    assert not (tmp_path / "d0").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]

@@ -208,7 +208,7 @@ def test_import_source_must_be_a_regular_file(client: TestClient, tmp_path: Path
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for source in ("", "image.raw", str(tmp_path / "missing.raw"), str(tmp_path), str(fifo),
-                   "/dev/null", f"{tmp_path}/a\0b"):
+                   "/dev/null", f"{tmp_path}/a\0b", "/proc/self/environ", "/dev/zero"):
         response = client.post("/disks/import", json={"name": "d0", "source_path": source})
         assert response.status_code == 400, (source, response.text)
         assert response.json()["error"] == "InvalidArgument"

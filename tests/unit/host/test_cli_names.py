@@ -5,6 +5,7 @@ any other, and ``.``/``..`` never get as far as a URL. The reported reproduction
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -115,6 +116,19 @@ def test_dot_names_are_refused_at_creation(host: tuple[str, Path], name: str,
     for command in ("remove", "revert"):
         assert main(["snapshot", command, "d0", name, "--host", api]) == ExitCode.USAGE
     assert names(capsys, api) == []
+
+
+def test_importing_what_is_not_a_raw_image_creates_nothing(
+        host: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    api, _ = host
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source in ("/proc/self/environ", str(fifo), "/dev/zero"):
+        refused = blocktrail("disk", "import", source, "d9", "--host", api)
+        assert refused.returncode == ExitCode.USAGE, refused.stderr
+        assert "Traceback" not in refused.stderr and refused.stderr.count("\n") == 1
+    assert main(["disk", "info", "d9", "--host", api]) == ExitCode.NOT_FOUND_OR_EXISTS
+    assert not list((tmp_path / "data" / "disks").iterdir())
 
 
 # ------------------------------------------------------------------ hostile names, every command
