@@ -47,8 +47,9 @@ SHARED_APP = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
               HealthCheck.data_too_large, HealthCheck.filter_too_much]
 # Every default check (no 5xx, documented status codes, bodies, content types and headers,
 # schema-violating requests refused, 405 with Allow for undocumented methods, the token not
-# ignored, ...) except one: a request the document allows may still be refused with 400 when the
-# host's state says so (an import source that does not exist, a disk name the host reserves).
+# ignored, ...) except one: a request the document allows may still be refused with 400 (an
+# import source that does not exist; a snapshot name the pattern lets through and the grammar
+# does not, such as "." or one with a format character: a pattern cannot say "printable").
 EXCLUDED = [positive_data_acceptance]
 # GET /disks/import is GET /disks/{name} for the disk "import", so its 405 rightly allows GET.
 EXCLUDED_FOR = {"POST /disks/import": [allow_header_conformance]}
