@@ -157,7 +157,6 @@ class RawImage:
     fd: int
     size_bytes: int
     block_device: bool
-    _identity: tuple[int, int]
 
     @classmethod
     def open(cls, source: str | os.PathLike[str]) -> RawImage:
@@ -180,8 +179,11 @@ class RawImage:
             block = stat.S_ISBLK(after.st_mode)
             size = os.lseek(fd, 0, os.SEEK_END) if block else after.st_size  # a device's
             # st_size is 0
-            image = cls(path, fd, size, block, (after.st_dev, after.st_ino))
-            image.check_whole()
+            image = cls(path, fd, size, block)
+            try:
+                image.check_whole()
+            except DiskIOFailure as exc:  # not even its end can be read: no raw image
+                raise InvalidArgument(f"cannot import {path!r}: {exc.message}") from exc
         except BaseException:
             os.close(fd)
             raise

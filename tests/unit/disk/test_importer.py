@@ -71,6 +71,7 @@ def _refused(source: str | Path, tmp_path: Path, match: str) -> None:
 @pytest.mark.parametrize(("source", "match"), [
     ("/proc/self/environ", "not where its data ends"),
     ("/proc/self/status", "not where its data ends"),
+    ("/proc/self/mem", "Input/output error"),
     ("/dev/null", "a character device"),
     ("/dev/zero", "a character device"),
     ("/nonexistent/image.raw", "No such file or directory"),
