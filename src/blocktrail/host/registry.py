@@ -27,7 +27,7 @@ from blocktrail.errors import (
     VmNotFound,
 )
 from blocktrail.fileio import FileIO, OsFileIO
-from blocktrail.host.datadir import DISK_META, DataDir, open_data_dir
+from blocktrail.host.datadir import DISK_META, open_data_dir
 from blocktrail.names import (
     check_disk_name,
     check_snapshot_name,
@@ -65,10 +65,6 @@ class DiskRegistry:
         self._disks: dict[str, Disk] = {}
         self._creating: set[str] = set()
         self._lock = threading.RLock()
-
-    @property
-    def data(self) -> DataDir:
-        return self._data
 
     def names(self) -> list[str]:
         with self._lock:
