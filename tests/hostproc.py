@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,13 +34,33 @@ def require_tools(*names: str) -> None:
         pytest.skip(f"missing {missing}")
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(api: str, api_sock: Path) -> bool:
+    if api.startswith("unix:"):
+        return api_sock.exists()
+    host, _, port = api.removeprefix("tcp:").removeprefix("http://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextmanager
-def running_host(tmp_path: Path, *extra: str, nbd: bool = True) -> Iterator[tuple[str, Path]]:
-    """`blocktrail host` on unix sockets under ``tmp_path``; -> (API endpoint, NBD socket).
-    It must stop cleanly (exit code 0) on SIGTERM."""
-    api, nbd_path = tmp_path / "api.sock", tmp_path / "nbd.sock"
+def running_host(tmp_path: Path, *extra: str, nbd: bool = True,
+                 api: str | None = None) -> Iterator[tuple[str, Path]]:
+    """`blocktrail host` on unix sockets under ``tmp_path`` (or the API on ``api``, e.g.
+    tcp:127.0.0.1:PORT); -> (API endpoint, NBD socket). It must stop cleanly (exit code 0) on
+    SIGTERM."""
+    api_sock, nbd_path = tmp_path / "api.sock", tmp_path / "nbd.sock"
+    api = api or f"unix:{api_sock}"
     args = [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-            str(tmp_path / "data"), "--api", f"unix:{api}"]
+            str(tmp_path / "data"), "--api", api]
     if nbd:
         args += ["--nbd", f"unix:{nbd_path}"]
     log = tmp_path / "host.log"
@@ -47,13 +68,13 @@ def running_host(tmp_path: Path, *extra: str, nbd: bool = True) -> Iterator[tupl
         proc = subprocess.Popen([*args, *extra], stderr=stderr)
     try:
         deadline = time.monotonic() + 30
-        while not (api.exists() and (nbd_path.exists() or not nbd)):
+        while not (_listening(api, api_sock) and (nbd_path.exists() or not nbd)):
             if proc.poll() is not None:
                 pytest.fail(f"the host did not start: {log.read_text()}")
             assert time.monotonic() < deadline, "the host did not start in 30 s"
             time.sleep(0.05)
         time.sleep(0.2)
-        yield f"unix:{api}", nbd_path
+        yield api, nbd_path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

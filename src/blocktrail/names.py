@@ -11,8 +11,9 @@ import re
 
 from blocktrail.errors import InvalidArgument
 
-DISK_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-DISK_NAME_RULE = "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+DISK_NAME_MAX = 64
+DISK_NAME_PATTERN = f"[A-Za-z0-9][A-Za-z0-9._-]{{0,{DISK_NAME_MAX - 1}}}"
+DISK_NAME_RULE = f"1-{DISK_NAME_MAX} of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 SNAPSHOT_NAME_MAX = 128
 SNAPSHOT_NAME_RULE = (f"1-{SNAPSHOT_NAME_MAX} printable characters; no '/' or '@', no "
                       "control or format characters, no spaces at either end, not '.' or '..'")
@@ -26,6 +27,10 @@ def check_disk_name(name: str, kind: str = "disk") -> str:
     if not isinstance(name, str) or not _DISK_NAME.fullmatch(name):
         raise InvalidArgument(f"invalid {kind} name {_shown(name)}: {DISK_NAME_RULE}")
     return name
+
+
+def is_valid_disk_name(name: object) -> bool:
+    return isinstance(name, str) and _DISK_NAME.fullmatch(name) is not None
 
 
 def check_vm_name(name: str) -> str:

@@ -20,11 +20,12 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.backup.sources.nbd import NbdExportSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.cli.disk import json_option
-from blocktrail.cli.output import ExitCode, emit, human
+from blocktrail.cli.output import PERCENT, ExitCode, emit, human
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.client import HostClient
+from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.uri import TlsParameters, is_nbd_uri
 from blocktrail.repo import Repository, RetentionPolicy
 
@@ -59,6 +60,7 @@ def open_source(disk: str, host: str | None, *, bitmap: str | None = None,
         with contextlib.closing(NbdExportSource(disk, bitmap=bitmap, disk_id=disk_id)) as src:
             yield src
     elif host is not None:
+        check_disk_name(disk)
         client = HostClient.from_env(host)
         try:
             with contextlib.closing(HostDiskSource(client, disk, api_host=client.endpoint.host,
@@ -97,7 +99,7 @@ def repo_init(path: str, as_json: bool) -> None:
 @click.option("--disk-id", "disk_id", default=None, metavar="ID",
               help="NBD URIs: the disk's identity in the repository (default: the URI).")
 @click.option("--full", is_flag=True, help="Read everything, whatever the tracker says.")
-@click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=float,
+@click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=PERCENT,
               help="Percent of unchanged chunks re-read and compared (at least 16).")
 @json_option
 def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: str | None,
@@ -192,7 +194,9 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
     disk_path, snapshot = against, ""
     if not is_nbd_uri(against):  # an export name may hold "@" itself
-        disk_path, _, snapshot = against.partition("@")
+        disk_path, at, snapshot = against.partition("@")
+        if at:
+            check_snapshot_name(snapshot)
     with Repository.open(repo_path) as repo, \
             open_source(disk_path, host,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
@@ -216,7 +220,7 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
 @click.command("check")
 @click.argument("repo_path", metavar="REPO", type=click.Path())
 @click.option("--read-data", is_flag=True, help="Read and rehash every chunk.")
-@click.option("--read-data-subset", "subset", default=None, type=float, metavar="PCT",
+@click.option("--read-data-subset", "subset", default=None, type=PERCENT, metavar="PCT",
               help="Read and rehash the chunks of PCT percent of the packs.")
 @json_option
 def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) -> None:
@@ -239,10 +243,10 @@ def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) 
 
 @click.command("forget")
 @click.argument("repo_path", metavar="REPO", type=click.Path())
-@click.option("--keep-last", default=0, type=int)
-@click.option("--keep-daily", default=0, type=int)
-@click.option("--keep-weekly", default=0, type=int)
-@click.option("--keep-monthly", default=0, type=int)
+@click.option("--keep-last", default=0, type=click.IntRange(min=0))
+@click.option("--keep-daily", default=0, type=click.IntRange(min=0))
+@click.option("--keep-weekly", default=0, type=click.IntRange(min=0))
+@click.option("--keep-monthly", default=0, type=click.IntRange(min=0))
 @click.option("--disk", "disk_id", default=None, help="Only this disk id.")
 @click.option("--prune", "do_prune", is_flag=True, help="Then delete unreferenced data.")
 @click.option("--dry-run", is_flag=True)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from blocktrail.cli.output import emit, human, parse_size
-from blocktrail.cli.target import call, host_option, on_disk
+from blocktrail.cli.target import call, host_option, on_disk, with_host
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import import_raw
-from blocktrail.host.client import HostClient
+from blocktrail.names import check_disk_name
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -45,14 +44,6 @@ def _describe(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _with_host(host: str, fn: Callable[[HostClient], dict[str, Any]]) -> dict[str, Any]:
-    client = HostClient.from_env(host)
-    try:
-        return fn(client)
-    finally:
-        client.close()
-
-
 @click.group()
 def disk() -> None:
     """Create and inspect tracked disks."""
@@ -69,9 +60,9 @@ def create(disk_path: str, size: str, granularity: str, cluster_size: str, host:
            as_json: bool) -> None:
     """Create an empty disk: the directory DISK, or the disk named DISK on a host."""
     if host is not None:
-        body = {"name": disk_path, "size_bytes": parse_size(size),
+        body = {"name": check_disk_name(disk_path), "size_bytes": parse_size(size),
                 "granularity": parse_size(granularity)}
-        info = _with_host(host, call("POST", "/disks", json=body))
+        info = with_host(host, call("POST", "disks", json=body))
     else:
         with Disk.create(disk_path, parse_size(size), parse_size(granularity),
                          cluster_size=parse_size(cluster_size)) as d:
@@ -85,7 +76,7 @@ def create(disk_path: str, size: str, granularity: str, cluster_size: str, host:
 @json_option
 def info(disk_path: str, host: str | None, as_json: bool) -> None:
     """Show a disk's size, change ID, snapshots and tracking epoch."""
-    data = on_disk(disk_path, host, disk_info, call("GET", f"/disks/{disk_path}"))
+    data = on_disk(disk_path, host, disk_info, call("GET", "disks", disk_path))
     emit(as_json, data, _describe(data))
 
 
@@ -99,9 +90,9 @@ def import_(source: str, disk_path: str, granularity: str, host: str | None,
             as_json: bool) -> None:
     """Bring the raw image SOURCE under tracking as DISK (its data counts as changed)."""
     if host is not None:
-        body = {"name": disk_path, "source_path": os.path.abspath(source),
+        body = {"name": check_disk_name(disk_path), "source_path": os.path.abspath(source),
                 "granularity": parse_size(granularity)}
-        data = _with_host(host, call("POST", "/disks/import", json=body))
+        data = with_host(host, call("POST", "disks", "import", json=body))
     else:
         with import_raw(source, disk_path, parse_size(granularity)) as d:
             data = disk_info(d)

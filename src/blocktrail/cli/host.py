@@ -7,6 +7,7 @@ import contextlib
 
 import click
 
+from blocktrail.cli.output import printable
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.daemon import Endpoint, HostConfig, serve
 from blocktrail.nbd.proto.server import TlsMode
@@ -16,7 +17,8 @@ from blocktrail.nbd.tls import TlsConfig
 
 @click.command("host")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory holding the disks (DATA/NAME is the disk NAME).")
+              help="The host's data directory (DATA/disks/NAME is the disk NAME); one host "
+                   "at a time.")
 @click.option("--api", "api", required=True, metavar="unix:PATH|http://HOST:PORT",
               help="Where the control API listens (TCP requires a token: DATA/api-token).")
 @click.option("--nbd", "nbd", default=None, metavar="unix:PATH|tcp:HOST:PORT",
@@ -49,11 +51,23 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
     config = HostConfig(data_dir, Endpoint.parse(api), token,
                         Endpoint.parse(nbd) if nbd else None, mode, tls,
                         ServerLimits(max_connections=max_connections))
-    click.echo(f"blocktrail host: disks in {data_dir}, API on {config.api}"
-               + (f", NBD on {config.nbd} (TLS {mode.name.lower()})" if config.nbd else ""),
-               err=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, handle_signals=True))
+        asyncio.run(_serve_and_tell(config))
+
+
+async def _serve_and_tell(config: HostConfig) -> None:
+    """Serve; once the host has its data directory and its sockets, say where."""
+    started = asyncio.Event()
+    serving = asyncio.create_task(serve(config, started, handle_signals=True))
+    told = asyncio.create_task(started.wait())
+    await asyncio.wait([serving, told], return_when=asyncio.FIRST_COMPLETED)
+    told.cancel()
+    if started.is_set():
+        click.echo(printable(
+            f"blocktrail host: disks in {config.data_dir}, API on {config.api}"
+            + (f", NBD on {config.nbd} (TLS {config.nbd_tls_mode.name.lower()})"
+               if config.nbd else "")), err=True)
+    await serving
 
 
 def _tls_config(creds: str | None, psk: str | None, verify_client: bool) -> TlsConfig | None:

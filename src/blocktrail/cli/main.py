@@ -1,9 +1,17 @@
-"""`blocktrail`: thin commands over the library; typed errors become exit codes here only."""
+"""`blocktrail`: thin commands over the library; every error becomes an exit code here only.
+
+Every error reaches the user as one line and a documented exit code (errors.ExitCode, README):
+a typed error its own code; a usage error 2; an OS error 15 when a file system is full, else 11;
+an interrupt 130; anything else 1, as "internal error" (a bug; BLOCKTRAIL_DEBUG=1 prints the
+traceback). With --json the error is also a JSON object on stdout.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 import click
@@ -12,11 +20,12 @@ from blocktrail.cli.backup import backup, check, forget, points, repo_group, res
 from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
-from blocktrail.cli.output import ExitCode
+from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.snapshot import snapshot
-from blocktrail.errors import BlocktrailError
+from blocktrail.errors import BlocktrailError, is_no_space
+from blocktrail.errors import ExitCode as Exit
 
-EXIT_USAGE = 2
+DEBUG_VARIABLE = "BLOCKTRAIL_DEBUG"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,29 +43,63 @@ for command in (repo_group, backup, points, restore, verify, check, forget):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; -> the exit code (0 ok; each error type has its own, see errors.py)."""
+    """Run the CLI; -> the exit code (0 ok; each error type has its own, see errors.ExitCode)."""
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="blocktrail",
-                 standalone_mode=False)
+        result = cli.main(args=args, prog_name="blocktrail", standalone_mode=False)
     except BlocktrailError as exc:
-        want_json = "--json" in (argv if argv is not None else sys.argv)
-        if want_json:
-            click.echo(json.dumps({"error": type(exc).__name__, "message": exc.message}))
-        else:
-            click.echo(f"error: {type(exc).__name__}: {exc.message}", err=True)
-        return exc.exit_code
+        return _fail(args, type(exc).__name__, exc.message, exc.exit_code)
     except ExitCode as exc:
         return exc.code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        return 130
+        return Exit.INTERRUPTED
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
-        return EXIT_USAGE
+        return Exit.USAGE
+    except KeyboardInterrupt:
+        click.echo("aborted", err=True)
+        return Exit.INTERRUPTED
+    except UnicodeEncodeError as exc:  # only what was typed holds what Unicode cannot encode
+        shown = repr(exc.object)[:80]
+        return _fail(args, "InvalidArgument", f"{shown} cannot be used: it is not valid Unicode",
+                     Exit.USAGE)
     except OSError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return 1
-    return 0
+        if is_no_space(exc):
+            return _fail(args, "NoSpace", f"the file system is full: {_os_error(exc)}; free "
+                         "space and retry", Exit.NO_SPACE)
+        return _fail(args, "IOFailure", _os_error(exc), Exit.IO_FAILURE)
+    except Exception as exc:
+        _debug_traceback()
+        return _fail(args, "InternalError", f"{type(exc).__name__}: {exc} (a bug; "
+                     f"{DEBUG_VARIABLE}=1 prints the traceback)", Exit.INTERNAL, "internal error")
+    return result if isinstance(result, int) else Exit.OK
+
+
+def _fail(args: list[str], kind: str, message: str, code: int, label: str = "") -> int:
+    """One line on stderr (and the error as JSON on stdout with --json)."""
+    message = " ".join(message.split("\n"))
+    if "--json" in args:
+        click.echo(json.dumps({"error": kind, "message": message}))
+    click.echo(printable(f"error: {label or kind}: {message}"), err=True)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    """``strerror: file`` (or ``file -> other``), the way the OS names the failure."""
+    text = exc.strerror or type(exc).__name__
+    if exc.filename is not None:
+        text += f": {os.fsdecode(exc.filename)}"
+        if exc.filename2 is not None:
+            text += f" -> {os.fsdecode(exc.filename2)}"
+    return text
+
+
+def _debug_traceback() -> None:
+    if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        click.echo(printable(traceback.format_exc()), err=True)
 
 
 def entry() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -21,6 +22,25 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+class Percent(click.ParamType[float]):
+    """A percentage from 0 to 100 (never NaN or infinite)."""
+
+    name = "percent"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not 0 <= number <= 100:
+            self.fail(f"{value!r} is not a percentage from 0 to 100", param, ctx)
+        return number
+
+
+PERCENT = Percent()
+
+
 def human(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -34,7 +54,13 @@ def emit(as_json: bool, obj: Any, text: str) -> None:
     if as_json:
         click.echo(json.dumps(obj, indent=2, default=str))
     else:
-        click.echo(text)
+        click.echo(printable(text))
+
+
+def printable(text: str) -> str:
+    """``text`` as any terminal can take it: a character Unicode cannot encode (a lone surrogate,
+    from a file name that is not UTF-8) as an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ExitCode(Exception):

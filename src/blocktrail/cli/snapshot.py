@@ -10,6 +10,7 @@ from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import emit, human
 from blocktrail.cli.target import call, host_option, on_disk
 from blocktrail.disk import Disk
+from blocktrail.names import check_snapshot_name
 
 
 @click.group()
@@ -24,8 +25,9 @@ def snapshot() -> None:
 @json_option
 def create(disk: str, name: str, host: str | None, as_json: bool) -> None:
     """Freeze DISK as snapshot NAME."""
+    check_snapshot_name(name)
     snap = on_disk(disk, host, lambda d: d.create_snapshot(name).to_json(),
-                   call("POST", f"/disks/{disk}/snapshots", json={"name": name}))
+                   call("POST", "disks", disk, "snapshots", json={"name": name}))
     emit(as_json, snap, f"snapshot {snap['name']} at change ID {snap['change_id']}")
 
 
@@ -37,7 +39,7 @@ def list_(disk: str, host: str | None, as_json: bool) -> None:
     """List the disk's snapshots, oldest first."""
     snaps: list[dict[str, Any]] = on_disk(
         disk, host, lambda d: [s.to_json() for s in d.snapshots],
-        call("GET", f"/disks/{disk}/snapshots"))
+        call("GET", "disks", disk, "snapshots"))
     text = "\n".join(f"{s['name']}\t{s['change_id']}\t{s['created_at']}\t"
                      f"{human(s['size_bytes'])}" for s in snaps) or "(no snapshots)"
     emit(as_json, snaps, text)
@@ -50,8 +52,9 @@ def list_(disk: str, host: str | None, as_json: bool) -> None:
 @json_option
 def remove(disk: str, name: str, host: str | None, as_json: bool) -> None:
     """Remove snapshot NAME, consolidating its layer (online on a host)."""
+    check_snapshot_name(name)
     on_disk(disk, host, lambda d: d.remove_snapshot(name),
-            call("DELETE", f"/disks/{disk}/snapshots/{name}"))
+            call("DELETE", "disks", disk, "snapshots", name))
     emit(as_json, {"removed": name}, f"removed snapshot {name}")
 
 
@@ -62,16 +65,18 @@ def remove(disk: str, name: str, host: str | None, as_json: bool) -> None:
 @json_option
 def revert(disk: str, name: str, host: str | None, as_json: bool) -> None:
     """Make DISK's content that of snapshot NAME again (newer snapshots are discarded)."""
+    check_snapshot_name(name)
     before = [s["name"] for s in on_disk(
         disk, host, lambda d: [s.to_json() for s in d.snapshots],
-        call("GET", f"/disks/{disk}/snapshots"))]
+        call("GET", "disks", disk, "snapshots"))]
 
     def local(d: Disk) -> str:
         d.revert_to_snapshot(name)
         return d.current_change_id
 
-    change_id = on_disk(disk, host, local, lambda c: c.call(
-        "POST", f"/disks/{disk}/snapshots/{name}/revert")["current_change_id"])
+    revert_call = call("POST", "disks", disk, "snapshots", name, "revert")
+    change_id = on_disk(disk, host, local,
+                        lambda c: str(revert_call(c)["current_change_id"]))
     newer = before[before.index(name) + 1 :] if name in before else []
     emit(as_json, {"reverted_to": name, "discarded_snapshots": newer, "change_id": change_id},
          f"reverted to {name}" + (f"; discarded {', '.join(newer)}" if newer else "")

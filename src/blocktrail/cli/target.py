@@ -1,4 +1,8 @@
-"""A disk named on the command line: a local directory, or NAME on a host (--host)."""
+"""A disk named on the command line: a local directory, or NAME on a host (--host).
+
+A name for a host is checked here (names.py) before anything is sent, and every URL path is
+built from percent-encoded segments (`api_path`): ``a%20b`` and ``a b`` are two snapshots.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import click
 
 from blocktrail.disk import Disk
 from blocktrail.errors import InvalidArgument
-from blocktrail.host.client import HostClient
+from blocktrail.host.client import HostClient, api_path
+from blocktrail.names import check_disk_name
 from blocktrail.nbd.uri import TlsParameters
 
 T = TypeVar("T")
@@ -22,19 +27,26 @@ host_option = click.option(
 
 def on_disk(disk: str, host: str | None, local: Callable[[Disk], T],
             remote: Callable[[HostClient], T]) -> T:
-    """Run ``local`` on the opened disk directory, or ``remote`` against the host."""
+    """Run ``local`` on the opened disk directory, or ``remote`` against the host (``disk`` is
+    then a disk name, checked before anything is sent)."""
     if host is None:
         with Disk.open(disk) as d:
             return local(d)
+    check_disk_name(disk)
+    return with_host(host, remote)
+
+
+def with_host(host: str, fn: Callable[[HostClient], T]) -> T:
     client = HostClient.from_env(host)
     try:
-        return remote(client)
+        return fn(client)
     finally:
         client.close()
 
 
-def call(method: str, path: str, **kwargs: Any) -> Callable[[HostClient], Any]:
-    return lambda client: client.call(method, path, **kwargs)
+def call(method: str, *segments: str, **kwargs: Any) -> Callable[[HostClient], Any]:
+    """``method`` on the path of ``segments`` (each percent-encoded), when run."""
+    return lambda client: client.call(method, api_path(*segments), **kwargs)
 
 
 def nbd_tls_options(fn: Callable[..., T]) -> Callable[..., T]:

@@ -3,19 +3,27 @@
 Changed areas follow QueryDiskChangedAreas: one answer may cover a prefix of the disk; the
 caller continues from ``start_offset + length``. Errors are JSON ``{"error", "message"}`` with a
 status code per error type; no endpoint ever answers a refused change ID with an empty list.
+
+Every name (disk, VM, snapshot; in a body, a path or a query) is checked against the one
+grammar (names.py) while the request is validated, before anything is changed, and the document
+states it (pattern, lengths, and a format per kind of name). A request succeeds whole or changes
+nothing; answers are ASCII JSON, so no answer can fail to serialize after a change.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
@@ -25,39 +33,74 @@ from blocktrail.errors import (
     BlocktrailError,
     ChangeIdError,
     DiskBusy,
+    DiskClosed,
     DiskExists,
+    DiskIOFailure,
     DiskNotFound,
+    HostBusy,
     InvalidArgument,
+    NoSpace,
     OutOfRange,
+    ReadOnly,
     SnapshotExists,
     SnapshotNotFound,
     Unauthorized,
     VmNotFound,
+    is_no_space,
 )
-from blocktrail.host.registry import NAME_PATTERN, DiskRegistry, Vm
+from blocktrail.host.registry import DiskRegistry, Vm
+from blocktrail.names import (
+    DISK_NAME_MAX,
+    DISK_NAME_PATTERN,
+    DISK_NAME_RULE,
+    SNAPSHOT_NAME_MAX,
+    SNAPSHOT_NAME_RULE,
+    SNAPSHOT_NAME_SCHEMA_PATTERN,
+    check_disk_name,
+    check_snapshot_name,
+    check_vm_name,
+)
 
 _STATUS: list[tuple[type[BlocktrailError], int]] = [
+    (Unauthorized, 401),
     (DiskNotFound, 404), (SnapshotNotFound, 404), (VmNotFound, 404),
-    (DiskExists, 409), (SnapshotExists, 409), (DiskBusy, 409),
-    (ChangeIdError, 422), (OutOfRange, 416), (InvalidArgument, 400),
+    (DiskExists, 409), (SnapshotExists, 409), (DiskBusy, 409), (DiskClosed, 409),
+    (HostBusy, 409),
+    (ChangeIdError, 422), (OutOfRange, 416), (InvalidArgument, 400), (ReadOnly, 400),
+    (NoSpace, 507),
 ]
+DOCUMENTED_ERRORS = (400, 401, 404, 409, 416, 422, 500, 507)
+# The "format" of each kind of name in the document (what a client may generate from).
+DISK_NAME_FORMAT = "blocktrail-disk-name"
+VM_NAME_FORMAT = "blocktrail-vm-name"
+SNAPSHOT_NAME_FORMAT = "blocktrail-snapshot-name"
 
 
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None,
                               Depends(HTTPBearer(auto_error=False))]
 
 
-_NAME_RULE = "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-# Names are documented here and checked by the registry, whose message says what a name may be.
-_NAME_DOC: dict[str, Any] = {"pattern": f"^{NAME_PATTERN}$"}
-_SNAPSHOT_RULE = "1-255 characters, no '/' or '@', no surrounding spaces"
-_SNAPSHOT_DOC: dict[str, Any] = {"minLength": 1, "maxLength": 255, "pattern": "^[^/@]*$"}
+def _disk_doc(fmt: str) -> dict[str, Any]:
+    return {"pattern": f"^{DISK_NAME_PATTERN}$", "minLength": 1, "maxLength": DISK_NAME_MAX,
+            "format": fmt}
+
+
+_SNAPSHOT_DOC: dict[str, Any] = {"pattern": SNAPSHOT_NAME_SCHEMA_PATTERN, "minLength": 1,
+                                 "maxLength": SNAPSHOT_NAME_MAX, "format": SNAPSHOT_NAME_FORMAT}
 _GRANULARITY = "bytes tracked as one unit: a power of two from 512"
 _GRANULARITY_DOC: dict[str, Any] = {"enum": [1 << bits for bits in range(9, 31)]}
 
 
-def _name_field(**kwargs: Any) -> Any:
-    return Field(description=_NAME_RULE, json_schema_extra=_NAME_DOC, **kwargs)
+def _grammar(check: Callable[[str], str]) -> AfterValidator:
+    """A name checked by names.py, its refusal a validation error with names.py's message."""
+    def validate(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidArgument as exc:
+            raise PydanticCustomError("invalid_name", "{message}",
+                                      {"message": exc.message}) from None
+
+    return AfterValidator(validate)
 
 
 def _json_integer(value: Any) -> Any:
@@ -68,22 +111,52 @@ def _json_integer(value: Any) -> Any:
 
 
 Integer = Annotated[int, BeforeValidator(_json_integer)]
-DiskName = Annotated[str, Path(description=_NAME_RULE, json_schema_extra=_NAME_DOC)]
-VmName = Annotated[str, Path(description=_NAME_RULE, json_schema_extra=_NAME_DOC)]
-SnapshotName = Annotated[str, Path(description=_SNAPSHOT_RULE, json_schema_extra=_SNAPSHOT_DOC)]
+DiskNameField = Annotated[str, Field(description=DISK_NAME_RULE,
+                                     json_schema_extra=_disk_doc(DISK_NAME_FORMAT)),
+                          _grammar(check_disk_name)]
+VmNameField = Annotated[str, Field(description=DISK_NAME_RULE,
+                                   json_schema_extra=_disk_doc(VM_NAME_FORMAT)),
+                        _grammar(check_vm_name)]
+SnapshotNameField = Annotated[str, Field(description=SNAPSHOT_NAME_RULE,
+                                         json_schema_extra=_SNAPSHOT_DOC),
+                              _grammar(check_snapshot_name)]
+DiskName = Annotated[str, Path(description=DISK_NAME_RULE,
+                               json_schema_extra=_disk_doc(DISK_NAME_FORMAT)),
+                     _grammar(check_disk_name)]
+VmName = Annotated[str, Path(description=DISK_NAME_RULE,
+                             json_schema_extra=_disk_doc(VM_NAME_FORMAT)),
+                   _grammar(check_vm_name)]
+SnapshotName = Annotated[str, Path(description=SNAPSHOT_NAME_RULE,
+                                   json_schema_extra=_SNAPSHOT_DOC),
+                         _grammar(check_snapshot_name)]
+SnapshotQuery = Annotated[str | None, Query(description="end the interval at this snapshot's "
+                                                        "point: " + SNAPSHOT_NAME_RULE,
+                                            json_schema_extra=_SNAPSHOT_DOC),
+                          _grammar(lambda name: name if name is None
+                                   else check_snapshot_name(name))]
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON in ASCII: any string (even one Unicode cannot encode) becomes an escape, so an
+    answer never fails to serialize after its change was made."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, indent=None,
+                          separators=(",", ":")).encode("ascii")
 
 
 class DiskCreate(BaseModel):
-    name: str = _name_field(examples=["disk0"])
+    name: DiskNameField = Field(examples=["disk0"])
     size_bytes: Integer = Field(ge=0, le=1 << 50)
     granularity: Integer = Field(default=64 * 1024, ge=512, le=1 << 30,
                                  description=_GRANULARITY, json_schema_extra=_GRANULARITY_DOC)
 
 
 class DiskImport(BaseModel):
-    name: str = _name_field()
+    name: DiskNameField
     source_path: str = Field(description="The absolute path of a raw image on the host: a "
-                                         "regular file the host can read")
+                                         "regular file or a block device the host can read, "
+                                         "whose size is where its data ends")
     granularity: Integer = Field(default=64 * 1024, ge=512, le=1 << 30,
                                  description=_GRANULARITY, json_schema_extra=_GRANULARITY_DOC)
 
@@ -93,13 +166,12 @@ class Resize(BaseModel):
 
 
 class SnapshotCreate(BaseModel):
-    name: str = Field(examples=["nightly-1"], description=_SNAPSHOT_RULE,
-                      json_schema_extra=_SNAPSHOT_DOC)
+    name: SnapshotNameField = Field(examples=["nightly-1"])
 
 
 class VmDefine(BaseModel):
-    name: str = _name_field()
-    disks: list[Annotated[str, Field(json_schema_extra=_NAME_DOC)]] = Field(
+    name: VmNameField
+    disks: list[DiskNameField] = Field(
         description="one or more distinct disk names",
         json_schema_extra={"minItems": 1, "uniqueItems": True})
 
@@ -191,6 +263,11 @@ def _vm_json(vm: Vm) -> dict[str, Any]:
     return {"name": vm.name, "disks": list(vm.disks)}
 
 
+def _error_response(exc: BlocktrailError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+    return AsciiJSONResponse({"error": type(exc).__name__, "message": exc.message}, status)
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     """The request's first problems, one per field: ``size_bytes: Input should be ...``."""
     problems = []
@@ -224,20 +301,35 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
             raise Unauthorized("missing or wrong API token")
 
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (400, 401, 404, 409, 416, 422, 500)}
+        code: {"model": ErrorBody} for code in DOCUMENTED_ERRORS}
+    # No redirects for a trailing slash: /disks/d0/snapshots/a%2F must not become a request
+    # for the snapshot "a" (a server decodes %2F in paths; a name never holds "/").
     app = FastAPI(title="blocktrail host", version=__version__,
-                  dependencies=[Depends(authorize)], responses=errors)
+                  dependencies=[Depends(authorize)], responses=errors,
+                  default_response_class=AsciiJSONResponse, redirect_slashes=False)
 
     @app.exception_handler(BlocktrailError)
     async def _error(_request: Request, exc: BlocktrailError) -> JSONResponse:
-        status = 401 if isinstance(exc, Unauthorized) else next(
-            (code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-        return JSONResponse({"error": type(exc).__name__, "message": exc.message}, status)
+        return _error_response(exc)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        what = f"{request.method} {request.url.path}"
+        if is_no_space(exc):
+            return _error_response(NoSpace(f"{what}: the host's file system is full "
+                                           f"({exc.strerror}); free space and retry"))
+        return _error_response(DiskIOFailure(f"{what}: {exc}"))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return AsciiJSONResponse({"error": "InternalError", "message":
+                                  f"{request.method} {request.url.path}: "
+                                  f"{type(exc).__name__}: {exc} (a bug in the host)"}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": InvalidArgument.__name__,
-                             "message": _validation_message(exc)}, 400)
+        return AsciiJSONResponse({"error": InvalidArgument.__name__,
+                                  "message": _validation_message(exc)}, 400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -247,8 +339,8 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
         if exc.status_code == 405:
             # Starlette names the methods of the first route on the path only.
             headers["Allow"] = ", ".join(_allowed_methods(app, request))
-        return JSONResponse({"error": phrase.replace(" ", ""), "message": message},
-                            exc.status_code, headers=headers)
+        return AsciiJSONResponse({"error": phrase.replace(" ", ""), "message": message},
+                                 exc.status_code, headers=headers)
 
     @app.get("/host", response_model=HostInfo)
     def host_info() -> dict[str, Any]:
@@ -299,7 +391,7 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
 
     @app.get("/disks/{name}/changed-areas", response_model=ChangedAreas)
     def changed_areas(name: DiskName, since: str, start_offset: int = 0,
-                      snapshot: str | None = None) -> dict[str, Any]:
+                      snapshot: SnapshotQuery = None) -> dict[str, Any]:
         """QueryDiskChangedAreas: areas changed after ``since`` up to ``snapshot`` (or now);
         ``since=*`` gives all allocated areas."""
         return registry.get(name).query_changed_areas(since, start_offset, snapshot).to_json()

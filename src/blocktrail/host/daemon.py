@@ -2,6 +2,8 @@
 
 The API listens on a unix socket (mode 0600, no token needed: the file mode is the access
 control) or on TCP (a bearer token is required; it is generated into DATA/api-token unless given).
+The data directory is locked (datadir.py) before any socket is bound: a second host on the same
+directory stops at once, naming the first, and takes nobody's socket path.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from blocktrail.disk.importer import io_error
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.api import create_app
+from blocktrail.host.datadir import TOKEN_FILE
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.proto.server import TlsMode
 from blocktrail.nbd.server import NbdServer, ServerLimits, ServerTls
 from blocktrail.nbd.tls import TlsConfig, server_context
 
-TOKEN_FILE = "api-token"
+__all__ = ["TOKEN_FILE", "Endpoint", "HostConfig", "serve"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +42,21 @@ class Endpoint:
     @classmethod
     def parse(cls, text: str) -> Endpoint:
         if text.startswith("unix:"):
-            return cls(unix_path=text.removeprefix("unix:"))
+            path = text.removeprefix("unix:")
+            if not path or "\0" in path:
+                raise InvalidArgument(f"invalid endpoint {text!r}: unix: needs a socket path")
+            return cls(unix_path=path)
         rest = text.removeprefix("http://").removeprefix("tcp:").removeprefix("nbd://")
         rest = rest.rstrip("/")
         host, sep, port = rest.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise InvalidArgument(f"invalid endpoint {text!r}: use unix:PATH or HOST:PORT")
-        return cls(host=host.strip("[]"), port=int(port))
+        bracketed = host.startswith("[") and host.endswith("]")
+        host = host[1:-1] if bracketed else host
+        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and host
+                and host.isascii() and host.isprintable() and not set(host) & set("/?#@[] ")
+                and (bracketed or host.count(":") == 0 or host.count(":") > 1)):
+            raise InvalidArgument(f"invalid endpoint {text!r}: use unix:PATH or HOST:PORT "
+                                  "(a port from 1 to 65535)")
+        return cls(host=host, port=int(port))
 
     def __str__(self) -> str:
         return f"unix:{self.unix_path}" if self.unix_path else f"http://{self.host}:{self.port}"
@@ -63,22 +75,31 @@ class HostConfig:
 
 def load_or_create_token(data_dir: str) -> str:
     path = os.path.join(data_dir, TOKEN_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+    except OSError as exc:
+        raise io_error(f"cannot read or create the API token {path}", exc) from exc
     return token
 
 
 def bind(endpoint: Endpoint) -> socket.socket:
     """A bound socket; a unix socket is made 0600 before it listens, so no one else can ever
     connect to it."""
+    try:
+        return _bind(endpoint)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
+
+
+def _bind(endpoint: Endpoint) -> socket.socket:
     if endpoint.unix_path is not None:
-        if os.path.exists(endpoint.unix_path):
-            os.unlink(endpoint.unix_path)
+        _remove_stale_socket(endpoint.unix_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(endpoint.unix_path)
         os.chmod(endpoint.unix_path, stat.S_IRUSR | stat.S_IWUSR)
@@ -90,6 +111,25 @@ def bind(endpoint: Endpoint) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file nobody listens on any more is replaced; anything else is not touched."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidArgument(f"cannot listen on unix:{path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # left by a process that is gone
+    else:
+        raise InvalidArgument(f"cannot listen on unix:{path}: another process listens there")
+    finally:
+        probe.close()
 
 
 def _nbd_address(sock: socket.socket | None) -> str | None:
@@ -110,14 +150,27 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
         if config.nbd_tls is None:
             raise InvalidArgument("NBD TLS needs credentials (an x509 directory or a PSK file)")
         tls = ServerTls(config.nbd_tls_mode, server_context(config.nbd_tls))  # checked now
-    registry = DiskRegistry(config.data_dir)
+    registry = DiskRegistry(config.data_dir, api=str(config.api))  # HostBusy: before any bind
+    try:
+        await _serve(config, registry, tls, started, handle_signals=handle_signals)
+    finally:
+        registry.close()
+
+
+async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | None,
+                 started: asyncio.Event | None, *, handle_signals: bool) -> None:
     token = None
     if config.api.unix_path is None:
         token = config.token or load_or_create_token(registry.data_dir)
     nbd_sock = bind(config.nbd) if config.nbd is not None else None
+    try:
+        sock = bind(config.api)
+    except BaseException:
+        if nbd_sock is not None:
+            nbd_sock.close()
+        raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
                      nbd_tls=config.nbd_tls_mode.name.lower())
-    sock = bind(config.api)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -142,4 +195,3 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)
-        registry.close()

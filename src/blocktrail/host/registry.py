@@ -1,61 +1,46 @@
-"""The disks a host owns: DIR/NAME is the disk NAME, opened once, exclusively; VMs are named
-groups of disks whose snapshots are taken at one instant."""
+"""The disks a host owns: DATA/disks/NAME is the disk NAME (datadir.py), opened once,
+exclusively; VMs are named groups of disks whose snapshots are taken at one instant.
+
+A registry is the one owner of its data directory (the host lock, taken at construction), and
+every change it makes is whole or absent: a disk is built aside and renamed into place, a VM
+file replaced atomically, a VM snapshot taken on every disk or on none.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import stat
 import threading
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from blocktrail.disk import Disk, Snapshot
-from blocktrail.disk.importer import import_raw
+from blocktrail.disk.importer import build_disk, import_raw, io_error
 from blocktrail.errors import (
+    CorruptMetadata,
+    DiskBusy,
     DiskExists,
     DiskNotFound,
     InvalidArgument,
     SnapshotNotFound,
     VmNotFound,
 )
-from blocktrail.fileio import OsFileIO
-
-NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-_NAME = re.compile(NAME_PATTERN)
-VMS_FILE = "vms.json"
-# Files of the registry's own in DIR, never disk names.
-_RESERVED = frozenset({VMS_FILE, VMS_FILE + ".tmp"})
-
-
-def check_name(kind: str, name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise InvalidArgument(f"invalid {kind} name {name!r}: 1-64 of A-Z a-z 0-9 . _ -, "
-                              "starting with a letter or digit")
-    return name
-
-
-def check_disk_name(name: str) -> str:
-    check_name("disk", name)
-    if name in _RESERVED:
-        raise InvalidArgument(f"{name!r} is reserved for the host's own files; "
-                              "choose another disk name")
-    return name
+from blocktrail.fileio import FileIO, OsFileIO
+from blocktrail.host.datadir import DISK_META, open_data_dir
+from blocktrail.names import (
+    check_disk_name,
+    check_snapshot_name,
+    check_vm_name,
+    is_valid_disk_name,
+)
 
 
 def check_import_source(path: str) -> str:
-    """``path`` names a regular file: anything else (a directory, a device, a FIFO that would
-    block the host) is refused before it is opened."""
+    """The API's rule for an import source: an absolute path on the host (what kind of file it
+    may be is the importer's business)."""
     if "\0" in path or not os.path.isabs(path):
         raise InvalidArgument(f"import source {path!r} must be an absolute path on the host")
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise InvalidArgument(f"cannot import {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(mode):
-        raise InvalidArgument(f"cannot import {path}: not a regular file (a raw image is one)")
     return path
 
 
@@ -66,42 +51,77 @@ class Vm:
 
 
 class DiskRegistry:
-    """Thread-safe; every disk is opened at most once and stays open until `close`."""
+    """Thread-safe; every disk is opened at most once and stays open until `close`.
 
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = os.path.abspath(data_dir)
-        os.makedirs(self.data_dir, exist_ok=True)
+    Constructing one locks the data directory for this process (HostBusy if another host
+    serves it), upgrades an older layout and clears what killed creates left; ``api`` is what
+    the lock tells a second host about this one."""
+
+    def __init__(self, data_dir: str, *, fileio: FileIO | None = None,
+                 api: str = "in-process") -> None:
+        self._fileio = fileio or OsFileIO()
+        self._data, self._host_lock = open_data_dir(data_dir, self._fileio, api)
+        self.data_dir = self._data.root
         self._disks: dict[str, Disk] = {}
+        self._creating: set[str] = set()
         self._lock = threading.RLock()
 
     def names(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.data_dir)
-                      if _NAME.fullmatch(n) and os.path.exists(self._path(n, "disk.json")))
+        with self._lock:
+            creating = set(self._creating)
+        try:
+            entries = self._fileio.listdir(self._data.disks)
+        except OSError as exc:
+            raise io_error(f"cannot list {self._data.disks}", exc) from exc
+        return [n for n in entries if n not in creating and is_valid_disk_name(n)
+                and self._fileio.exists(os.path.join(self._data.disk(n), DISK_META))]
 
     def get(self, name: str) -> Disk:
         check_disk_name(name)
         with self._lock:
             disk = self._disks.get(name)
             if disk is None:
-                if not os.path.exists(self._path(name, "disk.json")):
+                if name in self._creating:
+                    raise DiskBusy(f"the disk {name!r} is being created")
+                path = self._data.disk(name)
+                if not self._fileio.exists(os.path.join(path, DISK_META)):
                     raise DiskNotFound(f"the host has no disk {name!r}")
-                disk = self._disks[name] = Disk.open(self._path(name))
+                disk = self._disks[name] = Disk.open(path, fileio=self._fileio)
             return disk
 
     def create(self, name: str, size_bytes: int, granularity: int) -> Disk:
-        return self._add(name, lambda path: Disk.create(path, size_bytes, granularity))
+        """A new empty disk: all of it, or (on any failure) nothing."""
+        return self._add(name, lambda path: build_disk(
+            path, lambda building: Disk.create(building, size_bytes, granularity,
+                                               fileio=self._fileio), fileio=self._fileio))
 
     def import_raw(self, name: str, source: str, granularity: int) -> Disk:
+        """A new disk holding the raw image ``source``: all of it, or nothing."""
         check_import_source(source)
-        return self._add(name, lambda path: import_raw(source, path, granularity))
+        return self._add(name, lambda path: import_raw(source, path, granularity,
+                                                       fileio=self._fileio))
 
     def _add(self, name: str, make: Callable[[str], Disk]) -> Disk:
         check_disk_name(name)
-        with self._lock:
-            if os.path.exists(self._path(name)):
-                raise DiskExists(f"the host already has a disk {name!r}")
-            disk = self._disks[name] = make(self._path(name))
+        with self._reserved(name):
+            disk = make(self._data.disk(name))
+            with self._lock:
+                self._disks[name] = disk
             return disk
+
+    @contextmanager
+    def _reserved(self, name: str) -> Iterator[None]:
+        """The name is taken for a create (which runs without the registry's lock)."""
+        with self._lock:
+            if name in self._creating or name in self._disks or self._fileio.exists(
+                    self._data.disk(name)):
+                raise DiskExists(f"the host already has a disk {name!r}")
+            self._creating.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creating.discard(name)
 
     # ------------------------------------------------------------------ VMs
 
@@ -110,13 +130,16 @@ class DiskRegistry:
             return [Vm(n, tuple(d)) for n, d in sorted(self._load_vms().items())]
 
     def vm(self, name: str) -> Vm:
+        check_vm_name(name)
         for vm in self.vms():
             if vm.name == name:
                 return vm
         raise VmNotFound(f"the host has no VM {name!r}")
 
     def define_vm(self, name: str, disks: list[str]) -> Vm:
-        check_name("VM", name)
+        check_vm_name(name)
+        for disk in disks:
+            check_disk_name(disk)
         if not disks or len(set(disks)) != len(disks):
             raise InvalidArgument("a VM needs one or more distinct disks")
         with self._lock:
@@ -124,12 +147,17 @@ class DiskRegistry:
                 self.get(disk)
             vms = self._load_vms()
             vms[name] = list(disks)
-            OsFileIO().replace_atomic(self._path(VMS_FILE), json.dumps(vms, indent=2).encode())
+            try:
+                self._fileio.replace_atomic(self._data.vms_file,
+                                            json.dumps(vms, indent=2).encode())
+            except OSError as exc:
+                raise io_error(f"cannot write {self._data.vms_file}", exc) from exc
             return Vm(name, tuple(disks))
 
     def vm_snapshot(self, vm_name: str, snapshot: str) -> list[tuple[str, Snapshot]]:
         """Snapshot every disk of the VM at one instant: I/O to all of them is held off while
         the snapshots are taken; if one fails, the others are removed again."""
+        check_snapshot_name(snapshot)
         vm = self.vm(vm_name)
         disks = [(name, self.get(name)) for name in sorted(vm.disks)]
         taken: list[tuple[str, Snapshot]] = []
@@ -146,6 +174,7 @@ class DiskRegistry:
         return taken
 
     def vm_remove_snapshot(self, vm_name: str, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
         vm = self.vm(vm_name)
         missing = [d for d in vm.disks if all(s.name != snapshot for s in self.get(d).snapshots)]
         if len(missing) == len(vm.disks):
@@ -155,17 +184,27 @@ class DiskRegistry:
                 self.get(name).remove_snapshot(snapshot)
 
     def close(self) -> None:
+        """Close every disk cleanly, then give up the data directory."""
         with self._lock:
+            failed: BaseException | None = None
             for disk in self._disks.values():
-                disk.close()
+                try:
+                    disk.close()
+                except BaseException as exc:  # the others are still closed
+                    failed = failed or exc
             self._disks.clear()
+            self._host_lock.release()
+            if failed is not None:
+                raise failed
 
     def _load_vms(self) -> dict[str, list[str]]:
-        path = self._path(VMS_FILE)
-        if not os.path.exists(path):
+        path = self._data.vms_file
+        if not self._fileio.exists(path):
             return {}
-        with open(path, "rb") as f:
-            return {str(k): [str(d) for d in v] for k, v in json.load(f).items()}
-
-    def _path(self, *parts: str) -> str:
-        return os.path.join(self.data_dir, *parts)
+        try:
+            doc = json.loads(self._fileio.read_file(path))
+            return {str(k): [str(d) for d in v] for k, v in doc.items()}
+        except OSError as exc:
+            raise io_error(f"cannot read {path}", exc) from exc
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CorruptMetadata(f"{path} is damaged ({exc}); define the VMs again") from None

@@ -19,6 +19,7 @@ import numpy as np
 from blocktrail.disk import Disk
 from blocktrail.disk.readmap import MappedRead
 from blocktrail.errors import BlocktrailError, ChangeIdError, DiskNotFound, OutOfRange
+from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import (
     BASE_ALLOCATION,
@@ -208,14 +209,20 @@ class DiskCatalog:
         return cls(get, lambda: sorted(disks))
 
     def target(self, name: str) -> Target | None:
-        disk_name, _, snapshot = name.partition("@")
+        """The export ``name`` names, or None ("no such export"): ``DISK`` or
+        ``DISK@SNAPSHOT``, each part a valid name (names.py). ``DISK@`` is no export: a script
+        that builds ``DISK@$SNAPSHOT`` from an empty variable must not reach the live disk."""
+        disk_name, at, snapshot = name.partition("@")
         try:
+            check_disk_name(disk_name)
+            if at:
+                check_snapshot_name(snapshot)
             disk = self._get_disk(disk_name)
-            if snapshot:
+            if at:
                 disk.open_snapshot(snapshot)
         except BlocktrailError:
             return None
-        return Target(disk, snapshot or None)
+        return Target(disk, snapshot if at else None)
 
     def lookup(self, name: str) -> ExportInfo | None:
         target = self.target(name)

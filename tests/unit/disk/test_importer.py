@@ -1,0 +1,200 @@
+"""import_raw: a regular file or a block device whose size is where its data ends, imported
+whole or not at all. Anything else (a /proc file that says 0 bytes, a FIFO, a directory, a
+character device, a missing file, a file that grows during the import) is refused with
+InvalidArgument and creates nothing, and a FIFO never blocks the importer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blocktrail.disk import Disk
+from blocktrail.disk.importer import BUILDING_PREFIX, import_raw
+from blocktrail.errors import DiskExists, DiskNoSpace, InvalidArgument
+
+MiB = 1 << 20
+
+
+def _nothing_created(parent: Path, target: Path) -> None:
+    assert not target.exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(BUILDING_PREFIX)]
+
+
+def test_a_sparse_file_is_imported_whole(tmp_path: Path) -> None:
+    raw = tmp_path / "image.raw"
+    with open(raw, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"\x01" * 70000)
+    with import_raw(raw, tmp_path / "d", 4096) as disk:
+        assert disk.size_bytes == 4 * MiB
+        assert disk.pread(4 * MiB, 0) == raw.read_bytes()
+        areas = disk.query_changed_areas("*").changed_areas
+        assert [(e.offset, e.length) for e in areas] == [(MiB, 73728)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "image.raw"]
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+def _refused(source: str | Path, tmp_path: Path, match: str) -> None:
+    target = tmp_path / "imported"
+    result: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            import_raw(source, target)
+            result.append(None)
+        except BaseException as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=attempt, daemon=True)  # a FIFO must not block it
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), f"importing {source} blocked"
+    assert isinstance(result[0], InvalidArgument), result
+    assert match in result[0].message, result[0].message
+    _nothing_created(tmp_path, target)
+
+
+@pytest.mark.parametrize(("source", "match"), [
+    ("/proc/self/environ", "not where its data ends"),
+    ("/proc/self/status", "not where its data ends"),
+    ("/proc/self/mem", "Input/output error"),
+    ("/dev/null", "a character device"),
+    ("/dev/zero", "a character device"),
+    ("/nonexistent/image.raw", "No such file or directory"),
+])
+def test_what_is_not_a_raw_image_is_refused(source: str, match: str, tmp_path: Path) -> None:
+    if not os.path.exists(os.path.dirname(source)) and "nonexistent" not in source:
+        pytest.skip(f"no {source} here")
+    _refused(source, tmp_path, match)
+
+
+def test_a_fifo_a_directory_and_a_socket_are_refused(fifo: Path, tmp_path: Path) -> None:
+    _refused(fifo, tmp_path, "a FIFO")
+    _refused(tmp_path, tmp_path, "a directory")
+    import socket
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        _refused(tmp_path / "sock", tmp_path, "a socket")
+    finally:
+        sock.close()
+
+
+def test_a_file_swapped_for_a_fifo_after_the_check_does_not_block(
+        fifo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: the check saw a regular file, the open meets a FIFO (no writer). O_NONBLOCK
+    keeps the open from waiting, and the second look (fstat) refuses it."""
+    real_stat = os.stat
+
+    def regular(path: str | os.PathLike[str], **kwargs: bool) -> os.stat_result:
+        st = real_stat(path, **kwargs)
+        if os.fspath(path) != str(fifo):
+            return st
+        fields = list(st)
+        fields[0] = stat.S_IFREG | 0o644
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "stat", regular)
+    _refused(fifo, tmp_path, "a FIFO")
+
+
+def test_a_file_that_grows_during_the_import_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "growing.raw"
+    raw.write_bytes(b"\x07" * (3 * MiB))
+
+    def grow(done: int, total: int) -> None:
+        with open(raw, "ab") as f:
+            f.write(b"\x08" * 4096)
+
+    target = tmp_path / "d"
+    with pytest.raises(InvalidArgument, match="not where its data ends"):
+        import_raw(raw, target, progress=grow)
+    _nothing_created(tmp_path, target)
+
+
+def test_a_file_that_shrinks_during_the_import_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "shrinking.raw"
+    raw.write_bytes(b"\x07" * (3 * MiB))
+
+    def shrink(done: int, total: int) -> None:
+        os.truncate(raw, MiB)
+
+    target = tmp_path / "d"
+    with pytest.raises(InvalidArgument, match="could not be read"):
+        import_raw(raw, target, progress=shrink)
+    _nothing_created(tmp_path, target)
+
+
+def test_a_failure_midway_leaves_nothing(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(os.urandom(3 * MiB))
+    writes = 0
+    real = Disk.pwrite
+
+    def full(self: Disk, buf: bytes, offset: int) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise DiskNoSpace("the file system is full (simulated)")
+        real(self, buf, offset)
+
+    monkeypatch.setattr(Disk, "pwrite", full)
+    target = tmp_path / "d"
+    with pytest.raises(DiskNoSpace):
+        import_raw(raw, target)
+    _nothing_created(tmp_path, target)
+
+
+def test_an_existing_target_is_not_touched(tmp_path: Path) -> None:
+    raw = tmp_path / "image.raw"
+    raw.write_bytes(b"\x01" * 4096)
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "keep").write_bytes(b"mine")
+    with pytest.raises(DiskExists):
+        import_raw(raw, target)
+    assert [p.name for p in target.iterdir()] == ["keep"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(BUILDING_PREFIX)]
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    backing = tmp_path / "backing.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(2 * MiB)
+        f.write(b"\x42" * 100_000)
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    device = made.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_a_block_device_is_imported_at_its_size(loop_device: str, tmp_path: Path) -> None:
+    assert os.stat(loop_device).st_size == 0  # what a device's stat says
+    with import_raw(loop_device, tmp_path / "d", 4096) as disk:
+        assert disk.size_bytes == 8 * MiB
+        with open(loop_device, "rb") as f:
+            assert disk.pread(8 * MiB, 0) == f.read()
