@@ -151,3 +151,12 @@ class DiskNoSpace(NoSpace, DiskIOFailure):
 
 def is_no_space(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def io_error(what: str, exc: OSError, advice: str = "") -> DiskIOFailure:
+    """The typed error for an OS error while doing ``what`` to a disk or the host's files: no
+    space (exit 15) for a full file system or quota, else an I/O failure (exit 11)."""
+    if is_no_space(exc):
+        return DiskNoSpace(f"{what}: the file system is full ({exc.strerror}){advice}; free "
+                           "space and retry")
+    return DiskIOFailure(f"{what}: {exc.strerror or exc}{advice}")

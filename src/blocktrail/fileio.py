@@ -56,6 +56,9 @@ class FileIO(Protocol):
         ...
     def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
+    def rmdir(self, path: str) -> None:
+        """Remove an empty directory."""
+        ...
     def listdir(self, path: str) -> list[str]: ...
     def makedirs(self, path: str) -> None: ...
     def fsync_dir(self, path: str) -> None: ...
@@ -206,6 +209,9 @@ class OsFileIO:
 
     def unlink(self, path: str) -> None:
         os.unlink(path)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
@@ -425,6 +431,15 @@ class SimulatedFileIO:
         with self.mutex:
             self._inode(path)
             del self.entries[path]
+
+    def rmdir(self, path: str) -> None:
+        with self.mutex:
+            if path not in self.dirs:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+            if any(os.path.dirname(p) == path for p in self.entries) or any(
+                    os.path.dirname(d) == path for d in self.dirs):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", path)
+            self.dirs.discard(path)
 
     def listdir(self, path: str) -> list[str]:
         with self.mutex:

@@ -24,18 +24,18 @@ from blocktrail.disk.restoring import (
     fill_name,
 )
 from blocktrail.disk.rwlock import DiskLock
-from blocktrail.disk.stack import LayerStack, io_error, new_layer_id
+from blocktrail.disk.stack import LayerStack, new_layer_id
 from blocktrail.errors import (
     BlocktrailError,
     DiskBusy,
     DiskExists,
-    DiskIOFailure,
     DiskNotFound,
     InvalidArgument,
     OutOfRange,
     SnapshotExists,
     SnapshotNotFound,
     StaleChangeId,
+    io_error,
 )
 from blocktrail.fileio import FileIO, FileLock, OsFileIO
 from blocktrail.names import check_snapshot_name, is_valid_snapshot_name, legacy_snapshot_name
@@ -108,7 +108,7 @@ class Disk:
             fileio.makedirs(path)
             lock = _take_lock(fileio, path)
         except OSError as exc:
-            raise DiskIOFailure(f"cannot create disk {path}: {exc}") from exc
+            raise io_error(f"cannot create disk {path}", exc) from exc
         try:
             if fileio.exists(os.path.join(path, META_FILE)):  # created meanwhile
                 raise DiskExists(f"{path} already exists")
@@ -696,6 +696,8 @@ def _take_lock(fileio: FileIO, path: str) -> FileLock:
         return fileio.lock_exclusive(os.path.join(path, LOCK_FILE))
     except BlockingIOError:
         raise DiskBusy(f"disk {path} is open in another process or handle") from None
+    except OSError as exc:
+        raise io_error(f"cannot lock disk {path}", exc) from exc
 
 
 def _only_create_leftovers(names: list[str]) -> bool:

@@ -23,8 +23,7 @@ from blocktrail.errors import (
     DiskExists,
     DiskIOFailure,
     InvalidArgument,
-    NoSpace,
-    is_no_space,
+    io_error,
 )
 from blocktrail.extents import Extent
 from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO
@@ -139,14 +138,7 @@ def remove_building(fileio: FileIO, building: str) -> None:
     with contextlib.suppress(OSError):
         for name in fileio.listdir(building):
             fileio.unlink(os.path.join(building, name))
-        os.rmdir(building)  # FileIO has no rmdir: a directory entry only, no data
-
-
-def io_error(what: str, exc: OSError) -> NoSpace | DiskIOFailure:
-    if is_no_space(exc):
-        return NoSpace(f"{what}: the file system is full ({exc.strerror}); free space and "
-                       "retry")
-    return DiskIOFailure(f"{what}: {exc.strerror or exc}")
+        fileio.rmdir(building)
 
 
 @dataclass(slots=True)

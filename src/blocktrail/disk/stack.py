@@ -14,13 +14,7 @@ from typing import ParamSpec, TypeVar
 
 from blocktrail.disk.layers import DeltaLayer, Layer
 from blocktrail.disk.rwlock import DiskLock
-from blocktrail.errors import (
-    BlocktrailError,
-    DiskClosed,
-    DiskIOFailure,
-    DiskNoSpace,
-    is_no_space,
-)
+from blocktrail.errors import BlocktrailError, DiskClosed, io_error
 from blocktrail.fileio import FileIO
 
 _P = ParamSpec("_P")
@@ -128,10 +122,3 @@ class LayerStack:
 
 def new_layer_id() -> str:
     return secrets.token_hex(8)
-
-
-def io_error(what: str, exc: OSError, advice: str = "") -> DiskIOFailure:
-    if is_no_space(exc):
-        return DiskNoSpace(f"{what}: the file system is full ({exc.strerror}){advice}; free "
-                           "space and retry")
-    return DiskIOFailure(f"{what}: {exc}{advice}")

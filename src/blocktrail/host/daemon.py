@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from blocktrail.disk.importer import io_error
-from blocktrail.errors import InvalidArgument
+from blocktrail.errors import InvalidArgument, io_error
 from blocktrail.host.api import create_app
 from blocktrail.host.datadir import TOKEN_FILE
 from blocktrail.host.registry import DiskRegistry

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from blocktrail.disk.importer import BUILDING_PREFIX, io_error, remove_building
+from blocktrail.disk.importer import BUILDING_PREFIX, remove_building
 from blocktrail.errors import (
     CorruptMetadata,
     DiskBusy,
     DiskExists,
     HostBusy,
     UnsupportedFormat,
+    io_error,
 )
 from blocktrail.fileio import FileIO, FileLock
 from blocktrail.names import is_valid_disk_name

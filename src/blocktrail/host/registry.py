@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from blocktrail.disk import Disk, Snapshot
-from blocktrail.disk.importer import build_disk, import_raw, io_error
+from blocktrail.disk.importer import build_disk, import_raw
 from blocktrail.errors import (
     CorruptMetadata,
     DiskBusy,
@@ -25,6 +25,7 @@ from blocktrail.errors import (
     InvalidArgument,
     SnapshotNotFound,
     VmNotFound,
+    io_error,
 )
 from blocktrail.fileio import FileIO, OsFileIO
 from blocktrail.host.datadir import DISK_META, open_data_dir
