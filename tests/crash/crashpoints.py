@@ -8,8 +8,8 @@ sweeps every crash point of the operation exactly once.
 
 The mutations counted are those of the one file layer (`blocktrail.fileio`): a write (pwrite),
 a hole punched (fallocate), a truncate, an fsync/fdatasync, a file created, a rename, an unlink,
-a directory made, a directory fsynced. `test_crash_points.py` checks with strace that nothing
-the operations do to their files bypasses this layer.
+a directory made or removed, a directory fsynced. `test_crash_points.py` checks with strace
+that nothing the operations do to their files bypasses this layer.
 
 The child reports to the parent over a pipe, one JSON object per line (`Reporter.send`); the
 last line may be missing when the kill came first.
@@ -111,7 +111,7 @@ def _install() -> None:
     real_open, real_create = OsFileIO.open, OsFileIO.create_empty
     real_rename, real_unlink = OsFileIO.rename, OsFileIO.unlink
     real_makedirs, real_fsync_dir = OsFileIO.makedirs, OsFileIO.fsync_dir
-    real_lock = OsFileIO.lock_exclusive
+    real_lock, real_rmdir = OsFileIO.lock_exclusive, OsFileIO.rmdir
 
     def open_(self: OsFileIO, path: str, *, create: bool = False) -> FileHandle:
         if create and not os.path.exists(path):
@@ -129,6 +129,10 @@ def _install() -> None:
     def unlink(self: OsFileIO, path: str) -> None:
         SWITCH.point("unlink", path)
         real_unlink(self, path)
+
+    def rmdir(self: OsFileIO, path: str) -> None:
+        SWITCH.point("rmdir", path)
+        real_rmdir(self, path)
 
     def makedirs(self: OsFileIO, path: str) -> None:
         if not os.path.isdir(path):
@@ -149,6 +153,7 @@ def _install() -> None:
     OsFileIO.rename = rename  # type: ignore[method-assign]
     OsFileIO.unlink = unlink  # type: ignore[method-assign]
     OsFileIO.makedirs = makedirs  # type: ignore[method-assign]
+    OsFileIO.rmdir = rmdir  # type: ignore[method-assign]
     OsFileIO.fsync_dir = fsync_dir  # type: ignore[method-assign]
     OsFileIO.lock_exclusive = lock_exclusive  # type: ignore[method-assign]
     assert fileio.OsFileHandle is OsFileHandle

@@ -5,6 +5,7 @@ of an older layout (docs/operations.md, "The host's data directory").
     DATA/host.lock       flock'ed by the host serving DATA: its pid, API endpoint, start time
     DATA/api-token       the API's bearer token (an API on TCP)
     DATA/vms.json        the VMs
+    DATA/vm-journal.json a VM snapshot being taken or removed (undone or finished at start)
     DATA/disks/NAME/     the disk NAME
     DATA/disks/.creating-NAME-RANDOM/   a disk being built (what a killed create leaves)
 
@@ -41,6 +42,7 @@ FORMAT_FILE = "host.json"
 LOCK_FILE = "host.lock"
 TOKEN_FILE = "api-token"
 VMS_FILE = "vms.json"
+VM_JOURNAL_FILE = "vm-journal.json"  # a VM snapshot being taken or removed on its disks
 DISKS_DIR = "disks"
 DISK_META = "disk.json"  # what makes a directory a disk (disk-format.md)
 DISK_LOCK = "lock"
@@ -73,6 +75,10 @@ class DataDir:
     @property
     def vms_file(self) -> str:
         return os.path.join(self.root, VMS_FILE)
+
+    @property
+    def vm_journal(self) -> str:
+        return os.path.join(self.root, VM_JOURNAL_FILE)
 
     def disk(self, name: str) -> str:
         return os.path.join(self.disks, name)

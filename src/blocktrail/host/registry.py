@@ -23,6 +23,7 @@ from blocktrail.errors import (
     DiskExists,
     DiskNotFound,
     InvalidArgument,
+    SnapshotExists,
     SnapshotNotFound,
     VmNotFound,
     io_error,
@@ -66,6 +67,12 @@ class DiskRegistry:
         self._disks: dict[str, Disk] = {}
         self._creating: set[str] = set()
         self._lock = threading.RLock()
+        self._vm_lock = threading.Lock()  # one VM snapshot or removal at a time: one journal
+        try:
+            self._finish_vm_journal()
+        except BaseException:
+            self.close()
+            raise
 
     def names(self) -> list[str]:
         with self._lock:
@@ -157,32 +164,85 @@ class DiskRegistry:
 
     def vm_snapshot(self, vm_name: str, snapshot: str) -> list[tuple[str, Snapshot]]:
         """Snapshot every disk of the VM at one instant: I/O to all of them is held off while
-        the snapshots are taken; if one fails, the others are removed again."""
+        the snapshots are taken; on every disk or on none, also across a crash (a journal names
+        the snapshot first; a start finding it removes what was taken)."""
         check_snapshot_name(snapshot)
         vm = self.vm(vm_name)
         disks = [(name, self.get(name)) for name in sorted(vm.disks)]
         taken: list[tuple[str, Snapshot]] = []
-        with ExitStack() as stack:
+        with self._vm_lock, ExitStack() as stack:
             for _, disk in disks:
                 stack.enter_context(disk.io_paused())
+            for name, disk in disks:  # checked before anything is written
+                if any(s.name == snapshot for s in disk.snapshots):
+                    raise SnapshotExists(f"disk {name!r} of VM {vm_name!r} already has a "
+                                         f"snapshot {snapshot!r}")
+            self._write_vm_journal(snapshot, [name for name, _ in disks])
             try:
                 for name, disk in disks:
                     taken.append((name, disk.create_snapshot(snapshot)))
             except BaseException:
                 for name, _snap in taken:
                     self.get(name).remove_snapshot(snapshot)
+                self._clear_vm_journal()
                 raise
+            self._clear_vm_journal()
         return taken
 
     def vm_remove_snapshot(self, vm_name: str, snapshot: str) -> None:
+        """Remove the VM's snapshot from every disk that has it; a removal cut short by a crash
+        is finished at the next start (a journal names it first)."""
         check_snapshot_name(snapshot)
         vm = self.vm(vm_name)
-        missing = [d for d in vm.disks if all(s.name != snapshot for s in self.get(d).snapshots)]
-        if len(missing) == len(vm.disks):
-            raise SnapshotNotFound(f"VM {vm_name!r} has no snapshot {snapshot!r}")
-        for name in vm.disks:
-            if name not in missing:
+        with self._vm_lock:
+            having = [d for d in sorted(vm.disks)
+                      if any(s.name == snapshot for s in self.get(d).snapshots)]
+            if not having:
+                raise SnapshotNotFound(f"VM {vm_name!r} has no snapshot {snapshot!r}")
+            self._write_vm_journal(snapshot, having)
+            for name in having:
                 self.get(name).remove_snapshot(snapshot)
+            self._clear_vm_journal()
+
+    # ------------------------------------------------------------------ the VM journal
+
+    def _write_vm_journal(self, snapshot: str, disks: list[str]) -> None:
+        """Before a VM snapshot is taken or removed: which snapshot, on which disks. Whichever
+        it was, a start that finds the journal removes that snapshot from those disks (taking
+        it is undone, removing it is finished), so it ends on all of them or on none."""
+        doc = {"remove_snapshot": snapshot, "from_disks": disks}
+        try:
+            self._fileio.replace_atomic(self._data.vm_journal, json.dumps(doc).encode())
+        except OSError as exc:
+            raise io_error(f"cannot write {self._data.vm_journal}", exc) from exc
+
+    def _clear_vm_journal(self) -> None:
+        try:
+            self._fileio.unlink(self._data.vm_journal)
+            self._fileio.fsync_dir(self._data.root)
+        except OSError as exc:
+            raise io_error(f"cannot remove {self._data.vm_journal}", exc) from exc
+
+    def _finish_vm_journal(self) -> None:
+        path = self._data.vm_journal
+        if not self._fileio.exists(path):
+            return
+        try:
+            doc = json.loads(self._fileio.read_file(path))
+            snapshot, disks = str(doc["remove_snapshot"]), [str(d) for d in doc["from_disks"]]
+        except OSError as exc:
+            raise io_error(f"cannot read {path}", exc) from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CorruptMetadata(f"{path} is damaged ({exc}): it names a VM snapshot that "
+                                  "was being taken or removed; remove the file and check the "
+                                  "VM's disks' snapshots by hand") from None
+        present = set(self.names())
+        for name in disks:
+            if name in present:
+                disk = self.get(name)
+                if any(s.name == snapshot for s in disk.snapshots):
+                    disk.remove_snapshot(snapshot)
+        self._clear_vm_journal()
 
     def close(self) -> None:
         """Close every disk cleanly, then give up the data directory."""
