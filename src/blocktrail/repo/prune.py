@@ -48,8 +48,10 @@ def _live_objects(repo: Repository) -> set[bytes]:
         try:
             point = repo.load_manifest(filename)
         except ManifestCorrupt as exc:
-            raise RepositoryError(f"cannot prune: {exc.message}; prune cannot tell what that "
-                                  "restore point needs (run `blocktrail check`)") from exc
+            raise RepositoryError(
+                f"cannot prune: {exc.message}; prune cannot tell what that restore point needs. "
+                "If the manifest cannot be fixed, move it out of points/ (`blocktrail check` "
+                "names every damaged manifest)") from exc
         live.update(bytes.fromhex(t) for t in point.tables)
         try:
             pages.update((page, point.id) for page in repo.pages_of(point))

@@ -222,11 +222,13 @@ def test_a_failed_backup_leaves_no_pack_behind(repo: Repository, tmp_path: Path,
     assert restored(repo, point, tmp_path) == b"".join(image(14, 3))
 
 
-def test_a_backup_whose_manifest_fails_keeps_its_indexed_packs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
+def test_a_backup_whose_manifest_fails_keeps_its_indexed_packs(tmp_path: Path,
+                                                               error: int) -> None:
     class NoManifests(OsFileIO):
         def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
             if "/points/" in path:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(error, os.strerror(error))
             super().replace_atomic(path, data)
 
     Repository.init(tmp_path / "repo").close()
