@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING, Any
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt, RepositoryError
 from blocktrail.repo.manifest import RestorePoint, link_problems
-from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, open_envelope
+from blocktrail.repo.objects import (
+    KIND_CHUNK,
+    KIND_PAGE,
+    KIND_TABLE,
+    ZERO_DIGEST,
+    envelope_at,
+    open_envelope,
+)
 from blocktrail.repo.packs import Location, read_trailer, trailer_length
-from blocktrail.repo.quarantine import KIND_NAMES, DamagedCopy
+from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 
 if TYPE_CHECKING:
     from blocktrail.repo.repository import Repository
@@ -178,7 +185,9 @@ def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: flo
         to_read = set(random.Random(seed).sample(sorted(by_pack), min(count, len(by_pack))))
     referenced_packs = {repo.index[n].pack_id for n in walk.users if n in repo.index}
     packs = sorted(referenced_packs | to_read)
-    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack[p], p in to_read),
+    quarantined = repo.quarantined()
+    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack[p], p in to_read,
+                                                      quarantined),
                          window=4, executor=repo.pool)
     chunks_read = 0
     damaged: list[DamagedCopy] = []
@@ -202,7 +211,8 @@ def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: flo
 
 
 def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Location]],
-                read_all: bool) -> tuple[str | None, list[DamagedCopy], list[bytes]]:
+                read_all: bool, quarantined: set[CopyKey]
+                ) -> tuple[str | None, list[DamagedCopy], list[bytes]]:
     """-> (what is wrong with the trailer, damaged copies set aside, objects verified)."""
     where = f"pack {pack_id}"
     try:
@@ -215,9 +225,10 @@ def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Locat
         tail = handle.pread(tail_length, size - tail_length)
         problem: str | None = None
         try:
-            listed = {(n, o): ln for n, o, ln in read_trailer(tail, where, pack_size=size)}
+            trailer = read_trailer(tail, where, pack_size=size)
         except ChunkCorrupt as exc:
-            problem, listed, read_all = exc.message, {}, True  # find out which objects suffer
+            problem, trailer, read_all = exc.message, [], True  # find out which objects suffer
+        listed = {(n, o): ln for n, o, ln in trailer}
         for name, loc in entries:
             if problem is None and listed.get((name, loc.offset)) != loc.length:
                 problem = (f"{where}: the trailer does not list object {name.hex()} where the "
@@ -228,19 +239,36 @@ def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Locat
         data = handle.pread(size, 0)
     finally:
         handle.close()
+    damaged, verified = _check_objects(repo, pack_id, data, entries)
+    known_bad = quarantined | {copy.key for copy in damaged}
+    for name, offset, length in trailer:  # each entry names the envelope that is there
+        if problem is not None or (name, pack_id, offset) in known_bad:
+            continue  # a copy in quarantine may have a damaged header: that is known
+        header = envelope_at(data, offset)
+        if header is None or header[1:] != (length, name):
+            problem = f"{where}: the trailer's entry at offset {offset} does not match the pack"
+    return problem, damaged, verified
+
+
+def _check_objects(repo: Repository, pack_id: str, data: bytes,
+                   entries: list[tuple[bytes, Location]]) -> tuple[list[DamagedCopy],
+                                                                   list[bytes]]:
+    """Every object the index locates in this pack, read whole and rehashed; a damaged one is
+    put in quarantine. -> (damaged copies, objects verified)."""
     damaged, verified = [], []
     for name, loc in entries:
         envelope = data[loc.offset : loc.offset + loc.length]
         kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
         try:
-            open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in {where}")
+            open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in pack "
+                          f"{pack_id}")
             verified.append(name)
         except ChunkCorrupt as exc:
             copy = DamagedCopy(name, kind, pack_id, loc.offset, loc.length, exc.message)
             failure = repo.set_aside(copy)
             damaged.append(copy if failure is None else DamagedCopy(
                 name, kind, pack_id, loc.offset, loc.length, f"{exc.message}; {failure}"))
-    return problem, damaged, verified
+    return damaged, verified
 
 
 def _report_damaged_copy(repo: Repository, walk: _Walk, copy: DamagedCopy) -> None:

@@ -253,3 +253,24 @@ def test_a_full_restore_target_is_no_space(repo: Repository, tmp_path: Path,
     with pytest.raises(NoSpace, match=r"restore target .* is full.*nothing was left"):
         repo.restore(point.id, str(target))
     assert os.listdir(target.parent) == []
+
+
+def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
+                                                                  tmp_path: Path) -> None:
+    point = store(repo, "d", image(17, 3))
+    name = repo.chunk_digests(point.id, [0])[0]
+    assert name is not None
+    loc = repo.index[name]
+    pack = object_file(tmp_path / "repo", loc)
+    flip(pack, loc.offset)  # the envelope's magic: found and put in quarantine
+    assert [p.kind for p in repo.check(read_data=True).problems] == ["chunk"]
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert report.affected_points == {point.id} and report.quarantined_before == 1
+    assert [p.kind for p in report.problems] == ["chunk"]  # the known damage, nothing more
+    data = pack.read_bytes()
+    count = int.from_bytes(data[-8:-4], "little")
+    entry = len(data) - 8 - count * 48 + next(
+        i * 48 for i in range(count) if data[len(data) - 8 - count * 48 + i * 48:][:32] == name)
+    flip(pack, entry + 5)  # now that copy's trailer entry too: no index entry names it
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert ("pack", loc.pack_id) in {(p.kind, p.name) for p in report.problems}
