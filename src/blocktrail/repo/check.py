@@ -174,8 +174,8 @@ def _locate(repo: Repository, walk: _Walk) -> None:
 
 def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: float | None,
                  seed: int | None) -> int:
-    """Trailers of the packs the index uses; with ``read_data`` (or a subset) every object in
-    them. -> referenced chunks read and rehashed."""
+    """The trailer of every pack; with ``read_data`` (or a subset) every object in the packs
+    the index uses. -> referenced chunks read and rehashed."""
     by_pack: dict[str, list[tuple[bytes, Location]]] = {}
     for name, loc in repo.index.items():
         by_pack.setdefault(loc.pack_id, []).append((name, loc))
@@ -183,18 +183,17 @@ def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: flo
     if not read_data and subset_pct:
         count = max(1, round(len(by_pack) * subset_pct / 100))
         to_read = set(random.Random(seed).sample(sorted(by_pack), min(count, len(by_pack))))
-    referenced_packs = {repo.index[n].pack_id for n in walk.users if n in repo.index}
-    packs = sorted(referenced_packs | to_read)
+    packs = sorted(repo.pack_ids() | set(by_pack))  # every trailer: they are small
     quarantined = repo.quarantined()
-    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack[p], p in to_read,
-                                                      quarantined),
+    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack.get(p, []),
+                                                      p in to_read, quarantined),
                          window=4, executor=repo.pool)
     chunks_read = 0
     damaged: list[DamagedCopy] = []
     for pack_id, (trailer_problem, found, verified) in zip(packs, results, strict=True):
         damaged += found
         chunks_read += sum(1 for n in verified if walk.kinds.get(n) == KIND_CHUNK)
-        users = {p for n, _ in by_pack[pack_id] for p in walk.users.get(n, ())}
+        users = {p for n, _ in by_pack.get(pack_id, []) for p in walk.users.get(n, ())}
         if trailer_problem == _GONE:  # deleted after the index was read
             walk.problems.append(Problem("pack", pack_id, f"pack {pack_id} is missing",
                                          tuple(sorted(users))))

@@ -3,9 +3,10 @@
 Under the exclusive repository lock (restic's `repair index` is the model): every pack is read
 whole, its trailer and every object in it checked; damaged copies go to quarantine; the intact
 objects of a pack whose trailer is damaged are copied to a new pack; a fresh index file naming
-every intact object is written, and only then are the old index files deleted; temporary files
-of writes that never finished are deleted. Manifests are never written: repair cannot make a
-restore point restore wrong, it names each one that cannot be fully restored and what it lacks.
+every intact object is written, and only then are the old index files (and the packs with a
+damaged trailer) deleted; temporary files of writes that never finished are deleted. Manifests
+are never written: repair cannot make a restore point restore wrong, it names each one that
+cannot be fully restored and what it lacks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class RepairReport:
     packs_read: int
     objects_intact: int
     damaged: tuple[DamagedCopy, ...]  # put in quarantine
-    damaged_trailers: tuple[str, ...]  # packs whose objects were copied to a new pack
+    damaged_trailers: tuple[str, ...]  # packs whose objects were copied to a new pack, deleted
     objects_copied: int
     index_files_replaced: int
     damaged_index_files: tuple[str, ...]
@@ -94,7 +95,6 @@ def repair_repository(repo: Repository) -> RepairReport:
 
 def _repair_locked(repo: Repository) -> RepairReport:
     damaged_index_files = tuple(n for n, _ in repo.reload_index().damaged_files)
-    quarantined = repo.quarantined()
     old_index_files = repo.list_files("index", ".idx")
     pack_ids = sorted(repo.pack_ids())
     repo.close_handles()
@@ -114,11 +114,13 @@ def _repair_locked(repo: Repository) -> RepairReport:
     for copy in damaged:
         repo.quarantine(copy)
     copied = _copy_out(repo, intact, salvage, old_index_files)
+    for pack_id in bad_trailers:  # its intact objects are in a new pack, no index names it
+        repo.delete_pack(pack_id)
     released = 0
-    for key in quarantined:
-        if _is_intact_copy(intact, key):
-            repo.release_quarantine(key)  # read whole and intact just now
-            released += 1
+    for key in repo.quarantined():
+        if _is_intact_copy(intact, key) or key[1] in bad_trailers:
+            repo.release_quarantine(key)  # read whole and intact just now, or its pack gone
+            released += key[1] not in bad_trailers
     temp_deleted = repo.delete_temp_files()
     index = repo.reload_index()
     points, damaged_manifests = repo.scan_points()
