@@ -1,6 +1,7 @@
 """Repository + engine against a model: every listed restore point restores bit-identical to
 the disk content at its snapshot, through writes, user snapshots and their consolidation,
-resizes, tracker resets, forget/prune and backups that fail part-way (injected I/O errors)."""
+resizes, tracker resets, forget/prune, backups that fail part-way (injected I/O errors) and bit
+rot in stored objects (found by check, and never restored from or built on again)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo.errors import RepositoryError
 
 CS = 64 * 1024
 SIZES = [4 * CS, 6 * CS + 4096, 8 * CS]
@@ -49,6 +51,8 @@ class BackupMachine(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="bt-model-"))
         self.disk: Disk
         self.expected: dict[str, bytes] = {}  # point id -> disk content at its snapshot
+        self.damaged: dict[str, bytes] = {}  # points check found unrestorable after bit rot
+        self.rotten: set[tuple[str, int]] = set()  # (pack, offset): a second flip could undo it
         self.user_snapshots = 0
 
     @initialize(size=st.sampled_from(SIZES))
@@ -111,19 +115,67 @@ class BackupMachine(RuleBasedStateMachine):
     def forget_and_prune(self, keep: int) -> None:
         with Repository.open(self.root / "repo") as repo:
             for point in repo.forget(RetentionPolicy(keep_last=keep)):
-                del self.expected[point.id]
-            repo.prune()
+                self.expected.pop(point.id, None)
+                self.damaged.pop(point.id, None)
+            try:
+                repo.prune()
+            except RepositoryError:  # a damaged page or table a point needs: prune refuses
+                assert self.damaged
+
+    @rule(pick=st.integers(0, 1 << 16), trailer=st.booleans(), where=st.integers(0, 1 << 16),
+          mask=st.integers(1, 255))
+    def bit_rot(self, pick: int, trailer: bool, where: int, mask: int) -> None:
+        """One byte of one stored object (or of a pack trailer) changes: check --read-data
+        finds it, and the points it names refuse to restore from then on."""
+        with Repository.open(self.root / "repo") as repo:
+            # in digest order, the same in every replay (pack ids are random)
+            copies = [loc for _, loc in sorted(repo.index.items())]
+            if not copies:
+                return
+            loc = copies[pick % len(copies)]
+            pack = Path(repo.pack_path(loc.pack_id))
+            size = pack.stat().st_size
+            with open(pack, "rb") as f:
+                f.seek(size - 8)
+                count = int.from_bytes(f.read(4), "little")
+            start = size - 8 - count * 48  # where the trailer starts (if it is not damaged)
+            if trailer and 0 <= start < size:
+                offset = start + where % (size - start)
+            else:
+                offset = loc.offset + where % loc.length
+            if (loc.pack_id, offset) in self.rotten:
+                return
+            self.rotten.add((loc.pack_id, offset))
+            with open(pack, "r+b") as f:
+                f.seek(offset)
+                byte = f.read(1)[0]
+                f.seek(offset)
+                f.write(bytes([byte ^ mask]))
+            report = repo.check(read_data=True)
+        assert not report.ok, f"a changed byte at {offset} of pack {loc.pack_id} went unseen"
+        for point_id in report.affected_points:
+            if point_id in self.expected:
+                self.damaged[point_id] = self.expected.pop(point_id)
 
     @invariant()
     def every_point_restores(self) -> None:
         if not hasattr(self, "disk"):
             return
         with Repository.open(self.root / "repo") as repo:
-            assert {p.id for p in repo.points()} == set(self.expected)
-            assert repo.check().ok
+            assert {p.id for p in repo.points()} == set(self.expected) | set(self.damaged)
+            assert repo.check().affected_points <= set(self.damaged)
             for point_id, content in self.expected.items():
                 target = self.root / "restore.raw"
                 repo.restore(point_id, str(target))
+                assert target.read_bytes() == content, f"restore point {point_id} differs"
+                target.unlink()
+            for point_id, content in self.damaged.items():
+                target = self.root / "restore.raw"
+                try:
+                    repo.restore(point_id, str(target))
+                except RepositoryError:
+                    continue
+                # a backup stored its lost content again: then it must restore exactly
                 assert target.read_bytes() == content, f"restore point {point_id} differs"
                 target.unlink()
 

@@ -92,3 +92,36 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw),
                               str(target)], capture_output=True, text=True)
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_check_verify_and_repair_list_damaged_objects(disk_and_repo: tuple[str, str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    disk_dir, repo_dir = disk_and_repo
+    _, full = run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    point = full["point"]["id"]  # type: ignore[index]
+    code, repaired = run(capsys, "repo", "repair", repo_dir)
+    assert code == 0 and repaired["ok"] and repaired["unrestorable_points"] == []  # type: ignore[index]
+    assert repaired["damaged_objects"] == [] and repaired["advice"] is None  # type: ignore[index]
+    pack = next((Path(repo_dir) / "packs").rglob("*.pack"))
+    with open(pack, "r+b") as f:  # one byte of the first chunk's payload
+        f.seek(48 + 10)
+        byte = f.read(1)
+        f.seek(48 + 10)
+        f.write(bytes([byte[0] ^ 0x80]))
+    code, verdict = run(capsys, "verify", repo_dir, point, "--against", disk_dir)
+    assert code == 12 and verdict["differing_areas"] == []  # type: ignore[index]
+    damaged = verdict["damaged_objects"]  # type: ignore[index]
+    assert [(o["kind"], o["pack"], o["offset"]) for o in damaged] == [("chunk", pack.stem, 0)]
+    code, report = run(capsys, "check", repo_dir, "--read-data")
+    assert code == 12  # set aside by verify: now lost, and check says which point lacks it
+    assert report["problems"][0]["kind"] == "chunk"  # type: ignore[index]
+    assert "in quarantine" in report["problems"][0]["detail"]  # type: ignore[index]
+    assert report["quarantined_before"] == 1  # type: ignore[index]
+    code, repaired = run(capsys, "repo", "repair", repo_dir)
+    assert code == 12 and [o["digest"] for o in repaired["damaged_objects"]] == [  # type: ignore[index]
+        damaged[0]["digest"]]
+    assert repaired["unrestorable_points"][0]["point"] == point  # type: ignore[index]
+    code, _ = run(capsys, "backup", disk_dir, "--repo", repo_dir)  # stores it again
+    assert code == 0
+    code, repaired = run(capsys, "repo", "repair", repo_dir)
+    assert code == 0 and repaired["ok"]  # type: ignore[index]

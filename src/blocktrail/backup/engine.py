@@ -3,6 +3,10 @@
 Nothing here trusts the tracker blindly: a refused change ID, a size change, a missing or failed
 base point all fall back to a full read (and say why); every incremental re-reads a random sample
 of the chunks the tracker calls unchanged and compares them with the base point's hashes.
+
+Nor does it trust the repository blindly: a damaged base point is passed over (base.py), chunks
+the repository lost are read from the source again, and the audit also reads the sampled chunks'
+stored bytes, so a damaged stored copy is put in quarantine and stored again.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blake3 import blake3
 
+from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
 from blocktrail.backup.source import Source, SourceSnapshot
 from blocktrail.extents import Extent, merge
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.quarantine import DamagedCopy
 
 READ_RUN_BYTES = 4 << 20
 READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
@@ -38,7 +45,8 @@ class BackupOptions:
 @dataclass(frozen=True, slots=True)
 class AuditReport:
     sampled_chunks: int
-    mismatched_areas: tuple[Extent, ...]
+    mismatched_areas: tuple[Extent, ...]  # the source differs: the tracker missed changes
+    damaged_areas: tuple[Extent, ...] = ()  # the stored copy was damaged (now in quarantine)
 
     @property
     def tracker_trusted(self) -> bool:
@@ -54,28 +62,20 @@ class BackupReport:
     bytes_read: int
     audit: AuditReport
     seconds: float
-
-
-def choose_base(store: Repository, disk_id: str) -> BasePoint | None:
-    """The newest restore point of the disk whose verification did not fail."""
-    for point in reversed(store.points(disk_id)):
-        if point.verify_state != "failed":
-            return BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size,
-                             point.tracker_trusted)
-    return None
+    passed_over: tuple[str, ...] = ()  # newer restore points not used as the base, and why
+    chunks_read_again: int = 0  # chunks of the base the repository lost, read from the source
 
 
 def run_backup(source: Source, store: Repository, options: BackupOptions = BackupOptions(),
                progress: Progress | None = None) -> BackupReport:
     started = time.perf_counter()
-    base = choose_base(store, source.disk_id)
     if options.snapshot is not None:
         snapshot = source.existing_snapshot(options.snapshot)
     else:
         snapshot = source.create_snapshot(f"blocktrail-backup-{uuid.uuid4().hex[:12]}")
     try:
-        plan = plan_read(source, snapshot, base, force_full=options.force_full,
-                         chunk_size=store.chunk_size)
+        choice, plan, read_again = _plan(source, snapshot, store, options)
+        base = choice.base
         rng = random.Random(options.seed)
         sample = audit_sample(plan, snapshot.size_bytes, store.chunk_size,
                               percent=options.audit_percent, minimum=options.audit_minimum,
@@ -94,13 +94,34 @@ def run_backup(source: Source, store: Repository, options: BackupOptions = Backu
             change_id=snapshot.change_id, kind=plan.kind, fallback_reason=plan.fallback_reason,
             tracker_trusted=audit.tracker_trusted,
             audit={"sampled_chunks": audit.sampled_chunks,
-                   "mismatches": [[e.offset, e.length] for e in audit.mismatched_areas]},
+                   "mismatches": [[e.offset, e.length] for e in audit.mismatched_areas],
+                   "damaged_in_repository": [[e.offset, e.length]
+                                             for e in audit.damaged_areas]},
             stats={"chunks_read": len(plan.chunks), "bytes_read": bytes_read})
     finally:
         if options.snapshot is None:
             source.remove_snapshot(snapshot.name)
     return BackupReport(point, plan.kind, plan.fallback_reason, len(plan.chunks), bytes_read,
-                        audit, time.perf_counter() - started)
+                        audit, time.perf_counter() - started, choice.passed_over, read_again)
+
+
+def _plan(source: Source, snapshot: SourceSnapshot, store: Repository,
+          options: BackupOptions) -> tuple[BaseChoice, ReadPlan, int]:
+    """The base and what to read: changed areas since the newest whole restore point (a point
+    that cannot carry the incremental is passed over), plus the chunks of that point the
+    repository lost. -> (choice, plan, chunks read again)."""
+    passed: dict[str, str] = {}
+    while True:
+        choice = choose_base(store, source.disk_id, passed)
+        plan = plan_read(source, snapshot, choice.base, force_full=options.force_full,
+                         chunk_size=store.chunk_size)
+        if plan.kind != "incremental" or choice.point is None:
+            return choice, plan, 0
+        problem, lost_chunks = prepare_incremental(store, choice.point, plan)
+        if problem is None:
+            extra = set(lost_chunks) - set(plan.chunks)
+            return choice, replace(plan, chunks=sorted({*plan.chunks, *extra})), len(extra)
+        passed[choice.point.id] = problem
 
 
 def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -144,25 +165,44 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
 
 def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: BasePoint | None,
            sample: list[int], put: Callable[[int, bytes], None]) -> AuditReport:
-    """Re-read chunks the tracker calls unchanged; a mismatch stores the right data."""
+    """Re-read chunks the tracker calls unchanged, from the source and from the repository: a
+    source that differs stores the right data (the tracker missed a change); a stored copy that
+    is damaged is put in quarantine, and stored again when no intact copy is left."""
     if base is None or not sample:
         return AuditReport(0, ())
     expected = store.chunk_digests(base.point_id, sample)
-    bad: list[Extent] = []
+    mismatched: list[Extent] = []
+    damaged: list[Extent] = []
     cs = store.chunk_size
+    where = f"audit of restore point {base.point_id}"
 
-    def read_chunk(index: int) -> bytes:
+    def read_both(index: int) -> tuple[bytes, bool, bool]:
+        """-> (the source's bytes, stored copy damaged, no intact copy left)."""
         offset = index * cs
-        return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
+        data = source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
+        name = expected[index]
+        if name is None:
+            return data, False, False
+        found: list[DamagedCopy] = []
+        try:
+            store.read_chunk(name, where, found)
+        except RepositoryError:
+            return data, True, True
+        return data, bool(found), False
 
-    reads = read_ahead(sample, read_chunk, window=64, threads=READ_THREADS)
-    for index, data in zip(sample, reads, strict=True):
-        offset = index * cs
+    reads = read_ahead(sample, read_both, window=64, threads=READ_THREADS)
+    for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
+        extent = Extent(index * cs, len(data))
         digest = None if data.count(0) == len(data) else blake3(data).digest()
         if digest != expected[index]:
             put(index, data)
-            bad.append(Extent(offset, len(data)))
-    return AuditReport(len(sample), tuple(merge(bad)))
+            mismatched.append(extent)
+        elif lost:
+            put(index, data)  # the same content: stored again, a new copy
+        if copy_damaged:
+            damaged.append(extent)
+    return AuditReport(len(sample), tuple(merge(mismatched)), tuple(merge(damaged)))
 
 
-__all__ = ["AuditReport", "BackupOptions", "BackupReport", "ReadPlan", "run_backup"]
+__all__ = ["AuditReport", "BackupOptions", "BackupReport", "ReadPlan", "choose_base",
+           "run_backup"]

@@ -1,4 +1,14 @@
-"""Verify a restore point against its source, chunk by chunk, independently of the tracker."""
+"""Verify a restore point against its source, chunk by chunk, independently of the tracker.
+
+Both sides are read: the source, and every stored chunk of the point (decompressed and rehashed,
+as a restore would), so two different failures are told apart:
+
+- **differs from the source**: the point's digest for a chunk is not the source's (the tracker
+  missed a change). With ``heal``, a corrected successor point (kind "healed") is written.
+- **damaged in the repository**: the digest is right but no intact stored copy is left (a damaged
+  copy is put in quarantine). With ``heal``, the source's bytes, which have that digest, are
+  stored again, and the point itself (and every point sharing that chunk) restores again.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +21,10 @@ from blocktrail.backup.engine import READ_RUN_BYTES
 from blocktrail.backup.source import Source
 from blocktrail.errors import InvalidArgument
 from blocktrail.extents import Extent, merge
-from blocktrail.repo import Repository, RestorePoint
+from blocktrail.pipeline import read_ahead
+from blocktrail.repo import DamagedCopy, Repository, RestorePoint
+from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.objects import ZERO_DIGEST
 
 Progress = Callable[[int, int], None]
 
@@ -20,19 +33,33 @@ Progress = Callable[[int, int], None]
 class VerifyReport:
     point: RestorePoint
     chunks_compared: int
-    differing_areas: tuple[Extent, ...]
+    differing_areas: tuple[Extent, ...]  # the source differs from the point
     healed_point: RestorePoint | None
+    damaged_areas: tuple[Extent, ...] = ()  # no intact stored copy (the source matches)
+    damaged_copies: tuple[DamagedCopy, ...] = ()  # put in quarantine by this verify
+    restored_bytes: int = 0  # stored again from the source (heal)
 
     @property
     def identical(self) -> bool:
-        return not self.differing_areas
+        """The point restores to exactly what the source holds."""
+        return not self.differing_areas and not self.damaged_areas
+
+
+@dataclass
+class _Comparison:
+    differing: list[Extent]
+    corrected: list[tuple[int, bytes]]  # the source's bytes where the point differs
+    damaged: list[Extent]
+    lost: list[bytes]  # the source's bytes of chunks with no intact stored copy
+    copies: list[DamagedCopy]
+    compared: int = 0
 
 
 def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str | None, *,
                  heal: bool = False, progress: Progress | None = None) -> VerifyReport:
     """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary
-    snapshot of the live disk). Records the verify state; with ``heal``, a differing point gets
-    a corrected successor (kind "healed") holding the source's data."""
+    snapshot of the live disk), and read every stored chunk. Records the verify state; with
+    ``heal``, stores lost chunks again and writes a corrected successor for differences."""
     point = repo.point(point_id)
     temporary = snapshot is None
     if snapshot is None:
@@ -43,41 +70,68 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
             raise InvalidArgument(
                 f"the source holds {size} bytes, restore point {point.id} {point.size_bytes}: "
                 "it is not this point's disk state (verify against DISK@SNAPSHOT of the point)")
-        differing, corrected, compared = _compare(repo, point, source, snapshot, progress)
+        found = _compare(repo, point, source, snapshot, progress)
+        restored = repo.store_chunks(found.lost) if heal and found.lost else 0
         healed = None
-        if differing and heal:
-            writer = repo.begin(point.disk_id, point.size_bytes, parent=point.id)
-            for index, data in corrected:
-                writer.put_chunk(index, data)
-            healed = writer.commit(kind="healed", change_id=point.change_id,
-                                   fallback_reason=None, tracker_trusted=True,
-                                   stats={"healed_chunks": len(corrected)})
-            healed = repo.set_verify_state(healed.id, "ok")
-        point = repo.set_verify_state(point.id, "failed" if differing else "ok")
-        return VerifyReport(point, compared, tuple(merge(differing)), healed)
+        if found.differing and heal:
+            healed = _write_healed(repo, point, found.corrected)
+        whole = not found.differing and (not found.damaged or heal)
+        point = repo.set_verify_state(point.id, "ok" if whole else "failed")
+        return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
+                            tuple(merge(found.damaged)), tuple(found.copies), restored)
     finally:
         if temporary:
             source.remove_snapshot(snapshot)
 
 
+def _write_healed(repo: Repository, point: RestorePoint,
+                  corrected: list[tuple[int, bytes]]) -> RestorePoint:
+    writer = repo.begin(point.disk_id, point.size_bytes, parent=point.id)
+    for index, data in corrected:
+        writer.put_chunk(index, data)
+    healed = writer.commit(kind="healed", change_id=point.change_id, fallback_reason=None,
+                           tracker_trusted=True, stats={"healed_chunks": len(corrected)})
+    return repo.set_verify_state(healed.id, "ok")
+
+
 def _compare(repo: Repository, point: RestorePoint, source: Source, snapshot: str,
-             progress: Progress | None) -> tuple[list[Extent], list[tuple[int, bytes]], int]:
+             progress: Progress | None) -> _Comparison:
     cs = point.chunk_size
     expected = dict(repo.page_entries(point))
-    differing: list[Extent] = []
-    corrected: list[tuple[int, bytes]] = []
     per_run = READ_RUN_BYTES // cs
     total = len(expected)
-    for first in range(0, total, per_run):
+    out = _Comparison([], [], [], [], [])
+    where = f"restore point {point.id}"
+
+    def read_run(first: int) -> tuple[int, bytes, list[bool]]:
+        """The source's bytes of a run of chunks, and for each: is its stored copy lost?"""
         offset = first * cs
         data = source.pread(snapshot, min(per_run * cs, point.size_bytes - offset), offset)
+        lost = []
+        for index in range(first, first + -(-len(data) // cs)):
+            name = expected[index]
+            try:
+                if name != ZERO_DIGEST:
+                    repo.read_chunk(name, where, out.copies)
+                lost.append(False)
+            except RepositoryError:
+                lost.append(True)
+        return first, data, lost
+
+    runs = read_ahead(range(0, total, per_run), read_run, window=4, executor=repo.pool)
+    for first, data, lost in runs:
         for i in range(0, len(data), cs):
             index = first + i // cs
             chunk = data[i : i + cs]
-            actual = bytes(32) if chunk.count(0) == len(chunk) else blake3(chunk).digest()
+            actual = ZERO_DIGEST if chunk.count(0) == len(chunk) else blake3(chunk).digest()
             if actual != expected[index]:
-                differing.append(Extent(index * cs, len(chunk)))
-                corrected.append((index, chunk))
+                out.differing.append(Extent(index * cs, len(chunk)))
+                out.corrected.append((index, chunk))
+            elif lost[i // cs]:
+                out.damaged.append(Extent(index * cs, len(chunk)))
+                out.lost.append(chunk)
+        out.compared = min(first + per_run, total)
         if progress is not None:
-            progress(min(first + per_run, total), total)
-    return differing, corrected, total
+            progress(out.compared, total)
+    out.compared = total
+    return out

@@ -1,4 +1,4 @@
-"""`blocktrail repo init | backup | points | restore | verify | check | forget`."""
+"""`blocktrail repo init | repo repair | backup | points | restore | verify | check | forget`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from blocktrail.host.client import HostClient
 from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.uri import TlsParameters, is_nbd_uri
 from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo.repair import ADVICE
 
 repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
                            envvar="BLOCKTRAIL_REPO", help="Repository directory.")
@@ -88,6 +89,40 @@ def repo_init(path: str, as_json: bool) -> None:
     emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)})")
 
 
+@repo_group.command("repair")
+@click.argument("path", metavar="REPO", type=click.Path())
+@json_option
+def repo_repair(path: str, as_json: bool) -> None:
+    """Read every pack, put damaged copies in quarantine, rebuild the index from the intact
+    objects, delete stray temporary files, and name every restore point that cannot be fully
+    restored (exit 12). Takes the repository lock exclusively, like prune."""
+    with Repository.open(path) as repo, progress_bar("repair", as_json):
+        report = repo.repair()
+    lines = [f"read {report.packs_read} packs: {report.objects_intact} intact objects, "
+             f"{len(report.damaged)} damaged copies put in quarantine"
+             + (f", {report.objects_copied} objects copied out of "
+                f"{len(report.damaged_trailers)} packs with a damaged trailer"
+                if report.damaged_trailers else "")
+             + f"; {report.index_files_replaced} index files replaced by one"
+             + (f", {report.temp_files_deleted} temporary files deleted"
+                if report.temp_files_deleted else "")]
+    lines += [f"  damaged {c.kind_name} {c.digest.hex()} in pack {c.pack_id} at offset "
+              f"{c.offset}" for c in report.damaged]
+    if report.ok:
+        lines.append(f"all {report.points} restore points can be restored")
+    else:
+        lines.append(f"{len(report.unrestorable)} of {report.points} restore points CANNOT be "
+                     "fully restored:")
+        for point in report.unrestorable:
+            shown = "; ".join(point.missing[:5])
+            more = f" (and {len(point.missing) - 5} more)" if len(point.missing) > 5 else ""
+            lines.append(f"  {point.point_id}: lacks {shown}{more}")
+        lines.append(ADVICE)
+    emit(as_json, report.to_json(), "\n".join(lines))
+    if not report.ok:
+        raise ExitCode(Exit.REPOSITORY_DAMAGED)
+
+
 @click.command("backup")
 @click.argument("disk_path", metavar="DISK")
 @repo_option
@@ -118,12 +153,18 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
     out = {"point": report.point.summary(), "kind": report.kind,
            "fallback_reason": report.fallback_reason, "chunks_read": report.chunks_read,
            "bytes_read": report.bytes_read, "bytes_stored": report.point.stats["bytes_stored"],
-           "seconds": round(report.seconds, 3),
+           "seconds": round(report.seconds, 3), "passed_over": list(report.passed_over),
+           "chunks_read_again": report.chunks_read_again,
            "audit": {"sampled_chunks": audit.sampled_chunks, "tracker_trusted":
                      audit.tracker_trusted, "mismatches": [list(e) for e in
-                                                           audit.mismatched_areas]}}
+                                                           audit.mismatched_areas],
+                     "damaged_in_repository": [list(e) for e in audit.damaged_areas]}}
     lines = [f"{report.kind} backup {report.point.id}: read {human(report.bytes_read)}, "
              f"stored {human(report.point.stats['bytes_stored'])} in {report.seconds:.2f} s"]
+    lines += [f"not based on {why}" for why in report.passed_over]
+    if report.chunks_read_again:
+        lines.append(f"{report.chunks_read_again} chunks of the base point that the repository "
+                     "lost were read from the disk again")
     if report.fallback_reason:
         lines.append(f"full, because {report.fallback_reason}")
     if audit.sampled_chunks:
@@ -131,6 +172,10 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
                      + ("all match" if audit.tracker_trusted else
                         f"MISMATCH at {[list(e) for e in audit.mismatched_areas]}: the tracker "
                         "missed changes; stored the right data; the next backup is full"))
+    if audit.damaged_areas:
+        lines.append(f"audit: the stored copies of {[list(e) for e in audit.damaged_areas]} "
+                     "were DAMAGED in the repository: put in quarantine and stored again from "
+                     "the disk (run `blocktrail check --read-data`)")
     emit(as_json, out, "\n".join(lines))
 
 
@@ -141,10 +186,13 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
 def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
     """List restore points, oldest first."""
     with Repository.open(repo_path) as repo:
-        found = [p.summary() for p in repo.points(disk_id)]
+        intact, damaged = repo.scan_points()
+    found = [p.summary() for p in intact if disk_id is None or p.disk_id == disk_id]
     text = "\n".join(f"{p['id']}  {p['kind']:<11} {p['verify_state']:<10} {p['disk_id']}  "
                      f"{p['change_id']}" for p in found) or "(no restore points)"
     emit(as_json, found, text)
+    for name, message in damaged:  # never left out silently
+        click.echo(f"warning: points/{name} is not listed: {message}", err=True)
 
 
 @click.command("restore")
@@ -207,14 +255,30 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
         "point": point_id, "identical": report.identical,
         "chunks_compared": report.chunks_compared,
         "differing_areas": [list(e) for e in report.differing_areas],
-        "healed_point": report.healed_point.id if report.healed_point else None}
-    text = (f"{point_id} equals {against} ({report.chunks_compared} chunks)" if report.identical
-            else f"{point_id} DIFFERS from {against} in {len(report.differing_areas)} areas: "
-                 f"{[list(e) for e in report.differing_areas][:20]}"
-                 + (f"; healed as {report.healed_point.id}" if report.healed_point else ""))
-    emit(as_json, out, text)
-    if not report.identical:
+        "healed_point": report.healed_point.id if report.healed_point else None,
+        "damaged_areas": [list(e) for e in report.damaged_areas],
+        "damaged_objects": [c.to_json() for c in report.damaged_copies],
+        "restored_bytes": report.restored_bytes}
+    lines = []
+    if report.identical:
+        lines.append(f"{point_id} equals {against} ({report.chunks_compared} chunks, every "
+                     "stored chunk read)")
+    if report.differing_areas:
+        lines.append(f"{point_id} DIFFERS from {against} in {len(report.differing_areas)} "
+                     f"areas: {[list(e) for e in report.differing_areas][:20]}"
+                     + (f"; healed as {report.healed_point.id}" if report.healed_point else ""))
+    if report.damaged_areas:
+        lines.append(f"{point_id} is DAMAGED in the repository in "
+                     f"{len(report.damaged_areas)} areas: "
+                     f"{[list(e) for e in report.damaged_areas][:20]}; "
+                     + ("stored again from the source: it restores again" if heal else
+                        "the damaged copies are in quarantine; --heal stores them again from "
+                        "the source"))
+    emit(as_json, out, "\n".join(lines))
+    if report.differing_areas:
         raise ExitCode(Exit.VERIFY_DIFFERENCES)
+    if report.damaged_areas:
+        raise ExitCode(Exit.REPOSITORY_DAMAGED)
 
 
 @click.command("check")
@@ -229,13 +293,22 @@ def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) 
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
            report.chunks_referenced, "chunks_read": report.chunks_read,
-           "unreferenced_packs": report.unreferenced_files,
+           "unreferenced_packs": report.unreferenced_files, "temp_files": report.temp_files,
+           "quarantined_before": report.quarantined_before,
+           "damaged_objects": [c.to_json() for c in report.quarantined],
            "problems": [p.to_json() for p in report.problems]}
     lines = [f"{report.points} restore points, {report.chunks_referenced} chunks referenced, "
              f"{report.chunks_read} read: " + ("no problems" if report.ok else
                                                f"{len(report.problems)} PROBLEMS")]
     lines += [f"  {p.kind} {p.name}: {p.detail}; affects {', '.join(p.affected_points) or '-'}"
               for p in report.problems]
+    if report.quarantined:
+        lines.append(f"{len(report.quarantined)} damaged copies put in quarantine: no backup "
+                     "deduplicates against them; the next backup stores their content again")
+    if report.unreferenced_files or report.temp_files:
+        lines.append(f"reclaimable, not damage: {report.unreferenced_files} unused packs, "
+                     f"{report.temp_files} temporary files (`blocktrail forget ... --prune` "
+                     "deletes them)")
     emit(as_json, out, "\n".join(lines))
     if not report.ok:
         raise ExitCode(Exit.REPOSITORY_DAMAGED)

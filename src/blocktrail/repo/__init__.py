@@ -1,7 +1,12 @@
 """The backup repository: packed, compressed, deduplicated chunks and restore point manifests."""
 
+from blocktrail.repo.check import CheckReport, Problem
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.repository import CheckReport, Problem, Repository
+from blocktrail.repo.prune import PruneReport
+from blocktrail.repo.quarantine import DamagedCopy
+from blocktrail.repo.repair import RepairReport, UnrestorablePoint
+from blocktrail.repo.repository import Repository
 from blocktrail.repo.retention import RetentionPolicy
 
-__all__ = ["CheckReport", "Problem", "Repository", "RestorePoint", "RetentionPolicy"]
+__all__ = ["CheckReport", "DamagedCopy", "Problem", "PruneReport", "RepairReport", "Repository",
+           "RestorePoint", "RetentionPolicy", "UnrestorablePoint"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError, ExitCode
+from blocktrail.errors import BlocktrailError, ExitCode, NoSpace
 
 
 class RepositoryError(BlocktrailError):
@@ -12,15 +12,20 @@ class RepositoryError(BlocktrailError):
 
 
 class ChunkCorrupt(RepositoryError):
-    pass
+    """A stored object (chunk, page, page table) or a pack does not match its name."""
 
 
 class ObjectMissing(RepositoryError):
-    pass
+    """No usable copy of an object: in no index file, its pack gone, or in quarantine."""
 
 
 class ManifestCorrupt(RepositoryError):
-    pass
+    """A manifest does not decode, fails its checksum, or is not the point its name says."""
+
+
+class RepositoryNoSpace(NoSpace):
+    """The repository's file system (or quota) is full. What was being written was removed
+    again; nothing was published."""
 
 
 class RepositoryNotFound(BlocktrailError):

@@ -1,13 +1,17 @@
-"""Index files: where each chunk is (digest -> pack, offset, length)."""
+"""Index files: where each object is (digest -> pack, offset, length), and the chunk index
+they make together."""
 
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import ItemsView, ValuesView
 
 from blake3 import blake3
 
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.packs import Location
+from blocktrail.repo.quarantine import CopyKey
 
 MAGIC = b"BTIX"
 VERSION = 1
@@ -31,3 +35,119 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     entries = ENTRY.iter_unpack(memoryview(data)[HEADER.size : -32])
     return {name: Location(pack.hex(), offset, length, plain)
             for name, pack, offset, length, plain in entries}
+
+
+class ChunkIndex:
+    """The repository's chunk index: the union of its index files, where each object has one
+    usable copy. Entries whose pack file does not exist (a prune deletes dead packs before it
+    rewrites the index) and copies in quarantine are never used; another copy of the same
+    object, named by another index file, is used instead when there is one."""
+
+    def __init__(self, existing_packs: set[str], quarantined: set[CopyKey]) -> None:
+        self._packs = existing_packs
+        self._quarantined = quarantined
+        self._q_digests = {key[0] for key in quarantined}
+        self._usable: dict[bytes, Location] = {}
+        self._spares: dict[bytes, list[Location]] = {}  # more intact copies, used in turn
+        self._lost: dict[bytes, tuple[str, str | None]] = {}  # no usable copy: why, lost pack
+        self.damaged_files: list[tuple[str, str]] = []  # index files that do not decode
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- building
+
+    def add_file(self, entries: dict[bytes, Location]) -> None:
+        """Merge one decoded index file (files earlier merged win; later copies are spares)."""
+        packs = {loc.pack_id for loc in entries.values()}
+        if packs <= self._packs and not (self._q_digests and entries.keys() & self._q_digests):
+            for name in entries.keys() & self._usable.keys():  # the usual case: no checks
+                self._add_spare(name, entries.pop(name))
+            if self._lost:
+                for name in entries.keys() & self._lost.keys():
+                    del self._lost[name]
+            self._usable.update(entries)
+            return
+        for name, loc in entries.items():
+            why = self._unusable(name, loc)
+            if why is None:
+                self.add({name: loc})
+            elif name not in self._usable:
+                self._lost.setdefault(name, why)
+
+    def _unusable(self, name: bytes, loc: Location) -> tuple[str, str | None] | None:
+        if loc.pack_id not in self._packs:
+            return f"its pack {loc.pack_id} is missing", loc.pack_id
+        if (name, loc.pack_id, loc.offset) in self._quarantined:
+            return (f"its only copy (pack {loc.pack_id}, offset {loc.offset}) is damaged and "
+                    "in quarantine"), None
+        return None
+
+    def _add_spare(self, name: bytes, loc: Location) -> None:
+        if loc != self._usable[name] and loc not in self._spares.get(name, ()):
+            self._spares.setdefault(name, []).append(loc)
+
+    def add(self, locations: dict[bytes, Location]) -> None:
+        """Objects just stored (their pack is durable and an index file names them)."""
+        with self._lock:
+            for name, loc in locations.items():
+                if name in self._usable:
+                    self._add_spare(name, loc)
+                else:
+                    self._usable[name] = loc
+                    self._lost.pop(name, None)
+
+    def drop(self, name: bytes, pack_id: str, offset: int, why: str) -> Location | None:
+        """Stop using the copy of ``name`` at ``pack_id``, ``offset`` (found damaged);
+        -> the copy used from now on, if any."""
+        with self._lock:
+            spares = [loc for loc in self._spares.get(name, [])
+                      if (loc.pack_id, loc.offset) != (pack_id, offset)]
+            self._spares[name] = spares
+            current = self._usable.get(name)
+            if current is not None and (current.pack_id, current.offset) != (pack_id, offset):
+                return current
+            if spares:
+                self._usable[name] = spares.pop(0)
+                return self._usable[name]
+            self._usable.pop(name, None)
+            self._lost[name] = why, None
+            return None
+
+    # ---------------------------------------------------------------- lookups
+
+    def get(self, name: bytes) -> Location | None:
+        return self._usable.get(name)
+
+    def __getitem__(self, name: bytes) -> Location:
+        return self._usable[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._usable
+
+    def __len__(self) -> int:
+        return len(self._usable)
+
+    def items(self) -> ItemsView[bytes, Location]:
+        return self._usable.items()
+
+    def values(self) -> ValuesView[Location]:
+        return self._usable.values()
+
+    def locations(self) -> dict[bytes, Location]:
+        return dict(self._usable)
+
+    def lost(self) -> frozenset[bytes]:
+        """Objects an index file names whose every copy is unusable (damaged, pack gone)."""
+        return frozenset(self._lost)
+
+    def why_missing(self, name: bytes) -> str:
+        lost = self._lost.get(name)
+        return "it is in no index file" if lost is None else lost[0]
+
+    def missing_pack(self, name: bytes) -> str | None:
+        """The pack that held the only copies of ``name``, when that pack is gone."""
+        lost = self._lost.get(name)
+        return None if lost is None else lost[1]
+
+    def is_known(self, name: bytes) -> bool:
+        """An index file names ``name`` (usable or not)."""
+        return name in self._usable or name in self._lost

@@ -1,16 +1,40 @@
-"""Restore point manifests (docs/repository.md, "Manifest")."""
+"""Restore point manifests (docs/repository.md, "Manifest").
+
+A version 2 manifest checks itself: it carries its own ID (which must equal its file name) and a
+blake3 checksum of a canonical encoding of every other field, so a manifest copied over another,
+renamed, or edited by hand is refused rather than restored. Version 1 manifests (no checksum)
+still load, with the ID check.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from blake3 import blake3
+
 from blocktrail.repo.errors import ManifestCorrupt
 
 FORMAT = "blocktrail-restore-point"
-VERSION = 1
+VERSION = 2
+KINDS = ("full", "incremental", "healed")
+VERIFY_STATES = ("unverified", "ok", "failed")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+_EPOCH = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def canonical_body(fields: dict[str, Any]) -> bytes:
+    """The bytes a manifest's checksum covers: every field but ``checksum``, as compact JSON
+    with sorted keys and ASCII escapes (docs/repository.md, "Manifest checksum")."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode("ascii")
+
+
+def body_checksum(fields: dict[str, Any]) -> str:
+    return blake3(canonical_body(fields)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +66,10 @@ class RestorePoint:
         return replace(self, verify_state=state)
 
     def to_bytes(self) -> bytes:
+        """The manifest file: version 2, its checksum computed now (a rewrite recomputes it)."""
         obj = {"format": FORMAT, "version": VERSION, **asdict(self)}
         obj["tables"] = list(self.tables)
+        obj["checksum"] = body_checksum(obj)
         return (json.dumps(obj, indent=1) + "\n").encode()
 
     def summary(self) -> dict[str, Any]:
@@ -55,22 +81,94 @@ class RestorePoint:
                 "tracker_trusted": self.tracker_trusted}
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> RestorePoint:
+    def from_bytes(cls, data: bytes, where: str, expected_id: str | None = None) -> RestorePoint:
+        """Decode and check a manifest: its checksum (version 2) and that its ID is
+        ``expected_id`` (the file name without ``.json``). Anything else: `ManifestCorrupt`."""
         try:
             obj = json.loads(data)
-            if obj.get("format") != FORMAT:
-                raise ManifestCorrupt(f"{where}: not a restore point manifest")
-            if obj.get("version") != VERSION:
-                raise ManifestCorrupt(f"{where}: manifest version {obj.get('version')} is not "
-                                      f"supported")
-            return cls(
+        except ValueError as exc:
+            raise ManifestCorrupt(f"{where}: manifest is damaged ({exc})") from exc
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ManifestCorrupt(f"{where}: not a restore point manifest")
+        version = obj.get("version")
+        if version == 2:
+            stored = obj.pop("checksum", None)
+            if stored != body_checksum(obj):
+                raise ManifestCorrupt(
+                    f"{where}: manifest checksum mismatch: the file was damaged or edited "
+                    "after it was written")
+        elif version != 1:
+            raise ManifestCorrupt(f"{where}: manifest version {version!r} is not supported "
+                                  f"(this blocktrail reads versions 1 and {VERSION})")
+        point = cls._decode(obj, where)
+        if expected_id is not None and point.id != expected_id:
+            raise ManifestCorrupt(
+                f"{where}: holds restore point {point.id!r}, not {expected_id!r} (the file was "
+                "copied or renamed): it is not used")
+        return point
+
+    @classmethod
+    def _decode(cls, obj: dict[str, Any], where: str) -> RestorePoint:
+        try:
+            point = cls(
                 id=str(obj["id"]), disk_id=str(obj["disk_id"]), size_bytes=int(obj["size_bytes"]),
                 chunk_size=int(obj["chunk_size"]), page_chunks=int(obj["page_chunks"]),
                 tables=tuple(str(t) for t in obj["tables"]), kind=str(obj["kind"]),
-                parent=obj["parent"], change_id=obj["change_id"],
-                fallback_reason=obj["fallback_reason"], created_at=str(obj["created_at"]),
-                tool=str(obj["tool"]), verify_state=str(obj["verify_state"]),
+                parent=_optional_str(obj["parent"]), change_id=_optional_str(obj["change_id"]),
+                fallback_reason=_optional_str(obj["fallback_reason"]),
+                created_at=str(obj["created_at"]), tool=str(obj["tool"]),
+                verify_state=str(obj["verify_state"]),
                 tracker_trusted=bool(obj["tracker_trusted"]), audit=dict(obj["audit"]),
                 stats=dict(obj["stats"]))
+            if point.created.tzinfo is None:
+                raise ValueError(f"created_at {point.created_at!r} has no time zone")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ManifestCorrupt(f"{where}: manifest is damaged ({exc})") from exc
+            raise ManifestCorrupt(f"{where}: manifest is damaged ({exc!r})") from exc
+        if point.kind not in KINDS or point.verify_state not in VERIFY_STATES \
+                or not all(_HEX_DIGEST.fullmatch(t) for t in point.tables) \
+                or point.size_bytes < 0 or point.chunk_size <= 0 or point.page_chunks <= 0:
+            raise ManifestCorrupt(f"{where}: manifest is damaged (a field has an impossible "
+                                  "value)")
+        return point
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected a string or null, not {value!r}")
+    return value
+
+
+def _epoch_and_sequence(change_id: str | None) -> tuple[str, int] | None:
+    """``<epoch-uuid>/<sequence>`` split; None for anything else (an NBD bitmap label)."""
+    if change_id is None:
+        return None
+    epoch, sep, seq = change_id.partition("/")
+    if not sep or not seq.isdigit() or not _EPOCH.fullmatch(epoch):
+        return None
+    return epoch, int(seq)
+
+
+def link_problems(point: RestorePoint, parent: RestorePoint | None) -> list[str]:
+    """What is wrong with ``point``'s base link, given the manifest it names as its parent
+    (None: the parent was forgotten, or its manifest is damaged and reported on its own)."""
+    if point.kind == "full":
+        return []
+    if point.parent is None:
+        return [f"a restore point of kind {point.kind} that names no parent"]
+    if parent is None:
+        return []  # forgotten: a manifest never depends on another
+    problems = []
+    if parent.disk_id != point.disk_id:
+        problems.append(f"its parent {parent.id} is a restore point of disk {parent.disk_id}, "
+                        f"not of {point.disk_id}")
+    if parent.created >= point.created:
+        problems.append(f"its parent {parent.id} is not older than it")
+    mine, theirs = _epoch_and_sequence(point.change_id), _epoch_and_sequence(parent.change_id)
+    if mine is not None and theirs is not None and mine[0] == theirs[0]:
+        if point.kind == "healed" and mine[1] != theirs[1]:
+            problems.append(f"it heals {parent.id} (change ID {parent.change_id}) but records "
+                            f"change ID {point.change_id}")
+        elif mine[1] < theirs[1]:
+            problems.append(f"its change ID {point.change_id} is older than its parent "
+                            f"{parent.id}'s ({parent.change_id})")
+    return problems

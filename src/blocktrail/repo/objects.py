@@ -14,7 +14,7 @@ MAGIC = b"BTOB"
 VERSION = 1
 KIND_CHUNK, KIND_PAGE, KIND_TABLE = 1, 2, 3
 CODEC_PLAIN, CODEC_ZSTD = 0, 1
-HEADER = struct.Struct("<4sBBBxII32s")
+HEADER = struct.Struct("<4sBBBBII32s")  # the reserved byte must be zero
 ZERO_DIGEST = bytes(32)
 _local = threading.local()
 
@@ -48,28 +48,44 @@ def seal(kind: int, plain: bytes) -> tuple[bytes, bytes]:
     name = object_name(kind, plain)
     packed = _compressor().compress(plain)
     codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
-    return name, HEADER.pack(MAGIC, VERSION, kind, codec, len(plain), len(payload), name) + payload
+    return name, HEADER.pack(MAGIC, VERSION, kind, codec, 0, len(plain), len(payload),
+                             name) + payload
+
+
+def envelope_at(data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
+    """(kind, whole envelope length, name) of an envelope that seems to start at ``offset``
+    (its header is plausible); None otherwise. For walking a pack whose trailer is damaged."""
+    if offset + HEADER.size > len(data):
+        return None
+    magic, version, kind, codec, zero, _, stored_len, name = HEADER.unpack_from(data, offset)
+    if magic != MAGIC or version != VERSION or kind not in (KIND_CHUNK, KIND_PAGE, KIND_TABLE) \
+            or codec not in (CODEC_PLAIN, CODEC_ZSTD) or zero \
+            or offset + HEADER.size + stored_len > len(data):
+        return None
+    return kind, HEADER.size + stored_len, name
 
 
 def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
     """The plain bytes of an envelope, checked against ``expected``; else `ChunkCorrupt`."""
     if len(data) < HEADER.size:
-        raise ChunkCorrupt(f"{where}: object {expected.hex()} is truncated")
-    magic, version, stored_kind, codec, plain_len, stored_len, name = HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION or stored_kind != kind or name != expected:
-        raise ChunkCorrupt(f"{where}: object {expected.hex()} has a damaged header")
+        raise ChunkCorrupt(f"{where} is truncated")
+    magic, version, stored_kind, codec, zero, plain_len, stored_len, name = \
+        HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION or stored_kind != kind or zero \
+            or name != expected:
+        raise ChunkCorrupt(f"{where} has a damaged header")
     payload = data[HEADER.size :]
     if len(payload) != stored_len:
-        raise ChunkCorrupt(f"{where}: object {expected.hex()} has the wrong length")
+        raise ChunkCorrupt(f"{where} has the wrong length")
     try:
         if codec == CODEC_ZSTD:
             plain = _decompressor().decompress(payload, max_output_size=plain_len)
         elif codec == CODEC_PLAIN:
             plain = payload
         else:
-            raise ChunkCorrupt(f"{where}: object {expected.hex()} has unknown codec {codec}")
+            raise ChunkCorrupt(f"{where} has unknown codec {codec}")
     except zstandard.ZstdError as exc:
-        raise ChunkCorrupt(f"{where}: object {expected.hex()} does not decompress") from exc
+        raise ChunkCorrupt(f"{where} does not decompress") from exc
     if len(plain) != plain_len or object_name(kind, plain) != expected:
-        raise ChunkCorrupt(f"{where}: object {expected.hex()} does not match its digest")
+        raise ChunkCorrupt(f"{where} does not match its digest")
     return plain

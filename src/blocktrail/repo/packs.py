@@ -7,8 +7,9 @@ import struct
 from typing import NamedTuple
 
 from blocktrail.repo.errors import ChunkCorrupt
+from blocktrail.repo.objects import MAGIC, envelope_at
 
-TRAILER_ENTRY = struct.Struct("<32sQI4x")
+TRAILER_ENTRY = struct.Struct("<32sQII")  # digest, offset, length, zero
 TRAILER_END = struct.Struct("<I4s")
 TRAILER_MAGIC = b"BTPK"
 PACK_TARGET_BYTES = 16 << 20
@@ -41,7 +42,7 @@ class PackBuilder:
 
     def finish(self) -> bytearray:
         """The whole pack file (the builder's buffer, extended in place: no 16 MiB copies)."""
-        self._data += b"".join(TRAILER_ENTRY.pack(n, o, ln) for n, o, ln, _ in self.entries)
+        self._data += b"".join(TRAILER_ENTRY.pack(n, o, ln, 0) for n, o, ln, _ in self.entries)
         self._data += TRAILER_END.pack(len(self.entries), TRAILER_MAGIC)
         return self._data
 
@@ -49,16 +50,51 @@ class PackBuilder:
         return {n: Location(self.pack_id, o, ln, p) for n, o, ln, p in self.entries}
 
 
-def read_trailer(data: bytes, where: str) -> list[tuple[bytes, int, int]]:
-    """The (digest, offset, length) entries of a whole pack; `ChunkCorrupt` if damaged."""
+def read_trailer(data: bytes, where: str,
+                 pack_size: int | None = None) -> list[tuple[bytes, int, int]]:
+    """The (digest, offset, length) entries of a pack; `ChunkCorrupt` if damaged. ``data`` is
+    the whole pack, or (with ``pack_size``) its last bytes: at least the trailer.
+
+    Envelopes lie back to back from offset 0 up to the trailer, in the trailer's order, so any
+    change to an offset, a length or a reserved byte shows."""
+    size = len(data) if pack_size is None else pack_size
+    base = size - len(data)  # where ``data`` starts in the pack
     if len(data) < TRAILER_END.size:
         raise ChunkCorrupt(f"{where}: pack is truncated")
     count, magic = TRAILER_END.unpack_from(data, len(data) - TRAILER_END.size)
-    start = len(data) - TRAILER_END.size - count * TRAILER_ENTRY.size
-    if magic != TRAILER_MAGIC or start < 0:
+    start = size - TRAILER_END.size - count * TRAILER_ENTRY.size
+    if magic != TRAILER_MAGIC or start < base:
         raise ChunkCorrupt(f"{where}: pack trailer is damaged")
-    entries = [TRAILER_ENTRY.unpack_from(data, start + i * TRAILER_ENTRY.size)
+    entries = [TRAILER_ENTRY.unpack_from(data, start - base + i * TRAILER_ENTRY.size)
                for i in range(count)]
-    if any(o + ln > start for _, o, ln in entries):
-        raise ChunkCorrupt(f"{where}: pack trailer points past the data")
-    return entries
+    expected_offset = 0
+    for _, offset, length, zero in entries:
+        if zero or offset != expected_offset or length <= 0:
+            raise ChunkCorrupt(f"{where}: pack trailer is damaged (entry at offset {offset})")
+        expected_offset = offset + length
+    if expected_offset != start:
+        raise ChunkCorrupt(f"{where}: pack trailer does not account for the pack's data")
+    return [(name, offset, length) for name, offset, length, _ in entries]
+
+
+def trailer_length(end: bytes) -> int:
+    """How many bytes at the end of a pack its trailer takes, from its last 8 bytes."""
+    count: int = TRAILER_END.unpack(end)[0]
+    return TRAILER_END.size + count * TRAILER_ENTRY.size
+
+
+def walk_envelopes(data: bytes) -> list[tuple[bytes, int, int]]:
+    """(name, offset, length) of every plausible envelope, found without the trailer: for a
+    pack whose trailer is damaged. Past a damaged header it looks for the next magic. The
+    caller checks each object against its name."""
+    found: list[tuple[bytes, int, int]] = []
+    offset = 0
+    while 0 <= offset < len(data):
+        header = envelope_at(data, offset)
+        if header is None:
+            offset = data.find(MAGIC, offset + 1)
+            continue
+        _, length, name = header
+        found.append((name, offset, length))
+        offset += length
+    return found

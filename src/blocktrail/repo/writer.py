@@ -10,10 +10,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from blocktrail import __version__
-from blocktrail.repo import index as index_file
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, seal
-from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
+from blocktrail.repo.sink import PackSink
 
 if TYPE_CHECKING:
     from blocktrail.repo.locks import RepoLock
@@ -36,7 +35,8 @@ def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
 class PointWriter:
     """Collects the chunks of a new restore point; `commit` publishes it.
 
-    Chunks not put come from the parent point (an incremental) or are holes (a full)."""
+    Chunks not put come from the parent point (an incremental) or are holes (a full). A writer
+    closed without a commit leaves nothing behind but what an index file already names."""
 
     def __init__(self, repo: Repository, disk_id: str, size_bytes: int,
                  parent: RestorePoint | None, lock: RepoLock, pool: ThreadPoolExecutor) -> None:
@@ -48,15 +48,14 @@ class PointWriter:
         self._pool = pool
         self._entries: dict[int, bytes] = {}
         self._pending: deque[tuple[int, Future[tuple[bytes, bytes, int]]]] = deque()
-        self._pack = PackBuilder()
-        self._new: dict[bytes, Location] = {}
-        self._in_pack: set[bytes] = set()
+        self._sink = PackSink(repo, repo.has_chunk)
         self._parent_pages: list[str] | None = None
-        self._pack_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
-        self._pack_write: Future[None] | None = None
         self.chunks_put = 0
         self.new_chunks = 0
-        self.bytes_stored = 0
+
+    @property
+    def bytes_stored(self) -> int:
+        return self._sink.bytes_stored
 
     def put_chunk(self, index: int, data: bytes) -> None:
         """Store chunk ``index`` of the disk (all zeros: a hole, nothing stored)."""
@@ -73,36 +72,13 @@ class PointWriter:
             index, future = self._pending.popleft()
             name, envelope, plain_length = future.result()
             self._entries[index] = name
-            self.new_chunks += self._add_object(name, envelope, plain_length)
-
-    def _add_object(self, name: bytes, envelope: bytes, plain_length: int) -> bool:
-        """Pack an object unless the repository or this writer has it; -> True if packed."""
-        if name in self._new or name in self._in_pack or self._repo.has_chunk(name):
-            return False  # deduplicated
-        self._pack.add(name, envelope, plain_length)
-        self._in_pack.add(name)
-        self.bytes_stored += len(envelope)
-        if self._pack.size >= PACK_TARGET_BYTES:
-            self._write_pack()
-        return True
+            self.new_chunks += self._sink.add(name, envelope, plain_length)
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""
         name, envelope = seal(kind, plain)
-        self._add_object(name, envelope, len(plain))
+        self._sink.add(name, envelope, len(plain))
         return name.hex()
-
-    def _write_pack(self) -> None:
-        """Hand the full pack to the pack-writing thread (one pack in flight at a time), so
-        reading, hashing and compressing go on while it is written."""
-        if not self._pack.entries:
-            return
-        self._wait_for_pack_write()
-        self._pack_write = self._pack_writer.submit(self._repo.write_pack, self._pack.pack_id,
-                                                    self._pack.finish())
-        self._new.update(self._pack.locations())
-        self._pack = PackBuilder()
-        self._in_pack.clear()
 
     def commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None = None,
                tracker_trusted: bool = True, audit: dict[str, Any] | None = None,
@@ -115,21 +91,12 @@ class PointWriter:
         finally:
             self.close()
 
-    def _wait_for_pack_write(self) -> None:
-        if self._pack_write is not None:
-            self._pack_write.result()  # a failed write surfaces here
-            self._pack_write = None
-
     def _commit(self, *, kind: str, change_id: str | None, fallback_reason: str | None,
                 tracker_trusted: bool, audit: dict[str, Any] | None,
                 stats: dict[str, Any] | None) -> RestorePoint:
         self._drain(0)
         tables = self._build_tables(self._build_pages())  # pages and tables go into packs too
-        self._write_pack()
-        self._wait_for_pack_write()  # every pack is durable before the index names it
-        if self._new:
-            self._repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(self._new))
-            self._repo.add_locations(self._new)
+        self._sink.publish()  # every pack is durable before the index file names it
         repo = self._repo
         now = datetime.now(UTC)
         point = RestorePoint(
@@ -142,6 +109,9 @@ class PointWriter:
             audit=audit or {},
             stats={"chunks_put": self.chunks_put, "new_chunks": self.new_chunks,
                    "bytes_stored": self.bytes_stored, **(stats or {})})
+        # If this fails, the packs and the index file stay: once the index file exists another
+        # backup may already deduplicate against its objects. Nothing references them unless
+        # a later point does; prune collects them.
         repo.write_manifest(point)
         return point
 
@@ -189,12 +159,14 @@ class PointWriter:
         return out
 
     def close(self) -> None:
-        """Give up (or finish): pending work is dropped, the repository lock released."""
+        """Give up (or finish): pending work is dropped, packs no index file names are
+        deleted, the repository lock released."""
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        self._pack_writer.shutdown(wait=True)  # a pack being written finishes (unreferenced)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
+        try:
+            self._sink.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None

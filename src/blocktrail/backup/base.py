@@ -1,0 +1,79 @@
+"""Which restore point an incremental builds on, and whether it can carry one.
+
+A base must be whole: its manifest intact (checksum, ID, base link), its page tables readable,
+no page of it lost, and every page the incremental changes readable. A point that is not is
+passed over for the next older one (the incremental then reads more, and is right); the report
+says which and why. Chunks of the base that are lost (damaged, in quarantine) are read from the
+source again, so the new point never inherits a chunk the repository no longer has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blocktrail.backup.plan import BasePoint, ReadPlan
+from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.manifest import link_problems
+from blocktrail.repo.objects import ZERO_DIGEST
+
+
+@dataclass(frozen=True, slots=True)
+class BaseChoice:
+    base: BasePoint | None
+    point: RestorePoint | None
+    passed_over: tuple[str, ...]  # "<point or file>: why it is not the base"
+
+
+def choose_base(store: Repository, disk_id: str,
+                exclude: dict[str, str] | None = None) -> BaseChoice:
+    """The newest whole restore point of the disk whose verification did not fail."""
+    exclude = exclude or {}
+    points, damaged = store.scan_points()
+    passed = [f"{name}: {message}" for name, message in damaged]
+    by_id = {p.id: p for p in points}
+    lost = store.lost_objects()
+    for point in reversed([p for p in points if p.disk_id == disk_id]):
+        if point.verify_state == "failed":
+            continue  # the plan says why when nothing else is left
+        why = exclude.get(point.id) or _not_whole(store, point, by_id, lost)
+        if why is not None:
+            passed.append(f"restore point {point.id}: {why}")
+            continue
+        base = BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size,
+                         point.tracker_trusted)
+        return BaseChoice(base, point, tuple(passed))
+    return BaseChoice(None, None, tuple(passed))
+
+
+def _not_whole(store: Repository, point: RestorePoint, by_id: dict[str, RestorePoint],
+               lost: frozenset[bytes]) -> str | None:
+    problems = link_problems(point, by_id.get(point.parent) if point.parent else None)
+    if problems:
+        return "; ".join(problems)
+    try:
+        pages = store.pages_of(point)
+    except RepositoryError as exc:
+        return exc.message
+    for page in pages:
+        if bytes.fromhex(page) in lost:
+            return f"its page {page} is lost ({store.index.why_missing(bytes.fromhex(page))})"
+    return None
+
+
+def prepare_incremental(store: Repository, point: RestorePoint,
+                        plan: ReadPlan) -> tuple[str | None, list[int]]:
+    """-> (why ``point`` cannot carry this incremental, or None; the chunks of the point the
+    repository has no usable copy of: the backup reads them from the source again)."""
+    try:
+        pages = store.pages_of(point)
+        for page_no in sorted({index // point.page_chunks for index in plan.chunks}):
+            store.read_page(pages[page_no], point.id)  # the writer reads them at commit
+        if not store.lost_objects() and not store.index.damaged_files:
+            return None, []
+        changed = set(plan.chunks)
+        return None, [index for index, name in store.page_entries(point)
+                      if name != ZERO_DIGEST and index not in changed
+                      and not store.has_chunk(name)]
+    except RepositoryError as exc:
+        return exc.message, []

@@ -1,0 +1,294 @@
+"""`check`: is every restore point restorable, and is every file what it claims to be?
+
+Structure: every manifest (checksum, ID, base link), every page table and page a manifest
+names (read whole and rehashed), every chunk has a usable copy, every pack trailer agrees with
+the index. ``read_data``: every object in every pack is read and rehashed too. A damaged copy
+found on the way is put in quarantine, so nothing is restored from it or deduplicated against it
+again. Every problem names the damaged thing and the restore points it makes unrestorable.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from blocktrail.pipeline import read_ahead
+from blocktrail.repo.errors import ChunkCorrupt, RepositoryError
+from blocktrail.repo.manifest import RestorePoint, link_problems
+from blocktrail.repo.objects import (
+    KIND_CHUNK,
+    KIND_PAGE,
+    KIND_TABLE,
+    ZERO_DIGEST,
+    envelope_at,
+    open_envelope,
+)
+from blocktrail.repo.packs import Location, read_trailer, trailer_length
+from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
+
+if TYPE_CHECKING:
+    from blocktrail.repo.repository import Repository
+
+_KIND_PROBLEM = {KIND_CHUNK: "chunk", KIND_PAGE: "page", KIND_TABLE: "table"}
+_GONE = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One damaged thing, and the restore points it makes unrestorable."""
+
+    kind: str  # "manifest" | "link" | "table" | "page" | "chunk" | "pack" | "index"
+    name: str
+    detail: str
+    affected_points: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "detail": self.detail,
+                "affected_points": list(self.affected_points)}
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    points: int
+    chunks_referenced: int
+    chunks_read: int
+    problems: tuple[Problem, ...]
+    unreferenced_files: int = 0  # packs holding nothing a point uses: reclaimable, not damage
+    temp_files: int = 0  # left by writes that did not finish: reclaimable, not damage
+    quarantined: tuple[DamagedCopy, ...] = ()  # damaged copies this check put in quarantine
+    quarantined_before: int = 0  # quarantine records that were there already
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def affected_points(self) -> set[str]:
+        return {p for problem in self.problems for p in problem.affected_points}
+
+
+@dataclass
+class _Walk:
+    """What the manifests reference: object -> (kind, restore points)."""
+
+    problems: list[Problem] = field(default_factory=list)
+    users: dict[bytes, set[str]] = field(default_factory=dict)
+    kinds: dict[bytes, int] = field(default_factory=dict)
+    found: list[DamagedCopy] = field(default_factory=list)
+
+    def use(self, name: bytes, kind: int, points: set[str]) -> None:
+        self.users.setdefault(name, set()).update(points)
+        self.kinds[name] = kind
+
+
+def check_repository(repo: Repository, *, read_data: bool = False,
+                     read_data_subset_pct: float | None = None,
+                     seed: int | None = None) -> CheckReport:
+    index = repo.reload_index()
+    quarantined_before = len(repo.quarantined())
+    walk = _Walk()
+    points = _check_manifests(repo, walk)
+    _walk_objects(repo, points, walk)
+    _locate(repo, walk)
+    chunks_read = _check_packs(repo, walk, read_data, read_data_subset_pct, seed)
+    unindexed = {p for name, pids in walk.users.items() if not index.is_known(name)
+                 for p in pids}
+    for name, message in index.damaged_files:
+        walk.problems.append(Problem(
+            "index", f"index/{name}", f"{message}; the objects it names are unknown until "
+            "`blocktrail repo repair` rebuilds the index from the packs", tuple(sorted(unindexed))))
+    used_packs = {loc.pack_id for name in walk.users if (loc := index.get(name)) is not None}
+    return CheckReport(
+        points=len(points), chunks_referenced=sum(
+            1 for kind in walk.kinds.values() if kind == KIND_CHUNK),
+        chunks_read=chunks_read, problems=tuple(walk.problems),
+        unreferenced_files=len(repo.pack_ids() - used_packs), temp_files=len(repo.temp_files()),
+        quarantined=tuple(walk.found), quarantined_before=quarantined_before)
+
+
+def _check_manifests(repo: Repository, walk: _Walk) -> list[RestorePoint]:
+    points, damaged = repo.scan_points()
+    for filename, message in damaged:
+        walk.problems.append(Problem("manifest", f"points/{filename}", message,
+                                     (filename.removesuffix(".json"),)))
+    by_id = {p.id: p for p in points}
+    for point in points:
+        parent = by_id.get(point.parent) if point.parent else None
+        for text in link_problems(point, parent):
+            walk.problems.append(Problem("link", f"points/{point.id}.json",
+                                         f"restore point {point.id}: {text}", (point.id,)))
+    return points
+
+
+def _walk_objects(repo: Repository, points: list[RestorePoint], walk: _Walk) -> None:
+    """Read every page table and page (whole, rehashed); collect the chunks they name."""
+    table_users: dict[str, set[str]] = {}
+    for point in points:
+        for table in point.tables:
+            table_users.setdefault(table, set()).add(point.id)
+    page_users: dict[str, set[str]] = {}
+    for table, pids in sorted(table_users.items()):
+        walk.use(bytes.fromhex(table), KIND_TABLE, pids)
+        plain = _read(repo, walk, bytes.fromhex(table), KIND_TABLE, pids)
+        for i in range(0, len(plain), 32):
+            page_users.setdefault(plain[i : i + 32].hex(), set()).update(pids)
+    for page, pids in sorted(page_users.items()):
+        walk.use(bytes.fromhex(page), KIND_PAGE, pids)
+        plain = _read(repo, walk, bytes.fromhex(page), KIND_PAGE, pids)
+        for i in range(0, len(plain), 32):
+            name = plain[i : i + 32]
+            if name != ZERO_DIGEST:
+                walk.use(name, KIND_CHUNK, pids)
+
+
+def _read(repo: Repository, walk: _Walk, name: bytes, kind: int, pids: set[str]) -> bytes:
+    """The object's plain bytes; b"" (and a problem) when it cannot be read."""
+    label = f"{KIND_NAMES[kind]} {name.hex()}"
+    try:
+        return repo.read_object(name, kind, label, walk.found)
+    except RepositoryError as exc:
+        walk.problems.append(Problem(_KIND_PROBLEM[kind], name.hex(), exc.message,
+                                     tuple(sorted(pids))))
+        return b""
+
+
+def _locate(repo: Repository, walk: _Walk) -> None:
+    """Every referenced chunk has a usable copy (tables and pages were read already); the
+    objects of a missing pack are reported once, as the pack."""
+    by_missing_pack: dict[str, set[str]] = {}
+    for name, kind in walk.kinds.items():
+        if kind != KIND_CHUNK or name in repo.index:
+            continue
+        pack_id = repo.index.missing_pack(name)
+        if pack_id is not None:
+            by_missing_pack.setdefault(pack_id, set()).update(walk.users[name])
+            continue
+        walk.problems.append(Problem("chunk", name.hex(),
+                                     f"chunk {name.hex()}: {repo.index.why_missing(name)}",
+                                     tuple(sorted(walk.users[name]))))
+    for pack_id, pids in sorted(by_missing_pack.items()):
+        walk.problems.append(Problem("pack", pack_id, f"pack {pack_id} is missing: an index "
+                                     "file names chunks in it", tuple(sorted(pids))))
+
+
+def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: float | None,
+                 seed: int | None) -> int:
+    """The trailer of every pack; with ``read_data`` (or a subset) every object in the packs
+    the index uses. -> referenced chunks read and rehashed."""
+    by_pack: dict[str, list[tuple[bytes, Location]]] = {}
+    for name, loc in repo.index.items():
+        by_pack.setdefault(loc.pack_id, []).append((name, loc))
+    to_read = set(by_pack) if read_data else set()
+    if not read_data and subset_pct:
+        count = max(1, round(len(by_pack) * subset_pct / 100))
+        to_read = set(random.Random(seed).sample(sorted(by_pack), min(count, len(by_pack))))
+    packs = sorted(repo.pack_ids() | set(by_pack))  # every trailer: they are small
+    quarantined = repo.quarantined()
+    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack.get(p, []),
+                                                      p in to_read, quarantined),
+                         window=4, executor=repo.pool)
+    chunks_read = 0
+    damaged: list[DamagedCopy] = []
+    for pack_id, (trailer_problem, found, verified) in zip(packs, results, strict=True):
+        damaged += found
+        chunks_read += sum(1 for n in verified if walk.kinds.get(n) == KIND_CHUNK)
+        users = {p for n, _ in by_pack.get(pack_id, []) for p in walk.users.get(n, ())}
+        if trailer_problem == _GONE:  # deleted after the index was read
+            walk.problems.append(Problem("pack", pack_id, f"pack {pack_id} is missing",
+                                         tuple(sorted(users))))
+        elif trailer_problem is not None:
+            walk.problems.append(Problem(
+                "pack", pack_id, f"{trailer_problem}; its objects check themselves on every "
+                "read, so that alone makes no restore point unrestorable (objects of "
+                f"{len(users)} are in it); `blocktrail repo repair` copies them to a new pack",
+                ()))
+    for copy in damaged:
+        walk.found.append(copy)
+        _report_damaged_copy(repo, walk, copy)
+    return chunks_read
+
+
+def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Location]],
+                read_all: bool, quarantined: set[CopyKey]
+                ) -> tuple[str | None, list[DamagedCopy], list[bytes]]:
+    """-> (what is wrong with the trailer, damaged copies set aside, objects verified)."""
+    where = f"pack {pack_id}"
+    try:
+        handle = repo.fio.open(repo.pack_path(pack_id))
+    except FileNotFoundError:
+        return _GONE, [], []
+    try:
+        size = handle.size()
+        tail_length = min(size, trailer_length(handle.pread(8, max(0, size - 8))))
+        tail = handle.pread(tail_length, size - tail_length)
+        problem: str | None = None
+        try:
+            trailer = read_trailer(tail, where, pack_size=size)
+        except ChunkCorrupt as exc:
+            problem, trailer, read_all = exc.message, [], True  # find out which objects suffer
+        listed = {(n, o): ln for n, o, ln in trailer}
+        for name, loc in entries:
+            if problem is None and listed.get((name, loc.offset)) != loc.length:
+                problem = (f"{where}: the trailer does not list object {name.hex()} where the "
+                           "index says")
+                read_all = True
+        if not read_all:
+            return problem, [], []
+        data = handle.pread(size, 0)
+    finally:
+        handle.close()
+    damaged, verified = _check_objects(repo, pack_id, data, entries)
+    known_bad = quarantined | {copy.key for copy in damaged}
+    for name, offset, length in trailer:  # each entry names the envelope that is there
+        if problem is not None or (name, pack_id, offset) in known_bad:
+            continue  # a copy in quarantine may have a damaged header: that is known
+        header = envelope_at(data, offset)
+        if header is None or header[1:] != (length, name):
+            problem = f"{where}: the trailer's entry at offset {offset} does not match the pack"
+    return problem, damaged, verified
+
+
+def _check_objects(repo: Repository, pack_id: str, data: bytes,
+                   entries: list[tuple[bytes, Location]]) -> tuple[list[DamagedCopy],
+                                                                   list[bytes]]:
+    """Every object the index locates in this pack, read whole and rehashed; a damaged one is
+    put in quarantine. -> (damaged copies, objects verified)."""
+    damaged, verified = [], []
+    for name, loc in entries:
+        envelope = data[loc.offset : loc.offset + loc.length]
+        kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
+        try:
+            open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in pack "
+                          f"{pack_id}")
+            verified.append(name)
+        except ChunkCorrupt as exc:
+            copy = DamagedCopy(name, kind, pack_id, loc.offset, loc.length, exc.message)
+            failure = repo.set_aside(copy)
+            damaged.append(copy if failure is None else DamagedCopy(
+                name, kind, pack_id, loc.offset, loc.length, f"{exc.message}; {failure}"))
+    return damaged, verified
+
+
+def _report_damaged_copy(repo: Repository, walk: _Walk, copy: DamagedCopy) -> None:
+    """A damaged copy was set aside: is another copy there, and who needed it?"""
+    users = walk.users.get(copy.digest, set())
+    kind = _KIND_PROBLEM.get(copy.kind, "chunk")
+    detail = f"{copy.reason}; this copy is now in quarantine"
+    if not users:
+        walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail} (no restore point "
+                                     "uses it, and no backup will deduplicate against it)", ()))
+        return
+    try:
+        repo.read_object(copy.digest, copy.kind, f"{KIND_NAMES.get(copy.kind)} "
+                         f"{copy.digest.hex()}", walk.found)
+    except ChunkCorrupt as exc:  # another copy, damaged too
+        walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}; {exc.message}",
+                                     tuple(sorted(users))))
+        return
+    except RepositoryError:
+        walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}, and no intact copy "
+                                     "is left", tuple(sorted(users))))
+        return
+    walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}; an intact copy is used "
+                                 "instead", ()))

@@ -1,0 +1,234 @@
+"""`repo repair`: rebuild the chunk index from what the packs really hold.
+
+Under the exclusive repository lock (restic's `repair index` is the model): every pack is read
+whole, its trailer and every object in it checked; damaged copies go to quarantine; the intact
+objects of a pack whose trailer is damaged are copied to a new pack; a fresh index file naming
+every intact object is written, and only then are the old index files (and the packs with a
+damaged trailer) deleted; temporary files of writes that never finished are deleted. Manifests
+are never written: repair cannot make a restore point restore wrong, it names each one that
+cannot be fully restored and what it lacks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from blocktrail.pipeline import read_ahead
+from blocktrail.repo import index as index_file
+from blocktrail.repo.errors import ChunkCorrupt, RepositoryError
+from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST, open_envelope
+from blocktrail.repo.packs import Location, read_trailer, walk_envelopes
+from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
+from blocktrail.repo.sink import PackSink
+from blocktrail.repo.writer import TABLE_PAGES
+
+if TYPE_CHECKING:
+    from blocktrail.repo.repository import Repository
+
+ADVICE = ("A backup of the disk stores again every chunk its source still has (the next "
+          "restore point is whole); `blocktrail verify POINT --against SOURCE --heal` stores "
+          "a point's lost chunks again from its source. A point whose page or page table is "
+          "lost cannot be healed: take a new backup, then forget it.")
+
+
+@dataclass(frozen=True, slots=True)
+class UnrestorablePoint:
+    point_id: str
+    missing: tuple[str, ...]  # what it lacks: "chunk <digest> at disk offset N", ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"point": self.point_id, "missing": list(self.missing)}
+
+
+@dataclass(frozen=True, slots=True)
+class RepairReport:
+    packs_read: int
+    objects_intact: int
+    damaged: tuple[DamagedCopy, ...]  # put in quarantine
+    damaged_trailers: tuple[str, ...]  # packs whose objects were copied to a new pack, deleted
+    objects_copied: int
+    index_files_replaced: int
+    damaged_index_files: tuple[str, ...]
+    temp_files_deleted: int
+    quarantine_released: int  # records of copies that read intact now
+    points: int
+    unrestorable: tuple[UnrestorablePoint, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every restore point can be restored whole."""
+        return not self.unrestorable
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "packs_read": self.packs_read,
+                "objects_intact": self.objects_intact,
+                "damaged_objects": [c.to_json() for c in self.damaged],
+                "damaged_trailers": list(self.damaged_trailers),
+                "objects_copied": self.objects_copied,
+                "index_files_replaced": self.index_files_replaced,
+                "damaged_index_files": list(self.damaged_index_files),
+                "temp_files_deleted": self.temp_files_deleted,
+                "quarantine_released": self.quarantine_released, "points": self.points,
+                "unrestorable_points": [u.to_json() for u in self.unrestorable],
+                "advice": None if self.ok else ADVICE}
+
+
+@dataclass
+class _PackScan:
+    intact: list[tuple[bytes, Location]]
+    damaged: list[DamagedCopy]
+    trailer_problem: str | None
+    salvage: list[tuple[bytes, bytes, int]]  # name, envelope, plain length
+
+
+def repair_repository(repo: Repository) -> RepairReport:
+    lock = repo.lock(exclusive=True, what="repair the repository")
+    try:
+        return _repair_locked(repo)
+    finally:
+        lock.release()
+
+
+def _repair_locked(repo: Repository) -> RepairReport:
+    damaged_index_files = tuple(n for n, _ in repo.reload_index().damaged_files)
+    old_index_files = repo.list_files("index", ".idx")
+    pack_ids = sorted(repo.pack_ids())
+    repo.close_handles()
+    intact: dict[bytes, Location] = {}
+    damaged: list[DamagedCopy] = []
+    bad_trailers: list[str] = []
+    salvage: dict[bytes, tuple[bytes, int]] = {}
+    scans = read_ahead(pack_ids, lambda p: _scan_pack(repo, p), window=4, executor=repo.pool)
+    for pack_id, scan in zip(pack_ids, scans, strict=True):
+        for name, loc in scan.intact:
+            intact.setdefault(name, loc)
+        damaged += scan.damaged
+        if scan.trailer_problem is not None:
+            bad_trailers.append(pack_id)
+            for name, envelope, plain_length in scan.salvage:
+                salvage.setdefault(name, (envelope, plain_length))
+    for copy in damaged:
+        repo.quarantine(copy)
+    copied = _copy_out(repo, intact, salvage, old_index_files)
+    for pack_id in bad_trailers:  # its intact objects are in a new pack, no index names it
+        repo.delete_pack(pack_id)
+    released = 0
+    for key in repo.quarantined():
+        if _is_intact_copy(intact, key) or key[1] in bad_trailers:
+            repo.release_quarantine(key)  # read whole and intact just now, or its pack gone
+            released += key[1] not in bad_trailers
+    temp_deleted = repo.delete_temp_files()
+    index = repo.reload_index()
+    points, damaged_manifests = repo.scan_points()
+    unrestorable = [UnrestorablePoint(name.removesuffix(".json"), (f"its manifest: {message}",))
+                    for name, message in damaged_manifests]
+    for point in points:
+        missing = _missing_of(repo, point, index.get)
+        if missing:
+            unrestorable.append(UnrestorablePoint(point.id, tuple(missing)))
+    return RepairReport(
+        packs_read=len(pack_ids), objects_intact=len(index), damaged=tuple(damaged),
+        damaged_trailers=tuple(bad_trailers), objects_copied=copied,
+        index_files_replaced=len(old_index_files), damaged_index_files=damaged_index_files,
+        temp_files_deleted=temp_deleted, quarantine_released=released,
+        points=len(points) + len(damaged_manifests),
+        unrestorable=tuple(sorted(unrestorable, key=lambda u: u.point_id)))
+
+
+def _is_intact_copy(intact: dict[bytes, Location], key: CopyKey) -> bool:
+    loc = intact.get(key[0])
+    return loc is not None and (loc.pack_id, loc.offset) == (key[1], key[2])
+
+
+def _copy_out(repo: Repository, intact: dict[bytes, Location],
+              salvage: dict[bytes, tuple[bytes, int]], old_index_files: list[str]) -> int:
+    """Copy the salvaged objects no intact pack holds to new packs, write the fresh index file,
+    then delete the old ones. -> objects copied."""
+    consequence = "the index files were not changed"
+    sink = PackSink(repo, lambda name: name in intact, consequence=consequence)
+    try:
+        for name, (envelope, plain_length) in sorted(salvage.items()):
+            sink.add(name, envelope, plain_length)
+        copied = sink.finish_packs()
+        intact.update(copied)
+        repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(intact), consequence)
+        sink.named_elsewhere()
+    finally:
+        sink.close()
+    for old in old_index_files:
+        repo.fio.unlink(repo.join("index", old))
+    repo.fio.fsync_dir(repo.join("index"))
+    return len(copied)
+
+
+def _scan_pack(repo: Repository, pack_id: str) -> _PackScan:
+    """Read a pack whole and check every object in it (found by its trailer, or, when the
+    trailer is damaged, by walking the envelopes)."""
+    where = f"pack {pack_id}"
+    data = repo.fio.read_file(repo.pack_path(pack_id))
+    try:
+        entries, trailer_problem = read_trailer(data, where), None
+    except ChunkCorrupt as exc:
+        entries, trailer_problem = walk_envelopes(data), exc.message
+    scan = _PackScan([], [], trailer_problem, [])
+    for name, offset, length in entries:
+        envelope = data[offset : offset + length]
+        kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
+        try:
+            plain = open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in "
+                                  f"{where} at offset {offset}")
+        except ChunkCorrupt as exc:
+            scan.damaged.append(DamagedCopy(name, kind, pack_id, offset, length, exc.message))
+            continue
+        if trailer_problem is None:
+            scan.intact.append((name, Location(pack_id, offset, length, len(plain))))
+        else:
+            scan.salvage.append((name, envelope, len(plain)))
+    return scan
+
+
+Locate = Callable[[bytes], Location | None]
+
+
+def _missing_of(repo: Repository, point: RestorePoint, locate: Locate) -> list[str]:
+    """What the point needs that has no intact copy, with the disk range it covers."""
+    page_bytes = point.chunk_size * point.page_chunks
+    missing: list[str] = []
+    for table_no, table in enumerate(point.tables):
+        first_page = table_no * TABLE_PAGES
+        if locate(bytes.fromhex(table)) is None:
+            missing.append(f"page table {table} (disk bytes {first_page * page_bytes}-"
+                           f"{min(point.size_bytes, (first_page + TABLE_PAGES) * page_bytes)})")
+            continue
+        try:
+            plain = repo.read_page(table, point.id, KIND_TABLE)
+        except RepositoryError as exc:
+            missing.append(exc.message)
+            continue
+        for slot in range(0, len(plain), 32):
+            page_no = first_page + slot // 32
+            missing += _missing_in_page(repo, point, plain[slot : slot + 32].hex(), page_no,
+                                        locate)
+    return missing
+
+
+def _missing_in_page(repo: Repository, point: RestorePoint, page: str, page_no: int,
+                     locate: Locate) -> list[str]:
+    cs, pc = point.chunk_size, point.page_chunks
+    start = page_no * pc * cs
+    if locate(bytes.fromhex(page)) is None:
+        return [f"page {page} (disk bytes {start}-{min(point.size_bytes, start + pc * cs)})"]
+    try:
+        plain = repo.read_page(page, point.id)
+    except RepositoryError as exc:
+        return [exc.message]
+    missing = []
+    for slot in range(0, len(plain), 32):
+        name = plain[slot : slot + 32]
+        if name != ZERO_DIGEST and locate(name) is None:
+            missing.append(f"chunk {name.hex()} at disk offset {start + slot // 32 * cs}")
+    return missing

@@ -1,0 +1,276 @@
+"""Damaged copies go to quarantine and are never used again; a spare copy is used instead; the
+chunk index ignores deleted packs; prune frees space before it writes; a failed backup leaves
+nothing behind but what an index file names."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from blocktrail.errors import NoSpace
+from blocktrail.fileio import OsFileIO
+from blocktrail.repo import Repository, RestorePoint, RetentionPolicy
+from blocktrail.repo import quarantine as q
+from blocktrail.repo.errors import ObjectMissing, RepositoryError, RepositoryNoSpace
+from repodamage import flip, index_file_naming, object_file, repo_files
+
+CS = 64 * 1024
+
+
+def image(seed: int, chunks: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(CS) for _ in range(chunks)]
+
+
+def store(repo: Repository, disk_id: str, chunks: list[bytes]) -> RestorePoint:
+    writer = repo.begin(disk_id, len(chunks) * CS, None)
+    for i, data in enumerate(chunks):
+        writer.put_chunk(i, data)
+    return writer.commit(kind="full", change_id=None)
+
+
+def restored(repo: Repository, point: RestorePoint, tmp: Path) -> bytes:
+    target = tmp / "r.raw"
+    repo.restore(point.id, str(target))
+    return target.read_bytes()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(tmp_path / "repo")
+
+
+def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Path) -> None:
+    chunks = image(1, 4)  # two processes that cannot see each other's chunks yet:
+    first = repo.begin("a", 4 * CS, None)  # the same content is stored twice
+    second = Repository.open(tmp_path / "repo").begin("b", 4 * CS, None)
+    for writer in (first, second):
+        for i, data in enumerate(chunks):
+            writer.put_chunk(i, data)
+    a = first.commit(kind="full", change_id=None)
+    b = second.commit(kind="full", change_id=None)
+    fresh = Repository.open(tmp_path / "repo")
+    name = fresh.chunk_digests(a.id, [2])[2]
+    assert name is not None
+    loc = fresh.index[name]
+    flip(object_file(tmp_path / "repo", loc), loc.offset + 48 + 7)
+    assert restored(fresh, b, tmp_path) == b"".join(chunks)  # read the other copy
+    records = os.listdir(tmp_path / "repo" / "quarantine")
+    assert records == [q.record_name((name, loc.pack_id, loc.offset))]
+    record = json.loads((tmp_path / "repo" / "quarantine" / records[0]).read_bytes())
+    assert record["digest"] == name.hex() and record["kind"] == "chunk"
+    reopened = Repository.open(tmp_path / "repo")
+    assert reopened.index[name] != loc  # the damaged copy is never used again
+    report = reopened.check(read_data=True)
+    assert report.ok and report.quarantined_before == 1
+
+
+def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
+                                                               tmp_path: Path) -> None:
+    chunks = image(2, 3)
+    writers = [Repository.open(tmp_path / "repo").begin(d, 3 * CS, None) for d in "ab"]
+    for writer in writers:
+        for i, data in enumerate(chunks):
+            writer.put_chunk(i, data)
+    points = [w.commit(kind="full", change_id=None) for w in writers]
+    name = repo.chunk_digests(points[0].id, [0])[0]
+    assert name is not None
+    loc = repo.index[name]
+    flip(object_file(tmp_path / "repo", loc), loc.offset + 60)
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert [(p.kind, p.name, p.affected_points) for p in report.problems] == [
+        ("chunk", name.hex(), ())]
+    assert "intact copy is used" in report.problems[0].detail
+    assert Repository.open(tmp_path / "repo").check(read_data=True).ok  # set aside for good
+
+
+def test_a_record_is_its_name(repo: Repository, tmp_path: Path) -> None:
+    point = store(repo, "d", image(3, 2))
+    name = repo.chunk_digests(point.id, [1])[1]
+    assert name is not None
+    loc = repo.index[name]
+    record = tmp_path / "repo" / "quarantine" / q.record_name((name, loc.pack_id, loc.offset))
+    record.write_bytes(b"not even json")  # a damaged record still quarantines its copy
+    fresh = Repository.open(tmp_path / "repo")
+    assert not fresh.has_chunk(name) and name in fresh.lost_objects()
+    with pytest.raises(ObjectMissing, match="damaged and in quarantine"):
+        fresh.restore(point.id, str(tmp_path / "x.raw"))
+    assert q.parse_record_name(record.name) == (name, loc.pack_id, loc.offset)
+    for bad in ("x.json", f"{name.hex()}-{loc.pack_id}-01.json", record.name + ".tmp"):
+        assert q.parse_record_name(bad) is None
+
+
+@pytest.mark.parametrize("where", ["envelope zero byte", "trailer zero field"])
+def test_reserved_bytes_must_be_zero(repo: Repository, tmp_path: Path, where: str) -> None:
+    point = store(repo, "d", image(4, 2))
+    name = repo.chunk_digests(point.id, [0])[0]
+    assert name is not None
+    loc = repo.index[name]
+    pack = object_file(tmp_path / "repo", loc)
+    if where == "envelope zero byte":
+        flip(pack, loc.offset + 7)
+        expected = {("chunk", name.hex())}
+    else:
+        flip(pack, pack.stat().st_size - 8 - 4)  # the last trailer entry's zero field
+        expected = {("pack", loc.pack_id)}
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert {(p.kind, p.name) for p in report.problems} == expected
+
+
+def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: Path) -> None:
+    old, new = image(5, 3), image(6, 3)
+    a = store(repo, "a", old)
+    b = store(repo, "b", new)
+    name = repo.chunk_digests(a.id, [0])[0]
+    assert name is not None
+    object_file(tmp_path / "repo", repo.index[name]).unlink()  # as a prune killed midway
+    fresh = Repository.open(tmp_path / "repo")
+    assert not fresh.has_chunk(name)
+    report = fresh.check()
+    assert [(p.kind, p.affected_points) for p in report.problems] == [("table", (a.id,))]
+    assert "is missing" in report.problems[0].detail
+    assert restored(fresh, b, tmp_path) == b"".join(new)
+    again = store(fresh, "a", old)  # nothing deduplicates against the deleted pack
+    assert again.stats["new_chunks"] == 3
+    assert restored(Repository.open(tmp_path / "repo"), again, tmp_path) == b"".join(old)
+
+
+def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository,
+                                                           tmp_path: Path) -> None:
+    a = store(repo, "a", image(7, 2))
+    b = store(repo, "b", image(8, 2))
+    name = repo.chunk_digests(a.id, [0])[0]
+    assert name is not None
+    flip(index_file_naming(tmp_path / "repo", name), 30)
+    fresh = Repository.open(tmp_path / "repo")
+    assert restored(fresh, b, tmp_path)  # the other index file still loads
+    report = fresh.check()
+    index_problems = [p for p in report.problems if p.kind == "index"]
+    assert len(index_problems) == 1 and index_problems[0].affected_points == (a.id,)
+    with pytest.raises(RepositoryError, match="repo repair"):
+        fresh.prune()
+    assert fresh.repair().ok
+    assert Repository.open(tmp_path / "repo").check(read_data=True).ok
+
+
+class FailIndexWrites(OsFileIO):
+    """ENOSPC for index files (a file system too full for one more file); records unlinks."""
+
+    def __init__(self) -> None:
+        self.unlinked: list[str] = []
+
+    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+        if path.endswith(".idx"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().replace_atomic(path, data)
+
+    def unlink(self, path: str) -> None:
+        self.unlinked.append(path)
+        super().unlink(path)
+
+
+def test_prune_frees_space_before_it_writes(repo: Repository, tmp_path: Path) -> None:
+    old = store(repo, "d", image(9, 8))
+    kept = store(repo, "d", image(10, 8))
+    repo.forget(RetentionPolicy(keep_last=1))
+    (tmp_path / "repo" / "packs" / "ab").mkdir(exist_ok=True)
+    (tmp_path / "repo" / "packs" / "ab" / "ab01.pack.tmp").write_bytes(b"half a pack")
+    fio = FailIndexWrites()
+    with pytest.raises(RepositoryNoSpace, match="unused packs deleted first freed"):
+        Repository.open(tmp_path / "repo", fio).prune()
+    assert any(p.endswith(".pack") for p in fio.unlinked)  # the dead pack went first
+    fresh = Repository.open(tmp_path / "repo")
+    assert fresh.check(read_data=True).ok
+    assert restored(fresh, kept, tmp_path) == b"".join(image(10, 8))
+    report = fresh.prune()  # space is there now
+    assert report.temp_files_deleted == 1 and report.index_files_replaced == 2
+    assert not any("tmp" in f for f in repo_files(tmp_path / "repo"))
+    assert old.id not in {p.id for p in fresh.points()}
+
+
+def test_prune_deletes_the_records_of_the_packs_it_deletes(repo: Repository,
+                                                           tmp_path: Path) -> None:
+    old = store(repo, "d", image(11, 2))
+    store(repo, "d", image(12, 2))
+    name = repo.chunk_digests(old.id, [0])[0]
+    assert name is not None
+    loc = repo.index[name]
+    flip(object_file(tmp_path / "repo", loc), loc.offset + 100)
+    assert not repo.check(read_data=True).ok
+    assert len(os.listdir(tmp_path / "repo" / "quarantine")) == 1
+    repo.forget(RetentionPolicy(keep_last=1))
+    assert repo.prune().quarantine_records_deleted == 1
+    assert os.listdir(tmp_path / "repo" / "quarantine") == []
+    assert repo.check(read_data=True).ok
+
+
+def test_a_failed_backup_leaves_no_pack_behind(repo: Repository, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("blocktrail.repo.sink.PACK_TARGET_BYTES", 4 * CS)
+    before = repo_files(tmp_path / "repo")
+    writer = repo.begin("d", 40 * CS, None)
+    for i, data in enumerate(image(13, 30)):
+        writer.put_chunk(i, data)
+    writer.close()  # the source failed: given up before the commit
+    assert repo_files(tmp_path / "repo") == before
+    point = store(repo, "d", image(14, 3))
+    assert restored(repo, point, tmp_path) == b"".join(image(14, 3))
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
+def test_a_backup_whose_manifest_fails_keeps_its_indexed_packs(tmp_path: Path,
+                                                               error: int) -> None:
+    class NoManifests(OsFileIO):
+        def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+            if "/points/" in path:
+                raise OSError(error, os.strerror(error))
+            super().replace_atomic(path, data)
+
+    Repository.init(tmp_path / "repo").close()
+    with pytest.raises(NoSpace, match="nothing was published"):
+        store(Repository.open(tmp_path / "repo", NoManifests()), "d", image(15, 3))
+    fresh = Repository.open(tmp_path / "repo")
+    report = fresh.check(read_data=True)
+    assert report.ok and report.unreferenced_files == 1 and fresh.points() == []
+    assert fresh.prune().packs_deleted == 1
+
+
+def test_a_full_restore_target_is_no_space(repo: Repository, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    point = store(repo, "d", image(16, 4))
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("blocktrail.repo.repository.os.pwrite", full)
+    target = tmp_path / "out" / "disk.raw"
+    target.parent.mkdir()
+    with pytest.raises(NoSpace, match=r"restore target .* is full.*nothing was left"):
+        repo.restore(point.id, str(target))
+    assert os.listdir(target.parent) == []
+
+
+def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
+                                                                  tmp_path: Path) -> None:
+    point = store(repo, "d", image(17, 3))
+    name = repo.chunk_digests(point.id, [0])[0]
+    assert name is not None
+    loc = repo.index[name]
+    pack = object_file(tmp_path / "repo", loc)
+    flip(pack, loc.offset)  # the envelope's magic: found and put in quarantine
+    assert [p.kind for p in repo.check(read_data=True).problems] == ["chunk"]
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert report.affected_points == {point.id} and report.quarantined_before == 1
+    assert [p.kind for p in report.problems] == ["chunk"]  # the known damage, nothing more
+    data = pack.read_bytes()
+    count = int.from_bytes(data[-8:-4], "little")
+    entry = len(data) - 8 - count * 48 + next(
+        i * 48 for i in range(count) if data[len(data) - 8 - count * 48 + i * 48:][:32] == name)
+    flip(pack, entry + 5)  # now that copy's trailer entry too: no index entry names it
+    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    assert ("pack", loc.pack_id) in {(p.kind, p.name) for p in report.problems}
