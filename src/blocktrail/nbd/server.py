@@ -43,7 +43,7 @@ from blocktrail.nbd.proto import (
     ServerConnection,
 )
 from blocktrail.nbd.proto.errors import NbdError
-from blocktrail.nbd.proto.server import StartTls, TlsMode
+from blocktrail.nbd.proto.events import StartTls, TlsMode
 from blocktrail.nbd.tls import ServerTlsContext, TlsSession
 from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
 

@@ -25,7 +25,6 @@ requires TLS from a client without it raises `TlsRequiredByServer`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import Enum, auto
 
 from blocktrail.nbd.proto.constants import (
@@ -46,37 +45,22 @@ from blocktrail.nbd.proto.errors import (
     TlsNotOffered,
     TlsRequiredByServer,
 )
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    BlockSize,
+    ClientEvent,
+    Disconnect,
+    NeedData,
+    Ready,
+    StartTls,
+    TlsMode,
+    block_size_problem,
+)
 from blocktrail.nbd.proto.transmission import RECEIVE_SIZE, Transmission
-from blocktrail.nbd.proto.transmission import BlockStatus as BlockStatus
-from blocktrail.nbd.proto.transmission import ReadChunk as ReadChunk
-from blocktrail.nbd.proto.transmission import ReplyChunk as ReplyChunk
-from blocktrail.nbd.proto.transmission import ReplyDone as ReplyDone
 
 _OPTION_REPLY = struct.Struct(">QIII")
 _BLOCK_SIZE = struct.Struct(">III")
 MAX_OPTION_REPLY = 64 * 1024
-DEFAULT_MAX_BLOCK = 32 * 1024 * 1024  # the spec's advice when the server states no maximum
-NO_MAX_BLOCK = 0xFFFFFFFF
-
-
-@dataclass(frozen=True, slots=True)
-class BlockSize:
-    """The server's block size constraints (NBD_INFO_BLOCK_SIZE); without them, the spec's
-    defaults: any alignment, 4 KiB preferred, at most 32 MiB a request."""
-
-    minimum: int = 1
-    preferred: int = 4096
-    maximum: int = DEFAULT_MAX_BLOCK
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    size_bytes: int
-    transmission_flags: int
-    contexts: dict[int, str]  # context id -> name the server agreed to
-    structured_replies: bool = True
-    block_size: BlockSize = BlockSize()
 
 
 class _State(Enum):
@@ -85,9 +69,6 @@ class _State(Enum):
     TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
     TRANSMISSION = auto()
     CLOSED = auto()
-
-
-ClientEvent = Ready | ReadChunk | ReplyChunk | BlockStatus | ReplyDone | Disconnect | StartTls
 
 
 class ClientConnection:
@@ -147,7 +128,7 @@ class ClientConnection:
         else:
             self.receive_data(self._scratch[:nbytes])
 
-    def next_event(self) -> ClientEvent | object:
+    def next_event(self) -> ClientEvent | NeedData:
         try:
             while True:
                 if self._state is _State.CLOSED:
@@ -178,7 +159,7 @@ class ClientConnection:
         self._state = _State.OPTIONS
         self._negotiate()
 
-    def _need(self) -> object:
+    def _need(self) -> NeedData:
         if self._eof:  # transmission's EOF is Transmission's
             self._state = _State.CLOSED
             raise RemoteProtocolError("the server closed the connection mid-exchange")
@@ -314,15 +295,9 @@ def _block_size(data: bytes) -> BlockSize:
     if len(data) != 2 + _BLOCK_SIZE.size:
         raise RemoteProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
     minimum, preferred, maximum = _BLOCK_SIZE.unpack_from(data, 2)
-
-    def power_of_two(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    if not (power_of_two(minimum) and minimum <= 64 * 1024 and power_of_two(preferred)
-            and preferred >= minimum and maximum >= minimum
-            and (maximum % minimum == 0 or maximum == NO_MAX_BLOCK)):
-        raise RemoteProtocolError(f"invalid block size constraints: minimum {minimum}, "
-                                  f"preferred {preferred}, maximum {maximum}")
+    problem = block_size_problem(minimum, preferred, maximum)
+    if problem is not None:
+        raise RemoteProtocolError(problem)
     return BlockSize(minimum, preferred, maximum)
 
 

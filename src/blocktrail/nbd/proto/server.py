@@ -52,83 +52,29 @@ from blocktrail.nbd.proto.constants import (
     TransmissionFlag,
 )
 from blocktrail.nbd.proto.errors import LocalProtocolError, RemoteProtocolError
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    InvalidRequest,
+    NeedData,
+    Request,
+    ServerEvent,
+    StartTls,
+    TlsMode,
+)
 
 _OPTION = struct.Struct(">QII")
 _REQUEST = struct.Struct(">IHHQQI")
 
 
-@dataclass(frozen=True, slots=True)
-class ExportInfo:
-    name: str
-    size_bytes: int
-    read_only: bool
-    description: str = ""
-    contexts: tuple[str, ...] = ()  # meta contexts; a name ending in ":" is an open namespace
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = MAX_PAYLOAD
-
-
 class ExportCatalog(Protocol):
+    """Where the server core finds exports: by name, and all of them for NBD_OPT_LIST."""
+
     def lookup(self, name: str) -> ExportInfo | None: ...
 
     def names(self) -> list[str]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ExportChosen:
-    export: ExportInfo
-    structured_replies: bool
-    contexts: dict[int, str]  # context id -> name, as negotiated with SET_META_CONTEXT
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    cookie: int
-    command: Command
-    flags: CommandFlag
-    offset: int
-    length: int
-    data: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidRequest:
-    """A request the server must refuse with an error reply (the connection goes on)."""
-
-    cookie: int
-    command: int
-    errno: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """STARTTLS was acknowledged: send `data_to_send()` in plaintext, run the TLS handshake,
-    then call `tls_established()` (or close the connection if the handshake fails)."""
-
-
-class TlsMode(Enum):
-    """Whether a connection uses TLS: OFF (STARTTLS is refused / not asked for), ALLOW (used
-    when the peer wants it), REQUIRE (nothing but STARTTLS and ABORT before TLS; a client gives
-    up rather than go on in plaintext)."""
-
-    OFF = auto()
-    ALLOW = auto()
-    REQUIRE = auto()
-
-
-class _NeedData(Enum):
-    NEED_DATA = auto()
-
-
-NEED_DATA = _NeedData.NEED_DATA
-Event = ExportChosen | Request | InvalidRequest | Disconnect | StartTls
 
 
 class State(Enum):
@@ -178,7 +124,7 @@ class ServerConnection:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> ServerEvent | NeedData:
         try:
             while True:
                 if self.state is State.CLOSED:
@@ -201,7 +147,7 @@ class ServerConnection:
             self.state = State.CLOSED
             raise
 
-    def _need(self) -> _NeedData | Disconnect:
+    def _need(self) -> NeedData | Disconnect:
         if self._eof:
             if len(self._in) > self._pos or self.state is not State.TRANSMISSION:
                 self.state = State.CLOSED
@@ -230,7 +176,7 @@ class ServerConnection:
         self.state = State.OPTIONS
         return True
 
-    def _option(self) -> Event | bool | None:
+    def _option(self) -> ServerEvent | bool | None:
         if len(self._in) < _OPTION.size:
             return None
         magic, option, length = _OPTION.unpack_from(self._in)
@@ -251,7 +197,7 @@ class ServerConnection:
         self._reply(option, kind, message.encode())
         return True
 
-    def _handle_option(self, option: int, data: bytes) -> Event | bool:
+    def _handle_option(self, option: int, data: bytes) -> ServerEvent | bool:
         if option == Option.STARTTLS:
             return self._starttls(data)
         if self._tls is TlsMode.REQUIRE and not self.tls_active and option != Option.ABORT:
@@ -304,7 +250,7 @@ class ServerConnection:
         self.state = State.TLS_HANDSHAKE
         return StartTls()
 
-    def _export_name(self, data: bytes) -> Event:
+    def _export_name(self, data: bytes) -> ServerEvent:
         export = self._lookup(data)
         if export is None:
             raise RemoteProtocolError("unknown export requested with EXPORT_NAME")
@@ -321,7 +267,7 @@ class ServerConnection:
         except UnicodeDecodeError:
             return None
 
-    def _info_or_go(self, option: int, data: bytes) -> Event | bool:
+    def _info_or_go(self, option: int, data: bytes) -> ServerEvent | bool:
         if len(data) < 6:
             return self._error(option, OptionReply.ERR_INVALID, "truncated INFO/GO request")
         (name_length,) = struct.unpack_from(">I", data)
@@ -383,7 +329,7 @@ class ServerConnection:
 
     # ------------------------------------------------------------------ transmission
 
-    def _request(self) -> Event | _NeedData:
+    def _request(self) -> ServerEvent | NeedData:
         # Requests are parsed at a read position, and the buffer is compacted once per batch
         # (not once per request: a batch of many small requests would move the buffer often).
         pos = self._pos
@@ -416,7 +362,7 @@ class ServerConnection:
             return Disconnect()
         return Request(cookie, command, CommandFlag(flags), offset, length, data)
 
-    def _compact_and_need(self) -> _NeedData | Disconnect:
+    def _compact_and_need(self) -> NeedData | Disconnect:
         if self._pos:
             del self._in[: self._pos]
             self._pos = 0
