@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blocktrail.disk.readmap import MappedRead, ReadSegment
-from blocktrail.nbd.exports import DiskCatalog, RequestFailed, Target
+from blocktrail.nbd.exports import DiskCatalog, Target
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,
@@ -42,7 +42,7 @@ from blocktrail.nbd.proto import (
     Request,
     ServerConnection,
 )
-from blocktrail.nbd.proto.errors import NbdError
+from blocktrail.nbd.proto.errors import NbdError, RequestFailed
 from blocktrail.nbd.proto.events import StartTls, TlsMode
 from blocktrail.nbd.tls import ServerTlsContext, TlsSession
 from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
@@ -257,7 +257,7 @@ class _Connection:
         if request.command is Command.READ:
             try:
                 if request.length == 0:
-                    raise RequestFailed(Errno.EINVAL, "READ of 0 bytes")
+                    raise RequestFailed("READ of 0 bytes", errno=Errno.EINVAL)
                 mapped = target.map_read(request.length, request.offset, wait=False)
             except RequestFailed as failure:
                 self._reply_error(request.cookie, failure.errno, failure.message, size)
