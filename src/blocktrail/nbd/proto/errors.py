@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError, ChangeIdError, ExitCode
+from blocktrail.errors import BlocktrailError, ExitCode
 
 
 class NbdError(BlocktrailError):
@@ -61,8 +61,3 @@ class ServerUnreachable(NbdError):
     """No NBD server answers at the address given."""
 
     exit_code = ExitCode.UNREACHABLE
-
-
-class DirtyBitmapUnavailable(ChangeIdError):
-    """The changed areas cannot be read from an NBD dirty bitmap (none was named, the server did
-    not agree to the context, or answered it with an error): the backup must read everything."""
