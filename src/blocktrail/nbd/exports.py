@@ -211,6 +211,10 @@ class DiskCatalog:
             return None
         return Target(disk, snapshot or None)
 
+    def open(self, name: str) -> Target | None:
+        """The export a connection that chose ``name`` uses (the server's `Catalog`)."""
+        return self.target(name)
+
     def lookup(self, name: str) -> ExportInfo | None:
         target = self.target(name)
         if target is None:

@@ -1,10 +1,12 @@
-"""The asyncio NBD server: exports disks (`DiskCatalog`) on a listening socket.
+"""The asyncio NBD server: serves a `Catalog` of exports (`blocktrail.nbd.export`) on listening
+sockets; it knows nothing of what stands behind an export.
 
 Each connection is a coroutine on the event loop that receives and parses requests (the
 sans-IO `ServerConnection`), plus a `Wire` thread that sends replies. Reads of data at rest are
-answered without copying: the disk maps the range to its layer files and the wire sends them with
-``sendfile``; when a writer holds the disk, or for writes, flushes and block status, the work
-runs on a small thread pool and the reply is queued from there. Replies may leave in any order
+answered without copying: the export maps the range to files and the wire sends them with
+``sendfile``; when the export would have to wait (a writer holds a disk, say), or for writes,
+flushes and block status, the work runs on a small thread pool and the reply is queued from
+there. Replies may leave in any order
 (NBD matches them by cookie); each is sent whole.
 
 TLS (`ServerTls`): STARTTLS with x509 certificates or a PSK, allowed or required. After the
@@ -28,8 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from blocktrail.disk.readmap import MappedRead, ReadSegment
-from blocktrail.nbd.exports import DiskCatalog, Target
+from blocktrail.nbd.export import Catalog, Export, MappedRead, ReadSegment
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,
@@ -72,7 +73,7 @@ class ServerTls:
 class NbdServer:
     """Serve `catalog` on listening sockets until `close`."""
 
-    def __init__(self, catalog: DiskCatalog, limits: ServerLimits = ServerLimits(),
+    def __init__(self, catalog: Catalog, limits: ServerLimits = ServerLimits(),
                  tls: ServerTls | None = None) -> None:
         self.catalog = catalog
         self.limits = limits
@@ -210,7 +211,7 @@ class _Connection:
                 return None
 
     async def _transmit(self, chosen: ExportChosen) -> None:
-        target = self._server.catalog.target(chosen.export.name)
+        target = self._server.catalog.open(chosen.export.name)
         if target is None:
             return
         while True:
@@ -245,7 +246,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ requests
 
-    def _dispatch(self, target: Target, chosen: ExportChosen,
+    def _dispatch(self, target: Export, chosen: ExportChosen,
                   event: Request | InvalidRequest) -> None:
         if isinstance(event, InvalidRequest):
             self._take(0)
@@ -267,12 +268,13 @@ class _Connection:
                 return
         self._server.executor.submit(self._work, target, chosen, request, size)
 
-    def _work(self, target: Target, chosen: ExportChosen, request: Request, size: int) -> None:
+    def _work(self, target: Export, chosen: ExportChosen, request: Request, size: int) -> None:
         """A request that may wait for the disk, on a worker thread."""
         try:
             if request.command is Command.READ:
                 mapped = target.map_read(request.length, request.offset, wait=True)
-                assert mapped is not None
+                if mapped is None:
+                    raise RequestFailed("the export did not map the read", errno=Errno.EIO)
                 self._send_read(request, mapped, size)
             elif request.command is Command.BLOCK_STATUS:
                 self._send_block_status(request, target.block_status(request, chosen.contexts),
@@ -293,7 +295,7 @@ class _Connection:
             if proto.structured_replies and not request.flags & CommandFlag.DF:
                 last = len(mapped.segments) - 1
                 for index, segment in enumerate(mapped.segments):
-                    if segment.is_zero:
+                    if segment.fd is None and segment.data is None:
                         proto.reply_hole(cookie, segment.offset, segment.length,
                                          done=index == last)
                         items.append(proto.data_to_send())
