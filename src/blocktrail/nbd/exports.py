@@ -222,9 +222,11 @@ class DiskCatalog:
         change_ids = [s.change_id for s in target.disk.snapshots]
         contexts = (BASE_ALLOCATION, DIRTY_BITMAP_PREFIX,
                     *(DIRTY_BITMAP_PREFIX + c for c in change_ids))
+        # multi-conn: a disk's flush covers the writes of every thread and connection, and
+        # snapshot exports take no writes
         return ExportInfo(name, target.size_bytes, target.read_only,
                           f"blocktrail disk {name}", contexts, min_block=1,
-                          preferred_block=4096)
+                          preferred_block=4096, multi_conn=True)
 
     def names(self) -> list[str]:
         out: list[str] = []

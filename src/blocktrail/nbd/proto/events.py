@@ -110,6 +110,7 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = MAX_PAYLOAD
+    multi_conn: bool = False
 
     def __post_init__(self) -> None:
         _check_name("export name", self.name)

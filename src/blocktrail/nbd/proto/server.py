@@ -419,7 +419,9 @@ class ServerConnection:
 
 def _transmission_flags(export: ExportInfo) -> int:
     flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-             | TransmissionFlag.SEND_DF | TransmissionFlag.CAN_MULTI_CONN)
+             | TransmissionFlag.SEND_DF)
+    if export.multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
     if export.read_only:
         flags |= TransmissionFlag.READ_ONLY
     else:
