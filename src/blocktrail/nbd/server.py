@@ -292,7 +292,10 @@ class _Connection:
         proto, cookie = self._proto, request.cookie
         items: list[Item] = []
         with self._lock:
-            if proto.structured_replies and not request.flags & CommandFlag.DF:
+            replying = proto.can_reply
+            if not replying:
+                pass
+            elif proto.structured_replies and not request.flags & CommandFlag.DF:
                 last = len(mapped.segments) - 1
                 for index, segment in enumerate(mapped.segments):
                     if segment.fd is None and segment.data is None:
@@ -314,29 +317,43 @@ class _Connection:
                 mapped.close()
                 self._give(size)
 
-            self._wire.send(items, sent)
+            if replying:
+                self._wire.send(items, sent)
+        if not replying:
+            sent()
 
     def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
                            size: int) -> None:
-        with self._lock:
+        def chunks() -> None:
             for index, (context_id, payload) in enumerate(answers):
                 self._proto.reply_chunk(request.cookie, ReplyType.BLOCK_STATUS,
                                         context_id.to_bytes(4, "big") + payload,
                                         done=index == len(answers) - 1)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+        self._reply(chunks, size)
 
     def _reply_done(self, cookie: int, size: int) -> None:
-        with self._lock:
+        def done() -> None:
             if self._proto.structured_replies:
                 self._proto.reply_chunk(cookie, ReplyType.NONE, b"", done=True)
             else:
                 self._proto.reply_simple(cookie)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+        self._reply(done, size)
 
     def _reply_error(self, cookie: int, errno: int, message: str, size: int) -> None:
+        self._reply(lambda: self._proto.reply_error(cookie, errno, message), size)
+
+    def _reply(self, write: Callable[[], None], size: int) -> None:
+        """Queue the reply ``write`` puts in the core; none when a protocol error has ended the
+        connection under the request (nobody reads it any more)."""
         with self._lock:
-            self._proto.reply_error(cookie, errno, message)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+            replying = self._proto.can_reply
+            if replying:
+                write()
+                self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+        if not replying:
+            self._give(size)
 
     # ------------------------------------------------------------------ accounting
 
