@@ -159,6 +159,9 @@ class _Negotiated:
     structured: bool = False
     contexts: dict[int, str] = field(default_factory=dict)
     no_zeroes: bool = False
+    # the catalog's answers, by raw name: a client names its export in several options (SET_
+    # META_CONTEXT, then GO), and one negotiation asks the catalog once per name
+    exports: dict[bytes, ExportInfo | None] = field(default_factory=dict)
 
 
 class ServerConnection:
@@ -442,10 +445,13 @@ class ServerConnection:
     def _lookup(self, raw: bytes) -> ExportInfo | None:
         if len(raw) > MAX_NAME_LENGTH:
             raise RemoteProtocolError("export name too long")
-        try:
-            return self._catalog.lookup(raw.decode())
-        except UnicodeDecodeError:
-            return None
+        known = self._neg.exports
+        if raw not in known:
+            try:
+                known[raw] = self._catalog.lookup(raw.decode())
+            except UnicodeDecodeError:
+                known[raw] = None
+        return known[raw]
 
     def _choose(self, export: ExportInfo) -> ExportChosen:
         self.export = export
@@ -535,17 +541,25 @@ OPTION_HANDLERS: Final[Mapping[int, OptionHandler]] = {
 OPTIONS_BEFORE_TLS: Final = frozenset({Option.STARTTLS, Option.ABORT})
 
 
-def _transmission_flags(export: ExportInfo) -> int:
+def _flags(read_only: bool, multi_conn: bool) -> int:
     flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
              | TransmissionFlag.SEND_DF)
-    if export.multi_conn:
+    if multi_conn:
         flags |= TransmissionFlag.CAN_MULTI_CONN
-    if export.read_only:
+    if read_only:
         flags |= TransmissionFlag.READ_ONLY
     else:
         flags |= (TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
                   | TransmissionFlag.SEND_FAST_ZERO)
     return int(flags)
+
+
+# (read-only, multi-conn) -> transmission flags, worked out once (IntFlag arithmetic is slow)
+_TRANSMISSION_FLAGS: Final = {(r, m): _flags(r, m) for r in (False, True) for m in (False, True)}
+
+
+def _transmission_flags(export: ExportInfo) -> int:
+    return _TRANSMISSION_FLAGS[export.read_only, export.multi_conn]
 
 
 def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]]:
