@@ -46,7 +46,7 @@ from blocktrail.nbd.proto import (
 from blocktrail.nbd.proto.errors import NbdError, RequestFailed
 from blocktrail.nbd.proto.events import StartTls, TlsMode
 from blocktrail.nbd.tls import ServerTlsContext, TlsSession
-from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
+from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 
 log = logging.getLogger(__name__)
 RECEIVE_BYTES = 256 * 1024
@@ -79,6 +79,7 @@ class NbdServer:
         self.limits = limits
         self.tls = tls
         self.executor = ThreadPoolExecutor(limits.disk_threads, thread_name_prefix="nbd-disk")
+        self.senders = SenderThreads("nbd-wire")
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self.refused_connections = 0
@@ -124,7 +125,7 @@ class _Connection:
         self._proto = ServerConnection(server.catalog,
                                        TlsMode.OFF if self._tls is None else self._tls.mode)
         self._lock = threading.Lock()  # the sans-IO core and the accounting below
-        self._wire = Wire(sock)
+        self._wire = Wire(sock, server.senders)
         self._session: TlsSession | None = None
         self._tls_lock = threading.Lock()  # the TLS session: decrypting here, encrypting there
         self._in_flight = 0
@@ -135,7 +136,8 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            chosen = await asyncio.wait_for(self._negotiate(), self._limits.handshake_seconds)
+            async with asyncio.timeout(self._limits.handshake_seconds):
+                chosen = await self._negotiate()
             if chosen is not None:
                 await self._transmit(chosen)
         except (NbdError, TimeoutError, OSError):  # protocol and TLS errors end the connection
@@ -145,7 +147,8 @@ class _Connection:
                 with contextlib.suppress(NbdError), self._tls_lock:
                     self._session.close()  # close_notify, queued behind the last reply
                 self._wire.send([])
-            await asyncio.to_thread(self._wire.close)
+            if not self._wire.close_if_idle():  # else wait for the last replies to go out
+                await asyncio.to_thread(self._wire.close)
             self._sock.close()
 
     async def _receive(self) -> None:
@@ -313,13 +316,13 @@ class _Connection:
                 for segment in mapped.segments:
                     items += _payload(segment)
 
-            def sent() -> None:
-                mapped.close()
-                self._give(size)
+        def sent() -> None:
+            mapped.close()
+            self._give(size)
 
-            if replying:
-                self._wire.send(items, sent)
-        if not replying:
+        if replying:  # outside the lock: a group sent at once runs ``sent`` here
+            self._wire.send(items, sent)
+        else:
             sent()
 
     def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
@@ -345,14 +348,16 @@ class _Connection:
         self._reply(lambda: self._proto.reply_error(cookie, errno, message), size)
 
     def _reply(self, write: Callable[[], None], size: int) -> None:
-        """Queue the reply ``write`` puts in the core; none when a protocol error has ended the
+        """Send the reply ``write`` puts in the core; none when a protocol error has ended the
         connection under the request (nobody reads it any more)."""
         with self._lock:
             replying = self._proto.can_reply
             if replying:
                 write()
-                self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
-        if not replying:
+                out = self._proto.data_to_send()
+        if replying:  # outside the lock: a reply sent at once calls _give here
+            self._wire.send([out], lambda: self._give(size))
+        else:
             self._give(size)
 
     # ------------------------------------------------------------------ accounting
