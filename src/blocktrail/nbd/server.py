@@ -114,6 +114,7 @@ class NbdServer:
             task.cancel()
         await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
         self.executor.shutdown(wait=True)
+        self.senders.close()
 
 
 class _Connection:

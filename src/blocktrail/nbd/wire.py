@@ -55,7 +55,7 @@ class SenderThreads:
     def __init__(self, name: str = "nbd-wire", keep: int = 16) -> None:
         self._name = name
         self._keep = keep
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads that are done and will take the next job at once
 
@@ -74,9 +74,16 @@ class SenderThreads:
         if start:
             threading.Thread(target=self._worker, name=self._name, daemon=True).start()
 
+    def close(self) -> None:
+        """Let the waiting threads end, and the others once their wire is done."""
+        with self._lock:
+            waiting, self._idle, self._keep = self._idle, 0, 0
+        for _ in range(waiting):
+            self._jobs.put(None)
+
     def _worker(self) -> None:
-        while True:
-            self._jobs.get()()
+        while (job := self._jobs.get()) is not None:
+            job()
             with self._lock:
                 if self._idle >= self._keep:
                     return

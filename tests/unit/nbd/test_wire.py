@@ -112,3 +112,9 @@ def test_sender_threads_are_kept_for_the_next_wire(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert len(names) == 1  # one thread served all five, one after the other
+    waiting = threading.active_count()
+    senders.close()  # the waiting thread ends
+    deadline = time.monotonic() + 10
+    while threading.active_count() >= waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == waiting - 1 and senders.idle == 0
