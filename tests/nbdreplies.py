@@ -8,8 +8,7 @@ import random
 import struct
 from collections.abc import Sequence
 
-from blocktrail.nbd.proto import NEED_DATA
-from blocktrail.nbd.proto.client import ClientConnection, Ready
+from blocktrail.nbd.proto import NEED_DATA, ClientConnection, Ready
 from blocktrail.nbd.proto.constants import (
     IHAVEOPT,
     NBDMAGIC,

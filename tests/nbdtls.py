@@ -16,11 +16,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blocktrail.nbd.proto import NEED_DATA, Command, Disconnect, Errno, ReplyType, Request
-from blocktrail.nbd.proto.client import ClientConnection, Ready, ReplyChunk, ReplyDone
-from blocktrail.nbd.proto.server import (
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    ClientConnection,
+    Command,
+    Disconnect,
+    Errno,
     ExportChosen,
     ExportInfo,
+    Ready,
+    ReplyChunk,
+    ReplyDone,
+    ReplyType,
+    Request,
     ServerConnection,
     StartTls,
     TlsMode,

@@ -12,9 +12,15 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blocktrail.nbd.proto import NEED_DATA, Command, Disconnect, RemoteProtocolError
-from blocktrail.nbd.proto.client import ClientConnection
-from blocktrail.nbd.proto.constants import Errno, ReplyType
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    ClientConnection,
+    Command,
+    Disconnect,
+    Errno,
+    RemoteProtocolError,
+    ReplyType,
+)
 from nbdreplies import MODES, chunk, connect, data, error, feed, handshake, hole, simple, status
 
 EXAMPLES = 10_000 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 300

@@ -8,9 +8,15 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blocktrail.nbd.proto import NEED_DATA, Disconnect, RemoteProtocolError, ServerConnection
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    RemoteProtocolError,
+    ServerConnection,
+)
 from blocktrail.nbd.proto.constants import IHAVEOPT, Option
-from blocktrail.nbd.proto.server import ExportChosen, ExportInfo
 
 EXAMPLES = 10_000 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 500
 

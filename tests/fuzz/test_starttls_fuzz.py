@@ -9,11 +9,18 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blocktrail.nbd.proto import NEED_DATA, RemoteProtocolError, ServerConnection
-from blocktrail.nbd.proto.client import ClientConnection
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    ClientConnection,
+    Disconnect,
+    ExportInfo,
+    RemoteProtocolError,
+    ServerConnection,
+    StartTls,
+    TlsError,
+    TlsMode,
+)
 from blocktrail.nbd.proto.constants import IHAVEOPT, OPTION_REPLY_MAGIC, Option, OptionReply
-from blocktrail.nbd.proto.errors import TlsError
-from blocktrail.nbd.proto.server import Disconnect, ExportInfo, StartTls, TlsMode
 
 EXAMPLES = 10_000 if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else 300
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))

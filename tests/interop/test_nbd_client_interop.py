@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from blocktrail.nbd.proto import NEED_DATA, Command, CommandFlag
-from blocktrail.nbd.proto.client import BlockStatus, ClientConnection, Ready, ReplyDone
+from blocktrail.nbd.proto import (
+    NEED_DATA,
+    BlockStatus,
+    ClientConnection,
+    Command,
+    CommandFlag,
+    Ready,
+    ReplyDone,
+)
 from hostproc import require_tools
 
 pytestmark = pytest.mark.interop

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blocktrail.nbd.proto.errors import TlsNotOffered
-from blocktrail.nbd.proto.server import TlsMode
+from blocktrail.nbd.proto import TlsMode, TlsNotOffered
 from blocktrail.nbd.tls import (
     ServerTlsContext,
     TlsConfig,

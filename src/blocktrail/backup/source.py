@@ -11,9 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from blocktrail.errors import InvalidArgument
+from blocktrail.errors import ChangeIdError, InvalidArgument
 from blocktrail.extents import Extent
 from blocktrail.tracking import DiskChangeInfo
+
+
+class DirtyBitmapUnavailable(ChangeIdError):
+    """The changed areas cannot be read from an NBD dirty bitmap (none was named, the server did
+    not agree to the context, or answered it with an error): the backup must read everything."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import click
 from blocktrail.cli.output import printable
 from blocktrail.errors import InvalidArgument
 from blocktrail.host.daemon import Endpoint, HostConfig, serve
-from blocktrail.nbd.proto.server import TlsMode
+from blocktrail.nbd.proto import TlsMode
 from blocktrail.nbd.server import ServerLimits
 from blocktrail.nbd.tls import TlsConfig
 

@@ -23,7 +23,7 @@ from blocktrail.host.api import create_app
 from blocktrail.host.datadir import TOKEN_FILE
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.nbd.exports import DiskCatalog
-from blocktrail.nbd.proto.server import TlsMode
+from blocktrail.nbd.proto import TlsMode
 from blocktrail.nbd.server import NbdServer, ServerLimits, ServerTls
 from blocktrail.nbd.tls import TlsConfig, server_context
 

@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import TypeVar
 
 from blocktrail.nbd.client import DEFAULT_TIMEOUT, Descriptor, NbdClient
-from blocktrail.nbd.proto.client import BlockSize
 from blocktrail.nbd.proto.errors import LocalProtocolError
+from blocktrail.nbd.proto.events import BlockSize
 from blocktrail.nbd.uri import NbdUri
 
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import cast
 
 from blocktrail.errors import InvalidArgument, OutOfRange
-from blocktrail.nbd.proto.client import BlockSize, ClientConnection, Ready
+from blocktrail.nbd.proto.client import ClientConnection
 from blocktrail.nbd.proto.constants import Command, CommandFlag, Errno, TransmissionFlag
 from blocktrail.nbd.proto.errors import (
     CommandNotSupported,
@@ -42,8 +42,18 @@ from blocktrail.nbd.proto.errors import (
     RequestFailed,
     ServerUnreachable,
 )
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
-from blocktrail.nbd.proto.transmission import BlockStatus, ReadChunk, ReplyChunk, ReplyDone
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    BlockSize,
+    BlockStatus,
+    Disconnect,
+    ReadChunk,
+    Ready,
+    ReplyChunk,
+    ReplyDone,
+    StartTls,
+    TlsMode,
+)
 from blocktrail.nbd.tls import ClientTlsContext, TlsConfig, TlsSession, client_context
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters
 

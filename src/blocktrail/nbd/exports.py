@@ -28,20 +28,13 @@ from blocktrail.nbd.proto.constants import (
     STATE_HOLE,
     STATE_ZERO,
 )
+from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.tracking import ALL_ALLOCATED
 
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
 _DESCRIPTOR = np.dtype(">u4")
-
-
-class RequestFailed(Exception):
-    """A request the server answers with an error reply (the connection goes on)."""
-
-    def __init__(self, errno: int, message: str) -> None:
-        super().__init__(message)
-        self.errno, self.message = errno, message
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +62,7 @@ class Target:
         """A command without a data reply: WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE."""
         command, offset, length = request.command, request.offset, request.length
         if command in (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES) and self.read_only:
-            raise RequestFailed(Errno.EPERM, "snapshot exports are read-only")
+            raise RequestFailed("snapshot exports are read-only", errno=Errno.EPERM)
         if command is not Command.FLUSH:
             self.check_range(command, offset, length)
         with _as_reply_errors():
@@ -81,7 +74,8 @@ class Target:
             elif command is Command.WRITE_ZEROES:
                 allocate = bool(request.flags & CommandFlag.NO_HOLE)
                 if allocate and request.flags & CommandFlag.FAST_ZERO:  # zeros are written
-                    raise RequestFailed(Errno.ENOTSUP, "allocated zeros are written, not fast")
+                    raise RequestFailed("allocated zeros are written, not fast",
+                                        errno=Errno.ENOTSUP)
                 self._zero(offset, length, allocate=allocate)
             elif command is Command.CACHE:
                 self._prefetch(offset, length)
@@ -107,17 +101,17 @@ class Target:
     def check_range(self, command: Command, offset: int, length: int) -> None:
         size = self.size_bytes
         if length == 0 and command is not Command.WRITE:
-            raise RequestFailed(Errno.EINVAL, f"{command.name} of 0 bytes")
+            raise RequestFailed(f"{command.name} of 0 bytes", errno=Errno.EINVAL)
         if offset > size or length > size - offset:
             errno = Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) \
                 else Errno.EINVAL
-            raise RequestFailed(errno, f"request {offset}+{length} is outside the export "
-                                       f"({size} bytes)")
+            raise RequestFailed(f"request {offset}+{length} is outside the export ({size} "
+                                f"bytes)", errno=errno)
 
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         """(context id, descriptors) for every negotiated context."""
         if not contexts:
-            raise RequestFailed(Errno.EINVAL, "no meta context was negotiated")
+            raise RequestFailed("no meta context was negotiated", errno=Errno.EINVAL)
         self.check_range(Command.BLOCK_STATUS, request.offset, request.length)
         start, end = request.offset, request.offset + request.length
         one = bool(request.flags & CommandFlag.REQ_ONE)
@@ -128,11 +122,11 @@ class Target:
             elif name.startswith(DIRTY_BITMAP_PREFIX):
                 change_id, inside, outside = name.removeprefix(DIRTY_BITMAP_PREFIX), STATE_DIRTY, 0
             else:
-                raise RequestFailed(Errno.EINVAL, f"unknown meta context {name}")
+                raise RequestFailed(f"unknown meta context {name}", errno=Errno.EINVAL)
             try:  # refused: an error reply, never "clean"
                 payload = self._descriptors(change_id, start, end, inside, outside, one=one)
             except RequestFailed as failure:
-                raise RequestFailed(failure.errno, f"{name}: {failure.message}") from failure
+                raise RequestFailed(f"{name}: {failure.message}", errno=failure.errno) from failure
             out.append((context_id, payload))
         return out
 
@@ -224,6 +218,10 @@ class DiskCatalog:
             return None
         return Target(disk, snapshot if at else None)
 
+    def open(self, name: str) -> Target | None:
+        """The export a connection that chose ``name`` uses (the server's `Catalog`)."""
+        return self.target(name)
+
     def lookup(self, name: str) -> ExportInfo | None:
         target = self.target(name)
         if target is None:
@@ -231,9 +229,11 @@ class DiskCatalog:
         change_ids = [s.change_id for s in target.disk.snapshots]
         contexts = (BASE_ALLOCATION, DIRTY_BITMAP_PREFIX,
                     *(DIRTY_BITMAP_PREFIX + c for c in change_ids))
+        # multi-conn: a disk's flush covers the writes of every thread and connection, and
+        # snapshot exports take no writes
         return ExportInfo(name, target.size_bytes, target.read_only,
                           f"blocktrail disk {name}", contexts, min_block=1,
-                          preferred_block=4096)
+                          preferred_block=4096, multi_conn=True)
 
     def names(self) -> list[str]:
         out: list[str] = []
@@ -251,8 +251,8 @@ def _as_reply_errors() -> Iterator[None]:
     except RequestFailed:
         raise
     except (OutOfRange, ChangeIdError) as exc:
-        raise RequestFailed(Errno.EINVAL, exc.message) from exc
+        raise RequestFailed(exc.message, errno=Errno.EINVAL) from exc
     except BlocktrailError as exc:
-        raise RequestFailed(Errno.EIO, exc.message) from exc
+        raise RequestFailed(exc.message, errno=Errno.EIO) from exc
     except OSError as exc:
-        raise RequestFailed(Errno.EIO, str(exc)) from exc
+        raise RequestFailed(str(exc), errno=Errno.EIO) from exc

@@ -1,10 +1,12 @@
-"""The asyncio NBD server: exports disks (`DiskCatalog`) on a listening socket.
+"""The asyncio NBD server: serves a `Catalog` of exports (`blocktrail.nbd.export`) on listening
+sockets; it knows nothing of what stands behind an export.
 
 Each connection is a coroutine on the event loop that receives and parses requests (the
 sans-IO `ServerConnection`), plus a `Wire` thread that sends replies. Reads of data at rest are
-answered without copying: the disk maps the range to its layer files and the wire sends them with
-``sendfile``; when a writer holds the disk, or for writes, flushes and block status, the work
-runs on a small thread pool and the reply is queued from there. Replies may leave in any order
+answered without copying: the export maps the range to files and the wire sends them with
+``sendfile``; when the export would have to wait (a writer holds a disk, say), or for writes,
+flushes and block status, the work runs on a small thread pool and the reply is queued from
+there. Replies may leave in any order
 (NBD matches them by cookie); each is sent whole.
 
 TLS (`ServerTls`): STARTTLS with x509 certificates or a PSK, allowed or required. After the
@@ -28,8 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from blocktrail.disk.readmap import MappedRead, ReadSegment
-from blocktrail.nbd.exports import DiskCatalog, RequestFailed, Target
+from blocktrail.nbd.export import Catalog, Export, MappedRead, ReadSegment
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,
@@ -42,10 +43,10 @@ from blocktrail.nbd.proto import (
     Request,
     ServerConnection,
 )
-from blocktrail.nbd.proto.errors import NbdError
-from blocktrail.nbd.proto.server import StartTls, TlsMode
+from blocktrail.nbd.proto.errors import NbdError, RequestFailed
+from blocktrail.nbd.proto.events import StartTls, TlsMode
 from blocktrail.nbd.tls import ServerTlsContext, TlsSession
-from blocktrail.nbd.wire import FilePart, Item, Wire, zeros
+from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 
 log = logging.getLogger(__name__)
 RECEIVE_BYTES = 256 * 1024
@@ -72,12 +73,13 @@ class ServerTls:
 class NbdServer:
     """Serve `catalog` on listening sockets until `close`."""
 
-    def __init__(self, catalog: DiskCatalog, limits: ServerLimits = ServerLimits(),
+    def __init__(self, catalog: Catalog, limits: ServerLimits = ServerLimits(),
                  tls: ServerTls | None = None) -> None:
         self.catalog = catalog
         self.limits = limits
         self.tls = tls
         self.executor = ThreadPoolExecutor(limits.disk_threads, thread_name_prefix="nbd-disk")
+        self.senders = SenderThreads("nbd-wire")
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self.refused_connections = 0
@@ -112,6 +114,7 @@ class NbdServer:
             task.cancel()
         await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
         self.executor.shutdown(wait=True)
+        self.senders.close()
 
 
 class _Connection:
@@ -123,7 +126,7 @@ class _Connection:
         self._proto = ServerConnection(server.catalog,
                                        TlsMode.OFF if self._tls is None else self._tls.mode)
         self._lock = threading.Lock()  # the sans-IO core and the accounting below
-        self._wire = Wire(sock)
+        self._wire = Wire(sock, server.senders)
         self._session: TlsSession | None = None
         self._tls_lock = threading.Lock()  # the TLS session: decrypting here, encrypting there
         self._in_flight = 0
@@ -134,7 +137,8 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            chosen = await asyncio.wait_for(self._negotiate(), self._limits.handshake_seconds)
+            async with asyncio.timeout(self._limits.handshake_seconds):
+                chosen = await self._negotiate()
             if chosen is not None:
                 await self._transmit(chosen)
         except (NbdError, TimeoutError, OSError):  # protocol and TLS errors end the connection
@@ -144,7 +148,8 @@ class _Connection:
                 with contextlib.suppress(NbdError), self._tls_lock:
                     self._session.close()  # close_notify, queued behind the last reply
                 self._wire.send([])
-            await asyncio.to_thread(self._wire.close)
+            if not self._wire.close_if_idle():  # else wait for the last replies to go out
+                await asyncio.to_thread(self._wire.close)
             self._sock.close()
 
     async def _receive(self) -> None:
@@ -210,7 +215,7 @@ class _Connection:
                 return None
 
     async def _transmit(self, chosen: ExportChosen) -> None:
-        target = self._server.catalog.target(chosen.export.name)
+        target = self._server.catalog.open(chosen.export.name)
         if target is None:
             return
         while True:
@@ -245,7 +250,7 @@ class _Connection:
 
     # ------------------------------------------------------------------ requests
 
-    def _dispatch(self, target: Target, chosen: ExportChosen,
+    def _dispatch(self, target: Export, chosen: ExportChosen,
                   event: Request | InvalidRequest) -> None:
         if isinstance(event, InvalidRequest):
             self._take(0)
@@ -257,7 +262,7 @@ class _Connection:
         if request.command is Command.READ:
             try:
                 if request.length == 0:
-                    raise RequestFailed(Errno.EINVAL, "READ of 0 bytes")
+                    raise RequestFailed("READ of 0 bytes", errno=Errno.EINVAL)
                 mapped = target.map_read(request.length, request.offset, wait=False)
             except RequestFailed as failure:
                 self._reply_error(request.cookie, failure.errno, failure.message, size)
@@ -267,12 +272,13 @@ class _Connection:
                 return
         self._server.executor.submit(self._work, target, chosen, request, size)
 
-    def _work(self, target: Target, chosen: ExportChosen, request: Request, size: int) -> None:
+    def _work(self, target: Export, chosen: ExportChosen, request: Request, size: int) -> None:
         """A request that may wait for the disk, on a worker thread."""
         try:
             if request.command is Command.READ:
                 mapped = target.map_read(request.length, request.offset, wait=True)
-                assert mapped is not None
+                if mapped is None:
+                    raise RequestFailed("the export did not map the read", errno=Errno.EIO)
                 self._send_read(request, mapped, size)
             elif request.command is Command.BLOCK_STATUS:
                 self._send_block_status(request, target.block_status(request, chosen.contexts),
@@ -290,10 +296,13 @@ class _Connection:
         proto, cookie = self._proto, request.cookie
         items: list[Item] = []
         with self._lock:
-            if proto.structured_replies and not request.flags & CommandFlag.DF:
+            replying = proto.can_reply
+            if not replying:
+                pass
+            elif proto.structured_replies and not request.flags & CommandFlag.DF:
                 last = len(mapped.segments) - 1
                 for index, segment in enumerate(mapped.segments):
-                    if segment.is_zero:
+                    if segment.fd is None and segment.data is None:
                         proto.reply_hole(cookie, segment.offset, segment.length,
                                          done=index == last)
                         items.append(proto.data_to_send())
@@ -308,33 +317,49 @@ class _Connection:
                 for segment in mapped.segments:
                     items += _payload(segment)
 
-            def sent() -> None:
-                mapped.close()
-                self._give(size)
+        def sent() -> None:
+            mapped.close()
+            self._give(size)
 
+        if replying:  # outside the lock: a group sent at once runs ``sent`` here
             self._wire.send(items, sent)
+        else:
+            sent()
 
     def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
                            size: int) -> None:
-        with self._lock:
+        def chunks() -> None:
             for index, (context_id, payload) in enumerate(answers):
                 self._proto.reply_chunk(request.cookie, ReplyType.BLOCK_STATUS,
                                         context_id.to_bytes(4, "big") + payload,
                                         done=index == len(answers) - 1)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+        self._reply(chunks, size)
 
     def _reply_done(self, cookie: int, size: int) -> None:
-        with self._lock:
+        def done() -> None:
             if self._proto.structured_replies:
                 self._proto.reply_chunk(cookie, ReplyType.NONE, b"", done=True)
             else:
                 self._proto.reply_simple(cookie)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+
+        self._reply(done, size)
 
     def _reply_error(self, cookie: int, errno: int, message: str, size: int) -> None:
+        self._reply(lambda: self._proto.reply_error(cookie, errno, message), size)
+
+    def _reply(self, write: Callable[[], None], size: int) -> None:
+        """Send the reply ``write`` puts in the core; none when a protocol error has ended the
+        connection under the request (nobody reads it any more)."""
         with self._lock:
-            self._proto.reply_error(cookie, errno, message)
-            self._wire.send([self._proto.data_to_send()], lambda: self._give(size))
+            replying = self._proto.can_reply
+            if replying:
+                write()
+                out = self._proto.data_to_send()
+        if replying:  # outside the lock: a reply sent at once calls _give here
+            self._wire.send([out], lambda: self._give(size))
+        else:
+            self._give(size)
 
     # ------------------------------------------------------------------ accounting
 

@@ -1,15 +1,16 @@
 """The sending half of an NBD connection, on a thread of its own.
 
 Replies are queued as groups (a header and its data, sent without anything in between) and sent in
-order by one thread per connection. Data that lives in a file goes out with ``sendfile``, from the
+order by one thread per connection (from `SenderThreads`, which keeps the threads of connections
+that ended for the next ones). Data that lives in a file goes out with ``sendfile``, from the
 page cache to the socket without passing through Python; the kernel copy runs outside the GIL,
 beside the event loop that parses the next requests, and a read of cold data blocks this thread,
-not the loop. With TLS the same items are read and encrypted here instead.
-"""
+not the loop. With TLS the same items are read and encrypted here instead."""
 
 from __future__ import annotations
 
 import os
+import queue
 import select
 import socket
 import threading
@@ -46,37 +47,123 @@ def zeros(length: int) -> list[memoryview]:
     return [view[: min(len(_ZEROS), length - at)] for at in range(0, length, len(_ZEROS))]
 
 
+class SenderThreads:
+    """Daemon threads that run wires' sending loops. A thread whose wire is done waits for the
+    next one (up to ``keep`` threads wait), so a new connection does not start a thread: that
+    costs the event loop about 0.3 ms, as `Thread.start` waits until the thread runs."""
+
+    def __init__(self, name: str = "nbd-wire", keep: int = 16) -> None:
+        self._name = name
+        self._keep = keep
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads that are done and will take the next job at once
+
+    @property
+    def idle(self) -> int:
+        """Threads waiting for a wire."""
+        with self._lock:
+            return self._idle
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._worker, name=self._name, daemon=True).start()
+
+    def close(self) -> None:
+        """Let the waiting threads end, and the others once their wire is done."""
+        with self._lock:
+            waiting, self._idle, self._keep = self._idle, 0, 0
+        for _ in range(waiting):
+            self._jobs.put(None)
+
+    def _worker(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+            with self._lock:
+                if self._idle >= self._keep:
+                    return
+                self._idle += 1
+
+
 class Wire:
     """Queue groups with `send`; they go out in order. `close` stops the thread (after sending
-    what is queued when ``flush``)."""
+    what is queued when ``flush``).
 
-    def __init__(self, sock: socket.socket, name: str = "nbd-wire") -> None:
+    A group of bytes that finds nothing queued before it is sent at once by the caller, as far
+    as the socket takes it without waiting; only the rest, file parts, and encrypted groups
+    wait for the thread, which starts with the first of them. So negotiation and small replies
+    cost no thread switch, and a connection that sends nothing else never starts a thread."""
+
+    def __init__(self, sock: socket.socket, senders: SenderThreads | None = None) -> None:
         self._sock = sock
         self._fd = sock.fileno()
+        self._senders = senders
         self._cond = threading.Condition()
         self._queue: deque[tuple[list[Item], Callable[[], None] | None,
                                  Encryptor | None]] = deque()
         self._closing = False
         self._flush_on_close = True
+        self._running = False  # the thread's sending loop has started
+        self._stopped = threading.Event()  # no sending loop runs (none started, or it ended)
+        self._stopped.set()
         self.error: Exception | None = None  # why the wire stopped sending
         self.encryptor: Encryptor | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
     def send(self, items: list[Item], on_sent: Callable[[], None] | None = None, *,
              raw: bool = False) -> None:
-        """Queue one group; ``on_sent`` runs on the wire thread once it is sent, or when it
-        is dropped because the connection failed (it must not raise). Once `encryptor` is set,
-        groups are encrypted, except ``raw`` ones (TLS's own records)."""
+        """Queue one group; ``on_sent`` runs once it is sent (on the caller's thread when it
+        went at once, else on the wire thread), or when it is dropped because the connection
+        failed; it must not raise. Once `encryptor` is set, groups are encrypted, except
+        ``raw`` ones (TLS's own records)."""
         with self._cond:
-            if self._closing or self.error is not None:
-                dropped = True
-            else:
-                dropped = False
-                self._queue.append((items, on_sent, None if raw else self.encryptor))
-                self._cond.notify()
-        if dropped and on_sent is not None:
+            done = self._closing or self.error is not None
+            if not done:
+                encryptor = None if raw else self.encryptor
+                if not self._queue and encryptor is None:
+                    items = self._send_now(items)
+                    done = not items or self.error is not None
+                if not done:
+                    self._queue.append((items, on_sent, encryptor))
+                    self._wake()
+        if done and on_sent is not None:
             on_sent()
+
+    def _send_now(self, items: list[Item]) -> list[Item]:
+        """Send the leading bytes of ``items`` as far as the socket takes them without waiting
+        (file parts are the thread's: reading them may wait for the disk); -> what is left."""
+        views: deque[memoryview] = deque()
+        rest = 0
+        for item in items:
+            if isinstance(item, FilePart):
+                break
+            if len(item):
+                views.append(memoryview(item))
+            rest += 1
+        while views:
+            try:
+                sent = self._sock.sendmsg([views[i] for i in range(min(len(views),
+                                                                         _MAX_GATHER))])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # a dead peer: nothing more goes out
+                self.error = exc
+                return []
+            _consume(views, sent)
+        return [*views, *items[rest:]]
+
+    def _wake(self) -> None:
+        """The thread has a group to send: start it, or tell it (called holding the lock)."""
+        if self._running:
+            self._cond.notify()
+            return
+        self._running = True
+        self._stopped.clear()
+        (self._senders or SenderThreads(keep=0)).run(self._run)
 
     def close(self, *, flush_seconds: float = 5.0) -> None:
         """Stop the thread, after sending what is queued if the peer takes it within
@@ -84,16 +171,31 @@ class Wire:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(flush_seconds)
-        if self._thread.is_alive():
+        if not self._stopped.wait(flush_seconds):
             with self._cond:
                 self._flush_on_close = False
                 self._cond.notify_all()
-            self._thread.join()
+            self._stopped.wait()
+
+    def close_if_idle(self) -> bool:
+        """Stop at once if nothing is queued: True, and the socket is the caller's again (the
+        thread sends nothing more); False, and nothing changed (call `close`, which waits)."""
+        with self._cond:
+            if self._queue:  # a group stays queued until it is sent
+                return False
+            self._closing = True
+            self._cond.notify_all()
+            return True
 
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        try:
+            self._send_queued()
+        finally:
+            self._stopped.set()
+
+    def _send_queued(self) -> None:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
@@ -150,14 +252,7 @@ class Wire:
             except (BlockingIOError, InterruptedError):
                 self._wait_writable()
                 continue
-            while sent:
-                head = views[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    views.popleft()
-                else:
-                    views[0] = head[sent:]
-                    sent = 0
+            _consume(views, sent)
 
     def _send_file(self, part: FilePart) -> None:
         offset, left = part.offset, part.length
@@ -185,6 +280,18 @@ class Wire:
                     if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                         raise ConnectionResetError("the peer closed the connection")
                 return
+
+
+def _consume(views: deque[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes of ``views``."""
+    while sent:
+        head = views[0]
+        if sent >= len(head):
+            sent -= len(head)
+            views.popleft()
+        else:
+            views[0] = head[sent:]
+            sent = 0
 
 
 def _file_bytes(part: FilePart) -> bytes:

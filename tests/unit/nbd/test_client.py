@@ -11,25 +11,25 @@ import pytest
 
 from blocktrail.nbd.proto import (
     NEED_DATA,
+    BlockSize,
+    BlockStatus,
+    ClientConnection,
     Command,
+    CommandFlag,
+    Disconnect,
+    Errno,
     ExportInfo,
+    LocalProtocolError,
+    NegotiationRefused,
+    ReadChunk,
+    Ready,
     RemoteProtocolError,
+    ReplyChunk,
+    ReplyDone,
     ReplyType,
     Request,
     ServerConnection,
 )
-from blocktrail.nbd.proto.client import (
-    BlockSize,
-    BlockStatus,
-    ClientConnection,
-    ReadChunk,
-    Ready,
-    ReplyChunk,
-    ReplyDone,
-)
-from blocktrail.nbd.proto.constants import CommandFlag, Errno
-from blocktrail.nbd.proto.errors import LocalProtocolError, NegotiationRefused
-from blocktrail.nbd.proto.server import Disconnect
 from nbdreplies import (
     MODES,
     chunk,

@@ -184,3 +184,19 @@ def _option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
         out.append((opt, kind, data[pos + 20 : pos + 20 + length]))
         pos += 20 + length
     return out
+
+
+def test_one_negotiation_asks_the_catalog_once_per_name() -> None:
+    asked: list[str] = []
+
+    class Counting(Catalog):
+        def lookup(self, name: str) -> ExportInfo | None:
+            asked.append(name)
+            return super().lookup(name)
+
+    conn = ServerConnection(Counting())
+    conn.receive_data(struct.pack(">I", 1) + option(Option.STRUCTURED_REPLY)
+                      + meta(Option.LIST_META_CONTEXT) + meta(Option.SET_META_CONTEXT, b"base:")
+                      + go(b"nope") + go(b"nope") + option(Option.INFO, go()[16:]) + go())
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert asked == ["disk0", "nope"]

@@ -26,6 +26,7 @@ from nbdraw import (
     CACHE,
     CHUNK_DATA,
     CHUNK_HOLE,
+    DISC,
     FLAG_DF,
     FLAG_REQ_ONE,
     FLUSH,
@@ -232,6 +233,33 @@ def test_block_status_contexts(tmp_path: Path) -> None:
         reply = c.reply()
         assert reply.error == EINVAL and "epoch" in reply.message and not reply.block_status
         c.close()
+
+
+@pytest.mark.parametrize("end", ["disc", "eof"])
+def test_requests_in_flight_are_answered_before_the_connection_ends(tmp_path: Path,
+                                                                    end: str) -> None:
+    """NBD_CMD_DISC (or the client's EOF) right behind requests still running on the disk
+    threads: every one is answered, then the server closes the connection."""
+    with serve(tmp_path) as s:
+        c = s.client()
+        batch = c.request_bytes(WRITE, 0, 4096, data=b"w" * 4096, cookie=1)
+        batch += c.request_bytes(FLUSH, cookie=2) + c.request_bytes(BLOCK_STATUS, 0, 4096,
+                                                                    cookie=3)
+        c.sock.sendall(batch + (c.request_bytes(DISC, cookie=4) if end == "disc" else b""))
+        if end == "eof":
+            c.sock.shutdown(socket.SHUT_WR)
+        replies: dict[int, int] = {}
+        for _ in range(3):
+            reply = c.reply()
+            replies[reply.cookie] = reply.error
+        assert replies == {1: 0, 2: 0, 3: EINVAL}  # block status: no context negotiated
+        assert c.sock.recv(1) == b""  # then the server closes
+        c.close()
+        deadline = time.monotonic() + 10
+        while s.server.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.server.connections == 0
+        assert s.disk.pread(4, 0) == b"wwww"
 
 
 def test_a_client_that_never_reads_replies_is_held_off(tmp_path: Path) -> None:

@@ -10,15 +10,23 @@ import pytest
 
 from blocktrail.nbd.proto import (
     NEED_DATA,
+    ClientConnection,
     Command,
+    Disconnect,
     ExportChosen,
     ExportInfo,
     LocalProtocolError,
+    Ready,
     RemoteProtocolError,
+    ReplyChunk,
+    ReplyDone,
     Request,
     ServerConnection,
+    StartTls,
+    TlsMode,
+    TlsNotOffered,
+    TlsRequiredByServer,
 )
-from blocktrail.nbd.proto.client import ClientConnection, Ready, ReplyChunk, ReplyDone
 from blocktrail.nbd.proto.constants import (
     IHAVEOPT,
     OPTION_REPLY_MAGIC,
@@ -30,8 +38,7 @@ from blocktrail.nbd.proto.constants import (
     OptionReply,
     ReplyType,
 )
-from blocktrail.nbd.proto.errors import TlsNotOffered, TlsRequiredByServer
-from blocktrail.nbd.proto.server import Disconnect, StartTls, State, TlsMode
+from blocktrail.nbd.proto.server import State
 from blocktrail.nbd.tls import TlsConfig, TlsSession, client_context, server_context
 from tlscreds import Credentials, make_credentials
 

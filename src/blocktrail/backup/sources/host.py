@@ -15,13 +15,13 @@ import threading
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from blocktrail.backup.source import SourceSnapshot
+from blocktrail.backup.source import DirtyBitmapUnavailable, SourceSnapshot
 from blocktrail.backup.sources.nbd import CONNECTIONS, allocated_areas, dirty_page
 from blocktrail.errors import SnapshotNotFound
 from blocktrail.extents import Extent
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX
-from blocktrail.nbd.proto.errors import DirtyBitmapUnavailable, ServerUnreachable, TlsError
+from blocktrail.nbd.proto.errors import ServerUnreachable, TlsError
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters
 from blocktrail.tracking import DiskChangeInfo
 

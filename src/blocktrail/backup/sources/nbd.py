@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from blocktrail.backup.source import SourceSnapshot
+from blocktrail.backup.source import DirtyBitmapUnavailable, SourceSnapshot
 from blocktrail.errors import OutOfRange
 from blocktrail.extents import Extent, merge
 from blocktrail.nbd.blocking import BlockingNbdClient
@@ -35,7 +35,7 @@ from blocktrail.nbd.proto.constants import (
     STATE_DIRTY,
     STATE_HOLE,
 )
-from blocktrail.nbd.proto.errors import DirtyBitmapUnavailable, RequestFailed
+from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri
 from blocktrail.tracking import DiskChangeInfo
 

@@ -14,6 +14,20 @@ size constraints (NBD_INFO_BLOCK_SIZE), and GO. The transmission phase is `Trans
 layer uses `get_buffer` / `buffer_updated`. Anything the server sends that the protocol does not
 allow raises `RemoteProtocolError`; a refused export raises `NegotiationRefused`.
 
+Three tables say what the core does (tests/unit/nbd/test_tables.py walks them):
+
+- `TRANSITIONS`: (state, input) -> next state, for every change of state (`proto/machine.py`): a
+  server's input not in it is a `RemoteProtocolError` that closes the connection, a call of the
+  I/O layer not in it a `LocalProtocolError` that changes nothing;
+- `PARSERS`: what `next_event` reads in each state;
+- `REPLY_HANDLERS`: the handler of each (option, kind of reply) pair; a pair not listed is
+  ignored (an NBD_REP_INFO type or a reply this client has no use for).
+
+    GREETING --GREETING--> OPTIONS --READY (GO acknowledged)--> TRANSMISSION --HANGUP--> CLOSED
+    OPTIONS --OPTION_REPLY--> OPTIONS;  OPTIONS --REFUSED (export, TLS)--> CLOSED
+    OPTIONS --STARTTLS_ACK--> TLS_HANDSHAKE --TLS_ESTABLISHED--> OPTIONS
+    any state --VIOLATION--> CLOSED
+
 With ``tls=TlsMode.ALLOW`` or ``REQUIRE`` it sends NBD_OPT_STARTTLS first, and nothing else
 before TLS. On the server's ACK it returns `StartTls`: the I/O layer runs the TLS handshake on the
 socket and calls `tls_established()`, then feeds decrypted bytes to `receive_data` and encrypts
@@ -25,8 +39,9 @@ requires TLS from a client without it raises `TlsRequiredByServer`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from enum import Enum, auto
+from typing import Final
 
 from blocktrail.nbd.proto.constants import (
     IHAVEOPT,
@@ -46,40 +61,28 @@ from blocktrail.nbd.proto.errors import (
     TlsNotOffered,
     TlsRequiredByServer,
 )
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, StartTls, TlsMode
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    BlockSize,
+    ClientEvent,
+    Disconnect,
+    NeedData,
+    Ready,
+    StartTls,
+    TlsMode,
+    block_size_problem,
+)
+from blocktrail.nbd.proto.machine import StateMachine
 from blocktrail.nbd.proto.transmission import RECEIVE_SIZE, Transmission
-from blocktrail.nbd.proto.transmission import BlockStatus as BlockStatus
-from blocktrail.nbd.proto.transmission import ReadChunk as ReadChunk
-from blocktrail.nbd.proto.transmission import ReplyChunk as ReplyChunk
-from blocktrail.nbd.proto.transmission import ReplyDone as ReplyDone
 
+_GREETING = struct.Struct(">QQH")
+_OPTION = struct.Struct(">QII")
 _OPTION_REPLY = struct.Struct(">QIII")
 _BLOCK_SIZE = struct.Struct(">III")
 MAX_OPTION_REPLY = 64 * 1024
-DEFAULT_MAX_BLOCK = 32 * 1024 * 1024  # the spec's advice when the server states no maximum
-NO_MAX_BLOCK = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class BlockSize:
-    """The server's block size constraints (NBD_INFO_BLOCK_SIZE); without them, the spec's
-    defaults: any alignment, 4 KiB preferred, at most 32 MiB a request."""
-
-    minimum: int = 1
-    preferred: int = 4096
-    maximum: int = DEFAULT_MAX_BLOCK
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    size_bytes: int
-    transmission_flags: int
-    contexts: dict[int, str]  # context id -> name the server agreed to
-    structured_replies: bool = True
-    block_size: BlockSize = BlockSize()
-
-
-class _State(Enum):
+class State(Enum):
     GREETING = auto()
     OPTIONS = auto()
     TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
@@ -87,7 +90,73 @@ class _State(Enum):
     CLOSED = auto()
 
 
-ClientEvent = Ready | ReadChunk | ReplyChunk | BlockStatus | ReplyDone | Disconnect | StartTls
+class Input(Enum):
+    # from the server (refused: RemoteProtocolError, and the connection is closed)
+    GREETING = auto()  # the server's greeting
+    OPTION_REPLY = auto()  # an option reply; negotiation goes on
+    STARTTLS_ACK = auto()  # STARTTLS acknowledged
+    READY = auto()  # GO acknowledged
+    REFUSED = auto()  # the export or TLS refused: NegotiationRefused, TlsNotOffered, ...
+    HANGUP = auto()  # the server closed the connection between two messages
+    VIOLATION = auto()  # anything else the protocol does not allow
+    # from the I/O layer (refused: LocalProtocolError, and nothing changes)
+    RECEIVE = auto()  # receive_data(bytes)
+    EOF = auto()  # receive_data(b"")
+    TLS_ESTABLISHED = auto()  # tls_established()
+    SEND_REQUEST = auto()  # send_request(), send_read()
+
+
+LOCAL_INPUTS: Final = frozenset({Input.RECEIVE, Input.EOF, Input.TLS_ESTABLISHED,
+                                 Input.SEND_REQUEST})
+
+_S, _I = State, Input
+TRANSITIONS: Final[Mapping[State, Mapping[Input, State]]] = {
+    _S.GREETING: {_I.GREETING: _S.OPTIONS, _I.RECEIVE: _S.GREETING, _I.EOF: _S.GREETING,
+                  _I.VIOLATION: _S.CLOSED},
+    _S.OPTIONS: {_I.OPTION_REPLY: _S.OPTIONS, _I.STARTTLS_ACK: _S.TLS_HANDSHAKE,
+                 _I.READY: _S.TRANSMISSION, _I.REFUSED: _S.CLOSED, _I.RECEIVE: _S.OPTIONS,
+                 _I.EOF: _S.OPTIONS, _I.VIOLATION: _S.CLOSED},
+    _S.TLS_HANDSHAKE: {_I.TLS_ESTABLISHED: _S.OPTIONS, _I.EOF: _S.TLS_HANDSHAKE,
+                       _I.VIOLATION: _S.CLOSED},
+    _S.TRANSMISSION: {_I.SEND_REQUEST: _S.TRANSMISSION, _I.HANGUP: _S.CLOSED,
+                      _I.RECEIVE: _S.TRANSMISSION, _I.EOF: _S.TRANSMISSION,
+                      _I.VIOLATION: _S.CLOSED},
+    _S.CLOSED: {_I.EOF: _S.CLOSED, _I.VIOLATION: _S.CLOSED},
+}
+
+REFUSALS: Final[Mapping[Input | tuple[State, Input], str]] = {
+    (_S.TLS_HANDSHAKE, _I.RECEIVE): "the TLS handshake is under way: its bytes go to the TLS "
+                                    "session; call tls_established() when it is done",
+    _I.RECEIVE: "receive_data: the connection is closed (state {state})",
+    _I.TLS_ESTABLISHED: "no TLS handshake is pending (state {state})",
+    (_S.CLOSED, _I.SEND_REQUEST): "the connection is closed",
+    _I.SEND_REQUEST: "not in transmission (state {state})",
+    _I.HANGUP: "the server closed the connection during the negotiation (state {state})",
+}
+
+
+class ReplyKind(Enum):
+    """An option reply as the dispatch table tells them apart."""
+
+    ACK = auto()
+    INFO = auto()
+    META_CONTEXT = auto()
+    TLS_REQUIRED = auto()  # NBD_REP_ERR_TLS_REQD
+    ERROR = auto()  # any other error
+    OTHER = auto()  # any other reply type (NBD_REP_SERVER, say)
+
+    @classmethod
+    def of(cls, kind: int) -> ReplyKind:
+        if kind == OptionReply.ERR_TLS_REQD:
+            return cls.TLS_REQUIRED
+        if kind >= OptionReply.ERR_UNSUP:  # the error bit
+            return cls.ERROR
+        return _KINDS.get(kind, cls.OTHER)
+
+
+_KINDS: Final[Mapping[int, ReplyKind]] = {
+    OptionReply.ACK: ReplyKind.ACK, OptionReply.INFO: ReplyKind.INFO,
+    OptionReply.META_CONTEXT: ReplyKind.META_CONTEXT}
 
 
 class ClientConnection:
@@ -97,10 +166,11 @@ class ClientConnection:
         self._tls = tls
         self.tls_active = False  # the TLS handshake is done: receive_data gets decrypted bytes
         self._contexts = [c.encode() for c in contexts or []]
+        self._machine = StateMachine(TRANSITIONS, State.GREETING, local=LOCAL_INPUTS,
+                                     violation=Input.VIOLATION, refusals=REFUSALS)
         self._in = bytearray()
         self._out = bytearray()
         self._eof = False
-        self._state = _State.GREETING
         self._pending_options: list[int] = []
         self._agreed: dict[int, str] = {}
         self._size: int | None = None
@@ -110,14 +180,15 @@ class ClientConnection:
         self._tx: Transmission | None = None  # from GO on
         self._scratch = memoryview(bytearray(RECEIVE_SIZE))
 
+    @property
+    def state(self) -> State:
+        return self._machine.state
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._tx is not None:
+        self._machine.fire(Input.RECEIVE if data else Input.EOF)
+        if self._tx is not None:  # transmission: the bytes are Transmission's
             self._tx.receive_data(data)
-            return
-        if self._state is _State.TLS_HANDSHAKE and data:
-            raise LocalProtocolError("the TLS handshake is under way: its bytes go to the TLS "
-                                     "session; call tls_established() when it is done")
-        if data:
+        elif data:
             self._in += data
         else:
             self._eof = True
@@ -147,50 +218,39 @@ class ClientConnection:
         else:
             self.receive_data(self._scratch[:nbytes])
 
-    def next_event(self) -> ClientEvent | object:
+    def next_event(self) -> ClientEvent | NeedData:
         try:
             while True:
-                if self._state is _State.CLOSED:
-                    return Disconnect()
-                if self._state is _State.TLS_HANDSHAKE:
-                    raise LocalProtocolError("run the TLS handshake and call tls_established() "
-                                             "first")
-                if self._state is _State.GREETING:
-                    if not self._greeting():
-                        return self._need()
-                elif self._state is _State.OPTIONS:
-                    event = self._option_reply()
-                    if event is None:
-                        return self._need()
-                    if isinstance(event, Ready | StartTls):
-                        return event
-                elif self._tx is not None:
-                    return self._tx.next_event()
-        except (RemoteProtocolError, NegotiationRefused, TlsNotOffered, TlsRequiredByServer):
-            self._state = _State.CLOSED
+                event = PARSERS[self._machine.state](self)
+                if event is NEED_DATA:
+                    return self._need()
+                if event is not None:
+                    return event
+        except RemoteProtocolError:
+            self._machine.poison()
+            raise
+        except (NegotiationRefused, TlsNotOffered, TlsRequiredByServer):
+            self._machine.fire(Input.REFUSED)
             raise
 
     def tls_established(self) -> None:
         """The TLS handshake that followed `StartTls` succeeded: negotiate over TLS."""
-        if self._state is not _State.TLS_HANDSHAKE:
-            raise LocalProtocolError(f"no TLS handshake is pending (state {self._state.name})")
+        self._machine.fire(Input.TLS_ESTABLISHED)
         self.tls_active = True
-        self._state = _State.OPTIONS
         self._negotiate()
 
-    def _need(self) -> object:
+    def _need(self) -> NeedData:
         if self._eof:  # transmission's EOF is Transmission's
-            self._state = _State.CLOSED
-            raise RemoteProtocolError("the server closed the connection mid-exchange")
+            self._machine.fire(Input.HANGUP)  # refused: the server is gone mid-negotiation
         return NEED_DATA
 
-    # ------------------------------------------------------------------ negotiation
+    # ------------------------------------------------------------------ what next_event reads
 
-    def _greeting(self) -> bool:
-        if len(self._in) < 18:
-            return False
-        magic, opt_magic, flags = struct.unpack_from(">QQH", self._in)
-        del self._in[:18]
+    def _read_greeting(self) -> NeedData | None:
+        if len(self._in) < _GREETING.size:
+            return NEED_DATA
+        magic, opt_magic, flags = _GREETING.unpack_from(self._in)
+        del self._in[: _GREETING.size]
         if magic != NBDMAGIC or opt_magic != IHAVEOPT:
             raise RemoteProtocolError("not an NBD server (or an old-style one)")
         if not flags & HandshakeFlag.FIXED_NEWSTYLE:
@@ -199,12 +259,47 @@ class ClientConnection:
         if flags & HandshakeFlag.NO_ZEROES:
             client |= ClientFlag.NO_ZEROES
         self._out += struct.pack(">I", client)
-        self._state = _State.OPTIONS
+        self._machine.fire(Input.GREETING)
         if self._tls is TlsMode.OFF:
             self._negotiate()
         else:
             self._send_option(Option.STARTTLS, b"")  # alone: nothing else goes in plaintext
-        return True
+        return None
+
+    def _read_option_reply(self) -> Ready | StartTls | NeedData | None:
+        if len(self._in) < _OPTION_REPLY.size:
+            return NEED_DATA
+        magic, option, kind, length = _OPTION_REPLY.unpack_from(self._in)
+        if magic != OPTION_REPLY_MAGIC:
+            raise RemoteProtocolError("bad option reply magic")
+        if length > MAX_OPTION_REPLY:
+            raise RemoteProtocolError(f"option reply of {length} bytes")
+        if not self._pending_options or option != self._pending_options[0]:
+            raise RemoteProtocolError(f"reply to option {option}, which was not asked")
+        if len(self._in) < _OPTION_REPLY.size + length:
+            return NEED_DATA
+        data = bytes(self._in[_OPTION_REPLY.size : _OPTION_REPLY.size + length])
+        del self._in[: _OPTION_REPLY.size + length]
+        handler = REPLY_HANDLERS.get((option, ReplyKind.of(kind)), ClientConnection._ignored)
+        event = handler(self, option, kind, data)
+        if event is None:
+            self._machine.fire(Input.OPTION_REPLY)
+        return event
+
+    def _handshake_pending(self) -> None:
+        raise LocalProtocolError("run the TLS handshake and call tls_established() first")
+
+    def _read_transmission(self) -> ClientEvent | NeedData:
+        assert self._tx is not None  # READY made it
+        event = self._tx.next_event()
+        if isinstance(event, Disconnect):
+            self._machine.fire(Input.HANGUP)
+        return event
+
+    def _closed(self) -> Disconnect:
+        return Disconnect()
+
+    # ------------------------------------------------------------------ the options
 
     def _negotiate(self) -> None:
         self._send_option(Option.STRUCTURED_REPLY, b"")
@@ -217,81 +312,80 @@ class ClientConnection:
                           + struct.pack(">HH", 1, Info.BLOCK_SIZE))
 
     def _send_option(self, option: int, data: bytes) -> None:
-        self._out += struct.pack(">QII", IHAVEOPT, option, len(data)) + data
+        self._out += _OPTION.pack(IHAVEOPT, option, len(data)) + data
         self._pending_options.append(option)
 
-    def _option_reply(self) -> Ready | StartTls | bool | None:
-        if len(self._in) < _OPTION_REPLY.size:
-            return None
-        magic, option, kind, length = _OPTION_REPLY.unpack_from(self._in)
-        if magic != OPTION_REPLY_MAGIC:
-            raise RemoteProtocolError("bad option reply magic")
-        if length > MAX_OPTION_REPLY:
-            raise RemoteProtocolError(f"option reply of {length} bytes")
-        if not self._pending_options or option != self._pending_options[0]:
-            raise RemoteProtocolError(f"reply to option {option}, which was not asked")
-        if len(self._in) < _OPTION_REPLY.size + length:
-            return None
-        data = bytes(self._in[_OPTION_REPLY.size : _OPTION_REPLY.size + length])
-        del self._in[: _OPTION_REPLY.size + length]
-        if option == Option.STARTTLS:
-            return self._starttls_reply(kind, data)
-        if kind == OptionReply.ERR_TLS_REQD:
-            raise TlsRequiredByServer("the server requires TLS: connect with TLS credentials "
-                                      "(an nbds:// URI)")
-        if kind >= OptionReply.ERR_UNSUP:
-            message = data.decode(errors="replace")
-            if option == Option.SET_META_CONTEXT or option == Option.STRUCTURED_REPLY:
-                self._pending_options.pop(0)  # optional: go on without it
-                return True
-            what = (f"export {self._export.decode(errors='replace')!r}" if option == Option.GO
-                    else f"option {option}")
-            raise NegotiationRefused(f"the NBD server refused {what} ({_reply_name(kind)}: "
-                                     f"{message})")
-        if kind == OptionReply.META_CONTEXT and len(data) >= 4:
+    # ------------------------------------------------------------------ the option replies
+
+    def _ignored(self, option: int, kind: int, data: bytes) -> None:
+        return None
+
+    def _acked(self, option: int, kind: int, data: bytes) -> None:
+        self._pending_options.pop(0)
+
+    def _structured_acked(self, option: int, kind: int, data: bytes) -> None:
+        self._pending_options.pop(0)
+        self._structured = True
+
+    def _optional_refused(self, option: int, kind: int, data: bytes) -> None:
+        self._pending_options.pop(0)  # STRUCTURED_REPLY, SET_META_CONTEXT: go on without it
+
+    def _refused(self, option: int, kind: int, data: bytes) -> None:
+        what = (f"export {self._export.decode(errors='replace')!r}" if option == Option.GO
+                else f"option {option}")
+        raise NegotiationRefused(f"the NBD server refused {what} ({_reply_name(kind)}: "
+                                 f"{data.decode(errors='replace')})")
+
+    def _tls_required(self, option: int, kind: int, data: bytes) -> None:
+        raise TlsRequiredByServer("the server requires TLS: connect with TLS credentials "
+                                  "(an nbds:// URI)")
+
+    def _context_agreed(self, option: int, kind: int, data: bytes) -> None:
+        if len(data) >= 4:
             (context_id,) = struct.unpack_from(">I", data)
             self._agreed[context_id] = data[4:].decode(errors="replace")
-        elif kind == OptionReply.INFO and len(data) >= 12:
-            (info,) = struct.unpack_from(">H", data)
-            if info == Info.EXPORT:
-                self._size, self._flags = struct.unpack_from(">QH", data, 2)
-            elif info == Info.BLOCK_SIZE:
-                self._block_size = _block_size(data)
-        elif kind == OptionReply.ACK:
-            self._pending_options.pop(0)
-            if option == Option.STRUCTURED_REPLY:
-                self._structured = True
-            if option == Option.GO:
-                if self._size is None:
-                    raise RemoteProtocolError("GO acknowledged without NBD_INFO_EXPORT")
-                self._state = _State.TRANSMISSION
-                contexts = dict(self._agreed) if self._structured else {}
-                self._tx = Transmission(structured=self._structured, contexts=contexts,
-                                        initial=bytes(self._in))
-                self._in.clear()
-                return Ready(self._size, self._flags, contexts, self._structured,
-                             self._block_size)
-        return True
 
-    def _starttls_reply(self, kind: int, data: bytes) -> StartTls | bool:
+    def _export_info(self, option: int, kind: int, data: bytes) -> None:
+        if len(data) < 12:
+            return  # too short for the types used here; others are ignored, as the spec says
+        (info,) = struct.unpack_from(">H", data)
+        if info == Info.EXPORT:
+            self._size, self._flags = struct.unpack_from(">QH", data, 2)
+        elif info == Info.BLOCK_SIZE:
+            self._block_size = _block_size(data)
+
+    def _go_acked(self, option: int, kind: int, data: bytes) -> Ready:
         self._pending_options.pop(0)
-        if kind == OptionReply.ACK:
-            if self._in:
-                # The server sends nothing after the ACK before our ClientHello: these bytes
-                # were injected, and must never be taken as if they had come over TLS.
-                raise RemoteProtocolError(f"{len(self._in)} bytes of plaintext followed the "
-                                          f"STARTTLS acknowledgement; connection closed")
-            self._state = _State.TLS_HANDSHAKE
-            return StartTls()
-        if kind < OptionReply.ERR_UNSUP:
-            raise RemoteProtocolError(f"unexpected reply {kind:#x} to STARTTLS")
-        message = data.decode(errors="replace")
+        if self._size is None:
+            raise RemoteProtocolError("GO acknowledged without NBD_INFO_EXPORT")
+        self._machine.fire(Input.READY)
+        contexts = dict(self._agreed) if self._structured else {}
+        self._tx = Transmission(structured=self._structured, contexts=contexts,
+                                initial=bytes(self._in))
+        self._in.clear()
+        return Ready(self._size, self._flags, contexts, self._structured, self._block_size)
+
+    def _starttls_acked(self, option: int, kind: int, data: bytes) -> StartTls:
+        self._pending_options.pop(0)
+        if self._in:
+            # The server sends nothing after the ACK before our ClientHello: these bytes were
+            # injected, and must never be taken as if they had come over TLS.
+            raise RemoteProtocolError(f"{len(self._in)} bytes of plaintext followed the "
+                                      f"STARTTLS acknowledgement; connection closed")
+        self._machine.fire(Input.STARTTLS_ACK)
+        return StartTls()
+
+    def _starttls_refused(self, option: int, kind: int, data: bytes) -> None:
+        self._pending_options.pop(0)
         if self._tls is TlsMode.REQUIRE:
             self._send_option(Option.ABORT, b"")
-            raise TlsNotOffered(f"the server refused STARTTLS ({_reply_name(kind)}: {message}); "
-                                f"TLS is required, so the connection is closed")
+            raise TlsNotOffered(f"the server refused STARTTLS ({_reply_name(kind)}: "
+                                f"{data.decode(errors='replace')}); TLS is required, so the "
+                                f"connection is closed")
         self._negotiate()  # ALLOW: go on in plaintext
-        return True
+
+    def _starttls_odd_reply(self, option: int, kind: int, data: bytes) -> None:
+        raise RemoteProtocolError(f"unexpected reply {kind:#x} to STARTTLS")
 
     # ------------------------------------------------------------------ transmission
 
@@ -305,24 +399,54 @@ class ClientConnection:
         return self._transmission().send_read(offset, into, flags)
 
     def _transmission(self) -> Transmission:
-        if self._tx is None or self._state is not _State.TRANSMISSION:
-            raise LocalProtocolError("not in transmission")
+        self._machine.fire(Input.SEND_REQUEST)
+        assert self._tx is not None  # READY made it
         return self._tx
+
+
+Parser = Callable[[ClientConnection], ClientEvent | NeedData | None]
+ReplyHandler = Callable[[ClientConnection, int, int, bytes], Ready | StartTls | None]
+
+# what next_event reads in each state
+PARSERS: Final[Mapping[State, Parser]] = {
+    State.GREETING: ClientConnection._read_greeting,
+    State.OPTIONS: ClientConnection._read_option_reply,
+    State.TLS_HANDSHAKE: ClientConnection._handshake_pending,
+    State.TRANSMISSION: ClientConnection._read_transmission,
+    State.CLOSED: ClientConnection._closed,
+}
+
+# (the option a reply answers, what the reply is) -> its handler; the options are the ones this
+# client sends; a pair not listed is ignored
+_C, _K = ClientConnection, ReplyKind
+REPLY_HANDLERS: Final[Mapping[tuple[int, ReplyKind], ReplyHandler]] = {
+    (Option.STARTTLS, _K.ACK): _C._starttls_acked,
+    (Option.STARTTLS, _K.TLS_REQUIRED): _C._starttls_refused,
+    (Option.STARTTLS, _K.ERROR): _C._starttls_refused,
+    (Option.STARTTLS, _K.INFO): _C._starttls_odd_reply,
+    (Option.STARTTLS, _K.META_CONTEXT): _C._starttls_odd_reply,
+    (Option.STARTTLS, _K.OTHER): _C._starttls_odd_reply,
+    (Option.STRUCTURED_REPLY, _K.ACK): _C._structured_acked,
+    (Option.STRUCTURED_REPLY, _K.TLS_REQUIRED): _C._tls_required,
+    (Option.STRUCTURED_REPLY, _K.ERROR): _C._optional_refused,
+    (Option.SET_META_CONTEXT, _K.META_CONTEXT): _C._context_agreed,
+    (Option.SET_META_CONTEXT, _K.ACK): _C._acked,
+    (Option.SET_META_CONTEXT, _K.TLS_REQUIRED): _C._tls_required,
+    (Option.SET_META_CONTEXT, _K.ERROR): _C._optional_refused,
+    (Option.GO, _K.INFO): _C._export_info,
+    (Option.GO, _K.ACK): _C._go_acked,
+    (Option.GO, _K.TLS_REQUIRED): _C._tls_required,
+    (Option.GO, _K.ERROR): _C._refused,
+}
 
 
 def _block_size(data: bytes) -> BlockSize:
     if len(data) != 2 + _BLOCK_SIZE.size:
         raise RemoteProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(data)} bytes")
     minimum, preferred, maximum = _BLOCK_SIZE.unpack_from(data, 2)
-
-    def power_of_two(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    if not (power_of_two(minimum) and minimum <= 64 * 1024 and power_of_two(preferred)
-            and preferred >= minimum and maximum >= minimum
-            and (maximum % minimum == 0 or maximum == NO_MAX_BLOCK)):
-        raise RemoteProtocolError(f"invalid block size constraints: minimum {minimum}, "
-                                  f"preferred {preferred}, maximum {maximum}")
+    problem = block_size_problem(minimum, preferred, maximum)
+    if problem is not None:
+        raise RemoteProtocolError(problem)
     return BlockSize(minimum, preferred, maximum)
 
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from blocktrail.errors import BlocktrailError, ChangeIdError, ExitCode
+from blocktrail.errors import BlocktrailError, ExitCode
 
 
 class NbdError(BlocktrailError):
@@ -36,7 +36,10 @@ class NegotiationRefused(NbdError):
 
 
 class RequestFailed(NbdError):
-    """The server answered one request with an error; the connection carries on."""
+    """One request failed with an NBD errno; the connection carries on. Both roles use it: an
+    export raises it to have the server answer the request with an error reply (``errno``, and
+    ``message`` as the reply's text); the client raises it when a server answered so
+    (``server_message`` is the server's text, ``command`` the request's name)."""
 
     def __init__(self, message: str, *, errno: int, server_message: str = "",
                  command: str = "") -> None:
@@ -58,8 +61,3 @@ class ServerUnreachable(NbdError):
     """No NBD server answers at the address given."""
 
     exit_code = ExitCode.UNREACHABLE
-
-
-class DirtyBitmapUnavailable(ChangeIdError):
-    """The changed areas cannot be read from an NBD dirty bitmap (none was named, the server did
-    not agree to the context, or answered it with an error): the backup must read everything."""

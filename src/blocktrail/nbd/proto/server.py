@@ -11,6 +11,21 @@ Negotiation (fixed newstyle) is answered here from the export catalog; the appli
 client sends that the protocol does not allow raises `RemoteProtocolError` and ends the
 connection; lengths are bounded before anything is buffered.
 
+Three tables say what the core does (tests/unit/nbd/test_tables.py walks them):
+
+- `TRANSITIONS`: (state, input) -> next state, for every change of state (`proto/machine.py`): a
+  client's input not in it is a `RemoteProtocolError` that closes the connection, a call of the
+  I/O layer not in it a `LocalProtocolError` that changes nothing;
+- `PARSERS`: what `next_event` reads in each state;
+- `OPTION_HANDLERS`: the handler of each option (NBD_REP_ERR_UNSUP for the others).
+
+    CLIENT_FLAGS --FLAGS--> OPTIONS --EXPORT_CHOSEN (GO, EXPORT_NAME)--> TRANSMISSION
+    OPTIONS --OPTION (INFO, LIST, STRUCTURED_REPLY, *_META_CONTEXT, refused ones)--> OPTIONS
+    OPTIONS --STARTTLS--> TLS_HANDSHAKE --TLS_ESTABLISHED--> OPTIONS
+    OPTIONS --ABORT--> CLOSED;  TRANSMISSION --REQUEST--> TRANSMISSION
+    TRANSMISSION --DISC, HANGUP (EOF between requests)--> DISCONNECTED (replies still go out)
+    any state --VIOLATION--> CLOSED
+
 STARTTLS (``tls=TlsMode.ALLOW`` or ``REQUIRE``): the core ACKs NBD_OPT_STARTTLS and returns
 `StartTls`. The I/O layer then sends `data_to_send()` (the ACK, in plaintext), runs the TLS
 handshake on the socket, and calls `tls_established()`; from then on it feeds the *decrypted*
@@ -24,9 +39,10 @@ the connection.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
-from typing import Protocol
+from typing import Final, Protocol
 
 from blocktrail.nbd.proto.constants import (
     ALLOWED_FLAGS,
@@ -52,83 +68,33 @@ from blocktrail.nbd.proto.constants import (
     TransmissionFlag,
 )
 from blocktrail.nbd.proto.errors import LocalProtocolError, RemoteProtocolError
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    Disconnect,
+    ExportChosen,
+    ExportInfo,
+    InvalidRequest,
+    NeedData,
+    Request,
+    ServerEvent,
+    StartTls,
+    TlsMode,
+)
+from blocktrail.nbd.proto.machine import StateMachine
 
 _OPTION = struct.Struct(">QII")
+_OPTION_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
-
-
-@dataclass(frozen=True, slots=True)
-class ExportInfo:
-    name: str
-    size_bytes: int
-    read_only: bool
-    description: str = ""
-    contexts: tuple[str, ...] = ()  # meta contexts; a name ending in ":" is an open namespace
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = MAX_PAYLOAD
+_GREETING: Final = struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
+                               HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 
 
 class ExportCatalog(Protocol):
+    """Where the server core finds exports: by name, and all of them for NBD_OPT_LIST."""
+
     def lookup(self, name: str) -> ExportInfo | None: ...
 
     def names(self) -> list[str]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ExportChosen:
-    export: ExportInfo
-    structured_replies: bool
-    contexts: dict[int, str]  # context id -> name, as negotiated with SET_META_CONTEXT
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    cookie: int
-    command: Command
-    flags: CommandFlag
-    offset: int
-    length: int
-    data: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class InvalidRequest:
-    """A request the server must refuse with an error reply (the connection goes on)."""
-
-    cookie: int
-    command: int
-    errno: int
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """STARTTLS was acknowledged: send `data_to_send()` in plaintext, run the TLS handshake,
-    then call `tls_established()` (or close the connection if the handshake fails)."""
-
-
-class TlsMode(Enum):
-    """Whether a connection uses TLS: OFF (STARTTLS is refused / not asked for), ALLOW (used
-    when the peer wants it), REQUIRE (nothing but STARTTLS and ABORT before TLS; a client gives
-    up rather than go on in plaintext)."""
-
-    OFF = auto()
-    ALLOW = auto()
-    REQUIRE = auto()
-
-
-class _NeedData(Enum):
-    NEED_DATA = auto()
-
-
-NEED_DATA = _NeedData.NEED_DATA
-Event = ExportChosen | Request | InvalidRequest | Disconnect | StartTls
 
 
 class State(Enum):
@@ -136,7 +102,56 @@ class State(Enum):
     OPTIONS = auto()
     TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
     TRANSMISSION = auto()
-    CLOSED = auto()
+    DISCONNECTED = auto()  # the client is done: nothing more is read, replies in flight go out
+    CLOSED = auto()  # ABORT, or a protocol error: nothing more is read or sent
+
+
+class Input(Enum):
+    # from the client (refused: RemoteProtocolError, and the connection is closed)
+    FLAGS = auto()  # the client's flags
+    OPTION = auto()  # an option, answered (refusals included): negotiation goes on
+    STARTTLS = auto()  # NBD_OPT_STARTTLS, acknowledged
+    EXPORT_CHOSEN = auto()  # NBD_OPT_GO acknowledged, or NBD_OPT_EXPORT_NAME answered
+    ABORT = auto()  # NBD_OPT_ABORT
+    REQUEST = auto()  # a request (or one refused with an error reply)
+    DISC = auto()  # NBD_CMD_DISC
+    HANGUP = auto()  # the client closed the connection between two messages
+    VIOLATION = auto()  # anything else the protocol does not allow
+    # from the I/O layer (refused: LocalProtocolError, and nothing changes)
+    RECEIVE = auto()  # receive_data(bytes)
+    EOF = auto()  # receive_data(b"")
+    TLS_ESTABLISHED = auto()  # tls_established()
+    REPLY = auto()  # reply_*()
+
+
+LOCAL_INPUTS: Final = frozenset({Input.RECEIVE, Input.EOF, Input.TLS_ESTABLISHED, Input.REPLY})
+
+_S, _I = State, Input
+TRANSITIONS: Final[Mapping[State, Mapping[Input, State]]] = {
+    _S.CLIENT_FLAGS: {_I.FLAGS: _S.OPTIONS, _I.RECEIVE: _S.CLIENT_FLAGS,
+                      _I.EOF: _S.CLIENT_FLAGS, _I.VIOLATION: _S.CLOSED},
+    _S.OPTIONS: {_I.OPTION: _S.OPTIONS, _I.STARTTLS: _S.TLS_HANDSHAKE,
+                 _I.EXPORT_CHOSEN: _S.TRANSMISSION, _I.ABORT: _S.CLOSED,
+                 _I.RECEIVE: _S.OPTIONS, _I.EOF: _S.OPTIONS, _I.VIOLATION: _S.CLOSED},
+    _S.TLS_HANDSHAKE: {_I.TLS_ESTABLISHED: _S.OPTIONS, _I.EOF: _S.TLS_HANDSHAKE,
+                       _I.VIOLATION: _S.CLOSED},
+    _S.TRANSMISSION: {_I.REQUEST: _S.TRANSMISSION, _I.DISC: _S.DISCONNECTED,
+                      _I.HANGUP: _S.DISCONNECTED, _I.RECEIVE: _S.TRANSMISSION,
+                      _I.EOF: _S.TRANSMISSION, _I.REPLY: _S.TRANSMISSION,
+                      _I.VIOLATION: _S.CLOSED},
+    _S.DISCONNECTED: {_I.REPLY: _S.DISCONNECTED, _I.VIOLATION: _S.CLOSED},
+    _S.CLOSED: {_I.VIOLATION: _S.CLOSED},
+}
+
+REFUSALS: Final[Mapping[Input | tuple[State, Input], str]] = {
+    (_S.TLS_HANDSHAKE, _I.RECEIVE): "the TLS handshake is under way: its bytes go to the TLS "
+                                    "session; call tls_established() when it is done",
+    _I.RECEIVE: "receive_data: the connection is closed (state {state})",
+    _I.EOF: "receive_data: the connection is closed (state {state})",
+    _I.TLS_ESTABLISHED: "no TLS handshake is pending (state {state})",
+    _I.REPLY: "cannot reply in state {state}",
+    _I.HANGUP: "the client closed the connection during the negotiation (state {state})",
+}
 
 
 @dataclass
@@ -144,6 +159,9 @@ class _Negotiated:
     structured: bool = False
     contexts: dict[int, str] = field(default_factory=dict)
     no_zeroes: bool = False
+    # the catalog's answers, by raw name: a client names its export in several options (SET_
+    # META_CONTEXT, then GO), and one negotiation asks the catalog once per name
+    exports: dict[bytes, ExportInfo | None] = field(default_factory=dict)
 
 
 class ServerConnection:
@@ -151,149 +169,163 @@ class ServerConnection:
         self._catalog = catalog
         self._tls = tls
         self.tls_active = False  # the TLS handshake is done: receive_data gets decrypted bytes
+        self._machine = StateMachine(TRANSITIONS, State.CLIENT_FLAGS, local=LOCAL_INPUTS,
+                                     violation=Input.VIOLATION, refusals=REFUSALS)
         self._in = bytearray()
         self._pos = 0  # read position in _in during transmission
-        self._out = bytearray()
+        self._out = bytearray(_GREETING)
         self._eof = False
-        self.state = State.CLIENT_FLAGS
         self._neg = _Negotiated()
         self.export: ExportInfo | None = None
-        flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
-        self._out += struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags)
+
+    @property
+    def state(self) -> State:
+        return self._machine.state
 
     # ------------------------------------------------------------------ I/O boundary
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is State.CLOSED:
-            raise LocalProtocolError("the connection is closed")
-        if self.state is State.TLS_HANDSHAKE and data:
-            raise LocalProtocolError("the TLS handshake is under way: its bytes go to the TLS "
-                                     "session; call tls_established() when it is done")
         if data:
+            self._machine.fire(Input.RECEIVE)
             self._in += data
         else:
+            self._machine.fire(Input.EOF)
             self._eof = True
 
     def data_to_send(self) -> bytes:
         out, self._out = bytes(self._out), bytearray()
         return out
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> ServerEvent | NeedData:
         try:
             while True:
-                if self.state is State.CLOSED:
-                    return Disconnect()
-                if self.state is State.TLS_HANDSHAKE:
-                    raise LocalProtocolError("run the TLS handshake and call tls_established() "
-                                             "first")
-                if self.state is State.CLIENT_FLAGS:
-                    if not self._client_flags():
-                        return self._need()
-                elif self.state is State.OPTIONS:
-                    chosen = self._option()
-                    if chosen is None:
-                        return self._need()
-                    if isinstance(chosen, ExportChosen | Disconnect | StartTls):
-                        return chosen
-                else:
-                    return self._request()
+                event = PARSERS[self._machine.state](self)
+                if event is NEED_DATA:
+                    return self._need()
+                if event is not None:
+                    return event
         except RemoteProtocolError:
-            self.state = State.CLOSED
+            self._machine.poison()
             raise
 
-    def _need(self) -> _NeedData | Disconnect:
-        if self._eof:
-            if len(self._in) > self._pos or self.state is not State.TRANSMISSION:
-                self.state = State.CLOSED
-                raise RemoteProtocolError("the client closed the connection mid-message")
-            self.state = State.CLOSED
-            return Disconnect()
-        return NEED_DATA
+    def _need(self) -> NeedData | Disconnect:
+        if self._pos:  # transmission parses at a read position: compact once per batch
+            del self._in[: self._pos]
+            self._pos = 0
+        if not self._eof:
+            return NEED_DATA
+        if self._in:
+            raise RemoteProtocolError("the client closed the connection mid-message")
+        self._machine.fire(Input.HANGUP)
+        return Disconnect()
 
     def tls_established(self) -> None:
         """The TLS handshake that followed `StartTls` succeeded; negotiation starts afresh."""
-        if self.state is not State.TLS_HANDSHAKE:
-            raise LocalProtocolError(f"no TLS handshake is pending (state {self.state.name})")
+        self._machine.fire(Input.TLS_ESTABLISHED)
         self.tls_active = True
-        self.state = State.OPTIONS
 
-    # ------------------------------------------------------------------ negotiation
+    # ------------------------------------------------------------------ what next_event reads
 
-    def _client_flags(self) -> bool:
+    def _read_client_flags(self) -> NeedData | None:
         if len(self._in) < 4:
-            return False
+            return NEED_DATA
         (flags,) = struct.unpack_from(">I", self._in)
         del self._in[:4]
         if not flags & ClientFlag.FIXED_NEWSTYLE or flags & ~0x3:
             raise RemoteProtocolError(f"unsupported client flags {flags:#x}")
         self._neg.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
-        self.state = State.OPTIONS
-        return True
+        self._machine.fire(Input.FLAGS)
+        return None
 
-    def _option(self) -> Event | bool | None:
+    def _read_option(self) -> ServerEvent | NeedData | None:
         if len(self._in) < _OPTION.size:
-            return None
+            return NEED_DATA
         magic, option, length = _OPTION.unpack_from(self._in)
         if magic != IHAVEOPT:
             raise RemoteProtocolError("bad option magic")
         if length > MAX_OPTION_LENGTH:
             raise RemoteProtocolError(f"option length {length} is too large")
         if len(self._in) < _OPTION.size + length:
-            return None
+            return NEED_DATA
         data = bytes(self._in[_OPTION.size : _OPTION.size + length])
         del self._in[: _OPTION.size + length]
-        return self._handle_option(option, data)
+        handler = OPTION_HANDLERS.get(option, ServerConnection._unsupported)
+        if (self._tls is TlsMode.REQUIRE and not self.tls_active
+                and option not in OPTIONS_BEFORE_TLS):
+            handler = ServerConnection._tls_required
+        event = handler(self, option, data)
+        if event is None:
+            self._machine.fire(Input.OPTION)
+        return event
+
+    def _handshake_pending(self) -> None:
+        raise LocalProtocolError("run the TLS handshake and call tls_established() first")
+
+    def _read_request(self) -> ServerEvent | NeedData:
+        # Requests are parsed at a read position, and the buffer is compacted once per batch
+        # (not once per request: a batch of many small requests would move the buffer often).
+        pos = self._pos
+        if len(self._in) - pos < _REQUEST.size:
+            return NEED_DATA
+        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in, pos)
+        if magic != REQUEST_MAGIC:
+            raise RemoteProtocolError("bad request magic")
+        if kind == Command.WRITE and length > MAX_PAYLOAD:
+            raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
+        payload = length if kind == Command.WRITE else 0
+        end = pos + _REQUEST.size + payload
+        if len(self._in) < end:
+            return NEED_DATA
+        with memoryview(self._in) as view:
+            data = bytes(view[pos + _REQUEST.size : end]) if payload else b""
+        self._pos = end
+        if kind == Command.DISC and not flags:
+            self._machine.fire(Input.DISC)
+            return Disconnect()
+        self._machine.fire(Input.REQUEST)
+        try:
+            command = Command(kind)
+        except ValueError:
+            return InvalidRequest(cookie, kind, Errno.EINVAL, f"unknown command {kind}")
+        if flags & ~ALLOWED_FLAGS[command]:
+            return InvalidRequest(cookie, kind, Errno.EINVAL,
+                                  f"flags {flags:#x} are not allowed on {command.name}")
+        if command in (Command.READ, Command.CACHE) and length > MAX_PAYLOAD:
+            return InvalidRequest(cookie, kind, Errno.EINVAL,
+                                  f"{command.name} of {length} bytes exceeds {MAX_PAYLOAD}")
+        return Request(cookie, command, CommandFlag(flags), offset, length, data)
+
+    def _disconnected(self) -> Disconnect:
+        return Disconnect()
+
+    # ------------------------------------------------------------------ the options
 
     def _reply(self, option: int, kind: OptionReply, data: bytes = b"") -> None:
-        self._out += struct.pack(">QIII", OPTION_REPLY_MAGIC, option, kind, len(data)) + data
+        self._out += _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, kind, len(data)) + data
 
-    def _error(self, option: int, kind: OptionReply, message: str) -> bool:
+    def _error(self, option: int, kind: OptionReply, message: str) -> None:
         self._reply(option, kind, message.encode())
-        return True
 
-    def _handle_option(self, option: int, data: bytes) -> Event | bool:
-        if option == Option.STARTTLS:
-            return self._starttls(data)
-        if self._tls is TlsMode.REQUIRE and not self.tls_active and option != Option.ABORT:
-            if option == Option.EXPORT_NAME:
-                raise RemoteProtocolError("EXPORT_NAME before STARTTLS, and this server "
-                                          "requires TLS")
-            return self._error(option, OptionReply.ERR_TLS_REQD,
-                               "TLS is required: send NBD_OPT_STARTTLS first")
-        if option == Option.EXPORT_NAME:
-            return self._export_name(data)
-        if option == Option.ABORT:
-            self._reply(option, OptionReply.ACK)
-            self.state = State.CLOSED
-            return Disconnect()
-        if option == Option.LIST:
-            if data:
-                return self._error(option, OptionReply.ERR_INVALID, "LIST takes no data")
-            for name in self._catalog.names():
-                raw = name.encode()
-                self._reply(option, OptionReply.SERVER, struct.pack(">I", len(raw)) + raw)
-            self._reply(option, OptionReply.ACK)
-            return True
-        if option == Option.STRUCTURED_REPLY:
-            if data:
-                return self._error(option, OptionReply.ERR_INVALID, "takes no data")
-            self._neg.structured = True
-            self._reply(option, OptionReply.ACK)
-            return True
-        if option in (Option.INFO, Option.GO):
-            return self._info_or_go(option, data)
-        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
-            return self._meta_context(option, data)
-        return self._error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
+    def _unsupported(self, option: int, data: bytes) -> None:
+        self._error(option, OptionReply.ERR_UNSUP, f"option {option} is not supported")
 
-    def _starttls(self, data: bytes) -> StartTls | bool:
-        option = Option.STARTTLS
+    def _tls_required(self, option: int, data: bytes) -> None:
+        if option == Option.EXPORT_NAME:  # it cannot carry an error: the end
+            raise RemoteProtocolError("EXPORT_NAME before STARTTLS, and this server requires "
+                                      "TLS")
+        self._error(option, OptionReply.ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first")
+
+    def _starttls(self, option: int, data: bytes) -> StartTls | None:
         if data:
-            return self._error(option, OptionReply.ERR_INVALID, "STARTTLS takes no data")
+            self._error(option, OptionReply.ERR_INVALID, "STARTTLS takes no data")
+            return None
         if self._tls is TlsMode.OFF:
-            return self._error(option, OptionReply.ERR_UNSUP, "TLS is not configured")
+            self._error(option, OptionReply.ERR_UNSUP, "TLS is not configured")
+            return None
         if self.tls_active:
-            return self._error(option, OptionReply.ERR_INVALID, "TLS is already active")
+            self._error(option, OptionReply.ERR_INVALID, "TLS is already active")
+            return None
         if self._in:
             # A client waits for the ACK before its ClientHello: these bytes came from someone
             # else, and must never be taken as if they had arrived over TLS.
@@ -301,10 +333,33 @@ class ServerConnection:
                                       f"before the TLS handshake; connection closed")
         self._reply(option, OptionReply.ACK)
         self._neg = _Negotiated(no_zeroes=self._neg.no_zeroes)  # nothing survives STARTTLS
-        self.state = State.TLS_HANDSHAKE
+        self._machine.fire(Input.STARTTLS)
         return StartTls()
 
-    def _export_name(self, data: bytes) -> Event:
+    def _abort(self, option: int, data: bytes) -> Disconnect:
+        self._reply(option, OptionReply.ACK)
+        self._machine.fire(Input.ABORT)
+        return Disconnect()
+
+    def _list(self, option: int, data: bytes) -> None:
+        if data:
+            self._error(option, OptionReply.ERR_INVALID, "LIST takes no data")
+            return None
+        for name in self._catalog.names():
+            raw = name.encode()
+            self._reply(option, OptionReply.SERVER, struct.pack(">I", len(raw)) + raw)
+        self._reply(option, OptionReply.ACK)
+        return None
+
+    def _structured_reply(self, option: int, data: bytes) -> None:
+        if data:
+            self._error(option, OptionReply.ERR_INVALID, "takes no data")
+            return None
+        self._neg.structured = True
+        self._reply(option, OptionReply.ACK)
+        return None
+
+    def _export_name(self, option: int, data: bytes) -> ExportChosen:
         export = self._lookup(data)
         if export is None:
             raise RemoteProtocolError("unknown export requested with EXPORT_NAME")
@@ -313,28 +368,33 @@ class ServerConnection:
             self._out += bytes(124)
         return self._choose(export)
 
-    def _lookup(self, raw: bytes) -> ExportInfo | None:
-        if len(raw) > MAX_NAME_LENGTH:
-            raise RemoteProtocolError("export name too long")
-        try:
-            return self._catalog.lookup(raw.decode())
-        except UnicodeDecodeError:
-            return None
+    def _info(self, option: int, data: bytes) -> None:
+        self._info_or_go(option, data)
+        return None
 
-    def _info_or_go(self, option: int, data: bytes) -> Event | bool:
+    def _go(self, option: int, data: bytes) -> ExportChosen | None:
+        export = self._info_or_go(option, data)
+        return None if export is None else self._choose(export)
+
+    def _info_or_go(self, option: int, data: bytes) -> ExportInfo | None:
+        """Answer INFO or GO; -> the export when it was acknowledged."""
         if len(data) < 6:
-            return self._error(option, OptionReply.ERR_INVALID, "truncated INFO/GO request")
+            self._error(option, OptionReply.ERR_INVALID, "truncated INFO/GO request")
+            return None
         (name_length,) = struct.unpack_from(">I", data)
         if len(data) < 4 + name_length + 2 or name_length > MAX_NAME_LENGTH:
-            return self._error(option, OptionReply.ERR_INVALID, "bad export name length")
+            self._error(option, OptionReply.ERR_INVALID, "bad export name length")
+            return None
         name = data[4 : 4 + name_length]
         (count,) = struct.unpack_from(">H", data, 4 + name_length)
         if len(data) != 4 + name_length + 2 + 2 * count:
-            return self._error(option, OptionReply.ERR_INVALID, "bad information request list")
+            self._error(option, OptionReply.ERR_INVALID, "bad information request list")
+            return None
         requests = set(struct.unpack_from(f">{count}H", data, 6 + name_length))
         export = self._lookup(name)
         if export is None:
-            return self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
+            self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
+            return None
         self._reply(option, OptionReply.INFO, struct.pack(
             ">HQH", Info.EXPORT, export.size_bytes, _transmission_flags(export)))
         if Info.NAME in requests:
@@ -348,86 +408,64 @@ class ServerConnection:
                 ">HIII", Info.BLOCK_SIZE, export.min_block, export.preferred_block,
                 export.max_block))
         self._reply(option, OptionReply.ACK)
-        if option == Option.GO:
-            return self._choose(export)
-        return True
+        return export
 
-    def _meta_context(self, option: int, data: bytes) -> bool:
+    def _list_meta_context(self, option: int, data: bytes) -> None:
+        self._meta_context(option, data, setting=False)
+
+    def _set_meta_context(self, option: int, data: bytes) -> None:
+        self._meta_context(option, data, setting=True)
+
+    def _meta_context(self, option: int, data: bytes, *, setting: bool) -> None:
         try:
             name, queries = _parse_meta_request(data)
         except ValueError as exc:
-            return self._error(option, OptionReply.ERR_INVALID, str(exc))
+            self._error(option, OptionReply.ERR_INVALID, str(exc))
+            return None
         export = self._lookup(name)
         if export is None:
-            return self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
-        if option == Option.SET_META_CONTEXT:
+            self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
+            return None
+        if setting:
             if not self._neg.structured:
-                return self._error(option, OptionReply.ERR_INVALID,
+                self._error(option, OptionReply.ERR_INVALID,
                                    "negotiate structured replies first")
+                return None
             self._neg.contexts = {}
-        chosen = _match_contexts(export.contexts, queries, listing=option ==
-                                 Option.LIST_META_CONTEXT)
+        chosen = _match_contexts(export.contexts, queries, listing=not setting)
         for index, context in enumerate(chosen, 1):
-            if option == Option.SET_META_CONTEXT:
+            if setting:
                 self._neg.contexts[index] = context
-            context_id = index if option == Option.SET_META_CONTEXT else 0
+            context_id = index if setting else 0
             self._reply(option, OptionReply.META_CONTEXT,
                         struct.pack(">I", context_id) + context.encode())
         self._reply(option, OptionReply.ACK)
-        return True
+        return None
+
+    def _lookup(self, raw: bytes) -> ExportInfo | None:
+        if len(raw) > MAX_NAME_LENGTH:
+            raise RemoteProtocolError("export name too long")
+        known = self._neg.exports
+        if raw not in known:
+            try:
+                known[raw] = self._catalog.lookup(raw.decode())
+            except UnicodeDecodeError:
+                known[raw] = None
+        return known[raw]
 
     def _choose(self, export: ExportInfo) -> ExportChosen:
         self.export = export
-        self.state = State.TRANSMISSION
+        self._machine.fire(Input.EXPORT_CHOSEN)
         return ExportChosen(export, self._neg.structured, dict(self._neg.contexts))
 
-    # ------------------------------------------------------------------ transmission
-
-    def _request(self) -> Event | _NeedData:
-        # Requests are parsed at a read position, and the buffer is compacted once per batch
-        # (not once per request: a batch of many small requests would move the buffer often).
-        pos = self._pos
-        if len(self._in) - pos < _REQUEST.size:
-            return self._compact_and_need()
-        magic, flags, kind, cookie, offset, length = _REQUEST.unpack_from(self._in, pos)
-        if magic != REQUEST_MAGIC:
-            raise RemoteProtocolError("bad request magic")
-        if kind == Command.WRITE and length > MAX_PAYLOAD:
-            raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
-        payload = length if kind == Command.WRITE else 0
-        end = pos + _REQUEST.size + payload
-        if len(self._in) < end:
-            return self._compact_and_need()
-        with memoryview(self._in) as view:
-            data = bytes(view[pos + _REQUEST.size : end]) if payload else b""
-        self._pos = end
-        try:
-            command = Command(kind)
-        except ValueError:
-            return InvalidRequest(cookie, kind, Errno.EINVAL, f"unknown command {kind}")
-        if flags & ~ALLOWED_FLAGS[command]:
-            return InvalidRequest(cookie, kind, Errno.EINVAL,
-                                  f"flags {flags:#x} are not allowed on {command.name}")
-        if command in (Command.READ, Command.CACHE) and length > MAX_PAYLOAD:
-            return InvalidRequest(cookie, kind, Errno.EINVAL,
-                                  f"{command.name} of {length} bytes exceeds {MAX_PAYLOAD}")
-        if command is Command.DISC:
-            self.state = State.CLOSED
-            return Disconnect()
-        return Request(cookie, command, CommandFlag(flags), offset, length, data)
-
-    def _compact_and_need(self) -> _NeedData | Disconnect:
-        if self._pos:
-            del self._in[: self._pos]
-            self._pos = 0
-        return self._need()
+    # ------------------------------------------------------------------ replies
 
     def reply_simple(self, cookie: int, error: int = 0, data: bytes = b"") -> None:
-        self._check_transmission()
+        self._machine.fire(Input.REPLY)
         self._out += struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie) + data
 
     def reply_chunk(self, cookie: int, kind: ReplyType, payload: bytes, *, done: bool) -> None:
-        self._check_transmission()
+        self._machine.fire(Input.REPLY)
         if not self._neg.structured:
             raise LocalProtocolError("structured replies were not negotiated")
         flags = REPLY_FLAG_DONE if done else 0
@@ -438,7 +476,7 @@ class ServerConnection:
         """The header of a read's data: an OFFSET_DATA chunk (a simple reply without structured
         replies, where ``done`` must be True). The I/O layer sends exactly ``length`` bytes of
         data right after what `data_to_send` then returns, so they need not pass through here."""
-        self._check_transmission()
+        self._machine.fire(Input.REPLY)
         if self._neg.structured:
             flags = REPLY_FLAG_DONE if done else 0
             self._out += struct.pack(">IHHQIQ", STRUCTURED_REPLY_MAGIC, flags,
@@ -453,10 +491,6 @@ class ServerConnection:
         self.reply_chunk(cookie, ReplyType.OFFSET_HOLE, struct.pack(">QI", offset, length),
                          done=done)
 
-    @property
-    def structured_replies(self) -> bool:
-        return self._neg.structured
-
     def reply_error(self, cookie: int, error: int, message: str = "") -> None:
         """An error reply, structured when negotiated (with a message), simple otherwise."""
         if self._neg.structured:
@@ -466,20 +500,66 @@ class ServerConnection:
         else:
             self.reply_simple(cookie, error)
 
-    def _check_transmission(self) -> None:
-        if self.state is not State.TRANSMISSION:
-            raise LocalProtocolError(f"cannot reply in state {self.state.name}")
+    @property
+    def structured_replies(self) -> bool:
+        return self._neg.structured
+
+    @property
+    def can_reply(self) -> bool:
+        """Replies may still be sent (in transmission, and after the client disconnected while
+        requests were in flight; not after a protocol error)."""
+        return self._machine.allows(Input.REPLY)
 
 
-def _transmission_flags(export: ExportInfo) -> int:
+Parser = Callable[[ServerConnection], ServerEvent | NeedData | None]
+OptionHandler = Callable[[ServerConnection, int, bytes], ServerEvent | None]
+
+# what next_event reads in each state
+PARSERS: Final[Mapping[State, Parser]] = {
+    State.CLIENT_FLAGS: ServerConnection._read_client_flags,
+    State.OPTIONS: ServerConnection._read_option,
+    State.TLS_HANDSHAKE: ServerConnection._handshake_pending,
+    State.TRANSMISSION: ServerConnection._read_request,
+    State.DISCONNECTED: ServerConnection._disconnected,
+    State.CLOSED: ServerConnection._disconnected,
+}
+
+# the handler of each option; any other gets NBD_REP_ERR_UNSUP
+OPTION_HANDLERS: Final[Mapping[int, OptionHandler]] = {
+    Option.EXPORT_NAME: ServerConnection._export_name,
+    Option.ABORT: ServerConnection._abort,
+    Option.LIST: ServerConnection._list,
+    Option.STARTTLS: ServerConnection._starttls,
+    Option.INFO: ServerConnection._info,
+    Option.GO: ServerConnection._go,
+    Option.STRUCTURED_REPLY: ServerConnection._structured_reply,
+    Option.LIST_META_CONTEXT: ServerConnection._list_meta_context,
+    Option.SET_META_CONTEXT: ServerConnection._set_meta_context,
+}
+
+# what TlsMode.REQUIRE answers before TLS (every other option: NBD_REP_ERR_TLS_REQD)
+OPTIONS_BEFORE_TLS: Final = frozenset({Option.STARTTLS, Option.ABORT})
+
+
+def _flags(read_only: bool, multi_conn: bool) -> int:
     flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-             | TransmissionFlag.SEND_DF | TransmissionFlag.CAN_MULTI_CONN)
-    if export.read_only:
+             | TransmissionFlag.SEND_DF)
+    if multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    if read_only:
         flags |= TransmissionFlag.READ_ONLY
     else:
         flags |= (TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
                   | TransmissionFlag.SEND_FAST_ZERO)
     return int(flags)
+
+
+# (read-only, multi-conn) -> transmission flags, worked out once (IntFlag arithmetic is slow)
+_TRANSMISSION_FLAGS: Final = {(r, m): _flags(r, m) for r in (False, True) for m in (False, True)}
+
+
+def _transmission_flags(export: ExportInfo) -> int:
+    return _TRANSMISSION_FLAGS[export.read_only, export.multi_conn]
 
 
 def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]]:

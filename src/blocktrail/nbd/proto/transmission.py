@@ -37,7 +37,16 @@ from blocktrail.nbd.proto.constants import (
     ReplyType,
 )
 from blocktrail.nbd.proto.errors import LocalProtocolError, RemoteProtocolError
-from blocktrail.nbd.proto.server import NEED_DATA, Disconnect, _NeedData
+from blocktrail.nbd.proto.events import (
+    NEED_DATA,
+    BlockStatus,
+    Disconnect,
+    NeedData,
+    ReadChunk,
+    ReplyChunk,
+    ReplyDone,
+    TransmissionEvent,
+)
 
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
@@ -54,47 +63,6 @@ INLINE_WRITE = 64 * 1024  # smaller write payloads are copied next to their head
 _ERROR_BIT = 0x8000
 _ZEROS = bytes(1 << 20)
 _DATA_OFFSET = _CHUNK.size + _OFFSET.size
-
-
-@dataclass(frozen=True, slots=True)
-class ReadChunk:
-    """Bytes ``[offset, offset + length)`` of a read are in its buffer (a hole: as zeros)."""
-
-    cookie: int
-    offset: int
-    length: int
-    hole: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyChunk:
-    """A content chunk of a READ sent with `send_request` (no buffer): the payload as the
-    structured chunk carries it (64-bit offset, then the data; for a hole, offset and size)."""
-
-    cookie: int
-    kind: ReplyType
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStatus:
-    """One meta context's answer to BLOCK_STATUS: (length, flags) descriptors, consecutive from
-    the request's offset; the last one may reach past the request's end."""
-
-    cookie: int
-    context_id: int
-    context: str
-    descriptors: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyDone:
-    cookie: int
-    error: int  # 0: success; otherwise an NBD errno
-    message: str = ""
-
-
-TransmissionEvent = ReadChunk | ReplyChunk | BlockStatus | ReplyDone | Disconnect
 
 
 @dataclass(slots=True)
@@ -249,7 +217,7 @@ class Transmission:
 
     # ------------------------------------------------------------------ replies
 
-    def next_event(self) -> TransmissionEvent | _NeedData:
+    def next_event(self) -> TransmissionEvent | NeedData:
         try:
             while True:
                 if self._events:
@@ -273,7 +241,7 @@ class Transmission:
             self._events.clear()
             raise
 
-    def _need(self) -> _NeedData | Disconnect:
+    def _need(self) -> NeedData | Disconnect:
         if not self._eof:
             return NEED_DATA
         if self._payload is not None or self._in:
