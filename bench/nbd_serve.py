@@ -14,7 +14,7 @@ import signal
 from bench.disk_bench import NoTracking
 from blocktrail.disk import Disk
 from blocktrail.host.daemon import Endpoint, bind
-from blocktrail.nbd.exports import DiskCatalog
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.server import NbdServer
 from blocktrail.tracking import ChangeTracker
 

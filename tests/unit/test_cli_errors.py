@@ -130,7 +130,7 @@ def test_a_backup_failing_with_a_bare_errno(error: OSError, code: int, tmp_path:
                                             capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Once exit code 1 and the bare errno; now the documented code and the file."""
-    from blocktrail.cli import backup as backup_commands
+    from blocktrail.backup import engine
     from blocktrail.disk import Disk
     from blocktrail.repo import Repository
 
@@ -140,7 +140,7 @@ def test_a_backup_failing_with_a_bare_errno(error: OSError, code: int, tmp_path:
     def fail(*_args: object, **_kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(backup_commands, "run_backup", fail)
+    monkeypatch.setattr(engine, "run_backup", fail)  # the command imports it when it runs
     exit_code, _, err = run(capsys, "backup", str(tmp_path / "d0"), "--repo",
                             str(tmp_path / "repo"))
     assert exit_code == code

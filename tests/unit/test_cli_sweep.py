@@ -20,7 +20,6 @@ from typing import Any
 import click
 import pytest
 
-from blocktrail.cli import host as host_command
 from blocktrail.cli.main import cli, main
 from blocktrail.disk import Disk
 from blocktrail.errors import ExitCode
@@ -146,12 +145,13 @@ def places(tmp_path: Path) -> Places:
 def no_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     """A run of `blocktrail host` that starts after all is stopped after 20 s (and then fails
     as a bug: the sweep must never start a host)."""
-    real = host_command.serve
+    from blocktrail.host import daemon  # `blocktrail host` imports serve from it when it runs
+    real = daemon.serve
 
     async def bounded(config: Any, started: Any = None, **kwargs: Any) -> None:
         await asyncio.wait_for(real(config, started, **kwargs), timeout=20)
 
-    monkeypatch.setattr(host_command, "serve", bounded)
+    monkeypatch.setattr(daemon, "serve", bounded)
 
 
 @pytest.mark.parametrize(("path", "command"), list(commands()),

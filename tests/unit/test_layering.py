@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "fileio": {"extents", "errors"},
     "tracking": {"extents", "errors", "fileio"},
     "disk": {"extents", "errors", "fileio", "names", "tracking"},
-    "nbd": {"extents", "errors"},  # nbd/proto: see the test below; nbd/exports.py: MODULES
+    "nbd": {"extents", "errors"},  # nbd/proto: see the test below
     "repo": {"extents", "errors", "fileio", "pipeline"},
     "backup": {"extents", "errors", "names", "fileio", "tracking", "repo", "nbd", "disk",
                "pipeline"},
@@ -28,10 +28,6 @@ ALLOWED: dict[str, set[str]] = {
             "host"},
     "demo": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
              "host"},
-}
-# module -> what it may import instead of its package's rule: the disk adapter, to move into host
-MODULES: dict[str, set[str]] = {
-    "nbd/exports.py": {"extents", "errors", "disk", "tracking"},
 }
 NO_IO_MODULES = {"asyncio", "socket", "ssl", "threading", "selectors"}
 
@@ -59,17 +55,12 @@ def _modules() -> list[Path]:
 def test_imports_only_downward(path: Path) -> None:
     package = _package_of(path)
     assert package in ALLOWED, f"{package} is not in the layer map of this test"
-    allowed = MODULES.get(path.relative_to(SRC).as_posix(), ALLOWED[package])
+    allowed = ALLOWED[package]
     for name in _imports(path):
         parts = name.split(".")
         if parts[0] != "blocktrail" or len(parts) < 2 or parts[1] == package:
             continue
         assert parts[1] in allowed, f"{path.relative_to(SRC)} imports {name}"
-
-
-def test_the_module_exceptions_exist() -> None:
-    for module in MODULES:
-        assert (SRC / module).exists(), f"{module} is gone: drop it from MODULES"
 
 
 def test_nbd_protocol_core_does_no_io() -> None:

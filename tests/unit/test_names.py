@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 from blocktrail.disk import Disk
 from blocktrail.errors import InvalidArgument, SnapshotExists
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.names import (
     check_disk_name,
@@ -21,7 +22,6 @@ from blocktrail.names import (
     is_valid_snapshot_name,
     legacy_snapshot_name,
 )
-from blocktrail.nbd.exports import DiskCatalog
 from names_strategies import HOSTILE, TRICKY_VALID, hostile_names
 
 MiB = 1 << 20

@@ -7,28 +7,23 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
 
-from blocktrail.backup.engine import BackupOptions, run_backup
-from blocktrail.backup.source import Source
-from blocktrail.backup.sources.host import HostDiskSource
-from blocktrail.backup.sources.local import LocalDiskSource
-from blocktrail.backup.sources.nbd import NbdExportSource
-from blocktrail.backup.verify import verify_point
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import PERCENT, ExitCode, emit, human
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
 from blocktrail.errors import InvalidArgument
-from blocktrail.host.client import HostClient
 from blocktrail.names import check_disk_name, check_snapshot_name
-from blocktrail.nbd.uri import TlsParameters, is_nbd_uri
-from blocktrail.repo import Repository, RetentionPolicy
-from blocktrail.repo.repair import ADVICE
+from blocktrail.nbd.uri import is_nbd_uri
+
+# Each command imports the heavy parts (the engine, NBD, the repository, rich) when it runs:
+# `blocktrail --help` and `blocktrail points` stay quick.
+if TYPE_CHECKING:
+    from blocktrail.backup.source import Source
+    from blocktrail.nbd.uri import TlsParameters
 
 repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
                            envvar="BLOCKTRAIL_REPO", help="Repository directory.")
@@ -36,6 +31,9 @@ repo_option = click.option("--repo", "repo_path", required=True, type=click.Path
 
 @contextlib.contextmanager
 def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
+
     console = Console(stderr=True)
     if quiet or not console.is_terminal:
         yield None
@@ -58,9 +56,12 @@ def open_source(disk: str, host: str | None, *, bitmap: str | None = None,
         raise InvalidArgument("--tls-* options are for a host's disks (--host); an nbds:// URI "
                               "carries its own (tls-certificates=DIR, tls-psk-file=FILE)")
     if is_nbd_uri(disk):
+        from blocktrail.backup.sources.nbd import NbdExportSource
         with contextlib.closing(NbdExportSource(disk, bitmap=bitmap, disk_id=disk_id)) as src:
             yield src
     elif host is not None:
+        from blocktrail.backup.sources.host import HostDiskSource
+        from blocktrail.host.client import HostClient
         check_disk_name(disk)
         client = HostClient.from_env(host)
         try:
@@ -70,6 +71,7 @@ def open_source(disk: str, host: str | None, *, bitmap: str | None = None,
         finally:
             client.close()
     else:
+        from blocktrail.backup.sources.local import LocalDiskSource
         with contextlib.closing(LocalDiskSource(disk)) as src:
             yield src
 
@@ -84,6 +86,7 @@ def repo_group() -> None:
 @json_option
 def repo_init(path: str, as_json: bool) -> None:
     """Create an empty repository in the directory PATH."""
+    from blocktrail.repo import Repository
     with Repository.init(path) as repo:
         info = {"path": path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size}
     emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)})")
@@ -96,6 +99,8 @@ def repo_repair(path: str, as_json: bool) -> None:
     """Read every pack, put damaged copies in quarantine, rebuild the index from the intact
     objects, delete stray temporary files, and name every restore point that cannot be fully
     restored (exit 12). Takes the repository lock exclusively, like prune."""
+    from blocktrail.repo import Repository
+    from blocktrail.repo.repair import ADVICE
     with Repository.open(path) as repo, progress_bar("repair", as_json):
         report = repo.repair()
     lines = [f"read {report.packs_read} packs: {report.objects_intact} intact objects, "
@@ -143,6 +148,8 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
     """Back up DISK: a disk directory, NAME on a host (--host), or an NBD URI
     (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT). Incremental when the changes
     since the last restore point can be trusted; otherwise full, and the output says why."""
+    from blocktrail.backup.engine import BackupOptions, run_backup
+    from blocktrail.repo import Repository
     with Repository.open(repo_path) as repo, \
             open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
@@ -185,6 +192,7 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
 @json_option
 def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
     """List restore points, oldest first."""
+    from blocktrail.repo import Repository
     with Repository.open(repo_path) as repo:
         intact, damaged = repo.scan_points()
     found = [p.summary() for p in intact if disk_id is None or p.disk_id == disk_id]
@@ -204,6 +212,7 @@ def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
 @json_option
 def restore(repo_path: str, point_id: str, target: str, fmt: str, as_json: bool) -> None:
     """Write restore point POINT to the file --to (every chunk's hash is checked)."""
+    from blocktrail.repo import Repository
     with Repository.open(repo_path) as repo, progress_bar("restore", as_json) as progress:
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
@@ -240,6 +249,8 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
            tls_certificates: str | None, tls_psk_file: str | None, tls_username: str | None,
            heal: bool, as_json: bool) -> None:
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
+    from blocktrail.backup.verify import verify_point
+    from blocktrail.repo import Repository
     disk_path, snapshot = against, ""
     if not is_nbd_uri(against):  # an export name may hold "@" itself
         disk_path, at, snapshot = against.partition("@")
@@ -289,6 +300,7 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
 @json_option
 def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) -> None:
     """Check the repository's structure (and data); name what is damaged and what it affects."""
+    from blocktrail.repo import Repository
     with Repository.open(repo_path) as repo:
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
@@ -328,6 +340,7 @@ def forget(repo_path: str, keep_last: int, keep_daily: int, keep_weekly: int,
            keep_monthly: int, disk_id: str | None, do_prune: bool, dry_run: bool,
            as_json: bool) -> None:
     """Forget restore points a retention policy does not keep (per disk)."""
+    from blocktrail.repo import Repository, RetentionPolicy
     policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
     if policy.empty:
         raise InvalidArgument("give at least one --keep-* option (forget keeps nothing else)")

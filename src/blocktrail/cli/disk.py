@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from blocktrail.cli.output import emit, human, parse_size
 from blocktrail.cli.target import call, host_option, on_disk, with_host
-from blocktrail.disk import Disk
-from blocktrail.disk.importer import import_raw
 from blocktrail.names import check_disk_name
+
+if TYPE_CHECKING:
+    from blocktrail.disk import Disk
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -64,6 +65,7 @@ def create(disk_path: str, size: str, granularity: str, cluster_size: str, host:
                 "granularity": parse_size(granularity)}
         info = with_host(host, call("POST", "disks", json=body))
     else:
+        from blocktrail.disk import Disk
         with Disk.create(disk_path, parse_size(size), parse_size(granularity),
                          cluster_size=parse_size(cluster_size)) as d:
             info = disk_info(d)
@@ -94,6 +96,7 @@ def import_(source: str, disk_path: str, granularity: str, host: str | None,
                 "granularity": parse_size(granularity)}
         data = with_host(host, call("POST", "disks", "import", json=body))
     else:
+        from blocktrail.disk.importer import import_raw
         with import_raw(source, disk_path, parse_size(granularity)) as d:
             data = disk_info(d)
     emit(as_json, data, _describe(data))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+from typing import TYPE_CHECKING
 
 import click
 
 from blocktrail.cli.output import printable
 from blocktrail.errors import InvalidArgument
-from blocktrail.host.daemon import Endpoint, HostConfig, serve
-from blocktrail.nbd.proto import TlsMode
-from blocktrail.nbd.server import ServerLimits
-from blocktrail.nbd.tls import TlsConfig
+from blocktrail.nbd.limits import ServerLimits
+
+if TYPE_CHECKING:  # the server side is imported when the host starts, not for --help
+    from blocktrail.host.daemon import HostConfig
+    from blocktrail.nbd.tls import TlsConfig
 
 
 @click.command("host")
@@ -42,6 +43,11 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
          tls_creds: str | None, tls_psk: str | None, tls_verify_client: bool,
          max_connections: int) -> None:
     """Own the disks under --data; serve the control API (and NBD) until interrupted."""
+    import asyncio
+
+    from blocktrail.host.daemon import Endpoint, HostConfig
+    from blocktrail.nbd.proto import TlsMode
+
     tls = _tls_config(tls_creds, tls_psk, tls_verify_client)
     mode = TlsMode[(tls_mode or ("require" if tls else "off")).upper()]
     if mode is not TlsMode.OFF and tls is None:
@@ -57,6 +63,10 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
 
 async def _serve_and_tell(config: HostConfig) -> None:
     """Serve; once the host has its data directory and its sockets, say where."""
+    import asyncio
+
+    from blocktrail.host.daemon import serve
+
     started = asyncio.Event()
     serving = asyncio.create_task(serve(config, started, handle_signals=True))
     told = asyncio.create_task(started.wait())
@@ -71,6 +81,8 @@ async def _serve_and_tell(config: HostConfig) -> None:
 
 
 def _tls_config(creds: str | None, psk: str | None, verify_client: bool) -> TlsConfig | None:
+    from blocktrail.nbd.tls import TlsConfig
+
     if creds and psk:
         raise InvalidArgument("give --tls-creds or --tls-psk, not both")
     if creds:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import emit, human
 from blocktrail.cli.target import call, host_option, on_disk
-from blocktrail.disk import Disk
 from blocktrail.names import check_snapshot_name
+
+if TYPE_CHECKING:
+    from blocktrail.disk import Disk
 
 
 @click.group()

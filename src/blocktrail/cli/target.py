@@ -7,15 +7,18 @@ built from percent-encoded segments (`api_path`): ``a%20b`` and ``a b`` are two 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from blocktrail.disk import Disk
 from blocktrail.errors import InvalidArgument
-from blocktrail.host.client import HostClient, api_path
+from blocktrail.host.endpoint import api_path
 from blocktrail.names import check_disk_name
-from blocktrail.nbd.uri import TlsParameters
+
+if TYPE_CHECKING:  # imported where used: a command loads only what it needs
+    from blocktrail.disk import Disk
+    from blocktrail.host.client import HostClient
+    from blocktrail.nbd.uri import TlsParameters
 
 T = TypeVar("T")
 
@@ -30,6 +33,7 @@ def on_disk(disk: str, host: str | None, local: Callable[[Disk], T],
     """Run ``local`` on the opened disk directory, or ``remote`` against the host (``disk`` is
     then a disk name, checked before anything is sent)."""
     if host is None:
+        from blocktrail.disk import Disk
         with Disk.open(disk) as d:
             return local(d)
     check_disk_name(disk)
@@ -37,6 +41,7 @@ def on_disk(disk: str, host: str | None, local: Callable[[Disk], T],
 
 
 def with_host(host: str, fn: Callable[[HostClient], T]) -> T:
+    from blocktrail.host.client import HostClient
     client = HostClient.from_env(host)
     try:
         return fn(client)
@@ -71,5 +76,6 @@ def tls_parameters(certificates: str | None, psk_file: str | None,
         if username:
             raise InvalidArgument("--tls-username goes with --tls-psk-file")
         return None
+    from blocktrail.nbd.uri import TlsParameters
     return TlsParameters(certificates, psk_file, username)
 

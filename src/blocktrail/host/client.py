@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
 from blocktrail import errors
-from blocktrail.host.daemon import Endpoint
-from blocktrail.host.datadir import TOKEN_FILE
+from blocktrail.host.endpoint import TOKEN_FILE, Endpoint
 
 _ERRORS: dict[str, type[errors.BlocktrailError]] = {
     cls.__name__: cls for cls in vars(errors).values()
@@ -33,15 +31,6 @@ class HostAnswerError(errors.BlocktrailError):
     name): another server at that address, a proxy, a version mismatch, a bug."""
 
     exit_code = errors.ExitCode.UNREACHABLE
-
-
-def api_path(*segments: str) -> str:
-    """``/disks/a%20b/snapshots/x%3Fy``: every segment percent-encoded whole."""
-    try:
-        return "".join("/" + quote(segment, safe="") for segment in segments)
-    except UnicodeEncodeError as exc:  # a lone surrogate: no name has one
-        raise errors.InvalidArgument(f"{exc.object!r} cannot be sent to the host: it is not "
-                                     "valid Unicode") from None
 
 
 class HostClient:

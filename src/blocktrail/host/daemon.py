@@ -20,45 +20,15 @@ import uvicorn
 
 from blocktrail.errors import InvalidArgument, io_error
 from blocktrail.host.api import create_app
-from blocktrail.host.datadir import TOKEN_FILE
+from blocktrail.host.endpoint import TOKEN_FILE, Endpoint
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.host.registry import DiskRegistry
-from blocktrail.nbd.exports import DiskCatalog
+from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import TlsMode
-from blocktrail.nbd.server import NbdServer, ServerLimits, ServerTls
+from blocktrail.nbd.server import NbdServer, ServerTls
 from blocktrail.nbd.tls import TlsConfig, server_context
 
 __all__ = ["TOKEN_FILE", "Endpoint", "HostConfig", "serve"]
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a server listens: ``unix:PATH``, ``tcp:HOST:PORT`` or ``http://HOST:PORT``."""
-
-    unix_path: str | None = None
-    host: str | None = None
-    port: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        if text.startswith("unix:"):
-            path = text.removeprefix("unix:")
-            if not path or "\0" in path:
-                raise InvalidArgument(f"invalid endpoint {text!r}: unix: needs a socket path")
-            return cls(unix_path=path)
-        rest = text.removeprefix("http://").removeprefix("tcp:").removeprefix("nbd://")
-        rest = rest.rstrip("/")
-        host, sep, port = rest.rpartition(":")
-        bracketed = host.startswith("[") and host.endswith("]")
-        host = host[1:-1] if bracketed else host
-        if not (sep and port.isascii() and port.isdigit() and 0 < int(port) < 65536 and host
-                and host.isascii() and host.isprintable() and not set(host) & set("/?#@[] ")
-                and (bracketed or host.count(":") == 0 or host.count(":") > 1)):
-            raise InvalidArgument(f"invalid endpoint {text!r}: use unix:PATH or HOST:PORT "
-                                  "(a port from 1 to 65535)")
-        return cls(host=host, port=int(port))
-
-    def __str__(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else f"http://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,13 +34,13 @@ from blocktrail.errors import (
     io_error,
 )
 from blocktrail.fileio import FileIO, FileLock
+from blocktrail.host.endpoint import TOKEN_FILE
 from blocktrail.names import is_valid_disk_name
 
 FORMAT = "blocktrail-host-data"
 VERSION = 2
 FORMAT_FILE = "host.json"
 LOCK_FILE = "host.lock"
-TOKEN_FILE = "api-token"
 VMS_FILE = "vms.json"
 VM_JOURNAL_FILE = "vm-journal.json"  # a VM snapshot being taken or removed on its disks
 DISKS_DIR = "disks"

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blocktrail.nbd.export import Catalog, Export, MappedRead, ReadSegment
+from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,
@@ -54,15 +55,6 @@ SEND_BUFFER_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class ServerLimits:
-    max_connections: int = 100
-    handshake_seconds: float = 10.0
-    requests_in_flight: int = 64  # per connection
-    bytes_in_flight: int = 64 << 20  # per connection: write payloads held, read replies queued
-    disk_threads: int = 8
-
-
-@dataclass(frozen=True, slots=True)
 class ServerTls:
     """``mode`` ALLOW or REQUIRE with loaded credentials (`blocktrail.nbd.tls.server_context`)."""
 
@@ -73,8 +65,9 @@ class ServerTls:
 class NbdServer:
     """Serve `catalog` on listening sockets until `close`."""
 
-    def __init__(self, catalog: Catalog, limits: ServerLimits = ServerLimits(),
+    def __init__(self, catalog: Catalog, limits: ServerLimits | None = None,
                  tls: ServerTls | None = None) -> None:
+        limits = limits or ServerLimits()
         self.catalog = catalog
         self.limits = limits
         self.tls = tls

@@ -22,7 +22,7 @@ from apiclient import api_client
 from blocktrail.disk import Disk
 from blocktrail.errors import HostBusy, NoSpace
 from blocktrail.host.api import create_app
-from blocktrail.host.client import api_path
+from blocktrail.host.endpoint import api_path
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.names import (
     DISK_NAME_MAX,

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from blocktrail import errors
-from blocktrail.host.client import HostAnswerError, HostClient, api_path
+from blocktrail.host.client import HostAnswerError, HostClient
+from blocktrail.host.endpoint import api_path
 
 
 def client_answering(handler: Callable[[httpx.Request], httpx.Response]) -> HostClient:

@@ -17,9 +17,9 @@ import pytest
 from blocktrail.disk import Disk
 from blocktrail.errors import InvalidArgument, OutOfRange
 from blocktrail.host.daemon import Endpoint, bind
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.client import NbdClient
-from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from blocktrail.disk import Disk
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.client import NbdClient
 from blocktrail.nbd.export import Catalog
-from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.proto import (
     NEED_DATA,
     Command,

@@ -14,8 +14,8 @@ import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.host.daemon import Endpoint, bind
+from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.blocking import BlockingNbdClient
-from blocktrail.nbd.exports import DiskCatalog
 from blocktrail.nbd.proto.errors import NegotiationRefused
 from blocktrail.nbd.server import NbdServer
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri

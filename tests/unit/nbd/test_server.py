@@ -19,8 +19,9 @@ import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.host.daemon import Endpoint, bind
-from blocktrail.nbd.exports import DiskCatalog
-from blocktrail.nbd.server import NbdServer, ServerLimits
+from blocktrail.host.exports import DiskCatalog
+from blocktrail.nbd.limits import ServerLimits
+from blocktrail.nbd.server import NbdServer
 from nbdraw import (
     BLOCK_STATUS,
     CACHE,

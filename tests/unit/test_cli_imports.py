@@ -1,0 +1,61 @@
+"""Each command imports only what it needs: no server code in a client, heavy libraries where
+they are used. (How long start-up takes is measured in bench/cli_bench.py, not here.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blocktrail.repo import Repository
+
+SERVER_SIDE = ("fastapi", "uvicorn", "starlette", "pydantic", "blocktrail.host.api",
+               "blocktrail.host.daemon", "blocktrail.nbd.server")
+HEAVY = ("numpy", "pyroaring", "httpx", "rich", "asyncio")
+
+
+def loaded_by(*argv: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``blocktrail ARGV``."""
+    script = ("import json, sys\nfrom blocktrail.cli.main import main\n"
+              f"code = main({list(argv)!r})\n"
+              "print(json.dumps([code, sorted(sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    code, modules = json.loads(out.splitlines()[-1])
+    assert code == 0, out
+    return set(modules)
+
+
+def _matching(modules: set[str], prefixes: tuple[str, ...]) -> set[str]:
+    return {m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes)}
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["points", "--help"], ["backup", "--help"],
+                                  ["host", "--help"], ["disk", "create", "--help"],
+                                  ["snapshot", "list", "--help"], ["cbt", "query", "--help"]],
+                         ids=" ".join)
+def test_help_loads_nothing_heavy(argv: list[str]) -> None:
+    modules = loaded_by(*argv)
+    assert not _matching(modules, (*SERVER_SIDE, *HEAVY))
+
+
+def test_points_loads_the_repository_only(tmp_path: Path) -> None:
+    Repository.init(tmp_path / "repo").close()
+    modules = loaded_by("points", str(tmp_path / "repo"))
+    assert "blocktrail.repo.repository" in modules
+    assert not _matching(modules, (*SERVER_SIDE, *HEAVY))
+
+
+def test_a_client_of_a_host_loads_no_server_code(tmp_path: Path) -> None:
+    """`blocktrail disk info NAME --host ...` talks HTTP, and needs none of the server."""
+    script = ("import json, sys\nfrom blocktrail.cli.main import main\n"
+              f"main(['disk', 'info', 'd0', '--host', 'unix:{tmp_path}/none.sock'])\n"
+              "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    modules = set(json.loads(out.splitlines()[-1]))
+    assert "httpx" in modules  # it did try to reach the host
+    assert not _matching(modules, (*SERVER_SIDE, "numpy"))
