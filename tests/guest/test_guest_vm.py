@@ -1,0 +1,109 @@
+"""A VM of two disks on our host: a real guest keeps an ext4 on each, and the VM's snapshots
+(both disks at one instant) back up into restore points that belong together. Between rounds
+both restore to the same round; in the middle of a loop that bumps a counter on one disk, then
+the other (each write synced before the next), the restored pair shows the same counter or the
+first disk one ahead, never anything else."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from guestvm import Drive, Guest, require_kit
+from guestwork import (
+    Expectation,
+    Fs,
+    HostProcess,
+    MiB,
+    RoundPlan,
+    await_round,
+    backup_snapshot,
+    check_images,
+    make_and_mount,
+    restore,
+    writer_round,
+)
+
+from hostproc import cli_json
+
+pytestmark = [pytest.mark.guest, pytest.mark.interop]
+DISK_BYTES = 32 * MiB
+DISKS = ("d0", "d1")
+
+# The counter loop: d0's counter, synced, then d1's, synced; until the test says stop.
+COUNTER_LOOP = r"""
+i=0
+while :; do
+    i=$((i + 1))
+    printf '%012d\n' $i | dd of=/mnt/d0/counter bs=13 count=1 conv=notrunc,fsync 2>/dev/null
+    printf '%012d\n' $i | dd of=/mnt/d1/counter bs=13 count=1 conv=notrunc,fsync 2>/dev/null
+    [ $i -eq 1 ] && bt_say LOOPING
+    if read -t 0.01 answer; then
+        [ "$answer" = stop ] || bt_fail "expected stop, got '$answer'"
+        break
+    fi
+done
+bt_say LOOPED $i
+umount /mnt/d0
+umount /mnt/d1
+"""
+
+
+def test_a_vm_snapshot_backs_up_its_disks_at_one_instant(tmp_path: Path) -> None:
+    started = time.monotonic()
+    kit = require_kit()
+    host = HostProcess(tmp_path / "host")
+    host.start()
+    try:
+        repo = tmp_path / "repo"
+        cli_json("repo", "init", str(repo))
+        for disk in DISKS:
+            host.call("POST", "/disks", json={"name": disk, "size_bytes": DISK_BYTES})
+        host.call("POST", "/vms", json={"name": "vm0", "disks": list(DISKS)})
+        fs = [Fs(disk, f"/mnt/{disk}", RoundPlan(seed=3 + i, round_bytes=MiB))
+              for i, disk in enumerate(DISKS)]
+        script = "".join(make_and_mount(disk, f"/mnt/{disk}") for disk in DISKS) \
+            + "".join(writer_round(n, fs) for n in (1, 2, 3)) + COUNTER_LOOP
+        drives = [Drive.nbd(disk, host.nbd_socket, disk) for disk in DISKS]
+        with Guest(kit, tmp_path, drives, script, name="writer") as writer:
+            writer.expect("READY", 120)
+            await_round(writer)
+            writer.send("go")
+            between = await_round(writer)
+            taken = host.call("POST", "/vms/vm0/snapshots", json={"name": "between"})
+            assert sorted(taken["snapshots"]) == list(DISKS)
+            writer.send("go")
+            third = await_round(writer)
+            writer.send("go")
+            writer.expect("LOOPING", 60)
+            time.sleep(0.5)
+            host.call("POST", "/vms/vm0/snapshots", json={"name": "busy"})
+            writer.send("stop")
+            final = int(writer.expect("LOOPED", 60)[0].text)
+            writer.finish(60)
+        backups = {(disk, snap): backup_snapshot(host, repo, disk, snap)
+                   for snap in ("between", "busy") for disk in DISKS}
+        host.call("DELETE", "/vms/vm0/snapshots/between")
+        host.call("DELETE", "/vms/vm0/snapshots/busy")
+    finally:
+        host.stop()
+
+    for disk in DISKS:
+        assert backups[(disk, "between")].kind == "full"
+        busy = backups[(disk, "busy")]
+        assert (busy.kind, busy.fallback_reason) == ("incremental", None)
+    images = {key: restore(repo, b.point.id, tmp_path / f"{key[1]}-{key[0]}.raw")
+              for key, b in backups.items()}
+    expected = [Expectation(f"between-{disk}", images[(disk, "between")],
+                            between.manifests[disk], 2) for disk in DISKS]
+    # In the busy snapshot the files are as round 3 left them, and the counters are read.
+    expected += [Expectation(f"busy-{disk}", images[(disk, "busy")], third.manifests[disk], 3,
+                             show=("./round", "./counter")) for disk in DISKS]
+    shown = check_images(kit, tmp_path, expected)
+    assert shown["between-d0"]["./round"] == shown["between-d1"]["./round"] == "2"
+    counters = int(shown["busy-d0"]["./counter"]), int(shown["busy-d1"]["./counter"])
+    assert counters[0] - counters[1] in (0, 1), counters  # d0 is written first
+    assert counters[1] >= 1 and counters[0] <= final, (counters, final)
+    print(f"counters at the busy snapshot: {counters} (the loop ended at {final}); "
+          f"{time.monotonic() - started:.1f} s")
