@@ -42,7 +42,6 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_ENV = "BLOCKTRAIL_GUEST_CACHE"  # where ./run put the kernel (default REPO/.cache/guest)
-SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 # The modules /init loads (and, before them, what they depend on).
 ROOT_MODULES = ("virtio_pci", "virtio_blk")
 MESSAGE = re.compile(r"BT:([A-Z]+)(?: (.*))?$")
@@ -123,21 +122,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "guest")
 
 
-@functools.cache
 def find_kit() -> tuple[GuestKit | None, list[str]]:
-    """The kit, or None and what is missing (each with where it comes from); looked for once
-    per process."""
+    """The kit, or None and what is missing (each with where it comes from)."""
+    return _find_kit(cache_dir(), os.environ.get("PATH", ""))
+
+
+@functools.cache
+def _find_kit(cache: Path, search_path: str) -> tuple[GuestKit | None, list[str]]:
     missing: list[str] = []
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = shutil.which("qemu-system-x86_64", path=search_path)
     if qemu is None:
         missing.append("qemu-system-x86_64 (Debian package qemu-system-x86)")
     busybox = Path("/bin/busybox")
     if not busybox.is_file():
         missing.append("/bin/busybox (Debian package busybox-static)")
-    mke2fs, e2fsck = shutil.which("mke2fs", path=SBIN_PATH), shutil.which("e2fsck", path=SBIN_PATH)
+    sbin = os.pathsep.join([search_path, "/usr/sbin", "/sbin"])
+    mke2fs, e2fsck = shutil.which("mke2fs", path=sbin), shutil.which("e2fsck", path=sbin)
     if mke2fs is None or e2fsck is None:
         missing.append("mke2fs, e2fsck (Debian package e2fsprogs)")
-    cache = cache_dir()
     kernel = cache / "vmlinuz"
     modules = _modules_in_order(cache / "modules", ROOT_MODULES)
     if not kernel.is_file() or modules is None:
@@ -440,6 +442,10 @@ class Guest:
             if found.tag == tag:
                 return found, before
             before.append(found)
+
+    def said(self, tag: str, text: str) -> bool:
+        """Whether the guest has printed ``BT:TAG TEXT`` yet (read or not)."""
+        return any(line.endswith(f"BT:{tag} {text}".rstrip()) for line in list(self._log))
 
     def send(self, line: str) -> None:
         assert self._proc is not None and self._proc.stdin is not None
