@@ -4,13 +4,15 @@ host's snapshots, restores, and the host-side e2fsck."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import random
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,9 @@ from guestvm import Drive, Guest, GuestKit, Message, e2fsck, sums
 
 from blocktrail.backup.engine import BackupOptions, BackupReport, run_backup
 from blocktrail.backup.sources.host import HostDiskSource
+from blocktrail.cli.main import main
 from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
-from hostproc import cli_json
 
 MiB = 1 << 20
 
@@ -91,15 +93,25 @@ def backup_snapshot(host: HostProcess, repo: Path, disk: str, snapshot: str) -> 
     library's host source, as a backup application would."""
     client = HostClient(host.endpoint)
     try:
-        with closing(HostDiskSource(client, disk, api_host=client.endpoint.host)) as source, \
-                Repository.open(repo) as store:
+        source = HostDiskSource(client, disk, api_host=client.endpoint.host)
+        with contextlib.closing(source), Repository.open(repo) as store:
             return run_backup(source, store, BackupOptions(snapshot=snapshot))
     finally:
         client.close()
 
 
+def cli(*args: str) -> Any:
+    """`blocktrail ARGS --json` run in this process (the CLI's code, without a Python start
+    per call); it must succeed. -> its JSON answer."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([*args, "--json"])
+    assert code == 0, f"blocktrail {' '.join(args)}: exit {code}: {out.getvalue()}"
+    return json.loads(out.getvalue())
+
+
 def restore(repo: Path, point_id: str, target: Path) -> Path:
-    cli_json("restore", str(repo), point_id, "--to", str(target))
+    cli("restore", str(repo), point_id, "--to", str(target))
     return target
 
 

@@ -20,12 +20,11 @@ from guestwork import (
     await_round,
     backup_snapshot,
     check_images,
+    cli,
     make_and_mount,
     restore,
     writer_round,
 )
-
-from hostproc import cli_json
 
 pytestmark = [pytest.mark.guest, pytest.mark.interop]
 DISK_BYTES = 64 * MiB
@@ -51,7 +50,7 @@ def test_the_host_killed_under_a_writing_guest(tmp_path: Path) -> None:
     host.start()
     try:
         repo = tmp_path / "repo"
-        cli_json("repo", "init", str(repo))
+        cli("repo", "init", str(repo))
         host.call("POST", "/disks", json={"name": "d0", "size_bytes": DISK_BYTES})
         # Rounds change only their own files: what round 1 wrote must survive as it was.
         fs = [Fs("d0", "/mnt/d0", RoundPlan(seed=2, round_bytes=3 * MiB, touch_earlier=False))]
@@ -61,7 +60,7 @@ def test_the_host_killed_under_a_writing_guest(tmp_path: Path) -> None:
         with Guest(kit, tmp_path, [drive], script, name="writer") as writer:
             writer.expect("READY", 120)
             first = await_round(writer)
-            before = cli_json("backup", "d0", "--host", host.endpoint, "--repo", str(repo))
+            before = cli("backup", "d0", "--host", host.endpoint, "--repo", str(repo))
             assert before["kind"] == "full"
             writer.send("go")
 
@@ -77,13 +76,13 @@ def test_the_host_killed_under_a_writing_guest(tmp_path: Path) -> None:
             reconnected_s = time.monotonic() - killed_at
             writer.send("go")
             third = await_round(writer)
-            cli_json("snapshot", "create", "d0", "after", "--host", host.endpoint)
+            cli("snapshot", "create", "d0", "after", "--host", host.endpoint)
             writer.send("go")
             after = backup_snapshot(host, repo, "d0", "after")
-            verdict = cli_json("verify", str(repo), after.point.id, "--against", "d0@after",
+            verdict = cli("verify", str(repo), after.point.id, "--against", "d0@after",
                                "--host", host.endpoint)
             messages = writer.finish(120)
-        cli_json("snapshot", "remove", "d0", "after", "--host", host.endpoint)
+        cli("snapshot", "remove", "d0", "after", "--host", host.endpoint)
     finally:
         host.stop()
 

@@ -20,12 +20,11 @@ from guestwork import (
     await_round,
     backup_snapshot,
     check_images,
+    cli,
     make_and_mount,
     restore,
     writer_round,
 )
-
-from hostproc import cli_json
 
 pytestmark = [pytest.mark.guest, pytest.mark.interop]
 DISK_BYTES = 64 * MiB
@@ -40,31 +39,33 @@ def test_rounds_of_a_real_file_system_back_up_incrementally_and_restore_exactly(
     host.start()
     try:
         repo = tmp_path / "repo"
-        cli_json("repo", "init", str(repo))
+        cli("repo", "init", str(repo))
         host.call("POST", "/disks", json={"name": "d0", "size_bytes": DISK_BYTES})
         fs = [Fs("d0", "/mnt/d0", RoundPlan(seed=1))]
         script = make_and_mount("d0", "/mnt/d0") + "".join(
-            writer_round(n, fs) for n in range(1, ROUNDS + 1)) + "umount /mnt/d0\n"
-        points = []
+            writer_round(n, fs, sync_each=True) for n in range(1, ROUNDS + 1)) \
+            + "umount /mnt/d0\n"
+        points, overlapped = [], []
         with Guest(kit, tmp_path, [Drive.nbd("d0", host.nbd_socket, "d0")], script,
                    name="writer") as writer:
             writer.expect("READY", 120)
-            previous = None
             for n in range(1, ROUNDS + 1):
                 report = await_round(writer)
                 assert report.number == n
-                cli_json("snapshot", "create", "d0", f"round-{n}", "--host", host.endpoint)
-                writer.send("go")  # the next round runs under the backup and the removal
+                cli("snapshot", "create", "d0", f"round-{n}", "--host", host.endpoint)
+                writer.send("go")
+                # under the next round's writes: the previous snapshot merged away, a backup
+                if n > 1:
+                    host.call("DELETE", f"/disks/d0/snapshots/round-{n - 1}")
                 backup = backup_snapshot(host, repo, "d0", f"round-{n}")
-                if previous is not None:
-                    cli_json("snapshot", "remove", "d0", previous, "--host", host.endpoint)
-                previous = f"round-{n}"
+                overlapped.append(not writer.said("ROUND", str(n + 1)))
                 points.append((report, backup))
             writer.finish(120)
-        cli_json("snapshot", "remove", "d0", f"round-{ROUNDS}", "--host", host.endpoint)
+        cli("snapshot", "remove", "d0", f"round-{ROUNDS}", "--host", host.endpoint)
     finally:
         host.stop()
 
+    assert any(overlapped[1:-1]), "no removal and backup ran while the guest wrote a round"
     kinds = [(b.kind, b.fallback_reason) for _, b in points[1:]]
     assert points[0][1].kind == "full"
     assert kinds == [("incremental", None)] * (ROUNDS - 1), kinds
@@ -79,5 +80,6 @@ def test_rounds_of_a_real_file_system_back_up_incrementally_and_restore_exactly(
     shown = check_images(kit, tmp_path, expected)
     assert {serial: files["./round"] for serial, files in shown.items()} == {
         f"r{n}": str(n) for n in range(1, ROUNDS + 1)}
-    print(f"bytes read per backup: {[b.bytes_read for _, b in points]}; "
+    print(f"bytes read per backup: {[b.bytes_read for _, b in points]}; under the guest's "
+          f"writes: {overlapped}; "
           f"{time.monotonic() - started:.1f} s")
