@@ -18,7 +18,14 @@ import numpy as np
 
 from blocktrail.disk import Disk
 from blocktrail.disk.readmap import MappedRead
-from blocktrail.errors import BlocktrailError, ChangeIdError, DiskNotFound, OutOfRange
+from blocktrail.errors import (
+    BlocktrailError,
+    ChangeIdError,
+    DiskNotFound,
+    NoSpace,
+    OutOfRange,
+    is_no_space,
+)
 from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import (
@@ -252,7 +259,10 @@ def _as_reply_errors() -> Iterator[None]:
         raise
     except (OutOfRange, ChangeIdError) as exc:
         raise RequestFailed(exc.message, errno=Errno.EINVAL) from exc
+    except NoSpace as exc:  # QEMU can pause a guest on ENOSPC (werror=enospc) and go on later
+        raise RequestFailed(exc.message, errno=Errno.ENOSPC) from exc
     except BlocktrailError as exc:
         raise RequestFailed(exc.message, errno=Errno.EIO) from exc
     except OSError as exc:
-        raise RequestFailed(str(exc), errno=Errno.EIO) from exc
+        raise RequestFailed(str(exc), errno=Errno.ENOSPC if is_no_space(exc) else Errno.EIO) \
+            from exc
