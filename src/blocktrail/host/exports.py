@@ -38,6 +38,7 @@ from blocktrail.nbd.proto.constants import (
 from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.tracking import ALL_ALLOCATED
 
+_FUA = int(CommandFlag.FUA)
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
@@ -88,6 +89,21 @@ class Target:
                 self._prefetch(offset, length)
             if command is Command.FLUSH or request.flags & CommandFlag.FUA:
                 disk.flush()
+
+    def perform_now(self, request: Request) -> bool:
+        """A WRITE done at once if the disk can take it without waiting (`Disk.try_pwrite`);
+        on the event loop, for every small write: kept short."""
+        if request.command is not Command.WRITE or self.snapshot is not None \
+                or int.__and__(request.flags, _FUA):
+            return False
+        try:
+            return self.disk.try_pwrite(request.data, request.offset)
+        except OutOfRange as exc:  # past the end: NBD says ENOSPC for a write
+            raise RequestFailed(exc.message, errno=Errno.ENOSPC) from exc
+        except BlocktrailError:
+            return False  # the worker's perform answers it, with its errno
+        except OSError:
+            return False
 
     def _zero(self, offset: int, length: int, *, allocate: bool) -> None:
         if not allocate:
