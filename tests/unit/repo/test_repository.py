@@ -18,7 +18,6 @@ from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import (
     ManifestCorrupt,
     ObjectMissing,
-    RepositoryBusy,
     RepositoryError,
 )
 from blocktrail.repo.manifest import RestorePoint
@@ -128,13 +127,33 @@ def test_retention_policies() -> None:
     assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
 
 
-def test_prune_refuses_while_a_backup_runs(repo: Repository) -> None:
-    writer = repo.begin("d", CS, None)
-    with pytest.raises(RepositoryBusy, match="backups are running"):
-        repo.prune()
-    writer.put_chunk(0, os.urandom(CS))
-    writer.commit(kind="full", change_id=None)
-    repo.prune()
+def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(repo: Repository,
+                                                                  tmp_path: Path) -> None:
+    chunks = image(20, 4)
+    old = store(repo, "x", chunks)
+    assert repo.forget(RetentionPolicy(keep_last=1), "x") == []
+    for p in repo.points():  # forget the only point of "x": its pack is unused now
+        repo.delete_manifest(p.id)
+    early = Repository.open(tmp_path / "repo").begin("d", 4 * CS, None)  # before the prune:
+    # it read the index then, and may use that pack
+    for i, data in enumerate(chunks):
+        early.put_chunk(i, data)
+    report = repo.prune()  # does not wait for it, and deletes nothing it may use
+    assert report.packs_condemned == 1 and report.packs_deleted == 0
+    assert report.packs_waiting == 1 and len(report.waiting_for) == 1
+    late = Repository.open(tmp_path / "repo").begin("e", 4 * CS, None)  # after the prune
+    for i, data in enumerate(chunks):
+        late.put_chunk(i, data)
+    late_point = late.commit(kind="full", change_id=None)
+    assert late_point.stats["new_chunks"] == 4  # never refers to a condemned pack
+    early_point = early.commit(kind="full", change_id=None)
+    assert early_point.stats["new_chunks"] == 0  # it deduplicated against the old pack
+    report = repo.prune()  # the writer is gone: the old pack is needed now, and kept
+    assert report.packs_deleted == 0 and report.packs_waiting == 0
+    for point in (early_point, late_point):
+        assert restored(Repository.open(tmp_path / "repo"), point, tmp_path) == b"".join(chunks)
+    assert repo.check(read_data=True).ok
+    assert old.id not in {p.id for p in repo.points()}
 
 
 def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path) -> None:
