@@ -125,7 +125,7 @@ def _plan(source: Source, snapshot: SourceSnapshot, store: Repository,
     while True:
         choice = choose_base(store, source.disk_id, passed)
         if choice.point is not None:
-            lease.renew(base=choice.point.id)  # no forget removes it while this backup runs
+            store.record_base(lease, choice.point.id)  # no forget removes it meanwhile
             if not _still_there(store, choice.point.id):
                 passed[choice.point.id] = "it was forgotten while this backup started"
                 continue

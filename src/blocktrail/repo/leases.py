@@ -89,9 +89,23 @@ class LeaseRecord:
     duration_s: float
     acquired_at: str
     info: ObjectInfo
+    process: str | None = None  # `process_identity` of the holder
+
+    def holder_dead(self) -> bool:
+        """The holder ran on this machine (same boot, same PID namespace) and is gone: it can
+        publish nothing more, so its lease need not run out (a killed backup's)."""
+        mine = process_identity()
+        if not self.process or mine is None:
+            return False
+        if self.process.rsplit("/", 2)[0] != mine.rsplit("/", 2)[0]:
+            return False  # another machine (or container): only expiry tells
+        return process_identity(self.pid) != self.process
 
     def expired(self, margin: float) -> bool:
-        return self.info.observed - self.info.modified > self.duration_s + margin
+        """Its holder can publish nothing more: the lease ran out (by the store's clock), or
+        the holder is a process of this machine that is gone."""
+        return self.info.observed - self.info.modified > self.duration_s + margin \
+            or self.holder_dead()
 
     def age(self) -> float:
         return max(0.0, self.info.observed - self.info.modified)
@@ -114,7 +128,8 @@ def read_lease(backend: Backend, name: str) -> LeaseRecord | None:
         return LeaseRecord(name, str(body["owner"]), str(body["purpose"]),
                            body.get("disk_id"), str(body.get("host", "?")),
                            int(body.get("pid", 0)), body.get("base"),
-                           float(body["duration_s"]), str(body.get("acquired_at", "?")), info)
+                           float(body["duration_s"]), str(body.get("acquired_at", "?")), info,
+                           body.get("process"))
     except (ValueError, KeyError, TypeError):
         return LeaseRecord(name, f"damaged:{info.etag}", "writer", None, "?", 0, None,
                            Timing().lease_s, "?", info)
@@ -127,6 +142,27 @@ def list_leases(backend: Backend) -> list[LeaseRecord]:
         if record is not None:
             records.append(record)
     return records
+
+
+def _withdraw(backend: Backend, name: str, data: bytes) -> None:
+    with contextlib.suppress(BackendError, OSError):
+        if backend.load(name) == data:
+            backend.delete(name)
+
+
+def process_identity(pid: int | None = None) -> str | None:
+    """This machine's boot, the PID namespace, the PID and the process's start time: a process
+    that is gone (or a PID used again) never matches. None where /proc cannot tell."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        with open(f"/proc/{pid}/stat") as f:
+            started = f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}/{namespace}/{pid}/{started}"
 
 
 class Lease:
@@ -162,7 +198,8 @@ class Lease:
         `RepositoryBusy` naming the holder."""
         body = {"format": FORMAT, "version": 1, "owner": secrets.token_hex(8),
                 "purpose": purpose, "disk_id": disk_id, "host": socket.gethostname(),
-                "pid": os.getpid(), "base": None, "duration_s": timing.lease_s,
+                "pid": os.getpid(), "process": process_identity(), "base": None,
+                "duration_s": timing.lease_s,
                 "acquired_at": datetime.now(UTC).isoformat(timespec="seconds")}
         data = json.dumps(body).encode()
         for _ in range(5):
@@ -181,6 +218,9 @@ class Lease:
                     info = backend.replace(name, data, held.info.etag)
                 except PreconditionFailed:
                     continue  # renewed or taken over meanwhile: look again
+            except BaseException:
+                _withdraw(backend, name, data)  # it may be there although the write failed
+                raise
             if boot_clock() - sent > timing.margin:
                 with contextlib.suppress(BackendError, OSError):
                     backend.delete(name, info.etag)
@@ -195,13 +235,14 @@ class Lease:
     def _keep(self) -> None:
         while not self._released.wait(self.timing.renew_every):
             with contextlib.suppress(LeaseLost):
-                self.renew()
+                self.renew(tolerate=True)
             if self._lost is not None:
                 return
 
-    def renew(self, **changes: Any) -> None:
+    def renew(self, *, tolerate: bool = False, **changes: Any) -> None:
         """Renew now (with ``changes`` to the body, e.g. ``base``); `LeaseLost` if it cannot
-        be any more."""
+        be any more. ``tolerate``: a failed request is tried again at the next round (the
+        background renewal), instead of raised."""
         with self._mutex:
             self._check_locked("renew the lease")
             body = {**self._body, **changes}
@@ -210,12 +251,19 @@ class Lease:
                 info = self.backend.replace(self.name, json.dumps(body).encode(), self._etag)
             except PreconditionFailed:
                 holder = read_lease(self.backend, self.name)
-                self._lost = ("another process took it over"
-                              + (f" ({holder.describe()})" if holder else ""))
-                raise LeaseLost(f"lost the lease {self.name}: {self._lost}") from None
+                if holder is not None and holder.owner == self.owner:
+                    self._etag = holder.info.etag  # a write of ours that reported a failure
+                    info = self.backend.replace(self.name, json.dumps(body).encode(),
+                                                self._etag)
+                else:
+                    self._lost = ("another process took it over"
+                                  + (f" ({holder.describe()})" if holder else ""))
+                    raise LeaseLost(f"lost the lease {self.name}: {self._lost}") from None
             except (BackendError, OSError) as exc:
                 if boot_clock() > self._valid_until:
                     self._lost = f"it could not be renewed in time ({exc})"
+                if not tolerate:
+                    raise
                 return  # try again at the next round
             if boot_clock() - sent > self.timing.margin:
                 self._lost = (f"a renewal took {boot_clock() - sent:.1f} s, longer than the "
@@ -256,7 +304,12 @@ class Lease:
         with self._mutex:
             if self._lost is None:
                 with contextlib.suppress(BackendError, OSError):
-                    self.backend.delete(self.name, self._etag)
+                    try:
+                        self.backend.delete(self.name, self._etag)
+                    except PreconditionFailed:
+                        holder = read_lease(self.backend, self.name)
+                        if holder is not None and holder.owner == self.owner:
+                            self.backend.delete(self.name, holder.info.etag)
         for action in self._on_release:
             action()
 

@@ -270,9 +270,11 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
     anything is written), then replace the index files read by one of what is left."""
     live_packs = _live_packs(index, live)
     doomed = sorted(condemned - live_packs)
-    for pack_id in doomed:
-        report.bytes_freed += store.delete_pack(pack_id)
-        report.packs_deleted += 1
+    with store.writing("deleting unused packs", "no restore point lost anything; run prune "
+                       "again"):
+        for pack_id in doomed:
+            report.bytes_freed += store.delete_pack(pack_id)
+            report.packs_deleted += 1
     deleted = set(doomed)
     keep = {n: loc for n, loc in index.items() if loc.pack_id not in deleted}
     report.kept_partly_used_packs = len({loc.pack_id for n, loc in keep.items()

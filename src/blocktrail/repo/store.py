@@ -501,6 +501,11 @@ class Store:
         """The lease of a writer that backs up no disk (chunks stored again by a heal)."""
         return self._lease(layout.writer_lease(secrets.token_hex(8)), "writer", None, what)
 
+    def record_base(self, lease: Lease, point_id: str) -> None:
+        """Name the base point of a running incremental in its lease: no forget removes it."""
+        with self.writing(f"recording the base {point_id} in the lease {lease.name}"):
+            lease.renew(base=point_id)
+
     def _lease(self, name: str, purpose: str, disk_id: str | None, what: str) -> Lease:
         host = None
         if self.backend.host_locks:  # a prune that runs with no writer at all excludes us
