@@ -236,6 +236,30 @@ class RepoTarget:
         bucket, key = self._key(name)
         self.server.client().delete_object(Bucket=bucket, Key=key)
 
+    def stored_bytes(self) -> int:
+        """What the repository's objects take (their sizes added up)."""
+        if self.server is None:
+            root = Path(self.location)
+            return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        bucket, key = self._key("")
+        pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                               Prefix=key)
+        return sum(int(o["Size"]) for page in pages for o in page.get("Contents", []))
+
+    def copy(self, suffix: str) -> RepoTarget:
+        """A copy of the repository (every object), beside it."""
+        if self.server is None:
+            dest = f"{self.location}-{suffix}"
+            shutil.copytree(self.location, dest)
+            return RepoTarget("local", dest)
+        dest = RepoTarget("s3", f"{self.location}-{suffix}", self.server)
+        client = self.server.client()
+        bucket, _ = self._key("")
+        for name in self.names():
+            client.copy_object(Bucket=bucket, Key=dest._key(name)[1],
+                               CopySource={"Bucket": bucket, "Key": self._key(name)[1]})
+        return dest
+
     def flip(self, name: str, offset: int, mask: int = 0x01) -> None:
         data = bytearray(self.read(name))
         data[offset] ^= mask
