@@ -108,15 +108,15 @@ class SeaweedFS:
                 raise RuntimeError("SeaweedFS did not answer in 60 s")
             time.sleep(0.2)
 
-    def stop(self) -> None:
-        """SIGTERM, wait for it to exit (SIGKILL after 20 s)."""
+    def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM (``crash``: SIGKILL), and wait for it to exit (SIGKILL after 5 s)."""
         if self.proc is None:
             return
         proc, self.proc = self.proc, None
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)

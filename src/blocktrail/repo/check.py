@@ -83,10 +83,10 @@ class _Walk:
 def check_repository(repo: Store, *, read_data: bool = False,
                      read_data_subset_pct: float | None = None,
                      seed: int | None = None) -> CheckReport:
+    walk = _Walk()
+    points = _check_manifests(repo, walk)  # first: the index then has all they name
     index = repo.reload_index()
     quarantined_before = len(repo.quarantined())
-    walk = _Walk()
-    points = _check_manifests(repo, walk)
     _walk_objects(repo, points, walk)
     _locate(repo, walk)
     chunks_read = _check_packs(repo, walk, read_data, read_data_subset_pct, seed)

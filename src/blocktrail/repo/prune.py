@@ -90,9 +90,7 @@ def _prune_alone(store: Store) -> PruneReport:
     report = PruneReport()
     for run in _runs(store):  # condemned lists of prunes before: nobody waits on them now
         _delete_run(store, run.run)
-    index = store.reload_index()
-    _refuse_damage(index)
-    live = _live_objects(store)
+    index, live = _mark(store)
     dead = set(store.pack_ids()) - _live_packs(index, live)
     report.packs_condemned = len(dead)
     _sweep(store, index, live, dead, report)
@@ -108,9 +106,7 @@ def _prune_leased(store: Store, lease: Lease, wait_s: float) -> PruneReport:
     for run in [r for r in runs if r.writers is None]:
         _delete_run(store, run.run)
     runs = [r for r in runs if r.writers is not None]
-    index = store.reload_index()
-    _refuse_damage(index)
-    live = _live_objects(store)
+    index, live = _mark(store)
     dead = set(store.pack_ids()) - _live_packs(index, live) - {p for r in runs for p in r.packs}
     if dead:
         runs.append(_condemn(store, lease, dead))
@@ -128,9 +124,7 @@ def _prune_leased(store: Store, lease: Lease, wait_s: float) -> PruneReport:
             report.waiting_for += [w.describe() for w in waiting[run.run]]
     if ready or not runs:
         lease.check("delete packs")
-        index = store.reload_index()
-        _refuse_damage(index)
-        live = _live_objects(store)
+        index, live = _mark(store)
         _sweep(store, index, live, {p for r in ready for p in r.packs}, report)
         for run in ready:
             _delete_run(store, run.run)
@@ -211,13 +205,14 @@ def _refuse_damage(index: ChunkIndex) -> None:
                               "name would look unused; run `blocktrail repo repair` first")
 
 
-def _live_objects(store: Store) -> set[bytes]:
-    """Every object some manifest needs: its tables, their pages, their chunks."""
-    live: set[bytes] = set()
-    pages: dict[str, str] = {}  # page -> a restore point that needs it
+def _mark(store: Store) -> tuple[ChunkIndex, set[bytes]]:
+    """The chunk index, and every object some manifest needs: its tables, their pages, their
+    chunks. Read order (restic's): the manifests first, then the index, so that the index
+    files (and packs) of every manifest read are seen."""
+    points = []
     for filename in store.manifest_files():
         try:
-            point = store.load_manifest(filename)
+            points.append(store.load_manifest(filename))
         except FileNotFoundError:
             continue  # forgotten since the listing
         except ManifestCorrupt as exc:
@@ -225,6 +220,11 @@ def _live_objects(store: Store) -> set[bytes]:
                 f"cannot prune: {exc.message}; prune cannot tell what that restore point needs. "
                 "If the manifest cannot be fixed, move it out of points/ (`blocktrail check` "
                 "names every damaged manifest)") from exc
+    index = store.reload_index()
+    _refuse_damage(index)
+    live: set[bytes] = set()
+    pages: dict[str, str] = {}  # page -> a restore point that needs it
+    for point in points:
         live.update(bytes.fromhex(t) for t in point.tables)
         try:
             pages.update((page, point.id) for page in store.pages_of(point))
@@ -240,7 +240,7 @@ def _live_objects(store: Store) -> set[bytes]:
         live.add(bytes.fromhex(page))
         live.update(plain[i : i + 32] for i in range(0, len(plain), 32))
     live.discard(ZERO_DIGEST)
-    return live
+    return index, live
 
 
 def _read_page(store: Store, page: str, point_id: str) -> bytes | RepositoryError:
