@@ -149,9 +149,6 @@ class Store:
         self.io_pool.shutdown(wait=True)
         self.backend.close()
 
-    def close_handles(self) -> None:
-        """Kept for callers of the local store: open pack files are the backend's."""
-
     # ------------------------------------------------------------------ writing
 
     @contextlib.contextmanager
