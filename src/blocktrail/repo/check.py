@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blocktrail.pipeline import read_ahead
+from blocktrail.repo import layout
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing, RepositoryError
 from blocktrail.repo.manifest import RestorePoint, link_problems
 from blocktrail.repo.objects import (
@@ -94,7 +95,7 @@ def check_repository(repo: Store, *, read_data: bool = False,
                  for p in pids}
     for name, message in index.damaged_files:
         walk.problems.append(Problem(
-            "index", f"index/{name}", f"{message}; the objects it names are unknown until "
+            "index", layout.index_file(name), f"{message}; the objects it names are unknown until "
             "`blocktrail repo repair` rebuilds the index from the packs", tuple(sorted(unindexed))))
     for name in repo.damaged_verify_records():
         walk.problems.append(Problem(

@@ -200,7 +200,7 @@ def _delete_run(store: Store, run: str) -> None:
 
 def _refuse_damage(index: ChunkIndex) -> None:
     if index.damaged_files:
-        names = ", ".join(f"index/{n}" for n, _ in index.damaged_files)
+        names = ", ".join(layout.index_file(n) for n, _ in index.damaged_files)
         raise RepositoryError(f"cannot prune: {names} cannot be read, and the packs only they "
                               "name would look unused; run `blocktrail repo repair` first")
 

@@ -265,7 +265,7 @@ class Store:
         except ObjectNotFound:
             return None
         try:
-            return index_file.decode(data, f"index/{name}")
+            return index_file.decode(data, layout.index_file(name))
         except RepositoryError as exc:
             return exc
 
