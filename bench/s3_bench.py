@@ -45,6 +45,7 @@ def seaweedfs(root: str) -> Iterator[str]:
     """`weed mini` on loopback; -> its S3 endpoint."""
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     base = _free_block()
+    os.makedirs(root, exist_ok=True)
     config = os.path.join(root, "s3.json")
     with open(config, "w") as f:
         json.dump({"identities": [{"name": "bench", "credentials": [

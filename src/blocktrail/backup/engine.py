@@ -92,7 +92,7 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
                               rng=rng)
         writer = store.begin(source.disk_id, snapshot.size_bytes,
                              parent=base.point_id if plan.kind == "incremental" and base else None,
-                             lease=lease)
+                             lease=lease, reload=False)  # the base choice just read it
         try:
             bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
                                       store.chunk_size, progress)

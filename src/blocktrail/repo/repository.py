@@ -100,14 +100,16 @@ class Repository(Store):
     # ------------------------------------------------------------------ writing
 
     def begin(self, disk_id: str, size_bytes: int, parent: str | None,
-              lease: Lease | None = None) -> PointWriter:
+              lease: Lease | None = None, *, reload: bool = True) -> PointWriter:
         """Start a restore point of ``disk_id`` (an incremental when ``parent`` is given),
         under the disk's lease: the caller's, or one taken here (`RepositoryBusy` while another
-        process backs the disk up) and released when the writer closes."""
+        process backs the disk up) and released when the writer closes. ``reload``: read the
+        index again (False: the caller just did, after taking the lease)."""
         own = lease is None
         held = lease if lease is not None else self.disk_lease(disk_id)
         try:
-            self.reload_index()  # a prune may have run since it was read: dedup against the truth
+            if reload:  # a prune may have run since it was read: dedup against the truth
+                self.reload_index()
             parent_point = self.point(parent) if parent else None
         except BaseException:
             if own:

@@ -27,6 +27,7 @@ Progress = Callable[[int, int], None]
 WRITEBACK_BYTES = 64 << 20
 RANGE_BYTES = 8 << 20  # at most this much in one read
 RANGE_GAP = 256 << 10  # bytes of other objects a read may carry between two wanted ones
+REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to write again
 
 Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) in one read
 
@@ -62,26 +63,58 @@ def _restore_into(store: Store, handle: FileHandle, point: RestorePoint,
                   progress: Progress | None) -> int:
     handle.truncate(point.size_bytes)
     entries = [(i, n) for i, n in store.page_entries(point) if n != ZERO_DIGEST]
+    fetched, repeats = _split_repeats(entries, point.chunk_size)
     where = f"restore point {point.id}"
     window = 16 if store.backend.remote else 4
-    runs = read_ahead(_runs(store, entries), lambda run: _fetch(store, run, where),
+    runs = read_ahead(_runs(store, fetched), lambda run: _fetch(store, run, where),
                       window=window, executor=store.io_pool)
+    kept: dict[bytes, bytes] = {}
+    wanted = {name for _, name in repeats}
+    names = dict(fetched)
     written = flushed = done = 0
+
+    def write(index: int, data: bytes) -> None:
+        nonlocal written, done
+        expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
+        if len(data) != expected:
+            raise ChunkCorrupt(f"chunk {index} of {where} has {len(data)} bytes, not {expected}")
+        handle.pwrite(data, index * point.chunk_size)
+        written += len(data)
+        done += 1
+
     for chunks in runs:
         for index, data in chunks:
-            expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
-            if len(data) != expected:
-                raise ChunkCorrupt(f"chunk {index} of {where} has {len(data)} bytes, "
-                                   f"not {expected}")
-            handle.pwrite(data, index * point.chunk_size)
-            written += len(data)
-            done += 1
+            write(index, data)
+            if names[index] in wanted:
+                kept[names[index]] = data
         if written - flushed >= WRITEBACK_BYTES:  # start writing back as we go, so the
             _writeback(handle)                    # final fsync finds little left
             flushed = written
         if progress is not None:
             progress(done, len(entries))
+    for index, name in repeats:  # a chunk that recurs: read once, written again from memory
+        write(index, kept[name])
+    if progress is not None:
+        progress(done, len(entries))
     return written
+
+
+def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
+                   ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+    """-> (entries to fetch, later occurrences of chunks fetched once and kept in memory, up
+    to REPEAT_BYTES of them): an image with the same block in many places (deduplicated)
+    costs one read of it, not a read per place."""
+    seen: set[bytes] = set()
+    keep: set[bytes] = set()
+    fetched, repeats = [], []
+    for index, name in entries:
+        if name in keep or (name in seen and (len(keep) + 1) * chunk_size <= REPEAT_BYTES):
+            keep.add(name)
+            repeats.append((index, name))
+        else:
+            seen.add(name)
+            fetched.append((index, name))
+    return fetched, repeats
 
 
 def _writeback(handle: FileHandle) -> None:

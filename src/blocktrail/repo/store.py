@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ VERSION = 1
 CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
 VERIFY_FORMAT = "blocktrail-verify"
+PAGES_KEPT = 256  # pages and tables read, kept in memory (32 KiB each: 8 MiB)
 _LOST_ADVICE = ("The next backup of the disk stores that content again if the disk still "
                 "has it; `blocktrail verify POINT --against SOURCE --heal` stores it again from "
                 "the source of a restore point")
@@ -90,6 +92,8 @@ class Store:
         self.io_pool = ThreadPoolExecutor(max_workers=16 if backend.remote else cpus,
                                           thread_name_prefix="blocktrail-io")
         self._quarantine_lock = threading.Lock()  # restore threads may find the same copy
+        self._pages: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()  # read, checked
+        self._pages_lock = threading.Lock()
         self._set_aside: set[CopyKey] = set()  # damaged copies whose record failed
 
     # ------------------------------------------------------------------ config
@@ -244,7 +248,10 @@ class Store:
         file that vanishes between listing and reading (a prune replaced it) makes the whole
         load start again, so that no entry it held is missed."""
         for _ in range(5):
-            loaded = ChunkIndex(self.pack_ids(), self.quarantined(), self.condemned_packs())
+            packs, quarantined, condemned = (self.io_pool.submit(self.pack_ids),
+                                             self.io_pool.submit(self.quarantined),
+                                             self.io_pool.submit(self.condemned_packs))
+            loaded = ChunkIndex(packs.result(), quarantined.result(), condemned.result())
             names = self.index_files()
             results = list(self.io_pool.map(self._read_index_file, names))
             if any(r is None for r in results):
@@ -368,10 +375,22 @@ class Store:
         return self.read_object(name, KIND_CHUNK, label, found)
 
     def read_page(self, hexname: str, point_id: str = "", kind: int = KIND_PAGE) -> bytes:
-        """A page (or page table) of a restore point, checked against its name."""
+        """A page (or page table) of a restore point, checked against its name. The last
+        pages read are kept: an object never changes (its name is its hash), so a backup that
+        reads its base's pages several times fetches each once."""
+        key = (bytes.fromhex(hexname), kind)
+        with self._pages_lock:
+            if key in self._pages:
+                self._pages.move_to_end(key)
+                return self._pages[key]
         label = "page" if kind == KIND_PAGE else "page table"
         where = f"{label} {hexname}" + (f" of restore point {point_id}" if point_id else "")
-        return self.read_object(bytes.fromhex(hexname), kind, where)
+        plain = self.read_object(key[0], kind, where)
+        with self._pages_lock:
+            self._pages[key] = plain
+            while len(self._pages) > PAGES_KEPT:
+                self._pages.popitem(last=False)
+        return plain
 
     def pages_of(self, point: RestorePoint) -> list[str]:
         """The point's page digests, read from its page tables."""
