@@ -53,7 +53,7 @@ from blocktrail.repo.packs import Location
 from blocktrail.repo.quarantine import CopyKey, DamagedCopy
 
 FORMAT = "blocktrail-repository"
-VERSION = 1
+VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
 CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
 VERIFY_FORMAT = "blocktrail-verify"
