@@ -31,6 +31,7 @@ from blocktrail.repo.quarantine import DamagedCopy
 
 READ_RUN_BYTES = 4 << 20
 READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
+REMOTE_AUDIT_THREADS = 32  # the audit's reads of stored chunks from object storage: round trips
 Progress = Callable[[int, int], None]
 
 
@@ -214,7 +215,8 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
             return data, True, True
         return data, bool(found), False
 
-    reads = read_ahead(sample, read_both, window=64, threads=READ_THREADS)
+    threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
+    reads = read_ahead(sample, read_both, window=64, threads=threads)
     for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
         extent = Extent(index * cs, len(data))
         digest = None if data.count(0) == len(data) else blake3(data).digest()
