@@ -39,6 +39,9 @@ from s3server import ACCESS_KEY, SECRET_KEY, TEST_TIMING, SeaweedFS, seaweedfs
 
 MiB = 1 << 20
 LEASE_ENV = {"BLOCKTRAIL_LEASE_SECONDS": str(int(TEST_TIMING.lease_s))}
+# the many-writers test, larger by hand: BLOCKTRAIL_S3_DISK_MIB=64 BLOCKTRAIL_S3_ROUNDS=6
+DISK_MIB = int(os.environ.get("BLOCKTRAIL_S3_DISK_MIB", "6"))
+ROUNDS = int(os.environ.get("BLOCKTRAIL_S3_ROUNDS", "3"))
 
 WORKER = r"""
 import hashlib, json, os, random, sys, time
@@ -103,9 +106,9 @@ def test_four_backup_processes_eight_disks_with_gc_and_prune(s3_server: SeaweedF
                                                             tmp_path: Path) -> None:
     url = s3_server.new_url("many")
     Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
-    disks = make_disks(tmp_path, 8, 6 * MiB, seed=1)
+    disks = make_disks(tmp_path, 8, DISK_MIB * MiB, seed=1)
     env = s3_server.env(**LEASE_ENV)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, "3", str(i),
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(ROUNDS), str(i),
                                str(disks[2 * i]), str(disks[2 * i + 1])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(4)]
@@ -129,7 +132,7 @@ def test_four_backup_processes_eight_disks_with_gc_and_prune(s3_server: SeaweedF
         for line in out.splitlines():
             _, point_id, digest, _ = line.split()
             published[point_id] = digest
-    assert len(published) == 24 and collections >= 2
+    assert len(published) == 8 * ROUNDS and collections >= 2
     with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
         report = repo.prune()  # no writer left: everything condemned before is decided now
         assert report.packs_waiting == 0
