@@ -29,9 +29,10 @@ from typing import IO
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.host.client import HostClient
-from blocktrail.repo import Repository
+from blocktrail.repo import Encryption, Repository
 
 MiB = 1 << 20
+DEMO_PASSWORD = "blocktrail-demo"
 say = print
 
 
@@ -143,7 +144,10 @@ def run(workdir: str, size: int, rounds: int, seed: int) -> bool:
                           f"{rng.randrange(0, size // MiB - 1) * MiB} {256 * 1024}")
         say(f"qemu-io wrote 64 MiB through {live}; it keeps writing in the background")
         guest.start()
-        with Repository.init(os.path.join(workdir, "repo")) as repo, \
+        say(f"repository {os.path.join(workdir, 'repo')}: encrypted, password "
+            f"{DEMO_PASSWORD!r} (a demo's: choose your own)")
+        with Repository.init(os.path.join(workdir, "repo"),
+                             encryption=Encryption(DEMO_PASSWORD)) as repo, \
                 contextlib.closing(HostDiskSource(api, "disk0")) as source:
             ok = _rounds(api, source, repo, guest, nbd, workdir, rounds)
             guest.stop()

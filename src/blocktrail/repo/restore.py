@@ -19,7 +19,7 @@ from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, open_envelope
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.packs import Location
 from blocktrail.repo.store import Store
 
@@ -165,7 +165,7 @@ def _fetch(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
         envelope = data[at : at + loc.length]
         chunk_label = f"chunk {name.hex()} ({where})"
         try:
-            plain = open_envelope(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
+            plain = store.codec.open(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
                                   f"{loc.pack_id}")
         except ChunkCorrupt as exc:
             store.damaged(name, KIND_CHUNK, loc, exc, None)

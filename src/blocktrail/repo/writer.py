@@ -11,7 +11,7 @@ from typing import Any
 from blocktrail import __version__
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, seal
+from blocktrail.repo.objects import KIND_PAGE, KIND_TABLE, ZERO_DIGEST
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
@@ -22,11 +22,6 @@ TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
 @functools.cache
 def _zeros(length: int) -> bytes:
     return bytes(length)
-
-
-def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
-    name, envelope = seal(KIND_CHUNK, data)
-    return name, envelope, len(data)
 
 
 class PointWriter:
@@ -68,7 +63,7 @@ class PointWriter:
         if data == _zeros(len(data)):
             self._entries[index] = ZERO_DIGEST
             return
-        self._pending.append((index, self._pool.submit(_seal_chunk, data)))
+        self._pending.append((index, self._pool.submit(self._repo.codec.seal_chunk, data)))
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
 
@@ -81,7 +76,7 @@ class PointWriter:
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""
-        name, envelope = seal(kind, plain)
+        name, envelope = self._repo.codec.seal(kind, plain)
         self._sink.add(name, envelope, len(plain))
         return name.hex()
 
