@@ -29,7 +29,7 @@ from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.packs import TRAILER_END, TRAILER_ENTRY
 from repodamage import CS, Golden, NoSpaceAt, make_golden
-from s3server import RepoTarget, SeaweedFS
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget, SeaweedFS
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def _sweep(make: Callable[[Path], Path], operation: Callable[[Path, NoSpaceAt], 
         except NoSpace as exc:
             assert "\n" not in exc.message and "free space" in exc.message
             done = False
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             report = repo.check(read_data=True)
             assert report.ok, (n, report.problems)
             assert repo.temp_files() == [], n
@@ -222,7 +222,8 @@ def test_no_space_at_every_write_of_a_backup(golden: Golden, tmp_path: Path,
     p1, _, p3 = golden.ids
     base = tmp_path / "base"
     shutil.copytree(golden.root / "repo", base / "repo")
-    with Repository.open(base / "repo") as repo:  # keep P1 only: the backup stores more
+    with Repository.open(base / "repo",
+                         password=TEST_PASSWORD) as repo:  # keep P1 only: the backup stores more
         for point_id in golden.ids[1:]:
             (base / "repo" / "points" / f"{point_id}.json").unlink()
         repo.prune()
@@ -232,18 +233,19 @@ def test_no_space_at_every_write_of_a_backup(golden: Golden, tmp_path: Path,
         return dest / "repo"
 
     def operation(repo_dir: Path, fs: NoSpaceAt) -> None:
-        with Disk.open(golden.root / "disk") as disk, Repository.open(repo_dir, fs) as repo:
+        with Disk.open(golden.root / "disk") as disk, \
+                Repository.open(repo_dir, fs, password=TEST_PASSWORD) as repo:
             report = run_backup(LocalDiskSource(disk), repo, BackupOptions(seed=1))
         assert report.kind == "incremental" and report.point.parent == p1
 
     def afterwards(repo_dir: Path) -> None:
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             assert restore_bytes(repo, p1, tmp_path) == golden.contents[p1]
             for point in repo.points():
                 assert restore_bytes(repo, point.id, tmp_path) in (golden.contents[p1],
                                                                    golden.contents[p3])
         point = next_backup(golden, repo_dir)
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             assert restore_bytes(repo, point.id, tmp_path) == golden.contents[p3]
 
     assert _sweep(make, operation, afterwards, tmp_path) > 12
@@ -253,7 +255,7 @@ def test_no_space_at_every_write_of_a_prune(tmp_path: Path) -> None:
     rng = random.Random(3)
     base = tmp_path / "base" / "repo"
     images = [[rng.randbytes(CS) for _ in range(6)] for _ in range(4)]
-    with Repository.init(base) as repo:
+    with Repository.init(base, encryption=TEST_ENCRYPTION) as repo:
         ids = []
         for chunks in images:
             writer = repo.begin("d", 6 * CS, None)
@@ -267,11 +269,11 @@ def test_no_space_at_every_write_of_a_prune(tmp_path: Path) -> None:
         return dest / "repo"
 
     def operation(repo_dir: Path, fs: NoSpaceAt) -> None:
-        with Repository.open(repo_dir, fs) as repo:
+        with Repository.open(repo_dir, fs, password=TEST_PASSWORD) as repo:
             assert repo.prune().packs_deleted == 2
 
     def afterwards(repo_dir: Path) -> None:
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             for point_id, chunks in zip(ids[2:], images[2:], strict=True):
                 assert restore_bytes(repo, point_id, tmp_path) == b"".join(chunks)
             writer = repo.begin("d", 6 * CS, None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION
 
 SERVER_SIDE = ("fastapi", "uvicorn", "starlette", "pydantic", "blocktrail.host.api",
                "blocktrail.host.daemon", "blocktrail.nbd.server")
@@ -43,7 +44,7 @@ def test_help_loads_nothing_heavy(argv: list[str]) -> None:
 
 
 def test_points_loads_the_repository_only(tmp_path: Path) -> None:
-    Repository.init(tmp_path / "repo").close()
+    Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION).close()
     modules = loaded_by("points", str(tmp_path / "repo"))
     assert "blocktrail.repo.repository" in modules
     assert not _matching(modules, (*SERVER_SIDE, *HEAVY))

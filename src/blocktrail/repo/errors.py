@@ -39,6 +39,11 @@ class ObjectAuthenticationFailed(AuthenticationFailed, ChunkCorrupt):
     handled like a damaged one (quarantine, a spare copy is read)."""
 
 
+class IndexAuthenticationFailed(AuthenticationFailed, ObjectMissing):
+    """An object is in no index file that authenticates, and some index file does not: the
+    object may be one of those it names."""
+
+
 class ManifestAuthenticationFailed(AuthenticationFailed, ManifestCorrupt):
     """A manifest fails authentication (altered, or another point's moved to its name)."""
 

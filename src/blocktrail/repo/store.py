@@ -34,12 +34,15 @@ from blocktrail.repo.backend import (
     ObjectNotFound,
 )
 from blocktrail.repo.errors import (
+    AUTH_FAILED,
     AuthenticationFailed,
     ChunkCorrupt,
     ConditionalWritesUnsupported,
+    IndexAuthenticationFailed,
     LeaseLost,
     ManifestAuthenticationFailed,
     ManifestCorrupt,
+    ObjectAuthenticationFailed,
     ObjectMissing,
     PointNotFound,
     RepositoryError,
@@ -377,8 +380,19 @@ class Store:
             loc = self.index.get(name)
             if loc is None:
                 if damage:
-                    raise ChunkCorrupt(f"{'; '.join(damage)}; no intact copy is left. "
-                                       f"{_LOST_ADVICE}")
+                    error = ObjectAuthenticationFailed if self.codec.encrypted else ChunkCorrupt
+                    raise error(f"{'; '.join(damage)}; no intact copy is left. {_LOST_ADVICE}")
+                unauthentic = sorted(self.index.unauthentic_files)
+                if unauthentic and not self.index.is_known(name):
+                    raise IndexAuthenticationFailed(
+                        f"{label}: {self.index.why_missing(name)}, and index file "
+                        f"{', '.join(unauthentic)} fails authentication (it may be the one "
+                        f"that names it): {AUTH_FAILED}")
+                if self.codec.encrypted and self.index.quarantined_only(name):
+                    # in an encrypted repository a copy goes to quarantine only when it fails
+                    # its authentication
+                    raise ObjectAuthenticationFailed(
+                        f"{label}: {self.index.why_missing(name)}: {AUTH_FAILED}")
                 raise ObjectMissing(f"{label}: {self.index.why_missing(name)}")
             data = self.read_range(loc.pack_id, loc.offset, loc.length, label)
             try:
