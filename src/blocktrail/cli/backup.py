@@ -256,8 +256,10 @@ new_password_option = click.option(
     help="The new password, from FILE (else BLOCKTRAIL_NEW_PASSWORD, or asked twice).")
 
 
-def _new_password() -> bytes:
+def _new_password(repo: Repository) -> bytes:
     from blocktrail.repo.errors import PasswordRequired
+    if not repo.encrypted:
+        raise InvalidArgument(f"repository {repo.location} is not encrypted: it has no keys")
     ctx = click.get_current_context()
     password = new_password(ctx.params.get("new_password_file"))
     if password is None:
@@ -276,7 +278,7 @@ def key_add(path: str, endpoint: str | None, region: str | None, profile: str | 
             new_password_file: str | None, kdf: str | None, as_json: bool) -> None:
     """Add a key file: the repository opens with a new password too."""
     with open_repo(path, endpoint, region, profile) as repo:
-        key = repo.add_key(_new_password(), _kdf(kdf) if kdf else None)
+        key = repo.add_key(_new_password(repo), _kdf(kdf) if kdf else None)
     emit(as_json, key.describe(), f"key {key.id} added")
 
 
@@ -305,7 +307,7 @@ def key_passwd(path: str, endpoint: str | None, region: str | None, profile: str
     keys, then the old one is deleted (nothing is re-encrypted)."""
     with open_repo(path, endpoint, region, profile) as repo:
         old = repo.key_id
-        key = repo.change_password(_new_password(), _kdf(kdf) if kdf else None)
+        key = repo.change_password(_new_password(repo), _kdf(kdf) if kdf else None)
     emit(as_json, key.describe() | {"replaced": old},
          f"password changed: key {key.id} replaces {old}")
 
