@@ -63,6 +63,7 @@ def local_repo(tmp_path: Path) -> Repository:
     return Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
 
 
+@pytest.mark.encrypted_s3
 def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Path,
                                                   target: RepoTarget) -> None:
     chunks = image(1, 4)  # two processes that cannot see each other's chunks yet:
@@ -160,6 +161,7 @@ def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: 
     assert restored(target.open(), again, tmp_path) == b"".join(old)
 
 
+@pytest.mark.encrypted_s3
 def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository, tmp_path: Path,
                                                            target: RepoTarget) -> None:
     a = store(repo, "a", image(7, 2))

@@ -54,6 +54,7 @@ def repo(target: RepoTarget) -> Repository:
     return target.init()
 
 
+@pytest.mark.encrypted_s3
 def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -> None:
     chunks = image(1, 40, holes=frozenset({0, 5, 39}))
     point = store(repo, "d", chunks)
@@ -63,6 +64,7 @@ def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -
     assert point.stats["new_chunks"] == 37
 
 
+@pytest.mark.encrypted_s3
 def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path,
                                                     target: RepoTarget) -> None:
     chunks = image(2, 1024)  # 64 MiB disk
@@ -129,6 +131,7 @@ def test_retention_policies() -> None:
     assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
 
 
+@pytest.mark.encrypted_s3
 def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     chunks = image(20, 4)
@@ -158,6 +161,7 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
     assert old.id not in {p.id for p in repo.points()}
 
 
+@pytest.mark.encrypted_s3
 def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path,
                                                  target: RepoTarget) -> None:
     import threading
@@ -189,6 +193,7 @@ def _two_points(repo: Repository) -> tuple[RestorePoint, RestorePoint, list[byte
     return full, store(repo, "d", newer, parent=full.id, only={9}), newer
 
 
+@pytest.mark.encrypted_s3
 def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     full, inc, _ = _two_points(repo)
