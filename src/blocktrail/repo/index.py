@@ -177,11 +177,6 @@ class ChunkIndex:
         lost = self._lost.get(name)
         return None if lost is None else lost[1]
 
-    def quarantined_only(self, name: bytes) -> bool:
-        """Every copy of ``name`` an index file names is in quarantine (its pack is there)."""
-        lost = self._lost.get(name)
-        return lost is not None and lost[1] is None
-
     def is_known(self, name: bytes) -> bool:
         """An index file names ``name`` (usable or not)."""
         return name in self._usable or name in self._lost

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from blocktrail.errors import NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
 from blocktrail.pipeline import read_ahead
-from blocktrail.repo.errors import ChunkCorrupt
+from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.packs import Location
@@ -168,8 +168,11 @@ def _fetch(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
             plain = store.codec.open(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
                                   f"{loc.pack_id}")
         except ChunkCorrupt as exc:
-            store.damaged(name, KIND_CHUNK, loc, exc, None)
-            plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt / ObjectMissing
+            note = store.damaged(name, KIND_CHUNK, loc, exc, None)
+            try:
+                plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt
+            except ObjectMissing:  # no spare: the damage found is the error
+                raise type(exc)(f"{note}; no intact copy is left") from exc
         out.append((index, plain))
     return out
 

@@ -388,11 +388,6 @@ class Store:
                         f"{label}: {self.index.why_missing(name)}, and index file "
                         f"{', '.join(unauthentic)} fails authentication (it may be the one "
                         f"that names it): {AUTH_FAILED}")
-                if self.codec.encrypted and self.index.quarantined_only(name):
-                    # in an encrypted repository a copy goes to quarantine only when it fails
-                    # its authentication
-                    raise ObjectAuthenticationFailed(
-                        f"{label}: {self.index.why_missing(name)}: {AUTH_FAILED}")
                 raise ObjectMissing(f"{label}: {self.index.why_missing(name)}")
             data = self.read_range(loc.pack_id, loc.offset, loc.length, label)
             try:

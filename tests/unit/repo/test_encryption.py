@@ -298,6 +298,14 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _twin(path: Path) -> Path:
+    """A copy of a tampered repository: restore and check each see the tampering first (the
+    first to find a damaged copy puts it in quarantine)."""
+    twin = path.with_name(path.name + "-twin")
+    shutil.copytree(path, twin)
+    return twin
+
+
 def _refused(path: Path, point_id: str, target: Path,
              error: type[Exception] = AuthenticationFailed) -> None:
     """restore refuses with the authentication error and leaves nothing at the target."""
@@ -332,8 +340,8 @@ def test_a_changed_envelope_fails_authentication(golden: Golden, tmp_path: Path,
     offset = ENVELOPE_SPOTS[spot]
     _flip(path / layout.pack(loc.pack_id), loc.offset + (offset if offset >= 0
                                                          else loc.length + offset))
+    _refused(_twin(path), golden.b.id, tmp_path / "b.raw")
     _check_reports(path, what, golden.b.id)
-    _refused(path, golden.b.id, tmp_path / "b.raw")
     with open_repo(path) as repo:  # A shares none of it: still restores
         repo.restore(golden.a.id, str(tmp_path / "a.raw"))
     assert (tmp_path / "a.raw").read_bytes() == b"".join(golden.a_chunks)
@@ -349,8 +357,8 @@ def test_chunks_swapped_fail_authentication(golden: Golden, tmp_path: Path) -> N
     ex, ey = data[x.offset : x.offset + x.length], data[y.offset : y.offset + y.length]
     data[x.offset : x.offset + x.length], data[y.offset : y.offset + y.length] = ey, ex
     pack.write_bytes(bytes(data))
+    _refused(_twin(path), golden.b.id, tmp_path / "b.raw")
     _check_reports(path, "chunk", golden.b.id)
-    _refused(path, golden.b.id, tmp_path / "b.raw")
 
 
 def test_a_changed_pack_trailer_fails_authentication(golden: Golden, tmp_path: Path) -> None:
@@ -373,8 +381,8 @@ def test_a_changed_or_renamed_index_file_fails_authentication(golden: Golden, tm
         _flip(index, 40)
     else:
         index.rename(path / layout.index_file("0" * 32 + ".idx"))
+    _refused(_twin(path), golden.b.id, tmp_path / "b.raw")
     _check_reports(path, "index", None)
-    _refused(path, golden.b.id, tmp_path / "b.raw")
 
 
 @pytest.mark.parametrize("how", ["flipped", "another point's", "an older point's",
@@ -396,8 +404,8 @@ def test_a_changed_or_substituted_manifest_fails_authentication(golden: Golden,
     else:
         victim = "20991231T235959999Z-00000000"
         manifest.rename(path / layout.manifest(victim))
+    _refused(_twin(path), victim, tmp_path / "x.raw", ManifestAuthenticationFailed)
     _check_reports(path, "manifest", victim)
-    _refused(path, victim, tmp_path / "x.raw", ManifestAuthenticationFailed)
     with open_repo(path) as repo:
         assert victim not in {p.id for p in repo.points()}  # never listed, never a base
 
