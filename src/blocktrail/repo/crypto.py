@@ -49,9 +49,10 @@ def make_aead(cipher: int, key: bytes) -> Aead:
     raise AeadFailure(f"unknown cipher {cipher}")
 
 
-def decrypt(aead: Aead, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
+def decrypt(aead: Aead, nonce: bytes, ciphertext: bytes | memoryview,
+            aad: bytes | memoryview) -> bytes:
     try:
-        return aead.decrypt(nonce, bytes(ciphertext), aad)
+        return aead.decrypt(nonce, ciphertext, aad)
     except (InvalidTag, ValueError, OverflowError) as exc:
         raise AeadFailure(str(exc) or type(exc).__name__) from exc
 

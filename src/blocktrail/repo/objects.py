@@ -209,9 +209,10 @@ class EncryptedCodec:
         if len(data) - HEADER_ENCRYPTED.size != stored_len:
             raise error(f"{where}: {AUTH_FAILED} (the object has the wrong length)")
         try:
+            view = memoryview(data)
             payload = crypto.decrypt(self.sessions.opener(cipher, salt), nonce,
-                                     memoryview(data)[HEADER_ENCRYPTED.size :],
-                                     bytes(data[: HEADER_ENCRYPTED.size]))
+                                     view[HEADER_ENCRYPTED.size :],
+                                     view[: HEADER_ENCRYPTED.size])
         except crypto.AeadFailure as exc:
             raise error(f"{where}: {AUTH_FAILED}") from exc
         plain = _decompress(codec, payload, plain_len, where, error)
