@@ -26,7 +26,7 @@ from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
 from blocktrail.repo.restore import restore_point
 from blocktrail.repo.retention import RetentionPolicy
-from blocktrail.repo.s3 import S3Backend, S3Options
+from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store
 from blocktrail.repo.writer import PointWriter
@@ -50,8 +50,10 @@ class Repository(Store):
             if isinstance(backend, LocalBackend):
                 config = _init_local(backend)
             else:
-                if isinstance(backend, S3Backend):
-                    backend.create_bucket()
+                if backend.remote:
+                    from blocktrail.repo.s3 import S3Backend
+                    if isinstance(backend, S3Backend):
+                        backend.create_bucket()
                 Store.probe_conditional_writes(backend)
                 config = Store.create_config(backend)
         except BaseException:
