@@ -14,6 +14,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+# numpy (the tracker's bitmaps) does no linear algebra here; OpenBLAS's worker threads would only
+# spin beside a backup's hashing and compressing. Set before anything imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import click
 
 from blocktrail.cli.backup import (
