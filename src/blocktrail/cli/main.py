@@ -35,6 +35,7 @@ from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.snapshot import snapshot
+from blocktrail.cli.vm import vm
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
 
@@ -51,6 +52,7 @@ cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
+cli.add_command(vm)
 for command in (repo_group, backup, points, restore, verify, check, forget, prune):
     cli.add_command(command)
 
