@@ -71,9 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # a group alone: its help, on stderr
         exc.show()
         return Exit.USAGE
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "blocktrail"
+        what = exc.format_message().rstrip(".")
+        return _fail(args, "UsageError", f"{where}: {what} (see {where} --help)", Exit.USAGE,
+                     "usage")
+    except click.ClickException as exc:
+        return _fail(args, type(exc).__name__, exc.format_message(), Exit.USAGE)
     except KeyboardInterrupt:
         click.echo("aborted", err=True)
         return Exit.INTERRUPTED
