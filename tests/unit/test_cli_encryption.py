@@ -133,11 +133,12 @@ def test_check_exits_16_on_an_authentication_failure_and_restore_writes_nothing(
     data = bytearray(pack.read_bytes())
     data[100] ^= 1  # inside the chunk's ciphertext
     pack.write_bytes(bytes(data))
-    code, out, _ = run(capsys, "check", repo, "--read-data")
-    assert code == ExitCode.AUTHENTICATION_FAILED and isinstance(out, dict)
-    assert [p["cause"] for p in out["problems"]] == ["authentication"]
     target = tmp_path / "x.raw"
     code, out, _ = run(capsys, "restore", repo, point, "--to", str(target))
     assert code == ExitCode.AUTHENTICATION_FAILED and not target.exists()
     assert isinstance(out, dict) and "authentication failed" in out["message"]
+    (tmp_path / "r" / "quarantine").rename(tmp_path / "quarantine-of-restore")
+    code, out, _ = run(capsys, "check", repo, "--read-data")  # as if it came first
+    assert code == ExitCode.AUTHENTICATION_FAILED and isinstance(out, dict)
+    assert [p["cause"] for p in out["problems"]] == ["authentication"]
     assert layout.CONFIG in snapshot(tmp_path / "r")

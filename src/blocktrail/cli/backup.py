@@ -360,6 +360,10 @@ def repo_repair(path: str, endpoint: str | None, region: str | None, profile: st
                    "that has recorded every write since the previous backup of this disk.")
 @click.option("--disk-id", "disk_id", default=None, metavar="ID",
               help="NBD URIs: the disk's identity in the repository (default: the URI).")
+@click.option("--snapshot", default=None, metavar="NAME",
+              help="Back up this existing snapshot of the disk as it is (a VM snapshot, say: "
+                   "every disk of the VM at one instant), and keep it. Default: take a snapshot "
+                   "and remove it afterwards.")
 @click.option("--full", is_flag=True, help="Read everything, whatever the tracker says.")
 @click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=PERCENT,
               help="Percent of unchanged chunks re-read and compared (at least 16).")
@@ -367,19 +371,25 @@ def repo_repair(path: str, endpoint: str | None, region: str | None, profile: st
 def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | None,
            profile: str | None, host: str | None, tls_certificates: str | None,
            tls_psk_file: str | None, tls_username: str | None, bitmap: str | None,
-           disk_id: str | None, full: bool, audit_pct: float, as_json: bool) -> None:
+           disk_id: str | None, snapshot: str | None, full: bool, audit_pct: float,
+           as_json: bool) -> None:
     """Back up DISK: a disk directory, NAME on a host (--host), or an NBD URI
     (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT). Incremental when the changes
     since the last restore point can be trusted; otherwise full, and the output says why.
     Any number of backups of different disks may run into one repository at once; a second
     backup of the same disk is refused (exit 7) while the first holds the disk's lease."""
     from blocktrail.backup.engine import BackupOptions, run_backup
+    if snapshot is not None:
+        if is_nbd_uri(disk_path):
+            raise InvalidArgument("--snapshot is for a disk directory or a host's disk; an NBD "
+                                  "URI names its export (a host's snapshot: NAME@SNAPSHOT)")
+        check_snapshot_name(snapshot)
     with open_repo(repo_path, endpoint, region, profile) as repo, \
             open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("backup", as_json) as progress:
-        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct),
-                            progress)
+        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct,
+                                                     snapshot=snapshot), progress)
     audit = report.audit
     out = {"point": report.point.summary(), "kind": report.kind,
            "fallback_reason": report.fallback_reason, "chunks_read": report.chunks_read,

@@ -11,7 +11,7 @@ from blocktrail.repo.quarantine import DamagedCopy
 from blocktrail.repo.repair import RepairReport, UnrestorablePoint
 from blocktrail.repo.repository import Repository
 from blocktrail.repo.retention import RetentionPolicy
-from blocktrail.repo.s3 import S3Options
+from blocktrail.repo.s3options import S3Options
 
 __all__ = ["CheckReport", "DamagedCopy", "Encryption", "ForgetResult", "KdfParams", "KeyFile",
            "Problem", "PruneReport", "RepairReport", "Repository", "RestorePoint",

@@ -9,7 +9,7 @@ from blocktrail.errors import InvalidArgument
 from blocktrail.fileio import FileIO
 from blocktrail.repo.backend import Backend
 from blocktrail.repo.localdir import LocalBackend
-from blocktrail.repo.s3 import S3Backend, S3Options
+from blocktrail.repo.s3options import S3Options
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -37,6 +37,7 @@ def open_backend(location: str | os.PathLike[str], *, fileio: FileIO | None = No
     text = os.fspath(location)
     if is_s3_url(text):
         bucket, prefix = parse_s3_url(text)
+        from blocktrail.repo.s3 import S3Backend  # boto3 only for an S3 repository
         return S3Backend(bucket, prefix, s3 or S3Options())
     if "://" in text:
         raise InvalidArgument(f"{text}: a repository is a directory or s3://BUCKET/PREFIX")

@@ -31,7 +31,7 @@ from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
 from blocktrail.repo.restore import restore_point
 from blocktrail.repo.retention import RetentionPolicy
-from blocktrail.repo.s3 import S3Backend, S3Options
+from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store
 from blocktrail.repo.writer import PointWriter
@@ -67,8 +67,10 @@ class Repository(Store):
             if isinstance(backend, LocalBackend):
                 config, unlocked = _init_local(backend, encryption)
             else:
-                if isinstance(backend, S3Backend):
-                    backend.create_bucket()
+                if backend.remote:
+                    from blocktrail.repo.s3 import S3Backend
+                    if isinstance(backend, S3Backend):
+                        backend.create_bucket()
                 Store.probe_conditional_writes(backend)
                 config, unlocked = _create(backend, encryption)
         except BaseException:

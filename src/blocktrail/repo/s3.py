@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -38,6 +37,7 @@ from blocktrail.repo.backend import (
     PreconditionFailed,
     check_name,
 )
+from blocktrail.repo.s3options import S3Options
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
@@ -50,19 +50,6 @@ def _service_descriptions() -> Any:
     process: loading them again for each repository opened costs a quarter of a second.
     Credentials and configuration are never shared."""
     return botocore.loaders.create_loader()
-
-
-@dataclass(frozen=True, slots=True)
-class S3Options:
-    """Where and how to reach the store; None: where boto3 looks (environment, profile)."""
-
-    endpoint: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    max_attempts: int = 6  # boto3 "standard" retries: about 15 s of backoff in all
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-    connections: int = 32
 
 
 class S3Backend:

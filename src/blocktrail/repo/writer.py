@@ -11,17 +11,22 @@ from typing import Any
 from blocktrail import __version__
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_PAGE, KIND_TABLE, ZERO_DIGEST
+from blocktrail.repo.objects import KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Codec
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
-MAX_IN_FLIGHT = 64
+BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
+MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
 TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
 
 
 @functools.cache
 def _zeros(length: int) -> bytes:
     return bytes(length)
+
+
+def _seal_chunks(codec: Codec, batch: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    return [codec.seal_chunk(data) for data in batch]
 
 
 class PointWriter:
@@ -47,7 +52,11 @@ class PointWriter:
         self._released = False
         self._pool = pool
         self._entries: dict[int, bytes] = {}
-        self._pending: deque[tuple[int, Future[tuple[bytes, bytes, int]]]] = deque()
+        self._batch_indexes: list[int] = []
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._pending: deque[tuple[list[int], Future[list[tuple[bytes, bytes, int]]]]] = \
+            deque()
         self._sink = PackSink(store, store.has_chunk, lease=lease)
         self._parent_pages: list[str] | None = None
         self.chunks_put = 0
@@ -63,16 +72,30 @@ class PointWriter:
         if data == _zeros(len(data)):
             self._entries[index] = ZERO_DIGEST
             return
-        self._pending.append((index, self._pool.submit(self._repo.codec.seal_chunk, data)))
+        self._batch_indexes.append(index)
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        if not self._batch:
+            return
+        self._pending.append((self._batch_indexes, self._pool.submit(
+            _seal_chunks, self._repo.codec, self._batch)))
+        self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
 
     def _drain(self, keep: int) -> None:
+        if keep == 0:
+            self._submit_batch()
         while len(self._pending) > keep:
-            index, future = self._pending.popleft()
-            name, envelope, plain_length = future.result()
-            self._entries[index] = name
-            self.new_chunks += self._sink.add(name, envelope, plain_length)
+            indexes, future = self._pending.popleft()
+            for index, (name, envelope, plain_length) in zip(indexes, future.result(),
+                                                            strict=True):
+                self._entries[index] = name
+                self.new_chunks += self._sink.add(name, envelope, plain_length)
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""
@@ -166,6 +189,7 @@ class PointWriter:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         try:
             self._sink.close()
         finally:
