@@ -18,7 +18,6 @@ from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import PERCENT, ExitCode, emit, human
 from blocktrail.cli.password import (
     KDF_VARIABLE,
-    PasswordSources,
     init_password,
     new_password,
     password_options,
@@ -36,6 +35,7 @@ from blocktrail.nbd.uri import is_nbd_uri
 if TYPE_CHECKING:
     from blocktrail.backup.source import Source
     from blocktrail.nbd.uri import TlsParameters
+    from blocktrail.passwords import PasswordSources
     from blocktrail.repo import KdfParams, Repository, S3Options, Timing
     from blocktrail.repo.prune import PruneReport
 
