@@ -142,3 +142,25 @@ def test_check_exits_16_on_an_authentication_failure_and_restore_writes_nothing(
     assert code == ExitCode.AUTHENTICATION_FAILED and isinstance(out, dict)
     assert [p["cause"] for p in out["problems"]] == ["authentication"]
     assert layout.CONFIG in snapshot(tmp_path / "r")
+
+
+def test_password_sources_below_the_cli(tmp_path: Path) -> None:
+    """blocktrail/passwords.py: what a worker's job and a host use (no prompt)."""
+    from blocktrail.errors import InvalidArgument
+    from blocktrail.passwords import PasswordSources, find_password, password_source
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\r\nsecond line\n")
+    assert find_password(PasswordSources(file=str(secret)), {}) == b"from-file"
+    assert find_password(PasswordSources(), {"BLOCKTRAIL_PASSWORD_FILE": str(secret)}) \
+        == b"from-file"
+    command = f"{sys.executable} -c \"print('from-command')\""
+    assert find_password(PasswordSources(command=command), {"BLOCKTRAIL_PASSWORD": "x"}) \
+        == b"from-command"
+    assert find_password(PasswordSources(), {"BLOCKTRAIL_PASSWORD": "env"}) == b"env"
+    assert find_password(PasswordSources(), {}) is None
+    assert password_source(PasswordSources(), {"BLOCKTRAIL_PASSWORD": "lazy"})() == b"lazy"
+    with pytest.raises(InvalidArgument, match="not both"):
+        find_password(PasswordSources(str(secret), command), {})
+    with pytest.raises(InvalidArgument, match="empty"):
+        (tmp_path / "empty").write_text("\n")
+        find_password(PasswordSources(file=str(tmp_path / "empty")), {})
