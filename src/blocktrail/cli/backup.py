@@ -6,13 +6,14 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import PERCENT, ExitCode, emit, human
+from blocktrail.cli.progress import progress_bar, spinner
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
 from blocktrail.errors import InvalidArgument
@@ -27,21 +28,6 @@ if TYPE_CHECKING:
 
 repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
                            envvar="BLOCKTRAIL_REPO", help="Repository directory.")
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        yield None
-        return
-    with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
-                  TimeRemainingColumn(), transient=True, console=console) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @contextlib.contextmanager
@@ -101,7 +87,7 @@ def repo_repair(path: str, as_json: bool) -> None:
     restored (exit 12). Takes the repository lock exclusively, like prune."""
     from blocktrail.repo import Repository
     from blocktrail.repo.repair import ADVICE
-    with Repository.open(path) as repo, progress_bar("repair", as_json):
+    with Repository.open(path) as repo, spinner("repair", as_json):
         report = repo.repair()
     lines = [f"read {report.packs_read} packs: {report.objects_intact} intact objects, "
              f"{len(report.damaged)} damaged copies put in quarantine"
@@ -153,7 +139,7 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
     with Repository.open(repo_path) as repo, \
             open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
-            progress_bar("backup", as_json) as progress:
+            progress_bar("backup", as_json, unit_bytes=repo.chunk_size) as progress:
         report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct),
                             progress)
     audit = report.audit
@@ -189,18 +175,35 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
 @click.command("points")
 @click.argument("repo_path", metavar="REPO", type=click.Path())
 @click.option("--disk", "disk_id", default=None, help="Only this disk id.")
+@host_option
 @json_option
-def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
-    """List restore points, oldest first."""
+def points(repo_path: str, disk_id: str | None, host: str | None, as_json: bool) -> None:
+    """List restore points, oldest first (with --host, the host's disk names too)."""
+    from blocktrail.cli.tables import points_table
     from blocktrail.repo import Repository
     with Repository.open(repo_path) as repo:
         intact, damaged = repo.scan_points()
-    found = [p.summary() for p in intact if disk_id is None or p.disk_id == disk_id]
-    text = "\n".join(f"{p['id']}  {p['kind']:<11} {p['verify_state']:<10} {p['disk_id']}  "
-                     f"{p['change_id']}" for p in found) or "(no restore points)"
-    emit(as_json, found, text)
+    mine = [p for p in intact if disk_id is None or p.disk_id == disk_id]
+    found = [p.summary() for p in mine]
+    if as_json:
+        emit(as_json, found, "")
+    else:
+        rows = [{**p.summary(), "bytes_stored": p.stats.get("bytes_stored")} for p in mine]
+        emit(as_json, found, points_table(rows, _disk_names(host) if host and mine else {}))
     for name, message in damaged:  # never left out silently
         click.echo(f"warning: points/{name} is not listed: {message}", err=True)
+
+
+def _disk_names(host: str) -> dict[str, str]:
+    """disk ID -> name on the host; a host that cannot be asked leaves the IDs as they are."""
+    from blocktrail.cli.target import call, with_host
+    from blocktrail.errors import BlocktrailError
+    try:
+        disks = with_host(host, call("GET", "disks"))
+    except BlocktrailError as exc:
+        click.echo(f"warning: disk names not shown: {exc.message}", err=True)
+        return {}
+    return {str(d["disk_id"]): str(d["name"]) for d in disks}
 
 
 @click.command("restore")
@@ -213,7 +216,8 @@ def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
 def restore(repo_path: str, point_id: str, target: str, fmt: str, as_json: bool) -> None:
     """Write restore point POINT to the file --to (every chunk's hash is checked)."""
     from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo, progress_bar("restore", as_json) as progress:
+    with Repository.open(repo_path) as repo, progress_bar("restore", as_json,
+                                                    unit_bytes=repo.chunk_size) as progress:
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
         else:
@@ -259,7 +263,7 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
     with Repository.open(repo_path) as repo, \
             open_source(disk_path, host,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
-            progress_bar("verify", as_json) as progress:
+            progress_bar("verify", as_json, unit_bytes=repo.chunk_size) as progress:
         report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
                               progress=progress)
     out: dict[str, Any] = {
@@ -301,7 +305,7 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
 def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) -> None:
     """Check the repository's structure (and data); name what is damaged and what it affects."""
     from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo:
+    with Repository.open(repo_path) as repo, spinner("check", as_json):
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
            report.chunks_referenced, "chunks_read": report.chunks_read,
@@ -346,7 +350,8 @@ def forget(repo_path: str, keep_last: int, keep_daily: int, keep_weekly: int,
         raise InvalidArgument("give at least one --keep-* option (forget keeps nothing else)")
     with Repository.open(repo_path) as repo:
         gone = repo.forget(policy, disk_id, dry_run=dry_run)
-        pruned = repo.prune() if do_prune and not dry_run else None
+        with spinner("prune", as_json):
+            pruned = repo.prune() if do_prune and not dry_run else None
     out = {"forgotten": [p.id for p in gone], "dry_run": dry_run,
            "prune": None if pruned is None else vars(pruned)}
     text = f"{'would forget' if dry_run else 'forgot'} {len(gone)} restore points"
