@@ -22,6 +22,7 @@ from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.snapshot import snapshot
+from blocktrail.cli.worker import worker
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
 
@@ -38,6 +39,7 @@ cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
+cli.add_command(worker)
 for command in (repo_group, backup, points, restore, verify, check, forget):
     cli.add_command(command)
 
