@@ -40,6 +40,7 @@ class HostConfig:
     nbd_tls_mode: TlsMode = TlsMode.OFF
     nbd_tls: TlsConfig | None = None  # required unless the mode is OFF
     nbd_limits: ServerLimits = field(default_factory=ServerLimits)
+    repositories: tuple[str, ...] = ()  # shown by the console, which can back up into them
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -139,7 +140,7 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
             nbd_sock.close()
         raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
-                     nbd_tls=config.nbd_tls_mode.name.lower())
+                     nbd_tls=config.nbd_tls_mode.name.lower(), repositories=config.repositories)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -164,3 +165,4 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)
+        app.state.catalog.close()

@@ -30,11 +30,11 @@ from blocktrail.backup.verify import VerifyReport, verify_point
 from blocktrail.errors import BlocktrailError
 from blocktrail.extents import Extent
 from blocktrail.host.client import HostClient
+from blocktrail.host.joblock import DiskJobLock
 from blocktrail.repo import Repository
 from blocktrail.repo.errors import RepositoryBusy
 from blocktrail.tracking import DiskChangeInfo
 from blocktrail.worker.config import JobConfig
-from blocktrail.worker.locks import DiskJobLock
 from blocktrail.worker.retention import apply_retention
 from blocktrail.worker.scheduler import Task
 

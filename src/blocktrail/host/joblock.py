@@ -1,4 +1,5 @@
-"""One worker per repository and disk: an ``flock`` on ``REPO/locks/job-<hash of disk>.lock``.
+"""One backup job per repository and disk: an ``flock`` on ``REPO/locks/job-<hash of disk>.lock``,
+taken by the worker's runs and by the host's "back up now".
 
 The kernel drops the lock when its holder dies (SIGKILL included), so a killed worker never
 blocks the next. It guards against two workers (or two job files) backing up the same disk into
