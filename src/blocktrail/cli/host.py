@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from blocktrail.cli.output import printable
+from blocktrail.cli.output import parse_size, printable
 from blocktrail.errors import InvalidArgument
 from blocktrail.nbd.limits import ServerLimits
 
@@ -40,11 +40,14 @@ if TYPE_CHECKING:  # the server side is imported when the host starts, not for -
 @click.option("--repo", "repositories", multiple=True, type=click.Path(file_okay=False),
               metavar="PATH", help="A repository the web console shows restore points of and "
                                    "backs up into (repeatable).")
+@click.option("--backup-bandwidth", default=None, metavar="SIZE",
+              help="Read at most SIZE bytes a second (e.g. 50M) in the console's backups.")
 @click.option("--max-connections", default=ServerLimits().max_connections, show_default=True,
               type=click.IntRange(1, 10_000), help="NBD connections at once.")
 def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: str | None,
          tls_creds: str | None, tls_psk: str | None, tls_verify_client: bool,
-         repositories: tuple[str, ...], max_connections: int) -> None:
+         repositories: tuple[str, ...], backup_bandwidth: str | None,
+         max_connections: int) -> None:
     """Own the disks under --data; serve the control API (and NBD) until interrupted."""
     import asyncio
 
@@ -59,7 +62,8 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
         raise InvalidArgument("TLS credentials are for NBD: give --nbd as well")
     config = HostConfig(data_dir, Endpoint.parse(api), token,
                         Endpoint.parse(nbd) if nbd else None, mode, tls,
-                        ServerLimits(max_connections=max_connections), repositories)
+                        ServerLimits(max_connections=max_connections), repositories,
+                        parse_size(backup_bandwidth) if backup_bandwidth else None)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_and_tell(config))
 

@@ -305,12 +305,14 @@ def _open_disks(registry: DiskRegistry) -> list[tuple[str, Disk]]:
 
 
 def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | None = None,
-               nbd_tls: str = "off", repositories: tuple[str, ...] = ()) -> FastAPI:
+               nbd_tls: str = "off", repositories: tuple[str, ...] = (),
+               backup_bandwidth: int | None = None) -> FastAPI:
     """The control API over ``registry``; with ``token``, every call needs
     ``Authorization: Bearer <token>``. ``nbd``/``nbd_tls``: where and how the host serves the
     disks over NBD (GET /host tells clients). Beside it: ``GET /metrics`` (Prometheus) and the
     web console under /console, which shows the restore points in ``repositories``
-    (``app.state.catalog``; close it when the app is done)."""
+    (``app.state.catalog``; close it when the app is done) and backs up into them (at most
+    ``backup_bandwidth`` bytes a second)."""
     def authorize(creds: BearerCredentials) -> None:
         if token is None:
             return
@@ -361,7 +363,7 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
                                  exc.status_code, headers=headers)
 
     catalog = PointCatalog(repositories)
-    jobs = HostJobs(registry.get, registry.names, catalog)
+    jobs = HostJobs(registry.get, registry.names, catalog, backup_bandwidth)
     metrics = HostMetrics(lambda: _open_disks(registry), catalog, lambda: len(jobs.running()))
     app.state.catalog = catalog
     app.mount(CONSOLE_PREFIX, Console(registry, token, catalog, jobs, metrics).app())

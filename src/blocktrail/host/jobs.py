@@ -3,7 +3,8 @@ Each runs on a thread of its own and reports its progress; the last finished one
 the console to show.
 
 A backup reads the disk the host has open (Disk's public API: snapshot, changed areas, read),
-under the same per-repository-and-disk lock as the worker's runs. A verify compares the point
+at most at ``host --backup-bandwidth``, under the same per-repository-and-disk lock as the
+worker's runs. A verify compares the point
 with a snapshot of the disk at the point's change ID when the disk still has one (every chunk
 of both, the tracker not trusted; the verify state is recorded); otherwise the source state is
 gone, and it reads and rehashes every stored chunk of the point instead (the verify state is
@@ -20,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.source import Source
 from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.backup.throttle import Throttle, ThrottledSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
 from blocktrail.errors import BlocktrailError, DiskBusy
@@ -66,8 +69,9 @@ class HostJob:
 
 class HostJobs:
     def __init__(self, get_disk: Callable[[str], Disk], names: Callable[[], list[str]],
-                 catalog: PointCatalog) -> None:
+                 catalog: PointCatalog, bandwidth_bytes_per_s: int | None = None) -> None:
         self._get_disk = get_disk
+        self._bandwidth = bandwidth_bytes_per_s
         self._names = names
         self._catalog = catalog
         self._ids = itertools.count(1)
@@ -91,7 +95,7 @@ class HostJobs:
             if any(j.disk == disk_name and j.kind == "backup" for j in self._running.values()):
                 raise DiskBusy(f"a backup of {disk_name} is running already")
         return self._start("backup", disk_name, repository,
-                           lambda job: self._run_backup(job, disk, repo))
+                           lambda job: self._run_backup(job, disk, repo, self._bandwidth))
 
     def verify(self, repository: str, point_id: str) -> HostJob:
         repo = self._catalog.repository(repository)
@@ -131,11 +135,13 @@ class HostJobs:
         return job
 
     @staticmethod
-    def _run_backup(job: HostJob, disk: Disk, repo: Repository) -> str:
+    def _run_backup(job: HostJob, disk: Disk, repo: Repository, bandwidth: int | None) -> str:
+        source: Source = LocalDiskSource(disk)
+        if bandwidth:
+            source = ThrottledSource(source, Throttle(bandwidth))
         with DiskJobLock(repo.path, disk.disk_id):
             job.phase = "backup"
-            report = run_backup(LocalDiskSource(disk), repo, BackupOptions(),
-                                job.progress(repo.chunk_size))
+            report = run_backup(source, repo, BackupOptions(), job.progress(repo.chunk_size))
         text = (f"{report.kind} backup {report.point.id}: read {report.bytes_read} bytes, "
                 f"stored {report.point.stats.get('bytes_stored', 0)}")
         if report.fallback_reason:
