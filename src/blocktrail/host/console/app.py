@@ -61,8 +61,11 @@ def human(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-def age(when: str | float) -> str:
-    then = datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when
+def age(when: str | float | datetime) -> str:
+    if isinstance(when, datetime):
+        then = when.timestamp()
+    else:
+        then = datetime.fromisoformat(when).timestamp() if isinstance(when, str) else when
     seconds = max(0.0, time.time() - then)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -129,6 +132,8 @@ class Console:
                 status = STATUS.get(type(exc).__name__, 500)
                 return self._answer(request, False, f"{type(exc).__name__}: {exc.message}",
                                     status)
+            except OSError as exc:
+                return self._answer(request, False, f"I/O failure: {exc}", 500)
         return guarded
 
     @staticmethod
