@@ -146,7 +146,11 @@ class Console:
         return HTMLResponse(html, status, headers={"Cache-Control": "no-store"})
 
     def _answer(self, request: Request, ok: bool, message: str, status: int = 200) -> Response:
-        """A button's result: JSON for the script, a redirect (with the message) otherwise."""
+        """A button's result: JSON for the script, a redirect (with the message) otherwise; a
+        page that failed: an error page."""
+        if request.method == "GET":
+            return self._render("error.html", {"status": status, "text": message,
+                                               "message": None}, status)
         if request.headers.get("x-console") == "fetch":
             return JSONResponse({"ok": ok, "message": message}, status)
         back = getattr(request.state, "form", {}).get("next", "")
