@@ -93,7 +93,11 @@ check_subset = 10
 bandwidth = "50M"
 retries = 5
 retry_backoff = "2m"
-notify = { webhook = "https://hooks.example/bt", command = ["/usr/local/bin/page", "-x"], on = ["failure"] }
+
+[job.notify]
+webhook = "https://hooks.example/bt"
+command = ["/usr/local/bin/page", "-x"]
+on = ["failure"]
 """
 
 
