@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
@@ -367,6 +367,10 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
     metrics = HostMetrics(lambda: _open_disks(registry), catalog, lambda: len(jobs.running()))
     app.state.catalog = catalog
     app.mount(CONSOLE_PREFIX, Console(registry, token, catalog, jobs, metrics).app())
+
+    @app.get(CONSOLE_PREFIX, include_in_schema=False)
+    def console_root() -> Response:
+        return RedirectResponse(CONSOLE_PREFIX + "/", 308)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:

@@ -24,7 +24,7 @@ from blocktrail.worker.config import JobConfig, WorkerConfig
 from blocktrail.worker.metrics import WorkerMetrics
 from blocktrail.worker.notify import Event, deliver
 from blocktrail.worker.runner import JobProgress, RunOptions, RunResult, result_json, run_task
-from blocktrail.worker.scheduler import NEVER, Scheduler, Task, TaskState
+from blocktrail.worker.scheduler import Scheduler, Task, TaskState
 
 STATE_FORMAT = "blocktrail-worker-state"
 MAX_SLEEP_S = 60.0
@@ -97,12 +97,15 @@ class Worker:
             for task in self.scheduler.pick(now):
                 self._start(task, now)
             self._collect()
-            wake = min(self.scheduler.next_wakeup(), now + MAX_SLEEP_S)
+            wake = self.scheduler.next_wakeup()
             if not self._done.empty():
                 continue
             self._wake.clear()
             if self._done.empty() and not self._stop.is_set():
-                self.clock.wait(self._wake, wake - now if wake != NEVER else MAX_SLEEP_S)
+                # A task due already waits for a free slot: only an ending run frees one, and
+                # it sets the event.
+                timeout = wake - now if now < wake < now + MAX_SLEEP_S else MAX_SLEEP_S
+                self.clock.wait(self._wake, timeout)
         self._drain()
 
     def run_once(self) -> int:
@@ -115,8 +118,9 @@ class Worker:
                                             only=lambda t: t.key in todo):
                 todo.discard(task.key)
                 self._start(task, self.clock.now())
-            if self._threads:
-                self._handle(self._done.get())
+            if not self._threads:
+                break  # nothing runs and nothing more can start
+            self._handle(self._done.get())
             self._collect()
         self._drain()
         return self.failures[0].exit_code if self.failures else ExitCode.OK

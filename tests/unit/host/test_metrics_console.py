@@ -154,6 +154,8 @@ def test_bearer_token_opens_the_console_too(setup: tuple[TestClient, DiskRegistr
                                             ) -> None:
     client, _registry, _repo = setup
     assert client.get("/console/jobs", headers=AUTH).status_code == 200
+    moved = client.get("/console", headers=AUTH, follow_redirects=False)
+    assert moved.status_code == 308 and moved.headers["location"] == "/console/"
     assert client.get("/console/jobs", headers={"Authorization": "Bearer x"}).status_code == 401
 
 

@@ -240,6 +240,26 @@ def test_once_runs_what_is_due_and_exits_with_the_first_failure(tmp_path: Path) 
     assert ran == ["b/d0"]
 
 
+def test_a_due_task_waiting_for_a_slot_does_not_spin(tmp_path: Path) -> None:
+    cfg = config("max_jobs = 1\n" + job("a", disks='["d0", "d1"]'), tmp_path)
+    clock = FakeClock(T0)
+    ran: list[str] = []
+
+    def run(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:
+        ran.append(task.key)
+        import time
+        time.sleep(0.3)  # d1 is due meanwhile, and has no slot
+        return _result(task)
+
+    worker = Worker(cfg, clock=clock, run=run)
+    stopper = threading.Thread(target=lambda: _stop_after(worker, ran, 2))
+    stopper.start()
+    worker.serve()
+    stopper.join()
+    assert sorted(ran) == ["a/d0", "a/d1"]
+    assert all(w > 0 for w in clock.waits), clock.waits
+
+
 def test_a_bug_in_a_run_is_a_failure_not_the_end_of_the_worker(tmp_path: Path) -> None:
     cfg = config(job("a", extra="retries = 0"), tmp_path)
 
