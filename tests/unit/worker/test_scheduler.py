@@ -277,3 +277,49 @@ def test_jobs_of_the_worker_config(tmp_path: Path) -> None:
     with pytest.raises(BlocktrailError, match="cannot be read"):
         (tmp_path / "state.json").write_text("{nope")
         load_state(cfg.state_path)
+
+
+def test_a_lying_tracker_and_a_differing_verify_are_notified(tmp_path: Path) -> None:
+    from blocktrail.extents import Extent
+    from blocktrail.worker.runner import CheckRun
+
+    cfg = config(job("a", extra='notify = { command = ["true"] }'), tmp_path)
+    events: list[Any] = []
+
+    def run(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:
+        disk = DiskRun("d0", "id", "p1", "incremental", None, 10, 5, 16,
+                       (Extent(0, 65536),), (), verify="differences",
+                       verify_differences=(Extent(65536, 65536),), healed_point="p2")
+        return RunResult((disk,), 0.1, check=CheckRun(False, 2, 10, 5.0))
+
+    worker = Worker(cfg, clock=FakeClock(T0), run=run,
+                    notify=lambda job_, event: events.append(event) or [])
+    assert worker.run_once() == 0
+    kinds = [e.kind for e in events]
+    assert kinds == ["audit_mismatch", "verify_differences", "verify_differences"]
+    assert events[0].details["areas"] == [[0, 65536]]
+    assert events[1].details["healed_point"] == "p2"
+    assert events[2].details["problems"] == 2
+    body = events[0].body()
+    assert body["event"] == "audit_mismatch" and body["job"] == "a" and body["target"] == "d0"
+    assert worker.metrics.registry.get_sample_value(
+        "blocktrail_job_audit_mismatches_total", {"job": "a", "disk": "d0"}) == 1
+    assert worker.metrics.registry.get_sample_value(
+        "blocktrail_worker_notifications_total",
+        {"event": "verify_differences", "delivery": "sent"}) == 2
+
+
+def test_notifications_are_delivered_to_a_command(tmp_path: Path) -> None:
+    from blocktrail.worker.config import Notify
+    from blocktrail.worker.notify import Event, deliver
+
+    out = tmp_path / "body.json"
+    event = Event("failure", "j", "d0", "unix:/h", "/r", "it failed", T0, {"attempts": 4})
+    assert deliver(Notify(command=("sh", "-c", f"cat > {out}")), event) == []
+    import json
+    assert json.loads(out.read_text())["details"] == {"attempts": 4}
+    problems = deliver(Notify(command=("false",)), event)
+    assert problems and "exit code 1" in problems[0]
+    assert deliver(Notify(command=("false",), events=frozenset({"audit_mismatch"})), event) == []
+    unreachable = deliver(Notify(webhook="http://127.0.0.1:9/none"), event)
+    assert unreachable and "webhook" in unreachable[0]
