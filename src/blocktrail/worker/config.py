@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -308,6 +309,8 @@ def parse_config(text: str, path: str = "jobs.toml") -> WorkerConfig:
 
 def load_config(path: str) -> WorkerConfig:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+            raise InvalidArgument(f"the job file {path} is not a regular file")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
