@@ -96,3 +96,25 @@ def test_progress_is_quiet_off_a_terminal() -> None:
         assert report is None
     with progress_bar("restore", True, stream=io.StringIO()) as report:
         assert report is not None
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_and_spinner_on_a_terminal() -> None:
+    from blocktrail.cli.progress import spinner
+    out = _Terminal()
+    with progress_bar("backup", False, unit_bytes=1 << 20, stream=out) as report:
+        assert report is not None
+        report(3, 10)
+    assert "backup" in out.getvalue() and "MB" in out.getvalue()  # bytes, not chunks
+    out = _Terminal()
+    with spinner("check", False, stream=out):
+        pass
+    assert "check" in out.getvalue()
+    quiet = _Terminal()
+    with spinner("check", True, stream=quiet):  # --json: stdout's one answer stays clean
+        pass
+    assert quiet.getvalue() == ""

@@ -16,7 +16,16 @@ from collections.abc import Sequence
 
 import click
 
-from blocktrail.cli.backup import backup, check, forget, points, repo_group, restore, verify
+from blocktrail.cli.backup import (
+    backup,
+    check,
+    forget,
+    points,
+    prune,
+    repo_group,
+    restore,
+    verify,
+)
 from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
@@ -40,7 +49,7 @@ cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
 cli.add_command(worker)
-for command in (repo_group, backup, points, restore, verify, check, forget):
+for command in (repo_group, backup, points, restore, verify, check, forget, prune):
     cli.add_command(command)
 
 

@@ -33,13 +33,14 @@ def worker(config_path: str, once: bool, metrics: str | None, as_json: bool) -> 
     """Back up the disks and VMs of hosts on the schedules of a job file: retention after
     each backup, verify and check when due, notifications on failure. SIGTERM or Ctrl-C:
     no new jobs, the running ones finish (a second one stops at once)."""
+    from blocktrail.repo.leases import timing_from_environment
     from blocktrail.worker.config import load_config
     from blocktrail.worker.metrics import serve_metrics
     from blocktrail.worker.worker import Worker
 
     config = load_config(config_path)
     display = _Display(as_json)
-    work = Worker(config, report=display.report)
+    work = Worker(config, report=display.report, timing=timing_from_environment())
     address = metrics or config.metrics
     server = serve_metrics(work.metrics, address) if address else None
     try:

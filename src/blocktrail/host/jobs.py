@@ -3,8 +3,8 @@ Each runs on a thread of its own and reports its progress; the last finished one
 the console to show.
 
 A backup reads the disk the host has open (Disk's public API: snapshot, changed areas, read),
-at most at ``host --backup-bandwidth``, under the same per-repository-and-disk lock as the
-worker's runs. A verify compares the point
+at most at ``host --backup-bandwidth``, under the disk's lease in the repository, like the
+worker's runs (one backup of a disk into a repository at a time). A verify compares the point
 with a snapshot of the disk at the point's change ID when the disk still has one (every chunk
 of both, the tracker not trusted; the verify state is recorded); otherwise the source state is
 gone, and it reads and rehashes every stored chunk of the point instead (the verify state is
@@ -27,7 +27,6 @@ from blocktrail.backup.throttle import Throttle, ThrottledSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
 from blocktrail.errors import BlocktrailError, DiskBusy
-from blocktrail.host.joblock import DiskJobLock
 from blocktrail.host.points import PointCatalog
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
@@ -139,9 +138,8 @@ class HostJobs:
         source: Source = LocalDiskSource(disk)
         if bandwidth:
             source = ThrottledSource(source, Throttle(bandwidth))
-        with DiskJobLock(repo.path, disk.disk_id):
-            job.phase = "backup"
-            report = run_backup(source, repo, BackupOptions(), job.progress(repo.chunk_size))
+        job.phase = "backup"  # under the disk's lease in the repository, as any backup
+        report = run_backup(source, repo, BackupOptions(), job.progress(repo.chunk_size))
         text = (f"{report.kind} backup {report.point.id}: read {report.bytes_read} bytes, "
                 f"stored {report.point.stats.get('bytes_stored', 0)}")
         if report.fallback_reason:

@@ -75,6 +75,9 @@ class JobConfig:
     host: str
     repository: str
     schedule: Schedule
+    endpoint: str | None = None  # an s3:// repository's endpoint, region and AWS profile
+    region: str | None = None
+    profile: str | None = None
     disks: tuple[str, ...] = ()
     vm: str | None = None
     token_file: str | None = None
@@ -235,6 +238,12 @@ def _job(data: Any, index: int, base_dir: str) -> JobConfig:
     else:
         check_vm_name(vm)
     token_file = table.take("token_file", str)
+    s3 = {key: table.take(key, str) for key in ("endpoint", "region", "profile")}
+    if any(s3.values()) and not repository.startswith("s3://"):
+        raise InvalidArgument(f"{table.what}: endpoint, region and profile are for s3:// "
+                              "repositories")
+    if s3["endpoint"] is not None and not s3["endpoint"].startswith(("http://", "https://")):
+        raise InvalidArgument(f"{table.what}: endpoint must be an http:// or https:// URL")
     schedule = _schedule(table)
     keep = _retention(table.take("keep", dict, {}), table.what)
     verify = table.take("verify_every", (str, int, float))
@@ -242,6 +251,7 @@ def _job(data: Any, index: int, base_dir: str) -> JobConfig:
     bandwidth = table.take("bandwidth", (str, int))
     job = JobConfig(
         name=name, host=host, repository=_path(repository, base_dir), schedule=schedule,
+        endpoint=s3["endpoint"], region=s3["region"], profile=s3["profile"],
         disks=tuple(disks or ()), vm=vm,
         token_file=_path(token_file, base_dir) if token_file else None, keep=keep,
         prune=table.take("prune", bool, True),

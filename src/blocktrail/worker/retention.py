@@ -7,17 +7,21 @@ Whatever the policy says, three points of a disk are never forgotten:
 - the newest point: the base the next incremental backup reads against (every point is a full
   index, so forgetting any other breaks nothing, but this one keeps the chain incremental);
 - the newest point whose verify state is ``ok``: the last one known to equal its source;
-- the base of a backup of the disk that is running (the caller names them).
+- the base of a backup of the disk that is running (named in its lease; the caller names
+  others to protect).
 
 A point whose verify state is ``failed`` counts like any other: a newer good point is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 
 from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo.backend import ObjectNotFound
+from blocktrail.repo.leases import list_leases
 from blocktrail.worker.config import Retention
 
 
@@ -60,18 +64,21 @@ def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzin
                     protected: Iterable[str] = ()) -> list[RestorePoint]:
     """Forget the disk's points the policy does not keep. -> the forgotten points.
 
-    Deletes their manifests the way `Repository.forget` does (each unlink, then one fsync of
-    ``points/``); the data goes with the next prune."""
+    Deletes their manifests and verify records the way `Repository.forget` does (the data goes
+    with the next prune); a point that the lease of a running backup names as its base is kept
+    too, as `forget` keeps it."""
     points = repo.points(disk_id)
-    kept = points_to_keep(points, keep, tz=tz, protected=protected)
+    bases = {lease.base for lease in list_leases(repo.backend)
+             if lease.base and not lease.expired(repo.timing.margin)}
+    kept = points_to_keep(points, keep, tz=tz, protected={*protected, *bases})
     gone = [p for p in points if p.id not in kept]
     if gone:
+        records = repo.verify_records()
         with repo.writing("forgetting restore points", "some restore points may not be "
                           "forgotten yet; the next run forgets them"):
             for point in gone:
-                try:
-                    repo.fio.unlink(repo.join("points", f"{point.id}.json"))
-                except FileNotFoundError:
-                    continue  # forgotten by someone else meanwhile
-            repo.fio.fsync_dir(repo.join("points"))
+                repo.delete_manifest(point.id)  # gone already: forgotten by someone else
+                for name in records.get(point.id, []):
+                    with contextlib.suppress(ObjectNotFound):
+                        repo.backend.delete(name)
     return gone

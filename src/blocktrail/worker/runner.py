@@ -6,8 +6,10 @@ with the job's audit sample, read at most at the job's bandwidth), verify the ne
 against that same snapshot when a verify is due (every chunk of both, without the tracker;
 differences are healed into a corrected point), remove the snapshot, then forget what the
 retention does not keep and prune. A VM task takes one VM snapshot (all disks at one instant)
-and backs up each disk from it. The per-disk lock (locks.py) is held from before the snapshot
-until retention is done.
+and backs up each disk from it. The disk's lease in the repository (repo/leases.py) is taken
+before the snapshot and held until retention is done: no other worker, host or `blocktrail
+backup` backs the disk up into that repository meanwhile, on this machine or another, and a
+killed run's lease is taken over at once on this machine (at its expiry from another).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from blocktrail.backup.verify import VerifyReport, verify_point
 from blocktrail.errors import BlocktrailError
 from blocktrail.extents import Extent
 from blocktrail.host.client import HostClient
-from blocktrail.host.joblock import DiskJobLock
-from blocktrail.repo import Repository
+from blocktrail.repo import Repository, S3Options
 from blocktrail.repo.errors import RepositoryBusy
+from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing
+from blocktrail.repo.location import is_s3_url
 from blocktrail.worker.config import JobConfig
 from blocktrail.worker.retention import apply_retention
 from blocktrail.worker.scheduler import Task
@@ -138,6 +141,15 @@ class RunOptions:
     verify: bool = False
     check: bool = False
     tz: tzinfo | None = None
+    timing: Timing = DEFAULT_TIMING  # of the repository's leases
+
+
+def open_repository(job: JobConfig, timing: Timing = DEFAULT_TIMING) -> Repository:
+    """The job's repository: a directory, or an s3:// URL with the job's endpoint, region
+    and profile (else boto3's own: AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws)."""
+    s3 = S3Options(endpoint=job.endpoint, region=job.region, profile=job.profile) \
+        if is_s3_url(job.repository) else None
+    return Repository.open(job.repository, s3=s3, timing=timing)
 
 
 def run_task(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:
@@ -147,7 +159,7 @@ def run_task(task: Task, options: RunOptions, progress: JobProgress) -> RunResul
     job = task.job
     client = host_client(job)
     try:
-        with Repository.open(job.repository) as repo:
+        with open_repository(job, options.timing) as repo:
             if job.vm is not None:
                 disks = _run_vm(client, repo, job, job.vm, options, progress)
             else:
@@ -170,15 +182,15 @@ def _source(client: HostClient, job: JobConfig, disk: str) -> Source:
 def _run_disk(client: HostClient, repo: Repository, job: JobConfig, disk: str,
               options: RunOptions, progress: JobProgress) -> DiskRun:
     with contextlib.closing(_source(client, job, disk)) as source, \
-            DiskJobLock(repo.path, source.disk_id):
+            repo.disk_lease(source.disk_id) as lease:
         prefix = snapshot_prefix(repo)
-        for stale in _snapshots(client, disk, prefix):  # a killed run's (we hold the lock)
+        for stale in _snapshots(client, disk, prefix):  # a killed run's (we hold the lease)
             with contextlib.suppress(BlocktrailError):
                 source.remove_snapshot(stale)
         snapshot = f"{prefix}{uuid.uuid4().hex[:12]}"
         source.create_snapshot(snapshot)
         try:
-            run = _backup_one(repo, job, disk, source, snapshot, options, progress)
+            run = _backup_one(repo, job, disk, source, lease, snapshot, options, progress)
         finally:
             with contextlib.suppress(BlocktrailError):
                 source.remove_snapshot(snapshot)
@@ -195,17 +207,16 @@ def _run_vm(client: HostClient, repo: Repository, job: JobConfig, vm: str, optio
     with contextlib.ExitStack() as stack:
         sources = {d: stack.enter_context(contextlib.closing(_source(client, job, d)))
                    for d in sorted(disks)}
-        for source in sources.values():
-            stack.enter_context(DiskJobLock(repo.path, source.disk_id))
+        leases = {d: stack.enter_context(repo.disk_lease(s.disk_id)) for d, s in sources.items()}
         prefix = snapshot_prefix(repo)
-        # left by a killed run (we hold every disk's lock)
+        # left by a killed run (we hold every disk's lease)
         for stale in {s for d in sources for s in _snapshots(client, d, prefix)}:
             with contextlib.suppress(BlocktrailError):
                 client.call("DELETE", f"/vms/{quote(vm, safe='')}/snapshots/{stale}")
         snapshot = f"{prefix}{uuid.uuid4().hex[:12]}"
         client.call("POST", f"/vms/{quote(vm, safe='')}/snapshots", json={"name": snapshot})
         try:
-            runs = [_backup_one(repo, job, d, s, snapshot, options, progress)
+            runs = [_backup_one(repo, job, d, s, leases[d], snapshot, options, progress)
                     for d, s in sources.items()]
         finally:
             with contextlib.suppress(BlocktrailError):
@@ -215,7 +226,8 @@ def _run_vm(client: HostClient, repo: Repository, job: JobConfig, vm: str, optio
 
 def snapshot_prefix(repo: Repository) -> str:
     """The names of the worker's snapshots for this repository: ``blocktrail-job-<repo>-``. A
-    run that finds one of its disk's (under the disk's lock) removes it: a killed run left it."""
+    run that finds one of its disk's (under the disk's lease) removes it: a killed run left
+    it."""
     return f"blocktrail-job-{repo.repo_id[:8]}-"
 
 
@@ -224,17 +236,17 @@ def _snapshots(client: HostClient, disk: str, prefix: str) -> list[str]:
     return [str(s["name"]) for s in snaps if str(s["name"]).startswith(prefix)]
 
 
-def _backup_one(repo: Repository, job: JobConfig, disk: str, source: Source, snapshot: str,
-                options: RunOptions, progress: JobProgress) -> DiskRun:
+def _backup_one(repo: Repository, job: JobConfig, disk: str, source: Source, lease: Lease,
+                snapshot: str, options: RunOptions, progress: JobProgress) -> DiskRun:
     progress.phase_is(f"backup {disk}")
     report = run_backup(source, repo, BackupOptions(audit_percent=job.audit_percent,
                                                     snapshot=snapshot),
-                        progress.callback(repo.chunk_size))
+                        progress.callback(repo.chunk_size), lease=lease)
     verified: VerifyReport | None = None
     if options.verify:
         progress.phase_is(f"verify {disk}")
         verified = verify_point(repo, report.point.id, source, snapshot, heal=True,
-                                progress=progress.callback(repo.chunk_size))
+                                progress=progress.callback(repo.chunk_size), lease=lease)
     return _disk_run(disk, report, verified)
 
 
@@ -275,7 +287,10 @@ def _prune(repo: Repository, job: JobConfig, runs: tuple[DiskRun, ...],
         report = repo.prune()
     except RepositoryBusy as exc:  # backups are running: the next run prunes
         return f"deferred: {exc.message}"
-    return f"{report.packs_deleted} packs deleted, {report.bytes_freed} bytes freed"
+    text = f"{report.packs_deleted} packs deleted, {report.bytes_freed} bytes freed"
+    if report.packs_waiting:
+        text += f"; {report.packs_waiting} unused packs wait for running backups to end"
+    return text
 
 
 def _check(repo: Repository, job: JobConfig, progress: JobProgress) -> CheckRun:
@@ -286,14 +301,11 @@ def _check(repo: Repository, job: JobConfig, progress: JobProgress) -> CheckRun:
 
 
 def repository_stats(repo: Repository) -> RepositoryStats:
-    """The repository's size on disk, its object count (chunks, pages, page tables) and its
-    restore points; a listing and a stat per file, no manifest read."""
-    size = 0
-    for root, _dirs, files in os.walk(repo.path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                size += os.stat(os.path.join(root, name)).st_size
-    return RepositoryStats(size, len(repo.index), len(repo.list_files("points", ".json")))
+    """The repository's stored bytes (every object: packs, index files, manifests...), its
+    object count (chunks, pages, page tables) and its restore points: listings, no manifest
+    read."""
+    size = sum(info.size for info in repo.backend.list(""))
+    return RepositoryStats(size, len(repo.index), len(repo.manifest_files()))
 
 
 def result_json(result: RunResult) -> dict[str, Any]:

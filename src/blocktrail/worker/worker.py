@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from blocktrail.errors import BlocktrailError, ExitCode
 from blocktrail.fileio import OsFileIO
+from blocktrail.repo.leases import DEFAULT_TIMING, Timing
 from blocktrail.worker.config import JobConfig, WorkerConfig
 from blocktrail.worker.metrics import WorkerMetrics
 from blocktrail.worker.notify import Event, deliver
@@ -72,6 +73,7 @@ class Worker:
     notify: Notifier = lambda job, event: deliver(job.notify, event)
     report: Report = lambda line: None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    timing: Timing = DEFAULT_TIMING  # of the repositories' leases
 
     def __post_init__(self) -> None:
         states, self.checks = load_state(self.config.state_path)
@@ -145,7 +147,8 @@ class Worker:
         if check:
             self.checks[task.job.repository] = now  # one check per repository at a time
         progress = self.progress[task.key] = JobProgress(task.key)
-        options = RunOptions(verify=verify, check=check, tz=self.config.timezone)
+        options = RunOptions(verify=verify, check=check, tz=self.config.timezone,
+                             timing=self.timing)
         self.metrics.started(task.job.name, task.target)
         self.report({"event": "started", "task": task.key, "verify": verify, "check": check,
                      "attempt": self.scheduler.state(task).failures + 1})

@@ -50,7 +50,7 @@ HERE = os.path.dirname(__file__)
 Handler = Callable[[Request], Awaitable[Response]]
 STATUS = {"DiskNotFound": 404, "SnapshotNotFound": 404, "PointNotFound": 404,
           "RepositoryNotFound": 404, "InvalidArgument": 400, "SnapshotExists": 409,
-          "DiskBusy": 409, "DiskJobBusy": 409}
+          "DiskBusy": 409, "RepositoryBusy": 409}
 
 
 def human(size: float) -> str:
