@@ -1,6 +1,7 @@
 """A worker killed with SIGKILL in the middle of a job: the next run completes (it removes the
-snapshot the killed run left on the host, takes the disk's lock the kernel freed), and the
-repository checks clean, every byte read back."""
+snapshot the killed run left on the host, takes over the disk's lease in the repository at once:
+its holder is a gone process of this machine), and the repository checks clean, every byte read
+back."""
 
 from __future__ import annotations
 

@@ -63,6 +63,24 @@ def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> 
         assert report.kind == "incremental" and report.point.parent == made[4].id
 
 
+def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
+            Repository.init(tmp_path / "repo") as repo:
+        made = []
+        for i in range(4):
+            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        repo.set_verify_state(made[2].id, "failed")
+        # another process backs the disk up from made[1] (its lease names the base)
+        with Repository.open(tmp_path / "repo") as other, other.disk_lease(disk.disk_id) as lease:
+            other.record_base(lease, made[1].id)
+            gone = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
+        assert {p.id for p in gone} == {made[0].id, made[2].id}
+        assert [p.id for p in repo.points()] == [made[1].id, made[3].id]
+        assert made[2].id not in repo.verify_records()  # its verify record went with it
+        assert repo.check().ok
+
+
 EXAMPLE = """
 [worker]
 max_jobs = 4
@@ -135,11 +153,25 @@ def test_the_documented_example_parses() -> None:
     ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nprune = "yes"', "wrong type"),
     ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nnotify = { webhook = "ftp://x" }',
      "http"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nregion = "eu"', "for s3:// repositories"),
+    ('disks = ["d"]\nrepository = "s3://b/p"\nevery = "1h"\nendpoint = "localhost:9000"',
+     "http:// or https://"),
 ])
 def test_mistakes_are_refused_with_the_key_named(body: str, message: str) -> None:
     text = f'[[job]]\nname = "j"\nhost = "unix:/h"\n{body}\n'
     with pytest.raises(InvalidArgument, match=message):
         parse_config(text)
+
+
+def test_an_s3_repository_with_its_endpoint_region_and_profile() -> None:
+    cfg = parse_config('[[job]]\nname = "j"\nhost = "unix:/h"\ndisks = ["d"]\n'
+                       'repository = "s3://bucket/backups"\nevery = "1h"\n'
+                       'endpoint = "http://127.0.0.1:8333"\nregion = "eu-central-1"\n'
+                       'profile = "backup"\n', "/etc/jobs.toml")
+    (job,) = cfg.jobs
+    assert job.repository == "s3://bucket/backups"  # a URL, not a path under /etc
+    assert (job.endpoint, job.region, job.profile) == ("http://127.0.0.1:8333",
+                                                       "eu-central-1", "backup")
 
 
 def test_no_jobs_and_duplicate_names_are_refused() -> None:
