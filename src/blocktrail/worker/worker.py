@@ -98,10 +98,9 @@ class Worker:
             now = self.clock.now()
             for task in self.scheduler.pick(now):
                 self._start(task, now)
-            self._collect()
+            if self._collect():
+                continue  # a run ended and freed its slot: what is due may start now
             wake = self.scheduler.next_wakeup()
-            if not self._done.empty():
-                continue
             self._wake.clear()
             if self._done.empty() and not self._stop.is_set():
                 # A task due already waits for a free slot: only an ending run frees one, and
@@ -131,13 +130,16 @@ class Worker:
         while self._threads:
             self._handle(self._done.get())
 
-    def _collect(self) -> None:
+    def _collect(self) -> int:
+        """Handle the runs that ended. -> how many."""
+        handled = 0
         while True:
             try:
                 finished = self._done.get_nowait()
             except queue.Empty:
-                return
+                return handled
             self._handle(finished)
+            handled += 1
 
     # ------------------------------------------------------------------ one task
 

@@ -244,11 +244,15 @@ def test_a_due_task_waiting_for_a_slot_does_not_spin(tmp_path: Path) -> None:
     cfg = config("max_jobs = 1\n" + job("a", disks='["d0", "d1"]'), tmp_path)
     clock = FakeClock(T0)
     ran: list[str] = []
+    started: list[float] = []
+    ended: list[float] = []
 
     def run(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:
         ran.append(task.key)
+        started.append(clock.now())
         import time
         time.sleep(0.3)  # d1 is due meanwhile, and has no slot
+        ended.append(clock.now())
         return _result(task)
 
     worker = Worker(cfg, clock=clock, run=run)
@@ -258,6 +262,8 @@ def test_a_due_task_waiting_for_a_slot_does_not_spin(tmp_path: Path) -> None:
     stopper.join()
     assert sorted(ran) == ["a/d0", "a/d1"]
     assert all(w > 0 for w in clock.waits), clock.waits
+    # d1 starts as soon as d0's run ends and frees the slot, not a sleep (60 s) later
+    assert started[1] == ended[0], (started, ended)
 
 
 def test_a_bug_in_a_run_is_a_failure_not_the_end_of_the_worker(tmp_path: Path) -> None:
