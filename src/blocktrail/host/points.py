@@ -1,11 +1,13 @@
 """The restore points of the host's disks in the repositories the host was told about (``host
 --repo``), for the console and the metrics.
 
-A repository's manifests are read again only when its ``points/`` directory changed (a backup,
-a forget, a verify each rename a file there, which moves the directory's modification time):
-a page or a scrape of a repository with 10,000 points costs one ``stat`` while nothing changes.
-A modification time less than a second old is not trusted (file systems keep it with a coarse
-clock, so two changes may share one): such a listing is read again next time.
+A repository's manifests and verify records are read again only when they changed: a backup
+or a forget adds or deletes a file in ``points/`` (and a forget in ``verify/``), a verify adds a
+record in ``verify/POINT/``; each moves a directory's modification time. A page or a scrape of a
+repository with 10,000 points costs a ``stat`` of ``points/`` and of each ``verify/POINT/``
+while nothing changes. A modification time less than a second old is not trusted (file systems
+keep it with a coarse clock, so two changes may share one): such a listing is read again next
+time. (Local repositories: the directories are the backend's.)
 A repository that is not there (yet), or cannot be read, shows as such; it never fails a page.
 """
 
@@ -35,7 +37,7 @@ class RepositoryView:
 
 @dataclass
 class _Cached:
-    key: tuple[int, int] | None = None
+    key: tuple[int, ...] | None = None
     view: RepositoryView | None = None
     repo: Repository | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,8 +61,7 @@ class PointCatalog:
     def view(self, path: str) -> RepositoryView:
         cached = self._cache[path]
         try:
-            st = os.stat(os.path.join(path, "points"))
-            key = (st.st_mtime_ns, st.st_nlink)
+            key, newest = _signature(path)
         except OSError as exc:
             return RepositoryView(path, problem=f"not readable: {exc.strerror or exc}")
         if cached.view is not None and cached.key == key:
@@ -71,7 +72,7 @@ class PointCatalog:
             message = exc.message if isinstance(exc, BlocktrailError) else str(exc)
             return RepositoryView(path, problem=message)
         view = RepositoryView(path, tuple(intact), None, len(damaged))
-        settled = time.time_ns() - st.st_mtime_ns > SETTLED_NS
+        settled = time.time_ns() - newest > SETTLED_NS
         cached.key, cached.view = (key, view) if settled else (None, None)
         return view
 
@@ -84,3 +85,24 @@ class PointCatalog:
                 if cached.repo is not None:
                     cached.repo.close()
                     cached.repo = None
+
+
+def _signature(path: str) -> tuple[tuple[int, ...], int]:
+    """What changes when a manifest or verify record is added or deleted: the modification
+    times and link counts of ``points/``, ``verify/`` and the newest ``verify/POINT/``, and the
+    number of those. -> (signature, the newest modification time)."""
+    points = os.stat(os.path.join(path, "points"))
+    verify_dir = os.path.join(path, "verify")
+    try:
+        verify = os.stat(verify_dir)
+    except FileNotFoundError:
+        return (points.st_mtime_ns, points.st_nlink), points.st_mtime_ns
+    newest_record, count = 0, 0
+    with os.scandir(verify_dir) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                count += 1
+                newest_record = max(newest_record, entry.stat(follow_symlinks=False).st_mtime_ns)
+    newest = max(points.st_mtime_ns, verify.st_mtime_ns, newest_record)
+    return (points.st_mtime_ns, points.st_nlink, verify.st_mtime_ns, verify.st_nlink,
+            newest_record, count), newest

@@ -300,11 +300,14 @@ def _check(repo: Repository, job: JobConfig, progress: JobProgress) -> CheckRun:
                     job.check_subset_percent)
 
 
+STORED = ("packs/", "index/", "points/", "verify/")  # what a repository's size counts
+
+
 def repository_stats(repo: Repository) -> RepositoryStats:
-    """The repository's stored bytes (every object: packs, index files, manifests...), its
+    """The repository's stored bytes (packs, index files, manifests, verify records), its
     object count (chunks, pages, page tables) and its restore points: listings, no manifest
     read."""
-    size = sum(info.size for info in repo.backend.list(""))
+    size = sum(info.size for prefix in STORED for info in repo.backend.list(prefix))
     return RepositoryStats(size, len(repo.index), len(repo.manifest_files()))
 
 
