@@ -68,14 +68,14 @@ def test_two_workers_never_back_up_one_disk_at_once(kind: str, tmp_path: Path,
         while not _job_snapshots(api, "d0"):
             assert slow.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        second = worker("second", 'retry_backoff = "1s"\n')
-        refused = subprocess.run(second, env=env, capture_output=True, text=True, timeout=60)
+        second_worker = worker("second", 'retry_backoff = "1s"\n')
+        refused = subprocess.run(second_worker, env=env, capture_output=True, text=True, timeout=60)
         assert slow.poll() is None, "the first run ended before the second was refused"
         assert len(_job_snapshots(api, "d0")) == 1  # the second took no snapshot
         out, err = slow.communicate(timeout=120)
         assert slow.returncode == 0, out + err
         time.sleep(1.0)  # its backoff: then the failed run is due again
-        again = subprocess.run(second, env=env, capture_output=True, text=True, timeout=120)
+        again = subprocess.run(second_worker, env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
         assert _job_snapshots(api, "d0") == []
 
