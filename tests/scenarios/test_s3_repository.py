@@ -267,7 +267,11 @@ def _open_with_secret(server: SeaweedFS, url: str, secret: str) -> None:
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[SeaweedFS]:
+def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A server of this test's own (to stop and start); its credentials in this process's
+    environment, as boto3 reads them (also when no test before set them)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     with seaweedfs(tmp_path / "own-seaweedfs") as server:
         yield server
 
