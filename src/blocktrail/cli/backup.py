@@ -265,7 +265,7 @@ def _disk_names(host: str) -> dict[str, str]:
     except BlocktrailError as exc:
         click.echo(f"warning: disk names not shown: {exc.message}", err=True)
         return {}
-    return {str(d["disk_id"]): str(d["name"]) for d in disks}
+    return {str(d["disk_id"]): str(d["name"]) for d in disks if "disk_id" in d}
 
 
 @click.command("restore")

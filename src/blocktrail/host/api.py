@@ -212,6 +212,15 @@ class DiskInfo(BaseModel):
     epochs: list[EpochInfo]
 
 
+class DiskUnavailable(BaseModel):
+    """A disk of the host that cannot be opened now (damaged, edited outside blocktrail, being
+    created): listed with why, so that one such disk hides none of the others."""
+
+    name: str
+    error: str
+    message: str
+
+
 class Area(BaseModel):
     offset: int
     length: int
@@ -380,9 +389,16 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
     def host_info() -> dict[str, Any]:
         return {"version": __version__, "nbd": nbd, "tls": nbd_tls}
 
-    @app.get("/disks", response_model=list[DiskInfo])
+    @app.get("/disks", response_model=list[DiskInfo | DiskUnavailable])
     def list_disks() -> list[dict[str, Any]]:
-        return [_disk_json(n, registry.get(n)) for n in registry.names()]
+        out = []
+        for name in registry.names():
+            try:
+                out.append(_disk_json(name, registry.get(name)))
+            except BlocktrailError as exc:
+                out.append({"name": name, "error": type(exc).__name__,
+                            "message": exc.message})
+        return out
 
     @app.post("/disks", status_code=201, response_model=DiskInfo)
     def create_disk(body: DiskCreate) -> dict[str, Any]:
