@@ -29,6 +29,9 @@ class PasswordSources:
     command: str | None = None
 
 
+NO_SOURCES = PasswordSources()  # the environment only
+
+
 def read_password_file(path: str) -> bytes:
     """A password file's first line (a trailing newline is not part of the password)."""
     try:

@@ -26,7 +26,9 @@ ALLOWED: dict[str, set[str]] = {
     "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
              "backup", "passwords"},
     "cli": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
-            "host", "passwords"},
+            "host", "worker", "passwords"},
+    "worker": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
+               "backup", "host", "passwords"},
     "demo": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
              "host"},
 }

@@ -36,6 +36,7 @@ from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.cli.vm import vm
+from blocktrail.cli.worker import worker
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
 
@@ -53,6 +54,7 @@ cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
 cli.add_command(vm)
+cli.add_command(worker)
 for command in (repo_group, backup, points, restore, verify, check, forget, prune):
     cli.add_command(command)
 

@@ -27,6 +27,7 @@ from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import TlsMode
 from blocktrail.nbd.server import NbdServer, ServerTls
 from blocktrail.nbd.tls import TlsConfig, server_context
+from blocktrail.passwords import NO_SOURCES, PasswordSources
 
 __all__ = ["TOKEN_FILE", "Endpoint", "HostConfig", "serve"]
 
@@ -40,6 +41,9 @@ class HostConfig:
     nbd_tls_mode: TlsMode = TlsMode.OFF
     nbd_tls: TlsConfig | None = None  # required unless the mode is OFF
     nbd_limits: ServerLimits = field(default_factory=ServerLimits)
+    repositories: tuple[str, ...] = ()  # shown by the console, which can back up into them
+    backup_bandwidth: int | None = None  # bytes a second, for the console's backups
+    repo_password: PasswordSources = NO_SOURCES  # of the encrypted ones among them
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -139,7 +143,9 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
             nbd_sock.close()
         raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
-                     nbd_tls=config.nbd_tls_mode.name.lower())
+                     nbd_tls=config.nbd_tls_mode.name.lower(), repositories=config.repositories,
+                     backup_bandwidth=config.backup_bandwidth,
+                     repo_password=config.repo_password)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -164,3 +170,4 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)
+        app.state.catalog.close()
