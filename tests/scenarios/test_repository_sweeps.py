@@ -25,9 +25,8 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.errors import NoSpace
 from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
-from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import RepositoryError
-from blocktrail.repo.packs import TRAILER_END, TRAILER_ENTRY
+from blocktrail.repo.packs import TRAILER_ENTRY
 from repodamage import CS, Golden, NoSpaceAt, make_golden
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget, SeaweedFS
 
@@ -42,10 +41,12 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
 @pytest.fixture(scope="module")
 def golden_anywhere(request: pytest.FixtureRequest,
                     tmp_path_factory: pytest.TempPathFactory) -> Golden:
-    """The same, on a local directory or on S3."""
+    """The same, on a local directory (unencrypted or encrypted) or on S3."""
     root = tmp_path_factory.mktemp("sweep-anywhere") / "g"
     if request.param == "local":
         return make_golden(root)
+    if request.param == "local-encrypted":
+        return make_golden(root, target=RepoTarget("local", str(root / "repo"), encrypted=True))
     server: SeaweedFS = request.getfixturevalue("s3_server")
     return make_golden(root, target=RepoTarget("s3", server.new_url("sweep"), server))
 
@@ -91,8 +92,7 @@ def _envelope(repo_at: RepoTarget, name: bytes, place: str) -> tuple[str, int]:
 
 
 def _index_naming(repo_at: RepoTarget, name: bytes) -> str:
-    return next(n for n in repo_at.names("index/")
-                if name in index_file.decode(repo_at.read(n), n))
+    return next(n for n in repo_at.names("index/") if name in repo_at.read_index(n))
 
 
 def _target(golden: Golden, repo_at: RepoTarget, case: str, place: str) -> Target:
@@ -124,14 +124,14 @@ def _target(golden: Golden, repo_at: RepoTarget, case: str, place: str) -> Targe
         obj = layout.manifest(p2)
         text = repo_at.read(obj)
         size = len(text)
+        checksum = size - 3 if repo_at.encrypted else text.index(b'"checksum"') + 20  # the tag
         offset = {"start": 0, "a third": size // 3, "two thirds": 2 * size // 3,
-                  "checksum": text.index(b'"checksum"') + 20}[place]
+                  "checksum": checksum}[place]
         return Target(obj, [offset], f"points/{p2}.json", {p2}, {p2})
     obj = layout.pack(pack1)
     data = repo_at.read(obj)
     size = len(data)
-    count = int.from_bytes(data[-8:-4], "little")
-    entries = size - TRAILER_END.size - count * TRAILER_ENTRY.size
+    entries = repo_at.trailer_start(data)  # an encrypted pack's MAC follows the entries
     offset = {"count": size - 8, "magic": size - 1, "digest": entries + 3,
               "offset": entries + TRAILER_ENTRY.size + 32, "length": entries + 40,
               "zero": entries + 44}[place]
@@ -152,6 +152,10 @@ CASES = [(case, place) for case in ("chunk of P3 only", "chunk of every point")
 RUNS = [("local", c, p) for c, p in CASES] + \
     [("s3", c, p) for c, p in CASES if p in ("magic", "payload", "start", "checksum", "entry",
                                               "count", "offset")]
+# encrypted, on a local directory: every place of a chunk's envelope, two of every other kind
+RUNS += [("local-encrypted", c, p) for c, p in CASES
+         if c == "chunk of P3 only" or p in ("magic", "payload", "start", "checksum", "entry",
+                                             "count", "offset")]
 
 
 @pytest.mark.parametrize("golden_anywhere, case, place", RUNS, indirect=["golden_anywhere"],
