@@ -21,6 +21,7 @@ from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
+from blocktrail.cli.serve import serve
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
@@ -38,7 +39,7 @@ cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
-for command in (repo_group, backup, points, restore, verify, check, forget):
+for command in (repo_group, backup, points, restore, verify, check, forget, serve):
     cli.add_command(command)
 
 
