@@ -64,6 +64,7 @@ class FillJob:
         self.finished = False
         self.filled_bytes = 0  # by this job
         self._stopping = False
+        self._kicked = False  # a control call ends a wait before a retry
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"blocktrail-fill-{name}")
 
@@ -71,8 +72,11 @@ class FillJob:
         self._thread.start()
 
     def control(self, *, paused: bool, rate: int | None) -> None:
+        """Set the pause and the rate; a fill waiting to retry after a failure tries now (the
+        repository may be back, a chunk stored again)."""
         with self._cond:
             self.paused, self.rate = paused, rate
+            self._kicked = True
             self._cond.notify_all()
 
     def stop(self, timeout_s: float = 60) -> None:
@@ -86,11 +90,13 @@ class FillJob:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def _rest(self, seconds: float) -> bool:
-        """Wait (a pause by request or a stop ends it early); -> False once stopping."""
+    def _rest(self, seconds: float, *, kickable: bool = False) -> bool:
+        """Wait (a stop ends it early, and with ``kickable`` a control call); -> False once
+        stopping."""
         deadline = time.monotonic() + seconds
         with self._cond:
-            while not self._stopping:
+            self._kicked = False
+            while not self._stopping and not (kickable and self._kicked):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -135,7 +141,7 @@ class FillJob:
             except (ChunkUnavailable, BlocktrailError, OSError) as exc:
                 why = exc.message if isinstance(exc, BlocktrailError) else str(exc)
                 self._failed(why, delay)
-                if not self._rest(delay):
+                if not self._rest(delay, kickable=True):
                     return
                 delay = min(delay * 2, policy.max_retry_s)
                 with self._cond:

@@ -143,3 +143,18 @@ def test_stop_ends_a_job_waiting_to_retry() -> None:
     job.stop()
     assert not job.running and time.monotonic() - started < 1.0
     assert not job.finished
+
+
+def test_a_control_call_ends_the_wait_before_a_retry() -> None:
+    slow = FillPolicy(idle_chunks=8, first_retry_s=30, max_retry_s=30)
+    disk = FakeDisk(16, step_s=0.0)
+    disk.failures = 1
+    job = FillJob("d0", cast(Disk, disk), slow)
+    job.start()
+    deadline = time.monotonic() + 5
+    while not disk.steps:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.retry_at is not None
+    job.control(paused=False, rate=None)  # e.g. the repository is back
+    wait_finished(job, timeout_s=5)
