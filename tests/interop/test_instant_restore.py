@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from hostproc import require_tools
 from instantkit import (
     CS,
@@ -24,8 +25,8 @@ from instantkit import (
     QemuIo,
     damage_chunk,
     make_point,
-    qemu_io_once,
     qemu_img_compare,
+    qemu_io_once,
     store_again,
 )
 from nbdraw import READ, RawClient
@@ -112,7 +113,7 @@ def test_a_host_killed_mid_fill_resumes_it(tmp_path: Path) -> None:
         identical(image, host.uri("r0"))
         log = host.log.read_text()
         assert "disk r0: filling its restore" in log and "its restore is complete" in log
-        assert 0 < before["local_chunks"] and before["percent"] < 100
+        assert before["local_chunks"] > 0 and before["percent"] < 100
     finally:
         host.stop()
 
