@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+import blocktrail
 from bench.peers import Restic
 from bench.workload import apply_to_file, scattered_changes, write_image
 from blocktrail.disk import Disk
@@ -124,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     size = int(args.size_gib * GiB)
+    # As ./run does: the sources byte-compiled, so no command compiles its modules first.
+    subprocess.run([sys.executable, "-m", "compileall", "-q",
+                    os.path.dirname(blocktrail.__file__)], check=True,
+                   stdout=subprocess.DEVNULL)
     work = tempfile.mkdtemp(prefix="bt-cli-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     try:
         image = os.path.join(work, "img.raw")

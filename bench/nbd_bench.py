@@ -89,6 +89,13 @@ def qemu_nbd(image: str, fmt: str, work: str, *extra: str) -> tuple[list[str], s
     return ["qemu-nbd", "-t", "-e", "8", "-f", fmt, "-x", "d0", "-k", sock, *extra, image], sock
 
 
+def _d0(data: str) -> str:
+    """The disk d0 of a data directory: made as DATA/d0, where a host moves it to its disks/ at
+    its first start (the layout of a version 1 directory)."""
+    moved = os.path.join(data, "disks", "d0")
+    return moved if os.path.exists(moved) else os.path.join(data, "d0")
+
+
 def uri(sock: str, export: str = "d0") -> str:
     return f"nbd+unix:///{export}?socket={sock}"
 
@@ -248,7 +255,7 @@ def dirty_listing(work: str, image: str, size: int) -> list[Row]:
         bitmap = f"bm{step}"
         subprocess.run(["qemu-img", "bitmap", "--add", qcow2, bitmap], check=True)
         _qemu_io_writes(qcow2, changes)
-        with Disk.open(os.path.join(data, "d0")) as disk:
+        with Disk.open(_d0(data)) as disk:
             for offset, block in changes:
                 disk.pwrite(block, offset)
             disk.create_snapshot(f"s{step}")
@@ -267,7 +274,7 @@ def dirty_listing(work: str, image: str, size: int) -> list[Row]:
                         best_peer * 1000, "ms",
                         f"{len(ours_map)} vs {len(peer_map)} dirty extents; maps "
                         + ("equal the change" if same else "DIFFER")))
-        with Disk.open(os.path.join(data, "d0")) as disk:
+        with Disk.open(_d0(data)) as disk:
             since = next(s.change_id for s in disk.snapshots if s.name == f"s{step}")
     shutil.rmtree(data)
     return rows

@@ -19,3 +19,5 @@ settings.register_profile("deep", max_examples=20000, stateful_step_count=80, **
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/faulty.py: the re-created field bugs
+
+from s3server import s3_server, target  # noqa: E402, F401  (fixtures: a real S3 service)

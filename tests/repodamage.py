@@ -18,6 +18,7 @@ from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo import index as index_file
 from blocktrail.repo.packs import Location
+from s3server import RepoTarget
 
 CS = 64 * 1024
 DISK_BYTES = 32 * CS
@@ -30,6 +31,11 @@ class Golden:
     root: Path
     ids: list[str]  # P1, P2, P3
     contents: dict[str, bytes]  # point id -> the disk's bytes it must restore to
+    target: RepoTarget | None = None  # where the repository is (None: root / "repo")
+
+    @property
+    def repo(self) -> RepoTarget:
+        return self.target or RepoTarget("local", str(self.root / "repo"))
 
     def copy_repo(self, dest: Path) -> Path:
         """A copy of the repository (not of the disk: a copied disk is a changed disk, whose
@@ -39,8 +45,9 @@ class Golden:
 
 
 def backup(root: Path, *, full: bool = False, audit_percent: float = 1.0,
-           audit_minimum: int = 16) -> BackupReport:
-    with Disk.open(root / "disk") as disk, Repository.open(root / "repo") as repo:
+           audit_minimum: int = 16, target: RepoTarget | None = None) -> BackupReport:
+    where = target or RepoTarget("local", str(root / "repo"))
+    with Disk.open(root / "disk") as disk, where.open() as repo:
         return run_backup(LocalDiskSource(disk), repo, BackupOptions(
             force_full=full, audit_percent=audit_percent, audit_minimum=audit_minimum, seed=1))
 
@@ -56,21 +63,22 @@ def disk_bytes(root: Path) -> bytes:
         return disk.pread(disk.size_bytes, 0)
 
 
-def make_golden(root: Path, seed: int = 7) -> Golden:
-    """P1: chunks 0-15 of random data; P2 changes chunks 3 and 20; P3 changes chunk 7."""
+def make_golden(root: Path, seed: int = 7, target: RepoTarget | None = None) -> Golden:
+    """P1: chunks 0-15 of random data; P2 changes chunks 3 and 20; P3 changes chunk 7. The
+    repository at ``target`` (default: root / "repo")."""
     rng = random.Random(seed)
     Disk.create(root / "disk", DISK_BYTES).close()
-    Repository.init(root / "repo").close()
+    (target or RepoTarget("local", str(root / "repo"))).init().close()
     ids: list[str] = []
     contents: dict[str, bytes] = {}
     for changes in ({i: rng.randbytes(CS) for i in range(16)},
                     {3: rng.randbytes(CS), 20: rng.randbytes(CS)},
                     {7: rng.randbytes(CS)}):
         write_chunks(root, changes)
-        report = backup(root, audit_percent=0, audit_minimum=0)
+        report = backup(root, audit_percent=0, audit_minimum=0, target=target)
         ids.append(report.point.id)
         contents[report.point.id] = disk_bytes(root)
-    return Golden(root, ids, contents)
+    return Golden(root, ids, contents, target)
 
 
 def restored(repo: Repository, point_id: str, tmp: Path) -> bytes:

@@ -3,7 +3,7 @@
 - one flipped byte in every kind of stored object (chunk, page, page table, index file, manifest,
   pack trailer), at several places in each: `check --read-data` finds every one and names it and
   exactly the restore points it affects; those refuse to restore, the others restore exactly;
-  the next backup stores again what the disk still has;
+  the next backup stores again what the disk still has (on a local directory and on S3);
 - a full file system at every repository write and fsync of a backup and of a prune (the SQLite
   loop: fail at operation 1, 2, ... until the operation gets through): each run succeeds or
   raises NoSpace, and leaves a repository that checks clean, with no temporary files, that the
@@ -24,18 +24,12 @@ from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.errors import NoSpace
-from blocktrail.repo import Repository, RestorePoint, RetentionPolicy
+from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
+from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.packs import TRAILER_END, TRAILER_ENTRY
-from repodamage import (
-    CS,
-    Golden,
-    NoSpaceAt,
-    flip,
-    index_file_naming,
-    make_golden,
-    object_file,
-)
+from repodamage import CS, Golden, NoSpaceAt, make_golden
+from s3server import RepoTarget, SeaweedFS
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +39,20 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
     return make_golden(tmp_path_factory.mktemp("sweep") / "g")
 
 
-def next_backup(golden: Golden, repo_dir: Path) -> RestorePoint:
-    with Disk.open(golden.root / "disk") as disk, Repository.open(repo_dir) as repo:
+@pytest.fixture(scope="module")
+def golden_anywhere(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Golden:
+    """The same, on a local directory or on S3."""
+    root = tmp_path_factory.mktemp("sweep-anywhere") / "g"
+    if request.param == "local":
+        return make_golden(root)
+    server: SeaweedFS = request.getfixturevalue("s3_server")
+    return make_golden(root, target=RepoTarget("s3", server.new_url("sweep"), server))
+
+
+def next_backup(golden: Golden, repo_dir: Path | RepoTarget) -> RestorePoint:
+    where = repo_dir if isinstance(repo_dir, RepoTarget) else RepoTarget("local", str(repo_dir))
+    with Disk.open(golden.root / "disk") as disk, where.open() as repo:
         return run_backup(LocalDiskSource(disk), repo, BackupOptions(seed=1)).point
 
 
@@ -69,24 +75,29 @@ class Target:
     """What to damage: (file, offsets), the name check reports, the points it affects, the
     points still unrestorable after the next backup (whose content the disk no longer has)."""
 
-    path: Path
+    name: str  # the object
     offsets: list[int]
-    name: str
+    reported: str  # the name check reports
     affected: set[str]
     after_next_backup: set[str]
 
 
-def _envelope(golden: Golden, repo_dir: Path, name: bytes, place: str) -> tuple[Path, int]:
-    with Repository.open(repo_dir) as repo:
+def _envelope(repo_at: RepoTarget, name: bytes, place: str) -> tuple[str, int]:
+    with repo_at.open() as repo:
         loc = repo.index[name]
     offset = ENVELOPE_PLACES[place]
-    return object_file(repo_dir, loc), loc.offset + (offset if offset >= 0 else
-                                                     loc.length + offset)
+    return layout.pack(loc.pack_id), loc.offset + (offset if offset >= 0 else
+                                                   loc.length + offset)
 
 
-def _target(golden: Golden, repo_dir: Path, case: str, place: str) -> Target:
+def _index_naming(repo_at: RepoTarget, name: bytes) -> str:
+    return next(n for n in repo_at.names("index/")
+                if name in index_file.decode(repo_at.read(n), n))
+
+
+def _target(golden: Golden, repo_at: RepoTarget, case: str, place: str) -> Target:
     p1, p2, p3 = golden.ids
-    with Repository.open(repo_dir) as repo:
+    with repo_at.open() as repo:
         point = {pid: repo.point(pid) for pid in golden.ids}
         chunk7 = repo.chunk_digests(p3, [7])[7]
         chunk0 = repo.chunk_digests(p3, [0])[0]
@@ -103,27 +114,28 @@ def _target(golden: Golden, repo_dir: Path, case: str, place: str) -> Target:
             "page of P1": (page[p1], {p1}, {p1}),
             "table of P2": (table2, {p2}, {p2}),
         }[case]
-        path, offset = _envelope(golden, repo_dir, name, place)
-        return Target(path, [offset], name.hex(), affected, after)
+        obj, offset = _envelope(repo_at, name, place)
+        return Target(obj, [offset], name.hex(), affected, after)
     if case == "index file of P2":
-        path = index_file_naming(repo_dir, table2)
+        obj = _index_naming(repo_at, table2)
         offset = {"magic": 0, "zero": 12, "entry": 40, "last byte": -1}[place]
-        return Target(path, [offset % path.stat().st_size], f"index/{path.name}", {p2, p3},
-                      {p2})
+        return Target(obj, [offset % len(repo_at.read(obj))], obj, {p2, p3}, {p2})
     if case == "manifest of P2":
-        path = repo_dir / "points" / f"{p2}.json"
-        size = path.stat().st_size
+        obj = layout.manifest(p2)
+        text = repo_at.read(obj)
+        size = len(text)
         offset = {"start": 0, "a third": size // 3, "two thirds": 2 * size // 3,
-                  "checksum": path.read_text().index('"checksum"') + 20}[place]
-        return Target(path, [offset], f"points/{p2}.json", {p2}, {p2})
-    path = repo_dir / "packs" / pack1[:2] / f"{pack1}.pack"
-    size = path.stat().st_size
-    count = int.from_bytes(path.read_bytes()[-8:-4], "little")
+                  "checksum": text.index(b'"checksum"') + 20}[place]
+        return Target(obj, [offset], f"points/{p2}.json", {p2}, {p2})
+    obj = layout.pack(pack1)
+    data = repo_at.read(obj)
+    size = len(data)
+    count = int.from_bytes(data[-8:-4], "little")
     entries = size - TRAILER_END.size - count * TRAILER_ENTRY.size
     offset = {"count": size - 8, "magic": size - 1, "digest": entries + 3,
               "offset": entries + TRAILER_ENTRY.size + 32, "length": entries + 40,
               "zero": entries + 44}[place]
-    return Target(path, [offset], pack1, set(), set())
+    return Target(obj, [offset], pack1, set(), set())
 
 
 CASES = [(case, place) for case in ("chunk of P3 only", "chunk of every point")
@@ -136,17 +148,25 @@ CASES = [(case, place) for case in ("chunk of P3 only", "chunk of every point")
      for place in ("count", "magic", "digest", "offset", "length", "zero")]
 
 
-@pytest.mark.parametrize("case, place", CASES, ids=[f"{c}-{p}" for c, p in CASES])
+# every case on a local directory; on S3 two places of each kind of object (CI time)
+RUNS = [("local", c, p) for c, p in CASES] + \
+    [("s3", c, p) for c, p in CASES if p in ("magic", "payload", "start", "checksum", "entry",
+                                              "count", "offset")]
+
+
+@pytest.mark.parametrize("golden_anywhere, case, place", RUNS, indirect=["golden_anywhere"],
+                         ids=[f"{b}-{c}-{p}" for b, c, p in RUNS])
 def test_one_flipped_byte_anywhere_is_found_named_and_contained(
-        golden: Golden, tmp_path: Path, case: str, place: str) -> None:
-    repo_dir = golden.copy_repo(tmp_path) / "repo"
-    target = _target(golden, repo_dir, case, place)
+        golden_anywhere: Golden, tmp_path: Path, case: str, place: str) -> None:
+    golden = golden_anywhere
+    repo_at = golden.repo.copy(f"{tmp_path.name[-24:]}")
+    target = _target(golden, repo_at, case, place)
     for offset in target.offsets:
-        flip(target.path, offset)
-    with Repository.open(repo_dir) as repo:
+        repo_at.flip(target.name, offset)
+    with repo_at.open() as repo:
         report = repo.check(read_data=True)
         assert not report.ok, f"{case} at {place}: not found"
-        named = [p for p in report.problems if p.name == target.name]
+        named = [p for p in report.problems if p.name == target.reported]
         assert named, [(p.kind, p.name) for p in report.problems]
         if target.affected:
             assert set(named[0].affected_points) == target.affected
@@ -158,8 +178,8 @@ def test_one_flipped_byte_anywhere_is_found_named_and_contained(
                 assert not (tmp_path / "refused.raw").exists()
             else:
                 assert restore_bytes(repo, point_id, tmp_path) == golden.contents[point_id]
-    new = next_backup(golden, repo_dir)
-    with Repository.open(repo_dir) as repo:
+    new = next_backup(golden, repo_at)
+    with repo_at.open() as repo:
         assert restore_bytes(repo, new.id, tmp_path) == golden.contents[golden.ids[2]]
         after = repo.check(read_data=True)
         assert after.affected_points == target.after_next_backup, after.problems
@@ -201,7 +221,7 @@ def test_no_space_at_every_write_of_a_backup(golden: Golden, tmp_path: Path,
     monkeypatch.setattr("blocktrail.repo.sink.PACK_TARGET_BYTES", 3 * CS)  # several packs
     p1, _, p3 = golden.ids
     base = tmp_path / "base"
-    golden.copy_repo(base)
+    shutil.copytree(golden.root / "repo", base / "repo")
     with Repository.open(base / "repo") as repo:  # keep P1 only: the backup stores more
         for point_id in golden.ids[1:]:
             (base / "repo" / "points" / f"{point_id}.json").unlink()

@@ -157,3 +157,13 @@ def test_import_refuses_what_is_not_a_raw_image(source: str, tmp_path: Path,
     assert exit_code == ExitCode.USAGE, err  # and the FIFO did not block it
     assert not (tmp_path / "d0").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]
+
+
+@pytest.mark.parametrize("args", [["nope"], ["disk", "create", "x", "--size"],
+                                  ["--no-such-option"], ["backup"], ["vm", "define", "-b"]])
+def test_a_usage_error_is_one_line_naming_the_help(args: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == ExitCode.USAGE
+    assert err.count("\n") == 1 and err.startswith("error: usage: blocktrail"), err
+    assert err.rstrip().endswith("--help)"), err

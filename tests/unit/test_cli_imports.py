@@ -47,7 +47,17 @@ def test_points_loads_the_repository_only(tmp_path: Path) -> None:
     Repository.init(tmp_path / "repo").close()
     modules = loaded_by("points", str(tmp_path / "repo"))
     assert "blocktrail.repo.repository" in modules
-    assert not _matching(modules, (*SERVER_SIDE, *HEAVY))
+    assert not _matching(modules, (*SERVER_SIDE, *HEAVY, "boto3", "botocore"))
+
+
+def test_a_local_backup_loads_no_s3_client(tmp_path: Path) -> None:
+    """boto3 and botocore take ~0.4 s to import: only an s3:// repository loads them."""
+    from blocktrail.disk import Disk
+    Repository.init(tmp_path / "repo").close()
+    Disk.create(tmp_path / "d0", 1 << 20).close()
+    modules = loaded_by("backup", str(tmp_path / "d0"), "--repo", str(tmp_path / "repo"))
+    assert "blocktrail.backup.engine" in modules
+    assert not _matching(modules, (*SERVER_SIDE, "boto3", "botocore"))
 
 
 def test_a_client_of_a_host_loads_no_server_code(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ def choose_base(store: Repository, disk_id: str,
     """The newest whole restore point of the disk whose verification did not fail."""
     exclude = exclude or {}
     points, damaged = store.scan_points()
+    store.reload_index()  # after the manifests: it names every object of the points read
     passed = [f"{name}: {message}" for name, message in damaged]
     by_id = {p.id: p for p in points}
     lost = store.lost_objects()

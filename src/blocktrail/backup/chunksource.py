@@ -17,14 +17,18 @@ failure the next fetch opens the repository again (its index read afresh: a chun
 meanwhile is found). A local repository whose ``config.json`` is gone (moved away, unmounted)
 is unreachable until it is back; nothing is read from files it had open before.
 
-While it is open, the source holds the repository's shared lock (as a backup does), so no prune
-deletes chunks it may still need; a repository the lock cannot be made in (read-only) is read
-without it.
+The repository is a local directory or ``s3://BUCKET/PREFIX`` (reached with the process's own
+S3 settings: AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, credentials where boto3 looks). While it
+is open, the source holds a writer lease naming the point as its base (docs/storage.md,
+"Leases"), as a running incremental does: no forget removes the point and no prune sweeps while
+it is read. A repository the lease cannot be written to (read-only, no write permission) is
+read without one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -35,9 +39,11 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
 from blocktrail.disk.restoring import ChunkUnavailable
-from blocktrail.errors import BlocktrailError, CorruptMetadata
+from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
 from blocktrail.repo import Repository, RestorePoint
-from blocktrail.repo.locks import RepoLock
+from blocktrail.repo.backend import BackendDenied
+from blocktrail.repo.leases import Lease
+from blocktrail.repo.location import is_s3_url
 from blocktrail.repo.objects import ZERO_DIGEST
 
 log = logging.getLogger("blocktrail.restore")
@@ -68,14 +74,19 @@ def is_local_location(location: str) -> bool:
     return "://" not in location
 
 
+def is_repository_location(location: str) -> bool:
+    """A location a source can open: a path, or ``s3://``."""
+    return is_local_location(location) or is_s3_url(location)
+
+
 class _Connection:
     """The open repository, the point and its page names. Every reader holds it
     (`acquire`/`release`); once retired, the last reader closes it, so no file it had open is
     closed under a read."""
 
     def __init__(self, repo: Repository, point: RestorePoint, pages: list[str],
-                 lock: RepoLock | None) -> None:
-        self.repo, self.point, self.pages, self._lock = repo, point, pages, lock
+                 lease: Lease | None) -> None:
+        self.repo, self.point, self.pages, self._lease = repo, point, pages, lease
         self.opened = time.monotonic()
         self._users = 0
         self._retired = False
@@ -103,10 +114,10 @@ class _Connection:
 
     def _close(self) -> None:
         try:
-            self.repo.close()
+            if self._lease is not None:
+                self._lease.release()
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self.repo.close()
 
 
 class _ChunkCache:
@@ -151,12 +162,12 @@ class RepositoryChunkSource:
     def __init__(self, location: str, point_id: str, *, chunk_size: int | None = None,
                  connect: bool = True, cache_bytes: int = CACHE_BYTES,
                  threads: int = FETCH_THREADS, background_threads: int = BACKGROUND_THREADS,
-                 hold_lock: bool = True) -> None:
+                 hold_lease: bool = True) -> None:
         self.location = location
         self.point_id = point_id
         self._chunk_size = chunk_size
         self._size_bytes: int | None = None
-        self._hold_lock = hold_lock
+        self._hold_lease = hold_lease
         self._conn: _Connection | None = None
         self._conn_lock = threading.Lock()
         self._reopen = False
@@ -407,14 +418,11 @@ class RepositoryChunkSource:
 
     def _open(self) -> _Connection:
         repo = Repository.open(self.location)
-        lock: RepoLock | None = None
+        lease: Lease | None = None
         try:
-            if self._hold_lock:
-                try:
-                    lock = repo.lock(exclusive=False, what=f"read restore point {self.point_id}")
-                except OSError:  # a read-only repository: nobody prunes it either
-                    lock = None
             point = repo.point(self.point_id)
+            if self._hold_lease:
+                lease = self._take_lease(repo, point.id)
             if self._chunk_size is not None and point.chunk_size != self._chunk_size:
                 raise CorruptMetadata(
                     f"restore point {point.id} has chunks of {point.chunk_size} bytes, not "
@@ -427,11 +435,30 @@ class RepositoryChunkSource:
         except BaseException:
             with contextlib.suppress(OSError):
                 repo.close()
-            if lock is not None:
-                lock.release()
+            if lease is not None:
+                lease.release()
             raise
         self._chunk_size, self._size_bytes = point.chunk_size, point.size_bytes
-        return _Connection(repo, point, pages, lock)
+        return _Connection(repo, point, pages, lease)
+
+    def _take_lease(self, repo: Repository, point_id: str) -> Lease | None:
+        """A writer lease naming the point as its base; None where none can be written."""
+        try:
+            lease = repo.writer_lease(f"read restore point {point_id}")
+        except (BackendDenied, NoSpace, PermissionError) as exc:
+            log.info("reading restore point %s in %s without a lease (%s): a forget and prune "
+                     "there may remove it meanwhile", point_id, self.location, exc)
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            return None  # a read-only file system: nobody prunes it either
+        try:
+            repo.record_base(lease, point_id)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def _page_digests(self, conn: _Connection, page_no: int) -> list[bytes]:
         hexname = conn.pages[page_no]

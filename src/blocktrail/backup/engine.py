@@ -25,11 +25,13 @@ from blocktrail.backup.source import Source, SourceSnapshot
 from blocktrail.extents import Extent, merge
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
-from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.errors import PointNotFound, RepositoryError
+from blocktrail.repo.leases import Lease
 from blocktrail.repo.quarantine import DamagedCopy
 
 READ_RUN_BYTES = 4 << 20
 READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
+REMOTE_AUDIT_THREADS = 32  # the audit's reads of stored chunks from object storage: round trips
 Progress = Callable[[int, int], None]
 
 
@@ -68,20 +70,30 @@ class BackupReport:
 
 def run_backup(source: Source, store: Repository, options: BackupOptions = BackupOptions(),
                progress: Progress | None = None) -> BackupReport:
+    """Back up ``source`` under the disk's lease in the repository (`RepositoryBusy` while
+    another process backs it up; a lease lost on the way stops the backup before it publishes
+    anything). The base chosen is recorded in the lease, so no `forget` removes it meanwhile."""
+    with store.disk_lease(source.disk_id) as lease:
+        return _run_leased(source, store, options, progress, lease)
+
+
+def _run_leased(source: Source, store: Repository, options: BackupOptions,
+                progress: Progress | None, lease: Lease) -> BackupReport:
     started = time.perf_counter()
     if options.snapshot is not None:
         snapshot = source.existing_snapshot(options.snapshot)
     else:
         snapshot = source.create_snapshot(f"blocktrail-backup-{uuid.uuid4().hex[:12]}")
     try:
-        choice, plan, read_again = _plan(source, snapshot, store, options)
+        choice, plan, read_again = _plan(source, snapshot, store, options, lease)
         base = choice.base
         rng = random.Random(options.seed)
         sample = audit_sample(plan, snapshot.size_bytes, store.chunk_size,
                               percent=options.audit_percent, minimum=options.audit_minimum,
                               rng=rng)
         writer = store.begin(source.disk_id, snapshot.size_bytes,
-                             parent=base.point_id if plan.kind == "incremental" and base else None)
+                             parent=base.point_id if plan.kind == "incremental" and base else None,
+                             lease=lease, reload=False)  # the base choice just read it
         try:
             bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
                                       store.chunk_size, progress)
@@ -106,13 +118,18 @@ def run_backup(source: Source, store: Repository, options: BackupOptions = Backu
 
 
 def _plan(source: Source, snapshot: SourceSnapshot, store: Repository,
-          options: BackupOptions) -> tuple[BaseChoice, ReadPlan, int]:
+          options: BackupOptions, lease: Lease) -> tuple[BaseChoice, ReadPlan, int]:
     """The base and what to read: changed areas since the newest whole restore point (a point
     that cannot carry the incremental is passed over), plus the chunks of that point the
     repository lost. -> (choice, plan, chunks read again)."""
     passed: dict[str, str] = {}
     while True:
         choice = choose_base(store, source.disk_id, passed)
+        if choice.point is not None:
+            store.record_base(lease, choice.point.id)  # no forget removes it meanwhile
+            if not _still_there(store, choice.point.id):
+                passed[choice.point.id] = "it was forgotten while this backup started"
+                continue
         plan = plan_read(source, snapshot, choice.base, force_full=options.force_full,
                          chunk_size=store.chunk_size)
         if plan.kind != "incremental" or choice.point is None:
@@ -122,6 +139,14 @@ def _plan(source: Source, snapshot: SourceSnapshot, store: Repository,
             extra = set(lost_chunks) - set(plan.chunks)
             return choice, replace(plan, chunks=sorted({*plan.chunks, *extra})), len(extra)
         passed[choice.point.id] = problem
+
+
+def _still_there(store: Repository, point_id: str) -> bool:
+    try:
+        store.point(point_id)
+    except PointNotFound:
+        return False
+    return True
 
 
 def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -190,7 +215,8 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
             return data, True, True
         return data, bool(found), False
 
-    reads = read_ahead(sample, read_both, window=64, threads=READ_THREADS)
+    threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
+    reads = read_ahead(sample, read_both, window=64, threads=threads)
     for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
         extent = Extent(index * cs, len(data))
         digest = None if data.count(0) == len(data) else blake3(data).digest()

@@ -21,18 +21,33 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from blocktrail.backup.chunksource import RepositoryChunkSource
 from blocktrail.disk.readmap import MappedRead, ReadSegment
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import InvalidArgument
-from blocktrail.host.endpoint import Endpoint
 from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
 from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.nbd.server import NbdServer
 from blocktrail.repo.objects import ZERO_DIGEST
+
+
+class Endpoint(Protocol):
+    """Where to listen (the shape of `blocktrail.host.endpoint.Endpoint`, which the layers
+    keep this module from importing)."""
+
+    @property
+    def unix_path(self) -> str | None: ...
+
+    @property
+    def host(self) -> str | None: ...
+
+    @property
+    def port(self) -> int | None: ...
+
 
 READ_AHEAD_CHUNKS = 32
 STATUS_CHUNKS = 16384  # chunks one block-status reply covers at most (the client goes on)
@@ -104,6 +119,10 @@ class PointExport:
             except ChunkUnavailable as exc:
                 raise RequestFailed(exc.message, errno=Errno.EIO) from exc
         # FLUSH: nothing is ever written
+
+    def perform_now(self, request: Request) -> bool:
+        """Nothing here is done on the event loop (a write is refused on a worker thread)."""
+        return False
 
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         if not contexts:

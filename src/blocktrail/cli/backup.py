@@ -1,4 +1,6 @@
-"""`blocktrail repo init | repo repair | backup | points | restore | verify | check | forget`."""
+"""`blocktrail repo init | repo repair | backup | points | restore | verify | check | forget |
+prune`. A repository is a directory or ``s3://BUCKET/PREFIX`` (with --endpoint, --region,
+--profile, or the AWS environment variables boto3 reads)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,60 @@ from blocktrail.nbd.uri import is_nbd_uri
 if TYPE_CHECKING:
     from blocktrail.backup.source import Source
     from blocktrail.nbd.uri import TlsParameters
+    from blocktrail.repo import Repository, S3Options, Timing
+    from blocktrail.repo.prune import PruneReport
 
-repo_option = click.option("--repo", "repo_path", required=True, type=click.Path(),
-                           envvar="BLOCKTRAIL_REPO", help="Repository directory.")
+LEASE_VARIABLE = "BLOCKTRAIL_LEASE_SECONDS"
+repo_option = click.option("--repo", "repo_path", required=True, envvar="BLOCKTRAIL_REPO",
+                           help="Repository: a directory, or s3://BUCKET/PREFIX.")
+
+
+def s3_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--endpoint, --region, --profile: where an s3:// repository is (else where boto3 looks:
+    AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws)."""
+    for option in reversed([
+            click.option("--endpoint", default=None, metavar="URL",
+                         help="S3 endpoint, e.g. http://127.0.0.1:8333 (overrides "
+                              "AWS_ENDPOINT_URL)."),
+            click.option("--region", default=None, help="S3 region (default: AWS_REGION, "
+                                                         "else us-east-1)."),
+            click.option("--profile", default=None, help="AWS profile for the credentials.")]):
+        command = option(command)
+    return command
+
+
+def _timing() -> Timing:
+    """Lease duration: BLOCKTRAIL_LEASE_SECONDS (default 300 s; short ones for tests)."""
+    from blocktrail.repo import Timing
+    value = os.environ.get(LEASE_VARIABLE)
+    if not value:
+        return Timing()
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidArgument(f"{LEASE_VARIABLE}={value!r} is not a number of seconds") from None
+    if seconds < 3:
+        raise InvalidArgument(f"{LEASE_VARIABLE} must be at least 3 seconds")
+    return Timing(lease_s=seconds, margin_s=max(1.0, min(seconds / 4, 30.0)))
+
+
+def _s3(location: str, endpoint: str | None, region: str | None,
+        profile: str | None) -> S3Options | None:
+    from blocktrail.repo import S3Options
+    from blocktrail.repo.location import is_s3_url
+    if not is_s3_url(location):
+        if endpoint or region or profile:
+            raise InvalidArgument("--endpoint, --region and --profile are for s3:// "
+                                  "repositories")
+        return None
+    return S3Options(endpoint=endpoint, region=region, profile=profile)
+
+
+def open_repo(location: str, endpoint: str | None = None, region: str | None = None,
+              profile: str | None = None) -> Repository:
+    from blocktrail.repo import Repository
+    return Repository.open(location, s3=_s3(location, endpoint, region, profile),
+                           timing=_timing())
 
 
 @contextlib.contextmanager
@@ -82,26 +135,30 @@ def repo_group() -> None:
 
 
 @repo_group.command("init")
-@click.argument("path", type=click.Path())
+@click.argument("path", metavar="REPO")
+@s3_options
 @json_option
-def repo_init(path: str, as_json: bool) -> None:
-    """Create an empty repository in the directory PATH."""
+def repo_init(path: str, endpoint: str | None, region: str | None, profile: str | None,
+              as_json: bool) -> None:
+    """Create an empty repository: in the directory REPO, or at s3://BUCKET/PREFIX (the bucket
+    is created if it does not exist)."""
     from blocktrail.repo import Repository
-    with Repository.init(path) as repo:
+    with Repository.init(path, s3=_s3(path, endpoint, region, profile),
+                         timing=_timing()) as repo:
         info = {"path": path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size}
     emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)})")
 
 
 @repo_group.command("repair")
-@click.argument("path", metavar="REPO", type=click.Path())
+@click.argument("path", metavar="REPO")
+@s3_options
 @json_option
-def repo_repair(path: str, as_json: bool) -> None:
+def repo_repair(path: str, endpoint: str | None, region: str | None, profile: str | None,
+                as_json: bool) -> None:
     """Read every pack, put damaged copies in quarantine, rebuild the index from the intact
     objects, delete stray temporary files, and name every restore point that cannot be fully
-    restored (exit 12). Takes the repository lock exclusively, like prune."""
-    from blocktrail.repo import Repository
-    from blocktrail.repo.repair import ADVICE
-    with Repository.open(path) as repo, progress_bar("repair", as_json):
+    restored (exit 12). Runs only while no backup does (exit 7 otherwise)."""
+    with open_repo(path, endpoint, region, profile) as repo, progress_bar("repair", as_json):
         report = repo.repair()
     lines = [f"read {report.packs_read} packs: {report.objects_intact} intact objects, "
              f"{len(report.damaged)} damaged copies put in quarantine"
@@ -122,6 +179,7 @@ def repo_repair(path: str, as_json: bool) -> None:
             shown = "; ".join(point.missing[:5])
             more = f" (and {len(point.missing) - 5} more)" if len(point.missing) > 5 else ""
             lines.append(f"  {point.point_id}: lacks {shown}{more}")
+        from blocktrail.repo.repair import ADVICE
         lines.append(ADVICE)
     emit(as_json, report.to_json(), "\n".join(lines))
     if not report.ok:
@@ -131,6 +189,7 @@ def repo_repair(path: str, as_json: bool) -> None:
 @click.command("backup")
 @click.argument("disk_path", metavar="DISK")
 @repo_option
+@s3_options
 @host_option
 @nbd_tls_options
 @click.option("--bitmap", default=None, metavar="NAME",
@@ -138,24 +197,36 @@ def repo_repair(path: str, as_json: bool) -> None:
                    "that has recorded every write since the previous backup of this disk.")
 @click.option("--disk-id", "disk_id", default=None, metavar="ID",
               help="NBD URIs: the disk's identity in the repository (default: the URI).")
+@click.option("--snapshot", default=None, metavar="NAME",
+              help="Back up this existing snapshot of the disk as it is (a VM snapshot, say: "
+                   "every disk of the VM at one instant), and keep it. Default: take a snapshot "
+                   "and remove it afterwards.")
 @click.option("--full", is_flag=True, help="Read everything, whatever the tracker says.")
 @click.option("--audit-sample", "audit_pct", default=1.0, show_default=True, type=PERCENT,
               help="Percent of unchanged chunks re-read and compared (at least 16).")
 @json_option
-def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: str | None,
+def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | None,
+           profile: str | None, host: str | None, tls_certificates: str | None,
            tls_psk_file: str | None, tls_username: str | None, bitmap: str | None,
-           disk_id: str | None, full: bool, audit_pct: float, as_json: bool) -> None:
+           disk_id: str | None, snapshot: str | None, full: bool, audit_pct: float,
+           as_json: bool) -> None:
     """Back up DISK: a disk directory, NAME on a host (--host), or an NBD URI
     (nbd+unix:///EXPORT?socket=PATH, nbd://HOST[:PORT]/EXPORT). Incremental when the changes
-    since the last restore point can be trusted; otherwise full, and the output says why."""
+    since the last restore point can be trusted; otherwise full, and the output says why.
+    Any number of backups of different disks may run into one repository at once; a second
+    backup of the same disk is refused (exit 7) while the first holds the disk's lease."""
     from blocktrail.backup.engine import BackupOptions, run_backup
-    from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo, \
+    if snapshot is not None:
+        if is_nbd_uri(disk_path):
+            raise InvalidArgument("--snapshot is for a disk directory or a host's disk; an NBD "
+                                  "URI names its export (a host's snapshot: NAME@SNAPSHOT)")
+        check_snapshot_name(snapshot)
+    with open_repo(repo_path, endpoint, region, profile) as repo, \
             open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("backup", as_json) as progress:
-        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct),
-                            progress)
+        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct,
+                                                     snapshot=snapshot), progress)
     audit = report.audit
     out = {"point": report.point.summary(), "kind": report.kind,
            "fallback_reason": report.fallback_reason, "chunks_read": report.chunks_read,
@@ -187,13 +258,14 @@ def backup(disk_path: str, repo_path: str, host: str | None, tls_certificates: s
 
 
 @click.command("points")
-@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("repo_path", metavar="REPO")
+@s3_options
 @click.option("--disk", "disk_id", default=None, help="Only this disk id.")
 @json_option
-def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
+def points(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
+           disk_id: str | None, as_json: bool) -> None:
     """List restore points, oldest first."""
-    from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo:
+    with open_repo(repo_path, endpoint, region, profile) as repo:
         intact, damaged = repo.scan_points()
     found = [p.summary() for p in intact if disk_id is None or p.disk_id == disk_id]
     text = "\n".join(f"{p['id']}  {p['kind']:<11} {p['verify_state']:<10} {p['disk_id']}  "
@@ -204,8 +276,9 @@ def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
 
 
 @click.command("restore")
-@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("repo_path", metavar="REPO")
 @click.argument("point_id", metavar="POINT")
+@s3_options
 @click.option("--to", "target", default=None, type=click.Path(dir_okay=False),
               help="The file to write (not with --instant).")
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
@@ -213,19 +286,25 @@ def points(repo_path: str, disk_id: str | None, as_json: bool) -> None:
 @click.option("--instant", is_flag=True,
               help="Create the disk --disk on the host --host whose content is POINT at once "
                    "(readable and bootable over NBD now, its writes tracked; the rest is copied "
-                   "in the background; REPO is a path on the host).")
+                   "in the background; REPO is a path on the host, or s3://BUCKET/PREFIX "
+                   "reached with the host's own S3 settings).")
 @host_option
 @click.option("--disk", "disk_name", default=None, metavar="NAME",
               help="--instant: the new disk's name on the host.")
 @click.option("--fill-rate", "fill_rate", default=None, metavar="RATE",
               help="--instant: copy at most RATE per second in the background, e.g. 50M.")
 @json_option
-def restore(repo_path: str, point_id: str, target: str | None, fmt: str | None, instant: bool,
+def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | None,
+            profile: str | None, target: str | None, fmt: str | None, instant: bool,
             host: str | None, disk_name: str | None, fill_rate: str | None,
             as_json: bool) -> None:
     """Write restore point POINT to the file --to (every chunk's hash is checked), or, with
     --instant, restore it into a new disk on a host that is usable at once."""
     if instant:
+        if endpoint or region or profile:
+            raise InvalidArgument("--instant: the host reaches an s3:// repository with its own "
+                                  "S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE in "
+                                  "its environment); leave out --endpoint, --region, --profile")
         _restore_instantly(repo_path, point_id, target, fmt, host, disk_name, fill_rate,
                            as_json)
         return
@@ -234,8 +313,8 @@ def restore(repo_path: str, point_id: str, target: str | None, fmt: str | None, 
     if disk_name is not None or fill_rate is not None:
         raise InvalidArgument("--disk and --fill-rate go with --instant")
     fmt = fmt or "raw"
-    from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo, progress_bar("restore", as_json) as progress:
+    with open_repo(repo_path, endpoint, region, profile) as repo, \
+            progress_bar("restore", as_json) as progress:
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
         else:
@@ -286,8 +365,9 @@ def _convert_qcow2(raw: str, target: str) -> None:
 
 
 @click.command("verify")
-@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("repo_path", metavar="REPO")
 @click.argument("point_id", metavar="POINT")
+@s3_options
 @click.option("--against", required=True, metavar="DISK[@SNAPSHOT]|NBD-URI",
               help="What the point was taken from: a disk directory or NAME on a host (--host), "
                    "and its snapshot; or an NBD URI (the export as it is now).")
@@ -295,18 +375,18 @@ def _convert_qcow2(raw: str, target: str) -> None:
 @nbd_tls_options
 @click.option("--heal", is_flag=True, help="Write a corrected restore point if they differ.")
 @json_option
-def verify(repo_path: str, point_id: str, against: str, host: str | None,
+def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | None,
+           profile: str | None, against: str, host: str | None,
            tls_certificates: str | None, tls_psk_file: str | None, tls_username: str | None,
            heal: bool, as_json: bool) -> None:
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
     from blocktrail.backup.verify import verify_point
-    from blocktrail.repo import Repository
     disk_path, snapshot = against, ""
     if not is_nbd_uri(against):  # an export name may hold "@" itself
         disk_path, at, snapshot = against.partition("@")
         if at:
             check_snapshot_name(snapshot)
-    with Repository.open(repo_path) as repo, \
+    with open_repo(repo_path, endpoint, region, profile) as repo, \
             open_source(disk_path, host,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("verify", as_json) as progress:
@@ -343,15 +423,16 @@ def verify(repo_path: str, point_id: str, against: str, host: str | None,
 
 
 @click.command("check")
-@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("repo_path", metavar="REPO")
+@s3_options
 @click.option("--read-data", is_flag=True, help="Read and rehash every chunk.")
 @click.option("--read-data-subset", "subset", default=None, type=PERCENT, metavar="PCT",
               help="Read and rehash the chunks of PCT percent of the packs.")
 @json_option
-def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) -> None:
+def check(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
+          read_data: bool, subset: float | None, as_json: bool) -> None:
     """Check the repository's structure (and data); name what is damaged and what it affects."""
-    from blocktrail.repo import Repository
-    with Repository.open(repo_path) as repo:
+    with open_repo(repo_path, endpoint, region, profile) as repo:
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
            report.chunks_referenced, "chunks_read": report.chunks_read,
@@ -376,31 +457,68 @@ def check(repo_path: str, read_data: bool, subset: float | None, as_json: bool) 
         raise ExitCode(Exit.REPOSITORY_DAMAGED)
 
 
+wait_option = click.option("--wait", "wait_s", default=0.0, show_default=True,
+                           type=click.FloatRange(min=0), metavar="SECONDS",
+                           help="How long to wait for the backups running now to finish, so "
+                                "that what they might still use can be deleted too (else a "
+                                "later prune deletes it).")
+
+
+def _prune_text(pruned: PruneReport) -> str:
+    text = f"pruned {pruned.packs_deleted} packs ({human(pruned.bytes_freed)})"
+    if pruned.packs_waiting:
+        text += (f"; {pruned.packs_waiting} unused packs will be deleted by a later prune, once "
+                 f"these backups have finished: {'; '.join(pruned.waiting_for)}")
+    return text
+
+
+@click.command("prune")
+@click.argument("repo_path", metavar="REPO")
+@s3_options
+@wait_option
+@json_option
+def prune(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
+          wait_s: float, as_json: bool) -> None:
+    """Delete what no restore point needs (garbage collection). Backups go on meanwhile; what
+    a running backup might still use is deleted by a later prune, after it finished."""
+    with open_repo(repo_path, endpoint, region, profile) as repo:
+        pruned = repo.prune(wait_s)
+    emit(as_json, vars(pruned), _prune_text(pruned))
+
+
 @click.command("forget")
-@click.argument("repo_path", metavar="REPO", type=click.Path())
+@click.argument("repo_path", metavar="REPO")
+@s3_options
 @click.option("--keep-last", default=0, type=click.IntRange(min=0))
 @click.option("--keep-daily", default=0, type=click.IntRange(min=0))
 @click.option("--keep-weekly", default=0, type=click.IntRange(min=0))
 @click.option("--keep-monthly", default=0, type=click.IntRange(min=0))
 @click.option("--disk", "disk_id", default=None, help="Only this disk id.")
 @click.option("--prune", "do_prune", is_flag=True, help="Then delete unreferenced data.")
+@wait_option
 @click.option("--dry-run", is_flag=True)
 @json_option
-def forget(repo_path: str, keep_last: int, keep_daily: int, keep_weekly: int,
-           keep_monthly: int, disk_id: str | None, do_prune: bool, dry_run: bool,
+def forget(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
+           keep_last: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
+           disk_id: str | None, do_prune: bool, wait_s: float, dry_run: bool,
            as_json: bool) -> None:
-    """Forget restore points a retention policy does not keep (per disk)."""
-    from blocktrail.repo import Repository, RetentionPolicy
+    """Forget restore points a retention policy does not keep (per disk). A point a running
+    backup builds on is kept until a later forget."""
+    from blocktrail.repo import RetentionPolicy
     policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
     if policy.empty:
         raise InvalidArgument("give at least one --keep-* option (forget keeps nothing else)")
-    with Repository.open(repo_path) as repo:
-        gone = repo.forget(policy, disk_id, dry_run=dry_run)
-        pruned = repo.prune() if do_prune and not dry_run else None
+    with open_repo(repo_path, endpoint, region, profile) as repo:
+        result = repo.forget_points(policy, disk_id, dry_run=dry_run)
+        pruned = repo.prune(wait_s) if do_prune and not dry_run else None
+    gone = result.forgotten
     out = {"forgotten": [p.id for p in gone], "dry_run": dry_run,
+           "kept_as_base": [p.id for p in result.kept_as_base],
            "prune": None if pruned is None else vars(pruned)}
     text = f"{'would forget' if dry_run else 'forgot'} {len(gone)} restore points"
+    if result.kept_as_base:
+        text += (f" (kept {', '.join(p.id for p in result.kept_as_base)}: a running backup "
+                 "builds on it)")
     if pruned is not None:
-        text += (f"; pruned {pruned.packs_deleted} packs "
-                 f"({human(pruned.bytes_freed)})")
+        text += "; " + _prune_text(pruned)
     emit(as_json, out, text)

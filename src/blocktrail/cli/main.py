@@ -14,15 +14,29 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+# numpy (the tracker's bitmaps) does no linear algebra here; OpenBLAS's worker threads would only
+# spin beside a backup's hashing and compressing. Set before anything imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import click
 
-from blocktrail.cli.backup import backup, check, forget, points, repo_group, restore, verify
+from blocktrail.cli.backup import (
+    backup,
+    check,
+    forget,
+    points,
+    prune,
+    repo_group,
+    restore,
+    verify,
+)
 from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.serve import serve
 from blocktrail.cli.snapshot import snapshot
+from blocktrail.cli.vm import vm
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
 
@@ -39,7 +53,8 @@ cli.add_command(disk)
 cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
-for command in (repo_group, backup, points, restore, verify, check, forget, serve):
+cli.add_command(vm)
+for command in (repo_group, backup, points, restore, verify, check, forget, prune, serve):
     cli.add_command(command)
 
 
@@ -57,9 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.INTERRUPTED
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # a group alone: its help, on stderr
         exc.show()
         return Exit.USAGE
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "blocktrail"
+        what = exc.format_message().rstrip(".")
+        return _fail(args, "UsageError", f"{where}: {what} (see {where} --help)", Exit.USAGE,
+                     "usage")
+    except click.ClickException as exc:
+        return _fail(args, type(exc).__name__, exc.format_message(), Exit.USAGE)
     except KeyboardInterrupt:
         click.echo("aborted", err=True)
         return Exit.INTERRUPTED

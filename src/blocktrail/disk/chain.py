@@ -82,6 +82,18 @@ def write_top(layers: list[Layer], cluster_size: int, offset: int, data: bytes |
         _write_delta_piece(layers, top, cluster_size, piece_offset, piece_length, piece)
 
 
+def writes_in_place(top: Layer, cluster_size: int, offset: int, length: int) -> bool:
+    """Whether a write of the range to ``top`` copies nothing up from below (a base layer, or
+    every cluster written whole or already held by the delta)."""
+    if isinstance(top, BaseLayer):
+        return True
+    for piece_offset, piece_length in iter_pieces(offset, length, cluster_size):
+        if piece_length != cluster_size and \
+                top.state(piece_offset // cluster_size) is not ClusterState.DATA:
+            return False
+    return True
+
+
 def _write_delta_piece(layers: list[Layer], top: DeltaLayer, cluster_size: int, offset: int,
                        length: int, piece: bytes | None) -> None:
     """One cluster's part of a write, alone on that cluster (other writers of the same cluster

@@ -367,6 +367,13 @@ class Disk:
     def pwrite(self, buf: bytes, offset: int) -> None:
         self._apply(offset, len(buf), bytes(buf))
 
+    def try_pwrite(self, buf: bytes, offset: int) -> bool:
+        """`pwrite` done at once when nothing would make it wait (a change of the layer
+        structure, a write-intent sync, a copy-up from the layers below, a due checkpoint):
+        -> True. False: nothing was done; call `pwrite` where waiting is fine. Errors are
+        raised as by `pwrite`. (An event loop writes small guest writes this way.)"""
+        return self._apply(offset, len(buf), bytes(buf), wait=False)
+
     def zero(self, count: int, offset: int) -> None:
         self._apply(offset, count, None)
 
@@ -381,14 +388,19 @@ class Disk:
             self._stack.check_usable()
             self._flush_locked()
 
-    def _apply(self, offset: int, length: int, data: bytes | None) -> None:
+    def _apply(self, offset: int, length: int, data: bytes | None, *,
+               wait: bool = True) -> bool:
         """The one choke point: mark the tracker (durably), then write the top layer. Under
         the shared lock: writes run in parallel with each other and with reads, never with a
         change of the layer structure, so the layer they write is the top when they finish.
-        (Written out without helpers: it runs for every guest write.)"""
-        self._io_requests += 1
+        ``wait=False``: -> False, having done nothing, instead of waiting for the lock, a
+        write-intent sync or a copy-up. (Written out without helpers: it runs for every guest
+        write.)"""
         stack = self._stack
-        counted = stack.lock.acquire_shared()
+        counted = stack.lock.acquire_shared(blocking=wait)
+        if counted is None:
+            return False
+        self._io_requests += 1
         try:
             if stack.closed or stack.failed is not None:
                 stack.check_usable()
@@ -396,21 +408,27 @@ class Disk:
             if length < 0 or offset < 0 or offset + length > size:
                 raise OutOfRange(f"range {offset}+{length} is outside the disk (size {size})")
             if length == 0:
-                return
+                return True
+            cluster_size = self._meta.cluster_size
+            if not wait and not (
+                    self._tracker.marks_at_once(offset, length)
+                    and chain.writes_in_place(stack.layers[-1], cluster_size, offset, length)):
+                return False
             try:
                 self._tracker.mark(offset, length)
-                chain.write_top(stack.layers, self._meta.cluster_size, offset, data, length)
+                chain.write_top(stack.layers, cluster_size, offset, data, length)
             except BlocktrailError:
                 raise
             except BaseException as exc:
                 stack.guard(_reraise, exc)  # marks the disk failed, raises the typed error
         finally:
             stack.lock.release_shared(counted)
-        if self._tracker.checkpoint_due:
+        if wait and self._tracker.checkpoint_due:
             with self._lock:
                 if not self._stack.closed and self._stack.failed is None \
                         and self._tracker.checkpoint_due:
                     self._stack.guard(self._tracker.checkpoint)
+        return True
 
     def _flush_locked(self) -> None:
         self._stack.guard(self._layers[-1].flush)

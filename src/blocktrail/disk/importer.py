@@ -14,10 +14,11 @@ import contextlib
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blocktrail.disk.disk import Disk
+from blocktrail.disk.disk import LOCK_FILE, Disk
 from blocktrail.errors import (
     BlocktrailError,
     DiskExists,
@@ -30,8 +31,10 @@ from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO
 
 IMPORT_CHUNK = 1 << 20
 # A disk being built: DIR/.creating-NAME-RANDOM (never a disk name: those start with a letter or
-# digit). What a killed process leaves behind; the host removes such directories at its start.
+# digit). What a killed process leaves behind; the host removes such directories at its start,
+# and the next build of the same name removes those of its name (remove_stale_builds).
 BUILDING_PREFIX = ".creating-"
+STALE_BUILD_S = 60.0  # a build directory unchanged this long and unlocked was left by a kill
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISSOCK, "a socket"))
 
@@ -86,11 +89,12 @@ def build_disk(path: str | os.PathLike[str], make: Callable[[str], Disk], *,
     (``.creating-NAME-RANDOM``), closed, renamed to ``path`` and opened again: ``path`` holds
     a whole disk or nothing. A failure, also of that last open, removes what was built; a
     killed process leaves the directory being built behind (a name no disk has; the host
-    removes such directories at its start)."""
+    removes such directories at its start, and the next build of ``path`` those of its name)."""
     fileio = fileio or OsFileIO()
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
     _check_free(fileio, path)
+    remove_stale_builds(fileio, parent, base)
     building = os.path.join(parent, f"{BUILDING_PREFIX}{base}-{secrets.token_hex(4)}")
     try:
         fileio.makedirs(building)
@@ -130,6 +134,34 @@ def _check_free(fileio: FileIO, path: str) -> None:
         empty = False
     if not empty:
         raise DiskExists(f"{path} already exists")
+
+
+def remove_stale_builds(fileio: FileIO, parent: str, base: str, *,
+                        older_than_s: float = STALE_BUILD_S) -> list[str]:
+    """Remove what killed builds of ``base`` left in ``parent``: a ``.creating-BASE-*``
+    directory whose disk lock nobody holds (a build holds it while it writes) and that has not
+    changed for ``older_than_s``. -> the directories removed."""
+    prefix = f"{BUILDING_PREFIX}{base}-"
+    removed: list[str] = []
+    try:
+        names = [n for n in fileio.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        building = os.path.join(parent, name)
+        try:
+            if time.time() - os.stat(building).st_mtime < older_than_s:
+                continue
+            lock = fileio.lock_exclusive(os.path.join(building, LOCK_FILE))
+        except OSError:  # held (BlockingIOError), or gone meanwhile
+            continue
+        try:
+            remove_building(fileio, building)
+        finally:
+            with contextlib.suppress(OSError):
+                lock.release()
+        removed.append(building)
+    return removed
 
 
 def remove_building(fileio: FileIO, building: str) -> None:

@@ -18,7 +18,14 @@ import numpy as np
 
 from blocktrail.disk import Disk
 from blocktrail.disk.readmap import MappedRead
-from blocktrail.errors import BlocktrailError, ChangeIdError, DiskNotFound, OutOfRange
+from blocktrail.errors import (
+    BlocktrailError,
+    ChangeIdError,
+    DiskNotFound,
+    NoSpace,
+    OutOfRange,
+    is_no_space,
+)
 from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import (
@@ -31,6 +38,7 @@ from blocktrail.nbd.proto.constants import (
 from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.tracking import ALL_ALLOCATED
 
+_FUA = int(CommandFlag.FUA)
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
@@ -81,6 +89,21 @@ class Target:
                 self._prefetch(offset, length)
             if command is Command.FLUSH or request.flags & CommandFlag.FUA:
                 disk.flush()
+
+    def perform_now(self, request: Request) -> bool:
+        """A WRITE done at once if the disk can take it without waiting (`Disk.try_pwrite`);
+        on the event loop, for every small write: kept short."""
+        if request.command is not Command.WRITE or self.snapshot is not None \
+                or int.__and__(request.flags, _FUA):
+            return False
+        try:
+            return self.disk.try_pwrite(request.data, request.offset)
+        except OutOfRange as exc:  # past the end: NBD says ENOSPC for a write
+            raise RequestFailed(exc.message, errno=Errno.ENOSPC) from exc
+        except BlocktrailError:
+            return False  # the worker's perform answers it, with its errno
+        except OSError:
+            return False
 
     def _zero(self, offset: int, length: int, *, allocate: bool) -> None:
         if not allocate:
@@ -252,7 +275,10 @@ def _as_reply_errors() -> Iterator[None]:
         raise
     except (OutOfRange, ChangeIdError) as exc:
         raise RequestFailed(exc.message, errno=Errno.EINVAL) from exc
+    except NoSpace as exc:  # QEMU can pause a guest on ENOSPC (werror=enospc) and go on later
+        raise RequestFailed(exc.message, errno=Errno.ENOSPC) from exc
     except BlocktrailError as exc:
         raise RequestFailed(exc.message, errno=Errno.EIO) from exc
     except OSError as exc:
-        raise RequestFailed(str(exc), errno=Errno.EIO) from exc
+        raise RequestFailed(str(exc), errno=Errno.ENOSPC if is_no_space(exc) else Errno.EIO) \
+            from exc

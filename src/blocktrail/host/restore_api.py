@@ -24,7 +24,11 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from blocktrail.backup.chunksource import RepositoryChunkSource, is_local_location
+from blocktrail.backup.chunksource import (
+    RepositoryChunkSource,
+    is_local_location,
+    is_repository_location,
+)
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import (
     CorruptMetadata,
@@ -52,6 +56,7 @@ from blocktrail.repo.errors import (
     RepositoryError,
     RepositoryNotFound,
 )
+from blocktrail.repo.location import is_s3_url, parse_s3_url
 from blocktrail.tracking import ChangeId
 
 _RATE = "bytes per second the fill may copy at most (null: as fast as the guest allows)"
@@ -68,7 +73,8 @@ class FillControl(BaseModel):
 class DiskRestore(BaseModel):
     name: DiskNameField = Field(examples=["vm1-restored"])
     repository: str = Field(description="The repository, as the host reaches it: an absolute "
-                                        "path on the host")
+                                        "path on the host, or s3://BUCKET/PREFIX (with the "
+                                        "host's S3 settings)")
     point: str = Field(description="The restore point's id (`blocktrail points`)")
     granularity: Integer = Field(default=64 * 1024, ge=512, le=1 << 30,
                                  description=_GRANULARITY, json_schema_extra=_GRANULARITY_DOC)
@@ -77,8 +83,12 @@ class DiskRestore(BaseModel):
 
 
 def check_repository_location(location: str) -> str:
-    if "\0" in location or (is_local_location(location) and not os.path.isabs(location)):
-        raise InvalidArgument(f"repository {location!r} must be an absolute path on the host")
+    if "\0" in location or not is_repository_location(location) or (
+            is_local_location(location) and not os.path.isabs(location)):
+        raise InvalidArgument(f"repository {location!r} must be an absolute path on the host "
+                              "or s3://BUCKET/PREFIX")
+    if is_s3_url(location):
+        parse_s3_url(location)  # InvalidArgument naming what is wrong
     return location
 
 

@@ -68,6 +68,12 @@ class Export(Protocol):
         """WRITE, TRIM, WRITE_ZEROES, FLUSH or CACHE (FUA included); on a worker thread."""
         ...
 
+    def perform_now(self, request: Request) -> bool:
+        """The request carried out at once, on the event loop, if nothing would make it wait
+        (a small write to memory, say): True. False: nothing was done, and the server hands it
+        to `perform` on a worker thread. An export that never can answers False."""
+        ...
+
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         """(context id, descriptors as the wire carries them) for every context in
         ``contexts`` (id -> name, as negotiated); on a worker thread."""

@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from blocktrail.nbd.export import Catalog, Export, MappedRead, ReadSegment
 from blocktrail.nbd.limits import ServerLimits
@@ -50,6 +51,7 @@ from blocktrail.nbd.tls import ServerTlsContext, TlsSession
 from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 
 log = logging.getLogger(__name__)
+_FUA = int(CommandFlag.FUA)
 RECEIVE_BYTES = 256 * 1024
 SEND_BUFFER_BYTES = 4 << 20
 
@@ -71,7 +73,7 @@ class NbdServer:
         self.catalog = catalog
         self.limits = limits
         self.tls = tls
-        self.executor = ThreadPoolExecutor(limits.disk_threads, thread_name_prefix="nbd-disk")
+        self.workers = _Workers(limits.disk_threads, "nbd-disk")
         self.senders = SenderThreads("nbd-wire")
         self._connections: set[asyncio.Task[None]] = set()
         self._accepting: list[asyncio.Task[None]] = []
@@ -106,7 +108,7 @@ class NbdServer:
         for task in [*self._accepting, *self._connections]:
             task.cancel()
         await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
-        self.executor.shutdown(wait=True)
+        self.workers.close()
         self.senders.close()
 
 
@@ -211,6 +213,7 @@ class _Connection:
         target = self._server.catalog.open(chosen.export.name)
         if target is None:
             return
+        done = bytearray()  # replies of requests done at once: sent together, once per batch
         while True:
             while self._has_room():
                 with self._lock:
@@ -218,14 +221,24 @@ class _Connection:
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Disconnect):
+                    self._send_done(done)
                     await self._until(lambda: self._in_flight == 0)  # answer what is in flight
                     return
                 if isinstance(event, Request | InvalidRequest):
-                    self._dispatch(target, chosen, event)
+                    reply = self._dispatch(target, chosen, event)
+                    if reply is not None:
+                        done += reply
             else:
+                self._send_done(done)
                 await self._until(self._has_room)
                 continue
+            self._send_done(done)
             await self._receive()
+
+    def _send_done(self, done: bytearray) -> None:
+        if done:
+            self._wire.send([bytes(done)])
+            done.clear()
 
     def _has_room(self) -> bool:
         return (self._in_flight < self._limits.requests_in_flight
@@ -244,13 +257,26 @@ class _Connection:
     # ------------------------------------------------------------------ requests
 
     def _dispatch(self, target: Export, chosen: ExportChosen,
-                  event: Request | InvalidRequest) -> None:
+                  event: Request | InvalidRequest) -> bytes | None:
+        """Start a request; -> the reply of one done at once (the caller sends it with the
+        others of its batch), or None (its reply goes out on its own)."""
         if isinstance(event, InvalidRequest):
             self._take(0)
             self._reply_error(event.cookie, event.errno, event.message, 0)
-            return
+            return None
         request = event
-        size = request.length if request.command is Command.READ else len(request.data)
+        command = request.command
+        if command is Command.WRITE and not int.__and__(request.flags, _FUA):
+            try:
+                if target.perform_now(request):  # no thread hand-off, no waiting: done
+                    with self._lock:
+                        return self._proto.done_reply(request.cookie) \
+                            if self._proto.can_reply else None
+            except RequestFailed as failure:
+                self._take(0)
+                self._reply_error(request.cookie, failure.errno, failure.message, 0)
+                return None
+        size = request.length if command is Command.READ else len(request.data)
         self._take(size)
         if request.command is Command.READ:
             try:
@@ -259,11 +285,12 @@ class _Connection:
                 mapped = target.map_read(request.length, request.offset, wait=False)
             except RequestFailed as failure:
                 self._reply_error(request.cookie, failure.errno, failure.message, size)
-                return
+                return None
             if mapped is not None:
                 self._send_read(request, mapped, size)
-                return
-        self._server.executor.submit(self._work, target, chosen, request, size)
+                return None
+        self._server.workers.submit(self._work, target, chosen, request, size)
+        return None
 
     def _work(self, target: Export, chosen: ExportChosen, request: Request, size: int) -> None:
         """A request that may wait for the disk, on a worker thread."""
@@ -370,6 +397,33 @@ class _Connection:
         if wake:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 self._loop.call_soon_threadsafe(self._room.set)
+
+
+class _Workers:
+    """Threads that run what may wait for a disk: a plain queue, no futures (one per request
+    would cost more than a small write does)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args = item
+            fn(*args)  # the functions submitted catch their own errors
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 class _Encryptor:

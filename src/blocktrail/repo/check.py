@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blocktrail.pipeline import read_ahead
-from blocktrail.repo.errors import ChunkCorrupt, RepositoryError
+from blocktrail.repo import layout
+from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing, RepositoryError
 from blocktrail.repo.manifest import RestorePoint, link_problems
 from blocktrail.repo.objects import (
     KIND_CHUNK,
@@ -26,9 +27,7 @@ from blocktrail.repo.objects import (
 )
 from blocktrail.repo.packs import Location, read_trailer, trailer_length
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
-
-if TYPE_CHECKING:
-    from blocktrail.repo.repository import Repository
+from blocktrail.repo.store import Store
 
 _KIND_PROBLEM = {KIND_CHUNK: "chunk", KIND_PAGE: "page", KIND_TABLE: "table"}
 _GONE = "missing"
@@ -82,13 +81,13 @@ class _Walk:
         self.kinds[name] = kind
 
 
-def check_repository(repo: Repository, *, read_data: bool = False,
+def check_repository(repo: Store, *, read_data: bool = False,
                      read_data_subset_pct: float | None = None,
                      seed: int | None = None) -> CheckReport:
+    walk = _Walk()
+    points = _check_manifests(repo, walk)  # first: the index then has all they name
     index = repo.reload_index()
     quarantined_before = len(repo.quarantined())
-    walk = _Walk()
-    points = _check_manifests(repo, walk)
     _walk_objects(repo, points, walk)
     _locate(repo, walk)
     chunks_read = _check_packs(repo, walk, read_data, read_data_subset_pct, seed)
@@ -96,8 +95,13 @@ def check_repository(repo: Repository, *, read_data: bool = False,
                  for p in pids}
     for name, message in index.damaged_files:
         walk.problems.append(Problem(
-            "index", f"index/{name}", f"{message}; the objects it names are unknown until "
+            "index", layout.index_file(name), f"{message}; the objects it names are unknown until "
             "`blocktrail repo repair` rebuilds the index from the packs", tuple(sorted(unindexed))))
+    for name in repo.damaged_verify_records():
+        walk.problems.append(Problem(
+            "verify", name, f"{name}: the newest verify record of its restore point does not "
+            "decode; the point counts as failed verification (never a base) until `blocktrail "
+            "verify` records its state again", ()))
     used_packs = {loc.pack_id for name in walk.users if (loc := index.get(name)) is not None}
     return CheckReport(
         points=len(points), chunks_referenced=sum(
@@ -107,7 +111,7 @@ def check_repository(repo: Repository, *, read_data: bool = False,
         quarantined=tuple(walk.found), quarantined_before=quarantined_before)
 
 
-def _check_manifests(repo: Repository, walk: _Walk) -> list[RestorePoint]:
+def _check_manifests(repo: Store, walk: _Walk) -> list[RestorePoint]:
     points, damaged = repo.scan_points()
     for filename, message in damaged:
         walk.problems.append(Problem("manifest", f"points/{filename}", message,
@@ -121,7 +125,7 @@ def _check_manifests(repo: Repository, walk: _Walk) -> list[RestorePoint]:
     return points
 
 
-def _walk_objects(repo: Repository, points: list[RestorePoint], walk: _Walk) -> None:
+def _walk_objects(repo: Store, points: list[RestorePoint], walk: _Walk) -> None:
     """Read every page table and page (whole, rehashed); collect the chunks they name."""
     table_users: dict[str, set[str]] = {}
     for point in points:
@@ -142,7 +146,7 @@ def _walk_objects(repo: Repository, points: list[RestorePoint], walk: _Walk) -> 
                 walk.use(name, KIND_CHUNK, pids)
 
 
-def _read(repo: Repository, walk: _Walk, name: bytes, kind: int, pids: set[str]) -> bytes:
+def _read(repo: Store, walk: _Walk, name: bytes, kind: int, pids: set[str]) -> bytes:
     """The object's plain bytes; b"" (and a problem) when it cannot be read."""
     label = f"{KIND_NAMES[kind]} {name.hex()}"
     try:
@@ -153,7 +157,7 @@ def _read(repo: Repository, walk: _Walk, name: bytes, kind: int, pids: set[str])
         return b""
 
 
-def _locate(repo: Repository, walk: _Walk) -> None:
+def _locate(repo: Store, walk: _Walk) -> None:
     """Every referenced chunk has a usable copy (tables and pages were read already); the
     objects of a missing pack are reported once, as the pack."""
     by_missing_pack: dict[str, set[str]] = {}
@@ -172,7 +176,7 @@ def _locate(repo: Repository, walk: _Walk) -> None:
                                      "file names chunks in it", tuple(sorted(pids))))
 
 
-def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: float | None,
+def _check_packs(repo: Store, walk: _Walk, read_data: bool, subset_pct: float | None,
                  seed: int | None) -> int:
     """The trailer of every pack; with ``read_data`` (or a subset) every object in the packs
     the index uses. -> referenced chunks read and rehashed."""
@@ -183,11 +187,13 @@ def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: flo
     if not read_data and subset_pct:
         count = max(1, round(len(by_pack) * subset_pct / 100))
         to_read = set(random.Random(seed).sample(sorted(by_pack), min(count, len(by_pack))))
-    packs = sorted(repo.pack_ids() | set(by_pack))  # every trailer: they are small
+    sizes = repo.pack_sizes()
+    packs = sorted(set(sizes) | set(by_pack))  # every trailer: they are small
     quarantined = repo.quarantined()
-    results = read_ahead(packs, lambda p: _check_pack(repo, p, by_pack.get(p, []),
-                                                      p in to_read, quarantined),
-                         window=4, executor=repo.pool)
+    results = read_ahead(packs, lambda p: _check_pack(repo, p, sizes.get(p),
+                                                      by_pack.get(p, []), p in to_read,
+                                                      quarantined),
+                         window=16 if repo.backend.remote else 4, executor=repo.io_pool)
     chunks_read = 0
     damaged: list[DamagedCopy] = []
     for pack_id, (trailer_problem, found, verified) in zip(packs, results, strict=True):
@@ -209,19 +215,18 @@ def _check_packs(repo: Repository, walk: _Walk, read_data: bool, subset_pct: flo
     return chunks_read
 
 
-def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Location]],
-                read_all: bool, quarantined: set[CopyKey]
-                ) -> tuple[str | None, list[DamagedCopy], list[bytes]]:
+def _check_pack(repo: Store, pack_id: str, size: int | None,
+                entries: list[tuple[bytes, Location]], read_all: bool,
+                quarantined: set[CopyKey]) -> tuple[str | None, list[DamagedCopy], list[bytes]]:
     """-> (what is wrong with the trailer, damaged copies set aside, objects verified)."""
     where = f"pack {pack_id}"
-    try:
-        handle = repo.fio.open(repo.pack_path(pack_id))
-    except FileNotFoundError:
+    if size is None:
         return _GONE, [], []
     try:
-        size = handle.size()
-        tail_length = min(size, trailer_length(handle.pread(8, max(0, size - 8))))
-        tail = handle.pread(tail_length, size - tail_length)
+        end = repo.read_range(pack_id, max(0, size - 8), min(8, size), where)
+        end = end.rjust(8, b"\0")
+        tail_length = min(size, trailer_length(end))
+        tail = repo.read_range(pack_id, size - tail_length, tail_length, where)
         problem: str | None = None
         try:
             trailer = read_trailer(tail, where, pack_size=size)
@@ -235,9 +240,9 @@ def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Locat
                 read_all = True
         if not read_all:
             return problem, [], []
-        data = handle.pread(size, 0)
-    finally:
-        handle.close()
+        data = repo.read_range(pack_id, 0, size, where)
+    except ObjectMissing:
+        return _GONE, [], []  # deleted since the listing
     damaged, verified = _check_objects(repo, pack_id, data, entries)
     known_bad = quarantined | {copy.key for copy in damaged}
     for name, offset, length in trailer:  # each entry names the envelope that is there
@@ -249,7 +254,7 @@ def _check_pack(repo: Repository, pack_id: str, entries: list[tuple[bytes, Locat
     return problem, damaged, verified
 
 
-def _check_objects(repo: Repository, pack_id: str, data: bytes,
+def _check_objects(repo: Store, pack_id: str, data: bytes,
                    entries: list[tuple[bytes, Location]]) -> tuple[list[DamagedCopy],
                                                                    list[bytes]]:
     """Every object the index locates in this pack, read whole and rehashed; a damaged one is
@@ -270,7 +275,7 @@ def _check_objects(repo: Repository, pack_id: str, data: bytes,
     return damaged, verified
 
 
-def _report_damaged_copy(repo: Repository, walk: _Walk, copy: DamagedCopy) -> None:
+def _report_damaged_copy(repo: Store, walk: _Walk, copy: DamagedCopy) -> None:
     """A damaged copy was set aside: is another copy there, and who needed it?"""
     users = walk.users.get(copy.digest, set())
     kind = _KIND_PROBLEM.get(copy.kind, "chunk")

@@ -42,3 +42,14 @@ class RepositoryBusy(BlocktrailError):
 
 class PointNotFound(BlocktrailError):
     exit_code = ExitCode.SNAPSHOT_OR_POINT
+
+
+class LeaseLost(RepositoryBusy):
+    """This process's lease (on a disk, or as a writer) is lost: it expired, or another
+    process took it over. It stops before it publishes anything."""
+
+
+class ConditionalWritesUnsupported(BlocktrailError):
+    """The object store does not enforce create-only writes (If-None-Match)."""
+
+    exit_code = ExitCode.FORMAT

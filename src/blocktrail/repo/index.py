@@ -41,16 +41,23 @@ class ChunkIndex:
     """The repository's chunk index: the union of its index files, where each object has one
     usable copy. Entries whose pack file does not exist (a prune deletes dead packs before it
     rewrites the index) and copies in quarantine are never used; another copy of the same
-    object, named by another index file, is used instead when there is one."""
+    object, named by another index file, is used instead when there is one.
 
-    def __init__(self, existing_packs: set[str], quarantined: set[CopyKey]) -> None:
+    Copies in **condemned** packs (a garbage collection is about to delete them) are read like
+    any other, but a new restore point never refers to them: `referenceable` is false for an
+    object whose every usable copy is in one, so a writer stores it again."""
+
+    def __init__(self, existing_packs: set[str], quarantined: set[CopyKey],
+                 condemned: frozenset[str] = frozenset()) -> None:
         self._packs = existing_packs
+        self.condemned = condemned
         self._quarantined = quarantined
         self._q_digests = {key[0] for key in quarantined}
         self._usable: dict[bytes, Location] = {}
         self._spares: dict[bytes, list[Location]] = {}  # more intact copies, used in turn
         self._lost: dict[bytes, tuple[str, str | None]] = {}  # no usable copy: why, lost pack
         self.damaged_files: list[tuple[str, str]] = []  # index files that do not decode
+        self.files: list[str] = []  # the index files it was read from
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- building
@@ -114,6 +121,11 @@ class ChunkIndex:
 
     # ---------------------------------------------------------------- lookups
 
+    def copies(self, name: bytes) -> list[Location]:
+        """Every usable copy of ``name``: the one used, then the spares."""
+        loc = self._usable.get(name)
+        return [] if loc is None else [loc, *self._spares.get(name, ())]
+
     def get(self, name: bytes) -> Location | None:
         return self._usable.get(name)
 
@@ -134,6 +146,22 @@ class ChunkIndex:
 
     def locations(self) -> dict[bytes, Location]:
         return dict(self._usable)
+
+    def referenceable(self, name: bytes) -> bool:
+        """A new restore point may refer to ``name``: a usable copy outside condemned packs."""
+        loc = self._usable.get(name)
+        if loc is None:
+            return False
+        if not self.condemned or loc.pack_id not in self.condemned:
+            return True
+        return any(s.pack_id not in self.condemned for s in self._spares.get(name, ()))
+
+    def unreferenceable(self) -> frozenset[bytes]:
+        """Objects with usable copies only in condemned packs."""
+        if not self.condemned:
+            return frozenset()
+        return frozenset(n for n, loc in self._usable.items()
+                         if loc.pack_id in self.condemned and not self.referenceable(n))
 
     def lost(self) -> frozenset[bytes]:
         """Objects an index file names whose every copy is unusable (damaged, pack gone)."""

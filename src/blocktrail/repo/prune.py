@@ -1,25 +1,48 @@
-"""`prune`: delete what no restore point references, in an order that can always free space.
+"""`prune`: garbage collection, safe against backups running at the same time (docs/storage.md,
+"Garbage collection").
 
-Under the exclusive repository lock: the dead packs are deleted first, then one new index file
-is written, then the old index files are deleted. Deleting first is safe because loading the
-chunk index ignores every entry whose pack does not exist, so no backup can deduplicate against
-a deleted pack, even after a prune killed midway; and it means a full file system gets space
-back before anything needs to be written.
+Mark and sweep, with the grace period bound to the writers, not to a clock:
+
+1. **Mark**: every object some manifest needs (its tables, their pages, their chunks). A pack
+   that holds a copy of none of them is dead.
+2. **Condemn**: the dead packs are named in ``gc/<run>.condemned.json``; *then* the leases of
+   the writers running now are listed and named in ``gc/<run>.writers.json``. A writer that
+   starts later lists ``gc/`` after its lease exists, so it sees the condemned packs and never
+   refers to an object in them (it stores such an object again); a writer listed may already
+   have read the index and deduplicated against one.
+3. **Sweep** (this prune, if those writers finish within ``wait_s``, else a later one): once every
+   writer a run names is gone (its lease deleted, taken over or expired), the manifests are
+   read again, and a condemned pack is deleted only if it still holds nothing any manifest
+   needs. Then one index file of the entries left replaces the index files that were read, and
+   the run's objects, the quarantine records of deleted packs and the verify records of
+   forgotten points are deleted.
+
+So a chunk stored during a collection, or by a backup that started before it, is never deleted:
+the backup's own new packs either were not listed yet, or are condemned and then kept by its
+manifest, which exists when its lease is gone. A writer whose lease expired (killed, stalled)
+publishes nothing any more (repo/leases.py), so its uploads are collected like any orphan.
+
+On a local directory with no writer at all (the machine-wide lock taken exclusively), the
+sweep follows the mark at once, with nothing written before the dead packs are deleted, so a
+prune can free space on a full file system.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import json
+import time
+from dataclasses import dataclass, field
 
+from blocktrail.pipeline import read_ahead
 from blocktrail.repo import index as index_file
+from blocktrail.repo import layout
+from blocktrail.repo.backend import BackendError, ObjectNotFound
 from blocktrail.repo.errors import ManifestCorrupt, RepositoryError
+from blocktrail.repo.index import ChunkIndex
+from blocktrail.repo.leases import Lease, LeaseRecord, boot_clock, list_leases, read_lease
 from blocktrail.repo.objects import ZERO_DIGEST
-
-if TYPE_CHECKING:
-    from blocktrail.repo.repository import Repository
+from blocktrail.repo.store import Store, new_index_name, stamp
 
 
 @dataclass
@@ -30,42 +53,201 @@ class PruneReport:
     kept_partly_used_packs: int = 0
     temp_files_deleted: int = 0
     quarantine_records_deleted: int = 0
+    packs_condemned: int = 0  # by this prune
+    packs_waiting: int = 0  # condemned, to be deleted once the writers named finish
+    waiting_for: list[str] = field(default_factory=list)  # those writers
+    verify_records_deleted: int = 0
 
 
-def prune_repository(repo: Repository) -> PruneReport:
-    lock = repo.lock(exclusive=True, what="prune")
-    try:
-        return _prune_locked(repo)
-    finally:
-        lock.release()
+@dataclass(frozen=True, slots=True)
+class _Run:
+    run: str
+    packs: frozenset[str]
+    writers: tuple[tuple[str, str], ...] | None  # (lease name, owner); None: never named
 
 
-def _live_objects(repo: Repository) -> set[bytes]:
-    """Every object some manifest needs: its tables, their pages, their chunks."""
-    live: set[bytes] = set()
-    pages: dict[str, str] = {}  # page -> a restore point that needs it
-    for filename in repo.list_files("points", ".json"):
+def prune_repository(store: Store, wait_s: float = 0.0) -> PruneReport:
+    """Collect garbage; wait up to ``wait_s`` for the writers running now to finish."""
+    backend = store.backend
+    if backend.host_locks:
+        alone = backend.host_lock(exclusive=True, wait=False)
+        if alone is not None:  # no writer on this machine, and none can start meanwhile
+            try:
+                return _prune_alone(store)
+            finally:
+                alone.release()
+    with Lease.acquire(backend, layout.MAINTENANCE_LEASE, purpose="maintenance",
+                       timing=store.timing, what="prune") as lease:
+        host = backend.host_lock(exclusive=False, wait=True) if backend.host_locks else None
         try:
-            point = repo.load_manifest(filename)
+            return _prune_leased(store, lease, wait_s)
+        finally:
+            if host is not None:
+                host.release()
+
+
+def _prune_alone(store: Store) -> PruneReport:
+    report = PruneReport()
+    for run in _runs(store):  # condemned lists of prunes before: nobody waits on them now
+        _delete_run(store, run.run)
+    index, live = _mark(store)
+    dead = set(store.pack_ids()) - _live_packs(index, live)
+    report.packs_condemned = len(dead)
+    _sweep(store, index, live, dead, report)
+    report.temp_files_deleted = store.delete_temp_files()
+    report.verify_records_deleted = _drop_orphan_verify_records(store)
+    store.reload_index()
+    return report
+
+
+def _prune_leased(store: Store, lease: Lease, wait_s: float) -> PruneReport:
+    report = PruneReport()
+    runs = _runs(store)
+    for run in [r for r in runs if r.writers is None]:
+        _delete_run(store, run.run)
+    runs = [r for r in runs if r.writers is not None]
+    index, live = _mark(store)
+    dead = set(store.pack_ids()) - _live_packs(index, live) - {p for r in runs for p in r.packs}
+    if dead:
+        runs.append(_condemn(store, lease, dead))
+        report.packs_condemned = len(dead)
+    deadline = boot_clock() + wait_s
+    while True:
+        waiting = {r.run: _still_running(store, r) for r in runs}
+        if not any(waiting.values()) or boot_clock() >= deadline:
+            break
+        time.sleep(min(1.0, store.timing.renew_every))
+    ready = [r for r in runs if not waiting[r.run]]
+    for run in runs:
+        if waiting[run.run]:
+            report.packs_waiting += len(run.packs)
+            report.waiting_for += [w.describe() for w in waiting[run.run]]
+    if ready or not runs:
+        lease.check("delete packs")
+        index, live = _mark(store)
+        _sweep(store, index, live, {p for r in ready for p in r.packs}, report)
+        for run in ready:
+            _delete_run(store, run.run)
+    report.temp_files_deleted = store.delete_temp_files()
+    report.verify_records_deleted = _drop_orphan_verify_records(store)
+    store.reload_index()
+    return report
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def _runs(store: Store) -> list[_Run]:
+    """The condemned lists there are; ``writers`` None for a run whose prune stopped before
+    it named them (nothing of it was deleted: it is dropped)."""
+    found: dict[str, dict[str, str]] = {}
+    for info in store.backend.list(layout.GC):
+        parsed = layout.gc_run_of(info.name)
+        if parsed is not None:
+            found.setdefault(parsed[0], {})[parsed[1]] = info.name
+    runs = []
+    for run, parts in sorted(found.items()):
+        packs: frozenset[str] = frozenset()
+        writers = None
+        try:
+            if "condemned" in parts:
+                packs = frozenset(json.loads(store.backend.load(parts["condemned"]))["packs"])
+            if "writers" in parts:
+                writers = tuple((str(n), str(o)) for n, o in json.loads(
+                    store.backend.load(parts["writers"]))["writers"])
+        except (ValueError, KeyError, TypeError, ObjectNotFound):
+            writers = None  # damaged or half gone: start that run again
+        if "condemned" not in parts:
+            writers = None
+        runs.append(_Run(run, packs, writers))
+    return runs
+
+
+def _condemn(store: Store, lease: Lease, dead: set[str]) -> _Run:
+    """Name the dead packs, then the writers running now (in this order: see the module)."""
+    run = stamp()
+    consequence = "nothing was deleted"
+    lease.check("condemn unused packs")
+    with store.writing("condemning unused packs", consequence):
+        store.backend.create(layout.gc_condemned(run), json.dumps(
+            {"format": "blocktrail-gc", "version": 1, "packs": sorted(dead)}).encode())
+    writers = tuple((w.name, w.owner) for w in list_leases(store.backend)
+                    if w.purpose != "maintenance" and not w.expired(store.timing.margin))
+    with store.writing("naming the running writers", consequence):
+        store.backend.create(layout.gc_writers(run), json.dumps(
+            {"format": "blocktrail-gc", "version": 1, "writers": writers}).encode())
+    return _Run(run, frozenset(dead), writers)
+
+
+def _still_running(store: Store, run: _Run) -> list[LeaseRecord]:
+    """The writers a run waits for that are still there with the same owner, unexpired."""
+    running = []
+    for name, owner in run.writers or ():
+        record = read_lease(store.backend, name)
+        if record is not None and record.owner == owner \
+                and not record.expired(store.timing.margin):
+            running.append(record)
+    return running
+
+
+def _delete_run(store: Store, run: str) -> None:
+    for name in (layout.gc_writers(run), layout.gc_condemned(run)):
+        store.backend.delete(name)
+
+
+# ---------------------------------------------------------------------------- mark
+
+
+def _refuse_damage(index: ChunkIndex) -> None:
+    if index.damaged_files:
+        names = ", ".join(layout.index_file(n) for n, _ in index.damaged_files)
+        raise RepositoryError(f"cannot prune: {names} cannot be read, and the packs only they "
+                              "name would look unused; run `blocktrail repo repair` first")
+
+
+def _mark(store: Store) -> tuple[ChunkIndex, set[bytes]]:
+    """The chunk index, and every object some manifest needs: its tables, their pages, their
+    chunks. Read order (restic's): the manifests first, then the index, so that the index
+    files (and packs) of every manifest read are seen."""
+    points = []
+    for filename in store.manifest_files():
+        try:
+            points.append(store.load_manifest(filename))
+        except FileNotFoundError:
+            continue  # forgotten since the listing
         except ManifestCorrupt as exc:
             raise RepositoryError(
                 f"cannot prune: {exc.message}; prune cannot tell what that restore point needs. "
                 "If the manifest cannot be fixed, move it out of points/ (`blocktrail check` "
                 "names every damaged manifest)") from exc
+    index = store.reload_index()
+    _refuse_damage(index)
+    live: set[bytes] = set()
+    pages: dict[str, str] = {}  # page -> a restore point that needs it
+    for point in points:
         live.update(bytes.fromhex(t) for t in point.tables)
         try:
-            pages.update((page, point.id) for page in repo.pages_of(point))
+            pages.update((page, point.id) for page in store.pages_of(point))
         except RepositoryError as exc:
             raise _cannot_tell(exc, point.id) from exc
-    for page, point_id in pages.items():
+    window = 32 if store.backend.remote else 4
+    items = sorted(pages.items())
+    reads = read_ahead(items, lambda item: _read_page(store, *item), window=window,
+                       executor=store.io_pool)
+    for (page, point_id), plain in zip(items, reads, strict=True):
+        if isinstance(plain, RepositoryError):
+            raise _cannot_tell(plain, point_id) from plain
         live.add(bytes.fromhex(page))
-        try:
-            plain = repo.read_page(page, point_id)
-        except RepositoryError as exc:
-            raise _cannot_tell(exc, point_id) from exc
         live.update(plain[i : i + 32] for i in range(0, len(plain), 32))
     live.discard(ZERO_DIGEST)
-    return live
+    return index, live
+
+
+def _read_page(store: Store, page: str, point_id: str) -> bytes | RepositoryError:
+    try:
+        return store.read_page(page, point_id)
+    except RepositoryError as exc:
+        return exc
 
 
 def _cannot_tell(exc: RepositoryError, point_id: str) -> RepositoryError:
@@ -74,51 +256,60 @@ def _cannot_tell(exc: RepositoryError, point_id: str) -> RepositoryError:
         "needs. Run `blocktrail repo repair`, then heal or forget the restore points it names")
 
 
-def _prune_locked(repo: Repository) -> PruneReport:
-    report = PruneReport()
-    index = repo.reload_index()  # re-read: other processes may have added index files
-    if index.damaged_files:
-        names = ", ".join(f"index/{n}" for n, _ in index.damaged_files)
-        raise RepositoryError(f"cannot prune: {names} cannot be read, and the packs only they "
-                              "name would look unused; run `blocktrail repo repair` first")
-    live = _live_objects(repo)
-    pack_live: dict[str, bool] = {}
-    for name, loc in index.items():
-        pack_live[loc.pack_id] = pack_live.get(loc.pack_id, False) or name in live
-    live_packs = {pack for pack, used in pack_live.items() if used}
-    keep = {n: loc for n, loc in index.items() if loc.pack_id in live_packs}
+def _live_packs(index: ChunkIndex, live: set[bytes]) -> set[str]:
+    """Packs holding a usable copy (the one used, or a spare) of a live object."""
+    return {loc.pack_id for name in live for loc in index.copies(name)}
+
+
+# ---------------------------------------------------------------------------- sweep
+
+
+def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str],
+           report: PruneReport) -> None:
+    """Delete the condemned packs that hold nothing live (first: that frees space before
+    anything is written), then replace the index files read by one of what is left."""
+    live_packs = _live_packs(index, live)
+    doomed = sorted(condemned - live_packs)
+    with store.writing("deleting unused packs", "no restore point lost anything; run prune "
+                       "again"):
+        for pack_id in doomed:
+            report.bytes_freed += store.delete_pack(pack_id)
+            report.packs_deleted += 1
+    deleted = set(doomed)
+    keep = {n: loc for n, loc in index.items() if loc.pack_id not in deleted}
     report.kept_partly_used_packs = len({loc.pack_id for n, loc in keep.items()
-                                         if n not in live})
-    repo.close_handles()
-    dead = sorted(repo.pack_ids() - live_packs)
-    for pack_id in dead:  # 1. free space first
-        report.bytes_freed += repo.delete_pack(pack_id)
-        report.packs_deleted += 1
+                                         if n not in live and loc.pack_id in live_packs})
     freed = (f"the {report.packs_deleted} unused packs deleted first freed "
              f"{report.bytes_freed} bytes; no restore point lost anything")
-    with repo.writing("deleting unused packs", freed):
-        for directory in sorted({pack_id[:2] for pack_id in dead}):
-            with contextlib.suppress(FileNotFoundError):
-                repo.fio.fsync_dir(repo.join("packs", directory))
-    old_index_files = repo.list_files("index", ".idx")
-    if dead or len(old_index_files) > 1 or index.lost():
-        new_name = f"{secrets.token_hex(16)}.idx"  # 2. the index without the dead packs
-        repo.write_index(new_name, index_file.encode(keep), freed)
-        with repo.writing("replacing the old index files", freed):
-            for old in old_index_files:  # 3. then the old index files
-                repo.fio.unlink(repo.join("index", old))
-            repo.fio.fsync_dir(repo.join("index"))
+    old_index_files = index.files
+    if doomed or len(old_index_files) > 1 or index.lost():
+        store.write_index(new_index_name(), index_file.encode(keep), freed)
+        with store.writing("replacing the old index files", freed):
+            for old in old_index_files:
+                store.delete_index(old)
         report.index_files_replaced = len(old_index_files)
-    report.quarantine_records_deleted = _drop_records_of_deleted_packs(repo, live_packs)
-    report.temp_files_deleted = repo.delete_temp_files()
-    repo.reload_index()
-    return report
+    report.quarantine_records_deleted = _drop_records_of_deleted_packs(store)
 
 
-def _drop_records_of_deleted_packs(repo: Repository, live_packs: set[str]) -> int:
-    deleted = 0
-    for key in repo.quarantined():
-        if key[1] not in live_packs:
-            repo.release_quarantine(key)
-            deleted += 1
-    return deleted
+def _drop_records_of_deleted_packs(store: Store) -> int:
+    count = 0
+    packs = store.pack_ids()
+    for key in store.quarantined():
+        if key[1] not in packs:
+            with contextlib.suppress(BackendError):
+                store.release_quarantine(key)
+                count += 1
+    return count
+
+
+def _drop_orphan_verify_records(store: Store) -> int:
+    """Verify records of points that are gone (a forget stopped before it deleted them)."""
+    points = {f.removesuffix(".json") for f in store.manifest_files()}
+    count = 0
+    for point_id, names in store.verify_records().items():
+        if point_id not in points:
+            for name in names:
+                store.backend.delete(name)
+                count += 1
+    return count
+

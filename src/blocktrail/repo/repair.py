@@ -11,23 +11,23 @@ cannot be fully restored and what it lacks.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import index as index_file
-from blocktrail.repo.errors import ChunkCorrupt, RepositoryError
+from blocktrail.repo import layout
+from blocktrail.repo.errors import ChunkCorrupt, RepositoryBusy, RepositoryError
+from blocktrail.repo.leases import Lease, list_leases
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST, open_envelope
 from blocktrail.repo.packs import Location, read_trailer, walk_envelopes
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 from blocktrail.repo.sink import PackSink
+from blocktrail.repo.store import Store, new_index_name
 from blocktrail.repo.writer import TABLE_PAGES
-
-if TYPE_CHECKING:
-    from blocktrail.repo.repository import Repository
 
 ADVICE = ("A backup of the disk stores again every chunk its source still has (the next "
           "restore point is whole); `blocktrail verify POINT --against SOURCE --heal` stores "
@@ -85,24 +85,48 @@ class _PackScan:
     salvage: list[tuple[bytes, bytes, int]]  # name, envelope, plain length
 
 
-def repair_repository(repo: Repository) -> RepairReport:
-    lock = repo.lock(exclusive=True, what="repair the repository")
-    try:
+_BUSY = "cannot repair the repository: backups are running in this repository; try again later"
+
+
+@contextlib.contextmanager
+def _alone(repo: Store) -> Iterator[None]:
+    """Repair runs with no writer: on a local directory under the machine-wide lock taken
+    exclusively; on object storage under the maintenance lease, refusing while any writer's
+    lease is live (a writer that starts meanwhile is safe: repair deletes only packs whose
+    intact objects it copied, and index files it read)."""
+    backend = repo.backend
+    if backend.host_locks:
+        lock = backend.host_lock(exclusive=True, wait=False)
+        if lock is None:
+            raise RepositoryBusy(_BUSY)
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    with Lease.acquire(backend, layout.MAINTENANCE_LEASE, purpose="maintenance",
+                       timing=repo.timing, what="repair the repository"):
+        if any(w.purpose != "maintenance" and not w.expired(repo.timing.margin)
+               for w in list_leases(backend)):
+            raise RepositoryBusy(_BUSY)
+        yield
+
+
+def repair_repository(repo: Store) -> RepairReport:
+    with _alone(repo):
         return _repair_locked(repo)
-    finally:
-        lock.release()
 
 
-def _repair_locked(repo: Repository) -> RepairReport:
+def _repair_locked(repo: Store) -> RepairReport:
     damaged_index_files = tuple(n for n, _ in repo.reload_index().damaged_files)
-    old_index_files = repo.list_files("index", ".idx")
+    old_index_files = repo.index_files()
     pack_ids = sorted(repo.pack_ids())
-    repo.close_handles()
     intact: dict[bytes, Location] = {}
     damaged: list[DamagedCopy] = []
     bad_trailers: list[str] = []
     salvage: dict[bytes, tuple[bytes, int]] = {}
-    scans = read_ahead(pack_ids, lambda p: _scan_pack(repo, p), window=4, executor=repo.pool)
+    scans = read_ahead(pack_ids, lambda p: _scan_pack(repo, p), window=4,
+                       executor=repo.io_pool)
     for pack_id, scan in zip(pack_ids, scans, strict=True):
         for name, loc in scan.intact:
             intact.setdefault(name, loc)
@@ -144,32 +168,32 @@ def _is_intact_copy(intact: dict[bytes, Location], key: CopyKey) -> bool:
     return loc is not None and (loc.pack_id, loc.offset) == (key[1], key[2])
 
 
-def _copy_out(repo: Repository, intact: dict[bytes, Location],
+def _copy_out(repo: Store, intact: dict[bytes, Location],
               salvage: dict[bytes, tuple[bytes, int]], old_index_files: list[str]) -> int:
     """Copy the salvaged objects no intact pack holds to new packs, write the fresh index file,
     then delete the old ones. -> objects copied."""
     consequence = "the index files were not changed"
-    sink = PackSink(repo, lambda name: name in intact, consequence=consequence)
+    sink = PackSink(repo, lambda name: name in intact, consequence=consequence,
+                    checkpoint=False)
     try:
         for name, (envelope, plain_length) in sorted(salvage.items()):
             sink.add(name, envelope, plain_length)
         copied = sink.finish_packs()
         intact.update(copied)
-        repo.write_index(f"{secrets.token_hex(16)}.idx", index_file.encode(intact), consequence)
+        repo.write_index(new_index_name(), index_file.encode(intact), consequence)
         sink.named_elsewhere()
     finally:
         sink.close()
     for old in old_index_files:
-        repo.fio.unlink(repo.join("index", old))
-    repo.fio.fsync_dir(repo.join("index"))
+        repo.delete_index(old)
     return len(copied)
 
 
-def _scan_pack(repo: Repository, pack_id: str) -> _PackScan:
+def _scan_pack(repo: Store, pack_id: str) -> _PackScan:
     """Read a pack whole and check every object in it (found by its trailer, or, when the
     trailer is damaged, by walking the envelopes)."""
     where = f"pack {pack_id}"
-    data = repo.fio.read_file(repo.pack_path(pack_id))
+    data = repo.read_pack(pack_id)
     try:
         entries, trailer_problem = read_trailer(data, where), None
     except ChunkCorrupt as exc:
@@ -194,7 +218,7 @@ def _scan_pack(repo: Repository, pack_id: str) -> _PackScan:
 Locate = Callable[[bytes], Location | None]
 
 
-def _missing_of(repo: Repository, point: RestorePoint, locate: Locate) -> list[str]:
+def _missing_of(repo: Store, point: RestorePoint, locate: Locate) -> list[str]:
     """What the point needs that has no intact copy, with the disk range it covers."""
     page_bytes = point.chunk_size * point.page_chunks
     missing: list[str] = []
@@ -216,7 +240,7 @@ def _missing_of(repo: Repository, point: RestorePoint, locate: Locate) -> list[s
     return missing
 
 
-def _missing_in_page(repo: Repository, point: RestorePoint, page: str, page_no: int,
+def _missing_in_page(repo: Store, point: RestorePoint, page: str, page_no: int,
                      locate: Locate) -> list[str]:
     cs, pc = point.chunk_size, point.page_chunks
     start = page_no * pc * cs

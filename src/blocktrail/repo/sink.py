@@ -1,39 +1,59 @@
-"""Storing new objects: packs written on a background thread, then one index file naming them.
+"""Storing new objects: packs written on background threads, then one index file naming them.
 
-A sink that is closed before its index file exists deletes the packs it wrote: no index file
-names them, so no other writer can know them, and leaving them would only fill the disk (a
-full file system is the usual reason a backup fails)."""
+On a local directory one pack is written at a time, and a sink closed before its index file
+exists deletes the packs it wrote: no index file names them, so no other writer can know them,
+and leaving them would only fill the disk (a full file system is the usual reason a backup
+fails there).
+
+On object storage several packs are uploaded at once, and each is followed by a small
+**checkpoint** index file naming only it: a backup cut off by a lost connection leaves packs
+that an index file names, so the next backup of the disk deduplicates against them instead of
+uploading them again. At publish one index file names everything the sink stored, and the
+checkpoints are deleted. Whatever no restore point comes to use is collected by `prune`.
+
+With a lease, nothing is uploaded or published once it is lost (repo/leases.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import secrets
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 from blocktrail.repo import index as index_file
+from blocktrail.repo.backend import BackendError
+from blocktrail.repo.leases import Lease
 from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
+from blocktrail.repo.store import Store, new_index_name
 
-if TYPE_CHECKING:
-    from blocktrail.repo.repository import Repository
+REMOTE_PACKS_IN_FLIGHT = 4
 
 
 class PackSink:
     """Objects in, packs and (at `publish`) one index file out. ``known(name)``: the object
     is stored already (deduplicated, not packed again)."""
 
-    def __init__(self, repo: Repository, known: Callable[[bytes], bool], *,
-                 consequence: str = "nothing was published") -> None:
-        self._repo = repo
+    def __init__(self, store: Store, known: Callable[[bytes], bool], *,
+                 consequence: str = "nothing was published", lease: Lease | None = None,
+                 checkpoint: bool | None = None) -> None:
+        self._store = store
         self._known = known
         self._consequence = consequence
+        self._lease = lease
+        self._checkpoint = store.backend.remote if checkpoint is None else checkpoint
+        self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote else 1
         self._pack = PackBuilder()
-        self._new: dict[bytes, Location] = {}  # in packs handed to the pack writer
+        self._new: dict[bytes, Location] = {}  # in packs handed to the pack writers
         self._in_pack: set[bytes] = set()
-        self._written: list[str] = []  # pack ids handed to the pack writer
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-writer")
-        self._write: Future[None] | None = None
+        self._written: list[str] = []  # pack ids handed to the pack writers
+        self._checkpoints: list[str] = []  # index files naming one pack each
+        self._checkpointed: set[str] = set()  # packs one of them names
+        self._mutex = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=self._in_flight,
+                                          thread_name_prefix="pack-writer")
+        self._writes: deque[Future[None]] = deque()
         self._index_name: str | None = None
         self._published = False
         self.bytes_stored = 0
@@ -53,22 +73,36 @@ class PackSink:
         return True
 
     def _hand_over(self) -> None:
-        """Give the full pack to the pack-writing thread (one pack in flight at a time), so
+        """Give the full pack to a pack-writing thread (a bounded number in flight), so
         reading, hashing and compressing go on while it is written."""
         if not self._pack.entries:
             return
-        self._wait()
-        self._written.append(self._pack.pack_id)
-        self._write = self._writer.submit(self._repo.write_pack, self._pack.pack_id,
-                                          self._pack.finish(), self._consequence)
-        self._new.update(self._pack.locations())
-        self._pack = PackBuilder()
+        while len(self._writes) >= self._in_flight:
+            self._writes.popleft().result()  # a failed write surfaces here
+        pack, self._pack = self._pack, PackBuilder()
+        locations = pack.locations()
+        self._written.append(pack.pack_id)
+        self._writes.append(self._writer.submit(self._write, pack.pack_id, pack.finish(),
+                                                locations))
+        self._new.update(locations)
         self._in_pack.clear()
 
+    def _write(self, pack_id: str, data: bytearray, locations: dict[bytes, Location]) -> None:
+        if self._lease is not None:
+            self._lease.check(f"upload pack {pack_id}")
+        self._store.write_pack(pack_id, data, self._consequence)
+        if self._checkpoint:
+            name = new_index_name()
+            if self._lease is not None:
+                self._lease.check(f"upload index file {name}")
+            self._store.write_index(name, index_file.encode(locations), self._consequence)
+            with self._mutex:
+                self._checkpoints.append(name)
+                self._checkpointed.add(pack_id)
+
     def _wait(self) -> None:
-        if self._write is not None:
-            write, self._write = self._write, None
-            write.result()  # a failed write surfaces here
+        while self._writes:
+            self._writes.popleft().result()
 
     def finish_packs(self) -> dict[bytes, Location]:
         """Write the last pack and wait until every pack is durable; -> where each object is."""
@@ -85,24 +119,32 @@ class PackSink:
         was new); the repository's chunk index learns them. -> the new locations."""
         locations = self.finish_packs()
         if locations:
-            self._index_name = f"{secrets.token_hex(16)}.idx"
-            self._repo.write_index(self._index_name, index_file.encode(locations),
-                                   self._consequence)
-            self._repo.add_locations(locations)
+            self._index_name = new_index_name()
+            if self._lease is not None:
+                self._lease.check(f"publish index file {self._index_name}")
+            self._store.write_index(self._index_name, index_file.encode(locations),
+                                    self._consequence)
+            self._store.add_locations(locations)
         self._published = True
+        for name in self._checkpoints:  # the index file just written names it all
+            with contextlib.suppress(BackendError, OSError):
+                self._store.delete_index(name)
         return locations
 
     def close(self) -> None:
-        """Done, or given up: a pack being written finishes; unless an index file names them
-        now, the packs written are deleted again."""
+        """Done, or given up: packs being written finish; unless an index file names them
+        now, the packs written are deleted again (a checkpointed pack is kept: the next backup
+        deduplicates against it)."""
+        for future in self._writes:
+            future.cancel()
         self._writer.shutdown(wait=True)
         if self._published or not self._written:
             return
-        if self._index_name is not None and self._repo.index_file_exists(self._index_name):
+        if self._index_name is not None and self._store.index_file_exists(self._index_name):
             # The index file became visible although writing it failed (its directory's fsync
             # did): another writer may already deduplicate against these packs. Keep them;
             # prune collects them if no restore point comes to need them.
             return
-        for pack_id in self._written:
-            with contextlib.suppress(OSError):
-                self._repo.delete_pack(pack_id)
+        for pack_id in [p for p in self._written if p not in self._checkpointed]:
+            with contextlib.suppress(OSError, BackendError):
+                self._store.delete_pack(pack_id)

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import functools
-import secrets
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from blocktrail import __version__
+from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, seal
 from blocktrail.repo.sink import PackSink
+from blocktrail.repo.store import Store, stamp
 
-if TYPE_CHECKING:
-    from blocktrail.repo.locks import RepoLock
-    from blocktrail.repo.repository import Repository
-
-MAX_IN_FLIGHT = 64
+BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
+MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
 TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
 
 
@@ -27,28 +25,43 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def _seal_chunk(data: bytes) -> tuple[bytes, bytes, int]:
-    name, envelope = seal(KIND_CHUNK, data)
-    return name, envelope, len(data)
+def _seal_chunks(batch: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    out = []
+    for data in batch:
+        name, envelope = seal(KIND_CHUNK, data)
+        out.append((name, envelope, len(data)))
+    return out
 
 
 class PointWriter:
     """Collects the chunks of a new restore point; `commit` publishes it.
 
     Chunks not put come from the parent point (an incremental) or are holes (a full). A writer
-    closed without a commit leaves nothing behind but what an index file already names."""
+    closed without a commit leaves nothing behind but what an index file already names.
 
-    def __init__(self, repo: Repository, disk_id: str, size_bytes: int,
-                 parent: RestorePoint | None, lock: RepoLock, pool: ThreadPoolExecutor) -> None:
-        self._repo = repo
+    It writes under ``lease`` (the disk's): nothing is uploaded or published once that is lost.
+    The new point refers only to objects a new point may refer to (`Store.has_chunk`: not lost,
+    not in a pack a garbage collection condemned); a page or table of the parent that is not
+    is stored again."""
+
+    def __init__(self, store: Store, disk_id: str, size_bytes: int,
+                 parent: RestorePoint | None, lease: Lease, pool: ThreadPoolExecutor, *,
+                 release_lease: bool = True) -> None:
+        self._repo = store
         self.disk_id = disk_id
         self.size_bytes = size_bytes
         self.parent = parent
-        self._lock: RepoLock | None = lock
+        self.lease = lease
+        self._release_lease = release_lease
+        self._released = False
         self._pool = pool
         self._entries: dict[int, bytes] = {}
-        self._pending: deque[tuple[int, Future[tuple[bytes, bytes, int]]]] = deque()
-        self._sink = PackSink(repo, repo.has_chunk)
+        self._batch_indexes: list[int] = []
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._pending: deque[tuple[list[int], Future[list[tuple[bytes, bytes, int]]]]] = \
+            deque()
+        self._sink = PackSink(store, store.has_chunk, lease=lease)
         self._parent_pages: list[str] | None = None
         self.chunks_put = 0
         self.new_chunks = 0
@@ -63,16 +76,30 @@ class PointWriter:
         if data == _zeros(len(data)):
             self._entries[index] = ZERO_DIGEST
             return
-        self._pending.append((index, self._pool.submit(_seal_chunk, data)))
+        self._batch_indexes.append(index)
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        if not self._batch:
+            return
+        self._pending.append((self._batch_indexes, self._pool.submit(_seal_chunks,
+                                                                     self._batch)))
+        self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
 
     def _drain(self, keep: int) -> None:
+        if keep == 0:
+            self._submit_batch()
         while len(self._pending) > keep:
-            index, future = self._pending.popleft()
-            name, envelope, plain_length = future.result()
-            self._entries[index] = name
-            self.new_chunks += self._sink.add(name, envelope, plain_length)
+            indexes, future = self._pending.popleft()
+            for index, (name, envelope, plain_length) in zip(indexes, future.result(),
+                                                            strict=True):
+                self._entries[index] = name
+                self.new_chunks += self._sink.add(name, envelope, plain_length)
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""
@@ -100,7 +127,7 @@ class PointWriter:
         repo = self._repo
         now = datetime.now(UTC)
         point = RestorePoint(
-            id=f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}",
+            id=stamp(),
             disk_id=self.disk_id, size_bytes=self.size_bytes, chunk_size=repo.chunk_size,
             page_chunks=repo.page_chunks, tables=tuple(tables), kind=kind,
             parent=self.parent.id if self.parent else None, change_id=change_id,
@@ -112,7 +139,7 @@ class PointWriter:
         # If this fails, the packs and the index file stay: once the index file exists another
         # backup may already deduplicate against its objects. Nothing references them unless
         # a later point does; prune collects them.
-        repo.write_manifest(point)
+        repo.write_manifest(point, self.lease)
         return point
 
     def _build_pages(self) -> list[str]:
@@ -131,7 +158,8 @@ class PointWriter:
         for page_no in range(count):
             width = min(pc, chunks - page_no * pc)
             changes = by_page.get(page_no)
-            if self._parent_pages is not None and not changes:
+            if self._parent_pages is not None and not changes \
+                    and repo.has_chunk(bytes.fromhex(self._parent_pages[page_no])):
                 out.append(self._parent_pages[page_no])
                 continue
             if self._parent_pages is not None:
@@ -152,7 +180,8 @@ class PointWriter:
         for t in range(0, len(pages), per):
             group = pages[t : t + per]
             if parent is not None and parent_pages is not None \
-                    and parent_pages[t : t + per] == group:
+                    and parent_pages[t : t + per] == group \
+                    and self._repo.has_chunk(bytes.fromhex(parent.tables[t // per])):
                 out.append(parent.tables[t // per])
             else:
                 out.append(self._store(KIND_TABLE, b"".join(bytes.fromhex(h) for h in group)))
@@ -160,13 +189,14 @@ class PointWriter:
 
     def close(self) -> None:
         """Give up (or finish): pending work is dropped, packs no index file names are
-        deleted, the repository lock released."""
+        deleted, the lease released (when the writer took it)."""
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
+        self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         try:
             self._sink.close()
         finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            if self._release_lease and not self._released:
+                self._released = True
+                self.lease.release()

@@ -86,6 +86,13 @@ class IntentLog:
     def set_regions(self) -> frozenset[int]:
         return frozenset(self._durable)
 
+    def covers(self, offset: int, length: int) -> bool:
+        """Whether every region the range touches is durable already (`ensure` would not sync)."""
+        first = offset // self.region_bytes
+        last = (offset + max(length, 1) - 1) // self.region_bytes
+        durable = self._durable
+        return all(r in durable for r in range(first, last + 1))
+
     def ensure(self, offset: int, length: int) -> None:
         """Make the bits of every region touched by the range durable (one fsync at most, and
         none when another writer's sync already covers them)."""

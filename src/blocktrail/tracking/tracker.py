@@ -188,6 +188,11 @@ class ChangeTracker:
             self._open.add_range(offset // g, (offset + length - 1) // g + 1)
         self._intent.ensure(offset, length)
 
+    def marks_at_once(self, offset: int, length: int) -> bool:
+        """Whether `mark` of the range would return without waiting for a sync (its write-intent
+        regions are durable already) and no checkpoint is due."""
+        return self._intent.covers(offset, length) and not self.checkpoint_due
+
     @property
     def checkpoint_due(self) -> bool:
         """Writes went on for a while since the last checkpoint: the disk should call

@@ -1,6 +1,7 @@
 """The repository as a chunk source: every chunk of a point as stored, checked; a damaged chunk
 or an unreachable repository named, never made up; the repository opened again after a failure;
-the shared lock held (no prune under it); a lazily opened source for a disk that reopens."""
+a lease naming the point held (no forget of it, no prune sweep under it); a lazily opened
+source for a disk that reopens."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from blocktrail.backup.chunksource import (
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import CorruptMetadata
 from blocktrail.repo import Repository
-from blocktrail.repo.errors import PointNotFound, RepositoryBusy, RepositoryNotFound
+from blocktrail.repo.errors import PointNotFound, RepositoryNotFound
+from blocktrail.repo.leases import list_leases
 from instantkit import CS, damage_chunk, make_point, store_again
 
 
@@ -109,13 +111,14 @@ def test_an_unreachable_repository_fails_fetches_until_it_is_back(tmp_path: Path
         source.close()
 
 
-def test_the_shared_lock_is_held_while_open(tmp_path: Path) -> None:
+def test_a_lease_naming_the_point_is_held_while_open(tmp_path: Path) -> None:
     point = make_point(tmp_path)
     source = RepositoryChunkSource(str(point.repo), point.id)
     with Repository.open(point.repo) as repo:
-        with pytest.raises(RepositoryBusy):
-            repo.prune()
+        held = list_leases(repo.backend)
+        assert [(lease.purpose, lease.base) for lease in held] == [("writer", point.id)]
         source.close()
+        assert list_leases(repo.backend) == []
         repo.prune()
 
 

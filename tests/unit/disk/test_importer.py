@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,50 @@ def test_a_block_device_is_imported_at_its_size(loop_device: str, tmp_path: Path
         assert disk.size_bytes == 8 * MiB
         with open(loop_device, "rb") as f:
             assert disk.pread(8 * MiB, 0) == f.read()
+
+
+KILLED_IMPORT = """
+import os, signal, sys
+from blocktrail.disk.importer import import_raw
+def die(done, total):
+    os.kill(os.getpid(), signal.SIGKILL)
+import_raw(sys.argv[1], sys.argv[2], progress=die)
+"""
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = os.stat(path).st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+def test_what_a_killed_import_left_is_removed_by_the_next_import(tmp_path: Path) -> None:
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(4 << 20))
+    target = tmp_path / "d0"
+    run = subprocess.run([sys.executable, "-c", KILLED_IMPORT, str(image), str(target)],
+                         check=False)
+    assert run.returncode == -9
+    left = [n for n in os.listdir(tmp_path) if n.startswith(f"{BUILDING_PREFIX}d0-")]
+    assert len(left) == 1 and not target.exists()
+    # A build of another name, and one of this name still being written (its lock held), stay.
+    other = tmp_path / f"{BUILDING_PREFIX}d1-0000"
+    live = tmp_path / f"{BUILDING_PREFIX}d0-live"
+    other.mkdir()
+    with Disk.create(live, 1 << 20):
+        for path in (tmp_path / left[0], other, live):
+            _age(path, 3600)
+        import_raw(image, target).close()
+        assert not (tmp_path / left[0]).exists()
+        assert other.exists() and live.exists()
+    with Disk.open(target) as disk:
+        assert disk.pread(4 << 20, 0) == image.read_bytes()
+
+
+def test_a_fresh_build_directory_is_left_alone(tmp_path: Path) -> None:
+    """Unchanged for less than a minute: perhaps a build between its close and its rename."""
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    fresh = tmp_path / f"{BUILDING_PREFIX}d0-fresh"
+    fresh.mkdir()
+    import_raw(image, tmp_path / "d0").close()
+    assert fresh.exists()

@@ -70,6 +70,7 @@ class MemoryExport:
     read_only: bool
     fd: int
     flushes: int = 0
+    at_once: int = 0  # writes offered to perform_now
     reads: list[Mapped] = field(default_factory=list)
 
     @property
@@ -101,6 +102,13 @@ class MemoryExport:
         else:
             raise RequestFailed(f"{request.command.name} is not done in memory",
                                 errno=Errno.ENOTSUP)
+
+    def perform_now(self, request: Request) -> bool:
+        self.at_once += 1
+        if request.offset >= BLOCK:  # the rest is left to a worker thread
+            return False
+        self.perform(request)
+        return True
 
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         return [(i, struct.pack(">II", request.length, 0)) for i in contexts]
@@ -167,9 +175,13 @@ def test_a_memory_export_is_served_through_the_interface(tmp_path: Path) -> None
         async with serving(tmp_path, MemoryCatalog(export, multi_conn=False)) as uri:
             client = await NbdClient.connect(uri, contexts=["base:allocation"])
             assert await client.pread(SIZE, 0) == export.content  # file, zeros, bytes
-            await client.pwrite(b"y" * 10, 5 * BLOCK)
+            await client.pwrite(b"y" * 10, 5 * BLOCK)  # left to a worker by perform_now
+            await client.pwrite(b"z" * 10, 7)  # done at once on the event loop
+            await client.pwrite(b"f" * 10, 20, fua=True)  # never at once: it must flush
             await client.flush()
             assert export.content[5 * BLOCK : 5 * BLOCK + 10] == b"y" * 10
+            assert export.content[7:17] == b"z" * 10 and export.content[20:30] == b"f" * 10
+            assert export.at_once == 2
             assert export.flushes == 1
             assert await client.block_status(SIZE, 0, "base:allocation") == [(SIZE, 0)]
             with pytest.raises(RequestFailed) as failed:  # the export's error, as it was

@@ -1,6 +1,7 @@
 """Damaged copies go to quarantine and are never used again; a spare copy is used instead; the
 chunk index ignores deleted packs; prune frees space before it writes; a failed backup leaves
-nothing behind but what an index file names."""
+nothing behind but what an index file names. On both backends, except where a test is about
+local files (a full file system, temporary files)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import pytest
 
 from blocktrail.errors import NoSpace
 from blocktrail.fileio import OsFileIO
-from blocktrail.repo import Repository, RestorePoint, RetentionPolicy
+from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
+from blocktrail.repo import index as index_file
 from blocktrail.repo import quarantine as q
 from blocktrail.repo.errors import ObjectMissing, RepositoryError, RepositoryNoSpace
-from repodamage import flip, index_file_naming, object_file, repo_files
+from repodamage import repo_files
+from s3server import RepoTarget
 
 CS = 64 * 1024
 
@@ -41,39 +44,56 @@ def restored(repo: Repository, point: RestorePoint, tmp: Path) -> bytes:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Repository:
+def repo(target: RepoTarget) -> Repository:
+    return target.init()
+
+
+def pack_of(loc: object) -> str:
+    return layout.pack(loc.pack_id)  # type: ignore[attr-defined]
+
+
+def index_naming(target: RepoTarget, name: bytes) -> str:
+    for object_name in target.names("index/"):
+        if name in index_file.decode(target.read(object_name), object_name):
+            return object_name
+    raise LookupError(f"no index file names {name.hex()}")
+
+
+@pytest.fixture
+def local_repo(tmp_path: Path) -> Repository:
     return Repository.init(tmp_path / "repo")
 
 
-def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Path) -> None:
+def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Path,
+                                                  target: RepoTarget) -> None:
     chunks = image(1, 4)  # two processes that cannot see each other's chunks yet:
     first = repo.begin("a", 4 * CS, None)  # the same content is stored twice
-    second = Repository.open(tmp_path / "repo").begin("b", 4 * CS, None)
+    second = target.open().begin("b", 4 * CS, None)
     for writer in (first, second):
         for i, data in enumerate(chunks):
             writer.put_chunk(i, data)
     a = first.commit(kind="full", change_id=None)
     b = second.commit(kind="full", change_id=None)
-    fresh = Repository.open(tmp_path / "repo")
+    fresh = target.open()
     name = fresh.chunk_digests(a.id, [2])[2]
     assert name is not None
     loc = fresh.index[name]
-    flip(object_file(tmp_path / "repo", loc), loc.offset + 48 + 7)
+    target.flip(pack_of(loc), loc.offset + 48 + 7)
     assert restored(fresh, b, tmp_path) == b"".join(chunks)  # read the other copy
-    records = os.listdir(tmp_path / "repo" / "quarantine")
-    assert records == [q.record_name((name, loc.pack_id, loc.offset))]
-    record = json.loads((tmp_path / "repo" / "quarantine" / records[0]).read_bytes())
+    records = target.names("quarantine/")
+    assert records == [layout.quarantine_record(q.record_name((name, loc.pack_id, loc.offset)))]
+    record = json.loads(target.read(records[0]))
     assert record["digest"] == name.hex() and record["kind"] == "chunk"
-    reopened = Repository.open(tmp_path / "repo")
+    reopened = target.open()
     assert reopened.index[name] != loc  # the damaged copy is never used again
     report = reopened.check(read_data=True)
     assert report.ok and report.quarantined_before == 1
 
 
 def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
-                                                               tmp_path: Path) -> None:
+                                                               target: RepoTarget) -> None:
     chunks = image(2, 3)
-    writers = [Repository.open(tmp_path / "repo").begin(d, 3 * CS, None) for d in "ab"]
+    writers = [target.open().begin(d, 3 * CS, None) for d in "ab"]
     for writer in writers:
         for i, data in enumerate(chunks):
             writer.put_chunk(i, data)
@@ -81,55 +101,56 @@ def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
     name = repo.chunk_digests(points[0].id, [0])[0]
     assert name is not None
     loc = repo.index[name]
-    flip(object_file(tmp_path / "repo", loc), loc.offset + 60)
-    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    target.flip(pack_of(loc), loc.offset + 60)
+    report = target.open().check(read_data=True)
     assert [(p.kind, p.name, p.affected_points) for p in report.problems] == [
         ("chunk", name.hex(), ())]
     assert "intact copy is used" in report.problems[0].detail
-    assert Repository.open(tmp_path / "repo").check(read_data=True).ok  # set aside for good
+    assert target.open().check(read_data=True).ok  # set aside for good
 
 
-def test_a_record_is_its_name(repo: Repository, tmp_path: Path) -> None:
+def test_a_record_is_its_name(repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     point = store(repo, "d", image(3, 2))
     name = repo.chunk_digests(point.id, [1])[1]
     assert name is not None
     loc = repo.index[name]
-    record = tmp_path / "repo" / "quarantine" / q.record_name((name, loc.pack_id, loc.offset))
-    record.write_bytes(b"not even json")  # a damaged record still quarantines its copy
-    fresh = Repository.open(tmp_path / "repo")
+    record = q.record_name((name, loc.pack_id, loc.offset))
+    target.write(layout.quarantine_record(record), b"not even json")  # still quarantines
+    fresh = target.open()
     assert not fresh.has_chunk(name) and name in fresh.lost_objects()
     with pytest.raises(ObjectMissing, match="damaged and in quarantine"):
         fresh.restore(point.id, str(tmp_path / "x.raw"))
-    assert q.parse_record_name(record.name) == (name, loc.pack_id, loc.offset)
-    for bad in ("x.json", f"{name.hex()}-{loc.pack_id}-01.json", record.name + ".tmp"):
+    assert q.parse_record_name(record) == (name, loc.pack_id, loc.offset)
+    for bad in ("x.json", f"{name.hex()}-{loc.pack_id}-01.json", record + ".tmp"):
         assert q.parse_record_name(bad) is None
 
 
 @pytest.mark.parametrize("where", ["envelope zero byte", "trailer zero field"])
-def test_reserved_bytes_must_be_zero(repo: Repository, tmp_path: Path, where: str) -> None:
+def test_reserved_bytes_must_be_zero(repo: Repository, target: RepoTarget, where: str) -> None:
     point = store(repo, "d", image(4, 2))
     name = repo.chunk_digests(point.id, [0])[0]
     assert name is not None
     loc = repo.index[name]
-    pack = object_file(tmp_path / "repo", loc)
+    pack = pack_of(loc)
     if where == "envelope zero byte":
-        flip(pack, loc.offset + 7)
+        target.flip(pack, loc.offset + 7)
         expected = {("chunk", name.hex())}
     else:
-        flip(pack, pack.stat().st_size - 8 - 4)  # the last trailer entry's zero field
+        target.flip(pack, len(target.read(pack)) - 8 - 4)  # the last trailer entry's zero field
         expected = {("pack", loc.pack_id)}
-    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    report = target.open().check(read_data=True)
     assert {(p.kind, p.name) for p in report.problems} == expected
 
 
-def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: Path) -> None:
+def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: Path,
+                                                   target: RepoTarget) -> None:
     old, new = image(5, 3), image(6, 3)
     a = store(repo, "a", old)
     b = store(repo, "b", new)
     name = repo.chunk_digests(a.id, [0])[0]
     assert name is not None
-    object_file(tmp_path / "repo", repo.index[name]).unlink()  # as a prune killed midway
-    fresh = Repository.open(tmp_path / "repo")
+    target.delete(pack_of(repo.index[name]))  # as a prune killed midway
+    fresh = target.open()
     assert not fresh.has_chunk(name)
     report = fresh.check()
     assert [(p.kind, p.affected_points) for p in report.problems] == [("table", (a.id,))]
@@ -137,17 +158,17 @@ def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: 
     assert restored(fresh, b, tmp_path) == b"".join(new)
     again = store(fresh, "a", old)  # nothing deduplicates against the deleted pack
     assert again.stats["new_chunks"] == 3
-    assert restored(Repository.open(tmp_path / "repo"), again, tmp_path) == b"".join(old)
+    assert restored(target.open(), again, tmp_path) == b"".join(old)
 
 
-def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository,
-                                                           tmp_path: Path) -> None:
+def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository, tmp_path: Path,
+                                                           target: RepoTarget) -> None:
     a = store(repo, "a", image(7, 2))
     b = store(repo, "b", image(8, 2))
     name = repo.chunk_digests(a.id, [0])[0]
     assert name is not None
-    flip(index_file_naming(tmp_path / "repo", name), 30)
-    fresh = Repository.open(tmp_path / "repo")
+    target.flip(index_naming(target, name), 30)
+    fresh = target.open()
     assert restored(fresh, b, tmp_path)  # the other index file still loads
     report = fresh.check()
     index_problems = [p for p in report.problems if p.kind == "index"]
@@ -155,7 +176,7 @@ def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository,
     with pytest.raises(RepositoryError, match="repo repair"):
         fresh.prune()
     assert fresh.repair().ok
-    assert Repository.open(tmp_path / "repo").check(read_data=True).ok
+    assert target.open().check(read_data=True).ok
 
 
 class FailIndexWrites(OsFileIO):
@@ -174,7 +195,8 @@ class FailIndexWrites(OsFileIO):
         super().unlink(path)
 
 
-def test_prune_frees_space_before_it_writes(repo: Repository, tmp_path: Path) -> None:
+def test_prune_frees_space_before_it_writes(local_repo: Repository, tmp_path: Path) -> None:
+    repo = local_repo
     old = store(repo, "d", image(9, 8))
     kept = store(repo, "d", image(10, 8))
     repo.forget(RetentionPolicy(keep_last=1))
@@ -194,23 +216,26 @@ def test_prune_frees_space_before_it_writes(repo: Repository, tmp_path: Path) ->
 
 
 def test_prune_deletes_the_records_of_the_packs_it_deletes(repo: Repository,
-                                                           tmp_path: Path) -> None:
+                                                           target: RepoTarget) -> None:
     old = store(repo, "d", image(11, 2))
     store(repo, "d", image(12, 2))
     name = repo.chunk_digests(old.id, [0])[0]
     assert name is not None
     loc = repo.index[name]
-    flip(object_file(tmp_path / "repo", loc), loc.offset + 100)
+    target.flip(pack_of(loc), loc.offset + 100)
     assert not repo.check(read_data=True).ok
-    assert len(os.listdir(tmp_path / "repo" / "quarantine")) == 1
+    assert len(target.names("quarantine/")) == 1
     repo.forget(RetentionPolicy(keep_last=1))
     assert repo.prune().quarantine_records_deleted == 1
-    assert os.listdir(tmp_path / "repo" / "quarantine") == []
+    assert target.names("quarantine/") == []
     assert repo.check(read_data=True).ok
 
 
-def test_a_failed_backup_leaves_no_pack_behind(repo: Repository, tmp_path: Path,
+def test_a_failed_backup_leaves_no_pack_behind(local_repo: Repository, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a local directory (on object storage the packs stay, for a resumed backup: see
+    test_a_cut_off_backup_resumes_without_uploading_again)."""
+    repo = local_repo
     monkeypatch.setattr("blocktrail.repo.sink.PACK_TARGET_BYTES", 4 * CS)
     before = repo_files(tmp_path / "repo")
     writer = repo.begin("d", 40 * CS, None)
@@ -247,7 +272,7 @@ def test_a_full_restore_target_is_no_space(repo: Repository, tmp_path: Path,
     def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("blocktrail.repo.repository.os.pwrite", full)
+    monkeypatch.setattr("blocktrail.fileio.os.pwrite", full)
     target = tmp_path / "out" / "disk.raw"
     target.parent.mkdir()
     with pytest.raises(NoSpace, match=r"restore target .* is full.*nothing was left"):
@@ -256,21 +281,21 @@ def test_a_full_restore_target_is_no_space(repo: Repository, tmp_path: Path,
 
 
 def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
-                                                                  tmp_path: Path) -> None:
+                                                                  target: RepoTarget) -> None:
     point = store(repo, "d", image(17, 3))
     name = repo.chunk_digests(point.id, [0])[0]
     assert name is not None
     loc = repo.index[name]
-    pack = object_file(tmp_path / "repo", loc)
-    flip(pack, loc.offset)  # the envelope's magic: found and put in quarantine
+    pack = pack_of(loc)
+    target.flip(pack, loc.offset)  # the envelope's magic: found and put in quarantine
     assert [p.kind for p in repo.check(read_data=True).problems] == ["chunk"]
-    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    report = target.open().check(read_data=True)
     assert report.affected_points == {point.id} and report.quarantined_before == 1
     assert [p.kind for p in report.problems] == ["chunk"]  # the known damage, nothing more
-    data = pack.read_bytes()
+    data = target.read(pack)
     count = int.from_bytes(data[-8:-4], "little")
     entry = len(data) - 8 - count * 48 + next(
         i * 48 for i in range(count) if data[len(data) - 8 - count * 48 + i * 48:][:32] == name)
-    flip(pack, entry + 5)  # now that copy's trailer entry too: no index entry names it
-    report = Repository.open(tmp_path / "repo").check(read_data=True)
+    target.flip(pack, entry + 5)  # now that copy's trailer entry too: no index entry names it
+    report = target.open().check(read_data=True)
     assert ("pack", loc.pack_id) in {(p.kind, p.name) for p in report.problems}

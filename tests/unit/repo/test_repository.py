@@ -1,4 +1,5 @@
-"""The repository: round trips, dedup, growth, locks, retention, corruption, fault sweeps."""
+"""The repository: round trips, dedup, growth, leases, retention, corruption, fault sweeps; on
+both backends (a local directory and S3) where the test is not about local files."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from blocktrail.errors import NoSpace
 from blocktrail.fileio import FileHandle, OsFileIO
-from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo import Repository, RetentionPolicy, layout
 from blocktrail.repo import index as index_file
+from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
     ManifestCorrupt,
     ObjectMissing,
-    RepositoryBusy,
     RepositoryError,
 )
+from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
+from s3server import TEST_TIMING, RepoTarget, SeaweedFS
 
 CS = 64 * 1024
 
@@ -46,13 +50,9 @@ def restored(repo: Repository, point: RestorePoint, tmp: Path) -> bytes:
     return target.read_bytes()
 
 
-def du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 @pytest.fixture
-def repo(tmp_path: Path) -> Repository:
-    return Repository.init(tmp_path / "repo")
+def repo(target: RepoTarget) -> Repository:
+    return target.init()
 
 
 def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -> None:
@@ -64,16 +64,17 @@ def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -
     assert point.stats["new_chunks"] == 37
 
 
-def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path) -> None:
+def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path,
+                                                    target: RepoTarget) -> None:
     chunks = image(2, 1024)  # 64 MiB disk
     full = store(repo, "d", chunks)
-    before = du(tmp_path / "repo")
+    before = target.stored_bytes()
     changed = {3, 100, 517, 800, 1023}
     newer = list(chunks)
     for i in changed:
         newer[i] = os.urandom(CS)
     inc = store(repo, "d", newer, parent=full.id, only=changed)
-    growth = du(tmp_path / "repo") - before
+    growth = target.stored_bytes() - before
     assert growth <= 2 * len(changed) * CS, growth
     assert restored(repo, inc, tmp_path) == b"".join(newer)
     assert restored(repo, full, tmp_path) == b"".join(chunks)
@@ -89,13 +90,14 @@ def test_zeroed_chunk_in_incremental_is_a_hole_not_the_parent(repo: Repository,
     assert restored(repo, inc, tmp_path) == b"".join(newer)
 
 
-def test_dedup_across_points_and_disks(repo: Repository, tmp_path: Path) -> None:
+def test_dedup_across_points_and_disks(repo: Repository, tmp_path: Path,
+                                      target: RepoTarget) -> None:
     chunks = image(4, 64)
     store(repo, "disk-a", chunks)
-    size = du(tmp_path / "repo")
+    size = target.stored_bytes()
     other = store(repo, "disk-b", chunks)
     assert other.stats["new_chunks"] == 0
-    assert du(tmp_path / "repo") - size < 64 * 1024  # a manifest and nothing else new
+    assert target.stored_bytes() - size < 64 * 1024  # a manifest and nothing else new
     assert restored(repo, other, tmp_path) == b"".join(chunks)
 
 
@@ -128,16 +130,37 @@ def test_retention_policies() -> None:
     assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
 
 
-def test_prune_refuses_while_a_backup_runs(repo: Repository) -> None:
-    writer = repo.begin("d", CS, None)
-    with pytest.raises(RepositoryBusy, match="backups are running"):
-        repo.prune()
-    writer.put_chunk(0, os.urandom(CS))
-    writer.commit(kind="full", change_id=None)
-    repo.prune()
+def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
+        repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
+    chunks = image(20, 4)
+    old = store(repo, "x", chunks)
+    assert repo.forget(RetentionPolicy(keep_last=1), "x") == []
+    for p in repo.points():  # forget the only point of "x": its pack is unused now
+        repo.delete_manifest(p.id)
+    early = target.open().begin("d", 4 * CS, None)  # before the prune:
+    # it read the index then, and may use that pack
+    for i, data in enumerate(chunks):
+        early.put_chunk(i, data)
+    report = repo.prune()  # does not wait for it, and deletes nothing it may use
+    assert report.packs_condemned == 1 and report.packs_deleted == 0
+    assert report.packs_waiting == 1 and len(report.waiting_for) == 1
+    late = target.open().begin("e", 4 * CS, None)  # after the prune
+    for i, data in enumerate(chunks):
+        late.put_chunk(i, data)
+    late_point = late.commit(kind="full", change_id=None)
+    assert late_point.stats["new_chunks"] == 4  # never refers to a condemned pack
+    early_point = early.commit(kind="full", change_id=None)
+    assert early_point.stats["new_chunks"] == 0  # it deduplicated against the old pack
+    report = repo.prune()  # the writer is gone: the old pack is needed now, and kept
+    assert report.packs_deleted == 0 and report.packs_waiting == 0
+    for point in (early_point, late_point):
+        assert restored(target.open(), point, tmp_path) == b"".join(chunks)
+    assert repo.check(read_data=True).ok
+    assert old.id not in {p.id for p in repo.points()}
 
 
-def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path) -> None:
+def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path,
+                                                 target: RepoTarget) -> None:
     import threading
 
     points: list[RestorePoint] = []
@@ -152,7 +175,7 @@ def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Pat
     for t in threads:
         t.join()
     assert repo.check(read_data=True).ok
-    fresh = Repository.open(tmp_path / "repo")
+    fresh = target.open()
     for point in points:
         assert restored(fresh, point, tmp_path) == b"".join(data[point.disk_id])
 
@@ -167,19 +190,14 @@ def _two_points(repo: Repository) -> tuple[RestorePoint, RestorePoint, list[byte
     return full, store(repo, "d", newer, parent=full.id, only={9}), newer
 
 
-def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(repo: Repository,
-                                                                 tmp_path: Path) -> None:
+def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(
+        repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     full, inc, _ = _two_points(repo)
     name = repo.chunk_digests(inc.id, [9])[9]
     assert name is not None
     loc = repo.index[name]
-    pack = next((tmp_path / "repo" / "packs").rglob(f"{loc.pack_id}.pack"))
-    with open(pack, "r+b") as f:
-        f.seek(loc.offset + 100)
-        byte = f.read(1)
-        f.seek(loc.offset + 100)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    fresh = Repository.open(tmp_path / "repo")
+    target.flip(layout.pack(loc.pack_id), loc.offset + 100, 0xFF)
+    fresh = target.open()
     assert fresh.check().ok  # structure is fine; only reading the data finds it
     report = fresh.check(read_data=True)
     assert [(p.kind, p.name) for p in report.problems] == [("chunk", name.hex())]
@@ -191,40 +209,43 @@ def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(repo: Repositor
     assert restored(fresh, full, tmp_path)  # the other point still restores
 
 
-def test_truncated_manifest_is_reported(repo: Repository, tmp_path: Path) -> None:
+def test_truncated_manifest_is_reported(repo: Repository, tmp_path: Path,
+                                        target: RepoTarget) -> None:
     full, inc, _ = _two_points(repo)
-    manifest = tmp_path / "repo" / "points" / f"{inc.id}.json"
-    manifest.write_bytes(manifest.read_bytes()[:100])
-    report = Repository.open(tmp_path / "repo").check()
+    name = layout.manifest(inc.id)
+    target.write(name, target.read(name)[:100])
+    report = target.open().check()
     assert [(p.kind, p.affected_points) for p in report.problems] == [("manifest", (inc.id,))]
     with pytest.raises(ManifestCorrupt):
-        Repository.open(tmp_path / "repo").restore(inc.id, str(tmp_path / "x.raw"))
-    assert [p.id for p in Repository.open(tmp_path / "repo").points()] == [full.id]
+        target.open().restore(inc.id, str(tmp_path / "x.raw"))
+    assert [p.id for p in target.open().points()] == [full.id]
 
 
-def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path) -> None:
+def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path,
+                                        target: RepoTarget) -> None:
     _, inc, _ = _two_points(repo)
     name = repo.chunk_digests(inc.id, [9])[9]
-    holder = next(p for p in (tmp_path / "repo" / "index").iterdir()
-                  if name in index_file.decode(p.read_bytes(), p.name))
-    holder.unlink()  # the incremental's index file: its chunk 9 is nowhere now
-    report = Repository.open(tmp_path / "repo").check()
+    holder = next(n for n in target.names("index/")
+                  if name in index_file.decode(target.read(n), n))
+    target.delete(holder)  # the incremental's index file: its chunk 9 is nowhere now
+    report = target.open().check()
     # that index file also located the incremental's new page table: it is reported missing
     assert {p.kind for p in report.problems} == {"table"}
     assert report.affected_points == {inc.id}
     with pytest.raises(ObjectMissing):
-        Repository.open(tmp_path / "repo").restore(inc.id, str(tmp_path / "y.raw"))
+        target.open().restore(inc.id, str(tmp_path / "y.raw"))
 
 
-def test_damaged_page_is_reported(repo: Repository, tmp_path: Path) -> None:
+def test_damaged_page_is_reported(repo: Repository, tmp_path: Path,
+                                  target: RepoTarget) -> None:
     _, inc, _ = _two_points(repo)
     page = bytes.fromhex(repo.pages_of(inc)[0])
     loc = repo.index[page]
-    pack = next((tmp_path / "repo" / "packs").rglob(f"{loc.pack_id}.pack"))
-    with open(pack, "r+b") as f:  # the page's envelope header: its length field
-        f.seek(loc.offset + 8)
-        f.write(b"\xff\xff")
-    report = Repository.open(tmp_path / "repo").check()
+    name = layout.pack(loc.pack_id)
+    data = bytearray(target.read(name))  # the page's envelope header: its length field
+    data[loc.offset + 8 : loc.offset + 10] = b"\xff\xff"
+    target.write(name, bytes(data))
+    report = target.open().check()
     assert [(p.kind, p.affected_points) for p in report.problems] == [("page", (inc.id,))]
 
 
@@ -337,3 +358,60 @@ def test_fault_sweep_prune(tmp_path: Path) -> None:
             assert restored(repo, repo.point(point_id), work) == b"".join(version)
 
     assert _sweep(tmp_path, prepare, lambda repo: repo.prune(), verify) > 5
+
+
+class FailingBackend:
+    """A backend whose ``fail_at``-th operation fails as a store that went away would (after
+    its retries): `BackendUnavailable`. Every operation after it works again."""
+
+    OPERATIONS = ("create", "replace", "load", "info", "list", "delete")
+
+    def __init__(self, inner: Backend, fail_at: int) -> None:
+        self.inner, self.fail_at, self.ops = inner, fail_at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.OPERATIONS:
+            return attr
+
+        def operation(*args: Any, **kwargs: Any) -> Any:
+            self.ops += 1
+            if self.ops == self.fail_at:
+                raise BackendUnavailable(f"injected: {name} {args[:1]} failed")
+            return attr(*args, **kwargs)
+
+        return operation
+
+
+def test_fault_sweep_backup_on_object_storage(s3_server: SeaweedFS, tmp_path: Path) -> None:
+    """The store fails at the 1st, 2nd, ... request of an incremental backup: every run
+    succeeds or raises, and leaves a repository that checks clean and restores every point."""
+    golden = RepoTarget("s3", s3_server.new_url("sweep"), s3_server)
+    chunks = image(30, 40)
+    newer = list(chunks)
+    for i in range(0, 40, 3):
+        newer[i] = os.urandom(CS)
+    with golden.init() as repo:
+        first = store(repo, "d", chunks)
+    n = 1
+    while True:
+        work = golden.copy(f"run{n}")
+        backend = open_backend(work.location, s3=work.s3)
+        done = False
+        try:
+            with Repository.on(FailingBackend(backend, n), TEST_TIMING) as faulty:
+                store(faulty, "d", newer, parent=first.id, only=set(range(0, 40, 3)))
+            done = True
+        except (BackendError, RepositoryError):
+            pass
+        with work.open() as fresh:
+            report = fresh.check(read_data=True)
+            assert report.ok, (n, report.problems)
+            assert restored(fresh, fresh.point(first.id), tmp_path) == b"".join(chunks)
+            for point in fresh.points():
+                assert restored(fresh, point, tmp_path) in (b"".join(chunks), b"".join(newer))
+            assert not work.names("leases/"), n  # a failed writer leaves no lease behind
+        if done:
+            break
+        n += 1
+    assert n > 10

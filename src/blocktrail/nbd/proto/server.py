@@ -38,10 +38,13 @@ the connection.
 
 from __future__ import annotations
 
+import functools
+import operator
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from types import MappingProxyType
 from typing import Final, Protocol
 
 from blocktrail.nbd.proto.constants import (
@@ -82,7 +85,17 @@ from blocktrail.nbd.proto.events import (
 )
 from blocktrail.nbd.proto.machine import StateMachine
 
+# Per request: dictionary lookups, not enum calls. Every allowed combination of flags, made once.
+_COMMANDS = MappingProxyType({int(c): c for c in Command})
+_REFUSED_FLAGS = MappingProxyType({int(c): 0xFFFF & ~int(f) for c, f in ALLOWED_FLAGS.items()})
+_BOUNDED = frozenset({int(Command.READ), int(Command.CACHE)})
+_DISC = int(Command.DISC)
+_ANY_FLAG = int(functools.reduce(operator.or_, ALLOWED_FLAGS.values()))
+_FLAGS = MappingProxyType({v: CommandFlag(v) for v in range(_ANY_FLAG + 1)
+                           if not v & ~_ANY_FLAG})
 _OPTION = struct.Struct(">QII")
+_DONE_CHUNK = struct.Struct(">IHHQI")
+_SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPTION_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 _GREETING: Final = struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
@@ -279,21 +292,20 @@ class ServerConnection:
         with memoryview(self._in) as view:
             data = bytes(view[pos + _REQUEST.size : end]) if payload else b""
         self._pos = end
-        if kind == Command.DISC and not flags:
+        if kind == _DISC and not flags:
             self._machine.fire(Input.DISC)
             return Disconnect()
         self._machine.fire(Input.REQUEST)
-        try:
-            command = Command(kind)
-        except ValueError:
+        command = _COMMANDS.get(kind)
+        if command is None:
             return InvalidRequest(cookie, kind, Errno.EINVAL, f"unknown command {kind}")
-        if flags & ~ALLOWED_FLAGS[command]:
+        if flags & _REFUSED_FLAGS[kind]:
             return InvalidRequest(cookie, kind, Errno.EINVAL,
                                   f"flags {flags:#x} are not allowed on {command.name}")
-        if command in (Command.READ, Command.CACHE) and length > MAX_PAYLOAD:
+        if kind in _BOUNDED and length > MAX_PAYLOAD:
             return InvalidRequest(cookie, kind, Errno.EINVAL,
                                   f"{command.name} of {length} bytes exceeds {MAX_PAYLOAD}")
-        return Request(cookie, command, CommandFlag(flags), offset, length, data)
+        return Request(cookie, command, _FLAGS[flags], offset, length, data)
 
     def _disconnected(self) -> Disconnect:
         return Disconnect()
@@ -471,6 +483,15 @@ class ServerConnection:
         flags = REPLY_FLAG_DONE if done else 0
         self._out += struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, cookie,
                                  len(payload)) + payload
+
+    def done_reply(self, cookie: int) -> bytes:
+        """The reply that ends a request with no data, as bytes for the I/O layer to send with
+        others (a structured NONE chunk, or a simple reply): not queued in `data_to_send`."""
+        self._machine.fire(Input.REPLY)
+        if self._neg.structured:
+            return _DONE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE,
+                                    cookie, 0)
+        return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
     def reply_read_header(self, cookie: int, offset: int, length: int, *, done: bool) -> None:
         """The header of a read's data: an OFFSET_DATA chunk (a simple reply without structured

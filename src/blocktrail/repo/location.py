@@ -1,0 +1,44 @@
+"""Where a repository is: a local directory, or ``s3://BUCKET[/PREFIX]`` on an S3 service."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from blocktrail.errors import InvalidArgument
+from blocktrail.fileio import FileIO
+from blocktrail.repo.backend import Backend
+from blocktrail.repo.localdir import LocalBackend
+from blocktrail.repo.s3options import S3Options
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_s3_url(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://BUCKET/PREFIX`` -> (bucket, prefix)."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise InvalidArgument(f"{url}: {bucket!r} is not a valid S3 bucket name (3-63 of "
+                              "a-z 0-9 . -)")
+    prefix = prefix.strip("/")
+    for segment in prefix.split("/") if prefix else []:
+        if not segment or segment in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+",
+                                                                     segment):
+            raise InvalidArgument(f"{url}: the prefix may hold only A-Z a-z 0-9 . _ - and /")
+    return bucket, prefix
+
+
+def open_backend(location: str | os.PathLike[str], *, fileio: FileIO | None = None,
+                 s3: S3Options | None = None) -> Backend:
+    text = os.fspath(location)
+    if is_s3_url(text):
+        bucket, prefix = parse_s3_url(text)
+        from blocktrail.repo.s3 import S3Backend  # boto3 only for an S3 repository
+        return S3Backend(bucket, prefix, s3 or S3Options())
+    if "://" in text:
+        raise InvalidArgument(f"{text}: a repository is a directory or s3://BUCKET/PREFIX")
+    return LocalBackend(text, fileio)

@@ -1,0 +1,180 @@
+"""Restore: a restore point's disk image written to a file, every chunk checked.
+
+Chunks that lie close together in one pack (a full backup stores a disk's chunks in disk order)
+are fetched with one ranged read; many such reads are in flight at once, so a restore from
+object storage is bound by the link, not by round trips. The image is written through the file
+layer (blocktrail.fileio): a ``.partial-*`` file beside the target, fsync, rename, fsync the
+directory; on any damage (or a full file system) nothing is left at the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+from blocktrail.errors import NoSpace, is_no_space
+from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
+from blocktrail.pipeline import read_ahead
+from blocktrail.repo.errors import ChunkCorrupt
+from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, open_envelope
+from blocktrail.repo.packs import Location
+from blocktrail.repo.store import Store
+
+Progress = Callable[[int, int], None]
+WRITEBACK_BYTES = 64 << 20
+RANGE_BYTES = 8 << 20  # at most this much in one read
+RANGE_GAP = 256 << 10  # bytes of other objects a read may carry between two wanted ones
+REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to write again
+
+Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) in one read
+
+
+def restore_point(store: Store, point: RestorePoint, target: str,
+                  progress: Progress | None = None, fileio: FileIO | None = None) -> int:
+    """Write ``point``'s image to ``target`` (sparse). -> bytes of data written."""
+    fio = fileio or OsFileIO()
+    partial = f"{target}.partial-{secrets.token_hex(4)}"
+    try:
+        handle = fio.open(partial, create=True)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise _target_full(target, exc) from exc
+        raise
+    try:
+        written = _restore_into(store, handle, point, progress)
+        handle.fsync()
+    except BaseException as exc:
+        handle.close()
+        with contextlib.suppress(OSError):
+            fio.unlink(partial)
+        if isinstance(exc, OSError) and is_no_space(exc):
+            raise _target_full(target, exc) from exc
+        raise
+    handle.close()
+    fio.rename(partial, target)
+    fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
+    return written
+
+
+def _restore_into(store: Store, handle: FileHandle, point: RestorePoint,
+                  progress: Progress | None) -> int:
+    handle.truncate(point.size_bytes)
+    entries = [(i, n) for i, n in store.page_entries(point) if n != ZERO_DIGEST]
+    fetched, repeats = _split_repeats(entries, point.chunk_size)
+    where = f"restore point {point.id}"
+    window = 16 if store.backend.remote else 4
+    runs = read_ahead(_runs(store, fetched), lambda run: _fetch(store, run, where),
+                      window=window, executor=store.io_pool)
+    kept: dict[bytes, bytes] = {}
+    wanted = {name for _, name in repeats}
+    names = dict(fetched)
+    written = flushed = done = 0
+
+    def write(index: int, data: bytes) -> None:
+        nonlocal written, done
+        expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
+        if len(data) != expected:
+            raise ChunkCorrupt(f"chunk {index} of {where} has {len(data)} bytes, not {expected}")
+        handle.pwrite(data, index * point.chunk_size)
+        written += len(data)
+        done += 1
+
+    for chunks in runs:
+        for index, data in chunks:
+            write(index, data)
+            if names[index] in wanted:
+                kept[names[index]] = data
+        if written - flushed >= WRITEBACK_BYTES:  # start writing back as we go, so the
+            _writeback(handle)                    # final fsync finds little left
+            flushed = written
+        if progress is not None:
+            progress(done, len(entries))
+    for index, name in repeats:  # a chunk that recurs: read once, written again from memory
+        write(index, kept[name])
+    if progress is not None:
+        progress(done, len(entries))
+    return written
+
+
+def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
+                   ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
+    """-> (entries to fetch, later occurrences of chunks fetched once and kept in memory, up
+    to REPEAT_BYTES of them): an image with the same block in many places (deduplicated)
+    costs one read of it, not a read per place."""
+    seen: set[bytes] = set()
+    keep: set[bytes] = set()
+    fetched, repeats = [], []
+    for index, name in entries:
+        if name in keep or (name in seen and (len(keep) + 1) * chunk_size <= REPEAT_BYTES):
+            keep.add(name)
+            repeats.append((index, name))
+        else:
+            seen.add(name)
+            fetched.append((index, name))
+    return fetched, repeats
+
+
+def _writeback(handle: FileHandle) -> None:
+    fd = handle.dup()
+    if fd is not None:
+        try:
+            start_writeback(fd)
+        finally:
+            os.close(fd)
+
+
+def _runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
+    """Entries grouped into reads: consecutive ones whose copies lie close together in one
+    pack. An object without a usable copy is a run of its own (its read says why)."""
+    run: Run = []
+    start = end = 0
+    for index, name in entries:
+        loc = store.index.get(name)
+        if run and (loc is None or run[-1][2] is None or loc.pack_id != run[-1][2].pack_id
+                    or not end <= loc.offset <= end + RANGE_GAP
+                    or loc.offset + loc.length - start > RANGE_BYTES):
+            yield run
+            run = []
+        if not run and loc is not None:
+            start = loc.offset
+        run.append((index, name, loc))
+        if loc is not None:
+            end = loc.offset + loc.length
+    if run:
+        yield run
+
+
+def _fetch(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
+    """The plain bytes of a run's chunks: one ranged read, each envelope checked; a damaged
+    copy is put in quarantine and the next copy read (`Store.read_object`)."""
+    first, last = run[0][2], run[-1][2]
+    if first is None or last is None:
+        return [(index, store.read_chunk(name, where)) for index, name, _ in run]
+    label = f"chunks of {where}"
+    data = store.read_range(first.pack_id, first.offset,
+                            last.offset + last.length - first.offset, label)
+    out = []
+    for index, name, loc in run:
+        if loc is None:  # never in a run of more than one entry
+            out.append((index, store.read_chunk(name, where)))
+            continue
+        at = loc.offset - first.offset
+        envelope = data[at : at + loc.length]
+        chunk_label = f"chunk {name.hex()} ({where})"
+        try:
+            plain = open_envelope(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
+                                  f"{loc.pack_id}")
+        except ChunkCorrupt as exc:
+            store.damaged(name, KIND_CHUNK, loc, exc, None)
+            plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt / ObjectMissing
+        out.append((index, plain))
+    return out
+
+
+def _target_full(target: str, exc: OSError) -> NoSpace:
+    return NoSpace(f"the file system of the restore target {target} is full "
+                   f"({exc.strerror or exc}): free space there, or restore elsewhere, and "
+                   "retry; nothing was left at the target")

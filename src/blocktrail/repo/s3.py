@@ -1,0 +1,229 @@
+"""The S3 backend: one object per name under ``s3://BUCKET/PREFIX/``, through boto3.
+
+Create-only writes are ``PUT`` with ``If-None-Match: *`` (412: the name is taken); conditional
+replaces and deletes send ``If-Match: ETAG``. boto3's retry configuration ("standard" mode)
+retries transient failures (connection errors, 5xx, throttling) with backoff; what still fails
+becomes `BackendUnavailable`. A create whose first attempt reached the server but whose answer
+was lost is retried and then finds its own object: an object with the same MD5 (the ETag of a
+single-part PUT) counts as written. Nothing is uploaded in parts, so an interrupted upload never
+leaves a visible object behind.
+
+Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import hashlib
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions
+import botocore.loaders
+import botocore.session
+from botocore.config import Config
+
+from blocktrail.repo.backend import (
+    BackendDenied,
+    BackendError,
+    BackendUnavailable,
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    PreconditionFailed,
+    check_name,
+)
+from blocktrail.repo.s3options import S3Options
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
+           "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+@functools.cache
+def _service_descriptions() -> Any:
+    """botocore's loader of its (static) service descriptions, shared by every client of this
+    process: loading them again for each repository opened costs a quarter of a second.
+    Credentials and configuration are never shared."""
+    return botocore.loaders.create_loader()
+
+
+class S3Backend:
+    remote = True
+    host_locks = False  # many machines: leases only
+
+    def __init__(self, bucket: str, prefix: str, options: S3Options | None = None) -> None:
+        options = options or S3Options()
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        try:
+            core = botocore.session.Session()
+            core.register_component("data_loader", _service_descriptions())
+            session = boto3.session.Session(botocore_session=core, profile_name=options.profile,
+                                            region_name=options.region)
+            self.client: Any = session.client(
+                "s3", endpoint_url=options.endpoint,
+                region_name=options.region or session.region_name or "us-east-1",
+                config=Config(s3={"addressing_style": "path"},
+                              retries={"mode": "standard",
+                                       "max_attempts": options.max_attempts},
+                              connect_timeout=options.connect_timeout_s,
+                              read_timeout=options.read_timeout_s,
+                              max_pool_connections=options.connections,
+                              request_checksum_calculation="when_required",
+                              response_checksum_validation="when_required"))
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BackendDenied(f"{self.url}: {exc}") from exc
+        self.endpoint = str(self.client.meta.endpoint_url)
+
+    def key(self, name: str) -> str:
+        check_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _call(self, what: str, name: str, operation: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            raise self._client_error(exc, what, name) from exc
+        except botocore.exceptions.NoCredentialsError as exc:
+            raise BackendDenied(f"{self.url}: no credentials (set AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY, or a profile)") from exc
+        except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
+            raise BackendUnavailable(
+                f"{self.url} at {self.endpoint} cannot be reached ({what} {name}): {exc}; "
+                "gave up after the retries") from exc
+
+    def _client_error(self, exc: botocore.exceptions.ClientError, what: str,
+                      name: str) -> BackendError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        message = f"{self.url}: {what} {name}: {code} {error.get('Message', '')}".rstrip()
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return PreconditionFailed(message)
+        if code in _MISSING:
+            return ObjectNotFound(message)
+        if code == "NoSuchBucket":
+            return ObjectNotFound(f"{self.url}: bucket {self.bucket} does not exist")
+        if code in _DENIED or status == 403:
+            return BackendDenied(
+                f"{self.url} at {self.endpoint} refused the credentials or the access ({code}): "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile)")
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+            return BackendUnavailable(f"{message}; gave up after the retries")
+        return BackendError(message)
+
+    @staticmethod
+    def _date(response: Any) -> float:
+        header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        return parsedate_to_datetime(header).timestamp() if header else 0.0
+
+    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+        body = bytes(data)
+        try:
+            response = self._call("creating", name, "put_object", Key=self.key(name),
+                                  Body=body, IfNoneMatch="*")
+        except PreconditionFailed:
+            mine = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+            try:
+                if self.info(name).etag == mine:  # a retried request of this same write
+                    return self.info(name)
+            except ObjectNotFound:
+                pass
+            raise ObjectExists(f"{self.url}: object {name} exists already") from None
+        now = self._date(response)
+        return ObjectInfo(name, len(body), now, str(response.get("ETag", "")), now)
+
+    def replace(self, name: str, data: bytes, etag: str) -> ObjectInfo:
+        try:
+            response = self._call("replacing", name, "put_object", Key=self.key(name),
+                                  Body=bytes(data), IfMatch=etag)
+        except ObjectNotFound:
+            raise PreconditionFailed(f"{self.url}: object {name} is gone") from None
+        now = self._date(response)
+        return ObjectInfo(name, len(data), now, str(response.get("ETag", "")), now)
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        kwargs: dict[str, Any] = {}
+        if length is not None and length <= 0:
+            return b""
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            kwargs["Range"] = f"bytes={offset}-{end}"
+        try:
+            response = self._call("reading", name, "get_object", Key=self.key(name), **kwargs)
+        except BackendError as exc:
+            if "InvalidRange" in exc.message:
+                return b""
+            raise
+        try:
+            return bytes(response["Body"].read())
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BackendUnavailable(f"{self.url}: reading {name}: {exc}") from exc
+
+    def info(self, name: str) -> ObjectInfo:
+        response = self._call("reading", name, "head_object", Key=self.key(name))
+        modified: datetime = response["LastModified"]
+        return ObjectInfo(name, int(response["ContentLength"]), modified.timestamp(),
+                          str(response.get("ETag", "")), self._date(response))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        full = self.key(prefix.rstrip("/")) + "/" if prefix.endswith("/") else self.key(prefix)
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        found: builtins.list[ObjectInfo] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("listing", prefix, "list_objects_v2", **kwargs)
+            now = self._date(page)
+            for item in page.get("Contents", []):
+                found.append(ObjectInfo(item["Key"][skip:], int(item["Size"]),
+                                        item["LastModified"].timestamp(),
+                                        str(item.get("ETag", "")), now))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                break
+        return sorted(found, key=lambda i: i.name)
+
+    def delete(self, name: str, etag: str | None = None) -> None:
+        kwargs: dict[str, Any] = {"Key": self.key(name)}
+        if etag is not None:
+            kwargs["IfMatch"] = etag
+        try:
+            self._call("deleting", name, "delete_object", **kwargs)
+        except ObjectNotFound:
+            return
+
+    def now(self) -> float:
+        return self._date(self._call("reaching", "the bucket", "head_bucket"))
+
+    def leftovers(self) -> builtins.list[str]:
+        return []  # no upload is made in parts: an interrupted PUT leaves nothing
+
+    def delete_leftovers(self) -> int:
+        return 0
+
+    def host_lock(self, *, exclusive: bool, wait: bool) -> None:
+        return None
+
+    def create_bucket(self) -> None:
+        """Create the bucket unless it exists."""
+        try:
+            self._call("reaching", "the bucket", "head_bucket")
+            return
+        except ObjectNotFound:
+            pass
+        except BackendError as exc:
+            if "404" not in exc.message and "Not Found" not in exc.message:
+                raise
+        self._call("creating", "the bucket", "create_bucket")
+
+    def close(self) -> None:
+        self.client.close()

