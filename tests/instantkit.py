@@ -98,8 +98,9 @@ class HostProcess:
     """`blocktrail host` on unix sockets under ``root``, which a test may SIGKILL and start
     again on the same data directory; its stderr (the host's log) in ``root/host.log``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         self.root = root
+        self.env = env
         root.mkdir(parents=True, exist_ok=True)
         self.api_socket, self.nbd_socket = root / "api.sock", root / "nbd.sock"
         self.log = root / "host.log"
@@ -119,7 +120,7 @@ class HostProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
                  str(self.root / "data"), "--api", self.endpoint, "--nbd",
-                 f"unix:{self.nbd_socket}"], stderr=log)
+                 f"unix:{self.nbd_socket}"], stderr=log, env=self.env)
         deadline = time.monotonic() + timeout_s
         while not (self.api_socket.exists() and self.nbd_socket.exists()):
             assert self.proc.poll() is None, f"the host did not start: {self.log.read_text()}"
@@ -158,8 +159,10 @@ class HostProcess:
         finally:
             client.close()
 
-    def restore(self, point: Point, name: str = "r0", **fill: Any) -> Any:
-        body: dict[str, Any] = {"name": name, "repository": str(point.repo), "point": point.id}
+    def restore(self, point: Point | tuple[str, str], name: str = "r0", **fill: Any) -> Any:
+        """POST /disks/restore of a `Point`, or of (repository location, point id)."""
+        location, point_id = (str(point.repo), point.id) if isinstance(point, Point) else point
+        body: dict[str, Any] = {"name": name, "repository": location, "point": point_id}
         if fill:
             body["fill"] = fill
         return self.call("POST", "/disks/restore", json=body)
