@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostproc import require_tools
-from instantkit import CS, HostProcess, point_bytes, qemu_img_compare
-from s3server import TEST_TIMING, SeaweedFS
 
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.repo import Repository
 from blocktrail.repo.leases import list_leases
+from hostproc import require_tools
+from instantkit import CS, HostProcess, point_bytes, qemu_img_compare
+from s3server import TEST_TIMING, SeaweedFS
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20
