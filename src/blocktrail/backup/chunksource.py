@@ -6,7 +6,9 @@ A chunk is fetched by its digest, which the point's pages give: the repository r
 its pack, checks it against its name and decompresses it (a damaged copy goes to quarantine
 there, and the next intact copy is used). Fetches run in parallel on a pool of threads; fetches
 made for background work (a fill: `background_fetches`) run on a smaller pool of their own, so
-a guest's read never waits in a queue behind them. An LRU cache keeps recently fetched chunks
+a guest's read never waits in a queue behind them, and read chunks that lie together in a pack
+with one ranged read, as a restore does (a read that fails goes chunk by chunk, so the others
+arrive and the one that cannot is named). An LRU cache keeps recently fetched chunks
 (a chunk the point holds at several offsets is fetched once; a reader of `serve` that reads a
 chunk in 4 KiB pieces fetches it once), and `prefetch` reads ahead into it.
 
@@ -45,12 +47,14 @@ from blocktrail.repo.backend import BackendDenied
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.location import is_s3_url
 from blocktrail.repo.objects import ZERO_DIGEST
+from blocktrail.repo.restore import Run, fetch_run, ranged_runs
 
 log = logging.getLogger("blocktrail.restore")
 CACHE_BYTES = 64 << 20  # recently fetched chunks (1024 of 64 KiB)
 PAGE_CACHE = 64  # pages of digests (1024 chunks each)
 FETCH_THREADS = 8
 BACKGROUND_THREADS = 4
+RANGED_MIN = 4  # a background fetch of at least this many chunks reads ranges of packs
 REOPEN_AFTER_S = 1.0  # after a failure, the repository is opened again at most this often
 LOG_AGAIN_S = 60.0  # the same failure is logged again after this long
 
@@ -258,6 +262,7 @@ class RepositoryChunkSource:
             for index in indexes:
                 groups.setdefault(digests[index], []).append(index)
             pending: dict[Future[bytes], tuple[bytes, list[int]]] = {}
+            uncached: dict[bytes, list[int]] = {}
             for digest, group in groups.items():
                 if digest == ZERO_DIGEST:
                     for index in group:
@@ -265,10 +270,19 @@ class RepositoryChunkSource:
                     continue
                 data = self.cache.get(digest)
                 if data is None:
-                    pending[self._submit(conn, digest, group[0], background)] = (digest, group)
+                    uncached[digest] = group
                     continue
                 yield from self._checked(conn, digest, group, data)
             error: ChunkUnavailable | None = None
+            if background and len(uncached) >= RANGED_MIN:
+                for digest, data in self._fetch_ranged(conn, uncached, pending):
+                    try:
+                        yield from self._checked(conn, digest, uncached[digest], data)
+                    except ChunkUnavailable as exc:
+                        error = error or exc
+            else:
+                for digest, group in uncached.items():
+                    pending[self._submit(conn, digest, group[0], background)] = (digest, group)
             for future in as_completed(pending):
                 digest, group = pending[future]
                 try:
@@ -282,6 +296,42 @@ class RepositoryChunkSource:
                     error = error or exc
             if error is not None:
                 raise error
+        finally:
+            conn.release()
+
+    def _fetch_ranged(self, conn: _Connection, wanted: dict[bytes, list[int]],
+                      fallback: dict[Future[bytes], tuple[bytes, list[int]]]
+                      ) -> Iterator[tuple[bytes, bytes]]:
+        """(digest, bytes) of the ``wanted`` chunks, read as a restore reads them: chunks that
+        lie together in a pack with one ranged read, on the background pool. A read that fails
+        goes chunk by chunk instead (futures added to ``fallback``), so every chunk that can
+        be had arrives and the one that cannot is named."""
+        entries = sorted((group[0], digest) for digest, group in wanted.items())
+        runs: dict[Future[list[tuple[int, bytes]]], Run] = {}
+        for run in ranged_runs(conn.repo, entries):
+            conn.acquire()
+            try:
+                runs[self._background_pool.submit(self._read_run, conn, run)] = run
+            except BaseException:
+                conn.release()
+                raise
+        for future in as_completed(runs):
+            try:
+                chunks = future.result()
+            except (BlocktrailError, OSError):
+                for index, digest, _ in runs[future]:
+                    fallback[self._submit(conn, digest, index, True)] = (digest, wanted[digest])
+                continue
+            for (_, digest, _), (_, data) in zip(runs[future], chunks, strict=True):
+                self.cache.put(digest, data)
+                with self._stats_lock:
+                    self.fetched_chunks += 1
+                    self.fetched_bytes += len(data)
+                yield digest, data
+
+    def _read_run(self, conn: _Connection, run: Run) -> list[tuple[int, bytes]]:
+        try:
+            return fetch_run(conn.repo, run, f"restore point {conn.point.id}")
         finally:
             conn.release()
 

@@ -42,7 +42,7 @@ log = logging.getLogger("blocktrail.restore")
 
 @dataclass(frozen=True, slots=True)
 class FillPolicy:
-    idle_chunks: int = 128  # a step while the guest is idle (8 MiB of 64 KiB chunks)
+    idle_chunks: int = 512  # a step while the guest is idle (32 MiB of 64 KiB chunks)
     busy_chunks: int = 16  # a step after the guest did I/O
     busy_share: float = 0.5  # the share of the time the fill may work while the guest is busy
     first_retry_s: float = 1.0
