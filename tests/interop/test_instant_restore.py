@@ -71,13 +71,16 @@ def test_content_before_during_and_after_the_fill_under_guest_io(tmp_path: Path)
             # during the fill: the first half (part filled, part fetched by the compare)
             host.wait_restore(lambda s: s["percent"] >= 20)
             load.hold()
+            # held where it is (a compare on a loaded machine may take longer than the fill)
+            host.call("POST", "/disks/r0/fill", json={"paused": True})
+            during = host.restore_status()
+            assert during["state"] == "paused" and during["percent"] < 100
             current = tmp_path / "current.raw"
             current.write_bytes(expected)
             identical(current, uri, offset=0, size=8 * MiB)
-            during = host.restore_status()
-            assert during["state"] == "filling" and during["percent"] < 100
             load.go_on()
-            host.call("POST", "/disks/r0/fill", json={"rate_bytes_per_second": None})
+            host.call("POST", "/disks/r0/fill", json={"paused": False,
+                                                      "rate_bytes_per_second": None})
             host.wait_local()
             time.sleep(0.3)  # guest I/O after the switch, on the local base
             load.hold()
