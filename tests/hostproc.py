@@ -22,7 +22,8 @@ from blocktrail.cli.main import main
 
 PACKAGES = {"qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils",
             "qemu-storage-daemon": "qemu-system-common", "nbdinfo": "libnbd-bin",
-            "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "strace": "strace"}
+            "nbdcopy": "libnbd-bin", "nbdkit": "nbdkit", "strace": "strace",
+            "chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
 def require_tools(*names: str) -> None:

@@ -25,7 +25,9 @@ ALLOWED: dict[str, set[str]] = {
     "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
              "backup"},
     "cli": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
-            "host"},
+            "host", "worker"},
+    "worker": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
+               "backup", "host"},
     "demo": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
              "host"},
 }

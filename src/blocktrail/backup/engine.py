@@ -69,12 +69,16 @@ class BackupReport:
 
 
 def run_backup(source: Source, store: Repository, options: BackupOptions = BackupOptions(),
-               progress: Progress | None = None) -> BackupReport:
+               progress: Progress | None = None, *, lease: Lease | None = None) -> BackupReport:
     """Back up ``source`` under the disk's lease in the repository (`RepositoryBusy` while
     another process backs it up; a lease lost on the way stops the backup before it publishes
-    anything). The base chosen is recorded in the lease, so no `forget` removes it meanwhile."""
-    with store.disk_lease(source.disk_id) as lease:
+    anything). The base chosen is recorded in the lease, so no `forget` removes it meanwhile.
+    ``lease``: the disk's lease, taken and released by the caller (a job that holds it from
+    its snapshot until its retention is done); None: taken here for the backup."""
+    if lease is not None:
         return _run_leased(source, store, options, progress, lease)
+    with store.disk_lease(source.disk_id) as taken:
+        return _run_leased(source, store, options, progress, taken)
 
 
 def _run_leased(source: Source, store: Repository, options: BackupOptions,

@@ -24,6 +24,7 @@ from blocktrail.extents import Extent, merge
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.leases import Lease
 from blocktrail.repo.objects import ZERO_DIGEST
 
 Progress = Callable[[int, int], None]
@@ -56,10 +57,12 @@ class _Comparison:
 
 
 def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str | None, *,
-                 heal: bool = False, progress: Progress | None = None) -> VerifyReport:
+                 heal: bool = False, progress: Progress | None = None,
+                 lease: Lease | None = None) -> VerifyReport:
     """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary
     snapshot of the live disk), and read every stored chunk. Records the verify state; with
-    ``heal``, stores lost chunks again and writes a corrected successor for differences."""
+    ``heal``, stores lost chunks again and writes a corrected successor for differences (under
+    ``lease``, the disk's lease the caller holds; None: one taken for it)."""
     point = repo.point(point_id)
     temporary = snapshot is None
     if snapshot is None:
@@ -74,7 +77,7 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
         restored = repo.store_chunks(found.lost) if heal and found.lost else 0
         healed = None
         if found.differing and heal:
-            healed = _write_healed(repo, point, found.corrected)
+            healed = _write_healed(repo, point, found.corrected, lease)
         whole = not found.differing and (not found.damaged or heal)
         point = repo.set_verify_state(point.id, "ok" if whole else "failed")
         return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
@@ -84,9 +87,9 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
             source.remove_snapshot(snapshot)
 
 
-def _write_healed(repo: Repository, point: RestorePoint,
-                  corrected: list[tuple[int, bytes]]) -> RestorePoint:
-    writer = repo.begin(point.disk_id, point.size_bytes, parent=point.id)
+def _write_healed(repo: Repository, point: RestorePoint, corrected: list[tuple[int, bytes]],
+                  lease: Lease | None) -> RestorePoint:
+    writer = repo.begin(point.disk_id, point.size_bytes, parent=point.id, lease=lease)
     for index, data in corrected:
         writer.put_chunk(index, data)
     healed = writer.commit(kind="healed", change_id=point.change_id, fallback_reason=None,

@@ -15,6 +15,7 @@ import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import PERCENT, ExitCode, emit, human
+from blocktrail.cli.progress import progress_bar, spinner
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
 from blocktrail.errors import InvalidArgument
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from blocktrail.repo import Repository, S3Options, Timing
     from blocktrail.repo.prune import PruneReport
 
-LEASE_VARIABLE = "BLOCKTRAIL_LEASE_SECONDS"
 repo_option = click.option("--repo", "repo_path", required=True, envvar="BLOCKTRAIL_REPO",
                            help="Repository: a directory, or s3://BUCKET/PREFIX.")
 
@@ -50,17 +50,8 @@ def s3_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _timing() -> Timing:
     """Lease duration: BLOCKTRAIL_LEASE_SECONDS (default 300 s; short ones for tests)."""
-    from blocktrail.repo import Timing
-    value = os.environ.get(LEASE_VARIABLE)
-    if not value:
-        return Timing()
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidArgument(f"{LEASE_VARIABLE}={value!r} is not a number of seconds") from None
-    if seconds < 3:
-        raise InvalidArgument(f"{LEASE_VARIABLE} must be at least 3 seconds")
-    return Timing(lease_s=seconds, margin_s=max(1.0, min(seconds / 4, 30.0)))
+    from blocktrail.repo.leases import timing_from_environment
+    return timing_from_environment()
 
 
 def _s3(location: str, endpoint: str | None, region: str | None,
@@ -80,21 +71,6 @@ def open_repo(location: str, endpoint: str | None = None, region: str | None = N
     from blocktrail.repo import Repository
     return Repository.open(location, s3=_s3(location, endpoint, region, profile),
                            timing=_timing())
-
-
-@contextlib.contextmanager
-def progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        yield None
-        return
-    with Progress("[progress.description]{task.description}", BarColumn(), TaskProgressColumn(),
-                  TimeRemainingColumn(), transient=True, console=console) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 @contextlib.contextmanager
@@ -158,7 +134,7 @@ def repo_repair(path: str, endpoint: str | None, region: str | None, profile: st
     """Read every pack, put damaged copies in quarantine, rebuild the index from the intact
     objects, delete stray temporary files, and name every restore point that cannot be fully
     restored (exit 12). Runs only while no backup does (exit 7 otherwise)."""
-    with open_repo(path, endpoint, region, profile) as repo, progress_bar("repair", as_json):
+    with open_repo(path, endpoint, region, profile) as repo, spinner("repair", as_json):
         report = repo.repair()
     lines = [f"read {report.packs_read} packs: {report.objects_intact} intact objects, "
              f"{len(report.damaged)} damaged copies put in quarantine"
@@ -224,7 +200,7 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
     with open_repo(repo_path, endpoint, region, profile) as repo, \
             open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
-            progress_bar("backup", as_json) as progress:
+            progress_bar("backup", as_json, unit_bytes=repo.chunk_size) as progress:
         report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct,
                                                      snapshot=snapshot), progress)
     audit = report.audit
@@ -261,18 +237,35 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
 @click.argument("repo_path", metavar="REPO")
 @s3_options
 @click.option("--disk", "disk_id", default=None, help="Only this disk id.")
+@host_option
 @json_option
 def points(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
-           disk_id: str | None, as_json: bool) -> None:
-    """List restore points, oldest first."""
+           disk_id: str | None, host: str | None, as_json: bool) -> None:
+    """List restore points, oldest first (with --host, the host's disk names too)."""
+    from blocktrail.cli.tables import points_table
     with open_repo(repo_path, endpoint, region, profile) as repo:
         intact, damaged = repo.scan_points()
-    found = [p.summary() for p in intact if disk_id is None or p.disk_id == disk_id]
-    text = "\n".join(f"{p['id']}  {p['kind']:<11} {p['verify_state']:<10} {p['disk_id']}  "
-                     f"{p['change_id']}" for p in found) or "(no restore points)"
-    emit(as_json, found, text)
+    mine = [p for p in intact if disk_id is None or p.disk_id == disk_id]
+    found = [p.summary() for p in mine]
+    if as_json:
+        emit(as_json, found, "")
+    else:
+        rows = [{**p.summary(), "bytes_stored": p.stats.get("bytes_stored")} for p in mine]
+        emit(as_json, found, points_table(rows, _disk_names(host) if host and mine else {}))
     for name, message in damaged:  # never left out silently
         click.echo(f"warning: points/{name} is not listed: {message}", err=True)
+
+
+def _disk_names(host: str) -> dict[str, str]:
+    """disk ID -> name on the host; a host that cannot be asked leaves the IDs as they are."""
+    from blocktrail.cli.target import call, with_host
+    from blocktrail.errors import BlocktrailError
+    try:
+        disks = with_host(host, call("GET", "disks"))
+    except BlocktrailError as exc:
+        click.echo(f"warning: disk names not shown: {exc.message}", err=True)
+        return {}
+    return {str(d["disk_id"]): str(d["name"]) for d in disks if "disk_id" in d}
 
 
 @click.command("restore")
@@ -314,7 +307,7 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
         raise InvalidArgument("--disk and --fill-rate go with --instant")
     fmt = fmt or "raw"
     with open_repo(repo_path, endpoint, region, profile) as repo, \
-            progress_bar("restore", as_json) as progress:
+            progress_bar("restore", as_json, unit_bytes=repo.chunk_size) as progress:
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
         else:
@@ -389,7 +382,7 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
     with open_repo(repo_path, endpoint, region, profile) as repo, \
             open_source(disk_path, host,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
-            progress_bar("verify", as_json) as progress:
+            progress_bar("verify", as_json, unit_bytes=repo.chunk_size) as progress:
         report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
                               progress=progress)
     out: dict[str, Any] = {
@@ -432,7 +425,7 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
 def check(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
           read_data: bool, subset: float | None, as_json: bool) -> None:
     """Check the repository's structure (and data); name what is damaged and what it affects."""
-    with open_repo(repo_path, endpoint, region, profile) as repo:
+    with open_repo(repo_path, endpoint, region, profile) as repo, spinner("check", as_json):
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
            report.chunks_referenced, "chunks_read": report.chunks_read,
@@ -481,7 +474,7 @@ def prune(repo_path: str, endpoint: str | None, region: str | None, profile: str
           wait_s: float, as_json: bool) -> None:
     """Delete what no restore point needs (garbage collection). Backups go on meanwhile; what
     a running backup might still use is deleted by a later prune, after it finished."""
-    with open_repo(repo_path, endpoint, region, profile) as repo:
+    with open_repo(repo_path, endpoint, region, profile) as repo, spinner("prune", as_json):
         pruned = repo.prune(wait_s)
     emit(as_json, vars(pruned), _prune_text(pruned))
 
@@ -510,7 +503,8 @@ def forget(repo_path: str, endpoint: str | None, region: str | None, profile: st
         raise InvalidArgument("give at least one --keep-* option (forget keeps nothing else)")
     with open_repo(repo_path, endpoint, region, profile) as repo:
         result = repo.forget_points(policy, disk_id, dry_run=dry_run)
-        pruned = repo.prune(wait_s) if do_prune and not dry_run else None
+        with spinner("prune", as_json):
+            pruned = repo.prune(wait_s) if do_prune and not dry_run else None
     gone = result.forgotten
     out = {"forgotten": [p.id for p in gone], "dry_run": dry_run,
            "kept_as_base": [p.id for p in result.kept_as_base],

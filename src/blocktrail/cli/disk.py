@@ -106,9 +106,13 @@ def import_(source: str, disk_path: str, granularity: str, host: str | None,
     if host is not None:
         body = {"name": check_disk_name(disk_path), "source_path": os.path.abspath(source),
                 "granularity": parse_size(granularity)}
-        data = with_host(host, call("POST", "disks", "import", json=body))
+        from blocktrail.cli.progress import spinner
+        with spinner("import", as_json):
+            data = with_host(host, call("POST", "disks", "import", json=body))
     else:
+        from blocktrail.cli.progress import progress_bar
         from blocktrail.disk.importer import import_raw
-        with import_raw(source, disk_path, parse_size(granularity)) as d:
+        with progress_bar("import", as_json) as progress, \
+                import_raw(source, disk_path, parse_size(granularity), progress=progress) as d:
             data = disk_info(d)
     emit(as_json, data, _describe(data))

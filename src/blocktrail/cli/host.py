@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from blocktrail.cli.output import printable
+from blocktrail.cli.output import parse_size, printable
 from blocktrail.errors import InvalidArgument
 from blocktrail.nbd.limits import ServerLimits
 
@@ -37,10 +37,16 @@ if TYPE_CHECKING:  # the server side is imported when the host starts, not for -
                    "keys.psk.")
 @click.option("--tls-verify-client", is_flag=True,
               help="x509: require a client certificate signed by ca-cert.pem.")
+@click.option("--repo", "repositories", multiple=True, type=click.Path(file_okay=False),
+              metavar="PATH", help="A repository the web console shows restore points of and "
+                                   "backs up into (repeatable).")
+@click.option("--backup-bandwidth", default=None, metavar="SIZE",
+              help="Read at most SIZE bytes a second (e.g. 50M) in the console's backups.")
 @click.option("--max-connections", default=ServerLimits().max_connections, show_default=True,
               type=click.IntRange(1, 10_000), help="NBD connections at once.")
 def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: str | None,
          tls_creds: str | None, tls_psk: str | None, tls_verify_client: bool,
+         repositories: tuple[str, ...], backup_bandwidth: str | None,
          max_connections: int) -> None:
     """Own the disks under --data; serve the control API (and NBD) until interrupted."""
     import asyncio
@@ -56,7 +62,8 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
         raise InvalidArgument("TLS credentials are for NBD: give --nbd as well")
     config = HostConfig(data_dir, Endpoint.parse(api), token,
                         Endpoint.parse(nbd) if nbd else None, mode, tls,
-                        ServerLimits(max_connections=max_connections))
+                        ServerLimits(max_connections=max_connections), repositories,
+                        parse_size(backup_bandwidth) if backup_bandwidth else None)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_and_tell(config))
 
@@ -74,7 +81,8 @@ async def _serve_and_tell(config: HostConfig) -> None:
     told.cancel()
     if started.is_set():
         click.echo(printable(
-            f"blocktrail host: disks in {config.data_dir}, API on {config.api}"
+            f"blocktrail host: disks in {config.data_dir}, API on {config.api} (console at "
+            f"/console, metrics at /metrics)"
             + (f", NBD on {config.nbd} (TLS {config.nbd_tls_mode.name.lower()})"
                if config.nbd else "")), err=True)
     await serving

@@ -37,6 +37,7 @@ from blocktrail.cli.output import ExitCode, printable
 from blocktrail.cli.serve import serve
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.cli.vm import vm
+from blocktrail.cli.worker import worker
 from blocktrail.errors import BlocktrailError, is_no_space
 from blocktrail.errors import ExitCode as Exit
 
@@ -54,6 +55,7 @@ cli.add_command(snapshot)
 cli.add_command(cbt)
 cli.add_command(host)
 cli.add_command(vm)
+cli.add_command(worker)
 for command in (repo_group, backup, points, restore, verify, check, forget, prune, serve):
     cli.add_command(command)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blocktrail.cli.disk import json_option
-from blocktrail.cli.output import emit, human
+from blocktrail.cli.output import emit
 from blocktrail.cli.target import call, host_option, on_disk
 from blocktrail.names import check_snapshot_name
 
@@ -42,9 +42,8 @@ def list_(disk: str, host: str | None, as_json: bool) -> None:
     snaps: list[dict[str, Any]] = on_disk(
         disk, host, lambda d: [s.to_json() for s in d.snapshots],
         call("GET", "disks", disk, "snapshots"))
-    text = "\n".join(f"{s['name']}\t{s['change_id']}\t{s['created_at']}\t"
-                     f"{human(s['size_bytes'])}" for s in snaps) or "(no snapshots)"
-    emit(as_json, snaps, text)
+    from blocktrail.cli.tables import snapshots_table
+    emit(as_json, snaps, "" if as_json else snapshots_table(snaps, disk))
 
 
 @snapshot.command("remove")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,6 +78,7 @@ class Disk:
                                  lambda: self._meta.size_bytes)
         self._consolidation: Consolidation | None = None
         self._io_requests = 0  # approximate: counted without a lock (see io_requests)
+        self._io = _IoCounts()
 
     @property
     def _lock(self) -> DiskLock:
@@ -329,6 +331,12 @@ class Disk:
         return self._tracker
 
     @property
+    def io_bytes(self) -> tuple[int, int]:
+        """(bytes read, bytes written, zeroed or trimmed) since the disk was opened, snapshot
+        reads included: for metrics."""
+        return self._io.read, self._io.written
+
+    @property
     def closed(self) -> bool:
         return self._file_lock is None
 
@@ -346,7 +354,9 @@ class Disk:
         self._io_requests += 1
         with self._lock.shared():
             layers = self._readable_view(count, offset, None)
-            return chain.read_view(layers, self.cluster_size, count, offset)
+            data = chain.read_view(layers, self.cluster_size, count, offset)
+        self._io.add_read(count)
+        return data
 
     def map_read(self, count: int, offset: int, snapshot: str | None = None, *,
                  wait: bool = True) -> MappedRead | None:
@@ -359,10 +369,13 @@ class Disk:
             return None
         try:
             layers = self._readable_view(count, offset, snapshot)
-            return MappedRead.from_pieces(offset, count, chain.map_view(
+            mapped = MappedRead.from_pieces(offset, count, chain.map_view(
                 layers, self.cluster_size, count, offset), wait=wait)
         finally:
             self._lock.release_shared(counted)
+        if mapped is not None:
+            self._io.add_read(count)
+        return mapped
 
     def pwrite(self, buf: bytes, offset: int) -> None:
         self._apply(offset, len(buf), bytes(buf))
@@ -423,6 +436,7 @@ class Disk:
                 stack.guard(_reraise, exc)  # marks the disk failed, raises the typed error
         finally:
             stack.lock.release_shared(counted)
+        self._io.add_written(length)
         if wait and self._tracker.checkpoint_due:
             with self._lock:
                 if not self._stack.closed and self._stack.failed is None \
@@ -718,6 +732,26 @@ class Disk:
     def _check_range(count: int, offset: int, size: int) -> None:
         if count < 0 or offset < 0 or offset + count > size:
             raise OutOfRange(f"range {offset}+{count} is outside the disk (size {size})")
+
+
+class _IoCounts:
+    """Bytes read and written, counted under a lock of their own (a metric must not lose
+    counts to threads racing on ``+=``)."""
+
+    __slots__ = ("_lock", "read", "written")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.read = 0
+        self.written = 0
+
+    def add_read(self, count: int) -> None:
+        with self._lock:
+            self.read += count
+
+    def add_written(self, count: int) -> None:
+        with self._lock:
+            self.written += count
 
 
 class SnapshotView:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
@@ -48,7 +48,13 @@ from blocktrail.errors import (
     VmNotFound,
     is_no_space,
 )
+from blocktrail.host.console import PREFIX as CONSOLE_PREFIX
+from blocktrail.host.console import Console
 from blocktrail.host.fill import FillScheduler, restore_status
+from blocktrail.host.jobs import HostJobs
+from blocktrail.host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from blocktrail.host.metrics import HostMetrics
+from blocktrail.host.points import PointCatalog
 from blocktrail.host.registry import DiskRegistry, Vm
 from blocktrail.names import (
     DISK_NAME_MAX,
@@ -228,6 +234,15 @@ class DiskInfo(BaseModel):
     restore: RestoreInfo
 
 
+class DiskUnavailable(BaseModel):
+    """A disk of the host that cannot be opened now (damaged, edited outside blocktrail, being
+    created): listed with why, so that one such disk hides none of the others."""
+
+    name: str
+    error: str
+    message: str
+
+
 class Area(BaseModel):
     offset: int
     length: int
@@ -311,12 +326,27 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _open_disks(registry: DiskRegistry) -> list[tuple[str, Disk]]:
+    out = []
+    for name in registry.names():
+        try:
+            out.append((name, registry.get(name)))
+        except BlocktrailError:
+            continue  # being created, or damaged: GET /disks/NAME says why
+    return out
+
+
 def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | None = None,
-               nbd_tls: str = "off", fills: FillScheduler | None = None) -> FastAPI:
+               nbd_tls: str = "off", repositories: tuple[str, ...] = (),
+               backup_bandwidth: int | None = None,
+               fills: FillScheduler | None = None) -> FastAPI:
     """The control API over ``registry``; with ``token``, every call needs
     ``Authorization: Bearer <token>``. ``nbd``/``nbd_tls``: where and how the host serves the
-    disks over NBD (GET /host tells clients). ``fills``: instant restores (their endpoints
-    and background fills; host/restore_api.py)."""
+    disks over NBD (GET /host tells clients). Beside it: ``GET /metrics`` (Prometheus) and the
+    web console under /console, which shows the restore points in ``repositories``
+    (``app.state.catalog``; close it when the app is done) and backs up into them (at most
+    ``backup_bandwidth`` bytes a second). ``fills``: instant restores (their endpoints and
+    background fills; host/restore_api.py)."""
     def authorize(creds: BearerCredentials) -> None:
         if token is None:
             return
@@ -366,13 +396,34 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
         return AsciiJSONResponse({"error": phrase.replace(" ", ""), "message": message},
                                  exc.status_code, headers=headers)
 
+    catalog = PointCatalog(repositories)
+    jobs = HostJobs(registry.get, registry.names, catalog, backup_bandwidth)
+    metrics = HostMetrics(lambda: _open_disks(registry), catalog, lambda: len(jobs.running()))
+    app.state.catalog = catalog
+    app.mount(CONSOLE_PREFIX, Console(registry, token, catalog, jobs, metrics).app())
+
+    @app.get(CONSOLE_PREFIX, include_in_schema=False)
+    def console_root() -> Response:
+        return RedirectResponse(CONSOLE_PREFIX + "/", 308)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/host", response_model=HostInfo)
     def host_info() -> dict[str, Any]:
         return {"version": __version__, "nbd": nbd, "tls": nbd_tls}
 
-    @app.get("/disks", response_model=list[DiskInfo])
+    @app.get("/disks", response_model=list[DiskInfo | DiskUnavailable])
     def list_disks() -> list[dict[str, Any]]:
-        return [_disk_json(n, registry.get(n)) for n in registry.names()]
+        out = []
+        for name in registry.names():
+            try:
+                out.append(_disk_json(name, registry.get(name)))
+            except BlocktrailError as exc:
+                out.append({"name": name, "error": type(exc).__name__,
+                            "message": exc.message})
+        return out
 
     @app.post("/disks", status_code=201, response_model=DiskInfo)
     def create_disk(body: DiskCreate) -> dict[str, Any]:
@@ -400,11 +451,15 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
 
     @app.post("/disks/{name}/snapshots", status_code=201, response_model=SnapshotInfo)
     def create_snapshot(name: DiskName, body: SnapshotCreate) -> dict[str, Any]:
-        return _snapshot_json(registry.get(name).create_snapshot(body.name))
+        snap = registry.get(name).create_snapshot(body.name)
+        metrics.snapshots_created.labels(name).inc()
+        return _snapshot_json(snap)
 
     @app.delete("/disks/{name}/snapshots/{snapshot}", response_model=Removed)
     def remove_snapshot(name: DiskName, snapshot: SnapshotName) -> dict[str, Any]:
-        registry.get(name).remove_snapshot(snapshot)
+        disk = registry.get(name)
+        with metrics.consolidating(name):
+            disk.remove_snapshot(snapshot)
         return {"removed": snapshot}
 
     @app.post("/disks/{name}/snapshots/{snapshot}/revert", response_model=DiskInfo)
@@ -435,6 +490,8 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
     @app.post("/vms/{vm}/snapshots", status_code=201, response_model=VmSnapshots)
     def vm_snapshot(vm: VmName, body: SnapshotCreate) -> dict[str, Any]:
         taken = registry.vm_snapshot(vm, body.name)
+        for disk, _snap in taken:
+            metrics.snapshots_created.labels(disk).inc()
         return {"vm": vm, "snapshots": {disk: _snapshot_json(s) for disk, s in taken}}
 
     @app.delete("/vms/{vm}/snapshots/{snapshot}", response_model=Removed)

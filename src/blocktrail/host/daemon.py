@@ -41,6 +41,8 @@ class HostConfig:
     nbd_tls_mode: TlsMode = TlsMode.OFF
     nbd_tls: TlsConfig | None = None  # required unless the mode is OFF
     nbd_limits: ServerLimits = field(default_factory=ServerLimits)
+    repositories: tuple[str, ...] = ()  # shown by the console, which can back up into them
+    backup_bandwidth: int | None = None  # bytes a second, for the console's backups
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -147,7 +149,8 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
             nbd_sock.close()
         raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
-                     nbd_tls=config.nbd_tls_mode.name.lower(), fills=fills)
+                     nbd_tls=config.nbd_tls_mode.name.lower(), repositories=config.repositories,
+                     backup_bandwidth=config.backup_bandwidth, fills=fills)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
         loop = asyncio.get_running_loop()
@@ -172,3 +175,4 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
         server.should_exit = True
         if not task.done():
             await asyncio.wait([task], timeout=5)
+        app.state.catalog.close()

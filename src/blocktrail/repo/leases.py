@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from blocktrail.errors import InvalidArgument
 from blocktrail.repo.backend import (
     Backend,
     BackendError,
@@ -73,6 +74,21 @@ class Timing:
 
 
 DEFAULT_TIMING = Timing()
+LEASE_VARIABLE = "BLOCKTRAIL_LEASE_SECONDS"
+
+
+def timing_from_environment() -> Timing:
+    """Lease duration: BLOCKTRAIL_LEASE_SECONDS (default 300 s; short ones for tests)."""
+    value = os.environ.get(LEASE_VARIABLE)
+    if not value:
+        return Timing()
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidArgument(f"{LEASE_VARIABLE}={value!r} is not a number of seconds") from None
+    if seconds < 3:
+        raise InvalidArgument(f"{LEASE_VARIABLE} must be at least 3 seconds")
+    return Timing(lease_s=seconds, margin_s=max(1.0, min(seconds / 4, 30.0)))
 
 
 @dataclass(frozen=True, slots=True)

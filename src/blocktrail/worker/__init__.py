@@ -1,0 +1,1 @@
+"""The backup worker: scheduled backup jobs of hosts' disks and VMs (docs/jobs.md)."""

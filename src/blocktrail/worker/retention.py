@@ -1,0 +1,84 @@
+"""Retention per disk, applied after each successful backup of it.
+
+The policy keeps the newest ``last`` points and the newest point of each of the newest
+``hourly``/``daily``/``weekly``/``monthly`` buckets (restic's rule, in the worker's time zone).
+Whatever the policy says, three points of a disk are never forgotten:
+
+- the newest point: the base the next incremental backup reads against (every point is a full
+  index, so forgetting any other breaks nothing, but this one keeps the chain incremental);
+- the newest point whose verify state is ``ok``: the last one known to equal its source;
+- the base of a backup of the disk that is running (named in its lease; the caller names
+  others to protect).
+
+A point whose verify state is ``failed`` counts like any other: a newer good point is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from datetime import datetime, tzinfo
+
+from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo.backend import ObjectNotFound
+from blocktrail.repo.leases import list_leases
+from blocktrail.worker.config import Retention
+
+
+def _buckets(points: list[RestorePoint], count: int,
+             bucket: Callable[[datetime], object]) -> set[str]:
+    kept: set[str] = set()
+    seen: set[object] = set()
+    for point in points:  # newest first
+        key = bucket(point.created)
+        if key not in seen and len(seen) < count:
+            seen.add(key)
+            kept.add(point.id)
+    return kept
+
+
+def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | None = None,
+                   protected: Iterable[str] = ()) -> set[str]:
+    """The IDs to keep among one disk's points (an empty policy keeps them all)."""
+    if keep.empty or not points:
+        return {p.id for p in points}
+    newest_first = sorted(points, key=lambda p: (p.created, p.id), reverse=True)
+
+    def local(t: datetime) -> datetime:
+        return t.astimezone(tz) if tz is not None else t.astimezone()
+
+    kept = {p.id for p in newest_first[: keep.last]}
+    kept |= _buckets(newest_first, keep.hourly, lambda t: local(t).strftime("%Y-%m-%d %H"))
+    kept |= _buckets(newest_first, keep.daily, lambda t: local(t).date())
+    kept |= _buckets(newest_first, keep.weekly, lambda t: local(t).isocalendar()[:2])
+    kept |= _buckets(newest_first, keep.monthly, lambda t: (local(t).year, local(t).month))
+    kept.add(newest_first[0].id)
+    verified = next((p for p in newest_first if p.verify_state == "ok"), None)
+    if verified is not None:
+        kept.add(verified.id)
+    kept |= set(protected) & {p.id for p in points}
+    return kept
+
+
+def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzinfo | None = None,
+                    protected: Iterable[str] = ()) -> list[RestorePoint]:
+    """Forget the disk's points the policy does not keep. -> the forgotten points.
+
+    Deletes their manifests and verify records the way `Repository.forget` does (the data goes
+    with the next prune); a point that the lease of a running backup names as its base is kept
+    too, as `forget` keeps it."""
+    points = repo.points(disk_id)
+    bases = {lease.base for lease in list_leases(repo.backend)
+             if lease.base and not lease.expired(repo.timing.margin)}
+    kept = points_to_keep(points, keep, tz=tz, protected={*protected, *bases})
+    gone = [p for p in points if p.id not in kept]
+    if gone:
+        records = repo.verify_records()
+        with repo.writing("forgetting restore points", "some restore points may not be "
+                          "forgotten yet; the next run forgets them"):
+            for point in gone:
+                repo.delete_manifest(point.id)  # gone already: forgotten by someone else
+                for name in records.get(point.id, []):
+                    with contextlib.suppress(ObjectNotFound):
+                        repo.backend.delete(name)
+    return gone

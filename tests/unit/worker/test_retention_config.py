@@ -1,0 +1,184 @@
+"""Retention per disk (what is kept, what never goes) on synthetic points and on a real
+repository; the job file's keys and its refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.disk import Disk
+from blocktrail.errors import InvalidArgument
+from blocktrail.repo import Repository, RestorePoint
+from blocktrail.worker.config import Retention, parse_config
+from blocktrail.worker.retention import apply_retention, points_to_keep
+
+NOW = datetime(2026, 3, 31, 23, 30, tzinfo=UTC)
+
+
+def point(i: int, hours_ago: float, verify: str = "unverified") -> RestorePoint:
+    created = NOW - timedelta(hours=hours_ago)
+    return RestorePoint(f"{created:%Y%m%dT%H%M%S}-{i:04d}", "disk", 1 << 20, 65536, 1024, (),
+                        "incremental", None, None, None, created.isoformat(), "t", verify)
+
+
+def test_buckets_keep_the_newest_point_of_each() -> None:
+    points = [point(i, h) for i, h in enumerate([0, 0.5, 1, 5, 25, 49, 24 * 8, 24 * 40])]
+    keep = points_to_keep(points, Retention(last=1, hourly=2, daily=3), tz=UTC)
+    ids = {p.id: i for i, p in enumerate(points)}
+    assert sorted(ids[k] for k in keep) == [0, 2, 4, 5]  # last, 2 hours, 3 days (0 shared)
+    weekly = points_to_keep(points, Retention(weekly=3), tz=UTC)
+    assert sorted(ids[k] for k in weekly) == [0, 5, 7]  # 49 h and 8 d ago: one ISO week
+    monthly = points_to_keep(points, Retention(monthly=2), tz=UTC)
+    assert sorted(ids[k] for k in monthly) == [0, 7]
+
+
+def test_never_forgets_the_newest_the_newest_verified_or_a_protected_point() -> None:
+    points = [point(0, 30, "ok"), point(1, 20, "failed"), point(2, 10), point(3, 1)]
+    keep = points_to_keep(points, Retention(last=1), tz=UTC, protected={points[1].id, "zzz"})
+    assert keep == {points[3].id, points[0].id, points[1].id}
+    assert points_to_keep(points, Retention(), tz=UTC) == {p.id for p in points}  # empty: all
+    assert points_to_keep([], Retention(last=1)) == set()
+
+
+def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
+            Repository.init(tmp_path / "repo") as repo:
+        made = []
+        for i in range(5):
+            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        repo.set_verify_state(made[1].id, "ok")
+        gone = apply_retention(repo, disk.disk_id, Retention(last=2), tz=UTC)
+        assert {p.id for p in gone} == {made[0].id, made[2].id}
+        assert [p.id for p in repo.points()] == [made[1].id, made[3].id, made[4].id]
+        repo.prune()
+        assert repo.check(read_data=True).ok
+        # the next backup is still incremental against the newest
+        disk.pwrite(b"\x09" * 65536, 0)
+        report = run_backup(LocalDiskSource(disk), repo, BackupOptions())
+        assert report.kind == "incremental" and report.point.parent == made[4].id
+
+
+def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
+            Repository.init(tmp_path / "repo") as repo:
+        made = []
+        for i in range(4):
+            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        repo.set_verify_state(made[2].id, "failed")
+        # another process backs the disk up from made[1] (its lease names the base)
+        with Repository.open(tmp_path / "repo") as other, other.disk_lease(disk.disk_id) as lease:
+            other.record_base(lease, made[1].id)
+            gone = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
+        assert {p.id for p in gone} == {made[0].id, made[2].id}
+        assert [p.id for p in repo.points()] == [made[1].id, made[3].id]
+        assert made[2].id not in repo.verify_records()  # its verify record went with it
+        assert repo.check().ok
+
+
+EXAMPLE = """
+[worker]
+max_jobs = 4
+max_per_host = 2
+metrics = "127.0.0.1:9464"
+timezone = "Europe/Berlin"
+
+[[job]]
+name = "vm1-hourly"
+host = "unix:/run/bt-api.sock"
+disks = ["vm1"]
+repository = "/backups/repo"
+every = "1h"
+keep = { last = 24, daily = 7, weekly = 4 }
+
+[[job]]
+name = "web-nightly"
+host = "http://10.0.0.5:8080"
+token_file = "token"
+vm = "web"
+repository = "repo"
+at = ["02:30", "Sun 04:00"]
+keep = { daily = 14, monthly = 6 }
+audit_sample = 5
+verify_every = "7d"
+check_every = "1w"
+check_subset = 10
+bandwidth = "50M"
+retries = 5
+retry_backoff = "2m"
+
+[job.notify]
+webhook = "https://hooks.example/bt"
+command = ["/usr/local/bin/page", "-x"]
+on = ["failure"]
+"""
+
+
+def test_the_documented_example_parses() -> None:
+    cfg = parse_config(EXAMPLE, "/etc/blocktrail/jobs.toml")
+    hourly, nightly = cfg.jobs
+    assert (cfg.max_jobs, cfg.max_per_host, cfg.metrics) == (4, 2, "127.0.0.1:9464")
+    assert cfg.state_path == "/etc/blocktrail/jobs.state.json"
+    assert hourly.schedule.every_s == 3600 and hourly.targets == ("vm1",)
+    assert hourly.keep == Retention(last=24, daily=7, weekly=4)
+    assert nightly.targets == ("web",) and nightly.repository == "/etc/blocktrail/repo"
+    assert nightly.token_file == "/etc/blocktrail/token"
+    assert [(a.weekday, a.hour, a.minute) for a in nightly.schedule.at] == [(None, 2, 30),
+                                                                           (6, 4, 0)]
+    assert nightly.bandwidth_bytes_per_s == 50 << 20 and nightly.audit_percent == 5
+    assert nightly.verify_every_s == 7 * 86400 and nightly.check_every_s == 7 * 86400
+    assert nightly.retries == 5 and nightly.retry_backoff_s == 120
+    assert nightly.notify.command == ("/usr/local/bin/page", "-x")
+    assert nightly.notify.events == {"failure"}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nkeep = { lats = 3 }', "unknown key"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nevry = "2h"', "unknown key"),
+    ('disks = ["d"]\nrepository = "/r"', "every = DURATION or at = TIME"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nat = "02:00"', "not both"),
+    ('disks = ["d"]\nvm = "v"\nrepository = "/r"\nevery = "1h"', "or vm = NAME"),
+    ('disks = ["-bad"]\nrepository = "/r"\nevery = "1h"', "invalid"),
+    ('disks = ["d", "d"]\nrepository = "/r"\nevery = "1h"', "distinct"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "soon"', "not a duration"),
+    ('disks = ["d"]\nrepository = "/r"\nat = "25:00"', "not a time"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nbandwidth = "fast"', "not a size"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\naudit_sample = 101', "percentage"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nkeep = { last = -1 }', "0 or more"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nprune = "yes"', "wrong type"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nnotify = { webhook = "ftp://x" }',
+     "http"),
+    ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nregion = "eu"', "for s3:// repositories"),
+    ('disks = ["d"]\nrepository = "s3://b/p"\nevery = "1h"\nendpoint = "localhost:9000"',
+     "http:// or https://"),
+])
+def test_mistakes_are_refused_with_the_key_named(body: str, message: str) -> None:
+    text = f'[[job]]\nname = "j"\nhost = "unix:/h"\n{body}\n'
+    with pytest.raises(InvalidArgument, match=message):
+        parse_config(text)
+
+
+def test_an_s3_repository_with_its_endpoint_region_and_profile() -> None:
+    cfg = parse_config('[[job]]\nname = "j"\nhost = "unix:/h"\ndisks = ["d"]\n'
+                       'repository = "s3://bucket/backups"\nevery = "1h"\n'
+                       'endpoint = "http://127.0.0.1:8333"\nregion = "eu-central-1"\n'
+                       'profile = "backup"\n', "/etc/jobs.toml")
+    (job,) = cfg.jobs
+    assert job.repository == "s3://bucket/backups"  # a URL, not a path under /etc
+    assert (job.endpoint, job.region, job.profile) == ("http://127.0.0.1:8333",
+                                                       "eu-central-1", "backup")
+
+
+def test_no_jobs_and_duplicate_names_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="no \\[\\[job\\]\\]"):
+        parse_config("[worker]\nmax_jobs = 1\n")
+    one = '[[job]]\nname = "j"\nhost = "unix:/h"\ndisks = ["d"]\nrepository = "/r"\nevery = 60\n'
+    with pytest.raises(InvalidArgument, match="distinct"):
+        parse_config(one + one)
+    with pytest.raises(InvalidArgument, match="not valid TOML"):
+        parse_config("[[job]\n")
