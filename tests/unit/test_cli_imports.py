@@ -37,6 +37,7 @@ def _matching(modules: set[str], prefixes: tuple[str, ...]) -> set[str]:
 @pytest.mark.parametrize("argv", [["--help"], ["points", "--help"], ["backup", "--help"],
                                   ["host", "--help"], ["disk", "create", "--help"],
                                   ["snapshot", "list", "--help"], ["cbt", "query", "--help"],
+                                  ["restore", "--help"], ["serve", "--help"],
                                   ["worker", "--help"]],
                          ids=" ".join)
 def test_help_loads_nothing_heavy(argv: list[str]) -> None:

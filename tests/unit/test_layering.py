@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "nbd": {"extents", "errors"},  # nbd/proto: see the test below
     "repo": {"extents", "errors", "fileio", "pipeline"},
     "backup": {"extents", "errors", "names", "fileio", "tracking", "repo", "nbd", "disk",
-               "pipeline"},
+               "pipeline", "passwords"},
     "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
              "backup", "passwords"},
     "cli": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",

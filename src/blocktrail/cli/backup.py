@@ -435,13 +435,45 @@ def _disk_names(host: str) -> dict[str, str]:
 @click.argument("repo_path", metavar="REPO")
 @click.argument("point_id", metavar="POINT")
 @s3_options
-@click.option("--to", "target", required=True, type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default="raw",
-              show_default=True)
+@click.option("--to", "target", default=None, type=click.Path(dir_okay=False),
+              help="The file to write (not with --instant).")
+@click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
+              help="Of the file --to: raw (the default) or qcow2.")
+@click.option("--instant", is_flag=True,
+              help="Create the disk --disk on the host --host whose content is POINT at once "
+                   "(readable and bootable over NBD now, its writes tracked; the rest is copied "
+                   "in the background; REPO is a path on the host, or s3://BUCKET/PREFIX "
+                   "reached with the host's own S3 settings).")
+@host_option
+@click.option("--disk", "disk_name", default=None, metavar="NAME",
+              help="--instant: the new disk's name on the host.")
+@click.option("--fill-rate", "fill_rate", default=None, metavar="RATE",
+              help="--instant: copy at most RATE per second in the background, e.g. 50M.")
 @json_option
 def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | None,
-            profile: str | None, target: str, fmt: str, as_json: bool) -> None:
-    """Write restore point POINT to the file --to (every chunk's hash is checked)."""
+            profile: str | None, target: str | None, fmt: str | None, instant: bool,
+            host: str | None, disk_name: str | None, fill_rate: str | None,
+            as_json: bool) -> None:
+    """Write restore point POINT to the file --to (every chunk's hash is checked), or, with
+    --instant, restore it into a new disk on a host that is usable at once."""
+    if instant:
+        if endpoint or region or profile:
+            raise InvalidArgument("--instant: the host reaches an s3:// repository with its own "
+                                  "S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE in "
+                                  "its environment); leave out --endpoint, --region, --profile")
+        if sources().file or sources().command:
+            raise InvalidArgument("--instant: the host opens the repository with its own "
+                                  "password (`blocktrail host --password-file FILE`, or "
+                                  "BLOCKTRAIL_PASSWORD in its environment); leave out "
+                                  "--password-file and --password-command")
+        _restore_instantly(repo_path, point_id, target, fmt, host, disk_name, fill_rate,
+                           as_json)
+        return
+    if target is None:
+        raise InvalidArgument("give --to FILE (or --instant --host API --disk NAME)")
+    if disk_name is not None or fill_rate is not None:
+        raise InvalidArgument("--disk and --fill-rate go with --instant")
+    fmt = fmt or "raw"
     with open_repo(repo_path, endpoint, region, profile) as repo, \
             progress_bar("restore", as_json, unit_bytes=repo.chunk_size) as progress:
         if fmt == "raw":
@@ -453,6 +485,34 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
                 _convert_qcow2(raw, target)
     emit(as_json, {"point": point_id, "target": target, "format": fmt, "data_bytes": written},
          f"restored {point_id} to {target} ({fmt}, {human(written)} of data)")
+
+
+def _restore_instantly(repo_path: str, point_id: str, target: str | None, fmt: str | None,
+                       host: str | None, disk_name: str | None, fill_rate: str | None,
+                       as_json: bool) -> None:
+    import time
+
+    from blocktrail.cli.output import parse_size
+    from blocktrail.cli.target import call, with_host
+
+    if target is not None or fmt is not None:
+        raise InvalidArgument("--instant restores into a disk on a host, not to a file: leave "
+                              "out --to and --format")
+    if host is None or disk_name is None:
+        raise InvalidArgument("--instant needs --host API and --disk NAME")
+    check_disk_name(disk_name)
+    repository = repo_path if "://" in repo_path else os.path.abspath(repo_path)
+    body: dict[str, Any] = {"name": disk_name, "repository": repository, "point": point_id}
+    if fill_rate is not None:
+        body["fill"] = {"rate_bytes_per_second": parse_size(fill_rate)}
+    started = time.perf_counter()
+    info = with_host(host, call("POST", "disks", "restore", json=body))
+    seconds = time.perf_counter() - started
+    emit(as_json, {**info, "seconds": round(seconds, 3)},
+         f"disk {disk_name} restored instantly from {point_id} in {seconds:.2f} s: usable now "
+         f"(NBD export {disk_name}), its writes tracked against the point; "
+         f"{info['restore']['summary']} in the background (`blocktrail disk info {disk_name} "
+         "--host ...` shows how far)")
 
 
 def _convert_qcow2(raw: str, target: str) -> None:

@@ -18,6 +18,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 
 def disk_info(d: Disk) -> dict[str, Any]:
+    from blocktrail.host.fill import restore_status
+
     return {
         "name": os.path.basename(os.path.normpath(d.path)),
         "path": d.path,
@@ -27,6 +29,7 @@ def disk_info(d: Disk) -> dict[str, Any]:
         "current_change_id": d.current_change_id,
         "snapshots": [s.to_json() for s in d.snapshots],
         "epochs": [e.to_json() for e in d.tracker.epochs],
+        "restore": restore_status(d),
     }
 
 
@@ -42,6 +45,15 @@ def _describe(info: dict[str, Any]) -> str:
     lines += [f"    {s['name']}  {s['change_id']}  {s['created_at']}" for s in info["snapshots"]]
     last = info["epochs"][-1]
     lines.append(f"  epoch since   {last['created_at']} ({last['reason']})")
+    restore = info.get("restore")
+    if restore:
+        if restore.get("point"):
+            lines.append(f"  base          {restore['summary']} (from restore point "
+                         f"{restore['point']} in {restore['repository']})")
+        else:
+            lines.append(f"  base          {restore['summary']}")
+        if restore.get("last_error"):
+            lines.append(f"  last error    {restore['last_error_at']}: {restore['last_error']}")
     return "\n".join(lines)
 
 

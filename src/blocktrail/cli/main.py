@@ -34,6 +34,7 @@ from blocktrail.cli.cbt import cbt
 from blocktrail.cli.disk import disk
 from blocktrail.cli.host import host
 from blocktrail.cli.output import ExitCode, printable
+from blocktrail.cli.serve import serve
 from blocktrail.cli.snapshot import snapshot
 from blocktrail.cli.vm import vm
 from blocktrail.cli.worker import worker
@@ -55,7 +56,7 @@ cli.add_command(cbt)
 cli.add_command(host)
 cli.add_command(vm)
 cli.add_command(worker)
-for command in (repo_group, backup, points, restore, verify, check, forget, prune):
+for command in (repo_group, backup, points, restore, verify, check, forget, prune, serve):
     cli.add_command(command)
 
 

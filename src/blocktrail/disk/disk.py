@@ -77,6 +77,7 @@ class Disk:
         self._stack = LayerStack(path, fileio, layers, meta.cluster_size, self._commit,
                                  lambda: self._meta.size_bytes)
         self._consolidation: Consolidation | None = None
+        self._io_requests = 0  # approximate: counted without a lock (see io_requests)
         self._io = _IoCounts()
 
     @property
@@ -136,15 +137,17 @@ class Disk:
 
     @classmethod
     def create_restored(cls, path: str | os.PathLike[str], source: ChunkSource,
-                        continues: str, *, disk_id: str | None = None,
+                        continues: str | None, *, disk_id: str | None = None,
                         granularity: int = 64 * 1024, cluster_size: int = 64 * 1024,
                         fileio: FileIO | None = None) -> Disk:
         """A disk whose content is at once the restore point behind ``source``: its base reads
         chunks from the source until a background `fill` made them all local; writes go to a
         delta above it and are tracked from the first one. ``continues``: the change ID of the
         point (on the disk it was taken of), which stays valid here, so the next backup of this
-        disk is an incremental against that point. ``disk_id``: keep the point's disk identity
-        (the restored disk goes on in the same chain of restore points)."""
+        disk is an incremental against that point (None: the point has no change ID of a
+        blocktrail disk, e.g. it was taken of another NBD export; tracking starts a new epoch
+        and the next backup is full). ``disk_id``: keep the point's disk identity (the restored
+        disk goes on in the same chain of restore points)."""
         path, fileio = os.fspath(path), fileio or OsFileIO()
         _check_power_of_two("granularity", granularity, 512)
         _check_power_of_two("cluster size", cluster_size, 512)
@@ -152,7 +155,7 @@ class Disk:
         if fileio.exists(os.path.join(path, META_FILE)) or (
                 fileio.exists(path) and not _only_create_leftovers(fileio.listdir(path))):
             raise DiskExists(f"{path} already exists and is not empty")
-        continued = ChangeId.parse(continues)
+        continued = None if continues is None else ChangeId.parse(continues)
         try:
             fileio.makedirs(path)
             lock = _take_lock(fileio, path)
@@ -337,9 +340,18 @@ class Disk:
     def closed(self) -> bool:
         return self._file_lock is None
 
+    @property
+    def io_requests(self) -> int:
+        """How many reads (live disk and snapshots, mapped or not), writes, zeroes and trims
+        were asked of this handle since it was opened: a cheap counter for pacing background
+        work (a fill) behind a busy guest. Approximate: it is counted without a lock, and a
+        mapped read that had to wait counts twice (asked once without waiting, then again)."""
+        return self._io_requests
+
     # ------------------------------------------------------------------ guest I/O
 
     def pread(self, count: int, offset: int) -> bytes:
+        self._io_requests += 1
         with self._lock.shared():
             layers = self._readable_view(count, offset, None)
             data = chain.read_view(layers, self.cluster_size, count, offset)
@@ -351,6 +363,7 @@ class Disk:
         """Where the bytes of a read of the live disk (or a snapshot) are, for a zero-copy
         reader; the caller closes the result. With ``wait=False``, None instead of waiting
         (for a change of the layer structure, or for chunks a restoring base must fetch)."""
+        self._io_requests += 1
         counted = self._lock.acquire_shared(blocking=wait)
         if counted is None:
             return None
@@ -400,6 +413,7 @@ class Disk:
         counted = stack.lock.acquire_shared(blocking=wait)
         if counted is None:
             return False
+        self._io_requests += 1
         try:
             if stack.closed or stack.failed is not None:
                 stack.check_usable()
@@ -580,6 +594,19 @@ class Disk:
         """How much of a restoring base is local (None: the disk's base is all local)."""
         base = self._layers[0]
         return base.progress() if isinstance(base, RestoringLayer) else None
+
+    @property
+    def restore_source(self) -> ChunkSource | None:
+        """The source a restoring base fetches from (None: the base is local, or no source
+        was opened for it)."""
+        base = self._layers[0]
+        return base.source if isinstance(base, RestoringLayer) else None
+
+    @property
+    def restore_origin(self) -> dict[str, Any] | None:
+        """What disk.json records of a restoring base's source (None: the base is local)."""
+        base = self._layers[0]
+        return dict(base.source_info) if isinstance(base, RestoringLayer) else None
 
     def fill(self, max_chunks: int = 64) -> FillProgress | None:
         """Fetch up to ``max_chunks`` chunks of a restoring base and make them durable; once

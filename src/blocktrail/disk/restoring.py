@@ -226,8 +226,10 @@ class RestoringLayer(BaseLayer):
             position = position + start
         picked = position[:max_chunks].tolist()
         if picked:
-            self._fetch(picked)
+            # on past them even if one fails: a chunk that cannot be had now is tried again
+            # when the fill comes round to it, and does not hold up the chunks after it
             self._cursor = (picked[-1] + 1) % max(count, 1)
+            self._fetch(picked)
         return self.progress()
 
     def progress(self) -> FillProgress:

@@ -50,6 +50,7 @@ from blocktrail.errors import (
 )
 from blocktrail.host.console import PREFIX as CONSOLE_PREFIX
 from blocktrail.host.console import Console
+from blocktrail.host.fill import FillScheduler, restore_status
 from blocktrail.host.jobs import HostJobs
 from blocktrail.host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from blocktrail.host.metrics import HostMetrics
@@ -203,6 +204,26 @@ class EpochInfo(BaseModel):
     inherits: tuple[str, int] | None
 
 
+class RestoreInfo(BaseModel):
+    """Where the disk's base is: ``local``, or being filled from the restore point it was
+    restored from instantly (host/fill.py)."""
+
+    state: Literal["local", "filling", "paused"]
+    summary: str = Field(description="'local', 'filling N%', or 'filling N%, paused: why'")
+    percent: float
+    chunks: int | None = Field(description="chunks of the point that hold data")
+    local_chunks: int | None
+    repository: str | None
+    point: str | None
+    paused: str | None = Field(description="why the fill waits: by request, or the error it "
+                                           "retries after")
+    retry_in_s: float | None
+    rate_bytes_per_second: int | None
+    last_error: str | None = Field(description="the last chunk that could not be fetched, "
+                                               "and why")
+    last_error_at: str | None
+
+
 class DiskInfo(BaseModel):
     name: str
     disk_id: str
@@ -211,6 +232,7 @@ class DiskInfo(BaseModel):
     current_change_id: str
     snapshots: list[SnapshotInfo]
     epochs: list[EpochInfo]
+    restore: RestoreInfo
 
 
 class DiskUnavailable(BaseModel):
@@ -272,6 +294,7 @@ def _disk_json(name: str, disk: Disk) -> dict[str, Any]:
         "current_change_id": disk.current_change_id,
         "snapshots": [_snapshot_json(s) for s in disk.snapshots],
         "epochs": [e.to_json() for e in disk.tracker.epochs],
+        "restore": restore_status(disk),
     }
 
 
@@ -317,13 +340,15 @@ def _open_disks(registry: DiskRegistry) -> list[tuple[str, Disk]]:
 def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | None = None,
                nbd_tls: str = "off", repositories: tuple[str, ...] = (),
                backup_bandwidth: int | None = None,
+               fills: FillScheduler | None = None,
                repo_password: PasswordSources = NO_SOURCES) -> FastAPI:
     """The control API over ``registry``; with ``token``, every call needs
     ``Authorization: Bearer <token>``. ``nbd``/``nbd_tls``: where and how the host serves the
     disks over NBD (GET /host tells clients). Beside it: ``GET /metrics`` (Prometheus) and the
     web console under /console, which shows the restore points in ``repositories``
     (``app.state.catalog``; close it when the app is done) and backs up into them (at most
-    ``backup_bandwidth`` bytes a second)."""
+    ``backup_bandwidth`` bytes a second). ``fills``: instant restores (their endpoints and
+    background fills; host/restore_api.py)."""
     def authorize(creds: BearerCredentials) -> None:
         if token is None:
             return
@@ -476,4 +501,7 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
         registry.vm_remove_snapshot(vm, snapshot)
         return {"removed": snapshot}
 
+    if fills is not None:
+        from blocktrail.host.restore_api import restore_router
+        app.include_router(restore_router(registry, fills, repo_password))
     return app

@@ -9,6 +9,7 @@ directory stops at once, naming the first, and takes nobody's socket path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from blocktrail.errors import InvalidArgument, io_error
 from blocktrail.host.api import create_app
 from blocktrail.host.endpoint import TOKEN_FILE, Endpoint
 from blocktrail.host.exports import DiskCatalog
+from blocktrail.host.fill import FillScheduler
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import TlsMode
@@ -123,15 +125,23 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
         if config.nbd_tls is None:
             raise InvalidArgument("NBD TLS needs credentials (an x509 directory or a PSK file)")
         tls = ServerTls(config.nbd_tls_mode, server_context(config.nbd_tls))  # checked now
-    registry = DiskRegistry(config.data_dir, api=str(config.api))  # HostBusy: before any bind
+    from blocktrail.backup.chunksource import open_chunk_source
+
+    registry = DiskRegistry(config.data_dir, api=str(config.api),  # HostBusy: before any bind
+                            chunk_sources=functools.partial(open_chunk_source,
+                                                            password=config.repo_password))
+    fills = FillScheduler(registry)
     try:
-        await _serve(config, registry, tls, started, handle_signals=handle_signals)
+        fills.resume()  # the fills a stop (or a crash) interrupted
+        await _serve(config, registry, tls, started, fills, handle_signals=handle_signals)
     finally:
+        fills.close()
         registry.close()
 
 
 async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | None,
-                 started: asyncio.Event | None, *, handle_signals: bool) -> None:
+                 started: asyncio.Event | None, fills: FillScheduler, *,
+                 handle_signals: bool) -> None:
     token = None
     if config.api.unix_path is None:
         token = config.token or load_or_create_token(registry.data_dir)
@@ -144,7 +154,7 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
         raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
                      nbd_tls=config.nbd_tls_mode.name.lower(), repositories=config.repositories,
-                     backup_bandwidth=config.backup_bandwidth,
+                     backup_bandwidth=config.backup_bandwidth, fills=fills,
                      repo_password=config.repo_password)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:

@@ -16,7 +16,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from blocktrail.disk import Disk, Snapshot
+from blocktrail.disk.disk import SourceOpener
 from blocktrail.disk.importer import build_disk, import_raw
+from blocktrail.disk.restoring import ChunkSource
 from blocktrail.errors import (
     CorruptMetadata,
     DiskBusy,
@@ -57,11 +59,13 @@ class DiskRegistry:
 
     Constructing one locks the data directory for this process (HostBusy if another host
     serves it), upgrades an older layout and clears what killed creates left; ``api`` is what
-    the lock tells a second host about this one."""
+    the lock tells a second host about this one. ``chunk_sources`` opens the source of a disk
+    restored instantly (what its disk.json records), when the disk is opened."""
 
     def __init__(self, data_dir: str, *, fileio: FileIO | None = None,
-                 api: str = "in-process") -> None:
+                 api: str = "in-process", chunk_sources: SourceOpener | None = None) -> None:
         self._fileio = fileio or OsFileIO()
+        self._chunk_sources = chunk_sources
         self._data, self._host_lock = open_data_dir(data_dir, self._fileio, api)
         self.data_dir = self._data.root
         self._disks: dict[str, Disk] = {}
@@ -94,7 +98,8 @@ class DiskRegistry:
                 path = self._data.disk(name)
                 if not self._fileio.exists(os.path.join(path, DISK_META)):
                     raise DiskNotFound(f"the host has no disk {name!r}")
-                disk = self._disks[name] = Disk.open(path, fileio=self._fileio)
+                disk = self._disks[name] = Disk.open(path, fileio=self._fileio,
+                                                     chunk_sources=self._chunk_sources)
             return disk
 
     def create(self, name: str, size_bytes: int, granularity: int) -> Disk:
@@ -108,6 +113,20 @@ class DiskRegistry:
         check_import_source(source)
         return self._add(name, lambda path: import_raw(source, path, granularity,
                                                        fileio=self._fileio))
+
+    def restore(self, name: str, source: ChunkSource, continues: str | None, *,
+                disk_id: str | None, granularity: int) -> Disk:
+        """A new disk whose content is at once the restore point behind ``source`` (its base
+        reads from the source until filled; `Disk.create_restored`): all of it, or nothing.
+        The disk is opened with ``chunk_sources`` (``source`` serves the build only)."""
+        def make(path: str) -> Disk:
+            built = build_disk(path, lambda building: Disk.create_restored(
+                building, source, continues, disk_id=disk_id, granularity=granularity,
+                fileio=self._fileio), fileio=self._fileio)
+            built.close()
+            return Disk.open(path, fileio=self._fileio, chunk_sources=self._chunk_sources)
+
+        return self._add(name, make)
 
     def _add(self, name: str, make: Callable[[str], Disk]) -> Disk:
         check_disk_name(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -52,6 +53,7 @@ class LocalBackend:
         self.fio = fileio or OsFileIO()
         self._handles: dict[str, FileHandle] = {}
         self._handles_lock = threading.Lock()
+        self._root_seen = os.path.isdir(root) or self.fio.exists(root)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
@@ -60,13 +62,31 @@ class LocalBackend:
     def _exclusive(self) -> Iterator[None]:
         """The objects lock: one create, replace or leftover sweep at a time on this machine."""
         path = os.path.join(self.root, LOCK_NAME)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._make_parent(path, lock=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    def _make_parent(self, path: str, *, lock: bool = False) -> None:
+        """Make the directory ``path`` goes in (``lock``: a lock file's, on the real file
+        system; else through the file layer), but never the repository's own once it was
+        there: a repository moved away or unmounted is not made again, empty, where it was
+        (FileNotFoundError)."""
+        exists = os.path.isdir if lock else self.fio.exists
+        parent = os.path.dirname(path)
+        if exists(parent):
+            return
+        if self._root_seen and not exists(self.root):
+            raise FileNotFoundError(errno.ENOENT, "the repository directory is gone (moved "
+                                    "away or unmounted?)", self.root)
+        if lock:
+            os.makedirs(parent, exist_ok=True)
+        else:
+            self.fio.makedirs(parent)
+        self._root_seen = True
 
     def _info(self, name: str, path: str) -> ObjectInfo:
         try:
@@ -77,9 +97,7 @@ class LocalBackend:
                           f"{inode:x}", time.time())
 
     def _write(self, name: str, path: str, data: bytes | bytearray) -> ObjectInfo:
-        parent = os.path.dirname(path)
-        if not self.fio.exists(parent):
-            self.fio.makedirs(parent)
+        self._make_parent(path)
         self.fio.replace_atomic(path, data)
         self._forget_handle(name)
         return self._info(name, path)
@@ -190,7 +208,7 @@ class LocalBackend:
         writer, exclusive for a prune or repair that runs with no writer at all. None when
         ``wait`` is false and it is held the other way."""
         path = os.path.join(self.root, HOST_LOCK_NAME)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._make_parent(path, lock=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:

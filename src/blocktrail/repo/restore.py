@@ -66,7 +66,7 @@ def _restore_into(store: Store, handle: FileHandle, point: RestorePoint,
     fetched, repeats = _split_repeats(entries, point.chunk_size)
     where = f"restore point {point.id}"
     window = 16 if store.backend.remote else 4
-    runs = read_ahead(_runs(store, fetched), lambda run: _fetch(store, run, where),
+    runs = read_ahead(ranged_runs(store, fetched), lambda run: fetch_run(store, run, where),
                       window=window, executor=store.io_pool)
     kept: dict[bytes, bytes] = {}
     wanted = {name for _, name in repeats}
@@ -126,7 +126,7 @@ def _writeback(handle: FileHandle) -> None:
             os.close(fd)
 
 
-def _runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
+def ranged_runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
     """Entries grouped into reads: consecutive ones whose copies lie close together in one
     pack. An object without a usable copy is a run of its own (its read says why)."""
     run: Run = []
@@ -147,7 +147,7 @@ def _runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
         yield run
 
 
-def _fetch(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
+def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
     """The plain bytes of a run's chunks: one ranged read, each envelope checked; a damaged
     copy is put in quarantine and the next copy read (`Store.read_object`)."""
     first, last = run[0][2], run[-1][2]

@@ -207,3 +207,55 @@ def test_snapshots_and_removals_while_restoring(tmp_path: Path) -> None:
             pass
         assert disk.pread(SIZE, 0) == bytes(expected)
         assert disk.open_snapshot("s2").pread(SIZE, 0) == bytes(expected)
+
+
+def test_a_broken_chunk_does_not_hold_up_the_fill_of_the_chunks_after_it(tmp_path: Path) -> None:
+    content = point_content()
+    data_chunks = [i for i, h in enumerate(MemorySource(content).holes()) if not h]
+    bad = data_chunks[3]
+    source = MemorySource(content, {bad})
+    with Disk.create_restored(tmp_path / "d", source, POINT_ID) as disk:
+        failures = 0
+        for _ in range(4 * len(data_chunks)):
+            try:
+                progress = disk.fill(4)
+            except ChunkUnavailable:
+                failures += 1
+                continue
+            assert progress is not None
+        progress = disk.restore_progress
+        assert progress is not None and progress.remaining == 1  # every chunk but the bad one
+        assert failures >= 2  # tried again each time the fill came round
+        source.broken.clear()
+        while not disk.fill(4).done:  # type: ignore[union-attr]
+            pass
+        assert disk.restore_progress is None
+        assert disk.pread(SIZE, 0) == content
+
+
+def test_a_point_without_a_change_id_restores_into_a_new_epoch(tmp_path: Path) -> None:
+    content = point_content()
+    with Disk.create_restored(tmp_path / "d", MemorySource(content), None,
+                              granularity=4096) as disk:
+        assert disk.pread(SIZE, 0) == content
+        assert disk.tracker.epochs[-1].inherits is None
+        with pytest.raises(InvalidChangeId):  # another disk's history
+            disk.query_changed_areas(POINT_ID)
+
+
+def test_the_source_the_io_counter_and_the_origin_are_visible(tmp_path: Path) -> None:
+    content = point_content()
+    source = MemorySource(content)
+    with Disk.create_restored(tmp_path / "d", source, POINT_ID) as disk:
+        assert disk.restore_source is source
+        assert disk.restore_origin == {"repository": "/nowhere", "point": "P"}
+        before = disk.io_requests
+        disk.pread(10, 0)
+        disk.pwrite(b"x", 5)
+        disk.zero(10, 100)
+        with disk.map_read(10, 0) as mapped:  # type: ignore[union-attr]
+            mapped.read()
+        assert disk.io_requests == before + 4
+        disk.fill(1 << 20)  # the fill is no guest I/O
+        assert disk.io_requests == before + 4
+        assert disk.restore_source is None and disk.restore_origin is None

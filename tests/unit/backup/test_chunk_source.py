@@ -1,0 +1,155 @@
+"""The repository as a chunk source: every chunk of a point as stored, checked; a damaged chunk
+or an unreachable repository named, never made up; the repository opened again after a failure;
+a lease naming the point held (no forget of it, no prune sweep under it); a lazily opened
+source for a disk that reopens."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blocktrail.backup.chunksource import (
+    RepositoryChunkSource,
+    background_fetches,
+    open_chunk_source,
+)
+from blocktrail.disk.restoring import ChunkUnavailable
+from blocktrail.errors import CorruptMetadata
+from blocktrail.repo import Repository
+from blocktrail.repo.errors import PointNotFound, RepositoryNotFound
+from blocktrail.repo.leases import list_leases
+from instantkit import CS, damage_chunk, make_point, store_again
+from s3server import TEST_PASSWORD
+
+
+def test_every_chunk_and_hole_of_the_point(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    source = RepositoryChunkSource(str(point.repo), point.id)
+    try:
+        assert (source.chunk_size, source.size_bytes) == (CS, len(point.content))
+        assert source.holes() == [not any(point.chunk(i)) for i in range(32)]
+        got = dict(source.fetch(list(range(32))))
+        assert b"".join(got[i] for i in range(32)) == point.content
+        assert source.describe() == {"repository": str(point.repo), "point": point.id,
+                                     "chunk_size": CS}
+        # the repeated chunk is fetched once, and nothing twice (the cache)
+        distinct = {point.chunk(i) for i in point.data_chunks}
+        assert source.fetched_chunks == len(distinct)
+        again = dict(source.fetch(point.data_chunks[:3]))
+        assert source.fetched_chunks == len(distinct)
+        assert again[point.data_chunks[0]] == point.chunk(point.data_chunks[0])
+        assert source.cached(range(32)) is not None
+    finally:
+        source.close()
+
+
+def test_parallel_fetches_from_many_threads(tmp_path: Path) -> None:
+    point = make_point(tmp_path, size=64 * CS, seed=3)
+    source = RepositoryChunkSource(str(point.repo), point.id, cache_bytes=4 * CS)
+    results: list[bool] = []
+
+    def reader(offset: int) -> None:
+        for _ in range(3):
+            indexes = [(offset + k) % 64 for k in range(0, 64, 5)]
+            got = dict(source.fetch(indexes))
+            results.append(all(got[i] == point.chunk(i) for i in indexes))
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(6)]
+    with background_fetches():
+        threads.append(threading.Thread(target=lambda: reader(100)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    source.close()
+    assert results and all(results)
+
+
+def test_a_damaged_chunk_is_named_and_the_others_arrive(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    unique = [i for i in point.data_chunks
+              if sum(point.chunk(j) == point.chunk(i) for j in range(32)) == 1]
+    bad = unique[2]
+    damage_chunk(point, bad)
+    source = RepositoryChunkSource(str(point.repo), point.id)
+    try:
+        got: dict[int, bytes] = {}
+        with pytest.raises(ChunkUnavailable) as failure:
+            for index, data in source.fetch(point.data_chunks):
+                got[index] = data
+        message = failure.value.message
+        assert f"chunk {bad} (offset {bad * CS}) of restore point {point.id}" in message
+        assert "does not match its digest" in message or "does not decompress" in message
+        assert source.last_error == message and source.failures == 1
+        assert bad not in got
+        assert got == {i: point.chunk(i) for i in point.data_chunks if i != bad}
+        with pytest.raises(ChunkUnavailable, match="quarantine"):  # its only copy is set aside
+            list(source.fetch([bad]))
+        store_again(point, bad)  # a later backup stored it again: found after a reopen
+        time.sleep(1.1)  # the repository is opened again at most once a second
+        assert dict(source.fetch([bad])) == {bad: point.chunk(bad)}
+    finally:
+        source.close()
+
+
+def test_an_unreachable_repository_fails_fetches_until_it_is_back(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    source = RepositoryChunkSource(str(point.repo), point.id, cache_bytes=0)
+    try:
+        first = point.data_chunks[0]
+        assert dict(source.fetch([first])) == {first: point.chunk(first)}
+        moved = tmp_path / "elsewhere"
+        point.repo.rename(moved)
+        with pytest.raises(ChunkUnavailable, match=f"chunk {first} .* repository "
+                                                   f"{point.repo} is unreachable"):
+            list(source.fetch([first]))
+        moved.rename(point.repo)
+        assert dict(source.fetch([first])) == {first: point.chunk(first)}
+    finally:
+        source.close()
+
+
+def test_a_lease_naming_the_point_is_held_while_open(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    source = RepositoryChunkSource(str(point.repo), point.id)
+    with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
+        held = list_leases(repo.backend)
+        assert [(lease.purpose, lease.base) for lease in held] == [("writer", point.id)]
+        source.close()
+        assert list_leases(repo.backend) == []
+        repo.prune()
+
+
+def test_a_missing_point_or_repository_is_named(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    with pytest.raises(PointNotFound, match="no restore point 'nope'"):
+        RepositoryChunkSource(str(point.repo), "nope")
+    with pytest.raises(RepositoryNotFound):
+        RepositoryChunkSource(str(tmp_path / "none"), point.id)
+
+
+def test_a_lazy_source_opens_without_its_repository(tmp_path: Path) -> None:
+    point = make_point(tmp_path)
+    moved = tmp_path / "elsewhere"
+    point.repo.rename(moved)
+    source = open_chunk_source({"repository": str(point.repo), "point": point.id,
+                                "chunk_size": CS})
+    try:
+        assert source.chunk_size == CS
+        with pytest.raises(ChunkUnavailable, match="unreachable"):
+            list(source.fetch([0]))
+        moved.rename(point.repo)
+        index = point.data_chunks[1]
+        assert dict(source.fetch([index])) == {index: point.chunk(index)}
+    finally:
+        source.close()
+    with pytest.raises(CorruptMetadata):
+        open_chunk_source({"point": point.id})
+    wrong = open_chunk_source({"repository": str(point.repo), "point": point.id,
+                               "chunk_size": 2 * CS})
+    with pytest.raises(ChunkUnavailable, match="not 131072 as recorded"):
+        list(wrong.fetch([0]))
+    wrong.close()

@@ -1,0 +1,161 @@
+"""How the background fill paces itself: big steps while the guest is idle, small steps and
+rests while it does I/O, a rate limit kept, failures retried after 1, 2, 4, ... units (reset
+by a good step), a pause by request held."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Any, cast
+
+from blocktrail.disk import Disk
+from blocktrail.disk.restoring import ChunkUnavailable, FillProgress
+from blocktrail.host.fill import FillJob, FillPolicy
+
+CS = 64 * 1024
+POLICY = FillPolicy(idle_chunks=8, busy_chunks=2, busy_share=0.5, first_retry_s=0.05,
+                    max_retry_s=0.2)
+
+
+class FakeDisk:
+    """What a fill job uses of a restoring disk; each step takes ``step_s``."""
+
+    def __init__(self, chunks: int, step_s: float = 0.01) -> None:
+        self.chunks, self.local, self.step_s = chunks, 0, step_s
+        self.io_requests = 0
+        self.steps: list[tuple[float, int, bool]] = []  # (when, chunks asked, failed)
+        self.failures = 0
+        self.restore_source = None
+        self.restore_origin = {"repository": "/r", "point": "P"}
+        self.lock = threading.Lock()
+
+    @property
+    def restore_progress(self) -> FillProgress | None:
+        if self.local >= self.chunks:
+            return None
+        return FillProgress(self.chunks, self.local, self.chunks - self.local)
+
+    def fill(self, count: int) -> FillProgress:
+        time.sleep(self.step_s)
+        with self.lock:
+            failed = self.failures > 0
+            self.steps.append((time.monotonic(), count, failed))
+            if failed:
+                self.failures -= 1
+                raise ChunkUnavailable("chunk 3 of restore point P cannot be read: damaged")
+            self.local = min(self.chunks, self.local + count)
+            return FillProgress(self.chunks, self.local, self.chunks - self.local)
+
+
+def run_job(disk: FakeDisk, **kwargs: Any) -> FillJob:
+    job = FillJob("d0", cast(Disk, disk), POLICY, **kwargs)
+    job.start()
+    return job
+
+
+def wait_finished(job: FillJob, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while job.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.finished
+
+
+def test_idle_guest_big_steps_no_rests() -> None:
+    disk = FakeDisk(64)
+    started = time.monotonic()
+    wait_finished(run_job(disk))
+    assert [n for _, n, _ in disk.steps] == [8] * 8
+    assert time.monotonic() - started < 8 * disk.step_s + 1.0
+
+
+def test_busy_guest_small_steps_and_rests() -> None:
+    disk = FakeDisk(40, step_s=0.02)
+    stop = threading.Event()
+
+    def guest() -> None:
+        while not stop.is_set():
+            disk.io_requests += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=guest)
+    thread.start()
+    try:
+        job = run_job(disk)
+        wait_finished(job)
+    finally:
+        stop.set()
+        thread.join()
+    sizes = [n for _, n, _ in disk.steps]
+    assert sizes[0] == 8 and set(sizes[1:]) == {2}  # the first step knows of no I/O yet
+    times = [t for t, _, _ in disk.steps]
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+    # each step works ~20 ms and then rests as long: ~40 ms from one to the next
+    assert sum(gaps) / len(gaps) >= 0.035
+
+
+def test_a_rate_limit_is_kept() -> None:
+    disk = FakeDisk(20, step_s=0.0)
+    started = time.monotonic()
+    wait_finished(run_job(disk, rate=40 * CS))  # 40 chunks a second
+    assert [n for _, n, _ in disk.steps] == [8, 8, 8]  # at most a quarter second's worth
+    # 8 chunks are a fifth of a second's worth: the second step waits 0.2 s, the third 0.4 s
+    times = [t for t, _, _ in disk.steps]
+    assert times[1] - started >= 0.19 and times[2] - started >= 0.39
+
+
+def test_failures_are_retried_with_backoff_and_a_good_step_resets_it() -> None:
+    disk = FakeDisk(32, step_s=0.0)
+    disk.failures = 4
+    job = run_job(disk)
+    wait_finished(job)
+    failed = [t for t, _, f in disk.steps if f]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(failed)]
+    assert len(failed) == 4
+    # doubling: each gap at least its delay, and short of the next one (a loaded machine is late)
+    assert 0.05 <= gaps[0] < 0.1 and 0.1 <= gaps[1] < 0.2 and 0.2 <= gaps[2] < 0.4, gaps
+    assert job.error is not None and "chunk 3 of restore point P" in job.error
+    assert disk.local == 32
+    # after a good step, the next failure waits the first delay again
+    disk2 = FakeDisk(32, step_s=0.0)
+    disk2.failures = 2
+    job2 = run_job(disk2)
+    wait_finished(job2)
+    assert len([s for s in disk2.steps if s[2]]) == 2
+
+
+def test_a_pause_holds_the_fill_until_resumed() -> None:
+    disk = FakeDisk(16, step_s=0.0)
+    job = run_job(disk, paused=True)
+    time.sleep(0.2)
+    assert disk.steps == [] and job.running
+    job.control(paused=False, rate=None)
+    wait_finished(job)
+    assert disk.local == 16
+
+
+def test_stop_ends_a_job_waiting_to_retry() -> None:
+    disk = FakeDisk(16, step_s=0.0)
+    disk.failures = 100
+    job = run_job(disk)
+    time.sleep(0.3)
+    started = time.monotonic()
+    job.stop()
+    assert not job.running and time.monotonic() - started < 1.0
+    assert not job.finished
+
+
+def test_a_control_call_ends_the_wait_before_a_retry() -> None:
+    slow = FillPolicy(idle_chunks=8, first_retry_s=30, max_retry_s=30)
+    disk = FakeDisk(16, step_s=0.0)
+    disk.failures = 1
+    job = FillJob("d0", cast(Disk, disk), slow)
+    job.start()
+    deadline = time.monotonic() + 5
+    while not disk.steps:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.retry_at is not None
+    job.control(paused=False, rate=None)  # e.g. the repository is back
+    wait_finished(job, timeout_s=5)

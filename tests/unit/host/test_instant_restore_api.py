@@ -1,0 +1,152 @@
+"""The instant-restore endpoints of the control API, in process: a disk restored from a point
+reads as the point at once and keeps its disk ID and change ID; errors of the repository are
+the host's errors; the fill can be paused, resumed and limited, and ends local; a host that
+starts again resumes it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from blocktrail.backup.chunksource import open_chunk_source
+from blocktrail.host.api import create_app
+from blocktrail.host.fill import FillPolicy, FillScheduler
+from blocktrail.host.registry import DiskRegistry
+from instantkit import CS, Point, make_point
+
+
+class Host:
+    def __init__(self, data: Path, policy: FillPolicy | None = None) -> None:
+        self.registry = DiskRegistry(str(data), chunk_sources=open_chunk_source)
+        self.fills = FillScheduler(self.registry, policy)
+        self.client = TestClient(create_app(self.registry, fills=self.fills))
+
+    def close(self) -> None:
+        self.fills.close()
+        self.registry.close()
+
+    def restore(self, point: Point, name: str = "r0", **fill: Any) -> Any:
+        body = {"name": name, "repository": str(point.repo), "point": point.id}
+        if fill:
+            body["fill"] = fill
+        return self.client.post("/disks/restore", json=body)
+
+    def info(self, name: str = "r0") -> Any:
+        return self.client.get(f"/disks/{name}").json()
+
+    def wait_local(self, name: str = "r0", timeout_s: float = 60) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.info(name)
+            if info["restore"]["state"] == "local":
+                return info
+            assert time.monotonic() < deadline, info["restore"]
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def point(tmp_path: Path) -> Point:
+    return make_point(tmp_path / "src", size=48 * CS, seed=21)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    h = Host(tmp_path / "data")
+    yield h
+    h.close()
+
+
+def test_a_restored_disk_is_the_point_at_once_and_ends_local(host: Host, point: Point) -> None:
+    answer = host.restore(point, paused=True)
+    assert answer.status_code == 201, answer.text
+    info = answer.json()
+    assert info["disk_id"] == point.disk_id and info["size_bytes"] == len(point.content)
+    restore = info["restore"]
+    assert restore["state"] == "paused" and restore["paused"] == "by request"
+    assert restore["summary"] == "filling 0%, paused: by request"
+    assert (restore["repository"], restore["point"]) == (str(point.repo), point.id)
+    assert restore["local_chunks"] == 0 and restore["chunks"] == len(point.data_chunks)
+    epoch, seq = point.change_id.split("/")
+    assert info["epochs"][-1]["inherits"] == [epoch, int(seq)]
+    disk = host.registry.get("r0")
+    assert disk.pread(len(point.content), 0) == point.content  # fetched on demand
+    assert disk.query_changed_areas(point.change_id).changed_areas == ()
+    disk.pwrite(b"w" * 100, 5 * CS + 7)
+    assert [(a.offset, a.length) for a in disk.query_changed_areas(
+        point.change_id).changed_areas] == [(5 * CS, CS)]
+    resumed = host.client.post("/disks/r0/fill", json={"paused": False})
+    assert resumed.status_code == 200
+    local = host.wait_local()
+    assert local["restore"]["summary"] == "local" and local["restore"]["point"] is None
+    expected = bytearray(point.content)
+    expected[5 * CS + 7 : 5 * CS + 107] = b"w" * 100
+    assert disk.pread(len(point.content), 0) == bytes(expected)
+    again = host.client.post("/disks/r0/fill", json={"paused": True})
+    assert again.status_code == 400 and "is local" in again.json()["message"]
+
+
+def test_the_fill_is_paused_resumed_and_limited(host: Host, point: Point) -> None:
+    assert host.restore(point, rate_bytes_per_second=4 * CS).status_code == 201
+    time.sleep(1.0)
+    first = host.info()["restore"]
+    assert first["state"] == "filling" and first["rate_bytes_per_second"] == 4 * CS
+    assert 0 < first["local_chunks"] < first["chunks"]  # ~4 chunks a second
+    paused = host.client.post("/disks/r0/fill", json={"paused": True}).json()["restore"]
+    assert paused["state"] == "paused" and paused["rate_bytes_per_second"] == 4 * CS
+    time.sleep(0.6)
+    held = host.info()["restore"]["local_chunks"]
+    time.sleep(0.6)
+    assert host.info()["restore"]["local_chunks"] == held
+    unlimited = host.client.post("/disks/r0/fill",
+                                 json={"paused": False, "rate_bytes_per_second": None})
+    assert unlimited.json()["restore"]["rate_bytes_per_second"] is None
+    host.wait_local()
+
+
+def test_repository_errors_are_the_hosts_errors(host: Host, point: Point,
+                                                tmp_path: Path) -> None:
+    missing = host.client.post("/disks/restore", json={
+        "name": "r0", "repository": str(point.repo), "point": "20200101T000000000Z-00000000"})
+    assert missing.status_code == 404 and missing.json()["error"] == "SnapshotNotFound"
+    assert "no restore point" in missing.json()["message"]
+    nowhere = host.client.post("/disks/restore", json={
+        "name": "r0", "repository": str(tmp_path / "none"), "point": point.id})
+    assert nowhere.status_code == 404 and nowhere.json()["error"] == "DiskNotFound"
+    assert "not a blocktrail repository" in nowhere.json()["message"]
+    relative = host.client.post("/disks/restore", json={
+        "name": "r0", "repository": "repo", "point": point.id})
+    assert relative.status_code == 400 and "absolute path" in relative.json()["message"]
+    bad_name = host.client.post("/disks/restore", json={
+        "name": "-r0", "repository": str(point.repo), "point": point.id})
+    assert bad_name.status_code == 400
+    assert host.client.get("/disks").json() == []  # nothing was created
+    assert host.restore(point).status_code == 201
+    taken = host.restore(point)
+    assert taken.status_code == 409 and taken.json()["error"] == "DiskExists"
+    assert not list((tmp_path / "data" / "disks").glob(".creating-*"))
+
+
+def test_a_host_that_starts_again_resumes_the_fill(tmp_path: Path, point: Point) -> None:
+    first = Host(tmp_path / "data")
+    try:
+        assert first.restore(point, rate_bytes_per_second=8 * CS).status_code == 201
+        time.sleep(0.8)
+    finally:
+        first.close()
+    second = Host(tmp_path / "data")
+    try:
+        before = second.info()["restore"]  # opens the disk; nothing fills it yet
+        assert before["state"] == "paused" and "no fill runs" in before["paused"]
+        assert 0 < before["local_chunks"] < before["chunks"]  # kept across the stop
+        assert second.fills.resume() == ["r0"]
+        second.wait_local()
+        disk = second.registry.get("r0")
+        assert disk.pread(len(point.content), 0) == point.content
+        assert disk.restore_source is None
+    finally:
+        second.close()
