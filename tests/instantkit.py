@@ -21,7 +21,7 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
-from blocktrail.repo.objects import digest as chunk_digest
+from blocktrail.repo.objects import KIND_CHUNK
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 CS = 64 * 1024
@@ -79,7 +79,7 @@ def make_point(root: Path, size: int = 32 * CS, seed: int = 1, *,
 def damage_chunk(point: Point, index: int) -> None:
     """Change one byte of the stored copy of chunk ``index`` (every copy: it is stored once)."""
     with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
-        loc = repo.index.get(chunk_digest(point.chunk(index)))
+        loc = repo.index.get(repo.codec.name(KIND_CHUNK, point.chunk(index)))
         assert loc is not None, f"chunk {index} is not stored"
         pack = point.repo / "packs" / loc.pack_id[:2] / f"{loc.pack_id}.pack"
     with open(pack, "r+b") as f:

@@ -105,9 +105,14 @@ def _await_result(out: IO[str], command: str, errors: list[str]) -> None:
 def running_host(workdir: str) -> Iterator[tuple[str, str]]:
     """`blocktrail host` in a child process; -> (API endpoint, NBD socket path)."""
     api, nbd = os.path.join(workdir, "api.sock"), os.path.join(workdir, "nbd.sock")
+    password = os.path.join(workdir, "repo-password")  # the host opens the repository with it
+    fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(DEMO_PASSWORD + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
                              os.path.join(workdir, "disks"), "--api", f"unix:{api}", "--nbd",
-                             f"unix:{nbd}"], stderr=subprocess.DEVNULL)
+                             f"unix:{nbd}", "--password-file", password],
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not (os.path.exists(api) and os.path.exists(nbd)):

@@ -165,8 +165,8 @@ def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
         envelope = data[at : at + loc.length]
         chunk_label = f"chunk {name.hex()} ({where})"
         try:
-            plain = store.codec.open(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
-                                  f"{loc.pack_id}")
+            plain = store.codec.open(envelope, KIND_CHUNK, name,
+                                     f"{chunk_label} in pack {loc.pack_id}")
         except ChunkCorrupt as exc:
             note = store.damaged(name, KIND_CHUNK, loc, exc, None)
             try:

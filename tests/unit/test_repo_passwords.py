@@ -82,3 +82,45 @@ def test_the_hosts_repositories_open_with_its_password(encrypted: Path,
         assert not view.points
     finally:
         without.close()
+
+
+def test_an_instant_restore_and_serve_open_with_the_hosts_password(
+        encrypted: Path, tmp_path: Path) -> None:
+    """The host's restore endpoint (POST /disks/restore) and `blocktrail serve` (open_points)
+    open an encrypted repository with their own password sources; without one the endpoint
+    says what the host lacks (400) and creates no disk."""
+    import functools
+
+    from fastapi.testclient import TestClient
+
+    from blocktrail.backup.chunksource import open_chunk_source
+    from blocktrail.backup.pointexport import open_points
+    from blocktrail.host.api import create_app
+    from blocktrail.host.fill import FillScheduler
+    from blocktrail.host.registry import DiskRegistry
+
+    password = PasswordSources(file=str(tmp_path / "password"))
+    with Repository.open(encrypted, password=SECRET) as repo:
+        (point,) = repo.points()
+    for sources, status in ((PasswordSources(), 400), (password, 201)):
+        registry = DiskRegistry(str(tmp_path / f"data-{status}"), chunk_sources=functools.partial(
+            open_chunk_source, password=sources))
+        fills = FillScheduler(registry)
+        try:
+            client = TestClient(create_app(registry, fills=fills, repo_password=sources))
+            reply = client.post("/disks/restore", json={"name": "r0", "repository":
+                                                       str(encrypted), "point": point.id})
+            assert reply.status_code == status, reply.text
+            if status == 400:
+                assert "its own password" in reply.json()["message"]
+                assert client.get("/disks").json() == []
+        finally:
+            fills.close()
+            registry.close()
+    catalog = open_points(str(encrypted), [point.id], password)
+    try:
+        assert catalog.names() == [point.id]
+    finally:
+        catalog.close()
+    with pytest.raises(PasswordRequired):
+        open_points(str(encrypted), [point.id])
