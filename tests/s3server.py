@@ -107,6 +107,10 @@ class SeaweedFS:
                                          client.exceptions.BucketAlreadyExists):
                     client.create_bucket(Bucket=BUCKET)
                 client.head_bucket(Bucket=BUCKET)
+                # The filer answers before the volume server takes data (after a restart it
+                # says InternalError for a while): ready once an object goes in and comes out.
+                client.put_object(Bucket=BUCKET, Key="_ready", Body=b"ready")
+                client.get_object(Bucket=BUCKET, Key="_ready")["Body"].read()
                 return
             if time.monotonic() > deadline:
                 self.stop()

@@ -62,7 +62,8 @@ def test_two_workers_never_back_up_one_disk_at_once(kind: str, tmp_path: Path,
         cli_json("disk", "create", "d0", "--size", "16M", "--host", api)
         subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3a 0 16M",
                         f"nbd+unix:///d0?socket={nbd}"], check=True, capture_output=True)
-        slow = subprocess.Popen(worker("first", 'bandwidth = "2M"\n'), env=env,  # ~8 s
+        slow = subprocess.Popen(worker("first", 'bandwidth = "1M"\n'), env=env,  # ~16 s: the
+                                # second worker's start and refusal fit in, on a loaded machine
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while not _job_snapshots(api, "d0"):

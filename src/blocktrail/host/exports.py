@@ -42,6 +42,10 @@ _FUA = int(CommandFlag.FUA)
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
+# A write up to this size is done on the event loop when the disk can take it at once (no
+# thread hand-off); a larger one goes to a worker thread, where its copy into the layer file runs
+# beside the others (the event loop would do large writes one at a time).
+NOW_WRITE_MAX_BYTES = 64 << 10
 _DESCRIPTOR = np.dtype(">u4")
 
 
@@ -94,7 +98,7 @@ class Target:
         """A WRITE done at once if the disk can take it without waiting (`Disk.try_pwrite`);
         on the event loop, for every small write: kept short."""
         if request.command is not Command.WRITE or self.snapshot is not None \
-                or int.__and__(request.flags, _FUA):
+                or int.__and__(request.flags, _FUA) or len(request.data) > NOW_WRITE_MAX_BYTES:
             return False
         try:
             return self.disk.try_pwrite(request.data, request.offset)

@@ -200,9 +200,20 @@ class ChangeTracker:
         return time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S
 
     def note_resize(self, old_size: int, new_size: int) -> None:
-        """A grown range counts as changed; a shrunk one is clipped away by queries."""
+        """A grown range counts as changed; a shrunk one is clipped away by queries.
+
+        The grown range is made durable by a checkpoint of the open interval (one file, however
+        large the range), not through the write-intent log: a bit per region there would cost
+        seconds for a disk grown by hundreds of GiB. The disk holds its lock exclusively and
+        commits the new size after this returns, so a crash before that commit leaves marks
+        past the old end, which queries clip."""
         if new_size > old_size:
-            self.mark(old_size, new_size - old_size)
+            g = self.granularity
+            with self._marks_lock:
+                if self.consolidation_active:
+                    self.marks_during_consolidation += 1
+                self._open.add_range(old_size // g, (new_size - 1) // g + 1)
+            self.checkpoint()
         self.size_bytes = new_size
 
     def checkpoint(self) -> None:
