@@ -24,7 +24,7 @@ from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import import_raw
-from blocktrail.repo import Repository
+from blocktrail.repo import Encryption, Repository
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -54,7 +54,7 @@ def run_blocktrail(work: str, image: str, changes: list[tuple[int, bytes]]) -> R
     disk_dir, repo_dir = os.path.join(work, "disk"), os.path.join(work, "bt-repo")
     disk = import_raw(image, disk_dir)
     size = disk.size_bytes
-    repo = Repository.init(repo_dir)
+    repo = Repository.init(repo_dir, encryption=Encryption.none())
     source = LocalDiskSource(disk)
     _drop_caches()
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def larger_disk(work: str, image: str, changes: list[tuple[int, bytes]],
             data = f.read(4 * MiB)
             if data.count(0) != len(data):
                 disk.pwrite(data, offset)
-    repo = Repository.init(os.path.join(work, "big-repo"))
+    repo = Repository.init(os.path.join(work, "big-repo"), encryption=Encryption.none())
     source = LocalDiskSource(disk)
     run_backup(source, repo)
     for offset, data in changes:

@@ -34,7 +34,7 @@ from bench.workload import BLOCK, scattered_changes, write_image
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk.importer import import_raw
-from blocktrail.repo import Repository, RetentionPolicy, S3Options
+from blocktrail.repo import Encryption, Repository, RetentionPolicy, S3Options
 
 MiB, GiB = 1 << 20, 1 << 30
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
@@ -140,7 +140,7 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
               changes: list[tuple[int, bytes]]) -> Run:
     disk = import_raw(image, os.path.join(work, f"disk-{secrets.token_hex(3)}"))
     size = disk.size_bytes
-    repo = Repository.init(location, s3=s3)
+    repo = Repository.init(location, s3=s3, encryption=Encryption.none())
     counter = _count_requests(repo)
     source = LocalDiskSource(disk)
     _drop_caches()
@@ -185,7 +185,7 @@ def bench_parallel(work: str, image: str, endpoint: str, count: int) -> float:
     """``count`` processes at once, each a full backup of its own disk (an image of the same
     kind, other data: nothing deduplicates) -> aggregate MiB/s."""
     url = f"s3://{BUCKET}/parallel-{count}-{secrets.token_hex(3)}"
-    Repository.init(url, s3=S3Options(endpoint=endpoint)).close()
+    Repository.init(url, s3=S3Options(endpoint=endpoint), encryption=Encryption.none()).close()
     disks = []
     for i in range(count):
         path = os.path.join(work, f"par-{count}-{i}.raw")
@@ -223,7 +223,7 @@ def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> flo
     write_image(path, size, seed=3)
     disk = import_raw(path, path + ".disk")
     os.unlink(path)
-    repo = Repository.init(location, s3=s3)
+    repo = Repository.init(location, s3=s3, encryption=Encryption.none())
     source = LocalDiskSource(disk)
     for n in range(points):
         for offset, data in scattered_changes(size, 0.01, seed=1000 + n):

@@ -21,7 +21,8 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
-from blocktrail.repo.objects import digest as chunk_digest
+from blocktrail.repo.objects import KIND_CHUNK
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 CS = 64 * 1024
 
@@ -62,13 +63,13 @@ def make_point(root: Path, size: int = 32 * CS, seed: int = 1, *,
     into a new repository ``root/repo``."""
     content = point_bytes(size, seed) if content is None else content
     repo_path = root / "repo"
-    Repository.init(repo_path).close()
+    Repository.init(repo_path, encryption=TEST_ENCRYPTION).close()
     with Disk.create(root / "source-disk", len(content)) as disk:
         for offset in range(0, len(content), CS):
             piece = content[offset : offset + CS]
             if any(piece):
                 disk.pwrite(piece, offset)
-        with Repository.open(repo_path) as repo:
+        with Repository.open(repo_path, password=TEST_PASSWORD) as repo:
             report = run_backup(LocalDiskSource(disk), repo, BackupOptions())
     point = report.point
     assert point.change_id is not None
@@ -77,8 +78,8 @@ def make_point(root: Path, size: int = 32 * CS, seed: int = 1, *,
 
 def damage_chunk(point: Point, index: int) -> None:
     """Change one byte of the stored copy of chunk ``index`` (every copy: it is stored once)."""
-    with Repository.open(point.repo) as repo:
-        loc = repo.index.get(chunk_digest(point.chunk(index)))
+    with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
+        loc = repo.index.get(repo.codec.name(KIND_CHUNK, point.chunk(index)))
         assert loc is not None, f"chunk {index} is not stored"
         pack = point.repo / "packs" / loc.pack_id[:2] / f"{loc.pack_id}.pack"
     with open(pack, "r+b") as f:
@@ -90,7 +91,7 @@ def damage_chunk(point: Point, index: int) -> None:
 
 def store_again(point: Point, index: int) -> None:
     """Store chunk ``index`` again (a new, intact copy), as a later backup would."""
-    with Repository.open(point.repo) as repo:
+    with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
         repo.store_chunks([point.chunk(index)])
 
 

@@ -25,13 +25,18 @@ from typing import Any
 
 import pytest
 
-from blocktrail.repo import Repository, S3Options, Timing
+from blocktrail.repo import Encryption, Repository, S3Options, Timing
+from blocktrail.repo import index as index_file
+from blocktrail.repo.keys import TEST_KDF
+from blocktrail.repo.objects import KIND_INDEX
 
 ACCESS_KEY = "blocktrail-test"
 SECRET_KEY = "blocktrail-test-secret"
 BUCKET = "bt-test"
 # short leases for tests: a killed writer's lease expires in seconds
 TEST_TIMING = Timing(lease_s=8.0, margin_s=2.5)
+TEST_PASSWORD = "test-password"  # also BLOCKTRAIL_PASSWORD of every test (tests/conftest.py)
+TEST_ENCRYPTION = Encryption(TEST_PASSWORD, kdf=TEST_KDF)  # argon2id at its cheapest
 
 
 def weed_binary() -> str:
@@ -190,15 +195,26 @@ class RepoTarget:
     kind: str  # "local" | "s3"
     location: str
     server: SeaweedFS | None = None
+    encrypted: bool = False
 
     @property
     def s3(self) -> S3Options | None:
         return self.server.options() if self.server else None
 
+    @property
+    def encryption(self) -> Encryption:
+        return TEST_ENCRYPTION if self.encrypted else Encryption.none()
+
+    @property
+    def password(self) -> str | None:
+        return TEST_PASSWORD if self.encrypted else None
+
     def init(self, timing: Timing = TEST_TIMING) -> Repository:
-        return Repository.init(self.location, s3=self.s3, timing=timing)
+        return Repository.init(self.location, s3=self.s3, timing=timing,
+                               encryption=self.encryption)
 
     def open(self, timing: Timing = TEST_TIMING, **kwargs: Any) -> Repository:
+        kwargs.setdefault("password", self.password)
         return Repository.open(self.location, s3=self.s3, timing=timing, **kwargs)
 
     def _key(self, name: str) -> tuple[str, str]:
@@ -222,6 +238,19 @@ class RepoTarget:
             return (Path(self.location) / name).read_bytes()
         bucket, key = self._key(name)
         return bytes(self.server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def read_index(self, name: str) -> dict[bytes, Any]:
+        """An index file's entries (opened with the repository's key when it is encrypted)."""
+        data = self.read(name)
+        if self.encrypted:
+            with self.open() as repo:
+                data = repo.codec.open_file(KIND_INDEX, name, data, name)
+        return index_file.decode(data, name)
+
+    def trailer_start(self, data: bytes) -> int:
+        """Where a pack's trailer entries start (an encrypted one's MAC follows them)."""
+        count = int.from_bytes(data[-8:-4], "little")
+        return len(data) - 8 - (32 if self.encrypted else 0) - count * 48
 
     def write(self, name: str, data: bytes) -> None:
         """Overwrite an object as something other than blocktrail would (no condition)."""
@@ -255,8 +284,8 @@ class RepoTarget:
         if self.server is None:
             dest = f"{self.location}-{suffix}"
             shutil.copytree(self.location, dest)
-            return RepoTarget("local", dest)
-        dest = RepoTarget("s3", f"{self.location}-{suffix}", self.server)
+            return RepoTarget("local", dest, encrypted=self.encrypted)
+        dest = RepoTarget("s3", f"{self.location}-{suffix}", self.server, self.encrypted)
         client = self.server.client()
         bucket, _ = self._key("")
         for name in self.names():
@@ -270,10 +299,25 @@ class RepoTarget:
         self.write(name, bytes(data))
 
 
-@pytest.fixture(params=["local", "s3"])
+TARGETS = ["local", "local-encrypted", "s3"]  # "s3-encrypted": tests marked encrypted_s3
+
+
+def parametrize_targets(metafunc: pytest.Metafunc) -> None:
+    """Every test of a repository runs on a local directory, unencrypted and encrypted, and on
+    S3 unencrypted; the tests marked ``encrypted_s3`` (a representative subset) on S3
+    encrypted too. (tests/conftest.py calls this from ``pytest_generate_tests``.)"""
+    if "target" in metafunc.fixturenames:
+        params = TARGETS + (["s3-encrypted"] if metafunc.definition.get_closest_marker(
+            "encrypted_s3") else [])
+        metafunc.parametrize("target", params, indirect=True)
+
+
+@pytest.fixture
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> RepoTarget:
-    """The repository location of a test that runs on both backends (not created yet)."""
-    if request.param == "local":
-        return RepoTarget("local", str(tmp_path / "repo"))
+    """The repository location of a test that runs on both backends (not created yet),
+    encrypted and not."""
+    kind, _, encrypted = str(request.param).partition("-")
+    if kind == "local":
+        return RepoTarget("local", str(tmp_path / "repo"), encrypted=bool(encrypted))
     server: SeaweedFS = request.getfixturevalue("s3_server")
-    return RepoTarget("s3", server.new_url(request.node.name[:40]), server)
+    return RepoTarget("s3", server.new_url(request.node.name[:40]), server, bool(encrypted))

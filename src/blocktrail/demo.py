@@ -33,9 +33,10 @@ from typing import IO
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.host.client import HostClient
-from blocktrail.repo import Repository
+from blocktrail.repo import Encryption, Repository
 
 MiB = 1 << 20
+DEMO_PASSWORD = "blocktrail-demo"
 say = print
 
 
@@ -104,9 +105,14 @@ def _await_result(out: IO[str], command: str, errors: list[str]) -> None:
 def running_host(workdir: str) -> Iterator[tuple[str, str]]:
     """`blocktrail host` in a child process; -> (API endpoint, NBD socket path)."""
     api, nbd = os.path.join(workdir, "api.sock"), os.path.join(workdir, "nbd.sock")
+    password = os.path.join(workdir, "repo-password")  # the host opens the repository with it
+    fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(DEMO_PASSWORD + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
                              os.path.join(workdir, "disks"), "--api", f"unix:{api}", "--nbd",
-                             f"unix:{nbd}"], stderr=subprocess.DEVNULL)
+                             f"unix:{nbd}", "--password-file", password],
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not (os.path.exists(api) and os.path.exists(nbd)):
@@ -147,7 +153,10 @@ def run(workdir: str, size: int, rounds: int, seed: int) -> bool:
                           f"{rng.randrange(0, size // MiB - 1) * MiB} {256 * 1024}")
         say(f"qemu-io wrote 64 MiB through {live}; it keeps writing in the background")
         guest.start()
-        with Repository.init(os.path.join(workdir, "repo")) as repo, \
+        say(f"repository {os.path.join(workdir, 'repo')}: encrypted, password "
+            f"{DEMO_PASSWORD!r} (a demo's: choose your own)")
+        with Repository.init(os.path.join(workdir, "repo"),
+                             encryption=Encryption(DEMO_PASSWORD)) as repo, \
                 contextlib.closing(HostDiskSource(api, "disk0")) as source:
             ok, point_id = _rounds(api, source, repo, guest, nbd, workdir, rounds)
             guest.stop()

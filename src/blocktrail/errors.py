@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     VERIFY_DIFFERENCES = 13
     NBD = 14  # an NBD protocol, TLS or connection failure
     NO_SPACE = 15  # a file system (or quota) is full
+    AUTHENTICATION_FAILED = 16  # an encrypted repository's object was altered (or another key)
     INTERRUPTED = 130
 
 

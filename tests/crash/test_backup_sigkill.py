@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 WORKER = r"""
 import hashlib, json, os, random, sys
@@ -25,7 +26,7 @@ from blocktrail.repo import Repository, RetentionPolicy
 root, seed = sys.argv[1], int(sys.argv[2])
 rng = random.Random(seed)
 disk = Disk.open(root + "/disk")
-repo = Repository.open(root + "/repo")
+repo = Repository.open(root + "/repo", password="test-password")
 source = LocalDiskSource(disk)
 print("READY", flush=True)
 while True:
@@ -51,7 +52,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("seed")
     with Disk.create(root / "disk", 32 << 20) as disk:
         disk.pwrite(random.Random(0).randbytes(8 << 20), 0)
-    Repository.init(root / "repo").close()
+    Repository.init(root / "repo", encryption=TEST_ENCRYPTION).close()
     return root
 
 
@@ -74,7 +75,7 @@ def test_sigkill_during_backup_and_prune(seeded: Path, tmp_path: Path, trial: in
         if line.startswith("POINT"):
             _, point_id, digest = line.split()
             published[point_id] = digest
-    with Repository.open(root / "repo") as repo:
+    with Repository.open(root / "repo", password=TEST_PASSWORD) as repo:
         report = repo.check(read_data=True)
         assert report.ok, report.problems
         listed = {p.id for p in repo.points()}
@@ -90,7 +91,8 @@ def test_sigkill_during_backup_and_prune(seeded: Path, tmp_path: Path, trial: in
     from blocktrail.backup.sources.local import LocalDiskSource
     from blocktrail.disk import Disk
 
-    with Disk.open(root / "disk") as disk, Repository.open(root / "repo") as repo:
+    with Disk.open(root / "disk") as disk, Repository.open(root / "repo",
+                                                           password=TEST_PASSWORD) as repo:
         report_after = run_backup(LocalDiskSource(disk), repo)
         target = tmp_path / "after.raw"
         repo.restore(report_after.point.id, str(target))

@@ -24,6 +24,7 @@ from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.cli.main import main
 from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
+from s3server import TEST_PASSWORD
 
 MiB = 1 << 20
 
@@ -94,7 +95,7 @@ def backup_snapshot(host: HostProcess, repo: Path, disk: str, snapshot: str) -> 
     client = HostClient(host.endpoint)
     try:
         source = HostDiskSource(client, disk, api_host=client.endpoint.host)
-        with contextlib.closing(source), Repository.open(repo) as store:
+        with contextlib.closing(source), Repository.open(repo, password=TEST_PASSWORD) as store:
             return run_backup(source, store, BackupOptions(snapshot=snapshot))
     finally:
         client.close()

@@ -20,6 +20,7 @@ from blocktrail.disk import Disk
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository, RetentionPolicy
 from blocktrail.repo.errors import RepositoryError
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 CS = 64 * 1024
 SIZES = [4 * CS, 6 * CS + 4096, 8 * CS]
@@ -58,7 +59,7 @@ class BackupMachine(RuleBasedStateMachine):
     @initialize(size=st.sampled_from(SIZES))
     def create(self, size: int) -> None:
         self.disk = Disk.create(self.root / "disk", size, 4096, cluster_size=8192)
-        Repository.init(self.root / "repo").close()
+        Repository.init(self.root / "repo", encryption=TEST_ENCRYPTION).close()
 
     @rule(data=st.data())
     def write(self, data: st.DataObject) -> None:
@@ -76,7 +77,7 @@ class BackupMachine(RuleBasedStateMachine):
     @rule(full=st.booleans(), audit=st.sampled_from([0.0, 1.0, 100.0]))
     def backup(self, full: bool, audit: float) -> None:
         content = self.disk.pread(self.disk.size_bytes, 0)
-        with Repository.open(self.root / "repo") as repo:
+        with Repository.open(self.root / "repo", password=TEST_PASSWORD) as repo:
             report = run_backup(LocalDiskSource(self.disk), repo,
                                 BackupOptions(force_full=full, audit_percent=audit, seed=1))
         assert report.audit.tracker_trusted, "a correct tracker was caught lying"
@@ -85,7 +86,8 @@ class BackupMachine(RuleBasedStateMachine):
     @rule(budget=st.integers(0, 40))
     def failing_backup(self, budget: int) -> None:
         try:
-            with Repository.open(self.root / "repo", FailAfter(budget)) as repo:
+            with Repository.open(self.root / "repo", FailAfter(budget),
+                                 password=TEST_PASSWORD) as repo:
                 report = run_backup(LocalDiskSource(self.disk), repo)
         except OSError:
             return
@@ -113,7 +115,7 @@ class BackupMachine(RuleBasedStateMachine):
 
     @rule(keep=st.integers(1, 3))
     def forget_and_prune(self, keep: int) -> None:
-        with Repository.open(self.root / "repo") as repo:
+        with Repository.open(self.root / "repo", password=TEST_PASSWORD) as repo:
             for point in repo.forget(RetentionPolicy(keep_last=keep)):
                 self.expected.pop(point.id, None)
                 self.damaged.pop(point.id, None)
@@ -127,7 +129,7 @@ class BackupMachine(RuleBasedStateMachine):
     def bit_rot(self, pick: int, trailer: bool, where: int, mask: int) -> None:
         """One byte of one stored object (or of a pack trailer) changes: check --read-data
         finds it, and the points it names refuse to restore from then on."""
-        with Repository.open(self.root / "repo") as repo:
+        with Repository.open(self.root / "repo", password=TEST_PASSWORD) as repo:
             # in digest order, the same in every replay (pack ids are random)
             copies = [loc for _, loc in sorted(repo.index.items())]
             if not copies:
@@ -161,7 +163,7 @@ class BackupMachine(RuleBasedStateMachine):
     def every_point_restores(self) -> None:
         if not hasattr(self, "disk"):
             return
-        with Repository.open(self.root / "repo") as repo:
+        with Repository.open(self.root / "repo", password=TEST_PASSWORD) as repo:
             assert {p.id for p in repo.points()} == set(self.expected) | set(self.damaged)
             assert repo.check().affected_points <= set(self.damaged)
             for point_id, content in self.expected.items():

@@ -17,6 +17,7 @@ from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
 from blocktrail.repo import Repository
 from faulty import DropsMarksDuringConsolidation
+from s3server import TEST_ENCRYPTION
 
 MiB, CS = 1 << 20, 64 * 1024
 
@@ -33,7 +34,8 @@ def setup(tmp_path: Path) -> tuple[Disk, Repository, LocalDiskSource]:
     rng = random.Random(1)
     for _ in range(40):
         disk.pwrite(rng.randbytes(100_000), rng.randrange(0, 15 * MiB))
-    return disk, Repository.init(tmp_path / "repo"), LocalDiskSource(disk)
+    return disk, Repository.init(tmp_path / "repo",
+                                 encryption=TEST_ENCRYPTION), LocalDiskSource(disk)
 
 
 def test_incremental_reads_only_changes_and_restores_exactly(
@@ -83,7 +85,7 @@ def _lying_tracker_setup(tmp_path: Path) -> tuple[Disk, Repository, LocalDiskSou
     disk = Disk.create(tmp_path / "disk", 16 * MiB, tracker_class=DropsMarksDuringConsolidation)
     rng = random.Random(2)
     disk.pwrite(rng.randbytes(16 * MiB), 0)
-    repo = Repository.init(tmp_path / "repo")
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
     source = LocalDiskSource(disk)
     run_backup(source, repo)
     disk.create_snapshot("vm-snap")

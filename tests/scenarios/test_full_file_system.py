@@ -18,6 +18,7 @@ from blocktrail.cli.main import main
 from blocktrail.disk import Disk
 from blocktrail.repo import Repository
 from repodamage import fill, mount_tmpfs, repo_files, unmount
+from s3server import TEST_PASSWORD
 
 MiB = 1 << 20
 
@@ -67,7 +68,7 @@ def test_a_full_file_system(small_fs: Path, tmp_path: Path,
 
     fill(small_fs)
     assert _free(small_fs) < 64 * 1024
-    with Repository.open(repo_dir) as repo:
+    with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
         newest = repo.points()[-1].id
     target = small_fs / "restored.raw"
     assert main(["restore", repo_dir, newest, "--to", str(target)]) == 15
@@ -80,7 +81,7 @@ def test_a_full_file_system(small_fs: Path, tmp_path: Path,
 
     assert main(["backup", str(disk_dir), "--repo", repo_dir]) == 0
     assert "incremental backup" in capsys.readouterr().out
-    with Repository.open(repo_dir) as repo:
+    with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
         point = repo.points()[-1].id
         restored = tmp_path / "restored.raw"
         repo.restore(point, str(restored))

@@ -25,11 +25,10 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.errors import NoSpace
 from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
-from blocktrail.repo import index as index_file
 from blocktrail.repo.errors import RepositoryError
-from blocktrail.repo.packs import TRAILER_END, TRAILER_ENTRY
+from blocktrail.repo.packs import TRAILER_ENTRY
 from repodamage import CS, Golden, NoSpaceAt, make_golden
-from s3server import RepoTarget, SeaweedFS
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget, SeaweedFS
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +41,12 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
 @pytest.fixture(scope="module")
 def golden_anywhere(request: pytest.FixtureRequest,
                     tmp_path_factory: pytest.TempPathFactory) -> Golden:
-    """The same, on a local directory or on S3."""
+    """The same, on a local directory (unencrypted or encrypted) or on S3."""
     root = tmp_path_factory.mktemp("sweep-anywhere") / "g"
     if request.param == "local":
         return make_golden(root)
+    if request.param == "local-encrypted":
+        return make_golden(root, target=RepoTarget("local", str(root / "repo"), encrypted=True))
     server: SeaweedFS = request.getfixturevalue("s3_server")
     return make_golden(root, target=RepoTarget("s3", server.new_url("sweep"), server))
 
@@ -91,8 +92,7 @@ def _envelope(repo_at: RepoTarget, name: bytes, place: str) -> tuple[str, int]:
 
 
 def _index_naming(repo_at: RepoTarget, name: bytes) -> str:
-    return next(n for n in repo_at.names("index/")
-                if name in index_file.decode(repo_at.read(n), n))
+    return next(n for n in repo_at.names("index/") if name in repo_at.read_index(n))
 
 
 def _target(golden: Golden, repo_at: RepoTarget, case: str, place: str) -> Target:
@@ -124,14 +124,14 @@ def _target(golden: Golden, repo_at: RepoTarget, case: str, place: str) -> Targe
         obj = layout.manifest(p2)
         text = repo_at.read(obj)
         size = len(text)
+        checksum = size - 3 if repo_at.encrypted else text.index(b'"checksum"') + 20  # the tag
         offset = {"start": 0, "a third": size // 3, "two thirds": 2 * size // 3,
-                  "checksum": text.index(b'"checksum"') + 20}[place]
+                  "checksum": checksum}[place]
         return Target(obj, [offset], f"points/{p2}.json", {p2}, {p2})
     obj = layout.pack(pack1)
     data = repo_at.read(obj)
     size = len(data)
-    count = int.from_bytes(data[-8:-4], "little")
-    entries = size - TRAILER_END.size - count * TRAILER_ENTRY.size
+    entries = repo_at.trailer_start(data)  # an encrypted pack's MAC follows the entries
     offset = {"count": size - 8, "magic": size - 1, "digest": entries + 3,
               "offset": entries + TRAILER_ENTRY.size + 32, "length": entries + 40,
               "zero": entries + 44}[place]
@@ -152,6 +152,10 @@ CASES = [(case, place) for case in ("chunk of P3 only", "chunk of every point")
 RUNS = [("local", c, p) for c, p in CASES] + \
     [("s3", c, p) for c, p in CASES if p in ("magic", "payload", "start", "checksum", "entry",
                                               "count", "offset")]
+# encrypted, on a local directory: every place of a chunk's envelope, two of every other kind
+RUNS += [("local-encrypted", c, p) for c, p in CASES
+         if c == "chunk of P3 only" or p in ("magic", "payload", "start", "checksum", "entry",
+                                             "count", "offset")]
 
 
 @pytest.mark.parametrize("golden_anywhere, case, place", RUNS, indirect=["golden_anywhere"],
@@ -203,7 +207,7 @@ def _sweep(make: Callable[[Path], Path], operation: Callable[[Path, NoSpaceAt], 
         except NoSpace as exc:
             assert "\n" not in exc.message and "free space" in exc.message
             done = False
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             report = repo.check(read_data=True)
             assert report.ok, (n, report.problems)
             assert repo.temp_files() == [], n
@@ -222,7 +226,8 @@ def test_no_space_at_every_write_of_a_backup(golden: Golden, tmp_path: Path,
     p1, _, p3 = golden.ids
     base = tmp_path / "base"
     shutil.copytree(golden.root / "repo", base / "repo")
-    with Repository.open(base / "repo") as repo:  # keep P1 only: the backup stores more
+    with Repository.open(base / "repo",
+                         password=TEST_PASSWORD) as repo:  # keep P1 only: the backup stores more
         for point_id in golden.ids[1:]:
             (base / "repo" / "points" / f"{point_id}.json").unlink()
         repo.prune()
@@ -232,18 +237,19 @@ def test_no_space_at_every_write_of_a_backup(golden: Golden, tmp_path: Path,
         return dest / "repo"
 
     def operation(repo_dir: Path, fs: NoSpaceAt) -> None:
-        with Disk.open(golden.root / "disk") as disk, Repository.open(repo_dir, fs) as repo:
+        with Disk.open(golden.root / "disk") as disk, \
+                Repository.open(repo_dir, fs, password=TEST_PASSWORD) as repo:
             report = run_backup(LocalDiskSource(disk), repo, BackupOptions(seed=1))
         assert report.kind == "incremental" and report.point.parent == p1
 
     def afterwards(repo_dir: Path) -> None:
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             assert restore_bytes(repo, p1, tmp_path) == golden.contents[p1]
             for point in repo.points():
                 assert restore_bytes(repo, point.id, tmp_path) in (golden.contents[p1],
                                                                    golden.contents[p3])
         point = next_backup(golden, repo_dir)
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             assert restore_bytes(repo, point.id, tmp_path) == golden.contents[p3]
 
     assert _sweep(make, operation, afterwards, tmp_path) > 12
@@ -253,7 +259,7 @@ def test_no_space_at_every_write_of_a_prune(tmp_path: Path) -> None:
     rng = random.Random(3)
     base = tmp_path / "base" / "repo"
     images = [[rng.randbytes(CS) for _ in range(6)] for _ in range(4)]
-    with Repository.init(base) as repo:
+    with Repository.init(base, encryption=TEST_ENCRYPTION) as repo:
         ids = []
         for chunks in images:
             writer = repo.begin("d", 6 * CS, None)
@@ -267,11 +273,11 @@ def test_no_space_at_every_write_of_a_prune(tmp_path: Path) -> None:
         return dest / "repo"
 
     def operation(repo_dir: Path, fs: NoSpaceAt) -> None:
-        with Repository.open(repo_dir, fs) as repo:
+        with Repository.open(repo_dir, fs, password=TEST_PASSWORD) as repo:
             assert repo.prune().packs_deleted == 2
 
     def afterwards(repo_dir: Path) -> None:
-        with Repository.open(repo_dir) as repo:
+        with Repository.open(repo_dir, password=TEST_PASSWORD) as repo:
             for point_id, chunks in zip(ids[2:], images[2:], strict=True):
                 assert restore_bytes(repo, point_id, tmp_path) == b"".join(chunks)
             writer = repo.begin("d", 6 * CS, None)

@@ -35,7 +35,15 @@ from blocktrail.disk import Disk
 from blocktrail.repo import Repository, RetentionPolicy, S3Options
 from blocktrail.repo.backend import BackendDenied
 from blocktrail.repo.errors import ConditionalWritesUnsupported
-from s3server import ACCESS_KEY, SECRET_KEY, TEST_TIMING, SeaweedFS, seaweedfs
+from s3server import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    TEST_ENCRYPTION,
+    TEST_PASSWORD,
+    TEST_TIMING,
+    SeaweedFS,
+    seaweedfs,
+)
 
 MiB = 1 << 20
 LEASE_ENV = {"BLOCKTRAIL_LEASE_SECONDS": str(int(TEST_TIMING.lease_s))}
@@ -63,7 +71,8 @@ for round_ in range(rounds):
             digest = hashlib.sha256(disk.pread(disk.size_bytes, 0)).hexdigest()
             for attempt in range(40):
                 try:
-                    with Repository.open(url, s3=S3Options(), timing=timing) as repo:
+                    with Repository.open(url, s3=S3Options(), timing=timing,
+                                         password="test-password") as repo:
                         report = run_backup(LocalDiskSource(disk), repo,
                                             BackupOptions(seed=round_))
                     break
@@ -105,7 +114,8 @@ def cli(server: SeaweedFS, *args: str, env: dict[str, str] | None = None,
 def test_four_backup_processes_eight_disks_with_gc_and_prune(s3_server: SeaweedFS,
                                                             tmp_path: Path) -> None:
     url = s3_server.new_url("many")
-    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
+    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
     disks = make_disks(tmp_path, 8, DISK_MIB * MiB, seed=1)
     env = s3_server.env(**LEASE_ENV)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, str(ROUNDS), str(i),
@@ -115,7 +125,8 @@ def test_four_backup_processes_eight_disks_with_gc_and_prune(s3_server: SeaweedF
     collections = 0
     try:
         while any(p.poll() is None for p in procs):  # collect garbage all along
-            with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
+            with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                                 password=TEST_PASSWORD) as repo:
                 repo.forget(RetentionPolicy(keep_last=2))
                 repo.prune()
             collections += 1
@@ -133,7 +144,8 @@ def test_four_backup_processes_eight_disks_with_gc_and_prune(s3_server: SeaweedF
             _, point_id, digest, _ = line.split()
             published[point_id] = digest
     assert len(published) == 8 * ROUNDS and collections >= 2
-    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
+    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                         password=TEST_PASSWORD) as repo:
         report = repo.prune()  # no writer left: everything condemned before is decided now
         assert report.packs_waiting == 0
         check = repo.check(read_data=True)
@@ -185,7 +197,8 @@ def _pretend_other_machine(server: SeaweedFS, url: str) -> None:
 def test_a_killed_backup_expires_and_its_uploads_are_collected(s3_server: SeaweedFS,
                                                               tmp_path: Path) -> None:
     url = s3_server.new_url("killed")
-    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
+    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
     disk = _big_disk(tmp_path)
     proc = _start_backup(s3_server, url, disk)
     _wait_for_uploads(s3_server, url)
@@ -199,7 +212,8 @@ def test_a_killed_backup_expires_and_its_uploads_are_collected(s3_server: Seawee
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["bytes_stored"] < 80 * MiB  # what the killed one uploaded was not sent again
-    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
+    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                         password=TEST_PASSWORD) as repo:
         with Disk.open(disk) as d:
             expected = hashlib.sha256(d.pread(d.size_bytes, 0)).hexdigest()
         assert restore_digest(repo, result["point"]["id"], tmp_path) == expected
@@ -211,7 +225,8 @@ def test_a_killed_backup_expires_and_its_uploads_are_collected(s3_server: Seawee
 
 def test_a_stalled_backup_publishes_nothing(s3_server: SeaweedFS, tmp_path: Path) -> None:
     url = s3_server.new_url("stalled")
-    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
+    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
     disk = _big_disk(tmp_path)
     twin = tmp_path / "twin"  # the same disk (its ID), as another host would read it
     shutil.copytree(disk, twin)
@@ -221,7 +236,8 @@ def test_a_stalled_backup_publishes_nothing(s3_server: SeaweedFS, tmp_path: Path
     try:
         time.sleep(TEST_TIMING.lease_s + TEST_TIMING.margin + 1)  # its lease runs out
         # a GC meanwhile: the stalled writer is gone for it, its packs may go
-        with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
+        with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                             password=TEST_PASSWORD) as repo:
             repo.prune()
         other = cli(s3_server, "backup", str(twin), "--repo", url, "--json", timeout=300)
         assert other.returncode == 0, other.stderr
@@ -230,7 +246,8 @@ def test_a_stalled_backup_publishes_nothing(s3_server: SeaweedFS, tmp_path: Path
     out, err = stalled.communicate(timeout=300)
     assert stalled.returncode == 7, (out, err)
     assert "lease" in err and "nothing was published" in err, err
-    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING) as repo:
+    with Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                         password=TEST_PASSWORD) as repo:
         points = repo.points()
         assert [p.id for p in points] == [json.loads(other.stdout)["point"]["id"]]
         with Disk.open(twin) as d:
@@ -243,7 +260,8 @@ def test_a_stalled_backup_publishes_nothing(s3_server: SeaweedFS, tmp_path: Path
 def test_wrong_credentials_are_a_clear_error_and_write_nothing(s3_server: SeaweedFS,
                                                                tmp_path: Path) -> None:
     url = s3_server.new_url("creds")
-    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
+    Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     before = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)["KeyCount"]
     env = s3_server.env(AWS_SECRET_ACCESS_KEY="not-the-secret", **LEASE_ENV)
@@ -261,7 +279,8 @@ def _open_with_secret(server: SeaweedFS, url: str, secret: str) -> None:
     saved = os.environ["AWS_SECRET_ACCESS_KEY"]
     os.environ["AWS_SECRET_ACCESS_KEY"] = secret
     try:
-        Repository.open(url, s3=server.options(), timing=TEST_TIMING).close()
+        Repository.open(url, s3=server.options(), timing=TEST_TIMING,
+                        password=TEST_PASSWORD).close()
     finally:
         os.environ["AWS_SECRET_ACCESS_KEY"] = saved
 
@@ -278,7 +297,8 @@ def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Seaw
 
 def test_the_server_stopped_mid_backup(own_server: SeaweedFS, tmp_path: Path) -> None:
     url = own_server.new_url("stopped")
-    Repository.init(url, s3=own_server.options(), timing=TEST_TIMING).close()
+    Repository.init(url, s3=own_server.options(), timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
     disk = _big_disk(tmp_path)
     proc = _start_backup(own_server, url, disk)
     _wait_for_uploads(own_server, url, packs=2)
@@ -291,14 +311,16 @@ def test_the_server_stopped_mid_backup(own_server: SeaweedFS, tmp_path: Path) ->
     assert err.count("\n") == 1 and "cannot be reached" in err and "gave up" in err
     assert time.monotonic() - started < 120
     own_server.start()
-    with Repository.open(url, s3=own_server.options(), timing=TEST_TIMING) as repo:
+    with Repository.open(url, s3=own_server.options(), timing=TEST_TIMING,
+                         password=TEST_PASSWORD) as repo:
         check = repo.check(read_data=True)
         assert check.ok and repo.points() == []
     done = cli(own_server, "backup", str(disk), "--repo", url, "--json", timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["bytes_stored"] < 90 * MiB  # resumed: what was stored is not sent again
-    with Repository.open(url, s3=own_server.options(), timing=TEST_TIMING) as repo:
+    with Repository.open(url, s3=own_server.options(), timing=TEST_TIMING,
+                         password=TEST_PASSWORD) as repo:
         with Disk.open(disk) as d:
             expected = hashlib.sha256(d.pread(d.size_bytes, 0)).hexdigest()
         assert restore_digest(repo, result["point"]["id"], tmp_path) == expected
@@ -353,14 +375,17 @@ def test_a_store_that_ignores_if_none_match_is_refused(s3_server: SeaweedFS) -> 
         endpoint = f"http://127.0.0.1:{proxy.server_address[1]}"
         through = S3Options(endpoint=endpoint, region="us-east-1")
         with pytest.raises(ConditionalWritesUnsupported, match="If-None-Match"):
-            Repository.init(s3_server.new_url("strip"), s3=through, timing=TEST_TIMING)
+            Repository.init(s3_server.new_url("strip"), s3=through, timing=TEST_TIMING,
+                            encryption=TEST_ENCRYPTION)
         url = s3_server.new_url("strip-open")
-        Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING).close()
+        Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
+                        encryption=TEST_ENCRYPTION).close()
         with pytest.raises(ConditionalWritesUnsupported):
-            Repository.open(url, s3=through, timing=TEST_TIMING)
+            Repository.open(url, s3=through, timing=TEST_TIMING, password=TEST_PASSWORD)
         done = cli(s3_server, "points", url, "--endpoint", endpoint)
         assert done.returncode == 8 and "conditional writes" in done.stderr
-        assert Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING).points() == []
+        assert Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                               password=TEST_PASSWORD).points() == []
     finally:
         proxy.shutdown()
         proxy.server_close()

@@ -16,6 +16,7 @@ import pytest
 from blocktrail.cli import disk as disk_commands
 from blocktrail.cli.main import main
 from blocktrail.errors import ExitCode
+from s3server import TEST_ENCRYPTION
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -135,7 +136,7 @@ def test_a_backup_failing_with_a_bare_errno(error: OSError, code: int, tmp_path:
     from blocktrail.repo import Repository
 
     Disk.create(tmp_path / "d0", 65536).close()
-    Repository.init(str(tmp_path / "repo")).close()
+    Repository.init(str(tmp_path / "repo"), encryption=TEST_ENCRYPTION).close()
 
     def fail(*_args: object, **_kwargs: object) -> None:
         raise error

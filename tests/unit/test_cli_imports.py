@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION
 
 SERVER_SIDE = ("fastapi", "uvicorn", "starlette", "pydantic", "blocktrail.host.api",
                "blocktrail.host.daemon", "blocktrail.nbd.server")
@@ -45,7 +46,7 @@ def test_help_loads_nothing_heavy(argv: list[str]) -> None:
 
 
 def test_points_loads_the_repository_only(tmp_path: Path) -> None:
-    Repository.init(tmp_path / "repo").close()
+    Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION).close()
     modules = loaded_by("points", str(tmp_path / "repo"))
     assert "blocktrail.repo.repository" in modules
     assert not _matching(modules, (*SERVER_SIDE, *HEAVY, "boto3", "botocore"))
@@ -54,7 +55,7 @@ def test_points_loads_the_repository_only(tmp_path: Path) -> None:
 def test_a_local_backup_loads_no_s3_client(tmp_path: Path) -> None:
     """boto3 and botocore take ~0.4 s to import: only an s3:// repository loads them."""
     from blocktrail.disk import Disk
-    Repository.init(tmp_path / "repo").close()
+    Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION).close()
     Disk.create(tmp_path / "d0", 1 << 20).close()
     modules = loaded_by("backup", str(tmp_path / "d0"), "--repo", str(tmp_path / "repo"))
     assert "blocktrail.backup.engine" in modules

@@ -24,6 +24,7 @@ from blocktrail.cli.main import cli, main
 from blocktrail.disk import Disk
 from blocktrail.errors import ExitCode
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION
 
 CODES = {int(code) for code in ExitCode} - {ExitCode.INTERNAL}
 UNREACHABLE = "unix:/nonexistent/api.sock"
@@ -50,7 +51,7 @@ class Places:
         self.disk = root / "d0"
         Disk.create(self.disk, 1 << 20).close()
         self.repo = root / "repo"
-        Repository.init(str(self.repo)).close()
+        Repository.init(str(self.repo), encryption=TEST_ENCRYPTION).close()
         self.file = root / "file"
         self.file.write_bytes(b"\x01" * 4096)
         self.fifo = root / "fifo"

@@ -42,6 +42,7 @@ from typing import Any
 
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
+from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.backend import BackendDenied
 from blocktrail.repo.leases import Lease
@@ -166,8 +167,9 @@ class RepositoryChunkSource:
     def __init__(self, location: str, point_id: str, *, chunk_size: int | None = None,
                  connect: bool = True, cache_bytes: int = CACHE_BYTES,
                  threads: int = FETCH_THREADS, background_threads: int = BACKGROUND_THREADS,
-                 hold_lease: bool = True) -> None:
+                 hold_lease: bool = True, password: PasswordSources = NO_SOURCES) -> None:
         self.location = location
+        self._password = password  # an encrypted repository's: where to find it (never kept)
         self.point_id = point_id
         self._chunk_size = chunk_size
         self._size_bytes: int | None = None
@@ -467,7 +469,7 @@ class RepositoryChunkSource:
             return conn
 
     def _open(self) -> _Connection:
-        repo = Repository.open(self.location)
+        repo = Repository.open(self.location, password=password_source(self._password))
         lease: Lease | None = None
         try:
             point = repo.point(self.point_id)
@@ -615,7 +617,8 @@ def _ignore_failure(future: Future[bytes]) -> None:
         future.exception()  # read, so nothing reports it as never retrieved
 
 
-def open_chunk_source(info: dict[str, Any]) -> RepositoryChunkSource:
+def open_chunk_source(info: dict[str, Any],
+                      password: PasswordSources = NO_SOURCES) -> RepositoryChunkSource:
     """The source a restoring disk's base recorded (`RepositoryChunkSource.describe`), opened
     lazily: the disk opens, and reads what is local, while the repository is unreachable."""
     try:
@@ -624,4 +627,5 @@ def open_chunk_source(info: dict[str, Any]) -> RepositoryChunkSource:
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptMetadata(f"a restoring base records no repository source this blocktrail "
                               f"can open ({info!r})") from exc
-    return RepositoryChunkSource(location, point_id, chunk_size=chunk_size, connect=False)
+    return RepositoryChunkSource(location, point_id, chunk_size=chunk_size, connect=False,
+                                 password=password)

@@ -17,8 +17,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
-from blake3 import blake3
-
 from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
 from blocktrail.backup.source import Source, SourceSnapshot
@@ -27,6 +25,7 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import PointNotFound, RepositoryError
 from blocktrail.repo.leases import Lease
+from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.quarantine import DamagedCopy
 
 READ_RUN_BYTES = 4 << 20
@@ -223,7 +222,7 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
     reads = read_ahead(sample, read_both, window=64, threads=threads)
     for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
         extent = Extent(index * cs, len(data))
-        digest = None if data.count(0) == len(data) else blake3(data).digest()
+        digest = None if data.count(0) == len(data) else store.codec.name(KIND_CHUNK, data)
         if digest != expected[index]:
             put(index, data)
             mismatched.append(extent)

@@ -32,6 +32,7 @@ from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Reques
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
 from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.nbd.server import NbdServer
+from blocktrail.passwords import NO_SOURCES, PasswordSources
 from blocktrail.repo.objects import ZERO_DIGEST
 
 
@@ -194,14 +195,16 @@ class PointCatalog:
             source.close()
 
 
-def open_points(location: str, point_ids: list[str]) -> PointCatalog:
+def open_points(location: str, point_ids: list[str],
+                password: PasswordSources = NO_SOURCES) -> PointCatalog:
     """A catalog of the points (each checked now: a point that does not exist, or a
     repository that is not there, is its own error)."""
     sources: dict[str, RepositoryChunkSource] = {}
     try:
         for point_id in point_ids:
             if point_id not in sources:
-                sources[point_id] = RepositoryChunkSource(location, point_id)
+                sources[point_id] = RepositoryChunkSource(location, point_id,
+                                                          password=password)
     except BaseException:
         for source in sources.values():
             source.close()

@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blake3 import blake3
-
 from blocktrail.backup.engine import READ_RUN_BYTES
 from blocktrail.backup.source import Source
 from blocktrail.errors import InvalidArgument
@@ -25,7 +23,7 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.leases import Lease
-from blocktrail.repo.objects import ZERO_DIGEST
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 
 Progress = Callable[[int, int], None]
 
@@ -126,7 +124,8 @@ def _compare(repo: Repository, point: RestorePoint, source: Source, snapshot: st
         for i in range(0, len(data), cs):
             index = first + i // cs
             chunk = data[i : i + cs]
-            actual = ZERO_DIGEST if chunk.count(0) == len(chunk) else blake3(chunk).digest()
+            actual = ZERO_DIGEST if chunk.count(0) == len(chunk) \
+                else repo.codec.name(KIND_CHUNK, chunk)
             if actual != expected[index]:
                 out.differing.append(Extent(index * cs, len(chunk)))
                 out.corrected.append((index, chunk))

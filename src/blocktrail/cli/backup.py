@@ -1,6 +1,7 @@
-"""`blocktrail repo init | repo repair | backup | points | restore | verify | check | forget |
-prune`. A repository is a directory or ``s3://BUCKET/PREFIX`` (with --endpoint, --region,
---profile, or the AWS environment variables boto3 reads)."""
+"""`blocktrail repo init | repo info | repo key | repo repair | backup | points | restore |
+verify | check | forget | prune`. A repository is a directory or ``s3://BUCKET/PREFIX`` (with
+--endpoint, --region, --profile, or the AWS environment variables boto3 reads); an encrypted
+one's password comes from `cli/password.py` (one function for every command)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ import click
 
 from blocktrail.cli.disk import json_option
 from blocktrail.cli.output import PERCENT, ExitCode, emit, human
+from blocktrail.cli.password import (
+    KDF_VARIABLE,
+    init_password,
+    new_password,
+    password_options,
+    repo_password,
+    sources,
+)
 from blocktrail.cli.progress import progress_bar, spinner
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
@@ -27,7 +36,8 @@ from blocktrail.nbd.uri import is_nbd_uri
 if TYPE_CHECKING:
     from blocktrail.backup.source import Source
     from blocktrail.nbd.uri import TlsParameters
-    from blocktrail.repo import Repository, S3Options, Timing
+    from blocktrail.passwords import PasswordSources
+    from blocktrail.repo import KdfParams, Repository, S3Options, Timing
     from blocktrail.repo.prune import PruneReport
 
 repo_option = click.option("--repo", "repo_path", required=True, envvar="BLOCKTRAIL_REPO",
@@ -36,7 +46,9 @@ repo_option = click.option("--repo", "repo_path", required=True, envvar="BLOCKTR
 
 def s3_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--endpoint, --region, --profile: where an s3:// repository is (else where boto3 looks:
-    AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws)."""
+    AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws); and --password-file,
+    --password-command: an encrypted repository's password."""
+    command = password_options(command)
     for option in reversed([
             click.option("--endpoint", default=None, metavar="URL",
                          help="S3 endpoint, e.g. http://127.0.0.1:8333 (overrides "
@@ -67,10 +79,26 @@ def _s3(location: str, endpoint: str | None, region: str | None,
 
 
 def open_repo(location: str, endpoint: str | None = None, region: str | None = None,
-              profile: str | None = None) -> Repository:
+              profile: str | None = None,
+              password_sources: PasswordSources | None = None) -> Repository:
+    """Open a repository for a command: its password (when it is encrypted) from the command's
+    --password-file / --password-command, BLOCKTRAIL_PASSWORD, or a prompt; an unencrypted
+    one says so on stderr, every time."""
     from blocktrail.repo import Repository
-    return Repository.open(location, s3=_s3(location, endpoint, region, profile),
-                           timing=_timing())
+    repo = Repository.open(location, s3=_s3(location, endpoint, region, profile),
+                           timing=_timing(),
+                           password=repo_password(password_sources or sources()))
+    if not repo.encrypted:
+        click.echo(f"note: repository {location} is not encrypted (created with --encryption "
+                   "none)", err=True)
+    return repo
+
+
+def _kdf(text: str | None) -> KdfParams:
+    """--kdf, else BLOCKTRAIL_KDF, else the default argon2id parameters."""
+    from blocktrail.repo import KdfParams
+    value = text or os.environ.get(KDF_VARIABLE)
+    return KdfParams.parse(value) if value else KdfParams()
 
 
 @contextlib.contextmanager
@@ -110,19 +138,154 @@ def repo_group() -> None:
     """Backup repositories."""
 
 
+kdf_option = click.option(
+    "--kdf", "kdf", default=None, metavar="t=N,m=KIB,p=N",
+    help="argon2id parameters of the new key file (default t=3,m=65536,p=4: about 0.15 s and "
+         "64 MiB to open; also BLOCKTRAIL_KDF).")
+
+
 @repo_group.command("init")
 @click.argument("path", metavar="REPO")
 @s3_options
+@click.option("--encryption", type=click.Choice(["auto", "aes-256-gcm", "chacha20-poly1305",
+                                                 "none"]), default="auto", show_default=True,
+              help="auto: AES-256-GCM where the CPU has AES instructions, else "
+                   "ChaCha20-Poly1305. none: anyone who can read the storage reads the disks "
+                   "(recorded, and said by every command).")
+@kdf_option
 @json_option
 def repo_init(path: str, endpoint: str | None, region: str | None, profile: str | None,
-              as_json: bool) -> None:
+              encryption: str, kdf: str | None, as_json: bool) -> None:
     """Create an empty repository: in the directory REPO, or at s3://BUCKET/PREFIX (the bucket
-    is created if it does not exist)."""
-    from blocktrail.repo import Repository
-    with Repository.init(path, s3=_s3(path, endpoint, region, profile),
+    is created if it does not exist). Encrypted unless --encryption none: the password comes
+    from --password-file, --password-command, BLOCKTRAIL_PASSWORD, or is asked for twice."""
+    from blocktrail.repo import Encryption, Repository
+    from blocktrail.repo.errors import PasswordRequired
+    if encryption == "none":
+        spec = Encryption.none()
+    else:
+        password = init_password(sources())
+        if password is None:
+            raise PasswordRequired("a new repository is encrypted: give its password "
+                                   "(BLOCKTRAIL_PASSWORD, --password-file FILE, "
+                                   "--password-command CMD, or on a terminal), or choose "
+                                   "--encryption none")
+        spec = Encryption(password, encryption, _kdf(kdf))
+    with Repository.init(path, encryption=spec, s3=_s3(path, endpoint, region, profile),
                          timing=_timing()) as repo:
-        info = {"path": path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size}
-    emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)})")
+        info = {"path": path, "repo_id": repo.repo_id, "chunk_size": repo.chunk_size,
+                **repo.encryption_info()}
+    what = (f"encrypted with {repo.codec.cipher_name}, key {repo.key_id}, "
+            f"{spec.kdf.describe()}" if repo.encrypted else "NOT encrypted")
+    emit(as_json, info, f"repository {path} created (chunks of {human(repo.chunk_size)}; "
+         f"{what})")
+
+
+@repo_group.command("info")
+@click.argument("path", metavar="REPO")
+@s3_options
+@json_option
+def repo_info(path: str, endpoint: str | None, region: str | None, profile: str | None,
+              as_json: bool) -> None:
+    """The repository's identity, format, encryption, KDF parameters and key files."""
+    with open_repo(path, endpoint, region, profile) as repo:
+        info = {"path": path, "repo_id": repo.repo_id, "version": repo.config.get("version"),
+                "chunk_size": repo.chunk_size, "page_chunks": repo.page_chunks,
+                **repo.encryption_info()}
+    lines = [f"repository {path}", f"  id          {repo.repo_id}",
+             f"  version     {info['version']}", f"  chunk size  {human(repo.chunk_size)}"]
+    if info["encryption"] == "none":
+        lines.append("  encryption  none (anyone who can read the storage reads the disks)")
+    else:
+        lines += [f"  encryption  {info['encryption']}, chunk IDs keyed blake3, "
+                  "every object authenticated"]
+        for key in info["key_files"]:
+            kdf = key["kdf"]
+            mark = "  (opened with this one)" if key["id"] == info["key_in_use"] else ""
+            lines.append(f"  key {key['id']}  {kdf['algorithm']} t={kdf['time_cost']} "
+                         f"m={kdf['memory_kib']} KiB p={kdf['parallelism']}  created "
+                         f"{key['created_at']} on {key['host']}{mark}")
+    emit(as_json, info, "\n".join(lines))
+
+
+@repo_group.group("key")
+def key_group() -> None:
+    """The key files of an encrypted repository: each opens it with its own password."""
+
+
+@key_group.command("list")
+@click.argument("path", metavar="REPO")
+@s3_options
+@json_option
+def key_list(path: str, endpoint: str | None, region: str | None, profile: str | None,
+             as_json: bool) -> None:
+    """List the key files."""
+    with open_repo(path, endpoint, region, profile) as repo:
+        found = [k.describe() | {"in_use": k.id == repo.key_id} for k in repo.key_files()]
+    emit(as_json, found, "\n".join(
+        f"{'*' if k['in_use'] else ' '} {k['id']}  {k['created_at']}  {k['host']}"
+        for k in found) or "(no key files: the repository is not encrypted)")
+
+
+new_password_option = click.option(
+    "--new-password-file", "new_password_file", default=None, metavar="FILE",
+    help="The new password, from FILE (else BLOCKTRAIL_NEW_PASSWORD, or asked twice).")
+
+
+def _new_password(repo: Repository) -> bytes:
+    from blocktrail.repo.errors import PasswordRequired
+    if not repo.encrypted:
+        raise InvalidArgument(f"repository {repo.location} is not encrypted: it has no keys")
+    ctx = click.get_current_context()
+    password = new_password(ctx.params.get("new_password_file"))
+    if password is None:
+        raise PasswordRequired("give the new password: --new-password-file FILE, "
+                               "BLOCKTRAIL_NEW_PASSWORD, or on a terminal")
+    return password
+
+
+@key_group.command("add")
+@click.argument("path", metavar="REPO")
+@s3_options
+@new_password_option
+@kdf_option
+@json_option
+def key_add(path: str, endpoint: str | None, region: str | None, profile: str | None,
+            new_password_file: str | None, kdf: str | None, as_json: bool) -> None:
+    """Add a key file: the repository opens with a new password too."""
+    with open_repo(path, endpoint, region, profile) as repo:
+        key = repo.add_key(_new_password(repo), _kdf(kdf) if kdf else None)
+    emit(as_json, key.describe(), f"key {key.id} added")
+
+
+@key_group.command("remove")
+@click.argument("path", metavar="REPO")
+@click.argument("key_id", metavar="KEY")
+@s3_options
+@json_option
+def key_remove(path: str, key_id: str, endpoint: str | None, region: str | None,
+               profile: str | None, as_json: bool) -> None:
+    """Remove key file KEY (never the last one, nor the one this opens the repository with)."""
+    with open_repo(path, endpoint, region, profile) as repo:
+        repo.remove_key(key_id)
+    emit(as_json, {"removed": key_id}, f"key {key_id} removed")
+
+
+@key_group.command("passwd")
+@click.argument("path", metavar="REPO")
+@s3_options
+@new_password_option
+@kdf_option
+@json_option
+def key_passwd(path: str, endpoint: str | None, region: str | None, profile: str | None,
+               new_password_file: str | None, kdf: str | None, as_json: bool) -> None:
+    """Change the password of the key file this opens with: a new key file wraps the same
+    keys, then the old one is deleted (nothing is re-encrypted)."""
+    with open_repo(path, endpoint, region, profile) as repo:
+        old = repo.key_id
+        key = repo.change_password(_new_password(repo), _kdf(kdf) if kdf else None)
+    emit(as_json, key.describe() | {"replaced": old},
+         f"password changed: key {key.id} replaces {old}")
 
 
 @repo_group.command("repair")
@@ -298,6 +461,11 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
             raise InvalidArgument("--instant: the host reaches an s3:// repository with its own "
                                   "S3 settings (AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE in "
                                   "its environment); leave out --endpoint, --region, --profile")
+        if sources().file or sources().command:
+            raise InvalidArgument("--instant: the host opens the repository with its own "
+                                  "password (`blocktrail host --password-file FILE`, or "
+                                  "BLOCKTRAIL_PASSWORD in its environment); leave out "
+                                  "--password-file and --password-command")
         _restore_instantly(repo_path, point_id, target, fmt, host, disk_name, fill_rate,
                            as_json)
         return
@@ -446,6 +614,8 @@ def check(repo_path: str, endpoint: str | None, region: str | None, profile: str
                      f"{report.temp_files} temporary files (`blocktrail forget ... --prune` "
                      "deletes them)")
     emit(as_json, out, "\n".join(lines))
+    if report.authentication_failures:
+        raise ExitCode(Exit.AUTHENTICATION_FAILED)
     if not report.ok:
         raise ExitCode(Exit.REPOSITORY_DAMAGED)
 

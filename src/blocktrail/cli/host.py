@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import click
 
 from blocktrail.cli.output import parse_size, printable
+from blocktrail.cli.password import password_options
+from blocktrail.cli.password import sources as password_sources
 from blocktrail.errors import InvalidArgument
 from blocktrail.nbd.limits import ServerLimits
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # the server side is imported when the host starts, not for -
               help="Read at most SIZE bytes a second (e.g. 50M) in the console's backups.")
 @click.option("--max-connections", default=ServerLimits().max_connections, show_default=True,
               type=click.IntRange(1, 10_000), help="NBD connections at once.")
+@password_options
 def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: str | None,
          tls_creds: str | None, tls_psk: str | None, tls_verify_client: bool,
          repositories: tuple[str, ...], backup_bandwidth: str | None,
@@ -63,7 +66,8 @@ def host(data_dir: str, api: str, nbd: str | None, token: str | None, tls_mode: 
     config = HostConfig(data_dir, Endpoint.parse(api), token,
                         Endpoint.parse(nbd) if nbd else None, mode, tls,
                         ServerLimits(max_connections=max_connections), repositories,
-                        parse_size(backup_bandwidth) if backup_bandwidth else None)
+                        parse_size(backup_bandwidth) if backup_bandwidth else None,
+                        password_sources())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_and_tell(config))
 

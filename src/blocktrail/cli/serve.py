@@ -8,6 +8,8 @@ import json
 import click
 
 from blocktrail.cli.output import human, printable
+from blocktrail.cli.password import password_options
+from blocktrail.cli.password import sources as password_sources
 from blocktrail.nbd.limits import ServerLimits
 
 
@@ -20,6 +22,7 @@ from blocktrail.nbd.limits import ServerLimits
               type=click.IntRange(1, 10_000), help="NBD connections at once.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print what is served as one JSON line once it is.")
+@password_options
 def serve(repo_path: str, point_ids: tuple[str, ...], nbd: str, max_connections: int,
           as_json: bool) -> None:
     """Serve restore points read-only over NBD until interrupted: the export named POINT is
@@ -35,7 +38,7 @@ def serve(repo_path: str, point_ids: tuple[str, ...], nbd: str, max_connections:
     endpoint = Endpoint.parse(nbd)
     if endpoint.unix_path is None and endpoint.host is None:
         raise click.BadParameter("use unix:PATH or tcp:HOST:PORT", param_hint="--nbd")
-    catalog = open_points(repo_path, list(point_ids))
+    catalog = open_points(repo_path, list(point_ids), password_sources())
 
     def started() -> None:
         sizes = {p: s.size_bytes for p, s in catalog.sources.items()}

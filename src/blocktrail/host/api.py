@@ -67,6 +67,7 @@ from blocktrail.names import (
     check_snapshot_name,
     check_vm_name,
 )
+from blocktrail.passwords import NO_SOURCES, PasswordSources
 
 _STATUS: list[tuple[type[BlocktrailError], int]] = [
     (Unauthorized, 401),
@@ -339,7 +340,8 @@ def _open_disks(registry: DiskRegistry) -> list[tuple[str, Disk]]:
 def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | None = None,
                nbd_tls: str = "off", repositories: tuple[str, ...] = (),
                backup_bandwidth: int | None = None,
-               fills: FillScheduler | None = None) -> FastAPI:
+               fills: FillScheduler | None = None,
+               repo_password: PasswordSources = NO_SOURCES) -> FastAPI:
     """The control API over ``registry``; with ``token``, every call needs
     ``Authorization: Bearer <token>``. ``nbd``/``nbd_tls``: where and how the host serves the
     disks over NBD (GET /host tells clients). Beside it: ``GET /metrics`` (Prometheus) and the
@@ -396,7 +398,7 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
         return AsciiJSONResponse({"error": phrase.replace(" ", ""), "message": message},
                                  exc.status_code, headers=headers)
 
-    catalog = PointCatalog(repositories)
+    catalog = PointCatalog(repositories, repo_password)
     jobs = HostJobs(registry.get, registry.names, catalog, backup_bandwidth)
     metrics = HostMetrics(lambda: _open_disks(registry), catalog, lambda: len(jobs.running()))
     app.state.catalog = catalog
@@ -501,5 +503,5 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
 
     if fills is not None:
         from blocktrail.host.restore_api import restore_router
-        app.include_router(restore_router(registry, fills))
+        app.include_router(restore_router(registry, fills, repo_password))
     return app

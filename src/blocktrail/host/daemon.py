@@ -9,6 +9,7 @@ directory stops at once, naming the first, and takes nobody's socket path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import TlsMode
 from blocktrail.nbd.server import NbdServer, ServerTls
 from blocktrail.nbd.tls import TlsConfig, server_context
+from blocktrail.passwords import NO_SOURCES, PasswordSources
 
 __all__ = ["TOKEN_FILE", "Endpoint", "HostConfig", "serve"]
 
@@ -43,6 +45,7 @@ class HostConfig:
     nbd_limits: ServerLimits = field(default_factory=ServerLimits)
     repositories: tuple[str, ...] = ()  # shown by the console, which can back up into them
     backup_bandwidth: int | None = None  # bytes a second, for the console's backups
+    repo_password: PasswordSources = NO_SOURCES  # of the encrypted ones among them
 
 
 def load_or_create_token(data_dir: str) -> str:
@@ -125,7 +128,8 @@ async def serve(config: HostConfig, started: asyncio.Event | None = None, *,
     from blocktrail.backup.chunksource import open_chunk_source
 
     registry = DiskRegistry(config.data_dir, api=str(config.api),  # HostBusy: before any bind
-                            chunk_sources=open_chunk_source)
+                            chunk_sources=functools.partial(open_chunk_source,
+                                                            password=config.repo_password))
     fills = FillScheduler(registry)
     try:
         fills.resume()  # the fills a stop (or a crash) interrupted
@@ -150,7 +154,8 @@ async def _serve(config: HostConfig, registry: DiskRegistry, tls: ServerTls | No
         raise
     app = create_app(registry, token, nbd=_nbd_address(nbd_sock),
                      nbd_tls=config.nbd_tls_mode.name.lower(), repositories=config.repositories,
-                     backup_bandwidth=config.backup_bandwidth, fills=fills)
+                     backup_bandwidth=config.backup_bandwidth, fills=fills,
+                     repo_password=config.repo_password)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if handle_signals:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from blocktrail.errors import BlocktrailError
+from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
 from blocktrail.repo import Repository, RestorePoint
 
 SETTLED_NS = 1_000_000_000
@@ -46,8 +47,10 @@ class _Cached:
 class PointCatalog:
     """The host's repositories, opened on first use and kept open until `close`."""
 
-    def __init__(self, paths: tuple[str, ...]) -> None:
+    def __init__(self, paths: tuple[str, ...],
+                 password: PasswordSources = NO_SOURCES) -> None:
         self.paths = tuple(os.path.abspath(p) for p in paths)
+        self.password = password  # of the encrypted ones (one password for all)
         self._cache = {p: _Cached() for p in self.paths}
 
     def repository(self, path: str) -> Repository:
@@ -55,7 +58,7 @@ class PointCatalog:
         cached = self._cache[path]
         with cached.lock:
             if cached.repo is None:
-                cached.repo = Repository.open(path)
+                cached.repo = Repository.open(path, password=password_source(self.password))
             return cached.repo
 
     def view(self, path: str) -> RepositoryView:

@@ -50,11 +50,14 @@ from blocktrail.host.api import (
 )
 from blocktrail.host.fill import FillScheduler
 from blocktrail.host.registry import DiskRegistry
+from blocktrail.passwords import NO_SOURCES, PasswordSources
 from blocktrail.repo.errors import (
+    PasswordRequired,
     PointNotFound,
     RepositoryBusy,
     RepositoryError,
     RepositoryNotFound,
+    WrongPassword,
 )
 from blocktrail.repo.location import is_s3_url, parse_s3_url
 from blocktrail.tracking import ChangeId
@@ -104,6 +107,10 @@ def _repository_errors(location: str, point: str) -> Iterator[None]:
         raise DiskNotFound(exc.message) from exc
     except RepositoryBusy as exc:
         raise DiskBusy(f"{exc.message} {where}") from exc
+    except (PasswordRequired, WrongPassword) as exc:  # the host's password, not the caller's
+        raise InvalidArgument(f"{exc.message} {where}: the host opens an encrypted repository "
+                              "with its own password (`blocktrail host --password-file FILE`, "
+                              "or BLOCKTRAIL_PASSWORD in its environment)") from exc
     except RepositoryError as exc:
         raise CorruptMetadata(f"{exc.message} {where}") from exc
     except ChunkUnavailable as exc:
@@ -122,7 +129,10 @@ def continued_change_id(change_id: str | None) -> str | None:
     return change_id
 
 
-def restore_router(registry: DiskRegistry, fills: FillScheduler) -> APIRouter:
+def restore_router(registry: DiskRegistry, fills: FillScheduler,
+                   repo_password: PasswordSources = NO_SOURCES) -> APIRouter:
+    """``repo_password``: where the host finds an encrypted repository's password (its
+    --password-file / --password-command, else its environment)."""
     router = APIRouter()
 
     @router.post("/disks/restore", status_code=201, response_model=DiskInfo)
@@ -132,7 +142,7 @@ def restore_router(registry: DiskRegistry, fills: FillScheduler) -> APIRouter:
         background."""
         location = check_repository_location(body.repository)
         with _repository_errors(location, body.point):
-            source = RepositoryChunkSource(location, body.point)
+            source = RepositoryChunkSource(location, body.point, password=repo_password)
             try:
                 point = source.point
                 disk = registry.restore(body.name, source, continued_change_id(point.change_id),

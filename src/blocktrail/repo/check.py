@@ -15,15 +15,18 @@ from typing import Any
 
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import layout
-from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing, RepositoryError
+from blocktrail.repo.errors import (
+    AuthenticationFailed,
+    ChunkCorrupt,
+    ObjectMissing,
+    RepositoryError,
+)
 from blocktrail.repo.manifest import RestorePoint, link_problems
 from blocktrail.repo.objects import (
     KIND_CHUNK,
     KIND_PAGE,
     KIND_TABLE,
     ZERO_DIGEST,
-    envelope_at,
-    open_envelope,
 )
 from blocktrail.repo.packs import Location, read_trailer, trailer_length
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
@@ -37,14 +40,23 @@ _GONE = "missing"
 class Problem:
     """One damaged thing, and the restore points it makes unrestorable."""
 
-    kind: str  # "manifest" | "link" | "table" | "page" | "chunk" | "pack" | "index"
+    kind: str  # "manifest" | "link" | "table" | "page" | "chunk" | "pack" | "index" | "verify"
     name: str
     detail: str
     affected_points: tuple[str, ...]
+    authentication: bool = False  # an encrypted repository's object failed authentication
+
+    @property
+    def cause(self) -> str:
+        """``authentication`` (altered, moved, or another key), ``damage`` or ``missing``."""
+        if self.authentication:
+            return "authentication"
+        return "missing" if "missing" in self.detail or "no index file" in self.detail \
+            else "damage"
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "detail": self.detail,
-                "affected_points": list(self.affected_points)}
+                "cause": self.cause, "affected_points": list(self.affected_points)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,10 @@ class CheckReport:
     @property
     def affected_points(self) -> set[str]:
         return {p for problem in self.problems for p in problem.affected_points}
+
+    @property
+    def authentication_failures(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.authentication)
 
 
 @dataclass
@@ -96,12 +112,14 @@ def check_repository(repo: Store, *, read_data: bool = False,
     for name, message in index.damaged_files:
         walk.problems.append(Problem(
             "index", layout.index_file(name), f"{message}; the objects it names are unknown until "
-            "`blocktrail repo repair` rebuilds the index from the packs", tuple(sorted(unindexed))))
+            "`blocktrail repo repair` rebuilds the index from the packs", tuple(sorted(unindexed)),
+            name in index.unauthentic_files))
     for name in repo.damaged_verify_records():
         walk.problems.append(Problem(
             "verify", name, f"{name}: the newest verify record of its restore point does not "
-            "decode; the point counts as failed verification (never a base) until `blocktrail "
-            "verify` records its state again", ()))
+            + ("authenticate" if repo.codec.encrypted else "decode")
+            + "; the point counts as failed verification (never a base) until `blocktrail "
+            "verify` records its state again", (), repo.codec.encrypted))
     used_packs = {loc.pack_id for name in walk.users if (loc := index.get(name)) is not None}
     return CheckReport(
         points=len(points), chunks_referenced=sum(
@@ -112,10 +130,11 @@ def check_repository(repo: Store, *, read_data: bool = False,
 
 
 def _check_manifests(repo: Store, walk: _Walk) -> list[RestorePoint]:
-    points, damaged = repo.scan_points()
-    for filename, message in damaged:
-        walk.problems.append(Problem("manifest", f"points/{filename}", message,
-                                     (filename.removesuffix(".json"),)))
+    points, damaged = repo.scan_points_detailed()
+    for filename, exc in damaged:
+        walk.problems.append(Problem("manifest", f"points/{filename}", exc.message,
+                                     (filename.removesuffix(".json"),),
+                                     isinstance(exc, AuthenticationFailed)))
     by_id = {p.id: p for p in points}
     for point in points:
         parent = by_id.get(point.parent) if point.parent else None
@@ -153,7 +172,7 @@ def _read(repo: Store, walk: _Walk, name: bytes, kind: int, pids: set[str]) -> b
         return repo.read_object(name, kind, label, walk.found)
     except RepositoryError as exc:
         walk.problems.append(Problem(_KIND_PROBLEM[kind], name.hex(), exc.message,
-                                     tuple(sorted(pids))))
+                                     tuple(sorted(pids)), _authentication(repo, exc)))
         return b""
 
 
@@ -208,7 +227,7 @@ def _check_packs(repo: Store, walk: _Walk, read_data: bool, subset_pct: float | 
                 "pack", pack_id, f"{trailer_problem}; its objects check themselves on every "
                 "read, so that alone makes no restore point unrestorable (objects of "
                 f"{len(users)} are in it); `blocktrail repo repair` copies them to a new pack",
-                ()))
+                (), repo.codec.encrypted))
     for copy in damaged:
         walk.found.append(copy)
         _report_damaged_copy(repo, walk, copy)
@@ -229,7 +248,8 @@ def _check_pack(repo: Store, pack_id: str, size: int | None,
         tail = repo.read_range(pack_id, size - tail_length, tail_length, where)
         problem: str | None = None
         try:
-            trailer = read_trailer(tail, where, pack_size=size)
+            trailer = read_trailer(tail, where, pack_size=size, pack_id=pack_id,
+                                   trailer_key=repo.codec.trailer_key)
         except ChunkCorrupt as exc:
             problem, trailer, read_all = exc.message, [], True  # find out which objects suffer
         listed = {(n, o): ln for n, o, ln in trailer}
@@ -248,7 +268,7 @@ def _check_pack(repo: Store, pack_id: str, size: int | None,
     for name, offset, length in trailer:  # each entry names the envelope that is there
         if problem is not None or (name, pack_id, offset) in known_bad:
             continue  # a copy in quarantine may have a damaged header: that is known
-        header = envelope_at(data, offset)
+        header = repo.codec.envelope_at(data, offset)
         if header is None or header[1:] != (length, name):
             problem = f"{where}: the trailer's entry at offset {offset} does not match the pack"
     return problem, damaged, verified
@@ -264,7 +284,7 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
         envelope = data[loc.offset : loc.offset + loc.length]
         kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
         try:
-            open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in pack "
+            repo.codec.open(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in pack "
                           f"{pack_id}")
             verified.append(name)
         except ChunkCorrupt as exc:
@@ -275,25 +295,34 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
     return damaged, verified
 
 
+def _authentication(repo: Store, exc: RepositoryError) -> bool:
+    """Did ``exc`` come from authentication (or, reading a copy, did all damage)? In an
+    encrypted repository every damaged copy is found by its authentication failing."""
+    return isinstance(exc, AuthenticationFailed) or (
+        repo.codec.encrypted and isinstance(exc, ChunkCorrupt))
+
+
 def _report_damaged_copy(repo: Store, walk: _Walk, copy: DamagedCopy) -> None:
     """A damaged copy was set aside: is another copy there, and who needed it?"""
     users = walk.users.get(copy.digest, set())
     kind = _KIND_PROBLEM.get(copy.kind, "chunk")
     detail = f"{copy.reason}; this copy is now in quarantine"
+    auth = repo.codec.encrypted  # every damaged copy there failed its authentication
     if not users:
         walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail} (no restore point "
-                                     "uses it, and no backup will deduplicate against it)", ()))
+                                     "uses it, and no backup will deduplicate against it)", (),
+                                     auth))
         return
     try:
         repo.read_object(copy.digest, copy.kind, f"{KIND_NAMES.get(copy.kind)} "
                          f"{copy.digest.hex()}", walk.found)
     except ChunkCorrupt as exc:  # another copy, damaged too
         walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}; {exc.message}",
-                                     tuple(sorted(users))))
+                                     tuple(sorted(users)), auth))
         return
     except RepositoryError:
         walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}, and no intact copy "
-                                     "is left", tuple(sorted(users))))
+                                     "is left", tuple(sorted(users)), auth))
         return
     walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail}; an intact copy is used "
-                                 "instead", ()))
+                                 "instead", (), auth))

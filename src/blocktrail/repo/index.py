@@ -57,6 +57,7 @@ class ChunkIndex:
         self._spares: dict[bytes, list[Location]] = {}  # more intact copies, used in turn
         self._lost: dict[bytes, tuple[str, str | None]] = {}  # no usable copy: why, lost pack
         self.damaged_files: list[tuple[str, str]] = []  # index files that do not decode
+        self.unauthentic_files: set[str] = set()  # those of them that fail authentication
         self.files: list[str] = []  # the index files it was read from
         self._lock = threading.Lock()
 

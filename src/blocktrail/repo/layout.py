@@ -17,12 +17,14 @@ LEASES = "leases/"
 GC = "gc/"
 PROBE = "probe/"
 MAINTENANCE_LEASE = "leases/maintenance.json"
+KEYS = "keys/"
 
 _PACK = re.compile(r"packs/[0-9a-f]{2}/([0-9a-f]{32})\.pack")
 _INDEX = re.compile(r"index/([0-9A-Za-z_-]+\.idx)")
 _POINT = re.compile(r"points/([0-9A-Za-z][0-9A-Za-z._-]*)\.json")
 _VERIFY = re.compile(r"verify/([0-9A-Za-z][0-9A-Za-z._-]*)/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})"
                      r"\.json")
+_KEY = re.compile(r"keys/([0-9a-f]{16})\.json")
 _RUN = re.compile(r"gc/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})\.(condemned|writers)\.json")
 
 
@@ -69,8 +71,18 @@ def verify_record_of(name: str) -> tuple[str, str] | None:
 
 
 def disk_lease(disk_id: str) -> str:
-    """A disk ID may be anything (an NBD URI): its lease is named by a hash of it."""
+    """A disk ID may be anything (an NBD URI): its lease is named by a hash of it (in an
+    encrypted repository, ``disk_id`` is already a keyed hash of the disk ID)."""
     return f"leases/disk-{blake3(disk_id.encode()).hexdigest()[:32]}.json"
+
+
+def key_file(key_id: str) -> str:
+    return f"keys/{key_id}.json"
+
+
+def key_id_of(name: str) -> str | None:
+    match = _KEY.fullmatch(name)
+    return match[1] if match else None
 
 
 def writer_lease(session: str) -> str:

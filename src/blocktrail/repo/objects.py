@@ -1,4 +1,6 @@
-"""The object envelope: magic, version, kind, codec, lengths, blake3 of the plain bytes."""
+"""The object envelopes: magic, version, kind, codec, lengths, the object's name (blake3 of the
+plain bytes, keyed in an encrypted repository); and the codecs that seal and open them, plain
+or encrypted (docs/repository.md, "Envelope")."""
 
 from __future__ import annotations
 
@@ -8,7 +10,13 @@ import threading
 import zstandard
 from blake3 import blake3
 
-from blocktrail.repo.errors import ChunkCorrupt
+from blocktrail.repo import crypto
+from blocktrail.repo.errors import (
+    AUTH_FAILED,
+    AuthenticationFailed,
+    ChunkCorrupt,
+    ObjectAuthenticationFailed,
+)
 
 MAGIC = b"BTOB"
 VERSION = 1
@@ -89,3 +97,175 @@ def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
     if len(plain) != plain_len or object_name(kind, plain) != expected:
         raise ChunkCorrupt(f"{where} does not match its digest")
     return plain
+
+
+# ------------------------------------------------------------------------------ codecs
+
+SEALED_MAGIC = b"BTSF"
+SEALED_VERSION = 1
+KIND_INDEX, KIND_MANIFEST, KIND_VERIFY = 4, 5, 6  # whole files (docs/repository.md)
+VERSION_ENCRYPTED = 2
+HEADER_ENCRYPTED = struct.Struct("<4sBBBBII32s16s12s")  # + salt, nonce; AAD = the header
+SEALED_HEADER = struct.Struct("<4sBBBB16s12s")  # magic, version, kind, codec, cipher, salt, nonce
+_PLAIN_KINDS = (KIND_CHUNK, KIND_PAGE, KIND_TABLE)
+
+
+def _compress(plain: bytes) -> tuple[int, bytes]:
+    packed = _compressor().compress(plain)
+    return (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
+
+
+def _decompress(codec: int, payload: bytes, plain_len: int | None, where: str,
+                error: type[ChunkCorrupt]) -> bytes:
+    try:
+        if codec == CODEC_ZSTD:
+            if plain_len is None:
+                return _decompressor().decompress(payload)
+            return _decompressor().decompress(payload, max_output_size=plain_len)
+        if codec == CODEC_PLAIN:
+            return payload
+    except zstandard.ZstdError as exc:
+        raise error(f"{where} does not decompress") from exc
+    raise error(f"{where} has unknown codec {codec}")
+
+
+class PlainCodec:
+    """An unencrypted repository: unkeyed blake3 names, version 1 envelopes, files as they
+    are (each checks itself with its own checksum)."""
+
+    encrypted = False
+    cipher_name = "none"
+    trailer_key: bytes | None = None
+
+    def name(self, kind: int, plain: bytes) -> bytes:
+        return object_name(kind, plain)
+
+    def seal(self, kind: int, plain: bytes) -> tuple[bytes, bytes]:
+        return seal(kind, plain)
+
+    def seal_chunk(self, plain: bytes) -> tuple[bytes, bytes, int]:
+        name, envelope = seal(KIND_CHUNK, plain)
+        return name, envelope, len(plain)
+
+    def open(self, data: bytes, kind: int, expected: bytes, where: str) -> bytes:
+        return open_envelope(data, kind, expected, where)
+
+    def envelope_at(self, data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
+        return envelope_at(data, offset)
+
+    def seal_file(self, kind: int, name: str, plain: bytes) -> bytes:
+        return plain
+
+    def open_file(self, kind: int, name: str, data: bytes, where: str,
+                  error: type[AuthenticationFailed] = AuthenticationFailed) -> bytes:
+        return data
+
+    def lease_name(self, disk_id: str) -> str:
+        return disk_id
+
+
+class EncryptedCodec:
+    """An encrypted repository: keyed blake3 names, version 2 envelopes (AEAD, the header
+    as associated data), whole files sealed with their kind and object name as associated
+    data. Any failure to open is `ObjectAuthenticationFailed` (or the ``error`` given)."""
+
+    encrypted = True
+
+    def __init__(self, keys: crypto.MasterKeys, cipher: int) -> None:
+        self.keys = keys
+        self.cipher = cipher
+        self.cipher_name = crypto.CIPHER_NAMES[cipher]
+        self.sessions = crypto.Sessions(keys, cipher)
+        self.trailer_key: bytes | None = keys.mac_key()
+        self._lease_key = keys.lease_key()
+
+    def name(self, kind: int, plain: bytes) -> bytes:
+        data = plain if kind == KIND_CHUNK else bytes([kind]) + plain
+        return blake3(data, key=self.keys.id_key).digest()
+
+    def seal(self, kind: int, plain: bytes) -> tuple[bytes, bytes]:
+        name = self.name(kind, plain)
+        codec, payload = _compress(plain)
+        salt, nonce, aead = self.sessions.next()
+        header = HEADER_ENCRYPTED.pack(MAGIC, VERSION_ENCRYPTED, kind, codec, self.cipher,
+                                       len(plain), len(payload) + crypto.TAG_BYTES, name, salt,
+                                       nonce)
+        return name, header + aead.encrypt(nonce, payload, header)
+
+    def seal_chunk(self, plain: bytes) -> tuple[bytes, bytes, int]:
+        name, envelope = self.seal(KIND_CHUNK, plain)
+        return name, envelope, len(plain)
+
+    def open(self, data: bytes, kind: int, expected: bytes, where: str) -> bytes:
+        error = ObjectAuthenticationFailed
+        if len(data) < HEADER_ENCRYPTED.size + crypto.TAG_BYTES:
+            raise error(f"{where}: {AUTH_FAILED} (the object is truncated)")
+        magic, version, stored_kind, codec, cipher, plain_len, stored_len, name, salt, nonce = \
+            HEADER_ENCRYPTED.unpack_from(data)
+        if magic != MAGIC or version != VERSION_ENCRYPTED or cipher != self.cipher:
+            raise error(f"{where}: {AUTH_FAILED} (not an envelope of this repository)")
+        if stored_kind != kind or name != expected:
+            raise error(f"{where}: {AUTH_FAILED} (another object is in its place)")
+        if len(data) - HEADER_ENCRYPTED.size != stored_len:
+            raise error(f"{where}: {AUTH_FAILED} (the object has the wrong length)")
+        try:
+            view = memoryview(data)
+            payload = crypto.decrypt(self.sessions.opener(cipher, salt), nonce,
+                                     view[HEADER_ENCRYPTED.size :],
+                                     view[: HEADER_ENCRYPTED.size])
+        except crypto.AeadFailure as exc:
+            raise error(f"{where}: {AUTH_FAILED}") from exc
+        plain = _decompress(codec, payload, plain_len, where, error)
+        # Authenticated, so this only finds a writer's bug; cheap beside the AEAD.
+        if len(plain) != plain_len or self.name(kind, plain) != expected:
+            raise error(f"{where}: {AUTH_FAILED} (it does not match its name)")
+        return plain
+
+    def envelope_at(self, data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
+        if offset + HEADER_ENCRYPTED.size > len(data):
+            return None
+        magic, version, kind, codec, cipher, _, stored_len, name, _, _ = \
+            HEADER_ENCRYPTED.unpack_from(data, offset)
+        if magic != MAGIC or version != VERSION_ENCRYPTED or kind not in _PLAIN_KINDS \
+                or codec not in (CODEC_PLAIN, CODEC_ZSTD) or cipher != self.cipher \
+                or stored_len < crypto.TAG_BYTES \
+                or offset + HEADER_ENCRYPTED.size + stored_len > len(data):
+            return None
+        return kind, HEADER_ENCRYPTED.size + stored_len, name
+
+    def seal_file(self, kind: int, name: str, plain: bytes) -> bytes:
+        """A whole file (index file, manifest, verify record), bound to its kind and name."""
+        codec, payload = _compress(plain)
+        salt, nonce, aead = self.sessions.next()
+        header = SEALED_HEADER.pack(SEALED_MAGIC, SEALED_VERSION, kind, codec, self.cipher,
+                                    salt, nonce)
+        return header + aead.encrypt(nonce, payload, header + name.encode())
+
+    def open_file(self, kind: int, name: str, data: bytes, where: str,
+                  error: type[AuthenticationFailed] = AuthenticationFailed) -> bytes:
+        if len(data) < SEALED_HEADER.size + crypto.TAG_BYTES:
+            raise error(f"{where}: {AUTH_FAILED} (the file is truncated)")
+        magic, version, stored_kind, codec, cipher, salt, nonce = SEALED_HEADER.unpack_from(data)
+        if magic != SEALED_MAGIC or version != SEALED_VERSION or cipher != self.cipher:
+            raise error(f"{where}: {AUTH_FAILED} (not a sealed file of this repository)")
+        if stored_kind != kind:
+            raise error(f"{where}: {AUTH_FAILED} (a file of another kind is in its place)")
+        header = bytes(data[: SEALED_HEADER.size])
+        try:
+            payload = crypto.decrypt(self.sessions.opener(cipher, salt), nonce,
+                                     memoryview(data)[SEALED_HEADER.size :],
+                                     header + name.encode())
+        except crypto.AeadFailure as exc:
+            raise error(f"{where}: {AUTH_FAILED} (or it was moved from another name)") \
+                from exc
+        try:
+            return _decompress(codec, payload, None, where, ChunkCorrupt)
+        except ChunkCorrupt as exc:  # authenticated but undecodable: a writer's bug
+            raise error(f"{where}: {AUTH_FAILED} ({exc.message})") from exc
+
+    def lease_name(self, disk_id: str) -> str:
+        """What names a disk's lease: a keyed hash, so the name does not tell the disk."""
+        return blake3(disk_id.encode(), key=self._lease_key).hexdigest()
+
+
+Codec = PlainCodec | EncryptedCodec

@@ -6,12 +6,15 @@ import secrets
 import struct
 from typing import NamedTuple
 
-from blocktrail.repo.errors import ChunkCorrupt
-from blocktrail.repo.objects import MAGIC, envelope_at
+from blocktrail.repo import crypto
+from blocktrail.repo.errors import AUTH_FAILED, ChunkCorrupt, ObjectAuthenticationFailed
+from blocktrail.repo.objects import MAGIC, Codec, PlainCodec
 
 TRAILER_ENTRY = struct.Struct("<32sQII")  # digest, offset, length, zero
 TRAILER_END = struct.Struct("<I4s")
 TRAILER_MAGIC = b"BTPK"
+TRAILER_MAGIC_MAC = b"BTPA"  # an encrypted repository's: a MAC precedes the count
+MAC_BYTES = 32
 PACK_TARGET_BYTES = 16 << 20
 
 
@@ -27,8 +30,9 @@ class Location(NamedTuple):
 class PackBuilder:
     """Collects envelopes until the pack is big enough to write."""
 
-    def __init__(self) -> None:
+    def __init__(self, trailer_key: bytes | None = None) -> None:
         self.pack_id = secrets.token_hex(16)
+        self._trailer_key = trailer_key
         self._data = bytearray()
         self.entries: list[tuple[bytes, int, int, int]] = []  # digest, offset, length, plain
 
@@ -42,55 +46,86 @@ class PackBuilder:
 
     def finish(self) -> bytearray:
         """The whole pack file (the builder's buffer, extended in place: no 16 MiB copies)."""
-        self._data += b"".join(TRAILER_ENTRY.pack(n, o, ln, 0) for n, o, ln, _ in self.entries)
-        self._data += TRAILER_END.pack(len(self.entries), TRAILER_MAGIC)
+        entries = b"".join(TRAILER_ENTRY.pack(n, o, ln, 0) for n, o, ln, _ in self.entries)
+        self._data += entries
+        if self._trailer_key is None:
+            self._data += TRAILER_END.pack(len(self.entries), TRAILER_MAGIC)
+        else:
+            self._data += _trailer_mac(self._trailer_key, self.pack_id, entries,
+                                       len(self.entries))
+            self._data += TRAILER_END.pack(len(self.entries), TRAILER_MAGIC_MAC)
         return self._data
 
     def locations(self) -> dict[bytes, Location]:
         return {n: Location(self.pack_id, o, ln, p) for n, o, ln, p in self.entries}
 
 
-def read_trailer(data: bytes, where: str,
-                 pack_size: int | None = None) -> list[tuple[bytes, int, int]]:
+def _trailer_mac(key: bytes, pack_id: str, entries: bytes, count: int) -> bytes:
+    return crypto.mac(key, pack_id.encode() + entries + count.to_bytes(4, "little"))
+
+
+def read_trailer(data: bytes, where: str, pack_size: int | None = None, *,
+                 pack_id: str = "", trailer_key: bytes | None = None
+                 ) -> list[tuple[bytes, int, int]]:
     """The (digest, offset, length) entries of a pack; `ChunkCorrupt` if damaged. ``data`` is
-    the whole pack, or (with ``pack_size``) its last bytes: at least the trailer.
+    the whole pack, or (with ``pack_size``) its last bytes: at least the trailer. With
+    ``trailer_key`` (an encrypted repository) the trailer's MAC, over ``pack_id`` and the
+    entries, must hold (else `ObjectAuthenticationFailed`).
 
     Envelopes lie back to back from offset 0 up to the trailer, in the trailer's order, so any
     change to an offset, a length or a reserved byte shows."""
     size = len(data) if pack_size is None else pack_size
     base = size - len(data)  # where ``data`` starts in the pack
     if len(data) < TRAILER_END.size:
-        raise ChunkCorrupt(f"{where}: pack is truncated")
+        raise _damaged(trailer_key, f"{where}: pack is truncated")
     count, magic = TRAILER_END.unpack_from(data, len(data) - TRAILER_END.size)
-    start = size - TRAILER_END.size - count * TRAILER_ENTRY.size
-    if magic != TRAILER_MAGIC or start < base:
-        raise ChunkCorrupt(f"{where}: pack trailer is damaged")
+    mac_bytes = MAC_BYTES if trailer_key is not None else 0
+    start = size - TRAILER_END.size - mac_bytes - count * TRAILER_ENTRY.size
+    wanted = TRAILER_MAGIC if trailer_key is None else TRAILER_MAGIC_MAC
+    if magic != wanted or start < base:
+        raise _damaged(trailer_key, f"{where}: pack trailer is damaged")
+    if trailer_key is not None:
+        entries_end = start - base + count * TRAILER_ENTRY.size
+        if _trailer_mac(trailer_key, pack_id, bytes(data[start - base : entries_end]), count) \
+                != bytes(data[entries_end : entries_end + MAC_BYTES]):
+            raise ObjectAuthenticationFailed(f"{where}: pack trailer: {AUTH_FAILED}")
     entries = [TRAILER_ENTRY.unpack_from(data, start - base + i * TRAILER_ENTRY.size)
                for i in range(count)]
     expected_offset = 0
     for _, offset, length, zero in entries:
         if zero or offset != expected_offset or length <= 0:
-            raise ChunkCorrupt(f"{where}: pack trailer is damaged (entry at offset {offset})")
+            raise _damaged(trailer_key,
+                           f"{where}: pack trailer is damaged (entry at offset {offset})")
         expected_offset = offset + length
     if expected_offset != start:
-        raise ChunkCorrupt(f"{where}: pack trailer does not account for the pack's data")
+        raise _damaged(trailer_key,
+                       f"{where}: pack trailer does not account for the pack's data")
     return [(name, offset, length) for name, offset, length, _ in entries]
+
+
+def _damaged(trailer_key: bytes | None, message: str) -> ChunkCorrupt:
+    return ChunkCorrupt(message) if trailer_key is None else ObjectAuthenticationFailed(
+        f"{message}: {AUTH_FAILED}")
 
 
 def trailer_length(end: bytes) -> int:
     """How many bytes at the end of a pack its trailer takes, from its last 8 bytes."""
-    count: int = TRAILER_END.unpack(end)[0]
-    return TRAILER_END.size + count * TRAILER_ENTRY.size
+    count: int
+    magic: bytes
+    count, magic = TRAILER_END.unpack(end)
+    return TRAILER_END.size + count * TRAILER_ENTRY.size \
+        + (MAC_BYTES if magic == TRAILER_MAGIC_MAC else 0)
 
 
-def walk_envelopes(data: bytes) -> list[tuple[bytes, int, int]]:
+def walk_envelopes(data: bytes, codec: Codec | None = None) -> list[tuple[bytes, int, int]]:
     """(name, offset, length) of every plausible envelope, found without the trailer: for a
     pack whose trailer is damaged. Past a damaged header it looks for the next magic. The
     caller checks each object against its name."""
+    codec = codec if codec is not None else PlainCodec()
     found: list[tuple[bytes, int, int]] = []
     offset = 0
     while 0 <= offset < len(data):
-        header = envelope_at(data, offset)
+        header = codec.envelope_at(data, offset)
         if header is None:
             offset = data.find(MAGIC, offset + 1)
             continue

@@ -22,7 +22,7 @@ from blocktrail.repo import layout
 from blocktrail.repo.errors import ChunkCorrupt, RepositoryBusy, RepositoryError
 from blocktrail.repo.leases import Lease, list_leases
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST, open_envelope
+from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST
 from blocktrail.repo.packs import Location, read_trailer, walk_envelopes
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 from blocktrail.repo.sink import PackSink
@@ -195,15 +195,16 @@ def _scan_pack(repo: Store, pack_id: str) -> _PackScan:
     where = f"pack {pack_id}"
     data = repo.read_pack(pack_id)
     try:
-        entries, trailer_problem = read_trailer(data, where), None
+        entries, trailer_problem = read_trailer(data, where, pack_id=pack_id,
+                                                trailer_key=repo.codec.trailer_key), None
     except ChunkCorrupt as exc:
-        entries, trailer_problem = walk_envelopes(data), exc.message
+        entries, trailer_problem = walk_envelopes(data, repo.codec), exc.message
     scan = _PackScan([], [], trailer_problem, [])
     for name, offset, length in entries:
         envelope = data[offset : offset + length]
         kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
         try:
-            plain = open_envelope(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in "
+            plain = repo.codec.open(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in "
                                   f"{where} at offset {offset}")
         except ChunkCorrupt as exc:
             scan.damaged.append(DamagedCopy(name, kind, pack_id, offset, length, exc.message))

@@ -10,18 +10,23 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from blocktrail.errors import is_no_space
+from blocktrail.errors import InvalidArgument, is_no_space
 from blocktrail.fileio import FileIO
-from blocktrail.repo import layout
+from blocktrail.repo import crypto, keys, layout
 from blocktrail.repo.backend import Backend
 from blocktrail.repo.check import CheckReport, check_repository
-from blocktrail.repo.errors import RepositoryExists, RepositoryNoSpace
+from blocktrail.repo.errors import (
+    PasswordRequired,
+    RepositoryExists,
+    RepositoryNoSpace,
+)
 from blocktrail.repo.forget import ForgetResult, forget_points
+from blocktrail.repo.keys import Encryption, KeyFile, PasswordSource, Unlocked
 from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing
 from blocktrail.repo.localdir import HOST_LOCK_NAME, LOCK_NAME, LocalBackend
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, seal
+from blocktrail.repo.objects import KIND_CHUNK, EncryptedCodec, PlainCodec
 from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
 from blocktrail.repo.restore import restore_point
@@ -33,59 +38,126 @@ from blocktrail.repo.writer import PointWriter
 
 Progress = Callable[[int, int], None]
 LOCAL_DIRECTORIES = ("packs", "index", "points", "locks", "quarantine", "verify", "leases",
-                     "gc")
+                     "gc", "keys")
 
 
 class Repository(Store):
     """A repository of restore points. Safe for any number of concurrent writers (processes
     or threads, on one machine or many); `prune` runs beside them (docs/storage.md)."""
 
+    def __init__(self, backend: Backend, config: dict[str, Any], timing: Timing,
+                 unlocked: Unlocked) -> None:
+        super().__init__(backend, config, timing, unlocked.codec, unlocked.key_id)
+        self._master = unlocked.keys
+
     @classmethod
     def init(cls, location: str | os.PathLike[str], fileio: FileIO | None = None, *,
-             s3: S3Options | None = None, timing: Timing = DEFAULT_TIMING) -> Repository:
+             encryption: Encryption, s3: S3Options | None = None,
+             timing: Timing = DEFAULT_TIMING) -> Repository:
         """Create an empty repository: a directory, or ``s3://BUCKET/PREFIX`` (the bucket is
-        created if it does not exist)."""
+        created if it does not exist). ``encryption``: `Encryption(password)`, or
+        `Encryption.none()` (an explicit choice, recorded in its config)."""
+        if encryption.enabled:
+            if encryption.password is None:
+                raise PasswordRequired("a new repository is encrypted: give it a password (or "
+                                       "choose no encryption explicitly)")
+            crypto.choose_cipher(encryption.cipher)  # a bad name: refused before anything
         backend = open_backend(location, fileio=fileio, s3=s3)
         try:
             if isinstance(backend, LocalBackend):
-                config = _init_local(backend)
+                config, unlocked = _init_local(backend, encryption)
             else:
                 if backend.remote:
                     from blocktrail.repo.s3 import S3Backend
                     if isinstance(backend, S3Backend):
                         backend.create_bucket()
                 Store.probe_conditional_writes(backend)
-                config = Store.create_config(backend)
+                config, unlocked = _create(backend, encryption)
         except BaseException:
             backend.close()
             raise
-        return cls(backend, config, timing)
+        return cls(backend, config, timing, unlocked)
 
     @classmethod
     def open(cls, location: str | os.PathLike[str], fileio: FileIO | None = None, *,
-             s3: S3Options | None = None, timing: Timing = DEFAULT_TIMING) -> Repository:
+             password: PasswordSource | None = None, s3: S3Options | None = None,
+             timing: Timing = DEFAULT_TIMING) -> Repository:
         """Open a repository; on object storage, first make sure the store refuses to
-        overwrite objects (a probe object written twice)."""
+        overwrite objects (a probe object written twice). An encrypted one needs ``password``
+        (a callable is called only then): `WrongPassword` if no key file opens with it."""
         backend = open_backend(location, fileio=fileio, s3=s3)
         try:
             config = Store.load_config(backend)
+            unlocked = keys.unlock(backend, config, password)
             if backend.remote:
                 Store.probe_conditional_writes(backend)
         except BaseException:
             backend.close()
             raise
-        return cls(backend, config, timing)
+        return cls(backend, config, timing, unlocked)
 
     @classmethod
-    def on(cls, backend: Backend, timing: Timing = DEFAULT_TIMING) -> Repository:
+    def on(cls, backend: Backend, timing: Timing = DEFAULT_TIMING,
+           password: PasswordSource | None = None) -> Repository:
         """The repository on an open backend (tests wrap backends to inject faults)."""
-        return cls(backend, Store.load_config(backend), timing)
+        config = Store.load_config(backend)
+        return cls(backend, config, timing, keys.unlock(backend, config, password))
 
     def __enter__(self) -> Repository:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ encryption and keys
+
+    @property
+    def encrypted(self) -> bool:
+        return self.codec.encrypted
+
+    def key_files(self) -> list[KeyFile]:
+        return keys.key_files(self.backend)
+
+    def _master_keys(self) -> crypto.MasterKeys:
+        if self._master is None:
+            raise InvalidArgument(f"repository {self.location} is not encrypted: it has no keys")
+        return self._master
+
+    def add_key(self, password: PasswordSource, kdf: crypto.KdfParams | None = None) -> KeyFile:
+        """A new key file: the repository opens with ``password`` too."""
+        return keys.add_key(self.backend, self.repo_id, self._master_keys(),
+                            _new_password(password), kdf or self._kdf_in_use())
+
+    def remove_key(self, key_id: str) -> None:
+        """Delete a key file (never the one this opened with, nor the last)."""
+        self._master_keys()
+        keys.remove_key(self.backend, key_id, self.key_id)
+
+    def change_password(self, password: PasswordSource,
+                        kdf: crypto.KdfParams | None = None) -> KeyFile:
+        """Re-wrap the master keys of the key file this opened with under ``password``: the
+        new key file is written, then the old one deleted. Nothing is re-encrypted."""
+        master = self._master_keys()
+        if self.key_id is None:
+            raise InvalidArgument("no key file is in use")
+        new = keys.change_password(self.backend, self.repo_id, master, self.key_id,
+                                   _new_password(password), kdf or self._kdf_in_use())
+        self.key_id = new.id
+        return new
+
+    def _kdf_in_use(self) -> crypto.KdfParams:
+        for key in self.key_files():
+            if key.id == self.key_id:
+                return key.kdf
+        return crypto.KdfParams()
+
+    def encryption_info(self) -> dict[str, Any]:
+        """What `repo info` shows."""
+        if not self.encrypted:
+            return {"encryption": "none"}
+        return {"encryption": self.codec.cipher_name, "chunk_ids": "blake3-keyed",
+                "kdf": "argon2id", "key_in_use": self.key_id,
+                "key_files": [k.describe() for k in self.key_files()]}
 
     # ------------------------------------------------------------------ local paths
 
@@ -130,7 +202,7 @@ class Repository(Store):
             try:
                 for data in chunks:
                     if data.count(0) != len(data):
-                        name, envelope = seal(KIND_CHUNK, data)
+                        name, envelope = self.codec.seal(KIND_CHUNK, data)
                         sink.add(name, envelope, len(data))
                 sink.publish()
             finally:
@@ -177,7 +249,37 @@ class Repository(Store):
         return prune_repository(self, wait_s)
 
 
-def _init_local(backend: LocalBackend) -> dict[str, Any]:
+def _new_password(password: PasswordSource) -> bytes:
+    secret = keys.password_bytes(password)
+    if secret is None:
+        raise PasswordRequired("no password was given")
+    if not secret:
+        raise InvalidArgument("the password is empty")
+    return secret
+
+
+def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
+    """Write the key file (encrypted), then the config: once the config exists, so does the
+    repository, and it opens."""
+    if not encryption.enabled:
+        return Store.create_config(backend, Store.new_config(False)), Unlocked(PlainCodec())
+    if encryption.password is None:
+        raise PasswordRequired("a new encrypted repository needs a password")
+    password = _new_password(encryption.password)
+    cipher = crypto.choose_cipher(encryption.cipher)
+    master = crypto.MasterKeys.generate()
+    config = keys.encrypted_config(Store.new_config(True), master, cipher)
+    key = keys.add_key(backend, str(config["repo_id"]), master, password, encryption.kdf)
+    try:
+        Store.create_config(backend, config)
+    except BaseException:
+        backend.delete(key.name)
+        raise
+    return config, Unlocked(EncryptedCodec(master, cipher), key.id, master)
+
+
+def _init_local(backend: LocalBackend,
+                encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
     if fio.exists(backend.path(layout.CONFIG)):
         raise RepositoryExists(f"{backend.root} already holds a repository")
@@ -187,7 +289,7 @@ def _init_local(backend: LocalBackend) -> dict[str, Any]:
         for lock in (LOCK_NAME, HOST_LOCK_NAME):
             os.close(os.open(os.path.join(backend.root, lock), os.O_RDWR | os.O_CREAT
                              | os.O_CLOEXEC, 0o600))
-        config = Store.create_config(backend)
+        created = _create(backend, encryption)
         fio.fsync_dir(os.path.dirname(os.path.abspath(backend.root)))
     except OSError as exc:
         if not is_no_space(exc):
@@ -195,5 +297,5 @@ def _init_local(backend: LocalBackend) -> dict[str, Any]:
         raise RepositoryNoSpace(f"the file system of repository {backend.root} is full "
                                 f"(creating it: {exc.strerror or exc}): free space and retry; "
                                 "no repository was created") from exc
-    return config
+    return created
 

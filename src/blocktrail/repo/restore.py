@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from blocktrail.errors import NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
 from blocktrail.pipeline import read_ahead
-from blocktrail.repo.errors import ChunkCorrupt
+from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, open_envelope
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.packs import Location
 from blocktrail.repo.store import Store
 
@@ -165,11 +165,14 @@ def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
         envelope = data[at : at + loc.length]
         chunk_label = f"chunk {name.hex()} ({where})"
         try:
-            plain = open_envelope(envelope, KIND_CHUNK, name, f"{chunk_label} in pack "
-                                  f"{loc.pack_id}")
+            plain = store.codec.open(envelope, KIND_CHUNK, name,
+                                     f"{chunk_label} in pack {loc.pack_id}")
         except ChunkCorrupt as exc:
-            store.damaged(name, KIND_CHUNK, loc, exc, None)
-            plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt / ObjectMissing
+            note = store.damaged(name, KIND_CHUNK, loc, exc, None)
+            try:
+                plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt
+            except ObjectMissing:  # no spare: the damage found is the error
+                raise type(exc)(f"{note}; no intact copy is left") from exc
         out.append((index, plain))
     return out
 

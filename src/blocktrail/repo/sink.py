@@ -44,7 +44,7 @@ class PackSink:
         self._lease = lease
         self._checkpoint = store.backend.remote if checkpoint is None else checkpoint
         self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote else 1
-        self._pack = PackBuilder()
+        self._pack = PackBuilder(store.codec.trailer_key)
         self._new: dict[bytes, Location] = {}  # in packs handed to the pack writers
         self._in_pack: set[bytes] = set()
         self._written: list[str] = []  # pack ids handed to the pack writers
@@ -79,7 +79,7 @@ class PackSink:
             return
         while len(self._writes) >= self._in_flight:
             self._writes.popleft().result()  # a failed write surfaces here
-        pack, self._pack = self._pack, PackBuilder()
+        pack, self._pack = self._pack, PackBuilder(self._store.codec.trailer_key)
         locations = pack.locations()
         self._written.append(pack.pack_id)
         self._writes.append(self._writer.submit(self._write, pack.pack_id, pack.finish(),

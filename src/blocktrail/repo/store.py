@@ -34,10 +34,15 @@ from blocktrail.repo.backend import (
     ObjectNotFound,
 )
 from blocktrail.repo.errors import (
+    AUTH_FAILED,
+    AuthenticationFailed,
     ChunkCorrupt,
     ConditionalWritesUnsupported,
+    IndexAuthenticationFailed,
     LeaseLost,
+    ManifestAuthenticationFailed,
     ManifestCorrupt,
+    ObjectAuthenticationFailed,
     ObjectMissing,
     PointNotFound,
     RepositoryError,
@@ -48,12 +53,23 @@ from blocktrail.repo.errors import (
 from blocktrail.repo.index import ChunkIndex
 from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing, boot_clock
 from blocktrail.repo.manifest import VERIFY_STATES, RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, open_envelope
+from blocktrail.repo.objects import (
+    KIND_CHUNK,
+    KIND_INDEX,
+    KIND_MANIFEST,
+    KIND_PAGE,
+    KIND_TABLE,
+    KIND_VERIFY,
+    ZERO_DIGEST,
+    Codec,
+    PlainCodec,
+)
 from blocktrail.repo.packs import Location
 from blocktrail.repo.quarantine import CopyKey, DamagedCopy
 
 FORMAT = "blocktrail-repository"
 VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
+VERSION_ENCRYPTED = 3  # 3: encrypted (a blocktrail that knows only 2 refuses it)
 CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
 VERIFY_FORMAT = "blocktrail-verify"
@@ -78,8 +94,12 @@ class Store:
     threads, on any number of machines)."""
 
     def __init__(self, backend: Backend, config: dict[str, Any],
-                 timing: Timing = DEFAULT_TIMING) -> None:
+                 timing: Timing = DEFAULT_TIMING, codec: Codec | None = None,
+                 key_id: str | None = None) -> None:
         self.backend = backend
+        self.config = config
+        self.codec: Codec = codec if codec is not None else PlainCodec()
+        self.key_id = key_id  # the key file that opened it (encrypted)
         self.location = backend.url
         self.timing = timing
         self.chunk_size = int(config["chunk_size"])
@@ -99,10 +119,16 @@ class Store:
     # ------------------------------------------------------------------ config
 
     @staticmethod
-    def create_config(backend: Backend) -> dict[str, Any]:
-        config = {"format": FORMAT, "version": VERSION, "repo_id": uuid.uuid4().hex,
-                  "chunk_size": CHUNK_SIZE, "page_chunks": PAGE_CHUNKS,
-                  "created_at": datetime.now(UTC).isoformat()}
+    def new_config(encrypted: bool) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION_ENCRYPTED if encrypted else VERSION,
+                "repo_id": uuid.uuid4().hex, "chunk_size": CHUNK_SIZE,
+                "page_chunks": PAGE_CHUNKS, "created_at": datetime.now(UTC).isoformat(),
+                **({} if encrypted else {"encryption": "none"})}
+
+    @staticmethod
+    def create_config(backend: Backend, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write config.json (create-only): it is what makes the repository exist."""
+        config = config if config is not None else Store.new_config(False)
         try:
             backend.create(layout.CONFIG, (json.dumps(config, indent=1) + "\n").encode())
         except ObjectExists:
@@ -122,9 +148,9 @@ class Store:
             raise RepositoryError(f"{backend.url}/config.json: damaged ({exc})") from exc
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise UnsupportedFormat(f"{backend.url}: not a blocktrail repository")
-        if not isinstance(config.get("version"), int) or config["version"] > VERSION:
+        if not isinstance(config.get("version"), int) or config["version"] > VERSION_ENCRYPTED:
             raise UnsupportedFormat(f"{backend.url}: repository version {config.get('version')}"
-                                    f" is newer than this blocktrail ({VERSION})")
+                                    f" is newer than this blocktrail ({VERSION_ENCRYPTED})")
         return config
 
     @staticmethod
@@ -207,8 +233,10 @@ class Store:
 
     def write_index(self, filename: str, data: bytes,
                     consequence: str = "nothing was published") -> None:
+        name = layout.index_file(filename)
+        sealed = self.codec.seal_file(KIND_INDEX, name, data)
         with self.writing(f"writing index file {filename}", consequence):
-            self.backend.create(layout.index_file(filename), data)
+            self.backend.create(name, sealed)
 
     def index_file_exists(self, filename: str) -> bool:
         try:
@@ -260,6 +288,8 @@ class Store:
             for name, result in zip(names, results, strict=True):
                 if isinstance(result, RepositoryError):
                     loaded.damaged_files.append((name, result.message))
+                    if isinstance(result, AuthenticationFailed):
+                        loaded.unauthentic_files.add(name)
                 elif result is not None:
                     loaded.add_file(result)
             return loaded
@@ -272,7 +302,8 @@ class Store:
         except ObjectNotFound:
             return None
         try:
-            return index_file.decode(data, layout.index_file(name))
+            where = layout.index_file(name)
+            return index_file.decode(self.codec.open_file(KIND_INDEX, where, data, where), where)
         except RepositoryError as exc:
             return exc
 
@@ -349,12 +380,18 @@ class Store:
             loc = self.index.get(name)
             if loc is None:
                 if damage:
-                    raise ChunkCorrupt(f"{'; '.join(damage)}; no intact copy is left. "
-                                       f"{_LOST_ADVICE}")
+                    error = ObjectAuthenticationFailed if self.codec.encrypted else ChunkCorrupt
+                    raise error(f"{'; '.join(damage)}; no intact copy is left. {_LOST_ADVICE}")
+                unauthentic = sorted(self.index.unauthentic_files)
+                if unauthentic and not self.index.is_known(name):
+                    raise IndexAuthenticationFailed(
+                        f"{label}: {self.index.why_missing(name)}, and index file "
+                        f"{', '.join(unauthentic)} fails authentication (it may be the one "
+                        f"that names it): {AUTH_FAILED}")
                 raise ObjectMissing(f"{label}: {self.index.why_missing(name)}")
             data = self.read_range(loc.pack_id, loc.offset, loc.length, label)
             try:
-                return open_envelope(data, kind, name, f"{label} in pack {loc.pack_id}")
+                return self.codec.open(data, kind, name, f"{label} in pack {loc.pack_id}")
             except ChunkCorrupt as exc:
                 damage.append(self.damaged(name, kind, loc, exc, found))
 
@@ -435,11 +472,15 @@ class Store:
     def load_manifest(self, filename: str) -> RestorePoint:
         """The manifest ``points/<filename>``, checked; `ManifestCorrupt` if it is not.
         (A manifest that is gone: FileNotFoundError, as before there was a backend.)"""
+        name = layout.POINTS + filename
         try:
-            data = self.backend.load(layout.POINTS + filename)
+            data = self.backend.load(name)
         except ObjectNotFound:
-            raise FileNotFoundError(f"points/{filename}") from None
-        return RestorePoint.from_bytes(data, f"points/{filename}", filename.removesuffix(".json"))
+            raise FileNotFoundError(name) from None
+        if self.codec.encrypted:
+            data = self.codec.open_file(KIND_MANIFEST, name, data, name,
+                                        ManifestAuthenticationFailed)
+        return RestorePoint.from_bytes(data, name, filename.removesuffix(".json"))
 
     def write_manifest(self, point: RestorePoint, lease: Lease | None = None,
                        consequence: str = "nothing was published") -> None:
@@ -450,7 +491,8 @@ class Store:
             lease.check(f"publish restore point {point.id}")
         sent = boot_clock()
         with self.writing(f"writing the manifest of {point.id}", consequence):
-            self.backend.create(name, point.to_bytes())
+            self.backend.create(name, self.codec.seal_file(KIND_MANIFEST, name,
+                                                           point.to_bytes()))
         if lease is not None and not lease.deadline_ok(sent):
             with contextlib.suppress(BackendError, OSError):
                 self.backend.delete(name)
@@ -465,16 +507,22 @@ class Store:
     def scan_points(self) -> tuple[list[RestorePoint], list[tuple[str, str]]]:
         """-> (intact restore points oldest first, with their newest verify state;
         [(file name, what is wrong)])."""
+        good, damaged = self.scan_points_detailed()
+        return good, [(filename, exc.message) for filename, exc in damaged]
+
+    def scan_points_detailed(self) -> tuple[list[RestorePoint],
+                                            list[tuple[str, ManifestCorrupt]]]:
+        """`scan_points`, with the error of each damaged manifest."""
         files = sorted(self.manifest_files())
         states = self.verify_states()
         good: list[RestorePoint] = []
-        damaged: list[tuple[str, str]] = []
+        damaged: list[tuple[str, ManifestCorrupt]] = []
         for filename, result in zip(files, self.io_pool.map(self._load_or_error, files),
                                     strict=True):
             if isinstance(result, RestorePoint):
                 good.append(_with_state(result, states.get(result.id)))
             elif isinstance(result, ManifestCorrupt):
-                damaged.append((filename, result.message))
+                damaged.append((filename, result))
         return good, damaged
 
     def _load_or_error(self, filename: str) -> RestorePoint | ManifestCorrupt | None:
@@ -510,7 +558,8 @@ class Store:
     def disk_lease(self, disk_id: str) -> Lease:
         """The lease of a backup of ``disk_id``: `RepositoryBusy` while another process
         backs it up."""
-        return self._lease(layout.disk_lease(disk_id), "backup", disk_id,
+        named = self.codec.lease_name(disk_id)  # encrypted: a keyed hash of the disk ID
+        return self._lease(layout.disk_lease(named), "backup", named,
                            f"back up disk {disk_id}")
 
     def writer_lease(self, what: str) -> Lease:
@@ -547,10 +596,12 @@ class Store:
         body: dict[str, Any] = {"format": VERIFY_FORMAT, "version": 1, "point": point_id,
                                 "state": state, "recorded_at": datetime.now(UTC).isoformat()}
         body["checksum"] = _checksum(body)
+        name = layout.verify_record(point_id, stamp())
+        data = self.codec.seal_file(KIND_VERIFY, name, (json.dumps(body, indent=1) + "\n")
+                                    .encode())
         with self.writing(f"recording the verify state of {point_id}",
                           f"the verify state of {point_id} was not recorded"):
-            self.backend.create(layout.verify_record(point_id, stamp()),
-                                (json.dumps(body, indent=1) + "\n").encode())
+            self.backend.create(name, data)
 
     def verify_records(self) -> dict[str, list[str]]:
         """point id -> its verify records' names, oldest first."""
@@ -576,7 +627,7 @@ class Store:
         """A record that does not decode, or names another point, counts as "failed": never
         a base until a new verify says otherwise (`check` reports it)."""
         try:
-            body = json.loads(self.backend.load(name))
+            body = self._verify_body(name)
             stored = body.pop("checksum")
             if stored != _checksum(body) or body["point"] != point_id \
                     or body["state"] not in VERIFY_STATES:
@@ -584,22 +635,26 @@ class Store:
             return str(body["state"])
         except ObjectNotFound:
             return "unverified"
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, AuthenticationFailed):
             return "failed"
+
+    def _verify_body(self, name: str) -> Any:
+        data = self.backend.load(name)
+        return json.loads(self.codec.open_file(KIND_VERIFY, name, data, name))
 
     def damaged_verify_records(self) -> list[str]:
         bad = []
         for point_id, names in self.verify_records().items():
             name = names[-1]
             try:
-                body = json.loads(self.backend.load(name))
+                body = self._verify_body(name)
                 stored = body.pop("checksum")
                 if stored != _checksum(body) or body["point"] != point_id \
                         or body["state"] not in VERIFY_STATES:
                     bad.append(name)
             except ObjectNotFound:
                 continue
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, AuthenticationFailed):
                 bad.append(name)
         return bad
 

@@ -11,7 +11,7 @@ from typing import Any
 from blocktrail import __version__
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, seal
+from blocktrail.repo.objects import KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Codec
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
@@ -25,12 +25,8 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def _seal_chunks(batch: list[bytes]) -> list[tuple[bytes, bytes, int]]:
-    out = []
-    for data in batch:
-        name, envelope = seal(KIND_CHUNK, data)
-        out.append((name, envelope, len(data)))
-    return out
+def _seal_chunks(codec: Codec, batch: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    return [codec.seal_chunk(data) for data in batch]
 
 
 class PointWriter:
@@ -85,8 +81,8 @@ class PointWriter:
     def _submit_batch(self) -> None:
         if not self._batch:
             return
-        self._pending.append((self._batch_indexes, self._pool.submit(_seal_chunks,
-                                                                     self._batch)))
+        self._pending.append((self._batch_indexes, self._pool.submit(
+            _seal_chunks, self._repo.codec, self._batch)))
         self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
@@ -103,7 +99,7 @@ class PointWriter:
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""
-        name, envelope = seal(kind, plain)
+        name, envelope = self._repo.codec.seal(kind, plain)
         self._sink.add(name, envelope, len(plain))
         return name.hex()
 

@@ -81,6 +81,8 @@ class JobConfig:
     disks: tuple[str, ...] = ()
     vm: str | None = None
     token_file: str | None = None
+    password_file: str | None = None  # an encrypted repository's (else the environment's)
+    password_command: str | None = None
     keep: Retention = Retention()
     prune: bool = True
     audit_percent: float = 1.0
@@ -238,6 +240,10 @@ def _job(data: Any, index: int, base_dir: str) -> JobConfig:
     else:
         check_vm_name(vm)
     token_file = table.take("token_file", str)
+    password_file = table.take("password_file", str)
+    password_command = table.take("password_command", str)
+    if password_file and password_command:
+        raise InvalidArgument(f"{table.what}: give password_file or password_command, not both")
     s3 = {key: table.take(key, str) for key in ("endpoint", "region", "profile")}
     if any(s3.values()) and not repository.startswith("s3://"):
         raise InvalidArgument(f"{table.what}: endpoint, region and profile are for s3:// "
@@ -254,6 +260,8 @@ def _job(data: Any, index: int, base_dir: str) -> JobConfig:
         endpoint=s3["endpoint"], region=s3["region"], profile=s3["profile"],
         disks=tuple(disks or ()), vm=vm,
         token_file=_path(token_file, base_dir) if token_file else None, keep=keep,
+        password_file=_path(password_file, base_dir) if password_file else None,
+        password_command=password_command,
         prune=table.take("prune", bool, True),
         audit_percent=_percent(table, "audit_sample", 1.0),
         verify_every_s=None if verify is None else parse_duration(verify,

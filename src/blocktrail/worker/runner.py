@@ -32,6 +32,7 @@ from blocktrail.backup.verify import VerifyReport, verify_point
 from blocktrail.errors import BlocktrailError
 from blocktrail.extents import Extent
 from blocktrail.host.client import HostClient
+from blocktrail.passwords import PasswordSources, password_source
 from blocktrail.repo import Repository, S3Options
 from blocktrail.repo.errors import RepositoryBusy
 from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing
@@ -149,7 +150,8 @@ def open_repository(job: JobConfig, timing: Timing = DEFAULT_TIMING) -> Reposito
     and profile (else boto3's own: AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, ~/.aws)."""
     s3 = S3Options(endpoint=job.endpoint, region=job.region, profile=job.profile) \
         if is_s3_url(job.repository) else None
-    return Repository.open(job.repository, s3=s3, timing=timing)
+    return Repository.open(job.repository, s3=s3, timing=timing, password=password_source(
+        PasswordSources(job.password_file, job.password_command)))
 
 
 def run_task(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:

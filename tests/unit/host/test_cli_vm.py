@@ -11,6 +11,7 @@ import pytest
 from blocktrail.cli.main import main
 from blocktrail.errors import ExitCode
 from hostproc import running_host
+from s3server import TEST_ENCRYPTION
 
 MiB = 1 << 20
 
@@ -69,7 +70,7 @@ def test_each_disk_of_a_vm_backed_up_at_the_vm_snapshot(
     from blocktrail.repo import Repository
 
     repo = str(tmp_path / "repo")
-    Repository.init(repo).close()
+    Repository.init(repo, encryption=TEST_ENCRYPTION).close()
     (tmp_path / "h").mkdir()
     with running_host(tmp_path / "h") as (api, nbd):
         def write(disk: str, byte: bytes) -> None:

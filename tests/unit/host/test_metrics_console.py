@@ -18,6 +18,7 @@ from blocktrail.host.api import create_app
 from blocktrail.host.metrics import reset_reason
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 TOKEN = "console-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -26,7 +27,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[TestClient, DiskRegistry, Path]]:
     repo = tmp_path / "repo"
-    Repository.init(repo).close()
+    Repository.init(repo, encryption=TEST_ENCRYPTION).close()
     registry = DiskRegistry(str(tmp_path / "data"))
     app = create_app(registry, TOKEN, repositories=(str(repo),))
     try:
@@ -51,7 +52,7 @@ def test_metrics_follow_the_disks(setup: tuple[TestClient, DiskRegistry, Path]) 
     client.post("/disks/d0/snapshots", json={"name": "s1"}, headers=AUTH)
     client.delete("/disks/d0/snapshots/s1", headers=AUTH)
     client.post("/disks/d0/tracking/reset", headers=AUTH)
-    with Repository.open(repo) as r:
+    with Repository.open(repo, password=TEST_PASSWORD) as r:
         point = run_backup(LocalDiskSource(disk), r, BackupOptions()).point
     got = samples(client.get("/metrics", headers=AUTH).text)
     d0 = (("disk", "d0"),)
@@ -119,7 +120,7 @@ def test_console_login_cookie_and_buttons(setup: tuple[TestClient, DiskRegistry,
                           headers={"X-Console": "fetch"})
     assert started.status_code == 202, started.text
     _wait_finished(client)
-    with Repository.open(repo) as r:
+    with Repository.open(repo, password=TEST_PASSWORD) as r:
         (point,) = r.points()
     disk_page = client.get("/console/disks/d0").text
     assert point.id in disk_page and "no earlier verified restore point" in disk_page

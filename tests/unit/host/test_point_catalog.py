@@ -12,6 +12,7 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
 from blocktrail.host.points import PointCatalog
 from blocktrail.repo import Repository
+from s3server import TEST_ENCRYPTION
 
 OLD = time.time() - 100  # one fixed time: directories set to it look unchanged
 
@@ -26,7 +27,8 @@ def _age(repo: Path) -> None:
 
 def test_verify_records_and_forgets_invalidate_the_cached_view(tmp_path: Path) -> None:
     path = tmp_path / "repo"
-    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, Repository.init(path) as repo:
+    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
+            Repository.init(path, encryption=TEST_ENCRYPTION) as repo:
         first = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
         catalog = PointCatalog((str(path),))
         try:

@@ -16,11 +16,10 @@ import pytest
 from blocktrail.errors import NoSpace
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
-from blocktrail.repo import index as index_file
 from blocktrail.repo import quarantine as q
 from blocktrail.repo.errors import ObjectMissing, RepositoryError, RepositoryNoSpace
 from repodamage import repo_files
-from s3server import RepoTarget
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget
 
 CS = 64 * 1024
 
@@ -54,16 +53,17 @@ def pack_of(loc: object) -> str:
 
 def index_naming(target: RepoTarget, name: bytes) -> str:
     for object_name in target.names("index/"):
-        if name in index_file.decode(target.read(object_name), object_name):
+        if name in target.read_index(object_name):
             return object_name
     raise LookupError(f"no index file names {name.hex()}")
 
 
 @pytest.fixture
 def local_repo(tmp_path: Path) -> Repository:
-    return Repository.init(tmp_path / "repo")
+    return Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
 
 
+@pytest.mark.encrypted_s3
 def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Path,
                                                   target: RepoTarget) -> None:
     chunks = image(1, 4)  # two processes that cannot see each other's chunks yet:
@@ -161,6 +161,7 @@ def test_the_index_ignores_entries_of_deleted_packs(repo: Repository, tmp_path: 
     assert restored(target.open(), again, tmp_path) == b"".join(old)
 
 
+@pytest.mark.encrypted_s3
 def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository, tmp_path: Path,
                                                            target: RepoTarget) -> None:
     a = store(repo, "a", image(7, 2))
@@ -204,9 +205,9 @@ def test_prune_frees_space_before_it_writes(local_repo: Repository, tmp_path: Pa
     (tmp_path / "repo" / "packs" / "ab" / "ab01.pack.tmp").write_bytes(b"half a pack")
     fio = FailIndexWrites()
     with pytest.raises(RepositoryNoSpace, match="unused packs deleted first freed"):
-        Repository.open(tmp_path / "repo", fio).prune()
+        Repository.open(tmp_path / "repo", fio, password=TEST_PASSWORD).prune()
     assert any(p.endswith(".pack") for p in fio.unlinked)  # the dead pack went first
-    fresh = Repository.open(tmp_path / "repo")
+    fresh = Repository.open(tmp_path / "repo", password=TEST_PASSWORD)
     assert fresh.check(read_data=True).ok
     assert restored(fresh, kept, tmp_path) == b"".join(image(10, 8))
     report = fresh.prune()  # space is there now
@@ -256,10 +257,11 @@ def test_a_backup_whose_manifest_fails_keeps_its_indexed_packs(tmp_path: Path,
                 raise OSError(error, os.strerror(error))
             super().replace_atomic(path, data)
 
-    Repository.init(tmp_path / "repo").close()
+    Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION).close()
     with pytest.raises(NoSpace, match="nothing was published"):
-        store(Repository.open(tmp_path / "repo", NoManifests()), "d", image(15, 3))
-    fresh = Repository.open(tmp_path / "repo")
+        store(Repository.open(tmp_path / "repo", NoManifests(),
+                              password=TEST_PASSWORD), "d", image(15, 3))
+    fresh = Repository.open(tmp_path / "repo", password=TEST_PASSWORD)
     report = fresh.check(read_data=True)
     assert report.ok and report.unreferenced_files == 1 and fresh.points() == []
     assert fresh.prune().packs_deleted == 1
@@ -294,8 +296,8 @@ def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Reposito
     assert [p.kind for p in report.problems] == ["chunk"]  # the known damage, nothing more
     data = target.read(pack)
     count = int.from_bytes(data[-8:-4], "little")
-    entry = len(data) - 8 - count * 48 + next(
-        i * 48 for i in range(count) if data[len(data) - 8 - count * 48 + i * 48:][:32] == name)
+    start = target.trailer_start(data)
+    entry = start + next(i * 48 for i in range(count) if data[start + i * 48 :][:32] == name)
     target.flip(pack, entry + 5)  # now that copy's trailer entry too: no index entry names it
     report = target.open().check(read_data=True)
     assert ("pack", loc.pack_id) in {(p.kind, p.name) for p in report.problems}

@@ -16,7 +16,6 @@ import pytest
 from blocktrail.errors import NoSpace
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository, RetentionPolicy, layout
-from blocktrail.repo import index as index_file
 from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
     ManifestCorrupt,
@@ -25,7 +24,7 @@ from blocktrail.repo.errors import (
 )
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
-from s3server import TEST_TIMING, RepoTarget, SeaweedFS
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, TEST_TIMING, RepoTarget, SeaweedFS
 
 CS = 64 * 1024
 
@@ -55,6 +54,7 @@ def repo(target: RepoTarget) -> Repository:
     return target.init()
 
 
+@pytest.mark.encrypted_s3
 def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -> None:
     chunks = image(1, 40, holes=frozenset({0, 5, 39}))
     point = store(repo, "d", chunks)
@@ -64,6 +64,7 @@ def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -
     assert point.stats["new_chunks"] == 37
 
 
+@pytest.mark.encrypted_s3
 def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path,
                                                     target: RepoTarget) -> None:
     chunks = image(2, 1024)  # 64 MiB disk
@@ -130,6 +131,7 @@ def test_retention_policies() -> None:
     assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
 
 
+@pytest.mark.encrypted_s3
 def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     chunks = image(20, 4)
@@ -159,6 +161,7 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
     assert old.id not in {p.id for p in repo.points()}
 
 
+@pytest.mark.encrypted_s3
 def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path,
                                                  target: RepoTarget) -> None:
     import threading
@@ -190,6 +193,7 @@ def _two_points(repo: Repository) -> tuple[RestorePoint, RestorePoint, list[byte
     return full, store(repo, "d", newer, parent=full.id, only={9}), newer
 
 
+@pytest.mark.encrypted_s3
 def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     full, inc, _ = _two_points(repo)
@@ -226,7 +230,7 @@ def test_deleted_index_file_is_reported(repo: Repository, tmp_path: Path,
     _, inc, _ = _two_points(repo)
     name = repo.chunk_digests(inc.id, [9])[9]
     holder = next(n for n in target.names("index/")
-                  if name in index_file.decode(target.read(n), n))
+                  if name in target.read_index(n))
     target.delete(holder)  # the incremental's index file: its chunk 9 is nowhere now
     report = target.open().check()
     # that index file also located the incremental's new page table: it is reported missing
@@ -291,7 +295,7 @@ def _sweep(tmp_path: Path, prepare: Callable[[Repository], object],
            operation: Callable[[Repository], object],
            verify: Callable[[Repository, Path], None]) -> int:
     golden = tmp_path / "golden"
-    with Repository.init(golden) as repo:
+    with Repository.init(golden, encryption=TEST_ENCRYPTION) as repo:
         prepare(repo)
     n = 1
     while True:
@@ -299,13 +303,14 @@ def _sweep(tmp_path: Path, prepare: Callable[[Repository], object],
         shutil.copytree(golden, work)
         done = False
         try:
-            with Repository.open(work, FailNth(n, errno.ENOSPC if n % 3 == 0 else errno.EIO)) \
+            with Repository.open(work, FailNth(n, errno.ENOSPC if n % 3 == 0 else errno.EIO),
+                                 password=TEST_PASSWORD) \
                     as faulty:
                 operation(faulty)
             done = True
         except (OSError, RepositoryError, NoSpace):
             pass
-        with Repository.open(work) as fresh:
+        with Repository.open(work, password=TEST_PASSWORD) as fresh:
             report = fresh.check(read_data=True)
             assert report.ok, (n, report.problems)
             verify(fresh, work)
@@ -399,7 +404,8 @@ def test_fault_sweep_backup_on_object_storage(s3_server: SeaweedFS, tmp_path: Pa
         backend = open_backend(work.location, s3=work.s3)
         done = False
         try:
-            with Repository.on(FailingBackend(backend, n), TEST_TIMING) as faulty:
+            with Repository.on(FailingBackend(backend, n), TEST_TIMING,
+                               password=TEST_PASSWORD) as faulty:
                 store(faulty, "d", newer, parent=first.id, only=set(range(0, 40, 3)))
             done = True
         except (BackendError, RepositoryError):

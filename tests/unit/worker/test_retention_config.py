@@ -15,6 +15,7 @@ from blocktrail.errors import InvalidArgument
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.worker.config import Retention, parse_config
 from blocktrail.worker.retention import apply_retention, points_to_keep
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 NOW = datetime(2026, 3, 31, 23, 30, tzinfo=UTC)
 
@@ -46,7 +47,7 @@ def test_never_forgets_the_newest_the_newest_verified_or_a_protected_point() -> 
 
 def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> None:
     with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
-            Repository.init(tmp_path / "repo") as repo:
+            Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
         made = []
         for i in range(5):
             disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
@@ -65,14 +66,15 @@ def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> 
 
 def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_path: Path) -> None:
     with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
-            Repository.init(tmp_path / "repo") as repo:
+            Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
         made = []
         for i in range(4):
             disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
             made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
         repo.set_verify_state(made[2].id, "failed")
         # another process backs the disk up from made[1] (its lease names the base)
-        with Repository.open(tmp_path / "repo") as other, other.disk_lease(disk.disk_id) as lease:
+        with Repository.open(tmp_path / "repo", password=TEST_PASSWORD) as other, \
+                other.disk_lease(disk.disk_id) as lease:
             other.record_base(lease, made[1].id)
             gone = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
         assert {p.id for p in gone} == {made[0].id, made[2].id}

@@ -1,0 +1,261 @@
+"""Key files, and unlocking an encrypted repository (docs/repository.md, "Key files").
+
+A repository's master keys (repo/crypto.py) are random and never change. Each key file
+``keys/<key-id>.json`` wraps them with a key derived from its own password (argon2id, its own
+salt and parameters). Adding a password creates a key file; changing one creates the new key
+file, then deletes the old; removing one deletes its file, never the last nor the one in use.
+Key files are create-only, so a process killed at any point leaves the old key file, the new
+one, or both: the repository always opens with the old or the new password.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from blocktrail.repo import crypto, layout
+from blocktrail.repo.backend import Backend, ObjectExists, ObjectNotFound
+from blocktrail.repo.crypto import KdfParams, MasterKeys
+from blocktrail.repo.errors import (
+    AuthenticationFailed,
+    KeyNotFound,
+    LastKeyRefused,
+    PasswordRequired,
+    RepositoryError,
+    WrongPassword,
+)
+from blocktrail.repo.objects import Codec, EncryptedCodec, PlainCodec
+
+KEY_FORMAT = "blocktrail-key"
+DEFAULT_KDF = KdfParams()
+TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)  # tests only: no cost
+KDF_SALT_BYTES = 32
+PasswordSource = bytes | str | Callable[[], bytes | str | None]  # a callable: None if none
+
+
+def password_bytes(password: PasswordSource) -> bytes | None:
+    value = password() if callable(password) else password
+    if value is None:
+        return None
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Encryption:
+    """How a new repository is protected: ``Encryption(password)`` (the cipher chosen for this
+    CPU, argon2id with the default parameters), or `Encryption.none` (an explicit choice,
+    recorded in the config)."""
+
+    password: PasswordSource | None
+    cipher: str = "auto"  # "auto" | "aes-256-gcm" | "chacha20-poly1305" | "none"
+    kdf: KdfParams = DEFAULT_KDF
+
+    @classmethod
+    def none(cls) -> Encryption:
+        return cls(None, "none")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cipher != "none"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFile:
+    """One key file: the master keys wrapped by a password."""
+
+    id: str
+    created_at: str
+    host: str
+    kdf: KdfParams
+    salt: bytes
+    nonce: bytes
+    wrapped: bytes
+
+    @property
+    def name(self) -> str:
+        return layout.key_file(self.id)
+
+    def to_bytes(self) -> bytes:
+        body = {"format": KEY_FORMAT, "version": 1, "id": self.id,
+                "created_at": self.created_at, "host": self.host,
+                "kdf": {**self.kdf.to_json(), "salt": self.salt.hex()},
+                "wrap": {"cipher": "aes-256-gcm", "nonce": self.nonce.hex(),
+                         "ciphertext": self.wrapped.hex()}}
+        return (json.dumps(body, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> KeyFile:
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict) or obj.get("format") != KEY_FORMAT \
+                    or obj.get("version") != 1 or obj["wrap"]["cipher"] != "aes-256-gcm":
+                raise ValueError("not a version 1 key file")
+            key = cls(id=str(obj["id"]), created_at=str(obj["created_at"]),
+                      host=str(obj["host"]), kdf=KdfParams.from_json(obj["kdf"]),
+                      salt=bytes.fromhex(obj["kdf"]["salt"]),
+                      nonce=bytes.fromhex(obj["wrap"]["nonce"]),
+                      wrapped=bytes.fromhex(obj["wrap"]["ciphertext"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RepositoryError(f"{where}: key file is damaged ({exc})") from exc
+        if not where.endswith(layout.key_file(key.id)):
+            raise RepositoryError(f"{where}: key file names key {key.id}, not its file name")
+        return key
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "created_at": self.created_at, "host": self.host,
+                "kdf": self.kdf.to_json()}
+
+
+def _aad(repo_id: str, key_id: str) -> bytes:
+    return f"{KEY_FORMAT}\0{repo_id}\0{key_id}".encode()
+
+
+def wrap(keys: MasterKeys, password: bytes, repo_id: str, kdf: KdfParams) -> KeyFile:
+    key_id = secrets.token_hex(8)
+    salt, nonce = secrets.token_bytes(KDF_SALT_BYTES), secrets.token_bytes(12)
+    aead = crypto.make_aead(crypto.AES_GCM, kdf.derive(password, salt))
+    return KeyFile(id=key_id, created_at=datetime.now(UTC).isoformat(), host=socket.gethostname(),
+                   kdf=kdf, salt=salt, nonce=nonce,
+                   wrapped=aead.encrypt(nonce, keys.to_bytes(), _aad(repo_id, key_id)))
+
+
+def unwrap(key: KeyFile, password: bytes, repo_id: str) -> MasterKeys | None:
+    """The master keys, or None when the password is not this key file's."""
+    aead = crypto.make_aead(crypto.AES_GCM, key.kdf.derive(password, key.salt))
+    try:
+        return MasterKeys.from_bytes(crypto.decrypt(aead, key.nonce, key.wrapped,
+                                                    _aad(repo_id, key.id)))
+    except (crypto.AeadFailure, ValueError):
+        return None
+
+
+def key_files(backend: Backend) -> list[KeyFile]:
+    """Every key file that decodes (a damaged one cannot open anything)."""
+    out = []
+    for info in backend.list(layout.KEYS):
+        if layout.key_id_of(info.name) is None:
+            continue
+        try:
+            out.append(KeyFile.from_bytes(backend.load(info.name), info.name))
+        except (ObjectNotFound, RepositoryError):
+            continue
+    return sorted(out, key=lambda k: (k.created_at, k.id))
+
+
+def has_key_files(backend: Backend) -> bool:
+    return any(layout.key_id_of(info.name) is not None for info in backend.list(layout.KEYS))
+
+
+# ------------------------------------------------------------------------------ the config
+
+def config_mac(keys: MasterKeys, config: dict[str, Any]) -> str:
+    body = {k: v for k, v in config.items() if k != "mac"}
+    return crypto.mac(keys.mac_key(), json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                                 ensure_ascii=True).encode()).hex()
+
+
+def encryption_of(config: dict[str, Any], where: str) -> str | None:
+    """The cipher name of an encrypted repository's config; None: unencrypted."""
+    enc = config.get("encryption", "none")
+    if enc == "none":
+        return None
+    if not isinstance(enc, dict) or enc.get("cipher") not in crypto.CIPHERS \
+            or enc.get("chunk_ids") != "blake3-keyed":
+        raise RepositoryError(f"{where}/config.json: unknown encryption {enc!r}")
+    return str(enc["cipher"])
+
+
+@dataclass(frozen=True, slots=True)
+class Unlocked:
+    """How a repository was opened: its codec, and the key file that opened it."""
+
+    codec: Codec
+    key_id: str | None = None
+    keys: MasterKeys | None = None
+
+
+def unlock(backend: Backend, config: dict[str, Any],
+           password: PasswordSource | None) -> Unlocked:
+    """The codec of an opened repository: for an encrypted one, the master keys from the
+    first key file the password opens, and the config's MAC checked with them."""
+    cipher = encryption_of(config, backend.url)
+    if cipher is None:
+        if has_key_files(backend):
+            raise AuthenticationFailed(
+                f"{backend.url}/config.json says the repository is not encrypted, but it has "
+                "key files: the config was altered (a downgrade); nothing was read or written")
+        return Unlocked(PlainCodec())
+    secret = None if password is None else password_bytes(password)
+    if secret is None:
+        raise PasswordRequired(
+            f"repository {backend.url} is encrypted: give its password (BLOCKTRAIL_PASSWORD, "
+            "--password-file FILE or --password-command CMD)")
+    keys_found = key_files(backend)
+    if not keys_found:
+        raise RepositoryError(f"{backend.url}: the repository is encrypted but has no readable "
+                              "key file (keys/): it cannot be opened")
+    repo_id = str(config["repo_id"])
+    for key in keys_found:
+        keys = unwrap(key, secret, repo_id)
+        if keys is None:
+            continue
+        if config.get("mac") != config_mac(keys, config):
+            raise AuthenticationFailed(f"{backend.url}/config.json: {AUTH_CONFIG}")
+        return Unlocked(EncryptedCodec(keys, crypto.CIPHERS[cipher]), key.id, keys)
+    raise WrongPassword(f"wrong password: none of the {len(keys_found)} key files of "
+                        f"repository {backend.url} opens with it; nothing was written")
+
+
+AUTH_CONFIG = ("authentication failed: the repository config was altered (its chunk size, "
+               "cipher or identity changed since it was written)")
+
+
+def encrypted_config(config: dict[str, Any], keys: MasterKeys, cipher: int) -> dict[str, Any]:
+    out = {**config, "encryption": {"cipher": crypto.CIPHER_NAMES[cipher],
+                                    "chunk_ids": "blake3-keyed"}}
+    out["mac"] = config_mac(keys, out)
+    return out
+
+
+# ------------------------------------------------------------------------------ managing keys
+
+def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
+            kdf: KdfParams) -> KeyFile:
+    """A new key file for ``password`` (create-only: whole or not at all)."""
+    key = wrap(keys, password, repo_id, kdf)
+    try:
+        backend.create(key.name, key.to_bytes())
+    except ObjectExists:  # 64 random bits collided: try once more
+        key = wrap(keys, password, repo_id, kdf)
+        backend.create(key.name, key.to_bytes())
+    return key
+
+
+def remove_key(backend: Backend, key_id: str, in_use: str | None) -> None:
+    """Delete a key file: never the one in use (change its password instead) nor the last."""
+    ids = [k.id for k in key_files(backend)]
+    if key_id not in ids:
+        raise KeyNotFound(f"no key file {key_id!r} in {backend.url} (`blocktrail repo key "
+                          "list` shows them)")
+    if key_id == in_use:
+        raise LastKeyRefused(f"key {key_id} is the one this command opened the repository "
+                             "with: open it with another password to remove it, or change its "
+                             "password (`blocktrail repo key passwd`)")
+    if len(ids) <= 1:
+        raise LastKeyRefused(f"key {key_id} is the repository's last key file: without it "
+                             "nothing in the repository can ever be read again")
+    backend.delete(layout.key_file(key_id))
+
+
+def change_password(backend: Backend, repo_id: str, keys: MasterKeys, key_id: str,
+                    new_password: bytes, kdf: KdfParams) -> KeyFile:
+    """Re-wrap: the new key file first (durable), then delete the old one. The data is never
+    re-encrypted."""
+    new = add_key(backend, repo_id, keys, new_password, kdf)
+    backend.delete(layout.key_file(key_id))
+    return new
