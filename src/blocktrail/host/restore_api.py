@@ -39,7 +39,9 @@ from blocktrail.errors import (
     InvalidChangeId,
     SnapshotNotFound,
 )
-from blocktrail.host.api import (
+from blocktrail.host.fill import FillScheduler
+from blocktrail.host.registry import DiskRegistry
+from blocktrail.host.schema import (
     _GRANULARITY,
     _GRANULARITY_DOC,
     DiskInfo,
@@ -48,8 +50,6 @@ from blocktrail.host.api import (
     Integer,
     _disk_json,
 )
-from blocktrail.host.fill import FillScheduler
-from blocktrail.host.registry import DiskRegistry
 from blocktrail.passwords import NO_SOURCES, PasswordSources
 from blocktrail.repo.errors import (
     PasswordRequired,

@@ -23,13 +23,9 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import allow_header_conformance, positive_data_acceptance
 
 from apiclient import UvicornPaths
-from blocktrail.host.api import (
-    DISK_NAME_FORMAT,
-    SNAPSHOT_NAME_FORMAT,
-    VM_NAME_FORMAT,
-    create_app,
-)
+from blocktrail.host.api import create_app
 from blocktrail.host.registry import DiskRegistry
+from blocktrail.host.schema import DISK_NAME_FORMAT, SNAPSHOT_NAME_FORMAT, VM_NAME_FORMAT
 from names_strategies import hostile_names
 
 # Lone surrogates stay out (schemathesis cannot put them into a URL); the API name tests send
