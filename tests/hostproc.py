@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from blocktrail.cli.main import main
+from blocktrail.host.client import HostClient
 
 PACKAGES = {"qemu-io": "qemu-utils", "qemu-img": "qemu-utils", "qemu-nbd": "qemu-utils",
             "qemu-storage-daemon": "qemu-system-common", "nbdinfo": "libnbd-bin",
@@ -96,3 +97,70 @@ def cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, 
     result = json.loads(out)
     assert isinstance(result, dict)
     return result
+
+
+class HostProcess:
+    """`blocktrail host` on unix sockets under ``root``, which a test may SIGKILL and start
+    again on the same data directory; its stderr (the host's log) in ``root/host.log``."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.env = env
+        root.mkdir(parents=True, exist_ok=True)
+        self.api_socket, self.nbd_socket = root / "api.sock", root / "nbd.sock"
+        self.log = root / "host.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"unix:{self.api_socket}"
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
+
+    def start(self, timeout_s: float = 60) -> HostProcess:
+        for sock in (self.api_socket, self.nbd_socket):
+            sock.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
+                 str(self.root / "data"), "--api", self.endpoint, "--nbd",
+                 f"unix:{self.nbd_socket}"], stderr=log, env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while not (self.api_socket.exists() and self.nbd_socket.exists()):
+            assert self.proc.poll() is None, f"the host did not start: {self.log.read_text()}"
+            assert time.monotonic() < deadline, f"the host did not start in {timeout_s} s"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(timeout=30) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        """SIGTERM; it must exit cleanly (status 0)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+                raise AssertionError("the host did not stop on SIGTERM in 60 s") from None
+            assert code == 0, f"the host exited with {code}: {self.log.read_text()}"
+
+    def __enter__(self) -> HostProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        client = HostClient(self.endpoint)
+        try:
+            return client.call(method, path, **kwargs)
+        finally:
+            client.close()

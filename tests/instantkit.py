@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hostproc
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
-from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
 from blocktrail.repo.objects import KIND_CHUNK
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
@@ -95,70 +93,8 @@ def store_again(point: Point, index: int) -> None:
         repo.store_chunks([point.chunk(index)])
 
 
-class HostProcess:
-    """`blocktrail host` on unix sockets under ``root``, which a test may SIGKILL and start
-    again on the same data directory; its stderr (the host's log) in ``root/host.log``."""
-
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
-        self.root = root
-        self.env = env
-        root.mkdir(parents=True, exist_ok=True)
-        self.api_socket, self.nbd_socket = root / "api.sock", root / "nbd.sock"
-        self.log = root / "host.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"unix:{self.api_socket}"
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
-
-    def start(self, timeout_s: float = 60) -> HostProcess:
-        for sock in (self.api_socket, self.nbd_socket):
-            sock.unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                 str(self.root / "data"), "--api", self.endpoint, "--nbd",
-                 f"unix:{self.nbd_socket}"], stderr=log, env=self.env)
-        deadline = time.monotonic() + timeout_s
-        while not (self.api_socket.exists() and self.nbd_socket.exists()):
-            assert self.proc.poll() is None, f"the host did not start: {self.log.read_text()}"
-            assert time.monotonic() < deadline, f"the host did not start in {timeout_s} s"
-            time.sleep(0.05)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=30) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        """SIGTERM; it must exit cleanly (status 0)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-                raise AssertionError("the host did not stop on SIGTERM in 60 s") from None
-            assert code == 0, f"the host exited with {code}: {self.log.read_text()}"
-
-    def __enter__(self) -> HostProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.stop()
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        client = HostClient(self.endpoint)
-        try:
-            return client.call(method, path, **kwargs)
-        finally:
-            client.close()
+class HostProcess(hostproc.HostProcess):
+    """A host (tests/hostproc.py) that is asked to restore points instantly."""
 
     def restore(self, point: Point | tuple[str, str], name: str = "r0", **fill: Any) -> Any:
         """POST /disks/restore of a `Point`, or of (repository location, point id)."""

@@ -8,10 +8,7 @@ import contextlib
 import io
 import json
 import random
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,69 +21,13 @@ from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.cli.main import main
 from blocktrail.host.client import HostClient
 from blocktrail.repo import Repository
+from hostproc import HostProcess
 from s3server import TEST_PASSWORD
 
 MiB = 1 << 20
 
 
 # ------------------------------------------------------------------ the host
-
-
-class HostProcess:
-    """`blocktrail host` on unix sockets under ``root``, which a test may SIGKILL and start
-    again on the same data directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.api_socket, self.nbd_socket = root / "api.sock", root / "nbd.sock"
-        self.log = root / "host.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"unix:{self.api_socket}"
-
-    def start(self, timeout_s: float = 60) -> None:
-        for sock in (self.api_socket, self.nbd_socket):
-            sock.unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
-                 str(self.root / "data"), "--api", self.endpoint, "--nbd",
-                 f"unix:{self.nbd_socket}"], stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while not (self.api_socket.exists() and self.nbd_socket.exists()):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the host did not start: {self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the host did not start in {timeout_s:.0f} s")
-            time.sleep(0.05)
-        time.sleep(0.2)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        assert self.proc.wait(timeout=30) == -signal.SIGKILL
-
-    def stop(self) -> None:
-        """SIGTERM; it must exit cleanly (status 0)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-                raise AssertionError("the host did not stop on SIGTERM in 30 s") from None
-            assert code == 0, f"the host exited with {code} on SIGTERM: {self.log.read_text()}"
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        client = HostClient(self.endpoint)
-        try:
-            return client.call(method, path, **kwargs)
-        finally:
-            client.close()
 
 
 def backup_snapshot(host: HostProcess, repo: Path, disk: str, snapshot: str) -> BackupReport:

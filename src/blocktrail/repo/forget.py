@@ -7,6 +7,7 @@ whatever the policy says (Proxmox Backup Server's rule): the next forget decides
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from blocktrail.repo.backend import ObjectNotFound
@@ -30,19 +31,29 @@ def forget_points(store: Store, policy: RetentionPolicy, disk_id: str | None = N
         mine = [p for p in points if p.disk_id == disk]
         keep = points_to_keep(mine, policy)
         gone += [p for p in mine if p.id not in keep]
-    bases = {lease.base for lease in list_leases(store.backend)
-             if lease.base and not lease.expired(store.timing.margin)}
+    bases = running_bases(store)
     protected = tuple(p for p in gone if p.id in bases)
     gone = [p for p in gone if p.id not in bases]
     if not dry_run:
-        records = store.verify_records()
-        with store.writing("forgetting restore points", "some restore points may not be "
-                           "forgotten yet; run forget again"):
-            for point in gone:
-                store.delete_manifest(point.id)
-                for name in records.get(point.id, []):
-                    try:
-                        store.backend.delete(name)
-                    except ObjectNotFound:
-                        continue
+        delete_points(store, gone, "some restore points may not be forgotten yet; run forget "
+                                   "again")
     return ForgetResult(tuple(gone), protected)
+
+
+def running_bases(store: Store) -> set[str]:
+    """The points that running backups build on (their disks' unexpired leases name them)."""
+    return {lease.base for lease in list_leases(store.backend)
+            if lease.base and not lease.expired(store.timing.margin)}
+
+
+def delete_points(store: Store, points: list[RestorePoint], consequence: str) -> None:
+    """Delete the points' manifests and verify records (one gone already is skipped)."""
+    if not points:
+        return
+    records = store.verify_records()
+    with store.writing("forgetting restore points", consequence):
+        for point in points:
+            store.delete_manifest(point.id)
+            for name in records.get(point.id, []):
+                with contextlib.suppress(ObjectNotFound):
+                    store.backend.delete(name)

@@ -21,7 +21,7 @@ class RetentionPolicy:
         return not (self.keep_last or self.keep_daily or self.keep_weekly or self.keep_monthly)
 
 
-def _bucketed(points: list[RestorePoint], count: int,
+def bucketed(points: list[RestorePoint], count: int,
               bucket: Callable[[datetime], object]) -> set[str]:
     """The newest point of each of the ``count`` newest buckets."""
     kept: set[str] = set()
@@ -40,7 +40,7 @@ def points_to_keep(points: list[RestorePoint], policy: RetentionPolicy) -> set[s
         return {p.id for p in points}
     newest_first = sorted(points, key=lambda p: p.id, reverse=True)
     keep = {p.id for p in newest_first[: policy.keep_last]}
-    keep |= _bucketed(newest_first, policy.keep_daily, lambda t: t.date())
-    keep |= _bucketed(newest_first, policy.keep_weekly, lambda t: t.isocalendar()[:2])
-    keep |= _bucketed(newest_first, policy.keep_monthly, lambda t: (t.year, t.month))
+    keep |= bucketed(newest_first, policy.keep_daily, lambda t: t.date())
+    keep |= bucketed(newest_first, policy.keep_weekly, lambda t: t.isocalendar()[:2])
+    keep |= bucketed(newest_first, policy.keep_monthly, lambda t: (t.year, t.month))
     return keep

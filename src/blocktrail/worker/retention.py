@@ -15,26 +15,13 @@ A point whose verify state is ``failed`` counts like any other: a newer good poi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, tzinfo
 
 from blocktrail.repo import Repository, RestorePoint
-from blocktrail.repo.backend import ObjectNotFound
-from blocktrail.repo.leases import list_leases
+from blocktrail.repo.forget import delete_points, running_bases
+from blocktrail.repo.retention import bucketed
 from blocktrail.worker.config import Retention
-
-
-def _buckets(points: list[RestorePoint], count: int,
-             bucket: Callable[[datetime], object]) -> set[str]:
-    kept: set[str] = set()
-    seen: set[object] = set()
-    for point in points:  # newest first
-        key = bucket(point.created)
-        if key not in seen and len(seen) < count:
-            seen.add(key)
-            kept.add(point.id)
-    return kept
 
 
 def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | None = None,
@@ -48,10 +35,10 @@ def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | 
         return t.astimezone(tz) if tz is not None else t.astimezone()
 
     kept = {p.id for p in newest_first[: keep.last]}
-    kept |= _buckets(newest_first, keep.hourly, lambda t: local(t).strftime("%Y-%m-%d %H"))
-    kept |= _buckets(newest_first, keep.daily, lambda t: local(t).date())
-    kept |= _buckets(newest_first, keep.weekly, lambda t: local(t).isocalendar()[:2])
-    kept |= _buckets(newest_first, keep.monthly, lambda t: (local(t).year, local(t).month))
+    kept |= bucketed(newest_first, keep.hourly, lambda t: local(t).strftime("%Y-%m-%d %H"))
+    kept |= bucketed(newest_first, keep.daily, lambda t: local(t).date())
+    kept |= bucketed(newest_first, keep.weekly, lambda t: local(t).isocalendar()[:2])
+    kept |= bucketed(newest_first, keep.monthly, lambda t: (local(t).year, local(t).month))
     kept.add(newest_first[0].id)
     verified = next((p for p in newest_first if p.verify_state == "ok"), None)
     if verified is not None:
@@ -68,17 +55,8 @@ def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzin
     with the next prune); a point that the lease of a running backup names as its base is kept
     too, as `forget` keeps it."""
     points = repo.points(disk_id)
-    bases = {lease.base for lease in list_leases(repo.backend)
-             if lease.base and not lease.expired(repo.timing.margin)}
-    kept = points_to_keep(points, keep, tz=tz, protected={*protected, *bases})
+    kept = points_to_keep(points, keep, tz=tz, protected={*protected, *running_bases(repo)})
     gone = [p for p in points if p.id not in kept]
-    if gone:
-        records = repo.verify_records()
-        with repo.writing("forgetting restore points", "some restore points may not be "
-                          "forgotten yet; the next run forgets them"):
-            for point in gone:
-                repo.delete_manifest(point.id)  # gone already: forgotten by someone else
-                for name in records.get(point.id, []):
-                    with contextlib.suppress(ObjectNotFound):
-                        repo.backend.delete(name)
+    delete_points(repo, gone, "some restore points may not be forgotten yet; the next run "
+                              "forgets them")
     return gone
