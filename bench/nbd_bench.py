@@ -59,8 +59,8 @@ def _drop_caches() -> None:
 
 
 @contextlib.contextmanager
-def running(cmd: list[str], socket_path: str) -> Iterator[None]:
-    """A server process, up once its socket exists; stopped at the end."""
+def running(cmd: list[str], socket_path: str) -> Iterator[int]:
+    """A server process, up once its socket exists; -> its pid. Stopped at the end."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -71,8 +71,8 @@ def running(cmd: list[str], socket_path: str) -> Iterator[None]:
                 raise RuntimeError(f"{cmd[0]} did not start: {proc.stderr.read().decode()}"
                                    if proc.stderr else cmd[0])
             time.sleep(0.05)
-        time.sleep(0.2)
-        yield
+        time.sleep(0.5)
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(60)

@@ -16,7 +16,6 @@ wall time (median and mean) and the server process's CPU time (user + system, fr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from bench.nbd_bench import running
 from blocktrail.disk import Disk
 from blocktrail.nbd.proto import NEED_DATA, ClientConnection, Command, Ready, ReplyDone
 
@@ -75,26 +74,6 @@ def _qemu_io(path: str, offsets: list[int], byte: str) -> None:
     script = "".join(f"write -P 0x{ord(byte):02x} {o} {BLOCK}\n" for o in offsets)
     subprocess.run(["qemu-io", "-f", "qcow2", path], input=script + "quit\n", text=True,
                    check=True, stdout=subprocess.DEVNULL)
-
-
-@contextlib.contextmanager
-def running(cmd: list[str], socket_path: str) -> Iterator[int]:
-    """A server process, up once its socket exists; -> its pid. Stopped at the end."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(socket_path)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(socket_path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]} did not start: {proc.stderr.read().decode()}"
-                                   if proc.stderr else cmd[0])
-            time.sleep(0.05)
-        time.sleep(0.5)
-        yield proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.peers import Peer
+from bench.peers import Peer, Restic
 from bench.workload import BLOCK, scattered_changes, write_image
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
@@ -239,7 +239,9 @@ def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> flo
     return seconds
 
 
-class ResticS3(Peer):
+class ResticS3(Restic):
+    """restic's S3 backend on the same server (init, backup and restore as `Restic`)."""
+
     name = "restic-s3"
 
     def __init__(self, repo: str, endpoint: str) -> None:
@@ -248,17 +250,6 @@ class ResticS3(Peer):
     def env(self) -> dict[str, str]:
         return {**os.environ, "RESTIC_PASSWORD": "bench", "AWS_ACCESS_KEY_ID": KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET, "RESTIC_CACHE_DIR": "/var/tmp/restic-bench-cache"}
-
-    def init(self) -> None:
-        self._run("restic", "init", "--repo", self.repo)
-
-    def backup(self, image: str, tag: str) -> Any:
-        return self._run("restic", "backup", "--repo", self.repo, "--tag", tag,
-                         os.path.basename(image), cwd=os.path.dirname(image))
-
-    def restore(self, tag: str, target_dir: str) -> Any:
-        return self._run("restic", "restore", "latest", "--repo", self.repo, "--tag", tag,
-                         "--target", target_dir)
 
 
 def bench_restic(work: str, image: str, endpoint: str,
