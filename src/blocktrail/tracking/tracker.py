@@ -181,12 +181,15 @@ class ChangeTracker:
         """Record a write to ``[offset, offset + length)``; durable intent before returning."""
         if length <= 0:
             return
+        self._mark_open(offset, length)
+        self._intent.ensure(offset, length)
+
+    def _mark_open(self, offset: int, length: int) -> None:
         g = self.granularity
         with self._marks_lock:
             if self.consolidation_active:
                 self.marks_during_consolidation += 1
             self._open.add_range(offset // g, (offset + length - 1) // g + 1)
-        self._intent.ensure(offset, length)
 
     def marks_at_once(self, offset: int, length: int) -> bool:
         """Whether `mark` of the range would return without waiting for a sync (its write-intent
@@ -208,11 +211,7 @@ class ChangeTracker:
         commits the new size after this returns, so a crash before that commit leaves marks
         past the old end, which queries clip."""
         if new_size > old_size:
-            g = self.granularity
-            with self._marks_lock:
-                if self.consolidation_active:
-                    self.marks_during_consolidation += 1
-                self._open.add_range(old_size // g, (new_size - 1) // g + 1)
+            self._mark_open(old_size, new_size - old_size)
             self.checkpoint()
         self.size_bytes = new_size
 
