@@ -166,7 +166,10 @@ def remove_stale_builds(fileio: FileIO, parent: str, base: str, *,
 
 def remove_building(fileio: FileIO, building: str) -> None:
     """Remove a directory a disk was being built in (its files, then itself); what cannot be
-    removed now is left for the next start of the host."""
+    removed now is left for the next start of the host. A symbolic link of that name is left
+    alone: no build makes one, and following it would delete the files where it points."""
+    if os.path.islink(building):
+        return
     with contextlib.suppress(OSError):
         for name in fileio.listdir(building):
             fileio.unlink(os.path.join(building, name))

@@ -246,3 +246,21 @@ def test_a_fresh_build_directory_is_left_alone(tmp_path: Path) -> None:
     fresh.mkdir()
     import_raw(image, tmp_path / "d0").close()
     assert fresh.exists()
+
+
+def test_a_symlink_named_like_a_build_is_never_followed(tmp_path: Path) -> None:
+    """A `.creating-d0-*` that is a symbolic link (no build makes one) to a directory: the files
+    there stay, however old the link is."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "lock").write_bytes(b"")
+    (precious / "keep.txt").write_bytes(b"mine")
+    link = tmp_path / f"{BUILDING_PREFIX}d0-evil"
+    link.symlink_to(precious)
+    old = os.lstat(link).st_mtime - 3600
+    os.utime(precious, (old, old))
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    import_raw(image, tmp_path / "d0").close()
+    assert (precious / "keep.txt").read_bytes() == b"mine"
+    assert link.is_symlink()
