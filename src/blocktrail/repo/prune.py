@@ -42,6 +42,7 @@ from blocktrail.repo.errors import ManifestCorrupt, RepositoryError
 from blocktrail.repo.index import ChunkIndex
 from blocktrail.repo.leases import Lease, LeaseRecord, boot_clock, list_leases, read_lease
 from blocktrail.repo.objects import ZERO_DIGEST
+from blocktrail.repo.packs import Location
 from blocktrail.repo.store import Store, new_index_name, stamp
 
 
@@ -276,7 +277,7 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
             report.bytes_freed += store.delete_pack(pack_id)
             report.packs_deleted += 1
     deleted = set(doomed)
-    keep = {n: loc for n, loc in index.items() if loc.pack_id not in deleted}
+    keep = _surviving_copies(index, deleted)
     report.kept_partly_used_packs = len({loc.pack_id for n, loc in keep.items()
                                          if n not in live and loc.pack_id in live_packs})
     freed = (f"the {report.packs_deleted} unused packs deleted first freed "
@@ -289,6 +290,23 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
                 store.delete_index(old)
         report.index_files_replaced = len(old_index_files)
     report.quarantine_records_deleted = _drop_records_of_deleted_packs(store)
+
+
+def _surviving_copies(index: ChunkIndex, deleted: set[str]) -> dict[bytes, Location]:
+    """For the index file that replaces the ones read: each object at a copy outside the
+    deleted packs, the one used if it survives, else a spare. A spare must not be dropped with
+    the copy used: a writer that started after the copy used was condemned stored the object
+    again, and a writer after it may have deduplicated against that copy (it is referenceable)
+    with no manifest naming it yet."""
+    keep = {}
+    for name, loc in index.items():
+        if loc.pack_id not in deleted:
+            keep[name] = loc
+            continue
+        spare = next((s for s in index.copies(name) if s.pack_id not in deleted), None)
+        if spare is not None:
+            keep[name] = spare
+    return keep
 
 
 def _drop_records_of_deleted_packs(store: Store) -> int:

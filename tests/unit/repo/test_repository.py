@@ -162,6 +162,39 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
 
 
 @pytest.mark.encrypted_s3
+def test_prune_keeps_naming_a_copy_a_writer_deduplicated_against(
+        repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
+    """An object whose first copy is in a condemned pack, stored again in a pack that is not:
+    a writer that starts later refers to the second copy, and the sweep that deletes the first
+    keeps the second named in the index."""
+    chunks = image(21, 4)
+    store(repo, "x", chunks)
+    for p in repo.points():  # the old pack is unused now
+        repo.delete_manifest(p.id)
+    early = target.open().begin("d", 4 * CS, None)  # running across the prune: it waits
+    for i, data in enumerate(image(22, 4)):
+        early.put_chunk(i, data)
+    assert repo.prune().packs_condemned == 1
+    again = target.open().begin("e", 4 * CS, None)  # sees the pack condemned: stores it again
+    for i, data in enumerate(chunks):
+        again.put_chunk(i, data)
+    stored_again = again.commit(kind="full", change_id=None)
+    assert stored_again.stats["new_chunks"] == 4
+    repo.delete_manifest(stored_again.id)  # forgotten: only a running writer needs the copy
+    late = target.open().begin("f", 4 * CS, None)
+    for i, data in enumerate(chunks):
+        late.put_chunk(i, data)
+    early.commit(kind="full", change_id=None)
+    repo.prune()  # the first copies' pack is deleted; the second copies' waits for `late`
+    late_point = late.commit(kind="full", change_id=None)
+    assert late_point.stats["new_chunks"] == 0  # it deduplicated against the second copies
+    assert restored(target.open(), late_point, tmp_path) == b"".join(chunks)
+    repo.prune()
+    assert repo.check(read_data=True).ok
+    assert restored(target.open(), late_point, tmp_path) == b"".join(chunks)
+
+
+@pytest.mark.encrypted_s3
 def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path,
                                                  target: RepoTarget) -> None:
     import threading
