@@ -40,8 +40,9 @@ if TYPE_CHECKING:  # the server side is imported when the host starts, not for -
 @click.option("--tls-verify-client", is_flag=True,
               help="x509: require a client certificate signed by ca-cert.pem.")
 @click.option("--repo", "repositories", multiple=True, type=click.Path(file_okay=False),
-              metavar="PATH", help="A repository the web console shows restore points of and "
-                                   "backs up into (repeatable).")
+              metavar="PATH|s3://BUCKET/PREFIX",
+              help="A repository the web console shows restore points of and backs up into "
+                   "(repeatable).")
 @click.option("--backup-bandwidth", default=None, metavar="SIZE",
               help="Read at most SIZE bytes a second (e.g. 50M) in the console's backups.")
 @click.option("--max-connections", default=ServerLimits().max_connections, show_default=True,

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from blocktrail.errors import BlocktrailError
 from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
-from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo import Repository, RestorePoint, layout
+from blocktrail.repo.location import is_s3_url
 
 SETTLED_NS = 1_000_000_000
 
@@ -38,7 +39,7 @@ class RepositoryView:
 
 @dataclass
 class _Cached:
-    key: tuple[int, ...] | None = None
+    key: tuple[object, ...] | None = None
     view: RepositoryView | None = None
     repo: Repository | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -49,7 +50,7 @@ class PointCatalog:
 
     def __init__(self, paths: tuple[str, ...],
                  password: PasswordSources = NO_SOURCES) -> None:
-        self.paths = tuple(os.path.abspath(p) for p in paths)
+        self.paths = tuple(p if is_s3_url(p) else os.path.abspath(p) for p in paths)
         self.password = password  # of the encrypted ones (one password for all)
         self._cache = {p: _Cached() for p in self.paths}
 
@@ -64,9 +65,11 @@ class PointCatalog:
     def view(self, path: str) -> RepositoryView:
         cached = self._cache[path]
         try:
-            key, newest = _signature(path)
+            key, newest = self._listed(path) if is_s3_url(path) else _signature(path)
         except OSError as exc:
             return RepositoryView(path, problem=f"not readable: {exc.strerror or exc}")
+        except BlocktrailError as exc:
+            return RepositoryView(path, problem=exc.message)
         if cached.view is not None and cached.key == key:
             return cached.view
         try:
@@ -78,6 +81,11 @@ class PointCatalog:
         settled = time.time_ns() - newest > SETTLED_NS
         cached.key, cached.view = (key, view) if settled else (None, None)
         return view
+
+    def _listed(self, path: str) -> tuple[tuple[object, ...], int]:
+        backend = self.repository(path).backend
+        return tuple((i.name, i.etag) for prefix in (layout.POINTS, layout.VERIFY)
+                     for i in backend.list(prefix)), 0
 
     def views(self) -> list[RepositoryView]:
         return [self.view(p) for p in self.paths]

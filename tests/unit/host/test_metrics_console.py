@@ -18,7 +18,7 @@ from blocktrail.host.api import create_app
 from blocktrail.host.metrics import reset_reason
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.repo import Repository
-from s3server import TEST_ENCRYPTION, TEST_PASSWORD
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, SeaweedFS
 
 TOKEN = "console-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -140,11 +140,11 @@ def test_console_login_cookie_and_buttons(setup: tuple[TestClient, DiskRegistry,
     assert client.get("/console/").status_code == 401
 
 
-def _wait_finished(client: TestClient) -> Any:
+def _wait_finished(client: TestClient, headers: dict[str, str] | None = None) -> Any:
     import time
     deadline = time.monotonic() + 30
     while True:
-        text = client.get("/console/jobs/fragment").text
+        text = client.get("/console/jobs/fragment", headers=headers).text
         if "No job running" in text and "Finished" in text:
             return text
         assert time.monotonic() < deadline
@@ -167,6 +167,43 @@ def test_unix_socket_console_needs_no_token(tmp_path: Path) -> None:
         client = TestClient(UvicornPaths(app))
         page = client.get("/console/")
         assert page.status_code == 200 and "start the host with" in page.text
+    finally:
+        app.state.catalog.close()
+        registry.close()
+
+
+def test_an_s3_repository_in_the_console_and_the_metrics(
+        s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``host --repo s3://...``: the console backs up into it and lists its points, the metrics
+    count them, and a new point or verify record shows at once (its listing changed)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    url = s3_server.new_url("console")
+    Repository.init(url, s3=s3_server.options(), encryption=TEST_ENCRYPTION).close()
+    registry = DiskRegistry(str(tmp_path / "data"))
+    app = create_app(registry, TOKEN, repositories=(url,))
+    try:
+        client = TestClient(UvicornPaths(app), base_url="http://testserver")
+        client.post("/disks", json={"name": "d0", "size_bytes": 1 << 20}, headers=AUTH)
+        registry.get("d0").pwrite(b"s" * 65536, 0)
+        where = (("disk", "d0"), ("repository", url))
+        got = samples(client.get("/metrics", headers=AUTH).text)
+        assert got[("blocktrail_repository_readable", (("repository", url),))] == 1
+        assert ("blocktrail_disk_restore_points", where) not in got
+        page = client.get("/console/", headers=AUTH)
+        assert url in page.text
+        started = client.post("/console/disks/d0/backup",
+                              data={"repository": "0", "csrf": _csrf(page.text)},
+                              headers={**AUTH, "X-Console": "fetch"})
+        assert started.status_code == 202, started.text
+        assert "Finished" in _wait_finished(client, AUTH)
+        with Repository.open(url, s3=s3_server.options(), password=TEST_PASSWORD) as r:
+            (point,) = r.points()
+            assert samples(client.get("/metrics", headers=AUTH).text)[
+                ("blocktrail_disk_restore_points", where)] == 1
+            assert point.id in client.get("/console/disks/d0", headers=AUTH).text
+            r.set_verify_state(point.id, "failed")
+        assert "failed" in client.get("/console/disks/d0", headers=AUTH).text
     finally:
         app.state.catalog.close()
         registry.close()
