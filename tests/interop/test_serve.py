@@ -16,21 +16,27 @@ from pathlib import Path
 
 import pytest
 
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
+from blocktrail.disk import Disk
+from blocktrail.repo import Repository
 from hostproc import require_tools
-from instantkit import CS, Point, damage_chunk, make_point
+from instantkit import CS, Point, damage_chunk, make_point, point_bytes
 from nbdraw import BLOCK_STATUS, READ, WRITE, RawClient
+from s3server import TEST_ENCRYPTION, SeaweedFS
 
 pytestmark = pytest.mark.interop
 
 
 @contextmanager
-def serving(tmp_path: Path, repo: Path, *points: str) -> Iterator[Path]:
+def serving(tmp_path: Path, repo: Path | str, *points: str,
+            env: dict[str, str] | None = None) -> Iterator[Path]:
     sock = tmp_path / "nbd.sock"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "blocktrail.cli.main", "serve", str(repo),
                                  *points, "--nbd", f"unix:{sock}", "--json"], stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 30
         while not log.read_text().strip():
@@ -143,3 +149,18 @@ def test_a_point_that_does_not_exist_is_a_clear_error(tmp_path: Path, point: Poi
                            f"unix:{tmp_path}/nbd.sock"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 6 and "not a blocktrail repository" in done.stderr
+
+
+def test_a_point_in_an_s3_repository(s3_server: SeaweedFS, tmp_path: Path) -> None:
+    """`serve s3://...` with the AWS environment variables, as every repository command."""
+    require_tools("nbdcopy")
+    content = point_bytes(40 * CS + 100, seed=13)
+    url = s3_server.new_url("serve")
+    with Disk.create(tmp_path / "disk", len(content)) as disk:
+        disk.pwrite(content, 0)
+        with Repository.init(url, s3=s3_server.options(), encryption=TEST_ENCRYPTION) as repo:
+            point = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
+    with serving(tmp_path, url, point.id, env=s3_server.env()) as sock:
+        copy = tmp_path / "copy.raw"
+        subprocess.run(["nbdcopy", uri(sock, point.id), str(copy)], check=True, timeout=120)
+        assert copy.read_bytes() == content
