@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/faulty.py: the re-created
 
 from s3server import (  # noqa: E402
     TEST_PASSWORD,
+    own_server,  # noqa: F401
     parametrize_targets,
     s3_server,  # noqa: F401  (fixtures: a real S3 service)
     target,  # noqa: F401

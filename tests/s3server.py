@@ -165,6 +165,16 @@ def seaweedfs(root: Path) -> Iterator[SeaweedFS]:
         server.stop()
 
 
+@pytest.fixture
+def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A server of this test's own (to stop and start); its credentials in this process's
+    environment, as boto3 reads them (also when no test before set them)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    with seaweedfs(tmp_path / "own-seaweedfs") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """One SeaweedFS per test session (per xdist worker); credentials in the environment of

@@ -4,6 +4,7 @@ is held while the fill reads it and released when the disk is local."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from blocktrail.disk import Disk
 from blocktrail.repo import Repository
 from blocktrail.repo.leases import list_leases
 from hostproc import require_tools
-from instantkit import CS, HostProcess, point_bytes, qemu_img_compare
+from instantkit import CS, HostProcess, point_bytes, qemu_img_compare, qemu_io_once
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, TEST_TIMING, SeaweedFS
 
 pytestmark = pytest.mark.interop
@@ -47,3 +48,36 @@ def test_instant_restore_from_s3(s3_server: SeaweedFS, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         with Repository.open(url, s3=s3_server.options(), password=TEST_PASSWORD) as repo:
             assert list_leases(repo.backend) == []
+
+
+def test_the_s3_server_stopped_mid_fill(own_server: SeaweedFS, tmp_path: Path) -> None:
+    """The object store goes away mid-fill: what was fetched reads, what was not fails with
+    EIO (never zeros), the fill pauses and retries, and completes once the store is back."""
+    require_tools("qemu-io", "qemu-img")
+    content = random.Random(43).randbytes(128 * CS)  # every chunk unique
+    url = own_server.new_url("instant-stopped")
+    with Disk.create(tmp_path / "disk", len(content)) as disk:
+        disk.pwrite(content, 0)
+        with Repository.init(url, s3=own_server.options(), timing=TEST_TIMING,
+                             encryption=TEST_ENCRYPTION) as repo:
+            point = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
+    image = tmp_path / "expected.raw"
+    image.write_bytes(content)
+    with HostProcess(tmp_path / "host", env=own_server.env()) as host:
+        host.restore((url, point.id), rate_bytes_per_second=16 * CS)
+        host.wait_restore(lambda s: s["local_chunks"] >= 8)
+        host.call("POST", "/disks/r0/fill", json={"paused": True})
+        own_server.stop(crash=True)
+        uri = host.uri("r0")
+        out = qemu_io_once(uri, f"read -P {content[0]} 0 1")  # the fill goes from the start
+        assert "read 1/1 bytes" in out, out
+        out = qemu_io_once(uri, f"read {127 * CS} 4096")
+        assert "read failed: Input/output error" in out, out
+        host.call("POST", "/disks/r0/fill", json={"paused": False})
+        paused = host.wait_restore(lambda s: s["retry_in_s"] is not None)
+        assert point.id in paused["paused"] and "trying again" in paused["paused"], paused
+        own_server.start()
+        host.call("POST", "/disks/r0/fill", json={"rate_bytes_per_second": None})
+        host.wait_local(timeout_s=120)
+        done = qemu_img_compare(image, uri)
+        assert done.returncode == 0, done.stdout + done.stderr

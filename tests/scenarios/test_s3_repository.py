@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ from s3server import (
     TEST_PASSWORD,
     TEST_TIMING,
     SeaweedFS,
-    seaweedfs,
 )
 
 MiB = 1 << 20
@@ -283,16 +281,6 @@ def _open_with_secret(server: SeaweedFS, url: str, secret: str) -> None:
                         password=TEST_PASSWORD).close()
     finally:
         os.environ["AWS_SECRET_ACCESS_KEY"] = saved
-
-
-@pytest.fixture
-def own_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
-    """A server of this test's own (to stop and start); its credentials in this process's
-    environment, as boto3 reads them (also when no test before set them)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    with seaweedfs(tmp_path / "own-seaweedfs") as server:
-        yield server
 
 
 def test_the_server_stopped_mid_backup(own_server: SeaweedFS, tmp_path: Path) -> None:
