@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -66,6 +67,17 @@ class FileIO(Protocol):
     def lock_exclusive(self, path: str) -> FileLock:
         """Lock ``path`` (created if missing); raises BlockingIOError if it is held."""
         ...
+
+
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def is_zeros(data: bytes | bytearray) -> bool:
+    """Whether ``data`` is all zero bytes: one memcmp against a cached zero buffer of its
+    length (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us)."""
+    return data == _zeros(len(data))
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
 from blocktrail.backup.source import Source, SourceSnapshot
 from blocktrail.extents import Extent, merge
+from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import PointNotFound, RepositoryError
@@ -222,7 +223,7 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
     reads = read_ahead(sample, read_both, window=64, threads=threads)
     for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
         extent = Extent(index * cs, len(data))
-        digest = None if data.count(0) == len(data) else store.codec.name(KIND_CHUNK, data)
+        digest = None if is_zeros(data) else store.codec.name(KIND_CHUNK, data)
         if digest != expected[index]:
             put(index, data)
             mismatched.append(extent)

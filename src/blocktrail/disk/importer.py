@@ -27,7 +27,7 @@ from blocktrail.errors import (
     io_error,
 )
 from blocktrail.extents import Extent
-from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO
+from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO, is_zeros
 
 IMPORT_CHUNK = 1 << 20
 # A disk being built: DIR/.creating-NAME-RANDOM (never a disk name: those start with a letter or
@@ -74,7 +74,7 @@ def _copy(image: RawImage, disk: Disk, progress: Callable[[int, int], None] | No
         while pos < extent.end:
             n = min(IMPORT_CHUNK, extent.end - pos)
             data = image.pread(n, pos)
-            if data.count(0) != n:
+            if not is_zeros(data):
                 disk.pwrite(data, pos)
             pos += n
             copied += n
