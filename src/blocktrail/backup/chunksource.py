@@ -341,6 +341,23 @@ class RepositoryChunkSource:
         return {"repository": self.location, "point": self.point_id,
                 "chunk_size": self.chunk_size}
 
+    def successor(self) -> RepositoryChunkSource:
+        """A source of the same point that goes on with this one's open repository (its key
+        derived, the point, its pages and the chunk index read: none of it again), as the base
+        of a disk restored from this one takes over from the source that built it. This one
+        opens the repository again if it is used after."""
+        after = RepositoryChunkSource(self.location, self.point_id, chunk_size=self.chunk_size,
+                                      connect=False, hold_lease=self._hold_lease,
+                                      password=self._password)
+        with self._conn_lock:
+            conn = None if self._reopen else self._conn
+            if conn is not None:
+                self._conn = None
+                after._conn, after._size_bytes = conn, self._size_bytes
+        with self._page_lock:
+            after._pages = OrderedDict(self._pages)
+        return after
+
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
