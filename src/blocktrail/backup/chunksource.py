@@ -43,6 +43,7 @@ from typing import Any
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
 from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
+from blocktrail.pipeline import background_priority
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.backend import BackendDenied
 from blocktrail.repo.leases import Lease
@@ -184,7 +185,8 @@ class RepositoryChunkSource:
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blocktrail-fetch")
         self._background_pool = ThreadPoolExecutor(background_threads,
-                                                   thread_name_prefix="blocktrail-fetch-bg")
+                                                   thread_name_prefix="blocktrail-fetch-bg",
+                                                   initializer=background_priority)
         self._closed = False
         self._stats_lock = threading.Lock()
         self.fetched_chunks = 0
