@@ -141,10 +141,9 @@ class DiskRegistry:
                     return taken.pop()
                 return opened(info)
 
-            try:
-                build_disk(path, create, fileio=self._fileio).close()
-                return Disk.open(path, fileio=self._fileio,
-                                 chunk_sources=opener if taken or opened else None)
+            try:  # opened once, with its source: not opened, closed and opened again
+                return build_disk(path, create, fileio=self._fileio,
+                                  chunk_sources=opener if successor or opened else None)
             finally:
                 for unused in taken:
                     unused.close()
