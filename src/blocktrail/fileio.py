@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -68,12 +68,25 @@ class FileIO(Protocol):
         ...
 
 
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def is_zeros(data: bytes | bytearray) -> bool:
+    """Whether ``data`` is all zero bytes: one memcmp against a cached zero buffer of its
+    length (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us)."""
+    return data == _zeros(len(data))
+
+
 # --------------------------------------------------------------------------------------------
 # The real file system
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter is linked with (dlopen(NULL)): ctypes.util.find_library runs
+# ldconfig in a child process, a few milliseconds of every command's start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int

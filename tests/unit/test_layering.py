@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "backup": {"extents", "errors", "names", "fileio", "tracking", "repo", "nbd", "disk",
                "pipeline", "passwords"},
     "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
-             "backup", "passwords"},
+             "backup", "pipeline", "passwords"},
     "cli": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
             "host", "worker", "passwords"},
     "worker": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",

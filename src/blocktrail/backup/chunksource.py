@@ -43,6 +43,7 @@ from typing import Any
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
 from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
+from blocktrail.pipeline import background_priority
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.backend import BackendDenied
 from blocktrail.repo.leases import Lease
@@ -184,7 +185,8 @@ class RepositoryChunkSource:
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blocktrail-fetch")
         self._background_pool = ThreadPoolExecutor(background_threads,
-                                                   thread_name_prefix="blocktrail-fetch-bg")
+                                                   thread_name_prefix="blocktrail-fetch-bg",
+                                                   initializer=background_priority)
         self._closed = False
         self._stats_lock = threading.Lock()
         self.fetched_chunks = 0
@@ -340,6 +342,23 @@ class RepositoryChunkSource:
     def describe(self) -> dict[str, Any]:
         return {"repository": self.location, "point": self.point_id,
                 "chunk_size": self.chunk_size}
+
+    def successor(self) -> RepositoryChunkSource:
+        """A source of the same point that goes on with this one's open repository (its key
+        derived, the point, its pages and the chunk index read: none of it again), as the base
+        of a disk restored from this one takes over from the source that built it. This one
+        opens the repository again if it is used after."""
+        after = RepositoryChunkSource(self.location, self.point_id, chunk_size=self.chunk_size,
+                                      connect=False, hold_lease=self._hold_lease,
+                                      password=self._password)
+        with self._conn_lock:
+            conn = None if self._reopen else self._conn
+            if conn is not None:
+                self._conn = None
+                after._conn, after._size_bytes = conn, self._size_bytes
+        with self._page_lock:
+            after._pages = OrderedDict(self._pages)
+        return after
 
     def close(self) -> None:
         self._closed = True

@@ -15,12 +15,14 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
 from blocktrail.backup.source import Source, SourceSnapshot
 from blocktrail.extents import Extent, merge
+from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import PointNotFound, RepositoryError
@@ -97,14 +99,27 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
         writer = store.begin(source.disk_id, snapshot.size_bytes,
                              parent=base.point_id if plan.kind == "incremental" and base else None,
                              lease=lease, reload=False)  # the base choice just read it
+        # The audit's reads (of the snapshot and of the stored copies) and hashing run beside
+        # the copy: neither waits for the other. What it finds is stored after the copy, from
+        # this thread, as the writer takes chunks from one thread.
+        checking = ThreadPoolExecutor(1, thread_name_prefix="blocktrail-audit")
         try:
-            bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
-                                      store.chunk_size, progress)
-            audit = _audit(source, snapshot, store,
-                           base if plan.kind == "incremental" else None, sample, writer.put_chunk)
+            checked = checking.submit(_audit_check, source, snapshot, store,
+                                      base if plan.kind == "incremental" else None, sample)
+            try:
+                bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
+                                          store.chunk_size, progress)
+            except BaseException:
+                checked.cancel()  # the copy failed: an audit not begun never begins
+                raise
+            finally:
+                wait([checked])  # it reads the snapshot: done before the snapshot goes
+            audit = _audit_apply(checked.result(), store.chunk_size, writer.put_chunk)
         except BaseException:
             writer.close()  # nothing is published; the snapshot goes below
             raise
+        finally:
+            checking.shutdown(wait=True)
         point = writer.commit(
             change_id=snapshot.change_id, kind=plan.kind, fallback_reason=plan.fallback_reason,
             tracker_trusted=audit.tracker_trusted,
@@ -191,16 +206,23 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
     return read
 
 
-def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: BasePoint | None,
-           sample: list[int], put: Callable[[int, bytes], None]) -> AuditReport:
-    """Re-read chunks the tracker calls unchanged, from the source and from the repository: a
-    source that differs stores the right data (the tracker missed a change); a stored copy that
-    is damaged is put in quarantine, and stored again when no intact copy is left."""
+@dataclass(frozen=True, slots=True)
+class _AuditFinding:
+    index: int
+    data: bytes | None  # the source's bytes, kept where they must be stored
+    length: int
+    mismatched: bool  # the source differs: the tracker missed a change
+    copy_damaged: bool  # the stored copy was damaged (now in quarantine)
+    lost: bool  # no intact stored copy is left
+
+
+def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
+                 base: BasePoint | None, sample: list[int]) -> list[_AuditFinding]:
+    """Re-read chunks the tracker calls unchanged, from the source and from the repository,
+    and compare; stores nothing (`_audit_apply` does). -> what differs, per chunk sampled."""
     if base is None or not sample:
-        return AuditReport(0, ())
+        return []
     expected = store.chunk_digests(base.point_id, sample)
-    mismatched: list[Extent] = []
-    damaged: list[Extent] = []
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
 
@@ -220,17 +242,31 @@ def _audit(source: Source, snapshot: SourceSnapshot, store: Repository, base: Ba
 
     threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
     reads = read_ahead(sample, read_both, window=64, threads=threads)
+    findings = []
     for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
-        extent = Extent(index * cs, len(data))
-        digest = None if data.count(0) == len(data) else store.codec.name(KIND_CHUNK, data)
-        if digest != expected[index]:
-            put(index, data)
+        digest = None if is_zeros(data) else store.codec.name(KIND_CHUNK, data)
+        mismatched = digest != expected[index]
+        keep = data if mismatched or lost else None
+        findings.append(_AuditFinding(index, keep, len(data), mismatched, copy_damaged, lost))
+    return findings
+
+
+def _audit_apply(findings: list[_AuditFinding], chunk_size: int,
+                 put: Callable[[int, bytes], None]) -> AuditReport:
+    """Store what the audit found: a source that differs stores the right data (the tracker
+    missed a change); a stored copy that is damaged is in quarantine, and its content is
+    stored again when no intact copy is left."""
+    mismatched: list[Extent] = []
+    damaged: list[Extent] = []
+    for found in findings:
+        extent = Extent(found.index * chunk_size, found.length)
+        if found.data is not None:  # differs, or the same content with no intact copy left
+            put(found.index, found.data)
+        if found.mismatched:
             mismatched.append(extent)
-        elif lost:
-            put(index, data)  # the same content: stored again, a new copy
-        if copy_damaged:
+        if found.copy_damaged:
             damaged.append(extent)
-    return AuditReport(len(sample), tuple(merge(mismatched)), tuple(merge(damaged)))
+    return AuditReport(len(findings), tuple(merge(mismatched)), tuple(merge(damaged)))
 
 
 __all__ = ["AuditReport", "BackupOptions", "BackupReport", "ReadPlan", "choose_base",

@@ -27,6 +27,7 @@ from blocktrail.backup.chunksource import RepositoryChunkSource
 from blocktrail.disk.readmap import MappedRead, ReadSegment
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import InvalidArgument
+from blocktrail.fileio import is_zeros
 from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, ExportInfo, Request
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
@@ -96,7 +97,7 @@ class PointExport:
             lo = max(offset, index * cs)
             hi = min(offset + count, (index + 1) * cs)
             data = chunks[index]
-            if data.count(0) == len(data):  # a hole (or zeros): a hole reply, no bytes
+            if is_zeros(data):  # a hole (or zeros): a hole reply, no bytes
                 if segments and segments[-1].is_zero:
                     segments[-1] = ReadSegment(segments[-1].offset, segments[-1].length + hi - lo)
                 else:

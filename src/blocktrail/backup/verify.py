@@ -19,6 +19,7 @@ from blocktrail.backup.engine import READ_RUN_BYTES
 from blocktrail.backup.source import Source
 from blocktrail.errors import InvalidArgument
 from blocktrail.extents import Extent, merge
+from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
@@ -124,7 +125,7 @@ def _compare(repo: Repository, point: RestorePoint, source: Source, snapshot: st
         for i in range(0, len(data), cs):
             index = first + i // cs
             chunk = data[i : i + cs]
-            actual = ZERO_DIGEST if chunk.count(0) == len(chunk) \
+            actual = ZERO_DIGEST if is_zeros(chunk) \
                 else repo.codec.name(KIND_CHUNK, chunk)
             if actual != expected[index]:
                 out.differing.append(Extent(index * cs, len(chunk)))

@@ -89,9 +89,61 @@ def open_repo(location: str, endpoint: str | None = None, region: str | None = N
                            timing=_timing(),
                            password=repo_password(password_sources or sources()))
     if not repo.encrypted:
-        click.echo(f"note: repository {location} is not encrypted (created with --encryption "
-                   "none)", err=True)
+        _say_unencrypted(location)
     return repo
+
+
+@contextlib.contextmanager
+def opening_repo(location: str, endpoint: str | None = None, region: str | None = None,
+                 profile: str | None = None) -> Iterator[Callable[[], Repository]]:
+    """`open_repo` begun on a thread: the command imports and opens what else it needs while
+    the repository's password is turned into its key (argon2id: ~0.2 s of CPU, in C without
+    the GIL). Yields a function that waits for the repository. A password that must be asked
+    on a terminal is asked on the command's own thread, once the thread found none."""
+    import threading
+
+    from blocktrail.passwords import find_password
+    from blocktrail.repo import Repository
+    from blocktrail.repo.errors import PasswordRequired
+    s3, timing, found = _s3(location, endpoint, region, profile), _timing(), sources()
+    outcome: list[Repository | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(Repository.open(location, s3=s3, timing=timing,
+                                           password=lambda: find_password(found)))
+        except BaseException as exc:  # handed to the command's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="blocktrail-open-repository", daemon=True)
+    thread.start()
+    taken: list[Repository] = []
+
+    def wait() -> Repository:
+        if taken:
+            return taken[0]
+        thread.join()
+        result = outcome[0]
+        if isinstance(result, PasswordRequired):
+            result = open_repo(location, endpoint, region, profile, found)  # may ask
+        elif isinstance(result, BaseException):
+            raise result
+        elif not result.encrypted:
+            _say_unencrypted(location)
+        taken.append(result)
+        return result
+
+    try:
+        yield wait
+    finally:
+        thread.join()
+        if not taken and outcome and not isinstance(outcome[0], BaseException):
+            outcome[0].close()  # the command failed before it used the repository
+
+
+def _say_unencrypted(location: str) -> None:
+    click.echo(f"note: repository {location} is not encrypted (created with --encryption "
+               "none)", err=True)
 
 
 def _kdf(text: str | None) -> KdfParams:
@@ -354,18 +406,21 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
     since the last restore point can be trusted; otherwise full, and the output says why.
     Any number of backups of different disks may run into one repository at once; a second
     backup of the same disk is refused (exit 7) while the first holds the disk's lease."""
-    from blocktrail.backup.engine import BackupOptions, run_backup
     if snapshot is not None:
         if is_nbd_uri(disk_path):
             raise InvalidArgument("--snapshot is for a disk directory or a host's disk; an NBD "
                                   "URI names its export (a host's snapshot: NAME@SNAPSHOT)")
         check_snapshot_name(snapshot)
-    with open_repo(repo_path, endpoint, region, profile) as repo, \
-            open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
-                        tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
-            progress_bar("backup", as_json, unit_bytes=repo.chunk_size) as progress:
-        report = run_backup(src, repo, BackupOptions(force_full=full, audit_percent=audit_pct,
-                                                     snapshot=snapshot), progress)
+    tls = tls_parameters(tls_certificates, tls_psk_file, tls_username)
+    # The engine is imported and the disk opened while the repository's key is derived.
+    with opening_repo(repo_path, endpoint, region, profile) as repository:
+        from blocktrail.backup.engine import BackupOptions, run_backup
+        with open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id, tls=tls) as src, \
+                repository() as repo, \
+                progress_bar("backup", as_json, unit_bytes=repo.chunk_size) as progress:
+            report = run_backup(src, repo, BackupOptions(force_full=full,
+                                                         audit_percent=audit_pct,
+                                                         snapshot=snapshot), progress)
     audit = report.audit
     out = {"point": report.point.summary(), "kind": report.kind,
            "fallback_reason": report.fallback_reason, "chunks_read": report.chunks_read,

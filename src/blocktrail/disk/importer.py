@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blocktrail.disk.disk import LOCK_FILE, Disk
+from blocktrail.disk.disk import LOCK_FILE, Disk, SourceOpener
 from blocktrail.errors import (
     BlocktrailError,
     DiskExists,
@@ -27,7 +27,7 @@ from blocktrail.errors import (
     io_error,
 )
 from blocktrail.extents import Extent
-from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO
+from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO, is_zeros
 
 IMPORT_CHUNK = 1 << 20
 # A disk being built: DIR/.creating-NAME-RANDOM (never a disk name: those start with a letter or
@@ -74,7 +74,7 @@ def _copy(image: RawImage, disk: Disk, progress: Callable[[int, int], None] | No
         while pos < extent.end:
             n = min(IMPORT_CHUNK, extent.end - pos)
             data = image.pread(n, pos)
-            if data.count(0) != n:
+            if not is_zeros(data):
                 disk.pwrite(data, pos)
             pos += n
             copied += n
@@ -84,12 +84,13 @@ def _copy(image: RawImage, disk: Disk, progress: Callable[[int, int], None] | No
 
 
 def build_disk(path: str | os.PathLike[str], make: Callable[[str], Disk], *,
-               fileio: FileIO | None = None) -> Disk:
+               fileio: FileIO | None = None, chunk_sources: SourceOpener | None = None) -> Disk:
     """The disk ``make`` creates in a new directory next to ``path``
-    (``.creating-NAME-RANDOM``), closed, renamed to ``path`` and opened again: ``path`` holds
-    a whole disk or nothing. A failure, also of that last open, removes what was built; a
-    killed process leaves the directory being built behind (a name no disk has; the host
-    removes such directories at its start, and the next build of ``path`` those of its name)."""
+    (``.creating-NAME-RANDOM``), closed, renamed to ``path`` and opened again (a restoring
+    base with its source from ``chunk_sources``): ``path`` holds a whole disk or nothing. A
+    failure, also of that last open, removes what was built; a killed process leaves the
+    directory being built behind (a name no disk has; the host removes such directories at its
+    start, and the next build of ``path`` those of its name)."""
     fileio = fileio or OsFileIO()
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
@@ -113,7 +114,7 @@ def build_disk(path: str | os.PathLike[str], make: Callable[[str], Disk], *,
         remove_building(fileio, building)
         raise
     try:
-        return Disk.open(path, fileio=fileio)
+        return Disk.open(path, fileio=fileio, chunk_sources=chunk_sources)
     except BaseException as exc:  # nobody has seen it yet: take it back
         with contextlib.suppress(OSError):
             fileio.rename(path, building)

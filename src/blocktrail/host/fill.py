@@ -7,7 +7,9 @@ background, in order from where it stopped (`Disk.fill`), one step of a few MiB 
 made durable before the next. It keeps out of the guest's way: after a step during which the
 guest did any I/O (`Disk.io_requests`), steps are small and the fill rests as long as it
 worked (half the time at most), and its fetches run on the source's background pool, so a
-guest read never queues behind them. An optional rate limit caps it further. When no chunk is
+guest read never queues behind them; its threads run at a lower CPU priority
+(`pipeline.background_priority`), so a guest that only computes (a kernel booting under
+emulation) is not slowed either. An optional rate limit caps it further. When no chunk is
 missing any more the disk switches to a local base by itself (atomically, `Disk.fill`): it no
 longer depends on the repository.
 
@@ -33,6 +35,7 @@ from blocktrail.disk import Disk
 from blocktrail.disk.meta import META_FILE, DiskMeta
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import BlocktrailError, DiskClosed, InvalidArgument
+from blocktrail.pipeline import background_priority
 
 if TYPE_CHECKING:
     from blocktrail.host.registry import DiskRegistry
@@ -106,6 +109,7 @@ class FillJob:
     def _run(self) -> None:
         from blocktrail.backup.chunksource import background_fetches
 
+        background_priority()  # the guest first: its CPU too, not only its I/O
         policy = self.policy
         delay = policy.first_retry_s
         last_io: int | None = None

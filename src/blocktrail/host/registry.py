@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from blocktrail.disk import Disk, Snapshot
 from blocktrail.disk.disk import SourceOpener
@@ -115,16 +116,37 @@ class DiskRegistry:
                                                        fileio=self._fileio))
 
     def restore(self, name: str, source: ChunkSource, continues: str | None, *,
-                disk_id: str | None, granularity: int) -> Disk:
+                disk_id: str | None, granularity: int,
+                successor: Callable[[], ChunkSource] | None = None) -> Disk:
         """A new disk whose content is at once the restore point behind ``source`` (its base
         reads from the source until filled; `Disk.create_restored`): all of it, or nothing.
-        The disk is opened with ``chunk_sources`` (``source`` serves the build only)."""
+        The disk is opened with ``chunk_sources`` (``source`` serves the build only), or with
+        what ``successor`` gives: a source of the same point that goes on with ``source``'s
+        open repository (its key derived and its index read once, not again at the guest's
+        first read); it is taken before the build closes ``source``."""
         def make(path: str) -> Disk:
-            built = build_disk(path, lambda building: Disk.create_restored(
-                building, source, continues, disk_id=disk_id, granularity=granularity,
-                fileio=self._fileio), fileio=self._fileio)
-            built.close()
-            return Disk.open(path, fileio=self._fileio, chunk_sources=self._chunk_sources)
+            taken: list[ChunkSource] = []
+
+            def create(building: str) -> Disk:
+                disk = Disk.create_restored(building, source, continues, disk_id=disk_id,
+                                            granularity=granularity, fileio=self._fileio)
+                if successor is not None:
+                    taken.append(successor())
+                return disk
+
+            opened = self._chunk_sources
+
+            def opener(info: dict[str, Any]) -> ChunkSource:
+                if (taken and taken[0].describe() == info) or opened is None:
+                    return taken.pop()
+                return opened(info)
+
+            try:  # opened once, with its source: not opened, closed and opened again
+                return build_disk(path, create, fileio=self._fileio,
+                                  chunk_sources=opener if successor or opened else None)
+            finally:
+                for unused in taken:
+                    unused.close()
 
         return self._add(name, make)
 

@@ -146,7 +146,8 @@ def restore_router(registry: DiskRegistry, fills: FillScheduler,
             try:
                 point = source.point
                 disk = registry.restore(body.name, source, continued_change_id(point.change_id),
-                                        disk_id=point.disk_id, granularity=body.granularity)
+                                        disk_id=point.disk_id, granularity=body.granularity,
+                                        successor=source.successor)
             finally:
                 source.close()
         fills.start(body.name, paused=bool(body.fill.paused),

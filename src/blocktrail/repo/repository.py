@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from blocktrail.errors import InvalidArgument, is_no_space
-from blocktrail.fileio import FileIO
+from blocktrail.fileio import FileIO, is_zeros
 from blocktrail.repo import crypto, keys, layout
 from blocktrail.repo.backend import Backend
 from blocktrail.repo.check import CheckReport, check_repository
@@ -201,7 +201,7 @@ class Repository(Store):
                             lease=lease)
             try:
                 for data in chunks:
-                    if data.count(0) != len(data):
+                    if not is_zeros(data):
                         name, envelope = self.codec.seal(KIND_CHUNK, data)
                         sink.add(name, envelope, len(data))
                 sink.publish()

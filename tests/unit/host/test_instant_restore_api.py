@@ -17,6 +17,7 @@ from blocktrail.backup.chunksource import open_chunk_source
 from blocktrail.host.api import create_app
 from blocktrail.host.fill import FillPolicy, FillScheduler
 from blocktrail.host.registry import DiskRegistry
+from blocktrail.repo import Repository
 from instantkit import CS, Point, make_point
 
 
@@ -88,6 +89,27 @@ def test_a_restored_disk_is_the_point_at_once_and_ends_local(host: Host, point: 
     assert disk.pread(len(point.content), 0) == bytes(expected)
     again = host.client.post("/disks/r0/fill", json={"paused": True})
     assert again.status_code == 400 and "is local" in again.json()["message"]
+
+
+def test_a_restore_opens_the_repository_once(host: Host, point: Point,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk's base goes on with the repository the restore opened (its key derived, its
+    index read): the guest's first read does not open it again."""
+    opened: list[str] = []
+    real = Repository.open.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Repository], location: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(location))
+        return real(cls, location, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "open", classmethod(counting))
+    assert host.restore(point, paused=True).status_code == 201
+    disk = host.registry.get("r0")
+    assert disk.pread(len(point.content), 0) == point.content
+    assert opened == [str(point.repo)]
+    assert host.client.post("/disks/r0/fill", json={"paused": False}).status_code == 200
+    host.wait_local()
+    assert opened == [str(point.repo)]
 
 
 def test_the_fill_is_paused_resumed_and_limited(host: Host, point: Point) -> None:
