@@ -53,7 +53,8 @@ class PackSink:
         self._mutex = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=self._in_flight,
                                           thread_name_prefix="pack-writer")
-        self._writes: deque[Future[None]] = deque()
+        self._writes: deque[tuple[Future[None], bytearray]] = deque()  # with its buffer
+        self._spare: list[bytearray] = []  # buffers of packs written: the next packs reuse them
         self._index_name: str | None = None
         self._published = False
         self.bytes_stored = 0
@@ -61,7 +62,12 @@ class PackSink:
     def holds(self, name: bytes) -> bool:
         return name in self._new or name in self._in_pack
 
-    def add(self, name: bytes, envelope: bytes, plain_length: int) -> bool:
+    def stored(self, name: bytes) -> bool:
+        """``add`` would not pack it: this sink holds it, or it is stored already. Safe to ask
+        from other threads (a chunk sealed meanwhile is packed once all the same: `add`)."""
+        return self.holds(name) or self._known(name)
+
+    def add(self, name: bytes, envelope: bytes | bytearray, plain_length: int) -> bool:
         """Pack an object unless it is stored already; -> True if packed."""
         if self.holds(name) or self._known(name):
             return False
@@ -78,14 +84,21 @@ class PackSink:
         if not self._pack.entries:
             return
         while len(self._writes) >= self._in_flight:
-            self._writes.popleft().result()  # a failed write surfaces here
-        pack, self._pack = self._pack, PackBuilder(self._store.codec.trailer_key)
+            self._wait_one()
+        pack, self._pack = self._pack, PackBuilder(
+            self._store.codec.trailer_key, self._spare.pop() if self._spare else None)
         locations = pack.locations()
         self._written.append(pack.pack_id)
-        self._writes.append(self._writer.submit(self._write, pack.pack_id, pack.finish(),
-                                                locations))
+        data = pack.finish()
+        self._writes.append((self._writer.submit(self._write, pack.pack_id, data, locations),
+                             data))
         self._new.update(locations)
         self._in_pack.clear()
+
+    def _wait_one(self) -> None:
+        future, data = self._writes.popleft()
+        future.result()  # a failed write surfaces here
+        self._spare.append(data)
 
     def _write(self, pack_id: str, data: bytearray, locations: dict[bytes, Location]) -> None:
         if self._lease is not None:
@@ -102,7 +115,8 @@ class PackSink:
 
     def _wait(self) -> None:
         while self._writes:
-            self._writes.popleft().result()
+            self._wait_one()
+        self._spare.clear()
 
     def finish_packs(self) -> dict[bytes, Location]:
         """Write the last pack and wait until every pack is durable; -> where each object is."""
@@ -135,7 +149,7 @@ class PackSink:
         """Done, or given up: packs being written finish; unless an index file names them
         now, the packs written are deleted again (a checkpointed pack is kept: the next backup
         deduplicates against it)."""
-        for future in self._writes:
+        for future, _ in self._writes:
             future.cancel()
         self._writer.shutdown(wait=True)
         if self._published or not self._written:
