@@ -98,7 +98,7 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
                              parent=base.point_id if plan.kind == "incremental" and base else None,
                              lease=lease, reload=False)  # the base choice just read it
         try:
-            bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
+            bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunks,
                                       store.chunk_size, progress)
             audit = _audit(source, snapshot, store,
                            base if plan.kind == "incremental" else None, sample, writer.put_chunk)
@@ -169,8 +169,10 @@ def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
 
 
 def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
-                 put: Callable[[int, bytes], None], chunk_size: int,
+                 put_run: Callable[[int, bytes], None], chunk_size: int,
                  progress: Progress | None) -> int:
+    """Read the chunks in runs of consecutive ones, a few reads ahead; each run goes to
+    ``put_run(first index, its bytes)`` whole, uncopied."""
     total, done = len(chunks), 0
     read = 0
 
@@ -183,8 +185,7 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
     runs = _runs(chunks, chunk_size)
     for first, count, data in read_ahead(runs, read_run, window=16, threads=READ_THREADS):
         read += len(data)
-        for i in range(count):
-            put(first + i, data[i * chunk_size : (i + 1) * chunk_size])
+        put_run(first, data)
         done += count
         if progress is not None:
             progress(done, total)
