@@ -115,7 +115,25 @@ SEALED_HEADER = struct.Struct("<4sBBBB16s12s")  # magic, version, kind, codec, c
 _PLAIN_KINDS = (KIND_CHUNK, KIND_PAGE, KIND_TABLE)
 
 
+SAMPLE_BYTES = 4096  # each of the two samples that decide whether compressing may pay
+
+
+def _incompressible(plain: Buffer) -> bool:
+    """Whether ``plain`` looks like random data (already compressed or encrypted): two
+    samples, from its start and its middle, do not shrink by a sixteenth. Compressing such a
+    chunk whole costs as much as hashing it, for nothing."""
+    if len(plain) < 4 * SAMPLE_BYTES:
+        return False
+    middle = len(plain) // 2
+    sample = b"".join((plain[:SAMPLE_BYTES], plain[middle : middle + SAMPLE_BYTES]))
+    return len(_compressor().compress(sample)) >= len(sample) - len(sample) // 16
+
+
 def _compress(plain: Buffer) -> tuple[int, Buffer]:
+    """-> (codec, payload): zstd when it makes the object smaller, else the plain bytes (also,
+    without trying, when samples say it would not)."""
+    if _incompressible(plain):
+        return CODEC_PLAIN, plain
     packed = _compressor().compress(plain)
     return (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
 
