@@ -88,7 +88,7 @@ class PointWriter:
         if self._batch_bytes >= BATCH_BYTES:
             self._submit_batch()
 
-    def put_chunks(self, first: int, data: bytes) -> None:
+    def put_chunks(self, first: int, data: Buffer) -> None:
         """Store the chunks ``first``, ``first + 1``, ... that ``data`` holds back to back (as
         one read returned them; the last may be short), as one batch of views of it."""
         cs = self._repo.chunk_size
