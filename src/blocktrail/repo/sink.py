@@ -1,6 +1,7 @@
 """Storing new objects: packs written on background threads, then one index file naming them.
 
-On a local directory one pack is written at a time, and a sink closed before its index file
+On a local directory one pack is written at a time while the next one waits, filled (so a
+moment of slow storage does not stop the backup), and a sink closed before its index file
 exists deletes the packs it wrote: no index file names them, so no other writer can know them,
 and leaving them would only fill the disk (a full file system is the usual reason a backup
 fails there).
@@ -29,6 +30,7 @@ from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
 from blocktrail.repo.store import Store, new_index_name
 
 REMOTE_PACKS_IN_FLIGHT = 4
+LOCAL_PACKS_IN_FLIGHT = 2  # one being written, one waiting for it (the objects lock orders them)
 
 
 class PackSink:
@@ -43,7 +45,8 @@ class PackSink:
         self._consequence = consequence
         self._lease = lease
         self._checkpoint = store.backend.remote if checkpoint is None else checkpoint
-        self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote else 1
+        self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote \
+            else LOCAL_PACKS_IN_FLIGHT
         self._pack = PackBuilder(store.codec.trailer_key)
         self._new: dict[bytes, Location] = {}  # in packs handed to the pack writers
         self._in_pack: set[bytes] = set()
