@@ -28,7 +28,7 @@ Seal = tuple[int, int, int, int]
 
 class FileHandle(Protocol):
     def pread(self, count: int, offset: int) -> bytes: ...
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None: ...
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
@@ -51,7 +51,7 @@ class FileIO(Protocol):
     def open(self, path: str, *, create: bool = False) -> FileHandle: ...
     def exists(self, path: str) -> bool: ...
     def read_file(self, path: str) -> bytes: ...
-    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+    def replace_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
         """Write ``path`` whole or not at all: ``path.tmp``, fsync, rename, fsync the
         directory. On failure the temporary file is removed."""
         ...
@@ -106,7 +106,7 @@ class OsFileHandle:
             data += bytes(count - len(data))
         return data
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)
@@ -172,6 +172,13 @@ class _OsLock:
         os.close(self._fd)
 
 
+def _aligned_memory(view: memoryview) -> bool:
+    """``view`` starts on a page (writable memory only: ctypes cannot locate the rest)."""
+    if view.readonly or not view.contiguous or not len(view):
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _DIRECT_ALIGN == 0
+
+
 class OsFileIO:
     """Plain POSIX files."""
 
@@ -191,7 +198,7 @@ class OsFileIO:
         with open(path, "rb") as f:
             return f.read()
 
-    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+    def replace_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
         tmp = path + ".tmp"
         try:
             if len(data) < DIRECT_MIN_BYTES or not self._write_direct(tmp, data):
@@ -208,11 +215,12 @@ class OsFileIO:
             raise
         self.fsync_dir(os.path.dirname(path) or ".")
 
-    def _write_direct(self, path: str, data: bytes | bytearray) -> bool:
+    def _write_direct(self, path: str, data: bytes | bytearray | memoryview) -> bool:
         """Write the new file ``path`` whole and fdatasync it, its whole blocks with O_DIRECT
         (from an aligned copy): a big file (a pack) is then not copied into the page cache
         by the kernel, which on a busy machine costs more CPU than the rest of writing it.
-        The tail that is not a whole block is written through the cache. -> False, with
+        Memory that is page-aligned already (a pack built in a mapped buffer) is written as
+        it is. The tail that is not a whole block is written through the cache. -> False, with
         nothing written, where the file system refuses O_DIRECT."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
@@ -226,16 +234,17 @@ class OsFileIO:
             bulk = len(view) - len(view) % _DIRECT_ALIGN
             written = 0
             if bulk:
-                bounce = self._aligned(bulk)
-                bounce[:bulk] = view[:bulk]
+                if _aligned_memory(view):  # a pack built in page-aligned memory: as it is
+                    bounce = view
+                else:
+                    bounce = self._aligned(bulk)
+                    bounce[:bulk] = view[:bulk]
                 try:
                     written = os.pwrite(fd, bounce[:bulk], 0)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
                     written = 0  # refused after all: everything through the cache
-                finally:
-                    bounce.release()
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             while written < len(view):  # the tail, or what a short write left
                 written += os.pwrite(fd, view[written:], written)
@@ -334,7 +343,7 @@ class SimulatedFileHandle:
                 pos += n
             return bytes(out)
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._fs.mutex:
             ino = self._inode
             self._fs.tick(ino)
@@ -461,7 +470,7 @@ class SimulatedFileIO:
             ino = self._inode(path)
             return SimulatedFileHandle(self, ino).pread(ino.size, 0)
 
-    def replace_atomic(self, path: str, data: bytes | bytearray) -> None:
+    def replace_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
         with self.mutex:
             self._check_dir(path)
             ino = self._new_inode()

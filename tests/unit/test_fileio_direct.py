@@ -3,6 +3,7 @@ its tail through it: the file reads back byte for byte whatever its length."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -30,3 +31,11 @@ def test_a_smaller_file_after_a_bigger_one_reuses_the_buffer(tmp_path: Path) -> 
     fio.replace_atomic(str(tmp_path / "b"), small)
     assert (tmp_path / "a").read_bytes() == big
     assert (tmp_path / "b").read_bytes() == small
+
+
+def test_page_aligned_memory_is_written_as_it_is(tmp_path: Path) -> None:
+    buffer = mmap.mmap(-1, 3 * DIRECT_MIN_BYTES)
+    buffer[:] = os.urandom(len(buffer))
+    view = memoryview(buffer)[: 2 * DIRECT_MIN_BYTES + 77]  # a pack built in a mapped buffer
+    OsFileIO().replace_atomic(str(tmp_path / "pack"), view)
+    assert (tmp_path / "pack").read_bytes() == bytes(view)

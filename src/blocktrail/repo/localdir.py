@@ -96,13 +96,13 @@ class LocalBackend:
         return ObjectInfo(name, size, mtime_ns / 1e9, f"{size:x}-{mtime_ns:x}-{ctime_ns:x}-"
                           f"{inode:x}", time.time())
 
-    def _write(self, name: str, path: str, data: bytes | bytearray) -> ObjectInfo:
+    def _write(self, name: str, path: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         self._make_parent(path)
         self.fio.replace_atomic(path, data)
         self._forget_handle(name)
         return self._info(name, path)
 
-    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+    def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         path = self.path(name)
         with self._exclusive():
             if self.fio.exists(path):

@@ -18,6 +18,7 @@ With a lease, nothing is uploaded or published once it is lost (repo/leases.py).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -56,8 +57,8 @@ class PackSink:
         self._mutex = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=self._in_flight,
                                           thread_name_prefix="pack-writer")
-        self._writes: deque[tuple[Future[None], bytearray]] = deque()  # with its buffer
-        self._spare: list[bytearray] = []  # buffers of packs written: the next packs reuse them
+        self._writes: deque[tuple[Future[None], mmap.mmap]] = deque()  # with its buffer
+        self._spare: list[mmap.mmap] = []  # buffers of packs written: the next packs reuse them
         self._index_name: str | None = None
         self._published = False
         self.bytes_stored = 0
@@ -92,9 +93,8 @@ class PackSink:
             self._store.codec.trailer_key, self._spare.pop() if self._spare else None)
         locations = pack.locations()
         self._written.append(pack.pack_id)
-        data = pack.finish()
-        self._writes.append((self._writer.submit(self._write, pack.pack_id, data, locations),
-                             data))
+        self._writes.append((self._writer.submit(self._write, pack.pack_id, pack.finish(),
+                                                 locations), pack.buffer))
         self._new.update(locations)
         self._in_pack.clear()
 
@@ -103,7 +103,7 @@ class PackSink:
         future.result()  # a failed write surfaces here
         self._spare.append(data)
 
-    def _write(self, pack_id: str, data: bytearray, locations: dict[bytes, Location]) -> None:
+    def _write(self, pack_id: str, data: memoryview, locations: dict[bytes, Location]) -> None:
         if self._lease is not None:
             self._lease.check(f"upload pack {pack_id}")
         self._store.write_pack(pack_id, data, self._consequence)
