@@ -125,3 +125,9 @@ def test_check_verify_and_repair_list_damaged_objects(disk_and_repo: tuple[str, 
     assert code == 0
     code, repaired = run(capsys, "repo", "repair", repo_dir)
     assert code == 0 and repaired["ok"]  # type: ignore[index]
+
+
+def test_keep_freed_memory_can_be_asked_twice() -> None:
+    from blocktrail.cli.backup import keep_freed_memory
+    keep_freed_memory()  # a libc without mallopt: nothing happens
+    keep_freed_memory()

@@ -27,10 +27,11 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import PointNotFound, RepositoryError
 from blocktrail.repo.leases import Lease
-from blocktrail.repo.objects import KIND_CHUNK
+from blocktrail.repo.objects import KIND_CHUNK, Buffer
 from blocktrail.repo.quarantine import DamagedCopy
 
 READ_RUN_BYTES = 4 << 20
+READ_GAP_BYTES = 256 << 10  # a full backup reads through holes this small (no I/O, fewer reads)
 READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
 REMOTE_AUDIT_THREADS = 32  # the audit's reads of stored chunks from object storage: round trips
 Progress = Callable[[int, int], None]
@@ -107,7 +108,7 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
             checked = checking.submit(_audit_check, source, snapshot, store,
                                       base if plan.kind == "incremental" else None, sample)
             try:
-                bytes_read = _copy_chunks(source, snapshot, plan.chunks, writer.put_chunk,
+                bytes_read = _copy_chunks(source, snapshot, plan, writer.put_chunks,
                                           store.chunk_size, progress)
             except BaseException:
                 checked.cancel()  # the copy failed: an audit not begun never begins
@@ -167,43 +168,65 @@ def _still_there(store: Repository, point_id: str) -> bool:
     return True
 
 
-def _runs(chunks: list[int], chunk_size: int) -> Iterator[tuple[int, int]]:
-    """Consecutive chunk indexes grouped into reads of at most READ_RUN_BYTES."""
+def _spans(chunks: list[int], chunk_size: int, gap_chunks: int = 0
+           ) -> Iterator[tuple[int, int, list[int]]]:
+    """Reads of at most READ_RUN_BYTES: (first chunk, chunk count, the chunks wanted in it),
+    each spanning consecutive wanted chunks and gaps of at most ``gap_chunks`` others."""
     per_run = max(1, READ_RUN_BYTES // chunk_size)
-    start = prev = None
+    wanted: list[int] = []
     for index in chunks:
-        if start is not None and prev is not None and (
-                index != prev + 1 or index - start >= per_run):
-            yield start, prev - start + 1
-            start = None
-        if start is None:
-            start = index
-        prev = index
-    if start is not None and prev is not None:
-        yield start, prev - start + 1
+        if wanted and (index - wanted[-1] - 1 > gap_chunks or index - wanted[0] >= per_run):
+            yield wanted[0], wanted[-1] - wanted[0] + 1, wanted
+            wanted = []
+        wanted.append(index)
+    if wanted:
+        yield wanted[0], wanted[-1] - wanted[0] + 1, wanted
 
 
-def _copy_chunks(source: Source, snapshot: SourceSnapshot, chunks: list[int],
-                 put: Callable[[int, bytes], None], chunk_size: int,
+def _copy_chunks(source: Source, snapshot: SourceSnapshot, plan: ReadPlan,
+                 put_run: Callable[[int, Buffer], None], chunk_size: int,
                  progress: Progress | None) -> int:
-    total, done = len(chunks), 0
+    """Read the planned chunks, a few reads ahead, in reads of consecutive ones; a full
+    backup reads through small gaps too (they are holes: no I/O, and one read instead of
+    several). Each run of wanted chunks goes to ``put_run(first index, its bytes)``
+    uncopied. -> the bytes of the chunks read."""
+    total, done = len(plan.chunks), 0
     read = 0
+    gap = READ_GAP_BYTES // chunk_size if plan.kind == "full" else 0
 
-    def read_run(run: tuple[int, int]) -> tuple[int, int, bytes]:
-        first, count = run
+    def read_span(span: tuple[int, int, list[int]]) -> tuple[int, list[int], bytes]:
+        first, count, wanted = span
         offset = first * chunk_size
         length = min(count * chunk_size, snapshot.size_bytes - offset)
-        return first, count, source.pread(snapshot.name, length, offset)
+        return first, wanted, source.pread(snapshot.name, length, offset)
 
-    runs = _runs(chunks, chunk_size)
-    for first, count, data in read_ahead(runs, read_run, window=16, threads=READ_THREADS):
-        read += len(data)
-        for i in range(count):
-            put(first + i, data[i * chunk_size : (i + 1) * chunk_size])
-        done += count
+    spans = _spans(plan.chunks, chunk_size, gap)
+    for first, wanted, data in read_ahead(spans, read_span, window=16, threads=READ_THREADS):
+        if len(wanted) == wanted[-1] - first + 1:
+            put_run(first, data)
+            read += len(data)
+        else:
+            view = memoryview(data)
+            for run_first, count in _consecutive(wanted):
+                piece = view[(run_first - first) * chunk_size :
+                             (run_first - first + count) * chunk_size]
+                put_run(run_first, piece)
+                read += len(piece)
+        done += len(wanted)
         if progress is not None:
             progress(done, total)
     return read
+
+
+def _consecutive(indexes: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive ``indexes`` (ascending)."""
+    start = prev = indexes[0]
+    for index in indexes[1:]:
+        if index != prev + 1:
+            yield start, prev - start + 1
+            start = index
+        prev = index
+    yield start, prev - start + 1
 
 
 @dataclass(frozen=True, slots=True)

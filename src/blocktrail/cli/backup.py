@@ -6,6 +6,7 @@ one's password comes from `cli/password.py` (one function for every command)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import tempfile
@@ -76,6 +77,26 @@ def _s3(location: str, endpoint: str | None, region: str | None,
                                   "repositories")
         return None
     return S3Options(endpoint=endpoint, region=region, profile=profile)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep memory that is freed for the next allocation: a backup
+    allocates and frees a read buffer of up to 4 MiB, an envelope per chunk and so on at a
+    high rate; by default buffers of 128 KiB and more are mapped and unmapped each time, and
+    freed memory goes back to the kernel, so every reuse costs a page fault per page (half
+    the page faults of a full backup, and over a quarter of its CPU time, where measured).
+    For this one command's process; where mallopt is not there (another libc), nothing
+    changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc adapts to by itself
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
 def open_repo(location: str, endpoint: str | None = None, region: str | None = None,
@@ -406,6 +427,7 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
     since the last restore point can be trusted; otherwise full, and the output says why.
     Any number of backups of different disks may run into one repository at once; a second
     backup of the same disk is refused (exit 7) while the first holds the disk's lease."""
+    keep_freed_memory()
     if snapshot is not None:
         if is_nbd_uri(disk_path):
             raise InvalidArgument("--snapshot is for a disk directory or a host's disk; an NBD "

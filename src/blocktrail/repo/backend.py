@@ -89,7 +89,7 @@ class Backend(Protocol):
     remote: bool  # requests cost round trips: read ahead further, write in parallel
     host_locks: bool  # has `host_lock` (a lock among the processes of one machine)
 
-    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+    def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         """Write a new object whole; `ObjectExists` if the name is taken (an identical object
         left by a retried request of this same write counts as written)."""
         ...

@@ -33,6 +33,17 @@ HOST_LOCK_NAME = "locks/repo.lock"  # the repository lock of blocktrail before l
 _HANDLES = 64  # open pack files kept for reads
 
 
+class _Cached:
+    """An open pack file in the cache, and how many reads use it now."""
+
+    __slots__ = ("handle", "readers", "retired")
+
+    def __init__(self, handle: FileHandle) -> None:
+        self.handle = handle
+        self.readers = 0
+        self.retired = False  # out of the cache: the last reader closes it
+
+
 class HostLock:
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
@@ -51,7 +62,7 @@ class LocalBackend:
         self.root = root
         self.url = root
         self.fio = fileio or OsFileIO()
-        self._handles: dict[str, FileHandle] = {}
+        self._handles: dict[str, _Cached] = {}
         self._handles_lock = threading.Lock()
         self._root_seen = os.path.isdir(root) or self.fio.exists(root)
 
@@ -96,13 +107,13 @@ class LocalBackend:
         return ObjectInfo(name, size, mtime_ns / 1e9, f"{size:x}-{mtime_ns:x}-{ctime_ns:x}-"
                           f"{inode:x}", time.time())
 
-    def _write(self, name: str, path: str, data: bytes | bytearray) -> ObjectInfo:
+    def _write(self, name: str, path: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         self._make_parent(path)
         self.fio.replace_atomic(path, data)
         self._forget_handle(name)
         return self._info(name, path)
 
-    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+    def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         path = self.path(name)
         with self._exclusive():
             if self.fio.exists(path):
@@ -129,30 +140,52 @@ class LocalBackend:
             except FileNotFoundError:
                 raise ObjectNotFound(f"{self.url}: no object {name}") from None
             return data[offset:] if length is None else data[offset : offset + length]
-        handle = self._handle(name, path)
-        size = handle.size()
-        if length is None:
-            length = size - offset
-        return handle.pread(max(0, min(length, size - offset)), offset)
+        cached = self._handle(name, path)
+        try:
+            size = cached.handle.size()
+            if length is None:
+                length = size - offset
+            return cached.handle.pread(max(0, min(length, size - offset)), offset)
+        finally:
+            self._release(cached)
 
-    def _handle(self, name: str, path: str) -> FileHandle:
+    def _handle(self, name: str, path: str) -> _Cached:
+        """The open pack file, for one reader (who calls `_release`). A handle pushed out of
+        the cache meanwhile is closed by its last reader: closed under a reader, its number
+        could be reused by the next file opened, and the read would return another pack's
+        bytes (which then fail their check and go to quarantine, intact)."""
         with self._handles_lock:  # reads run on several threads
-            handle = self._handles.get(name)
-            if handle is None:
+            cached = self._handles.get(name)
+            if cached is None:
                 try:
-                    handle = self.fio.open(path)
+                    cached = _Cached(self.fio.open(path))
                 except FileNotFoundError:
                     raise ObjectNotFound(f"{self.url}: no object {name}") from None
                 if len(self._handles) >= _HANDLES:
-                    self._handles.pop(next(iter(self._handles))).close()
-                self._handles[name] = handle
-            return handle
+                    self._retire(self._handles.pop(next(iter(self._handles))))
+                self._handles[name] = cached
+            cached.readers += 1
+            return cached
+
+    def _release(self, cached: _Cached) -> None:
+        with self._handles_lock:
+            cached.readers -= 1
+            close = cached.retired and cached.readers == 0
+        if close:
+            cached.handle.close()
+
+    @staticmethod
+    def _retire(cached: _Cached) -> None:
+        """Out of the cache (under the lock): closed now, or by its last reader."""
+        cached.retired = True
+        if cached.readers == 0:
+            cached.handle.close()
 
     def _forget_handle(self, name: str) -> None:
         with self._handles_lock:
-            handle = self._handles.pop(name, None)
-        if handle is not None:
-            handle.close()
+            cached = self._handles.pop(name, None)
+            if cached is not None:
+                self._retire(cached)
 
     def info(self, name: str) -> ObjectInfo:
         return self._info(name, self.path(name))
@@ -232,6 +265,6 @@ class LocalBackend:
 
     def close(self) -> None:
         with self._handles_lock:
-            for handle in self._handles.values():
-                handle.close()
+            for cached in self._handles.values():
+                self._retire(cached)
             self._handles.clear()

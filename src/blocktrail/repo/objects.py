@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 
 import zstandard
 from blake3 import blake3
@@ -24,10 +25,11 @@ KIND_CHUNK, KIND_PAGE, KIND_TABLE = 1, 2, 3
 CODEC_PLAIN, CODEC_ZSTD = 0, 1
 HEADER = struct.Struct("<4sBBBBII32s")  # the reserved byte must be zero
 ZERO_DIGEST = bytes(32)
+Buffer = bytes | bytearray | memoryview  # what chunk bytes may come as (a view of a read)
 _local = threading.local()
 
 
-def digest(data: bytes) -> bytes:
+def digest(data: Buffer) -> bytes:
     return blake3(data).digest()
 
 
@@ -45,19 +47,22 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def object_name(kind: int, plain: bytes) -> bytes:
+def object_name(kind: int, plain: Buffer) -> bytes:
     """A chunk is named by blake3 of its bytes; pages and tables by blake3 of their kind byte
     and bytes, so no page can ever be taken for a chunk of the same bytes, or the reverse."""
     return digest(plain) if kind == KIND_CHUNK else digest(bytes([kind]) + plain)
 
 
-def seal(kind: int, plain: bytes) -> tuple[bytes, bytes]:
+def seal(kind: int, plain: Buffer) -> tuple[bytes, bytes]:
     """-> (name, envelope). Hashes the plain bytes, then compresses if that helps."""
     name = object_name(kind, plain)
-    packed = _compressor().compress(plain)
-    codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
-    return name, HEADER.pack(MAGIC, VERSION, kind, codec, 0, len(plain), len(payload),
-                             name) + payload
+    return name, seal_named(kind, name, plain)
+
+
+def seal_named(kind: int, name: bytes, plain: Buffer) -> bytes:
+    """The envelope of ``plain``, whose name the caller computed already."""
+    codec, payload = _compress(plain)
+    return HEADER.pack(MAGIC, VERSION, kind, codec, 0, len(plain), len(payload), name) + payload
 
 
 def envelope_at(data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
@@ -110,9 +115,41 @@ SEALED_HEADER = struct.Struct("<4sBBBB16s12s")  # magic, version, kind, codec, c
 _PLAIN_KINDS = (KIND_CHUNK, KIND_PAGE, KIND_TABLE)
 
 
-def _compress(plain: bytes) -> tuple[int, bytes]:
+SAMPLE_BYTES = 4096  # each of the two samples that decide whether compressing may pay
+
+
+def _incompressible(plain: Buffer) -> bool:
+    """Whether ``plain`` looks like random data (already compressed or encrypted): two
+    samples, from its start and its middle, do not shrink by a sixteenth. Compressing such a
+    chunk whole costs as much as hashing it, for nothing."""
+    if len(plain) < 4 * SAMPLE_BYTES:
+        return False
+    middle = len(plain) // 2
+    sample = b"".join((plain[:SAMPLE_BYTES], plain[middle : middle + SAMPLE_BYTES]))
+    return len(_compressor().compress(sample)) >= len(sample) - len(sample) // 16
+
+
+def _compress(plain: Buffer) -> tuple[int, Buffer]:
+    """-> (codec, payload): zstd when it makes the object smaller, else the plain bytes (also,
+    without trying, when samples say it would not)."""
+    if _incompressible(plain):
+        return CODEC_PLAIN, plain
     packed = _compressor().compress(plain)
     return (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
+
+
+class _ZeroNames:
+    """The name of a chunk of zeros, per length: a chunk whose name is one of these is a hole
+    (the name is computed anyway, and no compare of the bytes is needed)."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, bytes] = {}
+
+    def get(self, length: int, name: Callable[[Buffer], bytes]) -> bytes:
+        found = self._names.get(length)
+        if found is None:
+            found = self._names[length] = name(bytes(length))
+        return found
 
 
 def _decompress(codec: int, payload: bytes, plain_len: int | None, where: str,
@@ -137,13 +174,23 @@ class PlainCodec:
     cipher_name = "none"
     trailer_key: bytes | None = None
 
-    def name(self, kind: int, plain: bytes) -> bytes:
+    def __init__(self) -> None:
+        self._zero_names = _ZeroNames()
+
+    def name(self, kind: int, plain: Buffer) -> bytes:
         return object_name(kind, plain)
 
-    def seal(self, kind: int, plain: bytes) -> tuple[bytes, bytes]:
+    def zero_name(self, length: int) -> bytes:
+        """The name of a chunk of ``length`` zeros."""
+        return self._zero_names.get(length, digest)
+
+    def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytes]:
         return seal(kind, plain)
 
-    def seal_chunk(self, plain: bytes) -> tuple[bytes, bytes, int]:
+    def seal_named(self, kind: int, name: bytes, plain: Buffer) -> bytes:
+        return seal_named(kind, name, plain)
+
+    def seal_chunk(self, plain: Buffer) -> tuple[bytes, bytes, int]:
         name, envelope = seal(KIND_CHUNK, plain)
         return name, envelope, len(plain)
 
@@ -178,21 +225,34 @@ class EncryptedCodec:
         self.sessions = crypto.Sessions(keys, cipher)
         self.trailer_key: bytes | None = keys.mac_key()
         self._lease_key = keys.lease_key()
+        self._zero_names = _ZeroNames()
 
-    def name(self, kind: int, plain: bytes) -> bytes:
+    def name(self, kind: int, plain: Buffer) -> bytes:
         data = plain if kind == KIND_CHUNK else bytes([kind]) + plain
         return blake3(data, key=self.keys.id_key).digest()
 
-    def seal(self, kind: int, plain: bytes) -> tuple[bytes, bytes]:
+    def zero_name(self, length: int) -> bytes:
+        """The name of a chunk of ``length`` zeros."""
+        return self._zero_names.get(length, lambda plain: self.name(KIND_CHUNK, plain))
+
+    def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytearray]:
         name = self.name(kind, plain)
+        return name, self.seal_named(kind, name, plain)
+
+    def seal_named(self, kind: int, name: bytes, plain: Buffer) -> bytearray:
+        """The envelope of ``plain``, whose name the caller computed already: one buffer,
+        the header, then the ciphertext encrypted into it (no copy of the ciphertext)."""
         codec, payload = _compress(plain)
         salt, nonce, aead = self.sessions.next()
         header = HEADER_ENCRYPTED.pack(MAGIC, VERSION_ENCRYPTED, kind, codec, self.cipher,
                                        len(plain), len(payload) + crypto.TAG_BYTES, name, salt,
                                        nonce)
-        return name, header + aead.encrypt(nonce, payload, header)
+        envelope = bytearray(len(header) + len(payload) + crypto.TAG_BYTES)
+        envelope[: len(header)] = header
+        aead.encrypt_into(nonce, payload, header, memoryview(envelope)[len(header) :])
+        return envelope
 
-    def seal_chunk(self, plain: bytes) -> tuple[bytes, bytes, int]:
+    def seal_chunk(self, plain: Buffer) -> tuple[bytes, bytearray, int]:
         name, envelope = self.seal(KIND_CHUNK, plain)
         return name, envelope, len(plain)
 

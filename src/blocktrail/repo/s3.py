@@ -123,7 +123,7 @@ class S3Backend:
         header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         return parsedate_to_datetime(header).timestamp() if header else 0.0
 
-    def create(self, name: str, data: bytes | bytearray) -> ObjectInfo:
+    def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         body = bytes(data)
         try:
             response = self._call("creating", name, "put_object", Key=self.key(name),

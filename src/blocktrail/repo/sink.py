@@ -1,6 +1,7 @@
 """Storing new objects: packs written on background threads, then one index file naming them.
 
-On a local directory one pack is written at a time, and a sink closed before its index file
+On a local directory one pack is written at a time while the next one waits, filled (so a
+moment of slow storage does not stop the backup), and a sink closed before its index file
 exists deletes the packs it wrote: no index file names them, so no other writer can know them,
 and leaving them would only fill the disk (a full file system is the usual reason a backup
 fails there).
@@ -17,6 +18,7 @@ With a lease, nothing is uploaded or published once it is lost (repo/leases.py).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from blocktrail.repo.packs import PACK_TARGET_BYTES, Location, PackBuilder
 from blocktrail.repo.store import Store, new_index_name
 
 REMOTE_PACKS_IN_FLIGHT = 4
+LOCAL_PACKS_IN_FLIGHT = 2  # one being written, one waiting for it (the objects lock orders them)
 
 
 class PackSink:
@@ -43,7 +46,8 @@ class PackSink:
         self._consequence = consequence
         self._lease = lease
         self._checkpoint = store.backend.remote if checkpoint is None else checkpoint
-        self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote else 1
+        self._in_flight = REMOTE_PACKS_IN_FLIGHT if store.backend.remote \
+            else LOCAL_PACKS_IN_FLIGHT
         self._pack = PackBuilder(store.codec.trailer_key)
         self._new: dict[bytes, Location] = {}  # in packs handed to the pack writers
         self._in_pack: set[bytes] = set()
@@ -53,7 +57,8 @@ class PackSink:
         self._mutex = threading.Lock()
         self._writer = ThreadPoolExecutor(max_workers=self._in_flight,
                                           thread_name_prefix="pack-writer")
-        self._writes: deque[Future[None]] = deque()
+        self._writes: deque[tuple[Future[None], mmap.mmap]] = deque()  # with its buffer
+        self._spare: list[mmap.mmap] = []  # buffers of packs written: the next packs reuse them
         self._index_name: str | None = None
         self._published = False
         self.bytes_stored = 0
@@ -61,7 +66,12 @@ class PackSink:
     def holds(self, name: bytes) -> bool:
         return name in self._new or name in self._in_pack
 
-    def add(self, name: bytes, envelope: bytes, plain_length: int) -> bool:
+    def stored(self, name: bytes) -> bool:
+        """``add`` would not pack it: this sink holds it, or it is stored already. Safe to ask
+        from other threads (a chunk sealed meanwhile is packed once all the same: `add`)."""
+        return self.holds(name) or self._known(name)
+
+    def add(self, name: bytes, envelope: bytes | bytearray, plain_length: int) -> bool:
         """Pack an object unless it is stored already; -> True if packed."""
         if self.holds(name) or self._known(name):
             return False
@@ -78,16 +88,22 @@ class PackSink:
         if not self._pack.entries:
             return
         while len(self._writes) >= self._in_flight:
-            self._writes.popleft().result()  # a failed write surfaces here
-        pack, self._pack = self._pack, PackBuilder(self._store.codec.trailer_key)
+            self._wait_one()
+        pack, self._pack = self._pack, PackBuilder(
+            self._store.codec.trailer_key, self._spare.pop() if self._spare else None)
         locations = pack.locations()
         self._written.append(pack.pack_id)
-        self._writes.append(self._writer.submit(self._write, pack.pack_id, pack.finish(),
-                                                locations))
+        self._writes.append((self._writer.submit(self._write, pack.pack_id, pack.finish(),
+                                                 locations), pack.buffer))
         self._new.update(locations)
         self._in_pack.clear()
 
-    def _write(self, pack_id: str, data: bytearray, locations: dict[bytes, Location]) -> None:
+    def _wait_one(self) -> None:
+        future, data = self._writes.popleft()
+        future.result()  # a failed write surfaces here
+        self._spare.append(data)
+
+    def _write(self, pack_id: str, data: memoryview, locations: dict[bytes, Location]) -> None:
         if self._lease is not None:
             self._lease.check(f"upload pack {pack_id}")
         self._store.write_pack(pack_id, data, self._consequence)
@@ -102,7 +118,8 @@ class PackSink:
 
     def _wait(self) -> None:
         while self._writes:
-            self._writes.popleft().result()
+            self._wait_one()
+        self._spare.clear()
 
     def finish_packs(self) -> dict[bytes, Location]:
         """Write the last pack and wait until every pack is durable; -> where each object is."""
@@ -135,7 +152,7 @@ class PackSink:
         """Done, or given up: packs being written finish; unless an index file names them
         now, the packs written are deleted again (a checkpointed pack is kept: the next backup
         deduplicates against it)."""
-        for future in self._writes:
+        for future, _ in self._writes:
             future.cancel()
         self._writer.shutdown(wait=True)
         if self._published or not self._written:

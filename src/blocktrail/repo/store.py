@@ -194,7 +194,7 @@ class Store:
                 f"{exc.strerror or exc}): free space, e.g. `blocktrail forget {self.location} "
                 f"--keep-last N --prune`, and retry; {consequence}") from exc
 
-    def write_pack(self, pack_id: str, data: bytes | bytearray,
+    def write_pack(self, pack_id: str, data: bytes | bytearray | memoryview,
                    consequence: str = "nothing was published") -> None:
         with self.writing(f"writing pack {pack_id}", consequence):
             self.backend.create(layout.pack(pack_id), data)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -11,22 +11,35 @@ from typing import Any
 from blocktrail import __version__
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Codec
+from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Buffer, Codec
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
 BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
 MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
 TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
+Sealed = tuple[bytes, bytes | bytearray | None, int]  # name, envelope (None: nothing to store),
+#                                                        plain length
 
 
-@functools.cache
-def _zeros(length: int) -> bytes:
-    return bytes(length)
-
-
-def _seal_chunks(codec: Codec, batch: list[bytes]) -> list[tuple[bytes, bytes, int]]:
-    return [codec.seal_chunk(data) for data in batch]
+def _seal_chunks(codec: Codec, batch: list[Buffer],
+                 stored: Callable[[bytes], bool]) -> list[Sealed]:
+    """Name each chunk, then compress and encrypt only what is new: a hole (its name is the
+    name of zeros) and a chunk stored already (or earlier in the batch) are not sealed. The
+    pack sink still checks each envelope it is given, so a chunk that two batches seal at
+    once is packed once."""
+    out: list[Sealed] = []
+    new: set[bytes] = set()
+    for data in batch:
+        name = codec.name(KIND_CHUNK, data)
+        if name == codec.zero_name(len(data)):
+            out.append((ZERO_DIGEST, None, len(data)))
+        elif name in new or stored(name):
+            out.append((name, None, len(data)))
+        else:
+            new.add(name)
+            out.append((name, codec.seal_named(KIND_CHUNK, name, data), len(data)))
+    return out
 
 
 class PointWriter:
@@ -53,10 +66,9 @@ class PointWriter:
         self._pool = pool
         self._entries: dict[int, bytes] = {}
         self._batch_indexes: list[int] = []
-        self._batch: list[bytes] = []
+        self._batch: list[Buffer] = []
         self._batch_bytes = 0
-        self._pending: deque[tuple[list[int], Future[list[tuple[bytes, bytes, int]]]]] = \
-            deque()
+        self._pending: deque[tuple[list[int], Future[list[Sealed]]]] = deque()
         self._sink = PackSink(store, store.has_chunk, lease=lease)
         self._parent_pages: list[str] | None = None
         self.chunks_put = 0
@@ -66,14 +78,25 @@ class PointWriter:
     def bytes_stored(self) -> int:
         return self._sink.bytes_stored
 
-    def put_chunk(self, index: int, data: bytes) -> None:
-        """Store chunk ``index`` of the disk (all zeros: a hole, nothing stored)."""
+    def put_chunk(self, index: int, data: Buffer) -> None:
+        """Store chunk ``index`` of the disk (all zeros: a hole, nothing stored). ``data`` is
+        not copied: it must not change until the commit."""
         self.chunks_put += 1
-        if data == _zeros(len(data)):
-            self._entries[index] = ZERO_DIGEST
-            return
         self._batch_indexes.append(index)
         self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            self._submit_batch()
+
+    def put_chunks(self, first: int, data: Buffer) -> None:
+        """Store the chunks ``first``, ``first + 1``, ... that ``data`` holds back to back (as
+        one read returned them; the last may be short), as one batch of views of it."""
+        cs = self._repo.chunk_size
+        view = memoryview(data)
+        for offset in range(0, len(data), cs):
+            self._batch_indexes.append(first + offset // cs)
+            self._batch.append(view[offset : offset + cs])
+        self.chunks_put += -(-len(data) // cs)
         self._batch_bytes += len(data)
         if self._batch_bytes >= BATCH_BYTES:
             self._submit_batch()
@@ -82,7 +105,7 @@ class PointWriter:
         if not self._batch:
             return
         self._pending.append((self._batch_indexes, self._pool.submit(
-            _seal_chunks, self._repo.codec, self._batch)))
+            _seal_chunks, self._repo.codec, self._batch, self._sink.stored)))
         self._batch_indexes, self._batch, self._batch_bytes = [], [], 0
         if len(self._pending) >= MAX_IN_FLIGHT:
             self._drain(MAX_IN_FLIGHT // 2)
@@ -95,7 +118,8 @@ class PointWriter:
             for index, (name, envelope, plain_length) in zip(indexes, future.result(),
                                                             strict=True):
                 self._entries[index] = name
-                self.new_chunks += self._sink.add(name, envelope, plain_length)
+                if envelope is not None:
+                    self.new_chunks += self._sink.add(name, envelope, plain_length)
 
     def _store(self, kind: int, plain: bytes) -> str:
         """Pack a page or page table; -> its name in hex."""

@@ -1,0 +1,51 @@
+"""What the writer stores for a chunk: random data plain (samples say compressing would not
+pay), compressible data zstd, a chunk that is random only in part still zstd; holes named as
+zeros; and every envelope, sealed from a view of a bigger read, opens to the same bytes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blocktrail.repo import crypto
+from blocktrail.repo.objects import (
+    CODEC_PLAIN,
+    CODEC_ZSTD,
+    KIND_CHUNK,
+    Codec,
+    EncryptedCodec,
+    PlainCodec,
+)
+
+CHUNK = 65536
+TEXT = (b"the quick brown fox jumps over the lazy dog " * 2000)[:CHUNK]
+
+
+def _codecs() -> list[Codec]:
+    return [PlainCodec(), EncryptedCodec(crypto.MasterKeys.generate(), crypto.AES_GCM)]
+
+
+@pytest.mark.parametrize("codec", _codecs(), ids=["plain", "encrypted"])
+@pytest.mark.parametrize(("data", "expected"), [
+    (os.urandom(CHUNK), CODEC_PLAIN),
+    (TEXT, CODEC_ZSTD),
+    (os.urandom(CHUNK // 2) + bytes(CHUNK // 2), CODEC_ZSTD),  # the middle sample is zeros
+    (bytes(CHUNK // 2) + os.urandom(CHUNK // 2), CODEC_ZSTD),  # the first one is
+    (os.urandom(100), CODEC_PLAIN),  # too small to sample: tried, did not shrink
+], ids=["random", "text", "random-then-zeros", "zeros-then-random", "small"])
+def test_codec_of_a_chunk(codec: Codec, data: bytes, expected: int) -> None:
+    read = os.urandom(7) + data + os.urandom(9)  # the chunk is a view of a bigger read
+    view = memoryview(read)[7 : 7 + len(data)]
+    name = codec.name(KIND_CHUNK, view)
+    envelope = codec.seal_named(KIND_CHUNK, name, view)
+    assert envelope[6] == expected  # the codec byte, in both envelope versions
+    assert name == codec.name(KIND_CHUNK, data)
+    assert codec.open(bytes(envelope), KIND_CHUNK, name, "chunk") == data
+
+
+@pytest.mark.parametrize("codec", _codecs(), ids=["plain", "encrypted"])
+def test_zero_name_is_the_name_of_zeros(codec: Codec) -> None:
+    assert codec.zero_name(CHUNK) == codec.name(KIND_CHUNK, bytes(CHUNK))
+    assert codec.zero_name(100) == codec.name(KIND_CHUNK, bytes(100))
+    assert codec.zero_name(CHUNK) != codec.name(KIND_CHUNK, b"\0" * (CHUNK - 1) + b"\1")
