@@ -27,7 +27,7 @@ Seal = tuple[int, int, int, int]
 
 class FileHandle(Protocol):
     def pread(self, count: int, offset: int) -> bytes: ...
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None: ...
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
@@ -103,7 +103,7 @@ class OsFileHandle:
             data += bytes(count - len(data))
         return data
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(self._fd, view, offset)
@@ -284,7 +284,7 @@ class SimulatedFileHandle:
                 pos += n
             return bytes(out)
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._fs.mutex:
             ino = self._inode
             self._fs.tick(ino)
