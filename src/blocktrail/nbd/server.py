@@ -53,6 +53,7 @@ from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 log = logging.getLogger(__name__)
 _FUA = int(CommandFlag.FUA)
 RECEIVE_BYTES = 256 * 1024
+REPLY_BATCH_BYTES = 16 * 1024  # replies held while more requests are there at once
 SEND_BUFFER_BYTES = 4 << 20
 
 
@@ -148,12 +149,35 @@ class _Connection:
             self._sock.close()
 
     async def _receive(self) -> None:
-        data = await self._loop.sock_recv(self._sock, RECEIVE_BYTES)
-        if self._session is None:
-            with self._lock:
-                self._proto.receive_data(data)
-        else:
-            self._decrypt(data)
+        if self._session is not None:
+            self._decrypt(await self._loop.sock_recv(self._sock, RECEIVE_BYTES))
+            return
+        with self._lock:  # the core lends a buffer: a large write's payload lands in place
+            buffer = self._proto.get_buffer()
+        count = await self._loop.sock_recv_into(self._sock, buffer)
+        with self._lock:
+            if count:
+                self._proto.buffer_updated(count)
+            else:
+                self._proto.receive_data(b"")
+
+    def _receive_now(self) -> bool:
+        """Receive what the socket holds already, without waiting (in plaintext): whether
+        anything came (EOF included)."""
+        if self._session is not None:
+            return False
+        with self._lock:
+            buffer = self._proto.get_buffer()
+        try:
+            count = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return False
+        with self._lock:
+            if count:
+                self._proto.buffer_updated(count)
+            else:
+                self._proto.receive_data(b"")
+        return True
 
     def _decrypt(self, data: bytes | None) -> None:
         """Feed ciphertext (None: none new) and pass what it decrypts to the core."""
@@ -232,6 +256,8 @@ class _Connection:
                 self._send_done(done)
                 await self._until(self._has_room)
                 continue
+            if len(done) < REPLY_BATCH_BYTES and self._receive_now():
+                continue  # more requests were there: their replies go out with these
             self._send_done(done)
             await self._receive()
 
