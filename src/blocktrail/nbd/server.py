@@ -292,7 +292,8 @@ class _Connection:
             return None
         request = event
         command = request.command
-        if command is Command.WRITE and not int.__and__(request.flags, _FUA):
+        if (command is Command.WRITE or command is Command.WRITE_ZEROES
+                or command is Command.TRIM) and not int.__and__(request.flags, _FUA):
             try:
                 if target.perform_now(request):  # no thread hand-off, no waiting: done
                     with self._lock:
