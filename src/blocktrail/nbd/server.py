@@ -297,6 +297,7 @@ class _Connection:
             try:
                 if target.perform_now(request):  # no thread hand-off, no waiting: done
                     with self._lock:
+                        self._proto.reuse(request.data)  # written: the buffer is free
                         return self._proto.done_reply(request.cookie) \
                             if self._proto.can_reply else None
             except RequestFailed as failure:

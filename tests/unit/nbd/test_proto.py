@@ -292,3 +292,20 @@ def test_buffer_updated_is_checked() -> None:
     lent = conn.get_buffer()
     with pytest.raises(LocalProtocolError):
         conn.buffer_updated(len(lent) + 1)
+
+
+def test_a_payload_handed_back_takes_the_next_one() -> None:
+    conn = ServerConnection(Catalog())
+    second = bytes(reversed(BIG))
+    conn.receive_data(struct.pack(">I", 1) + go() + request(Command.WRITE, 0, len(BIG), cookie=1))
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(BIG)
+    first = conn.next_event()
+    assert isinstance(first, Request) and first.data == BIG
+    conn.reuse(first.data)
+    conn.receive_data(request(Command.WRITE, 0, len(BIG), cookie=2) + second[:5])
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(second[5:])
+    event = conn.next_event()
+    assert isinstance(event, Request) and event.data == second and event.data is first.data

@@ -193,10 +193,13 @@ class ServerConnection:
                                      violation=Input.VIOLATION, refusals=REFUSALS)
         self._in = bytearray()
         self._pos = 0  # read position in _in during transmission
-        self._scratch = memoryview(bytearray(RECEIVE_BYTES))  # what get_buffer lends, at rest
+        # what get_buffer lends, at rest: small, and large once a receive filled it (a short
+        # connection does not pay for a large one)
+        self._scratch = memoryview(bytearray(HEADER_RECEIVE_BYTES))
         self._lent = 0  # bytes of the scratch lent by get_buffer (0: the payload, or none)
         self._payload: bytearray | None = None  # a large WRITE's payload, received in place
         self._payload_filled = 0
+        self._spare: bytearray | None = None  # a payload handed back with reuse, for the next
         self._payload_header = (0, 0, 0, 0)  # its flags, cookie, offset, length
         self._header_next = False  # a payload was received in place: next, a header alone
         self._out = bytearray(_GREETING)
@@ -248,6 +251,8 @@ class ServerConnection:
             if count > self._lent:
                 raise LocalProtocolError(f"{count} bytes do not fit the {self._lent} lent")
             self._in += self._scratch[:count]
+            if count == len(self._scratch) < RECEIVE_BYTES:
+                self._scratch = memoryview(bytearray(RECEIVE_BYTES))
         elif self._payload is not None and count <= len(self._payload) - self._payload_filled:
             self._payload_filled += count
         else:
@@ -280,6 +285,13 @@ class ServerConnection:
             raise RemoteProtocolError("the client closed the connection mid-message")
         self._machine.fire(Input.HANGUP)
         return Disconnect()
+
+    def reuse(self, data: bytes | bytearray) -> None:
+        """A WRITE's data that nothing refers to any more (the write is done): a payload
+        received in place may take its buffer, which saves allocating and zeroing one. Only for
+        data no other thread or object still reads."""
+        if type(data) is bytearray:
+            self._spare = data
 
     def tls_established(self) -> None:
         """The TLS handshake that followed `StartTls` succeeded; negotiation starts afresh."""
@@ -351,7 +363,9 @@ class ServerConnection:
                 return NEED_DATA
             # A large payload: what came with the header is copied, the rest is received in
             # place (get_buffer), and then it is the request's data as it is.
-            self._payload = bytearray(payload)
+            spare, self._spare = self._spare, None
+            self._payload = spare if spare is not None and len(spare) == payload \
+                else bytearray(payload)
             self._payload_filled = len(self._in) - start
             with memoryview(self._in) as view:
                 self._payload[: self._payload_filled] = view[start:]
