@@ -53,7 +53,10 @@ from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 log = logging.getLogger(__name__)
 _FUA = int(CommandFlag.FUA)
 RECEIVE_BYTES = 256 * 1024
-REPLY_BATCH_BYTES = 16 * 1024  # replies held while more requests are there at once
+# Replies of requests done on the loop are held while more requests are there at once, up to
+# this many bytes of replies, or of requests received meanwhile (a reply waits little).
+REPLY_BATCH_BYTES = 16 * 1024
+REPLY_HOLD_RECEIVED = 1 << 20
 SEND_BUFFER_BYTES = 4 << 20
 
 
@@ -161,23 +164,23 @@ class _Connection:
             else:
                 self._proto.receive_data(b"")
 
-    def _receive_now(self) -> bool:
-        """Receive what the socket holds already, without waiting (in plaintext): whether
-        anything came (EOF included)."""
+    def _receive_now(self) -> int | None:
+        """Receive what the socket holds already, without waiting (in plaintext): how many
+        bytes came (0: EOF), None if none were there."""
         if self._session is not None:
-            return False
+            return None
         with self._lock:
             buffer = self._proto.get_buffer()
         try:
             count = self._sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
-            return False
+            return None
         with self._lock:
             if count:
                 self._proto.buffer_updated(count)
             else:
                 self._proto.receive_data(b"")
-        return True
+        return count
 
     def _decrypt(self, data: bytes | None) -> None:
         """Feed ciphertext (None: none new) and pass what it decrypts to the core."""
@@ -238,6 +241,7 @@ class _Connection:
         if target is None:
             return
         done = bytearray()  # replies of requests done at once: sent together, once per batch
+        held = 0  # bytes received since the first of them was held
         while True:
             while self._has_room():
                 with self._lock:
@@ -256,9 +260,15 @@ class _Connection:
                 self._send_done(done)
                 await self._until(self._has_room)
                 continue
-            if len(done) < REPLY_BATCH_BYTES and self._receive_now():
-                continue  # more requests were there: their replies go out with these
+            if not done:
+                held = 0
+            elif len(done) < REPLY_BATCH_BYTES and held < REPLY_HOLD_RECEIVED:
+                received = self._receive_now()
+                if received is not None:  # more requests were there: their replies go out
+                    held += received  # with these, unless receiving them takes long
+                    continue
             self._send_done(done)
+            held = 0
             await self._receive()
 
     def _send_done(self, done: bytearray) -> None:
