@@ -65,8 +65,8 @@ def _locate(layers: list[Layer], top: int, cluster_size: int, offset: int,
     return [(None, offset, length)]
 
 
-def write_top(layers: list[Layer], cluster_size: int, offset: int, data: bytes | None,
-              length: int) -> None:
+def write_top(layers: list[Layer], cluster_size: int, offset: int,
+              data: bytes | memoryview | None, length: int) -> None:
     """Write ``data`` (``None``: zeros) to the top layer; a delta copies partial clusters up."""
     top = layers[-1]
     if isinstance(top, BaseLayer):
@@ -76,8 +76,9 @@ def write_top(layers: list[Layer], cluster_size: int, offset: int, data: bytes |
             top.data.pwrite(data, offset)
         return
     pos = 0
+    view = None if data is None else memoryview(data)  # pieces without copies
     for piece_offset, piece_length in iter_pieces(offset, length, cluster_size):
-        piece = None if data is None else data[pos : pos + piece_length]
+        piece = None if view is None else view[pos : pos + piece_length]
         pos += piece_length
         _write_delta_piece(layers, top, cluster_size, piece_offset, piece_length, piece)
 
@@ -95,7 +96,7 @@ def writes_in_place(top: Layer, cluster_size: int, offset: int, length: int) -> 
 
 
 def _write_delta_piece(layers: list[Layer], top: DeltaLayer, cluster_size: int, offset: int,
-                       length: int, piece: bytes | None) -> None:
+                       length: int, piece: memoryview | None) -> None:
     """One cluster's part of a write, alone on that cluster (other writers of the same cluster
     wait: a copy-up must not lose a concurrent write's bytes)."""
     cluster = offset // cluster_size
@@ -104,7 +105,7 @@ def _write_delta_piece(layers: list[Layer], top: DeltaLayer, cluster_size: int, 
 
 
 def _write_cluster(layers: list[Layer], top: DeltaLayer, cluster_size: int, cluster: int,
-                   offset: int, length: int, piece: bytes | None) -> None:
+                   offset: int, length: int, piece: memoryview | None) -> None:
     cluster_offset = cluster * cluster_size
     if length == cluster_size:
         if piece is None:
@@ -114,17 +115,17 @@ def _write_cluster(layers: list[Layer], top: DeltaLayer, cluster_size: int, clus
             top.data.pwrite(piece, cluster_offset)
             top.set_state(cluster, ClusterState.DATA)
         return
-    piece = bytes(length) if piece is None else piece
+    data = bytes(length) if piece is None else piece
     state = top.state(cluster)
     if state is ClusterState.DATA:
-        top.data.pwrite(piece, offset)
+        top.data.pwrite(data, offset)
         return
     # copy the cluster's current content up, then overlay the piece
     current = bytearray(read_pieces(_locate(layers, len(layers) - 1, cluster_size,
                                             cluster_offset, cluster_size)))
     within = offset - cluster_offset
-    current[within : within + length] = piece
-    top.data.pwrite(bytes(current), cluster_offset)
+    current[within : within + length] = data
+    top.data.pwrite(current, cluster_offset)
     top.set_state(cluster, ClusterState.DATA)
 
 

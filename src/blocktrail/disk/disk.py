@@ -377,18 +377,26 @@ class Disk:
             self._io.add_read(count)
         return mapped
 
-    def pwrite(self, buf: bytes, offset: int) -> None:
-        self._apply(offset, len(buf), bytes(buf))
+    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write ``buf`` at ``offset`` (it is not kept: the caller may reuse it afterwards)."""
+        data = _readonly(buf)
+        self._apply(offset, len(data), data)
 
-    def try_pwrite(self, buf: bytes, offset: int) -> bool:
+    def try_pwrite(self, buf: bytes | bytearray | memoryview, offset: int) -> bool:
         """`pwrite` done at once when nothing would make it wait (a change of the layer
         structure, a write-intent sync, a copy-up from the layers below, a due checkpoint):
         -> True. False: nothing was done; call `pwrite` where waiting is fine. Errors are
         raised as by `pwrite`. (An event loop writes small guest writes this way.)"""
-        return self._apply(offset, len(buf), bytes(buf), wait=False)
+        data = _readonly(buf)
+        return self._apply(offset, len(data), data, wait=False)
 
     def zero(self, count: int, offset: int) -> None:
         self._apply(offset, count, None)
+
+    def try_zero(self, count: int, offset: int) -> bool:
+        """`zero` (or `trim`: the same) done at once when nothing would make it wait, as
+        `try_pwrite`: -> True; False: nothing was done."""
+        return self._apply(offset, count, None, wait=False)
 
     def trim(self, count: int, offset: int) -> None:
         """Discard a range; it reads back as zeros and counts as changed."""
@@ -401,7 +409,7 @@ class Disk:
             self._stack.check_usable()
             self._flush_locked()
 
-    def _apply(self, offset: int, length: int, data: bytes | None, *,
+    def _apply(self, offset: int, length: int, data: bytes | memoryview | None, *,
                wait: bool = True) -> bool:
         """The one choke point: mark the tracker (durably), then write the top layer. Under
         the shared lock: writes run in parallel with each other and with reads, never with a
@@ -828,6 +836,15 @@ def _rename_legacy_snapshots(meta: DiskMeta) -> None:
         for record in meta.layers:
             if record.snapshot == snap.name:
                 record.snapshot = new
+
+
+def _readonly(buf: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``buf`` as the write path takes it, without copying it (bytes as they are, any other
+    buffer as a read-only view of its bytes)."""
+    if type(buf) is bytes:
+        return buf
+    view = memoryview(buf)
+    return (view if view.format == "B" and view.ndim == 1 else view.cast("B")).toreadonly()
 
 
 def _reraise(exc: BaseException) -> None:

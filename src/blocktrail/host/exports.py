@@ -39,13 +39,15 @@ from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.tracking import ALL_ALLOCATED
 
 _FUA = int(CommandFlag.FUA)
+_NOT_NOW = int(CommandFlag.FUA | CommandFlag.NO_HOLE)  # FUA waits for a flush; NO_HOLE writes
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
-# A write up to this size is done on the event loop when the disk can take it at once (no
-# thread hand-off); a larger one goes to a worker thread, where its copy into the layer file runs
-# beside the others (the event loop would do large writes one at a time).
-NOW_WRITE_MAX_BYTES = 64 << 10
+# A write up to this size is done on the event loop when the disk can take it at once: a thread
+# hand-off costs more than copying it into the page cache (ext4 writes one file one write at a
+# time anyway), and workers contending for the GIL cost most. A larger one goes to a worker
+# thread, so that the event loop is not held up by one copy for long.
+NOW_WRITE_MAX_BYTES = 1 << 20
 _DESCRIPTOR = np.dtype(">u4")
 
 
@@ -95,19 +97,26 @@ class Target:
                 disk.flush()
 
     def perform_now(self, request: Request) -> bool:
-        """A WRITE done at once if the disk can take it without waiting (`Disk.try_pwrite`);
-        on the event loop, for every small write: kept short."""
-        if request.command is not Command.WRITE or self.snapshot is not None \
-                or int.__and__(request.flags, _FUA) or len(request.data) > NOW_WRITE_MAX_BYTES:
+        """A WRITE, WRITE_ZEROES (that may leave a hole) or TRIM done at once if the disk can
+        take it without waiting (`Disk.try_pwrite`, `Disk.try_zero`); on the event loop, for
+        every such request: kept short."""
+        command = request.command
+        if self.snapshot is not None or int.__and__(request.flags, _NOT_NOW):
             return False
         try:
-            return self.disk.try_pwrite(request.data, request.offset)
+            if command is Command.WRITE:
+                return len(request.data) <= NOW_WRITE_MAX_BYTES \
+                    and self.disk.try_pwrite(request.data, request.offset)
+            if command is Command.WRITE_ZEROES or command is Command.TRIM:
+                self.check_range(command, request.offset, request.length)
+                return self.disk.try_zero(request.length, request.offset)
         except OutOfRange as exc:  # past the end: NBD says ENOSPC for a write
             raise RequestFailed(exc.message, errno=Errno.ENOSPC) from exc
         except BlocktrailError:
             return False  # the worker's perform answers it, with its errno
         except OSError:
             return False
+        return False
 
     def _zero(self, offset: int, length: int, *, allocate: bool) -> None:
         if not allocate:

@@ -71,7 +71,9 @@ class Export(Protocol):
     def perform_now(self, request: Request) -> bool:
         """The request carried out at once, on the event loop, if nothing would make it wait
         (a small write to memory, say): True. False: nothing was done, and the server hands it
-        to `perform` on a worker thread. An export that never can answers False."""
+        to `perform` on a worker thread. An export that never can answers False. Once it
+        answered True, a WRITE's data is the server's again (it may receive the next payload
+        into it): what the export keeps of it, it copies."""
         ...
 
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:

@@ -53,6 +53,10 @@ from blocktrail.nbd.wire import FilePart, Item, SenderThreads, Wire, zeros
 log = logging.getLogger(__name__)
 _FUA = int(CommandFlag.FUA)
 RECEIVE_BYTES = 256 * 1024
+# Replies of requests done on the loop are held while more requests are there at once, up to
+# this many bytes of replies, or of requests received meanwhile (a reply waits little).
+REPLY_BATCH_BYTES = 16 * 1024
+REPLY_HOLD_RECEIVED = 1 << 20
 SEND_BUFFER_BYTES = 4 << 20
 
 
@@ -148,12 +152,35 @@ class _Connection:
             self._sock.close()
 
     async def _receive(self) -> None:
-        data = await self._loop.sock_recv(self._sock, RECEIVE_BYTES)
-        if self._session is None:
-            with self._lock:
-                self._proto.receive_data(data)
-        else:
-            self._decrypt(data)
+        if self._session is not None:
+            self._decrypt(await self._loop.sock_recv(self._sock, RECEIVE_BYTES))
+            return
+        with self._lock:  # the core lends a buffer: a large write's payload lands in place
+            buffer = self._proto.get_buffer()
+        count = await self._loop.sock_recv_into(self._sock, buffer)
+        with self._lock:
+            if count:
+                self._proto.buffer_updated(count)
+            else:
+                self._proto.receive_data(b"")
+
+    def _receive_now(self) -> int | None:
+        """Receive what the socket holds already, without waiting (in plaintext): how many
+        bytes came (0: EOF), None if none were there."""
+        if self._session is not None:
+            return None
+        with self._lock:
+            buffer = self._proto.get_buffer()
+        try:
+            count = self._sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+        with self._lock:
+            if count:
+                self._proto.buffer_updated(count)
+            else:
+                self._proto.receive_data(b"")
+        return count
 
     def _decrypt(self, data: bytes | None) -> None:
         """Feed ciphertext (None: none new) and pass what it decrypts to the core."""
@@ -214,6 +241,7 @@ class _Connection:
         if target is None:
             return
         done = bytearray()  # replies of requests done at once: sent together, once per batch
+        held = 0  # bytes received since the first of them was held
         while True:
             while self._has_room():
                 with self._lock:
@@ -232,7 +260,15 @@ class _Connection:
                 self._send_done(done)
                 await self._until(self._has_room)
                 continue
+            if not done:
+                held = 0
+            elif len(done) < REPLY_BATCH_BYTES and held < REPLY_HOLD_RECEIVED:
+                received = self._receive_now()
+                if received is not None:  # more requests were there: their replies go out
+                    held += received  # with these, unless receiving them takes long
+                    continue
             self._send_done(done)
+            held = 0
             await self._receive()
 
     def _send_done(self, done: bytearray) -> None:
@@ -266,10 +302,12 @@ class _Connection:
             return None
         request = event
         command = request.command
-        if command is Command.WRITE and not int.__and__(request.flags, _FUA):
+        if (command is Command.WRITE or command is Command.WRITE_ZEROES
+                or command is Command.TRIM) and not int.__and__(request.flags, _FUA):
             try:
                 if target.perform_now(request):  # no thread hand-off, no waiting: done
                     with self._lock:
+                        self._proto.reuse(request.data)  # written: the buffer is free
                         return self._proto.done_reply(request.cookie) \
                             if self._proto.can_reply else None
             except RequestFailed as failure:

@@ -91,6 +91,8 @@ class IntentLog:
         first = offset // self.region_bytes
         last = (offset + max(length, 1) - 1) // self.region_bytes
         durable = self._durable
+        if first == last:  # nearly every write
+            return first in durable
         return all(r in durable for r in range(first, last + 1))
 
     def ensure(self, offset: int, length: int) -> None:

@@ -15,6 +15,7 @@ from blocktrail.nbd.proto import (
     ExportChosen,
     ExportInfo,
     InvalidRequest,
+    LocalProtocolError,
     RemoteProtocolError,
     Request,
     ServerConnection,
@@ -200,3 +201,111 @@ def test_one_negotiation_asks_the_catalog_once_per_name() -> None:
                       + go(b"nope") + go(b"nope") + option(Option.INFO, go()[16:]) + go())
     assert isinstance(conn.next_event(), ExportChosen)
     assert asked == ["disk0", "nope"]
+
+
+# ---------------------------------------------------------------------- receiving into buffers
+
+BIG = bytes(range(256)) * 400  # 100 KiB: received in place
+LARGE_CLIENT = (struct.pack(">I", 1) + go()
+                + request(Command.WRITE, 0, len(BIG), data=BIG, cookie=1)
+                + request(Command.WRITE, 4096, 3, data=b"abc", cookie=2)
+                + request(Command.WRITE, 0, len(BIG), CommandFlag.REQ_ONE, BIG, cookie=3)
+                + request(Command.WRITE, 8192, len(BIG), CommandFlag.FUA, BIG, cookie=4)
+                + request(Command.FLUSH, cookie=5) + request(Command.DISC))
+
+
+def drive_into(stream: bytes, sizes: list[int]) -> list[object]:
+    """``stream`` as a socket's ``recv_into`` gives it: at most the next size of ``sizes``
+    (cycled) into each buffer the core lends."""
+    conn = ServerConnection(Catalog())
+    conn.data_to_send()
+    events: list[object] = []
+    pos, turn = 0, 0
+    while True:
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+            if isinstance(event, Disconnect):
+                return events
+        if pos == len(stream):
+            conn.receive_data(b"")
+            continue
+        buffer = conn.get_buffer()
+        count = min(len(buffer), sizes[turn % len(sizes)], len(stream) - pos)
+        buffer[:count] = stream[pos : pos + count]
+        conn.buffer_updated(count)
+        pos, turn = pos + count, turn + 1
+
+
+def large_events() -> list[object]:
+    return [ExportChosen(EXPORT, False, {}),
+            Request(1, Command.WRITE, CommandFlag(0), 0, len(BIG), BIG),
+            Request(2, Command.WRITE, CommandFlag(0), 4096, 3, b"abc"),
+            InvalidRequest(3, Command.WRITE, 22, "flags 0x8 are not allowed on WRITE"),
+            Request(4, Command.WRITE, CommandFlag.FUA, 8192, len(BIG), BIG),
+            Request(5, Command.FLUSH, CommandFlag(0), 0, 0), Disconnect()]
+
+
+@pytest.mark.parametrize("sizes", [[1 << 30], [1], [7, 4096, 28, 100_000], [28, 1 << 20]])
+def test_receiving_into_lent_buffers_gives_the_same_events(sizes: list[int]) -> None:
+    assert drive_into(LARGE_CLIENT, sizes) == large_events()
+
+
+def test_large_payloads_fed_whole_and_byte_by_byte_agree() -> None:
+    whole, _ = drive([LARGE_CLIENT])
+    single, _ = drive([LARGE_CLIENT[i : i + 1] for i in range(len(LARGE_CLIENT))])
+    assert whole == single == large_events()
+
+
+def test_a_large_payload_is_received_in_place() -> None:
+    conn = ServerConnection(Catalog())
+    header = struct.pack(">I", 1) + go() + request(Command.WRITE, 0, len(BIG), cookie=1)
+    conn.receive_data(header + BIG[:10])
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert conn.next_event() is NEED_DATA
+    buffer = conn.get_buffer()
+    assert len(buffer) == len(BIG) - 10  # exactly the rest of the payload
+    buffer[:] = BIG[10:]
+    conn.buffer_updated(len(buffer))
+    event = conn.next_event()
+    assert isinstance(event, Request) and event.data == BIG
+    assert isinstance(event.data, bytearray) and buffer.obj is event.data
+    assert len(conn.get_buffer()) < len(BIG)  # the next header: little to copy of a payload
+
+
+def test_eof_inside_a_large_payload_is_a_protocol_error() -> None:
+    conn = ServerConnection(Catalog())
+    conn.receive_data(struct.pack(">I", 1) + go() + request(Command.WRITE, 0, len(BIG))
+                      + BIG[:100])
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+
+
+def test_buffer_updated_is_checked() -> None:
+    conn = ServerConnection(Catalog())
+    with pytest.raises(LocalProtocolError):
+        conn.buffer_updated(0)
+    with pytest.raises(LocalProtocolError):
+        conn.buffer_updated(1)  # nothing was lent
+    lent = conn.get_buffer()
+    with pytest.raises(LocalProtocolError):
+        conn.buffer_updated(len(lent) + 1)
+
+
+def test_a_payload_handed_back_takes_the_next_one() -> None:
+    conn = ServerConnection(Catalog())
+    second = bytes(reversed(BIG))
+    conn.receive_data(struct.pack(">I", 1) + go() + request(Command.WRITE, 0, len(BIG), cookie=1))
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(BIG)
+    first = conn.next_event()
+    assert isinstance(first, Request) and first.data == BIG
+    conn.reuse(first.data)
+    conn.receive_data(request(Command.WRITE, 0, len(BIG), cookie=2) + second[:5])
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(second[5:])
+    event = conn.next_event()
+    assert isinstance(event, Request) and event.data == second and event.data is first.data

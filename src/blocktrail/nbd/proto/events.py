@@ -137,14 +137,15 @@ class ExportChosen:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A request to carry out (WRITE's data included); answer it with the core's ``reply_*``."""
+    """A request to carry out (WRITE's data included); answer it with the core's ``reply_*``.
+    A large WRITE's data is the bytearray it was received into (no copy), the request's own."""
 
     cookie: int
     command: Command
     flags: CommandFlag
     offset: int
     length: int
-    data: bytes = b""
+    data: bytes | bytearray = b""
 
 
 @dataclass(frozen=True, slots=True)

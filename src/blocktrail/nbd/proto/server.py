@@ -2,7 +2,8 @@
 
     conn = ServerConnection(catalog)
     send(conn.data_to_send())                  # the greeting
-    conn.receive_data(bytes_from_socket)       # b"" at EOF
+    conn.receive_data(bytes_from_socket)       # b"" at EOF; or, without a copy:
+    conn.buffer_updated(sock.recv_into(conn.get_buffer()))
     while (event := conn.next_event()) is not NEED_DATA: ...
     send(conn.data_to_send())
 
@@ -90,6 +91,7 @@ _COMMANDS = MappingProxyType({int(c): c for c in Command})
 _REFUSED_FLAGS = MappingProxyType({int(c): 0xFFFF & ~int(f) for c, f in ALLOWED_FLAGS.items()})
 _BOUNDED = frozenset({int(Command.READ), int(Command.CACHE)})
 _DISC = int(Command.DISC)
+_WRITE = int(Command.WRITE)
 _ANY_FLAG = int(functools.reduce(operator.or_, ALLOWED_FLAGS.values()))
 _FLAGS = MappingProxyType({v: CommandFlag(v) for v in range(_ANY_FLAG + 1)
                            if not v & ~_ANY_FLAG})
@@ -98,6 +100,11 @@ _DONE_CHUNK = struct.Struct(">IHHQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _OPTION_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
+RECEIVE_BYTES = 256 * 1024  # what get_buffer lends for headers and small payloads
+DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload from this size on is received in place
+# After such a payload get_buffer lends this much: the next requests' headers (of reads, say)
+# come in one receive, and of a large payload that follows them little is copied.
+HEADER_RECEIVE_BYTES = 4096
 _GREETING: Final = struct.pack(">QQH", NBDMAGIC, IHAVEOPT,
                                HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
 
@@ -186,6 +193,15 @@ class ServerConnection:
                                      violation=Input.VIOLATION, refusals=REFUSALS)
         self._in = bytearray()
         self._pos = 0  # read position in _in during transmission
+        # what get_buffer lends, at rest: small, and large once a receive filled it (a short
+        # connection does not pay for a large one)
+        self._scratch = memoryview(bytearray(HEADER_RECEIVE_BYTES))
+        self._lent = 0  # bytes of the scratch lent by get_buffer (0: the payload, or none)
+        self._payload: bytearray | None = None  # a large WRITE's payload, received in place
+        self._payload_filled = 0
+        self._spare: bytearray | None = None  # a payload handed back with reuse, for the next
+        self._payload_header = (0, 0, 0, 0)  # its flags, cookie, offset, length
+        self._header_next = False  # a payload was received in place: next, a header alone
         self._out = bytearray(_GREETING)
         self._eof = False
         self._neg = _Negotiated()
@@ -198,12 +214,50 @@ class ServerConnection:
     # ------------------------------------------------------------------ I/O boundary
 
     def receive_data(self, data: bytes) -> None:
+        self._lent = 0
         if data:
             self._machine.fire(Input.RECEIVE)
+            payload = self._payload
+            if payload is not None:  # the rest of a payload goes where get_buffer would lend
+                take = min(len(data), len(payload) - self._payload_filled)
+                payload[self._payload_filled : self._payload_filled + take] = data[:take]
+                self._payload_filled += take
+                data = data[take:]
             self._in += data
         else:
             self._machine.fire(Input.EOF)
             self._eof = True
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the client may be received (``socket.recv_into``), then
+        reported with `buffer_updated`: the rest of a large WRITE's payload, which then reaches
+        `Request.data` without a copy, or a scratch buffer (a small one after such a payload, so
+        that little of the next one is copied). The same as `receive_data` with what was
+        received, one copy fewer."""
+        payload = self._payload
+        if payload is not None:
+            self._lent = 0
+            return memoryview(payload)[self._payload_filled :]
+        self._lent = HEADER_RECEIVE_BYTES if self._header_next else len(self._scratch)
+        return self._scratch[: self._lent]
+
+    def buffer_updated(self, count: int) -> None:
+        """``count`` bytes (> 0) were received into what `get_buffer` returned."""
+        if count <= 0:
+            raise LocalProtocolError("buffer_updated takes the bytes received (EOF: "
+                                     "receive_data(b''))")
+        self._machine.fire(Input.RECEIVE)
+        if self._lent:
+            if count > self._lent:
+                raise LocalProtocolError(f"{count} bytes do not fit the {self._lent} lent")
+            self._in += self._scratch[:count]
+            if count == len(self._scratch) < RECEIVE_BYTES:
+                self._scratch = memoryview(bytearray(RECEIVE_BYTES))
+        elif self._payload is not None and count <= len(self._payload) - self._payload_filled:
+            self._payload_filled += count
+        else:
+            raise LocalProtocolError("buffer_updated without a buffer from get_buffer")
+        self._lent = 0
 
     def data_to_send(self) -> bytes:
         out, self._out = bytes(self._out), bytearray()
@@ -227,10 +281,17 @@ class ServerConnection:
             self._pos = 0
         if not self._eof:
             return NEED_DATA
-        if self._in:
+        if self._in or self._payload is not None:
             raise RemoteProtocolError("the client closed the connection mid-message")
         self._machine.fire(Input.HANGUP)
         return Disconnect()
+
+    def reuse(self, data: bytes | bytearray) -> None:
+        """A WRITE's data that nothing refers to any more (the write is done): a payload
+        received in place may take its buffer, which saves allocating and zeroing one. Only for
+        data no other thread or object still reads."""
+        if type(data) is bytearray:
+            self._spare = data
 
     def tls_established(self) -> None:
         """The TLS handshake that followed `StartTls` succeeded; negotiation starts afresh."""
@@ -277,6 +338,14 @@ class ServerConnection:
     def _read_request(self) -> ServerEvent | NeedData:
         # Requests are parsed at a read position, and the buffer is compacted once per batch
         # (not once per request: a batch of many small requests would move the buffer often).
+        pending = self._payload
+        if pending is not None:
+            if self._payload_filled < len(pending):
+                return NEED_DATA
+            self._payload = None
+            self._header_next = True
+            flags, cookie, offset, length = self._payload_header
+            return self._request(flags, _WRITE, cookie, offset, length, pending)
         pos = self._pos
         if len(self._in) - pos < _REQUEST.size:
             return NEED_DATA
@@ -286,12 +355,33 @@ class ServerConnection:
         if kind == Command.WRITE and length > MAX_PAYLOAD:
             raise RemoteProtocolError(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
         payload = length if kind == Command.WRITE else 0
-        end = pos + _REQUEST.size + payload
+        start = pos + _REQUEST.size
+        end = start + payload
+        data: bytes | bytearray = b""
         if len(self._in) < end:
+            if payload < DIRECT_PAYLOAD:
+                return NEED_DATA
+            # A large payload: what came with the header is copied, the rest is received in
+            # place (get_buffer), and then it is the request's data as it is.
+            spare, self._spare = self._spare, None
+            self._payload = spare if spare is not None and len(spare) == payload \
+                else bytearray(payload)
+            self._payload_filled = len(self._in) - start
+            with memoryview(self._in) as view:
+                self._payload[: self._payload_filled] = view[start:]
+            self._payload_header = (flags, cookie, offset, length)
+            self._pos = len(self._in)
             return NEED_DATA
-        with memoryview(self._in) as view:
-            data = bytes(view[pos + _REQUEST.size : end]) if payload else b""
+        if payload:  # small writes: many in one receive again
+            self._header_next = False
+        if payload:
+            with memoryview(self._in) as view:
+                data = bytes(view[start:end])
         self._pos = end
+        return self._request(flags, kind, cookie, offset, length, data)
+
+    def _request(self, flags: int, kind: int, cookie: int, offset: int, length: int,
+                 data: bytes | bytearray) -> ServerEvent:
         if kind == _DISC and not flags:
             self._machine.fire(Input.DISC)
             return Disconnect()
