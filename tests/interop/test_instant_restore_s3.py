@@ -12,7 +12,7 @@ import pytest
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
-from blocktrail.repo import Repository
+from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.leases import list_leases
 from hostproc import require_tools
 from instantkit import CS, HostProcess, point_bytes, qemu_img_compare, qemu_io_once
@@ -26,15 +26,7 @@ def test_instant_restore_from_s3(s3_server: SeaweedFS, tmp_path: Path) -> None:
     require_tools("qemu-img")
     content = point_bytes(8 * MiB, seed=41)
     url = s3_server.new_url("instant")
-    with Disk.create(tmp_path / "disk", len(content)) as disk:
-        for offset in range(0, len(content), CS):
-            if any(content[offset : offset + CS]):
-                disk.pwrite(content[offset : offset + CS], offset)
-        with Repository.init(url, s3=s3_server.options(), timing=TEST_TIMING,
-                             encryption=TEST_ENCRYPTION) as repo:
-            point = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
-    image = tmp_path / "expected.raw"
-    image.write_bytes(content)
+    point, image = _backed_up(content, s3_server, url, tmp_path)
     with HostProcess(tmp_path / "host", env=s3_server.env()) as host:
         host.restore((url, point.id), paused=True)
         uri = host.uri("r0")
@@ -56,13 +48,7 @@ def test_the_s3_server_stopped_mid_fill(own_server: SeaweedFS, tmp_path: Path) -
     require_tools("qemu-io", "qemu-img")
     content = random.Random(43).randbytes(128 * CS)  # every chunk unique
     url = own_server.new_url("instant-stopped")
-    with Disk.create(tmp_path / "disk", len(content)) as disk:
-        disk.pwrite(content, 0)
-        with Repository.init(url, s3=own_server.options(), timing=TEST_TIMING,
-                             encryption=TEST_ENCRYPTION) as repo:
-            point = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
-    image = tmp_path / "expected.raw"
-    image.write_bytes(content)
+    point, image = _backed_up(content, own_server, url, tmp_path)
     with HostProcess(tmp_path / "host", env=own_server.env()) as host:
         host.restore((url, point.id), rate_bytes_per_second=16 * CS)
         host.wait_restore(lambda s: s["local_chunks"] >= 8)
@@ -81,3 +67,19 @@ def test_the_s3_server_stopped_mid_fill(own_server: SeaweedFS, tmp_path: Path) -
         host.wait_local(timeout_s=120)
         done = qemu_img_compare(image, uri)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _backed_up(content: bytes, server: SeaweedFS, url: str,
+               tmp_path: Path) -> tuple[RestorePoint, Path]:
+    """A disk holding content (its zero chunks left as holes) backed up into a new encrypted
+    repository at url; returns the point and an image file of the content."""
+    with Disk.create(tmp_path / "disk", len(content)) as disk:
+        for offset in range(0, len(content), CS):
+            if any(content[offset : offset + CS]):
+                disk.pwrite(content[offset : offset + CS], offset)
+        with Repository.init(url, s3=server.options(), timing=TEST_TIMING,
+                             encryption=TEST_ENCRYPTION) as repo:
+            point = run_backup(LocalDiskSource(disk), repo, BackupOptions()).point
+    image = tmp_path / "expected.raw"
+    image.write_bytes(content)
+    return point, image
