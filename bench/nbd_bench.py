@@ -292,15 +292,16 @@ def qemu_backup(work: str, image: str, size: int) -> list[Row]:
     repo = os.path.join(work, "bt-repo")
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, qcow2], check=True)
     subprocess.run(["qemu-img", "bitmap", "--add", qcow2, "bm0"], check=True)
+    env = {**os.environ, "BLOCKTRAIL_PASSWORD": "bench"}  # encrypted, as a user's is
     subprocess.run([PY, "-m", "blocktrail.cli.main", "repo", "init", repo], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env=env)
 
     def backup(sock: str, *extra: str) -> tuple[float, dict[str, object]]:
         _drop_caches()
         start = time.perf_counter()
         out = subprocess.run([PY, "-m", "blocktrail.cli.main", "backup", uri(sock),
                               "--disk-id", "bench-qemu", "--repo", repo, "--json", *extra],
-                             check=True, capture_output=True, text=True).stdout
+                             check=True, capture_output=True, text=True, env=env).stdout
         return time.perf_counter() - start, json.loads(out)
 
     cmd, sock = qemu_nbd(qcow2, "qcow2", work, "-r", "-B", "bm0")
