@@ -40,9 +40,21 @@ MiB, GiB = 1 << 20, 1 << 30
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
 
 
+@dataclass
+class Server:
+    endpoint: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (user + system)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def seaweedfs(root: str) -> Iterator[str]:
-    """`weed mini` on loopback; -> its S3 endpoint."""
+def seaweedfs(root: str) -> Iterator[Server]:
+    """`weed mini` on loopback."""
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     base = _free_block()
     os.makedirs(root, exist_ok=True)
@@ -62,7 +74,7 @@ def seaweedfs(root: str) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{base + 3}"
     try:
         _wait(endpoint)
-        yield endpoint
+        yield Server(endpoint, proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -125,6 +137,8 @@ class Run:
     incremental_s: float
     restore_mib_s: float
     requests_per_gib_stored: float | None = None
+    full_cpu_s: float | None = None  # ours (every thread) during the full backup
+    full_server_cpu_s: float | None = None  # SeaweedFS's meanwhile
 
 
 def _count_requests(repo: Repository) -> list[int]:
@@ -137,16 +151,17 @@ def _count_requests(repo: Repository) -> list[int]:
 
 
 def bench_one(work: str, image: str, location: str, s3: S3Options | None,
-              changes: list[tuple[int, bytes]]) -> Run:
+              changes: list[tuple[int, bytes]], server: Server) -> Run:
     disk = import_raw(image, os.path.join(work, f"disk-{secrets.token_hex(3)}"))
     size = disk.size_bytes
     repo = Repository.init(location, s3=s3, encryption=Encryption.none())
     counter = _count_requests(repo)
     source = LocalDiskSource(disk)
     _drop_caches()
-    start = time.perf_counter()
+    start, cpu, server_cpu = time.perf_counter(), time.process_time(), server.cpu_seconds()
     full = run_backup(source, repo)
     full_s = time.perf_counter() - start
+    cpu, server_cpu = time.process_time() - cpu, server.cpu_seconds() - server_cpu
     stored = full.point.stats["bytes_stored"]
     requests = counter[0]
     for offset, data in changes:
@@ -165,7 +180,7 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
     repo.close()
     disk.close()
     return Run("S3" if s3 else "local", size / MiB / full_s, inc_s, size / MiB / restore_s,
-               requests / (stored / GiB) if s3 else None)
+               requests / (stored / GiB) if s3 else None, cpu, server_cpu)
 
 
 WORKER = r"""
@@ -287,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
     out: dict[str, Any] = {}
     try:
-        with seaweedfs(os.path.join(work, "seaweedfs")) as endpoint:
+        with seaweedfs(os.path.join(work, "seaweedfs")) as server:
+            endpoint = server.endpoint
             s3 = S3Options(endpoint=endpoint)
             image = os.path.join(work, "image.raw")
             out["image_blocks"] = write_image(image, size)
             changes = scattered_changes(size, 0.01, seed=11)
-            runs = [bench_one(work, image, os.path.join(work, "local-repo"), None, changes),
+            runs = [bench_one(work, image, os.path.join(work, "local-repo"), None, changes,
+                              server),
                     bench_one(work, image, f"s3://{BUCKET}/bt-{secrets.token_hex(3)}", s3,
-                              changes)]
+                              changes, server)]
             if Peer.available("restic"):
                 runs.append(bench_restic(work, image, endpoint, changes))
             out["runs"] = [asdict(r) for r in runs]
@@ -323,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"S3/local: full {remote['full_mib_s'] / local['full_mib_s']:.2f}x, restore "
           f"{remote['restore_mib_s'] / local['restore_mib_s']:.2f}x, incremental "
           f"{local['incremental_s'] / remote['incremental_s']:.2f}x (goal >= 0.8x)")
+    print(f"CPU seconds of the full backup, ours / SeaweedFS's (on {os.cpu_count()} CPUs "
+          f"shared): local {local['full_cpu_s']:.1f} / {local['full_server_cpu_s']:.1f}, "
+          f"S3 {remote['full_cpu_s']:.1f} / {remote['full_server_cpu_s']:.1f}")
     print("concurrent full backups into one S3 repository (aggregate MiB/s): "
           + ", ".join(f"{n}: {v:.0f}" for n, v in out["parallel_mib_s"].items()))
     print(f"prune of {args.points} points (half forgotten): "
