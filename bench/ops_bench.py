@@ -31,7 +31,9 @@ import httpx
 import psutil
 
 from blocktrail.host.registry import DiskRegistry
-from blocktrail.repo import Repository
+from blocktrail.repo import Encryption, Repository
+
+PASSWORD = "bench"  # the repositories are encrypted, as a user's are by default
 
 
 def _host(root: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -88,7 +90,7 @@ def idle_worker_cpu(root: Path, seconds: float) -> dict[str, float]:
 
 def scrape_100_disks_10000_points(root: Path) -> dict[str, float]:
     registry = DiskRegistry(str(root / "data"))
-    repo = Repository.init(root / "repo")
+    repo = Repository.init(root / "repo", encryption=Encryption(PASSWORD))
     try:
         for i in range(100):
             disk = registry.create(f"disk{i:03d}", 1 << 20, 65536)
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    os.environ["BLOCKTRAIL_PASSWORD"] = PASSWORD  # every command, the host and the worker
     base = Path(tempfile.mkdtemp(prefix="ops-bench-", dir=os.environ.get("BENCH_DIR",
                                                                          "/var/tmp")))
     try:
