@@ -125,6 +125,32 @@ class OsFileHandle:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
 
+    def write_direct(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` as the whole of this new, empty file, its whole blocks with O_DIRECT
+        (from an aligned copy, or as they are if the memory is page-aligned: a pack built in a
+        mapped buffer): a big file (a pack) is then not copied into the page cache by the
+        kernel, which on a busy machine costs more CPU than the rest of writing it. The tail
+        that is not a whole block, and everything where the file system refuses O_DIRECT, is
+        written through the cache. Durable only after `fsync`, as any write."""
+        view = memoryview(data)
+        bulk = len(view) - len(view) % _DIRECT_ALIGN
+        written = 0
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if bulk:
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+                bounce = view if _aligned_memory(view) else _aligned_buffer(bulk)
+                if bounce is not view:
+                    bounce[:bulk] = view[:bulk]
+                written = os.pwrite(self._fd, bounce[:bulk], 0)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                written = 0  # refused: everything through the cache
+            finally:
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+        self.pwrite(view[written:], written)  # the tail, or what a short write left
+
     def punch_hole(self, offset: int, length: int) -> None:
         if length <= 0:
             return
@@ -192,6 +218,18 @@ def _aligned_memory(view: memoryview) -> bool:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)) % _DIRECT_ALIGN == 0
 
 
+_bounce = threading.local()
+
+
+def _aligned_buffer(size: int) -> memoryview:
+    """This thread's page-aligned buffer of at least ``size`` bytes (kept and reused: fresh
+    memory costs a page fault per page)."""
+    buffer: mmap.mmap | None = getattr(_bounce, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _bounce.buffer = mmap.mmap(-1, -(-size // (1 << 20)) << 20)
+    return memoryview(buffer)
+
+
 class OsFileIO:
     """Plain POSIX files."""
 
@@ -214,67 +252,21 @@ class OsFileIO:
     def replace_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
         tmp = path + ".tmp"
         try:
-            if len(data) < DIRECT_MIN_BYTES or not self._write_direct(tmp, data):
-                handle = self.create_empty(tmp)
-                try:
+            handle = self.create_empty(tmp)
+            try:
+                if isinstance(handle, OsFileHandle) and len(data) >= DIRECT_MIN_BYTES:
+                    handle.write_direct(data)  # past the page cache
+                else:  # small, or a handle wrapped by a FileIO that watches its writes
                     handle.pwrite(data, 0)
-                    handle.fsync()
-                finally:
-                    handle.close()
+                handle.fsync()
+            finally:
+                handle.close()
             self.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # a full file system must not keep a half-written file
             raise
         self.fsync_dir(os.path.dirname(path) or ".")
-
-    def _write_direct(self, path: str, data: bytes | bytearray | memoryview) -> bool:
-        """Write the new file ``path`` whole and fdatasync it, its whole blocks with O_DIRECT
-        (from an aligned copy): a big file (a pack) is then not copied into the page cache
-        by the kernel, which on a busy machine costs more CPU than the rest of writing it.
-        Memory that is page-aligned already (a pack built in a mapped buffer) is written as
-        it is. The tail that is not a whole block is written through the cache. -> False, with
-        nothing written, where the file system refuses O_DIRECT."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags | os.O_DIRECT, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return False
-            raise
-        try:
-            view = memoryview(data)
-            bulk = len(view) - len(view) % _DIRECT_ALIGN
-            written = 0
-            if bulk:
-                if _aligned_memory(view):  # a pack built in page-aligned memory: as it is
-                    bounce = view
-                else:
-                    bounce = self._aligned(bulk)
-                    bounce[:bulk] = view[:bulk]
-                try:
-                    written = os.pwrite(fd, bounce[:bulk], 0)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    written = 0  # refused after all: everything through the cache
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            while written < len(view):  # the tail, or what a short write left
-                written += os.pwrite(fd, view[written:], written)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        return True
-
-    def _aligned(self, size: int) -> memoryview:
-        """This thread's page-aligned buffer of at least ``size`` bytes (kept and reused:
-        fresh memory costs a page fault per page)."""
-        # made here, not in __init__: subclasses (tests' fault injectors) do not call it
-        mine = self.__dict__.setdefault("_bounce", threading.local())
-        buffer: mmap.mmap | None = getattr(mine, "buffer", None)
-        if buffer is None or len(buffer) < size:
-            buffer = mine.buffer = mmap.mmap(-1, -(-size // (1 << 20)) << 20)
-        return memoryview(buffer)
 
     def rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)
