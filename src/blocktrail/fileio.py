@@ -69,7 +69,7 @@ class FileIO(Protocol):
         ...
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)  # a few lengths recur (a chunk, a read); others come and go
 def _zeros(length: int) -> bytes:
     return bytes(length)
 

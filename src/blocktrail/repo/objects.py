@@ -142,13 +142,14 @@ class _ZeroNames:
     """The name of a chunk of zeros, per length: a chunk whose name is one of these is a hole
     (the name is computed anyway, and no compare of the bytes is needed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: Callable[[Buffer], bytes]) -> None:
+        self._name = name
         self._names: dict[int, bytes] = {}
 
-    def get(self, length: int, name: Callable[[Buffer], bytes]) -> bytes:
+    def get(self, length: int) -> bytes:
         found = self._names.get(length)
         if found is None:
-            found = self._names[length] = name(bytes(length))
+            found = self._names[length] = self._name(bytes(length))
         return found
 
 
@@ -175,14 +176,14 @@ class PlainCodec:
     trailer_key: bytes | None = None
 
     def __init__(self) -> None:
-        self._zero_names = _ZeroNames()
+        self._zero_names = _ZeroNames(digest)
 
     def name(self, kind: int, plain: Buffer) -> bytes:
         return object_name(kind, plain)
 
     def zero_name(self, length: int) -> bytes:
         """The name of a chunk of ``length`` zeros."""
-        return self._zero_names.get(length, digest)
+        return self._zero_names.get(length)
 
     def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytes]:
         return seal(kind, plain)
@@ -225,7 +226,7 @@ class EncryptedCodec:
         self.sessions = crypto.Sessions(keys, cipher)
         self.trailer_key: bytes | None = keys.mac_key()
         self._lease_key = keys.lease_key()
-        self._zero_names = _ZeroNames()
+        self._zero_names = _ZeroNames(lambda plain: self.name(KIND_CHUNK, plain))
 
     def name(self, kind: int, plain: Buffer) -> bytes:
         data = plain if kind == KIND_CHUNK else bytes([kind]) + plain
@@ -233,7 +234,7 @@ class EncryptedCodec:
 
     def zero_name(self, length: int) -> bytes:
         """The name of a chunk of ``length`` zeros."""
-        return self._zero_names.get(length, lambda plain: self.name(KIND_CHUNK, plain))
+        return self._zero_names.get(length)
 
     def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytearray]:
         name = self.name(kind, plain)

@@ -372,9 +372,8 @@ class ServerConnection:
             self._payload_header = (flags, cookie, offset, length)
             self._pos = len(self._in)
             return NEED_DATA
-        if payload:  # small writes: many in one receive again
+        if payload:  # a small write: many in one receive again
             self._header_next = False
-        if payload:
             with memoryview(self._in) as view:
                 data = bytes(view[start:end])
         self._pos = end
