@@ -22,6 +22,7 @@ from blocktrail.nbd.proto import (
 )
 from blocktrail.nbd.proto.constants import (
     IHAVEOPT,
+    MAX_PAYLOAD,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
@@ -29,6 +30,7 @@ from blocktrail.nbd.proto.constants import (
     Option,
     OptionReply,
 )
+from blocktrail.nbd.proto.server import UNSEEN_PAYLOAD_BYTES
 
 EXPORT = ExportInfo("disk0", 1 << 20, False, "test", ("base:allocation", "qemu:dirty-bitmap:"))
 
@@ -214,10 +216,10 @@ LARGE_CLIENT = (struct.pack(">I", 1) + go()
                 + request(Command.FLUSH, cookie=5) + request(Command.DISC))
 
 
-def drive_into(stream: bytes, sizes: list[int]) -> list[object]:
+def drive_into(stream: bytes, sizes: list[int], catalog: Catalog | None = None) -> list[object]:
     """``stream`` as a socket's ``recv_into`` gives it: at most the next size of ``sizes``
     (cycled) into each buffer the core lends."""
-    conn = ServerConnection(Catalog())
+    conn = ServerConnection(catalog or Catalog())
     conn.data_to_send()
     events: list[object] = []
     pos, turn = 0, 0
@@ -309,3 +311,44 @@ def test_a_payload_handed_back_takes_the_next_one() -> None:
     conn.receive_data(second[5:])
     event = conn.next_event()
     assert isinstance(event, Request) and event.data == second and event.data is first.data
+
+
+WIDE = ExportInfo("disk0", 64 << 20, False, "test", ("base:allocation",))
+
+
+class WideCatalog(Catalog):
+    def lookup(self, name: str) -> ExportInfo | None:
+        return WIDE if name == "disk0" else None
+
+
+def test_a_header_alone_does_not_make_the_server_hold_a_large_payload() -> None:
+    """A WRITE header announcing 32 MiB, then a trickle: the server holds what came, not what
+    was announced; from a quarter of it on, the rest is received in place."""
+    huge = bytes(range(256)) * (MAX_PAYLOAD // 256)
+    conn = ServerConnection(WideCatalog())
+    conn.receive_data(struct.pack(">I", 1) + go()
+                      + request(Command.WRITE, 0, len(huge), cookie=1) + huge[:100])
+    assert isinstance(conn.next_event(), ExportChosen)
+    assert conn.next_event() is NEED_DATA
+    assert len(conn.get_buffer()) <= UNSEEN_PAYLOAD_BYTES  # a scratch buffer, not the payload
+    conn.receive_data(huge[100 : len(huge) // 4])
+    assert conn.next_event() is NEED_DATA
+    rest = conn.get_buffer()
+    assert len(rest) == len(huge) - len(huge) // 4  # now in place: the rest of the payload
+    rest[:] = huge[len(huge) // 4 :]
+    conn.buffer_updated(len(rest))
+    event = conn.next_event()
+    assert isinstance(event, Request) and event.data == huge and rest.obj is event.data
+
+
+@pytest.mark.parametrize("sizes", [[1 << 30], [28, 65536], [4096, 300_000]])
+def test_a_payload_larger_than_the_unseen_limit_gives_the_same_events(sizes: list[int]) -> None:
+    payload = bytes(range(256)) * (3 * UNSEEN_PAYLOAD_BYTES // 256)
+    stream = (struct.pack(">I", 1) + go()
+              + request(Command.WRITE, 0, len(payload), data=payload, cookie=1)
+              + request(Command.WRITE, 0, len(BIG), data=BIG, cookie=2)
+              + request(Command.DISC))
+    assert drive_into(stream, sizes, WideCatalog()) == [
+        ExportChosen(WIDE, False, {}),
+        Request(1, Command.WRITE, CommandFlag(0), 0, len(payload), payload),
+        Request(2, Command.WRITE, CommandFlag(0), 0, len(BIG), BIG), Disconnect()]

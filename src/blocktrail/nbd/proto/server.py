@@ -102,6 +102,10 @@ _OPTION_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 RECEIVE_BYTES = 256 * 1024  # what get_buffer lends for headers and small payloads
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload from this size on is received in place
+# Its buffer is made when its header comes if it is at most this big; a bigger one once a
+# quarter of it has come (before, it collects as small ones do): a header alone never makes the
+# server hold more than this, whatever length it announces.
+UNSEEN_PAYLOAD_BYTES = 1 << 20
 # After such a payload get_buffer lends this much: the next requests' headers (of reads, say)
 # come in one receive, and of a large payload that follows them little is copied.
 HEADER_RECEIVE_BYTES = 4096
@@ -360,6 +364,9 @@ class ServerConnection:
         data: bytes | bytearray = b""
         if len(self._in) < end:
             if payload < DIRECT_PAYLOAD:
+                return NEED_DATA
+            if payload > UNSEEN_PAYLOAD_BYTES and 4 * (len(self._in) - start) < payload:
+                self._header_next = False  # its first quarter comes in large receives
                 return NEED_DATA
             # A large payload: what came with the header is copied, the rest is received in
             # place (get_buffer), and then it is the request's data as it is.
