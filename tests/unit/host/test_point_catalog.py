@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
@@ -48,3 +50,23 @@ def test_verify_records_and_forgets_invalidate_the_cached_view(tmp_path: Path) -
             assert [p.id for p in catalog.view(str(path)).points] == [first.id, second.id]
         finally:
             catalog.close()
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3://b/p", "s3://bkt/../x", "s3://bkt/p%25",
+                                 "s3://bkt/p?x=1", "s3://bkt/p"])
+def test_a_bad_or_unreachable_s3_repository_is_a_problem_shown(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``host --repo s3://...`` with a URL no repository can have, or an endpoint nothing
+    answers at: the console and the metrics show why, and nothing raises."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                        "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "us-east-1",
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    catalog = PointCatalog((url,))
+    try:
+        (path,) = catalog.paths
+        assert path == url  # an S3 URL is not taken for a relative path
+        view = catalog.view(path)
+        assert view.problem and view.points == (), view
+    finally:
+        catalog.close()
