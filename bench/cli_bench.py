@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="raw reads and full backups, in turn (medians reported)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.full_pairs < 1:
+        parser.error("--full-pairs takes a count of 1 or more")
     size = int(args.size_gib * GiB)
     # As ./run does: the sources byte-compiled, so no command compiles its modules first.
     subprocess.run([sys.executable, "-m", "compileall", "-q",

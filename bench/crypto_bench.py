@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="our three modes N times, in turn (medians reported)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds takes a count of 1 or more")
     size = int(args.size_gib * GiB) // BLOCK * BLOCK
     work = tempfile.mkdtemp(prefix="bt-crypto-bench-",
                             dir=os.environ.get("BENCH_DIR", "/var/tmp"))
