@@ -28,7 +28,7 @@ import numpy as np
 
 from blocktrail.disk.layers import BaseLayer, data_name
 from blocktrail.errors import CorruptMetadata, DiskIOFailure, UnsupportedFormat
-from blocktrail.fileio import FileHandle, FileIO
+from blocktrail.fileio import FileHandle, FileIO, start_writeback
 from blocktrail.tracking.info import IntArray
 
 FILL_MAGIC = b"BTFILL\x00"
@@ -37,6 +37,7 @@ FILL_HEADER_BYTES = 4096
 _FILL_HEADER = struct.Struct("<7sBIQ")
 MISSING, FILLED, HOLE = 0, 1, 2
 READ_AHEAD_CHUNKS = 16
+WRITEBACK_BYTES = 8 << 20  # filled data the kernel is asked to start writing back this often
 
 
 class ChunkUnavailable(DiskIOFailure):
@@ -106,6 +107,7 @@ class RestoringLayer(BaseLayer):
         self._flush_lock = threading.Lock()
         self._cursor = 0  # where the background fill goes on
         self._last_read_end = -1
+        self._unwritten = 0  # bytes filled since the kernel was last asked to write back
 
     # ------------------------------------------------------------------ files
 
@@ -195,6 +197,12 @@ class RestoringLayer(BaseLayer):
                         self._pending.add(index)
                         self._fetching.discard(index)
                         self._cond.notify_all()
+                        self._unwritten += len(data)
+                        write_back = self._unwritten >= WRITEBACK_BYTES
+                        if write_back:
+                            self._unwritten = 0
+                    if write_back:
+                        self._start_writeback()
         finally:
             with self._cond:
                 self._fetching.difference_update(mine)
@@ -206,6 +214,16 @@ class RestoringLayer(BaseLayer):
         if failed:
             raise ChunkUnavailable(f"chunk {failed[0]} of this disk's base "
                                    f"({self._described()}) could not be fetched")
+
+    def _start_writeback(self) -> None:
+        """Ask the kernel to start writing the filled data back now (the fsync at `flush`
+        then finds little left, and the device writes while the next chunks are fetched)."""
+        fd = self.data.dup()
+        if fd is not None:
+            try:
+                start_writeback(fd)
+            finally:
+                os.close(fd)
 
     def _described(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(self.source_info.items())) or "unknown"
