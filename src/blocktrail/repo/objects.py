@@ -78,8 +78,10 @@ def envelope_at(data: bytes | memoryview, offset: int) -> tuple[int, int, bytes]
     return kind, HEADER.size + stored_len, name
 
 
-def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
-    """The plain bytes of an envelope, checked against ``expected``; else `ChunkCorrupt`."""
+def open_envelope(data: Buffer, kind: int, expected: bytes, where: str) -> bytes:
+    """The plain bytes of an envelope (bytes, or a view of a larger read: then the plain bytes
+    are copied once, not the envelope first), checked against ``expected``; else
+    `ChunkCorrupt`."""
     if len(data) < HEADER.size:
         raise ChunkCorrupt(f"{where} is truncated")
     magic, version, stored_kind, codec, zero, plain_len, stored_len, name = \
@@ -87,9 +89,10 @@ def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
     if magic != MAGIC or version != VERSION or stored_kind != kind or zero \
             or name != expected:
         raise ChunkCorrupt(f"{where} has a damaged header")
-    payload = data[HEADER.size :]
+    payload = memoryview(data)[HEADER.size :]
     if len(payload) != stored_len:
         raise ChunkCorrupt(f"{where} has the wrong length")
+    plain: Buffer
     try:
         if codec == CODEC_ZSTD:
             plain = _decompressor().decompress(payload, max_output_size=plain_len)
@@ -101,7 +104,7 @@ def open_envelope(data: bytes, kind: int, expected: bytes, where: str) -> bytes:
         raise ChunkCorrupt(f"{where} does not decompress") from exc
     if len(plain) != plain_len or object_name(kind, plain) != expected:
         raise ChunkCorrupt(f"{where} does not match its digest")
-    return plain
+    return plain if isinstance(plain, bytes) else bytes(plain)
 
 
 # ------------------------------------------------------------------------------ codecs
@@ -153,7 +156,7 @@ class _ZeroNames:
         return found
 
 
-def _decompress(codec: int, payload: bytes, plain_len: int | None, where: str,
+def _decompress(codec: int, payload: Buffer, plain_len: int | None, where: str,
                 error: type[ChunkCorrupt]) -> bytes:
     try:
         if codec == CODEC_ZSTD:
@@ -161,7 +164,7 @@ def _decompress(codec: int, payload: bytes, plain_len: int | None, where: str,
                 return _decompressor().decompress(payload)
             return _decompressor().decompress(payload, max_output_size=plain_len)
         if codec == CODEC_PLAIN:
-            return payload
+            return payload if isinstance(payload, bytes) else bytes(payload)
     except zstandard.ZstdError as exc:
         raise error(f"{where} does not decompress") from exc
     raise error(f"{where} has unknown codec {codec}")
@@ -195,7 +198,7 @@ class PlainCodec:
         name, envelope = seal(KIND_CHUNK, plain)
         return name, envelope, len(plain)
 
-    def open(self, data: bytes, kind: int, expected: bytes, where: str) -> bytes:
+    def open(self, data: Buffer, kind: int, expected: bytes, where: str) -> bytes:
         return open_envelope(data, kind, expected, where)
 
     def envelope_at(self, data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
@@ -257,7 +260,7 @@ class EncryptedCodec:
         name, envelope = self.seal(KIND_CHUNK, plain)
         return name, envelope, len(plain)
 
-    def open(self, data: bytes, kind: int, expected: bytes, where: str) -> bytes:
+    def open(self, data: Buffer, kind: int, expected: bytes, where: str) -> bytes:
         error = ObjectAuthenticationFailed
         if len(data) < HEADER_ENCRYPTED.size + crypto.TAG_BYTES:
             raise error(f"{where}: {AUTH_FAILED} (the object is truncated)")

@@ -154,8 +154,8 @@ def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
     if first is None or last is None:
         return [(index, store.read_chunk(name, where)) for index, name, _ in run]
     label = f"chunks of {where}"
-    data = store.read_range(first.pack_id, first.offset,
-                            last.offset + last.length - first.offset, label)
+    data = memoryview(store.read_range(first.pack_id, first.offset,
+                                       last.offset + last.length - first.offset, label))
     out = []
     for index, name, loc in run:
         if loc is None:  # never in a run of more than one entry

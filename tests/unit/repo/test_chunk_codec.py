@@ -49,3 +49,22 @@ def test_zero_name_is_the_name_of_zeros(codec: Codec) -> None:
     assert codec.zero_name(CHUNK) == codec.name(KIND_CHUNK, bytes(CHUNK))
     assert codec.zero_name(100) == codec.name(KIND_CHUNK, bytes(100))
     assert codec.zero_name(CHUNK) != codec.name(KIND_CHUNK, b"\0" * (CHUNK - 1) + b"\1")
+
+
+@pytest.mark.parametrize("codec", _codecs(), ids=["plain", "encrypted"])
+@pytest.mark.parametrize("data", [os.urandom(CHUNK), TEXT], ids=["stored-plain", "zstd"])
+def test_an_envelope_opened_from_a_view_of_a_read_gives_bytes(codec: Codec, data: bytes) -> None:
+    """A restore opens each chunk from a view of a ranged read of its pack: what it gets is
+    bytes of its own (never a view that would keep the whole read alive in a cache), and a
+    damaged envelope in such a view is found as in a copy."""
+    name = codec.name(KIND_CHUNK, data)
+    envelope = bytes(codec.seal_named(KIND_CHUNK, name, data))
+    read = os.urandom(11) + envelope + os.urandom(5)
+    view = memoryview(read)[11 : 11 + len(envelope)]
+    plain = codec.open(view, KIND_CHUNK, name, "chunk")
+    assert type(plain) is bytes and plain == data
+    damaged = bytearray(read)
+    damaged[11 + len(envelope) - 20] ^= 1
+    with pytest.raises(Exception, match="chunk"):
+        codec.open(memoryview(bytes(damaged))[11 : 11 + len(envelope)], KIND_CHUNK, name,
+                   "chunk")
