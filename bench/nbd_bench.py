@@ -1,16 +1,19 @@
 """NBD benchmarks: our host side by side with qemu-nbd on the same image, in one run.
 
-    .venv/bin/python -m bench.nbd_bench [--size-gib 4] [--json]
+    .venv/bin/python -m bench.nbd_bench [--size-gib 4] [--rounds 3] [--json]
 
 - read: ``nbdcopy EXPORT null:`` throughput, our host vs ``qemu-nbd -e 8`` (warm page cache,
   best of three each, alternating);
 - write: ``nbdcopy IMAGE EXPORT`` into an empty disk, with tracking on (the host) vs off (the same
-  server with a tracker that records nothing), and into qemu-nbd serving an empty raw file;
+  server with a tracker that records nothing), and into qemu-nbd serving an empty raw file
+  (``--rounds`` times each, in turn; best and median reported);
 - dirty-bitmap listing: ``nbdinfo --map=qemu:dirty-bitmap:...`` after 1% and 10% of the 64 KiB
   blocks changed, our snapshot export vs ``qemu-nbd -B`` on a qcow2 image with a persistent
   bitmap (the two maps are compared, too);
 - 4 KiB random writes at queue depth 32 over 4 connections (fio's nbd engine, one connection
-  per job): IOPS into an empty disk on our host (tracking on) vs qemu-nbd on an empty raw file;
+  per job): IOPS into an empty disk on our host (tracking on) vs qemu-nbd on an empty raw file,
+  ``--rounds`` times each, in turn (who goes first alternates), medians reported: the virtual
+  disk's write speed drifts by more than the difference between the two within minutes;
 - ``base:allocation`` of a snapshot of the image (its holes: thousands of extents): our snapshot
   export vs qemu-nbd serving the raw image (``nbdinfo --map``, best of three);
 - backup of a QEMU export: ``blocktrail backup nbd+unix://...`` of qemu-nbd with a 1% dirty
@@ -24,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,19 +131,24 @@ def read_throughput(work: str, image: str, size: int) -> list[Row]:
                 f"{[round(t, 2) for t in ours]} vs {[round(t, 2) for t in peer]}")]
 
 
-def write_throughput(work: str, image: str, size: int) -> list[Row]:
-    times: dict[str, float] = {}
-    for _ in range(3):  # alternating, best of three: freeing the last target's blocks slows
+def write_throughput(work: str, image: str, size: int, rounds: int = 3) -> list[Row]:
+    times: dict[str, list[float]] = {"on": [], "off": [], "qemu": []}
+    for _ in range(rounds):  # alternating: freeing the last target's blocks slows
         for kind in ("on", "off", "qemu"):  # whichever run comes next
-            seconds = _write_once(work, image, size, kind)
-            times[kind] = min(times.get(kind, seconds), seconds)
+            times[kind].append(_write_once(work, image, size, kind))
+    best = {kind: min(t) for kind, t in times.items()}
+    median = {kind: statistics.median(t) for kind, t in times.items()}
     mib = size / MiB
     return [
-        Row("nbdcopy write, tracking on vs off (s)", times["on"], times["off"], "s",
-            f"tracking costs {100 * (times['on'] / times['off'] - 1):+.1f}% "
-            f"({mib / times['on']:.0f} vs {mib / times['off']:.0f} MiB/s)"),
-        Row("nbdcopy write, ours (tracking on) vs qemu-nbd (s)", times["on"], times["qemu"], "s",
-            f"{mib / times['on']:.0f} vs {mib / times['qemu']:.0f} MiB/s"),
+        Row("nbdcopy write, tracking on vs off (s)", best["on"], best["off"], "s",
+            f"best of {rounds}; tracking costs {100 * (best['on'] / best['off'] - 1):+.1f}% "
+            f"({mib / best['on']:.0f} vs {mib / best['off']:.0f} MiB/s); medians "
+            f"{median['on']:.2f} vs {median['off']:.2f} s"),
+        Row("nbdcopy write, ours (tracking on) vs qemu-nbd (s)", best["on"], best["qemu"], "s",
+            f"best of {rounds}: {mib / best['on']:.0f} vs {mib / best['qemu']:.0f} MiB/s; "
+            f"medians {median['on']:.2f} vs {median['qemu']:.2f} s "
+            f"({median['on'] / median['qemu']:.2f}); all: "
+            f"{[round(t, 2) for t in times['on']]} vs {[round(t, 2) for t in times['qemu']]}"),
     ]
 
 
@@ -179,26 +188,31 @@ def _fio_iops(sock: str, size: int, work: str) -> float:
         return float(json.load(f)["jobs"][0]["write"]["iops"])
 
 
-def random_writes(work: str, image: str, size: int) -> list[Row]:
+def random_writes(work: str, image: str, size: int, rounds: int = 3) -> list[Row]:
     if shutil.which("fio") is None:
         print("fio missing (Debian package fio): random writes skipped", file=sys.stderr)
         return []
-    iops: dict[str, float] = {}
-    for kind in ("ours", "qemu"):
-        target = os.path.join(work, f"rand-{kind}")
-        if kind == "qemu":
-            with open(target, "wb") as f:
-                f.truncate(size)
-            cmd, sock = qemu_nbd(target, "raw", work)
-        else:
-            os.makedirs(target)
-            Disk.create(os.path.join(target, "d0"), size).close()
-            cmd, sock = host(target, work)
-        with running(cmd, sock):
-            iops[kind] = _fio_iops(sock, size, work)
-        shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
-    return [Row("4 KiB random writes, QD32 x 4 connections (IOPS)", iops["ours"], iops["qemu"],
-                "IOPS", "fio nbd engine, 15 s each; higher is better")]
+    iops: dict[str, list[float]] = {"ours": [], "qemu": []}
+    for round_no in range(rounds):
+        for kind in (("ours", "qemu") if round_no % 2 == 0 else ("qemu", "ours")):
+            target = os.path.join(work, f"rand-{kind}")
+            if kind == "qemu":
+                with open(target, "wb") as f:
+                    f.truncate(size)
+                cmd, sock = qemu_nbd(target, "raw", work)
+            else:
+                os.makedirs(target)
+                Disk.create(os.path.join(target, "d0"), size).close()
+                cmd, sock = host(target, work)
+            with running(cmd, sock):
+                iops[kind].append(_fio_iops(sock, size, work))
+            shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+            os.sync()
+    ours, peer = statistics.median(iops["ours"]), statistics.median(iops["qemu"])
+    return [Row("4 KiB random writes, QD32 x 4 connections (IOPS)", ours, peer, "IOPS",
+                f"fio nbd engine, 15 s each, median of {rounds}; all: "
+                f"{[round(i) for i in iops['ours']]} vs {[round(i) for i in iops['qemu']]}; "
+                "higher is better")]
 
 
 def allocation_map(work: str, image: str, size: int) -> list[Row]:
@@ -313,17 +327,21 @@ def qemu_backup(work: str, image: str, size: int) -> list[Row]:
         inc_s, inc = backup(sock, "--bitmap", "bm0")
         full_s, full = backup(sock, "--full")
     return [Row("backup of a qemu-nbd export, 1% dirty bitmap vs full re-read (s)", inc_s,
-                full_s, "s", f"incremental read {int(inc['bytes_read']) / MiB:.0f} MiB "
-                f"({inc['kind']}), full read {int(full['bytes_read']) / MiB:.0f} MiB")]
+                full_s, "s", f"incremental read {int(str(inc['bytes_read'])) / MiB:.0f} MiB "
+                f"({inc['kind']}), full read {int(str(full['bytes_read'])) / MiB:.0f} MiB")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=4)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="runs of the write and random-write steps, each side in turn")
     parser.add_argument("--only", choices=["read", "write", "randwrite", "alloc", "map",
                                            "backup"], action="append")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds takes a count of 1 or more")
     missing = [t for t in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
                if shutil.which(t) is None]
     if missing:
@@ -335,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = os.path.join(work, "img.raw")
         write_image(image, size)
-        steps = {"read": read_throughput, "write": write_throughput,
-                 "randwrite": random_writes, "alloc": allocation_map, "map": dirty_listing,
-                 "backup": qemu_backup}
+        steps = {"read": read_throughput,
+                 "write": lambda w, i, s: write_throughput(w, i, s, rounds=args.rounds),
+                 "randwrite": lambda w, i, s: random_writes(w, i, s, rounds=args.rounds),
+                 "alloc": allocation_map, "map": dirty_listing, "backup": qemu_backup}
         rows: list[Row] = []
         for name, step in steps.items():
             if args.only is None or name in args.only:
