@@ -26,13 +26,18 @@ REGION_BYTES = 64 << 20  # ...of at most md's default bitmap chunk, before MAX_R
 # no file size or block map, so its fdatasync commits no file system metadata. (On ext4 such a
 # commit would also write back every data block newly allocated to a layer file: ms, not µs.)
 FULL_BYTES = HEADER_BYTES + MAX_REGIONS // 8
+# A sync for a region also sets the bits of the regions after it (inside the disk): a writer
+# going on in order finds them durable and does not wait, so a sequential write of 4 GiB costs 16
+# syncs, not 64. After a crash those regions count as changed too (written or not).
+AHEAD_REGIONS = 3
 
 
 def region_bytes_for(size_bytes: int, granularity: int) -> int:
     """A power of two ≥ granularity: about size/64 on a small disk, 64 MiB from 4 GiB on, and
     coarser still where MAX_REGIONS would not cover the disk. Coarse regions cost few
-    fdatasyncs (one per region first written since a checkpoint: 64 per 4 GiB written in a
-    row); after a crash every granule of a touched region counts as changed."""
+    fdatasyncs (one per region first written since a checkpoint, which sets the next
+    `AHEAD_REGIONS` too: 16 per 4 GiB written in a row); after a crash every granule of a set
+    region counts as changed."""
     region = granularity
     while region < REGION_BYTES and region * FEW_REGIONS < size_bytes:
         region *= 2
@@ -95,9 +100,10 @@ class IntentLog:
             return first in durable
         return all(r in durable for r in range(first, last + 1))
 
-    def ensure(self, offset: int, length: int) -> None:
+    def ensure(self, offset: int, length: int, disk_bytes: int | None = None) -> None:
         """Make the bits of every region touched by the range durable (one fsync at most, and
-        none when another writer's sync already covers them)."""
+        none when another writer's sync already covers them). A sync this call makes sets the
+        bits of the `AHEAD_REGIONS` regions after the range too, those before ``disk_bytes``."""
         first = offset // self.region_bytes
         last = (offset + max(length, 1) - 1) // self.region_bytes
         durable = self._durable  # bits are only added while writers run (clear is exclusive)
@@ -110,6 +116,11 @@ class IntentLog:
                 return
             mine = [r for r in missing if r not in self._syncing]
             if mine:
+                end = min(MAX_REGIONS, last + 1 + AHEAD_REGIONS)
+                if disk_bytes is not None:
+                    end = min(end, -(-disk_bytes // self.region_bytes))
+                mine += [r for r in range(last + 1, end)
+                         if r not in self._durable and r not in self._syncing]
                 # Written under the lock, so a byte on disk only ever gains bits; synced outside
                 # it, so writers in other regions do not wait for this fsync.
                 self._syncing.update(mine)

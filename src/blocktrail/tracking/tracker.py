@@ -182,7 +182,7 @@ class ChangeTracker:
         if length <= 0:
             return
         self._mark_open(offset, length)
-        self._intent.ensure(offset, length)
+        self._intent.ensure(offset, length, self.size_bytes)
 
     def _mark_open(self, offset: int, length: int) -> None:
         g = self.granularity
