@@ -153,28 +153,40 @@ def write_throughput(work: str, image: str, size: int, rounds: int = 3) -> list[
 
 
 def _write_once(work: str, image: str, size: int, kind: str) -> float:
-    target = os.path.join(work, f"write-{kind}")
     os.sync()
-    if kind == "qemu":
+    server = {"on": "host", "off": "untracked", "qemu": "qemu"}[kind]
+    target, cmd, sock = _empty_target(work, f"write-{kind}", size, server)
+    with running(cmd, sock):
+        seconds = timed("nbdcopy", image, uri(sock))
+    _remove(target)
+    return seconds
+
+
+def _empty_target(work: str, name: str, size: int, server: str) -> tuple[str, list[str], str]:
+    """An empty disk of ``size`` bytes and the command that serves it: ``qemu`` (qemu-nbd, a
+    raw file), ``host`` (our host, tracking on) or ``untracked`` (the same server with
+    tracking off); -> (target, command, socket)."""
+    target = os.path.join(work, name)
+    if server == "qemu":
         with open(target, "wb") as f:
             f.truncate(size)
         cmd, sock = qemu_nbd(target, "raw", work)
-    else:
-        os.makedirs(target)
-        Disk.create(os.path.join(target, "d0"), size).close()
-        if kind == "on":
-            cmd, sock = host(target, work)
-        else:
-            sock = os.path.join(work, "off.sock")
-            cmd = [PY, "-m", "bench.nbd_serve", os.path.join(target, "d0"), sock,
-                   "--no-tracking"]
-    with running(cmd, sock):
-        seconds = timed("nbdcopy", image, uri(sock))
+        return target, cmd, sock
+    os.makedirs(target)
+    Disk.create(os.path.join(target, "d0"), size).close()
+    if server == "host":
+        cmd, sock = host(target, work)
+        return target, cmd, sock
+    sock = os.path.join(work, "off.sock")
+    return target, [PY, "-m", "bench.nbd_serve", os.path.join(target, "d0"), sock,
+                    "--no-tracking"], sock
+
+
+def _remove(target: str) -> None:
     if os.path.isdir(target):
         shutil.rmtree(target)
     else:
         os.unlink(target)
-    return seconds
 
 
 def _fio_iops(sock: str, size: int, work: str) -> float:
@@ -195,18 +207,11 @@ def random_writes(work: str, image: str, size: int, rounds: int = 3) -> list[Row
     iops: dict[str, list[float]] = {"ours": [], "qemu": []}
     for round_no in range(rounds):
         for kind in (("ours", "qemu") if round_no % 2 == 0 else ("qemu", "ours")):
-            target = os.path.join(work, f"rand-{kind}")
-            if kind == "qemu":
-                with open(target, "wb") as f:
-                    f.truncate(size)
-                cmd, sock = qemu_nbd(target, "raw", work)
-            else:
-                os.makedirs(target)
-                Disk.create(os.path.join(target, "d0"), size).close()
-                cmd, sock = host(target, work)
+            target, cmd, sock = _empty_target(work, f"rand-{kind}", size,
+                                              "qemu" if kind == "qemu" else "host")
             with running(cmd, sock):
                 iops[kind].append(_fio_iops(sock, size, work))
-            shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
+            _remove(target)
             os.sync()
     ours, peer = statistics.median(iops["ours"]), statistics.median(iops["qemu"])
     return [Row("4 KiB random writes, QD32 x 4 connections (IOPS)", ours, peer, "IOPS",
