@@ -141,7 +141,8 @@ def test_console_in_a_browser(tmp_path: Path, browser: Any) -> None:
         shot(browser, "01-login")
         browser.find_element(By.ID, "token").send_keys("wrong")
         browser.find_element(By.CSS_SELECTOR, "form button").click()
-        assert "wrong token" in browser.page_source
+        # the answer is a new page: the click may return before the browser has it
+        wait_for(lambda: "wrong token" in browser.page_source)
         browser.find_element(By.ID, "token").send_keys(token)
         browser.find_element(By.CSS_SELECTOR, "form button").click()
 
