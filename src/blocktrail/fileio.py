@@ -101,11 +101,18 @@ if _sync_file_range is not None:
     _sync_file_range.restype = ctypes.c_int
 
 
-def start_writeback(fd: int) -> None:
+def start_writeback(handle: FileHandle) -> None:
     """Ask the kernel to start writing a file's dirty pages back now, without waiting: a later
-    fsync then finds little left. Only a hint; durability still needs fsync."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+    fsync then finds little left. Only a hint (a handle with no OS descriptor is left alone);
+    durability still needs fsync."""
+    if _sync_file_range is None:
+        return
+    fd = handle.dup()
+    if fd is not None:
+        try:
+            _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        finally:
+            os.close(fd)
 
 
 class OsFileHandle:

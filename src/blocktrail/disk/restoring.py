@@ -201,8 +201,8 @@ class RestoringLayer(BaseLayer):
                         write_back = self._unwritten >= WRITEBACK_BYTES
                         if write_back:
                             self._unwritten = 0
-                    if write_back:
-                        self._start_writeback()
+                    if write_back:  # the fsync at `flush` then finds little left, and the
+                        start_writeback(self.data)  # device writes while more is fetched
         finally:
             with self._cond:
                 self._fetching.difference_update(mine)
@@ -214,16 +214,6 @@ class RestoringLayer(BaseLayer):
         if failed:
             raise ChunkUnavailable(f"chunk {failed[0]} of this disk's base "
                                    f"({self._described()}) could not be fetched")
-
-    def _start_writeback(self) -> None:
-        """Ask the kernel to start writing the filled data back now (the fsync at `flush`
-        then finds little left, and the device writes while the next chunks are fetched)."""
-        fd = self.data.dup()
-        if fd is not None:
-            try:
-                start_writeback(fd)
-            finally:
-                os.close(fd)
 
     def _described(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(self.source_info.items())) or "unknown"

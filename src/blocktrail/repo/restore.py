@@ -88,7 +88,7 @@ def _restore_into(store: Store, handle: FileHandle, point: RestorePoint,
             if names[index] in wanted:
                 kept[names[index]] = data
         if written - flushed >= WRITEBACK_BYTES:  # start writing back as we go, so the
-            _writeback(handle)                    # final fsync finds little left
+            start_writeback(handle)               # final fsync finds little left
             flushed = written
         if progress is not None:
             progress(done, len(entries))
@@ -115,15 +115,6 @@ def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
             seen.add(name)
             fetched.append((index, name))
     return fetched, repeats
-
-
-def _writeback(handle: FileHandle) -> None:
-    fd = handle.dup()
-    if fd is not None:
-        try:
-            start_writeback(fd)
-        finally:
-            os.close(fd)
 
 
 def ranged_runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
