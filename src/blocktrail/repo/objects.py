@@ -92,19 +92,10 @@ def open_envelope(data: Buffer, kind: int, expected: bytes, where: str) -> bytes
     payload = memoryview(data)[HEADER.size :]
     if len(payload) != stored_len:
         raise ChunkCorrupt(f"{where} has the wrong length")
-    plain: Buffer
-    try:
-        if codec == CODEC_ZSTD:
-            plain = _decompressor().decompress(payload, max_output_size=plain_len)
-        elif codec == CODEC_PLAIN:
-            plain = payload
-        else:
-            raise ChunkCorrupt(f"{where} has unknown codec {codec}")
-    except zstandard.ZstdError as exc:
-        raise ChunkCorrupt(f"{where} does not decompress") from exc
+    plain = _decompress(codec, payload, plain_len, where, ChunkCorrupt)
     if len(plain) != plain_len or object_name(kind, plain) != expected:
         raise ChunkCorrupt(f"{where} does not match its digest")
-    return plain if isinstance(plain, bytes) else bytes(plain)
+    return plain
 
 
 # ------------------------------------------------------------------------------ codecs
