@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import blocktrail
+from bench.measure import count
 from bench.peers import Restic
 from bench.workload import apply_to_file, scattered_changes, write_image
 from blocktrail.disk import Disk
@@ -142,12 +143,10 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=4)
-    parser.add_argument("--full-pairs", type=int, default=3, metavar="N",
+    parser.add_argument("--full-pairs", type=count, default=3, metavar="N",
                         help="raw reads and full backups, in turn (medians reported)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.full_pairs < 1:
-        parser.error("--full-pairs takes a count of 1 or more")
     size = int(args.size_gib * GiB)
     # As ./run does: the sources byte-compiled, so no command compiles its modules first.
     subprocess.run([sys.executable, "-m", "compileall", "-q",

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from bench.backup_bench import _drop_caches
+from bench.measure import count
 from bench.peers import Peer, Restic
 from bench.workload import BLOCK, apply_to_file, du_bytes, scattered_changes, write_image
 from blocktrail.backup.engine import BackupOptions, run_backup
@@ -132,12 +133,10 @@ def kdf_seconds() -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=0.25)
-    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+    parser.add_argument("--rounds", type=count, default=1, metavar="N",
                         help="our three modes N times, in turn (medians reported)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds takes a count of 1 or more")
     size = int(args.size_gib * GiB) // BLOCK * BLOCK
     work = tempfile.mkdtemp(prefix="bt-crypto-bench-",
                             dir=os.environ.get("BENCH_DIR", "/var/tmp"))

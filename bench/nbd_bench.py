@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from bench.measure import count
 from bench.workload import BLOCK, scattered_changes, write_image
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import import_raw
@@ -340,13 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=4)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+    parser.add_argument("--rounds", type=count, default=3, metavar="N",
                         help="runs of the write and random-write steps, each side in turn")
     parser.add_argument("--only", choices=["read", "write", "randwrite", "alloc", "map",
                                            "backup"], action="append")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds takes a count of 1 or more")
     missing = [t for t in ("qemu-nbd", "qemu-img", "qemu-io", "nbdcopy", "nbdinfo")
                if shutil.which(t) is None]
     if missing:

@@ -30,18 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.measure import process_cpu_seconds
 from blocktrail.nbd.blocking import BlockingNbdClient
 from blocktrail.nbd.client import NbdClient
 
 RUN = 4 << 20
 WORKERS = 8
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / float(os.sysconf("SC_CLK_TCK"))
 
 
 def _own_cpu_seconds() -> float:
@@ -61,12 +55,12 @@ def best_runs(runs: dict[str, Callable[[], None]], rounds: int, server_pid: int
     best = dict.fromkeys(runs, (float("inf"), 0.0, 0.0))
     for _ in range(rounds):
         for name, fn in runs.items():
-            server, client = _cpu_seconds(server_pid), _own_cpu_seconds()
+            server, client = process_cpu_seconds(server_pid), _own_cpu_seconds()
             started = time.perf_counter()
             fn()
             seconds = time.perf_counter() - started
             if seconds < best[name][0]:
-                best[name] = (seconds, _cpu_seconds(server_pid) - server,
+                best[name] = (seconds, process_cpu_seconds(server_pid) - server,
                               _own_cpu_seconds() - client)
     return best
 

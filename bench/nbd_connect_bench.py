@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from bench.measure import process_cpu_seconds
 from bench.nbd_bench import running
 from blocktrail.disk import Disk
 from blocktrail.nbd.proto import NEED_DATA, ClientConnection, Command, Ready, ReplyDone
@@ -35,7 +36,6 @@ MiB, GiB = 1 << 20, 1 << 30
 SIZE = GiB
 BLOCK = 64 << 10
 PY = sys.executable
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -76,12 +76,6 @@ def _qemu_io(path: str, offsets: list[int], byte: str) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def one_connection(path: str, export: str, context: str) -> None:
     """Connect, negotiate ``context``, one BLOCK_STATUS of the whole export, disconnect."""
     with socket.socket(socket.AF_UNIX) as sock:
@@ -119,24 +113,24 @@ def loop(pid: int, path: str, export: str, context: str, count: int) -> tuple[fl
     for _ in range(20):  # warm up
         one_connection(path, export, context)
     times = []
-    cpu = cpu_seconds(pid)
+    cpu = process_cpu_seconds(pid)
     for _ in range(count):
         start = time.perf_counter()
         one_connection(path, export, context)
         times.append(time.perf_counter() - start)
-    cpu = cpu_seconds(pid) - cpu
+    cpu = process_cpu_seconds(pid) - cpu
     return statistics.median(times) * 1000, statistics.mean(times) * 1000, cpu / count * 1000
 
 
 def nbdinfo_loop(pid: int, uri: str, context: str, count: int) -> tuple[float, float, float]:
     times = []
-    cpu = cpu_seconds(pid)
+    cpu = process_cpu_seconds(pid)
     for _ in range(count):
         start = time.perf_counter()
         subprocess.run(["nbdinfo", f"--map={context}", uri], check=True,
                        stdout=subprocess.DEVNULL)
         times.append(time.perf_counter() - start)
-    cpu = cpu_seconds(pid) - cpu
+    cpu = process_cpu_seconds(pid) - cpu
     return statistics.median(times) * 1000, statistics.mean(times) * 1000, cpu / count * 1000
 
 

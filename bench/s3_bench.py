@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.measure import process_cpu_seconds
 from bench.peers import Peer, Restic
 from bench.workload import BLOCK, scattered_changes, write_image
 from blocktrail.backup.engine import BackupOptions, run_backup
@@ -47,9 +48,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """The server's CPU time so far (user + system)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
 
 @contextlib.contextmanager
