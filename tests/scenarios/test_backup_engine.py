@@ -15,8 +15,10 @@ from blocktrail.backup.plan import ReadPlan, audit_sample
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
+from blocktrail.extents import Extent
 from blocktrail.repo import Repository
 from faulty import DropsMarksDuringConsolidation
+from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION
 
 MiB, CS = 1 << 20, 64 * 1024
@@ -180,3 +182,54 @@ def test_backup_of_an_existing_snapshot_keeps_it(setup: tuple[Disk, Repository,
     assert report.point.change_id == snap.change_id
     assert [s.name for s in disk.snapshots] == ["vm-nightly"]
     assert restore_bytes(repo, report.point.id, tmp_path) == frozen
+
+
+def test_the_audit_reads_each_stored_chunk_once_and_neighbours_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = Disk.create(tmp_path / "disk", 16 * MiB)
+    block = random.Random(2).randbytes(CS)
+    for place in range(128):  # 8 MiB of one repeated block: one stored chunk
+        disk.pwrite(block, place * CS)
+    disk.pwrite(random.Random(3).randbytes(4 * MiB), 8 * MiB)  # 64 chunks, stored in order
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    run_backup(source, repo)
+    disk.pwrite(b"\x01", 15 * MiB)
+    audit_reads: list[tuple[str, int, int]] = []
+    read_range = Repository.read_range
+
+    def counted(self: Repository, pack_id: str, offset: int, length: int, label: str) -> bytes:
+        if "audit" in label:
+            audit_reads.append((pack_id, offset, length))
+        return read_range(self, pack_id, offset, length, label)
+
+    monkeypatch.setattr(Repository, "read_range", counted)
+    report = run_backup(source, repo, BackupOptions(audit_percent=100, seed=1))
+    assert report.kind == "incremental" and report.audit.sampled_chunks == 255
+    assert report.audit.tracker_trusted and not report.audit.damaged_areas
+    # 65 stored chunks, one pack, stored one after the other: the 4 MiB of them in one read
+    # (not 192 reads, one per sampled place that holds data)
+    assert len(audit_reads) == 1 and audit_reads[0][2] >= 4 * MiB
+
+
+def test_the_audit_finds_a_damaged_repeated_chunk_in_every_place_and_stores_it_once(
+        tmp_path: Path) -> None:
+    disk = Disk.create(tmp_path / "disk", 4 * MiB)
+    block = random.Random(2).randbytes(CS)
+    for place in range(0, 4 * MiB, 2 * CS):  # every second chunk holds the same block
+        disk.pwrite(block, place)
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    full = run_backup(source, repo)
+    name = repo.chunk_digests(full.point.id, [0])[0]
+    assert name is not None
+    flip(object_file(tmp_path / "repo", repo.index[name]), repo.index[name].offset + 1000)
+    disk.pwrite(b"\x01", CS + 5)
+    report = run_backup(source, repo, BackupOptions(audit_percent=100, seed=1))
+    assert report.audit.tracker_trusted
+    assert report.audit.damaged_areas == tuple(Extent(place, CS)
+                                               for place in range(0, 4 * MiB, 2 * CS))
+    assert repo.has_chunk(name) and repo.check(read_data=True).ok
+    assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    assert restore_bytes(repo, full.point.id, tmp_path) == block + bytes(CS) + disk.pread(
+        disk.size_bytes - 2 * CS, 2 * CS)

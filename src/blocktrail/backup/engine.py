@@ -29,6 +29,7 @@ from blocktrail.repo.errors import PointNotFound, RepositoryError
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.objects import KIND_CHUNK, Buffer
 from blocktrail.repo.quarantine import DamagedCopy
+from blocktrail.repo.restore import Run, fetch_run, ranged_runs
 
 READ_RUN_BYTES = 4 << 20
 READ_GAP_BYTES = 256 << 10  # a full backup reads through holes this small (no I/O, fewer reads)
@@ -249,29 +250,64 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
 
-    def read_both(index: int) -> tuple[bytes, bool, bool]:
-        """-> (the source's bytes, stored copy damaged, no intact copy left)."""
+    def read_source(index: int) -> bytes:
         offset = index * cs
-        data = source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
-        name = expected[index]
-        if name is None:
-            return data, False, False
-        found: list[DamagedCopy] = []
-        try:
-            store.read_chunk(name, where, found)
-        except RepositoryError:
-            return data, True, True
-        return data, bool(found), False
+        return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
 
-    threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
-    reads = read_ahead(sample, read_both, window=64, threads=threads)
-    findings = []
-    for index, (data, copy_damaged, lost) in zip(sample, reads, strict=True):
+    def compare(index: int) -> tuple[int, bytes | None]:
+        """-> (length, the source's bytes where they differ from the stored chunk's name)."""
+        data = read_source(index)
         digest = None if is_zeros(data) else store.codec.name(KIND_CHUNK, data)
-        mismatched = digest != expected[index]
-        keep = data if mismatched or lost else None
-        findings.append(_AuditFinding(index, keep, len(data), mismatched, copy_damaged, lost))
+        return len(data), (data if digest != expected[index] else None)
+
+    names = {name for name in expected.values() if name is not None}
+    threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
+    with ThreadPoolExecutor(threads, thread_name_prefix="blocktrail-audit-stored") as pool:
+        runs = [pool.submit(_check_stored_run, store, run, where)
+                for run in ranged_runs(store, sorted(((0, name) for name in names),
+                                                     key=lambda entry: _place(store, entry[1])))]
+        compared = list(read_ahead(sample, compare, window=64, threads=READ_THREADS))
+        stored: dict[bytes, tuple[bool, bool]] = {}
+        for run in runs:
+            stored.update(run.result())
+    findings = []
+    for index, (length, differing) in zip(sample, compared, strict=True):
+        name = expected[index]
+        copy_damaged, lost = stored[name] if name is not None else (False, False)
+        keep = differing
+        if keep is None and lost:  # the same content, with no intact stored copy left
+            keep = read_source(index)
+        findings.append(_AuditFinding(index, keep, length, differing is not None,
+                                      copy_damaged, lost))
     return findings
+
+
+def _place(store: Repository, name: bytes) -> tuple[str, int]:
+    loc = store.index.get(name)
+    return ("", 0) if loc is None else (loc.pack_id, loc.offset)
+
+
+def _check_stored_run(store: Repository, run: Run, where: str
+                      ) -> dict[bytes, tuple[bool, bool]]:
+    """Read the stored copies of a run of chunks (one ranged read; the audit reads each
+    sampled chunk once, however many sampled places hold it). -> per chunk: (a copy was
+    damaged and is now in quarantine, no intact copy is left)."""
+    found: list[DamagedCopy] = []
+    try:
+        fetch_run(store, run, where, found)
+    except RepositoryError:  # which of them has no intact copy: read them one by one
+        state = {}
+        for _, name, _ in run:
+            again: list[DamagedCopy] = []
+            try:
+                store.read_chunk(name, where, again)
+            except RepositoryError:
+                state[name] = (True, True)
+            else:
+                state[name] = (bool(again) or any(c.digest == name for c in found), False)
+        return state
+    damaged = {copy.digest for copy in found}
+    return {name: (name in damaged, False) for _, name, _ in run}
 
 
 def _audit_apply(findings: list[_AuditFinding], chunk_size: int,

@@ -21,6 +21,7 @@ from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.packs import Location
+from blocktrail.repo.quarantine import DamagedCopy
 from blocktrail.repo.store import Store
 
 Progress = Callable[[int, int], None]
@@ -138,12 +139,14 @@ def ranged_runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]
         yield run
 
 
-def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
+def fetch_run(store: Store, run: Run, where: str,
+              found: list[DamagedCopy] | None = None) -> list[tuple[int, bytes]]:
     """The plain bytes of a run's chunks: one ranged read, each envelope checked; a damaged
-    copy is put in quarantine and the next copy read (`Store.read_object`)."""
+    copy is put in quarantine (and appended to ``found``) and the next copy read
+    (`Store.read_object`)."""
     first, last = run[0][2], run[-1][2]
     if first is None or last is None:
-        return [(index, store.read_chunk(name, where)) for index, name, _ in run]
+        return [(index, store.read_chunk(name, where, found)) for index, name, _ in run]
     label = f"chunks of {where}"
     data = memoryview(store.read_range(first.pack_id, first.offset,
                                        last.offset + last.length - first.offset, label))
@@ -159,9 +162,9 @@ def fetch_run(store: Store, run: Run, where: str) -> list[tuple[int, bytes]]:
             plain = store.codec.open(envelope, KIND_CHUNK, name,
                                      f"{chunk_label} in pack {loc.pack_id}")
         except ChunkCorrupt as exc:
-            note = store.damaged(name, KIND_CHUNK, loc, exc, None)
+            note = store.damaged(name, KIND_CHUNK, loc, exc, found)
             try:
-                plain = store.read_chunk(name, where)  # a spare, or ChunkCorrupt
+                plain = store.read_chunk(name, where, found)  # a spare, or ChunkCorrupt
             except ObjectMissing:  # no spare: the damage found is the error
                 raise type(exc)(f"{note}; no intact copy is left") from exc
         out.append((index, plain))
