@@ -482,9 +482,10 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
 def points(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
            disk_id: str | None, host: str | None, as_json: bool) -> None:
     """List restore points, oldest first (with --host, the host's disk names too)."""
-    from blocktrail.cli.tables import points_table
-    with open_repo(repo_path, endpoint, region, profile) as repo:
-        intact, damaged = repo.scan_points()
+    with opening_repo(repo_path, endpoint, region, profile) as repository:
+        from blocktrail.cli.tables import points_table  # while the key is derived
+        with repository() as repo:
+            intact, damaged = repo.scan_points()
     mine = [p for p in intact if disk_id is None or p.disk_id == disk_id]
     found = [p.summary() for p in mine]
     if as_json:
