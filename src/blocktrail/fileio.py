@@ -74,9 +74,12 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def is_zeros(data: bytes | bytearray) -> bool:
+def is_zeros(data: bytes | bytearray | memoryview) -> bool:
     """Whether ``data`` is all zero bytes: one memcmp against a cached zero buffer of its
-    length (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us)."""
+    length (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us). A view is
+    copied first: comparing one with bytes goes byte by byte (~110 us per 64 KiB)."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     return data == _zeros(len(data))
 
 
@@ -235,6 +238,50 @@ def _aligned_buffer(size: int) -> memoryview:
     if buffer is None or len(buffer) < size:
         buffer = _bounce.buffer = mmap.mmap(-1, -(-size // (1 << 20)) << 20)
     return memoryview(buffer)
+
+
+def pread_direct(handle: FileHandle, count: int, offset: int) -> bytes | memoryview:
+    """``handle.pread(count, offset)`` past the page cache (O_DIRECT, on a descriptor of its
+    own), into memory of its own (a view of it; no copy): a backup reading a whole disk once
+    neither makes the kernel cache (and zero, for holes) pages it will not read again, which
+    costs more CPU than all the rest of a backup, nor pushes out of the cache what the guest
+    uses. Data written through the cache and not yet on disk is written back by the kernel
+    before the read: the bytes are the same. Where the file has no OS descriptor or its file
+    system refuses O_DIRECT: ``handle.pread``."""
+    import numpy as np  # only here: uninitialised memory (no page faults, no zeroing)
+
+    fd = handle.dup()
+    if fd is None:
+        return handle.pread(count, offset)
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return handle.pread(count, offset)
+    finally:
+        os.close(fd)
+    start = offset - offset % _DIRECT_ALIGN
+    span = -(-(offset + count) // _DIRECT_ALIGN) * _DIRECT_ALIGN - start
+    memory = np.empty(span + _DIRECT_ALIGN, dtype=np.uint8)  # freed with the last view
+    skip = -memory.ctypes.data % _DIRECT_ALIGN
+    view = memory.data[skip : skip + span]
+    got = 0
+    try:
+        while got < span:
+            n = os.preadv(direct, [view[got:]], start + got)
+            got += n
+            if n == 0 or n % _DIRECT_ALIGN:  # the end of the file
+                break
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return handle.pread(count, offset)  # refused: through the cache
+    finally:
+        os.close(direct)
+    first = offset - start
+    if got >= first + count:
+        return view[first : first + count]
+    data = bytes(view[first : max(first, got)])  # past the end of the file: zeros
+    return data + bytes(count - len(data))
 
 
 class OsFileIO:

@@ -1,8 +1,10 @@
 """OsFileIO.replace_atomic writes a big file's whole blocks past the page cache (O_DIRECT) and
-its tail through it: the file reads back byte for byte whatever its length."""
+its tail through it: the file reads back byte for byte whatever its length. `pread_direct`
+reads past the cache and gives the same bytes as a read through it."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
@@ -11,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from blocktrail.fileio import DIRECT_MIN_BYTES, FileHandle, OsFileIO
+from blocktrail import fileio
+from blocktrail.fileio import DIRECT_MIN_BYTES, FileHandle, OsFileIO, pread_direct
 
 
 @pytest.mark.parametrize("size", [0, 5, DIRECT_MIN_BYTES - 1, DIRECT_MIN_BYTES,
@@ -77,3 +80,95 @@ def test_where_o_direct_is_refused_everything_goes_through_the_cache() -> None:
         OsFileIO().replace_atomic(os.path.join(where, "pack"), data)
         with open(os.path.join(where, "pack"), "rb") as f:
             assert f.read() == data
+
+
+# ---------------------------------------------------------------------- reads past the cache
+
+
+@pytest.fixture
+def sparse_file(tmp_path: Path) -> tuple[FileHandle, bytes]:
+    """A file of 3 MiB + 5 bytes: data, a hole, data written through the cache and not yet
+    written back, and a short tail."""
+    size = 3 * (1 << 20) + 5
+    handle = OsFileIO().open(str(tmp_path / "layer"), create=True)
+    handle.truncate(size)
+    content = bytearray(size)
+    for offset, length in [(0, 700_000), (1_500_000, 4096), (2_000_001, size - 2_000_001)]:
+        block = os.urandom(length)
+        handle.pwrite(block, offset)
+        content[offset : offset + length] = block
+    return handle, bytes(content)
+
+
+@pytest.mark.parametrize(("offset", "count"), [
+    (0, 1 << 20), (0, 3 * (1 << 20) + 5), (4096, 8192), (1, 1), (4095, 2), (700_000, 900_000),
+    (1_499_999, 4098), (3 * (1 << 20), 5), (3 * (1 << 20) + 1, 4096), (3 * (1 << 20) + 5, 100),
+    (5 << 20, 4096), (77, 0)])
+def test_a_read_past_the_cache_gives_the_bytes_a_read_through_it_gives(
+        sparse_file: tuple[FileHandle, bytes], offset: int, count: int) -> None:
+    handle, content = sparse_file
+    want = content[offset : offset + count].ljust(count, b"\0")  # past the end: zeros
+    assert pread_direct(handle, count, offset) == handle.pread(count, offset) == want
+
+
+def test_a_read_past_the_cache_that_the_file_holds_whole_is_a_view_not_a_copy(
+        sparse_file: tuple[FileHandle, bytes]) -> None:
+    handle, content = sparse_file
+    for offset, count in [(0, 1 << 20), (4097, 70_000)]:
+        data = pread_direct(handle, count, offset)
+        assert isinstance(data, memoryview) and data == content[offset : offset + count]
+        assert fileio.is_zeros(data) is False
+    assert fileio.is_zeros(pread_direct(handle, 100_000, 1_400_000)[:90_000])  # in the hole
+
+
+def test_a_read_past_the_cache_sees_what_was_just_written_through_it(
+        sparse_file: tuple[FileHandle, bytes]) -> None:
+    handle, _ = sparse_file
+    for _ in range(3):  # written, read past the cache, written again in place: never stale
+        block = os.urandom(1 << 20)
+        handle.pwrite(block, 4096)
+        assert pread_direct(handle, 1 << 20, 4096) == block
+
+
+def test_without_a_descriptor_or_where_o_direct_is_refused_it_reads_through_the_cache(
+        sparse_file: tuple[FileHandle, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, content = sparse_file
+
+    class NoDescriptor:
+        def pread(self, count: int, offset: int) -> bytes:
+            return handle.pread(count, offset)
+
+        def dup(self) -> None:
+            return None
+
+    assert pread_direct(NoDescriptor(), 5000, 3) == content[3:5003]  # type: ignore[arg-type]
+
+    def refused(*_: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(fileio.os, "preadv", refused)
+    assert pread_direct(handle, 5000, 3) == content[3:5003]
+
+
+def test_a_full_backup_reads_the_disk_past_the_cache(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from blocktrail.backup.engine import run_backup
+    from blocktrail.backup.sources.local import LocalDiskSource
+    from blocktrail.disk import Disk, chain
+    from blocktrail.repo import Encryption, Repository
+
+    direct: list[int] = []
+
+    def counted(handle: FileHandle, count: int, offset: int) -> bytes:
+        direct.append(count)
+        return pread_direct(handle, count, offset)
+
+    monkeypatch.setattr(chain, "pread_direct", counted)
+    disk = Disk.create(tmp_path / "disk", 16 << 20)
+    content = os.urandom(16 << 20)
+    disk.pwrite(content, 0)
+    repo = Repository.init(tmp_path / "repo", encryption=Encryption.none())
+    point = run_backup(LocalDiskSource(disk), repo).point
+    assert sum(direct) == 16 << 20  # every byte, in reads of a few MiB
+    repo.restore(point.id, str(tmp_path / "restored"))
+    assert (tmp_path / "restored").read_bytes() == content

@@ -195,7 +195,7 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, plan: ReadPlan,
     read = 0
     gap = READ_GAP_BYTES // chunk_size if plan.kind == "full" else 0
 
-    def read_span(span: tuple[int, int, list[int]]) -> tuple[int, list[int], bytes]:
+    def read_span(span: tuple[int, int, list[int]]) -> tuple[int, list[int], Buffer]:
         first, count, wanted = span
         offset = first * chunk_size
         length = min(count * chunk_size, snapshot.size_bytes - offset)
@@ -233,7 +233,7 @@ def _consecutive(indexes: list[int]) -> Iterator[tuple[int, int]]:
 @dataclass(frozen=True, slots=True)
 class _AuditFinding:
     index: int
-    data: bytes | None  # the source's bytes, kept where they must be stored
+    data: Buffer | None  # the source's bytes, kept where they must be stored
     length: int
     mismatched: bool  # the source differs: the tracker missed a change
     copy_damaged: bool  # the stored copy was damaged (now in quarantine)
@@ -250,11 +250,11 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
 
-    def read_source(index: int) -> bytes:
+    def read_source(index: int) -> Buffer:
         offset = index * cs
         return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
 
-    def compare(index: int) -> tuple[int, bytes | None]:
+    def compare(index: int) -> tuple[int, Buffer | None]:
         """-> (length, the source's bytes where they differ from the stored chunk's name)."""
         data = read_source(index)
         digest = None if is_zeros(data) else store.codec.name(KIND_CHUNK, data)
@@ -311,7 +311,7 @@ def _check_stored_run(store: Repository, run: Run, where: str
 
 
 def _audit_apply(findings: list[_AuditFinding], chunk_size: int,
-                 put: Callable[[int, bytes], None]) -> AuditReport:
+                 put: Callable[[int, Buffer], None]) -> AuditReport:
     """Store what the audit found: a source that differs stores the right data (the tracker
     missed a change); a stored copy that is damaged is in quarantine, and its content is
     stored again when no intact copy is left."""

@@ -61,7 +61,7 @@ class ThrottledSource:
     def allocated_areas(self, snapshot: str) -> list[Extent]:
         return self._source.allocated_areas(snapshot)
 
-    def pread(self, snapshot: str, count: int, offset: int) -> bytes:
+    def pread(self, snapshot: str, count: int, offset: int) -> bytes | memoryview:
         self._throttle.take(count)
         return self._source.pread(snapshot, count, offset)
 

@@ -24,7 +24,7 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.leases import Lease
-from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
+from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, Buffer
 
 Progress = Callable[[int, int], None]
 
@@ -48,9 +48,9 @@ class VerifyReport:
 @dataclass
 class _Comparison:
     differing: list[Extent]
-    corrected: list[tuple[int, bytes]]  # the source's bytes where the point differs
+    corrected: list[tuple[int, Buffer]]  # the source's bytes where the point differs
     damaged: list[Extent]
-    lost: list[bytes]  # the source's bytes of chunks with no intact stored copy
+    lost: list[Buffer]  # the source's bytes of chunks with no intact stored copy
     copies: list[DamagedCopy]
     compared: int = 0
 
@@ -86,7 +86,7 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
             source.remove_snapshot(snapshot)
 
 
-def _write_healed(repo: Repository, point: RestorePoint, corrected: list[tuple[int, bytes]],
+def _write_healed(repo: Repository, point: RestorePoint, corrected: list[tuple[int, Buffer]],
                   lease: Lease | None) -> RestorePoint:
     writer = repo.begin(point.disk_id, point.size_bytes, parent=point.id, lease=lease)
     for index, data in corrected:
@@ -105,7 +105,7 @@ def _compare(repo: Repository, point: RestorePoint, source: Source, snapshot: st
     out = _Comparison([], [], [], [], [])
     where = f"restore point {point.id}"
 
-    def read_run(first: int) -> tuple[int, bytes, list[bool]]:
+    def read_run(first: int) -> tuple[int, Buffer, list[bool]]:
         """The source's bytes of a run of chunks, and for each: is its stored copy lost?"""
         offset = first * cs
         data = source.pread(snapshot, min(per_run * cs, point.size_bytes - offset), offset)

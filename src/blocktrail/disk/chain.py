@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from blocktrail.disk.layers import BaseLayer, ClusterState, DeltaLayer, Layer
 from blocktrail.extents import iter_pieces
+from blocktrail.fileio import pread_direct
 
 Piece = tuple[Layer | None, int, int]  # (layer holding the bytes or None for zeros, offset, length)
 
@@ -29,21 +30,35 @@ def map_view(layers: list[Layer], cluster_size: int, count: int, offset: int) ->
     return out
 
 
-def read_pieces(pieces: list[Piece]) -> bytes:
+def read_pieces(pieces: list[Piece], *, direct: bool = False) -> bytes | memoryview:
+    """The bytes of ``pieces``; ``direct``: read past the page cache (`fileio.pread_direct`:
+    a single piece then comes as a view of memory of its own)."""
     for layer, at, length in pieces:
         if isinstance(layer, BaseLayer):
             layer.prepare(at, length)
+
+    def read(layer: Layer, length: int, at: int) -> bytes | memoryview:
+        return pread_direct(layer.data, length, at) if direct else layer.data.pread(length, at)
+
     if len(pieces) == 1:
         layer, at, length = pieces[0]
         if layer is not None:
-            return layer.data.pread(length, at)
-    return b"".join(bytes(length) if layer is None else layer.data.pread(length, at)
+            return read(layer, length, at)
+    return b"".join(bytes(length) if layer is None else read(layer, length, at)
                     for layer, at, length in pieces)
 
 
 def read_view(layers: list[Layer], cluster_size: int, count: int, offset: int) -> bytes:
     """The logical bytes of the view whose top is ``layers[-1]``."""
-    return read_pieces(map_view(layers, cluster_size, count, offset))
+    data = read_pieces(map_view(layers, cluster_size, count, offset))
+    assert isinstance(data, bytes)  # read through the cache
+    return data
+
+
+def read_view_direct(layers: list[Layer], cluster_size: int, count: int, offset: int
+                     ) -> bytes | memoryview:
+    """`read_view` past the page cache."""
+    return read_pieces(map_view(layers, cluster_size, count, offset), direct=True)
 
 
 def _locate(layers: list[Layer], top: int, cluster_size: int, offset: int,

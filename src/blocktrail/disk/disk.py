@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -49,6 +49,8 @@ MAX_GRANULES = 2**32
 # What a create killed midway leaves in its directory (and nothing else): such a directory is
 # taken over by the next create.
 _CREATE_LEFTOVERS = ("lock", "intent.bin")
+
+_Read = TypeVar("_Read", bytes, bytes | memoryview)  # what a read of a snapshot gives
 
 
 def _check_power_of_two(name: str, value: int, minimum: int) -> None:
@@ -698,10 +700,11 @@ class Disk:
         index = next(i for i, la in enumerate(self._layers) if la.snapshot == snapshot)
         return self._layers[: index + 1]
 
-    def _read_snapshot(self, name: str, count: int, offset: int) -> bytes:
+    def _read_snapshot(self, name: str, count: int, offset: int,
+                       read: Callable[[list[Layer], int, int, int], _Read]) -> _Read:
         with self._lock.shared():
             layers = self._readable_view(count, offset, name)
-            return chain.read_view(layers, self.cluster_size, count, offset)
+            return read(layers, self.cluster_size, count, offset)
 
     def _readable_view(self, count: int, offset: int, snapshot: str | None) -> list[Layer]:
         """The layers of the live disk or a snapshot, once the read is known to fit in it
@@ -775,7 +778,12 @@ class SnapshotView:
             return self._disk._snapshot(self.name).size_bytes
 
     def pread(self, count: int, offset: int) -> bytes:
-        return self._disk._read_snapshot(self.name, count, offset)
+        return self._disk._read_snapshot(self.name, count, offset, chain.read_view)
+
+    def pread_direct(self, count: int, offset: int) -> bytes | memoryview:
+        """`pread` past the page cache (`fileio.pread_direct`), for reading much of the
+        snapshot once, as a full backup does."""
+        return self._disk._read_snapshot(self.name, count, offset, chain.read_view_direct)
 
 
 def _take_lock(fileio: FileIO, path: str) -> FileLock:

@@ -26,7 +26,7 @@ from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing
 from blocktrail.repo.localdir import HOST_LOCK_NAME, LOCK_NAME, LocalBackend
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
-from blocktrail.repo.objects import KIND_CHUNK, EncryptedCodec, PlainCodec
+from blocktrail.repo.objects import KIND_CHUNK, Buffer, EncryptedCodec, PlainCodec
 from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
 from blocktrail.repo.restore import restore_point
@@ -192,7 +192,7 @@ class Repository(Store):
         return PointWriter(self, disk_id, size_bytes, parent_point, held, self.pool,
                            release_lease=own)
 
-    def store_chunks(self, chunks: Iterable[bytes]) -> int:
+    def store_chunks(self, chunks: Iterable[Buffer]) -> int:
         """Store chunks again whose stored copies were lost (damaged, in quarantine): a pack
         and an index file, no restore point. -> bytes stored."""
         with self.writer_lease("store chunks again") as lease:

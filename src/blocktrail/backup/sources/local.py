@@ -10,6 +10,8 @@ from blocktrail.errors import SnapshotNotFound
 from blocktrail.extents import Extent
 from blocktrail.tracking import ALL_ALLOCATED, DiskChangeInfo
 
+DIRECT_READ_BYTES = 1 << 20  # a read this big goes past the page cache (fileio.pread_direct)
+
 
 class LocalDiskSource:
     """Back up a disk directory (opened here, or a `Disk` the caller already has open)."""
@@ -52,8 +54,13 @@ class LocalDiskSource:
         return all_pages(
             lambda start: self._disk.query_changed_areas(ALL_ALLOCATED, start, snapshot), size)
 
-    def pread(self, snapshot: str, count: int, offset: int) -> bytes:
-        return self._disk.open_snapshot(snapshot).pread(count, offset)
+    def pread(self, snapshot: str, count: int, offset: int) -> bytes | memoryview:
+        """A big read (a full backup's runs) goes past the page cache; a small one (an
+        incremental's changes, likely still cached as they were just written) through it."""
+        view = self._disk.open_snapshot(snapshot)
+        if count >= DIRECT_READ_BYTES:
+            return view.pread_direct(count, offset)
+        return view.pread(count, offset)
 
     def snapshot_size(self, snapshot: str) -> int:
         return self._disk.open_snapshot(snapshot).size_bytes
