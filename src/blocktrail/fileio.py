@@ -96,7 +96,8 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 _ZERO_CHUNK = bytes(1 << 20)
 _SYNC_FILE_RANGE_WRITE = 2
-DIRECT_MIN_BYTES = 1 << 20  # a whole file this big is written past the page cache (O_DIRECT)
+# A file this big is written, and a read this big of data read once is read, past the page cache
+DIRECT_MIN_BYTES = 1 << 20
 _DIRECT_ALIGN = 4096  # what O_DIRECT asks of offsets, lengths and memory (any block size)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from blocktrail.fileio import FileHandle, FileIO, OsFileIO
+from blocktrail.fileio import DIRECT_MIN_BYTES, FileHandle, FileIO, OsFileIO, pread_direct
 from blocktrail.repo.backend import (
     ObjectExists,
     ObjectInfo,
@@ -145,7 +145,14 @@ class LocalBackend:
             size = cached.handle.size()
             if length is None:
                 length = size - offset
-            return cached.handle.pread(max(0, min(length, size - offset)), offset)
+            count = max(0, min(length, size - offset))
+            if count < DIRECT_MIN_BYTES:
+                return cached.handle.pread(count, offset)
+            # A big range (a restore's run of chunks, a whole pack checked) is read once: past
+            # the page cache, which would cost more CPU than the rest of restoring it. Copied
+            # out of the view it comes in: every reader of an object takes bytes.
+            once = pread_direct(cached.handle, count, offset)
+            return once if isinstance(once, bytes) else once.tobytes()
         finally:
             self._release(cached)
 

@@ -8,9 +8,8 @@ from blocktrail.backup.source import SourceSnapshot, all_pages
 from blocktrail.disk import Disk
 from blocktrail.errors import SnapshotNotFound
 from blocktrail.extents import Extent
+from blocktrail.fileio import DIRECT_MIN_BYTES
 from blocktrail.tracking import ALL_ALLOCATED, DiskChangeInfo
-
-DIRECT_READ_BYTES = 1 << 20  # a read this big goes past the page cache (fileio.pread_direct)
 
 
 class LocalDiskSource:
@@ -58,7 +57,7 @@ class LocalDiskSource:
         """A big read (a full backup's runs) goes past the page cache; a small one (an
         incremental's changes, likely still cached as they were just written) through it."""
         view = self._disk.open_snapshot(snapshot)
-        if count >= DIRECT_READ_BYTES:
+        if count >= DIRECT_MIN_BYTES:
             return view.pread_direct(count, offset)
         return view.pread(count, offset)
 
