@@ -51,8 +51,7 @@ def read_pieces(pieces: list[Piece], *, direct: bool = False) -> bytes | memoryv
 def read_view(layers: list[Layer], cluster_size: int, count: int, offset: int) -> bytes:
     """The logical bytes of the view whose top is ``layers[-1]``."""
     data = read_pieces(map_view(layers, cluster_size, count, offset))
-    assert isinstance(data, bytes)  # read through the cache
-    return data
+    return data if isinstance(data, bytes) else bytes(data)  # through the cache: bytes already
 
 
 def read_view_direct(layers: list[Layer], cluster_size: int, count: int, offset: int
