@@ -115,13 +115,19 @@ class FillJob:
         last_io: int | None = None
         budget_from = time.monotonic()
         budget_bytes = 0
+        last_rate: int | None = None
         while True:
             with self._cond:
+                waited = False
                 while self.paused and not self._stopping:
                     self._cond.wait()
+                    waited = True
                 if self._stopping:
                     return
                 rate = self.rate
+            if waited or rate != last_rate:  # a pause earns no burst; a new rate starts anew
+                budget_from, budget_bytes = time.monotonic(), 0
+            last_rate = rate
             disk = self.disk
             progress = disk.restore_progress
             if progress is None:
@@ -150,6 +156,7 @@ class FillJob:
                 delay = min(delay * 2, policy.max_retry_s)
                 with self._cond:
                     self.retry_at = None
+                budget_from, budget_bytes = time.monotonic(), 0  # nor does waiting to retry
                 continue
             delay = policy.first_retry_s
             if after is None or after.done:

@@ -159,3 +159,38 @@ def test_a_control_call_ends_the_wait_before_a_retry() -> None:
     assert job.retry_at is not None
     job.control(paused=False, rate=None)  # e.g. the repository is back
     wait_finished(job, timeout_s=5)
+
+
+def _wait_for(condition: Any, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_a_pause_earns_no_burst_under_a_rate_limit() -> None:
+    disk = FakeDisk(40, step_s=0.0)
+    job = run_job(disk, rate=40 * CS)  # steps of 8 chunks, one every 0.2 s
+    _wait_for(lambda: disk.local >= 8)
+    job.control(paused=True, rate=40 * CS)
+    time.sleep(0.8)  # four steps' worth of time, paused
+    done = len(disk.steps)
+    resumed = time.monotonic()
+    job.control(paused=False, rate=40 * CS)
+    wait_finished(job)
+    after = [t - resumed for t, _, _ in disk.steps[done:]]
+    # the rest at the rate, from the resumption on (not all at once to catch up)
+    assert len(after) >= 3 and after[-1] >= (len(after) - 1) * 0.2 - 0.02, after
+
+
+def test_an_outage_earns_no_burst_under_a_rate_limit() -> None:
+    disk = FakeDisk(40, step_s=0.0)
+    job = run_job(disk, rate=40 * CS)
+    _wait_for(lambda: disk.local >= 8)
+    disk.failures = 4  # the store is away for 0.05 + 0.1 + 0.2 + 0.2 s of retries
+    _wait_for(lambda: len([s for s in disk.steps if s[2]]) == 4 and job.retry_at is None
+              and disk.local > 8)
+    back = next(t for t, _, failed in disk.steps if not failed and t > disk.steps[1][0])
+    wait_finished(job)
+    after = [t - back for t, _, failed in disk.steps if not failed and t >= back]
+    assert len(after) >= 3 and after[-1] >= (len(after) - 1) * 0.2 - 0.02, after
