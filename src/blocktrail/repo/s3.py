@@ -5,8 +5,11 @@ replaces and deletes send ``If-Match: ETAG``. boto3's retry configuration ("stan
 retries transient failures (connection errors, 5xx, throttling) with backoff; what still fails
 becomes `BackendUnavailable`. A create whose first attempt reached the server but whose answer
 was lost is retried and then finds its own object: an object with the same MD5 (the ETag of a
-single-part PUT) counts as written. Nothing is uploaded in parts, so an interrupted upload never
-leaves a visible object behind.
+single-part PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the
+CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an upload cut short (a
+killed process) never leaves an object behind, not even on a server that would otherwise keep
+the bytes it got (SeaweedFS keeps an empty object when a PUT with an unsigned payload is cut
+off before its body).
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
@@ -14,9 +17,11 @@ AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import functools
 import hashlib
+import zlib
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -42,6 +47,11 @@ from blocktrail.repo.s3options import S3Options
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _crc32(body: bytes) -> str:
+    """The body's CRC32 as S3 takes it: the server refuses a body that does not match."""
+    return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
 
 
 @functools.cache
@@ -127,7 +137,7 @@ class S3Backend:
         body = bytes(data)
         try:
             response = self._call("creating", name, "put_object", Key=self.key(name),
-                                  Body=body, IfNoneMatch="*")
+                                  Body=body, ChecksumCRC32=_crc32(body), IfNoneMatch="*")
         except PreconditionFailed:
             mine = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
             try:
@@ -140,9 +150,10 @@ class S3Backend:
         return ObjectInfo(name, len(body), now, str(response.get("ETag", "")), now)
 
     def replace(self, name: str, data: bytes, etag: str) -> ObjectInfo:
+        body = bytes(data)
         try:
             response = self._call("replacing", name, "put_object", Key=self.key(name),
-                                  Body=bytes(data), IfMatch=etag)
+                                  Body=body, ChecksumCRC32=_crc32(body), IfMatch=etag)
         except ObjectNotFound:
             raise PreconditionFailed(f"{self.url}: object {name} is gone") from None
         now = self._date(response)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from blocktrail.repo import s3
 from blocktrail.repo.backend import (
     Backend,
+    BackendError,
     InvalidObjectName,
     ObjectExists,
     ObjectNotFound,
@@ -157,3 +159,23 @@ def test_leftovers_of_interrupted_writes(backend: Backend, tmp_path: Path) -> No
         assert backend.delete_leftovers() == 1 and backend.leftovers() == []
     else:
         assert backend.leftovers() == [] and backend.delete_leftovers() == 0
+
+
+def test_a_body_that_does_not_match_its_checksum_is_refused(
+        s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PUT carries its body's CRC32 and the server checks it: an upload cut short (a
+    killed process) cannot leave an object behind, even where the payload is not signed (over
+    HTTPS; SeaweedFS then keeps an empty object for a PUT cut off before its body). (A local
+    create writes a temporary file and renames it: `test_leftovers_of_interrupted_writes`.)"""
+    backend = S3Backend(BUCKET, s3_server.new_url("checksum").partition(f"{BUCKET}/")[2],
+                        s3_server.options())
+    crc32 = s3._crc32
+    monkeypatch.setattr(s3, "_crc32", lambda body: crc32(body + b"x"))  # not the body's
+    with pytest.raises(BackendError):
+        backend.create("index/cut.idx", b"what was sent")
+    with pytest.raises(ObjectNotFound):
+        backend.info("index/cut.idx")
+    monkeypatch.undo()
+    backend.create("index/cut.idx", b"what was sent")
+    assert backend.load("index/cut.idx") == b"what was sent"
+    backend.close()
