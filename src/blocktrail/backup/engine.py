@@ -293,21 +293,17 @@ def _check_stored_run(store: Repository, run: Run, where: str
     sampled chunk once, however many sampled places hold it). -> per chunk: (a copy was
     damaged and is now in quarantine, no intact copy is left)."""
     found: list[DamagedCopy] = []
+    lost: set[bytes] = set()
     try:
         fetch_run(store, run, where, found)
     except RepositoryError:  # which of them has no intact copy: read them one by one
-        state = {}
         for _, name, _ in run:
-            again: list[DamagedCopy] = []
             try:
-                store.read_chunk(name, where, again)
+                store.read_chunk(name, where, found)
             except RepositoryError:
-                state[name] = (True, True)
-            else:
-                state[name] = (bool(again) or any(c.digest == name for c in found), False)
-        return state
-    damaged = {copy.digest for copy in found}
-    return {name: (name in damaged, False) for _, name, _ in run}
+                lost.add(name)
+    damaged = {copy.digest for copy in found} | lost
+    return {name: (name in damaged, name in lost) for _, name, _ in run}
 
 
 def _audit_apply(findings: list[_AuditFinding], chunk_size: int,
