@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.repo import Repository
-from s3server import TEST_ENCRYPTION
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 SERVER_SIDE = ("fastapi", "uvicorn", "starlette", "pydantic", "blocktrail.host.api",
                "blocktrail.host.daemon", "blocktrail.nbd.server")
@@ -72,3 +72,20 @@ def test_a_client_of_a_host_loads_no_server_code(tmp_path: Path) -> None:
     modules = set(json.loads(out.splitlines()[-1]))
     assert "httpx" in modules  # it did try to reach the host
     assert not _matching(modules, (*SERVER_SIDE, "numpy"))
+
+
+def test_a_repository_is_opened_without_its_operations(tmp_path: Path) -> None:
+    """A command derives the repository's key (argon2id, the slow part of opening) on a
+    thread while it imports the rest: opening needs none of the operations' code, and the
+    package imports none of it until a name is used."""
+    Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION).close()
+    script = ("import json, sys\nfrom blocktrail.repo.location import open_unlocked\n"
+              f"opened = open_unlocked({str(tmp_path / 'repo')!r}, password={TEST_PASSWORD!r})\n"
+              "assert opened.unlocked.keys is not None\n"
+              "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    modules = set(json.loads(out.splitlines()[-1]))
+    operations = {f"blocktrail.repo.{name}" for name in (
+        "repository", "check", "prune", "forget", "repair", "restore", "writer", "sink")}
+    assert not modules & operations, modules & operations

@@ -124,15 +124,22 @@ def opening_repo(location: str, endpoint: str | None = None, region: str | None 
     import threading
 
     from blocktrail.passwords import find_password
-    from blocktrail.repo import Repository
     from blocktrail.repo.errors import PasswordRequired
-    s3, timing, found = _s3(location, endpoint, region, profile), _timing(), sources()
+    from blocktrail.repo.location import open_unlocked
+    s3, found = _s3(location, endpoint, region, profile), sources()
     outcome: list[Repository | BaseException] = []
 
     def run() -> None:
         try:
-            outcome.append(Repository.open(location, s3=s3, timing=timing,
-                                           password=lambda: find_password(found)))
+            # The repository's operations are imported once the key is derived (or by the
+            # command's thread meanwhile), not before.
+            opened = open_unlocked(location, s3=s3, password=lambda: find_password(found))
+            try:
+                from blocktrail.repo.repository import Repository
+                outcome.append(Repository.on_opened(opened, _timing()))
+            except BaseException:
+                opened.backend.close()
+                raise
         except BaseException as exc:  # handed to the command's thread
             outcome.append(exc)
 

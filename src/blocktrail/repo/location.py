@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from blocktrail.errors import InvalidArgument
 from blocktrail.fileio import FileIO
+from blocktrail.repo import keys
 from blocktrail.repo.backend import Backend
 from blocktrail.repo.localdir import LocalBackend
 from blocktrail.repo.s3options import S3Options
+from blocktrail.repo.store import Store
+
+if TYPE_CHECKING:
+    from blocktrail.repo.keys import PasswordSource, Unlocked
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -42,3 +49,30 @@ def open_backend(location: str | os.PathLike[str], *, fileio: FileIO | None = No
     if "://" in text:
         raise InvalidArgument(f"{text}: a repository is a directory or s3://BUCKET/PREFIX")
     return LocalBackend(text, fileio)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedStore:
+    """A repository's backend, config and keys: what `Repository` is built on. Reached without
+    importing the repository's operations, so that a command derives the key (argon2id, the
+    slow part of opening) while it imports them."""
+    backend: Backend
+    config: dict[str, Any]
+    unlocked: Unlocked
+
+
+def open_unlocked(location: str | os.PathLike[str], *, fileio: FileIO | None = None,
+                  password: PasswordSource | None = None,
+                  s3: S3Options | None = None) -> OpenedStore:
+    """Open the backend, read the config and unlock the keys; on object storage, first make
+    sure the store refuses to overwrite objects. The backend is closed on any failure."""
+    backend = open_backend(location, fileio=fileio, s3=s3)
+    try:
+        config = Store.load_config(backend)
+        unlocked = keys.unlock(backend, config, password)
+        if backend.remote:
+            Store.probe_conditional_writes(backend)
+    except BaseException:
+        backend.close()
+        raise
+    return OpenedStore(backend, config, unlocked)

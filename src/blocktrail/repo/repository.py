@@ -24,7 +24,7 @@ from blocktrail.repo.forget import ForgetResult, forget_points
 from blocktrail.repo.keys import Encryption, KeyFile, PasswordSource, Unlocked
 from blocktrail.repo.leases import DEFAULT_TIMING, Lease, Timing
 from blocktrail.repo.localdir import HOST_LOCK_NAME, LOCK_NAME, LocalBackend
-from blocktrail.repo.location import open_backend
+from blocktrail.repo.location import OpenedStore, open_backend, open_unlocked
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, Buffer, EncryptedCodec, PlainCodec
 from blocktrail.repo.prune import PruneReport, prune_repository
@@ -85,16 +85,13 @@ class Repository(Store):
         """Open a repository; on object storage, first make sure the store refuses to
         overwrite objects (a probe object written twice). An encrypted one needs ``password``
         (a callable is called only then): `WrongPassword` if no key file opens with it."""
-        backend = open_backend(location, fileio=fileio, s3=s3)
-        try:
-            config = Store.load_config(backend)
-            unlocked = keys.unlock(backend, config, password)
-            if backend.remote:
-                Store.probe_conditional_writes(backend)
-        except BaseException:
-            backend.close()
-            raise
-        return cls(backend, config, timing, unlocked)
+        return cls.on_opened(open_unlocked(location, fileio=fileio, password=password, s3=s3),
+                             timing)
+
+    @classmethod
+    def on_opened(cls, opened: OpenedStore, timing: Timing = DEFAULT_TIMING) -> Repository:
+        """The repository on what `open_unlocked` opened."""
+        return cls(opened.backend, opened.config, timing, opened.unlocked)
 
     @classmethod
     def on(cls, backend: Backend, timing: Timing = DEFAULT_TIMING,
