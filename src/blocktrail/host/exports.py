@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ ZERO_WRITE_BYTES = 1 << 20
 # thread, so that the event loop is not held up by one copy for long.
 NOW_WRITE_MAX_BYTES = 1 << 20
 _DESCRIPTOR = np.dtype(">u4")
+_PAIR = struct.Struct(">II")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,23 +204,26 @@ class Target:
 def descriptors(marked: tuple[np.ndarray, np.ndarray], start: int, end: int, inside: int,
                 outside: int, *, one: bool) -> bytes:
     """Block status descriptors (length, flags) covering [start, end): ``inside`` on the
-    marked areas (sorted, disjoint), ``outside`` between them."""
+    marked areas (sorted, disjoint, not empty), ``outside`` between them. Written in place as
+    the wire carries them: an answer of thousands of areas makes few temporary arrays."""
     lo, hi = marked
-    gap_starts = np.concatenate(([start], hi))
-    gap_ends = np.concatenate((lo, [end]))
+    if len(lo) > 1:  # adjacent areas are one: no gap of 0 bytes between them
+        apart = lo[1:] != hi[:-1]
+        if not apart.all():
+            lo, hi = lo[np.concatenate(([True], apart))], hi[np.concatenate((apart, [True]))]
     count = len(lo)
-    lengths = np.empty(2 * count + 1, dtype=np.int64)
-    flags = np.empty(2 * count + 1, dtype=np.int64)
-    lengths[0::2], flags[0::2] = gap_ends - gap_starts, outside
-    lengths[1::2], flags[1::2] = hi - lo, inside
-    keep = lengths > 0
-    lengths, flags = lengths[keep], flags[keep]
-    if len(lengths) > 1:  # adjacent areas of one state become one descriptor
-        starts = np.flatnonzero(np.concatenate(([True], flags[1:] != flags[:-1])))
-        lengths, flags = np.add.reduceat(lengths, starts), flags[starts]
-    limit = 1 if one else MAX_DESCRIPTORS
-    pairs = np.column_stack((lengths[:limit], flags[:limit]))
-    return pairs.astype(_DESCRIPTOR).tobytes()
+    if not count or inside == outside:
+        return _PAIR.pack(end - start, inside if count else outside)
+    out = np.empty((2 * count + 1, 2), dtype=_DESCRIPTOR)
+    lengths = out[:, 0]
+    lengths[0] = int(lo[0]) - start
+    lengths[1:-1:2] = hi - lo
+    lengths[2:-1:2] = lo[1:] - hi[:-1]
+    lengths[-1] = end - int(hi[-1])
+    out[0::2, 1], out[1::2, 1] = outside, inside
+    first = 0 if lengths[0] else 1  # an area at the start or the end: no empty gap there
+    last = len(out) if lengths[-1] else len(out) - 1
+    return out[first : min(last, first + (1 if one else MAX_DESCRIPTORS))].tobytes()
 
 
 class DiskCatalog:
