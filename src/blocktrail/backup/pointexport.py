@@ -126,6 +126,11 @@ class PointExport:
         """Nothing here is done on the event loop (a write is refused on a worker thread)."""
         return False
 
+    def block_status_now(self, request: Request,
+                         contexts: dict[int, str]) -> list[tuple[int, bytes]] | None:
+        """Answered on a worker thread (the allocation map may read the repository)."""
+        return None
+
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         if not contexts:
             raise RequestFailed("no meta context was negotiated", errno=Errno.EINVAL)

@@ -577,25 +577,52 @@ class Disk:
         allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
         the end of the disk). See docs/tracking.md."""
         with self._lock.shared():
-            self._stack.check_usable()
-            snap = None if snapshot is None else self._snapshot(snapshot)
-            size = self.size_bytes if snap is None else snap.size_bytes
-            end = size if end_offset is None else min(size, end_offset)
-            if not 0 <= start_offset < end:
-                raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size})"
-                                 if start_offset >= size or start_offset < 0 else
-                                 f"end offset {end_offset} is not past start {start_offset}")
+            end, until = self._query_bounds(change_id, start_offset, snapshot, end_offset)
             if change_id.strip() == ALL_ALLOCATED:
                 return self._allocated_areas(snapshot, start_offset, end)
-            until = None
-            if snap is not None:
-                try:
-                    until = self._tracker.resolve(snap.change_id)
-                except StaleChangeId as exc:
-                    raise StaleChangeId(f"snapshot {snap.name!r} was taken before the current "
-                                        f"tracking epoch: {exc.message}") from exc
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)
+
+    def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
+                                snapshot: str | None = None, *, end_offset: int | None = None,
+                                max_granules: int) -> DiskChangeInfo | None:
+        """`query_changed_areas` answered at once when nothing would make it wait (a change of
+        the layer structure) and it joins at most ``max_granules`` marked granules (its cost
+        grows with them); None otherwise. ``"*"`` is never answered here. Errors are raised
+        as by `query_changed_areas`. (An event loop answers small dirty-map questions so.)"""
+        if change_id.strip() == ALL_ALLOCATED:
+            return None
+        counted = self._lock.acquire_shared(blocking=False)
+        if counted is None:
+            return None
+        try:
+            end, until = self._query_bounds(change_id, start_offset, snapshot, end_offset)
+            if self._tracker.marked_bound(change_id, until_seq=until) > max_granules:
+                return None
+            return self._tracker.query(change_id, until_seq=until, size_bytes=end,
+                                       start_offset=start_offset)
+        finally:
+            self._lock.release_shared(counted)
+
+    def _query_bounds(self, change_id: str, start_offset: int, snapshot: str | None,
+                      end_offset: int | None) -> tuple[int, int | None]:
+        """A query's checks (the disk usable, the range, the snapshot); -> where its answer
+        ends, and the tracker sequence of the snapshot's point (None: now, or ``"*"``)."""
+        self._stack.check_usable()
+        snap = None if snapshot is None else self._snapshot(snapshot)
+        size = self.size_bytes if snap is None else snap.size_bytes
+        end = size if end_offset is None else min(size, end_offset)
+        if not 0 <= start_offset < end:
+            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size})"
+                             if start_offset >= size or start_offset < 0 else
+                             f"end offset {end_offset} is not past start {start_offset}")
+        if snap is None or change_id.strip() == ALL_ALLOCATED:
+            return end, None
+        try:
+            return end, self._tracker.resolve(snap.change_id)
+        except StaleChangeId as exc:
+            raise StaleChangeId(f"snapshot {snap.name!r} was taken before the current "
+                                f"tracking epoch: {exc.message}") from exc
 
     # ------------------------------------------------------------------ instant restore
 

@@ -49,6 +49,11 @@ ZERO_WRITE_BYTES = 1 << 20
 # time anyway), and workers contending for the GIL cost most. A larger one goes to a worker
 # thread, so that the event loop is not held up by one copy for long.
 NOW_WRITE_MAX_BYTES = 1 << 20
+# A dirty-map question is answered on the event loop when the intervals it joins hold at most
+# this many marked granules (1 GiB of changes at 64 KiB): its whole cost (the join, the areas,
+# the descriptors) grows with them, and at this bound stays near the cost of a 1 MiB write done
+# there (a few tenths of a millisecond). A larger one goes to a worker thread.
+NOW_BLOCK_STATUS_GRANULES = 1 << 14
 _DESCRIPTOR = np.dtype(">u4")
 _PAIR = struct.Struct(">II")
 
@@ -148,6 +153,24 @@ class Target:
 
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         """(context id, descriptors) for every negotiated context."""
+        return self._block_status(request, contexts, now=False)
+
+    def block_status_now(self, request: Request,
+                         contexts: dict[int, str]) -> list[tuple[int, bytes]] | None:
+        """`block_status` answered at once, on the event loop, when every context is a dirty
+        bitmap, nothing would make it wait and the answer is small (at most
+        `NOW_BLOCK_STATUS_GRANULES` marked granules to join, `Disk.try_query_changed_areas`);
+        None otherwise (a worker thread answers). The same answer, or error, either way."""
+        if not contexts or not all(name.startswith(DIRTY_BITMAP_PREFIX)
+                                   for name in contexts.values()):
+            return None
+        try:
+            return self._block_status(request, contexts, now=True)
+        except _NotNow:
+            return None
+
+    def _block_status(self, request: Request, contexts: dict[int, str], *,
+                      now: bool) -> list[tuple[int, bytes]]:
         if not contexts:
             raise RequestFailed("no meta context was negotiated", errno=Errno.EINVAL)
         self.check_range(Command.BLOCK_STATUS, request.offset, request.length)
@@ -162,36 +185,46 @@ class Target:
             else:
                 raise RequestFailed(f"unknown meta context {name}", errno=Errno.EINVAL)
             try:  # refused: an error reply, never "clean"
-                payload = self._descriptors(change_id, start, end, inside, outside, one=one)
+                payload = self._descriptors(change_id, start, end, inside, outside, one=one,
+                                            now=now)
             except RequestFailed as failure:
                 raise RequestFailed(f"{name}: {failure.message}", errno=failure.errno) from failure
             out.append((context_id, payload))
         return out
 
     def _descriptors(self, change_id: str, start: int, end: int, inside: int, outside: int, *,
-                     one: bool) -> bytes:
+                     one: bool, now: bool) -> bytes:
         if not one:
-            return descriptors(self._areas(change_id, start, end), start, end, inside, outside,
-                               one=False)
+            return descriptors(self._areas(change_id, start, end, now=now), start, end, inside,
+                               outside, one=False)
         # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
         # may be shorter than asked: look at a growing window until the extent ends inside it.
         window = REQ_ONE_FIRST_WINDOW
         while True:
             stop = min(end, start + window)
-            payload = descriptors(self._areas(change_id, start, stop), start, stop, inside,
-                                  outside, one=True)
+            payload = descriptors(self._areas(change_id, start, stop, now=now), start, stop,
+                                  inside, outside, one=True)
             if stop == end or int.from_bytes(payload[:4], "big") < stop - start:
                 return payload
             window *= 8
 
-    def _areas(self, change_id: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets and ends of the marked areas inside [start, end)."""
+    def _areas(self, change_id: str, start: int, end: int, *,
+               now: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and ends of the marked areas inside [start, end); ``now``: without waiting
+        and small, else `_NotNow`."""
         los, his = [], []
         pos = start
         with _as_reply_errors():
             while pos < end:
-                info = self.disk.query_changed_areas(change_id, pos, self.snapshot,
-                                                     end_offset=end)
+                if not now:
+                    info = self.disk.query_changed_areas(change_id, pos, self.snapshot,
+                                                         end_offset=end)
+                elif (found := self.disk.try_query_changed_areas(
+                        change_id, pos, self.snapshot, end_offset=end,
+                        max_granules=NOW_BLOCK_STATUS_GRANULES)) is not None:
+                    info = found
+                else:
+                    raise _NotNow
                 los.append(info.offsets)
                 his.append(info.offsets + info.lengths)
                 pos = info.end
@@ -283,6 +316,10 @@ class DiskCatalog:
             with contextlib.suppress(BlocktrailError):
                 out += [f"{name}@{s.name}" for s in self._get_disk(name).snapshots]
         return out
+
+
+class _NotNow(Exception):
+    """A question `Target.block_status_now` leaves to a worker thread."""
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ an export (a disk, a snapshot, a file, memory).
   core's `ExportCatalog`); `open` gives the `Export` a connection then uses, once per connection.
 - `Export`: carries out the requests. `map_read` maps a read to `ReadSegment`s that are data in
   a file (sent with ``sendfile``), bytes, or zeros; `perform` does WRITE, TRIM, WRITE_ZEROES,
-  FLUSH and CACHE; `block_status` answers the negotiated meta contexts. A request that cannot be
+  FLUSH and CACHE; `block_status` answers the negotiated meta contexts (`perform_now` and
+  `block_status_now` on the event loop, when cheap). A request that cannot be
   done raises `RequestFailed` (its errno and message go to the client in an error reply; the
   connection goes on).
 
@@ -79,6 +80,14 @@ class Export(Protocol):
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
         """(context id, descriptors as the wire carries them) for every context in
         ``contexts`` (id -> name, as negotiated); on a worker thread."""
+        ...
+
+    def block_status_now(self, request: Request,
+                         contexts: dict[int, str]) -> list[tuple[int, bytes]] | None:
+        """`block_status` answered at once, on the event loop, if that is cheap and nothing
+        would make it wait (a small answer): the same answer (or `RequestFailed`) as
+        `block_status` would give. None: nothing was done, and the server hands the request to
+        `block_status` on a worker thread. An export that never can answers None."""
         ...
 
 

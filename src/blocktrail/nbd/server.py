@@ -6,7 +6,8 @@ sans-IO `ServerConnection`), plus a `Wire` thread that sends replies. Reads of d
 answered without copying: the export maps the range to files and the wire sends them with
 ``sendfile``; when the export would have to wait (a writer holds a disk, say), or for writes,
 flushes and block status, the work runs on a small thread pool and the reply is queued from
-there. Replies may leave in any order
+there (a small write, and a small BLOCK_STATUS answer, are done on the loop when the export
+says they can be). Replies may leave in any order
 (NBD matches them by cookie); each is sent whole.
 
 TLS (`ServerTls`): STARTTLS with x509 certificates or a PSK, allowed or required. After the
@@ -314,6 +315,24 @@ class _Connection:
                 self._take(0)
                 self._reply_error(request.cookie, failure.errno, failure.message, 0)
                 return None
+        if command is Command.BLOCK_STATUS:
+            try:
+                answers = target.block_status_now(request, chosen.contexts)
+            except RequestFailed as failure:
+                self._take(0)
+                self._reply_error(request.cookie, failure.errno, failure.message, 0)
+                return None
+            except Exception as exc:  # as on a worker: the client gets an error, not silence
+                log.exception("NBD request %s failed", command.name)
+                self._take(0)
+                self._reply_error(request.cookie, Errno.EIO, f"internal error: {exc!r}", 0)
+                return None
+            if answers is not None:  # answered at once: no thread hand-off
+                with self._lock:
+                    if not self._proto.can_reply:
+                        return None
+                    self._block_status_chunks(request.cookie, answers)
+                    return self._proto.data_to_send()
         size = request.length if command is Command.READ else len(request.data)
         self._take(size)
         if request.command is Command.READ:
@@ -386,13 +405,14 @@ class _Connection:
 
     def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
                            size: int) -> None:
-        def chunks() -> None:
-            for index, (context_id, payload) in enumerate(answers):
-                self._proto.reply_chunk(request.cookie, ReplyType.BLOCK_STATUS,
-                                        context_id.to_bytes(4, "big") + payload,
-                                        done=index == len(answers) - 1)
+        self._reply(lambda: self._block_status_chunks(request.cookie, answers), size)
 
-        self._reply(chunks, size)
+    def _block_status_chunks(self, cookie: int, answers: list[tuple[int, bytes]]) -> None:
+        """Put a BLOCK_STATUS reply in the core (holding the lock)."""
+        for index, (context_id, payload) in enumerate(answers):
+            self._proto.reply_chunk(cookie, ReplyType.BLOCK_STATUS,
+                                    context_id.to_bytes(4, "big") + payload,
+                                    done=index == len(answers) - 1)
 
     def _reply_done(self, cookie: int, size: int) -> None:
         def done() -> None:

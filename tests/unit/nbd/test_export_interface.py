@@ -71,6 +71,7 @@ class MemoryExport:
     fd: int
     flushes: int = 0
     at_once: int = 0  # writes offered to perform_now
+    status_at_once: int = 0  # block status answered by block_status_now
     reads: list[Mapped] = field(default_factory=list)
 
     @property
@@ -110,7 +111,16 @@ class MemoryExport:
         self.perform(request)
         return True
 
+    def block_status_now(self, request: Request,
+                         contexts: dict[int, str]) -> list[tuple[int, bytes]] | None:
+        if request.offset >= BLOCK:  # the rest is left to a worker thread
+            return None
+        self.status_at_once += 1
+        return self.block_status(request, contexts)
+
     def block_status(self, request: Request, contexts: dict[int, str]) -> list[tuple[int, bytes]]:
+        if request.length % 2:
+            raise RequestFailed("block status of an odd length", errno=Errno.EINVAL)
         return [(i, struct.pack(">II", request.length, 0)) for i in contexts]
 
 
@@ -184,6 +194,13 @@ def test_a_memory_export_is_served_through_the_interface(tmp_path: Path) -> None
             assert export.at_once == 2
             assert export.flushes == 1
             assert await client.block_status(SIZE, 0, "base:allocation") == [(SIZE, 0)]
+            assert export.status_at_once == 1  # answered on the event loop
+            assert await client.block_status(BLOCK, BLOCK, "base:allocation") == [(BLOCK, 0)]
+            assert export.status_at_once == 1  # by a worker thread
+            with pytest.raises(RequestFailed) as refused:  # the error of one done at once
+                await client.block_status(3, 0, "base:allocation")
+            assert refused.value.errno == Errno.EINVAL
+            assert refused.value.server_message == "block status of an odd length"
             with pytest.raises(RequestFailed) as failed:  # the export's error, as it was
                 await client.trim(BLOCK, 0)
             assert failed.value.errno == Errno.ENOTSUP
