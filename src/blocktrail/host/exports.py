@@ -195,27 +195,28 @@ class Target:
     def _descriptors(self, change_id: str, start: int, end: int, inside: int, outside: int, *,
                      one: bool, now: bool) -> bytes:
         if not one:
-            return descriptors(self._areas(change_id, start, end, now=now), start, end, inside,
-                               outside, one=False)
+            lo, hi, covered = self._areas(change_id, start, end, now=now)
+            return descriptors((lo, hi), start, covered, inside, outside, one=False)
         # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
         # may be shorter than asked: look at a growing window until the extent ends inside it.
         window = REQ_ONE_FIRST_WINDOW
         while True:
-            stop = min(end, start + window)
-            payload = descriptors(self._areas(change_id, start, stop, now=now), start, stop,
-                                  inside, outside, one=True)
-            if stop == end or int.from_bytes(payload[:4], "big") < stop - start:
+            lo, hi, covered = self._areas(change_id, start, min(end, start + window), now=now)
+            payload = descriptors((lo, hi), start, covered, inside, outside, one=True)
+            if covered == end or int.from_bytes(payload[:4], "big") < covered - start:
                 return payload
             window *= 8
 
     def _areas(self, change_id: str, start: int, end: int, *,
-               now: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets and ends of the marked areas inside [start, end); ``now``: without waiting
-        and small, else `_NotNow`."""
+               now: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        """Offsets and ends of the marked areas inside [start, covered), and ``covered``: the
+        end, or less once more areas were found than one reply can carry (`MAX_DESCRIPTORS`:
+        the client asks again from where the reply ends). ``now``: without waiting and small,
+        else `_NotNow`."""
         los, his = [], []
-        pos = start
+        pos, areas = start, 0
         with _as_reply_errors():
-            while pos < end:
+            while pos < end and areas < MAX_DESCRIPTORS:
                 if not now:
                     info = self.disk.query_changed_areas(change_id, pos, self.snapshot,
                                                          end_offset=end)
@@ -227,11 +228,13 @@ class Target:
                     raise _NotNow
                 los.append(info.offsets)
                 his.append(info.offsets + info.lengths)
+                areas += len(info.offsets)
                 pos = info.end
-        lo = np.clip(np.concatenate(los), start, end)
-        hi = np.clip(np.concatenate(his), start, end)
+        covered = min(pos, end)
+        lo = np.clip(np.concatenate(los), start, covered)
+        hi = np.clip(np.concatenate(his), start, covered)
         keep = lo < hi
-        return lo[keep], hi[keep]
+        return lo[keep], hi[keep], covered
 
 
 def descriptors(marked: tuple[np.ndarray, np.ndarray], start: int, end: int, inside: int,

@@ -14,7 +14,7 @@ from blocktrail.disk import Disk
 from blocktrail.host import exports
 from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.proto import Command, CommandFlag, Request
-from blocktrail.nbd.proto.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX
+from blocktrail.nbd.proto.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, STATE_DIRTY
 from blocktrail.nbd.proto.errors import RequestFailed
 
 MiB = 1 << 20
@@ -98,3 +98,39 @@ def test_a_question_that_would_wait_goes_to_a_worker(disk: Disk) -> None:
         release.set()
         thread.join()
     assert disk.try_query_changed_areas(since, max_granules=0) is None  # too large
+
+
+def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `MAX_DESCRIPTORS` the areas further on are not even looked up: the reply covers
+    a prefix of the request (the client asks again from its end), exactly."""
+    from blocktrail.tracking import tracker as tracker_module
+    monkeypatch.setattr(tracker_module, "MAX_EXTENTS_PER_ANSWER", 50)
+    monkeypatch.setattr(exports, "MAX_DESCRIPTORS", 64)
+    blocks = list(range(0, 1000, 3))  # 334 areas apart from each other
+    with Disk.create(str(tmp_path / "d1"), SIZE) as disk:
+        since = disk.create_snapshot("s0").change_id
+        for block in blocks:
+            disk.pwrite(b"z", block * GRAIN)
+        queries: list[int] = []
+        query = disk.query_changed_areas
+
+        def counted(*args: object, **kwargs: object) -> object:
+            queries.append(1)
+            return query(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(disk, "query_changed_areas", counted)
+        target = DiskCatalog.of({"d1": disk}).target("d1")
+        assert target is not None
+        (_, payload), = target.block_status(status(0, SIZE), {1: DIRTY_BITMAP_PREFIX + since})
+    pairs = [(int.from_bytes(payload[i:i + 4], "big"), int.from_bytes(payload[i + 4:i + 8], "big"))
+             for i in range(0, len(payload), 8)]
+    assert len(pairs) == 64 and len(queries) == 2  # not all 7 windows of 50 areas
+    pos = 0
+    for length, flags in pairs:  # every descriptor says what the disk holds
+        marked = {b for b in blocks if pos // GRAIN <= b < (pos + length) // GRAIN}
+        assert (flags == STATE_DIRTY) == bool(marked) and length % GRAIN == 0
+        if flags == STATE_DIRTY:
+            assert marked == set(range(pos // GRAIN, (pos + length) // GRAIN))
+        pos += length
+    assert 0 < pos < SIZE
