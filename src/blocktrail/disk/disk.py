@@ -597,7 +597,8 @@ class Disk:
             return None
         try:
             end, until = self._query_bounds(change_id, start_offset, snapshot, end_offset)
-            if self._tracker.marked_bound(change_id, until_seq=until) > max_granules:
+            if self._tracker.marked_bound(change_id, until_seq=until, size_bytes=end,
+                                          start_offset=start_offset) > max_granules:
                 return None
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)

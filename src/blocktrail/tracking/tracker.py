@@ -321,15 +321,19 @@ class ChangeTracker:
         union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
         return _to_change_info(union, self.granularity, start_offset, size_bytes)
 
-    def marked_bound(self, change_id: str, *, until_seq: int | None) -> int:
+    def marked_bound(self, change_id: str, *, until_seq: int | None, size_bytes: int,
+                     start_offset: int) -> int:
         """At most how many granules `query` joins for this question (the sum of the
-        intervals' counts, not their union): what answering it costs grows with this."""
+        intervals' counts inside its window, not their union): what answering it costs grows
+        with this."""
         since = self.resolve(change_id)
         end_seq = self.seq if until_seq is None else until_seq
-        bound = sum(len(self._intervals[s][1]) for s in range(since + 1, end_seq + 1))
+        lo, hi = start_offset // self.granularity, -(-size_bytes // self.granularity)
+        bound = sum(self._intervals[s][1].range_cardinality(lo, hi)
+                    for s in range(since + 1, end_seq + 1))
         if until_seq is None:
             with self._marks_lock:
-                bound += len(self._open)
+                bound += self._open.range_cardinality(lo, hi)
         return bound
 
     def meta(self) -> dict[str, Any]:

@@ -73,6 +73,12 @@ def test_large_or_allocation_questions_go_to_a_worker(disk: Disk,
     assert target.block_status_now(status(0, SIZE), dirty) is not None  # 20 granules: at once
     monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 19)
     assert target.block_status_now(status(0, SIZE), dirty) is None
+    # the bound counts the granules inside the window asked for, not the whole disk's
+    assert target.block_status_now(status(0, GRAIN), dirty) == \
+        target.block_status(status(0, GRAIN), dirty)
+    monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 0)
+    assert target.block_status_now(status(SIZE - GRAIN, GRAIN), dirty) is not None  # none
+    assert target.block_status_now(status(0, GRAIN), dirty) is None
     assert target.block_status_now(status(0, SIZE), {1: BASE_ALLOCATION}) is None
     assert target.block_status_now(status(0, SIZE), {1: BASE_ALLOCATION, 2: dirty[1]}) is None
 
