@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -288,6 +289,52 @@ def test_a_client_that_never_reads_replies_is_held_off(tmp_path: Path) -> None:
             assert reply.error == 0 and len(reply.data) == 2 * MiB
             got += 1
             c._reads[1] = (0, 2 * MiB)
+        c.close()
+
+
+def test_replies_done_at_once_count_against_the_limits(tmp_path: Path) -> None:
+    """Requests answered on the loop (here a small dirty map: a reply of kilobytes for a
+    request of 28 bytes; a small write or trim goes the same way) are held off too when their
+    replies are not taken: the server stops reading, so its memory stays bounded."""
+    command = BLOCK_STATUS
+    limits = ServerLimits(requests_in_flight=4, bytes_in_flight=1 * MiB)
+    with serve(tmp_path, limits, size=64 * MiB) as s:
+        since = s.disk.create_snapshot("s1").change_id
+        for block in range(0, 1024, 2):  # 512 areas apart: each map is 8 KiB of descriptors
+            s.disk.pwrite(b"x", block * (64 << 10))
+        c = s.client(contexts=(f"qemu:dirty-bitmap:{since}",))
+        c.sock.setblocking(False)
+        request = c.request_bytes(command, 0, 64 * MiB)
+        pending, sent_bytes, deadline = bytearray(), 0, time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the server stops reading for good
+            if not pending:
+                pending += request * 64
+            try:
+                count = c.sock.send(pending)
+            except BlockingIOError:
+                if not select.select([], [c.sock], [], 1.0)[1]:
+                    break  # no room for a second: the server reads no more
+                continue
+            del pending[:count]
+            sent_bytes += count
+        else:
+            pytest.fail("the server kept reading requests nobody takes the replies of")
+        c.sock.settimeout(30)
+        sent = -(-sent_bytes // len(request))
+        replies: list[object] = []
+
+        def take() -> None:  # nothing was lost: every request is answered
+            for _ in range(sent):
+                reply = c.reply()
+                assert reply.error == 0
+                assert len(next(iter(reply.block_status.values()))) == 1024
+                replies.append(reply)
+
+        taking = threading.Thread(target=take)
+        taking.start()
+        c.sock.sendall(pending[: -sent_bytes % len(request)])  # the last one whole
+        taking.join(60)
+        assert len(replies) == sent
         c.close()
 
 
