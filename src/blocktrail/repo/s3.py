@@ -8,8 +8,10 @@ was lost is retried and then finds its own object: an object with the same MD5 (
 single-part PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the
 CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an upload cut short (a
 killed process) never leaves an object behind, not even on a server that would otherwise keep
-the bytes it got (SeaweedFS keeps an empty object when a PUT with an unsigned payload is cut
-off before its body).
+the bytes it got. SeaweedFS does: a PUT with neither a checksum header nor Content-MD5 whose
+connection is closed cleanly after its headers (or after the server's ``100 Continue``) and
+before the first byte of its body becomes an empty object, whether the payload is signed or
+not (the server does not compare the signed SHA-256 with the body of a plain PUT).
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
