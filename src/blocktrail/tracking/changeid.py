@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 
@@ -21,16 +22,21 @@ class ChangeId:
     @classmethod
     def parse(cls, text: str) -> ChangeId:
         """Parse ``<epoch-uuid>/<sequence>``; anything else is `InvalidChangeId`."""
-        epoch, sep, seq = text.strip().partition("/")
-        try:
-            if not sep or not seq.isdigit():
-                raise ValueError
-            canonical = str(uuid.UUID(epoch))
-        except ValueError:
-            raise InvalidChangeId(
-                f"malformed change ID {text!r}: expected '<epoch-uuid>/<sequence>' or '*'"
-            ) from None
-        return cls(canonical, int(seq))
+        return _parse(text)
+
+
+@functools.lru_cache(maxsize=4096)  # a dirty map's every request parses the same few IDs
+def _parse(text: str) -> ChangeId:
+    epoch, sep, seq = text.strip().partition("/")
+    try:
+        if not sep or not seq.isdigit():
+            raise ValueError
+        canonical = str(uuid.UUID(epoch))
+    except ValueError:
+        raise InvalidChangeId(
+            f"malformed change ID {text!r}: expected '<epoch-uuid>/<sequence>' or '*'"
+        ) from None
+    return ChangeId(canonical, int(seq))
 
 
 def new_epoch() -> str:
