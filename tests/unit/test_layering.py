@@ -15,12 +15,13 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "names": {"errors"},
     "pipeline": set(),
+    "lazy": set(),  # a package's names loaded on first use
     "passwords": {"errors"},
     "fileio": {"extents", "errors"},
-    "tracking": {"extents", "errors", "fileio"},
-    "disk": {"extents", "errors", "fileio", "names", "tracking"},
+    "tracking": {"extents", "errors", "fileio", "lazy"},
+    "disk": {"extents", "errors", "fileio", "names", "tracking", "lazy"},
     "nbd": {"extents", "errors"},  # nbd/proto: see the test below
-    "repo": {"extents", "errors", "fileio", "pipeline"},
+    "repo": {"extents", "errors", "fileio", "pipeline", "lazy"},
     "backup": {"extents", "errors", "names", "fileio", "tracking", "repo", "nbd", "disk",
                "pipeline", "passwords"},
     "host": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",

@@ -5,8 +5,9 @@ package (the importer's checks, say) does not load numpy."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blocktrail.lazy import lazy_names
 
 if TYPE_CHECKING:
     from blocktrail.disk.consolidation import Consolidation
@@ -18,10 +19,4 @@ _WHERE = {"Consolidation": "consolidation", "Disk": "disk", "SnapshotView": "dis
 __all__ = ["Consolidation", "Disk", "Snapshot", "SnapshotView"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _WHERE)

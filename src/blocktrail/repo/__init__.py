@@ -5,8 +5,9 @@ starts deriving its key before the code of check, prune, restore and the rest is
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blocktrail.lazy import lazy_names
 
 if TYPE_CHECKING:
     from blocktrail.repo.check import CheckReport, Problem
@@ -32,10 +33,4 @@ __all__ = ["CheckReport", "DamagedCopy", "Encryption", "ForgetResult", "KdfParam
            "RetentionPolicy", "S3Options", "Timing", "UnrestorablePoint"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _WHERE)

@@ -5,8 +5,9 @@ change ID does not pay for numpy and pyroaring."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blocktrail.lazy import lazy_names
 
 if TYPE_CHECKING:
     from blocktrail.tracking.changeid import ALL_ALLOCATED, ChangeId
@@ -19,10 +20,4 @@ __all__ = ["ALL_ALLOCATED", "TRACKER_FORMAT", "ChangeId", "ChangeTracker", "Disk
            "EpochRecord"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), _WHERE)
