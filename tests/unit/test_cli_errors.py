@@ -168,3 +168,18 @@ def test_a_usage_error_is_one_line_naming_the_help(args: list[str],
     assert code == ExitCode.USAGE
     assert err.count("\n") == 1 and err.startswith("error: usage: blocktrail"), err
     assert err.rstrip().endswith("--help)"), err
+
+
+@pytest.mark.parametrize("value", ["abc", "-5"])
+def test_a_bad_lease_duration_is_a_usage_error_after_opening(
+        value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BLOCKTRAIL_LEASE_SECONDS is read on the thread that opens the repository: a bad value
+    still leaves as one line with the usage code, and nothing is listed."""
+    from blocktrail.repo import Repository
+    Repository.init(tmp_path / "r", encryption=TEST_ENCRYPTION).close()
+    monkeypatch.setenv("BLOCKTRAIL_LEASE_SECONDS", value)
+    code, out, err = run(capsys, "points", str(tmp_path / "r"))
+    assert code == ExitCode.USAGE and out == ""
+    assert err.startswith("error: InvalidArgument: BLOCKTRAIL_LEASE_SECONDS") and \
+        err.count("\n") == 1
