@@ -304,8 +304,7 @@ class _Connection:
         """Start a request; -> the reply of one done at once (the caller sends it with the
         others of its batch), or None (its reply goes out on its own)."""
         if isinstance(event, InvalidRequest):
-            self._take(0)
-            self._reply_error(event.cookie, event.errno, event.message, 0)
+            self._refuse(event.cookie, event.errno, event.message)
             return None
         request = event
         command = request.command
@@ -318,20 +317,17 @@ class _Connection:
                         return self._proto.done_reply(request.cookie) \
                             if self._proto.can_reply else None
             except RequestFailed as failure:
-                self._take(0)
-                self._reply_error(request.cookie, failure.errno, failure.message, 0)
+                self._refuse(request.cookie, failure.errno, failure.message)
                 return None
         if command is Command.BLOCK_STATUS:
             try:
                 answers = target.block_status_now(request, chosen.contexts)
             except RequestFailed as failure:
-                self._take(0)
-                self._reply_error(request.cookie, failure.errno, failure.message, 0)
+                self._refuse(request.cookie, failure.errno, failure.message)
                 return None
             except Exception as exc:  # as on a worker: the client gets an error, not silence
                 log.exception("NBD request %s failed", command.name)
-                self._take(0)
-                self._reply_error(request.cookie, Errno.EIO, f"internal error: {exc!r}", 0)
+                self._refuse(request.cookie, Errno.EIO, f"internal error: {exc!r}")
                 return None
             if answers is not None:  # answered at once: no thread hand-off
                 with self._lock:
@@ -428,6 +424,11 @@ class _Connection:
                 self._proto.reply_simple(cookie)
 
         self._reply(done, size)
+
+    def _refuse(self, cookie: int, errno: int, message: str) -> None:
+        """The error reply of a request refused before any of it was held."""
+        self._take(0)
+        self._reply_error(cookie, errno, message, 0)
 
     def _reply_error(self, cookie: int, errno: int, message: str, size: int) -> None:
         self._reply(lambda: self._proto.reply_error(cookie, errno, message), size)

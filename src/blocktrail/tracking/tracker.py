@@ -308,13 +308,9 @@ class ChangeTracker:
               start_offset: int) -> DiskChangeInfo:
         if not 0 <= start_offset < size_bytes:
             raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
-        since = self.resolve(change_id)
-        end_seq = self.seq if until_seq is None else until_seq
-        if since > end_seq:
-            raise InvalidChangeId(
-                f"change ID {change_id} is newer than the snapshot the query ends at")
-        lo, hi = start_offset // self.granularity, -(-size_bytes // self.granularity)
-        sets = [_window(self._intervals[s][1], lo, hi) for s in range(since + 1, end_seq + 1)]
+        lo, hi = self._granules(start_offset, size_bytes)
+        sets = [_window(self._intervals[s][1], lo, hi)
+                for s in self._joined(change_id, until_seq)]
         if until_seq is None:
             with self._marks_lock:  # writers go on marking it: a copy
                 sets.append(_window(self._open, lo, hi, copy=True))
@@ -326,15 +322,27 @@ class ChangeTracker:
         """At most how many granules `query` joins for this question (the sum of the
         intervals' counts inside its window, not their union): what answering it costs grows
         with this."""
-        since = self.resolve(change_id)
-        end_seq = self.seq if until_seq is None else until_seq
-        lo, hi = start_offset // self.granularity, -(-size_bytes // self.granularity)
+        lo, hi = self._granules(start_offset, size_bytes)
         bound = sum(self._intervals[s][1].range_cardinality(lo, hi)
-                    for s in range(since + 1, end_seq + 1))
+                    for s in self._joined(change_id, until_seq))
         if until_seq is None:
             with self._marks_lock:
                 bound += self._open.range_cardinality(lo, hi)
         return bound
+
+    def _joined(self, change_id: str, until_seq: int | None) -> range:
+        """The sequences of the closed intervals a question joins: after ``change_id``, up to
+        ``until_seq`` (None: up to now; the open interval is joined too)."""
+        since = self.resolve(change_id)
+        end_seq = self.seq if until_seq is None else until_seq
+        if since > end_seq:
+            raise InvalidChangeId(
+                f"change ID {change_id} is newer than the snapshot the query ends at")
+        return range(since + 1, end_seq + 1)
+
+    def _granules(self, start_offset: int, size_bytes: int) -> tuple[int, int]:
+        """The granules [lo, hi) that bytes [start_offset, size_bytes) touch."""
+        return start_offset // self.granularity, -(-size_bytes // self.granularity)
 
     def meta(self) -> dict[str, Any]:
         return {
