@@ -3,9 +3,10 @@
 Create-only writes are ``PUT`` with ``If-None-Match: *`` (412: the name is taken); conditional
 replaces and deletes send ``If-Match: ETAG``. boto3's retry configuration ("standard" mode)
 retries transient failures (connection errors, 5xx, throttling) with backoff; what still fails
-becomes `BackendUnavailable`. A create whose first attempt reached the server but whose answer
-was lost is retried and then finds its own object: an object with the same MD5 (the ETag of a
-single-part PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the
+becomes `BackendUnavailable`. Reads (GET) are signed and sent without the client's per-call
+machinery, and retried the same way (s3reads.py). A create whose first attempt reached the
+server but whose answer was lost is retried and then finds its own object: an object with the
+same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the
 CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an upload cut short (a
 killed process) never leaves an object behind, not even on a server that would otherwise keep
 the bytes it got. SeaweedFS does: a PUT with neither a checksum header nor Content-MD5 whose
@@ -23,6 +24,7 @@ import base64
 import builtins
 import functools
 import hashlib
+import os
 import zlib
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -45,6 +47,7 @@ from blocktrail.repo.backend import (
     check_name,
 )
 from blocktrail.repo.s3options import S3Options
+from blocktrail.repo.s3reads import ErrorReply, ObjectReads, Unreachable
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
@@ -89,9 +92,17 @@ class S3Backend:
                               max_pool_connections=options.connections,
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"))
+            self.endpoint = str(self.client.meta.endpoint_url)
+            verify = core.get_config_variable("ca_bundle")  # as the client resolves it
+            self._reads = ObjectReads(
+                self.endpoint, bucket, str(self.client.meta.region_name), session.get_credentials,
+                verify=verify if verify is not None else os.environ.get("REQUESTS_CA_BUNDLE",
+                                                                        True),
+                connect_timeout_s=options.connect_timeout_s,
+                read_timeout_s=options.read_timeout_s, connections=options.connections,
+                max_attempts=options.max_attempts)
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
-        self.endpoint = str(self.client.meta.endpoint_url)
 
     def key(self, name: str) -> str:
         check_name(name)
@@ -103,19 +114,28 @@ class S3Backend:
         except botocore.exceptions.ClientError as exc:
             raise self._client_error(exc, what, name) from exc
         except botocore.exceptions.NoCredentialsError as exc:
-            raise BackendDenied(f"{self.url}: no credentials (set AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY, or a profile)") from exc
+            raise self._no_credentials() from exc
         except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
-            raise BackendUnavailable(
-                f"{self.url} at {self.endpoint} cannot be reached ({what} {name}): {exc}; "
-                "gave up after the retries") from exc
+            raise self._unreachable(what, name, exc) from exc
+
+    def _no_credentials(self) -> BackendDenied:
+        return BackendDenied(f"{self.url}: no credentials (set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or a profile)")
+
+    def _unreachable(self, what: str, name: str, exc: Exception) -> BackendUnavailable:
+        return BackendUnavailable(f"{self.url} at {self.endpoint} cannot be reached ({what} "
+                                  f"{name}): {exc}; gave up after the retries")
 
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str,
                       name: str) -> BackendError:
         error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-        message = f"{self.url}: {what} {name}: {code} {error.get('Message', '')}".rstrip()
+        return self._error(ErrorReply(status, str(error.get("Code", "")),
+                                      str(error.get("Message", ""))), what, name)
+
+    def _error(self, reply: ErrorReply, what: str, name: str) -> BackendError:
+        code, status = reply.code, reply.status
+        message = f"{self.url}: {what} {name}: {code} {reply.message}".rstrip()
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
             return PreconditionFailed(message)
         if code in _MISSING:
@@ -162,22 +182,19 @@ class S3Backend:
         return ObjectInfo(name, len(data), now, str(response.get("ETag", "")), now)
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        kwargs: dict[str, Any] = {}
         if length is not None and length <= 0:
             return b""
-        if offset or length is not None:
-            end = "" if length is None else str(offset + length - 1)
-            kwargs["Range"] = f"bytes={offset}-{end}"
-        try:
-            response = self._call("reading", name, "get_object", Key=self.key(name), **kwargs)
-        except BackendError as exc:
-            if "InvalidRange" in exc.message:
+        try:  # not through the client: see s3reads.py
+            reply = self._reads.get(self.key(name), offset, length)
+        except botocore.exceptions.NoCredentialsError as exc:
+            raise self._no_credentials() from exc
+        except Unreachable as exc:
+            raise self._unreachable("reading", name, exc) from exc
+        if isinstance(reply, ErrorReply):
+            if reply.status == 416 or reply.code == "InvalidRange":  # from past the end
                 return b""
-            raise
-        try:
-            return bytes(response["Body"].read())
-        except botocore.exceptions.BotoCoreError as exc:
-            raise BackendUnavailable(f"{self.url}: reading {name}: {exc}") from exc
+            raise self._error(reply, "reading", name)
+        return reply
 
     def info(self, name: str) -> ObjectInfo:
         response = self._call("reading", name, "head_object", Key=self.key(name))
@@ -239,4 +256,5 @@ class S3Backend:
         self._call("creating", "the bucket", "create_bucket")
 
     def close(self) -> None:
+        self._reads.close()
         self.client.close()

@@ -54,6 +54,8 @@ def test_load_whole_and_ranges(backend: Backend) -> None:
     assert backend.load("index/a.idx", 100, 50) == data[100:150]
     assert backend.load("index/a.idx", len(data) - 10, 50) == data[-10:]  # fewer at the end
     assert backend.load("index/a.idx", 7) == data[7:]
+    assert backend.load("index/a.idx", len(data) + 5, 10) == b""  # from past the end
+    assert backend.load("index/a.idx", 0, 0) == b""
     with pytest.raises(ObjectNotFound):
         backend.load("index/missing.idx")
     with pytest.raises(ObjectNotFound):

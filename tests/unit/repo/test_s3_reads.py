@@ -1,0 +1,182 @@
+"""S3 reads (repo/s3reads.py) against a scripted HTTP server: retries of what is transient,
+a reply cut short is never data, a server that ignores the range still gives the range, and
+errors map as every other S3 call's do. (The real server's answers are the backend contract
+suite's, test_backend_contract.py, run on SeaweedFS.)"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from blocktrail.repo import s3reads
+from blocktrail.repo.backend import BackendDenied, BackendUnavailable, ObjectNotFound
+from blocktrail.repo.s3 import S3Backend
+from blocktrail.repo.s3options import S3Options
+
+OBJECT = bytes(range(256)) * 4
+
+
+@dataclass
+class Script:
+    """What the server answers, in turn: (status, headers, body), "reset" (the connection is
+    closed without an answer) or "short" (a 206 that promises more bytes than it sends)."""
+
+    steps: list[object] = field(default_factory=list)
+    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+
+def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            script.seen.append((self.path, dict(self.headers.items())))
+            step = script.steps.pop(0) if script.steps else (200, {}, OBJECT)
+            if step == "reset":
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if step == "short":
+                self.send_response(206)
+                self.send_header("Content-Length", "100")
+                self.send_header("Content-Range", f"bytes 0-99/{len(OBJECT)}")
+                self.end_headers()
+                self.wfile.write(OBJECT[:40])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            assert isinstance(step, tuple)
+            status, headers, body = step
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "reads-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "reads-secret")
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch, credentials: None) -> Iterator[tuple[str, Script]]:
+    pauses: list[int] = []
+    monkeypatch.setattr(s3reads, "_pause", pauses.append)
+    script = Script()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _backend(endpoint: str, attempts: int = 4) -> S3Backend:
+    return S3Backend("bucket", "pre", S3Options(endpoint=endpoint, max_attempts=attempts,
+                                                connect_timeout_s=2, read_timeout_s=5))
+
+
+def _range(start: int, end: int) -> tuple[int, dict[str, str], bytes]:
+    return (206, {"Content-Range": f"bytes {start}-{end}/{len(OBJECT)}"},
+            OBJECT[start : end + 1])
+
+
+def test_a_ranged_get_is_signed_and_path_style(server: tuple[str, Script]) -> None:
+    endpoint, script = server
+    script.steps = [_range(10, 19)]
+    backend = _backend(endpoint)
+    assert backend.load("packs/ab/x.pack", 10, 10) == OBJECT[10:20]
+    path, headers = script.seen[0]
+    assert path == "/bucket/pre/packs/ab/x.pack"
+    assert headers["Range"] == "bytes=10-19"
+    assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=reads-key/")
+    assert "x-amz-content-sha256" in {k.lower() for k in headers}
+    backend.close()
+
+
+def test_transient_failures_are_retried(server: tuple[str, Script]) -> None:
+    endpoint, script = server
+    slow_down: tuple[int, dict[str, str], bytes] = (
+        503, {}, b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>")
+    script.steps = [slow_down, "reset", "short", _range(0, 99)]
+    backend = _backend(endpoint, attempts=4)
+    assert backend.load("index/a.idx", 0, 100) == OBJECT[:100]  # never the 40 bytes
+    assert len(script.seen) == 4
+    backend.close()
+
+
+def test_retries_end_in_a_clear_error(server: tuple[str, Script]) -> None:
+    endpoint, script = server
+    script.steps = [(500, {}, b"")] * 3
+    backend = _backend(endpoint, attempts=3)
+    with pytest.raises(BackendUnavailable, match="gave up after the retries"):
+        backend.load("index/a.idx")
+    assert len(script.seen) == 3
+    script.steps = ["short"] * 2
+    backend = _backend(endpoint, attempts=2)
+    with pytest.raises(BackendUnavailable, match=r"cannot be reached .*ended after 40 of 100"):
+        backend.load("index/a.idx", 0, 100)
+    backend.close()
+
+
+def test_an_endpoint_nobody_answers_at(credentials: None) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        backend = S3Backend("bucket", "pre", S3Options(endpoint=f"http://127.0.0.1:{port}",
+                                                       max_attempts=1))
+        with pytest.raises(BackendUnavailable, match="cannot be reached"):
+            backend.load("config")
+        backend.close()
+
+
+def test_errors_map_as_for_every_call(server: tuple[str, Script]) -> None:
+    endpoint, script = server
+    backend = _backend(endpoint)
+    script.steps = [(404, {}, b"<Error><Code>NoSuchKey</Code></Error>")]
+    with pytest.raises(ObjectNotFound):
+        backend.load("index/missing.idx")
+    script.steps = [(404, {}, b"<Error><Code>NoSuchBucket</Code></Error>")]
+    with pytest.raises(ObjectNotFound, match="bucket bucket does not exist"):
+        backend.load("config")
+    script.steps = [(403, {}, b"<Error><Code>SignatureDoesNotMatch</Code></Error>")]
+    with pytest.raises(BackendDenied, match="refused the credentials"):
+        backend.load("config")
+    script.steps = [(403, {}, b"not xml")]
+    with pytest.raises(BackendDenied):
+        backend.load("config")
+    script.steps = [(416, {}, b"<Error><Code>InvalidRange</Code></Error>")]
+    assert backend.load("index/a.idx", 5000, 10) == b""  # from past the end: nothing
+    assert len(script.seen) == 5  # none of these is retried
+    backend.close()
+
+
+def test_a_server_that_ignores_the_range_still_gives_the_range(
+        server: tuple[str, Script]) -> None:
+    endpoint, script = server
+    script.steps = [(200, {}, OBJECT), (200, {}, OBJECT)]
+    backend = _backend(endpoint)
+    assert backend.load("packs/ab/x.pack", 100, 28) == OBJECT[100:128]
+    assert backend.load("packs/ab/x.pack", 1000) == OBJECT[1000:]
+    script.steps = [(206, {"Content-Range": f"bytes 0-27/{len(OBJECT)}"}, OBJECT[:28])]
+    with pytest.raises(Exception, match="WrongRange"):
+        backend.load("packs/ab/x.pack", 100, 28)  # another range than asked: no data
+    backend.close()
