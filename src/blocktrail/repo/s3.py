@@ -6,13 +6,14 @@ retries transient failures (connection errors, 5xx, throttling) with backoff; wh
 becomes `BackendUnavailable`. Reads (GET) are signed and sent without the client's per-call
 machinery, and retried the same way (s3reads.py). A create whose first attempt reached the
 server but whose answer was lost is retried and then finds its own object: an object with the
-same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the
-CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an upload cut short (a
-killed process) never leaves an object behind, not even on a server that would otherwise keep
-the bytes it got. SeaweedFS does: a PUT with neither a checksum header nor Content-MD5 whose
-connection is closed cleanly after its headers (or after the server's ``100 Continue``) and
-before the first byte of its body becomes an empty object, whether the payload is signed or
-not (the server does not compare the signed SHA-256 with the body of a plain PUT).
+same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in parts, and
+every PUT carries the CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an
+upload cut short (a killed process) never leaves an object behind, not even on a server that
+would otherwise keep the bytes it got. SeaweedFS does: a PUT with neither a checksum header nor
+Content-MD5 whose connection is closed cleanly after its headers (or after the server's
+``100 Continue``) and before the first byte of its body becomes an empty object, whether the
+payload is signed or not (the server does not compare the signed SHA-256 with the body of a
+plain PUT).
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
@@ -94,7 +95,7 @@ class S3Backend:
                               response_checksum_validation="when_required"))
             self.endpoint = str(self.client.meta.endpoint_url)
             verify = core.get_config_variable("ca_bundle")  # as the client resolves it
-            self._reads = ObjectReads(
+            self.reads = ObjectReads(
                 self.endpoint, bucket, str(self.client.meta.region_name), session.get_credentials,
                 verify=verify if verify is not None else os.environ.get("REQUESTS_CA_BUNDLE",
                                                                         True),
@@ -185,7 +186,7 @@ class S3Backend:
         if length is not None and length <= 0:
             return b""
         try:  # not through the client: see s3reads.py
-            reply = self._reads.get(self.key(name), offset, length)
+            reply = self.reads.get(self.key(name), offset, length)
         except botocore.exceptions.NoCredentialsError as exc:
             raise self._no_credentials() from exc
         except Unreachable as exc:
@@ -256,5 +257,5 @@ class S3Backend:
         self._call("creating", "the bucket", "create_bucket")
 
     def close(self) -> None:
-        self._reads.close()
+        self.reads.close()
         self.client.close()

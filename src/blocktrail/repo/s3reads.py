@@ -60,6 +60,7 @@ class ObjectReads:
         self._region = region
         self._credentials = credentials
         self._attempts = max(1, max_attempts)
+        self.on_request: Callable[[], None] | None = None  # called for each request sent
         self._http = URLLib3Session(verify=verify, proxies=get_environ_proxies(endpoint),
                                     timeout=(connect_timeout_s, read_timeout_s),
                                     max_pool_connections=connections)
@@ -92,6 +93,8 @@ class ObjectReads:
             raise botocore.exceptions.NoCredentialsError()
         request = AWSRequest(method="GET", url=url, headers=headers)
         S3SigV4Auth(credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
+        if self.on_request is not None:
+            self.on_request()
         try:
             response = self._http.send(request.prepare())
         except (botocore.exceptions.ConnectionError,  # refused, unresolved, TLS
