@@ -102,6 +102,7 @@ class S3Backend:
                 connect_timeout_s=options.connect_timeout_s,
                 read_timeout_s=options.read_timeout_s, connections=options.connections,
                 max_attempts=options.max_attempts)
+            self._reads_redirected = False
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
 
@@ -185,6 +186,8 @@ class S3Backend:
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is not None and length <= 0:
             return b""
+        if self._reads_redirected:
+            return self._load_through_client(name, offset, length)
         try:  # not through the client: see s3reads.py
             reply = self.reads.get(self.key(name), offset, length)
         except botocore.exceptions.NoCredentialsError as exc:
@@ -194,8 +197,29 @@ class S3Backend:
         if isinstance(reply, ErrorReply):
             if reply.status == 416 or reply.code == "InvalidRange":  # from past the end
                 return b""
+            if reply.bucket_region and reply.status in (301, 307, 400):
+                # The bucket is in another region than the one signed for: the client
+                # follows such redirects (and learns the region); reads go through it now.
+                self._reads_redirected = True
+                return self._load_through_client(name, offset, length)
             raise self._error(reply, "reading", name)
         return reply
+
+    def _load_through_client(self, name: str, offset: int, length: int | None) -> bytes:
+        kwargs: dict[str, Any] = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            kwargs["Range"] = f"bytes={offset}-{end}"
+        try:
+            response = self._call("reading", name, "get_object", Key=self.key(name), **kwargs)
+        except BackendError as exc:
+            if "InvalidRange" in exc.message:
+                return b""
+            raise
+        try:
+            return bytes(response["Body"].read())
+        except botocore.exceptions.BotoCoreError as exc:
+            raise BackendUnavailable(f"{self.url}: reading {name}: {exc}") from exc
 
     def info(self, name: str) -> ObjectInfo:
         response = self._call("reading", name, "head_object", Key=self.key(name))

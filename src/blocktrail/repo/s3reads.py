@@ -43,6 +43,7 @@ class ErrorReply:
     status: int
     code: str
     message: str
+    bucket_region: str | None = None  # x-amz-bucket-region: the bucket lives elsewhere
 
 
 class Unreachable(Exception):
@@ -101,7 +102,8 @@ class ObjectReads:
                 botocore.exceptions.HTTPClientError) as exc:  # reset, timed out
             return Unreachable(str(exc))
         if response.status_code not in (200, 206):
-            return _error_reply(response.status_code, response.content)
+            return _error_reply(response.status_code, response.content,
+                                response.headers.get("x-amz-bucket-region"))
         body = bytes(response.content)
         promised = response.headers.get("Content-Length")
         if promised is not None and int(promised) != len(body):  # the connection broke
@@ -124,7 +126,7 @@ def _pause(attempt: int) -> None:
     time.sleep(random.random() * min(MAX_BACKOFF_S, 2.0 ** attempt))
 
 
-def _error_reply(status: int, body: bytes) -> ErrorReply:
+def _error_reply(status: int, body: bytes, bucket_region: str | None = None) -> ErrorReply:
     """The S3 error document's code and message (``<Error><Code>…</Code>…``); the status
     alone when the body is none."""
     code = message = ""
@@ -135,4 +137,4 @@ def _error_reply(status: int, body: bytes) -> ErrorReply:
     if root is not None:
         code = root.findtext("Code") or ""
         message = root.findtext("Message") or ""
-    return ErrorReply(status, code or str(status), message)
+    return ErrorReply(status, code or str(status), message, bucket_region)

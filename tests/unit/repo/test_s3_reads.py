@@ -180,3 +180,19 @@ def test_a_server_that_ignores_the_range_still_gives_the_range(
     with pytest.raises(Exception, match="WrongRange"):
         backend.load("packs/ab/x.pack", 100, 28)  # another range than asked: no data
     backend.close()
+
+
+def test_a_bucket_in_another_region_is_read_through_the_client(
+        server: tuple[str, Script]) -> None:
+    """A read signed for the wrong region is redirected (AWS: 301 or 400 with
+    x-amz-bucket-region); boto3's client follows such redirects, so reads go through it."""
+    endpoint, script = server
+    moved = (301, {"x-amz-bucket-region": "eu-central-1"},
+             b"<Error><Code>PermanentRedirect</Code></Error>")
+    script.steps = [moved, _range(10, 19), _range(30, 39)]
+    backend = _backend(endpoint)
+    assert backend.load("packs/ab/x.pack", 10, 10) == OBJECT[10:20]
+    assert backend.load("packs/ab/x.pack", 30, 10) == OBJECT[30:40]
+    agents = [headers.get("User-Agent", "") for _, headers in script.seen]
+    assert "Boto3" not in agents[0] and all("Boto3" in agent for agent in agents[1:])
+    backend.close()
