@@ -30,9 +30,8 @@ from botocore.httpsession import URLLib3Session
 from botocore.utils import get_environ_proxies
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504, 429})
-RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling",
-                         "ThrottlingException", "RequestThrottled", "InternalError",
-                         "ServiceUnavailable"})
+RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
+                         "RequestThrottled", "InternalError", "ServiceUnavailable"})
 MAX_BACKOFF_S = 20.0
 
 
@@ -106,8 +105,8 @@ class ObjectReads:
                                 response.headers.get("x-amz-bucket-region"))
         body = bytes(response.content)
         promised = response.headers.get("Content-Length")
-        if promised is not None and int(promised) != len(body):  # the connection broke
-            return Unreachable(f"the reply ended after {len(body)} of {promised} bytes")
+        if promised is not None and promised != str(len(body)):  # the connection broke
+            return Unreachable(f"the reply ended after {len(body)} of {promised!r} bytes")
         if response.status_code == 200 and "Range" in headers:  # the whole object came
             return body[offset : None if length is None else offset + length]
         if response.status_code == 206 and not str(response.headers.get(

@@ -24,7 +24,8 @@ OBJECT = bytes(range(256)) * 4
 @dataclass
 class Script:
     """What the server answers, in turn: (status, headers, body), "reset" (the connection is
-    closed without an answer) or "short" (a 206 that promises more bytes than it sends)."""
+    closed without an answer), "short" (a 206 that promises more bytes than it sends) or "bad
+    length" (a Content-Length that is no number)."""
 
     steps: list[object] = field(default_factory=list)
     seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -39,6 +40,14 @@ def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
             step = script.steps.pop(0) if script.steps else (200, {}, OBJECT)
             if step == "reset":
                 self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if step == "bad length":  # a Content-Length that is no number
+                self.send_response(200)
+                self.send_header("Content-Length", "4O")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(OBJECT[:40])
                 self.close_connection = True
                 return
             if step == "short":
@@ -116,10 +125,10 @@ def test_transient_failures_are_retried(server: tuple[str, Script]) -> None:
     endpoint, script = server
     slow_down: tuple[int, dict[str, str], bytes] = (
         503, {}, b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>")
-    script.steps = [slow_down, "reset", "short", _range(0, 99)]
-    backend = _backend(endpoint, attempts=4)
+    script.steps = [slow_down, "reset", "short", "bad length", _range(0, 99)]
+    backend = _backend(endpoint, attempts=5)
     assert backend.load("index/a.idx", 0, 100) == OBJECT[:100]  # never the 40 bytes
-    assert len(script.seen) == 4
+    assert len(script.seen) == 5
     backend.close()
 
 
@@ -132,7 +141,7 @@ def test_retries_end_in_a_clear_error(server: tuple[str, Script]) -> None:
     assert len(script.seen) == 3
     script.steps = ["short"] * 2
     backend = _backend(endpoint, attempts=2)
-    with pytest.raises(BackendUnavailable, match=r"cannot be reached .*ended after 40 of 100"):
+    with pytest.raises(BackendUnavailable, match=r"cannot be reached .*ended after 40 of '100'"):
         backend.load("index/a.idx", 0, 100)
     backend.close()
 
