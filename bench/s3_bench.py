@@ -96,7 +96,7 @@ def _free_block() -> int:
                 return False
         return True
 
-    for base in range(41000, 44000, 6):
+    for base in range(12000, 15000, 6):  # and + 10000: below the ports of outgoing connections
         if all(free(base + i) and free(base + 10000 + i) for i in range(6)):
             return base
     raise RuntimeError("no free ports")

@@ -59,9 +59,10 @@ def _port_free(port: int) -> bool:
 
 def _free_block() -> int:
     """A base port B with B..B+5 and B+10000..B+10005 free (each server also opens gRPC on its
-    port + 10000)."""
+    port + 10000), all below Linux's range of ports given to outgoing connections (32768 on),
+    which could take one between this check and the server's bind."""
     for _ in range(200):
-        base = 20000 + secrets.randbelow(2000) * 6
+        base = 10000 + secrets.randbelow(2000) * 6
         if all(_port_free(base + i) and _port_free(base + 10000 + i) for i in range(6)):
             return base
     raise RuntimeError("no free block of ports for SeaweedFS")
@@ -100,7 +101,10 @@ class SeaweedFS:
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited: {(self.root / 'weed.log').read_text()[-2000:]}")
+                log_text = (self.root / "weed.log").read_text()[-2000:]
+                if "address already in use" in log_text:
+                    raise PortsTaken(f"weed exited: {log_text}")
+                raise RuntimeError(f"weed exited: {log_text}")
             with contextlib.suppress(Exception):
                 client = self.client()
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
@@ -155,10 +159,21 @@ class SeaweedFS:
         return f"s3://{BUCKET}/{re.sub(r'[^A-Za-z0-9._-]', '-', name)}-{secrets.token_hex(4)}"
 
 
+class PortsTaken(RuntimeError):
+    """Another process bound one of the server's ports after `_free_block` found it free."""
+
+
 @contextlib.contextmanager
 def seaweedfs(root: Path) -> Iterator[SeaweedFS]:
     server = SeaweedFS(root)
-    server.start()
+    for attempt in range(3):
+        try:
+            server.start()
+            break
+        except PortsTaken:
+            if attempt == 2:
+                raise
+            server.base_port = _free_block()
     try:
         yield server
     finally:
