@@ -174,6 +174,7 @@ def seaweedfs(root: Path) -> Iterator[SeaweedFS]:
             if attempt == 2:
                 raise
             server.base_port = _free_block()
+            server.root = root / f"retry-{attempt + 1}"  # the failed start's data is not reused
     try:
         yield server
     finally:
