@@ -322,12 +322,8 @@ class _Connection:
         if command is Command.BLOCK_STATUS:
             try:
                 answers = target.block_status_now(request, chosen.contexts)
-            except RequestFailed as failure:
-                self._refuse(request.cookie, failure.errno, failure.message)
-                return None
             except Exception as exc:  # as on a worker: the client gets an error, not silence
-                log.exception("NBD request %s failed", command.name)
-                self._refuse(request.cookie, Errno.EIO, f"internal error: {exc!r}")
+                self._refuse(request.cookie, *_failure(request, exc))
                 return None
             if answers is not None:  # answered at once: no thread hand-off
                 with self._lock:
@@ -365,11 +361,8 @@ class _Connection:
             else:
                 target.perform(request)
                 self._reply_done(request.cookie, size)
-        except RequestFailed as failure:
-            self._reply_error(request.cookie, failure.errno, failure.message, size)
         except Exception as exc:  # a bug here must not leave the client waiting forever
-            log.exception("NBD request %s failed", request.command.name)
-            self._reply_error(request.cookie, Errno.EIO, f"internal error: {exc!r}", size)
+            self._reply_error(request.cookie, *_failure(request, exc), size)
 
     def _send_read(self, request: Request, mapped: MappedRead, size: int) -> None:
         proto, cookie = self._proto, request.cookie
@@ -499,6 +492,15 @@ class _Encryptor:
         with self._lock:
             self._session.write_plaintext(plaintext)
             return self._session.ciphertext_to_send()
+
+
+def _failure(request: Request, exc: Exception) -> tuple[int, str]:
+    """The errno and message of the error reply to a request that raised ``exc``: its own
+    when the export refused it (`RequestFailed`), else EIO (a bug, logged)."""
+    if isinstance(exc, RequestFailed):
+        return exc.errno, exc.message
+    log.exception("NBD request %s failed", request.command.name)
+    return Errno.EIO, f"internal error: {exc!r}"
 
 
 def _payload(segment: ReadSegment) -> list[Item]:

@@ -48,7 +48,7 @@ from blocktrail.repo.backend import (
     check_name,
 )
 from blocktrail.repo.s3options import S3Options
-from blocktrail.repo.s3reads import ErrorReply, ObjectReads, Unreachable
+from blocktrail.repo.s3reads import ErrorReply, ObjectReads, Unreachable, byte_range
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
@@ -206,10 +206,8 @@ class S3Backend:
         return reply
 
     def _load_through_client(self, name: str, offset: int, length: int | None) -> bytes:
-        kwargs: dict[str, Any] = {}
-        if offset or length is not None:
-            end = "" if length is None else str(offset + length - 1)
-            kwargs["Range"] = f"bytes={offset}-{end}"
+        asked = byte_range(offset, length)
+        kwargs: dict[str, Any] = {} if asked is None else {"Range": asked}
         try:
             response = self._call("reading", name, "get_object", Key=self.key(name), **kwargs)
         except BackendError as exc:

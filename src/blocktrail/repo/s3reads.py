@@ -69,10 +69,8 @@ class ObjectReads:
         """The object's bytes from ``offset`` (``length`` of them, fewer at its end; all when
         None), or the server's error reply. `Unreachable` after the retries; None credentials
         raise `botocore.exceptions.NoCredentialsError`, as a boto3 call does."""
-        headers = {}
-        if offset or length is not None:
-            end = "" if length is None else str(offset + length - 1)
-            headers["Range"] = f"bytes={offset}-{end}"
+        asked = byte_range(offset, length)
+        headers = {} if asked is None else {"Range": asked}
         url = self._base + urllib.parse.quote(key, safe="/~")
         attempt = 0
         while True:
@@ -117,6 +115,14 @@ class ObjectReads:
 
     def close(self) -> None:
         self._http.close()
+
+
+def byte_range(offset: int, length: int | None) -> str | None:
+    """The ``Range`` header of bytes from ``offset`` (``length`` of them; all when None), or
+    None for the whole object."""
+    if not offset and length is None:
+        return None
+    return f"bytes={offset}-{'' if length is None else offset + length - 1}"
 
 
 def _pause(attempt: int) -> None:
