@@ -205,3 +205,22 @@ def test_a_bucket_in_another_region_is_read_through_the_client(
     agents = [headers.get("User-Agent", "") for _, headers in script.seen]
     assert "Boto3" not in agents[0] and all("Boto3" in agent for agent in agents[1:])
     backend.close()
+
+
+def test_a_ca_bundle_that_does_not_exist_is_a_clear_error_on_both_paths(
+        credentials: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_CA_BUNDLE naming no file: a read fails as a call through the client does (exit 10,
+    naming the endpoint), not with a traceback."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/nonexistent/ca.pem")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        backend = S3Backend("bucket", "pre", S3Options(endpoint=endpoint, max_attempts=1))
+        with pytest.raises(BackendUnavailable, match=r"cannot be reached .*SSL") as read:
+            backend.load("config")
+        with pytest.raises(BackendUnavailable, match=r"cannot be reached .*SSL") as head:
+            backend.info("config")
+        assert str(read.value).replace("reading config", "") == \
+            str(head.value).replace("reading config", "")
+        backend.close()
