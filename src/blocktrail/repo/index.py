@@ -32,9 +32,14 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     magic, version, count = HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION or len(data) != HEADER.size + count * ENTRY.size + 32:
         raise RepositoryError(f"{where}: not a version {VERSION} index file")
-    entries = ENTRY.iter_unpack(memoryview(data)[HEADER.size : -32])
-    return {name: Location(pack.hex(), offset, length, plain)
-            for name, pack, offset, length, plain in entries}
+    pack_ids: dict[bytes, str] = {}  # a pack holds hundreds of entries: one str for all
+    out: dict[bytes, Location] = {}
+    for name, pack, offset, length, plain in ENTRY.iter_unpack(memoryview(data)[HEADER.size:-32]):
+        pack_id = pack_ids.get(pack)
+        if pack_id is None:
+            pack_id = pack_ids[pack] = pack.hex()
+        out[name] = Location(pack_id, offset, length, plain)
+    return out
 
 
 class ChunkIndex:
