@@ -3,12 +3,16 @@
     .venv/bin/python -m bench.cli_bench [--size-gib 4] [--json]
 
 - start-up: ``blocktrail --help`` and ``blocktrail points REPO`` (best of five), against the
-  interpreter doing nothing (``python -c pass``) and ``restic version``;
+  interpreter doing nothing (``python -c pass``) and ``restic version``; and the start-up of
+  ``points`` and of the incremental ``backup`` themselves: from launching the command to its
+  first open of the repository's ``config.json`` (seen through inotify, nothing added to the
+  command), where its own work begins;
 - an incremental backup of a 1% change (scattered 64 KiB blocks) of a local disk as a whole
   command (``blocktrail backup DIR --repo R``), against ``restic backup`` of the same change to
   the same image file (restic 0.14 from Debian; page cache warm for both, as the change was just
-  written); the repository is encrypted (the default: argon2id t=3 m=64 MiB p=4, as a user
-  gets), as restic's is, so both pay their key derivation once per command;
+  written), ``--incrementals`` rounds, each a new change (the median reported, each printed);
+  the repository is encrypted (the default: argon2id t=3 m=64 MiB p=4, as a user gets), as
+  restic's is, so both pay their key derivation once per command;
 - a full backup of a local disk against a raw sequential read of its file, through the page
   cache (``cat FILE > /dev/null``) and past it (``dd bs=4M iflag=direct``, as the backup
   reads a disk), page caches dropped before each (as root), ``--full-pairs`` times in turn
@@ -18,8 +22,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -78,43 +84,87 @@ def _best(cmd: list[str], times: int = 5, env: dict[str, str] | None = None) -> 
     return min(_run(cmd, env) for _ in range(times))
 
 
-def startup(repo: str) -> list[Row]:
+IN_OPEN = 0x20
+
+
+def _until_open(cmd: list[str], path: str) -> float:
+    """Seconds from launching ``cmd`` to its first open of ``path`` (inotify: the command runs
+    as it always does); the command must open it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC)
+    if fd < 0 or libc.inotify_add_watch(fd, os.fsencode(path), IN_OPEN) < 0:
+        raise OSError(ctypes.get_errno(), f"inotify on {path}")
+    try:
+        start = time.perf_counter()
+        with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=bt_env()) as proc:
+            ready, _, _ = select.select([fd], [], [], 60)
+            opened = time.perf_counter()
+            if proc.wait() != 0 or not ready:
+                raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}, "
+                                   f"{'opened' if ready else 'never opened'} {path}")
+        return opened - start
+    finally:
+        os.close(fd)
+
+
+def startup(repo: str, backup_start: float) -> list[Row]:
     python = _best([sys.executable, "-c", "pass"], env=dict(os.environ))
     restic = (_best(["restic", "version"], env=dict(os.environ)) if shutil.which("restic")
               else float("nan"))
     help_s = _best([*BT, "--help"])
     points = _best([*BT, "points", repo])
+    points_start = min(_until_open([*BT, "points", repo], os.path.join(repo, "config.json"))
+                       for _ in range(5))
     return [Row("blocktrail --help (ms)", help_s * 1000, python * 1000, "ms",
                 "peer: python -c pass (the interpreter's own start-up)"),
             Row("blocktrail points REPO (ms)", points * 1000, restic * 1000, "ms",
-                "peer: restic version")]
+                "peer: restic version"),
+            Row("blocktrail points REPO: start-up (ms)", points_start * 1000, python * 1000,
+                "ms", "until it opens the repository (best of 5; its key derivation follows); "
+                "peer: python -c pass"),
+            Row("incremental backup of a 1% change: start-up (ms)", backup_start * 1000,
+                python * 1000, "ms", "until it opens the repository (once, after the "
+                "incrementals below); peer: python -c pass")]
 
 
-def incremental(work: str, image: str, size: int) -> tuple[list[Row], str]:
+def incremental(work: str, image: str, size: int, rounds: int
+                ) -> tuple[list[Row], str, float]:
+    """``rounds`` incrementals, each of a new 1% change, by both (restic's copy of the image
+    gets the same changes); -> (rows, our repository, the start-up of one more of ours)."""
     disk_dir, repo = os.path.join(work, "disk"), os.path.join(work, "repo")
     import_raw(image, disk_dir).close()
     subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL,
                    env=bt_env())
-    subprocess.run([*BT, "backup", disk_dir, "--repo", repo], check=True,
-                   stdout=subprocess.DEVNULL, env=bt_env())
-    changes = scattered_changes(size, 0.01, seed=11)
-    with Disk.open(disk_dir) as disk:
-        for offset, data in changes:
-            disk.pwrite(data, offset)
-    ours = _run([*BT, "backup", disk_dir, "--repo", repo])
-    rows = []
-    if shutil.which("restic"):
-        restic = Restic(os.path.join(work, "restic-repo"))
-        copy = os.path.join(work, "restic-disk.raw")
+    command = [*BT, "backup", disk_dir, "--repo", repo]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=bt_env())
+    restic = Restic(os.path.join(work, "restic-repo")) if shutil.which("restic") else None
+    copy = os.path.join(work, "restic-disk.raw")
+    if restic is not None:
         shutil.copyfile(image, copy)
         restic.init()
         restic.backup(copy, "full")
-        apply_to_file(copy, changes)
-        peer = restic.backup(copy, "incr").seconds
-        rows.append(Row("incremental backup of a 1% change, whole command (s)", ours, peer, "s",
-                        f"{len(changes)} scattered 64 KiB blocks of {size / GiB:g} GiB; "
-                        "peer: restic backup"))
-    return rows, repo
+    ours, peers = [], []
+    for round_ in range(rounds + 1):
+        changes = scattered_changes(size, 0.01, seed=11 + round_)
+        with Disk.open(disk_dir) as disk:
+            for offset, data in changes:
+                disk.pwrite(data, offset)
+        if round_ == rounds:
+            start = _until_open(command, os.path.join(repo, "config.json"))
+            break
+        ours.append(_run(command))
+        if restic is not None:
+            apply_to_file(copy, changes)
+            peers.append(restic.backup(copy, f"incr-{round_}").seconds)
+    each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=False))
+    rows = []
+    if restic is not None:
+        rows.append(Row("incremental backup of a 1% change, whole command (s)",
+                        statistics.median(ours), statistics.median(peers), "s",
+                        f"median of {rounds} (each: {each}); {len(changes)} scattered 64 KiB "
+                        f"blocks of {size / GiB:g} GiB each; peer: restic backup"))
+    return rows, repo, start
 
 
 def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
@@ -156,6 +206,8 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-gib", type=float, default=4)
+    parser.add_argument("--incrementals", type=count, default=3, metavar="N",
+                        help="incremental backups by both, each of a new change (median)")
     parser.add_argument("--full-pairs", type=count, default=3, metavar="N",
                         help="raw reads and full backups, in turn (medians reported)")
     parser.add_argument("--json", action="store_true")
@@ -169,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = os.path.join(work, "img.raw")
         write_image(image, size)
-        inc_rows, repo = incremental(work, image, size)
-        rows = startup(repo) + inc_rows
+        inc_rows, repo, backup_start = incremental(work, image, size, args.incrementals)
+        rows = startup(repo, backup_start) + inc_rows
         rows += full_vs_raw_read(work, image, size, args.full_pairs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
