@@ -26,6 +26,7 @@ import builtins
 import functools
 import hashlib
 import os
+import urllib.parse
 import zlib
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -68,6 +69,23 @@ def _service_descriptions() -> Any:
     return botocore.loaders.create_loader()
 
 
+def _bucket_url(client: Any, bucket: str) -> str | None:
+    """``scheme://host/bucket/``: where the client sends the GET of an object of ``bucket``,
+    after every rule of its endpoint resolution (a FIPS endpoint is a regional host, which the
+    client's own endpoint URL does not name; dual-stack; path-style), read from a presigned
+    URL. None without credentials, or when the URL does not end in the bucket and key."""
+    probe = "blocktrail-probe"
+    try:
+        url = urllib.parse.urlsplit(str(client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": probe}, ExpiresIn=60)))
+    except botocore.exceptions.NoCredentialsError:
+        return None
+    path = f"/{urllib.parse.quote(bucket, safe='')}/"
+    if not url.path.endswith(path + probe):
+        return None
+    return urllib.parse.urlunsplit((url.scheme, url.netloc, url.path[: -len(probe)], "", ""))
+
+
 class S3Backend:
     remote = True
     host_locks = False  # many machines: leases only
@@ -95,14 +113,20 @@ class S3Backend:
                               response_checksum_validation="when_required"))
             self.endpoint = str(self.client.meta.endpoint_url)
             verify = core.get_config_variable("ca_bundle")  # as the client resolves it
+            bucket_url = _bucket_url(self.client, bucket)
             self.reads = ObjectReads(
-                self.endpoint, bucket, str(self.client.meta.region_name), session.get_credentials,
+                bucket_url or f"{self.endpoint}/{urllib.parse.quote(bucket, safe='')}/",
+                str(self.client.meta.region_name),
+                session.get_credentials,
                 verify=verify if verify is not None else os.environ.get("REQUESTS_CA_BUNDLE",
                                                                         True),
                 connect_timeout_s=options.connect_timeout_s,
                 read_timeout_s=options.read_timeout_s, connections=options.connections,
                 max_attempts=options.max_attempts)
-            self._reads_redirected = False
+            # Where a GET's URL is not known (no credentials yet; an endpoint rule that names
+            # no bucket in the path), or the bucket turns out to be in another region, reads
+            # go through the client, which knows what to do.
+            self._reads_through_client = bucket_url is None
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
 
@@ -186,7 +210,7 @@ class S3Backend:
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is not None and length <= 0:
             return b""
-        if self._reads_redirected:
+        if self._reads_through_client:
             return self._load_through_client(name, offset, length)
         try:  # not through the client: see s3reads.py
             reply = self.reads.get(self.key(name), offset, length)
@@ -200,7 +224,7 @@ class S3Backend:
             if reply.bucket_region and reply.status in (301, 307, 400):
                 # The bucket is in another region than the one signed for: the client
                 # follows such redirects (and learns the region); reads go through it now.
-                self._reads_redirected = True
+                self._reads_through_client = True
                 return self._load_through_client(name, offset, length)
             raise self._error(reply, "reading", name)
         return reply

@@ -50,18 +50,19 @@ class Unreachable(Exception):
 
 
 class ObjectReads:
-    """GETs of ``endpoint/bucket/key`` (path-style), signed for ``region``."""
+    """GETs of ``bucket_url`` + key (``https://host/bucket/``: path-style), signed for
+    ``region``."""
 
-    def __init__(self, endpoint: str, bucket: str, region: str,
+    def __init__(self, bucket_url: str, region: str,
                  credentials: Callable[[], Any], *, verify: bool | str,
                  connect_timeout_s: float, read_timeout_s: float, connections: int,
                  max_attempts: int) -> None:
-        self._base = f"{endpoint.rstrip('/')}/{urllib.parse.quote(bucket, safe='')}/"
+        self.bucket_url = bucket_url
         self._region = region
         self._credentials = credentials
         self._attempts = max(1, max_attempts)
         self.on_request: Callable[[], None] | None = None  # called for each request sent
-        self._http = URLLib3Session(verify=verify, proxies=get_environ_proxies(endpoint),
+        self._http = URLLib3Session(verify=verify, proxies=get_environ_proxies(bucket_url),
                                     timeout=(connect_timeout_s, read_timeout_s),
                                     max_pool_connections=connections)
 
@@ -71,7 +72,7 @@ class ObjectReads:
         raise `botocore.exceptions.NoCredentialsError`, as a boto3 call does."""
         asked = byte_range(offset, length)
         headers = {} if asked is None else {"Range": asked}
-        url = self._base + urllib.parse.quote(key, safe="/~")
+        url = self.bucket_url + urllib.parse.quote(key, safe="/~")
         attempt = 0
         while True:
             reply = self._get_once(url, headers, offset, length)

@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,13 @@ def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_CONNECT(self) -> None:  # as an HTTPS proxy: note where to, and refuse
+            script.seen.append(("CONNECT " + self.path, dict(self.headers.items())))
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
 
         def log_message(self, *args: object) -> None:
             pass
@@ -224,3 +232,51 @@ def test_a_ca_bundle_that_does_not_exist_is_a_clear_error_on_both_paths(
         assert str(read.value).replace("reading config", "") == \
             str(head.value).replace("reading config", "")
         backend.close()
+
+
+@pytest.mark.parametrize(("setting", "host"), [
+    ("AWS_USE_FIPS_ENDPOINT", "s3-fips.us-east-1.amazonaws.com"),
+    ("AWS_USE_DUALSTACK_ENDPOINT", "s3.dualstack.us-east-1.amazonaws.com"),
+    (None, "s3.amazonaws.com")])
+def test_reads_go_where_the_client_sends_its_requests(
+        server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch, setting: str | None,
+        host: str) -> None:
+    """A FIPS endpoint is a regional host that the client's endpoint URL does not name
+    (s3-fips.aws-global…): a read goes to the host a call through the client goes to. Seen
+    through an HTTPS proxy that notes where each connection is for, and refuses it."""
+    proxy, script = server
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NO_PROXY", "no_proxy",
+                 "AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    if setting is not None:
+        monkeypatch.setenv(setting, "true")
+    backend = S3Backend("bucket", "pre", S3Options(region="us-east-1", max_attempts=1))
+    with pytest.raises(BackendUnavailable):
+        backend.load("config")
+    assert [path for path, _ in script.seen] == [f"CONNECT {host}:443"]
+    with pytest.raises(BackendUnavailable):
+        backend.info("config")  # through the client
+    assert {path for path, _ in script.seen[1:]} == {f"CONNECT {host}:443"}
+    backend.close()
+
+
+def test_without_credentials_nothing_is_sent(server: tuple[str, Script],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """No credentials anywhere: a read is refused as every call is (exit 9, saying which
+    variables to set), and no request reaches the server."""
+    endpoint, script = server
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    backend = _backend(endpoint)
+    with pytest.raises(BackendDenied, match="no credentials") as read:
+        backend.load("config")
+    assert read.value.exit_code == 9
+    assert script.seen == []
+    backend.close()
