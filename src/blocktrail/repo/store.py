@@ -271,16 +271,20 @@ class Store:
         return self.index
 
     def _load_index(self) -> ChunkIndex:
-        """Read order: the pack listing, the quarantine and the condemned packs first, then the
-        index files, so an index entry is used only when its pack was seen to exist. An index
-        file that vanishes between listing and reading (a prune replaced it) makes the whole
-        load start again, so that no entry it held is missed."""
+        """Read order: the index files are listed first, then the packs, the quarantine and
+        the condemned packs. A writer stores a pack before the index file that names it, so
+        every pack an index file listed here names was stored before the pack listing: an
+        entry whose pack that listing lacks has lost its pack (a prune that finds it so drops
+        the entry). Listed the other way round, a backup publishing in between would have its
+        new pack missing from the listing, and its index file dropped by the prune that read
+        it. An index file that vanishes between listing and reading (a prune replaced it)
+        makes the whole load start again, so that no entry it held is missed."""
         for _ in range(5):
+            names = self.index_files()
             packs, quarantined, condemned = (self.io_pool.submit(self.pack_ids),
                                              self.io_pool.submit(self.quarantined),
                                              self.io_pool.submit(self.condemned_packs))
             loaded = ChunkIndex(packs.result(), quarantined.result(), condemned.result())
-            names = self.index_files()
             results = list(self.io_pool.map(self._read_index_file, names))
             if any(r is None for r in results):
                 continue

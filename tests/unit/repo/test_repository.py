@@ -162,6 +162,46 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
 
 
 @pytest.mark.encrypted_s3
+def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
+        repo: Repository, tmp_path: Path, target: RepoTarget,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup writes its pack, its index file and its manifest while a prune reads the
+    index, between the prune's listing of the packs and of the index files. The index the
+    prune writes in place of the files it read must still name that pack's objects: an index
+    file is listed only after its pack exists, never the other way round."""
+    store(repo, "x", image(30, 4))
+    store(repo, "y", image(31, 4))  # two index files: the prune replaces them by one
+    chunks = image(32, 4)
+    writer = target.open().begin("d", 4 * CS, None)
+    for i, data in enumerate(chunks):
+        writer.put_chunk(i, data)  # kept in memory until the commit
+    loads: list[int] = []
+    published: list[RestorePoint] = []
+    store_class = type(repo).__mro__[1]  # Store: where the index is read
+    load_index, pack_ids = store_class._load_index, store_class.pack_ids
+
+    def counted_load(self: Any) -> Any:
+        if self is repo:
+            loads.append(1)
+        return load_index(self)
+
+    def listed_then_published(self: Any) -> Any:
+        listed = pack_ids(self)
+        if self is repo and len(loads) == 2 and not published:  # the mark before the sweep
+            published.append(writer.commit(kind="full", change_id=None))
+        return listed
+
+    monkeypatch.setattr(store_class, "_load_index", counted_load)
+    monkeypatch.setattr(store_class, "pack_ids", listed_then_published)
+    repo.prune()
+    monkeypatch.undo()
+    assert published, "the writer did not publish during the prune's second index load"
+    assert restored(target.open(), published[0], tmp_path) == b"".join(chunks)
+    repo.prune()
+    assert repo.check(read_data=True).ok
+
+
+@pytest.mark.encrypted_s3
 def test_prune_keeps_naming_a_copy_a_writer_deduplicated_against(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     """An object whose first copy is in a condemned pack, stored again in a pack that is not:
