@@ -24,6 +24,7 @@ from blocktrail.repo.errors import (
 )
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.store import Store
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, TEST_TIMING, RepoTarget, SeaweedFS
 
 CS = 64 * 1024
@@ -165,10 +166,10 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
 def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
         repo: Repository, tmp_path: Path, target: RepoTarget,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A backup writes its pack, its index file and its manifest while a prune reads the
-    index, between the prune's listing of the packs and of the index files. The index the
-    prune writes in place of the files it read must still name that pack's objects: an index
-    file is listed only after its pack exists, never the other way round."""
+    """A backup writes its pack, its index file and its manifest while a prune loads the index
+    (as the prune lists the packs). The index the prune writes in place of the files it read
+    must still name that pack's objects: a prune that listed the index file but not yet its
+    pack took them for lost and dropped them."""
     store(repo, "x", image(30, 4))
     store(repo, "y", image(31, 4))  # two index files: the prune replaces them by one
     chunks = image(32, 4)
@@ -177,8 +178,7 @@ def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
         writer.put_chunk(i, data)  # kept in memory until the commit
     loads: list[int] = []
     published: list[RestorePoint] = []
-    store_class = type(repo).__mro__[1]  # Store: where the index is read
-    load_index, pack_ids = store_class._load_index, store_class.pack_ids
+    load_index, pack_ids = Store._load_index, Store.pack_ids
 
     def counted_load(self: Any) -> Any:
         if self is repo:
@@ -191,8 +191,8 @@ def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
             published.append(writer.commit(kind="full", change_id=None))
         return listed
 
-    monkeypatch.setattr(store_class, "_load_index", counted_load)
-    monkeypatch.setattr(store_class, "pack_ids", listed_then_published)
+    monkeypatch.setattr(Store, "_load_index", counted_load)
+    monkeypatch.setattr(Store, "pack_ids", listed_then_published)
     repo.prune()
     monkeypatch.undo()
     assert published, "the writer did not publish during the prune's second index load"
