@@ -115,9 +115,8 @@ class S3Backend:
             verify = core.get_config_variable("ca_bundle")  # as the client resolves it
             bucket_url = _bucket_url(self.client, bucket)
             self.reads = ObjectReads(
-                bucket_url or f"{self.endpoint}/{urllib.parse.quote(bucket, safe='')}/",
-                str(self.client.meta.region_name),
-                session.get_credentials,
+                bucket_url or self.endpoint,  # the endpoint: unused, reads go through the client
+                str(self.client.meta.region_name), session.get_credentials,
                 verify=verify if verify is not None else os.environ.get("REQUESTS_CA_BUNDLE",
                                                                         True),
                 connect_timeout_s=options.connect_timeout_s,
