@@ -94,11 +94,10 @@ class FillJob:
         return self._thread.is_alive()
 
     def _rest(self, seconds: float, *, kickable: bool = False) -> bool:
-        """Wait (a stop ends it early, and with ``kickable`` a control call); -> False once
-        stopping."""
+        """Wait (a stop ends it early, and with ``kickable`` a control call made since the
+        failure was recorded, `_failed`); -> False once stopping."""
         deadline = time.monotonic() + seconds
         with self._cond:
-            self._kicked = False
             while not self._stopping and not (kickable and self._kicked):
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -179,6 +178,8 @@ class FillJob:
         with self._cond:
             self.error, self.error_at = why, time.time()
             self.retry_at = time.monotonic() + delay
+            self._kicked = False  # a control call from now on ends the wait, even one made
+            # before the wait begins
         log.warning("disk %s: the fill of its restore pauses for %.0f s: %s", self.name, delay,
                     why)
 

@@ -5,6 +5,7 @@ by a good step), a pause by request held."""
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Any, cast
@@ -152,13 +153,33 @@ def test_a_control_call_ends_the_wait_before_a_retry() -> None:
     disk.failures = 1
     job = FillJob("d0", cast(Disk, disk), slow)
     job.start()
-    deadline = time.monotonic() + 5
-    while not disk.steps:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    assert job.retry_at is not None
+    _wait_for(lambda: job.retry_at is not None)
     job.control(paused=False, rate=None)  # e.g. the repository is back
     wait_finished(job, timeout_s=5)
+
+
+def test_a_control_call_between_the_failure_and_the_wait_is_not_lost() -> None:
+    """The control call lands after the failure is recorded but before the job begins to
+    wait (here: while it logs the failure); the wait still ends at once."""
+    slow = FillPolicy(idle_chunks=8, first_retry_s=30, max_retry_s=30)
+    disk = FakeDisk(16, step_s=0.0)
+    disk.failures = 1
+    job = FillJob("d0", cast(Disk, disk), slow)
+
+    class KickOnWarning(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING and job.retry_at is not None:
+                job.control(paused=False, rate=None)
+
+    handler = KickOnWarning()
+    logger = logging.getLogger("blocktrail.restore")
+    logger.addHandler(handler)
+    try:
+        job.start()
+        wait_finished(job, timeout_s=5)
+    finally:
+        logger.removeHandler(handler)
+    assert [failed for _, _, failed in disk.steps] == [True, False, False]
 
 
 def _wait_for(condition: Any, timeout_s: float = 5) -> None:
