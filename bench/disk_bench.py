@@ -34,7 +34,7 @@ class NoTracking(ChangeTracker):
     def mark(self, offset: int, length: int) -> None:
         pass
 
-    def marks_at_once(self, offset: int, length: int) -> bool:
+    def try_mark(self, offset: int, length: int) -> bool:
         return not self.checkpoint_due
 
 
@@ -45,8 +45,11 @@ class MarksWithoutIntent(ChangeTracker):
         g = self.granularity
         self._open.add_range(offset // g, (offset + length - 1) // g + 1)
 
-    def marks_at_once(self, offset: int, length: int) -> bool:
-        return not self.checkpoint_due
+    def try_mark(self, offset: int, length: int) -> bool:
+        if self.checkpoint_due:
+            return False
+        self.mark(offset, length)
+        return True
 
 
 @dataclass

@@ -433,12 +433,14 @@ class Disk:
             if length == 0:
                 return True
             cluster_size = self._meta.cluster_size
-            if not wait and not (
-                    self._tracker.marks_at_once(offset, length)
-                    and chain.writes_in_place(stack.layers[-1], cluster_size, offset, length)):
+            if not wait and not chain.writes_in_place(stack.layers[-1], cluster_size, offset,
+                                                      length):
                 return False
             try:
-                self._tracker.mark(offset, length)
+                if wait:
+                    self._tracker.mark(offset, length)
+                elif not self._tracker.try_mark(offset, length):
+                    return False  # nothing recorded, nothing written
                 chain.write_top(stack.layers, cluster_size, offset, data, length)
             except BlocktrailError:
                 raise

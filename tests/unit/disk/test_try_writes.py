@@ -5,8 +5,10 @@ take any buffer without keeping it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from blocktrail.disk import Disk
+from blocktrail.tracking import tracker as tracker_module
 
 SIZE = 4 << 20
 CLUSTER = 64 << 10
@@ -56,3 +58,17 @@ def test_writes_take_buffers_without_keeping_them(tmp_path: Path) -> None:
         disk.pwrite(memoryview(buffer)[:CLUSTER], 0)
         buffer[:] = b"c" * len(buffer)
         assert disk.pread(4 * CLUSTER, 0) == b"b" * CLUSTER + b"a" * (3 * CLUSTER)
+
+
+def test_try_pwrite_with_a_checkpoint_due_leaves_it_to_the_worker(tmp_path: Path,
+                                                                  monkeypatch: Any) -> None:
+    with _disk(tmp_path / "d") as disk:
+        since = disk.create_snapshot("s").change_id
+        disk.pwrite(b"y" * CLUSTER, 3 * CLUSTER)
+        monkeypatch.setattr(tracker_module, "CHECKPOINT_EVERY_S", -1.0)  # always due
+        assert not disk.try_pwrite(b"z" * CLUSTER, CLUSTER)  # nothing recorded, nothing written
+        assert disk.pread(CLUSTER, CLUSTER) == b"x" * CLUSTER
+        assert _changed(disk, since) == [(3 * CLUSTER, CLUSTER)]
+        monkeypatch.setattr(tracker_module, "CHECKPOINT_EVERY_S", 3600.0)
+        assert disk.try_pwrite(b"z" * CLUSTER, CLUSTER)
+        assert _changed(disk, since) == [(CLUSTER, CLUSTER), (3 * CLUSTER, CLUSTER)]
