@@ -198,17 +198,13 @@ class ChangeTracker:
     def try_mark(self, offset: int, length: int) -> bool:
         """`mark` when it returns without waiting for a sync (the range's write-intent regions
         are durable already) and no checkpoint is due: True. False: nothing was recorded.
-        (Written out without helpers: it runs for nearly every guest write.)"""
+        (One call for the check and the mark: it runs for nearly every guest write.)"""
         if length <= 0:
             return True
         if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S \
                 or not self._intent.covers(offset, length):
             return False
-        g = self.granularity
-        with self._marks_lock:
-            if self.consolidation_active:
-                self.marks_during_consolidation += 1
-            self._open.add_range(offset // g, (offset + length - 1) // g + 1)
+        self._mark_open(offset, length)
         return True
 
     @property
