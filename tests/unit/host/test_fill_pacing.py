@@ -8,6 +8,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from blocktrail.disk import Disk
@@ -106,24 +107,56 @@ def test_a_rate_limit_is_kept() -> None:
     assert times[1] - started >= 0.19 and times[2] - started >= 0.39
 
 
+class _Delays(logging.Handler):
+    """The delays the fill chose, as its warnings carry them (unrounded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delays: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING and isinstance(record.args, tuple):
+            self.delays.append(cast(float, record.args[1]))
+
+
 def test_failures_are_retried_with_backoff_and_a_good_step_resets_it() -> None:
-    disk = FakeDisk(32, step_s=0.0)
-    disk.failures = 4
-    job = run_job(disk)
-    wait_finished(job)
-    failed = [t for t, _, f in disk.steps if f]
-    gaps = [round(b - a, 2) for a, b in itertools.pairwise(failed)]
-    assert len(failed) == 4
-    # doubling: each gap at least its delay, and short of the next one (a loaded machine is late)
-    assert 0.05 <= gaps[0] < 0.1 and 0.1 <= gaps[1] < 0.2 and 0.2 <= gaps[2] < 0.4, gaps
-    assert job.error is not None and "chunk 3 of restore point P" in job.error
-    assert disk.local == 32
-    # after a good step, the next failure waits the first delay again
-    disk2 = FakeDisk(32, step_s=0.0)
-    disk2.failures = 2
-    job2 = run_job(disk2)
-    wait_finished(job2)
-    assert len([s for s in disk2.steps if s[2]]) == 2
+    delays = _Delays()
+    logger = logging.getLogger("blocktrail.restore")
+    logger.addHandler(delays)
+    try:
+        disk = FakeDisk(32, step_s=0.0)
+        disk.failures = 4
+        job = run_job(disk)
+        wait_finished(job)
+        failed = [t for t, _, f in disk.steps if f]
+        gaps = [b - a for a, b in itertools.pairwise(failed)]
+        assert len(failed) == 4
+        # doubling up to the maximum; each retry waits at least its delay (a loaded machine
+        # may wake it later, so no upper bound on the gaps)
+        assert delays.delays == [0.05, 0.1, 0.2, 0.2]
+        assert all(gap >= delay - 0.001 for gap, delay in zip(gaps, delays.delays, strict=False))
+        assert job.error is not None and "chunk 3 of restore point P" in job.error
+        assert disk.local == 32
+        # after a good step, the next failure waits the first delay again
+        delays.delays.clear()
+        disk2 = FakeDisk(32, step_s=0.0)
+        disk2.failures = 1
+
+        def fail_after_a_good_step(count: int, fill: Callable[[int], FillProgress] = disk2.fill
+                                    ) -> FillProgress:
+            if len(disk2.steps) == 1:  # the first step failed: this one succeeds, then fail
+                progress = fill(count)
+                disk2.failures = 1
+                return progress
+            return fill(count)
+
+        disk2.fill = fail_after_a_good_step  # type: ignore[method-assign]
+        job2 = run_job(disk2)
+        wait_finished(job2)
+        assert [failed for _, _, failed in disk2.steps][:3] == [True, False, True]
+        assert delays.delays[:2] == [0.05, 0.05]
+    finally:
+        logger.removeHandler(delays)
 
 
 def test_a_pause_holds_the_fill_until_resumed() -> None:
