@@ -5,7 +5,8 @@ take any buffer without keeping it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.tracking import tracker as tracker_module
@@ -60,8 +61,8 @@ def test_writes_take_buffers_without_keeping_them(tmp_path: Path) -> None:
         assert disk.pread(4 * CLUSTER, 0) == b"b" * CLUSTER + b"a" * (3 * CLUSTER)
 
 
-def test_try_pwrite_with_a_checkpoint_due_leaves_it_to_the_worker(tmp_path: Path,
-                                                                  monkeypatch: Any) -> None:
+def test_try_pwrite_with_a_checkpoint_due_leaves_it_to_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with _disk(tmp_path / "d") as disk:
         since = disk.create_snapshot("s").change_id
         disk.pwrite(b"y" * CLUSTER, 3 * CLUSTER)
