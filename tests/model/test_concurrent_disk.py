@@ -1,6 +1,8 @@
-"""Several guest threads write, zero, trim, flush and read one disk at once (overlapping ranges)
-while another thread takes snapshots, removes them (consolidation), and grows and shrinks the
-disk. Checked against a linearizability model per 512-byte sector:
+"""Several guest threads write, zero, trim, flush and read one disk at once (overlapping ranges;
+half the writes first through the NBD server's path that does a write at once or not at all,
+`Disk.try_pwrite` and `Disk.try_zero`) while another thread takes snapshots, removes them
+(consolidation), and grows and shrinks the disk. Checked against a linearizability model per
+512-byte sector:
 
 - every read (during the run, of the live disk or of a snapshot, and at the end) returns, in
   each sector, what some serial order of the writes consistent with their real-time order would
@@ -123,10 +125,16 @@ def guest(disk: Disk, log: Log, seed: int, stop: threading.Event) -> None:
         zeros = kind < 0.27
         op = log.new_op(offset, length, zeros)
         try:
+            # half of them first as the NBD server's event loop asks: at once or not at all
+            # (`try_zero` stands for a zero and a trim alike), then, if not, waiting
+            at_once = rng.random() < 0.5
             if zeros:
-                (disk.zero if kind < 0.22 else disk.trim)(length, offset)
+                if not (at_once and disk.try_zero(length, offset)):
+                    (disk.zero if kind < 0.22 else disk.trim)(length, offset)
             else:
-                disk.pwrite(tag(op.id, length), offset)
+                data = tag(op.id, length)
+                if not (at_once and disk.try_pwrite(data, offset)):
+                    disk.pwrite(data, offset)
             if rng.random() < 0.2:  # FUA
                 disk.flush()
             op.ok = True
