@@ -90,8 +90,10 @@ class DiskMachine(RuleBasedStateMachine):
         self.model = bytearray(size)
         self._current_point()
 
-    @rule(data=st.data())
-    def write(self, data: st.DataObject) -> None:
+    # at_once: first as the NBD server's event loop asks (done at once or not at all), then,
+    # if not done, waiting
+    @rule(data=st.data(), at_once=st.booleans())
+    def write(self, data: st.DataObject, at_once: bool) -> None:
         size = len(self.model)
         if size == 0:
             return
@@ -99,17 +101,19 @@ class DiskMachine(RuleBasedStateMachine):
         length = data.draw(st.integers(1, min(3 * CLUSTER, size - offset)))
         fill = data.draw(st.integers(1, 255))
         buf = bytes([fill]) * length
-        self.disk.pwrite(buf, offset)
+        if not (at_once and self.disk.try_pwrite(buf, offset)):
+            self.disk.pwrite(buf, offset)
         self.model[offset : offset + length] = buf
 
-    @rule(data=st.data(), trim=st.booleans())
-    def zero(self, data: st.DataObject, trim: bool) -> None:
+    @rule(data=st.data(), trim=st.booleans(), at_once=st.booleans())
+    def zero(self, data: st.DataObject, trim: bool, at_once: bool) -> None:
         size = len(self.model)
         if size == 0:
             return
         offset = data.draw(st.integers(0, size - 1))
         length = data.draw(st.integers(1, size - offset))
-        (self.disk.trim if trim else self.disk.zero)(length, offset)
+        if not (at_once and self.disk.try_zero(length, offset)):
+            (self.disk.trim if trim else self.disk.zero)(length, offset)
         self.model[offset : offset + length] = bytes(length)
 
     @rule()
