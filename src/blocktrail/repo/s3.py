@@ -114,18 +114,17 @@ class S3Backend:
             self.endpoint = str(self.client.meta.endpoint_url)
             verify = core.get_config_variable("ca_bundle")  # as the client resolves it
             bucket_url = _bucket_url(self.client, bucket)
-            self.reads = ObjectReads(
-                bucket_url or self.endpoint,  # the endpoint: unused, reads go through the client
-                str(self.client.meta.region_name), session.get_credentials,
+            # Where a GET's URL is not known (no credentials yet; an endpoint rule that names
+            # no bucket in the path), or the bucket turns out to be in another region, reads
+            # go through the client, which knows what to do.
+            self.reads = None if bucket_url is None else ObjectReads(
+                bucket_url, str(self.client.meta.region_name), session.get_credentials,
                 verify=verify if verify is not None else os.environ.get("REQUESTS_CA_BUNDLE",
                                                                         True),
                 connect_timeout_s=options.connect_timeout_s,
                 read_timeout_s=options.read_timeout_s, connections=options.connections,
                 max_attempts=options.max_attempts)
-            # Where a GET's URL is not known (no credentials yet; an endpoint rule that names
-            # no bucket in the path), or the bucket turns out to be in another region, reads
-            # go through the client, which knows what to do.
-            self._reads_through_client = bucket_url is None
+            self._reads_through_client = False  # set once the bucket is found elsewhere
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
 
@@ -209,10 +208,11 @@ class S3Backend:
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is not None and length <= 0:
             return b""
-        if self._reads_through_client:
+        reads = self.reads
+        if reads is None or self._reads_through_client:
             return self._load_through_client(name, offset, length)
         try:  # not through the client: see s3reads.py
-            reply = self.reads.get(self.key(name), offset, length)
+            reply = reads.get(self.key(name), offset, length)
         except botocore.exceptions.NoCredentialsError as exc:
             raise self._no_credentials() from exc
         except Unreachable as exc:
@@ -302,5 +302,6 @@ class S3Backend:
         self._call("creating", "the bucket", "create_bucket")
 
     def close(self) -> None:
-        self.reads.close()
+        if self.reads is not None:
+            self.reads.close()
         self.client.close()

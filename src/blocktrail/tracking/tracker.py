@@ -201,8 +201,7 @@ class ChangeTracker:
         (One call for the check and the mark: it runs for nearly every guest write.)"""
         if length <= 0:
             return True
-        if time.monotonic() - self._last_checkpoint > CHECKPOINT_EVERY_S \
-                or not self._intent.covers(offset, length):
+        if self.checkpoint_due or not self._intent.covers(offset, length):
             return False
         self._mark_open(offset, length)
         return True

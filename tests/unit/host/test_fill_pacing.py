@@ -4,11 +4,12 @@ by a good step), a pause by request held."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from blocktrail.disk import Disk
@@ -107,6 +108,17 @@ def test_a_rate_limit_is_kept() -> None:
     assert times[1] - started >= 0.19 and times[2] - started >= 0.39
 
 
+@contextlib.contextmanager
+def _on_the_fill_log(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` sees the fill's log records while the block runs."""
+    logger = logging.getLogger("blocktrail.restore")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 class _Delays(logging.Handler):
     """The delays the fill chose, as its warnings carry them (unrounded)."""
 
@@ -121,9 +133,7 @@ class _Delays(logging.Handler):
 
 def test_failures_are_retried_with_backoff_and_a_good_step_resets_it() -> None:
     delays = _Delays()
-    logger = logging.getLogger("blocktrail.restore")
-    logger.addHandler(delays)
-    try:
+    with _on_the_fill_log(delays):
         disk = FakeDisk(32, step_s=0.0)
         disk.failures = 4
         job = run_job(disk)
@@ -155,8 +165,6 @@ def test_failures_are_retried_with_backoff_and_a_good_step_resets_it() -> None:
         wait_finished(job2)
         assert [failed for _, _, failed in disk2.steps][:3] == [True, False, True]
         assert delays.delays[:2] == [0.05, 0.05]
-    finally:
-        logger.removeHandler(delays)
 
 
 def test_a_pause_holds_the_fill_until_resumed() -> None:
@@ -204,14 +212,9 @@ def test_a_control_call_between_the_failure_and_the_wait_is_not_lost() -> None:
             if record.levelno == logging.WARNING and job.retry_at is not None:
                 job.control(paused=False, rate=None)
 
-    handler = KickOnWarning()
-    logger = logging.getLogger("blocktrail.restore")
-    logger.addHandler(handler)
-    try:
+    with _on_the_fill_log(KickOnWarning()):
         job.start()
         wait_finished(job, timeout_s=5)
-    finally:
-        logger.removeHandler(handler)
     assert [failed for _, _, failed in disk.steps] == [True, False, False]
 
 
