@@ -32,6 +32,8 @@ from blocktrail.repo.objects import KIND_INDEX
 
 ACCESS_KEY = "blocktrail-test"
 SECRET_KEY = "blocktrail-test-secret"
+READER_ACCESS_KEY = "blocktrail-reader"  # an identity that may only read and list
+READER_SECRET_KEY = "blocktrail-reader-secret"
 BUCKET = "bt-test"
 # short leases for tests: a killed writer's lease expires in seconds
 TEST_TIMING = Timing(lease_s=8.0, margin_s=2.5)
@@ -87,7 +89,10 @@ class SeaweedFS:
         config.write_text(json.dumps({"identities": [{
             "name": "blocktrail", "credentials": [{"accessKey": ACCESS_KEY,
                                                    "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}, {
+            "name": "reader", "credentials": [{"accessKey": READER_ACCESS_KEY,
+                                               "secretKey": READER_SECRET_KEY}],
+            "actions": ["Read", "List"]}]}))
         b = self.base_port
         args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-master.telemetry=false", "-webdav=false", "-admin.ui=false",

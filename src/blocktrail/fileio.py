@@ -49,6 +49,10 @@ class FileLock(Protocol):
 
 class FileIO(Protocol):
     def open(self, path: str, *, create: bool = False) -> FileHandle: ...
+    def open_read(self, path: str) -> FileHandle:
+        """An existing file, for reading only: opens on a read-only file system, and a file
+        this user may read but not write."""
+        ...
     def exists(self, path: str) -> bool: ...
     def read_file(self, path: str) -> bytes: ...
     def replace_atomic(self, path: str, data: bytes | bytearray | memoryview) -> None:
@@ -292,6 +296,9 @@ class OsFileIO:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         return OsFileHandle(os.open(path, flags, 0o600))
 
+    def open_read(self, path: str) -> FileHandle:
+        return OsFileHandle(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+
     def create_empty(self, path: str) -> FileHandle:
         """``path`` created, or emptied if it exists."""
         return OsFileHandle(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
@@ -516,6 +523,9 @@ class SimulatedFileIO:
                 self._check_dir(path)
                 self.entries[path] = self._new_inode()
             return SimulatedFileHandle(self, self.entries[path])
+
+    def open_read(self, path: str) -> FileHandle:
+        return self.open(path)
 
     def _check_dir(self, path: str) -> None:
         if os.path.dirname(path) not in self.dirs:

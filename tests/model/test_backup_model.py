@@ -41,6 +41,10 @@ class FailAfter(OsFileIO):
         self._tick()
         return super().open(path, create=create)
 
+    def open_read(self, path: str) -> FileHandle:
+        self._tick()
+        return super().open_read(path)
+
     def replace_atomic(self, path: str, data: bytes) -> None:
         self._tick()
         super().replace_atomic(path, data)

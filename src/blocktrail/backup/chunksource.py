@@ -30,7 +30,6 @@ read without one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -45,7 +44,7 @@ from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
 from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
 from blocktrail.pipeline import background_priority
 from blocktrail.repo import Repository, RestorePoint
-from blocktrail.repo.backend import BackendDenied
+from blocktrail.repo.backend import BackendDenied, BackendReadOnly
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.location import is_s3_url
 from blocktrail.repo.objects import ZERO_DIGEST
@@ -488,7 +487,10 @@ class RepositoryChunkSource:
             return conn
 
     def _open(self) -> _Connection:
-        repo = Repository.open(self.location, password=password_source(self._password))
+        # It only reads; its lease (a name of its own, or none where none can be written)
+        # keeps a prune from removing the point meanwhile.
+        repo = Repository.open(self.location, password=password_source(self._password),
+                               writes=False)
         lease: Lease | None = None
         try:
             point = repo.point(self.point_id)
@@ -516,14 +518,10 @@ class RepositoryChunkSource:
         """A writer lease naming the point as its base; None where none can be written."""
         try:
             lease = repo.writer_lease(f"read restore point {point_id}")
-        except (BackendDenied, NoSpace, PermissionError) as exc:
+        except (BackendDenied, BackendReadOnly, NoSpace) as exc:
             log.info("reading restore point %s in %s without a lease (%s): a forget and prune "
                      "there may remove it meanwhile", point_id, self.location, exc)
             return None
-        except OSError as exc:
-            if exc.errno != errno.EROFS:
-                raise
-            return None  # a read-only file system: nobody prunes it either
         try:
             repo.record_base(lease, point_id)
         except BaseException:

@@ -22,6 +22,7 @@ from blocktrail.extents import Extent, merge
 from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import DamagedCopy, Repository, RestorePoint
+from blocktrail.repo.backend import BackendDenied, BackendReadOnly
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST, Buffer
@@ -38,6 +39,7 @@ class VerifyReport:
     damaged_areas: tuple[Extent, ...] = ()  # no intact stored copy (the source matches)
     damaged_copies: tuple[DamagedCopy, ...] = ()  # put in quarantine by this verify
     restored_bytes: int = 0  # stored again from the source (heal)
+    not_recorded: str | None = None  # why the verify state was not recorded (read-only)
 
     @property
     def identical(self) -> bool:
@@ -61,7 +63,8 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
     """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary
     snapshot of the live disk), and read every stored chunk. Records the verify state; with
     ``heal``, stores lost chunks again and writes a corrected successor for differences (under
-    ``lease``, the disk's lease the caller holds; None: one taken for it)."""
+    ``lease``, the disk's lease the caller holds; None: one taken for it). A repository that
+    may only be read gets the comparison without the record (`VerifyReport.not_recorded`)."""
     point = repo.point(point_id)
     temporary = snapshot is None
     if snapshot is None:
@@ -78,9 +81,14 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
         if found.differing and heal:
             healed = _write_healed(repo, point, found.corrected, lease)
         whole = not found.differing and (not found.damaged or heal)
-        point = repo.set_verify_state(point.id, "ok" if whole else "failed")
+        not_recorded = None
+        try:
+            point = repo.set_verify_state(point.id, "ok" if whole else "failed")
+        except (BackendReadOnly, BackendDenied) as exc:  # the comparison stands all the same
+            not_recorded = exc.message
         return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
-                            tuple(merge(found.damaged)), tuple(found.copies), restored)
+                            tuple(merge(found.damaged)), tuple(found.copies), restored,
+                            not_recorded)
     finally:
         if temporary:
             source.remove_snapshot(snapshot)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from blocktrail.cli.disk import json_option
-from blocktrail.cli.output import PERCENT, ExitCode, emit, human
+from blocktrail.cli.output import PERCENT, ExitCode, emit, human, printable
 from blocktrail.cli.password import (
     KDF_VARIABLE,
     init_password,
@@ -101,14 +101,17 @@ def keep_freed_memory() -> None:
 
 def open_repo(location: str, endpoint: str | None = None, region: str | None = None,
               profile: str | None = None,
-              password_sources: PasswordSources | None = None) -> Repository:
+              password_sources: PasswordSources | None = None, *,
+              writes: bool = True) -> Repository:
     """Open a repository for a command: its password (when it is encrypted) from the command's
     --password-file / --password-command, BLOCKTRAIL_PASSWORD, or a prompt; an unencrypted
-    one says so on stderr, every time."""
+    one says so on stderr, every time. ``writes`` False: a command that only reads (it works
+    on a read-only repository and with S3 credentials that may only read)."""
     from blocktrail.repo import Repository
     repo = Repository.open(location, s3=_s3(location, endpoint, region, profile),
                            timing=_timing(),
-                           password=repo_password(password_sources or sources()))
+                           password=repo_password(password_sources or sources()),
+                           writes=writes)
     if not repo.encrypted:
         _say_unencrypted(location)
     return repo
@@ -116,7 +119,8 @@ def open_repo(location: str, endpoint: str | None = None, region: str | None = N
 
 @contextlib.contextmanager
 def opening_repo(location: str, endpoint: str | None = None, region: str | None = None,
-                 profile: str | None = None) -> Iterator[Callable[[], Repository]]:
+                 profile: str | None = None, *,
+                 writes: bool = True) -> Iterator[Callable[[], Repository]]:
     """`open_repo` begun on a thread: the command imports and opens what else it needs while
     the repository's password is turned into its key (argon2id: ~0.2 s of CPU, in C without
     the GIL). Yields a function that waits for the repository. A password that must be asked
@@ -133,7 +137,8 @@ def opening_repo(location: str, endpoint: str | None = None, region: str | None 
         try:
             # The repository's operations are imported once the key is derived (or by the
             # command's thread meanwhile), not before.
-            opened = open_unlocked(location, s3=s3, password=lambda: find_password(found))
+            opened = open_unlocked(location, s3=s3, password=lambda: find_password(found),
+                                   writes=writes)
             try:
                 from blocktrail.repo.repository import Repository
                 outcome.append(Repository.on_opened(opened, _timing()))
@@ -153,7 +158,8 @@ def opening_repo(location: str, endpoint: str | None = None, region: str | None 
         thread.join()
         result = outcome[0]
         if isinstance(result, PasswordRequired):
-            result = open_repo(location, endpoint, region, profile, found)  # may ask
+            result = open_repo(location, endpoint, region, profile, found,  # may ask
+                               writes=writes)
         elif isinstance(result, BaseException):
             raise result
         elif not result.encrypted:
@@ -268,7 +274,7 @@ def repo_init(path: str, endpoint: str | None, region: str | None, profile: str 
 def repo_info(path: str, endpoint: str | None, region: str | None, profile: str | None,
               as_json: bool) -> None:
     """The repository's identity, format, encryption, KDF parameters and key files."""
-    with open_repo(path, endpoint, region, profile) as repo:
+    with open_repo(path, endpoint, region, profile, writes=False) as repo:
         info = {"path": path, "repo_id": repo.repo_id, "version": repo.config.get("version"),
                 "chunk_size": repo.chunk_size, "page_chunks": repo.page_chunks,
                 **repo.encryption_info()}
@@ -300,7 +306,7 @@ def key_group() -> None:
 def key_list(path: str, endpoint: str | None, region: str | None, profile: str | None,
              as_json: bool) -> None:
     """List the key files."""
-    with open_repo(path, endpoint, region, profile) as repo:
+    with open_repo(path, endpoint, region, profile, writes=False) as repo:
         found = [k.describe() | {"in_use": k.id == repo.key_id} for k in repo.key_files()]
     emit(as_json, found, "\n".join(
         f"{'*' if k['in_use'] else ' '} {k['id']}  {k['created_at']}  {k['host']}"
@@ -489,7 +495,7 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
 def points(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
            disk_id: str | None, host: str | None, as_json: bool) -> None:
     """List restore points, oldest first (with --host, the host's disk names too)."""
-    with opening_repo(repo_path, endpoint, region, profile) as repository:
+    with opening_repo(repo_path, endpoint, region, profile, writes=False) as repository:
         from blocktrail.cli.tables import points_table  # while the key is derived
         with repository() as repo:
             intact, damaged = repo.scan_points()
@@ -559,7 +565,7 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
     if disk_name is not None or fill_rate is not None:
         raise InvalidArgument("--disk and --fill-rate go with --instant")
     fmt = fmt or "raw"
-    with open_repo(repo_path, endpoint, region, profile) as repo, \
+    with open_repo(repo_path, endpoint, region, profile, writes=False) as repo, \
             progress_bar("restore", as_json, unit_bytes=repo.chunk_size) as progress:
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
@@ -632,7 +638,7 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
         disk_path, at, snapshot = against.partition("@")
         if at:
             check_snapshot_name(snapshot)
-    with open_repo(repo_path, endpoint, region, profile) as repo, \
+    with open_repo(repo_path, endpoint, region, profile, writes=heal) as repo, \
             open_source(disk_path, host,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("verify", as_json, unit_bytes=repo.chunk_size) as progress:
@@ -645,7 +651,11 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
         "healed_point": report.healed_point.id if report.healed_point else None,
         "damaged_areas": [list(e) for e in report.damaged_areas],
         "damaged_objects": [c.to_json() for c in report.damaged_copies],
-        "restored_bytes": report.restored_bytes}
+        "restored_bytes": report.restored_bytes,
+        "recorded": report.not_recorded is None, "not_recorded": report.not_recorded}
+    if report.not_recorded is not None:
+        click.echo(printable(f"warning: the verify state of {point_id} was not recorded: "
+                             f"{report.not_recorded}"), err=True)
     lines = []
     if report.identical:
         lines.append(f"{point_id} equals {against} ({report.chunks_compared} chunks, every "
@@ -660,7 +670,10 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
                      f"{[list(e) for e in report.damaged_areas][:20]}; "
                      + ("stored again from the source: it restores again" if heal else
                         "the damaged copies are in quarantine; --heal stores them again from "
-                        "the source"))
+                        "the source" if all(copy.not_recorded is None
+                                            for copy in report.damaged_copies) else
+                        "the damaged copies could not be put in quarantine (their records "
+                        "could not be written)"))
     emit(as_json, out, "\n".join(lines))
     if report.differing_areas:
         raise ExitCode(Exit.VERIFY_DIFFERENCES)
@@ -678,7 +691,8 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
 def check(repo_path: str, endpoint: str | None, region: str | None, profile: str | None,
           read_data: bool, subset: float | None, as_json: bool) -> None:
     """Check the repository's structure (and data); name what is damaged and what it affects."""
-    with open_repo(repo_path, endpoint, region, profile) as repo, spinner("check", as_json):
+    with open_repo(repo_path, endpoint, region, profile,
+                   writes=False) as repo, spinner("check", as_json):
         report = repo.check(read_data=read_data, read_data_subset_pct=subset)
     out = {"ok": report.ok, "points": report.points, "chunks_referenced":
            report.chunks_referenced, "chunks_read": report.chunks_read,
@@ -691,9 +705,14 @@ def check(repo_path: str, endpoint: str | None, region: str | None, profile: str
                                                f"{len(report.problems)} PROBLEMS")]
     lines += [f"  {p.kind} {p.name}: {p.detail}; affects {', '.join(p.affected_points) or '-'}"
               for p in report.problems]
-    if report.quarantined:
-        lines.append(f"{len(report.quarantined)} damaged copies put in quarantine: no backup "
+    recorded = [copy for copy in report.quarantined if copy.not_recorded is None]
+    if recorded:
+        lines.append(f"{len(recorded)} damaged copies put in quarantine: no backup "
                      "deduplicates against them; the next backup stores their content again")
+    if len(recorded) < len(report.quarantined):
+        lines.append(f"{len(report.quarantined) - len(recorded)} damaged copies NOT put in "
+                     "quarantine (their records could not be written): check the repository "
+                     "again where it can be written")
     if report.unreferenced_files or report.temp_files:
         lines.append(f"reclaimable, not damage: {report.unreferenced_files} unused packs, "
                      f"{report.temp_files} temporary files (`blocktrail forget ... --prune` "

@@ -59,6 +59,12 @@ class BackendDenied(BackendError):
     exit_code = ExitCode.UNAUTHORIZED
 
 
+class BackendReadOnly(BackendError):
+    """The store may be read but not written: a read-only file system, or files and
+    directories this user may not write. (S3 credentials that may only read are refused as
+    `BackendDenied`.)"""
+
+
 class BackendUnsupported(BackendError):
     """The store lacks a guarantee the repository relies on (create-only writes)."""
 

@@ -10,7 +10,7 @@ again. Every problem names the damaged thing and the restore points it makes unr
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from blocktrail.pipeline import read_ahead
@@ -290,8 +290,8 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
         except ChunkCorrupt as exc:
             copy = DamagedCopy(name, kind, pack_id, loc.offset, loc.length, exc.message)
             failure = repo.set_aside(copy)
-            damaged.append(copy if failure is None else DamagedCopy(
-                name, kind, pack_id, loc.offset, loc.length, f"{exc.message}; {failure}"))
+            damaged.append(copy if failure is None else replace(
+                copy, not_recorded=failure))
     return damaged, verified
 
 
@@ -306,7 +306,8 @@ def _report_damaged_copy(repo: Store, walk: _Walk, copy: DamagedCopy) -> None:
     """A damaged copy was set aside: is another copy there, and who needed it?"""
     users = walk.users.get(copy.digest, set())
     kind = _KIND_PROBLEM.get(copy.kind, "chunk")
-    detail = f"{copy.reason}; this copy is now in quarantine"
+    detail = f"{copy.reason}; " + ("this copy is now in quarantine" if copy.not_recorded is None
+                                   else f"set aside by this check only: {copy.not_recorded}")
     auth = repo.codec.encrypted  # every damaged copy there failed its authentication
     if not users:
         walk.problems.append(Problem(kind, copy.digest.hex(), f"{detail} (no restore point "

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from blocktrail.fileio import DIRECT_MIN_BYTES, FileHandle, FileIO, OsFileIO, pread_direct
 from blocktrail.repo.backend import (
+    BackendReadOnly,
     ObjectExists,
     ObjectInfo,
     ObjectNotFound,
@@ -31,6 +32,7 @@ from blocktrail.repo.backend import (
 LOCK_NAME = "locks/objects.lock"
 HOST_LOCK_NAME = "locks/repo.lock"  # the repository lock of blocktrail before leases
 _HANDLES = 64  # open pack files kept for reads
+_READ_ONLY = frozenset((errno.EROFS, errno.EACCES, errno.EPERM))  # what a refused write says
 
 
 class _Cached:
@@ -70,14 +72,30 @@ class LocalBackend:
         return os.path.join(self.root, *check_name(name).split("/"))
 
     @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write the file system refuses (read-only, or not this user's to write) becomes
+        `BackendReadOnly`: every command that only reads still works on such a repository."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY:
+                raise
+            where = f": {os.fsdecode(exc.filename)}" if exc.filename is not None else ""
+            raise BackendReadOnly(
+                f"the repository {self.root} cannot be written ({exc.strerror or exc}{where});"
+                " reading it works (points, check, restore, serve, verify)") from exc
+
+    @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """The objects lock: one create, replace or leftover sweep at a time on this machine."""
         path = os.path.join(self.root, LOCK_NAME)
-        self._make_parent(path, lock=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._writing():
+            self._make_parent(path, lock=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            with self._writing():
+                yield
         finally:
             os.close(fd)  # releases the flock
 
@@ -165,7 +183,7 @@ class LocalBackend:
             cached = self._handles.get(name)
             if cached is None:
                 try:
-                    cached = _Cached(self.fio.open(path))
+                    cached = _Cached(self.fio.open_read(path))
                 except FileNotFoundError:
                     raise ObjectNotFound(f"{self.url}: no object {name}") from None
                 if len(self._handles) >= _HANDLES:
@@ -226,7 +244,8 @@ class LocalBackend:
         self._forget_handle(name)
         if etag is None:
             try:
-                self.fio.unlink(path)
+                with self._writing():
+                    self.fio.unlink(path)
             except FileNotFoundError:
                 return
         else:
@@ -248,8 +267,9 @@ class LocalBackend:
         writer, exclusive for a prune or repair that runs with no writer at all. None when
         ``wait`` is false and it is held the other way."""
         path = os.path.join(self.root, HOST_LOCK_NAME)
-        self._make_parent(path, lock=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._writing():  # taken to write: a repository that refuses writes says so now
+            self._make_parent(path, lock=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:
             fcntl.flock(fd, mode)

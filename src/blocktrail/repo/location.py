@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from blocktrail.errors import InvalidArgument
 from blocktrail.fileio import FileIO
 from blocktrail.repo import keys
-from blocktrail.repo.backend import Backend
+from blocktrail.repo.backend import Backend, BackendDenied
 from blocktrail.repo.localdir import LocalBackend
 from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.store import Store
@@ -62,16 +62,23 @@ class OpenedStore:
 
 
 def open_unlocked(location: str | os.PathLike[str], *, fileio: FileIO | None = None,
-                  password: PasswordSource | None = None,
-                  s3: S3Options | None = None) -> OpenedStore:
-    """Open the backend, read the config and unlock the keys; on object storage, first make
-    sure the store refuses to overwrite objects. The backend is closed on any failure."""
+                  password: PasswordSource | None = None, s3: S3Options | None = None,
+                  writes: bool = True) -> OpenedStore:
+    """Open the backend, read the config and unlock the keys; on object storage, then make
+    sure the store refuses to overwrite objects. ``writes`` False: for a command that only
+    reads, and records at most what it finds (quarantine and verify records, each under a
+    name of its own): credentials that may not write the probe are no obstacle to it (a
+    store that overwrites is refused all the same). The backend is closed on any failure."""
     backend = open_backend(location, fileio=fileio, s3=s3)
     try:
         config = Store.load_config(backend)
         unlocked = keys.unlock(backend, config, password)
         if backend.remote:
-            Store.probe_conditional_writes(backend)
+            try:
+                Store.probe_conditional_writes(backend)
+            except BackendDenied:
+                if writes:
+                    raise  # else: credentials that may only read, for a command that reads
     except BaseException:
         backend.close()
         raise

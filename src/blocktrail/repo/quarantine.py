@@ -35,6 +35,7 @@ class DamagedCopy:
     offset: int
     length: int
     reason: str
+    not_recorded: str | None = None  # why no record was written: set aside by this process only
 
     @property
     def key(self) -> CopyKey:

@@ -81,12 +81,14 @@ class Repository(Store):
     @classmethod
     def open(cls, location: str | os.PathLike[str], fileio: FileIO | None = None, *,
              password: PasswordSource | None = None, s3: S3Options | None = None,
-             timing: Timing = DEFAULT_TIMING) -> Repository:
+             timing: Timing = DEFAULT_TIMING, writes: bool = True) -> Repository:
         """Open a repository; on object storage, first make sure the store refuses to
-        overwrite objects (a probe object written twice). An encrypted one needs ``password``
-        (a callable is called only then): `WrongPassword` if no key file opens with it."""
-        return cls.on_opened(open_unlocked(location, fileio=fileio, password=password, s3=s3),
-                             timing)
+        overwrite objects (a probe object written twice; ``writes`` False: a command that only
+        reads, which credentials that may only read can open, `open_unlocked`). An encrypted
+        one needs ``password`` (a callable is called only then): `WrongPassword` if no key
+        file opens with it."""
+        return cls.on_opened(open_unlocked(location, fileio=fileio, password=password, s3=s3,
+                                           writes=writes), timing)
 
     @classmethod
     def on_opened(cls, opened: OpenedStore, timing: Timing = DEFAULT_TIMING) -> Repository:

@@ -9,6 +9,7 @@ prune build on this and on nothing above it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -404,10 +405,12 @@ class Store:
         """Put a copy found damaged in quarantine; -> what to say about it."""
         copy = DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length, exc.message)
         failure = self.set_aside(copy)
+        if failure is not None:
+            copy = dataclasses.replace(copy, not_recorded=failure)
         if found is not None:
             found.append(copy)
-        return (f"{exc.message} (at offset {loc.offset}; put in quarantine"
-                + (f", but {failure})" if failure else ")"))
+        return (f"{exc.message} (at offset {loc.offset}; "
+                + (f"not put in quarantine: {failure})" if failure else "put in quarantine)"))
 
     def read_chunk(self, name: bytes, where: str = "",
                    found: list[DamagedCopy] | None = None) -> bytes:

@@ -343,6 +343,10 @@ class FailNth(OsFileIO):
         self.tick()
         return super().open(path, create=create)
 
+    def open_read(self, path: str) -> FileHandle:
+        self.tick()
+        return super().open_read(path)
+
     def replace_atomic(self, path: str, data: bytes) -> None:
         self.tick()
         if self.ops + 1 == self.fail_at:  # the rename fails: a half-written temp file stays
