@@ -22,6 +22,7 @@ import pytest
 from blocktrail.backup.pointexport import open_points
 from blocktrail.cli.main import main
 from blocktrail.disk import Disk
+from blocktrail.host.points import PointCatalog
 from s3server import READER_ACCESS_KEY, READER_SECRET_KEY, SeaweedFS
 
 MiB = 1 << 20
@@ -205,4 +206,13 @@ def test_read_only_s3_credentials_read_and_refuse_to_write(
     assert "was not recorded" in err
     code, failure, _ = run(capsys, "backup", str(disk), "--repo", url, *s3)
     assert code == 9 and failure["error"] == "BackendDenied"  # type: ignore[index]
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # what a host is given
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    catalog = PointCatalog((url,))  # the host's console and metrics
+    try:
+        view = catalog.view(url)
+        assert view.problem is None and [p.id for p in view.points] == [point], view
+    finally:
+        catalog.close()
     assert objects() == before

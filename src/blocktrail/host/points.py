@@ -59,7 +59,10 @@ class PointCatalog:
         cached = self._cache[path]
         with cached.lock:
             if cached.repo is None:
-                cached.repo = Repository.open(path, password=password_source(self.password))
+                # Shown (console, metrics) and restored from even with credentials that may
+                # only read; a backup job's first write is refused there (its lease).
+                cached.repo = Repository.open(path, password=password_source(self.password),
+                                              writes=False)
             return cached.repo
 
     def view(self, path: str) -> RepositoryView:
