@@ -307,7 +307,7 @@ def test_a_large_write_payload_is_passed_on_without_a_copy() -> None:
 def test_requests_are_checked_before_they_are_sent() -> None:
     conn, _ = connect()
     with pytest.raises(LocalProtocolError, match="not allowed"):
-        conn.send_request(Command.READ, 0, 10, flags=CommandFlag.FUA)
+        conn.send_request(Command.READ, 0, 10, flags=CommandFlag.REQ_ONE)
     with pytest.raises(LocalProtocolError, match="wire format"):
         conn.send_request(Command.TRIM, 0, 1 << 32)
     with pytest.raises(LocalProtocolError, match="writable"):

@@ -155,7 +155,7 @@ def test_oversized_write_is_a_protocol_error() -> None:
 
 
 @pytest.mark.parametrize(("bad", "why"), [
-    (request(Command.READ, flags=CommandFlag.FUA, cookie=1), "not allowed on READ"),
+    (request(Command.READ, flags=CommandFlag.NO_HOLE, cookie=1), "not allowed on READ"),
     (request(Command.WRITE, 0, 3, CommandFlag.REQ_ONE, b"abc", cookie=1), "not allowed on WRITE"),
     (struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 42, 1, 0, 0), "unknown command 42"),
     (request(Command.READ, 0, (32 << 20) + 1, cookie=1), "exceeds"),

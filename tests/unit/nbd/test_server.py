@@ -99,7 +99,7 @@ def test_conformance_errors_keep_the_stream_in_sync(tmp_path: Path) -> None:
             (dict(command=READ, offset=0, length=0), EINVAL),
             (dict(command=BLOCK_STATUS, offset=0, length=4096), EINVAL),  # no context
             (dict(command=42, offset=0, length=0), EINVAL),  # unknown command
-            (dict(command=READ, offset=0, length=512, flags=1), EINVAL),  # FUA on READ
+            (dict(command=FLUSH, offset=0, length=0, flags=FLAG_DF), EINVAL),  # DF on FLUSH
             (dict(command=WRITE, offset=0, length=3, flags=FLAG_REQ_ONE, data=b"xyz"), EINVAL),
             (dict(command=WRITE_ZEROES, offset=0, length=4096, flags=2 | 16), ENOTSUP),
         ]
@@ -118,6 +118,44 @@ def test_conformance_errors_keep_the_stream_in_sync(tmp_path: Path) -> None:
         snap.send(TRIM, 0, 4096, cookie=2)
         assert snap.reply().error == EPERM
         snap.close()
+
+
+def test_fua_is_accepted_on_every_command_and_disc_with_it_disconnects(tmp_path: Path) -> None:
+    """The spec: FUA is "valid for all commands, provided NBD_FLAG_SEND_FUA has been
+    negotiated, in which case the server MUST accept all commands with this bit set (even by
+    ignoring the bit)"; clients are known to set it on reads. NBD_CMD_DISC has no reply,
+    whatever its flags."""
+    fua = 1
+    with serve(tmp_path) as s:
+        s.disk.pwrite(b"\x5a" * 4096, 8192)
+        c = s.client(contexts=("base:allocation",))
+        c.send(READ, 8192, 4096, flags=fua, cookie=1)
+        assert (reply := c.reply()).error == 0 and reply.data == b"\x5a" * 4096
+        c.send(READ, 8192, 4096, flags=fua | FLAG_DF, cookie=2)
+        assert c.reply().error == 0
+        for cookie, (command, offset, length) in ((3, (FLUSH, 0, 0)), (4, (CACHE, 8192, 4096))):
+            c.send(command, offset, length, flags=fua, cookie=cookie)
+            reply = c.reply()
+            assert (reply.cookie, reply.error) == (cookie, 0), reply
+        c.send(BLOCK_STATUS, 0, 65536, flags=fua, cookie=5)
+        reply = c.reply()
+        assert reply.error == 0 and reply.block_status, reply
+        c.send(DISC, flags=fua, cookie=6)
+        c.sock.settimeout(5)
+        assert c.sock.recv(1) == b""  # closed, no reply
+        c.close()
+
+
+def test_df_is_offered_only_with_structured_replies(tmp_path: Path) -> None:
+    """NBD_FLAG_SEND_DF: "MUST leave this flag clear if structured replies have not been
+    negotiated"."""
+    send_df = 1 << 7
+    with serve(tmp_path) as s:
+        plain, structured = s.client(structured=False), s.client()
+        assert not plain.transmission_flags & send_df
+        assert structured.transmission_flags & send_df
+        plain.close()
+        structured.close()
 
 
 def _fill(disk: Disk, rng: random.Random) -> None:

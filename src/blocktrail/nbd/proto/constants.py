@@ -118,16 +118,18 @@ class Errno(IntEnum):
     ESHUTDOWN = 108
 
 
-# flags each command may carry (others are a protocol error)
+# flags each command may carry (others are a protocol error). FUA on every command: "valid for
+# all commands, provided NBD_FLAG_SEND_FUA has been negotiated, in which case the server MUST
+# accept all commands with this bit set (even by ignoring the bit)" (every export sends it).
 ALLOWED_FLAGS: dict[Command, CommandFlag] = {
-    Command.READ: CommandFlag.DF,
+    Command.READ: CommandFlag.FUA | CommandFlag.DF,
     Command.WRITE: CommandFlag.FUA,
-    Command.DISC: CommandFlag(0),
-    Command.FLUSH: CommandFlag(0),
+    Command.DISC: CommandFlag.FUA,
+    Command.FLUSH: CommandFlag.FUA,
     Command.TRIM: CommandFlag.FUA,
-    Command.CACHE: CommandFlag(0),
+    Command.CACHE: CommandFlag.FUA,
     Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
-    Command.BLOCK_STATUS: CommandFlag.REQ_ONE,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 
 STATE_HOLE = 1

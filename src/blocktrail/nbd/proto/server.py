@@ -388,7 +388,7 @@ class ServerConnection:
 
     def _request(self, flags: int, kind: int, cookie: int, offset: int, length: int,
                  data: bytes | bytearray) -> ServerEvent:
-        if kind == _DISC and not flags:
+        if kind == _DISC:  # whatever its flags: it has no reply, the connection ends
             self._machine.fire(Input.DISC)
             return Disconnect()
         self._machine.fire(Input.REQUEST)
@@ -471,7 +471,8 @@ class ServerConnection:
         export = self._lookup(data)
         if export is None:
             raise RemoteProtocolError("unknown export requested with EXPORT_NAME")
-        self._out += struct.pack(">QH", export.size_bytes, _transmission_flags(export))
+        self._out += struct.pack(">QH", export.size_bytes,
+                                 _transmission_flags(export, self._neg.structured))
         if not self._neg.no_zeroes:
             self._out += bytes(124)
         return self._choose(export)
@@ -504,7 +505,8 @@ class ServerConnection:
             self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
             return None
         self._reply(option, OptionReply.INFO, struct.pack(
-            ">HQH", Info.EXPORT, export.size_bytes, _transmission_flags(export)))
+            ">HQH", Info.EXPORT, export.size_bytes,
+            _transmission_flags(export, self._neg.structured)))
         if Info.NAME in requests:
             self._reply(option, OptionReply.INFO, struct.pack(">H", Info.NAME)
                         + export.name.encode())
@@ -658,9 +660,10 @@ OPTION_HANDLERS: Final[Mapping[int, OptionHandler]] = {
 OPTIONS_BEFORE_TLS: Final = frozenset({Option.STARTTLS, Option.ABORT})
 
 
-def _flags(read_only: bool, multi_conn: bool) -> int:
-    flags = (TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-             | TransmissionFlag.SEND_DF)
+def _flags(read_only: bool, multi_conn: bool, structured: bool) -> int:
+    flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
+    if structured:  # "MUST leave this flag clear if structured replies have not been negotiated"
+        flags |= TransmissionFlag.SEND_DF
     if multi_conn:
         flags |= TransmissionFlag.CAN_MULTI_CONN
     if read_only:
@@ -671,12 +674,14 @@ def _flags(read_only: bool, multi_conn: bool) -> int:
     return int(flags)
 
 
-# (read-only, multi-conn) -> transmission flags, worked out once (IntFlag arithmetic is slow)
-_TRANSMISSION_FLAGS: Final = {(r, m): _flags(r, m) for r in (False, True) for m in (False, True)}
+# (read-only, multi-conn, structured replies) -> transmission flags, worked out once (IntFlag
+# arithmetic is slow)
+_TRANSMISSION_FLAGS: Final = {(r, m, s): _flags(r, m, s) for r in (False, True)
+                               for m in (False, True) for s in (False, True)}
 
 
-def _transmission_flags(export: ExportInfo) -> int:
-    return _TRANSMISSION_FLAGS[export.read_only, export.multi_conn]
+def _transmission_flags(export: ExportInfo, structured: bool) -> int:
+    return _TRANSMISSION_FLAGS[export.read_only, export.multi_conn, structured]
 
 
 def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]]:
