@@ -42,6 +42,26 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     return out
 
 
+def layered(copies: dict[bytes, list[Location]],
+            waiting: frozenset[str]) -> list[dict[bytes, Location]]:
+    """The entries of the index files that name ``copies`` (each object's copies, the one
+    to use first at their head): the first file names each object at its first copy; the
+    others name the copies kept besides it. Those are kept only where the first copy is in a
+    pack that a collection still waiting for its writers may delete (``waiting``): a writer
+    that started after that pack was condemned may have deduplicated against another copy,
+    which must stay named until its manifest is published. Elsewhere one copy is named, as a
+    collection with no run waiting leaves it."""
+    files: list[dict[bytes, Location]] = [{}]
+    for name, found in copies.items():
+        files[0][name] = found[0]
+        if len(found) > 1 and found[0].pack_id in waiting:
+            for depth, spare in enumerate(found[1:], 1):
+                if depth == len(files):
+                    files.append({})
+                files[depth][name] = spare
+    return files
+
+
 class ChunkIndex:
     """The repository's chunk index: the union of its index files, where each object has one
     usable copy. Entries whose pack file does not exist (a prune deletes dead packs before it

@@ -277,14 +277,15 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
             report.bytes_freed += store.delete_pack(pack_id)
             report.packs_deleted += 1
     deleted = set(doomed)
-    keep = _surviving_copies(index, deleted)
-    report.kept_partly_used_packs = len({loc.pack_id for n, loc in keep.items()
+    files = _surviving_copies(index, deleted, index.condemned - condemned)
+    report.kept_partly_used_packs = len({loc.pack_id for n, loc in files[0].items()
                                          if n not in live and loc.pack_id in live_packs})
     freed = (f"the {report.packs_deleted} unused packs deleted first freed "
              f"{report.bytes_freed} bytes; no restore point lost anything")
     old_index_files = index.files
     if doomed or len(old_index_files) > 1 or index.lost():
-        store.write_index(new_index_name(), index_file.encode(keep), freed)
+        for entries in files:  # all of them before any old one goes
+            store.write_index(new_index_name(), index_file.encode(entries), freed)
         with store.writing("replacing the old index files", freed):
             for old in old_index_files:
                 store.delete_index(old)
@@ -292,21 +293,22 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
     report.quarantine_records_deleted = _drop_records_of_deleted_packs(store)
 
 
-def _surviving_copies(index: ChunkIndex, deleted: set[str]) -> dict[bytes, Location]:
-    """For the index file that replaces the ones read: each object at a copy outside the
-    deleted packs, the one used if it survives, else a spare. A spare must not be dropped with
-    the copy used: a writer that started after the copy used was condemned stored the object
-    again, and a writer after it may have deduplicated against that copy (it is referenceable)
-    with no manifest naming it yet."""
-    keep = {}
+def _surviving_copies(index: ChunkIndex, deleted: set[str],
+                      waiting: frozenset[str]) -> list[dict[bytes, Location]]:
+    """The entries of the index files that replace the ones read (`index_file.layered`):
+    each object at its copies outside the deleted packs, the one used first if it survives.
+    ``waiting``: packs condemned by runs that still wait for their writers. A spare must not
+    be dropped with the copy used, nor while the copy named first may still be deleted by a
+    waiting run: a writer may have deduplicated against the spare."""
+    copies: dict[bytes, list[Location]] = {}
     for name, loc in index.items():
-        if loc.pack_id not in deleted:
-            keep[name] = loc
+        if loc.pack_id not in deleted and loc.pack_id not in waiting:
+            copies[name] = [loc]  # the usual case: one copy, safe from every run
             continue
-        spare = next((s for s in index.copies(name) if s.pack_id not in deleted), None)
-        if spare is not None:
-            keep[name] = spare
-    return keep
+        left = [copy for copy in index.copies(name) if copy.pack_id not in deleted]
+        if left:
+            copies[name] = left
+    return index_file.layered(copies, waiting)
 
 
 def _drop_records_of_deleted_packs(store: Store) -> int:

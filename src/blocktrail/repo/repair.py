@@ -127,9 +127,11 @@ def _repair_locked(repo: Store) -> RepairReport:
     salvage: dict[bytes, tuple[bytes, int]] = {}
     scans = read_ahead(pack_ids, lambda p: _scan_pack(repo, p), window=4,
                        executor=repo.io_pool)
+    spares: dict[bytes, list[Location]] = {}  # more intact copies of an object
     for pack_id, scan in zip(pack_ids, scans, strict=True):
         for name, loc in scan.intact:
-            intact.setdefault(name, loc)
+            if intact.setdefault(name, loc) is not loc:
+                spares.setdefault(name, []).append(loc)
         damaged += scan.damaged
         if scan.trailer_problem is not None:
             bad_trailers.append(pack_id)
@@ -137,7 +139,7 @@ def _repair_locked(repo: Store) -> RepairReport:
                 salvage.setdefault(name, (envelope, plain_length))
     for copy in damaged:
         repo.quarantine(copy)
-    copied = _copy_out(repo, intact, salvage, old_index_files)
+    copied = _copy_out(repo, intact, spares, salvage, old_index_files)
     for pack_id in bad_trailers:  # its intact objects are in a new pack, no index names it
         repo.delete_pack(pack_id)
     released = 0
@@ -168,10 +170,11 @@ def _is_intact_copy(intact: dict[bytes, Location], key: CopyKey) -> bool:
     return loc is not None and (loc.pack_id, loc.offset) == (key[1], key[2])
 
 
-def _copy_out(repo: Store, intact: dict[bytes, Location],
+def _copy_out(repo: Store, intact: dict[bytes, Location], spares: dict[bytes, list[Location]],
               salvage: dict[bytes, tuple[bytes, int]], old_index_files: list[str]) -> int:
-    """Copy the salvaged objects no intact pack holds to new packs, write the fresh index file,
-    then delete the old ones. -> objects copied."""
+    """Copy the salvaged objects no intact pack holds to new packs, write the fresh index
+    files (`index_file.layered`: the spares of an object whose first copy a waiting collection
+    may delete, too), then delete the old ones. -> objects copied."""
     consequence = "the index files were not changed"
     sink = PackSink(repo, lambda name: name in intact, consequence=consequence,
                     checkpoint=False)
@@ -180,7 +183,9 @@ def _copy_out(repo: Store, intact: dict[bytes, Location],
             sink.add(name, envelope, plain_length)
         copied = sink.finish_packs()
         intact.update(copied)
-        repo.write_index(new_index_name(), index_file.encode(intact), consequence)
+        copies = {name: [loc, *spares.get(name, ())] for name, loc in intact.items()}
+        for entries in index_file.layered(copies, repo.condemned_packs()):
+            repo.write_index(new_index_name(), index_file.encode(entries), consequence)
         sink.named_elsewhere()
     finally:
         sink.close()

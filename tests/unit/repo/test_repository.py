@@ -234,6 +234,63 @@ def test_prune_keeps_naming_a_copy_a_writer_deduplicated_against(
     assert restored(target.open(), late_point, tmp_path) == b"".join(chunks)
 
 
+@pytest.mark.parametrize("first", ["copy condemned first", "copy stored again first"])
+def test_a_sweep_keeps_every_copy_while_another_run_may_delete_the_one_it_names(
+        repo: Repository, tmp_path: Path, target: RepoTarget, first: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two collections wait for their writers. The object's first copy is in a pack the second
+    one condemned; a writer stored it again, and a later writer deduplicated against that
+    second copy. When the first run's sweep rewrites the index it must keep naming the second
+    copy, whichever copy the index files name first (their names decide): the second run then
+    deletes the first copy's pack."""
+    import secrets
+
+    from blocktrail.repo import prune, sink
+
+    def index_names(prefix: str) -> None:  # index files sort in the order the test wants
+        for module in (sink, prune):
+            monkeypatch.setattr(module, "new_index_name",
+                                lambda: f"{prefix}{secrets.token_hex(15)}.idx")
+
+    def begin(disk_id: str, chunks: list[bytes]) -> Any:
+        writer = target.open().begin(disk_id, len(chunks) * CS, None)
+        for i, data in enumerate(chunks):
+            writer.put_chunk(i, data)
+        return writer
+
+    condemned_first, again_first = ("00", "ff") if first == "copy condemned first" \
+        else ("ff", "00")
+    chunks = image(31, 4)
+    index_names(condemned_first)
+    a = begin("a", chunks).commit(kind="full", change_id=None)
+    index_names("11")
+    c = begin("c", image(32, 4)).commit(kind="full", change_id=None)
+    repo.delete_manifest(c.id)
+    w0 = begin("w0", image(33, 2))
+    index_names("22")
+    assert repo.prune().packs_condemned == 1  # run 1: c's pack, waits for w0
+    repo.delete_manifest(a.id)
+    early = begin("early", image(34, 2))
+    assert repo.prune().packs_condemned == 1  # run 2: the first copies' pack, waits for early
+    index_names(again_first)
+    again = begin("again", chunks).commit(kind="full", change_id=None)
+    assert again.stats["new_chunks"] == 4  # the first copies are condemned: stored again
+    repo.delete_manifest(again.id)  # forgotten: only a running writer will need the copies
+    late = begin("late", chunks)  # deduplicates against the second copies
+    w0.commit(kind="full", change_id=None)
+    index_names("33")
+    repo.prune()  # run 1's sweep rewrites the index; run 2 still waits for `early`
+    early.commit(kind="full", change_id=None)
+    repo.prune()  # run 2's sweep: the first copies' pack is deleted
+    late_point = late.commit(kind="full", change_id=None)
+    assert late_point.stats["new_chunks"] == 0
+    assert repo.check(read_data=True).ok
+    assert restored(target.open(), late_point, tmp_path) == b"".join(chunks)
+    repo.prune()  # no run waits: one copy each again
+    assert len(repo.index_files()) == 1
+    assert restored(target.open(), late_point, tmp_path) == b"".join(chunks)
+
+
 @pytest.mark.encrypted_s3
 def test_concurrent_writers_share_the_repository(repo: Repository, tmp_path: Path,
                                                  target: RepoTarget) -> None:
@@ -498,3 +555,14 @@ def test_fault_sweep_backup_on_object_storage(s3_server: SeaweedFS, tmp_path: Pa
             break
         n += 1
     assert n > 10
+
+
+def test_layered_index_files_keep_spares_only_where_a_waiting_run_may_delete_the_first() -> None:
+    from blocktrail.repo.index import layered
+    from blocktrail.repo.packs import Location
+
+    a, b, c = (Location(p * 32, 0, 10, 10) for p in "abc")
+    x, y, z = b"x" * 32, b"y" * 32, b"z" * 32
+    files = layered({x: [a, b, c], y: [b, c], z: [c]}, frozenset({"a" * 32}))
+    assert files == [{x: a, y: b, z: c}, {x: b}, {x: c}]
+    assert layered({x: [a, b], y: [b, c]}, frozenset()) == [{x: a, y: b}]
