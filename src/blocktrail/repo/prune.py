@@ -13,7 +13,8 @@ Mark and sweep, with the grace period bound to the writers, not to a clock:
 3. **Sweep** (this prune, if those writers finish within ``wait_s``, else a later one): once every
    writer a run names is gone (its lease deleted, taken over or expired), the manifests are
    read again, and a condemned pack is deleted only if it still holds nothing any manifest
-   needs. Then one index file of the entries left replaces the index files that were read, and
+   needs. Then an index file of the entries left replaces the index files that were read (with
+   more files naming the spare copies of objects another waiting run may still delete), and
    the run's objects, the quarantine records of deleted packs and the verify records of
    forgotten points are deleted.
 
