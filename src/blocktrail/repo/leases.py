@@ -26,6 +26,7 @@ Timing, with ``D`` the lease duration and ``M`` the margin (default D/10, at lea
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -88,7 +89,8 @@ def timing_from_environment() -> Timing:
         raise InvalidArgument(f"{LEASE_VARIABLE}={value!r} is not a number of seconds") from None
     if seconds < 3:
         raise InvalidArgument(f"{LEASE_VARIABLE} must be at least 3 seconds")
-    return Timing(lease_s=seconds, margin_s=max(1.0, min(seconds / 4, 30.0)))
+    # M >= 2 s: S3's Last-Modified and Date are whole seconds (docs/storage.md, "Leases")
+    return Timing(lease_s=seconds, margin_s=max(2.0, min(seconds / 4, 30.0)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,14 @@ class LeaseRecord:
             return False
         if self.process.rsplit("/", 2)[0] != mine.rsplit("/", 2)[0]:
             return False  # another machine (or container): only expiry tells
-        return process_identity(self.pid) != self.process
+        if proc_hides_processes():
+            return False  # another user's live process may look gone: only expiry tells
+        try:
+            return f"{mine.rsplit('/', 2)[0]}/{self.pid}/{_start_time(self.pid)}" != self.process
+        except (FileNotFoundError, ProcessLookupError):
+            return True  # no such process any more
+        except (OSError, IndexError):
+            return False  # it cannot be told: not gone
 
     def expired(self, margin: float) -> bool:
         """Its holder can publish nothing more: the lease ran out (by the store's clock), or
@@ -174,11 +183,35 @@ def process_identity(pid: int | None = None) -> str | None:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
         namespace = os.readlink("/proc/self/ns/pid")
-        with open(f"/proc/{pid}/stat") as f:
-            started = f.read().rpartition(")")[2].split()[19]
+        started = _start_time(pid)
     except (OSError, IndexError):
         return None
     return f"{boot}/{namespace}/{pid}/{started}"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (clock ticks after boot); FileNotFoundError if there is none."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[19]
+
+
+@functools.cache
+def proc_hides_processes() -> bool:
+    """/proc is mounted with ``hidepid`` (1, 2, noaccess, invisible: systemd's ProtectProc=
+    too): another user's processes look gone, or cannot be read, while they run."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return True  # cannot tell: trust no absence
+    for line in lines:
+        mounted, _, source = line.partition(" - ")
+        fields, options = mounted.split(), source.split()
+        if len(fields) > 4 and fields[4] == "/proc" and options[:1] == ["proc"]:
+            hidepid = next((o.partition("=")[2] for o in options[-1].split(",")
+                            if o.startswith("hidepid=")), "0")
+            return hidepid not in ("0", "off")
+    return False
 
 
 class Lease:
@@ -263,18 +296,19 @@ class Lease:
             self._check_locked("renew the lease")
             body = {**self._body, **changes}
             sent = boot_clock()
-            try:
-                info = self.backend.replace(self.name, json.dumps(body).encode(), self._etag)
-            except PreconditionFailed:
-                holder = read_lease(self.backend, self.name)
-                if holder is not None and holder.owner == self.owner:
+            try:  # a failure of the recovery below is one of the renewal, as any other
+                try:
+                    info = self.backend.replace(self.name, json.dumps(body).encode(),
+                                                self._etag)
+                except PreconditionFailed:
+                    holder = read_lease(self.backend, self.name)
+                    if holder is None or holder.owner != self.owner:
+                        self._lost = ("another process took it over"
+                                      + (f" ({holder.describe()})" if holder else ""))
+                        raise LeaseLost(f"lost the lease {self.name}: {self._lost}") from None
                     self._etag = holder.info.etag  # a write of ours that reported a failure
                     info = self.backend.replace(self.name, json.dumps(body).encode(),
                                                 self._etag)
-                else:
-                    self._lost = ("another process took it over"
-                                  + (f" ({holder.describe()})" if holder else ""))
-                    raise LeaseLost(f"lost the lease {self.name}: {self._lost}") from None
             except (BackendError, OSError) as exc:
                 if boot_clock() > self._valid_until:
                     self._lost = f"it could not be renewed in time ({exc})"
