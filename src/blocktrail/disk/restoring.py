@@ -171,14 +171,18 @@ class RestoringLayer(BaseLayer):
         self._last_read_end = offset + length
         if not missing:
             return
+        needed = set(missing)
         if sequential:
             end = min(offset + length + READ_AHEAD_CHUNKS * self.chunk_size,
                       len(self._states) * self.chunk_size)
             missing = self.missing_in(offset, end - offset)
-        self._fetch(missing)
+        self._fetch(missing, needed)
 
-    def _fetch(self, wanted: Iterable[int]) -> None:
-        """Fetch chunks no one else is fetching; wait for those others are."""
+    def _fetch(self, wanted: Iterable[int], needed: set[int] | None = None) -> None:
+        """Fetch chunks no one else is fetching; wait for those others are. ``needed``: the
+        chunks whose failure fails the call (None: all); the others are read ahead, and a
+        read-ahead chunk that cannot be had fails only the read that needs it."""
+        error: ChunkUnavailable | None = None
         with self._cond:
             wanted = [i for i in wanted if self._states[i] == MISSING]
             mine = [i for i in wanted if i not in self._fetching]
@@ -190,19 +194,10 @@ class RestoringLayer(BaseLayer):
                         f"chunk {mine[0]} of this disk's base is not local yet and no source "
                         f"is open to fetch it from ({self._described()}): open the disk "
                         "through its host")
-                for index, data in self.source.fetch(mine):
-                    self.data.pwrite(data, index * self.chunk_size)
-                    with self._cond:
-                        self._states[index] = FILLED
-                        self._pending.add(index)
-                        self._fetching.discard(index)
-                        self._cond.notify_all()
-                        self._unwritten += len(data)
-                        write_back = self._unwritten >= WRITEBACK_BYTES
-                        if write_back:
-                            self._unwritten = 0
-                    if write_back:  # the fsync at `flush` then finds little left, and the
-                        start_writeback(self.data)  # device writes while more is fetched
+                try:
+                    self._fetch_from_source(mine)
+                except ChunkUnavailable as exc:  # every chunk that could be had is written
+                    error = exc
         finally:
             with self._cond:
                 self._fetching.difference_update(mine)
@@ -210,10 +205,32 @@ class RestoringLayer(BaseLayer):
         with self._cond:
             while any(self._states[i] == MISSING and i in self._fetching for i in wanted):
                 self._cond.wait()
-            failed = [i for i in wanted if self._states[i] == MISSING]
-        if failed:
-            raise ChunkUnavailable(f"chunk {failed[0]} of this disk's base "
-                                   f"({self._described()}) could not be fetched")
+            failed = [i for i in wanted if self._states[i] == MISSING
+                      and (needed is None or i in needed)]
+        if not failed:
+            return
+        if error is not None and needed is not None and len(wanted) > len(needed):
+            self._fetch(failed)  # once more without the read-ahead: the error is its own
+            return
+        raise error or ChunkUnavailable(f"chunk {failed[0]} of this disk's base "
+                                        f"({self._described()}) could not be fetched")
+
+    def _fetch_from_source(self, indexes: list[int]) -> None:
+        """Write each chunk the source yields, and mark it filled."""
+        assert self.source is not None
+        for index, data in self.source.fetch(indexes):
+            self.data.pwrite(data, index * self.chunk_size)
+            with self._cond:
+                self._states[index] = FILLED
+                self._pending.add(index)
+                self._fetching.discard(index)
+                self._cond.notify_all()
+                self._unwritten += len(data)
+                write_back = self._unwritten >= WRITEBACK_BYTES
+                if write_back:
+                    self._unwritten = 0
+            if write_back:  # the fsync at `flush` then finds little left, and the device
+                start_writeback(self.data)  # writes while more is fetched
 
     def _described(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(self.source_info.items())) or "unknown"

@@ -123,6 +123,34 @@ def test_a_broken_chunk_fails_its_reads_and_no_other(tmp_path: Path) -> None:
         assert disk.pread(CHUNK, bad * CHUNK) == b"w" * CHUNK
 
 
+class SkippingSource(MemorySource):
+    """As a repository reads: every chunk that can be had is yielded (in another order than
+    asked), then the first that could not be is named."""
+
+    def fetch(self, indexes: list[int]) -> Iterator[tuple[int, bytes]]:
+        good = [i for i in reversed(indexes) if i not in self.broken]
+        yield from MemorySource.fetch(self, good)
+        bad = [i for i in indexes if i in self.broken]
+        if bad:
+            raise ChunkUnavailable(f"chunk {bad[0]} of restore point P is damaged")
+
+
+@pytest.mark.parametrize("source", [MemorySource, SkippingSource])
+def test_a_sequential_read_fails_only_for_its_own_chunks_not_those_read_ahead(
+        tmp_path: Path, source: type[MemorySource]) -> None:
+    """A read that goes on from the last one also fetches the chunks after it; one of those
+    that cannot be had fails the read that needs it, not the reads before it."""
+    content = bytes(range(1, 65)) * (SIZE // 64)  # every chunk holds data
+    bad = 10
+    with Disk.create_restored(tmp_path / "d", source(content, {bad}), POINT_ID) as disk:
+        for index in range(bad):  # in order: each read ahead reaches the broken chunk
+            assert disk.pread(CHUNK, index * CHUNK) == content[index * CHUNK:(index + 1) * CHUNK]
+        with pytest.raises(ChunkUnavailable, match=f"chunk {bad} of restore point P"):
+            disk.pread(CHUNK, bad * CHUNK)
+        start = (bad + 1) * CHUNK
+        assert disk.pread(CHUNK, start) == content[start:start + CHUNK]
+
+
 def test_fill_to_the_end_makes_an_ordinary_disk(tmp_path: Path) -> None:
     content = point_content()
     path = tmp_path / "d"
