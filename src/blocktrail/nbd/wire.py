@@ -9,6 +9,7 @@ not the loop. With TLS the same items are read and encrypted here instead."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import select
@@ -151,7 +152,7 @@ class Wire:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # a dead peer: nothing more goes out
-                self.error = exc
+                self._failed(exc)
                 return []
             _consume(views, sent)
         return [*views, *items[rest:]]
@@ -206,9 +207,9 @@ class Wire:
                 items, on_sent, encryptor = self._queue[0]
             try:
                 self._send_group(items, encryptor)
-            except Exception as exc:  # a dead peer, or a TLS failure: nothing more goes out
-                with self._cond:
-                    self.error = exc
+            except Exception as exc:  # a dead peer, a file that cannot be read, a TLS
+                with self._cond:  # failure: nothing more goes out
+                    self._failed(exc)
             finally:
                 with self._cond:
                     self._queue.popleft()
@@ -216,6 +217,14 @@ class Wire:
                 if on_sent is not None:
                     on_sent()
         self._drop_queued()
+
+    def _failed(self, exc: Exception) -> None:
+        """Sending failed, perhaps inside a reply (under the lock): a hard disconnect, as the
+        NBD spec asks of a server that cannot finish a reply it began; the connection's reader
+        then sees the end, and nothing more is sent."""
+        self.error = exc
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _drop_queued(self) -> None:
         with self._cond:

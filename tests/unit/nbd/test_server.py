@@ -146,6 +146,42 @@ def test_fua_is_accepted_on_every_command_and_disc_with_it_disconnects(tmp_path:
         c.close()
 
 
+def test_a_reply_that_cannot_be_finished_ends_the_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk's file fails to read after the reply's first bytes went out: the server cannot
+    finish the reply it began, so it disconnects (the spec: it "MUST immediately initiate a
+    hard disconnect"), instead of leaving the client waiting for the rest."""
+    import blocktrail.nbd.wire as wire
+
+    real = os.sendfile
+    calls: list[int] = []
+
+    def failing(out: int, fd: int, offset: int, count: int) -> int:
+        calls.append(count)
+        if len(calls) == 1:
+            return real(out, fd, offset, min(count, 4096))
+        raise OSError(5, "Input/output error (injected)")
+
+    with serve(tmp_path) as s:
+        s.disk.pwrite(b"q" * MiB, 0)
+        c = s.client(timeout=10)
+        monkeypatch.setattr(wire.os, "sendfile", failing)
+        c.send(READ, 0, MiB, cookie=1)
+        with pytest.raises(ConnectionError):
+            c.reply()
+        monkeypatch.undo()
+        assert calls
+        deadline = time.monotonic() + 10
+        while s.server.connections:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        c.close()
+        fresh = s.client()  # the server goes on serving
+        fresh.send(READ, 0, 4096, cookie=2)
+        assert fresh.reply().data == b"q" * 4096
+        fresh.close()
+
+
 def test_df_is_offered_only_with_structured_replies(tmp_path: Path) -> None:
     """NBD_FLAG_SEND_DF: "MUST leave this flag clear if structured replies have not been
     negotiated"."""
