@@ -67,7 +67,7 @@ class FillJob:
         self.finished = False
         self.filled_bytes = 0  # by this job
         self._stopping = False
-        self._kicked = False  # a control call ends a wait before a retry
+        self._kicked = False  # a control call since the step began: it ends the next wait
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"blocktrail-fill-{name}")
 
@@ -93,12 +93,13 @@ class FillJob:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def _rest(self, seconds: float, *, kickable: bool = False) -> bool:
-        """Wait (a stop ends it early, and with ``kickable`` a control call made since the
-        failure was recorded, `_failed`); -> False once stopping."""
+    def _rest(self, seconds: float) -> bool:
+        """Wait (a stop ends it early, and so does a control call made since the step before
+        it began: a new rate or a pause takes effect, a retry is tried now); -> False once
+        stopping."""
         deadline = time.monotonic() + seconds
         with self._cond:
-            while not self._stopping and not (kickable and self._kicked):
+            while not self._stopping and not self._kicked:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -124,6 +125,8 @@ class FillJob:
                 if self._stopping:
                     return
                 rate = self.rate
+                self._kicked = False  # a control call from now on ends the wait after this
+                # step (one made while it runs too: the repository may be back already)
             if waited or rate != last_rate:  # a pause earns no burst; a new rate starts anew
                 budget_from, budget_bytes = time.monotonic(), 0
             last_rate = rate
@@ -150,7 +153,7 @@ class FillJob:
             except (ChunkUnavailable, BlocktrailError, OSError) as exc:
                 why = exc.message if isinstance(exc, BlocktrailError) else str(exc)
                 self._failed(why, delay)
-                if not self._rest(delay, kickable=True):
+                if not self._rest(delay):
                     return
                 delay = min(delay * 2, policy.max_retry_s)
                 with self._cond:
@@ -178,8 +181,6 @@ class FillJob:
         with self._cond:
             self.error, self.error_at = why, time.time()
             self.retry_at = time.monotonic() + delay
-            self._kicked = False  # a control call from now on ends the wait, even one made
-            # before the wait begins
         log.warning("disk %s: the fill of its restore pauses for %.0f s: %s", self.name, delay,
                     why)
 

@@ -218,6 +218,30 @@ def test_a_control_call_between_the_failure_and_the_wait_is_not_lost() -> None:
     assert [failed for _, _, failed in disk.steps] == [True, False, False]
 
 
+def test_a_control_call_while_the_failing_step_runs_is_not_lost() -> None:
+    """The repository is mended (and the user says so) while a step that fails runs, e.g. a
+    step hanging on a store that is away: the retry comes at once, not after the delay."""
+    slow = FillPolicy(idle_chunks=8, first_retry_s=30, max_retry_s=30)
+    disk = FakeDisk(16, step_s=0.3)
+    disk.failures = 1
+    job = FillJob("d0", cast(Disk, disk), slow)
+    job.start()
+    _wait_for(lambda: job.running)
+    time.sleep(0.1)  # inside the first step
+    assert not disk.steps
+    job.control(paused=False, rate=None)
+    wait_finished(job, timeout_s=5)
+    assert [failed for _, _, failed in disk.steps] == [True, False, False]
+
+
+def test_a_new_rate_ends_a_rest_taken_at_the_old_one() -> None:
+    disk = FakeDisk(16, step_s=0.0)
+    job = run_job(disk, rate=CS // 30)  # one chunk, then 30 s of rest
+    _wait_for(lambda: len(disk.steps) == 1)
+    job.control(paused=False, rate=None)  # no limit now
+    wait_finished(job, timeout_s=5)
+
+
 def _wait_for(condition: Any, timeout_s: float = 5) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
