@@ -97,6 +97,12 @@ class _Connection:
         self._retired = False
         self._mutex = threading.Lock()
 
+    @property
+    def lease_lost(self) -> bool:
+        """Its lease ran out (the machine slept, the store was away): the point is no longer
+        kept from a forget and prune; a new lease is taken by opening again."""
+        return self._lease is not None and self._lease.lost
+
     def acquire(self) -> None:
         with self._mutex:
             self._users += 1
@@ -315,6 +321,9 @@ class RepositoryChunkSource:
             conn.acquire()
             try:
                 runs[self._background_pool.submit(self._read_run, conn, run)] = run
+            except RuntimeError as exc:  # closed meanwhile
+                conn.release()
+                raise self._closed_error() from exc
             except BaseException:
                 conn.release()
                 raise
@@ -334,6 +343,8 @@ class RepositoryChunkSource:
 
     def _read_run(self, conn: _Connection, run: Run) -> list[tuple[int, bytes]]:
         try:
+            if self._closed:
+                raise self._closed_error()
             return fetch_run(conn.repo, run, f"restore point {conn.point.id}")
         finally:
             conn.release()
@@ -360,9 +371,11 @@ class RepositoryChunkSource:
         return after
 
     def close(self) -> None:
+        """Stop: fetches queued still run, each failing at once ("closed"), so that their
+        readers learn it and the repository (and its lease) is closed by the last of them."""
         self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._background_pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False)
+        self._background_pool.shutdown(wait=False)
         with self._conn_lock:
             conn, self._conn = self._conn, None
         if conn is not None:
@@ -379,11 +392,9 @@ class RepositoryChunkSource:
         if not indexes:
             return {}
         if not open_repository:
-            with self._conn_lock:
-                live = self._conn
-                if live is None or self._reopen or self._closed:
-                    return None
-                live.acquire()
+            live = self._live_connection()
+            if live is None:
+                return None
             conn = live
         else:
             conn = self._fetch_connection(indexes[0])
@@ -404,12 +415,10 @@ class RepositoryChunkSource:
 
     def prefetch(self, indexes: Iterable[int]) -> None:
         """Start fetching the chunks into the cache (read-ahead), in the background; a failure
-        here is left for the read that needs the chunk to report."""
-        if self._closed:
-            return
-        try:
-            conn = self._connection(typed=False)
-        except ChunkUnavailable:
+        here is left for the read that needs the chunk to report. It never waits (an event
+        loop calls it): with no open repository at hand, nothing is read ahead."""
+        conn = self._live_connection()
+        if conn is None:
             return
         chunks = -(-conn.point.size_bytes // conn.point.chunk_size)
         indexes = [i for i in indexes if 0 <= i < chunks]
@@ -428,6 +437,20 @@ class RepositoryChunkSource:
             conn.release()
 
     # ------------------------------------------------------------------ internals
+
+    def _live_connection(self) -> _Connection | None:
+        """The open repository, acquired, if there is one to use now; None rather than wait
+        (another thread opening it holds the lock for as long as that takes)."""
+        if not self._conn_lock.acquire(blocking=False):
+            return None
+        try:
+            live = self._conn
+            if live is None or self._reopen or self._closed or live.lease_lost:
+                return None
+            live.acquire()
+            return live
+        finally:
+            self._conn_lock.release()
 
     def _known(self) -> None:
         conn = self._connection(typed=True)
@@ -458,11 +481,11 @@ class RepositoryChunkSource:
         ...); else a `ChunkUnavailable` saying why."""
         with self._conn_lock:
             if self._closed:
-                raise ChunkUnavailable(f"the source of restore point {self.point_id} is closed")
+                raise self._closed_error()
             conn = self._conn
             reachable = not is_local_location(self.location) or os.path.isfile(
                 os.path.join(self.location, "config.json"))
-            if conn is not None and (not reachable or (
+            if conn is not None and (not reachable or conn.lease_lost or (
                     self._reopen and time.monotonic() - conn.opened >= REOPEN_AFTER_S)):
                 self._conn = None
                 conn.retire()
@@ -578,6 +601,9 @@ class RepositoryChunkSource:
             try:
                 pool = self._background_pool if background else self._pool
                 future = pool.submit(self._read, conn, digest, index)
+            except RuntimeError as exc:  # closed meanwhile: the pool takes nothing more
+                conn.release()
+                raise self._closed_error() from exc
             except BaseException:
                 conn.release()
                 raise
@@ -592,6 +618,9 @@ class RepositoryChunkSource:
         return future
 
     def _read(self, conn: _Connection, digest: bytes, index: int) -> bytes:
+        if self._closed:  # queued before the close: fail at once, and let the repository go
+            conn.release()
+            raise self._closed_error()
         try:
             data = conn.repo.read_chunk(digest, f"chunk {index} of restore point "
                                                 f"{conn.point.id}")
@@ -607,6 +636,9 @@ class RepositoryChunkSource:
             self.fetched_chunks += 1
             self.fetched_bytes += len(data)
         return data
+
+    def _closed_error(self) -> ChunkUnavailable:
+        return ChunkUnavailable(f"the source of restore point {self.point_id} is closed")
 
     def _failed(self, index: int, why: str) -> ChunkUnavailable:
         """The error for chunk ``index``, recorded and logged; the repository is opened again

@@ -322,6 +322,13 @@ class Lease:
             self._body, self._etag = body, info.etag
             self._valid_until = sent + self.timing.lease_s - self.timing.margin
 
+    @property
+    def lost(self) -> bool:
+        """It protects nothing any more: lost, expired (not renewed in time) or released."""
+        with self._mutex:
+            return self._lost is not None or self._released.is_set() \
+                or boot_clock() > self._valid_until
+
     def check(self, what: str) -> None:
         """Before ``what`` is sent: the lease must still be valid (`LeaseLost` says why not)."""
         with self._mutex:

@@ -154,3 +154,107 @@ def test_a_lazy_source_opens_without_its_repository(tmp_path: Path) -> None:
     with pytest.raises(ChunkUnavailable, match="not 131072 as recorded"):
         list(wrong.fetch([0]))
     wrong.close()
+
+
+def test_close_with_fetches_queued_ends_them_and_lets_the_repository_go(tmp_path: Path) -> None:
+    """Closed while a reader's fetches and read-ahead are queued behind a slow read: the reader
+    learns it ("closed") instead of waiting forever, and the repository and its lease are
+    closed once the last fetch ends."""
+    point = make_point(tmp_path, size=64 * CS, seed=3)
+    source = RepositoryChunkSource(str(point.repo), point.id, threads=1, background_threads=1)
+    conn = source._conn
+    assert conn is not None and conn._lease is not None
+    lease = conn._lease
+    source.digests(0, 64)
+    gate = threading.Event()
+    read_chunk = conn.repo.read_chunk
+    conn.repo.read_chunk = lambda *a, **k: (gate.wait(10), read_chunk(*a, **k))[1]  # type: ignore[method-assign]
+    outcome: list[BaseException | int] = []
+
+    def reader() -> None:
+        try:
+            outcome.append(len(list(source.fetch(point.data_chunks))))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    source.prefetch(range(64))  # queued on the background pool
+    time.sleep(0.3)
+    source.close()
+    gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(outcome[0], ChunkUnavailable) and "closed" in outcome[0].message
+    deadline = time.monotonic() + 10
+    while conn._users:
+        assert time.monotonic() < deadline, conn._users
+        time.sleep(0.01)
+    assert lease.lost  # released with the repository
+    with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
+        assert list_leases(repo.backend) == []
+    with pytest.raises(ChunkUnavailable, match="closed"):
+        list(source.fetch(point.data_chunks[:1]))
+
+
+def test_what_an_event_loop_asks_never_waits_for_an_opening(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """`cached(open_repository=False)` and `prefetch` run on the NBD server's event loop: while
+    another thread opens the repository again (slow: a key derivation, an index load on S3),
+    they answer at once (None: not cached; no read-ahead)."""
+    from blocktrail.backup import chunksource
+
+    point = make_point(tmp_path, size=16 * CS, seed=3)
+    source = RepositoryChunkSource(str(point.repo), point.id)
+    try:
+        first = point.data_chunks[0]
+        list(source.fetch([first]))
+        assert source.cached([first], open_repository=False) is not None
+        opening = threading.Event()
+        real_open = chunksource.Repository.open
+
+        def slow_open(*args: object, **kwargs: object) -> Repository:
+            opening.set()
+            time.sleep(2)
+            return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(chunksource.Repository, "open", slow_open)
+        source._reopen = True  # as after a failure, long enough ago
+        assert source._conn is not None
+        source._conn.opened -= 60
+        worker = threading.Thread(target=lambda: list(source.fetch([point.data_chunks[1]])))
+        worker.start()
+        assert opening.wait(5)
+        started = time.monotonic()
+        assert source.cached([first], open_repository=False) is None
+        source.prefetch(range(16))
+        assert time.monotonic() - started < 0.5
+        worker.join(10)
+    finally:
+        source.close()
+
+
+def test_a_lease_that_ran_out_is_taken_again(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine slept past the lease (or the store was away): the point was no longer kept
+    from a forget and prune. The next fetch opens the repository again, with a new lease."""
+    from blocktrail.repo import leases
+
+    point = make_point(tmp_path, size=8 * CS, seed=3)
+    source = RepositoryChunkSource(str(point.repo), point.id, cache_bytes=0)
+    try:
+        assert source._conn is not None and source._conn._lease is not None
+        old = source._conn._lease
+        real = leases.boot_clock
+        monkeypatch.setattr(leases, "boot_clock", lambda: real() + 10_000)  # slept
+        assert old.lost
+        index = point.data_chunks[0]
+        assert dict(source.fetch([index]))[index] == point.chunk(index)
+        assert source._conn is not None and source._conn._lease is not None
+        assert source._conn._lease is not old and not source._conn._lease.lost
+        with Repository.open(point.repo, password=TEST_PASSWORD) as repo:
+            bases = [r.base for r in list_leases(repo.backend)]
+        assert point.id in bases
+    finally:
+        source.close()
