@@ -324,10 +324,13 @@ def _drop_records_of_deleted_packs(store: Store) -> int:
 
 
 def _drop_orphan_verify_records(store: Store) -> int:
-    """Verify records of points that are gone (a forget stopped before it deleted them)."""
+    """Verify records of points that are gone (a forget stopped before it deleted them). The
+    records are listed before the manifests: a point published and verified meanwhile keeps
+    its record (listed the other way round, its record looked orphaned)."""
+    records = store.verify_records()
     points = {f.removesuffix(".json") for f in store.manifest_files()}
     count = 0
-    for point_id, names in store.verify_records().items():
+    for point_id, names in records.items():
         if point_id not in points:
             for name in names:
                 store.backend.delete(name)

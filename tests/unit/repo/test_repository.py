@@ -566,3 +566,25 @@ def test_layered_index_files_keep_spares_only_where_a_waiting_run_may_delete_the
     files = layered({x: [a, b, c], y: [b, c], z: [c]}, frozenset({"a" * 32}))
     assert files == [{x: a, y: b, z: c}, {x: b}, {x: c}]
     assert layered({x: [a, b], y: [b, c]}, frozenset()) == [{x: a, y: b}]
+
+
+def test_a_point_published_and_verified_while_prune_lists_keeps_its_verify_record(
+        repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune deletes the verify records of forgotten points: a point published and verified
+    between its two listings is not one of them."""
+    from blocktrail.repo.prune import _drop_orphan_verify_records
+
+    listed = repo.manifest_files
+    published: list[RestorePoint] = []
+
+    def listing_then_a_new_point() -> list[str]:
+        names = listed()
+        if not published:
+            published.append(store(repo, "late", image(41, 2)))
+            repo.set_verify_state(published[0].id, "ok")
+        return names
+
+    monkeypatch.setattr(repo, "manifest_files", listing_then_a_new_point)
+    assert _drop_orphan_verify_records(repo) == 0
+    monkeypatch.undo()
+    assert repo.point(published[0].id).verify_state == "ok"
