@@ -2,7 +2,8 @@
 policy does not keep, per disk. The data goes at the next `prune`.
 
 A point that a running backup of its disk builds on (its lease names it as the base) is kept,
-whatever the policy says (Proxmox Backup Server's rule): the next forget decides again.
+whatever the policy says (Proxmox Backup Server's rule): the next forget decides again. One that
+a backup takes as its base while it is being forgotten is put back (`delete_points`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from blocktrail.repo.backend import ObjectNotFound
+from blocktrail.repo import layout
+from blocktrail.repo.backend import ObjectExists, ObjectNotFound
 from blocktrail.repo.leases import list_leases
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.retention import RetentionPolicy, points_to_keep
@@ -32,12 +34,14 @@ def forget_points(store: Store, policy: RetentionPolicy, disk_id: str | None = N
         keep = points_to_keep(mine, policy)
         gone += [p for p in mine if p.id not in keep]
     bases = running_bases(store)
-    protected = tuple(p for p in gone if p.id in bases)
+    protected = [p for p in gone if p.id in bases]
     gone = [p for p in gone if p.id not in bases]
     if not dry_run:
-        delete_points(store, gone, "some restore points may not be forgotten yet; run forget "
-                                   "again")
-    return ForgetResult(tuple(gone), protected)
+        put_back = delete_points(store, gone, "some restore points may not be forgotten yet; "
+                                              "run forget again")
+        protected += [p for p in gone if p.id in put_back]
+        gone = [p for p in gone if p.id not in put_back]
+    return ForgetResult(tuple(gone), tuple(protected))
 
 
 def running_bases(store: Store) -> set[str]:
@@ -46,14 +50,31 @@ def running_bases(store: Store) -> set[str]:
             if lease.base and not lease.expired(store.timing.margin)}
 
 
-def delete_points(store: Store, points: list[RestorePoint], consequence: str) -> None:
-    """Delete the points' manifests and verify records (one gone already is skipped)."""
+def delete_points(store: Store, points: list[RestorePoint], consequence: str) -> set[str]:
+    """Delete the points' manifests and verify records (one gone already is skipped). -> the
+    points put back as they were: a backup named one as its base after the caller looked at
+    the leases. A backup names its base, then checks that it is there; this deletes, then
+    looks at the leases again: whichever comes second sees the other."""
     if not points:
-        return
+        return set()
     records = store.verify_records()
+    saved: dict[str, list[tuple[str, bytes]]] = {}
     with store.writing("forgetting restore points", consequence):
         for point in points:
-            store.delete_manifest(point.id)
-            for name in records.get(point.id, []):
+            names = [*records.get(point.id, []), layout.manifest(point.id)]  # the manifest last
+            found = []
+            for name in names:
+                with contextlib.suppress(ObjectNotFound):
+                    found.append((name, store.backend.load(name)))
+            if found and found[-1][0] == names[-1]:  # else going already: nothing to put back
+                saved[point.id] = found
+            for name in reversed(names):
                 with contextlib.suppress(ObjectNotFound):
                     store.backend.delete(name)
+    put_back = running_bases(store) & saved.keys()
+    with store.writing("putting back the base of a running backup", "run forget again"):
+        for point_id in sorted(put_back):
+            for name, data in saved[point_id]:  # its verify records first
+                with contextlib.suppress(ObjectExists):
+                    store.backend.create(name, data)
+    return put_back

@@ -57,6 +57,6 @@ def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzin
     points = repo.points(disk_id)
     kept = points_to_keep(points, keep, tz=tz, protected={*protected, *running_bases(repo)})
     gone = [p for p in points if p.id not in kept]
-    delete_points(repo, gone, "some restore points may not be forgotten yet; the next run "
-                              "forgets them")
-    return gone
+    put_back = delete_points(repo, gone, "some restore points may not be forgotten yet; the "
+                                         "next run forgets them")
+    return [p for p in gone if p.id not in put_back]

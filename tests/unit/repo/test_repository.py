@@ -588,3 +588,42 @@ def test_a_point_published_and_verified_while_prune_lists_keeps_its_verify_recor
     assert _drop_orphan_verify_records(repo) == 0
     monkeypatch.undo()
     assert repo.point(published[0].id).verify_state == "ok"
+
+
+def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
+        repo: Repository, target: RepoTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forget looks at the leases, then a backup names its base in its lease and finds it
+    there, then forget deletes it: forget looks again after deleting, and puts it back (with
+    its verify record), so the base of a running incremental is never forgotten."""
+    from blocktrail.backup.base import choose_base
+    from blocktrail.repo import forget
+
+    old = store(repo, "d", image(51, 4))
+    repo.set_verify_state(old.id, "ok")
+    newer = store(repo, "d", image(52, 4))
+    repo.set_verify_state(newer.id, "failed")  # never a base: the backup builds on `old`
+    backup = target.open()
+    lease = backup.disk_lease("d")
+    looked = forget.running_bases
+    calls: list[str] = []
+
+    def then_a_backup_starts(store_: Store) -> set[str]:
+        bases = looked(store_)
+        if not calls:  # between forget's look at the leases and its deletions
+            choice = choose_base(backup, "d")
+            assert choice.point is not None and choice.point.id == old.id
+            backup.record_base(lease, old.id)
+            backup.point(old.id)  # the backup checks that its base is there: it is
+        calls.append("looked")
+        return bases
+
+    monkeypatch.setattr(forget, "running_bases", then_a_backup_starts)
+    try:
+        result = repo.forget_points(RetentionPolicy(keep_last=1), "d")
+    finally:
+        lease.release()
+    assert len(calls) == 2
+    assert [p.id for p in result.kept_as_base] == [old.id] and result.forgotten == ()
+    again = target.open().point(old.id)
+    assert again.verify_state == "ok" and again.tables == old.tables
+    assert repo.check(read_data=True).ok
