@@ -122,6 +122,17 @@ def test_unknown_export_and_option_get_error_replies() -> None:
                      OptionReply.ACK]
 
 
+def test_a_failed_set_meta_context_leaves_no_context_set() -> None:
+    """SET_META_CONTEXT "replaces all previously-set metadata contexts (including when this
+    command fails)"."""
+    bad = struct.pack(">I", 4) + b"nope" + struct.pack(">I", 1) + struct.pack(">I", 15) \
+        + b"base:allocation"
+    events, _ = drive([struct.pack(">I", 3) + option(Option.STRUCTURED_REPLY)
+                       + meta(Option.SET_META_CONTEXT, b"base:allocation")
+                       + option(Option.SET_META_CONTEXT, bad) + go() + request(Command.DISC)])
+    assert events[0] == ExportChosen(EXPORT, True, {})
+
+
 def test_list_meta_context_namespaces() -> None:
     conn = ServerConnection(Catalog())
     conn.data_to_send()

@@ -527,6 +527,8 @@ class ServerConnection:
         self._meta_context(option, data, setting=True)
 
     def _meta_context(self, option: int, data: bytes, *, setting: bool) -> None:
+        if setting:  # "replaces all previously-set metadata contexts (including when this
+            self._neg.contexts = {}  # command fails)"
         try:
             name, queries = _parse_meta_request(data)
         except ValueError as exc:
@@ -536,12 +538,9 @@ class ServerConnection:
         if export is None:
             self._error(option, OptionReply.ERR_UNKNOWN, "no such export")
             return None
-        if setting:
-            if not self._neg.structured:
-                self._error(option, OptionReply.ERR_INVALID,
-                                   "negotiate structured replies first")
-                return None
-            self._neg.contexts = {}
+        if setting and not self._neg.structured:
+            self._error(option, OptionReply.ERR_INVALID, "negotiate structured replies first")
+            return None
         chosen = _match_contexts(export.contexts, queries, listing=not setting)
         for index, context in enumerate(chosen, 1):
             if setting:
