@@ -229,7 +229,7 @@ def test_what_an_event_loop_asks_never_waits_for_an_opening(tmp_path: Path,
         started = time.monotonic()
         assert source.cached([first], open_repository=False) is None
         source.prefetch(range(16))
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.0  # the opening takes 2 s
         worker.join(10)
     finally:
         source.close()

@@ -222,14 +222,22 @@ def test_a_control_call_while_the_failing_step_runs_is_not_lost() -> None:
     """The repository is mended (and the user says so) while a step that fails runs, e.g. a
     step hanging on a store that is away: the retry comes at once, not after the delay."""
     slow = FillPolicy(idle_chunks=8, first_retry_s=30, max_retry_s=30)
-    disk = FakeDisk(16, step_s=0.3)
+    inside, go_on = threading.Event(), threading.Event()
+
+    class HeldStep(FakeDisk):
+        def fill(self, count: int) -> FillProgress:
+            if not self.steps:  # the first step waits until the control call was made
+                inside.set()
+                assert go_on.wait(10)
+            return super().fill(count)
+
+    disk = HeldStep(16, step_s=0.0)
     disk.failures = 1
     job = FillJob("d0", cast(Disk, disk), slow)
     job.start()
-    _wait_for(lambda: job.running)
-    time.sleep(0.1)  # inside the first step
-    assert not disk.steps
-    job.control(paused=False, rate=None)
+    assert inside.wait(10)
+    job.control(paused=False, rate=None)  # while the step that fails runs
+    go_on.set()
     wait_finished(job, timeout_s=5)
     assert [failed for _, _, failed in disk.steps] == [True, False, False]
 

@@ -119,11 +119,11 @@ class _ReportedFailure(LocalBackend):
 
 def test_a_transient_failure_while_a_renewal_recovers_is_tried_again(tmp_path: Path) -> None:
     backend = _ReportedFailure(str(tmp_path))
-    timing = Timing(lease_s=4.0, margin_s=1.0)  # renewed every 1 s, valid 3 s after each
+    timing = Timing(lease_s=8.0, margin_s=2.0)  # renewed every 2 s, valid 6 s after each
     lease = Lease.acquire(backend, NAME, purpose="backup", timing=timing)
     try:
-        time.sleep(5.5)  # past the point where a lease not renewed since the failure expires
-        assert backend.info_failures == 1 and backend.replaces >= 4
+        time.sleep(9.0)  # the failure at the second renewal (4 s); the first one's 6 s are over
+        assert backend.info_failures == 1 and backend.replaces >= 3
         lease.check("publish")  # still valid: the renewals went on
     finally:
         lease.release()
