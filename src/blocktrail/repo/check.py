@@ -10,7 +10,7 @@ again. Every problem names the damaged thing and the restore points it makes unr
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from blocktrail.pipeline import read_ahead
@@ -288,10 +288,8 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
                           f"{pack_id}")
             verified.append(name)
         except ChunkCorrupt as exc:
-            copy = DamagedCopy(name, kind, pack_id, loc.offset, loc.length, exc.message)
-            failure = repo.set_aside(copy)
-            damaged.append(copy if failure is None else replace(
-                copy, not_recorded=failure))
+            damaged.append(repo.set_aside(DamagedCopy(name, kind, pack_id, loc.offset,
+                                                      loc.length, exc.message)))
     return damaged, verified
 
 

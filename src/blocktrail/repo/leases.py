@@ -115,12 +115,13 @@ class LeaseRecord:
         mine = process_identity()
         if not self.process or mine is None:
             return False
-        if self.process.rsplit("/", 2)[0] != mine.rsplit("/", 2)[0]:
+        machine = mine.rsplit("/", 2)[0]  # boot and PID namespace
+        if self.process.rsplit("/", 2)[0] != machine:
             return False  # another machine (or container): only expiry tells
         if proc_hides_processes():
             return False  # another user's live process may look gone: only expiry tells
         try:
-            return f"{mine.rsplit('/', 2)[0]}/{self.pid}/{_start_time(self.pid)}" != self.process
+            return f"{machine}/{self.pid}/{_start_time(self.pid)}" != self.process
         except (FileNotFoundError, ProcessLookupError):
             return True  # no such process any more
         except (OSError, IndexError):
@@ -326,22 +327,24 @@ class Lease:
     def lost(self) -> bool:
         """It protects nothing any more: lost, expired (not renewed in time) or released."""
         with self._mutex:
-            return self._lost is not None or self._released.is_set() \
-                or boot_clock() > self._valid_until
+            return self._why_lost_locked() is not None
 
     def check(self, what: str) -> None:
         """Before ``what`` is sent: the lease must still be valid (`LeaseLost` says why not)."""
         with self._mutex:
             self._check_locked(what)
 
-    def _check_locked(self, what: str) -> None:
+    def _why_lost_locked(self) -> str | None:
         if self._released.is_set() and self._lost is None:
             self._lost = "it was released"
         if self._lost is None and boot_clock() > self._valid_until:
             valid = self.timing.lease_s - self.timing.margin
             self._lost = (f"it expired: not renewed for {valid:.0f} s (this process was "
                           "stopped or suspended, or could not reach the repository)")
-        if self._lost is not None:
+        return self._lost
+
+    def _check_locked(self, what: str) -> None:
+        if self._why_lost_locked() is not None:
             raise LeaseLost(f"cannot {what}: the lease {self.name} is lost: {self._lost}; "
                             "nothing was published")
 

@@ -365,13 +365,14 @@ class Store:
     def release_quarantine(self, key: CopyKey) -> None:
         self.backend.delete(layout.quarantine_record(quarantine.record_name(key)))
 
-    def set_aside(self, copy: DamagedCopy) -> str | None:
-        """Stop using a damaged copy, now and durably; -> None, or why the record failed."""
+    def set_aside(self, copy: DamagedCopy) -> DamagedCopy:
+        """Stop using a damaged copy, now and durably; -> the copy, with `not_recorded` saying
+        why when its quarantine record could not be written."""
         failure = self.quarantine(copy)
         self.index.drop(copy.digest, copy.pack_id, copy.offset,
                         f"its only copy (pack {copy.pack_id}, offset {copy.offset}) is damaged "
                         "and in quarantine")
-        return failure
+        return copy if failure is None else dataclasses.replace(copy, not_recorded=failure)
 
     # ------------------------------------------------------------------ reading objects
 
@@ -403,12 +404,11 @@ class Store:
     def damaged(self, name: bytes, kind: int, loc: Location, exc: ChunkCorrupt,
                 found: list[DamagedCopy] | None) -> str:
         """Put a copy found damaged in quarantine; -> what to say about it."""
-        copy = DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length, exc.message)
-        failure = self.set_aside(copy)
-        if failure is not None:
-            copy = dataclasses.replace(copy, not_recorded=failure)
+        copy = self.set_aside(DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length,
+                                          exc.message))
         if found is not None:
             found.append(copy)
+        failure = copy.not_recorded
         return (f"{exc.message} (at offset {loc.offset}; "
                 + (f"not put in quarantine: {failure})" if failure else "put in quarantine)"))
 
