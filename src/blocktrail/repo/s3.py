@@ -38,6 +38,7 @@ import botocore.loaders
 import botocore.session
 from botocore.config import Config
 
+from blocktrail.repo import s3reads
 from blocktrail.repo.backend import (
     BackendDenied,
     BackendError,
@@ -49,7 +50,13 @@ from blocktrail.repo.backend import (
     check_name,
 )
 from blocktrail.repo.s3options import S3Options
-from blocktrail.repo.s3reads import ErrorReply, ObjectReads, Unreachable, byte_range
+from blocktrail.repo.s3reads import (
+    ErrorReply,
+    ObjectReads,
+    Unreachable,
+    byte_range,
+    range_problem,
+)
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
@@ -95,6 +102,7 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._attempts = max(1, options.max_attempts)
         try:
             core = botocore.session.Session()
             core.register_component("data_loader", _service_descriptions())
@@ -231,16 +239,30 @@ class S3Backend:
     def _load_through_client(self, name: str, offset: int, length: int | None) -> bytes:
         asked = byte_range(offset, length)
         kwargs: dict[str, Any] = {} if asked is None else {"Range": asked}
-        try:
-            response = self._call("reading", name, "get_object", Key=self.key(name), **kwargs)
-        except BackendError as exc:
-            if "InvalidRange" in exc.message:
-                return b""
-            raise
-        try:
-            return bytes(response["Body"].read())
-        except botocore.exceptions.BotoCoreError as exc:
-            raise BackendUnavailable(f"{self.url}: reading {name}: {exc}") from exc
+        attempt = 0
+        while True:
+            try:
+                response = self._call("reading", name, "get_object", Key=self.key(name),
+                                      **kwargs)
+            except BackendError as exc:
+                if "InvalidRange" in exc.message:
+                    return b""
+                raise
+            try:
+                body = bytes(response["Body"].read())
+            except botocore.exceptions.BotoCoreError as exc:
+                raise BackendUnavailable(f"{self.url}: reading {name}: {exc}") from exc
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if asked is None or status != 206:  # 200: the whole object came, whatever asked
+                return body[offset : None if length is None else offset + length]
+            wrong = range_problem(offset, length, response.get("ContentRange"), len(body))
+            if wrong is None:
+                return body
+            # Another range than asked: retried as s3reads retries it, never taken as data.
+            attempt += 1
+            if attempt >= self._attempts:
+                raise self._unreachable("reading", name, Unreachable(wrong))
+            s3reads.pause(attempt)
 
     def info(self, name: str) -> ObjectInfo:
         response = self._call("reading", name, "head_object", Key=self.key(name))

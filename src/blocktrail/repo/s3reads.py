@@ -16,6 +16,7 @@ code of the reply, the caller maps them to the backend's errors once, as for eve
 from __future__ import annotations
 
 import random
+import re
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
@@ -33,6 +34,7 @@ RETRY_STATUSES = frozenset({500, 502, 503, 504, 429})
 RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
                          "RequestThrottled", "InternalError", "ServiceUnavailable"})
 MAX_BACKOFF_S = 20.0
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,8 @@ class ObjectReads:
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes | ErrorReply:
         """The object's bytes from ``offset`` (``length`` of them, fewer at its end; all when
-        None), or the server's error reply. `Unreachable` after the retries; None credentials
+        None), or the server's error reply. `Unreachable` after the retries (of a reply cut
+        short, or of another range than asked); None credentials
         raise `botocore.exceptions.NoCredentialsError`, as a boto3 call does."""
         asked = byte_range(offset, length)
         headers = {} if asked is None else {"Range": asked}
@@ -83,7 +86,7 @@ class ObjectReads:
                 if isinstance(reply, Unreachable):
                     raise reply
                 return reply
-            _pause(attempt)
+            pause(attempt)
 
     def _get_once(self, url: str, headers: dict[str, str], offset: int,
                   length: int | None) -> bytes | ErrorReply | Unreachable:
@@ -108,10 +111,11 @@ class ObjectReads:
             return Unreachable(f"the reply ended after {len(body)} of {promised!r} bytes")
         if response.status_code == 200 and "Range" in headers:  # the whole object came
             return body[offset : None if length is None else offset + length]
-        if response.status_code == 206 and not str(response.headers.get(
-                "Content-Range", "")).startswith(f"bytes {offset}-"):
-            return ErrorReply(206, "WrongRange", f"asked for {headers.get('Range')}, got "
-                              f"{response.headers.get('Content-Range')!r}")
+        if response.status_code == 206:
+            wrong = range_problem(offset, length, response.headers.get("Content-Range"),
+                                  len(body))
+            if wrong is not None:  # taken as data, it would pass for a damaged object
+                return Unreachable(wrong)
         return body
 
     def close(self) -> None:
@@ -126,7 +130,31 @@ def byte_range(offset: int, length: int | None) -> str | None:
     return f"bytes={offset}-{'' if length is None else offset + length - 1}"
 
 
-def _pause(attempt: int) -> None:
+def range_problem(offset: int, length: int | None, content_range: str | None,
+                  size: int) -> str | None:
+    """Why a 206 reply of ``size`` bytes whose ``Content-Range`` is ``content_range`` is not
+    the range asked for (from ``offset``, ``length`` bytes or to the end of the object, fewer
+    only at its end), or None when it is. A reply of fewer bytes than asked before the end is
+    never data: a server (or proxy) that cuts a range short is retried, like a reply cut
+    short."""
+    asked = byte_range(offset, length)
+    match = _CONTENT_RANGE.fullmatch((content_range or "").strip())
+    if match is None:
+        return f"the reply to {asked} has no byte range (Content-Range {content_range!r})"
+    start, end, total = int(match[1]), int(match[2]), match[3]
+    if total == "*":  # the object's size unknown: only the whole range asked will do
+        expected = None if length is None else offset + length - 1
+    else:
+        expected = (int(total) if length is None else min(offset + length, int(total))) - 1
+    if start != offset or end < start or (expected is not None and end != expected):
+        return f"the reply to {asked} is another range ({content_range})"
+    if size != end - start + 1:
+        return (f"the reply to {asked} ({content_range}) holds {size} bytes, not "
+                f"{end - start + 1}")
+    return None
+
+
+def pause(attempt: int) -> None:
     """Wait before attempt ``attempt + 1``: jittered, exponential, capped (as boto3's
     "standard" retries wait)."""
     time.sleep(random.random() * min(MAX_BACKOFF_S, 2.0 ** attempt))
