@@ -61,6 +61,17 @@ from blocktrail.repo.s3reads import (
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# The credentials cannot be had (none configured, or their source fails: a credential_process
+# that exits non-zero, an expired SSO login, an MFA role that cannot refresh): refused, as
+# wrong credentials are, never taken for a store that cannot be reached.
+_CREDENTIAL_ERRORS = (botocore.exceptions.NoCredentialsError,
+                      botocore.exceptions.PartialCredentialsError,
+                      botocore.exceptions.CredentialRetrievalError,
+                      botocore.exceptions.RefreshWithMFAUnsupportedError,
+                      botocore.exceptions.UnknownCredentialError,
+                      botocore.exceptions.TokenRetrievalError,
+                      botocore.exceptions.NoAuthTokenError,
+                      botocore.exceptions.SSOError)
 
 
 def _crc32(body: bytes) -> str:
@@ -133,6 +144,8 @@ class S3Backend:
                 read_timeout_s=options.read_timeout_s, connections=options.connections,
                 max_attempts=options.max_attempts)
             self._reads_through_client = False  # set once the bucket is found elsewhere
+        except _CREDENTIAL_ERRORS as exc:
+            raise self._no_credentials(exc) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
 
@@ -145,14 +158,18 @@ class S3Backend:
             return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
         except botocore.exceptions.ClientError as exc:
             raise self._client_error(exc, what, name) from exc
-        except botocore.exceptions.NoCredentialsError as exc:
-            raise self._no_credentials() from exc
+        except _CREDENTIAL_ERRORS as exc:
+            raise self._no_credentials(exc) from exc
         except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
             raise self._unreachable(what, name, exc) from exc
 
-    def _no_credentials(self) -> BackendDenied:
-        return BackendDenied(f"{self.url}: no credentials (set AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY, or a profile)")
+    def _no_credentials(self, exc: Exception) -> BackendDenied:
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return BackendDenied(f"{self.url}: no credentials (set AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY, or a profile)")
+        return BackendDenied(f"{self.url}: the credentials cannot be obtained ({exc}): check "
+                             "their source (the profile's credential_process, SSO login or "
+                             "role; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 
     def _unreachable(self, what: str, name: str, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(f"{self.url} at {self.endpoint} cannot be reached ({what} "
@@ -221,8 +238,8 @@ class S3Backend:
             return self._load_through_client(name, offset, length)
         try:  # not through the client: see s3reads.py
             reply = reads.get(self.key(name), offset, length)
-        except botocore.exceptions.NoCredentialsError as exc:
-            raise self._no_credentials() from exc
+        except _CREDENTIAL_ERRORS as exc:
+            raise self._no_credentials(exc) from exc
         except Unreachable as exc:
             raise self._unreachable("reading", name, exc) from exc
         if isinstance(reply, ErrorReply):

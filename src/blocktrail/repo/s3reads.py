@@ -72,7 +72,8 @@ class ObjectReads:
         """The object's bytes from ``offset`` (``length`` of them, fewer at its end; all when
         None), or the server's error reply. `Unreachable` after the retries (of a reply cut
         short, or of another range than asked); None credentials
-        raise `botocore.exceptions.NoCredentialsError`, as a boto3 call does."""
+        raise `botocore.exceptions.NoCredentialsError`, as a boto3 call does, and credentials
+        that cannot be refreshed raise botocore's error of that (CredentialRetrievalError…)."""
         asked = byte_range(offset, length)
         headers = {} if asked is None else {"Range": asked}
         url = self.bucket_url + urllib.parse.quote(key, safe="/~")

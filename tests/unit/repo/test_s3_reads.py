@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -340,4 +341,37 @@ def test_without_credentials_nothing_is_sent(server: tuple[str, Script],
         backend.load("config")
     assert read.value.exit_code == 9
     assert script.seen == []
+    backend.close()
+
+
+def test_credentials_that_can_no_longer_be_had_are_refused(
+        server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A profile's credential_process that starts failing after the repository was opened (an
+    expired login): reads and calls through the client are refused as wrong credentials are
+    (exit 9, naming the source to check), not an internal error nor "cannot be reached"."""
+    endpoint, script = server
+    failing = tmp_path / "failing"
+    process = tmp_path / "credentials.py"
+    process.write_text(
+        "import datetime, json, pathlib, sys\n"
+        f"if pathlib.Path({str(failing)!r}).exists():\n"
+        "    sys.exit('the login expired')\n"
+        "expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': 'process-key', 'SecretAccessKey': "
+        "'process-secret', 'Expiration': expires.strftime('%Y-%m-%dT%H:%M:%SZ')}))\n")
+    config = tmp_path / "config"
+    config.write_text(f"[profile refreshed]\ncredential_process = {sys.executable} {process}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    backend = S3Backend("bucket", "pre", S3Options(endpoint=endpoint, profile="refreshed",
+                                                   max_attempts=1))
+    assert backend.load("index/a.idx") == OBJECT  # five minutes left: refreshed at each use
+    failing.touch()
+    for call in (lambda: backend.load("index/a.idx"), lambda: backend.info("index/a.idx")):
+        with pytest.raises(BackendDenied, match="credentials cannot be obtained") as refused:
+            call()
+        assert refused.value.exit_code == 9
+    assert len(script.seen) == 1
     backend.close()
