@@ -183,3 +183,11 @@ def test_a_bad_lease_duration_is_a_usage_error_after_opening(
     assert code == ExitCode.USAGE and out == ""
     assert err.startswith("error: InvalidArgument: BLOCKTRAIL_LEASE_SECONDS") and \
         err.count("\n") == 1
+
+
+def test_an_s3_endpoint_that_is_no_url_is_a_usage_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "points", "s3://bucket/site-a", "--endpoint", "127.0.0.1:8333")
+    assert code == ExitCode.USAGE and out == ""
+    assert err == ("error: InvalidArgument: S3 endpoint '127.0.0.1:8333' (--endpoint) is no URL "
+                   "of the form http://HOST[:PORT] or https://HOST[:PORT]\n")

@@ -38,6 +38,7 @@ import botocore.loaders
 import botocore.session
 from botocore.config import Config
 
+from blocktrail.errors import InvalidArgument
 from blocktrail.repo import s3reads
 from blocktrail.repo.backend import (
     BackendDenied,
@@ -104,6 +105,13 @@ def _bucket_url(client: Any, bucket: str) -> str | None:
     return urllib.parse.urlunsplit((url.scheme, url.netloc, url.path[: -len(probe)], "", ""))
 
 
+def _bad_endpoint(exc: Exception) -> str:
+    """An endpoint that boto3 refuses, from the environment or the profile (one given is
+    checked in S3Options already)."""
+    return (f"the S3 endpoint is no URL of the form http(s)://HOST[:PORT] ({exc}): check "
+            "--endpoint, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL and the profile's endpoint_url")
+
+
 class S3Backend:
     remote = True
     host_locks = False  # many machines: leases only
@@ -119,17 +127,7 @@ class S3Backend:
             core.register_component("data_loader", _service_descriptions())
             session = boto3.session.Session(botocore_session=core, profile_name=options.profile,
                                             region_name=options.region)
-            self.client: Any = session.client(
-                "s3", endpoint_url=options.endpoint,
-                region_name=options.region or session.region_name or "us-east-1",
-                config=Config(s3={"addressing_style": "path"},
-                              retries={"mode": "standard",
-                                       "max_attempts": options.max_attempts},
-                              connect_timeout=options.connect_timeout_s,
-                              read_timeout=options.read_timeout_s,
-                              max_pool_connections=options.connections,
-                              request_checksum_calculation="when_required",
-                              response_checksum_validation="when_required"))
+            self.client: Any = self._client(session, options)
             self.endpoint = str(self.client.meta.endpoint_url)
             verify = core.get_config_variable("ca_bundle")  # as the client resolves it
             bucket_url = _bucket_url(self.client, bucket)
@@ -146,8 +144,27 @@ class S3Backend:
             self._reads_through_client = False  # set once the bucket is found elsewhere
         except _CREDENTIAL_ERRORS as exc:
             raise self._no_credentials(exc) from exc
+        except botocore.exceptions.EndpointProviderError as exc:  # another scheme, a bad port
+            raise InvalidArgument(_bad_endpoint(exc)) from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise BackendDenied(f"{self.url}: {exc}") from exc
+
+    @staticmethod
+    def _client(session: boto3.session.Session, options: S3Options) -> Any:
+        try:
+            return session.client(
+                "s3", endpoint_url=options.endpoint,
+                region_name=options.region or session.region_name or "us-east-1",
+                config=Config(s3={"addressing_style": "path"},
+                              retries={"mode": "standard",
+                                       "max_attempts": options.max_attempts},
+                              connect_timeout=options.connect_timeout_s,
+                              read_timeout=options.read_timeout_s,
+                              max_pool_connections=options.connections,
+                              request_checksum_calculation="when_required",
+                              response_checksum_validation="when_required"))
+        except ValueError as exc:  # no scheme or no host: one given is checked in S3Options
+            raise InvalidArgument(_bad_endpoint(exc)) from exc
 
     def key(self, name: str) -> str:
         check_name(name)

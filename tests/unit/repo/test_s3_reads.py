@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from blocktrail.errors import ExitCode, InvalidArgument
 from blocktrail.repo import s3reads
 from blocktrail.repo.backend import BackendDenied, BackendUnavailable, ObjectNotFound
 from blocktrail.repo.s3 import S3Backend
@@ -375,3 +376,20 @@ def test_credentials_that_can_no_longer_be_had_are_refused(
         assert refused.value.exit_code == 9
     assert len(script.seen) == 1
     backend.close()
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:8333", "htp://127.0.0.1:8333", "http://", "",
+                                      "http://127.0.0.1:notaport", "https://host:99999",
+                                      "http://[::1"])
+def test_an_endpoint_that_is_no_url_is_a_usage_error(
+        credentials: None, monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Given (--endpoint) or from the environment: a usage error naming where to look, not a
+    traceback nor refused credentials."""
+    with pytest.raises(InvalidArgument, match=r"\(--endpoint\) is no URL of the form") as given:
+        S3Options(endpoint=endpoint)
+    assert given.value.exit_code == ExitCode.USAGE
+    if not endpoint:
+        return  # boto3 takes an empty AWS_ENDPOINT_URL as none
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(InvalidArgument, match="check --endpoint, AWS_ENDPOINT_URL_S3"):
+        S3Backend("bucket", "pre", S3Options(region="us-east-1"))
