@@ -308,21 +308,26 @@ class S3Backend:
         full = self.key(prefix.rstrip("/")) + "/" if prefix.endswith("/") else self.key(prefix)
         skip = len(self.prefix) + 1 if self.prefix else 0
         found: builtins.list[ObjectInfo] = []
-        token: str | None = None
+        tokens: set[str] = set()
+        kwargs: dict[str, Any] = {"Prefix": full}
         while True:
-            kwargs: dict[str, Any] = {"Prefix": full}
-            if token:
-                kwargs["ContinuationToken"] = token
             page = self._call("listing", prefix, "list_objects_v2", **kwargs)
             now = self._date(page)
             for item in page.get("Contents", []):
                 found.append(ObjectInfo(item["Key"][skip:], int(item["Size"]),
                                         item["LastModified"].timestamp(),
                                         str(item.get("ETag", "")), now))
+            if not page.get("IsTruncated"):
+                return sorted(found, key=lambda i: i.name)
+            # A listing taken for whole when it is not would count what it lacks as lost.
             token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                break
-        return sorted(found, key=lambda i: i.name)
+            if not token or token in tokens:
+                why = "repeats a continuation token" if token else "has no continuation token"
+                raise BackendUnavailable(
+                    f"{self.url}: listing {prefix}: the store cut the listing short (a page "
+                    f"marked truncated {why}, after {len(found)} objects); retry later")
+            tokens.add(token)
+            kwargs["ContinuationToken"] = token
 
     def delete(self, name: str, etag: str | None = None) -> None:
         kwargs: dict[str, Any] = {"Key": self.key(name)}

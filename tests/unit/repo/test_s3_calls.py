@@ -1,0 +1,67 @@
+"""S3 calls through the boto3 client against scripted answers (botocore's Stubber): answers a
+real server gives rarely or only under load (a listing cut short, a conditional request in
+conflict, a write whose answer was lost). (The real server's answers are the backend contract
+suite's, test_backend_contract.py, run on SeaweedFS.)"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+
+import pytest
+from botocore.stub import Stubber
+
+from blocktrail.repo.backend import BackendUnavailable
+from blocktrail.repo.s3 import S3Backend
+from blocktrail.repo.s3options import S3Options
+
+NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+
+
+@pytest.fixture
+def stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[S3Backend, Stubber]]:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "calls-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "calls-secret")
+    backend = S3Backend("bucket", "pre", S3Options(endpoint="http://127.0.0.1:9",
+                                                   region="us-east-1", max_attempts=1))
+    with Stubber(backend.client) as stubber:
+        yield backend, stubber
+        stubber.assert_no_pending_responses()
+    backend.close()
+
+
+def _page(*names: str, truncated: bool = False, token: str | None = None) -> dict[str, object]:
+    page: dict[str, object] = {
+        "IsTruncated": truncated, "KeyCount": len(names),
+        "Contents": [{"Key": f"pre/{name}", "Size": 1, "LastModified": NOW, "ETag": '"e"'}
+                     for name in names]}
+    if token is not None:
+        page["NextContinuationToken"] = token
+    return page
+
+
+def test_a_listing_is_followed_through_its_pages(stubbed: tuple[S3Backend, Stubber]) -> None:
+    backend, stubber = stubbed
+    stubber.add_response("list_objects_v2", _page("packs/b", truncated=True, token="t1"),
+                         {"Bucket": "bucket", "Prefix": "pre/packs/"})
+    stubber.add_response("list_objects_v2", _page("packs/a"),
+                         {"Bucket": "bucket", "Prefix": "pre/packs/", "ContinuationToken": "t1"})
+    assert [i.name for i in backend.list("packs/")] == ["packs/a", "packs/b"]
+
+
+@pytest.mark.parametrize("second", [None, "t1"])
+def test_a_listing_cut_short_is_never_taken_for_whole(
+        stubbed: tuple[S3Backend, Stubber], second: str | None) -> None:
+    """A page marked truncated with no token to go on (or one that repeats a token: a loop)
+    fails: taken for the whole listing, what it lacks would count as lost (a pack's objects
+    missing, its index entries dropped by a prune)."""
+    backend, stubber = stubbed
+    stubber.add_response("list_objects_v2", _page("packs/a", truncated=True, token="t1"),
+                         {"Bucket": "bucket", "Prefix": "pre/packs/"})
+    stubber.add_response("list_objects_v2", _page("packs/b", truncated=True, token=second),
+                         {"Bucket": "bucket", "Prefix": "pre/packs/", "ContinuationToken": "t1"})
+    with pytest.raises(BackendUnavailable, match="cut the listing short"):
+        backend.list("packs/")
