@@ -2,18 +2,19 @@
 
 Create-only writes are ``PUT`` with ``If-None-Match: *`` (412: the name is taken); conditional
 replaces and deletes send ``If-Match: ETAG``. boto3's retry configuration ("standard" mode)
-retries transient failures (connection errors, 5xx, throttling) with backoff; what still fails
-becomes `BackendUnavailable`. Reads (GET) are signed and sent without the client's per-call
-machinery, and retried the same way (s3reads.py). A create whose first attempt reached the
-server but whose answer was lost is retried and then finds its own object: an object with the
-same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in parts, and
-every PUT carries the CRC32 of its body (``x-amz-checksum-crc32``), which the server checks: an
-upload cut short (a killed process) never leaves an object behind, not even on a server that
-would otherwise keep the bytes it got. SeaweedFS does: a PUT with neither a checksum header nor
-Content-MD5 whose connection is closed cleanly after its headers (or after the server's
-``100 Continue``) and before the first byte of its body becomes an empty object, whether the
-payload is signed or not (the server does not compare the signed SHA-256 with the body of a
-plain PUT).
+retries transient failures (connection errors, 5xx, throttling) with backoff, and this backend
+retries a conditional request in conflict with another (409 ConditionalRequestConflict) the same
+way; what still fails becomes `BackendUnavailable`. Reads (GET) are signed and sent without the
+client's per-call machinery, and retried the same way (s3reads.py). A create whose first attempt
+reached the server but whose answer was lost is retried and then finds its own object: an object
+with the same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in
+parts, and every PUT carries the CRC32 of its body (``x-amz-checksum-crc32``), which the server
+checks: an upload cut short (a killed process) never leaves an object behind, not even on a
+server that would otherwise keep the bytes it got. SeaweedFS does: a PUT with neither a checksum
+header nor Content-MD5 whose connection is closed cleanly after its headers (or after the
+server's ``100 Continue``) and before the first byte of its body becomes an empty object,
+whether the payload is signed or not (the server does not compare the signed SHA-256 with the
+body of a plain PUT).
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
@@ -62,6 +63,8 @@ from blocktrail.repo.s3reads import (
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
            "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# 409 of a conditional write or delete while another is under way (AWS): to be retried.
+_CONFLICT = "ConditionalRequestConflict"
 # The credentials cannot be had (none configured, or their source fails: a credential_process
 # that exits non-zero, an expired SSO login, an MFA role that cannot refresh): refused, as
 # wrong credentials are, never taken for a store that cannot be reached.
@@ -73,6 +76,16 @@ _CREDENTIAL_ERRORS = (botocore.exceptions.NoCredentialsError,
                       botocore.exceptions.TokenRetrievalError,
                       botocore.exceptions.NoAuthTokenError,
                       botocore.exceptions.SSOError)
+
+
+def _md5(body: bytes) -> str:
+    """The ETag of an object written by one PUT of ``body``."""
+    return f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    """The S3 error code of a reply (``NoSuchKey``, ``PreconditionFailed``…)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _crc32(body: bytes) -> str:
@@ -171,14 +184,21 @@ class S3Backend:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _call(self, what: str, name: str, operation: str, **kwargs: Any) -> Any:
-        try:
-            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
-        except botocore.exceptions.ClientError as exc:
-            raise self._client_error(exc, what, name) from exc
-        except _CREDENTIAL_ERRORS as exc:
-            raise self._no_credentials(exc) from exc
-        except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
-            raise self._unreachable(what, name, exc) from exc
+        attempt = 0
+        while True:
+            try:
+                return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+            except botocore.exceptions.ClientError as exc:
+                attempt += 1
+                if _code(exc) != _CONFLICT or attempt >= self._attempts:
+                    raise self._client_error(exc, what, name) from exc
+            except _CREDENTIAL_ERRORS as exc:
+                raise self._no_credentials(exc) from exc
+            except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
+                raise self._unreachable(what, name, exc) from exc
+            # Another conditional write or delete of the object was under way: retried, as
+            # boto3 retries what is transient (it does not retry this one).
+            s3reads.pause(attempt)
 
     def _no_credentials(self, exc: Exception) -> BackendDenied:
         if isinstance(exc, botocore.exceptions.NoCredentialsError):
@@ -194,15 +214,17 @@ class S3Backend:
 
     def _client_error(self, exc: botocore.exceptions.ClientError, what: str,
                       name: str) -> BackendError:
-        error = exc.response.get("Error", {})
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-        return self._error(ErrorReply(status, str(error.get("Code", "")),
-                                      str(error.get("Message", ""))), what, name)
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        return self._error(ErrorReply(status, _code(exc), message), what, name)
 
     def _error(self, reply: ErrorReply, what: str, name: str) -> BackendError:
         code, status = reply.code, reply.status
         message = f"{self.url}: {what} {name}: {code} {reply.message}".rstrip()
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        if code == _CONFLICT:  # retried already
+            return BackendUnavailable(f"{message}: another write or delete of the object was "
+                                      "under way; gave up after the retries")
+        if code == "PreconditionFailed" or status in (409, 412):
             return PreconditionFailed(message)
         if code in _MISSING:
             return ObjectNotFound(message)
@@ -223,19 +245,22 @@ class S3Backend:
 
     def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         body = bytes(data)
-        try:
-            response = self._call("creating", name, "put_object", Key=self.key(name),
-                                  Body=body, ChecksumCRC32=_crc32(body), IfNoneMatch="*")
-        except PreconditionFailed:
-            mine = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+        for _ in range(self._attempts):
             try:
-                if self.info(name).etag == mine:  # a retried request of this same write
-                    return self.info(name)
-            except ObjectNotFound:
-                pass
-            raise ObjectExists(f"{self.url}: object {name} exists already") from None
-        now = self._date(response)
-        return ObjectInfo(name, len(body), now, str(response.get("ETag", "")), now)
+                response = self._call("creating", name, "put_object", Key=self.key(name),
+                                      Body=body, ChecksumCRC32=_crc32(body), IfNoneMatch="*")
+            except PreconditionFailed:
+                try:
+                    found = self.info(name)
+                except ObjectNotFound:  # deleted since it was found there: free again
+                    continue
+                if found.etag == _md5(body):  # a retried request of this same write
+                    return found
+                raise ObjectExists(f"{self.url}: object {name} exists already") from None
+            now = self._date(response)
+            return ObjectInfo(name, len(body), now, str(response.get("ETag", "")), now)
+        raise ObjectExists(f"{self.url}: object {name} exists already (written and deleted "
+                           "again by others while this create was retried)")
 
     def replace(self, name: str, data: bytes, etag: str) -> ObjectInfo:
         body = bytes(data)

@@ -6,12 +6,14 @@ suite's, test_backend_contract.py, run on SeaweedFS.)"""
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Iterator
 
 import pytest
 from botocore.stub import Stubber
 
-from blocktrail.repo.backend import BackendUnavailable
+from blocktrail.repo import s3reads
+from blocktrail.repo.backend import BackendUnavailable, ObjectExists
 from blocktrail.repo.s3 import S3Backend
 from blocktrail.repo.s3options import S3Options
 
@@ -25,8 +27,9 @@ def stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[S3Backend, Stubbe
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "calls-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "calls-secret")
+    monkeypatch.setattr(s3reads, "pause", lambda attempt: None)
     backend = S3Backend("bucket", "pre", S3Options(endpoint="http://127.0.0.1:9",
-                                                   region="us-east-1", max_attempts=1))
+                                                   region="us-east-1", max_attempts=3))
     with Stubber(backend.client) as stubber:
         yield backend, stubber
         stubber.assert_no_pending_responses()
@@ -65,3 +68,49 @@ def test_a_listing_cut_short_is_never_taken_for_whole(
                          {"Bucket": "bucket", "Prefix": "pre/packs/", "ContinuationToken": "t1"})
     with pytest.raises(BackendUnavailable, match="cut the listing short"):
         backend.list("packs/")
+
+
+def _put(body: bytes) -> dict[str, object]:
+    return {"ETag": f'"{hashlib.md5(body).hexdigest()}"'}
+
+
+def _conflict(stubber: Stubber, operation: str = "put_object") -> None:
+    stubber.add_client_error(operation, service_error_code="ConditionalRequestConflict",
+                             http_status_code=409, service_message="A conflicting conditional "
+                             "operation is currently in progress against this resource.")
+
+
+def _head_missing(stubber: Stubber) -> None:
+    stubber.add_client_error("head_object", service_error_code="404", http_status_code=404)
+
+
+def test_a_conditional_write_in_conflict_is_retried(
+        stubbed: tuple[S3Backend, Stubber]) -> None:
+    """409 ConditionalRequestConflict (AWS: another conditional write or delete of the object
+    was under way) is retried, never taken for "exists already" when nothing exists."""
+    backend, stubber = stubbed
+    _conflict(stubber)
+    stubber.add_response("put_object", _put(b"data"))
+    assert backend.create("points/p.json", b"data").etag == _put(b"data")["ETag"]
+    for _ in range(3):
+        _conflict(stubber)
+    with pytest.raises(BackendUnavailable, match=r"ConditionalRequestConflict.*under way"):
+        backend.create("points/p.json", b"data")
+
+
+def test_a_create_refused_for_an_object_gone_since_is_retried(
+        stubbed: tuple[S3Backend, Stubber]) -> None:
+    """412 for a name taken, and then no object there (deleted meanwhile): the name is free,
+    the create is made again rather than reported as exists."""
+    backend, stubber = stubbed
+    stubber.add_client_error("put_object", service_error_code="PreconditionFailed",
+                             http_status_code=412)
+    _head_missing(stubber)
+    stubber.add_response("put_object", _put(b"data"))
+    assert backend.create("points/p.json", b"data").size == 4
+    for _ in range(3):
+        stubber.add_client_error("put_object", service_error_code="PreconditionFailed",
+                                 http_status_code=412)
+        _head_missing(stubber)
+    with pytest.raises(ObjectExists):  # taken at every attempt: taken
+        backend.create("points/p.json", b"data")
