@@ -118,8 +118,8 @@ class Backend(Protocol):
         ...
 
     def delete(self, name: str, etag: str | None = None) -> None:
-        """Delete ``name`` (gone already: nothing to do). With ``etag``: only that version,
-        else `PreconditionFailed`."""
+        """Delete ``name`` (gone already, with or without ``etag``: nothing to do). With
+        ``etag``: only that version, else `PreconditionFailed`."""
         ...
 
     def now(self) -> float:

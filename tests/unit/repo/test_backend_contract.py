@@ -93,6 +93,8 @@ def test_delete_is_idempotent_and_conditional(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound):
         backend.load("leases/y.json")
     backend.delete("leases/y.json")  # gone already: nothing to do
+    backend.delete("leases/y.json", second.etag)  # whatever version was named
+    backend.delete("leases/never.json", first.etag)
 
 
 def test_the_store_clock_dates_writes(backend: Backend) -> None:
