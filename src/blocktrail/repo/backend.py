@@ -102,7 +102,8 @@ class Backend(Protocol):
 
     def replace(self, name: str, data: bytes, etag: str) -> ObjectInfo:
         """Overwrite ``name`` only if its version is still ``etag``; else `PreconditionFailed`
-        (also when it is gone)."""
+        (also when it is gone). An object of the same bytes left by a retried request of this
+        same write counts as written."""
         ...
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -5,16 +5,16 @@ replaces and deletes send ``If-Match: ETAG``. boto3's retry configuration ("stan
 retries transient failures (connection errors, 5xx, throttling) with backoff, and this backend
 retries a conditional request in conflict with another (409 ConditionalRequestConflict) the same
 way; what still fails becomes `BackendUnavailable`. Reads (GET) are signed and sent without the
-client's per-call machinery, and retried the same way (s3reads.py). A create whose first attempt
-reached the server but whose answer was lost is retried and then finds its own object: an object
-with the same MD5 (the ETag of a single-part PUT) counts as written. Nothing is uploaded in
-parts, and every PUT carries the CRC32 of its body (``x-amz-checksum-crc32``), which the server
-checks: an upload cut short (a killed process) never leaves an object behind, not even on a
-server that would otherwise keep the bytes it got. SeaweedFS does: a PUT with neither a checksum
-header nor Content-MD5 whose connection is closed cleanly after its headers (or after the
-server's ``100 Continue``) and before the first byte of its body becomes an empty object,
-whether the payload is signed or not (the server does not compare the signed SHA-256 with the
-body of a plain PUT).
+client's per-call machinery, and retried the same way (s3reads.py). A create (or a conditional
+replace) whose first attempt reached the server but whose answer was lost is retried, refused
+(412), and then finds its own object: an object with the same MD5 (the ETag of a single-part
+PUT) counts as written. Nothing is uploaded in parts, and every PUT carries the CRC32 of its
+body (``x-amz-checksum-crc32``), which the server checks: an upload cut short (a killed process)
+never leaves an object behind, not even on a server that would otherwise keep the bytes it got.
+SeaweedFS does: a PUT with neither a checksum header nor Content-MD5 whose connection is closed
+cleanly after its headers (or after the server's ``100 Continue``) and before the first byte of
+its body becomes an empty object, whether the payload is signed or not (the server does not
+compare the signed SHA-256 with the body of a plain PUT).
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
@@ -269,6 +269,14 @@ class S3Backend:
                                   Body=body, ChecksumCRC32=_crc32(body), IfMatch=etag)
         except ObjectNotFound:
             raise PreconditionFailed(f"{self.url}: object {name} is gone") from None
+        except PreconditionFailed:
+            try:
+                found = self.info(name)
+            except ObjectNotFound:
+                raise PreconditionFailed(f"{self.url}: object {name} is gone") from None
+            if found.etag == _md5(body):  # a retried request of this same write: it landed
+                return found
+            raise
         now = self._date(response)
         return ObjectInfo(name, len(data), now, str(response.get("ETag", "")), now)
 

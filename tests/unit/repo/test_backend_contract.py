@@ -154,6 +154,35 @@ def test_a_retried_create_of_the_same_bytes_counts_as_written(backend: Backend) 
     assert backend.load("packs/cd/s.pack") == b"new bytes" and calls
 
 
+def test_a_retried_replace_that_landed_counts_as_written(backend: Backend) -> None:
+    """A replace whose first attempt lands but whose answer is lost is retried and refused
+    (the version named is gone: it was replaced by that very attempt); the object holds the
+    bytes written, so the replace succeeded. Another writer's bytes still refuse it."""
+    if not isinstance(backend, S3Backend):
+        pytest.skip("only a remote store retries requests")
+    first = backend.create("leases/w.json", b"one")
+    original = backend.client.put_object
+    calls: list[int] = []
+
+    def lost_answer(**kwargs: object) -> object:  # the first attempt lands, its answer is lost
+        calls.append(1)
+        original(**kwargs)
+        return original(**kwargs)
+
+    backend.client.put_object = lost_answer
+    try:
+        second = backend.replace("leases/w.json", b"two", first.etag)
+    finally:
+        backend.client.put_object = original
+    assert calls and second.etag == backend.info("leases/w.json").etag
+    assert backend.load("leases/w.json") == b"two"
+    with pytest.raises(PreconditionFailed):  # a stale version, and other bytes: not ours
+        backend.replace("leases/w.json", b"three", first.etag)
+    backend.delete("leases/w.json")
+    with pytest.raises(PreconditionFailed):  # gone
+        backend.replace("leases/w.json", b"two", second.etag)
+
+
 def test_leftovers_of_interrupted_writes(backend: Backend, tmp_path: Path) -> None:
     if isinstance(backend, LocalBackend):
         (Path(backend.root) / "packs" / "ab").mkdir(parents=True)
