@@ -31,8 +31,9 @@ from typing import Any
 import pytest
 
 from blocktrail.disk import Disk
+from blocktrail.errors import ExitCode
 from blocktrail.repo import Repository, RetentionPolicy, S3Options
-from blocktrail.repo.backend import BackendDenied
+from blocktrail.repo.backend import BackendDenied, BucketNotFound
 from blocktrail.repo.errors import ConditionalWritesUnsupported
 from s3server import (
     ACCESS_KEY,
@@ -54,6 +55,7 @@ import hashlib, json, os, random, sys, time
 from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk import Disk
+from blocktrail.errors import ExitCode
 from blocktrail.repo import Repository, S3Options, Timing
 url, rounds, seed, disks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 rng = random.Random(seed)
@@ -271,6 +273,16 @@ def test_wrong_credentials_are_a_clear_error_and_write_nothing(s3_server: Seawee
     assert s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)["KeyCount"] == before
     with pytest.raises(BackendDenied, match="refused the credentials"):
         _open_with_secret(s3_server, url, "wrong")
+
+
+def test_a_bucket_that_does_not_exist_is_named_at_open(s3_server: SeaweedFS) -> None:
+    """Not "not a blocktrail repository (no config.json)": the bucket itself is missing."""
+    url = f"s3://no-such-bucket-{os.getpid()}/repo"
+    with pytest.raises(BucketNotFound, match=r"bucket no-such-bucket-\d+ does not exist at "
+                                             r"http://.*repo init` creates it") as missing:
+        Repository.open(url, s3=s3_server.options(), timing=TEST_TIMING,
+                        password=TEST_PASSWORD).close()
+    assert missing.value.exit_code == ExitCode.NOT_FOUND_OR_EXISTS
 
 
 def _open_with_secret(server: SeaweedFS, url: str, secret: str) -> None:

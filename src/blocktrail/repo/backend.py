@@ -41,6 +41,12 @@ class ObjectNotFound(BackendError):
     exit_code = ExitCode.NOT_FOUND_OR_EXISTS
 
 
+class BucketNotFound(BackendError):
+    """The S3 bucket that should hold the repository does not exist."""
+
+    exit_code = ExitCode.NOT_FOUND_OR_EXISTS
+
+
 class PreconditionFailed(BackendError):
     """A conditional replace or delete found another version than the one it was given."""
 
@@ -108,7 +114,7 @@ class Backend(Protocol):
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes (``length`` from ``offset``; fewer at its end); else
-        `ObjectNotFound`."""
+        `ObjectNotFound` (also for a ``length`` of 0)."""
         ...
 
     def info(self, name: str) -> ObjectInfo: ...

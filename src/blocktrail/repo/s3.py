@@ -45,6 +45,7 @@ from blocktrail.repo.backend import (
     BackendDenied,
     BackendError,
     BackendUnavailable,
+    BucketNotFound,
     ObjectExists,
     ObjectInfo,
     ObjectNotFound,
@@ -228,8 +229,9 @@ class S3Backend:
             return PreconditionFailed(message)
         if code in _MISSING:
             return ObjectNotFound(message)
-        if code == "NoSuchBucket":
-            return ObjectNotFound(f"{self.url}: bucket {self.bucket} does not exist")
+        if code == "NoSuchBucket":  # not "no such object": not a missing config.json either
+            return BucketNotFound(f"{self.url}: bucket {self.bucket} does not exist at "
+                                  f"{self.endpoint} (`blocktrail repo init` creates it)")
         if code in _DENIED or status == 403:
             return BackendDenied(
                 f"{self.url} at {self.endpoint} refused the credentials or the access ({code}): "
@@ -282,6 +284,7 @@ class S3Backend:
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if length is not None and length <= 0:
+            self.info(name)  # no bytes, but ObjectNotFound if there is no object
             return b""
         reads = self.reads
         if reads is None or self._reads_through_client:
@@ -396,7 +399,7 @@ class S3Backend:
         try:
             self._call("reaching", "the bucket", "head_bucket")
             return
-        except ObjectNotFound:
+        except (ObjectNotFound, BucketNotFound):
             pass
         except BackendError as exc:
             if "404" not in exc.message and "Not Found" not in exc.message:

@@ -59,6 +59,10 @@ def test_load_whole_and_ranges(backend: Backend) -> None:
     with pytest.raises(ObjectNotFound):
         backend.load("index/missing.idx")
     with pytest.raises(ObjectNotFound):
+        backend.load("index/missing.idx", 5, 0)  # no bytes asked: still no object
+    with pytest.raises(ObjectNotFound):
+        backend.load("packs/ab/missing.pack", 5, 0)
+    with pytest.raises(ObjectNotFound):
         backend.info("index/missing.idx")
 
 

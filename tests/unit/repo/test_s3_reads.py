@@ -17,7 +17,12 @@ import pytest
 
 from blocktrail.errors import ExitCode, InvalidArgument
 from blocktrail.repo import s3reads
-from blocktrail.repo.backend import BackendDenied, BackendUnavailable, ObjectNotFound
+from blocktrail.repo.backend import (
+    BackendDenied,
+    BackendUnavailable,
+    BucketNotFound,
+    ObjectNotFound,
+)
 from blocktrail.repo.s3 import S3Backend
 from blocktrail.repo.s3options import S3Options
 
@@ -174,7 +179,7 @@ def test_errors_map_as_for_every_call(server: tuple[str, Script]) -> None:
     with pytest.raises(ObjectNotFound):
         backend.load("index/missing.idx")
     script.steps = [(404, {}, b"<Error><Code>NoSuchBucket</Code></Error>")]
-    with pytest.raises(ObjectNotFound, match="bucket bucket does not exist"):
+    with pytest.raises(BucketNotFound, match="bucket bucket does not exist"):
         backend.load("config")
     script.steps = [(403, {}, b"<Error><Code>SignatureDoesNotMatch</Code></Error>")]
     with pytest.raises(BackendDenied, match="refused the credentials"):
