@@ -21,6 +21,7 @@ from blocktrail.repo.errors import (
     ObjectMissing,
     RepositoryError,
 )
+from blocktrail.repo.keys import scan_key_files
 from blocktrail.repo.manifest import RestorePoint, link_problems
 from blocktrail.repo.objects import (
     KIND_CHUNK,
@@ -41,6 +42,7 @@ class Problem:
     """One damaged thing, and the restore points it makes unrestorable."""
 
     kind: str  # "manifest" | "link" | "table" | "page" | "chunk" | "pack" | "index" | "verify"
+    # | "key" (a key file that does not decode)
     name: str
     detail: str
     affected_points: tuple[str, ...]
@@ -120,6 +122,13 @@ def check_repository(repo: Store, *, read_data: bool = False,
             + ("authenticate" if repo.codec.encrypted else "decode")
             + "; the point counts as failed verification (never a base) until `blocktrail "
             "verify` records its state again", (), repo.codec.encrypted))
+    if repo.codec.encrypted:
+        for key in scan_key_files(repo.backend).damaged:
+            walk.problems.append(Problem(
+                "key", key.name, f"{key.reason}: it opens nothing; if it was the key file of "
+                "a password still in use, add that password again (`blocktrail repo key add`, "
+                "opened with another one), then remove it (`blocktrail repo key remove "
+                f"{layout.key_id_of(key.name)}`)", ()))
     used_packs = {loc.pack_id for name in walk.users if (loc := index.get(name)) is not None}
     return CheckReport(
         points=len(points), chunks_referenced=sum(

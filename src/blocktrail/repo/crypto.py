@@ -41,6 +41,11 @@ class AeadFailure(Exception):
     repository error from it."""
 
 
+class KdfFailure(Exception):
+    """argon2id refused its parameters or could not get its memory: callers raise their typed
+    repository error from it."""
+
+
 def make_aead(cipher: int, key: bytes) -> Aead:
     if cipher == AES_GCM:
         return AESGCM(key)
@@ -82,10 +87,14 @@ def choose_cipher(name: str) -> int:
 
 # ------------------------------------------------------------------------------ the KDF
 
+KDF_MEMORY_KIB_MAX = 4 << 20  # 4 GiB
+
 @dataclass(frozen=True, slots=True)
 class KdfParams:
     """argon2id parameters of a key file. The default costs about 0.15 s and 64 MiB per
-    open; tests use tiny ones (recorded in their key files like any other)."""
+    open; tests use tiny ones (recorded in their key files like any other). Memory is bounded
+    by 4 GiB, for a new key file and for one that is opened: a key file that asks for more
+    (written by someone who can write the storage) is refused, not given the memory."""
 
     time_cost: int = 3
     memory_kib: int = 64 * 1024
@@ -93,17 +102,28 @@ class KdfParams:
 
     def __post_init__(self) -> None:
         if not 1 <= self.time_cost <= 100 or not 1 <= self.parallelism <= 64 \
-                or not 8 * self.parallelism <= self.memory_kib <= 16 << 20:
+                or not 8 * self.parallelism <= self.memory_kib <= KDF_MEMORY_KIB_MAX:
             raise InvalidArgument(f"argon2id parameters t={self.time_cost}, "
                                   f"m={self.memory_kib} KiB, p={self.parallelism} are out of "
-                                  "range (t 1-100, p 1-64, m 8*p KiB-16 GiB)")
+                                  "range (t 1-100, p 1-64, m 8*p KiB-4 GiB)")
+
+    @property
+    def cost(self) -> int:
+        """What opening costs, roughly (memory times passes): cheaper key files are tried
+        first."""
+        return self.memory_kib * self.time_cost
 
     def derive(self, password: bytes, salt: bytes) -> bytes:
-        """The 32-byte key-encryption key of a password."""
-        from argon2.low_level import Type, hash_secret_raw  # imported when a key is opened
-        return hash_secret_raw(password, salt, time_cost=self.time_cost,
-                               memory_cost=self.memory_kib, parallelism=self.parallelism,
-                               hash_len=KEY_BYTES, type=Type.ID)
+        """The 32-byte key-encryption key of a password; `KdfFailure` if argon2id refuses
+        (a salt it will not take) or cannot get the memory."""
+        from argon2.exceptions import HashingError  # imported when a key is opened
+        from argon2.low_level import Type, hash_secret_raw
+        try:
+            return hash_secret_raw(password, salt, time_cost=self.time_cost,
+                                   memory_cost=self.memory_kib, parallelism=self.parallelism,
+                                   hash_len=KEY_BYTES, type=Type.ID)
+        except (HashingError, MemoryError) as exc:
+            raise KdfFailure(f"argon2id ({self.describe()}): {exc}") from exc
 
     def to_json(self) -> dict[str, Any]:
         return {"algorithm": "argon2id", "time_cost": self.time_cost,

@@ -34,6 +34,12 @@ class AuthenticationFailed(RepositoryError):
     exit_code = ExitCode.AUTHENTICATION_FAILED
 
 
+class DowngradeRefused(AuthenticationFailed):
+    """config.json says the repository is not encrypted, but the repository holds what only
+    an encrypted one writes (key files, sealed index files or manifests): the config was
+    altered, and nothing is written in the clear beside encrypted data."""
+
+
 class ObjectAuthenticationFailed(AuthenticationFailed, ChunkCorrupt):
     """A chunk, page or page table (or a pack trailer) fails authentication: its copy is
     handled like a damaged one (quarantine, a spare copy is read)."""

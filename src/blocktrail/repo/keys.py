@@ -6,14 +6,18 @@ salt and parameters). Adding a password creates a key file; changing one creates
 file, then deletes the old; removing one deletes its file, never the last nor the one in use.
 Key files are create-only, so a process killed at any point leaves the old key file, the new
 one, or both: the repository always opens with the old or the new password.
+
+Opening tries the key files cheapest first; one that is damaged or crafted (parameters argon2id
+refuses) opens nothing and stops nothing, and is named when no key file opens.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +27,7 @@ from blocktrail.repo.backend import Backend, ObjectExists, ObjectNotFound
 from blocktrail.repo.crypto import KdfParams, MasterKeys
 from blocktrail.repo.errors import (
     AuthenticationFailed,
+    DowngradeRefused,
     KeyNotFound,
     LastKeyRefused,
     PasswordRequired,
@@ -35,6 +40,7 @@ KEY_FORMAT = "blocktrail-key"
 DEFAULT_KDF = KdfParams()
 TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)  # tests only: no cost
 KDF_SALT_BYTES = 32
+WRAPPED_BYTES = 2 * crypto.KEY_BYTES + crypto.TAG_BYTES  # the master keys and the AEAD tag
 PasswordSource = bytes | str | Callable[[], bytes | str | None]  # a callable: None if none
 
 
@@ -75,6 +81,7 @@ class KeyFile:
     salt: bytes
     nonce: bytes
     wrapped: bytes
+    repo_id: str | None = None  # recorded in the clear; None: written before it was
 
     @property
     def name(self) -> str:
@@ -82,6 +89,7 @@ class KeyFile:
 
     def to_bytes(self) -> bytes:
         body = {"format": KEY_FORMAT, "version": 1, "id": self.id,
+                **({} if self.repo_id is None else {"repo_id": self.repo_id}),
                 "created_at": self.created_at, "host": self.host,
                 "kdf": {**self.kdf.to_json(), "salt": self.salt.hex()},
                 "wrap": {"cipher": "aes-256-gcm", "nonce": self.nonce.hex(),
@@ -95,11 +103,20 @@ class KeyFile:
             if not isinstance(obj, dict) or obj.get("format") != KEY_FORMAT \
                     or obj.get("version") != 1 or obj["wrap"]["cipher"] != "aes-256-gcm":
                 raise ValueError("not a version 1 key file")
+            repo_id = obj.get("repo_id")
+            if repo_id is not None and (not isinstance(repo_id, str) or not repo_id):
+                raise ValueError(f"repository ID {repo_id!r} is not a string")
             key = cls(id=str(obj["id"]), created_at=str(obj["created_at"]),
                       host=str(obj["host"]), kdf=KdfParams.from_json(obj["kdf"]),
                       salt=bytes.fromhex(obj["kdf"]["salt"]),
                       nonce=bytes.fromhex(obj["wrap"]["nonce"]),
-                      wrapped=bytes.fromhex(obj["wrap"]["ciphertext"]))
+                      wrapped=bytes.fromhex(obj["wrap"]["ciphertext"]), repo_id=repo_id)
+            if len(key.salt) != KDF_SALT_BYTES or len(key.nonce) != crypto.NONCE_BYTES \
+                    or len(key.wrapped) != WRAPPED_BYTES:
+                raise ValueError(f"a salt of {len(key.salt)} bytes, a nonce of "
+                                 f"{len(key.nonce)}, wrapped keys of {len(key.wrapped)} "
+                                 f"(expected {KDF_SALT_BYTES}, {crypto.NONCE_BYTES} and "
+                                 f"{WRAPPED_BYTES})")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RepositoryError(f"{where}: key file is damaged ({exc})") from exc
         if not where.endswith(layout.key_file(key.id)):
@@ -117,34 +134,85 @@ def _aad(repo_id: str, key_id: str) -> bytes:
 
 def wrap(keys: MasterKeys, password: bytes, repo_id: str, kdf: KdfParams) -> KeyFile:
     key_id = secrets.token_hex(8)
-    salt, nonce = secrets.token_bytes(KDF_SALT_BYTES), secrets.token_bytes(12)
+    salt, nonce = secrets.token_bytes(KDF_SALT_BYTES), secrets.token_bytes(crypto.NONCE_BYTES)
     aead = crypto.make_aead(crypto.AES_GCM, kdf.derive(password, salt))
     return KeyFile(id=key_id, created_at=datetime.now(UTC).isoformat(), host=socket.gethostname(),
                    kdf=kdf, salt=salt, nonce=nonce,
-                   wrapped=aead.encrypt(nonce, keys.to_bytes(), _aad(repo_id, key_id)))
+                   wrapped=aead.encrypt(nonce, keys.to_bytes(), _aad(repo_id, key_id)),
+                   repo_id=repo_id)
+
+
+def open_key(key: KeyFile, password: bytes, repo_id: str) -> tuple[MasterKeys, str] | None:
+    """The master keys and the repository ID they are bound to: ``repo_id``, or the one the
+    key file records when the password opens it for that one only (the key file, or the
+    config, comes from another repository). None: the password is not this key file's.
+    `RepositoryError` when argon2id refuses the key file's parameters."""
+    try:
+        kek = key.kdf.derive(password, key.salt)
+    except crypto.KdfFailure as exc:
+        raise RepositoryError(f"{key.name}: key file is damaged ({exc})") from exc
+    aead = crypto.make_aead(crypto.AES_GCM, kek)
+    for bound in dict.fromkeys(r for r in (repo_id, key.repo_id) if r is not None):
+        try:
+            return MasterKeys.from_bytes(crypto.decrypt(aead, key.nonce, key.wrapped,
+                                                        _aad(bound, key.id))), bound
+        except (crypto.AeadFailure, ValueError):
+            continue
+    return None
 
 
 def unwrap(key: KeyFile, password: bytes, repo_id: str) -> MasterKeys | None:
-    """The master keys, or None when the password is not this key file's."""
-    aead = crypto.make_aead(crypto.AES_GCM, key.kdf.derive(password, key.salt))
-    try:
-        return MasterKeys.from_bytes(crypto.decrypt(aead, key.nonce, key.wrapped,
-                                                    _aad(repo_id, key.id)))
-    except (crypto.AeadFailure, ValueError):
-        return None
+    """The master keys, or None when the password is not this key file's (for ``repo_id``)."""
+    opened = open_key(key, password, repo_id)
+    return opened[0] if opened is not None and opened[1] == repo_id else None
 
 
-def key_files(backend: Backend) -> list[KeyFile]:
-    """Every key file that decodes (a damaged one cannot open anything)."""
-    out = []
+@dataclass(frozen=True, slots=True)
+class DamagedKeyFile:
+    """A key file that cannot open anything, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyScan:
+    """The key files found: those that decode (in order of creation), those that do not,
+    and the version of each (object name -> etag)."""
+
+    usable: tuple[KeyFile, ...]
+    damaged: tuple[DamagedKeyFile, ...]
+    etags: Mapping[str, str]
+
+
+def scan_key_files(backend: Backend) -> KeyScan:
+    usable: list[KeyFile] = []
+    damaged: list[DamagedKeyFile] = []
+    etags: dict[str, str] = {}
     for info in backend.list(layout.KEYS):
         if layout.key_id_of(info.name) is None:
             continue
         try:
-            out.append(KeyFile.from_bytes(backend.load(info.name), info.name))
-        except (ObjectNotFound, RepositoryError):
+            key = KeyFile.from_bytes(backend.load(info.name), info.name)
+        except ObjectNotFound:
             continue
-    return sorted(out, key=lambda k: (k.created_at, k.id))
+        except RepositoryError as exc:
+            damaged.append(DamagedKeyFile(info.name, exc.message))
+        else:
+            usable.append(key)
+        etags[info.name] = info.etag
+    return KeyScan(tuple(sorted(usable, key=lambda k: (k.created_at, k.id))), tuple(damaged),
+                   etags)
+
+
+def key_files(backend: Backend) -> list[KeyFile]:
+    """Every key file that decodes (a damaged one cannot open anything)."""
+    return list(scan_key_files(backend).usable)
+
+
+def describe_damaged(damaged: Iterable[DamagedKeyFile]) -> str:
+    return "".join(f"; key file {d.name} is damaged ({d.reason.removeprefix(d.name + ': ')}): "
+                   "if it was yours, the password may be right" for d in damaged)
 
 
 def has_key_files(backend: Backend) -> bool:
@@ -182,11 +250,12 @@ class Unlocked:
 def unlock(backend: Backend, config: dict[str, Any],
            password: PasswordSource | None) -> Unlocked:
     """The codec of an opened repository: for an encrypted one, the master keys from the
-    first key file the password opens, and the config's MAC checked with them."""
+    first key file the password opens (the cheapest to try first), and the config's MAC
+    checked with them."""
     cipher = encryption_of(config, backend.url)
     if cipher is None:
         if has_key_files(backend):
-            raise AuthenticationFailed(
+            raise DowngradeRefused(
                 f"{backend.url}/config.json says the repository is not encrypted, but it has "
                 "key files: the config was altered (a downgrade); nothing was read or written")
         return Unlocked(PlainCodec())
@@ -195,22 +264,42 @@ def unlock(backend: Backend, config: dict[str, Any],
         raise PasswordRequired(
             f"repository {backend.url} is encrypted: give its password (BLOCKTRAIL_PASSWORD, "
             "--password-file FILE or --password-command CMD)")
-    keys_found = key_files(backend)
-    if not keys_found:
+    scan = scan_key_files(backend)
+    if not scan.usable:
         raise RepositoryError(f"{backend.url}: the repository is encrypted but has no readable "
-                              "key file (keys/): it cannot be opened")
+                              "key file (keys/): it cannot be opened"
+                              + describe_damaged(scan.damaged))
     repo_id = str(config["repo_id"])
-    for key in keys_found:
-        keys = unwrap(key, secret, repo_id)
-        if keys is None:
+    damaged = list(scan.damaged)
+    for key in sorted(scan.usable, key=lambda k: (k.kdf.cost, k.created_at, k.id)):
+        try:
+            opened = open_key(key, secret, repo_id)
+        except RepositoryError as exc:
+            damaged.append(DamagedKeyFile(key.name, exc.message))
             continue
-        if config.get("mac") != config_mac(keys, config):
+        if opened is None:
+            continue
+        keys, bound = opened
+        if bound != repo_id:
+            raise AuthenticationFailed(
+                f"{backend.url}: {AUTH_REPO_ID} (config.json names repository {repo_id}, key "
+                f"file {key.name} repository {bound}); nothing was read or written")
+        if not hmac.compare_digest(str(config.get("mac")).encode(),
+                                   config_mac(keys, config).encode()):
             raise AuthenticationFailed(f"{backend.url}/config.json: {AUTH_CONFIG}")
         return Unlocked(EncryptedCodec(keys, crypto.CIPHERS[cipher]), key.id, keys)
-    raise WrongPassword(f"wrong password: none of the {len(keys_found)} key files of "
-                        f"repository {backend.url} opens with it; nothing was written")
+    recorded = {k.repo_id for k in scan.usable if k.repo_id is not None}
+    if recorded and repo_id not in recorded:
+        raise AuthenticationFailed(
+            f"{backend.url}: {AUTH_REPO_ID} (config.json names repository {repo_id}, the key "
+            f"files {', '.join(sorted(recorded))}); nothing was read or written")
+    raise WrongPassword(f"wrong password: none of the {len(scan.usable)} key files of "
+                        f"repository {backend.url} opens with it; nothing was written"
+                        + describe_damaged(damaged))
 
 
+AUTH_REPO_ID = ("authentication failed: the config or a key file comes from another "
+                "repository (or was altered)")
 AUTH_CONFIG = ("authentication failed: the repository config was altered (its chunk size, "
                "cipher or identity changed since it was written)")
 

@@ -16,6 +16,7 @@ from blocktrail.repo.errors import (
     AUTH_FAILED,
     AuthenticationFailed,
     ChunkCorrupt,
+    DowngradeRefused,
     ObjectAuthenticationFailed,
 )
 
@@ -200,6 +201,15 @@ class PlainCodec:
 
     def open_file(self, kind: int, name: str, data: bytes, where: str,
                   error: type[AuthenticationFailed] = AuthenticationFailed) -> bytes:
+        """The file as it is; `DowngradeRefused` if it is sealed: only an encrypted
+        repository writes such a file (no unencrypted one starts with the sealed magic), so
+        the config that says "not encrypted" was altered."""
+        if data[:len(SEALED_MAGIC)] == SEALED_MAGIC:
+            raise DowngradeRefused(
+                f"{where} is sealed by an encrypted repository, but config.json says the "
+                "repository is not encrypted: the config was altered (a downgrade); refused "
+                "before anything was written (put back the config from a copy of the "
+                "repository)")
         return data
 
     def lease_name(self, disk_id: str) -> str:

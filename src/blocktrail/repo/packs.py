@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import mmap
 import secrets
 import struct
@@ -103,8 +104,9 @@ def read_trailer(data: bytes, where: str, pack_size: int | None = None, *,
         raise _damaged(trailer_key, f"{where}: pack trailer is damaged")
     if trailer_key is not None:
         entries_end = start - base + count * TRAILER_ENTRY.size
-        if _trailer_mac(trailer_key, pack_id, bytes(data[start - base : entries_end]), count) \
-                != bytes(data[entries_end : entries_end + MAC_BYTES]):
+        if not hmac.compare_digest(
+                _trailer_mac(trailer_key, pack_id, bytes(data[start - base : entries_end]),
+                             count), bytes(data[entries_end : entries_end + MAC_BYTES])):
             raise ObjectAuthenticationFailed(f"{where}: pack trailer: {AUTH_FAILED}")
     entries = [TRAILER_ENTRY.unpack_from(data, start - base + i * TRAILER_ENTRY.size)
                for i in range(count)]

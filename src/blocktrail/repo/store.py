@@ -39,6 +39,7 @@ from blocktrail.repo.errors import (
     AuthenticationFailed,
     ChunkCorrupt,
     ConditionalWritesUnsupported,
+    DowngradeRefused,
     IndexAuthenticationFailed,
     LeaseLost,
     ManifestAuthenticationFailed,
@@ -152,6 +153,17 @@ class Store:
         if not isinstance(config.get("version"), int) or config["version"] > VERSION_ENCRYPTED:
             raise UnsupportedFormat(f"{backend.url}: repository version {config.get('version')}"
                                     f" is newer than this blocktrail ({VERSION_ENCRYPTED})")
+        repo_id = config.get("repo_id")
+        if not isinstance(repo_id, str) or not repo_id:
+            raise RepositoryError(f"{backend.url}/config.json is damaged: its repository ID "
+                                  f"(repo_id) is {'missing' if repo_id is None else repr(repo_id)}"
+                                  "; put back the config from a copy of the repository")
+        for field in ("chunk_size", "page_chunks"):
+            value = config.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RepositoryError(f"{backend.url}/config.json is damaged: {field} is "
+                                      f"{value!r}; put back the config from a copy of the "
+                                      "repository")
         return config
 
     @staticmethod
@@ -291,6 +303,8 @@ class Store:
                 continue
             loaded.files = names
             for name, result in zip(names, results, strict=True):
+                if isinstance(result, DowngradeRefused):
+                    raise result  # not a damaged file: the repository is not what it says
                 if isinstance(result, RepositoryError):
                     loaded.damaged_files.append((name, result.message))
                     if isinstance(result, AuthenticationFailed):
@@ -484,9 +498,8 @@ class Store:
             data = self.backend.load(name)
         except ObjectNotFound:
             raise FileNotFoundError(name) from None
-        if self.codec.encrypted:
-            data = self.codec.open_file(KIND_MANIFEST, name, data, name,
-                                        ManifestAuthenticationFailed)
+        data = self.codec.open_file(KIND_MANIFEST, name, data, name,
+                                    ManifestAuthenticationFailed)
         return RestorePoint.from_bytes(data, name, filename.removesuffix(".json"))
 
     def write_manifest(self, point: RestorePoint, lease: Lease | None = None,

@@ -1,0 +1,216 @@
+"""Key files that are damaged, foreign or crafted, and key commands that run at the same time:
+a repository opens with any password that is still right, every failure is a typed error that
+names the file at fault, and no interleaving of key commands leaves a repository without a key.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktrail.repo import Encryption, Repository, layout
+from blocktrail.repo.crypto import KdfFailure, KdfParams
+from blocktrail.repo.errors import (
+    AuthenticationFailed,
+    DowngradeRefused,
+    RepositoryError,
+    WrongPassword,
+)
+from blocktrail.repo.keys import TEST_KDF
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
+
+CS = 64 * 1024
+SECOND = "second-password"
+
+
+@pytest.fixture(scope="module")
+def two_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """An encrypted repository with one restore point and two key files: TEST_PASSWORD's
+    (made first) and SECOND's. -> (path, first key id, second key id)."""
+    path = tmp_path_factory.mktemp("keys") / "golden"
+    with Repository.init(path, encryption=TEST_ENCRYPTION) as repo:
+        writer = repo.begin("d", 2 * CS, None)
+        writer.put_chunk(0, b"\x07" * CS)
+        writer.commit(kind="full", change_id=None)
+        first = str(repo.key_id)
+        second = repo.add_key(SECOND, TEST_KDF).id
+    return path, first, second
+
+
+def copy_of(two_keys: tuple[Path, str, str], dest: Path) -> tuple[Path, str, str]:
+    path, first, second = two_keys
+    shutil.copytree(path, dest)
+    return dest, first, second
+
+
+def edit_key(path: Path, key_id: str, change: Callable[[dict[str, Any]], None]) -> Path:
+    file = path / layout.key_file(key_id)
+    body = json.loads(file.read_text())
+    change(body)
+    file.chmod(0o644)
+    file.write_text(json.dumps(body))
+    return file
+
+
+def edit_config(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    file = path / "config.json"
+    body = json.loads(file.read_text())
+    change(body)
+    file.chmod(0o644)
+    file.write_text(json.dumps(body))
+
+
+def opens_with(path: Path, password: str) -> str | None:
+    with Repository.open(path, password=password) as repo:
+        return repo.key_id
+
+
+# ------------------------------------------------------------------------------ crafted KDFs
+
+def test_argon2_refusing_a_salt_is_a_typed_failure() -> None:
+    with pytest.raises(KdfFailure, match="argon2id"):
+        TEST_KDF.derive(b"password", b"\x00")
+
+
+@pytest.mark.parametrize("change", [
+    lambda body: body["kdf"].update(salt="00"),
+    lambda body: body["wrap"].update(nonce="00"),
+    lambda body: body["kdf"].update(memory_kib=8 << 20),
+], ids=["short-salt", "short-nonce", "8-GiB"])
+def test_a_crafted_key_file_tried_first_does_not_block_opening(
+        two_keys: tuple[Path, str, str], tmp_path: Path,
+        change: Callable[[dict[str, Any]], None]) -> None:
+    """A key file someone made to look oldest, with a salt argon2id refuses or 8 GiB of
+    memory: the repository still opens with a right password, and the crafted file is named
+    when nothing opens."""
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    edit_key(path, second, lambda body: (body.update(created_at="1970-01-01T00:00:00+00:00"),
+                                         change(body)))
+    assert opens_with(path, TEST_PASSWORD) == first
+    with pytest.raises(WrongPassword, match=rf"key file keys/{second}\.json is damaged"):
+        opens_with(path, SECOND)
+
+
+def test_the_cheapest_key_file_is_tried_first(two_keys: tuple[Path, str, str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key file with costly (but allowed) parameters, made to look oldest, is not derived
+    before a cheap one that opens."""
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    costly = KdfParams(time_cost=100, memory_kib=1 << 20, parallelism=1)
+    edit_key(path, second, lambda body: (body.update(created_at="1970-01-01T00:00:00+00:00"),
+                                         body["kdf"].update(costly.to_json())))
+    derived: list[KdfParams] = []
+    real = KdfParams.derive
+
+    def spy(self: KdfParams, password: bytes, salt: bytes) -> bytes:
+        derived.append(self)
+        if self == costly:
+            raise AssertionError("the costly key file was derived first")
+        return real(self, password, salt)
+
+    monkeypatch.setattr(KdfParams, "derive", spy)
+    assert opens_with(path, TEST_PASSWORD) == first
+    assert derived == [TEST_KDF]
+
+
+# ------------------------------------------------------------------------------ repository IDs
+
+def test_new_key_files_record_their_repository(two_keys: tuple[Path, str, str]) -> None:
+    path, first, second = two_keys
+    repo_id = json.loads((path / "config.json").read_text())["repo_id"]
+    for key_id in (first, second):
+        assert json.loads((path / layout.key_file(key_id)).read_text())["repo_id"] == repo_id
+
+
+def test_a_changed_repository_id_is_an_authentication_failure(
+        two_keys: tuple[Path, str, str], tmp_path: Path) -> None:
+    path, _, _ = copy_of(two_keys, tmp_path / "r")
+    edit_config(path, lambda body: body.update(repo_id="0" * 32))
+    for password in (TEST_PASSWORD, "not-a-password"):  # the password cannot be judged
+        with pytest.raises(AuthenticationFailed, match="another repository") as caught:
+            opens_with(path, password)
+        assert not isinstance(caught.value, WrongPassword)
+
+
+def test_a_config_without_its_repository_id_is_damaged(two_keys: tuple[Path, str, str],
+                                                       tmp_path: Path) -> None:
+    path, _, _ = copy_of(two_keys, tmp_path / "r")
+    edit_config(path, lambda body: body.pop("repo_id"))
+    with pytest.raises(RepositoryError, match=r"repository ID \(repo_id\) is missing"):
+        opens_with(path, TEST_PASSWORD)
+
+
+def test_key_files_made_before_the_repository_id_was_recorded_keep_opening(
+        two_keys: tuple[Path, str, str], tmp_path: Path) -> None:
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    for key_id in (first, second):
+        edit_key(path, key_id, lambda body: body.pop("repo_id"))
+    assert opens_with(path, TEST_PASSWORD) == first
+    assert opens_with(path, SECOND) == second
+    with pytest.raises(WrongPassword):
+        opens_with(path, "not-a-password")
+
+
+# ------------------------------------------------------------------------------ damaged files
+
+@pytest.mark.parametrize("damage", ["truncated", "time-cost-0"])
+def test_a_damaged_key_file_is_named_when_no_key_opens(two_keys: tuple[Path, str, str],
+                                                       tmp_path: Path, damage: str) -> None:
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    if damage == "truncated":
+        file = path / layout.key_file(second)
+        file.chmod(0o644)
+        file.write_bytes(file.read_bytes()[:100])
+    else:
+        edit_key(path, second, lambda body: body["kdf"].update(time_cost=0))
+    with pytest.raises(WrongPassword, match=rf"keys/{second}\.json is damaged .*if it was "
+                                            "yours, the password may be right"):
+        opens_with(path, SECOND)
+    with Repository.open(path, password=TEST_PASSWORD) as repo:
+        report = repo.check()
+        assert [(p.kind, p.name) for p in report.problems] == [
+            ("key", layout.key_file(second))]
+        assert [k.id for k in repo.key_files()] == [first]
+
+
+# ------------------------------------------------------------------------------ downgrades
+
+def stored(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.parts[len(path.parts)] in ("packs", "index", "points")}
+
+
+def test_a_downgraded_config_writes_nothing_in_the_clear(two_keys: tuple[Path, str, str],
+                                                        tmp_path: Path) -> None:
+    """The config rewritten as unencrypted and the key files deleted: a backup run with the
+    password in its environment writes no plain pack, index file or manifest beside the
+    encrypted ones, and check refuses too."""
+    path, _, _ = copy_of(two_keys, tmp_path / "r")
+    edit_config(path, lambda body: (body.pop("mac"), body.update(version=2, encryption="none")))
+    shutil.rmtree(path / "keys")
+    (path / "keys").mkdir()
+    before = stored(path)
+    with Repository.open(path, password=TEST_PASSWORD) as repo:
+        with pytest.raises(DowngradeRefused, match="a downgrade"):
+            writer = repo.begin("d", CS, None)
+            writer.put_chunk(0, b"plain secret".ljust(CS, b"\0"))
+            writer.commit(kind="full", change_id=None)
+        with pytest.raises(DowngradeRefused):
+            repo.check()
+        with pytest.raises(DowngradeRefused):
+            repo.points()
+    assert stored(path) == before
+
+
+def test_an_unencrypted_repository_with_a_password_set_opens(tmp_path: Path) -> None:
+    with Repository.init(tmp_path / "r", encryption=Encryption.none()) as repo:
+        writer = repo.begin("d", CS, None)
+        writer.put_chunk(0, b"\x01" * CS)
+        point = writer.commit(kind="full", change_id=None)
+    with Repository.open(tmp_path / "r", password=TEST_PASSWORD) as repo:
+        assert repo.point(point.id).id == point.id and repo.check().ok
