@@ -76,6 +76,12 @@ class LastKeyRefused(BlocktrailError):
     exit_code = ExitCode.USAGE
 
 
+class PasswordInUse(BlocktrailError):
+    """A new password (`repo key add`, `passwd`) already opens another key file."""
+
+    exit_code = ExitCode.USAGE
+
+
 class RepositoryNoSpace(NoSpace):
     """The repository's file system (or quota) is full. What was being written was removed
     again; nothing was published."""

@@ -5,7 +5,8 @@ A repository's master keys (repo/crypto.py) are random and never change. Each ke
 salt and parameters). Adding a password creates a key file; changing one creates the new key
 file, then deletes the old; removing one deletes its file, never the last nor the one in use.
 Key files are create-only, so a process killed at any point leaves the old key file, the new
-one, or both: the repository always opens with the old or the new password.
+one, or both: the repository always opens with the old or the new password. Those commands run
+one at a time, under the keys lease (`layout.KEYS_LEASE`).
 
 Opening tries the key files cheapest first; one that is damaged or crafted (parameters argon2id
 refuses) opens nothing and stops nothing, and is named when no key file opens.
@@ -13,6 +14,7 @@ refuses) opens nothing and stops nothing, and is named when no key file opens.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import secrets
@@ -30,6 +32,7 @@ from blocktrail.repo.errors import (
     DowngradeRefused,
     KeyNotFound,
     LastKeyRefused,
+    PasswordInUse,
     PasswordRequired,
     RepositoryError,
     WrongPassword,
@@ -314,8 +317,10 @@ def encrypted_config(config: dict[str, Any], keys: MasterKeys, cipher: int) -> d
 # ------------------------------------------------------------------------------ managing keys
 
 def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
-            kdf: KdfParams) -> KeyFile:
-    """A new key file for ``password`` (create-only: whole or not at all)."""
+            kdf: KdfParams, existing: Iterable[KeyFile] = ()) -> KeyFile:
+    """A new key file for ``password`` (create-only: whole or not at all); refused when the
+    password already opens one of ``existing`` (each password is one key file's)."""
+    refuse_password_in_use(existing, password, repo_id)
     key = wrap(keys, password, repo_id, kdf)
     try:
         backend.create(key.name, key.to_bytes())
@@ -325,9 +330,26 @@ def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
     return key
 
 
+def refuse_password_in_use(existing: Iterable[KeyFile], password: bytes, repo_id: str) -> None:
+    for key in existing:
+        with contextlib.suppress(RepositoryError):  # a damaged key file opens nothing
+            if open_key(key, password, repo_id) is not None:
+                raise PasswordInUse(f"the new password already opens key {key.id}: choose "
+                                    "another (to change that key's password, open the "
+                                    "repository with it and use `blocktrail repo key passwd`)")
+
+
 def remove_key(backend: Backend, key_id: str, in_use: str | None) -> None:
-    """Delete a key file: never the one in use (change its password instead) nor the last."""
-    ids = [k.id for k in key_files(backend)]
+    """Delete a key file: never the one in use (change its password instead) nor the last
+    (a damaged one, which opens nothing, always). The caller holds the keys lease
+    (`layout.KEYS_LEASE`): the key files are listed under it, and the one removed is deleted
+    only in the version listed."""
+    scan = scan_key_files(backend)
+    ids = [k.id for k in scan.usable]
+    name = layout.key_file(key_id)
+    if any(d.name == name for d in scan.damaged):
+        backend.delete(name, scan.etags[name])
+        return
     if key_id not in ids:
         raise KeyNotFound(f"no key file {key_id!r} in {backend.url} (`blocktrail repo key "
                           "list` shows them)")
@@ -338,13 +360,20 @@ def remove_key(backend: Backend, key_id: str, in_use: str | None) -> None:
     if len(ids) <= 1:
         raise LastKeyRefused(f"key {key_id} is the repository's last key file: without it "
                              "nothing in the repository can ever be read again")
-    backend.delete(layout.key_file(key_id))
+    backend.delete(name, scan.etags[name])
 
 
 def change_password(backend: Backend, repo_id: str, keys: MasterKeys, key_id: str,
                     new_password: bytes, kdf: KdfParams) -> KeyFile:
     """Re-wrap: the new key file first (durable), then delete the old one. The data is never
-    re-encrypted."""
-    new = add_key(backend, repo_id, keys, new_password, kdf)
-    backend.delete(layout.key_file(key_id))
+    re-encrypted. The caller holds the keys lease, as for `remove_key`."""
+    scan = scan_key_files(backend)
+    name = layout.key_file(key_id)
+    if all(k.id != key_id for k in scan.usable):
+        raise KeyNotFound(f"key {key_id}, the one this command opened {backend.url} with, is "
+                          "gone (another command removed it or changed its password): open "
+                          "the repository again")
+    new = add_key(backend, repo_id, keys, new_password, kdf,
+                  [k for k in scan.usable if k.id != key_id])
+    backend.delete(name, scan.etags[name])
     return new

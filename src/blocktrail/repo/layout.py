@@ -17,6 +17,7 @@ LEASES = "leases/"
 GC = "gc/"
 PROBE = "probe/"
 MAINTENANCE_LEASE = "leases/maintenance.json"
+KEYS_LEASE = "leases/keys.json"  # held while key files are added, removed or replaced
 KEYS = "keys/"
 
 _PACK = re.compile(r"packs/[0-9a-f]{2}/([0-9a-f]{32})\.pack")

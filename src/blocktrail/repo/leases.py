@@ -5,7 +5,8 @@ A lease is a small object under ``leases/``, created create-only, renewed by its
 conditional replace (``If-Match`` its last version) every quarter of its duration, and deleted
 when the holder is done. Every writer holds one: a backup ``leases/disk-<hash of disk id>.json``
 (so two processes never back up one disk at once), any other writer
-``leases/writer-<session>.json``; prune and repair hold ``leases/maintenance.json``.
+``leases/writer-<session>.json``; prune and repair hold ``leases/maintenance.json``, a command
+that adds, removes or replaces a key file ``leases/keys.json``.
 
 Timing, with ``D`` the lease duration and ``M`` the margin (default D/10, at least 2 s):
 
@@ -99,7 +100,7 @@ class LeaseRecord:
 
     name: str
     owner: str
-    purpose: str  # "backup" | "writer" | "maintenance"
+    purpose: str  # "backup" | "writer" | "maintenance" | "keys"
     disk_id: str | None
     host: str
     pid: int

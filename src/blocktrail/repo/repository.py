@@ -123,14 +123,19 @@ class Repository(Store):
         return self._master
 
     def add_key(self, password: PasswordSource, kdf: crypto.KdfParams | None = None) -> KeyFile:
-        """A new key file: the repository opens with ``password`` too."""
-        return keys.add_key(self.backend, self.repo_id, self._master_keys(),
-                            _new_password(password), kdf or self._kdf_in_use())
+        """A new key file: the repository opens with ``password`` too (`PasswordInUse` if it
+        already does)."""
+        master, secret = self._master_keys(), _new_password(password)
+        with self._keys_lease("add a key file"):
+            existing = keys.key_files(self.backend)
+            return keys.add_key(self.backend, self.repo_id, master, secret,
+                                kdf or self._kdf_in_use(existing), existing)
 
     def remove_key(self, key_id: str) -> None:
         """Delete a key file (never the one this opened with, nor the last)."""
         self._master_keys()
-        keys.remove_key(self.backend, key_id, self.key_id)
+        with self._keys_lease(f"remove key {key_id}"):
+            keys.remove_key(self.backend, key_id, self.key_id)
 
     def change_password(self, password: PasswordSource,
                         kdf: crypto.KdfParams | None = None) -> KeyFile:
@@ -139,13 +144,21 @@ class Repository(Store):
         master = self._master_keys()
         if self.key_id is None:
             raise InvalidArgument("no key file is in use")
-        new = keys.change_password(self.backend, self.repo_id, master, self.key_id,
-                                   _new_password(password), kdf or self._kdf_in_use())
+        secret = _new_password(password)
+        with self._keys_lease("change the password"):
+            new = keys.change_password(
+                self.backend, self.repo_id, master, self.key_id, secret,
+                kdf or self._kdf_in_use(keys.key_files(self.backend)))
         self.key_id = new.id
         return new
 
-    def _kdf_in_use(self) -> crypto.KdfParams:
-        for key in self.key_files():
+    def _keys_lease(self, what: str) -> Lease:
+        """Key files change one command at a time: two removals that each list the other's key
+        as removable would otherwise remove both."""
+        return self._lease(layout.KEYS_LEASE, "keys", None, what)
+
+    def _kdf_in_use(self, found: Iterable[KeyFile]) -> crypto.KdfParams:
+        for key in found:
             if key.id == self.key_id:
                 return key.kdf
         return crypto.KdfParams()

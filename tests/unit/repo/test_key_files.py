@@ -13,16 +13,18 @@ from typing import Any
 
 import pytest
 
+from blocktrail.errors import BlocktrailError
 from blocktrail.repo import Encryption, Repository, layout
 from blocktrail.repo.crypto import KdfFailure, KdfParams
 from blocktrail.repo.errors import (
     AuthenticationFailed,
     DowngradeRefused,
+    PasswordInUse,
     RepositoryError,
     WrongPassword,
 )
 from blocktrail.repo.keys import TEST_KDF
-from s3server import TEST_ENCRYPTION, TEST_PASSWORD
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget
 
 CS = 64 * 1024
 SECOND = "second-password"
@@ -175,7 +177,70 @@ def test_a_damaged_key_file_is_named_when_no_key_opens(two_keys: tuple[Path, str
         report = repo.check()
         assert [(p.kind, p.name) for p in report.problems] == [
             ("key", layout.key_file(second))]
+        repo.remove_key(second)  # a damaged key file opens nothing: it can always go
+        assert repo.check().ok
         assert [k.id for k in repo.key_files()] == [first]
+
+
+# ------------------------------------------------------------------------------ concurrent commands
+
+@pytest.mark.encrypted_s3
+def test_two_key_removals_at_once_leave_a_key(target: RepoTarget,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removes B's key while B removes A's: B's removal runs whole after A has found both
+    key files and before A deletes. One of them is refused; the other key still opens."""
+    if not target.encrypted:
+        pytest.skip("an unencrypted repository has no keys")
+    with target.init() as repo:
+        first = str(repo.key_id)
+        second = repo.add_key(SECOND, TEST_KDF).id
+    a, b = target.open(), target.open(password=SECOND)
+    outcomes: dict[str, str] = {}
+
+    def remove(repo: Repository, key_id: str) -> None:
+        try:
+            repo.remove_key(key_id)
+            outcomes[key_id] = "removed"
+        except BlocktrailError as exc:  # RepositoryBusy, LastKeyRefused: refused
+            outcomes[key_id] = type(exc).__name__
+
+    real_delete = a.backend.delete
+    armed = [True]
+
+    def the_other_then_delete(name: str, etag: str | None = None) -> None:
+        if name.startswith(layout.KEYS) and armed[0]:
+            armed[0] = False
+            remove(b, first)  # B runs whole between A's listing and A's delete
+        real_delete(name, etag)
+
+    monkeypatch.setattr(a.backend, "delete", the_other_then_delete)
+    try:
+        remove(a, second)
+    finally:
+        a.close()
+        b.close()
+    assert not armed[0]
+    assert sorted(outcomes.values()).count("removed") == 1, outcomes
+    assert len(target.names(layout.KEYS)) == 1
+    survivor = TEST_PASSWORD if outcomes[second] == "removed" else SECOND
+    with target.open(password=survivor) as repo:
+        assert repo.check().ok
+
+
+def test_a_password_is_one_key_files(two_keys: tuple[Path, str, str], tmp_path: Path) -> None:
+    """`key add` and `passwd` refuse a password another key file already opens with (a
+    `passwd` would re-wrap one of them and leave the old password working)."""
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    with Repository.open(path, password=TEST_PASSWORD) as repo:
+        with pytest.raises(PasswordInUse, match=f"already opens key {second}"):
+            repo.add_key(SECOND, TEST_KDF)
+        with pytest.raises(PasswordInUse, match=f"already opens key {first}"):
+            repo.add_key(TEST_PASSWORD, TEST_KDF)
+        with pytest.raises(PasswordInUse, match=f"already opens key {second}"):
+            repo.change_password(SECOND)
+        renewed = repo.change_password(TEST_PASSWORD, KdfParams(2, 1024, 1))  # its own: fine
+        assert renewed.kdf.time_cost == 2
+    assert len(list((path / "keys").iterdir())) == 2
 
 
 # ------------------------------------------------------------------------------ downgrades
