@@ -164,3 +164,31 @@ def test_password_sources_below_the_cli(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="empty"):
         (tmp_path / "empty").write_text("\n")
         find_password(PasswordSources(file=str(tmp_path / "empty")), {})
+
+
+def test_key_add_and_passwd_take_blocktrail_kdf(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """BLOCKTRAIL_KDF (then --kdf over it) sets the parameters of the key file `repo key add`
+    and `repo key passwd` make; without either they are those of the key file in use."""
+    repo = str(tmp_path / "r")
+    run(capsys, "repo", "init", repo)  # t=1 (the tests' BLOCKTRAIL_KDF)
+    monkeypatch.setenv("BLOCKTRAIL_NEW_PASSWORD", "second")
+    monkeypatch.setenv("BLOCKTRAIL_KDF", "t=2,m=1024,p=1")
+    code, added, _ = run(capsys, "repo", "key", "add", repo)
+    assert code == 0 and isinstance(added, dict) and added["kdf"]["time_cost"] == 2
+    monkeypatch.setenv("BLOCKTRAIL_NEW_PASSWORD", "third")
+    monkeypatch.setenv("BLOCKTRAIL_KDF", "t=3,m=1024,p=1")
+    code, changed, _ = run(capsys, "repo", "key", "passwd", repo)
+    assert code == 0 and isinstance(changed, dict) and changed["kdf"]["time_cost"] == 3
+    code, changed, _ = run(capsys, "repo", "key", "passwd", repo, "--kdf", "t=4,m=1024,p=1")
+    assert code == ExitCode.UNAUTHORIZED  # the password in use is replaced: "third" now
+    monkeypatch.setenv("BLOCKTRAIL_PASSWORD", "third")
+    monkeypatch.setenv("BLOCKTRAIL_NEW_PASSWORD", "fourth")
+    code, changed, _ = run(capsys, "repo", "key", "passwd", repo, "--kdf", "t=4,m=1024,p=1")
+    assert code == 0 and isinstance(changed, dict) and changed["kdf"]["time_cost"] == 4
+    monkeypatch.delenv("BLOCKTRAIL_KDF")
+    monkeypatch.setenv("BLOCKTRAIL_PASSWORD", "fourth")
+    monkeypatch.setenv("BLOCKTRAIL_NEW_PASSWORD", "fifth")
+    code, changed, _ = run(capsys, "repo", "key", "passwd", repo)
+    assert code == 0 and isinstance(changed, dict) and changed["kdf"]["time_cost"] == 4

@@ -183,8 +183,15 @@ def _say_unencrypted(location: str) -> None:
 def _kdf(text: str | None) -> KdfParams:
     """--kdf, else BLOCKTRAIL_KDF, else the default argon2id parameters."""
     from blocktrail.repo import KdfParams
+    return _kdf_given(text) or KdfParams()
+
+
+def _kdf_given(text: str | None) -> KdfParams | None:
+    """--kdf, else BLOCKTRAIL_KDF; None when neither is given (`repo key add|passwd` then
+    use the parameters of the key file the repository was opened with)."""
+    from blocktrail.repo import KdfParams
     value = text or os.environ.get(KDF_VARIABLE)
-    return KdfParams.parse(value) if value else KdfParams()
+    return KdfParams.parse(value) if value else None
 
 
 @contextlib.contextmanager
@@ -226,8 +233,9 @@ def repo_group() -> None:
 
 kdf_option = click.option(
     "--kdf", "kdf", default=None, metavar="t=N,m=KIB,p=N",
-    help="argon2id parameters of the new key file (default t=3,m=65536,p=4: about 0.15 s and "
-         "64 MiB to open; also BLOCKTRAIL_KDF).")
+    help="argon2id parameters of the new key file (else BLOCKTRAIL_KDF; else t=3,m=65536,p=4 "
+         "for `repo init`, about 0.15 s and 64 MiB to open, and for `repo key add|passwd` "
+         "those of the key file the repository is opened with).")
 
 
 @repo_group.command("init")
@@ -340,7 +348,7 @@ def key_add(path: str, endpoint: str | None, region: str | None, profile: str | 
             new_password_file: str | None, kdf: str | None, as_json: bool) -> None:
     """Add a key file: the repository opens with a new password too."""
     with open_repo(path, endpoint, region, profile) as repo:
-        key = repo.add_key(_new_password(repo), _kdf(kdf) if kdf else None)
+        key = repo.add_key(_new_password(repo), _kdf_given(kdf))
     emit(as_json, key.describe(), f"key {key.id} added")
 
 
@@ -369,7 +377,7 @@ def key_passwd(path: str, endpoint: str | None, region: str | None, profile: str
     keys, then the old one is deleted (nothing is re-encrypted)."""
     with open_repo(path, endpoint, region, profile) as repo:
         old = repo.key_id
-        key = repo.change_password(_new_password(repo), _kdf(kdf) if kdf else None)
+        key = repo.change_password(_new_password(repo), _kdf_given(kdf))
     emit(as_json, key.describe() | {"replaced": old},
          f"password changed: key {key.id} replaces {old}")
 
