@@ -138,6 +138,10 @@ def create_app(registry: DiskRegistry, token: str | None = None, *, nbd: str | N
     (``app.state.catalog``; close it when the app is done) and backs up into them (at most
     ``backup_bandwidth`` bytes a second). ``fills``: instant restores (their endpoints and
     background fills; host/restore_api.py)."""
+    if token is not None and not token.strip():
+        # an empty token would match a request that carries none
+        raise InvalidArgument("the API token is empty; give a non-empty token")
+
     def authorize(creds: BearerCredentials) -> None:
         if token is None:
             return

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from blocktrail.errors import InvalidArgument, io_error
+from blocktrail.errors import CorruptMetadata, InvalidArgument, io_error
+from blocktrail.fileio import OsFileIO
 from blocktrail.host.api import create_app
 from blocktrail.host.endpoint import TOKEN_FILE, Endpoint
 from blocktrail.host.exports import DiskCatalog
@@ -49,18 +50,29 @@ class HostConfig:
 
 
 def load_or_create_token(data_dir: str) -> str:
+    """The API's token from DATA/api-token, generated there first if there is none. The file
+    is written whole (temp file, fsync, rename), so a crash or a full file system never leaves
+    an empty one; an empty or malformed file is refused, never taken as the token "" (which
+    would let every request in)."""
     path = os.path.join(data_dir, TOKEN_FILE)
     try:
         if os.path.exists(path):
-            with open(path) as f:
-                return f.read().strip()
+            with open(path, "rb") as f:
+                return _checked_token(f.read(), path)
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        OsFileIO().replace_atomic(path, (token + "\n").encode())
     except OSError as exc:
         raise io_error(f"cannot read or create the API token {path}", exc) from exc
     return token
+
+
+def _checked_token(data: bytes, path: str) -> str:
+    token = data.strip()
+    if not token or any(b < 0x21 or b > 0x7E for b in token):
+        what = "is empty" if not token else "holds other than one line of visible ASCII"
+        raise CorruptMetadata(f"the API token file {path} {what}; delete it and start the "
+                              "host again to generate a new token (clients then need it)")
+    return token.decode("ascii")
 
 
 def bind(endpoint: Endpoint) -> socket.socket:
