@@ -21,6 +21,7 @@ from blocktrail.disk.disk import SourceOpener
 from blocktrail.disk.importer import build_disk, import_raw
 from blocktrail.disk.restoring import ChunkSource
 from blocktrail.errors import (
+    BlocktrailError,
     CorruptMetadata,
     DiskBusy,
     DiskExists,
@@ -71,6 +72,7 @@ class DiskRegistry:
         self.data_dir = self._data.root
         self._disks: dict[str, Disk] = {}
         self._creating: set[str] = set()
+        self._restoring_ids: set[str] = set()  # the disk IDs of restores under way
         self._lock = threading.RLock()
         self._vm_lock = threading.Lock()  # one VM snapshot or removal at a time: one journal
         try:
@@ -120,6 +122,10 @@ class DiskRegistry:
                 successor: Callable[[], ChunkSource] | None = None) -> Disk:
         """A new disk whose content is at once the restore point behind ``source`` (its base
         reads from the source until filled; `Disk.create_restored`): all of it, or nothing.
+        It keeps the point's ``disk_id`` and ``continues`` its change ID, unless another disk
+        of the host (or one being restored) has that disk ID: then it gets a fresh one and a
+        new tracking epoch (its first backup is full), for restore points, their retention
+        and leases are per disk ID, and two disks must never share them.
         The disk is opened with ``chunk_sources`` (``source`` serves the build only), or with
         what ``successor`` gives: a source of the same point that goes on with ``source``'s
         open repository (its key derived and its index read once, not again at the guest's
@@ -148,7 +154,34 @@ class DiskRegistry:
                 for unused in taken:
                     unused.close()
 
-        return self._add(name, make)
+        with self._lock:
+            if disk_id is not None and (disk_id in self._restoring_ids
+                                        or disk_id in self._disk_ids()):
+                disk_id = continues = None
+            if disk_id is not None:
+                self._restoring_ids.add(disk_id)
+        try:
+            return self._add(name, make)
+        finally:
+            if disk_id is not None:
+                with self._lock:
+                    self._restoring_ids.discard(disk_id)
+
+    def _disk_ids(self) -> set[str]:
+        """The disk IDs of the host's disks (a disk that cannot be opened: as its disk.json
+        says, if it says)."""
+        ids = set()
+        for name in self.names():
+            try:
+                ids.add(self.get(name).disk_id)
+            except BlocktrailError:
+                try:
+                    meta = json.loads(self._fileio.read_file(
+                        os.path.join(self._data.disk(name), DISK_META)))
+                    ids.add(str(meta["disk_id"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+        return ids
 
     def _add(self, name: str, make: Callable[[str], Disk]) -> Disk:
         check_disk_name(name)

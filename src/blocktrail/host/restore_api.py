@@ -3,7 +3,9 @@
 - ``POST /disks/restore`` {name, repository, point}: a new disk NAME whose content is the
   restore point, at once: built aside and renamed into place like a create or an import, with
   the point's disk ID (the next backup goes on in its chain) and tracking that continues the
-  point's change ID (the next backup is an incremental against it). Its base reads from the
+  point's change ID (the next backup is an incremental against it); when the host has a disk of
+  that disk ID already, a fresh disk ID and a new epoch instead (points, retention and leases
+  go by disk ID: two disks must not share them; its first backup is full). Its base reads from the
   repository on demand; a background fill makes it local (host/fill.py).
 - ``POST /disks/{name}/fill`` {paused, rate_bytes_per_second}: pause or resume the fill, or
   limit its rate.

@@ -29,7 +29,7 @@ from blocktrail.backup.source import Source
 from blocktrail.backup.sources.host import HostDiskSource
 from blocktrail.backup.throttle import Throttle, ThrottledSource
 from blocktrail.backup.verify import VerifyReport, verify_point
-from blocktrail.errors import BlocktrailError
+from blocktrail.errors import BlocktrailError, InvalidArgument
 from blocktrail.extents import Extent
 from blocktrail.host.client import HostClient
 from blocktrail.passwords import PasswordSources, password_source
@@ -161,6 +161,11 @@ def run_task(task: Task, options: RunOptions, progress: JobProgress) -> RunResul
     job = task.job
     client = host_client(job)
     try:
+        if job.vm is None and len(job.disks) > 1:
+            listed = client.call("GET", "/disks")
+            refuse_shared_disk_ids(job, {str(d["name"]): str(d["disk_id"]) for d in listed
+                                         if d.get("name") in job.disks and "disk_id" in d},
+                                   task.target)
         with open_repository(job, options.timing) as repo:
             if job.vm is not None:
                 disks = _run_vm(client, repo, job, job.vm, options, progress)
@@ -172,6 +177,26 @@ def run_task(task: Task, options: RunOptions, progress: JobProgress) -> RunResul
     finally:
         client.close()
     return RunResult(disks, time.monotonic() - started, prune, check, stats)
+
+
+def refuse_shared_disk_ids(job: JobConfig, disk_ids: dict[str, str],
+                           disk: str | None = None) -> None:
+    """InvalidArgument if two of the job's disks (``disk_ids``: name -> disk ID) have one disk
+    ID (of them, ``disk`` among them, if given): restore points, retention and leases are per
+    disk ID, so the two disks' points would mix and retention would forget one's for the
+    other's. Hosts give a disk restored beside its original a fresh disk ID; two such disks
+    come from an older host."""
+    by_id: dict[str, list[str]] = {}
+    for name, disk_id in sorted(disk_ids.items()):
+        by_id.setdefault(disk_id, []).append(name)
+    for disk_id, names in sorted(by_id.items()):
+        if len(names) > 1 and (disk is None or disk in names):
+            raise InvalidArgument(
+                f"job {job.name!r}: the disks {' and '.join(map(repr, names))} of {job.host} "
+                f"have the same disk ID {disk_id}, so their restore points would mix and "
+                "retention would forget one disk's for the other's; back up only one of them, "
+                "or restore the other again as a new disk (which gets a disk ID of its own) "
+                "and use that")
 
 
 def _source(client: HostClient, job: JobConfig, disk: str) -> Source:
@@ -209,6 +234,7 @@ def _run_vm(client: HostClient, repo: Repository, job: JobConfig, vm: str, optio
     with contextlib.ExitStack() as stack:
         sources = {d: stack.enter_context(contextlib.closing(_source(client, job, d)))
                    for d in sorted(disks)}
+        refuse_shared_disk_ids(job, {d: s.disk_id for d, s in sources.items()})
         leases = {d: stack.enter_context(repo.disk_lease(s.disk_id)) for d, s in sources.items()}
         prefix = snapshot_prefix(repo)
         # left by a killed run (we hold every disk's lease)

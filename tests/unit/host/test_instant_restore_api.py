@@ -91,6 +91,22 @@ def test_a_restored_disk_is_the_point_at_once_and_ends_local(host: Host, point: 
     assert again.status_code == 400 and "is local" in again.json()["message"]
 
 
+def test_a_second_disk_of_the_same_point_gets_its_own_identity(host: Host,
+                                                             point: Point) -> None:
+    """Restore points, their retention and leases are per disk ID: a disk restored while the
+    host has a disk of that ID already gets a fresh one and starts a new tracking epoch (its
+    first backup is full), so neither disk's points are ever taken for the other's."""
+    first = host.restore(point, name="r0", paused=True).json()
+    assert first["disk_id"] == point.disk_id
+    second = host.restore(point, name="r1", paused=True)
+    assert second.status_code == 201, second.text
+    info = second.json()
+    assert info["disk_id"] not in (point.disk_id, first["disk_id"])
+    assert info["epochs"][-1]["inherits"] is None
+    disk = host.registry.get("r1")
+    assert disk.pread(len(point.content), 0) == point.content
+
+
 def test_a_restore_opens_the_repository_once(host: Host, point: Point,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk's base goes on with the repository the restore opened (its key derived, its
