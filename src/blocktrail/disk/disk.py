@@ -479,6 +479,18 @@ class Disk:
             self._stack.guard(self._tracker.after_commit)
             return snapshot
 
+    def has_snapshot(self, snapshot: Snapshot, *, wait: bool = True) -> bool | None:
+        """Whether ``snapshot`` (a record `snapshots` gave) is still one of the disk's: one
+        removed and taken again under its name is another (another change ID, another time).
+        None: ``wait`` is False and a change of the disk holds or wants the lock."""
+        counted = self._lock.acquire_shared(blocking=wait)
+        if counted is None:
+            return None
+        try:
+            return snapshot in self._meta.snapshots
+        finally:
+            self._lock.release_shared(counted)
+
     def open_snapshot(self, name: str) -> SnapshotView:
         with self._lock.shared():
             self._snapshot(name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blocktrail.disk import Disk
+from blocktrail.disk import Disk, Snapshot
 from blocktrail.disk.readmap import MappedRead
 from blocktrail.errors import (
     BlocktrailError,
@@ -60,24 +60,58 @@ _PAIR = struct.Struct(">II")
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One export: the live disk (``snapshot`` None) or one of its snapshots."""
+    """One export: the live disk (``frozen`` None) or one of its snapshots. A snapshot export
+    is bound to the snapshot it was opened on, not to its name: once that snapshot is removed,
+    every request fails (EIO), also after another snapshot of that name is taken."""
 
     disk: Disk
-    snapshot: str | None
+    frozen: Snapshot | None
+
+    @property
+    def snapshot(self) -> str | None:
+        return None if self.frozen is None else self.frozen.name
 
     @property
     def read_only(self) -> bool:
-        return self.snapshot is not None
+        return self.frozen is not None
 
     @property
     def size_bytes(self) -> int:
-        if self.snapshot is None:
+        if self.frozen is None:
             return self.disk.size_bytes
-        return self.disk.open_snapshot(self.snapshot).size_bytes
+        return self.frozen.size_bytes  # a snapshot's size never changes
 
     def map_read(self, count: int, offset: int, *, wait: bool) -> MappedRead | None:
         with _as_reply_errors():
-            return self.disk.map_read(count, offset, self.snapshot, wait=wait)
+            mapped = self.disk.map_read(count, offset, self.snapshot, wait=wait)
+        if mapped is None:
+            return None
+        try:
+            there = self._still_there(wait=wait)
+        except BaseException:
+            mapped.close()
+            raise
+        if not there:
+            mapped.close()
+        return mapped if there else None
+
+    def _still_there(self, *, wait: bool) -> bool:
+        """After a request was answered by name: was the name still the export's snapshot? A
+        removed snapshot never comes back (each has a change ID of its own), so if it is there
+        now it was there all along, and the answer is its. False: not known without waiting
+        (``wait`` False)."""
+        if self.frozen is None:
+            return True
+        with _as_reply_errors():
+            there = self.disk.has_snapshot(self.frozen, wait=wait)
+        if there is None:
+            return False
+        if not there:
+            raise RequestFailed(f"snapshot {self.frozen.name!r} (change ID "
+                                f"{self.frozen.change_id}) was removed; this export is gone "
+                                "(connect again to read a snapshot taken since)",
+                                errno=Errno.EIO)
+        return True
 
     def perform(self, request: Request) -> None:
         """A command without a data reply: WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE."""
@@ -190,6 +224,8 @@ class Target:
             except RequestFailed as failure:
                 raise RequestFailed(f"{name}: {failure.message}", errno=failure.errno) from failure
             out.append((context_id, payload))
+        if not self._still_there(wait=not now):
+            raise _NotNow
         return out
 
     def _descriptors(self, change_id: str, start: int, end: int, inside: int, outside: int, *,
@@ -289,11 +325,14 @@ class DiskCatalog:
             if at:
                 check_snapshot_name(snapshot)
             disk = self._get_disk(disk_name)
+            frozen = None
             if at:
-                disk.open_snapshot(snapshot)
+                frozen = next((s for s in disk.snapshots if s.name == snapshot), None)
+                if frozen is None:
+                    return None
         except BlocktrailError:
             return None
-        return Target(disk, snapshot if at else None)
+        return Target(disk, frozen)
 
     def open(self, name: str) -> Target | None:
         """The export a connection that chose ``name`` uses (the server's `Catalog`)."""
