@@ -76,7 +76,8 @@ class Worker:
     timing: Timing = DEFAULT_TIMING  # of the repositories' leases
 
     def __post_init__(self) -> None:
-        states, self.checks = load_state(self.config.state_path)
+        states, self.checks = load_state(self.config.state_path)  # checks that ended
+        self._checking: set[str] = set()  # repositories a running task checks
         self.scheduler = Scheduler(self.config, states)
         self.progress: dict[str, JobProgress] = {}
         self.failures: list[BlocktrailError] = []
@@ -147,7 +148,7 @@ class Worker:
         verify = self.scheduler.verify_due(task, now)
         check = self._check_due(task.job, now)
         if check:
-            self.checks[task.job.repository] = now  # one check per repository at a time
+            self._checking.add(task.job.repository)  # one check per repository at a time
         progress = self.progress[task.key] = JobProgress(task.key)
         options = RunOptions(verify=verify, check=check, tz=self.config.timezone,
                              timing=self.timing)
@@ -173,7 +174,7 @@ class Worker:
         thread.start()
 
     def _check_due(self, job: JobConfig, now: float) -> bool:
-        if job.check_every_s is None:
+        if job.check_every_s is None or job.repository in self._checking:
             return False
         last = self.checks.get(job.repository)
         return last is None or now - last >= job.check_every_s
@@ -182,7 +183,11 @@ class Worker:
         task, job = done.task, done.task.job
         self._threads.pop(task.key).join()
         self.progress.pop(task.key, None)
+        if done.checked:
+            self._checking.discard(job.repository)
         if done.error is None and done.result is not None:
+            if done.checked:  # recorded once it ended: a check cut short is due again
+                self.checks[job.repository] = done.started
             outcome = self.scheduler.finished(task, done.started, True,
                                               verified=done.verified)
             self.metrics.succeeded(job.name, task.target, job.repository, done.started,
@@ -191,8 +196,6 @@ class Worker:
                          **result_json(done.result)})
             self._notify_findings(task, done.result)
         else:
-            if done.checked:  # the check did not run to its end: it is due again
-                self.checks.pop(job.repository, None)
             error = done.error or BlocktrailError("no result")
             outcome = self.scheduler.finished(task, done.started, False, _describe(error))
             self.metrics.failed(job.name, task.target, done.started, done.seconds,

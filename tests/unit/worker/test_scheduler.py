@@ -329,3 +329,46 @@ def test_notifications_are_delivered_to_a_command(tmp_path: Path) -> None:
     assert deliver(Notify(command=("false",), events=frozenset({"audit_mismatch"})), event) == []
     unreachable = deliver(Notify(webhook="http://127.0.0.1:9/none"), event)
     assert unreachable and "webhook" in unreachable[0]
+
+
+def test_a_check_is_recorded_only_once_it_ended(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed while a task checks the repository checks it again after a restart:
+    the state file another task's end writes meanwhile does not say it was checked."""
+    from blocktrail.worker import worker as worker_module
+
+    cfg = config("max_jobs = 2\nmax_per_host = 2\n"
+                 + job("a", disks='["d0", "d1"]', extra='check_every = "1w"'), tmp_path)
+    hold, saved = threading.Event(), threading.Event()
+    checked: list[str] = []
+    real_save = worker_module.save_state
+
+    def save(*args: Any) -> None:
+        real_save(*args)
+        saved.set()
+
+    monkeypatch.setattr(worker_module, "save_state", save)
+
+    def run(task: Task, options: RunOptions, progress: JobProgress) -> RunResult:
+        if options.check:
+            checked.append(task.key)
+            assert hold.wait(30)  # checking while the other task ends
+        return _result(task)
+
+    first = Worker(cfg, clock=FakeClock(T0), run=run)
+    runner = threading.Thread(target=first.run_once)
+    runner.start()
+    try:
+        assert saved.wait(30)  # the other task ended and the state file was written
+        assert len(checked) == 1
+        assert load_state(cfg.state_path)[1] == {}
+        # the worker is killed here; one started again runs the unfinished task, and checks
+        again: list[tuple[str, bool]] = []
+        restarted = Worker(cfg, clock=FakeClock(T0 + 60), run=lambda task, options, _: (
+            again.append((task.key, options.check)) or _result(task)))
+        assert restarted.run_once() == 0
+        assert again == [(checked[0], True)]
+    finally:
+        hold.set()
+        runner.join()
+    assert load_state(cfg.state_path)[1] == {"/r": T0}  # recorded at its end, from its start
