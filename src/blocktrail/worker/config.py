@@ -23,6 +23,7 @@ EVENTS = frozenset({"failure", "audit_mismatch", "verify_differences"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(w|d|h|m|s)")
 _DURATION_S = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+MAX_DURATION_S = 366 * 86400.0  # a year: longer is a mistake (and "inf" never comes)
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -113,15 +114,20 @@ class WorkerConfig:
 
 
 def parse_duration(value: Any, what: str) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    text = str(value).strip().lower() if isinstance(value, str) else ""
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
-        raise InvalidArgument(f"{what}: {value!r} is not a duration (e.g. 90s, 15m, 1h30m, 1d)")
-    seconds = sum(float(n) * _DURATION_S[u] for n, u in parts)
-    if seconds <= 0:
+    """Seconds, more than 0 and at most `MAX_DURATION_S` (366 days)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(min(value, MAX_DURATION_S + 1))  # a huge int: no OverflowError
+    else:
+        text = str(value).strip().lower() if isinstance(value, str) else ""
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+            raise InvalidArgument(f"{what}: {value!r} is not a duration (e.g. 90s, 15m, "
+                                  "1h30m, 1d)")
+        seconds = sum(float(n) * _DURATION_S[u] for n, u in parts)
+    if not seconds > 0:  # NaN too
         raise InvalidArgument(f"{what}: a duration must be positive")
+    if not seconds <= MAX_DURATION_S:
+        raise InvalidArgument(f"{what}: {value!r} is longer than 366 days")
     return seconds
 
 
@@ -173,6 +179,21 @@ def _count(table: _Table, key: str) -> int:
     return int(value)
 
 
+def _at_least_one(table: _Table, key: str, default: int) -> int:
+    value = table.take(key, int, default)
+    if value < 1:
+        raise InvalidArgument(f"{table.what}: {key} must be 1 or more")
+    return int(value)
+
+
+def parse_listen_address(address: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT``; no host: 127.0.0.1) -> (host, port), the port 1-65535."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise InvalidArgument(f"{what}: {address!r} is not HOST:PORT (a port from 1 to 65535)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def _percent(table: _Table, key: str, default: float) -> float:
     value = float(table.take(key, (int, float), default))
     if not 0 <= value <= 100:
@@ -198,7 +219,7 @@ def _notify(data: Any, what: str) -> Notify:
     if not all(isinstance(c, str) and c for c in command):
         raise InvalidArgument(f"{table.what}: command is a program and its arguments")
     events = table.take("on", list, sorted(EVENTS))
-    if not set(events) <= EVENTS:
+    if not all(isinstance(e, str) for e in events) or not set(events) <= EVENTS:
         raise InvalidArgument(f"{table.what}: on names events among {', '.join(sorted(EVENTS))}")
     table.done()
     return Notify(webhook, tuple(command), frozenset(events))
@@ -313,10 +334,13 @@ def parse_config(text: str, path: str = "jobs.toml") -> WorkerConfig:
         raise InvalidArgument(f"{path}: job names must be distinct")
     state = worker.take("state", str) or os.path.splitext(os.path.basename(path))[0] \
         + ".state.json"
+    metrics = worker.take("metrics", str)
+    if metrics is not None:
+        parse_listen_address(metrics, "[worker]: metrics")
     config = WorkerConfig(
-        jobs=jobs, max_jobs=max(1, int(worker.take("max_jobs", int, 2))),
-        max_per_host=max(1, int(worker.take("max_per_host", int, 1))),
-        state_path=_path(state, base), metrics=worker.take("metrics", str),
+        jobs=jobs, max_jobs=_at_least_one(worker, "max_jobs", 2),
+        max_per_host=_at_least_one(worker, "max_per_host", 1),
+        state_path=_path(state, base), metrics=metrics,
         timezone=_timezone(worker.take("timezone", str)),
         max_backoff_s=parse_duration(worker.take("max_backoff", (str, int, float), "1h"),
                                      "[worker]: max_backoff"),

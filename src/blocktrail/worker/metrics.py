@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from blocktrail.worker.config import parse_listen_address
 from blocktrail.worker.runner import CheckRun, DiskRun, RunResult
 
 FULL_REASONS = (  # a fallback reason's text -> a label value with few values
@@ -136,12 +137,9 @@ def serve_metrics(metrics: WorkerMetrics, address: str) -> object:
 
     from blocktrail.errors import InvalidArgument
 
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise InvalidArgument(f"metrics address {address!r}: use HOST:PORT")
+    host, port = parse_listen_address(address, "metrics address")
     try:
-        server, _thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1",
-                                            registry=metrics.registry)
+        server, _thread = start_http_server(port, host, registry=metrics.registry)
     except OSError as exc:
         raise InvalidArgument(f"cannot serve metrics on {address}: {exc.strerror}") from None
     return server

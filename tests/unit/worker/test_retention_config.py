@@ -184,3 +184,55 @@ def test_no_jobs_and_duplicate_names_are_refused() -> None:
         parse_config(one + one)
     with pytest.raises(InvalidArgument, match="not valid TOML"):
         parse_config("[[job]\n")
+
+
+J = 'disks = ["d"]\nrepository = "/r"\n'
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (J + "every = inf", "longer than 366 days"),
+    (J + "every = nan", "positive"),
+    (J + "every = -5", "positive"),
+    (J + "every = 0", "positive"),
+    (J + 'every = "367d"', "longer than 366 days"),
+    (J + f'every = "{"9" * 400}w"', "longer than 366 days"),
+    (J + "every = 9223372036854775807", "longer than 366 days"),
+    (J + 'every = "1h"\nretry_backoff = inf', "retry_backoff.*longer than 366 days"),
+    (J + 'every = "1h"\nverify_every = inf', "verify_every.*longer than 366 days"),
+    (J + 'every = "1h"\ncheck_every = "53w"', "check_every.*longer than 366 days"),
+    (J + 'every = "1h"\nnotify = { on = [["failure"]] }', "on names events"),
+    (J + 'every = "1h"\nnotify = { on = [1] }', "on names events"),
+])
+def test_durations_past_a_year_and_odd_values_are_refused(body: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        parse_config(f'[[job]]\nname = "j"\nhost = "unix:/h"\n{body}\n')
+
+
+@pytest.mark.parametrize(("worker", "message"), [
+    ("max_jobs = 0", "max_jobs must be 1 or more"),
+    ("max_jobs = -3", "max_jobs must be 1 or more"),
+    ("max_per_host = 0", "max_per_host must be 1 or more"),
+    ("max_backoff = inf", "max_backoff.*longer than 366 days"),
+    ('metrics = "127.0.0.1:99999"', "port from 1 to 65535"),
+    ('metrics = "127.0.0.1:0"', "port from 1 to 65535"),
+    ('metrics = "127.0.0.1:\u00b2"', "port from 1 to 65535"),
+    ('metrics = "9464"', "not HOST:PORT"),
+])
+def test_worker_limits_and_metrics_address_are_checked(worker: str, message: str) -> None:
+    text = f'[worker]\n{worker}\n[[job]]\nname = "j"\nhost = "unix:/h"\n{J}every = "1h"\n'
+    with pytest.raises(InvalidArgument, match=message):
+        parse_config(text)
+
+
+def test_a_year_is_the_longest_duration() -> None:
+    cfg = parse_config(f'[[job]]\nname = "j"\nhost = "unix:/h"\n{J}every = "366d"\n'
+                       'check_every = "52w"\n')
+    assert cfg.jobs[0].schedule.every_s == 366 * 86400
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1:\u00b2", "nope"])
+def test_a_bad_metrics_option_is_a_usage_error(address: str) -> None:
+    from blocktrail.worker.metrics import WorkerMetrics, serve_metrics
+
+    with pytest.raises(InvalidArgument, match="HOST:PORT"):
+        serve_metrics(WorkerMetrics(), address)
