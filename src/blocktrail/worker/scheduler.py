@@ -16,6 +16,7 @@ many disks cannot starve the others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
@@ -58,15 +59,32 @@ class TaskState:
                 "last_error": self.last_error, "last_verify": self.last_verify}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> TaskState:
+    def from_json(cls, obj: Any) -> TaskState:
+        """ValueError naming what is wrong: ``obj`` is not what `to_json` writes."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"not an object: {obj!r}")
+
         def number(key: str) -> float | None:
             value = obj.get(key)
-            return float(value) if isinstance(value, int | float) else None
+            if value is None:
+                return None
+            if not is_unix_time(value):
+                raise ValueError(f"{key} is not a time: {value!r}")
+            return float(value)
 
-        error = obj.get("last_error")
+        failures, error = obj.get("failures", 0), obj.get("last_error")
+        if not isinstance(failures, int) or isinstance(failures, bool) or failures < 0:
+            raise ValueError(f"failures is not a count: {failures!r}")
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"last_error is not a text: {error!r}")
         return cls(number("last_success"), number("schedule_from"), number("last_attempt"),
-                   int(obj.get("failures") or 0), error if isinstance(error, str) else None,
-                   number("last_verify"))
+                   failures, error, number("last_verify"))
+
+
+def is_unix_time(value: Any) -> bool:
+    """A Unix time as the state file holds it: a finite number, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

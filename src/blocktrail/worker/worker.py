@@ -18,14 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from blocktrail.errors import BlocktrailError, ExitCode
+from blocktrail.errors import BlocktrailError, CorruptMetadata, ExitCode, io_error
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo.leases import DEFAULT_TIMING, Timing
 from blocktrail.worker.config import JobConfig, WorkerConfig
 from blocktrail.worker.metrics import WorkerMetrics
 from blocktrail.worker.notify import Event, deliver
 from blocktrail.worker.runner import JobProgress, RunOptions, RunResult, result_json, run_task
-from blocktrail.worker.scheduler import Scheduler, Task, TaskState
+from blocktrail.worker.scheduler import Scheduler, Task, TaskState, is_unix_time
 
 STATE_FORMAT = "blocktrail-worker-state"
 MAX_SLEEP_S = 60.0
@@ -255,21 +255,45 @@ def _describe(error: BlocktrailError) -> str:
 
 def load_state(path: str) -> tuple[dict[str, TaskState], dict[str, float]]:
     """The tasks' states and the repositories' last checks (nothing yet: empty)."""
+    afresh = "move it away to start afresh (every job then runs at once)"
     try:
         with open(path, "rb") as f:
             doc = json.loads(f.read())
     except FileNotFoundError:
         return {}, {}
-    except (OSError, ValueError) as exc:
-        raise BlocktrailError(f"the worker's state file {path} cannot be read ({exc}); move it "
-                              "away to start afresh (every job then runs at once)") from None
+    except OSError as exc:
+        raise io_error(f"the worker's state file {path} cannot be read", exc) from None
+    except ValueError as exc:
+        raise CorruptMetadata(f"the worker's state file {path} cannot be read ({exc}); "
+                              f"{afresh}") from None
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise BlocktrailError(f"{path} is not a worker state file")
-    tasks = {str(k): TaskState.from_json(v) for k, v in dict(doc.get("tasks", {})).items()
-             if isinstance(v, dict)}
-    checks = {str(k): float(v) for k, v in dict(doc.get("checks", {})).items()
-              if isinstance(v, int | float)}
-    return tasks, checks
+        raise CorruptMetadata(f"{path} is not a worker state file; {afresh}")
+    try:
+        return _tasks(doc.get("tasks", {})), _checks(doc.get("checks", {}))
+    except ValueError as exc:
+        raise CorruptMetadata(f"the worker's state file {path} is damaged ({exc}); "
+                              f"{afresh}") from None
+
+
+def _tasks(obj: Any) -> dict[str, TaskState]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"tasks is not an object: {obj!r}")
+    tasks = {}
+    for key, value in obj.items():
+        try:
+            tasks[key] = TaskState.from_json(value)
+        except ValueError as exc:
+            raise ValueError(f"task {key!r}: {exc}") from None
+    return tasks
+
+
+def _checks(obj: Any) -> dict[str, float]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"checks is not an object: {obj!r}")
+    for key, value in obj.items():
+        if not is_unix_time(value):
+            raise ValueError(f"check of {key!r} is not a time: {value!r}")
+    return {key: float(value) for key, value in obj.items()}
 
 
 def save_state(path: str, states: dict[str, TaskState], checks: dict[str, float]) -> None:

@@ -372,3 +372,40 @@ def test_a_check_is_recorded_only_once_it_ended(tmp_path: Path,
         hold.set()
         runner.join()
     assert load_state(cfg.state_path)[1] == {"/r": T0}  # recorded at its end, from its start
+
+
+@pytest.mark.parametrize("doc", [
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": {"failures": "x"}}}',
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": {"failures": -1}}}',
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": {"last_success": "noon"}}}',
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": {"last_success": Infinity}}}',
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": {"last_error": 3}}}',
+    '{"format": "blocktrail-worker-state", "tasks": {"j/d0": [1]}}',
+    '{"format": "blocktrail-worker-state", "tasks": "abc"}',
+    '{"format": "blocktrail-worker-state", "tasks": [["a", 1]]}',
+    '{"format": "blocktrail-worker-state", "checks": [1]}',
+    '{"format": "blocktrail-worker-state", "checks": {"/r": "yesterday"}}',
+    '{"format": "blocktrail-worker-state", "checks": {"/r": NaN}}',
+    '{"format": "other"}',
+    '[1, 2]',
+    '{nope',
+])
+def test_a_damaged_state_file_stops_the_worker_saying_so(tmp_path: Path, doc: str) -> None:
+    from blocktrail.errors import CorruptMetadata
+
+    cfg = config(job("j"), tmp_path)
+    (tmp_path / "state.json").write_text(doc)
+    with pytest.raises(CorruptMetadata, match="move it away to start afresh"):
+        Worker(cfg, clock=FakeClock(T0), run=lambda *_: RunResult((), 0.0))
+    assert (tmp_path / "state.json").read_text() == doc  # left as it was
+
+
+def test_a_state_file_as_written_is_read_back(tmp_path: Path) -> None:
+    cfg = config(job("j"), tmp_path)
+    (tmp_path / "state.json").write_text(
+        '{"format": "blocktrail-worker-state", "version": 1, "tasks": {"j/d0": '
+        '{"last_success": 10, "schedule_from": 10.5, "last_attempt": null, "failures": 2, '
+        '"last_error": "HostUnreachable: no", "last_verify": null}}, "checks": {"/r": 7}}')
+    tasks, checks = load_state(cfg.state_path)
+    assert tasks["j/d0"].failures == 2 and tasks["j/d0"].schedule_from == 10.5
+    assert checks == {"/r": 7.0}
