@@ -140,6 +140,18 @@ def test_console_login_cookie_and_buttons(setup: tuple[TestClient, DiskRegistry,
     assert client.get("/console/").status_code == 401
 
 
+@pytest.mark.parametrize("index", ["\u00b2", "\u0663", "9" * 5000, "-1", " 0", ""])
+def test_a_repository_index_that_is_no_number_is_refused(
+        setup: tuple[TestClient, DiskRegistry, Path], index: str) -> None:
+    client, _registry, _repo = setup
+    client.post("/disks", json={"name": "d0", "size_bytes": 1 << 20}, headers=AUTH)
+    csrf = _csrf(client.get("/console/", headers=AUTH).text)
+    answer = client.post("/console/disks/d0/backup", data={"repository": index, "csrf": csrf},
+                         headers={**AUTH, "X-Console": "fetch"})
+    assert answer.status_code == 400, answer.text
+    assert "no such repository" in answer.json()["message"]
+
+
 def _wait_finished(client: TestClient, headers: dict[str, str] | None = None) -> Any:
     import time
     deadline = time.monotonic() + 30

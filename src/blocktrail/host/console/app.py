@@ -256,9 +256,12 @@ class Console:
 
     def _repository(self, request: Request) -> str:
         text = request.state.form.get("repository", "0")
-        if not text.isdigit() or int(text) >= len(self.catalog.paths):
+        # ASCII digits only ("²" is a digit to str.isdigit, not to int), and few of them (int
+        # refuses thousands)
+        index = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else -1
+        if not 0 <= index < len(self.catalog.paths):
             raise InvalidArgument("the host knows no such repository (start it with --repo)")
-        return self.catalog.paths[int(text)]
+        return self.catalog.paths[index]
 
     async def backup_now(self, request: Request) -> Response:
         name = check_disk_name(request.path_params["name"])
