@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from blocktrail.backup.chunksource import (
     RepositoryChunkSource,
@@ -50,6 +50,7 @@ from blocktrail.host.schema import (
     DiskName,
     DiskNameField,
     Integer,
+    RequestModel,
     _disk_json,
 )
 from blocktrail.passwords import NO_SOURCES, PasswordSources
@@ -67,7 +68,7 @@ from blocktrail.tracking import ChangeId
 _RATE = "bytes per second the fill may copy at most (null: as fast as the guest allows)"
 
 
-class FillControl(BaseModel):
+class FillControl(RequestModel):
     """What is left out stays as it is (a new fill: runs, unlimited)."""
 
     paused: bool | None = Field(default=None, description="hold the fill (reads still fetch "
@@ -75,7 +76,7 @@ class FillControl(BaseModel):
     rate_bytes_per_second: Integer | None = Field(default=None, ge=1, description=_RATE)
 
 
-class DiskRestore(BaseModel):
+class DiskRestore(RequestModel):
     name: DiskNameField = Field(examples=["vm1-restored"])
     repository: str = Field(description="The repository, as the host reaches it: an absolute "
                                         "path on the host, or s3://BUCKET/PREFIX (with the "

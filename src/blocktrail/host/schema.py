@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, Path, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from blocktrail.disk import Disk, Snapshot
@@ -62,9 +62,13 @@ def _grammar(check: Callable[[str], str]) -> AfterValidator:
 
 
 def _json_integer(value: Any) -> Any:
-    """A JSON integer (``3`` or ``3.0``), never ``true`` or ``"3"``."""
+    """A JSON integer (``3`` or ``3.0``), never ``true``, ``"3"`` or ``3.5``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
     return value
 
 
@@ -103,14 +107,22 @@ class AsciiJSONResponse(JSONResponse):
                           separators=(",", ":")).encode("ascii")
 
 
-class DiskCreate(BaseModel):
+class RequestModel(BaseModel):
+    """A request body: a key it does not know, or a value of another JSON type (``"yes"`` for
+    a boolean, ``"3"`` for a number), is refused (400), never ignored or converted: a typo must
+    not silently change what a request does."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DiskCreate(RequestModel):
     name: DiskNameField = Field(examples=["disk0"])
     size_bytes: Integer = Field(ge=0, le=1 << 50)
     granularity: Integer = Field(default=64 * 1024, ge=512, le=1 << 30,
                                  description=_GRANULARITY, json_schema_extra=_GRANULARITY_DOC)
 
 
-class DiskImport(BaseModel):
+class DiskImport(RequestModel):
     name: DiskNameField
     source_path: str = Field(description="The absolute path of a raw image on the host: a "
                                          "regular file or a block device the host can read, "
@@ -119,15 +131,15 @@ class DiskImport(BaseModel):
                                  description=_GRANULARITY, json_schema_extra=_GRANULARITY_DOC)
 
 
-class Resize(BaseModel):
+class Resize(RequestModel):
     size_bytes: Integer = Field(ge=0, le=1 << 50)
 
 
-class SnapshotCreate(BaseModel):
+class SnapshotCreate(RequestModel):
     name: SnapshotNameField = Field(examples=["nightly-1"])
 
 
-class VmDefine(BaseModel):
+class VmDefine(RequestModel):
     name: VmNameField
     disks: list[DiskNameField] = Field(
         description="one or more distinct disk names",

@@ -93,3 +93,35 @@ def test_vm_snapshot_is_taken_on_every_disk(client: TestClient, registry: DiskRe
 def test_openapi_document(client: TestClient) -> None:
     doc = client.get("/openapi.json").json()
     assert "/disks/{name}/changed-areas" in doc["paths"]
+
+
+@pytest.mark.parametrize(("path", "body", "wrong"), [
+    ("/disks", {"name": "d1", "size_bytes": 1 << 20, "granularty": 4096}, "granularty"),
+    ("/disks", {"name": "d1", "size_bytes": "1048576"}, "size_bytes"),
+    ("/disks", {"name": "d1", "size_bytes": 1.5}, "size_bytes"),
+    ("/disks", {"name": "d1", "size_bytes": True}, "size_bytes"),
+    ("/disks/import", {"name": "d1", "source_path": "/dev/null", "sparse": True}, "sparse"),
+    ("/disks/d0/resize", {"size_bytes": 2 << 20, "shrink": True}, "shrink"),
+    ("/disks/d0/snapshots", {"name": "s1", "description": "x"}, "description"),
+    ("/vms", {"name": "v", "disks": ["d0"], "disk": "d0"}, "disk"),
+    ("/vms/v0/snapshots", {"name": "s1", "quiesce": True}, "quiesce"),
+])
+def test_unknown_keys_and_values_of_another_type_are_refused(
+        client: TestClient, registry: DiskRegistry, path: str, body: dict[str, object],
+        wrong: str) -> None:
+    """A typo or a value of another JSON type is a 400 naming it; nothing is changed."""
+    assert client.post("/disks", json={"name": "d0", "size_bytes": 1 << 20}).status_code == 201
+    assert client.post("/vms", json={"name": "v0", "disks": ["d0"]}).status_code == 201
+    answer = client.post(path, json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "InvalidArgument" and wrong in answer.json()["message"]
+    assert registry.names() == ["d0"] and registry.get("d0").size_bytes == 1 << 20
+    assert registry.get("d0").snapshots == []
+    assert [vm.name for vm in registry.vms()] == ["v0"]
+
+
+def test_a_whole_number_may_be_written_with_a_fraction_of_zero(client: TestClient) -> None:
+    made = client.post("/disks", json={"name": "d0", "size_bytes": 1048576.0,
+                                       "granularity": 4096.0})
+    assert made.status_code == 201, made.text
+    assert (made.json()["size_bytes"], made.json()["granularity"]) == (1 << 20, 4096)

@@ -128,6 +128,25 @@ def test_a_restore_opens_the_repository_once(host: Host, point: Point,
     assert opened == [str(point.repo)]
 
 
+@pytest.mark.parametrize(("fill", "wrong"), [({"pause": True}, "pause"),
+                                               ({"paused": "yes"}, "paused"),
+                                               ({"paused": 1}, "paused"),
+                                               ({"rate_bytes_per_second": "1M"}, "rate")])
+def test_a_fill_control_with_an_unknown_key_or_a_string_is_refused(
+        host: Host, point: Point, fill: dict[str, Any], wrong: str) -> None:
+    """A typo (``pause``) or a string for a boolean must not be ignored or taken as true."""
+    refused = host.restore(point, **fill)
+    assert refused.status_code == 400 and wrong in refused.json()["message"], refused.text
+    assert host.registry.names() == []  # no disk was made
+    assert host.restore(point, paused=True).status_code == 201
+    control = host.client.post("/disks/r0/fill", json=fill)
+    assert control.status_code == 400 and wrong in control.json()["message"], control.text
+    assert host.info()["restore"]["paused"] == "by request"  # not resumed, not changed
+    typo = host.client.post("/disks/restore", json={"name": "r1", "repository": str(point.repo),
+                                                    "point": point.id, "granularty": 4096})
+    assert typo.status_code == 400 and "granularty" in typo.json()["message"]
+
+
 def test_the_fill_is_paused_resumed_and_limited(host: Host, point: Point) -> None:
     assert host.restore(point, rate_bytes_per_second=4 * CS).status_code == 201
     time.sleep(1.0)
