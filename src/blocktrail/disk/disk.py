@@ -244,7 +244,10 @@ class Disk:
                 layer.seal = None  # its filling writes it
             elif layer.snapshot is not None and (layer.seal is None or restart is not None):
                 layer.seal = disk._stack.seal_of(layer)
+        # Repeat the cut a crash may have undone, durably: a later grow commits a larger size,
+        # past which an undone cut would bring the old bytes back.
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
+        layers[-1].flush()
         disk._commit()
         if tracker.epoch != stored_epoch:  # a new epoch, durable now: the old intent can go
             tracker.after_commit()
@@ -580,7 +583,10 @@ class Disk:
             self._meta.size_bytes = size_bytes
             self._stack.guard(self._commit)
             if size_bytes < old:
+                # Durable before the lock goes: a grow commits a larger size next, and a cut a
+                # crash undid then would bring the shrunk-away bytes back.
                 self._stack.guard(chain.drop_beyond, top, self.cluster_size, size_bytes)
+                self._stack.guard(top.flush)
 
     # ------------------------------------------------------------------ tracking
 
