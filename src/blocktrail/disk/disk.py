@@ -25,7 +25,7 @@ from blocktrail.disk.restoring import (
     fill_name,
 )
 from blocktrail.disk.rwlock import DiskLock
-from blocktrail.disk.stack import LayerStack, new_layer_id
+from blocktrail.disk.stack import LayerStack, new_layer_id, unlink_unreferenced
 from blocktrail.errors import (
     BlocktrailError,
     DiskBusy,
@@ -785,7 +785,7 @@ class Disk:
         for name in self._fileio.listdir(self.path):
             if name not in keep and (name.startswith(("layer-", "interval-"))
                                      or name.endswith(".tmp")):
-                self._fileio.unlink(os.path.join(self.path, name))
+                unlink_unreferenced(self._fileio, os.path.join(self.path, name))
 
     @staticmethod
     def _check_range(count: int, offset: int, size: int) -> None:

@@ -7,6 +7,7 @@ public steps, so neither reaches into the other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable
@@ -116,8 +117,15 @@ class LayerStack:
         """Delete files no metadata references any more (a crash before this leaves them to
         the next open)."""
         for path in paths:
-            if self.fileio.exists(path):
-                self.guard(self.fileio.unlink, path)
+            self.guard(unlink_unreferenced, self.fileio, path)
+
+
+def unlink_unreferenced(fileio: FileIO, path: str) -> None:
+    """Delete a file no metadata references; one already gone is fine. Two deleters may race
+    for it: a consolidation deletes a merged layer's files outside the disk lock, and a reset or
+    revert deletes every unreferenced file in between its steps."""
+    with contextlib.suppress(FileNotFoundError):
+        fileio.unlink(path)
 
 
 def new_layer_id() -> str:
