@@ -212,6 +212,36 @@ def test_crash_with_lost_intent_log_refuses_change_ids(tmp_path: Path) -> None:
         assert reopened.pread(5000, 3 * MiB) == b"q" * 5000
 
 
+def test_crash_with_lost_checkpoint_refuses_change_ids(tmp_path: Path) -> None:
+    disk = Disk.create(tmp_path / "d", 64 * MiB, 64 * KiB, intent_region_bytes=MiB)
+    since = disk.current_change_id
+    disk.pwrite(b"a" * 5000, 0)
+    disk.checkpoint()  # the mark at 0 is in open.roar only: its intent bit is cleared
+    disk.pwrite(b"b" * 5000, 32 * MiB)
+    disk.flush()
+    disk.abandon()
+    os.unlink(tmp_path / "d" / "open.roar")
+    disk = Disk.open(tmp_path / "d")
+    with pytest.raises(StaleChangeId, match="unclean shutdown and the tracker checkpoint"):
+        disk.query_changed_areas(since)
+    assert disk.pread(5000, 0) == b"a" * 5000
+    fresh = disk.current_change_id
+    disk.pwrite(b"c" * 5000, 16 * MiB)
+    disk.abandon()  # a crash before any checkpoint of the new epoch: it holds
+    with Disk.open(tmp_path / "d") as reopened:
+        assert covers(changed(reopened, fresh), 16 * MiB, 5000)
+
+
+def test_crash_before_the_first_checkpoint_keeps_change_ids(tmp_path: Path) -> None:
+    disk = Disk.create(tmp_path / "d", 64 * MiB, 64 * KiB)
+    since = disk.current_change_id
+    disk.pwrite(b"q" * 5000, 3 * MiB)
+    disk.abandon()  # open.roar is the empty checkpoint written with the disk
+    with Disk.open(tmp_path / "d") as reopened:
+        assert covers(changed(reopened, since), 3 * MiB, 5000)
+        assert reopened.tracker.epochs[-1].reason == "tracking started with the disk"
+
+
 # F8, F2: reset and tracker upgrade -------------------------------------------------------------
 
 def test_reset_refuses_every_earlier_change_id_at_once(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ LOCK_FILE = "lock"
 MAX_GRANULES = 2**32
 # What a create killed midway leaves in its directory (and nothing else): such a directory is
 # taken over by the next create.
-_CREATE_LEFTOVERS = ("lock", "intent.bin")
+_CREATE_LEFTOVERS = ("lock", "intent.bin", "open.roar")
 
 _Read = TypeVar("_Read", bytes, bytes | memoryview)  # what a read of a snapshot gives
 

@@ -98,6 +98,7 @@ class ChangeTracker:
         self._marks_lock = threading.Lock()  # the open interval's bitmap (not thread-safe)
         self.consolidation_active = False
         self.marks_during_consolidation = 0
+        self._checkpoint_after_commit = False
 
     # ---------------------------------------------------------------- construction
 
@@ -109,7 +110,11 @@ class ChangeTracker:
         write-intent bitmap's region (default: `region_bytes_for` the disk). ``continues``: the
         disk starts with the content another disk had at that change ID (it was restored from
         a restore point taken there): that one change ID stays valid, so the next backup is an
-        incremental against that point; every other ID of that epoch is refused."""
+        incremental against that point; every other ID of that epoch is refused.
+
+        Writes the (empty) checkpoint of the open interval before the caller first commits
+        `meta()`: from then on `open.roar` always exists, so one missing after a crash is damage
+        (its marks may be gone from the intent log), not "no checkpoint yet"."""
         region = intent_region_bytes or region_bytes_for(size_bytes, granularity)
         if region < granularity or region & (region - 1):
             raise InvalidArgument(f"the write-intent region must be a power of two of at least "
@@ -124,7 +129,10 @@ class ChangeTracker:
                       EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT,
                                   (continues.epoch, continues.seq), continues.seq)]
             seq = continues.seq
-        return cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(), intent)
+        tracker = cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(),
+                      intent)
+        tracker.checkpoint()
+        return tracker
 
     @classmethod
     def load(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
@@ -159,6 +167,9 @@ class ChangeTracker:
             tracker = cls(fileio, directory, granularity, size_bytes, epochs, seq, {}, BitMap(),
                           intent)
             tracker.restart(history)
+            # open.roar may be missing or damaged: the new epoch's empty checkpoint replaces it
+            # once committed, so a crash before the next checkpoint does not restart again
+            tracker._checkpoint_after_commit = True
             return tracker
         return cls(fileio, directory, granularity, size_bytes, epochs, seq, history.intervals,
                    history.open_marks, history.intent)
@@ -246,8 +257,13 @@ class ChangeTracker:
         return self.current_change_id
 
     def after_commit(self) -> None:
-        """Every mark so far is durable in a committed interval: the intent bits can go."""
-        self._intent.clear()
+        """Every mark so far is durable in a committed interval: the intent bits can go. (After
+        a restart at load: the new epoch's checkpoint is written first.)"""
+        if self._checkpoint_after_commit:
+            self.checkpoint()
+            self._checkpoint_after_commit = False
+        else:
+            self._intent.clear()
 
     def restart(self, reason: str) -> ChangeId:
         """A new epoch: every earlier change ID is refused from now on. In memory only: the
@@ -402,7 +418,9 @@ def _load_history(fileio: FileIO, directory: str, meta: dict[str, Any], epoch: s
                 open_marks = granules
             elif not crashed:
                 return "tracker checkpoint does not match the disk"
-        elif not crashed:
+        elif crashed:  # written since the epoch started: a checkpoint's marks may be lost
+            return "unclean shutdown and the tracker checkpoint is missing"
+        else:
             return "tracker checkpoint missing at a clean open"
     except (OSError, CorruptMetadata) as exc:
         return f"the tracker checkpoint is unreadable ({exc})"
