@@ -16,7 +16,14 @@ import numpy as np
 from blocktrail.disk import chain
 from blocktrail.disk.consolidation import Consolidation
 from blocktrail.disk.layers import BaseLayer, DeltaLayer, Layer
-from blocktrail.disk.meta import FORMAT_VERSION, META_FILE, DiskMeta, LayerRecord, Snapshot
+from blocktrail.disk.meta import (
+    FORMAT_VERSION,
+    MAX_GRANULES,
+    META_FILE,
+    DiskMeta,
+    LayerRecord,
+    Snapshot,
+)
 from blocktrail.disk.readmap import MappedRead
 from blocktrail.disk.restoring import (
     ChunkSource,
@@ -45,7 +52,6 @@ from blocktrail.tracking.tracker import MAX_EXTENTS_PER_ANSWER
 
 SourceOpener = Callable[[dict[str, Any]], ChunkSource]
 LOCK_FILE = "lock"
-MAX_GRANULES = 2**32
 # What a create killed midway leaves in its directory (and nothing else): such a directory is
 # taken over by the next create.
 _CREATE_LEFTOVERS = ("lock", "intent.bin", "open.roar")
@@ -235,7 +241,6 @@ class Disk:
             for layer in layers:
                 layer.close()
             raise
-        stored_epoch = str(meta.tracker.get("epoch"))
         meta.state, meta.legacy_seal, meta.format_version = "open", {}, FORMAT_VERSION
         disk = cls(path, fileio, lock, meta, layers, tracker)
         layers[-1].seal = None  # the top may be written from now on
@@ -249,7 +254,7 @@ class Disk:
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
         layers[-1].flush()
         disk._commit()
-        if tracker.epoch != stored_epoch:  # a new epoch, durable now: the old intent can go
+        if tracker.new_epoch_pending:  # durable now: the old intent can go
             tracker.after_commit()
         disk._delete_unreferenced()
         for index in range(len(layers) - 1):  # finish removals a crash interrupted

@@ -12,6 +12,7 @@ from blocktrail.errors import CorruptMetadata, UnsupportedFormat
 FORMAT = "blocktrail-disk"
 FORMAT_VERSION = 2  # 2: a seal per layer, with the change time (1: one seal, at clean close)
 META_FILE = "disk.json"
+MAX_GRANULES = 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class DiskMeta:
                 f"{where}: disk format version {version} was written by a newer blocktrail "
                 f"(this one reads up to {FORMAT_VERSION})")
         try:
-            return cls(
+            meta = cls(
                 disk_id=str(obj["disk_id"]),
                 created_at=str(obj["created_at"]),
                 size_bytes=int(obj["size_bytes"]),
@@ -117,6 +118,19 @@ class DiskMeta:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptMetadata(f"{where}: disk metadata is incomplete ({exc!r})") from exc
+        meta._check(where)
+        return meta
+
+    def _check(self, where: str) -> None:
+        """`CorruptMetadata` for sizes no disk was ever created with."""
+        for name, value in (("granularity", self.granularity),
+                            ("cluster_size", self.cluster_size)):
+            if value < 512 or value & (value - 1):
+                raise CorruptMetadata(f"{where}: disk metadata is damaged ({name} {value} is "
+                                      "not a power of two of at least 512)")
+        if self.size_bytes < 0 or -(-self.size_bytes // self.granularity) > MAX_GRANULES:
+            raise CorruptMetadata(f"{where}: disk metadata is damaged (size_bytes "
+                                  f"{self.size_bytes} is negative or more than 2^32 granules)")
 
 
 def _seal(obj: Any) -> dict[str, list[int]] | None:

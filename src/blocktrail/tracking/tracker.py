@@ -67,7 +67,12 @@ class EpochRecord:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> EpochRecord:
+        """The record; TypeError or ValueError if ``obj`` is not one."""
+        if not isinstance(obj, dict):
+            raise TypeError(f"an epoch must be an object, not {obj!r}")
         inh = obj.get("inherits")
+        if inh is not None and (not isinstance(inh, list) or len(inh) != 2):
+            raise TypeError(f"an epoch's inherits must be [epoch, seq], not {inh!r}")
         return cls(str(obj["epoch"]), str(obj["created_at"]), str(obj["reason"]),
                    int(obj["tracker_format"]), None if inh is None else (str(inh[0]), int(inh[1])),
                    int(obj.get("inherits_floor", 0)))
@@ -142,20 +147,15 @@ class ChangeTracker:
 
         Starts a new epoch when the history cannot be trusted (``restart_reason`` from the disk,
         an older tracker format, a damaged file, a crash the intent log cannot prove safe)."""
-        stored_format = int(meta["format"])
-        if stored_format > TRACKER_FORMAT:
-            raise UnsupportedFormat(
-                f"tracker format {stored_format} was written by a newer blocktrail "
-                f"(this one reads up to {TRACKER_FORMAT})")
-        if stored_format < TRACKER_FORMAT and restart_reason is None:
-            restart_reason = (f"tracker format upgraded from v{stored_format} "
+        stored = _StoredTracker.parse(meta, directory, granularity)
+        if stored.format < TRACKER_FORMAT and restart_reason is None:
+            restart_reason = (f"tracker format upgraded from v{stored.format} "
                               f"to v{TRACKER_FORMAT}")
-        epochs = [EpochRecord.from_json(e) for e in meta["epochs"]]
-        seq, region = int(meta["seq"]), int(meta["intent_region_bytes"])
-        history: _History | str | None = restart_reason
+        epochs, seq, region = stored.epochs, stored.seq, stored.region
+        history: _History | str | None = restart_reason or _inheritance_loop(epochs)
         if history is None:
-            history = _load_history(fileio, directory, meta, epochs[-1].epoch, seq, region,
-                                    crashed=crashed, granularity=granularity)
+            history = _load_history(fileio, directory, stored.intervals, epochs[-1].epoch, seq,
+                                    region, crashed=crashed, granularity=granularity)
         if isinstance(history, str):
             # The old epoch's files stay as they are until the caller has committed the new
             # epoch (then `after_commit` clears the intent bits).
@@ -179,6 +179,11 @@ class ChangeTracker:
     @property
     def epoch(self) -> str:
         return self._epochs[-1].epoch
+
+    @property
+    def new_epoch_pending(self) -> bool:
+        """`load` started a new epoch: the caller commits `meta()`, then calls `after_commit`."""
+        return self._checkpoint_after_commit
 
     @property
     def current_change_id(self) -> ChangeId:
@@ -298,7 +303,13 @@ class ChangeTracker:
         cid = ChangeId.parse(change_id)
         by_epoch = {e.epoch: e for e in self._epochs}
         record, limit, floor, child = self._epochs[-1], self.seq, 0, None
+        seen: set[str] = set()
         while True:
+            if record.epoch in seen:  # only a damaged disk.json: no operation makes a loop
+                raise CorruptMetadata(
+                    f"{self._dir}: the tracker's epochs in disk.json inherit in a loop (through "
+                    f"{record.epoch}); reset tracking on the disk and take a full backup")
+            seen.add(record.epoch)
             if record.epoch == cid.epoch:
                 if child is not None and cid.seq < floor:
                     raise StaleChangeId(
@@ -395,17 +406,77 @@ class _History:
     intent: IntentLog
 
 
-def _load_history(fileio: FileIO, directory: str, meta: dict[str, Any], epoch: str, seq: int,
-                  region: int, *, crashed: bool, granularity: int) -> _History | str:
+@dataclass(frozen=True, slots=True)
+class _StoredTracker:
+    """The tracker's part of disk.json, checked."""
+
+    format: int
+    epochs: list[EpochRecord]
+    seq: int
+    region: int
+    intervals: list[tuple[int, str]]  # (seq, file name)
+
+    @classmethod
+    def parse(cls, meta: dict[str, Any], directory: str, granularity: int) -> _StoredTracker:
+        """-> the checked fields; `UnsupportedFormat` for a newer format (looked at first),
+        `CorruptMetadata` for anything missing, mistyped or out of range."""
+        def damaged(why: str) -> CorruptMetadata:
+            return CorruptMetadata(f"{directory}: the tracker state in disk.json is damaged "
+                                   f"({why}); nothing was changed: restore disk.json from a copy")
+        try:
+            stored_format = int(meta["format"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise damaged(f"format: {exc!r}") from exc
+        if stored_format > TRACKER_FORMAT:
+            raise UnsupportedFormat(
+                f"tracker format {stored_format} was written by a newer blocktrail "
+                f"(this one reads up to {TRACKER_FORMAT})")
+        try:
+            epochs = [EpochRecord.from_json(e) for e in meta["epochs"]]
+            seq, region = int(meta["seq"]), int(meta["intent_region_bytes"])
+            intervals = [(int(s), str(name)) for s, name in meta["intervals"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise damaged(repr(exc)) from exc
+        if not epochs:
+            raise damaged("no epoch")
+        if seq < 0:
+            raise damaged(f"sequence {seq}")
+        if region < granularity or region & (region - 1):
+            raise damaged(f"write-intent region {region} is not a power of two of at least "
+                          f"the granularity {granularity}")
+        for interval_seq, name in intervals:
+            if not 0 < interval_seq <= seq or os.sep in name or not (
+                    name.startswith("interval-") and name.endswith(".roar")):
+                raise damaged(f"interval {interval_seq} {name!r}")
+        return cls(stored_format, epochs, seq, region, intervals)
+
+
+def _inheritance_loop(epochs: list[EpochRecord]) -> str | None:
+    """A reason to restart if the current epoch's chain of inherited epochs runs in a loop
+    (no operation makes one: only a damaged disk.json has it; a query would walk it forever)."""
+    by_epoch = {e.epoch: e for e in epochs}
+    record: EpochRecord | None = epochs[-1]
+    seen: set[str] = set()
+    while record is not None:
+        if record.epoch in seen:
+            return (f"tracker history damaged (its epochs inherit in a loop, through "
+                    f"{record.epoch})")
+        seen.add(record.epoch)
+        record = None if record.inherits is None else by_epoch.get(record.inherits[0])
+    return None
+
+
+def _load_history(fileio: FileIO, directory: str, listed: list[tuple[int, str]], epoch: str,
+                  seq: int, region: int, *, crashed: bool, granularity: int) -> _History | str:
     """Load intervals, checkpoint and intent log; -> the history, or a reason to restart."""
     intervals: dict[int, tuple[str, BitMap]] = {}
     try:
-        for listed_seq, name in meta["intervals"]:
+        for listed_seq, name in listed:
             data = fileio.read_file(os.path.join(directory, name))
             _, stored_seq, granules = interval_file.decode(data, name)
             if stored_seq != listed_seq:
                 raise CorruptMetadata(f"{name}: holds interval {stored_seq}, not {listed_seq}")
-            intervals[int(listed_seq)] = (str(name), granules)
+            intervals[listed_seq] = (name, granules)
     except (OSError, CorruptMetadata) as exc:
         return f"tracker history damaged ({exc})"
     open_marks = BitMap()
