@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_fallbacks_to_full_say_why(setup: tuple[Disk, Repository, LocalDiskSourc
         reason = "requested"
     else:
         repo.set_verify_state(first.point.id, "failed")
-        reason = "no earlier verified"
+        reason = f"restore point {first.point.id} failed verification"
     report = run_backup(source, repo, options)
     assert report.kind == "full" and reason in (report.fallback_reason or "")
     assert report.point.fallback_reason == report.fallback_reason
@@ -148,6 +149,45 @@ def test_verify_always_names_the_missed_extents_and_heal_repairs(tmp_path: Path)
     nxt = run_backup(source, repo)
     assert nxt.point.parent == verdict.healed_point.id
     assert restore_bytes(repo, nxt.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def test_a_point_that_failed_verification_is_no_base_nor_are_its_children(
+        tmp_path: Path) -> None:
+    """B missed the tracker's lost writes; C builds on B and inherits them. Once verify finds
+    B wrong, neither C (its chain holds B) nor anything older than B is a base."""
+    disk, repo, source, missed = _lying_tracker_setup(tmp_path)
+    no_audit = BackupOptions(audit_percent=0, audit_minimum=0)
+    disk.create_snapshot("b")
+    b = run_backup(source, repo, replace(no_audit, snapshot="b"))
+    disk.pwrite(b"\x02" * 10, 3 * MiB)
+    c = run_backup(source, repo, no_audit)
+    assert c.kind == "incremental" and c.point.parent == b.point.id
+    verdict = verify_point(repo, b.point.id, source, "b")
+    assert {e.offset // CS for e in verdict.differing_areas} == missed
+    disk.pwrite(b"\x03" * 10, 4 * MiB)
+    d = run_backup(source, repo, no_audit)
+    assert d.kind == "full" and d.point.parent is None
+    assert d.fallback_reason == (
+        f"restore point {b.point.id}, which restore point {c.point.id} builds on, failed "
+        "verification: the change tracker may have missed changes since an older point; "
+        "reading everything")
+    assert restore_bytes(repo, d.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def test_a_failed_point_makes_older_points_no_base(tmp_path: Path) -> None:
+    """Falling back past a failed point to an older one would ask the tracker about exactly
+    the window in which verify proved it missed changes."""
+    disk, repo, source, missed = _lying_tracker_setup(tmp_path)
+    no_audit = BackupOptions(audit_percent=0, audit_minimum=0)
+    b = run_backup(source, repo, no_audit)
+    verdict = verify_point(repo, b.point.id, source, None)  # the disk still holds B's state
+    assert {e.offset // CS for e in verdict.differing_areas} == missed
+    disk.pwrite(b"\x01" * 10, 5 * MiB)
+    d = run_backup(source, repo, no_audit)
+    assert d.kind == "full"
+    assert d.fallback_reason is not None and d.fallback_reason.startswith(
+        f"restore point {b.point.id} failed verification")
+    assert restore_bytes(repo, d.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
 
 
 def test_writes_during_a_backup_belong_to_the_next(setup: tuple[Disk, Repository,

@@ -5,6 +5,13 @@ no page of it lost, and every page the incremental changes readable. A point tha
 passed over for the next older one (the incremental then reads more, and is right); the report
 says which and why. Chunks of the base that are lost (damaged, in quarantine) are read from the
 source again, so the new point never inherits a chunk the repository no longer has.
+
+A point that failed verification, or whose audit caught the tracker missing changes, proves the
+tracker lied somewhere before it: an incremental since any older point would ask the tracker
+about that window. So such a point **taints** every older one: the walk stops and the backup
+reads everything, saying why. A point whose parent chain (up to its full or healed point)
+holds such a point inherited its wrong chunks and taints the same way. A healed point's content
+was compared with its source, so its chain stops at itself: newer than a failure, it is a base.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ class BaseChoice:
     base: BasePoint | None
     point: RestorePoint | None
     passed_over: tuple[str, ...]  # "<point or file>: why it is not the base"
+    no_base: str | None = None  # why no point may be the base (a newer one is tainted)
 
 
 def choose_base(store: Repository, disk_id: str,
                 exclude: dict[str, str] | None = None) -> BaseChoice:
-    """The newest whole restore point of the disk whose verification did not fail."""
+    """The newest whole restore point of the disk that no newer tainted point rules out (see
+    the module's note); None, with the reason in ``no_base``, once a tainted one is reached."""
     exclude = exclude or {}
     points, damaged = store.scan_points()
     store.reload_index()  # after the manifests: it names every object of the points read
@@ -35,16 +44,38 @@ def choose_base(store: Repository, disk_id: str,
     by_id = {p.id: p for p in points}
     lost = store.lost_objects()
     for point in reversed([p for p in points if p.disk_id == disk_id]):
-        if point.verify_state == "failed":
-            continue  # the plan says why when nothing else is left
+        tainted = _tainted(point, by_id)
+        if tainted is not None:
+            return BaseChoice(None, None, tuple(passed), tainted)
         why = exclude.get(point.id) or _not_whole(store, point, by_id, lost)
         if why is not None:
             passed.append(f"restore point {point.id}: {why}")
             continue
-        base = BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size,
-                         point.tracker_trusted)
+        base = BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size)
         return BaseChoice(base, point, tuple(passed))
     return BaseChoice(None, None, tuple(passed))
+
+
+def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
+    """Why neither ``point`` nor any older point may be the base: it, or a point of its parent
+    chain up to its full or healed point, failed verification or caught the tracker missing
+    changes (a forgotten parent ends the chain: nothing more is known of it)."""
+    link: RestorePoint | None = point
+    seen: set[str] = set()
+    while link is not None and link.id not in seen:
+        seen.add(link.id)
+        which = f"restore point {link.id}" if link is point else \
+            f"restore point {link.id}, which restore point {point.id} builds on,"
+        if link.verify_state == "failed":
+            return (f"{which} failed verification: the change tracker may have missed changes "
+                    "since an older point; reading everything")
+        if not link.tracker_trusted:
+            return (f"the audit of {which} caught the change tracker missing changes: it may "
+                    "have missed more since an older point; reading everything")
+        if link.kind in ("full", "healed") or link.parent is None:
+            return None
+        link = by_id.get(link.parent)
+    return None
 
 
 def _not_whole(store: Repository, point: RestorePoint, by_id: dict[str, RestorePoint],

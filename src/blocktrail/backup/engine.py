@@ -151,7 +151,7 @@ def _plan(source: Source, snapshot: SourceSnapshot, store: Repository,
                 passed[choice.point.id] = "it was forgotten while this backup started"
                 continue
         plan = plan_read(source, snapshot, choice.base, force_full=options.force_full,
-                         chunk_size=store.chunk_size)
+                         chunk_size=store.chunk_size, no_base=choice.no_base)
         if plan.kind != "incremental" or choice.point is None:
             return choice, plan, 0
         problem, lost_chunks = prepare_incremental(store, choice.point, plan)

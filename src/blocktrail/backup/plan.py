@@ -18,7 +18,6 @@ class BasePoint:
     change_id: str | None
     size_bytes: int
     chunk_size: int
-    tracker_trusted: bool  # False when its audit caught the tracker lying
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +38,15 @@ def chunk_indexes(areas: list[Extent], chunk_size: int, size_bytes: int) -> list
 
 
 def plan_read(source: Source, snapshot: SourceSnapshot, base: BasePoint | None, *,
-              force_full: bool, chunk_size: int) -> ReadPlan:
-    """Changed areas since ``base`` when they can be trusted, else all allocated areas."""
+              force_full: bool, chunk_size: int, no_base: str | None = None) -> ReadPlan:
+    """Changed areas since ``base`` when they can be trusted, else all allocated areas.
+    ``base`` is the base choice's (base.py: it rules out points the tracker may have lied
+    about); ``no_base``: why there is none, when a restore point rules every one out."""
     reason: str | None = None
     if force_full:
         reason = "a full backup was requested"
     elif base is None:
-        reason = "no earlier verified restore point of this disk"
-    elif not base.tracker_trusted:
-        reason = (f"the audit of restore point {base.point_id} caught the change tracker "
-                  "missing changes")
+        reason = no_base or "no earlier verified restore point of this disk"
     elif base.size_bytes != snapshot.size_bytes:
         reason = f"the disk size changed ({base.size_bytes} -> {snapshot.size_bytes} bytes)"
     elif base.chunk_size != chunk_size:

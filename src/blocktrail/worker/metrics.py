@@ -12,6 +12,7 @@ from blocktrail.worker.runner import CheckRun, DiskRun, RunResult
 
 FULL_REASONS = (  # a fallback reason's text -> a label value with few values
     ("requested", "requested"), ("no earlier", "first"), ("audit", "audit_mismatch"),
+    ("failed verification", "verify_failed"),
     ("size changed", "size_changed"), ("chunk size", "chunk_size"),
     ("no change ID", "no_change_id"), ("refused", "change_id_refused"))
 

@@ -601,7 +601,7 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     old = store(repo, "d", image(51, 4))
     repo.set_verify_state(old.id, "ok")
     newer = store(repo, "d", image(52, 4))
-    repo.set_verify_state(newer.id, "failed")  # never a base: the backup builds on `old`
+    cannot = {newer.id: "it cannot carry the incremental"}  # the backup builds on `old`
     backup = target.open()
     lease = backup.disk_lease("d")
     looked = forget.running_bases
@@ -610,7 +610,7 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     def then_a_backup_starts(store_: Store) -> set[str]:
         bases = looked(store_)
         if not calls:  # between forget's look at the leases and its deletions
-            choice = choose_base(backup, "d")
+            choice = choose_base(backup, "d", cannot)
             assert choice.point is not None and choice.point.id == old.id
             backup.record_base(lease, old.id)
             backup.point(old.id)  # the backup checks that its base is there: it is
