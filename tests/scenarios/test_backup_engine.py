@@ -134,10 +134,12 @@ def test_audit_mismatch_stores_right_data_and_forces_a_full(tmp_path: Path) -> N
 
 def test_verify_always_names_the_missed_extents_and_heal_repairs(tmp_path: Path) -> None:
     disk, repo, source, missed = _lying_tracker_setup(tmp_path)
-    report = run_backup(source, repo, BackupOptions(audit_percent=0, audit_minimum=0))
+    disk.create_snapshot("kept")  # the point's own state: what a heal compares with
+    report = run_backup(source, repo, BackupOptions(audit_percent=0, audit_minimum=0,
+                                                    snapshot="kept"))
     assert report.kind == "incremental" and report.audit.sampled_chunks == 0
     assert restore_bytes(repo, report.point.id, tmp_path) != disk.pread(disk.size_bytes, 0)
-    verdict = verify_point(repo, report.point.id, source, None, heal=True)
+    verdict = verify_point(repo, report.point.id, source, "kept", heal=True)
     assert {e.offset // CS for e in verdict.differing_areas} == missed
     assert repo.point(report.point.id).verify_state == "failed"
     assert verdict.healed_point is not None
@@ -188,6 +190,31 @@ def test_a_failed_point_makes_older_points_no_base(tmp_path: Path) -> None:
     assert d.fallback_reason is not None and d.fallback_reason.startswith(
         f"restore point {b.point.id} failed verification")
     assert restore_bytes(repo, d.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+@pytest.mark.parametrize("against", ["older", "live"])
+def test_heal_writes_no_corrected_point_from_another_state_of_the_disk(
+        setup: tuple[Disk, Repository, LocalDiskSource], tmp_path: Path, against: str) -> None:
+    """A healed point records the point's change ID: with another state's content, the next
+    incremental (changes since that ID) would miss what differs between the two states."""
+    disk, repo, source = setup
+    disk.create_snapshot("older")
+    disk.pwrite(b"\x55" * CS, 10 * CS)
+    disk.create_snapshot("point")
+    point = run_backup(source, repo, BackupOptions(snapshot="point")).point
+    if against == "live":
+        disk.pwrite(b"\x56" * CS, 10 * CS)
+    verdict = verify_point(repo, point.id, source, "older" if against == "older" else None,
+                           heal=True)
+    assert verdict.differing_areas == (Extent(10 * CS, CS),)
+    assert verdict.healed_point is None
+    assert verdict.not_healed is not None and \
+        f"is not the disk state restore point {point.id} was taken of" in verdict.not_healed
+    assert repo.point(point.id).verify_state == "failed"
+    disk.pwrite(b"\x66" * CS, 20 * CS)
+    following = run_backup(source, repo)
+    assert following.kind == "full"
+    assert restore_bytes(repo, following.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
 
 
 def test_writes_during_a_backup_belong_to_the_next(setup: tuple[Disk, Repository,

@@ -4,7 +4,10 @@ Both sides are read: the source, and every stored chunk of the point (decompress
 as a restore would), so two different failures are told apart:
 
 - **differs from the source**: the point's digest for a chunk is not the source's (the tracker
-  missed a change). With ``heal``, a corrected successor point (kind "healed") is written.
+  missed a change, or the source is not the point's disk state). With ``heal``, a corrected
+  successor point (kind "healed") is written, only when the source is the point's own state
+  (the same change ID): the healed point records that change ID and the next incremental asks
+  the tracker for changes since it, so it must hold exactly that state.
 - **damaged in the repository**: the digest is right but no intact stored copy is left (a damaged
   copy is put in quarantine). With ``heal``, the source's bytes, which have that digest, are
   stored again, and the point itself (and every point sharing that chunk) restores again.
@@ -40,6 +43,7 @@ class VerifyReport:
     damaged_copies: tuple[DamagedCopy, ...] = ()  # put in quarantine by this verify
     restored_bytes: int = 0  # stored again from the source (heal)
     not_recorded: str | None = None  # why the verify state was not recorded (read-only)
+    not_healed: str | None = None  # why differences were not healed (heal asked for)
 
     @property
     def identical(self) -> bool:
@@ -62,13 +66,19 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
                  lease: Lease | None = None) -> VerifyReport:
     """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary
     snapshot of the live disk), and read every stored chunk. Records the verify state; with
-    ``heal``, stores lost chunks again and writes a corrected successor for differences (under
-    ``lease``, the disk's lease the caller holds; None: one taken for it). A repository that
-    may only be read gets the comparison without the record (`VerifyReport.not_recorded`)."""
+    ``heal``, stores lost chunks again (their bytes have the stored digest: any state of the
+    source that still holds them will do) and writes a corrected successor for differences
+    (under ``lease``, the disk's lease the caller holds; None: one taken for it) when
+    ``snapshot`` is the point's own state, else says why not (`VerifyReport.not_healed`). A
+    repository that may only be read gets the comparison without the record
+    (`VerifyReport.not_recorded`)."""
     point = repo.point(point_id)
     temporary = snapshot is None
     if snapshot is None:
-        snapshot = source.create_snapshot(f"blocktrail-verify-{point.id}").name
+        taken = source.create_snapshot(f"blocktrail-verify-{point.id}")
+        snapshot, change_id = taken.name, taken.change_id
+    else:
+        change_id = source.existing_snapshot(snapshot).change_id
     try:
         size = source.snapshot_size(snapshot)
         if size != point.size_bytes:
@@ -77,9 +87,12 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
                 "it is not this point's disk state (verify against DISK@SNAPSHOT of the point)")
         found = _compare(repo, point, source, snapshot, progress)
         restored = repo.store_chunks(found.lost) if heal and found.lost else 0
-        healed = None
+        healed, not_healed = None, None
         if found.differing and heal:
-            healed = _write_healed(repo, point, found.corrected, lease)
+            if change_id == point.change_id:
+                healed = _write_healed(repo, point, found.corrected, lease)
+            else:
+                not_healed = _not_its_state(point, None if temporary else snapshot, change_id)
         whole = not found.differing and (not found.damaged or heal)
         not_recorded = None
         try:
@@ -88,10 +101,19 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
             not_recorded = exc.message
         return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
                             tuple(merge(found.damaged)), tuple(found.copies), restored,
-                            not_recorded)
+                            not_recorded, not_healed)
     finally:
         if temporary:
             source.remove_snapshot(snapshot)
+
+
+def _not_its_state(point: RestorePoint, snapshot: str | None, change_id: str | None) -> str:
+    source = "the live disk" if snapshot is None else f"snapshot {snapshot!r}"
+    return (f"{source} is not the disk state restore point {point.id} was taken of (change ID "
+            f"{change_id}, the point's {point.change_id}), and a healed point must hold exactly "
+            "that state: nothing was healed. Heal against the point's own snapshot "
+            "(DISK@SNAPSHOT; `backup --snapshot NAME` keeps one), or take a new backup (it is "
+            "full: the point failed verification)")
 
 
 def _write_healed(repo: Repository, point: RestorePoint, corrected: list[tuple[int, Buffer]],

@@ -633,12 +633,17 @@ def _convert_qcow2(raw: str, target: str) -> None:
                    "and its snapshot; or an NBD URI (the export as it is now).")
 @host_option
 @nbd_tls_options
-@click.option("--heal", is_flag=True, help="Write a corrected restore point if they differ.")
+@click.option("--bitmap", default=None, metavar="NAME",
+              help="NBD URIs: the dirty bitmap the point was backed up with (--heal writes a "
+                   "corrected point only against the point's own state).")
+@click.option("--heal", is_flag=True,
+              help="Store lost chunks again; write a corrected restore point if they differ "
+                   "and the source is the point's own snapshot.")
 @json_option
 def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | None,
            profile: str | None, against: str, host: str | None,
            tls_certificates: str | None, tls_psk_file: str | None, tls_username: str | None,
-           heal: bool, as_json: bool) -> None:
+           bitmap: str | None, heal: bool, as_json: bool) -> None:
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
     from blocktrail.backup.verify import verify_point
     disk_path, snapshot = against, ""
@@ -647,7 +652,7 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
         if at:
             check_snapshot_name(snapshot)
     with open_repo(repo_path, endpoint, region, profile, writes=heal) as repo, \
-            open_source(disk_path, host,
+            open_source(disk_path, host, bitmap=bitmap,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("verify", as_json, unit_bytes=repo.chunk_size) as progress:
         report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
@@ -660,7 +665,8 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
         "damaged_areas": [list(e) for e in report.damaged_areas],
         "damaged_objects": [c.to_json() for c in report.damaged_copies],
         "restored_bytes": report.restored_bytes,
-        "recorded": report.not_recorded is None, "not_recorded": report.not_recorded}
+        "recorded": report.not_recorded is None, "not_recorded": report.not_recorded,
+        "not_healed": report.not_healed}
     if report.not_recorded is not None:
         click.echo(printable(f"warning: the verify state of {point_id} was not recorded: "
                              f"{report.not_recorded}"), err=True)
@@ -671,7 +677,8 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
     if report.differing_areas:
         lines.append(f"{point_id} DIFFERS from {against} in {len(report.differing_areas)} "
                      f"areas: {[list(e) for e in report.differing_areas][:20]}"
-                     + (f"; healed as {report.healed_point.id}" if report.healed_point else ""))
+                     + (f"; healed as {report.healed_point.id}" if report.healed_point else "")
+                     + (f"; NOT HEALED: {report.not_healed}" if report.not_healed else ""))
     if report.damaged_areas:
         lines.append(f"{point_id} is DAMAGED in the repository in "
                      f"{len(report.damaged_areas)} areas: "
