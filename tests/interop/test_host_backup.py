@@ -83,7 +83,8 @@ def test_an_nbd_uri_of_the_hosts_snapshot_export_with_its_change_id(
     qemu_io(nbd, "write -P 0x22 4M 128k")
     cli(capsys, "snapshot", "create", "disk0", "s2", "--host", api)
     s1, s2 = (f"nbd+unix:///disk0@{s}?socket={nbd}" for s in ("s1", "s2"))
-    cli(capsys, "backup", s1, "--repo", repo, "--disk-id", "disk0")
+    full = cli(capsys, "backup", s1, "--repo", repo, "--disk-id", "disk0", "--bitmap", first)
+    assert full["point"]["change_id"] == f"qemu:dirty-bitmap:{first}"  # type: ignore[index]
     inc = cli(capsys, "backup", s2, "--repo", repo, "--disk-id", "disk0", "--bitmap", first)
     assert inc["kind"] == "incremental" and inc["bytes_read"] == 128 << 10
     verdict = cli(capsys, "verify", repo, inc["point"]["id"], "--against", s2)  # type: ignore[index]

@@ -38,17 +38,20 @@ def qemu_io(image: Path, *commands: str) -> None:
 
 
 @contextmanager
-def exported(kind: str, image: Path, sock: Path, bitmap: str = "bm0") -> Iterator[str]:
-    """``image`` served read-only as export "disk0" with the dirty bitmap ``bitmap``."""
+def exported(kind: str, image: Path, sock: Path,
+             bitmap: str | None = "bm0") -> Iterator[str]:
+    """``image`` served read-only as export "disk0" with the dirty bitmap ``bitmap`` (None:
+    none)."""
     if kind == "qemu-nbd":
-        args = ["qemu-nbd", "-t", "-r", "-f", "qcow2", "-x", "disk0", "-B", bitmap,
-                "-k", str(sock), str(image)]
+        args = ["qemu-nbd", "-t", "-r", "-f", "qcow2", "-x", "disk0",
+                *(["-B", bitmap] if bitmap else []), "-k", str(sock), str(image)]
     else:
+        bitmaps = f",bitmaps.0={bitmap}" if bitmap else ""
         args = ["qemu-storage-daemon",
                 "--blockdev", f"driver=file,node-name=file0,filename={image},read-only=on",
                 "--blockdev", "driver=qcow2,node-name=disk0,file=file0,read-only=on",
                 "--nbd-server", f"addr.type=unix,addr.path={sock}",
-                "--export", f"type=nbd,id=exp0,node-name=disk0,name=disk0,bitmaps.0={bitmap}"]
+                "--export", f"type=nbd,id=exp0,node-name=disk0,name=disk0{bitmaps}"]
     server = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -106,8 +109,9 @@ def test_full_then_incremental_from_the_bitmap_restores_the_image(
     repo, sock = str(tmp_path / "repo"), tmp_path / "nbd.sock"
     cli(capsys, "repo", "init", repo)
     with exported(kind, image, sock) as uri:
-        full = cli(capsys, "backup", uri, "--repo", repo)
+        full = cli(capsys, "backup", uri, "--bitmap", "bm0", "--repo", repo)
     assert full["kind"] == "full" and full["bytes_read"] == 10 * MiB  # allocated areas only
+    assert full["point"]["change_id"] == "qemu:dirty-bitmap:bm0"  # type: ignore[index]
     # after the full backup: new data, zeros over data, a discarded (now a hole) area
     qemu_io(image, "write -P 0x33 40M 1M", "write -P 0x34 50M 4k", "write -z 0 64k",
             "discard 30M 1M")
@@ -125,6 +129,45 @@ def test_full_then_incremental_from_the_bitmap_restores_the_image(
                               str(image)], capture_output=True, text=True, timeout=60)
     assert compare.returncode == 0, compare.stdout + compare.stderr
     assert restored.read_bytes()[30 * MiB : 31 * MiB] == bytes(MiB)  # the discarded area
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_point_taken_before_the_bitmap_existed_is_no_base_for_it(
+        kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--bitmap bm0 against an export without bm0: the full point must not claim bm0, or
+    the first backup once bm0 exists would be an incremental that misses the writes made
+    before bm0 was added."""
+    _tools()
+    image, sock, repo = tmp_path / "disk.qcow2", tmp_path / "nbd.sock", str(tmp_path / "repo")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    qemu_io(image, "write -P 0x11 0 1M")
+    cli(capsys, "repo", "init", repo)
+    with exported(kind, image, sock, bitmap=None) as uri:
+        first = cli(capsys, "backup", uri, "--bitmap", "bm0", "--repo", repo)
+    assert first["kind"] == "full"
+    assert first["point"]["change_id"] == "nbd:no-dirty-bitmap"  # type: ignore[index]
+    qemu_io(image, "write -P 0x22 2M 64k")  # before the bitmap exists: it never sees this
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "bm0"], check=True)
+    qemu_io(image, "write -P 0x33 3M 64k")
+    with exported(kind, image, sock) as uri:
+        second = cli(capsys, "backup", uri, "--bitmap", "bm0", "--repo", repo)
+    assert second["kind"] == "full"
+    assert "backed up without a dirty bitmap" in str(second["fallback_reason"])
+    assert second["point"]["change_id"] == "qemu:dirty-bitmap:bm0"  # type: ignore[index]
+    restored = tmp_path / "restored.raw"
+    cli(capsys, "restore", repo, second["point"]["id"], "--to", str(restored))  # type: ignore[index]
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(restored),
+                              str(image)], capture_output=True, text=True, timeout=60)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    qemu_io(image, "write -P 0x44 4M 64k")
+    with exported(kind, image, sock) as uri:
+        third = cli(capsys, "backup", uri, "--bitmap", "bm0", "--repo", repo)
+    assert third["kind"] == "incremental" and third["fallback_reason"] is None
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "bm1"], check=True)  # rotated
+    qemu_io(image, "write -P 0x55 5M 64k")
+    with exported(kind, image, sock, bitmap="bm1") as uri:
+        fourth = cli(capsys, "backup", uri, "--bitmap", "bm1", "--repo", repo)
+    assert fourth["kind"] == "incremental" and fourth["chunks_read"] == 1
 
 
 @pytest.mark.parametrize("kind", SERVERS)

@@ -11,9 +11,13 @@ guarantees that the export does not change while the backup reads it.
 Changed areas come from the meta context ``qemu:dirty-bitmap:BITMAP`` (flag 1: dirty). A QEMU
 bitmap records every write since it was created (or last cleared); ``bitmap=NAME`` promises
 that NAME has recorded every write since the previous backup of this disk (the libvirt
-checkpoint / virtnbdbackup model). The change ID stored with a restore point is only a label
-(``qemu:dirty-bitmap:NAME``); an incremental reads the bitmap named now. When no bitmap is
-named, the server did not agree to the context, or answers it with an error, the query raises
+checkpoint / virtnbdbackup model). The change ID stored with a restore point is only a label:
+``qemu:dirty-bitmap:NAME`` when the server agreed to that context (the bitmap existed when the
+point was taken), else ``nbd:no-dirty-bitmap``; an incremental reads the bitmap named now
+(which may be another than the base's: bitmaps rotated at each backup), but never against a
+base labelled ``nbd:no-dirty-bitmap``: nothing says a bitmap recorded the writes since then
+(one added after that backup did not). When no bitmap is named, the server did not agree to the
+context, answers it with an error, or the base has no bitmap label, the query raises
 `DirtyBitmapUnavailable` (a ChangeIdError): the engine then reads everything, and says why.
 
 Areas that are dirty but now read as zeros (trimmed, zeroed) are read like any other changed
@@ -67,8 +71,11 @@ class NbdExportSource:
 
     @property
     def change_label(self) -> str:
-        """What restore points record as their change ID: the bitmap's context name."""
-        return self._context or NO_BITMAP_LABEL
+        """What restore points record as their change ID: the bitmap's context name when the
+        server agreed to it, else a label no incremental builds on."""
+        if self._context is not None and self._nbd.can_meta_context(self._context):
+            return self._context
+        return NO_BITMAP_LABEL
 
     def _snapshot(self, name: str) -> SourceSnapshot:
         return SourceSnapshot(name, self.change_label, self._nbd.size_bytes)
@@ -91,6 +98,13 @@ class NbdExportSource:
             raise DirtyBitmapUnavailable(
                 "no dirty bitmap was named (--bitmap NAME): an NBD export alone cannot tell what "
                 "changed since the last backup")
+        if not self._nbd.can_meta_context(self._context):
+            raise self._refusal(self._context, "")
+        if not change_id.startswith(DIRTY_BITMAP_PREFIX):
+            raise DirtyBitmapUnavailable(
+                f"the base restore point was backed up without a dirty bitmap (its change "
+                f"label is {change_id}): nothing says {self._context} recorded every write "
+                "since then")
         return dirty_page(self._nbd, self._context, start_offset, self._refusal)
 
     def _refusal(self, context: str, why: str) -> DirtyBitmapUnavailable:
