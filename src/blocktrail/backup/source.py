@@ -65,11 +65,16 @@ class Source(Protocol):
 
 
 def all_pages(query: Callable[[int], DiskChangeInfo], size_bytes: int) -> list[Extent]:
-    """Follow a paged QueryChangedDiskAreas-style answer to the end of the disk."""
+    """Follow a paged QueryChangedDiskAreas-style answer to the end of the disk. Each answer
+    must start where the previous one ended: one that does not would leave a gap of areas never
+    asked about (or ask twice), so it fails the backup."""
     out: list[Extent] = []
     start = 0
     while start < size_bytes:
         info = query(start)
+        if info.start_offset != start:
+            raise InvalidArgument(f"the source answered a page from offset {info.start_offset} "
+                                  f"to a query from offset {start}")
         if info.length <= 0:
             raise InvalidArgument(f"the source answered an empty page at offset {start}")
         out.extend(info.changed_areas)

@@ -34,7 +34,7 @@ from blocktrail.repo.retention import RetentionPolicy
 from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store
-from blocktrail.repo.writer import PointWriter
+from blocktrail.repo.writer import PointWriter, check_parent
 
 Progress = Callable[[int, int], None]
 LOCAL_DIRECTORIES = ("packs", "index", "points", "locks", "quarantine", "verify", "leases",
@@ -197,6 +197,7 @@ class Repository(Store):
             if reload:  # a prune may have run since it was read: dedup against the truth
                 self.reload_index()
             parent_point = self.point(parent) if parent else None
+            check_parent(self, disk_id, size_bytes, parent_point)
         except BaseException:
             if own:
                 held.release()

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from blocktrail import __version__
+from blocktrail.errors import InvalidArgument
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Buffer, Codec
@@ -40,6 +41,21 @@ def _seal_chunks(codec: Codec, batch: list[Buffer],
             new.add(name)
             out.append((name, codec.seal_named(KIND_CHUNK, name, data), len(data)))
     return out
+
+
+def check_parent(store: Store, disk_id: str, size_bytes: int,
+                 parent: RestorePoint | None) -> None:
+    """An incremental inherits its parent's pages for the chunks it does not put: the parent
+    must have the same disk, size and page layout, or the point would have holes."""
+    if parent is None:
+        return
+    layout = (parent.disk_id, parent.size_bytes, parent.chunk_size, parent.page_chunks)
+    if layout != (disk_id, size_bytes, store.chunk_size, store.page_chunks):
+        raise InvalidArgument(
+            f"restore point {parent.id} (disk {parent.disk_id}, {parent.size_bytes} bytes, "
+            f"{parent.chunk_size}-byte chunks, {parent.page_chunks} per page) cannot be the "
+            f"parent of a point of disk {disk_id}, {size_bytes} bytes, {store.chunk_size}-byte "
+            f"chunks, {store.page_chunks} per page: take a full backup")
 
 
 class PointWriter:
@@ -167,13 +183,11 @@ class PointWriter:
         cs, pc = repo.chunk_size, repo.page_chunks
         chunks = -(-self.size_bytes // cs)
         count = -(-chunks // pc)
-        parent = self.parent
-        inherit = parent is not None and parent.size_bytes == self.size_bytes \
-            and parent.chunk_size == cs and parent.page_chunks == pc
+        parent = self.parent  # its layout is this point's (check_parent)
         by_page: dict[int, dict[int, bytes]] = {}
         for index, name in self._entries.items():
             by_page.setdefault(index // pc, {})[index % pc] = name
-        self._parent_pages = repo.pages_of(parent) if inherit and parent is not None else None
+        self._parent_pages = repo.pages_of(parent) if parent is not None else None
         out: list[str] = []
         for page_no in range(count):
             width = min(pc, chunks - page_no * pc)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from blocktrail.errors import NoSpace
+from blocktrail.errors import InvalidArgument, NoSpace
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository, RetentionPolicy, layout
 from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
@@ -627,3 +627,18 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     again = target.open().point(old.id)
     assert again.verify_state == "ok" and again.tables == old.tables
     assert repo.check(read_data=True).ok
+
+
+@pytest.mark.parametrize("size_chunks", [3, 5])
+def test_a_parent_of_another_size_is_refused_before_anything_is_written(
+        repo: Repository, size_chunks: int) -> None:
+    """An incremental inherits the parent's pages for what it does not put: a parent whose
+    layout differs would leave holes, so begin refuses it (and releases the lease it took)."""
+    parent = store(repo, "d", image(61, 4))
+    with pytest.raises(InvalidArgument, match=f"cannot be the parent of a point of disk d, "
+                                              f"{size_chunks * CS} bytes"):
+        repo.begin("d", size_chunks * CS, parent.id)
+    writer = repo.begin("d", 4 * CS, parent.id)  # the lease was released
+    writer.put_chunk(0, bytes([1]) * CS)
+    point = writer.commit(kind="incremental", change_id=None)
+    assert point.parent == parent.id
