@@ -163,17 +163,23 @@ def _start_backup(server: SeaweedFS, url: str, disk: Path, *extra: str) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_uploads(server: SeaweedFS, url: str, packs: int = 2) -> None:
-    """Until the backup has uploaded a few packs (checkpoint index files name them)."""
+def _wait_for_uploads(server: SeaweedFS, url: str, proc: subprocess.Popen[str],
+                      packs: int = 2) -> None:
+    """Until the backup has uploaded a few packs (checkpoint index files name them); fails
+    with what the backup said if it ended first."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     client = server.client()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         found = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/index/").get("KeyCount")
         if found and found >= packs:
             return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the backup ended (exit {proc.returncode}) before it "
+                                 f"uploaded {packs} index files: {out}{err}")
         time.sleep(0.05)
-    raise AssertionError("the backup uploaded nothing in 60 s")
+    raise AssertionError(f"the backup uploaded fewer than {packs} index files in 120 s")
 
 
 def _big_disk(tmp_path: Path, name: str = "big") -> Path:
@@ -201,7 +207,7 @@ def test_a_killed_backup_expires_and_its_uploads_are_collected(s3_server: Seawee
                     encryption=TEST_ENCRYPTION).close()
     disk = _big_disk(tmp_path)
     proc = _start_backup(s3_server, url, disk)
-    _wait_for_uploads(s3_server, url)
+    _wait_for_uploads(s3_server, url, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _pretend_other_machine(s3_server, url)  # so that only the lease's expiry can free it
@@ -231,7 +237,7 @@ def test_a_stalled_backup_publishes_nothing(s3_server: SeaweedFS, tmp_path: Path
     twin = tmp_path / "twin"  # the same disk (its ID), as another host would read it
     shutil.copytree(disk, twin)
     stalled = _start_backup(s3_server, url, disk)
-    _wait_for_uploads(s3_server, url)
+    _wait_for_uploads(s3_server, url, stalled)
     stalled.send_signal(signal.SIGSTOP)
     try:
         time.sleep(TEST_TIMING.lease_s + TEST_TIMING.margin + 1)  # its lease runs out
@@ -301,7 +307,7 @@ def test_the_server_stopped_mid_backup(own_server: SeaweedFS, tmp_path: Path) ->
                     encryption=TEST_ENCRYPTION).close()
     disk = _big_disk(tmp_path)
     proc = _start_backup(own_server, url, disk)
-    _wait_for_uploads(own_server, url, packs=2)
+    _wait_for_uploads(own_server, url, proc)
     own_server.stop(crash=True)
     started = time.monotonic()
     out, err = proc.communicate(timeout=180)
