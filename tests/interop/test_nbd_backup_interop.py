@@ -189,3 +189,36 @@ def test_without_a_usable_bitmap_the_backup_is_full_and_says_why(
     points = main(["points", repo, "--json"])
     listed = json.loads(capsys.readouterr().out)
     assert points == 0 and {p["disk_id"] for p in listed} == {"vm1-disk0"}
+
+
+@contextmanager
+def nbdkit_eval(sock: Path, *scripts: str) -> Iterator[str]:
+    """nbdkit's eval plugin on ``sock``, with the shell ``scripts`` (key=script)."""
+    require_tools("nbdkit")
+    server = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "eval", *scripts],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"nbdkit did not start: {server.communicate()[1]}")
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_a_hole_not_reported_as_zeros_is_read_and_restored_as_its_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """NBD_STATE_HOLE without NBD_STATE_ZERO: the contents are undefined, not zeros."""
+    repo = str(tmp_path / "repo")
+    cli(capsys, "repo", "init", repo)
+    with nbdkit_eval(tmp_path / "nbd.sock", "get_size=echo 4M",
+                     """pread=head -c $3 /dev/zero | tr '\\0' Z""",
+                     "can_extents=exit 0", "extents=echo 0 4M hole") as uri:
+        full = cli(capsys, "backup", uri, "--repo", repo, "--disk-id", "holes")
+    assert full["kind"] == "full" and full["bytes_read"] == 4 * MiB
+    restored = tmp_path / "restored.raw"
+    cli(capsys, "restore", repo, full["point"]["id"], "--to", str(restored))  # type: ignore[index]
+    assert restored.read_bytes() == b"Z" * (4 * MiB)

@@ -1,5 +1,5 @@
-"""The NBD backup sources without a network: where HostDiskSource finds the host's NBD, and the
-disk ID NbdExportSource derives from a URI."""
+"""The NBD backup sources without a network: where HostDiskSource finds the host's NBD, the
+disk ID NbdExportSource derives from a URI, and which areas a full backup of an export reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from blocktrail.backup.sources.host import HostDiskSource
-from blocktrail.backup.sources.nbd import default_disk_id
+from blocktrail.backup.sources.nbd import allocated_areas, default_disk_id
+from blocktrail.extents import Extent
 from blocktrail.nbd.proto.errors import ServerUnreachable, TlsError
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri
 
@@ -61,3 +62,25 @@ def test_default_disk_ids_name_the_export_not_how_it_was_spelled(
         f"nbd+unix:///disk0?socket={os.path.join(os.fspath(tmp_path), 'nbd.sock')}"
     assert default_disk_id(NbdUri.parse("nbd://Backup-Host/vm%201")) == \
         "nbd://backup-host:10809/vm%201"
+
+
+class FakeAllocation:
+    """A BlockingNbdClient that answers ``base:allocation`` with fixed extents."""
+
+    def __init__(self, extents: list[tuple[int, int, int]]) -> None:
+        self._extents = extents
+        self.size_bytes = sum(length for _, length, _ in extents)
+
+    def can_meta_context(self, context: str) -> bool:
+        return context == "base:allocation"
+
+    def extents(self, context: str) -> list[tuple[int, int, int]]:
+        return self._extents
+
+
+def test_only_areas_reported_as_zeros_are_left_out_of_a_full_backup() -> None:
+    """NBD_STATE_HOLE without NBD_STATE_ZERO has undefined contents: it must be read."""
+    nbd = FakeAllocation([(0, 4096, 0), (4096, 4096, 1), (8192, 4096, 3), (12288, 4096, 2),
+                          (16384, 4096, 0)])
+    areas = allocated_areas(nbd)  # type: ignore[arg-type]
+    assert areas == [Extent(0, 8192), Extent(16384, 4096)]

@@ -54,7 +54,8 @@ class Source(Protocol):
         ...
 
     def allocated_areas(self, snapshot: str) -> list[Extent]:
-        """Areas that may hold data (over-reporting is fine; holes read as zeros)."""
+        """Areas that may hold anything but zeros (over-reporting is fine; an area left out
+        must read as zeros, and is restored as zeros)."""
         ...
 
     def pread(self, snapshot: str, count: int, offset: int) -> bytes | memoryview: ...

@@ -37,7 +37,7 @@ from blocktrail.nbd.proto.constants import (
     BASE_ALLOCATION,
     DIRTY_BITMAP_PREFIX,
     STATE_DIRTY,
-    STATE_HOLE,
+    STATE_ZERO,
 )
 from blocktrail.nbd.proto.errors import RequestFailed
 from blocktrail.nbd.uri import NbdEndpoint, NbdUri
@@ -166,8 +166,10 @@ def dirty_page(nbd: BlockingNbdClient, context: str, start_offset: int,
 
 
 def allocated_areas(nbd: BlockingNbdClient) -> list[Extent]:
-    """Areas ``base:allocation`` does not call holes (holes read as zeros). Without the context,
-    or when it cannot be read, everything counts as allocated: reading too much is safe."""
+    """Areas ``base:allocation`` does not promise read as zeros (NBD_STATE_ZERO). A hole without
+    the zero flag has undefined contents (NBD spec: make no assumption), so it is read like
+    data. Without the context, or when it cannot be read, everything counts as allocated:
+    reading too much is safe."""
     everything = [Extent(0, nbd.size_bytes)] if nbd.size_bytes else []
     if not nbd.can_meta_context(BASE_ALLOCATION):
         return everything
@@ -175,4 +177,4 @@ def allocated_areas(nbd: BlockingNbdClient) -> list[Extent]:
         extents = nbd.extents(BASE_ALLOCATION)
     except RequestFailed:
         return everything
-    return merge(Extent(o, n) for o, n, flags in extents if not flags & STATE_HOLE)
+    return merge(Extent(o, n) for o, n, flags in extents if not flags & STATE_ZERO)
