@@ -6,7 +6,9 @@
 The asyncio client runs on a private event loop in a background thread; each call hands a
 coroutine to that loop and waits for its result, so calls from many threads are in flight
 together on the connection. With ``connections=N`` and a server that allows it
-(NBD_FLAG_CAN_MULTI_CONN), N connections share the calls.
+(NBD_FLAG_CAN_MULTI_CONN), N connections share the calls; they must all have been told the same
+about the export (size, transmission flags, meta contexts, block sizes), or connecting fails
+with `ConnectionsDisagree` rather than rotate calls over exports that differ.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from blocktrail.nbd.client import DEFAULT_TIMEOUT, Descriptor, NbdClient
-from blocktrail.nbd.proto.errors import LocalProtocolError
+from blocktrail.nbd.proto.errors import ConnectionsDisagree, LocalProtocolError
 from blocktrail.nbd.proto.events import BlockSize
 from blocktrail.nbd.uri import NbdUri
 
@@ -187,7 +189,27 @@ async def _open(target: str | NbdUri, contexts: Sequence[str], connections: int,
     if failed:
         await _close_all(clients)
         raise failed[0]
+    for client in clients[1:]:
+        difference = _difference(first, client)
+        if difference:
+            await _close_all(clients)
+            raise ConnectionsDisagree(
+                f"the connections to {first.uri} disagree about the export ({difference}): "
+                f"the server advertises multi-conn but does not show every connection the "
+                f"same export; fix the server, or have it not advertise multi-conn")
     return clients
+
+
+def _difference(first: NbdClient, other: NbdClient) -> str:
+    """What ``other`` was told about the export that ``first`` was not ("" if nothing)."""
+    facts = [
+        ("size", first.size_bytes, other.size_bytes),
+        ("transmission flags", hex(first.transmission_flags), hex(other.transmission_flags)),
+        ("meta contexts", sorted(first.contexts), sorted(other.contexts)),
+        ("block size", first.block_size, other.block_size),
+        ("structured replies", first.structured_replies, other.structured_replies),
+    ]
+    return "; ".join(f"{what} {a!r} and {b!r}" for what, a, b in facts if a != b)
 
 
 async def _close_all(clients: list[NbdClient]) -> None:

@@ -269,6 +269,10 @@ class NbdClient:
     def structured_replies(self) -> bool:
         return self._ready_info.structured_replies
 
+    @property
+    def transmission_flags(self) -> int:
+        return self._ready_info.transmission_flags
+
     def _flag(self, flag: TransmissionFlag) -> bool:
         return bool(self._ready_info.transmission_flags & flag)
 

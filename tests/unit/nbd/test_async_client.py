@@ -31,16 +31,18 @@ from blocktrail.nbd.proto import (
     Request,
     ServerConnection,
 )
+from blocktrail.nbd.proto.constants import TransmissionFlag
 from blocktrail.nbd.proto.errors import (
     CommandNotSupported,
     ConnectionLost,
+    ConnectionsDisagree,
     NegotiationRefused,
     RequestFailed,
     ServerUnreachable,
 )
 from blocktrail.nbd.server import NbdServer
 from blocktrail.nbd.tls import TlsCredentialsError
-from nbdreplies import handshake, simple
+from nbdreplies import FLAGS, handshake, simple
 
 MiB = 1 << 20
 EIO, EINVAL = 5, 22
@@ -467,3 +469,81 @@ def test_blocking_calls_from_many_threads_share_the_connections(tmp_path: Path) 
         with pytest.raises(ServerUnreachable):
             BlockingNbdClient.connect(uri(str(tmp_path / "none.sock")))
         assert not [t for t in threading.enumerate() if t.name == "nbd-client"]
+
+
+@contextmanager
+def scripted_in_thread(tmp_path: Path, script: Script) -> Iterator[str]:
+    """A scripted server on its own event loop in a thread, for the blocking facade."""
+    loop = asyncio.new_event_loop()
+    started: asyncio.Future[str] = loop.create_future()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with scripted(tmp_path, script) as path:
+            started.set_result(path)
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(started), 10),
+                                               loop).result()
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        loop.close()
+
+
+MULTI = FLAGS | TransmissionFlag.CAN_MULTI_CONN
+BITMAP = "qemu:dirty-bitmap:bm0"
+
+
+@pytest.mark.parametrize(("later", "what"), [
+    ({"size": 2 * MiB}, "size"),
+    ({"flags": FLAGS}, "transmission flags"),  # the later ones do not allow multi-conn
+    ({"flags": MULTI | TransmissionFlag.READ_ONLY}, "transmission flags"),
+    ({"contexts": ("base:allocation",)}, "meta contexts"),
+    ({"block_size": (512, 4096, 32 << 20)}, "block size"),
+])
+def test_connections_that_disagree_about_the_export_are_refused(
+        tmp_path: Path, later: dict[str, object], what: str) -> None:
+    connected = 0
+    closed: list[int] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connected
+        number, connected = connected, connected + 1
+        told: dict[str, object] = {"size": MiB, "flags": MULTI,
+                                   "contexts": ("base:allocation", BITMAP)}
+        if number > 0:
+            told.update(later)
+        writer.write(handshake(**told))  # type: ignore[arg-type]
+        async for command, cookie, _, _ in requests(reader):
+            if command == Command.DISC:
+                break
+            writer.write(simple(cookie))
+        closed.append(number)
+        writer.close()
+
+    with scripted_in_thread(tmp_path, script) as path, \
+            pytest.raises(ConnectionsDisagree, match=f"disagree about the export.*{what}"):
+        BlockingNbdClient.connect(uri(path, "d"), contexts=["base:allocation", BITMAP],
+                                  connections=3)
+    assert sorted(closed) == [0, 1, 2]  # every connection was closed
+    assert not [t for t in threading.enumerate() if t.name == "nbd-client"]
+
+
+def test_connections_told_the_same_share_the_calls(tmp_path: Path) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(handshake(size=MiB, flags=MULTI, contexts=("base:allocation", BITMAP)))
+        async for command, cookie, _, _ in requests(reader):
+            if command == Command.DISC:
+                break
+            writer.write(simple(cookie))
+        writer.close()
+
+    with scripted_in_thread(tmp_path, script) as path, \
+            BlockingNbdClient.connect(uri(path, "d"), contexts=[BITMAP, "base:allocation"],
+                                      connections=3) as nbd:
+        assert nbd.connections == 3 and nbd.size_bytes == MiB
+        nbd.flush()

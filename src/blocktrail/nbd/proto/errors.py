@@ -18,6 +18,11 @@ class RemoteProtocolError(NbdError):
     """The peer sent something the protocol does not allow; the connection is over."""
 
 
+class ConnectionsDisagree(RemoteProtocolError):
+    """Connections opened to one export (multi-conn) were told different things about it: size,
+    transmission flags, meta contexts or block sizes. They cannot share its requests."""
+
+
 class TlsError(NbdError):
     """TLS could not be set up or went wrong: credentials, handshake, or a server or client that
     will not use it."""
