@@ -244,7 +244,7 @@ class _Connection:
         done = bytearray()  # replies of requests done at once: sent together, once per batch
         held = 0  # bytes received since the first of them was held
         while True:
-            while self._has_room():
+            while self._has_room(len(done)):  # the batch counts: a client may never read it
                 with self._lock:
                     event = self._proto.next_event()
                 if event is NEED_DATA:
@@ -283,9 +283,11 @@ class _Connection:
             self._wire.send([bytes(done)], lambda: self._give(size))
             done.clear()
 
-    def _has_room(self) -> bool:
-        return (self._in_flight < self._limits.requests_in_flight
-                and self._bytes_in_flight < self._limits.bytes_in_flight)
+    def _has_room(self, batched: int = 0) -> bool:
+        """Whether another request may be taken, with ``batched`` bytes of replies done at once
+        not yet sent (they count as one more request in flight, as `_send_done` makes them)."""
+        return (self._in_flight + (batched > 0) < self._limits.requests_in_flight
+                and self._bytes_in_flight + batched < self._limits.bytes_in_flight)
 
     async def _until(self, condition: Callable[[], bool]) -> None:
         while True:

@@ -21,6 +21,7 @@ import pytest
 from blocktrail.disk import Disk
 from blocktrail.host.daemon import Endpoint, bind
 from blocktrail.host.exports import DiskCatalog
+from blocktrail.nbd import server as server_module
 from blocktrail.nbd.limits import ServerLimits
 from blocktrail.nbd.server import NbdServer
 from nbdraw import (
@@ -410,6 +411,34 @@ def test_replies_done_at_once_count_against_the_limits(tmp_path: Path) -> None:
         taking.join(60)
         assert len(replies) == sent
         c.close()
+
+
+def test_a_batch_of_replies_done_at_once_stops_at_the_bytes_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that arrive together and are all answered on the loop do not build a batch of
+    replies past the limit before it is checked: the server sends it and waits for room."""
+    limits = ServerLimits(requests_in_flight=4, bytes_in_flight=256 << 10)
+    batches: list[int] = []
+    send_done = server_module._Connection._send_done
+
+    def spy(self: object, done: bytearray) -> None:
+        batches.append(len(done))
+        send_done(self, done)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server_module._Connection, "_send_done", spy)
+    with serve(tmp_path, limits, size=64 * MiB) as s:
+        since = s.disk.create_snapshot("s1").change_id
+        for block in range(0, 1024, 2):  # 512 areas apart: each map is 8 KiB of descriptors
+            s.disk.pwrite(b"x", block * (64 << 10))
+        c = s.client(contexts=(f"qemu:dirty-bitmap:{since}",))
+        count = 512  # 14 KiB of requests in one send, 4 MiB of replies
+        c.sock.sendall(c.request_bytes(BLOCK_STATUS, 0, 64 * MiB) * count)
+        for _ in range(count):  # nothing was lost: every request is answered
+            reply = c.reply()
+            assert reply.error == 0 and len(next(iter(reply.block_status.values()))) == 1024
+        c.close()
+    reply_bytes = 12 + 8 + 1024 * 8 + 16  # header, context id, descriptors; some slack
+    assert batches and max(batches) < limits.bytes_in_flight + reply_bytes
 
 
 def test_connection_flood_is_capped_and_silent_clients_time_out(tmp_path: Path) -> None:
