@@ -58,6 +58,8 @@ RECEIVE_BYTES = 256 * 1024
 # this many bytes of replies, or of requests received meanwhile (a reply waits little).
 REPLY_BATCH_BYTES = 16 * 1024
 REPLY_HOLD_RECEIVED = 1 << 20
+# option replies queued unsent past which negotiation reads no more options
+NEGOTIATION_QUEUE_BYTES = 1 << 20
 SEND_BUFFER_BYTES = 4 << 20
 
 
@@ -218,16 +220,25 @@ class _Connection:
             self._proto.tls_established()
         self._decrypt(None)  # the client's first options may have come with its last flight
 
-    def _flush(self) -> None:
-        out = self._proto.data_to_send()
+    def _send_option_replies(self, out: bytes) -> None:
+        """Queue option replies; they count as bytes in flight until they are sent."""
         if out:
-            self._wire.send([out])
+            size = len(out)
+            self._take(size)
+            self._wire.send([out], lambda: self._give(size))
+
+    def _option_room(self) -> bool:
+        return self._bytes_in_flight < NEGOTIATION_QUEUE_BYTES
 
     async def _negotiate(self) -> ExportChosen | None:
         while True:
+            # a client that sends options (NBD_OPT_LIST, say) and never reads the replies is
+            # not read from either: the replies held for it stay bounded
+            await self._until(self._option_room)
             with self._lock:
                 event = self._proto.next_event()
-                self._flush()
+                out = self._proto.data_to_send()
+            self._send_option_replies(out)
             if event is NEED_DATA:
                 await self._receive()
             elif isinstance(event, ExportChosen):

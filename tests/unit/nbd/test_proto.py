@@ -30,7 +30,7 @@ from blocktrail.nbd.proto.constants import (
     Option,
     OptionReply,
 )
-from blocktrail.nbd.proto.server import UNSEEN_PAYLOAD_BYTES
+from blocktrail.nbd.proto.server import CACHED_EXPORTS, UNSEEN_PAYLOAD_BYTES
 
 EXPORT = ExportInfo("disk0", 1 << 20, False, "test", ("base:allocation", "qemu:dirty-bitmap:"))
 
@@ -214,6 +214,20 @@ def test_one_negotiation_asks_the_catalog_once_per_name() -> None:
                       + go(b"nope") + go(b"nope") + option(Option.INFO, go()[16:]) + go())
     assert isinstance(conn.next_event(), ExportChosen)
     assert asked == ["disk0", "nope"]
+
+
+def test_a_negotiation_keeps_the_answers_of_a_bounded_number_of_names() -> None:
+    """A client asking after thousands of names gets each answered, and the server keeps only
+    a few of the catalog's answers."""
+    conn = ServerConnection(Catalog())
+    conn.data_to_send()  # the greeting
+    names = [b"name-%05d" % i for i in range(2000)]
+    conn.receive_data(struct.pack(">I", 1) + b"".join(option(Option.INFO, go(n)[16:])
+                                                      for n in names))
+    assert conn.next_event() is NEED_DATA
+    replies = _option_replies(conn.data_to_send())
+    assert [kind for _, kind, _ in replies] == [OptionReply.ERR_UNKNOWN] * len(names)
+    assert len(conn._neg.exports) <= CACHED_EXPORTS
 
 
 # ---------------------------------------------------------------------- receiving into buffers

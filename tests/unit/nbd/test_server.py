@@ -9,6 +9,7 @@ import os
 import random
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from nbdraw import (
     FLAG_DF,
     FLAG_REQ_ONE,
     FLUSH,
+    IHAVEOPT,
+    OPT_REPLY_MAGIC,
     READ,
     TRIM,
     WRITE,
@@ -40,6 +43,7 @@ from nbdraw import (
     RawClient,
 )
 
+OPT_LIST, REP_SERVER = 3, 2
 MiB = 1 << 20
 EINVAL, EPERM, ENOSPC, ENOTSUP = 22, 1, 28, 95
 
@@ -439,6 +443,58 @@ def test_a_batch_of_replies_done_at_once_stops_at_the_bytes_limit(
         c.close()
     reply_bytes = 12 + 8 + 1024 * 8 + 16  # header, context id, descriptors; some slack
     assert batches and max(batches) < limits.bytes_in_flight + reply_bytes
+
+
+def test_a_client_that_never_reads_option_replies_is_held_off(tmp_path: Path) -> None:
+    """NBD_OPT_LIST over and over, no reply read: the server stops reading options once about
+    1 MiB of replies wait for the client, and answers every option once it reads again."""
+    limits = ServerLimits(handshake_seconds=60)
+    with serve(tmp_path, limits) as s:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(s.path)
+        assert len(sock.recv(18)) == 18
+        sock.sendall(struct.pack(">I", 3))
+        options = struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) * 4096
+        sock.setblocking(False)
+        pending, sent_bytes, deadline = bytearray(), 0, time.monotonic() + 20
+        while time.monotonic() < deadline and sent_bytes < 64 * MiB:
+            if not pending:
+                pending += options
+            try:
+                count = sock.send(pending)
+            except BlockingIOError:
+                if not select.select([], [sock], [], 1.0)[1]:
+                    break  # no room for a second: the server reads no more
+                continue
+            del pending[:count]
+            sent_bytes += count
+        else:
+            pytest.fail("the server kept reading options nobody takes the replies of")
+        assert sent_bytes < 8 * MiB  # 1 MiB of replies, and what the sockets buffer
+        sock.setblocking(True)
+        sock.settimeout(30)
+        sent = -(-sent_bytes // 16)
+        reply = struct.pack(">QII", OPT_REPLY_MAGIC, OPT_LIST, REP_SERVER)
+        received = bytearray()
+        taking = threading.Thread(target=lambda: received.extend(
+            recv_exactly(sock, sent * (20 + 6 + 20))))
+        taking.start()
+        sock.sendall(pending[: -sent_bytes % 16])  # the last option whole
+        taking.join(60)
+        assert len(received) == sent * 46  # every option answered: the server and an ACK
+        assert received[:16] == reply and received.count(reply) == sent
+        sock.close()
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    out = bytearray()
+    while len(out) < count:
+        chunk = sock.recv(min(count - len(out), 1 << 20))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        out += chunk
+    return bytes(out)
 
 
 def test_connection_flood_is_capped_and_silent_clients_time_out(tmp_path: Path) -> None:

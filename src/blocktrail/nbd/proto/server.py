@@ -98,6 +98,9 @@ _FLAGS = MappingProxyType({v: CommandFlag(v) for v in range(_ANY_FLAG + 1)
 _OPTION = struct.Struct(">QII")
 _DONE_CHUNK = struct.Struct(">IHHQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
+# export names whose catalog answer one negotiation keeps (a client names one or two exports;
+# one asking after thousands of names must not make the server keep them all)
+CACHED_EXPORTS = 16
 _OPTION_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 RECEIVE_BYTES = 256 * 1024  # what get_buffer lends for headers and small payloads
@@ -555,12 +558,15 @@ class ServerConnection:
         if len(raw) > MAX_NAME_LENGTH:
             raise RemoteProtocolError("export name too long")
         known = self._neg.exports
-        if raw not in known:
-            try:
-                known[raw] = self._catalog.lookup(raw.decode())
-            except UnicodeDecodeError:
-                known[raw] = None
-        return known[raw]
+        if raw in known:
+            return known[raw]
+        try:
+            export = self._catalog.lookup(raw.decode())
+        except UnicodeDecodeError:
+            export = None
+        if len(known) < CACHED_EXPORTS:  # a client asking after many names costs no memory
+            known[raw] = export
+        return export
 
     def _choose(self, export: ExportInfo) -> ExportChosen:
         self.export = export
