@@ -6,7 +6,10 @@
     nbds+unix:///EXPORT?socket=PATH          a unix socket with TLS
 
 The export name is the path after the first "/", percent-decoded ("" is the default export).
-The TLS query parameters ``tls-certificates=DIR``, ``tls-psk-file=FILE`` and
+Percent escapes must decode to UTF-8 without NUL bytes, and ``+`` is a plus sign (as libnbd
+reads it), never a space; each query parameter may be given once, and a port is 1 to 65535:
+anything else is refused rather than read as some other name, path or port. The TLS query
+parameters ``tls-certificates=DIR``, ``tls-psk-file=FILE`` and
 ``tls-username=NAME`` are kept, as given, in `TlsParameters` (the credentials themselves are
 `blocktrail.nbd.tls.TlsConfig`'s business); they are refused on a plain nbd:// URI.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 from blocktrail.errors import InvalidArgument
 
@@ -94,14 +97,14 @@ class NbdUri:
         tls, unix = _SCHEMES[scheme]
         if parts.fragment:
             raise InvalidArgument(f"invalid NBD URI {text!r}: no #fragment allowed")
-        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        params = _query(text, parts.query)
         unknown = sorted(set(params) - {"socket", *_TLS_PARAMETERS})
         if unknown:
             raise InvalidArgument(f"invalid NBD URI {text!r}: unknown parameter(s) "
                                   f"{', '.join(unknown)} (known: socket, "
                                   f"{', '.join(_TLS_PARAMETERS)})")
         tls_given = {_TLS_PARAMETERS[k]: v for k, v in params.items() if k in _TLS_PARAMETERS}
-        user = unquote(parts.username) if parts.username else None
+        user = _decode(text, parts.username, "the user name") if parts.username else None
         if user is not None:  # libnbd: the PSK username may be the URI's user part
             if not tls:
                 raise InvalidArgument(f"invalid NBD URI {text!r}: no user@ part allowed "
@@ -124,8 +127,12 @@ class NbdUri:
                                       "nbd+unix:// URIs")
             if not parts.hostname:
                 raise InvalidArgument(f"invalid NBD URI {text!r}: {scheme}:// needs a host")
-            endpoint = NbdEndpoint(host=parts.hostname, port=port or DEFAULT_PORT)
-        export = unquote(parts.path.removeprefix("/"))
+            if port == 0:
+                raise InvalidArgument(f"invalid NBD URI {text!r}: port 0 (leave the port out "
+                                      f"for the default, {DEFAULT_PORT})")
+            endpoint = NbdEndpoint(host=parts.hostname,
+                                   port=DEFAULT_PORT if port is None else port)
+        export = _decode(text, parts.path.removeprefix("/"), "the export name")
         return cls(endpoint, export, TlsParameters(**tls_given) if tls else None)
 
     def __str__(self) -> str:
@@ -148,6 +155,30 @@ class NbdUri:
                     query.append((key, value))
         rest = "&".join(f"{k}={quote(v, safe='/:@')}" for k, v in query)
         return f"{scheme}://{authority}{path}" + (f"?{rest}" if rest else "")
+
+
+def _query(text: str, query: str) -> dict[str, str]:
+    """The query's parameters (``&``-separated ``key=value``, percent-decoded; ``+`` kept)."""
+    params: dict[str, str] = {}
+    for item in query.split("&") if query else ():
+        raw_key, _, raw_value = item.partition("=")
+        key = _decode(text, raw_key, "a query parameter's name")
+        if key in params:
+            raise InvalidArgument(f"invalid NBD URI {text!r}: {key}= is given more than once")
+        params[key] = _decode(text, raw_value, f"{key}=")
+    return params
+
+
+def _decode(text: str, part: str, what: str) -> str:
+    """``part`` percent-decoded as UTF-8; a malformed escape or a NUL byte is refused."""
+    try:
+        decoded = unquote_to_bytes(part).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"invalid NBD URI {text!r}: {what} is not UTF-8 once its "
+                              "%-escapes are decoded") from None
+    if "\0" in decoded:
+        raise InvalidArgument(f"invalid NBD URI {text!r}: {what} holds a NUL byte (%00)")
+    return decoded
 
 
 def is_nbd_uri(text: str) -> bool:

@@ -21,6 +21,10 @@ from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters, is_nbd_uri
     ("nbds+unix:///d?socket=/s&tls-psk-file=/k.psk&tls-username=alice",
      NbdUri(NbdEndpoint(unix_path="/s"), "d", TlsParameters(psk_file="/k.psk", username="alice"))),
     ("nbds://h/d", NbdUri(NbdEndpoint(host="h"), "d", TlsParameters())),
+    ("nbd+unix:///a+b%2Bc?socket=/run/a+b.sock",  # "+" is a plus sign, as libnbd reads it
+     NbdUri(NbdEndpoint(unix_path="/run/a+b.sock"), "a+b+c")),
+    ("nbd://h/%C3%A9t%C3%A9", NbdUri(NbdEndpoint(host="h"), "\u00e9t\u00e9")),
+    ("nbd+unix:///d?socket=/s%26t%3D", NbdUri(NbdEndpoint(unix_path="/s&t="), "d")),
 ])
 def test_parse_and_normal_form(text: str, expected: NbdUri) -> None:
     uri = NbdUri.parse(text)
@@ -40,6 +44,14 @@ def test_parse_and_normal_form(text: str, expected: NbdUri) -> None:
     ("nbd://h:99999/d", "invalid NBD URI"),
     ("nbd://user@h/d", "user@"),
     ("nbd://h/d#frag", "fragment"),
+    ("nbd://h/d%FF", "export name is not UTF-8"),  # not U+FFFD: two URIs, one name
+    ("nbd://h/d%FE", "export name is not UTF-8"),
+    ("nbd://h/d%00x", "NUL"),
+    ("nbd+unix:///d?socket=/s%00", "NUL"),
+    ("nbd+unix:///d?socket=/s%FF", "socket= is not UTF-8"),
+    ("nbd://h:0/d", "port 0"),
+    ("nbd+unix:///d?socket=/a&socket=/b", "socket= is given more than once"),
+    ("nbds://h/d?tls-certificates=/a&tls-certificates=/b", "given more than once"),
 ])
 def test_invalid_uris_are_refused_with_the_reason(text: str, match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
