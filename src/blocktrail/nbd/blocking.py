@@ -21,7 +21,7 @@ from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import TypeVar
 
-from blocktrail.nbd.client import DEFAULT_TIMEOUT, Descriptor, NbdClient
+from blocktrail.nbd.client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_TIMEOUT, Descriptor, NbdClient
 from blocktrail.nbd.proto.errors import ConnectionsDisagree, LocalProtocolError
 from blocktrail.nbd.proto.events import BlockSize
 from blocktrail.nbd.uri import NbdUri
@@ -46,15 +46,17 @@ class BlockingNbdClient:
     @classmethod
     def connect(cls, target: str | NbdUri, *, contexts: Sequence[str] = (),
                 connections: int = 1,
-                timeout: float | None = DEFAULT_TIMEOUT) -> BlockingNbdClient:
+                timeout: float | None = DEFAULT_TIMEOUT,
+                request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> BlockingNbdClient:
         """Connect to the NBD URI ``target``; more than one of ``connections`` only when the
-        server advertises multi-conn."""
+        server advertises multi-conn. ``timeout`` bounds the connection and handshake,
+        ``request_timeout`` each request (see `NbdClient`)."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="nbd-client", daemon=True)
         thread.start()
         try:
             clients = asyncio.run_coroutine_threadsafe(
-                _open(target, contexts, connections, timeout), loop).result()
+                _open(target, contexts, connections, timeout, request_timeout), loop).result()
         except BaseException:
             _stop(loop, thread)
             raise
@@ -177,12 +179,14 @@ class BlockingNbdClient:
 
 
 async def _open(target: str | NbdUri, contexts: Sequence[str], connections: int,
-                timeout: float | None) -> list[NbdClient]:
-    first = await NbdClient.connect(target, contexts=contexts, timeout=timeout)
+                timeout: float | None, request_timeout: float | None) -> list[NbdClient]:
+    first = await NbdClient.connect(target, contexts=contexts, timeout=timeout,
+                                    request_timeout=request_timeout)
     if connections <= 1 or not first.can_multi_conn():
         return [first]
     results = await asyncio.gather(
-        *(NbdClient.connect(target, contexts=contexts, timeout=timeout)
+        *(NbdClient.connect(target, contexts=contexts, timeout=timeout,
+                            request_timeout=request_timeout)
           for _ in range(connections - 1)), return_exceptions=True)
     clients = [first] + [r for r in results if isinstance(r, NbdClient)]
     failed = [r for r in results if isinstance(r, BaseException)]

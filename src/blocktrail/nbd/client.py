@@ -13,7 +13,10 @@ larger than the server's maximum block size are split; offsets and lengths must 
 its minimum. A server's error reply raises `RequestFailed` (the errno and the server's message)
 and the connection carries on; anything the server sends that the protocol forbids raises
 `RemoteProtocolError`, fails every request in flight, and ends the connection. Memory is bounded:
-at most ``max_in_flight`` requests and ``max_in_flight_bytes`` of payload are outstanding.
+at most ``max_in_flight`` requests and ``max_in_flight_bytes`` of payload are outstanding. A
+request whose reply has not ended ``request_timeout`` seconds after it was sent (300 by default;
+None: no limit) ends the connection with `ConnectionLost`: its replies can no longer be matched
+with certainty, so every request in flight fails with it.
 
 An nbds:// URI (or ``tls=``) means STARTTLS, required: x509 (``tls-certificates=DIR``, QEMU's
 client layout) or PSK (``tls-psk-file=FILE`` and a username). The server must agree; there is
@@ -65,6 +68,9 @@ Descriptor = tuple[int, int]  # (length, flags) of one block status extent
 MAX_REQUEST_BYTES = 512 << 10
 MAX_WIRE_LENGTH = 0xFFFFFFFF  # the request header's length field
 DEFAULT_TIMEOUT = 30.0
+# A request whose reply has not ended after this long ends the connection (ConnectionLost):
+# a server that never finishes a reply must not hold a backup forever.
+DEFAULT_REQUEST_TIMEOUT = 300.0
 DISCONNECT_TIMEOUT = 10.0
 
 
@@ -178,8 +184,10 @@ class NbdClient:
     """One connection to one export. Make it with `connect` or `connect_endpoint`."""
 
     def __init__(self, conn: ClientConnection, uri: NbdUri, *, max_in_flight: int,
-                 max_in_flight_bytes: int, tls: ClientTlsContext | None = None) -> None:
+                 max_in_flight_bytes: int, tls: ClientTlsContext | None = None,
+                 request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> None:
         self._conn = conn
+        self._request_timeout = request_timeout
         self.uri = uri
         self._tls = tls
         self._session: TlsSession | None = None  # from STARTTLS's ACK on
@@ -199,31 +207,38 @@ class NbdClient:
     @classmethod
     async def connect(cls, target: str | NbdUri, *, contexts: Sequence[str] = (),
                       timeout: float | None = DEFAULT_TIMEOUT, max_in_flight: int = 64,
-                      max_in_flight_bytes: int = 256 << 20) -> NbdClient:
+                      max_in_flight_bytes: int = 256 << 20,
+                      request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT) -> NbdClient:
         """Connect to an NBD URI (nbd://, nbd+unix://; nbds:// needs TLS, not available yet)
         and ask for the meta ``contexts``; `contexts` tells which the server agreed to."""
         uri = target if isinstance(target, NbdUri) else NbdUri.parse(target)
         return await cls.connect_endpoint(uri.endpoint, uri.export, contexts=contexts,
                                           tls=uri.tls, timeout=timeout,
                                           max_in_flight=max_in_flight,
-                                          max_in_flight_bytes=max_in_flight_bytes)
+                                          max_in_flight_bytes=max_in_flight_bytes,
+                                          request_timeout=request_timeout)
 
     @classmethod
     async def connect_endpoint(cls, endpoint: NbdEndpoint | str, export: str = "", *,
                                contexts: Sequence[str] = (), tls: TlsParameters | None = None,
                                timeout: float | None = DEFAULT_TIMEOUT,
                                max_in_flight: int = 64,
-                               max_in_flight_bytes: int = 256 << 20) -> NbdClient:
+                               max_in_flight_bytes: int = 256 << 20,
+                               request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT
+                               ) -> NbdClient:
         if isinstance(endpoint, str):
             endpoint = NbdEndpoint.parse(endpoint)
         uri = NbdUri(endpoint, export, tls)
         if max_in_flight < 1 or max_in_flight_bytes < 1:
             raise InvalidArgument("max_in_flight and max_in_flight_bytes must be positive")
+        if request_timeout is not None and not request_timeout > 0:
+            raise InvalidArgument("request_timeout must be positive (or None: no limit)")
         tls_context = None if tls is None else client_context(tls_config(tls))
         conn = ClientConnection(export, list(contexts),
                                 tls=TlsMode.OFF if tls is None else TlsMode.REQUIRE)
         client = cls(conn, uri, max_in_flight=max_in_flight,
-                     max_in_flight_bytes=max_in_flight_bytes, tls=tls_context)
+                     max_in_flight_bytes=max_in_flight_bytes, tls=tls_context,
+                     request_timeout=request_timeout)
         try:
             async with asyncio.timeout(timeout):
                 await client._open(endpoint)
@@ -494,7 +509,15 @@ class NbdClient:
         self._schedule_flush()
         if self._wire.paused:
             await self._wire.drain()
-        reply = await pending.future
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                reply = await pending.future
+        except TimeoutError:
+            lost = ConnectionLost(
+                f"{self.uri}: the server did not finish NBD {command.name} of {length} bytes at "
+                f"offset {offset} within {self._request_timeout} s; the connection was closed")
+            self._abort(lost)  # later replies could not be trusted: everything in flight fails
+            raise lost from None
         if reply.error:
             raise RequestFailed(
                 f"NBD {command.name} of {length} bytes at offset {offset} failed on {self.uri}: "

@@ -42,7 +42,7 @@ from blocktrail.nbd.proto.errors import (
 )
 from blocktrail.nbd.server import NbdServer
 from blocktrail.nbd.tls import TlsCredentialsError
-from nbdreplies import FLAGS, handshake, simple
+from nbdreplies import FLAGS, data, handshake, simple
 
 MiB = 1 << 20
 EIO, EINVAL = 5, 22
@@ -414,6 +414,41 @@ def test_a_server_that_hangs_up_fails_the_requests_in_flight(tmp_path: Path) -> 
     run(main())
 
 
+def test_a_request_the_server_never_finishes_times_out_and_ends_the_connection(
+        tmp_path: Path) -> None:
+    """All of a read's data, but never the chunk that ends its reply: after request_timeout the
+    connection is closed and every request in flight fails with ConnectionLost."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(handshake(contexts=(), size=MiB))
+        async for command, cookie, offset, length in requests(reader):
+            if command == Command.READ:
+                writer.write(data(cookie, offset, b"x" * length))  # no NBD_REPLY_FLAG_DONE
+            elif command == Command.DISC:
+                break
+        writer.close()
+
+    async def main() -> None:
+        async with scripted(tmp_path, script) as path:
+            client = await NbdClient.connect(uri(path, "d"), request_timeout=0.2)
+            results = await asyncio.gather(client.pread(4096, 0), client.pread(4096, 8192),
+                                           return_exceptions=True)
+            assert all(isinstance(r, ConnectionLost) for r in results), results
+            assert "did not finish NBD READ of 4096 bytes" in str(results[0])
+            with pytest.raises(ConnectionLost):
+                await client.pread(4096, 0)
+            await client.close()
+
+    run(main())
+
+
+def test_the_request_timeout_must_be_positive(tmp_path: Path) -> None:
+    async def main() -> None:
+        with pytest.raises(InvalidArgument, match="request_timeout"):
+            await NbdClient.connect(uri(str(tmp_path / "none.sock")), request_timeout=0)
+
+    run(main())
+
+
 # ---------------------------------------------------------------------- the blocking facade
 
 @contextmanager
@@ -492,6 +527,20 @@ def scripted_in_thread(tmp_path: Path, script: Script) -> Iterator[str]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
+
+
+def test_a_blocking_call_the_server_never_finishes_raises(tmp_path: Path) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(handshake(contexts=(), size=MiB))
+        async for command, _, _, _ in requests(reader):
+            if command == Command.DISC:
+                break  # a read gets no reply at all
+        writer.close()
+
+    with scripted_in_thread(tmp_path, script) as path, \
+            BlockingNbdClient.connect(uri(path, "d"), request_timeout=0.2) as nbd, \
+            pytest.raises(ConnectionLost, match="did not finish NBD READ"):
+        nbd.pread(4096, 0)
 
 
 MULTI = FLAGS | TransmissionFlag.CAN_MULTI_CONN
