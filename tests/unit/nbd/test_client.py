@@ -30,6 +30,7 @@ from blocktrail.nbd.proto import (
     Request,
     ServerConnection,
 )
+from blocktrail.nbd.proto.constants import OPTION_REPLY_MAGIC, Option, OptionReply
 from nbdreplies import (
     MODES,
     chunk,
@@ -124,6 +125,29 @@ def test_block_size_and_refused_structured_replies_are_reported() -> None:
     assert ready.block_size == BlockSize(512, 4096, 1 << 20)
     with pytest.raises(LocalProtocolError, match="BLOCK_STATUS needs"):
         conn.send_request(Command.BLOCK_STATUS, 0, 512)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("last", "agreed"), [
+    (OptionReply.ERR_INVALID, {}),  # contexts named, then refused: none is set
+    (OptionReply.ACK, {7: "base:allocation"}),
+])
+def test_meta_contexts_hold_only_once_set_meta_context_is_acknowledged(
+        mode: str, last: int, agreed: dict[int, str]) -> None:
+    def reply(kind: int, data: bytes = b"") -> bytes:
+        return struct.pack(">QIII", OPTION_REPLY_MAGIC, Option.SET_META_CONTEXT, kind,
+                           len(data)) + data
+
+    plain = handshake(contexts=())
+    at = 18 + 20  # the greeting, STRUCTURED_REPLY's ACK; then SET_META_CONTEXT's replies
+    stream = plain[:at] + reply(OptionReply.META_CONTEXT, struct.pack(">I", 7)
+                                + b"base:allocation") + reply(last, b"") + plain[at:]
+    conn = ClientConnection("d", ["base:allocation"])
+    [ready] = feed(conn, stream, mode)
+    assert isinstance(ready, Ready) and ready.contexts == agreed
+    if not agreed:
+        with pytest.raises(LocalProtocolError, match="needs structured replies and a meta"):
+            conn.send_request(Command.BLOCK_STATUS, 0, 512)
 
 
 @pytest.mark.parametrize("sizes", [(3, 4096, 1 << 20), (512, 256, 1 << 20), (512, 4096, 1000),

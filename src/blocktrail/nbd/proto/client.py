@@ -8,8 +8,9 @@
     send(conn.data_to_send())
     ... conn.next_event() -> ReadChunk / BlockStatus / ReplyDone(cookie, error, message)
 
-It negotiates fixed newstyle with structured replies, the requested meta contexts, the block
-size constraints (NBD_INFO_BLOCK_SIZE), and GO. The transmission phase is `Transmission`'s
+It negotiates fixed newstyle with structured replies, the requested meta contexts (those
+SET_META_CONTEXT names hold once it is acknowledged; an error reply after them sets none), the
+block size constraints (NBD_INFO_BLOCK_SIZE), and GO. The transmission phase is `Transmission`'s
 (proto/transmission.py), which receives read payloads straight into their buffers when the I/O
 layer uses `get_buffer` / `buffer_updated`. Anything the server sends that the protocol does not
 allow raises `RemoteProtocolError`; a refused export raises `NegotiationRefused`.
@@ -172,6 +173,7 @@ class ClientConnection:
         self._out = bytearray()
         self._eof = False
         self._pending_options: list[int] = []
+        self._offered: dict[int, str] = {}  # SET_META_CONTEXT's replies, until its ACK
         self._agreed: dict[int, str] = {}
         self._size: int | None = None
         self._flags = 0
@@ -320,9 +322,6 @@ class ClientConnection:
     def _ignored(self, option: int, kind: int, data: bytes) -> None:
         return None
 
-    def _acked(self, option: int, kind: int, data: bytes) -> None:
-        self._pending_options.pop(0)
-
     def _structured_acked(self, option: int, kind: int, data: bytes) -> None:
         self._pending_options.pop(0)
         self._structured = True
@@ -340,10 +339,20 @@ class ClientConnection:
         raise TlsRequiredByServer("the server requires TLS: connect with TLS credentials "
                                   "(an nbds:// URI)")
 
-    def _context_agreed(self, option: int, kind: int, data: bytes) -> None:
+    def _context_offered(self, option: int, kind: int, data: bytes) -> None:
         if len(data) >= 4:
             (context_id,) = struct.unpack_from(">I", data)
-            self._agreed[context_id] = data[4:].decode(errors="replace")
+            self._offered[context_id] = data[4:].decode(errors="replace")
+
+    def _contexts_agreed(self, option: int, kind: int, data: bytes) -> None:
+        """SET_META_CONTEXT's ACK: the contexts it named are the ones in force."""
+        self._pending_options.pop(0)
+        self._agreed, self._offered = self._offered, {}
+
+    def _contexts_refused(self, option: int, kind: int, data: bytes) -> None:
+        """SET_META_CONTEXT failed after naming contexts: the spec sets none; go on without."""
+        self._pending_options.pop(0)
+        self._agreed, self._offered = {}, {}
 
     def _export_info(self, option: int, kind: int, data: bytes) -> None:
         if len(data) < 12:
@@ -429,10 +438,10 @@ REPLY_HANDLERS: Final[Mapping[tuple[int, ReplyKind], ReplyHandler]] = {
     (Option.STRUCTURED_REPLY, _K.ACK): _C._structured_acked,
     (Option.STRUCTURED_REPLY, _K.TLS_REQUIRED): _C._tls_required,
     (Option.STRUCTURED_REPLY, _K.ERROR): _C._optional_refused,
-    (Option.SET_META_CONTEXT, _K.META_CONTEXT): _C._context_agreed,
-    (Option.SET_META_CONTEXT, _K.ACK): _C._acked,
+    (Option.SET_META_CONTEXT, _K.META_CONTEXT): _C._context_offered,
+    (Option.SET_META_CONTEXT, _K.ACK): _C._contexts_agreed,
     (Option.SET_META_CONTEXT, _K.TLS_REQUIRED): _C._tls_required,
-    (Option.SET_META_CONTEXT, _K.ERROR): _C._optional_refused,
+    (Option.SET_META_CONTEXT, _K.ERROR): _C._contexts_refused,
     (Option.GO, _K.INFO): _C._export_info,
     (Option.GO, _K.ACK): _C._go_acked,
     (Option.GO, _K.TLS_REQUIRED): _C._tls_required,
