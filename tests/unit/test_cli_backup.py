@@ -94,6 +94,42 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
+FULL_QEMU_IMG = """#!/bin/sh
+# qemu-img convert on a file system that fills up: part of the output written, then ENOSPC
+for last; do :; done
+printf 'QFI\\373partial' > "$last"
+echo "qemu-img: $last: error while converting qcow2: Could not write qcow2 header: $1" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("message", ["No space left on device", "Disk quota exceeded"])
+def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
+        disk_and_repo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], message: str) -> None:
+    """qemu-img failing for want of space: exit 15 (NoSpace), the file that was at --to still
+    there unchanged, no partial output beside it."""
+    disk_dir, repo_dir = disk_and_repo
+    _, report = run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    point = report["point"]["id"]  # type: ignore[index]
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "qemu-img").write_text(FULL_QEMU_IMG.replace("$1", message))
+    (tools / "qemu-img").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.qcow2").write_bytes(b"the previous image")
+    assert main(["restore", repo_dir, point, "--to", str(out / "old.qcow2"),
+                 "--format", "qcow2"]) == 15
+    err = capsys.readouterr().err
+    assert "NoSpace" in err and "left as it was" in err, err
+    assert main(["restore", repo_dir, point, "--to", str(out / "new.qcow2"),
+                 "--format", "qcow2"]) == 15
+    assert sorted(p.name for p in out.iterdir()) == ["old.qcow2"]
+    assert (out / "old.qcow2").read_bytes() == b"the previous image"
+
+
 def test_check_verify_and_repair_list_damaged_objects(disk_and_repo: tuple[str, str],
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     disk_dir, repo_dir = disk_and_repo

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import subprocess
 import tempfile
@@ -28,7 +29,8 @@ from blocktrail.cli.password import (
 from blocktrail.cli.progress import progress_bar, spinner
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
-from blocktrail.errors import InvalidArgument
+from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
+from blocktrail.fileio import OsFileIO
 from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.uri import is_nbd_uri
 
@@ -615,13 +617,46 @@ def _restore_instantly(repo_path: str, point_id: str, target: str | None, fmt: s
 
 
 def _convert_qcow2(raw: str, target: str) -> None:
+    """``raw`` converted to a qcow2 file at ``target`` the way every file reaches its place: written
+    beside it (``raw``'s folder is in the target's directory, on its file system), fsynced,
+    renamed over it, the directory fsynced. On any failure the target is as it was."""
+    converted = os.path.join(os.path.dirname(raw), "image.qcow2")
     try:
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, target],
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, converted],
                        check=True, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise InvalidArgument("--format qcow2 needs qemu-img (Debian package qemu-utils)") from None
+        fd = os.open(converted, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(converted, target)
+        OsFileIO().fsync_dir(os.path.dirname(os.path.abspath(target)))
+    except FileNotFoundError as exc:
+        if exc.filename == "qemu-img":
+            raise InvalidArgument("--format qcow2 needs qemu-img (Debian package "
+                                  "qemu-utils)") from None
+        raise
     except subprocess.CalledProcessError as exc:
-        raise InvalidArgument(f"qemu-img convert failed: {exc.stderr.strip()}") from exc
+        detail = exc.stderr.strip()
+        if any(why in detail for why in _NO_SPACE_MESSAGES):
+            raise NoSpace(f"the file system of the restore target {target} is full "
+                          f"({detail}): free space there, or restore elsewhere, and retry; "
+                          "the target was left as it was") from exc
+        raise InvalidArgument(f"qemu-img convert failed: {detail}; the target {target} was "
+                              "left as it was") from exc
+    except OSError as exc:
+        if is_no_space(exc):
+            raise NoSpace(f"the file system of the restore target {target} is full "
+                          f"({exc.strerror}): free space there, or restore elsewhere, and "
+                          "retry; the target was left as it was") from exc
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(converted)
+
+
+_NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                      "No space left on device", "Disk quota exceeded")
 
 
 @click.command("verify")
