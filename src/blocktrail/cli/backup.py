@@ -786,6 +786,9 @@ def _prune_text(pruned: PruneReport) -> str:
     if pruned.packs_waiting:
         text += (f"; {pruned.packs_waiting} unused packs will be deleted by a later prune, once "
                  f"these backups have finished: {'; '.join(pruned.waiting_for)}")
+    if pruned.damaged_copies:
+        text += (f"; {len(pruned.damaged_copies)} damaged copies found (an intact copy of "
+                 f"each is kept, else all): {'; '.join(pruned.damaged_copies[:5])}")
     return text
 
 

@@ -290,15 +290,11 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
     put in quarantine. -> (damaged copies, objects verified)."""
     damaged, verified = [], []
     for name, loc in entries:
-        envelope = data[loc.offset : loc.offset + loc.length]
-        kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
-        try:
-            repo.codec.open(envelope, kind, name, f"{KIND_NAMES[kind]} {name.hex()} in pack "
-                          f"{pack_id}")
+        copy = repo.copy_damage(name, loc, data[loc.offset : loc.offset + loc.length])
+        if copy is None:
             verified.append(name)
-        except ChunkCorrupt as exc:
-            damaged.append(repo.set_aside(DamagedCopy(name, kind, pack_id, loc.offset,
-                                                      loc.length, exc.message)))
+        else:
+            damaged.append(repo.set_aside(copy))
     return damaged, verified
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import ItemsView, ValuesView
+from collections.abc import ItemsView, KeysView, ValuesView
 
 from blake3 import blake3
 
@@ -42,19 +42,20 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     return out
 
 
-def layered(copies: dict[bytes, list[Location]],
-            waiting: frozenset[str]) -> list[dict[bytes, Location]]:
+def layered(copies: dict[bytes, list[Location]], waiting: frozenset[str],
+            keep_all: frozenset[bytes] = frozenset()) -> list[dict[bytes, Location]]:
     """The entries of the index files that name ``copies`` (each object's copies, the one
     to use first at their head): the first file names each object at its first copy; the
     others name the copies kept besides it. Those are kept only where the first copy is in a
     pack that a collection still waiting for its writers may delete (``waiting``): a writer
     that started after that pack was condemned may have deduplicated against another copy,
-    which must stay named until its manifest is published. Elsewhere one copy is named, as a
-    collection with no run waiting leaves it."""
+    which must stay named until its manifest is published; and for the objects in
+    ``keep_all`` (none of their copies read intact: which one is right is not known).
+    Elsewhere one copy is named, as a collection with no run waiting leaves it."""
     files: list[dict[bytes, Location]] = [{}]
     for name, found in copies.items():
         files[0][name] = found[0]
-        if len(found) > 1 and found[0].pack_id in waiting:
+        if len(found) > 1 and (found[0].pack_id in waiting or name in keep_all):
             for depth, spare in enumerate(found[1:], 1):
                 if depth == len(files):
                     files.append({})
@@ -163,6 +164,9 @@ class ChunkIndex:
 
     def __len__(self) -> int:
         return len(self._usable)
+
+    def names(self) -> KeysView[bytes]:
+        return self._usable.keys()
 
     def items(self) -> ItemsView[bytes, Location]:
         return self._usable.items()

@@ -39,7 +39,7 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
 from blocktrail.repo.backend import BackendError, ObjectNotFound
-from blocktrail.repo.errors import ManifestCorrupt, RepositoryError
+from blocktrail.repo.errors import ManifestCorrupt, ObjectMissing, RepositoryError
 from blocktrail.repo.index import ChunkIndex
 from blocktrail.repo.leases import Lease, LeaseRecord, boot_clock, list_leases, read_lease
 from blocktrail.repo.objects import ZERO_DIGEST
@@ -59,6 +59,7 @@ class PruneReport:
     packs_waiting: int = 0  # condemned, to be deleted once the writers named finish
     waiting_for: list[str] = field(default_factory=list)  # those writers
     verify_records_deleted: int = 0
+    damaged_copies: list[str] = field(default_factory=list)  # found checking the copy kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +279,7 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
             report.bytes_freed += store.delete_pack(pack_id)
             report.packs_deleted += 1
     deleted = set(doomed)
-    files = _surviving_copies(index, deleted, index.condemned - condemned)
+    files = _surviving_copies(store, index, deleted, index.condemned - condemned, report)
     report.kept_partly_used_packs = len({loc.pack_id for n, loc in files[0].items()
                                          if n not in live and loc.pack_id in live_packs})
     freed = (f"the {report.packs_deleted} unused packs deleted first freed "
@@ -294,22 +295,49 @@ def _sweep(store: Store, index: ChunkIndex, live: set[bytes], condemned: set[str
     report.quarantine_records_deleted = _drop_records_of_deleted_packs(store)
 
 
-def _surviving_copies(index: ChunkIndex, deleted: set[str],
-                      waiting: frozenset[str]) -> list[dict[bytes, Location]]:
+def _surviving_copies(store: Store, index: ChunkIndex, deleted: set[str],
+                      waiting: frozenset[str], report: PruneReport
+                      ) -> list[dict[bytes, Location]]:
     """The entries of the index files that replace the ones read (`index_file.layered`):
     each object at its copies outside the deleted packs, the one used first if it survives.
     ``waiting``: packs condemned by runs that still wait for their writers. A spare must not
     be dropped with the copy used, nor while the copy named first may still be deleted by a
-    waiting run: a writer may have deduplicated against the spare."""
+    waiting run: a writer may have deduplicated against the spare. Where only the first of
+    several copies stays named, it is read and checked first (`_intact_first`)."""
     copies: dict[bytes, list[Location]] = {}
-    for name, loc in index.items():
-        if loc.pack_id not in deleted and loc.pack_id not in waiting:
-            copies[name] = [loc]  # the usual case: one copy, safe from every run
-            continue
+    for name in index.names():
         left = [copy for copy in index.copies(name) if copy.pack_id not in deleted]
         if left:
             copies[name] = left
-    return index_file.layered(copies, waiting)
+    keep_all: set[bytes] = set()
+    for name, left in copies.items():
+        if len(left) > 1 and left[0].pack_id not in waiting:
+            ordered = _intact_first(store, name, left, report)
+            if ordered is None:
+                keep_all.add(name)
+            else:
+                copies[name] = ordered
+    return index_file.layered(copies, waiting, frozenset(keep_all))
+
+
+def _intact_first(store: Store, name: bytes, copies: list[Location],
+                  report: PruneReport) -> list[Location] | None:
+    """``copies`` of ``name`` with one read whole and found intact at their head: the index
+    files written next name that one only, and the packs of the others may be deleted later,
+    so a damaged copy there would cost the object. A damaged copy read on the way is put in
+    quarantine. -> None when no copy reads intact (then all of them stay named)."""
+    for at, loc in enumerate(copies):
+        try:
+            damage = store.copy_damage(name, loc)
+        except ObjectMissing:
+            continue  # its pack went meanwhile: not a copy to keep
+        if damage is None:
+            return [loc, *copies[:at], *copies[at + 1 :]]
+        copy = store.set_aside(damage)
+        report.damaged_copies.append(copy.reason + (
+            "; put in quarantine" if copy.not_recorded is None
+            else f"; not put in quarantine: {copy.not_recorded}"))
+    return None
 
 
 def _drop_records_of_deleted_packs(store: Store) -> int:

@@ -67,7 +67,7 @@ from blocktrail.repo.objects import (
     PlainCodec,
 )
 from blocktrail.repo.packs import Location
-from blocktrail.repo.quarantine import CopyKey, DamagedCopy
+from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 
 FORMAT = "blocktrail-repository"
 VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
@@ -425,6 +425,22 @@ class Store:
         failure = copy.not_recorded
         return (f"{exc.message} (at offset {loc.offset}; "
                 + (f"not put in quarantine: {failure})" if failure else "put in quarantine)"))
+
+    def copy_damage(self, name: bytes, loc: Location,
+                    envelope: bytes | memoryview | None = None) -> DamagedCopy | None:
+        """The copy of ``name`` at ``loc`` read whole (or its ``envelope``, read already) and
+        rehashed: None if it is intact, else what is wrong with it (not yet set aside). Its
+        kind is what its header says (a damaged header: a chunk)."""
+        if envelope is None:
+            envelope = self.read_range(loc.pack_id, loc.offset, loc.length,
+                                       f"object {name.hex()}")
+        kind = envelope[5] if len(envelope) > 5 and envelope[5] in KIND_NAMES else KIND_CHUNK
+        try:
+            self.codec.open(envelope, kind, name,
+                            f"{KIND_NAMES[kind]} {name.hex()} in pack {loc.pack_id}")
+        except ChunkCorrupt as exc:
+            return DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length, exc.message)
+        return None
 
     def read_chunk(self, name: bytes, where: str = "",
                    found: list[DamagedCopy] | None = None) -> bytes:

@@ -109,6 +109,53 @@ def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
     assert target.open().check(read_data=True).ok  # set aside for good
 
 
+def test_prune_names_an_intact_copy_when_the_one_named_first_is_damaged(
+        repo: Repository, target: RepoTarget, tmp_path: Path) -> None:
+    """Two copies of the same chunks (two writers that could not see each other's); the copy
+    named first is damaged and nobody has read it yet. Prune names one copy of each object
+    from then on: it reads the one it keeps, finds it damaged, puts it in quarantine and keeps
+    the intact one; the prunes after it delete nothing a point needs."""
+    chunks = image(13, 3)
+    writers = [target.open().begin(d, 3 * CS, None) for d in "ab"]
+    for writer in writers:
+        for i, data in enumerate(chunks):
+            writer.put_chunk(i, data)
+    points = [w.commit(kind="full", change_id=None) for w in writers]
+    name = repo.chunk_digests(points[0].id, [1])[1]
+    assert name is not None
+    loc = target.open().index[name]
+    target.flip(pack_of(loc), loc.offset + 60)
+    report = target.open().prune()
+    assert len(report.damaged_copies) == 1 and name.hex() in report.damaged_copies[0]
+    assert target.names("quarantine/") == [
+        layout.quarantine_record(q.record_name((name, loc.pack_id, loc.offset)))]
+    target.open().prune()
+    target.open().prune()
+    for point in points:
+        assert restored(target.open(), point, tmp_path) == b"".join(chunks)
+    assert target.open().check(read_data=True).ok
+
+
+def test_prune_keeps_every_copy_when_none_reads_intact(repo: Repository,
+                                                       target: RepoTarget) -> None:
+    chunks = image(14, 2)
+    writers = [target.open().begin(d, 2 * CS, None) for d in "ab"]
+    for writer in writers:
+        for i, data in enumerate(chunks):
+            writer.put_chunk(i, data)
+    points = [w.commit(kind="full", change_id=None) for w in writers]
+    name = repo.chunk_digests(points[0].id, [0])[0]
+    assert name is not None
+    copies = target.open().index.copies(name)
+    assert len(copies) == 2
+    for copy in copies:
+        target.flip(pack_of(copy), copy.offset + 60)
+    assert len(target.open().prune().damaged_copies) == 2
+    named = [loc for n in target.names("index/") for k, loc in target.read_index(n).items()
+             if k == name]
+    assert sorted(named) == sorted(copies)
+
+
 def test_a_record_is_its_name(repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
     point = store(repo, "d", image(3, 2))
     name = repo.chunk_digests(point.id, [1])[1]
