@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blocktrail.cli.main import main
+from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
 from repodamage import (
     CS,
@@ -185,6 +186,32 @@ def test_a_damaged_chunk_is_quarantined_and_stored_again(
             assert restored(opened, point_id, tmp_path) == golden.contents[point_id]
     code, report = cli(capsys, "check", repo_dir, "--read-data")
     assert code == 0 and report["quarantined_before"] == 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize("off_by", [1, -1])
+def test_an_index_entry_with_a_wrong_length_puts_no_intact_copy_in_quarantine(
+        golden: Golden, tmp_path: Path, repo: RepoTarget,
+        capsys: pytest.CaptureFixture[str], off_by: int) -> None:
+    """An index file (read first) names a chunk at its real pack and offset with a wrong
+    length: check reports that index entry, and nothing goes to quarantine; restore reads the
+    chunk through the entry that is right."""
+    p1, _, _ = golden.ids
+    with repo.open() as opened:
+        name = opened.chunk_digests(p1, [0])[0]
+        assert name is not None
+        loc = opened.index[name]
+        opened.write_index("0000.idx", index_file.encode(
+            {name: loc._replace(length=loc.length + off_by)}))
+    code, report = cli(capsys, "check", repo.location, "--read-data")
+    assert code == 12
+    assert names(report) == [("index", name.hex(), [])]
+    assert "the index entry is damaged" in report["problems"][0]["detail"]  # type: ignore[index]
+    assert repo.names("quarantine/") == []
+    with repo.open() as opened:
+        assert restored(opened, p1, tmp_path) == golden.contents[p1]
+    assert repo.names("quarantine/") == []
+    repo.delete("index/0000.idx")
+    assert cli(capsys, "check", repo.location, "--read-data")[0] == 0
 
 
 def test_an_incremental_stores_again_what_its_base_lost(

@@ -111,6 +111,10 @@ def check_repository(repo: Store, *, read_data: bool = False,
     chunks_read = _check_packs(repo, walk, read_data, read_data_subset_pct, seed)
     unindexed = {p for name, pids in walk.users.items() if not index.is_known(name)
                  for p in pids}
+    for digest, message in index.damaged_entries:
+        walk.problems.append(Problem(
+            "index", digest.hex(), message, () if digest in index else tuple(sorted(
+                walk.users.get(digest, ())))))
     for name, message in index.damaged_files:
         walk.problems.append(Problem(
             "index", layout.index_file(name), f"{message}; the objects it names are unknown until "
@@ -263,7 +267,10 @@ def _check_pack(repo: Store, pack_id: str, size: int | None,
             problem, trailer, read_all = exc.message, [], True  # find out which objects suffer
         listed = {(n, o): ln for n, o, ln in trailer}
         for name, loc in entries:
-            if problem is None and listed.get((name, loc.offset)) != loc.length:
+            length = listed.get((name, loc.offset))
+            if length is not None and length != loc.length:
+                read_all = True  # the index entry's length is wrong: its read shows it
+            elif problem is None and length is None:
                 problem = (f"{where}: the trailer does not list object {name.hex()} where the "
                            "index says")
                 read_all = True
@@ -293,8 +300,8 @@ def _check_objects(repo: Store, pack_id: str, data: bytes,
         copy = repo.copy_damage(name, loc, data[loc.offset : loc.offset + loc.length])
         if copy is None:
             verified.append(name)
-        else:
-            damaged.append(repo.set_aside(copy))
+        elif (set_aside := repo.set_aside(copy)) is not None:
+            damaged.append(set_aside)  # else the index entry was wrong: reported as such
     return damaged, verified
 
 

@@ -83,6 +83,8 @@ class ChunkIndex:
         self._spares: dict[bytes, list[Location]] = {}  # more intact copies, used in turn
         self._lost: dict[bytes, tuple[str, str | None]] = {}  # no usable copy: why, lost pack
         self.damaged_files: list[tuple[str, str]] = []  # index files that do not decode
+        self.damaged_entries: list[tuple[bytes, str]] = []  # (object, what is wrong): entries
+        # that locate an intact copy with the wrong length (Store.misindexed)
         self.unauthentic_files: set[str] = set()  # those of them that fail authentication
         self.files: list[str] = []  # the index files it was read from
         self._lock = threading.Lock()
@@ -145,6 +147,27 @@ class ChunkIndex:
             self._usable.pop(name, None)
             self._lost[name] = why, None
             return None
+
+    def drop_entry(self, name: bytes, pack_id: str, offset: int, length: int,
+                   why: str) -> None:
+        """Stop using one index entry of ``name`` (not the copy: other entries that locate
+        it rightly stay), recording ``why`` in `damaged_entries`."""
+        with self._lock:
+            self.damaged_entries.append((name, why))
+
+            def wrong(loc: Location) -> bool:
+                return (loc.pack_id, loc.offset, loc.length) == (pack_id, offset, length)
+
+            spares = [loc for loc in self._spares.get(name, []) if not wrong(loc)]
+            self._spares[name] = spares
+            current = self._usable.get(name)
+            if current is None or not wrong(current):
+                return
+            if spares:
+                self._usable[name] = spares.pop(0)
+            else:
+                self._usable.pop(name)
+                self._lost[name] = why, None
 
     # ---------------------------------------------------------------- lookups
 

@@ -334,6 +334,8 @@ def _intact_first(store: Store, name: bytes, copies: list[Location],
         if damage is None:
             return [loc, *copies[:at], *copies[at + 1 :]]
         copy = store.set_aside(damage)
+        if copy is None:
+            continue  # the copy is intact, that index entry was wrong: another names it
         report.damaged_copies.append(copy.reason + (
             "; put in quarantine" if copy.not_recorded is None
             else f"; not put in quarantine: {copy.not_recorded}"))

@@ -379,14 +379,41 @@ class Store:
     def release_quarantine(self, key: CopyKey) -> None:
         self.backend.delete(layout.quarantine_record(quarantine.record_name(key)))
 
-    def set_aside(self, copy: DamagedCopy) -> DamagedCopy:
+    def set_aside(self, copy: DamagedCopy) -> DamagedCopy | None:
         """Stop using a damaged copy, now and durably; -> the copy, with `not_recorded` saying
-        why when its quarantine record could not be written."""
+        why when its quarantine record could not be written. -> None when the copy is intact
+        and the index entry that located it is what is damaged (`misindexed`): that entry
+        alone is no longer used, and nothing is put in quarantine."""
+        if self.misindexed(copy) is not None:
+            return None
         failure = self.quarantine(copy)
         self.index.drop(copy.digest, copy.pack_id, copy.offset,
                         f"its only copy (pack {copy.pack_id}, offset {copy.offset}) is damaged "
                         "and in quarantine")
         return copy if failure is None else dataclasses.replace(copy, not_recorded=failure)
+
+    def misindexed(self, copy: DamagedCopy) -> str | None:
+        """When the object at ``copy``'s pack and offset is ``copy``'s object, intact, but of
+        another length than the index entry says: the index entry is damaged, not the copy
+        (quarantining the copy, whose key has no length, would condemn the intact object).
+        That entry is dropped from the chunk index (`ChunkIndex.damaged_entries`, reported by
+        `check`; `repo repair` rewrites the index). -> what to say, or None."""
+        label = f"{KIND_NAMES.get(copy.kind, 'object')} {copy.digest.hex()} in pack {copy.pack_id}"
+        try:
+            head = self.read_range(copy.pack_id, copy.offset, self.codec.header_size, label)
+            found = self.codec.envelope_at(head, 0, whole=False)
+            if found is None or found[1] == copy.length or found[2] != copy.digest:
+                return None
+            data = self.read_range(copy.pack_id, copy.offset, found[1], label)
+            self.codec.open(data, found[0], copy.digest, label)
+        except (ChunkCorrupt, ObjectMissing):
+            return None
+        why = (f"an index entry names {label} at offset {copy.offset} with {copy.length} bytes, "
+               f"but the object there is intact and {found[1]} bytes long: the index entry is "
+               "damaged, not the object (nothing was put in quarantine); `blocktrail repo "
+               "repair` rewrites the index from the packs")
+        self.index.drop_entry(copy.digest, copy.pack_id, copy.offset, copy.length, why)
+        return why
 
     # ------------------------------------------------------------------ reading objects
 
@@ -420,6 +447,8 @@ class Store:
         """Put a copy found damaged in quarantine; -> what to say about it."""
         copy = self.set_aside(DamagedCopy(name, kind, loc.pack_id, loc.offset, loc.length,
                                           exc.message))
+        if copy is None:
+            return f"{exc.message}: {self.index.damaged_entries[-1][1]}"
         if found is not None:
             found.append(copy)
         failure = copy.not_recorded
