@@ -10,6 +10,7 @@ from collections.abc import ItemsView, KeysView, ValuesView
 from blake3 import blake3
 
 from blocktrail.repo.errors import RepositoryError
+from blocktrail.repo.objects import HEADER as OBJECT_HEADER
 from blocktrail.repo.packs import Location
 from blocktrail.repo.quarantine import CopyKey
 
@@ -17,6 +18,8 @@ MAGIC = b"BTIX"
 VERSION = 1
 HEADER = struct.Struct("<4sII4x")
 ENTRY = struct.Struct("<32s16sQII")
+MIN_ENVELOPE = OBJECT_HEADER.size  # the smallest envelope: a header, no payload
+MAX_END = 1 << 62  # no pack is this big: an entry ending past it is damaged
 
 
 def encode(locations: dict[bytes, Location]) -> bytes:
@@ -35,6 +38,10 @@ def decode(data: bytes, where: str) -> dict[bytes, Location]:
     pack_ids: dict[bytes, str] = {}  # a pack holds hundreds of entries: one str for all
     out: dict[bytes, Location] = {}
     for name, pack, offset, length, plain in ENTRY.iter_unpack(memoryview(data)[HEADER.size:-32]):
+        if length < MIN_ENVELOPE or offset + length > MAX_END:
+            raise RepositoryError(f"{where}: index file is damaged (it names object "
+                                  f"{name.hex()} at offset {offset} with {length} bytes, "
+                                  "which no pack can hold)")
         pack_id = pack_ids.get(pack)
         if pack_id is None:
             pack_id = pack_ids[pack] = pack.hex()

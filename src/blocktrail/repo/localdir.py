@@ -161,6 +161,8 @@ class LocalBackend:
         cached = self._handle(name, path)
         try:
             size = cached.handle.size()
+            if offset >= size:
+                return b""  # past the end (as a ranged read of object storage answers)
             if length is None:
                 length = size - offset
             count = max(0, min(length, size - offset))

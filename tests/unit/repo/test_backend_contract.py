@@ -66,6 +66,14 @@ def test_load_whole_and_ranges(backend: Backend) -> None:
         backend.info("index/missing.idx")
 
 
+def test_a_range_of_a_pack_past_its_end_is_empty(backend: Backend) -> None:
+    data = bytes(range(256)) * 64
+    backend.create("packs/ab/y.pack", data)
+    assert backend.load("packs/ab/y.pack", len(data) - 10, 50) == data[-10:]
+    for offset in (len(data), len(data) + 5, 1 << 62, 1 << 63):
+        assert backend.load("packs/ab/y.pack", offset, 50) == b""
+
+
 def test_list_by_prefix_in_name_order(backend: Backend) -> None:
     for name in ("points/b.json", "points/a.json", "packs/00/p.pack", "packs/ff/q.pack",
                  "verify/a/1.json"):

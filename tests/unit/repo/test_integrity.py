@@ -16,6 +16,7 @@ import pytest
 from blocktrail.errors import NoSpace
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
+from blocktrail.repo import index as index_file
 from blocktrail.repo import quarantine as q
 from blocktrail.repo.errors import ObjectMissing, RepositoryError, RepositoryNoSpace
 from repodamage import repo_files
@@ -221,6 +222,30 @@ def test_a_damaged_index_file_is_skipped_and_prune_refuses(repo: Repository, tmp
     report = fresh.check()
     index_problems = [p for p in report.problems if p.kind == "index"]
     assert len(index_problems) == 1 and index_problems[0].affected_points == (a.id,)
+    with pytest.raises(RepositoryError, match="repo repair"):
+        fresh.prune()
+    assert fresh.repair().ok
+    assert target.open().check(read_data=True).ok
+
+
+@pytest.mark.parametrize("entry", [{"offset": 1 << 63}, {"offset": (1 << 64) - 1},
+                                   {"length": 0}, {"length": 47}],
+                         ids=["offset-2^63", "offset-2^64-1", "length-0", "length-47"])
+def test_an_index_entry_no_pack_can_hold_makes_its_file_damaged(
+        repo: Repository, tmp_path: Path, target: RepoTarget, entry: dict[str, int]) -> None:
+    """An index file (read first) naming an object at an offset past any pack, or shorter than
+    an envelope header: the whole file counts as damaged, as for a bad checksum; restore
+    reads the object through the other index file, check reports the file, prune refuses,
+    repair rebuilds the index."""
+    point = store(repo, "a", image(15, 2))
+    name = repo.chunk_digests(point.id, [0])[0]
+    assert name is not None
+    repo.write_index("0000.idx", index_file.encode({name: repo.index[name]._replace(**entry)}))
+    fresh = target.open()
+    assert restored(fresh, point, tmp_path) == b"".join(image(15, 2))
+    report = fresh.check(read_data=True)
+    assert [(p.kind, p.name) for p in report.problems] == [("index", "index/0000.idx")]
+    assert "no pack can hold" in report.problems[0].detail
     with pytest.raises(RepositoryError, match="repo repair"):
         fresh.prune()
     assert fresh.repair().ok
