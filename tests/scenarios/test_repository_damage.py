@@ -13,6 +13,8 @@ import pytest
 from blocktrail.cli.main import main
 from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
+from blocktrail.repo.manifest import body_checksum
+from blocktrail.repo.objects import KIND_MANIFEST
 from repodamage import (
     CS,
     Golden,
@@ -149,6 +151,46 @@ def test_a_version_1_manifest_with_a_broken_base_link_is_reported(
     assert code == 12 and names(report) == [("link", f"points/{p3}.json", [p3])]
     assert "older than its parent" in report["problems"][0]["detail"]  # type: ignore[index]
     assert backup_into(work, target=repo).point.parent == p2  # never a base
+
+
+@pytest.mark.parametrize("edit", ["v1 with checksum", "v1 no tables", "v1 smaller",
+                                  "v2 other chunk size"])
+def test_a_manifest_whose_tables_do_not_fit_its_size_is_refused(
+        golden: Golden, tmp_path: Path, repo: RepoTarget,
+        capsys: pytest.CaptureFixture[str], edit: str) -> None:
+    """A manifest edited so that its page tables (or pages) do not cover its size, or turned
+    into version 1 to shed its checksum, restored zeros: now the point is refused (exit 12,
+    nothing at the target) and check reports it."""
+    if repo.encrypted and edit.startswith("v1"):
+        pytest.skip("an encrypted repository has no version 1 manifests")
+    _, _, p3 = golden.ids
+    manifest = layout.manifest(p3)
+    with repo.open() as opened:
+        body = json.loads(opened.codec.open_file(KIND_MANIFEST, manifest, repo.read(manifest),
+                                                 manifest))
+    if edit == "v1 with checksum":
+        body.update(version=1)
+    elif edit == "v1 no tables":
+        del body["checksum"]
+        body.update(version=1, tables=[])
+    elif edit == "v1 smaller":  # one chunk: the table's page names 32
+        del body["checksum"]
+        body.update(version=1, size_bytes=CS)
+    else:
+        del body["checksum"]
+        body.update(chunk_size=2 * CS, page_chunks=512)
+        body["checksum"] = body_checksum(body)
+    data = json.dumps(body).encode()
+    if repo.encrypted:
+        with repo.open() as opened:
+            data = opened.codec.seal_file(KIND_MANIFEST, manifest, data)
+    repo.write(manifest, data)
+    target = tmp_path / "p3.raw"
+    assert main(["restore", repo.location, p3, "--to", str(target)]) == 12
+    assert "ManifestCorrupt" in capsys.readouterr().err
+    assert not target.exists()
+    code, report = cli(capsys, "check", repo.location)
+    assert code == 12 and [p3] in [affected for _, _, affected in names(report)]
 
 
 # 2. a damaged chunk ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from blocktrail.repo.errors import (
     RepositoryError,
 )
 from blocktrail.repo.keys import scan_key_files
-from blocktrail.repo.manifest import RestorePoint, link_problems
+from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint, link_problems
 from blocktrail.repo.objects import (
     KIND_CHUNK,
     KIND_PAGE,
@@ -158,24 +158,50 @@ def _check_manifests(repo: Store, walk: _Walk) -> list[RestorePoint]:
 
 
 def _walk_objects(repo: Store, points: list[RestorePoint], walk: _Walk) -> None:
-    """Read every page table and page (whole, rehashed); collect the chunks they name."""
+    """Read every page table and page (whole, rehashed); collect the chunks they name. Each
+    must list as many digests as its part of each point's disk needs."""
     table_users: dict[str, set[str]] = {}
+    table_places: dict[str, list[tuple[RestorePoint, int]]] = {}  # (point, table number)
     for point in points:
-        for table in point.tables:
+        for table_no, table in enumerate(point.tables):
             table_users.setdefault(table, set()).add(point.id)
+            table_places.setdefault(table, []).append((point, table_no))
     page_users: dict[str, set[str]] = {}
+    page_widths: dict[str, dict[str, int]] = {}  # page -> point id -> digests it must list
     for table, pids in sorted(table_users.items()):
         walk.use(bytes.fromhex(table), KIND_TABLE, pids)
         plain = _read(repo, walk, bytes.fromhex(table), KIND_TABLE, pids)
+        places = table_places[table]
+        if plain and _wrong_width(walk, "table", table, plain, "pages",
+                                  {p.id: p.table_width(n) for p, n in places}):
+            continue
         for i in range(0, len(plain), 32):
-            page_users.setdefault(plain[i : i + 32].hex(), set()).update(pids)
+            page = plain[i : i + 32].hex()
+            page_users.setdefault(page, set()).update(pids)
+            page_widths.setdefault(page, {}).update(
+                (p.id, p.page_width(n * TABLE_PAGES + i // 32)) for p, n in places)
     for page, pids in sorted(page_users.items()):
         walk.use(bytes.fromhex(page), KIND_PAGE, pids)
         plain = _read(repo, walk, bytes.fromhex(page), KIND_PAGE, pids)
+        if plain and _wrong_width(walk, "page", page, plain, "chunks", page_widths[page]):
+            continue
         for i in range(0, len(plain), 32):
             name = plain[i : i + 32]
             if name != ZERO_DIGEST:
                 walk.use(name, KIND_CHUNK, pids)
+
+
+def _wrong_width(walk: _Walk, kind: str, name: str, plain: bytes, unit: str,
+                 widths: dict[str, int]) -> bool:
+    """A page table or page listing another number of digests than a point needs (its
+    manifest names another point's object): a problem of the points it does not fit."""
+    wrong = sorted(pid for pid, width in widths.items() if len(plain) != 32 * width)
+    if wrong:
+        walk.problems.append(Problem(kind, name, (
+            f"{'page table' if kind == 'table' else 'page'} {name} lists {len(plain) // 32} "
+            f"{unit}, not the {sorted({widths[p] for p in wrong})} the disk of restore point "
+            f"{', '.join(wrong)} needs: the manifest names the wrong object"), tuple(wrong)))
+    return bool(wrong)
 
 
 def _read(repo: Store, walk: _Walk, name: bytes, kind: int, pids: set[str]) -> bytes:

@@ -20,6 +20,9 @@ from blocktrail.repo.errors import ManifestCorrupt
 
 FORMAT = "blocktrail-restore-point"
 VERSION = 2
+TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
+MAX_SIZE_BYTES = 1 << 62  # no disk is bigger: a manifest saying so is damaged
+MAX_CHUNK_SIZE = 1 << 31  # envelope lengths are u32
 KINDS = ("full", "incremental", "healed")
 VERIFY_STATES = ("unverified", "ok", "failed")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -97,7 +100,13 @@ class RestorePoint:
                 raise ManifestCorrupt(
                     f"{where}: manifest checksum mismatch: the file was damaged or edited "
                     "after it was written")
-        elif version != 1:
+        elif version == 1:
+            if "checksum" in obj:  # no version 1 manifest was ever written with one
+                raise ManifestCorrupt(
+                    f"{where}: a version 1 manifest with a checksum: no blocktrail writes "
+                    "that; the file was edited after it was written (a version 2 manifest "
+                    "changed to version 1?)")
+        else:
             raise ManifestCorrupt(f"{where}: manifest version {version!r} is not supported "
                                   f"(this blocktrail reads versions 1 and {VERSION})")
         point = cls._decode(obj, where)
@@ -107,13 +116,34 @@ class RestorePoint:
                 "copied or renamed): it is not used")
         return point
 
+    @property
+    def chunks(self) -> int:
+        return -(-self.size_bytes // self.chunk_size)
+
+    @property
+    def pages(self) -> int:
+        return -(-self.chunks // self.page_chunks)
+
+    def table_width(self, table_no: int) -> int:
+        """How many page digests table ``table_no`` lists."""
+        return min(TABLE_PAGES, self.pages - table_no * TABLE_PAGES)
+
+    def page_width(self, page_no: int) -> int:
+        """How many chunk digests page ``page_no`` lists."""
+        return min(self.page_chunks, self.chunks - page_no * self.page_chunks)
+
     @classmethod
     def _decode(cls, obj: dict[str, Any], where: str) -> RestorePoint:
         try:
+            tables = obj["tables"]
+            if type(tables) is not list or not all(type(t) is str for t in tables):
+                raise TypeError(f"tables is not a list of digests: {tables!r}"[:200])
             point = cls(
-                id=str(obj["id"]), disk_id=str(obj["disk_id"]), size_bytes=int(obj["size_bytes"]),
-                chunk_size=int(obj["chunk_size"]), page_chunks=int(obj["page_chunks"]),
-                tables=tuple(str(t) for t in obj["tables"]), kind=str(obj["kind"]),
+                id=str(obj["id"]), disk_id=str(obj["disk_id"]),
+                size_bytes=_int(obj, "size_bytes", 0, MAX_SIZE_BYTES),
+                chunk_size=_int(obj, "chunk_size", 1, MAX_CHUNK_SIZE),
+                page_chunks=_int(obj, "page_chunks", 1, MAX_CHUNK_SIZE // 32),
+                tables=tuple(tables), kind=str(obj["kind"]),
                 parent=_optional_str(obj["parent"]), change_id=_optional_str(obj["change_id"]),
                 fallback_reason=_optional_str(obj["fallback_reason"]),
                 created_at=str(obj["created_at"]), tool=str(obj["tool"]),
@@ -125,11 +155,22 @@ class RestorePoint:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestCorrupt(f"{where}: manifest is damaged ({exc!r})") from exc
         if point.kind not in KINDS or point.verify_state not in VERIFY_STATES \
-                or not all(_HEX_DIGEST.fullmatch(t) for t in point.tables) \
-                or point.size_bytes < 0 or point.chunk_size <= 0 or point.page_chunks <= 0:
+                or not all(_HEX_DIGEST.fullmatch(t) for t in point.tables):
             raise ManifestCorrupt(f"{where}: manifest is damaged (a field has an impossible "
                                   "value)")
+        needed = -(-point.pages // TABLE_PAGES)
+        if len(point.tables) != needed:
+            raise ManifestCorrupt(
+                f"{where}: manifest is damaged: it names {len(point.tables)} page tables, but "
+                f"a disk of {point.size_bytes} bytes needs {needed}")
         return point
+
+
+def _int(obj: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = obj[key]
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key} is {value!r}, not a whole number from {low} to {high}")
+    return value
 
 
 def _optional_str(value: Any) -> str | None:

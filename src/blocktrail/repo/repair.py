@@ -21,13 +21,12 @@ from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
 from blocktrail.repo.errors import ChunkCorrupt, RepositoryBusy, RepositoryError
 from blocktrail.repo.leases import Lease, list_leases
-from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST
 from blocktrail.repo.packs import Location, read_trailer, walk_envelopes
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, new_index_name
-from blocktrail.repo.writer import TABLE_PAGES
 
 ADVICE = ("A backup of the disk stores again every chunk its source still has (the next "
           "restore point is whole); `blocktrail verify POINT --against SOURCE --heal` stores "

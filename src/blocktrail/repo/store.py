@@ -496,10 +496,13 @@ class Store:
         return plain
 
     def pages_of(self, point: RestorePoint) -> list[str]:
-        """The point's page digests, read from its page tables."""
+        """The point's page digests, read from its page tables (each must list as many as
+        its share of the disk needs)."""
         pages: list[str] = []
-        for hexname in point.tables:
+        for table_no, hexname in enumerate(point.tables):
             plain = self.read_page(hexname, point.id, KIND_TABLE)
+            _check_width(plain, point.table_width(table_no), f"page table {hexname}", "pages",
+                         point)
             pages += [plain[i : i + 32].hex() for i in range(0, len(plain), 32)]
         return pages
 
@@ -511,6 +514,8 @@ class Store:
         reads = _ordered(self.io_pool, pages, lambda h: self.read_page(h, point.id), window)
         for page_no, plain in enumerate(reads):
             base = page_no * point.page_chunks
+            _check_width(plain, point.page_width(page_no), f"page {pages[page_no]}", "chunks",
+                         point)
             for slot in range(min(point.page_chunks, chunks - base)):
                 yield base + slot, plain[slot * 32 : slot * 32 + 32]
 
@@ -545,7 +550,13 @@ class Store:
             raise FileNotFoundError(name) from None
         data = self.codec.open_file(KIND_MANIFEST, name, data, name,
                                     ManifestAuthenticationFailed)
-        return RestorePoint.from_bytes(data, name, filename.removesuffix(".json"))
+        point = RestorePoint.from_bytes(data, name, filename.removesuffix(".json"))
+        if (point.chunk_size, point.page_chunks) != (self.chunk_size, self.page_chunks):
+            raise ManifestCorrupt(
+                f"{name}: manifest is damaged: its chunk size {point.chunk_size} and "
+                f"{point.page_chunks} chunks a page are not the repository's "
+                f"({self.chunk_size}, {self.page_chunks})")
+        return point
 
     def write_manifest(self, point: RestorePoint, lease: Lease | None = None,
                        consequence: str = "nothing was published") -> None:
@@ -722,6 +733,17 @@ class Store:
             except (ValueError, KeyError, TypeError, AttributeError, AuthenticationFailed):
                 bad.append(name)
         return bad
+
+
+def _check_width(plain: bytes, width: int, what: str, unit: str, point: RestorePoint) -> None:
+    """A page table or page of ``point`` lists the ``width`` digests its part of the disk
+    needs: one of another size is the object of another point (the manifest names the wrong
+    one), and restoring from it would leave part of the disk zeros."""
+    if len(plain) != 32 * width:
+        raise ManifestCorrupt(
+            f"{what} of restore point {point.id} lists {len(plain) // 32} {unit}, but its part "
+            f"of a disk of {point.size_bytes} bytes needs {width}: the manifest names the "
+            "wrong object, so the point cannot be restored")
 
 
 def _checksum(body: dict[str, Any]) -> str:

@@ -11,14 +11,13 @@ from typing import Any
 from blocktrail import __version__
 from blocktrail.errors import InvalidArgument
 from blocktrail.repo.leases import Lease
-from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Buffer, Codec
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
 BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
 MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
-TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
 Sealed = tuple[bytes, bytes | bytearray | None, int]  # name, envelope (None: nothing to store),
 #                                                        plain length
 

@@ -12,11 +12,17 @@ import pytest
 from blake3 import blake3
 
 from blocktrail.repo.errors import ManifestCorrupt
-from blocktrail.repo.manifest import RestorePoint, canonical_body, link_problems
+from blocktrail.repo.manifest import (
+    RestorePoint,
+    body_checksum,
+    canonical_body,
+    link_problems,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "repo"
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "repository.md"
 GOLDEN_ID = "20261124T211502118Z-3f9a0c1e"
+TABLE = "8f3c2a1e0d9b8c7a6f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0918"  # the golden one's
 
 
 def test_golden_manifests_of_both_versions_decode() -> None:
@@ -77,6 +83,41 @@ def test_impossible_values_of_a_version_1_manifest_are_damage(field: str, value:
     v1[field] = value
     with pytest.raises(ManifestCorrupt):
         RestorePoint.from_bytes(json.dumps(v1).encode(), "v1", GOLDEN_ID)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size_bytes", 1e300), ("size_bytes", 4294967296.0), ("size_bytes", 1 << 64),
+    ("size_bytes", (1 << 62) + 1), ("size_bytes", True), ("size_bytes", "4294967296"),
+    ("chunk_size", 65536.0), ("chunk_size", 0), ("page_chunks", False),
+    ("tables", TABLE), ("tables", []), ("tables", [TABLE, TABLE])])
+@pytest.mark.parametrize("version", [1, 2])
+def test_sizes_must_be_whole_numbers_and_the_tables_must_cover_the_size(
+        field: str, value: object, version: int) -> None:
+    """Not only a checksum mismatch: a manifest whose checksum matches its values (or a
+    version 1 one, which has none) with such values is refused too."""
+    body = json.loads((DATA / f"manifest-v{version}.json").read_bytes())
+    body.pop("checksum", None)
+    body[field] = value
+    if version == 2:
+        body["checksum"] = body_checksum(body)
+    with pytest.raises(ManifestCorrupt):
+        RestorePoint.from_bytes(json.dumps(body).encode(), "edited", GOLDEN_ID)
+
+
+def test_a_version_1_manifest_never_has_a_checksum() -> None:
+    """A version 2 manifest turned into version 1 would shed its checksum's protection."""
+    body = json.loads((DATA / "manifest-v2.json").read_bytes())
+    body["version"] = 1
+    with pytest.raises(ManifestCorrupt, match="version 1 manifest with a checksum"):
+        RestorePoint.from_bytes(json.dumps(body).encode(), "edited", GOLDEN_ID)
+
+
+def test_the_tables_a_size_needs() -> None:
+    point = RestorePoint.from_bytes((DATA / "manifest-v2.json").read_bytes(), "v2", GOLDEN_ID)
+    assert (point.chunks, point.pages, point.table_width(0)) == (65536, 64, 64)
+    big = replace(point, size_bytes=(1024 * 1024 + 1) * 65536 - 1)  # a page more than a table
+    assert (big.pages, big.table_width(0), big.table_width(1), big.page_width(1024)) == \
+        (1025, 1024, 1, 1)
 
 
 def _point(point_id: str, kind: str, parent: str | None, change_id: str | None,
