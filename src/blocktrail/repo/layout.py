@@ -21,12 +21,19 @@ KEYS_LEASE = "leases/keys.json"  # held while key files are added, removed or re
 KEYS = "keys/"
 
 _PACK = re.compile(r"packs/[0-9a-f]{2}/([0-9a-f]{32})\.pack")
+_PACK_ID = re.compile(r"[0-9a-f]{32}")
+_LEASE = re.compile(r"leases/[0-9A-Za-z][0-9A-Za-z_-]*\.json")
 _INDEX = re.compile(r"index/([0-9A-Za-z_-]+\.idx)")
 _POINT = re.compile(r"points/([0-9A-Za-z][0-9A-Za-z._-]*)\.json")
 _VERIFY = re.compile(r"verify/([0-9A-Za-z][0-9A-Za-z._-]*)/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})"
                      r"\.json")
 _KEY = re.compile(r"keys/([0-9a-f]{16})\.json")
 _RUN = re.compile(r"gc/([0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})\.(condemned|writers)\.json")
+
+
+def is_pack_id(value: object) -> bool:
+    """``value`` is a pack ID: 32 lowercase hex digits."""
+    return isinstance(value, str) and _PACK_ID.fullmatch(value) is not None
 
 
 def pack(pack_id: str) -> str:
@@ -84,6 +91,11 @@ def key_file(key_id: str) -> str:
 def key_id_of(name: str) -> str | None:
     match = _KEY.fullmatch(name)
     return match[1] if match else None
+
+
+def is_lease_name(value: object) -> bool:
+    """``value`` names a lease (``leases/<name>.json``)."""
+    return isinstance(value, str) and _LEASE.fullmatch(value) is not None
 
 
 def writer_lease(session: str) -> str:

@@ -44,7 +44,13 @@ from blocktrail.repo.index import ChunkIndex
 from blocktrail.repo.leases import Lease, LeaseRecord, boot_clock, list_leases, read_lease
 from blocktrail.repo.objects import ZERO_DIGEST
 from blocktrail.repo.packs import Location
-from blocktrail.repo.store import Store, new_index_name, stamp
+from blocktrail.repo.store import (
+    Store,
+    condemned_list,
+    new_index_name,
+    stamp,
+    writers_list,
+)
 
 
 @dataclass
@@ -154,12 +160,11 @@ def _runs(store: Store) -> list[_Run]:
         writers = None
         try:
             if "condemned" in parts:
-                packs = frozenset(json.loads(store.backend.load(parts["condemned"]))["packs"])
+                packs = condemned_list(store.backend.load(parts["condemned"]))
             if "writers" in parts:
-                writers = tuple((str(n), str(o)) for n, o in json.loads(
-                    store.backend.load(parts["writers"]))["writers"])
-        except (ValueError, KeyError, TypeError, ObjectNotFound):
-            writers = None  # damaged or half gone: start that run again
+                writers = writers_list(store.backend.load(parts["writers"]))
+        except (ValueError, ObjectNotFound):
+            packs, writers = frozenset(), None  # damaged or half gone: start that run again
         if "condemned" not in parts:
             writers = None
         runs.append(_Run(run, packs, writers))

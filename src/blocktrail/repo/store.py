@@ -334,11 +334,10 @@ class Store:
             if run is None or run[1] != "condemned":
                 continue
             try:
-                body = json.loads(self.backend.load(info.name))
-                packs.update(str(p) for p in body["packs"])
+                packs.update(condemned_list(self.backend.load(info.name)))
             except ObjectNotFound:
                 continue  # finished meanwhile
-            except (ValueError, KeyError, TypeError):
+            except ValueError:
                 continue  # damaged: the prune that owns it deletes it
         return frozenset(packs)
 
@@ -744,6 +743,28 @@ def _check_width(plain: bytes, width: int, what: str, unit: str, point: RestoreP
             f"{what} of restore point {point.id} lists {len(plain) // 32} {unit}, but its part "
             f"of a disk of {point.size_bytes} bytes needs {width}: the manifest names the "
             "wrong object, so the point cannot be restored")
+
+
+def condemned_list(data: bytes) -> frozenset[str]:
+    """The packs a ``gc/<run>.condemned.json`` names; ValueError if it is damaged (not JSON,
+    or ``packs`` is not a list of pack IDs)."""
+    body = json.loads(data)
+    packs = body.get("packs") if isinstance(body, dict) else None
+    if type(packs) is not list or not all(layout.is_pack_id(p) for p in packs):
+        raise ValueError("not a list of pack IDs")
+    return frozenset(packs)
+
+
+def writers_list(data: bytes) -> tuple[tuple[str, str], ...]:
+    """The (lease name, owner) pairs a ``gc/<run>.writers.json`` names; ValueError if it is
+    damaged."""
+    body = json.loads(data)
+    writers = body.get("writers") if isinstance(body, dict) else None
+    if type(writers) is not list or not all(
+            type(w) is list and len(w) == 2 and layout.is_lease_name(w[0])
+            and type(w[1]) is str for w in writers):
+        raise ValueError("not a list of writers")
+    return tuple((name, owner) for name, owner in writers)
 
 
 def _checksum(body: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ both backends (a local directory and S3) where the test is not about local files
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -160,6 +161,33 @@ def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
         assert restored(target.open(), point, tmp_path) == b"".join(chunks)
     assert repo.check(read_data=True).ok
     assert old.id not in {p.id for p in repo.points()}
+
+
+@pytest.mark.parametrize("packs", [[1], "a pack ID", ["../../x"], [None], {"a": 1}, None],
+                         ids=["int", "str", "not-an-id", "null-item", "object", "null"])
+def test_a_gc_run_file_of_the_wrong_types_is_a_damaged_run(
+        repo: Repository, target: RepoTarget, packs: object) -> None:
+    """A condemned list whose ``packs`` is not a list of pack IDs is damaged: that run is
+    dropped (its prune stopped early), nothing is deleted for it."""
+    point = store(repo, "d", image(21, 2))
+    pack_id = sorted(repo.pack_ids())[0]
+    run = "20261201T000000000Z-00000000"
+    target.write(layout.gc_condemned(run), json.dumps(
+        {"format": "blocktrail-gc", "version": 1,
+         "packs": pack_id if packs == "a pack ID" else packs}).encode())
+    target.write(layout.gc_writers(run), b'{"format": "blocktrail-gc", "version": 1, '
+                                         b'"writers": []}')
+    writer = target.open().begin("w", CS, None)  # a backup runs: prune takes the leased path
+    try:
+        assert target.open().lost_objects() == frozenset()  # the condemned list is ignored
+        report = repo.prune()
+    finally:
+        writer.close()
+    assert report.packs_deleted == 0 and report.packs_waiting == 0
+    assert [n for n in target.names("gc/") if run in n] == []
+    assert pack_id in repo.pack_ids()
+    assert repo.check(read_data=True).ok
+    assert point.id in {p.id for p in repo.points()}
 
 
 @pytest.mark.encrypted_s3
