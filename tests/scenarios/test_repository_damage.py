@@ -376,6 +376,33 @@ def test_repo_repair_rebuilds_a_damaged_index_and_trailer(
             assert restored(opened, point_id, tmp_path) == golden.contents[point_id]
 
 
+def test_a_pack_in_another_folder_is_named_and_repair_still_runs(
+        golden: Golden, tmp_path: Path, repo: RepoTarget,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A pack file moved by hand into another packs/<pp>/ folder is no pack: check says where
+    it is and where it belongs, repair runs and names the points it leaves unrestorable; moved
+    back, repair makes every point restorable again."""
+    pack = repo.names("packs/")[0]
+    pack_id = pack.rpartition("/")[2].removesuffix(".pack")
+    folder = "00" if not pack_id.startswith("00") else "ff"
+    moved = f"packs/{folder}/{pack_id}.pack"
+    repo.write(moved, repo.read(pack))
+    repo.delete(pack)
+    code, report = cli(capsys, "check", repo.location, "--read-data")
+    assert code == 12
+    assert any(f"{moved} is in another folder: move it to {pack}" in p["detail"]
+               for p in report["problems"])  # type: ignore[index]
+    code, out = cli(capsys, "repo", "repair", repo.location)
+    assert code == 12 and out["unrestorable_points"]  # type: ignore[index]
+    repo.write(pack, repo.read(moved))
+    repo.delete(moved)
+    code, out = cli(capsys, "repo", "repair", repo.location)
+    assert code == 0 and out["ok"]  # type: ignore[index]
+    with repo.open() as opened:
+        for point_id in golden.ids:
+            assert restored(opened, point_id, tmp_path) == golden.contents[point_id]
+
+
 def test_repo_repair_refuses_while_a_backup_runs(repo: RepoTarget,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     with repo.open() as opened:

@@ -405,6 +405,7 @@ def repo_repair(path: str, endpoint: str | None, region: str | None, profile: st
                 if report.temp_files_deleted else "")]
     lines += [f"  damaged {c.kind_name} {c.digest.hex()} in pack {c.pack_id} at offset "
               f"{c.offset}" for c in report.damaged]
+    lines += [f"  pack {p} was gone when it was to be read" for p in report.packs_gone]
     if report.ok:
         lines.append(f"all {report.points} restore points can be restored")
     else:

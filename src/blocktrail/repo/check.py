@@ -229,9 +229,13 @@ def _locate(repo: Store, walk: _Walk) -> None:
         walk.problems.append(Problem("chunk", name.hex(),
                                      f"chunk {name.hex()}: {repo.index.why_missing(name)}",
                                      tuple(sorted(walk.users[name]))))
+    misplaced = repo.index.misplaced
     for pack_id, pids in sorted(by_missing_pack.items()):
+        hint = "" if pack_id not in misplaced else (
+            f" ({misplaced[pack_id]} is in another folder: move it to "
+            f"{layout.pack(pack_id)})")
         walk.problems.append(Problem("pack", pack_id, f"pack {pack_id} is missing: an index "
-                                     "file names chunks in it", tuple(sorted(pids))))
+                                     f"file names chunks in it{hint}", tuple(sorted(pids))))
 
 
 def _check_packs(repo: Store, walk: _Walk, read_data: bool, subset_pct: float | None,

@@ -9,6 +9,7 @@ from collections.abc import ItemsView, KeysView, ValuesView
 
 from blake3 import blake3
 
+from blocktrail.repo import layout
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.objects import HEADER as OBJECT_HEADER
 from blocktrail.repo.packs import Location
@@ -94,6 +95,7 @@ class ChunkIndex:
         # that locate an intact copy with the wrong length (Store.misindexed)
         self.unauthentic_files: set[str] = set()  # those of them that fail authentication
         self.files: list[str] = []  # the index files it was read from
+        self.misplaced: dict[str, str] = {}  # pack ID -> its file in another folder
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- building
@@ -118,7 +120,10 @@ class ChunkIndex:
 
     def _unusable(self, name: bytes, loc: Location) -> tuple[str, str | None] | None:
         if loc.pack_id not in self._packs:
-            return f"its pack {loc.pack_id} is missing", loc.pack_id
+            moved = self.misplaced.get(loc.pack_id)
+            hint = "" if moved is None else \
+                f" ({moved} is in another folder: move it to {layout.pack(loc.pack_id)})"
+            return f"its pack {loc.pack_id} is missing{hint}", loc.pack_id
         if (name, loc.pack_id, loc.offset) in self._quarantined:
             return (f"its only copy (pack {loc.pack_id}, offset {loc.offset}) is damaged and "
                     "in quarantine"), None

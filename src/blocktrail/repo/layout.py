@@ -20,7 +20,7 @@ MAINTENANCE_LEASE = "leases/maintenance.json"
 KEYS_LEASE = "leases/keys.json"  # held while key files are added, removed or replaced
 KEYS = "keys/"
 
-_PACK = re.compile(r"packs/[0-9a-f]{2}/([0-9a-f]{32})\.pack")
+_PACK = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{32})\.pack")
 _PACK_ID = re.compile(r"[0-9a-f]{32}")
 _LEASE = re.compile(r"leases/[0-9A-Za-z][0-9A-Za-z_-]*\.json")
 _INDEX = re.compile(r"index/([0-9A-Za-z_-]+\.idx)")
@@ -41,8 +41,17 @@ def pack(pack_id: str) -> str:
 
 
 def pack_id_of(name: str) -> str | None:
+    """The pack ID of ``packs/<first two hex digits>/<pack id>.pack``; None for any other
+    name, a pack file in another folder too (reads look for a pack where `pack` puts it)."""
     match = _PACK.fullmatch(name)
-    return match[1] if match else None
+    return match[2] if match and match[1] == match[2][:2] else None
+
+
+def misplaced_pack_id_of(name: str) -> str | None:
+    """The pack ID of a pack file in another folder than its own (moved by hand): not a
+    pack until it is moved back."""
+    match = _PACK.fullmatch(name)
+    return match[2] if match and match[1] != match[2][:2] else None
 
 
 def index_file(filename: str) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
-from blocktrail.repo.errors import ChunkCorrupt, RepositoryBusy, RepositoryError
+from blocktrail.repo.backend import ObjectNotFound
+from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing, RepositoryBusy, RepositoryError
 from blocktrail.repo.leases import Lease, list_leases
 from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST
@@ -56,6 +57,7 @@ class RepairReport:
     quarantine_released: int  # records of copies that read intact now
     points: int
     unrestorable: tuple[UnrestorablePoint, ...]
+    packs_gone: tuple[str, ...] = ()  # listed, then gone before they were read
 
     @property
     def ok(self) -> bool:
@@ -73,6 +75,7 @@ class RepairReport:
                 "temp_files_deleted": self.temp_files_deleted,
                 "quarantine_released": self.quarantine_released, "points": self.points,
                 "unrestorable_points": [u.to_json() for u in self.unrestorable],
+                "packs_gone": list(self.packs_gone),
                 "advice": None if self.ok else ADVICE}
 
 
@@ -82,6 +85,7 @@ class _PackScan:
     damaged: list[DamagedCopy]
     trailer_problem: str | None
     salvage: list[tuple[bytes, bytes, int]]  # name, envelope, plain length
+    gone: bool = False  # the pack was listed, and gone when it was read
 
 
 _BUSY = "cannot repair the repository: backups are running in this repository; try again later"
@@ -127,7 +131,10 @@ def _repair_locked(repo: Store) -> RepairReport:
     scans = read_ahead(pack_ids, lambda p: _scan_pack(repo, p), window=4,
                        executor=repo.io_pool)
     spares: dict[bytes, list[Location]] = {}  # more intact copies of an object
+    gone: list[str] = []
     for pack_id, scan in zip(pack_ids, scans, strict=True):
+        if scan.gone:
+            gone.append(pack_id)
         for name, loc in scan.intact:
             if intact.setdefault(name, loc) is not loc:
                 spares.setdefault(name, []).append(loc)
@@ -161,7 +168,8 @@ def _repair_locked(repo: Store) -> RepairReport:
         index_files_replaced=len(old_index_files), damaged_index_files=damaged_index_files,
         temp_files_deleted=temp_deleted, quarantine_released=released,
         points=len(points) + len(damaged_manifests),
-        unrestorable=tuple(sorted(unrestorable, key=lambda u: u.point_id)))
+        unrestorable=tuple(sorted(unrestorable, key=lambda u: u.point_id)),
+        packs_gone=tuple(gone))
 
 
 def _is_intact_copy(intact: dict[bytes, Location], key: CopyKey) -> bool:
@@ -197,7 +205,10 @@ def _scan_pack(repo: Store, pack_id: str) -> _PackScan:
     """Read a pack whole and check every object in it (found by its trailer, or, when the
     trailer is damaged, by walking the envelopes)."""
     where = f"pack {pack_id}"
-    data = repo.read_pack(pack_id)
+    try:
+        data = repo.read_pack(pack_id)
+    except (ObjectNotFound, ObjectMissing):
+        return _PackScan([], [], None, [], gone=True)  # the points it held are named
     try:
         entries, trailer_problem = read_trailer(data, where, pack_id=pack_id,
                                                 trailer_key=repo.codec.trailer_key), None

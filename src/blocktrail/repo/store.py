@@ -224,11 +224,22 @@ class Store:
 
     def pack_sizes(self) -> dict[str, int]:
         """Every pack there is (one listing), with its size."""
-        return {pid: info.size for info in self.backend.list(layout.PACKS)
-                if (pid := layout.pack_id_of(info.name)) is not None}
+        return self._pack_listing()[0]
 
     def pack_ids(self) -> set[str]:
         return set(self.pack_sizes())
+
+    def _pack_listing(self) -> tuple[dict[str, int], dict[str, str]]:
+        """-> (every pack there is, with its size; pack ID -> object name of each pack file
+        in another folder than its own, which is not a pack until it is moved back)."""
+        sizes: dict[str, int] = {}
+        misplaced: dict[str, str] = {}
+        for info in self.backend.list(layout.PACKS):
+            if (pid := layout.pack_id_of(info.name)) is not None:
+                sizes[pid] = info.size
+            elif (pid := layout.misplaced_pack_id_of(info.name)) is not None:
+                misplaced[pid] = info.name
+        return sizes, misplaced
 
     def read_range(self, pack_id: str, offset: int, length: int, label: str) -> bytes:
         try:
@@ -294,10 +305,12 @@ class Store:
         makes the whole load start again, so that no entry it held is missed."""
         for _ in range(5):
             names = self.index_files()
-            packs, quarantined, condemned = (self.io_pool.submit(self.pack_ids),
+            packs, quarantined, condemned = (self.io_pool.submit(self._pack_listing),
                                              self.io_pool.submit(self.quarantined),
                                              self.io_pool.submit(self.condemned_packs))
-            loaded = ChunkIndex(packs.result(), quarantined.result(), condemned.result())
+            sizes, misplaced = packs.result()
+            loaded = ChunkIndex(set(sizes), quarantined.result(), condemned.result())
+            loaded.misplaced = misplaced
             results = list(self.io_pool.map(self._read_index_file, names))
             if any(r is None for r in results):
                 continue

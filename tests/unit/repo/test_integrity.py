@@ -18,6 +18,7 @@ from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository, RestorePoint, RetentionPolicy, layout
 from blocktrail.repo import index as index_file
 from blocktrail.repo import quarantine as q
+from blocktrail.repo.backend import ObjectNotFound as BackendNotFound
 from blocktrail.repo.errors import ObjectMissing, RepositoryError, RepositoryNoSpace
 from repodamage import repo_files
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, RepoTarget
@@ -250,6 +251,23 @@ def test_an_index_entry_no_pack_can_hold_makes_its_file_damaged(
         fresh.prune()
     assert fresh.repair().ok
     assert target.open().check(read_data=True).ok
+
+
+def test_repair_reports_a_pack_that_goes_while_it_runs(local_repo: Repository,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    point = store(local_repo, "a", image(16, 2))
+    gone = sorted(local_repo.pack_ids())[0]
+    read_pack = local_repo.read_pack
+
+    def vanishing(pack_id: str) -> bytes:
+        if pack_id == gone:
+            raise BackendNotFound(f"no object {layout.pack(pack_id)}")
+        return read_pack(pack_id)
+
+    monkeypatch.setattr(local_repo, "read_pack", vanishing)
+    report = local_repo.repair()
+    assert report.packs_gone == (gone,) and report.to_json()["packs_gone"] == [gone]
+    assert [u.point_id for u in report.unrestorable] == [point.id]
 
 
 class FailIndexWrites(OsFileIO):
