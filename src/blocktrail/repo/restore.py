@@ -55,7 +55,14 @@ def restore_point(store: Store, point: RestorePoint, target: str,
             raise _target_full(target, exc) from exc
         raise
     handle.close()
-    fio.rename(partial, target)
+    try:
+        fio.rename(partial, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            fio.unlink(partial)
+        if isinstance(exc, OSError) and is_no_space(exc):
+            raise _target_full(target, exc) from exc
+        raise
     fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
     return written
 

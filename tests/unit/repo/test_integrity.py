@@ -372,6 +372,21 @@ def test_a_full_restore_target_is_no_space(repo: Repository, tmp_path: Path,
     assert os.listdir(target.parent) == []
 
 
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO])
+def test_a_restore_whose_rename_fails_leaves_nothing(local_repo: Repository, tmp_path: Path,
+                                                     error: int) -> None:
+    class RenameFails(OsFileIO):
+        def rename(self, src: str, dst: str) -> None:
+            raise OSError(error, os.strerror(error))
+
+    point = store(local_repo, "d", image(18, 4))
+    target = tmp_path / "out" / "disk.raw"
+    target.parent.mkdir()
+    with pytest.raises(NoSpace if error == errno.ENOSPC else OSError):
+        local_repo.restore(point.id, str(target), fileio=RenameFails())
+    assert os.listdir(target.parent) == []
+
+
 def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
                                                                   target: RepoTarget) -> None:
     point = store(repo, "d", image(17, 3))
