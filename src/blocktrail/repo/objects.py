@@ -66,17 +66,15 @@ def seal_named(kind: int, name: bytes, plain: Buffer) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, codec, 0, len(plain), len(payload), name) + payload
 
 
-def envelope_at(data: bytes | memoryview, offset: int,
-                whole: bool = True) -> tuple[int, int, bytes] | None:
+def envelope_at(data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
     """(kind, whole envelope length, name) of an envelope that seems to start at ``offset``
-    (its header is plausible, and with ``whole`` the envelope lies within ``data``); None
-    otherwise. For walking a pack whose trailer is damaged."""
+    (its header is plausible); None otherwise. For walking a pack whose trailer is damaged."""
     if offset + HEADER.size > len(data):
         return None
     magic, version, kind, codec, zero, _, stored_len, name = HEADER.unpack_from(data, offset)
     if magic != MAGIC or version != VERSION or kind not in (KIND_CHUNK, KIND_PAGE, KIND_TABLE) \
             or codec not in (CODEC_PLAIN, CODEC_ZSTD) or zero \
-            or (whole and offset + HEADER.size + stored_len > len(data)):
+            or offset + HEADER.size + stored_len > len(data):
         return None
     return kind, HEADER.size + stored_len, name
 
@@ -171,7 +169,6 @@ class PlainCodec:
     encrypted = False
     cipher_name = "none"
     trailer_key: bytes | None = None
-    header_size = HEADER.size
 
     def __init__(self) -> None:
         self._zero_names = _ZeroNames(digest)
@@ -196,9 +193,8 @@ class PlainCodec:
     def open(self, data: Buffer, kind: int, expected: bytes, where: str) -> bytes:
         return open_envelope(data, kind, expected, where)
 
-    def envelope_at(self, data: bytes | memoryview, offset: int,
-                    whole: bool = True) -> tuple[int, int, bytes] | None:
-        return envelope_at(data, offset, whole)
+    def envelope_at(self, data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
+        return envelope_at(data, offset)
 
     def seal_file(self, kind: int, name: str, plain: bytes) -> bytes:
         return plain
@@ -226,7 +222,6 @@ class EncryptedCodec:
     data. Any failure to open is `ObjectAuthenticationFailed` (or the ``error`` given)."""
 
     encrypted = True
-    header_size = HEADER_ENCRYPTED.size
 
     def __init__(self, keys: crypto.MasterKeys, cipher: int) -> None:
         self.keys = keys
@@ -291,8 +286,7 @@ class EncryptedCodec:
             raise error(f"{where}: {AUTH_FAILED} (it does not match its name)")
         return plain
 
-    def envelope_at(self, data: bytes | memoryview, offset: int,
-                    whole: bool = True) -> tuple[int, int, bytes] | None:
+    def envelope_at(self, data: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
         if offset + HEADER_ENCRYPTED.size > len(data):
             return None
         magic, version, kind, codec, cipher, _, stored_len, name, _, _ = \
@@ -300,7 +294,7 @@ class EncryptedCodec:
         if magic != MAGIC or version != VERSION_ENCRYPTED or kind not in _PLAIN_KINDS \
                 or codec not in (CODEC_PLAIN, CODEC_ZSTD) or cipher != self.cipher \
                 or stored_len < crypto.TAG_BYTES \
-                or (whole and offset + HEADER_ENCRYPTED.size + stored_len > len(data)):
+                or offset + HEADER_ENCRYPTED.size + stored_len > len(data):
             return None
         return kind, HEADER_ENCRYPTED.size + stored_len, name
 

@@ -66,7 +66,7 @@ from blocktrail.repo.objects import (
     Codec,
     PlainCodec,
 )
-from blocktrail.repo.packs import Location
+from blocktrail.repo.packs import Location, read_trailer, trailer_length
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
 
 FORMAT = "blocktrail-repository"
@@ -405,27 +405,39 @@ class Store:
         return copy if failure is None else dataclasses.replace(copy, not_recorded=failure)
 
     def misindexed(self, copy: DamagedCopy) -> str | None:
-        """When the object at ``copy``'s pack and offset is ``copy``'s object, intact, but of
-        another length than the index entry says: the index entry is damaged, not the copy
-        (quarantining the copy, whose key has no length, would condemn the intact object).
-        That entry is dropped from the chunk index (`ChunkIndex.damaged_entries`, reported by
-        `check`; `repo repair` rewrites the index). -> what to say, or None."""
+        """When the pack's trailer lists ``copy``'s object at its offset with another length
+        than the index entry, and the object read at that length is intact: the index entry
+        is damaged, not the copy (quarantining the copy, whose key has no length, would
+        condemn the intact object). That entry is dropped from the chunk index
+        (`ChunkIndex.damaged_entries`, reported by `check`; `repo repair` rewrites the index).
+        -> what to say, or None (the copy is what is damaged, or it cannot be told)."""
         label = f"{KIND_NAMES.get(copy.kind, 'object')} {copy.digest.hex()} in pack {copy.pack_id}"
         try:
-            head = self.read_range(copy.pack_id, copy.offset, self.codec.header_size, label)
-            found = self.codec.envelope_at(head, 0, whole=False)
-            if found is None or found[1] == copy.length or found[2] != copy.digest:
+            listed = {(n, o): ln for n, o, ln in self.pack_trailer(copy.pack_id)}
+            length = listed.get((copy.digest, copy.offset))
+            if length is None or length == copy.length:
                 return None
-            data = self.read_range(copy.pack_id, copy.offset, found[1], label)
-            self.codec.open(data, found[0], copy.digest, label)
-        except (ChunkCorrupt, ObjectMissing):
+            data = self.read_range(copy.pack_id, copy.offset, length, label)
+            self.codec.open(data, copy.kind, copy.digest, label)
+        except (ChunkCorrupt, ObjectMissing, ObjectNotFound):
             return None
         why = (f"an index entry names {label} at offset {copy.offset} with {copy.length} bytes, "
-               f"but the object there is intact and {found[1]} bytes long: the index entry is "
+               f"but the object there is intact and {length} bytes long: the index entry is "
                "damaged, not the object (nothing was put in quarantine); `blocktrail repo "
                "repair` rewrites the index from the packs")
         self.index.drop_entry(copy.digest, copy.pack_id, copy.offset, copy.length, why)
         return why
+
+    def pack_trailer(self, pack_id: str) -> list[tuple[bytes, int, int]]:
+        """The (digest, offset, length) entries of a pack's trailer, read from its end;
+        `ChunkCorrupt` if it is damaged."""
+        where = f"pack {pack_id}"
+        size = self.backend.info(layout.pack(pack_id)).size
+        end = self.read_range(pack_id, max(0, size - 8), min(8, size), where).rjust(8, b"\0")
+        tail_length = min(size, trailer_length(end))
+        tail = self.read_range(pack_id, size - tail_length, tail_length, where)
+        return read_trailer(tail, where, pack_size=size, pack_id=pack_id,
+                            trailer_key=self.codec.trailer_key)
 
     # ------------------------------------------------------------------ reading objects
 
