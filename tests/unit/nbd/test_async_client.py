@@ -9,8 +9,14 @@ import random
 import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -43,6 +49,8 @@ from blocktrail.nbd.proto.errors import (
 from blocktrail.nbd.server import NbdServer
 from blocktrail.nbd.tls import TlsCredentialsError
 from nbdreplies import FLAGS, data, handshake, simple
+
+T = TypeVar("T")
 
 MiB = 1 << 20
 EIO, EINVAL = 5, 22
@@ -452,13 +460,15 @@ def test_the_request_timeout_must_be_positive(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- the blocking facade
 
 @contextmanager
-def served_in_thread(tmp_path: Path) -> Iterator[tuple[str, Disk]]:
+def on_own_loop(serving: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
+    """A server (``serving()``: what it yields) on its own event loop in a thread, for the
+    blocking facade."""
     loop = asyncio.new_event_loop()
-    started: asyncio.Future[tuple[str, Disk]] = loop.create_future()
+    started: asyncio.Future[T] = loop.create_future()
     stop = asyncio.Event()
 
     async def main() -> None:
-        async with our_server(tmp_path) as served:
+        async with serving() as served:
             started.set_result(served)
             await stop.wait()
 
@@ -471,6 +481,10 @@ def served_in_thread(tmp_path: Path) -> Iterator[tuple[str, Disk]]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
+
+
+def served_in_thread(tmp_path: Path) -> AbstractContextManager[tuple[str, Disk]]:
+    return on_own_loop(lambda: our_server(tmp_path))
 
 
 def test_blocking_calls_from_many_threads_share_the_connections(tmp_path: Path) -> None:
@@ -506,27 +520,9 @@ def test_blocking_calls_from_many_threads_share_the_connections(tmp_path: Path) 
         assert not [t for t in threading.enumerate() if t.name == "nbd-client"]
 
 
-@contextmanager
-def scripted_in_thread(tmp_path: Path, script: Script) -> Iterator[str]:
+def scripted_in_thread(tmp_path: Path, script: Script) -> AbstractContextManager[str]:
     """A scripted server on its own event loop in a thread, for the blocking facade."""
-    loop = asyncio.new_event_loop()
-    started: asyncio.Future[str] = loop.create_future()
-    stop = asyncio.Event()
-
-    async def main() -> None:
-        async with scripted(tmp_path, script) as path:
-            started.set_result(path)
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(started), 10),
-                                               loop).result()
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        loop.close()
+    return on_own_loop(lambda: scripted(tmp_path, script))
 
 
 def test_a_blocking_call_the_server_never_finishes_raises(tmp_path: Path) -> None:

@@ -92,14 +92,21 @@ def test_a_spare_copy_is_used_when_one_is_damaged(repo: Repository, tmp_path: Pa
     assert report.ok and report.quarantined_before == 1
 
 
-def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
-                                                               target: RepoTarget) -> None:
-    chunks = image(2, 3)
-    writers = [target.open().begin(d, 3 * CS, None) for d in "ab"]
+
+def _two_copies(target: RepoTarget, seed: int,
+                count: int) -> tuple[list[bytes], list[RestorePoint]]:
+    """Two disks of the same ``count`` chunks, each backed up by a writer that did not see the
+    other's: every chunk has two copies. -> (the chunks, the two points)."""
+    chunks = image(seed, count)
+    writers = [target.open().begin(d, count * CS, None) for d in "ab"]
     for writer in writers:
         for i, data in enumerate(chunks):
             writer.put_chunk(i, data)
-    points = [w.commit(kind="full", change_id=None) for w in writers]
+    return chunks, [w.commit(kind="full", change_id=None) for w in writers]
+
+def test_check_reports_a_damaged_copy_with_a_spare_as_harmless(repo: Repository,
+                                                               target: RepoTarget) -> None:
+    _, points = _two_copies(target, 2, 3)
     name = repo.chunk_digests(points[0].id, [0])[0]
     assert name is not None
     loc = repo.index[name]
@@ -117,12 +124,7 @@ def test_prune_names_an_intact_copy_when_the_one_named_first_is_damaged(
     named first is damaged and nobody has read it yet. Prune names one copy of each object
     from then on: it reads the one it keeps, finds it damaged, puts it in quarantine and keeps
     the intact one; the prunes after it delete nothing a point needs."""
-    chunks = image(13, 3)
-    writers = [target.open().begin(d, 3 * CS, None) for d in "ab"]
-    for writer in writers:
-        for i, data in enumerate(chunks):
-            writer.put_chunk(i, data)
-    points = [w.commit(kind="full", change_id=None) for w in writers]
+    chunks, points = _two_copies(target, 13, 3)
     name = repo.chunk_digests(points[0].id, [1])[1]
     assert name is not None
     loc = target.open().index[name]
@@ -140,12 +142,7 @@ def test_prune_names_an_intact_copy_when_the_one_named_first_is_damaged(
 
 def test_prune_keeps_every_copy_when_none_reads_intact(repo: Repository,
                                                        target: RepoTarget) -> None:
-    chunks = image(14, 2)
-    writers = [target.open().begin(d, 2 * CS, None) for d in "ab"]
-    for writer in writers:
-        for i, data in enumerate(chunks):
-            writer.put_chunk(i, data)
-    points = [w.commit(kind="full", change_id=None) for w in writers]
+    _, points = _two_copies(target, 14, 2)
     name = repo.chunk_digests(points[0].id, [0])[0]
     assert name is not None
     copies = target.open().index.copies(name)
