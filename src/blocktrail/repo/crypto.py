@@ -87,13 +87,13 @@ def choose_cipher(name: str) -> int:
 
 # ------------------------------------------------------------------------------ the KDF
 
-KDF_MEMORY_KIB_MAX = 4 << 20  # 4 GiB
+KDF_MEMORY_KIB_MAX = 16 << 20  # 16 GiB
 
 @dataclass(frozen=True, slots=True)
 class KdfParams:
     """argon2id parameters of a key file. The default costs about 0.15 s and 64 MiB per
     open; tests use tiny ones (recorded in their key files like any other). Memory is bounded
-    by 4 GiB, for a new key file and for one that is opened: a key file that asks for more
+    by 16 GiB, for a new key file and for one that is opened: a key file that asks for more
     (written by someone who can write the storage) is refused, not given the memory."""
 
     time_cost: int = 3
@@ -105,7 +105,7 @@ class KdfParams:
                 or not 8 * self.parallelism <= self.memory_kib <= KDF_MEMORY_KIB_MAX:
             raise InvalidArgument(f"argon2id parameters t={self.time_cost}, "
                                   f"m={self.memory_kib} KiB, p={self.parallelism} are out of "
-                                  "range (t 1-100, p 1-64, m 8*p KiB-4 GiB)")
+                                  "range (t 1-100, p 1-64, m 8*p KiB-16 GiB)")
 
     @property
     def cost(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import re
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ KEY_FORMAT = "blocktrail-key"
 DEFAULT_KDF = KdfParams()
 TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)  # tests only: no cost
 KDF_SALT_BYTES = 32
+_REPO_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")  # it goes into messages as it is
 WRAPPED_BYTES = 2 * crypto.KEY_BYTES + crypto.TAG_BYTES  # the master keys and the AEAD tag
 PasswordSource = bytes | str | Callable[[], bytes | str | None]  # a callable: None if none
 
@@ -107,8 +109,10 @@ class KeyFile:
                     or obj.get("version") != 1 or obj["wrap"]["cipher"] != "aes-256-gcm":
                 raise ValueError("not a version 1 key file")
             repo_id = obj.get("repo_id")
-            if repo_id is not None and (not isinstance(repo_id, str) or not repo_id):
-                raise ValueError(f"repository ID {repo_id!r} is not a string")
+            if repo_id is not None and (not isinstance(repo_id, str)
+                                        or not _REPO_ID.fullmatch(repo_id)):
+                raise ValueError(f"repository ID {repo_id!r} is not one (a few letters, "
+                                 "digits, - or _)")
             key = cls(id=str(obj["id"]), created_at=str(obj["created_at"]),
                       host=str(obj["host"]), kdf=KdfParams.from_json(obj["kdf"]),
                       salt=bytes.fromhex(obj["kdf"]["salt"]),
@@ -274,6 +278,7 @@ def unlock(backend: Backend, config: dict[str, Any],
                               + describe_damaged(scan.damaged))
     repo_id = str(config["repo_id"])
     damaged = list(scan.damaged)
+    foreign: list[str] = []  # "<key file> repository <ID>": opened, but for another repository
     for key in sorted(scan.usable, key=lambda k: (k.kdf.cost, k.created_at, k.id)):
         try:
             opened = open_key(key, secret, repo_id)
@@ -283,14 +288,17 @@ def unlock(backend: Backend, config: dict[str, Any],
         if opened is None:
             continue
         keys, bound = opened
-        if bound != repo_id:
-            raise AuthenticationFailed(
-                f"{backend.url}: {AUTH_REPO_ID} (config.json names repository {repo_id}, key "
-                f"file {key.name} repository {bound}); nothing was read or written")
+        if bound != repo_id:  # a key file copied in from another repository: try the others
+            foreign.append(f"key file {key.name} repository {bound}")
+            continue
         if not hmac.compare_digest(str(config.get("mac")).encode(),
                                    config_mac(keys, config).encode()):
             raise AuthenticationFailed(f"{backend.url}/config.json: {AUTH_CONFIG}")
         return Unlocked(EncryptedCodec(keys, crypto.CIPHERS[cipher]), key.id, keys)
+    if foreign:
+        raise AuthenticationFailed(
+            f"{backend.url}: {AUTH_REPO_ID} (config.json names repository {repo_id}, "
+            f"{', '.join(foreign)}); nothing was read or written")
     recorded = {k.repo_id for k in scan.usable if k.repo_id is not None}
     if recorded and repo_id not in recorded:
         raise AuthenticationFailed(

@@ -82,14 +82,14 @@ def test_argon2_refusing_a_salt_is_a_typed_failure() -> None:
 @pytest.mark.parametrize("change", [
     lambda body: body["kdf"].update(salt="00"),
     lambda body: body["wrap"].update(nonce="00"),
-    lambda body: body["kdf"].update(memory_kib=8 << 20),
-], ids=["short-salt", "short-nonce", "8-GiB"])
+    lambda body: body["kdf"].update(memory_kib=32 << 20),
+], ids=["short-salt", "short-nonce", "32-GiB"])
 def test_a_crafted_key_file_tried_first_does_not_block_opening(
         two_keys: tuple[Path, str, str], tmp_path: Path,
         change: Callable[[dict[str, Any]], None]) -> None:
-    """A key file someone made to look oldest, with a salt argon2id refuses or 8 GiB of
-    memory: the repository still opens with a right password, and the crafted file is named
-    when nothing opens."""
+    """A key file someone made to look oldest, with a salt argon2id refuses or 32 GiB of
+    memory (past the 16 GiB any key file may ask for): the repository still opens with a
+    right password, and the crafted file is named when nothing opens."""
     path, first, second = copy_of(two_keys, tmp_path / "r")
     edit_key(path, second, lambda body: (body.update(created_at="1970-01-01T00:00:00+00:00"),
                                          change(body)))
@@ -129,6 +129,19 @@ def test_new_key_files_record_their_repository(two_keys: tuple[Path, str, str]) 
         assert json.loads((path / layout.key_file(key_id)).read_text())["repo_id"] == repo_id
 
 
+@pytest.mark.parametrize("recorded", ["\x1b]0;owned\x07", "", 7, "a" * 65])
+def test_a_recorded_repository_id_that_is_none_makes_the_key_file_damaged(
+        two_keys: tuple[Path, str, str], tmp_path: Path, recorded: object) -> None:
+    """What a key file records goes into messages: a terminal escape, an empty or overlong
+    one or another type is a damaged key file, named as such, never printed raw."""
+    path, first, second = copy_of(two_keys, tmp_path / "r")
+    edit_key(path, second, lambda body: body.update(repo_id=recorded))
+    assert opens_with(path, TEST_PASSWORD) == first
+    with pytest.raises(WrongPassword, match=rf"key file keys/{second}\.json is damaged") as e:
+        opens_with(path, SECOND)
+    assert "\x1b" not in e.value.message
+
+
 def test_a_changed_repository_id_is_an_authentication_failure(
         two_keys: tuple[Path, str, str], tmp_path: Path) -> None:
     path, _, _ = copy_of(two_keys, tmp_path / "r")
@@ -137,6 +150,24 @@ def test_a_changed_repository_id_is_an_authentication_failure(
         with pytest.raises(AuthenticationFailed, match="another repository") as caught:
             opens_with(path, password)
         assert not isinstance(caught.value, WrongPassword)
+
+
+def test_a_key_file_copied_in_from_another_repository_stops_nothing(
+        two_keys: tuple[Path, str, str], tmp_path: Path) -> None:
+    """Another repository's key file of the same password, copied into keys/ and made to be
+    tried first, opens nothing here: the repository's own key file still opens; without it,
+    opening names the foreign key file (AuthenticationFailed, not WrongPassword)."""
+    path, first, _ = copy_of(two_keys, tmp_path / "r")
+    with Repository.init(tmp_path / "other", encryption=TEST_ENCRYPTION) as other:
+        foreign = str(other.key_id)
+    copied = path / layout.key_file(foreign)
+    copied.write_bytes((tmp_path / "other" / layout.key_file(foreign)).read_bytes())
+    edit_key(path, foreign, lambda body: body.update(created_at="1970-01-01T00:00:00+00:00"))
+    assert opens_with(path, TEST_PASSWORD) == first
+    (path / layout.key_file(first)).unlink()
+    with pytest.raises(AuthenticationFailed, match=rf"key file keys/{foreign}\.json") as caught:
+        opens_with(path, TEST_PASSWORD)
+    assert not isinstance(caught.value, WrongPassword)
 
 
 def test_a_config_without_its_repository_id_is_damaged(two_keys: tuple[Path, str, str],
