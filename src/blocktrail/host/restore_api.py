@@ -54,6 +54,7 @@ from blocktrail.host.schema import (
     _disk_json,
 )
 from blocktrail.passwords import NO_SOURCES, PasswordSources
+from blocktrail.repo.backend import BucketNotFound
 from blocktrail.repo.errors import (
     PasswordRequired,
     PointNotFound,
@@ -106,7 +107,7 @@ def _repository_errors(location: str, point: str) -> Iterator[None]:
         yield
     except PointNotFound as exc:
         raise SnapshotNotFound(exc.message) from exc
-    except RepositoryNotFound as exc:
+    except (RepositoryNotFound, BucketNotFound) as exc:
         raise DiskNotFound(exc.message) from exc
     except RepositoryBusy as exc:
         raise DiskBusy(f"{exc.message} {where}") from exc

@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from blocktrail.errors import InvalidArgument
 from blocktrail.names import check_disk_name, check_vm_name
+from blocktrail.repo.s3options import check_endpoint
 
 EVENTS = frozenset({"failure", "audit_mismatch", "verify_differences"})
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -269,8 +270,8 @@ def _job(data: Any, index: int, base_dir: str) -> JobConfig:
     if any(s3.values()) and not repository.startswith("s3://"):
         raise InvalidArgument(f"{table.what}: endpoint, region and profile are for s3:// "
                               "repositories")
-    if s3["endpoint"] is not None and not s3["endpoint"].startswith(("http://", "https://")):
-        raise InvalidArgument(f"{table.what}: endpoint must be an http:// or https:// URL")
+    if s3["endpoint"] is not None:
+        check_endpoint(s3["endpoint"], f"{table.what}: endpoint")
     schedule = _schedule(table)
     keep = _retention(table.take("keep", dict, {}), table.what)
     verify = table.take("verify_every", (str, int, float))

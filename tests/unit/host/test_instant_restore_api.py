@@ -14,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from blocktrail.backup.chunksource import open_chunk_source
+from blocktrail.host import restore_api
 from blocktrail.host.api import create_app
 from blocktrail.host.fill import FillPolicy, FillScheduler
 from blocktrail.host.registry import DiskRegistry
 from blocktrail.repo import Repository
+from blocktrail.repo.backend import BucketNotFound
 from instantkit import CS, Point, make_point
 
 
@@ -186,6 +188,20 @@ def test_repository_errors_are_the_hosts_errors(host: Host, point: Point,
     taken = host.restore(point)
     assert taken.status_code == 409 and taken.json()["error"] == "DiskExists"
     assert not list((tmp_path / "data" / "disks").glob(".creating-*"))
+
+
+def test_a_missing_bucket_is_not_found(host: Host, point: Point,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 repository whose bucket does not exist: 404, as for a directory that is no
+    repository, never a 500."""
+    def no_bucket(*_: Any, **__: Any) -> None:
+        raise BucketNotFound("s3://gone/r: bucket gone does not exist at http://127.0.0.1:1")
+
+    monkeypatch.setattr(restore_api, "RepositoryChunkSource", no_bucket)
+    answer = host.client.post("/disks/restore", json={
+        "name": "r0", "repository": str(point.repo), "point": point.id})
+    assert answer.status_code == 404 and answer.json()["error"] == "DiskNotFound"
+    assert "bucket gone does not exist" in answer.json()["message"]
 
 
 def test_a_host_that_starts_again_resumes_the_fill(tmp_path: Path, point: Point) -> None:

@@ -157,7 +157,9 @@ def test_the_documented_example_parses() -> None:
      "http"),
     ('disks = ["d"]\nrepository = "/r"\nevery = "1h"\nregion = "eu"', "for s3:// repositories"),
     ('disks = ["d"]\nrepository = "s3://b/p"\nevery = "1h"\nendpoint = "localhost:9000"',
-     "http:// or https://"),
+     "http://HOST"),
+    ('disks = ["d"]\nrepository = "s3://b/p"\nevery = "1h"\nendpoint = "http://minio:abc"',
+     "job 'j': endpoint"),
 ])
 def test_mistakes_are_refused_with_the_key_named(body: str, message: str) -> None:
     text = f'[[job]]\nname = "j"\nhost = "unix:/h"\n{body}\n'

@@ -49,8 +49,8 @@ COOKIE = "blocktrail_console"
 HERE = os.path.dirname(__file__)
 Handler = Callable[[Request], Awaitable[Response]]
 STATUS = {"DiskNotFound": 404, "SnapshotNotFound": 404, "PointNotFound": 404,
-          "RepositoryNotFound": 404, "InvalidArgument": 400, "SnapshotExists": 409,
-          "DiskBusy": 409, "RepositoryBusy": 409}
+          "RepositoryNotFound": 404, "BucketNotFound": 404, "InvalidArgument": 400,
+          "SnapshotExists": 409, "DiskBusy": 409, "RepositoryBusy": 409}
 
 
 def human(size: float) -> str:
