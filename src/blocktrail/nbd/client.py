@@ -507,15 +507,16 @@ class NbdClient:
         pending = _Pending(self._loop.create_future(), nbytes)
         self._pending[cookie] = pending
         self._schedule_flush()
-        if self._wire.paused:
-            await self._wire.drain()
         try:
-            async with asyncio.timeout(self._request_timeout):
+            async with asyncio.timeout(self._request_timeout):  # from sending to the reply
+                if self._wire.paused:  # a server that stops reading counts too
+                    await self._wire.drain()
                 reply = await pending.future
         except TimeoutError:
             lost = ConnectionLost(
                 f"{self.uri}: the server did not finish NBD {command.name} of {length} bytes at "
-                f"offset {offset} within {self._request_timeout} s; the connection was closed")
+                f"offset {offset} within {self._request_timeout} s (or did not take it); the "
+                "connection was closed")
             self._abort(lost)  # later replies could not be trusted: everything in flight fails
             raise lost from None
         if reply.error:

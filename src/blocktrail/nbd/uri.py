@@ -158,9 +158,12 @@ class NbdUri:
 
 
 def _query(text: str, query: str) -> dict[str, str]:
-    """The query's parameters (``&``-separated ``key=value``, percent-decoded; ``+`` kept)."""
+    """The query's parameters (``&``-separated ``key=value``, percent-decoded; ``+`` kept;
+    empty items between ``&`` skipped)."""
     params: dict[str, str] = {}
     for item in query.split("&") if query else ():
+        if not item:
+            continue
         raw_key, _, raw_value = item.partition("=")
         key = _decode(text, raw_key, "a query parameter's name")
         if key in params:

@@ -449,6 +449,27 @@ def test_a_request_the_server_never_finishes_times_out_and_ends_the_connection(
     run(main())
 
 
+def test_a_write_the_server_never_takes_times_out(tmp_path: Path) -> None:
+    """A server that stops reading: a write that cannot be sent whole fails with ConnectionLost
+    after request_timeout, like a request that is never answered."""
+    stop = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(handshake(contexts=(), size=64 * MiB))
+        await stop.wait()  # reads nothing more
+        writer.close()
+
+    async def main() -> None:
+        async with scripted(tmp_path, script) as path:
+            client = await NbdClient.connect(uri(path, "d"), request_timeout=0.3)
+            with pytest.raises(ConnectionLost, match="did not finish NBD WRITE"):
+                await client.pwrite(b"w" * (32 * MiB), 0)
+            stop.set()
+            await client.close()
+
+    run(main())
+
+
 def test_the_request_timeout_must_be_positive(tmp_path: Path) -> None:
     async def main() -> None:
         with pytest.raises(InvalidArgument, match="request_timeout"):

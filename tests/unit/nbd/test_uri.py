@@ -25,6 +25,7 @@ from blocktrail.nbd.uri import NbdEndpoint, NbdUri, TlsParameters, is_nbd_uri
      NbdUri(NbdEndpoint(unix_path="/run/a+b.sock"), "a+b+c")),
     ("nbd://h/%C3%A9t%C3%A9", NbdUri(NbdEndpoint(host="h"), "\u00e9t\u00e9")),
     ("nbd+unix:///d?socket=/s%26t%3D", NbdUri(NbdEndpoint(unix_path="/s&t="), "d")),
+    ("nbd+unix:///d?&socket=/s&", NbdUri(NbdEndpoint(unix_path="/s"), "d")),  # empty items
 ])
 def test_parse_and_normal_form(text: str, expected: NbdUri) -> None:
     uri = NbdUri.parse(text)
