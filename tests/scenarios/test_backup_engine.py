@@ -17,7 +17,7 @@ from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
 from blocktrail.extents import Extent
-from blocktrail.repo import Repository
+from blocktrail.repo import Repository, RetentionPolicy
 from faulty import DropsMarksDuringConsolidation
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION
@@ -174,6 +174,33 @@ def test_a_point_that_failed_verification_is_no_base_nor_are_its_children(
         "verification: the change tracker may have missed changes since an older point; "
         "reading everything")
     assert restore_bytes(repo, d.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def test_forget_keeps_a_failed_point_while_a_kept_point_builds_on_it(tmp_path: Path) -> None:
+    """Retention keeps the newest: forgetting the failed B but keeping C, built on it, would
+    leave C looking whole, and the next backup incremental on C and as wrong as B. forget keeps
+    B, says so, and lets it go once no point kept builds on it."""
+    disk, repo, source, _ = _lying_tracker_setup(tmp_path)
+    no_audit = BackupOptions(audit_percent=0, audit_minimum=0)
+    full = repo.points()[0]
+    disk.create_snapshot("b")
+    b = run_backup(source, repo, replace(no_audit, snapshot="b"))
+    disk.pwrite(b"\x02" * 10, 3 * MiB)
+    c = run_backup(source, repo, no_audit)
+    assert not verify_point(repo, b.point.id, source, "b").identical
+    result = repo.forget_points(RetentionPolicy(keep_last=1))
+    assert [p.id for p in result.forgotten] == [full.id]
+    assert [p.id for p in result.kept_for_taint] == [b.point.id]
+    assert [p.id for p in repo.points()] == [b.point.id, c.point.id]
+    disk.pwrite(b"\x03" * 10, 4 * MiB)
+    d = run_backup(source, repo, no_audit)
+    assert d.kind == "full" and d.fallback_reason is not None and d.fallback_reason.startswith(
+        f"restore point {b.point.id}, which restore point {c.point.id} builds on, failed")
+    assert restore_bytes(repo, d.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    result = repo.forget_points(RetentionPolicy(keep_last=1))  # nothing kept builds on B now
+    assert {p.id for p in result.forgotten} == {b.point.id, c.point.id}
+    assert result.kept_for_taint == ()
+    assert [p.id for p in repo.points()] == [d.point.id]
 
 
 def test_a_failed_point_makes_older_points_no_base(tmp_path: Path) -> None:

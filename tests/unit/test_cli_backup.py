@@ -73,6 +73,23 @@ def test_forget_needs_a_policy(disk_and_repo: tuple[str, str],
     assert run(capsys, "forget", repo_dir)[0] == 2
 
 
+def test_forget_says_which_failed_point_it_keeps_for_a_kept_one(
+        disk_and_repo: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    disk_dir, repo_dir = disk_and_repo
+    made = []
+    for i in range(3):
+        with Disk.open(disk_dir) as disk:
+            disk.pwrite(bytes([i + 1]) * 4096, i << 20)
+        made.append(run(capsys, "backup", disk_dir, "--repo", repo_dir)[1]["point"]["id"])  # type: ignore[index]
+    assert run(capsys, "verify", repo_dir, made[1], "--against", disk_dir)[0] == 13  # failed
+    code, out = run(capsys, "forget", repo_dir, "--keep-last", "1", "--dry-run")
+    assert code == 0 and out["forgotten"] == [made[0]]  # type: ignore[index]
+    assert out["kept_for_taint"] == [made[1]]  # type: ignore[index]
+    assert main(["forget", repo_dir, "--keep-last", "1"]) == 0
+    assert f"(kept {made[1]}: a point kept builds on a restore point that failed " \
+        "verification" in capsys.readouterr().out
+
+
 @pytest.mark.interop
 def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str, str],
                                                        tmp_path: Path,

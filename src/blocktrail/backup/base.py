@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from blocktrail.backup.plan import BasePoint, ReadPlan
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
-from blocktrail.repo.manifest import link_problems
+from blocktrail.repo.manifest import link_problems, parent_chain
 from blocktrail.repo.objects import ZERO_DIGEST
 
 
@@ -59,11 +59,9 @@ def choose_base(store: Repository, disk_id: str,
 def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
     """Why neither ``point`` nor any older point may be the base: it, or a point of its parent
     chain up to its full or healed point, failed verification or caught the tracker missing
-    changes (a forgotten parent ends the chain: nothing more is known of it)."""
-    link: RestorePoint | None = point
-    seen: set[str] = set()
-    while link is not None and link.id not in seen:
-        seen.add(link.id)
+    changes. A forgotten parent ends the chain: nothing more is known of it, and `forget` keeps
+    a tainted point while a point it keeps has it in its chain (repo/retention.py)."""
+    for link in parent_chain(point, by_id):
         which = f"restore point {link.id}" if link is point else \
             f"restore point {link.id}, which restore point {point.id} builds on,"
         if link.verify_state == "failed":
@@ -72,9 +70,6 @@ def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
         if not link.tracker_trusted:
             return (f"the audit of {which} caught the change tracker missing changes: it may "
                     "have missed more since an older point; reading everything")
-        if link.kind in ("full", "healed") or link.parent is None:
-            return None
-        link = by_id.get(link.parent)
     return None
 
 

@@ -824,7 +824,8 @@ def forget(repo_path: str, endpoint: str | None, region: str | None, profile: st
            disk_id: str | None, do_prune: bool, wait_s: float, dry_run: bool,
            as_json: bool) -> None:
     """Forget restore points a retention policy does not keep (per disk). A point a running
-    backup builds on is kept until a later forget."""
+    backup builds on is kept until a later forget; so is one that failed verification (or
+    caught the change tracker missing changes) while a point kept builds on it."""
     from blocktrail.repo import RetentionPolicy
     policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
     if policy.empty:
@@ -836,11 +837,16 @@ def forget(repo_path: str, endpoint: str | None, region: str | None, profile: st
     gone = result.forgotten
     out = {"forgotten": [p.id for p in gone], "dry_run": dry_run,
            "kept_as_base": [p.id for p in result.kept_as_base],
+           "kept_for_taint": [p.id for p in result.kept_for_taint],
            "prune": None if pruned is None else vars(pruned)}
     text = f"{'would forget' if dry_run else 'forgot'} {len(gone)} restore points"
     if result.kept_as_base:
         text += (f" (kept {', '.join(p.id for p in result.kept_as_base)}: a running backup "
                  "builds on it)")
+    if result.kept_for_taint:
+        text += (f" (kept {', '.join(p.id for p in result.kept_for_taint)}: a point kept "
+                 "builds on a restore point that failed verification or caught the change "
+                 "tracker missing changes; they go once no point kept does)")
     if pruned is not None:
         text += "; " + _prune_text(pruned)
     emit(as_json, out, text)

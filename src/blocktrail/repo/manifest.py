@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -67,6 +68,13 @@ class RestorePoint:
 
     def with_verify_state(self, state: str) -> RestorePoint:
         return replace(self, verify_state=state)
+
+    @property
+    def taints(self) -> bool:
+        """It failed verification, or its audit caught the tracker missing changes: neither it,
+        nor an older point of its disk, nor a point whose parent chain holds it is a base
+        (backup/base.py)."""
+        return self.verify_state == "failed" or not self.tracker_trusted
 
     def to_bytes(self) -> bytes:
         """The manifest file: version 2, its checksum computed now (a rewrite recomputes it)."""
@@ -187,6 +195,22 @@ def _epoch_and_sequence(change_id: str | None) -> tuple[str, int] | None:
     if not sep or not seq.isdigit() or not _EPOCH.fullmatch(epoch):
         return None
     return epoch, int(seq)
+
+
+def parent_chain(point: RestorePoint, by_id: Mapping[str, RestorePoint]) -> list[RestorePoint]:
+    """``point``, its parent, that one's parent, ... up to the first full or healed point, that
+    one included: the points whose chunks ``point`` may have inherited. A parent not in
+    ``by_id`` (forgotten, or its manifest damaged) ends it."""
+    chain: list[RestorePoint] = []
+    link: RestorePoint | None = point
+    seen: set[str] = set()
+    while link is not None and link.id not in seen:
+        seen.add(link.id)
+        chain.append(link)
+        if link.kind in ("full", "healed") or link.parent is None:
+            break
+        link = by_id.get(link.parent)
+    return chain
 
 
 def link_problems(point: RestorePoint, parent: RestorePoint | None) -> list[str]:

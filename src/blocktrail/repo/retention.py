@@ -1,4 +1,11 @@
-"""Which restore points `forget` keeps (restic-style policies, per disk)."""
+"""Which restore points `forget` keeps (restic-style policies, per disk).
+
+Whatever the policy says, a point that taints (failed verification, or its audit caught the
+tracker missing changes) is kept while a kept point has it in its parent chain, with the points
+between them: that point inherited its wrong chunks, and only the chain tells a backup that it
+is no base (backup/base.py). Forgotten, it would leave the child looking whole, and the next
+backup incremental on it, silently wrong. Once no kept point builds on it, it goes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.manifest import RestorePoint, parent_chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +51,18 @@ def points_to_keep(points: list[RestorePoint], policy: RetentionPolicy) -> set[s
     keep |= bucketed(newest_first, policy.keep_weekly, lambda t: t.isocalendar()[:2])
     keep |= bucketed(newest_first, policy.keep_monthly, lambda t: (t.year, t.month))
     return keep
+
+
+def kept_for_taint(points: list[RestorePoint], kept: set[str]) -> set[str]:
+    """The points outside ``kept`` to keep as well: for each kept point whose parent chain holds
+    a point that taints, the chain up to the last such point (the points between keep the
+    chain linked). ``points``: one disk's, or any that hold the chains."""
+    by_id = {p.id: p for p in points}
+    more: set[str] = set()
+    for point_id in kept:
+        if point_id not in by_id:
+            continue
+        chain = parent_chain(by_id[point_id], by_id)
+        last = max((n for n, link in enumerate(chain) if link.taints), default=-1)
+        more.update(link.id for link in chain[: last + 1])
+    return more - kept

@@ -2,15 +2,18 @@
 
 The policy keeps the newest ``last`` points and the newest point of each of the newest
 ``hourly``/``daily``/``weekly``/``monthly`` buckets (restic's rule, in the worker's time zone).
-Whatever the policy says, three points of a disk are never forgotten:
+Whatever the policy says, these points of a disk are never forgotten:
 
 - the newest point: the base the next incremental backup reads against (every point is a full
   index, so forgetting any other breaks nothing, but this one keeps the chain incremental);
 - the newest point whose verify state is ``ok``: the last one known to equal its source;
 - the base of a backup of the disk that is running (named in its lease; the caller names
-  others to protect).
+  others to protect);
+- a point that failed verification or whose audit caught the tracker missing changes, while a
+  point kept has it in its parent chain (and the points between): it tells the next backup
+  that the kept point is no base (`forget` keeps it so too, repo/retention.py).
 
-A point whose verify state is ``failed`` counts like any other: a newer good point is kept.
+Otherwise a point whose verify state is ``failed`` counts like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from datetime import datetime, tzinfo
 
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.forget import delete_points, running_bases
-from blocktrail.repo.retention import bucketed
+from blocktrail.repo.retention import bucketed, kept_for_taint
 from blocktrail.worker.config import Retention
 
 
@@ -44,7 +47,7 @@ def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | 
     if verified is not None:
         kept.add(verified.id)
     kept |= set(protected) & {p.id for p in points}
-    return kept
+    return kept | kept_for_taint(points, kept)
 
 
 def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzinfo | None = None,

@@ -133,6 +133,36 @@ def test_retention_policies() -> None:
     assert points_to_keep(points, RetentionPolicy()) == {p.id for p in points}
 
 
+def test_a_point_that_taints_stays_while_a_kept_point_builds_on_it() -> None:
+    """kept_for_taint: the chain of a kept point up to its last point that taints, and nothing
+    past it nor past a full or healed point (there the chain ends)."""
+    from blocktrail.repo.retention import kept_for_taint
+
+    def point(n: int, kind: str, parent: int | None, verify: str = "unverified",
+              trusted: bool = True) -> RestorePoint:
+        return RestorePoint(f"20261101T0000{n:02d}Z-x", "d", 1, CS, 1024, (), kind,
+                            None if parent is None else f"20261101T0000{parent:02d}Z-x", None,
+                            None, f"2026-11-01T00:00:{n:02d}+00:00", "t", verify, trusted)
+
+    full, failed = point(0, "full", None), point(1, "incremental", 0, "failed")
+    between, child = point(2, "incremental", 1), point(3, "incremental", 2)
+    points = [full, failed, between, child]
+    assert kept_for_taint(points, {child.id}) == {failed.id, between.id}
+    assert kept_for_taint(points, {failed.id}) == set()  # kept anyway; the full is no taint
+    assert kept_for_taint(points, {child.id, between.id}) == {failed.id}
+    caught = point(1, "incremental", 0, trusted=False)  # its audit caught the tracker
+    assert kept_for_taint([full, caught, between, child], {child.id}) == {caught.id, between.id}
+    ok_now = point(1, "incremental", 0, "ok")  # verified again: B is no taint, its parent is
+    failed_full = point(0, "full", None, "failed")
+    assert kept_for_taint([failed_full, ok_now, between, child], {child.id}) == \
+        {failed_full.id, ok_now.id, between.id}
+    healed = point(2, "healed", 1)  # ends its chain: the failed point before it is no matter
+    assert kept_for_taint([full, failed, healed, point(3, "incremental", 2)],
+                          {point(3, "incremental", 2).id}) == set()
+    assert kept_for_taint([full, point(1, "incremental", 0), between, child],
+                          {child.id}) == set()  # no taint: the policy alone decides
+
+
 @pytest.mark.encrypted_s3
 def test_prune_beside_a_running_backup_deletes_nothing_it_may_use(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
@@ -655,6 +685,50 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     again = target.open().point(old.id)
     assert again.verify_state == "ok" and again.tables == old.tables
     assert repo.check(read_data=True).ok
+
+
+def test_a_base_put_back_takes_back_the_failed_point_it_builds_on(
+        repo: Repository, target: RepoTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup names a point as its base after forget looked at the leases: the base comes
+    back, and so does the failed point of its chain (and the one between), or the next backup
+    would take the base's child for a good base. The children go first: no listing meanwhile
+    sees a child without its parent."""
+    from blocktrail.repo import forget
+
+    full = store(repo, "d", image(61, 4))
+    failed = store(repo, "d", image(62, 4), parent=full.id, only={1})
+    repo.set_verify_state(failed.id, "failed")
+    between = store(repo, "d", image(63, 4), parent=failed.id, only={2})
+    base = store(repo, "d", image(64, 4), parent=between.id, only={3})
+    store(repo, "d", image(65, 4))  # the newest, full: the policy keeps it alone
+    backup = target.open()
+    lease = backup.disk_lease("d")
+    looked = forget.running_bases
+    deleted: list[str] = []
+
+    def then_a_backup_starts(store_: Store) -> set[str]:
+        bases = looked(store_)
+        if not deleted:
+            backup.record_base(lease, base.id)
+        return bases
+
+    def delete(name: str, *args: Any) -> None:
+        deleted.append(name)
+        real_delete(name, *args)
+
+    real_delete = repo.backend.delete
+    monkeypatch.setattr(forget, "running_bases", then_a_backup_starts)
+    monkeypatch.setattr(repo.backend, "delete", delete)
+    try:
+        result = repo.forget_points(RetentionPolicy(keep_last=1), "d")
+    finally:
+        lease.release()
+    manifests = [layout.point_id_of(n) for n in deleted if layout.point_id_of(n)]
+    assert manifests == [base.id, between.id, failed.id, full.id]  # the newest first
+    assert [p.id for p in result.forgotten] == [full.id]
+    assert [p.id for p in result.kept_as_base] == [base.id]
+    assert {p.id for p in result.kept_for_taint} == {failed.id, between.id}
+    assert target.open().point(failed.id).verify_state == "failed"
 
 
 @pytest.mark.parametrize("size_chunks", [3, 5])

@@ -3,6 +3,7 @@ repository; the job file's keys and its refusals."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def test_never_forgets_the_newest_the_newest_verified_or_a_protected_point() -> 
     assert points_to_keep([], Retention(last=1)) == set()
 
 
+def test_never_forgets_a_failed_point_a_kept_point_builds_on() -> None:
+    """The newest point's chain holds a failed one: it stays, with the point between, so the
+    next backup still sees that the newest is no base; the full before it goes."""
+    full = point(0, 30)
+    failed = replace(point(1, 20, "failed"), parent=full.id)
+    between = replace(point(2, 10), parent=failed.id)
+    newest = replace(point(3, 1), parent=between.id)
+    keep = points_to_keep([replace(full, kind="full"), failed, between, newest],
+                          Retention(last=1), tz=UTC)
+    assert keep == {newest.id, between.id, failed.id}
+
+
 def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> None:
     with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
             Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
@@ -71,15 +84,18 @@ def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_pat
         for i in range(4):
             disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
             made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        repo.set_verify_state(made[0].id, "unverified")
         repo.set_verify_state(made[2].id, "failed")
         # another process backs the disk up from made[1] (its lease names the base)
         with Repository.open(tmp_path / "repo", password=TEST_PASSWORD) as other, \
                 other.disk_lease(disk.disk_id) as lease:
             other.record_base(lease, made[1].id)
             gone = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
-        assert {p.id for p in gone} == {made[0].id, made[2].id}
-        assert [p.id for p in repo.points()] == [made[1].id, made[3].id]
-        assert made[2].id not in repo.verify_records()  # its verify record went with it
+        assert {p.id for p in gone} == {made[0].id}
+        # made[3] (the newest) builds on the failed made[2]: it stays, its verify record too
+        assert [p.id for p in repo.points()] == [made[1].id, made[2].id, made[3].id]
+        assert repo.point(made[2].id).verify_state == "failed"
+        assert made[0].id not in repo.verify_records()  # its verify record went with it
         assert repo.check().ok
 
 
