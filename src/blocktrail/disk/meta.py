@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -13,6 +14,8 @@ FORMAT = "blocktrail-disk"
 FORMAT_VERSION = 2  # 2: a seal per layer, with the change time (1: one seal, at clean close)
 META_FILE = "disk.json"
 MAX_GRANULES = 2**32
+LAYER_ID = re.compile(r"[0-9a-f]{16}")  # what `stack.new_layer_id` makes: it goes into file names
+LAYER_KINDS = ("base", "delta", "restoring")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,19 @@ class LayerRecord:
     # one; every layer at a clean close); None while the layer may be written
     seal: dict[str, list[int]] | None = None
     source: dict[str, Any] | None = None  # "restoring" only: where its chunks come from
+
+    def problem(self) -> str | None:
+        """Why this record cannot be one a disk wrote, or None."""
+        if not LAYER_ID.fullmatch(self.id):
+            return "not a layer ID"
+        if self.kind not in LAYER_KINDS:
+            return f"unknown kind {self.kind!r}"
+        below = self.visible_below
+        if self.kind == "delta" and (not isinstance(below, int) or isinstance(below, bool)
+                                     or below < 0):
+            # not bounded by the disk's size: a frozen layer keeps the size it saw as the top
+            return f"visible_below {below!r} is not a size in bytes"
+        return None
 
     def to_json(self) -> dict[str, Any]:
         out = {"id": self.id, "kind": self.kind, "visible_below": self.visible_below,
@@ -131,6 +147,17 @@ class DiskMeta:
         if self.size_bytes < 0 or -(-self.size_bytes // self.granularity) > MAX_GRANULES:
             raise CorruptMetadata(f"{where}: disk metadata is damaged (size_bytes "
                                   f"{self.size_bytes} is negative or more than 2^32 granules)")
+        if not self.layers:
+            raise CorruptMetadata(f"{where}: disk metadata is damaged (no layer)")
+        seen: set[str] = set()
+        for layer in self.layers:
+            problem = layer.problem()
+            if problem is None and layer.id in seen:
+                problem = "it is listed twice"
+            if problem is not None:
+                raise CorruptMetadata(
+                    f"{where}: disk metadata is damaged (layer {layer.id!r}: {problem})")
+            seen.add(layer.id)
 
 
 def _seal(obj: Any) -> dict[str, list[int]] | None:

@@ -129,4 +129,4 @@ def unlink_unreferenced(fileio: FileIO, path: str) -> None:
 
 
 def new_layer_id() -> str:
-    return secrets.token_hex(8)
+    return secrets.token_hex(8)  # the form meta.LAYER_ID checks: it goes into file names

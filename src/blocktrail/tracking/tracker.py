@@ -12,6 +12,7 @@ lock held exclusively, so no mark runs at the same time.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ MAX_EXTENTS_PER_ANSWER = 65536
 WINDOW_SLICE_FRACTION = 8
 INTENT_FILE = "intent.bin"
 OPEN_FILE = "open.roar"
+# what `advance` names an interval file: interval-<first 8 hex digits of the epoch>-<seq>.roar
+INTERVAL_NAME = re.compile(r"interval-[0-9a-f]{8}-[0-9]+\.roar")
 CHECKPOINT_EVERY_S = 30.0
 
 
@@ -445,8 +448,7 @@ class _StoredTracker:
             raise damaged(f"write-intent region {region} is not a power of two of at least "
                           f"the granularity {granularity}")
         for interval_seq, name in intervals:
-            if not 0 < interval_seq <= seq or os.sep in name or not (
-                    name.startswith("interval-") and name.endswith(".roar")):
+            if not 0 < interval_seq <= seq or not INTERVAL_NAME.fullmatch(name):
                 raise damaged(f"interval {interval_seq} {name!r}")
         return cls(stored_format, epochs, seq, region, intervals)
 

@@ -46,8 +46,8 @@ def _set(path: str, value: Any) -> Edit:
     def edit(meta: dict[str, Any]) -> None:
         *parents, last = path.split(".")
         for key in parents:
-            meta = meta[key]
-        meta[last] = value
+            meta = meta[int(key)] if isinstance(meta, list) else meta[key]
+        meta[int(last) if isinstance(meta, list) else last] = value
     return edit
 
 
@@ -73,6 +73,17 @@ DAMAGE = {
     "tracker without intervals": _drop("tracker.intervals"),
     "an interval outside the disk": _set("tracker.intervals", [[1, "../../etc/passwd"]]),
     "an interval past seq": _set("tracker.intervals", [[99, "interval-00000000-99.roar"]]),
+    "an interval name with a NUL": _set("tracker.intervals", [[1, "interval-\u0000.roar"]]),
+    "an interval name not as written": _set("tracker.intervals", [[1, "interval-x/..roar"]]),
+    "no layer": _set("layers", []),
+    "a layer ID with a NUL": _set("layers.0.id", "ab\u0000"),
+    "a layer ID with a slash": _set("layers.0.id", "../../etc/passwd"),
+    "a layer ID not a string": _set("layers.0.id", 5),
+    "a layer listed twice": lambda meta: meta["layers"].append(dict(meta["layers"][-1])),
+    "a layer of unknown kind": _set("layers.0.kind", "qcow2"),
+    "a delta's visible_below not a number": _set("layers.1.visible_below", "zz"),
+    "a delta's visible_below missing": _set("layers.1.visible_below", None),
+    "a delta's visible_below negative": _set("layers.1.visible_below", -1),
     "intent region 0": _set("tracker.intent_region_bytes", 0),
     "an epoch not an object": _set("tracker.epochs", [5]),
 }
@@ -148,3 +159,17 @@ def test_resolve_refuses_a_loop_it_meets() -> None:
 
     _finishes(run)
     assert raised and "inherit in a loop" in str(raised[0])
+
+
+def test_a_frozen_layer_seeing_more_than_the_shrunk_disk_is_not_damage() -> None:
+    """A frozen delta keeps the size it saw as the top: after a shrink its visible_below lies
+    past size_bytes, and the disk still opens."""
+    fs = SimulatedFileIO()
+    disk = Disk.create(PATH, 1 << 20, 4096, cluster_size=4096, fileio=fs)
+    disk.create_snapshot("s1")
+    disk.create_snapshot("s2")
+    disk.resize(1 << 19)
+    disk.close()
+    layers = json.loads(fs.read_file(META))["layers"]
+    assert layers[1]["visible_below"] == 1 << 20 and layers[2]["visible_below"] == 1 << 19
+    Disk.open(PATH, fileio=fs).close()
