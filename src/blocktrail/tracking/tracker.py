@@ -304,15 +304,13 @@ class ChangeTracker:
     def resolve(self, change_id: str) -> int:
         """The sequence, in the current epoch's numbering, of a valid change ID."""
         cid = ChangeId.parse(change_id)
-        by_epoch = {e.epoch: e for e in self._epochs}
-        record, limit, floor, child = self._epochs[-1], self.seq, 0, None
-        seen: set[str] = set()
-        while True:
-            if record.epoch in seen:  # only a damaged disk.json: no operation makes a loop
-                raise CorruptMetadata(
-                    f"{self._dir}: the tracker's epochs in disk.json inherit in a loop (through "
-                    f"{record.epoch}); reset tracking on the disk and take a full backup")
-            seen.add(record.epoch)
+        chain, loop = _inherited_chain(self._epochs)
+        if loop is not None:  # a load restarts such a history: only a damaged state gets here
+            raise CorruptMetadata(
+                f"{self._dir}: the tracker's epochs in disk.json inherit in a loop (through "
+                f"{loop}); reset tracking on the disk and take a full backup")
+        limit, floor, child = self.seq, 0, None
+        for record in chain:
             if record.epoch == cid.epoch:
                 if child is not None and cid.seq < floor:
                     raise StaleChangeId(
@@ -327,11 +325,9 @@ class ChangeTracker:
                 raise StaleChangeId(
                     f"change ID {cid} was reverted past: on {child.created_at} the disk returned "
                     f"to point {limit} ({child.reason}); take a full backup")
-            if record.inherits is None or record.inherits[0] not in by_epoch:
-                break
-            child, limit = record, min(limit, record.inherits[1])
-            floor = record.inherits_floor
-            record = by_epoch[record.inherits[0]]
+            if record.inherits is not None:
+                child, limit = record, min(limit, record.inherits[1])
+                floor = record.inherits_floor
         for index, earlier in enumerate(self._epochs[:-1]):
             if earlier.epoch == cid.epoch:
                 ended = self._epochs[index + 1]
@@ -453,19 +449,29 @@ class _StoredTracker:
         return cls(stored_format, epochs, seq, region, intervals)
 
 
-def _inheritance_loop(epochs: list[EpochRecord]) -> str | None:
-    """A reason to restart if the current epoch's chain of inherited epochs runs in a loop
-    (no operation makes one: only a damaged disk.json has it; a query would walk it forever)."""
+def _inherited_chain(epochs: list[EpochRecord]) -> tuple[list[EpochRecord], str | None]:
+    """The current epoch and the epochs it inherits from, newest first (an epoch not in the list
+    ends the chain); and the epoch through which the chain runs back into itself, or None. No
+    operation makes such a loop: only a damaged disk.json has it (a walk would never end)."""
     by_epoch = {e.epoch: e for e in epochs}
-    record: EpochRecord | None = epochs[-1]
+    chain: list[EpochRecord] = []
     seen: set[str] = set()
+    record: EpochRecord | None = epochs[-1]
     while record is not None:
         if record.epoch in seen:
-            return (f"tracker history damaged (its epochs inherit in a loop, through "
-                    f"{record.epoch})")
+            return chain, record.epoch
         seen.add(record.epoch)
+        chain.append(record)
         record = None if record.inherits is None else by_epoch.get(record.inherits[0])
-    return None
+    return chain, None
+
+
+def _inheritance_loop(epochs: list[EpochRecord]) -> str | None:
+    """A reason to restart if the current epoch's chain of inherited epochs runs in a loop."""
+    _, loop = _inherited_chain(epochs)
+    if loop is None:
+        return None
+    return f"tracker history damaged (its epochs inherit in a loop, through {loop})"
 
 
 def _load_history(fileio: FileIO, directory: str, listed: list[tuple[int, str]], epoch: str,
