@@ -12,10 +12,11 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -445,46 +446,84 @@ def test_a_batch_of_replies_done_at_once_stops_at_the_bytes_limit(
     assert batches and max(batches) < limits.bytes_in_flight + reply_bytes
 
 
-def test_a_client_that_never_reads_option_replies_is_held_off(tmp_path: Path) -> None:
-    """NBD_OPT_LIST over and over, no reply read: the server stops reading options once about
-    1 MiB of replies wait for the client, and answers every option once it reads again."""
-    limits = ServerLimits(handshake_seconds=60)
-    with serve(tmp_path, limits) as s:
+class _CountingWire(server_module.Wire):
+    """A wire that keeps the most bytes the server ever had queued on it, unsent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_lock = threading.Lock()
+        self.queued = self.most_queued = 0
+
+    def send(self, items: list[Any], on_sent: Callable[[], None] | None = None, *,
+             raw: bool = False) -> None:
+        size = sum(len(i) for i in items)
+        with self.count_lock:
+            self.queued += size
+            self.most_queued = max(self.most_queued, self.queued)
+
+        def sent() -> None:
+            with self.count_lock:
+                self.queued -= size
+            if on_sent is not None:
+                on_sent()
+
+        super().send(items, sent, raw=raw)
+
+
+def test_a_client_that_never_reads_option_replies_is_held_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NBD_OPT_LIST over and over, no reply read: the server stops reading options once 1 MiB
+    of replies wait for the client (it never holds more than that and the replies to the options
+    of one read), and answers every option once the client reads again."""
+    wires: list[_CountingWire] = []
+    held_off = threading.Event()  # the server found no room for more option replies
+    option_room = getattr(server_module._Connection, "_option_room", None)
+
+    def room_spy(self: object) -> bool:
+        room = option_room is not None and option_room(self)
+        if not room:
+            held_off.set()
+        return room
+
+    def counting_wire(*args: Any, **kwargs: Any) -> _CountingWire:
+        wires.append(_CountingWire(*args, **kwargs))
+        return wires[-1]
+
+    monkeypatch.setattr(server_module, "Wire", counting_wire)
+    monkeypatch.setattr(server_module._Connection, "_option_room", room_spy, raising=False)
+    monkeypatch.setattr(server_module, "SEND_BUFFER_BYTES", 64 << 10)  # less to fill first
+    count = (2 * MiB) // 16  # 5.75 MiB of replies: far more than the sockets buffer
+    # the core answers every option a read brought before the server looks at the queue again
+    bound = MiB + server_module.RECEIVE_BYTES // 16 * (20 + 6 + 20)
+    with serve(tmp_path, ServerLimits(handshake_seconds=60)) as s:
         sock = socket.socket(socket.AF_UNIX)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(s.path)
-        assert len(sock.recv(18)) == 18
-        sock.sendall(struct.pack(">I", 3))
-        options = struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) * 4096
-        sock.setblocking(False)
-        pending, sent_bytes, deadline = bytearray(), 0, time.monotonic() + 20
-        while time.monotonic() < deadline and sent_bytes < 64 * MiB:
-            if not pending:
-                pending += options
-            try:
-                count = sock.send(pending)
-            except BlockingIOError:
-                if not select.select([], [sock], [], 1.0)[1]:
-                    break  # no room for a second: the server reads no more
-                continue
-            del pending[:count]
-            sent_bytes += count
-        else:
-            pytest.fail("the server kept reading options nobody takes the replies of")
-        assert sent_bytes < 8 * MiB  # 1 MiB of replies, and what the sockets buffer
-        sock.setblocking(True)
-        sock.settimeout(30)
-        sent = -(-sent_bytes // 16)
-        reply = struct.pack(">QII", OPT_REPLY_MAGIC, OPT_LIST, REP_SERVER)
-        received = bytearray()
-        taking = threading.Thread(target=lambda: received.extend(
-            recv_exactly(sock, sent * (20 + 6 + 20))))
-        taking.start()
-        sock.sendall(pending[: -sent_bytes % 16])  # the last option whole
-        taking.join(60)
-        assert len(received) == sent * 46  # every option answered: the server and an ACK
-        assert received[:16] == reply and received.count(reply) == sent
-        sock.close()
+        try:
+            assert len(sock.recv(18)) == 18
+            sock.sendall(struct.pack(">I", 3))
+            sent_all = threading.Event()
+
+            def send_options() -> None:
+                sock.sendall(struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) * count)
+                sent_all.set()
+                held_off.set()
+
+            sending = threading.Thread(target=send_options, daemon=True)
+            sending.start()
+            # Either the server holds off (it reads no more until replies go out) or it read
+            # every option, queueing the replies of all that the sockets do not buffer.
+            assert held_off.wait(60), "the server neither held off nor read every option"
+            assert wires[0].most_queued <= bound, "the server held replies past the bound"
+            assert not sent_all.is_set(), "the server read options nobody takes the replies of"
+            received = recv_exactly(sock, count * (20 + 6 + 20))
+            sending.join(60)
+            assert sent_all.is_set()
+        finally:
+            sock.close()
+    reply = struct.pack(">QII", OPT_REPLY_MAGIC, OPT_LIST, REP_SERVER)
+    assert received[:16] == reply and received.count(reply) == count  # the server, an ACK
+    assert wires[0].most_queued <= bound  # the reading let it read on, within the bound
 
 
 def recv_exactly(sock: socket.socket, count: int) -> bytes:
