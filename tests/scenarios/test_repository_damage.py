@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from blocktrail.backup.engine import BackupOptions, run_backup
+from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.cli.main import main
+from blocktrail.disk import Disk
 from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
 from blocktrail.repo.manifest import body_checksum
@@ -191,6 +194,37 @@ def test_a_manifest_whose_tables_do_not_fit_its_size_is_refused(
     assert not target.exists()
     code, report = cli(capsys, "check", repo.location)
     assert code == 12 and [p3] in [affected for _, _, affected in names(report)]
+
+
+def test_a_base_whose_page_is_of_another_width_is_passed_over(
+        golden: Golden, work: Path, tmp_path: Path, repo: RepoTarget) -> None:
+    """A base whose manifest names the page table of a point of a smaller disk (its checksum
+    made anew): the incremental once wrote its change past the end of that page, appending it,
+    and reported success with a point that could not be restored. Now the base is passed over
+    for the next older point, and the new point restores right."""
+    _, p2, p3 = golden.ids
+    Disk.create(work / "small", 8 * CS).close()
+    with Disk.open(work / "small") as small, repo.open() as opened:
+        small.pwrite(b"s" * CS, 0)
+        other = run_backup(LocalDiskSource(small), opened, BackupOptions(seed=1)).point
+    manifest = layout.manifest(p3)
+    with repo.open() as opened:
+        body = json.loads(opened.codec.open_file(KIND_MANIFEST, manifest, repo.read(manifest),
+                                                 manifest))
+    del body["checksum"]
+    body["tables"] = list(other.tables)  # one table of one page, as p3's: of 8 chunks, not 32
+    body["checksum"] = body_checksum(body)
+    data = json.dumps(body).encode()
+    if repo.encrypted:
+        with repo.open() as opened:
+            data = opened.codec.seal_file(KIND_MANIFEST, manifest, data)
+    repo.write(manifest, data)
+    write_chunks(work, {12: b"\x0c" * CS})
+    report = backup_into(work, target=repo)
+    assert report.kind == "incremental" and report.point.parent == p2
+    assert any(p3 in why and "lists 8 chunks" in why for why in report.passed_over)
+    with repo.open() as opened:
+        assert restored(opened, report.point.id, tmp_path) == disk_bytes(work)
 
 
 # 2. a damaged chunk ------------------------------------------------------------------------------

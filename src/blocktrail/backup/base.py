@@ -95,7 +95,7 @@ def prepare_incremental(store: Repository, point: RestorePoint,
     try:
         pages = store.pages_of(point)
         for page_no in sorted({index // point.page_chunks for index in plan.chunks}):
-            store.read_page(pages[page_no], point.id)  # the writer reads them at commit
+            store.point_page(point, page_no, pages)  # the writer reads them at commit
         if not store.lost_objects() and not store.index.damaged_files:
             return None, []
         changed = set(plan.chunks)

@@ -559,7 +559,7 @@ class RepositoryChunkSource:
             if plain is not None:
                 self._pages.move_to_end(hexname)
         if plain is None:
-            plain = conn.repo.read_page(hexname, conn.point.id)
+            plain = conn.repo.point_page(conn.point, page_no, conn.pages)
             with self._page_lock:
                 self._pages[hexname] = plain
                 while len(self._pages) > PAGE_CACHE:
@@ -579,11 +579,7 @@ class RepositoryChunkSource:
                 page_no, slot = divmod(index, per_page)
                 if page_no not in pages:
                     pages[page_no] = self._page_digests(conn, page_no)
-                digests = pages[page_no]
-                if slot >= len(digests):
-                    raise CorruptMetadata(f"page {conn.pages[page_no]} of restore point "
-                                          f"{conn.point.id} is too short")
-                out.append(digests[slot])
+                out.append(pages[page_no][slot])
         except BlocktrailError as exc:
             raise self._failed(first, exc.message) from exc
         except OSError as exc:

@@ -530,16 +530,25 @@ class Store:
             pages += [plain[i : i + 32].hex() for i in range(0, len(plain), 32)]
         return pages
 
+    def point_page(self, point: RestorePoint, page_no: int,
+                   pages: list[str] | None = None) -> bytes:
+        """Page ``page_no`` of ``point`` (``pages``: its page digests, if read already),
+        checked to list the chunk digests its part of the disk needs: a page of another width
+        would put digests in the wrong places, or none where a chunk is."""
+        hexname = (self.pages_of(point) if pages is None else pages)[page_no]
+        plain = self.read_page(hexname, point.id)
+        _check_width(plain, point.page_width(page_no), f"page {hexname}", "chunks", point)
+        return plain
+
     def page_entries(self, point: RestorePoint) -> Iterator[tuple[int, bytes]]:
         """(chunk index, digest) for every chunk of the point; ZERO_DIGEST for holes."""
         chunks = -(-point.size_bytes // point.chunk_size)
         pages = self.pages_of(point)
         window = 16 if self.backend.remote else 2
-        reads = _ordered(self.io_pool, pages, lambda h: self.read_page(h, point.id), window)
+        reads = read_ahead(range(len(pages)), lambda n: self.point_page(point, n, pages),
+                           window=window, executor=self.io_pool)
         for page_no, plain in enumerate(reads):
             base = page_no * point.page_chunks
-            _check_width(plain, point.page_width(page_no), f"page {pages[page_no]}", "chunks",
-                         point)
             for slot in range(min(point.page_chunks, chunks - base)):
                 yield base + slot, plain[slot * 32 : slot * 32 + 32]
 
@@ -550,7 +559,7 @@ class Store:
         out: dict[int, bytes | None] = {}
         pages = self.pages_of(point)
         for page_no in sorted({i // point.page_chunks for i in wanted}):
-            plain = self.read_page(pages[page_no], point.id)
+            plain = self.point_page(point, page_no, pages)
             for index in [i for i in wanted if i // point.page_chunks == page_no]:
                 slot = index % point.page_chunks
                 name = plain[slot * 32 : slot * 32 + 32]
@@ -805,7 +814,3 @@ def _with_state(point: RestorePoint, state: str | None) -> RestorePoint:
 def _bad_point_id(point_id: str) -> NoReturn:
     raise InvalidArgument(f"invalid restore point id {point_id!r}")
 
-
-def _ordered(pool: ThreadPoolExecutor, items: list[str], work: Any,
-             window: int) -> Iterator[bytes]:
-    return read_ahead(items, work, window=window, executor=pool)

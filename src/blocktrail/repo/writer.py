@@ -195,9 +195,8 @@ class PointWriter:
                     and repo.has_chunk(bytes.fromhex(self._parent_pages[page_no])):
                 out.append(self._parent_pages[page_no])
                 continue
-            if self._parent_pages is not None:
-                plain = bytearray(repo.read_page(self._parent_pages[page_no], parent.id if
-                                                 parent else ""))
+            if parent is not None and self._parent_pages is not None:
+                plain = bytearray(repo.point_page(parent, page_no, self._parent_pages))
             else:
                 plain = bytearray(32 * width)
             for slot, name in (changes or {}).items():
