@@ -612,9 +612,22 @@ def _restore_instantly(repo_path: str, point_id: str, target: str | None, fmt: s
     seconds = time.perf_counter() - started
     emit(as_json, {**info, "seconds": round(seconds, 3)},
          f"disk {disk_name} restored instantly from {point_id} in {seconds:.2f} s: usable now "
-         f"(NBD export {disk_name}), its writes tracked against the point; "
+         f"(NBD export {disk_name}), {_restored_tracking(info)}; "
          f"{info['restore']['summary']} in the background (`blocktrail disk info {disk_name} "
          "--host ...` shows how far)")
+
+
+def _restored_tracking(info: dict[str, Any]) -> str:
+    """How an instantly restored disk's writes are tracked, as the host's answer says."""
+    if "continues" not in info:  # a host of an earlier version does not say
+        return "its writes tracked from the first one"
+    if info["continues"]:
+        return "its writes tracked against the point (its next backup is an incremental)"
+    if info.get("fresh_disk_id"):
+        return (f"with a disk ID of its own ({info['disk_id']}: the host has a disk of the "
+                "point's disk ID already) and new change tracking: its first backup is full")
+    return ("with new change tracking (the point has no change ID of a blocktrail disk): its "
+            "first backup is full")
 
 
 def _convert_qcow2(raw: str, target: str) -> None:

@@ -31,6 +31,7 @@ from blocktrail.backup.chunksource import (
     is_local_location,
     is_repository_location,
 )
+from blocktrail.disk import Disk
 from blocktrail.disk.restoring import ChunkUnavailable
 from blocktrail.errors import (
     CorruptMetadata,
@@ -51,6 +52,7 @@ from blocktrail.host.schema import (
     DiskNameField,
     Integer,
     RequestModel,
+    RestoredDisk,
     _disk_json,
 )
 from blocktrail.passwords import NO_SOURCES, PasswordSources
@@ -133,17 +135,27 @@ def continued_change_id(change_id: str | None) -> str | None:
     return change_id
 
 
+def _continued(disk: Disk, change_id: str | None) -> str | None:
+    """The point's change ID if the restored disk's tracking goes on from it (its epoch
+    inherits it), else None: a new epoch (a fresh disk ID, or a point of no blocktrail disk)."""
+    continued = continued_change_id(change_id)
+    if continued is None:
+        return None
+    cid = ChangeId.parse(continued)
+    return continued if disk.tracker.epochs[-1].inherits == (cid.epoch, cid.seq) else None
+
+
 def restore_router(registry: DiskRegistry, fills: FillScheduler,
                    repo_password: PasswordSources = NO_SOURCES) -> APIRouter:
     """``repo_password``: where the host finds an encrypted repository's password (its
     --password-file / --password-command, else its environment)."""
     router = APIRouter()
 
-    @router.post("/disks/restore", status_code=201, response_model=DiskInfo)
+    @router.post("/disks/restore", status_code=201, response_model=RestoredDisk)
     def restore_disk(body: DiskRestore) -> dict[str, Any]:
         """Restore a point instantly into a new disk: readable (and bootable) at once, its
-        writes tracked from the first one; the rest of the point is filled in the
-        background."""
+        writes tracked from the first one (against the point, unless ``continues`` is null);
+        the rest of the point is filled in the background."""
         location = check_repository_location(body.repository)
         with _repository_errors(location, body.point):
             source = RepositoryChunkSource(location, body.point, password=repo_password)
@@ -156,7 +168,8 @@ def restore_router(registry: DiskRegistry, fills: FillScheduler,
                 source.close()
         fills.start(body.name, paused=bool(body.fill.paused),
                     rate=body.fill.rate_bytes_per_second)
-        return _disk_json(body.name, disk)
+        return {**_disk_json(body.name, disk), "continues": _continued(disk, point.change_id),
+                "fresh_disk_id": disk.disk_id != point.disk_id}
 
     @router.post("/disks/{name}/fill", response_model=DiskInfo)
     def control_fill(name: DiskName, body: FillControl) -> dict[str, Any]:

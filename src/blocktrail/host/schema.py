@@ -197,6 +197,19 @@ class DiskInfo(BaseModel):
     restore: RestoreInfo
 
 
+class RestoredDisk(DiskInfo):
+    """A disk just restored instantly from a restore point, and how it goes on from it."""
+
+    continues: str | None = Field(
+        description="the point's change ID, which the disk's tracking goes on from: its next "
+                    "backup is an incremental against the point. null: a new tracking epoch "
+                    "(see fresh_disk_id; or a point not taken of a blocktrail disk): its first "
+                    "backup is full")
+    fresh_disk_id: bool = Field(
+        description="the host has a disk of the point's disk ID already, so this one got a "
+                    "disk ID of its own (its restore points are its own, not the point's disk's)")
+
+
 class DiskUnavailable(BaseModel):
     """A disk of the host that cannot be opened now (damaged, edited outside blocktrail, being
     created): listed with why, so that one such disk hides none of the others."""

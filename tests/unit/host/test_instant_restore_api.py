@@ -14,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from blocktrail.backup.chunksource import open_chunk_source
+from blocktrail.cli import target as cli_target
+from blocktrail.cli.main import main
 from blocktrail.host import restore_api
 from blocktrail.host.api import create_app
 from blocktrail.host.fill import FillPolicy, FillScheduler
@@ -105,8 +107,32 @@ def test_a_second_disk_of_the_same_point_gets_its_own_identity(host: Host,
     info = second.json()
     assert info["disk_id"] not in (point.disk_id, first["disk_id"])
     assert info["epochs"][-1]["inherits"] is None
+    # the answer says so: the first goes on from the point, the second does not
+    assert (first["continues"], first["fresh_disk_id"]) == (point.change_id, False)
+    assert (info["continues"], info["fresh_disk_id"]) == (None, True)
     disk = host.registry.get("r1")
     assert disk.pread(len(point.content), 0) == point.content
+
+
+def test_the_cli_says_whether_a_restored_disk_is_tracked_against_the_point(
+        host: Host, point: Point, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`restore --instant` said every disk's writes were tracked against the point, also of a
+    second disk of it, which gets a fresh disk ID and whose first backup is full."""
+    class InProcess:
+        def call(self, method: str, path: str, **kwargs: Any) -> Any:
+            answer = host.client.request(method, path, **kwargs)
+            assert answer.status_code < 300, answer.text
+            return answer.json()
+
+    monkeypatch.setattr(cli_target, "with_host", lambda _host, fn: fn(InProcess()))
+    for name in ("r0", "r1"):
+        assert main(["restore", str(point.repo), point.id, "--instant", "--host",
+                     "unix:/nowhere", "--disk", name]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert "tracked against the point" not in second
+    assert "disk ID of its own" in second and "first backup is full" in second
+    assert "tracked against the point" in first and "incremental" in first
 
 
 def test_a_restore_opens_the_repository_once(host: Host, point: Point,
