@@ -12,6 +12,11 @@ about that window. So such a point **taints** every older one: the walk stops an
 reads everything, saying why. A point whose parent chain (up to its full or healed point)
 holds such a point inherited its wrong chunks and taints the same way. A healed point's content
 was compared with its source, so its chain stops at itself: newer than a failure, it is a base.
+
+A point of an NBD export whose change label names a dirty bitmap the server did not agree to
+(its fallback reason says so) taints the same way: blocktrail before it checked that recorded
+the bitmap's label regardless, though the bitmap did not exist then and so need not have
+recorded the writes since; an incremental built on it may have missed them too.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blocktrail.backup.plan import BasePoint, ReadPlan
+from blocktrail.nbd.proto.constants import DIRTY_BITMAP_PREFIX
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.manifest import link_problems, parent_chain
@@ -58,9 +64,10 @@ def choose_base(store: Repository, disk_id: str,
 
 def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
     """Why neither ``point`` nor any older point may be the base: it, or a point of its parent
-    chain up to its full or healed point, failed verification or caught the tracker missing
-    changes. A forgotten parent ends the chain: nothing more is known of it, and `forget` keeps
-    a tainted point while a point it keeps has it in its chain (repo/retention.py)."""
+    chain up to its full or healed point, failed verification, caught the tracker missing
+    changes or records a bitmap label the NBD server had refused. A forgotten parent ends the
+    chain: nothing more is known of it, and `forget` keeps a tainted point while a point it
+    keeps has it in its chain (repo/retention.py)."""
     for link in parent_chain(point, by_id):
         which = f"restore point {link.id}" if link is point else \
             f"restore point {link.id}, which restore point {point.id} builds on,"
@@ -70,7 +77,21 @@ def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
         if not link.tracker_trusted:
             return (f"the audit of {which} caught the change tracker missing changes: it may "
                     "have missed more since an older point; reading everything")
+        if _unbacked_bitmap_label(link):
+            return (f"{which} records the dirty bitmap {link.change_id} as its change label, "
+                    "but the NBD server did not agree to that bitmap when it was taken (an "
+                    "earlier blocktrail recorded it regardless): nothing says the bitmap "
+                    "recorded every write since then; reading everything")
     return None
+
+
+def _unbacked_bitmap_label(point: RestorePoint) -> bool:
+    """Whether ``point`` records a dirty bitmap's label that the NBD server had refused (its
+    fallback reason is that refusal, sources/nbd.py): only points written before the label
+    was recorded only for an agreed bitmap have one."""
+    label = point.change_id or ""
+    return label.startswith(DIRTY_BITMAP_PREFIX) and \
+        f"did not agree to {label}" in (point.fallback_reason or "")
 
 
 def _not_whole(store: Repository, point: RestorePoint, by_id: dict[str, RestorePoint],
