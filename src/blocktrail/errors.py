@@ -74,6 +74,11 @@ class SnapshotNotFound(BlocktrailError):
     exit_code = ExitCode.SNAPSHOT_OR_POINT
 
 
+class SnapshotRemoved(SnapshotNotFound):
+    """A snapshot a reader holds the record of was removed (a snapshot taken since under its
+    name is another one: another change ID)."""
+
+
 class SnapshotExists(BlocktrailError):
     exit_code = ExitCode.SNAPSHOT_OR_POINT
 
@@ -94,6 +99,12 @@ class DiskBusy(BlocktrailError):
     """Another process or handle has the disk open."""
 
     exit_code = ExitCode.BUSY
+
+
+class SnapshotReadsInFlight(DiskBusy):
+    """Merging a removed snapshot's layer waits for reads of that snapshot that were mapped
+    before it was removed and are still being sent (an NBD client that takes its replies
+    slowly, or not at all)."""
 
 
 class DiskClosed(BlocktrailError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 import uuid
@@ -42,6 +44,8 @@ from blocktrail.errors import (
     OutOfRange,
     SnapshotExists,
     SnapshotNotFound,
+    SnapshotReadsInFlight,
+    SnapshotRemoved,
     StaleChangeId,
     io_error,
 )
@@ -85,6 +89,7 @@ class Disk:
         self._stack = LayerStack(path, fileio, layers, meta.cluster_size, self._commit,
                                  lambda: self._meta.size_bytes)
         self._consolidation: Consolidation | None = None
+        self._by_change_id: dict[str, Snapshot] | None = None  # built when first needed
         self._io_requests = 0  # approximate: counted without a lock (see io_requests)
         self._io = _IoCounts()
 
@@ -245,8 +250,8 @@ class Disk:
         disk = cls(path, fileio, lock, meta, layers, tracker)
         layers[-1].seal = None  # the top may be written from now on
         for layer in layers[:-1]:  # frozen: sealed as they are now (again, after a restart)
-            if isinstance(layer, RestoringLayer):
-                layer.seal = None  # its filling writes it
+            if isinstance(layer, RestoringLayer) or layer.snapshot is None:
+                layer.seal = None  # its filling writes it; a removed snapshot's is merged into
             elif layer.snapshot is not None and (layer.seal is None or restart is not None):
                 layer.seal = disk._stack.seal_of(layer)
         # Repeat the cut a crash may have undone, durably: a later grow commits a larger size,
@@ -266,7 +271,9 @@ class Disk:
         return disk
 
     def close(self) -> None:
-        """Finish any consolidation, flush, checkpoint the tracker and mark the disk clean."""
+        """Finish any consolidation, flush, checkpoint the tracker and mark the disk clean. (A
+        merge that waits for reads of its removed snapshot still being sent is left to the next
+        open, which finishes it.)"""
         with self._lock:
             if self._file_lock is None:
                 return
@@ -368,19 +375,26 @@ class Disk:
         self._io.add_read(count)
         return data
 
-    def map_read(self, count: int, offset: int, snapshot: str | None = None, *,
+    def map_read(self, count: int, offset: int, snapshot: str | Snapshot | None = None, *,
                  wait: bool = True) -> MappedRead | None:
-        """Where the bytes of a read of the live disk (or a snapshot) are, for a zero-copy
-        reader; the caller closes the result. With ``wait=False``, None instead of waiting
-        (for a change of the layer structure, or for chunks a restoring base must fetch)."""
+        """Where the bytes of a read of the live disk (or a snapshot, by name or by the record
+        `snapshots` gave: `SnapshotRemoved` once that one is gone) are, for a zero-copy reader;
+        the caller closes the result, always: a snapshot's mapped read pins its layer, and the
+        merge that removes the snapshot waits for it (what it maps stays the snapshot's bytes
+        until it is closed). With ``wait=False``, None instead of waiting (for a change of the
+        layer structure, or for chunks a restoring base must fetch)."""
         self._io_requests += 1
         counted = self._lock.acquire_shared(blocking=wait)
         if counted is None:
             return None
         try:
-            layers = self._readable_view(count, offset, snapshot)
+            snap = self._resolve(snapshot)
+            layers = self._readable_view(count, offset, snap)
             mapped = MappedRead.from_pieces(offset, count, chain.map_view(
                 layers, self.cluster_size, count, offset), wait=wait)
+            if mapped is not None and snap is not None:  # under the lock: before any removal
+                self._stack.pin(snap.change_id)
+                mapped.on_close(functools.partial(self._stack.unpin, snap.change_id))
         finally:
             self._lock.release_shared(counted)
         if mapped is not None:
@@ -483,21 +497,10 @@ class Disk:
             frozen.snapshot = name
             frozen.seal = self._stack.guard(self._stack.seal_of, frozen)
             self._meta.snapshots.append(snapshot)
+            self._by_change_id = None
             self._stack.guard(self._stack.push_top)
             self._stack.guard(self._tracker.after_commit)
             return snapshot
-
-    def has_snapshot(self, snapshot: Snapshot, *, wait: bool = True) -> bool | None:
-        """Whether ``snapshot`` (a record `snapshots` gave) is still one of the disk's: one
-        removed and taken again under its name is another (another change ID, another time).
-        None: ``wait`` is False and a change of the disk holds or wants the lock."""
-        counted = self._lock.acquire_shared(blocking=wait)
-        if counted is None:
-            return None
-        try:
-            return snapshot in self._meta.snapshots
-        finally:
-            self._lock.release_shared(counted)
 
     def open_snapshot(self, name: str) -> SnapshotView:
         with self._lock.shared():
@@ -505,8 +508,14 @@ class Disk:
             return SnapshotView(self, name)
 
     def remove_snapshot(self, name: str) -> None:
-        """Delete a snapshot, merging its layer online (consolidation)."""
-        self.begin_remove_snapshot(name).run()
+        """Delete a snapshot, merging its layer online (consolidation). The snapshot is gone
+        (durably) before the merge starts. A merge that waits longer than `READS_WAIT_SECONDS`
+        for reads of the snapshot mapped before and still being sent is left pending: the next
+        change of the layer structure finishes it first (or raises `SnapshotReadsInFlight` if
+        it still cannot start), else the next open does."""
+        consolidation = self.begin_remove_snapshot(name)
+        with contextlib.suppress(SnapshotReadsInFlight):
+            consolidation.run()
 
     def begin_remove_snapshot(self, name: str) -> Consolidation:
         """Start removing a snapshot; the returned consolidation merges it step by step.
@@ -515,10 +524,11 @@ class Disk:
             snapshot = self._snapshot(name)
             layer = next(la for la in self._layers if la.snapshot == name)
             self._meta.snapshots.remove(snapshot)
+            self._by_change_id = None
             layer.snapshot = layer.seal = None  # the layers above are merged into it
             self._tracker.consolidation_active = True
             self._stack.guard(self._commit)
-            self._consolidation = self._new_consolidation(layer.id)
+            self._consolidation = self._new_consolidation(layer.id, snapshot.change_id)
             return self._consolidation
 
     def revert_to_snapshot(self, name: str) -> None:
@@ -532,6 +542,7 @@ class Disk:
             del self._layers[index + 1 :]
             keep = self._meta.snapshots.index(snapshot) + 1
             del self._meta.snapshots[keep:]
+            self._by_change_id = None
             self._meta.size_bytes = snapshot.size_bytes
             self._tracker.size_bytes = snapshot.size_bytes
             self._stack.guard(self._tracker.revert_to, snapshot.change_id,
@@ -546,6 +557,23 @@ class Disk:
                 return snapshot
         raise SnapshotNotFound(f"disk {self.path} has no snapshot {name!r}")
 
+    def _resolve(self, snapshot: str | Snapshot | None) -> Snapshot | None:
+        """The disk's snapshot a read or query names (under the disk lock): by name, or the
+        record itself, found by its change ID (a snapshot taken since under the same name is
+        another: `SnapshotRemoved`)."""
+        if snapshot is None:
+            return None
+        if isinstance(snapshot, str):
+            return self._snapshot(snapshot)
+        by_id = self._by_change_id
+        if by_id is None:
+            by_id = self._by_change_id = {s.change_id: s for s in self._meta.snapshots}
+        found = by_id.get(snapshot.change_id)
+        if found is None or (found is not snapshot and found != snapshot):
+            raise SnapshotRemoved(f"snapshot {snapshot.name!r} (change ID "
+                                  f"{snapshot.change_id}) of disk {self.path} was removed")
+        return found
+
     @contextmanager
     def io_paused(self) -> Iterator[None]:
         """Hold off all I/O and metadata changes of this disk (other threads wait), e.g. to
@@ -556,7 +584,8 @@ class Disk:
     def _finish_consolidation(self) -> None:
         pending = self._consolidation
         if pending is not None:
-            pending.run()
+            with contextlib.suppress(SnapshotReadsInFlight):  # the next open finishes it
+                pending.run()
 
     @contextmanager
     def _idle_lock(self) -> Iterator[None]:
@@ -596,20 +625,23 @@ class Disk:
     # ------------------------------------------------------------------ tracking
 
     def query_changed_areas(self, change_id: str, start_offset: int = 0,
-                            snapshot: str | None = None, *,
+                            snapshot: str | Snapshot | None = None, *,
                             end_offset: int | None = None) -> DiskChangeInfo:
         """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
         allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
-        the end of the disk). See docs/tracking.md."""
+        the end of the disk). ``snapshot``: by name, or the record `snapshots` gave
+        (`SnapshotRemoved` once that one is gone). See docs/tracking.md."""
         with self._lock.shared():
-            end, until = self._query_bounds(change_id, start_offset, snapshot, end_offset)
+            snap = self._resolve(snapshot)
+            end, until = self._query_bounds(change_id, start_offset, snap, end_offset)
             if change_id.strip() == ALL_ALLOCATED:
-                return self._allocated_areas(snapshot, start_offset, end)
+                return self._allocated_areas(snap, start_offset, end)
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset)
 
     def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
-                                snapshot: str | None = None, *, end_offset: int | None = None,
+                                snapshot: str | Snapshot | None = None, *,
+                                end_offset: int | None = None,
                                 max_granules: int) -> DiskChangeInfo | None:
         """`query_changed_areas` answered at once when nothing would make it wait (a change of
         the layer structure) and it joins at most ``max_granules`` marked granules (its cost
@@ -621,7 +653,8 @@ class Disk:
         if counted is None:
             return None
         try:
-            end, until = self._query_bounds(change_id, start_offset, snapshot, end_offset)
+            end, until = self._query_bounds(change_id, start_offset, self._resolve(snapshot),
+                                            end_offset)
             if self._tracker.marked_bound(change_id, until_seq=until, size_bytes=end,
                                           start_offset=start_offset) > max_granules:
                 return None
@@ -630,12 +663,11 @@ class Disk:
         finally:
             self._lock.release_shared(counted)
 
-    def _query_bounds(self, change_id: str, start_offset: int, snapshot: str | None,
+    def _query_bounds(self, change_id: str, start_offset: int, snap: Snapshot | None,
                       end_offset: int | None) -> tuple[int, int | None]:
-        """A query's checks (the disk usable, the range, the snapshot); -> where its answer
-        ends, and the tracker sequence of the snapshot's point (None: now, or ``"*"``)."""
+        """A query's checks (the disk usable, the range); -> where its answer ends, and the
+        tracker sequence of the snapshot's point (None: now, or ``"*"``)."""
         self._stack.check_usable()
-        snap = None if snapshot is None else self._snapshot(snapshot)
         size = self.size_bytes if snap is None else snap.size_bytes
         end = size if end_offset is None else min(size, end_offset)
         if not 0 <= start_offset < end:
@@ -724,7 +756,7 @@ class Disk:
             self._stack.guard(self._delete_unreferenced)
             return str(change_id)
 
-    def _allocated_areas(self, snapshot: str | None, start: int, end: int) -> DiskChangeInfo:
+    def _allocated_areas(self, snapshot: Snapshot | None, start: int, end: int) -> DiskChangeInfo:
         g = self.granularity
         lo, hi = start // g * g, -(-end // g) * g  # whole granules, as the tracker answers
         found = [layer.allocated(lo, hi) for layer in self._view_layers(snapshot)]
@@ -746,32 +778,33 @@ class Disk:
 
     # ------------------------------------------------------------------ internals
 
-    def _view_layers(self, snapshot: str | None) -> list[Layer]:
+    def _view_layers(self, snapshot: Snapshot | None) -> list[Layer]:
+        """The layers of the live disk or of one of its snapshots (`_resolve` found it)."""
         if snapshot is None:
             return self._layers
-        self._snapshot(snapshot)
-        index = next(i for i, la in enumerate(self._layers) if la.snapshot == snapshot)
+        name = snapshot.name
+        index = next(i for i, la in enumerate(self._layers) if la.snapshot == name)
         return self._layers[: index + 1]
 
     def _read_snapshot(self, name: str, count: int, offset: int,
                        read: Callable[[list[Layer], int, int, int], _Read]) -> _Read:
         with self._lock.shared():
-            layers = self._readable_view(count, offset, name)
+            layers = self._readable_view(count, offset, self._snapshot(name))
             return read(layers, self.cluster_size, count, offset)
 
-    def _readable_view(self, count: int, offset: int, snapshot: str | None) -> list[Layer]:
+    def _readable_view(self, count: int, offset: int, snapshot: Snapshot | None) -> list[Layer]:
         """The layers of the live disk or a snapshot, once the read is known to fit in it
         (under the read lock)."""
         self._stack.check_usable()
         layers = self._view_layers(snapshot)
-        size = self._meta.size_bytes if snapshot is None else self._snapshot(snapshot).size_bytes
+        size = self._meta.size_bytes if snapshot is None else snapshot.size_bytes
         self._check_range(count, offset, size)
         return layers
 
-    def _new_consolidation(self, parent_id: str) -> Consolidation:
+    def _new_consolidation(self, parent_id: str, removed: str | None = None) -> Consolidation:
         def done() -> None:
             self._tracker.consolidation_active = False
-        return Consolidation(self._stack, parent_id, done)
+        return Consolidation(self._stack, parent_id, done, removed)
 
     def _commit(self) -> None:
         """Atomically replace disk.json with the in-memory state."""

@@ -3,14 +3,20 @@
 `Disk.map_read` resolves a range of a view, under the disk's read lock, to pieces of layer
 files and zeros, and hands out *duplicate* descriptors of those files: a consolidation or revert
 may close and delete a layer the moment the lock is released, but a duplicate keeps the open
-file, and the bytes a view maps to a frozen layer never change. (On the live view a write that
-overlaps an in-flight read may show through, as with any disk.)
+file. What a snapshot's view maps stays the snapshot's bytes until the read is closed: a merge
+changes a layer only where a layer above it in the view holds the bytes, except the merge that
+removes the snapshot itself (the next layer goes into the snapshot's layer in place), and the
+read pins the snapshot (`LayerStack.pin`; `close` lets it go), so that merge waits for it. Such
+a read is to be copied when sent (``copy``), not spliced: a page spliced into a socket is read
+when the peer takes it, which may be after the close. (On the live view a write that overlaps
+an in-flight read may show through, as with any disk.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -35,13 +41,23 @@ class ReadSegment:
 
 
 class MappedRead:
-    """The segments of one read, in order; owns the duplicate descriptors (`close`)."""
+    """The segments of one read, in order; owns the duplicate descriptors and the pin of a
+    snapshot's layer (`close` lets both go: every reader must close it, also on errors)."""
 
     def __init__(self, offset: int, length: int, segments: list[ReadSegment],
                  fds: list[int]) -> None:
         self.offset, self.length = offset, length
         self.segments = segments
         self._fds = fds
+        self._release: Callable[[], None] | None = None
+        self.copy = False  # see `on_close`
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call ``release`` (once, on any thread; it must not raise) when the read is closed.
+        What it releases may change the files afterwards, so a sender copies the bytes out
+        before it closes the read (``copy``), rather than splice pages the peer takes later."""
+        self._release = release
+        self.copy = True
 
     @classmethod
     def from_pieces(cls, offset: int, length: int, pieces: list[Piece], *,
@@ -81,7 +97,10 @@ class MappedRead:
 
     def close(self) -> None:
         fds, self._fds = self._fds, []
+        release, self._release = self._release, None
         _close_all(fds)
+        if release is not None:
+            release()
 
     def __enter__(self) -> Self:
         return self

@@ -48,6 +48,11 @@ class DiskLock:
                 self._owner = None
                 self._cond.notify_all()
 
+    @property
+    def held_here(self) -> bool:
+        """Whether this thread holds the lock exclusively."""
+        return self._owner == threading.get_ident()
+
     def shared(self) -> _Shared:
         """``with lock.shared():`` holds the lock shared."""
         return self._shared

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -36,6 +37,8 @@ class LayerStack:
         self.failed: BaseException | None = None
         self._commit = commit
         self._top_size = top_size
+        self._pins: dict[str, int] = {}  # snapshot change ID -> its mapped reads not closed
+        self._pins_changed = threading.Condition()
 
     # ------------------------------------------------------------------ state
 
@@ -63,6 +66,39 @@ class LayerStack:
     def commit(self) -> None:
         """Atomically replace disk.json with the in-memory state."""
         self._commit()
+
+    # ------------------------------------------------------------------ pins
+
+    def pin(self, change_id: str) -> None:
+        """A mapped read of the snapshot of ``change_id`` holds descriptors of the layers of
+        its view, to be read later: until `unpin`, the merge that removes that snapshot changes
+        nothing (taken under the disk lock, shared, with the snapshot found there). Only that
+        merge would change what the read maps: another one changes a layer only where a layer
+        above it in the view holds the bytes."""
+        with self._pins_changed:
+            self._pins[change_id] = self._pins.get(change_id, 0) + 1
+
+    def unpin(self, change_id: str) -> None:
+        """The mapped read was closed (on any thread; never waits for the disk lock)."""
+        with self._pins_changed:
+            left = self._pins[change_id] - 1
+            if left:
+                self._pins[change_id] = left
+            else:
+                del self._pins[change_id]
+                self._pins_changed.notify_all()
+
+    def pins(self, change_id: str) -> int:
+        with self._pins_changed:
+            return self._pins.get(change_id, 0)
+
+    def wait_unpinned(self, change_id: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no mapped read pins the snapshot; -> whether
+        none does. Not to be called holding the disk lock: closers do not need it, but guest
+        I/O does."""
+        with self._pins_changed:
+            return self._pins_changed.wait_for(lambda: change_id not in self._pins,
+                                               max(0.0, timeout))
 
     # ------------------------------------------------------------------ layers
 

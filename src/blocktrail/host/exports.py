@@ -25,6 +25,7 @@ from blocktrail.errors import (
     DiskNotFound,
     NoSpace,
     OutOfRange,
+    SnapshotRemoved,
     is_no_space,
 )
 from blocktrail.names import check_disk_name, check_snapshot_name
@@ -62,7 +63,9 @@ _PAIR = struct.Struct(">II")
 class Target:
     """One export: the live disk (``frozen`` None) or one of its snapshots. A snapshot export
     is bound to the snapshot it was opened on, not to its name: once that snapshot is removed,
-    every request fails (EIO), also after another snapshot of that name is taken."""
+    every request fails (EIO), also after another snapshot of that name is taken. A read mapped
+    before the removal still sends that snapshot's bytes (the disk keeps them until the read is
+    closed)."""
 
     disk: Disk
     frozen: Snapshot | None
@@ -83,35 +86,7 @@ class Target:
 
     def map_read(self, count: int, offset: int, *, wait: bool) -> MappedRead | None:
         with _as_reply_errors():
-            mapped = self.disk.map_read(count, offset, self.snapshot, wait=wait)
-        if mapped is None:
-            return None
-        try:
-            there = self._still_there(wait=wait)
-        except BaseException:
-            mapped.close()
-            raise
-        if not there:
-            mapped.close()
-        return mapped if there else None
-
-    def _still_there(self, *, wait: bool) -> bool:
-        """After a request was answered by name: was the name still the export's snapshot? A
-        removed snapshot never comes back (each has a change ID of its own), so if it is there
-        now it was there all along, and the answer is its. False: not known without waiting
-        (``wait`` False)."""
-        if self.frozen is None:
-            return True
-        with _as_reply_errors():
-            there = self.disk.has_snapshot(self.frozen, wait=wait)
-        if there is None:
-            return False
-        if not there:
-            raise RequestFailed(f"snapshot {self.frozen.name!r} (change ID "
-                                f"{self.frozen.change_id}) was removed; this export is gone "
-                                "(connect again to read a snapshot taken since)",
-                                errno=Errno.EIO)
-        return True
+            return self.disk.map_read(count, offset, self.frozen, wait=wait)
 
     def perform(self, request: Request) -> None:
         """A command without a data reply: WRITE, TRIM, WRITE_ZEROES, FLUSH, CACHE."""
@@ -224,8 +199,6 @@ class Target:
             except RequestFailed as failure:
                 raise RequestFailed(f"{name}: {failure.message}", errno=failure.errno) from failure
             out.append((context_id, payload))
-        if not self._still_there(wait=not now):
-            raise _NotNow
         return out
 
     def _descriptors(self, change_id: str, start: int, end: int, inside: int, outside: int, *,
@@ -254,10 +227,10 @@ class Target:
         with _as_reply_errors():
             while pos < end and areas < MAX_DESCRIPTORS:
                 if not now:
-                    info = self.disk.query_changed_areas(change_id, pos, self.snapshot,
+                    info = self.disk.query_changed_areas(change_id, pos, self.frozen,
                                                          end_offset=end)
                 elif (found := self.disk.try_query_changed_areas(
-                        change_id, pos, self.snapshot, end_offset=end,
+                        change_id, pos, self.frozen, end_offset=end,
                         max_granules=NOW_BLOCK_STATUS_GRANULES)) is not None:
                     info = found
                 else:
@@ -370,6 +343,9 @@ def _as_reply_errors() -> Iterator[None]:
         yield
     except RequestFailed:
         raise
+    except SnapshotRemoved as exc:
+        raise RequestFailed(f"{exc.message}; this export is gone (connect again to read a "
+                            "snapshot taken since)", errno=Errno.EIO) from exc
     except (OutOfRange, ChangeIdError) as exc:
         raise RequestFailed(exc.message, errno=Errno.EINVAL) from exc
     except NoSpace as exc:  # QEMU can pause a guest on ENOSPC (werror=enospc) and go on later

@@ -42,10 +42,15 @@ class ReadSegment(Protocol):
 
 class MappedRead(Protocol):
     """One read as segments, in order and covering it; `close` once they are sent (it releases
-    the descriptors the segments name)."""
+    the descriptors the segments name). ``copy``: the files' bytes are to be read and the copy
+    sent, not spliced with ``sendfile`` (a spliced page is read when the peer takes it, which
+    may be after `close`, when the export may change the file)."""
 
     @property
     def segments(self) -> Sequence[ReadSegment]: ...
+
+    @property
+    def copy(self) -> bool: ...
 
     def close(self) -> None: ...
 

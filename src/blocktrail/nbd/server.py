@@ -378,6 +378,26 @@ class _Connection:
             self._reply_error(request.cookie, *_failure(request, exc), size)
 
     def _send_read(self, request: Request, mapped: MappedRead, size: int) -> None:
+        """Queue a read's reply; ``mapped`` is closed once it is sent or dropped (it may pin
+        what it maps: a snapshot's removal waits for it), or here if queueing it fails."""
+        try:
+            items, replying = self._read_reply(request, mapped)
+        except BaseException:
+            mapped.close()
+            raise
+
+        def sent() -> None:
+            mapped.close()
+            self._give(size)
+
+        if replying:  # outside the lock: a group sent at once runs ``sent`` here
+            self._wire.send(items, sent)
+        else:
+            sent()
+
+    def _read_reply(self, request: Request, mapped: MappedRead) -> tuple[list[Item], bool]:
+        """The items of a read's reply, put in the core; -> them and whether to send them
+        (False: the connection can take no reply)."""
         proto, cookie = self._proto, request.cookie
         items: list[Item] = []
         with self._lock:
@@ -395,21 +415,13 @@ class _Connection:
                         proto.reply_read_header(cookie, segment.offset, segment.length,
                                                 done=index == last)
                         items.append(proto.data_to_send())
-                        items += _payload(segment)
+                        items += _payload(segment, mapped.copy)
             else:
                 proto.reply_read_header(cookie, request.offset, request.length, done=True)
                 items.append(proto.data_to_send())
                 for segment in mapped.segments:
-                    items += _payload(segment)
-
-        def sent() -> None:
-            mapped.close()
-            self._give(size)
-
-        if replying:  # outside the lock: a group sent at once runs ``sent`` here
-            self._wire.send(items, sent)
-        else:
-            sent()
+                    items += _payload(segment, mapped.copy)
+        return items, replying
 
     def _send_block_status(self, request: Request, answers: list[tuple[int, bytes]],
                            size: int) -> None:
@@ -516,9 +528,9 @@ def _failure(request: Request, exc: Exception) -> tuple[int, str]:
     return Errno.EIO, f"internal error: {exc!r}"
 
 
-def _payload(segment: ReadSegment) -> list[Item]:
+def _payload(segment: ReadSegment, copy: bool) -> list[Item]:
     if segment.fd is not None:
-        return [FilePart(segment.fd, segment.offset, segment.length)]
+        return [FilePart(segment.fd, segment.offset, segment.length, copy)]
     if segment.data is not None:
         return [segment.data]
     return [*zeros(segment.length)]

@@ -22,15 +22,20 @@ from typing import Protocol
 
 _ZEROS = bytes(1 << 20)
 _MAX_GATHER = 64  # byte items sent with one sendmsg
+COPY_BYTES = 1 << 20  # a file part that is copied is read and sent this much at a time
 
 
 @dataclass(slots=True)
 class FilePart:
-    """``length`` bytes of the open file ``fd`` at ``offset`` (zeros past the file's end)."""
+    """``length`` bytes of the open file ``fd`` at ``offset`` (zeros past the file's end).
+    ``copy``: read them and send the copy, not ``sendfile``: a spliced page goes out when the
+    peer takes it, so a change of the file after the group was sent could still show (the
+    export says when its files may change once the read is closed)."""
 
     fd: int
     offset: int
     length: int
+    copy: bool = False
 
 
 Item = bytes | memoryview | FilePart
@@ -240,7 +245,13 @@ class Wire:
             return
         pending: list[bytes | memoryview] = []
         for item in items:
-            if isinstance(item, FilePart):
+            if isinstance(item, FilePart) and item.copy:
+                for at in range(item.offset, item.offset + item.length, COPY_BYTES):
+                    n = min(COPY_BYTES, item.offset + item.length - at)
+                    pending.append(_file_bytes(FilePart(item.fd, at, n)))
+                    self._send_buffers(pending)
+                    pending = []
+            elif isinstance(item, FilePart):
                 self._send_buffers(pending)
                 pending = []
                 self._send_file(item)

@@ -32,7 +32,7 @@ def _answer(disk: Disk, snapshot: str | None) -> set[int]:
 
 
 def _recomputed(disk: Disk, snapshot: str | None) -> set[int]:
-    layers = disk._view_layers(snapshot)
+    layers = disk._view_layers(disk._resolve(snapshot))
     size = disk.open_snapshot(snapshot).size_bytes if snapshot else disk.size_bytes
     out: set[int] = set()
     for layer in layers:

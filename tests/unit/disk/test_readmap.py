@@ -1,5 +1,6 @@
 """Disk.map_read: a read mapped to layer files reads the same bytes as pread, for the live disk
-and every snapshot, and keeps reading them after the layers it maps to are merged and deleted."""
+and every snapshot, and keeps reading them after the layers it maps to are merged and deleted,
+also after its own snapshot is removed (the merge into that snapshot's layer waits for it)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from blocktrail.disk import Disk
-from blocktrail.errors import OutOfRange
+from blocktrail.disk import Disk, consolidation
+from blocktrail.errors import OutOfRange, SnapshotNotFound, SnapshotReadsInFlight
 from blocktrail.fileio import SimulatedFileIO
 
 MiB = 1 << 20
@@ -93,3 +94,74 @@ def test_busy_and_out_of_range(tmp_path: Path) -> None:
             thread.start()
             thread.join(10)
             assert result == [None]
+
+
+def _two_snapshots(disk: Disk) -> None:
+    disk.pwrite(b"A" * 4096, 0)
+    disk.create_snapshot("s1")
+    disk.pwrite(b"B" * 4096, 0)
+    disk.create_snapshot("s2")  # removing s1 merges s2's layer into s1's, in place
+
+
+def test_a_removed_snapshots_mapped_read_still_reads_its_bytes(tmp_path: Path) -> None:
+    with Disk.create(tmp_path / "d", MiB, 4096, cluster_size=4096) as disk:
+        _two_snapshots(disk)
+        mapped = disk.map_read(4096, 0, "s1")
+        assert mapped is not None
+        removing = disk.begin_remove_snapshot("s1")
+        assert [s.name for s in disk.snapshots] == ["s2"]  # gone for every new reader
+        with pytest.raises(SnapshotNotFound):
+            disk.map_read(4096, 0, "s1")
+        assert not removing.step() and removing.reads_in_flight == 1  # nothing merged
+        with pytest.raises(SnapshotReadsInFlight):
+            removing.run(wait_seconds=0)
+        assert mapped.read() == b"A" * 4096
+        mapped.close()
+        removing.run()
+        assert removing.done and disk.open_snapshot("s2").pread(4, 0) == b"BBBB"
+
+
+def test_the_merge_waits_for_the_reads_outside_the_lock(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with Disk.create(tmp_path / "d", MiB, 4096, cluster_size=4096) as disk:
+        _two_snapshots(disk)
+        mapped = disk.map_read(4096, 0, "s1")
+        assert mapped is not None
+        waiting = threading.Event()
+        wait = disk._stack.wait_unpinned
+
+        def waits(change_id: str, timeout: float) -> bool:
+            waiting.set()
+            return wait(change_id, timeout)
+
+        monkeypatch.setattr(disk._stack, "wait_unpinned", waits)
+        remover = threading.Thread(target=disk.remove_snapshot, args=("s1",))
+        remover.start()
+        assert waiting.wait(10)
+        assert disk.pread(4, 0) == b"BBBB"  # guest I/O goes on meanwhile
+        assert mapped.read() == b"A" * 4096
+        mapped.close()
+        remover.join(10)
+        assert not remover.is_alive()
+        assert [s.name for s in disk.snapshots] == ["s2"] and len(disk._layers) == 2
+
+
+def test_a_merge_that_cannot_start_is_left_for_later(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(consolidation, "READS_WAIT_SECONDS", 0.0)
+    path = tmp_path / "d"
+    disk = Disk.create(path, MiB, 4096, cluster_size=4096)
+    _two_snapshots(disk)
+    s2 = disk.snapshots[1]
+    mapped = disk.map_read(4096, 0, "s1")
+    assert mapped is not None
+    disk.remove_snapshot("s1")  # removed; its merge waits for the read
+    assert [s.name for s in disk.snapshots] == ["s2"] and len(disk._layers) == 3
+    with pytest.raises(SnapshotReadsInFlight):
+        disk.resize(2 * MiB)  # a change of the layers finishes the merge first: not yet
+    disk.close()  # closes without it
+    assert mapped.read() == b"A" * 4096
+    mapped.close()
+    with Disk.open(path) as disk:  # the open finishes it, the change IDs still good
+        assert len(disk._layers) == 2 and disk.open_snapshot("s2").pread(4, 0) == b"BBBB"
+        disk.query_changed_areas(s2.change_id)  # not stale: no tracking restart

@@ -57,6 +57,7 @@ class Segment:
 class Mapped:
     segments: list[Segment]
     closed: bool = False
+    copy: bool = False
 
     def close(self) -> None:
         self.closed = True
