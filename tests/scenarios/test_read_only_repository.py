@@ -112,7 +112,9 @@ def test_every_reading_command_works_and_every_writing_one_says_why(
 
     catalog = open_points(view, [point])  # what `blocktrail serve` exports
     try:
-        export = catalog.open(point)
+        info = catalog.lookup(point)
+        assert info is not None
+        export = catalog.open(info)
         assert export is not None
         mapped = export.map_read(len(content), 0, wait=True)
         assert mapped is not None

@@ -192,8 +192,8 @@ class PointCatalog:
     def names(self) -> list[str]:
         return sorted(self.sources)
 
-    def open(self, name: str) -> PointExport | None:
-        source = self.sources.get(name)
+    def open(self, export: ExportInfo) -> PointExport | None:
+        source = self.sources.get(export.name)
         return None if source is None else PointExport(source)
 
     def close(self) -> None:

@@ -62,10 +62,10 @@ _PAIR = struct.Struct(">II")
 @dataclass(frozen=True, slots=True)
 class Target:
     """One export: the live disk (``frozen`` None) or one of its snapshots. A snapshot export
-    is bound to the snapshot it was opened on, not to its name: once that snapshot is removed,
-    every request fails (EIO), also after another snapshot of that name is taken. A read mapped
-    before the removal still sends that snapshot's bytes (the disk keeps them until the read is
-    closed)."""
+    is bound to the snapshot the connection's negotiation found (the size it was told is that
+    one's), not to its name: once that snapshot is removed, every request fails (EIO), also
+    after another snapshot of that name is taken. A read mapped before the removal still sends
+    that snapshot's bytes (the disk keeps them until the read is closed)."""
 
     disk: Disk
     frozen: Snapshot | None
@@ -307,9 +307,12 @@ class DiskCatalog:
             return None
         return Target(disk, frozen)
 
-    def open(self, name: str) -> Target | None:
-        """The export a connection that chose ``name`` uses (the server's `Catalog`)."""
-        return self.target(name)
+    def open(self, export: ExportInfo) -> Target | None:
+        """The export a connection that chose ``export`` uses (the server's `Catalog`): the
+        target its `lookup` found, so that a snapshot replaced under its name in between is
+        not served in place of the one whose size the client was told."""
+        target = export.binding
+        return target if isinstance(target, Target) else self.target(export.name)
 
     def lookup(self, name: str) -> ExportInfo | None:
         target = self.target(name)
@@ -322,7 +325,7 @@ class DiskCatalog:
         # snapshot exports take no writes
         return ExportInfo(name, target.size_bytes, target.read_only,
                           f"blocktrail disk {name}", contexts, min_block=1,
-                          preferred_block=4096, multi_conn=True)
+                          preferred_block=4096, multi_conn=True, binding=target)
 
     def names(self) -> list[str]:
         out: list[str] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from blocktrail.nbd.proto.events import Request
+from blocktrail.nbd.proto.events import ExportInfo, Request
 from blocktrail.nbd.proto.server import ExportCatalog
 
 
@@ -99,6 +99,7 @@ class Export(Protocol):
 class Catalog(ExportCatalog, Protocol):
     """The exports a server serves."""
 
-    def open(self, name: str) -> Export | None:
-        """The export a connection that chose ``name`` uses; None if it is gone."""
+    def open(self, export: ExportInfo) -> Export | None:
+        """The export a connection that chose ``export`` (what `lookup` gave, its ``binding``
+        included) uses; None if it is gone."""
         ...

@@ -249,7 +249,7 @@ class _Connection:
                 return None
 
     async def _transmit(self, chosen: ExportChosen) -> None:
-        target = self._server.catalog.open(chosen.export.name)
+        target = self._server.catalog.open(chosen.export)
         if target is None:
             return
         done = bytearray()  # replies of requests done at once: sent together, once per batch

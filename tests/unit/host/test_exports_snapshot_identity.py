@@ -56,7 +56,10 @@ def _bytes(mapped: MappedRead) -> bytes:
 
 
 def opened(disk: Disk, name: str) -> Target:
-    target = DiskCatalog.of({"d0": disk}).open(name)
+    catalog = DiskCatalog.of({"d0": disk})
+    info = catalog.lookup(name)
+    assert info is not None
+    target = catalog.open(info)
     assert target is not None
     return target
 
@@ -202,3 +205,23 @@ def test_a_read_mapped_before_the_removal_sends_the_removed_snapshots_bytes(
     assert not remover.is_alive()
     assert [s.name for s in disk.snapshots] == ["s2"] and len(disk._layers) == 2
 
+
+def test_a_connection_uses_the_snapshot_its_negotiation_described(tmp_path: Path,
+                                                                  disk: Disk) -> None:
+    disk.pwrite(b"A" * 4096, 0)
+    disk.create_snapshot("s")
+
+    def replaced() -> None:  # between the lookup and the open: another "s", of another size
+        disk.remove_snapshot("s")
+        disk.resize(2 * SIZE)
+        disk.pwrite(b"C" * 4096, 0)
+        disk.create_snapshot("s")
+
+    async def talk(client: NbdClient) -> None:
+        assert client.size_bytes == SIZE  # what the lookup found
+        with pytest.raises(RequestFailed) as gone:
+            await client.pread(4096, 0)  # not the other "s"'s bytes
+        assert gone.value.errno == Errno.EIO
+
+    _serve(tmp_path, _Hooked(DiskCatalog.of({"d0": disk}), after_lookup=replaced), "d0@s",
+           talk)

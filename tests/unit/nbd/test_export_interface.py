@@ -139,8 +139,8 @@ class MemoryCatalog:
     def names(self) -> list[str]:
         return ["m"]
 
-    def open(self, name: str) -> MemoryExport | None:
-        return self.export if name == "m" else None
+    def open(self, export: ExportInfo) -> MemoryExport | None:
+        return self.export if export.name == "m" else None
 
 
 def run(coroutine: Awaitable[None]) -> None:
@@ -287,8 +287,9 @@ def test_disk_exports_say_multi_conn_live_and_snapshot(tmp_path: Path) -> None:
         for name in ("d0", "d0@s1"):
             info = catalog.lookup(name)
             assert info is not None and info.multi_conn
-            assert catalog.open(name) is not None
-        assert catalog.lookup("d0@nope") is None and catalog.open("nope") is None
+            assert catalog.open(info) is not None
+        assert catalog.lookup("d0@nope") is None
+        assert catalog.open(ExportInfo("nope", 0, read_only=True)) is None
 
 
 @pytest.mark.parametrize("bad", [

@@ -14,7 +14,7 @@ from the peer are checked by the parser, which raises `RemoteProtocolError` inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Final
 
@@ -100,7 +100,9 @@ class ExportInfo:
     answers; a name ending in ":" is an open namespace (any name under it may be asked for, and
     is refused with an error reply when it cannot be answered). ``multi_conn``: a flush on any
     connection makes every write completed on any connection to this export durable
-    (NBD_FLAG_CAN_MULTI_CONN); leave it False unless that holds."""
+    (NBD_FLAG_CAN_MULTI_CONN); leave it False unless that holds. ``binding``: what the catalog
+    found behind the name, opaque here; it comes back to the catalog's ``open`` with the export
+    a connection chose, so the connection uses what negotiation described."""
 
     name: str
     size_bytes: int
@@ -111,6 +113,7 @@ class ExportInfo:
     preferred_block: int = 4096
     max_block: int = MAX_PAYLOAD
     multi_conn: bool = False
+    binding: object = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_name("export name", self.name)
