@@ -16,6 +16,7 @@ from blocktrail.backup.plan import ReadPlan, audit_sample
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
+from blocktrail.errors import DiskIOFailure
 from blocktrail.extents import Extent
 from blocktrail.repo import Repository, RetentionPolicy
 from faulty import DropsMarksDuringConsolidation
@@ -327,3 +328,25 @@ def test_the_audit_finds_a_damaged_repeated_chunk_in_every_place_and_stores_it_o
     assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
     assert restore_bytes(repo, full.point.id, tmp_path) == block + bytes(CS) + disk.pread(
         disk.size_bytes - 2 * CS, 2 * CS)
+
+
+class _ShortReads(LocalDiskSource):
+    """A source whose reads of more than one chunk come back one byte short (no source here
+    does that; one that did must not make a point of less than the disk holds)."""
+
+    def pread(self, snapshot: str, count: int, offset: int) -> bytes | memoryview:
+        data = super().pread(snapshot, count, offset)
+        return data[:-1] if count > CS else data
+
+
+def test_a_read_that_comes_back_short_fails_the_backup_and_the_verify(
+        setup: tuple[Disk, Repository, LocalDiskSource]) -> None:
+    disk, repo, source = setup
+    full = run_backup(source, repo).point
+    short = _ShortReads(disk)
+    with pytest.raises(DiskIOFailure, match=r"bytes of the \d+ asked"):
+        run_backup(short, repo, BackupOptions(force_full=True))
+    assert [p.id for p in repo.points()] == [full.id]  # nothing was published
+    with pytest.raises(DiskIOFailure, match=r"bytes of the \d+ asked"):
+        verify_point(repo, full.id, short, None)
+    assert verify_point(repo, full.id, source, None).identical

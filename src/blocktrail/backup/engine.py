@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
-from blocktrail.backup.source import Source, SourceSnapshot
+from blocktrail.backup.source import Source, SourceSnapshot, read_exact
 from blocktrail.extents import Extent, merge
 from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
@@ -199,7 +199,7 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, plan: ReadPlan,
         first, count, wanted = span
         offset = first * chunk_size
         length = min(count * chunk_size, snapshot.size_bytes - offset)
-        return first, wanted, source.pread(snapshot.name, length, offset)
+        return first, wanted, read_exact(source, snapshot.name, length, offset)
 
     spans = _spans(plan.chunks, chunk_size, gap)
     for first, wanted, data in read_ahead(spans, read_span, window=16, threads=READ_THREADS):
@@ -252,7 +252,7 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
 
     def read_source(index: int) -> Buffer:
         offset = index * cs
-        return source.pread(snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
+        return read_exact(source, snapshot.name, min(cs, snapshot.size_bytes - offset), offset)
 
     def compare(index: int) -> tuple[int, Buffer | None]:
         """-> (length, the source's bytes where they differ from the stored chunk's name)."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from blocktrail.errors import ChangeIdError, InvalidArgument
+from blocktrail.errors import ChangeIdError, DiskIOFailure, InvalidArgument
 from blocktrail.extents import Extent
 from blocktrail.tracking import DiskChangeInfo
 
@@ -63,6 +63,18 @@ class Source(Protocol):
     def snapshot_size(self, snapshot: str) -> int: ...
 
     def close(self) -> None: ...
+
+
+def read_exact(source: Source, snapshot: str, count: int, offset: int) -> bytes | memoryview:
+    """``source.pread``, all ``count`` bytes or `DiskIOFailure`: a read that came back short
+    would have a backup store, or a verify compare, less than the disk holds (the chunks it
+    left out would count as holes)."""
+    data = source.pread(snapshot, count, offset)
+    if len(data) != count:
+        raise DiskIOFailure(f"the source returned {len(data)} bytes of the {count} asked at "
+                            f"offset {offset} of snapshot {snapshot!r}: nothing of this read "
+                            "is used")
+    return data
 
 
 def all_pages(query: Callable[[int], DiskChangeInfo], size_bytes: int) -> list[Extent]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blocktrail.backup.engine import READ_RUN_BYTES
-from blocktrail.backup.source import Source
+from blocktrail.backup.source import Source, read_exact
 from blocktrail.errors import InvalidArgument
 from blocktrail.extents import Extent, merge
 from blocktrail.fileio import is_zeros
@@ -138,7 +138,7 @@ def _compare(repo: Repository, point: RestorePoint, source: Source, snapshot: st
     def read_run(first: int) -> tuple[int, Buffer, list[bool]]:
         """The source's bytes of a run of chunks, and for each: is its stored copy lost?"""
         offset = first * cs
-        data = source.pread(snapshot, min(per_run * cs, point.size_bytes - offset), offset)
+        data = read_exact(source, snapshot, min(per_run * cs, point.size_bytes - offset), offset)
         lost = []
         for index in range(first, first + -(-len(data) // cs)):
             name = expected[index]
