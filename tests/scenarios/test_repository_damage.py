@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,6 +157,22 @@ def test_a_version_1_manifest_with_a_broken_base_link_is_reported(
     assert backup_into(work, target=repo).point.parent == p2  # never a base
 
 
+def _manifest_body(repo: RepoTarget, manifest: str) -> dict[str, Any]:
+    """A manifest's JSON body, opened as the repository stores it."""
+    with repo.open() as opened:
+        return dict(json.loads(opened.codec.open_file(KIND_MANIFEST, manifest,
+                                                      repo.read(manifest), manifest)))
+
+
+def _write_manifest_body(repo: RepoTarget, manifest: str, body: dict[str, Any]) -> None:
+    """Put ``body`` in place of the manifest, sealed as the repository seals it."""
+    data = json.dumps(body).encode()
+    if repo.encrypted:
+        with repo.open() as opened:
+            data = opened.codec.seal_file(KIND_MANIFEST, manifest, data)
+    repo.write(manifest, data)
+
+
 @pytest.mark.parametrize("edit", ["v1 with checksum", "v1 no tables", "v1 smaller",
                                   "v2 other chunk size"])
 def test_a_manifest_whose_tables_do_not_fit_its_size_is_refused(
@@ -168,9 +185,7 @@ def test_a_manifest_whose_tables_do_not_fit_its_size_is_refused(
         pytest.skip("an encrypted repository has no version 1 manifests")
     _, _, p3 = golden.ids
     manifest = layout.manifest(p3)
-    with repo.open() as opened:
-        body = json.loads(opened.codec.open_file(KIND_MANIFEST, manifest, repo.read(manifest),
-                                                 manifest))
+    body = _manifest_body(repo, manifest)
     if edit == "v1 with checksum":
         body.update(version=1)
     elif edit == "v1 no tables":
@@ -183,11 +198,7 @@ def test_a_manifest_whose_tables_do_not_fit_its_size_is_refused(
         del body["checksum"]
         body.update(chunk_size=2 * CS, page_chunks=512)
         body["checksum"] = body_checksum(body)
-    data = json.dumps(body).encode()
-    if repo.encrypted:
-        with repo.open() as opened:
-            data = opened.codec.seal_file(KIND_MANIFEST, manifest, data)
-    repo.write(manifest, data)
+    _write_manifest_body(repo, manifest, body)
     target = tmp_path / "p3.raw"
     assert main(["restore", repo.location, p3, "--to", str(target)]) == 12
     assert "ManifestCorrupt" in capsys.readouterr().err
@@ -208,17 +219,11 @@ def test_a_base_whose_page_is_of_another_width_is_passed_over(
         small.pwrite(b"s" * CS, 0)
         other = run_backup(LocalDiskSource(small), opened, BackupOptions(seed=1)).point
     manifest = layout.manifest(p3)
-    with repo.open() as opened:
-        body = json.loads(opened.codec.open_file(KIND_MANIFEST, manifest, repo.read(manifest),
-                                                 manifest))
+    body = _manifest_body(repo, manifest)
     del body["checksum"]
     body["tables"] = list(other.tables)  # one table of one page, as p3's: of 8 chunks, not 32
     body["checksum"] = body_checksum(body)
-    data = json.dumps(body).encode()
-    if repo.encrypted:
-        with repo.open() as opened:
-            data = opened.codec.seal_file(KIND_MANIFEST, manifest, data)
-    repo.write(manifest, data)
+    _write_manifest_body(repo, manifest, body)
     write_chunks(work, {12: b"\x0c" * CS})
     report = backup_into(work, target=repo)
     assert report.kind == "incremental" and report.point.parent == p2
