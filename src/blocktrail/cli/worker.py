@@ -139,6 +139,9 @@ def _human(line: dict[str, Any]) -> str:
                 text += f"; verify: {d['verify']}"
             if d["forgotten"]:
                 text += f"; forgot {len(d['forgotten'])} points"
+            if d.get("kept_for_taint"):
+                text += (f"; kept {', '.join(d['kept_for_taint'])} beyond the policy: a kept "
+                         "point builds on a point that failed verification or its audit")
             parts.append(text)
         return f"{task}: done in {line['seconds']} s: " + "; ".join(parts)
     if event == "failed":

@@ -19,6 +19,7 @@ Otherwise a point whose verify state is ``failed`` counts like any other.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
 from blocktrail.repo import Repository, RestorePoint
@@ -30,6 +31,14 @@ from blocktrail.worker.config import Retention
 def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | None = None,
                    protected: Iterable[str] = ()) -> set[str]:
     """The IDs to keep among one disk's points (an empty policy keeps them all)."""
+    kept = _kept_by_policy(points, keep, tz=tz, protected=protected)
+    return kept | kept_for_taint(points, kept)
+
+
+def _kept_by_policy(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | None,
+                    protected: Iterable[str]) -> set[str]:
+    """What the policy, the newest, the newest verified and the protected points keep: all
+    but the points kept only for a failed point in a kept point's chain."""
     if keep.empty or not points:
         return {p.id for p in points}
     newest_first = sorted(points, key=lambda p: (p.created, p.id), reverse=True)
@@ -46,20 +55,32 @@ def points_to_keep(points: list[RestorePoint], keep: Retention, *, tz: tzinfo | 
     verified = next((p for p in newest_first if p.verify_state == "ok"), None)
     if verified is not None:
         kept.add(verified.id)
-    kept |= set(protected) & {p.id for p in points}
-    return kept | kept_for_taint(points, kept)
+    return kept | (set(protected) & {p.id for p in points})
+
+
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """What retention did to one disk's points."""
+
+    forgotten: list[RestorePoint]
+    kept_for_taint: list[str]  # beyond the policy: a kept point builds on a failed point
+    #                            (oldest first; they go once no kept point builds on them)
 
 
 def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzinfo | None = None,
-                    protected: Iterable[str] = ()) -> list[RestorePoint]:
-    """Forget the disk's points the policy does not keep. -> the forgotten points.
+                    protected: Iterable[str] = ()) -> Retained:
+    """Forget the disk's points the policy does not keep.
 
     Deletes their manifests and verify records the way `Repository.forget` does (the data goes
     with the next prune); a point that the lease of a running backup names as its base is kept
     too, as `forget` keeps it."""
     points = repo.points(disk_id)
-    kept = points_to_keep(points, keep, tz=tz, protected={*protected, *running_bases(repo)})
-    gone = [p for p in points if p.id not in kept]
+    by_policy = _kept_by_policy(points, keep, tz=tz,
+                                protected={*protected, *running_bases(repo)})
+    for_taint = kept_for_taint(points, by_policy)
+    gone = [p for p in points if p.id not in by_policy | for_taint]
     put_back = delete_points(repo, gone, "some restore points may not be forgotten yet; the "
                                          "next run forgets them")
-    return [p for p in gone if p.id not in put_back]
+    return Retained([p for p in gone if p.id not in put_back],
+                    [p.id for p in sorted(points, key=lambda p: (p.created, p.id))
+                     if p.id in for_taint])

@@ -97,6 +97,8 @@ class DiskRun:
     verify_differences: tuple[Extent, ...] = ()
     healed_point: str | None = None
     forgotten: tuple[str, ...] = ()
+    kept_for_taint: tuple[str, ...] = ()  # kept beyond the policy: a kept point builds on a
+    #                                        point that failed verification or its audit
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +304,9 @@ def _retain(repo: Repository, job: JobConfig, run: DiskRun, options: RunOptions,
     protected = {run.point_id}
     if run.healed_point:
         protected.add(run.healed_point)
-    gone = apply_retention(repo, run.disk_id, job.keep, tz=options.tz, protected=protected)
-    return replace(run, forgotten=tuple(p.id for p in gone))
+    retained = apply_retention(repo, run.disk_id, job.keep, tz=options.tz, protected=protected)
+    return replace(run, forgotten=tuple(p.id for p in retained.forgotten),
+                   kept_for_taint=tuple(retained.kept_for_taint))
 
 
 def _prune(repo: Repository, job: JobConfig, runs: tuple[DiskRun, ...],
@@ -345,7 +348,8 @@ def result_json(result: RunResult) -> dict[str, Any]:
             "disks": [{**vars_of(d), "audit_mismatches": [list(e) for e in d.audit_mismatches],
                        "audit_damaged": [list(e) for e in d.audit_damaged],
                        "verify_differences": [list(e) for e in d.verify_differences],
-                       "forgotten": list(d.forgotten)} for d in result.disks]}
+                       "forgotten": list(d.forgotten),
+                       "kept_for_taint": list(d.kept_for_taint)} for d in result.disks]}
 
 
 def vars_of(obj: Any) -> dict[str, Any]:

@@ -66,8 +66,9 @@ def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> 
             disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
             made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
         repo.set_verify_state(made[1].id, "ok")
-        gone = apply_retention(repo, disk.disk_id, Retention(last=2), tz=UTC)
-        assert {p.id for p in gone} == {made[0].id, made[2].id}
+        retained = apply_retention(repo, disk.disk_id, Retention(last=2), tz=UTC)
+        assert {p.id for p in retained.forgotten} == {made[0].id, made[2].id}
+        assert retained.kept_for_taint == []
         assert [p.id for p in repo.points()] == [made[1].id, made[3].id, made[4].id]
         repo.prune()
         assert repo.check(read_data=True).ok
@@ -90,13 +91,48 @@ def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_pat
         with Repository.open(tmp_path / "repo", password=TEST_PASSWORD) as other, \
                 other.disk_lease(disk.disk_id) as lease:
             other.record_base(lease, made[1].id)
-            gone = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
-        assert {p.id for p in gone} == {made[0].id}
-        # made[3] (the newest) builds on the failed made[2]: it stays, its verify record too
+            retained = apply_retention(repo, disk.disk_id, Retention(last=1), tz=UTC)
+        assert {p.id for p in retained.forgotten} == {made[0].id}
+        # made[3] (the newest) builds on the failed made[2]: it stays, its verify record too,
+        # and the result says why the policy's choice was overruled
+        assert retained.kept_for_taint == [made[2].id]
         assert [p.id for p in repo.points()] == [made[1].id, made[2].id, made[3].id]
         assert repo.point(made[2].id).verify_state == "failed"
         assert made[0].id not in repo.verify_records()  # its verify record went with it
         assert repo.check().ok
+
+
+def test_a_job_run_says_which_points_it_kept_for_a_failed_one(tmp_path: Path) -> None:
+    """The worker's result and its log line name the points kept beyond the policy, so that
+    an operator who set ``last = 1`` knows why more points stay."""
+    from blocktrail.cli.worker import _human
+    from blocktrail.worker.runner import (
+        DiskRun,
+        JobProgress,
+        RunOptions,
+        RunResult,
+        _retain,
+        result_json,
+    )
+
+    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
+            Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
+        made = []
+        for i in range(3):
+            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
+            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        repo.set_verify_state(made[1].id, "failed")
+        job = parse_config('[[job]]\nname = "j"\nhost = "unix:/h"\ndisks = ["d"]\n'
+                           'repository = "/r"\nevery = "1h"\n[job.keep]\nlast = 1\n',
+                           "/etc/jobs.toml").jobs[0]
+        run = DiskRun(disk="d", disk_id=disk.disk_id, point_id=made[2].id, kind="incremental",
+                      fallback_reason=None, bytes_read=0, bytes_stored=0, audit_sampled=0,
+                      audit_mismatches=(), audit_damaged=())
+        run = _retain(repo, job, run, RunOptions(tz=UTC), JobProgress("j"))
+    assert run.forgotten == (made[0].id,) and run.kept_for_taint == (made[1].id,)
+    line = {"event": "succeeded", "task": "j", **result_json(RunResult((run,), 1.0))}
+    assert line["disks"][0]["kept_for_taint"] == [made[1].id]
+    assert f"forgot 1 points; kept {made[1].id} beyond the policy" in _human(line)
 
 
 EXAMPLE = """
