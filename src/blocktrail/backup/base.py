@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blocktrail.backup.plan import BasePoint, ReadPlan
-from blocktrail.nbd.proto.constants import DIRTY_BITMAP_PREFIX
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
 from blocktrail.repo.manifest import link_problems, parent_chain
@@ -64,34 +63,25 @@ def choose_base(store: Repository, disk_id: str,
 
 def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
     """Why neither ``point`` nor any older point may be the base: it, or a point of its parent
-    chain up to its full or healed point, failed verification, caught the tracker missing
-    changes or records a bitmap label the NBD server had refused. A forgotten parent ends the
-    chain: nothing more is known of it, and `forget` keeps a tainted point while a point it
-    keeps has it in its chain (repo/retention.py)."""
+    chain up to its full or healed point, taints (`RestorePoint.taint`). A forgotten parent
+    ends the chain: nothing more is known of it, and `forget` keeps a tainted point while a
+    point it keeps has it in its chain (repo/retention.py)."""
     for link in parent_chain(point, by_id):
         which = f"restore point {link.id}" if link is point else \
             f"restore point {link.id}, which restore point {point.id} builds on,"
-        if link.verify_state == "failed":
+        taint = link.taint
+        if taint == "failed":
             return (f"{which} failed verification: the change tracker may have missed changes "
                     "since an older point; reading everything")
-        if not link.tracker_trusted:
+        if taint == "tracker-missed":
             return (f"the audit of {which} caught the change tracker missing changes: it may "
                     "have missed more since an older point; reading everything")
-        if _unbacked_bitmap_label(link):
+        if taint == "refused-bitmap":
             return (f"{which} records the dirty bitmap {link.change_id} as its change label, "
                     "but the NBD server did not agree to that bitmap when it was taken (an "
                     "earlier blocktrail recorded it regardless): nothing says the bitmap "
                     "recorded every write since then; reading everything")
     return None
-
-
-def _unbacked_bitmap_label(point: RestorePoint) -> bool:
-    """Whether ``point`` records a dirty bitmap's label that the NBD server had refused (its
-    fallback reason is that refusal, sources/nbd.py): only points written before the label
-    was recorded only for an agreed bitmap have one."""
-    label = point.change_id or ""
-    return label.startswith(DIRTY_BITMAP_PREFIX) and \
-        f"did not agree to {label}" in (point.fallback_reason or "")
 
 
 def _not_whole(store: Repository, point: RestorePoint, by_id: dict[str, RestorePoint],

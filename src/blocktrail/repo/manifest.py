@@ -19,6 +19,10 @@ from blake3 import blake3
 
 from blocktrail.repo.errors import ManifestCorrupt
 
+# The change label of a point read through a QEMU dirty bitmap (nbd's DIRTY_BITMAP_PREFIX; the
+# repository does not import the protocol)
+BITMAP_LABEL_PREFIX = "qemu:dirty-bitmap:"
+
 FORMAT = "blocktrail-restore-point"
 VERSION = 2
 TABLE_PAGES = 1024  # page digests per page table: 64 GiB of disk per table
@@ -70,11 +74,25 @@ class RestorePoint:
         return replace(self, verify_state=state)
 
     @property
+    def taint(self) -> str | None:
+        """Why neither it, nor an older point of its disk, nor a point whose parent chain holds
+        it is a base (backup/base.py), or None: ``failed`` verification, its audit caught the
+        tracker missing changes (``tracker-missed``), or it records as its change label a
+        dirty bitmap that the NBD server had refused (``refused-bitmap``: an earlier blocktrail
+        recorded it regardless, its fallback reason being that refusal)."""
+        if self.verify_state == "failed":
+            return "failed"
+        if not self.tracker_trusted:
+            return "tracker-missed"
+        label = self.change_id or ""
+        if label.startswith(BITMAP_LABEL_PREFIX) and \
+                f"did not agree to {label}" in (self.fallback_reason or ""):
+            return "refused-bitmap"
+        return None
+
+    @property
     def taints(self) -> bool:
-        """It failed verification, or its audit caught the tracker missing changes: neither it,
-        nor an older point of its disk, nor a point whose parent chain holds it is a base
-        (backup/base.py)."""
-        return self.verify_state == "failed" or not self.tracker_trusted
+        return self.taint is not None
 
     def to_bytes(self) -> bytes:
         """The manifest file: version 2, its checksum computed now (a rewrite recomputes it)."""

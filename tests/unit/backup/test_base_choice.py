@@ -61,3 +61,28 @@ def test_a_bitmap_label_the_server_agreed_to_is_a_base(repo: Repository,
     choice = choose_base(repo, DISK)
     assert choice.point is not None and choice.point.id == full.id, choice.no_base
     assert older.id != full.id
+
+
+def test_forget_keeps_the_legacy_point_while_a_kept_point_builds_on_it(
+        repo: Repository) -> None:
+    """Retention keeps the newest, built on the legacy point: forgetting the legacy point would
+    end the newest's chain there and make it a base again (for an incremental since its label,
+    missing what the legacy point's label never covered)."""
+    from blocktrail.repo import RetentionPolicy
+
+    full = point(repo, None)
+    legacy = point(repo, REFUSED)
+    built_on = point(repo, None, parent=legacy)
+    result = repo.forget_points(RetentionPolicy(keep_last=1))
+    assert [p.id for p in result.forgotten] == [full.id]
+    assert [p.id for p in result.kept_for_taint] == [legacy.id]
+    choice = choose_base(repo, DISK)
+    assert choice.point is None and choice.no_base is not None
+    assert built_on.id in choice.no_base and legacy.id in choice.no_base
+
+
+def test_the_repository_knows_the_dirty_bitmap_prefix_as_nbd_does() -> None:
+    from blocktrail.nbd.proto.constants import DIRTY_BITMAP_PREFIX
+    from blocktrail.repo.manifest import BITMAP_LABEL_PREFIX
+
+    assert BITMAP_LABEL_PREFIX == DIRTY_BITMAP_PREFIX
