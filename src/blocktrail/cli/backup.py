@@ -858,8 +858,9 @@ def forget(repo_path: str, endpoint: str | None, region: str | None, profile: st
                  "builds on it)")
     if result.kept_for_taint:
         text += (f" (kept {', '.join(p.id for p in result.kept_for_taint)}: a point kept "
-                 "builds on a restore point that failed verification or caught the change "
-                 "tracker missing changes; they go once no point kept does)")
+                 "builds on a restore point that failed verification, caught the change "
+                 "tracker missing changes or records a dirty bitmap the NBD server refused; "
+                 "they go once no point kept does)")
     if pruned is not None:
         text += "; " + _prune_text(pruned)
     emit(as_json, out, text)

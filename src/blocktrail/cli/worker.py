@@ -141,7 +141,8 @@ def _human(line: dict[str, Any]) -> str:
                 text += f"; forgot {len(d['forgotten'])} points"
             if d.get("kept_for_taint"):
                 text += (f"; kept {', '.join(d['kept_for_taint'])} beyond the policy: a kept "
-                         "point builds on a point that failed verification or its audit")
+                         "point builds on them, and they are no base (blocktrail forget "
+                         "says why)")
             parts.append(text)
         return f"{task}: done in {line['seconds']} s: " + "; ".join(parts)
     if event == "failed":

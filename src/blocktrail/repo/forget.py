@@ -29,7 +29,7 @@ class ForgetResult:
     forgotten: tuple[RestorePoint, ...]
     kept_as_base: tuple[RestorePoint, ...]  # the policy would forget them; a backup uses them
     # the policy would forget them; a point that stays builds on them, and they are (or lead
-    # to) a point that failed verification or caught the change tracker missing changes
+    # to) a point that taints (RestorePoint.taint)
     kept_for_taint: tuple[RestorePoint, ...] = ()
 
 

@@ -9,7 +9,8 @@ Whatever the policy says, these points of a disk are never forgotten:
 - the newest point whose verify state is ``ok``: the last one known to equal its source;
 - the base of a backup of the disk that is running (named in its lease; the caller names
   others to protect);
-- a point that failed verification or whose audit caught the tracker missing changes, while a
+- a point that taints (failed verification, its audit caught the tracker missing changes, or
+  it records a dirty bitmap's label the NBD server had refused: `RestorePoint.taint`), while a
   point kept has it in its parent chain (and the points between): it tells the next backup
   that the kept point is no base (`forget` keeps it so too, repo/retention.py).
 
@@ -63,8 +64,8 @@ class Retained:
     """What retention did to one disk's points."""
 
     forgotten: list[RestorePoint]
-    kept_for_taint: list[str]  # beyond the policy: a kept point builds on a failed point
-    #                            (oldest first; they go once no kept point builds on them)
+    kept_for_taint: list[str]  # beyond the policy: a kept point builds on them, and they
+    #                            taint (oldest first; they go once no kept point builds on them)
 
 
 def apply_retention(repo: Repository, disk_id: str, keep: Retention, *, tz: tzinfo | None = None,

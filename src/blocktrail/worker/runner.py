@@ -97,8 +97,8 @@ class DiskRun:
     verify_differences: tuple[Extent, ...] = ()
     healed_point: str | None = None
     forgotten: tuple[str, ...] = ()
-    kept_for_taint: tuple[str, ...] = ()  # kept beyond the policy: a kept point builds on a
-    #                                        point that failed verification or its audit
+    kept_for_taint: tuple[str, ...] = ()  # kept beyond the policy: a kept point builds on
+    #                                        them, and they taint (RestorePoint.taint)
 
 
 @dataclass(frozen=True, slots=True)
