@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import blocktrail
 from bench.measure import count
 from bench.peers import Restic
-from bench.workload import apply_to_file, scattered_changes, write_image
+from bench.workload import apply_to_file, du_bytes, scattered_changes, write_image
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import import_raw
 
@@ -179,7 +179,7 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
              "dd iflag=direct": ["dd", f"if={layer}", "of=/dev/null", "bs=4M", "iflag=direct",
                                  "status=none"]}
     raws: dict[str, list[float]] = {name: [] for name in reads}
-    ours = []
+    ours, floors = [], []
     for pair in range(pairs):
         repo = os.path.join(work, f"full-repo-{pair}")
         subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL,
@@ -189,7 +189,9 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
             raws[name].append(_run(cmd))
         _drop_caches()
         ours.append(_run([*BT, "backup", disk_dir, "--repo", repo]))
+        stored = du_bytes(repo)
         shutil.rmtree(repo)
+        floors.append(_read_and_write(layer, os.path.join(work, "written.raw"), stored))
     our = statistics.median(ours)
     rows = []
     for name, times in raws.items():
@@ -199,7 +201,32 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
                         size / MiB / our, size / MiB / raw, "MiB/s",
                         f"median of {pairs}: {our:.2f} s vs {raw:.2f} s (each round: {each}); "
                         "caches dropped before each; higher is better"))
+    floor = statistics.median(floors)
+    rows.append(Row("full backup vs the device's floor: the raw read and a raw write of what "
+                    "the backup stored, at once (MiB/s)", size / MiB / our, size / MiB / floor,
+                    "MiB/s", f"median of {pairs}: {our:.2f} s vs {floor:.2f} s (each: "
+                    f"{', '.join(f'{f:.2f}' for f in floors)}); the repository shares the "
+                    "disk's device, so no backup into it beats this"))
     return rows
+
+
+def _read_and_write(layer: str, target: str, count: int) -> float:
+    """Seconds for ``dd iflag=direct`` of ``layer`` and ``dd oflag=direct`` of ``count`` bytes
+    into ``target`` (on the repository's file system) at once, caches dropped first: what the
+    device allows a backup that reads the disk and writes its repository beside it."""
+    _drop_caches()
+    blocks = max(1, -(-count // (4 * MiB)))
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["dd", f"if={layer}", "of=/dev/null", "bs=4M", "iflag=direct",
+                               "status=none"]),
+             subprocess.Popen(["dd", "if=/dev/zero", f"of={target}", "bs=4M",
+                               f"count={blocks}", "oflag=direct", "status=none"])]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"{proc.args} failed")
+    seconds = time.perf_counter() - start
+    os.unlink(target)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
