@@ -326,7 +326,7 @@ class OsFileIO:
             self.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)  # a full file system must not keep a half-written file
+                self.unlink(tmp)  # a full file system must not keep a half-written file
             raise
         self.fsync_dir(os.path.dirname(path) or ".")
 

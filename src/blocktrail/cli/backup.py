@@ -635,16 +635,17 @@ def _convert_qcow2(raw: str, target: str) -> None:
     beside it (``raw``'s folder is in the target's directory, on its file system), fsynced,
     renamed over it, the directory fsynced. On any failure the target is as it was."""
     converted = os.path.join(os.path.dirname(raw), "image.qcow2")
+    fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
     try:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, converted],
                        check=True, capture_output=True, text=True)
-        fd = os.open(converted, os.O_RDONLY)
+        handle = fio.open(converted)
         try:
-            os.fsync(fd)
+            handle.fsync()
         finally:
-            os.close(fd)
-        os.replace(converted, target)
-        OsFileIO().fsync_dir(os.path.dirname(os.path.abspath(target)))
+            handle.close()
+        fio.rename(converted, target)
+        fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
     except FileNotFoundError as exc:
         if exc.filename == "qemu-img":
             raise InvalidArgument("--format qcow2 needs qemu-img (Debian package "
