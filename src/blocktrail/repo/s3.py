@@ -16,6 +16,13 @@ cleanly after its headers (or after the server's ``100 Continue``) and before th
 its body becomes an empty object, whether the payload is signed or not (the server does not
 compare the signed SHA-256 with the body of a plain PUT).
 
+The body of a PUT is not part of its signature (``UNSIGNED-PAYLOAD``, as boto3 does over
+HTTPS when a checksum header is sent; over plain HTTP it would hash every byte again, a fifth of
+an upload's time on loopback): what guards the body is its CRC32, which the server checks, and
+the repository's own checks of every object it reads (an encrypted repository's AEAD and MACs,
+an unencrypted one's content hashes). The signature still covers the request and its headers,
+the CRC32 among them.
+
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
 """
@@ -169,7 +176,9 @@ class S3Backend:
             return session.client(
                 "s3", endpoint_url=options.endpoint,
                 region_name=options.region or session.region_name or "us-east-1",
-                config=Config(s3={"addressing_style": "path"},
+                config=Config(s3={"addressing_style": "path",
+                                  # the body's CRC32 goes in a header (below); see the module
+                                  "payload_signing_enabled": False},
                               retries={"mode": "standard",
                                        "max_attempts": options.max_attempts},
                               connect_timeout=options.connect_timeout_s,
