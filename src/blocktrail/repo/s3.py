@@ -18,10 +18,10 @@ compare the signed SHA-256 with the body of a plain PUT).
 
 The body of a PUT is not part of its signature (``UNSIGNED-PAYLOAD``, as boto3 does over
 HTTPS when a checksum header is sent; over plain HTTP it would hash every byte again, a fifth of
-an upload's time on loopback): what guards the body is its CRC32, which the server checks, and
-the repository's own checks of every object it reads (an encrypted repository's AEAD and MACs,
-an unencrypted one's content hashes). The signature still covers the request and its headers,
-the CRC32 among them.
+an upload's time on loopback): the body's CRC32, in a signed header, makes the server refuse a
+body damaged on the way. Against someone who can change the traffic, plain HTTP protects nothing
+either way (replies are not signed): that takes HTTPS, or an encrypted repository's AEAD and
+MACs, which refuse any object changed by anyone without its keys.
 
 Credentials and endpoint come from where boto3 looks (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws), unless given; addressing is path-style.
