@@ -47,7 +47,7 @@ from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.prune import PruneReport
 from blocktrail.repo.retention import RetentionPolicy
 from blocktrail.tracking import DiskChangeInfo
-from repodamage import flip, object_file
+from repodamage import flip, object_file, restored
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -190,17 +190,9 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
 # ------------------------------------------------------------------------------ checks
 
 
-def restores(repo: Repository, point_id: str, scratch: Path) -> bytes:
-    target = scratch / f"restored-{point_id}.raw"
-    repo.restore(point_id, str(target))
-    data = target.read_bytes()
-    target.unlink()
-    return data
-
-
 def assert_restore(repo: Repository, points: dict[str, bytes], scratch: Path, where: str) -> None:
     for point_id, content in points.items():
-        assert restores(repo, point_id, scratch) == content, \
+        assert restored(repo, point_id, scratch) == content, \
             f"{where}: restore point {point_id} does not restore to what was backed up"
 
 
@@ -429,7 +421,7 @@ def _heal_judge(g: Golden, path: Path, trial: Trial, scratch: Path) -> None:
         assert [p.id for p in repo.points()] == g.ids, where
         assert_restore(repo, {p: g.contents[p] for p in g.ids[:2]}, scratch, where)
         try:
-            data: bytes | None = restores(repo, p3, scratch)
+            data: bytes | None = restored(repo, p3, scratch)
         except BlocktrailError:  # refused: not healed yet
             data = None
         assert data in (None, g.contents[p3]), f"{where}: P3 restores to other bytes"
