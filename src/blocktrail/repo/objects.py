@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable
 
 import zstandard
 from blake3 import blake3
@@ -133,21 +132,6 @@ def _compress(plain: Buffer) -> tuple[int, Buffer]:
     return (CODEC_ZSTD, packed) if len(packed) < len(plain) else (CODEC_PLAIN, plain)
 
 
-class _ZeroNames:
-    """The name of a chunk of zeros, per length: a chunk whose name is one of these is a hole
-    (the name is computed anyway, and no compare of the bytes is needed)."""
-
-    def __init__(self, name: Callable[[Buffer], bytes]) -> None:
-        self._name = name
-        self._names: dict[int, bytes] = {}
-
-    def get(self, length: int) -> bytes:
-        found = self._names.get(length)
-        if found is None:
-            found = self._names[length] = self._name(bytes(length))
-        return found
-
-
 def _decompress(codec: int, payload: Buffer, plain_len: int | None, where: str,
                 error: type[ChunkCorrupt]) -> bytes:
     try:
@@ -170,15 +154,8 @@ class PlainCodec:
     cipher_name = "none"
     trailer_key: bytes | None = None
 
-    def __init__(self) -> None:
-        self._zero_names = _ZeroNames(digest)
-
     def name(self, kind: int, plain: Buffer) -> bytes:
         return object_name(kind, plain)
-
-    def zero_name(self, length: int) -> bytes:
-        """The name of a chunk of ``length`` zeros."""
-        return self._zero_names.get(length)
 
     def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytes]:
         return seal(kind, plain)
@@ -230,15 +207,10 @@ class EncryptedCodec:
         self.sessions = crypto.Sessions(keys, cipher)
         self.trailer_key: bytes | None = keys.mac_key()
         self._lease_key = keys.lease_key()
-        self._zero_names = _ZeroNames(lambda plain: self.name(KIND_CHUNK, plain))
 
     def name(self, kind: int, plain: Buffer) -> bytes:
         data = plain if kind == KIND_CHUNK else bytes([kind]) + plain
         return blake3(data, key=self.keys.id_key).digest()
-
-    def zero_name(self, length: int) -> bytes:
-        """The name of a chunk of ``length`` zeros."""
-        return self._zero_names.get(length)
 
     def seal(self, kind: int, plain: Buffer) -> tuple[bytes, bytearray]:
         name = self.name(kind, plain)

@@ -10,12 +10,15 @@ from typing import Any
 
 from blocktrail import __version__
 from blocktrail.errors import InvalidArgument
+from blocktrail.fileio import is_zeros
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGEST, Buffer, Codec
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
+_ZERO_PREFIX = 64  # a chunk whose first bytes are not all zero is compared no further
+_ZEROS_PREFIX = bytes(_ZERO_PREFIX)
 BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
 MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
 Sealed = tuple[bytes, bytes | bytearray | None, int]  # name, envelope (None: nothing to store),
@@ -24,17 +27,18 @@ Sealed = tuple[bytes, bytes | bytearray | None, int]  # name, envelope (None: no
 
 def _seal_chunks(codec: Codec, batch: list[Buffer],
                  stored: Callable[[bytes], bool]) -> list[Sealed]:
-    """Name each chunk, then compress and encrypt only what is new: a hole (its name is the
-    name of zeros) and a chunk stored already (or earlier in the batch) are not sealed. The
-    pack sink still checks each envelope it is given, so a chunk that two batches seal at
-    once is packed once."""
+    """Name each chunk, then compress and encrypt only what is new: a hole (all zeros: found
+    by a compare, three times cheaper than the hash, and not named) and a chunk stored
+    already (or earlier in the batch) are not sealed. The pack sink still checks each
+    envelope it is given, so a chunk that two batches seal at once is packed once."""
     out: list[Sealed] = []
     new: set[bytes] = set()
     for data in batch:
-        name = codec.name(KIND_CHUNK, data)
-        if name == codec.zero_name(len(data)):
+        if data[:_ZERO_PREFIX] == _ZEROS_PREFIX and is_zeros(data):
             out.append((ZERO_DIGEST, None, len(data)))
-        elif name in new or stored(name):
+            continue
+        name = codec.name(KIND_CHUNK, data)
+        if name in new or stored(name):
             out.append((name, None, len(data)))
         else:
             new.add(name)

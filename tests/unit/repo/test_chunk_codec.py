@@ -45,13 +45,6 @@ def test_codec_of_a_chunk(codec: Codec, data: bytes, expected: int) -> None:
 
 
 @pytest.mark.parametrize("codec", _codecs(), ids=["plain", "encrypted"])
-def test_zero_name_is_the_name_of_zeros(codec: Codec) -> None:
-    assert codec.zero_name(CHUNK) == codec.name(KIND_CHUNK, bytes(CHUNK))
-    assert codec.zero_name(100) == codec.name(KIND_CHUNK, bytes(100))
-    assert codec.zero_name(CHUNK) != codec.name(KIND_CHUNK, b"\0" * (CHUNK - 1) + b"\1")
-
-
-@pytest.mark.parametrize("codec", _codecs(), ids=["plain", "encrypted"])
 @pytest.mark.parametrize("data", [os.urandom(CHUNK), TEXT], ids=["stored-plain", "zstd"])
 def test_an_envelope_opened_from_a_view_of_a_read_gives_bytes(codec: Codec, data: bytes) -> None:
     """A restore opens each chunk from a view of a ranged read of its pack: what it gets is

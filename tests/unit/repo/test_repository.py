@@ -66,6 +66,22 @@ def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -
     assert point.stats["new_chunks"] == 37
 
 
+@pytest.mark.parametrize("where", [0, 63, 64, CS // 2, CS - 1])
+def test_a_chunk_of_zeros_but_one_byte_is_no_hole(repo: Repository, tmp_path: Path,
+                                                   where: int) -> None:
+    """Holes are found by comparing with zeros, the first bytes first: one byte anywhere makes
+    the chunk data, stored and restored as it was."""
+    almost = bytearray(CS)
+    almost[where] = 0x5A
+    writer = repo.begin("d", 2 * CS + CS // 3, None)  # the last chunk short
+    chunks = [bytes(CS), bytes(almost), bytes(CS // 3)]
+    for i, data in enumerate(chunks):
+        writer.put_chunk(i, data)
+    point = writer.commit(kind="full", change_id=None)
+    assert point.stats["new_chunks"] == 1  # the two chunks of zeros are holes
+    assert restored(repo, point, tmp_path) == b"".join(chunks)
+
+
 @pytest.mark.encrypted_s3
 def test_incremental_inherits_and_costs_what_changed(repo: Repository, tmp_path: Path,
                                                     target: RepoTarget) -> None:
