@@ -50,22 +50,26 @@ def partial_path(target: str) -> str:
 def remove_stale_partials(fio: FileIO, target: str) -> list[str]:
     """Remove the ``TARGET.partial-TOKEN*`` files that restores to ``target`` killed before
     they ended left beside it. A restore holds the lock of ``TARGET.partial-TOKEN`` while it
-    runs: its files stay. -> the names removed."""
+    runs: its files stay. Only files a restore makes are touched: a restore's files whose
+    holder is gone, and symbolic links (which another user may have put in a shared
+    directory), stay. -> the names removed."""
     directory, base = os.path.split(os.path.abspath(target))
     prefix = base + PARTIAL
     restores: dict[str, list[str]] = {}
     for name in fio.listdir(directory):
-        if name.startswith(prefix):
+        if name.startswith(prefix) and not os.path.islink(os.path.join(directory, name)):
             restores.setdefault(name[len(prefix) : len(prefix) + TOKEN_CHARS], []).append(name)
     removed = []
     for token, names in sorted(restores.items()):
         holder = os.path.join(directory, prefix + token)
+        if prefix + token not in names:
+            continue
         try:
             lock = fio.lock_exclusive(holder)
         except OSError:  # held by a running restore (BlockingIOError), or not a file
             continue
         try:
-            for name in sorted({*names, prefix + token}, reverse=True):  # the holder last
+            for name in sorted(names, reverse=True):  # the holder last
                 with contextlib.suppress(OSError):
                     fio.unlink(os.path.join(directory, name))
                     removed.append(name)

@@ -397,9 +397,13 @@ def test_a_restore_removes_what_killed_restores_left_but_not_a_running_one(
              "disk.raw.partial-5ca1ab1e.raw.partial-00000001", "disk.raw.partial-5ca1ab1e.qcow2",
              "disk.raw.partial-5ca1ab1e"]
     running = ["disk.raw.partial-a11a11a1", "disk.raw.partial-a11a11a1.raw"]
-    others = ["disk.raw.partial", "other.raw.partial-0badc0de", "disk.raw.partialX"]
+    others = ["disk.raw.partial", "other.raw.partial-0badc0de", "disk.raw.partialX",
+              "disk.raw.partial-0000beef.raw"]  # its holder is gone: not known to be a restore's
     for name in stale + running + others:
         (out / name).write_bytes(b"x" * 4096)
+    elsewhere = tmp_path / "elsewhere"
+    (out / "disk.raw.partial-1ee71ee7").symlink_to(elsewhere)  # dangling: never followed
+    others.append("disk.raw.partial-1ee71ee7")
     held = OsFileIO().lock_exclusive(str(out / running[0]))
     try:
         local_repo.restore(point.id, str(target))
@@ -408,6 +412,7 @@ def test_a_restore_removes_what_killed_restores_left_but_not_a_running_one(
     assert sorted(os.listdir(out)) == sorted(["disk.raw", *running, *others])
     local_repo.restore(point.id, str(target))  # nothing holds it now: gone too
     assert sorted(os.listdir(out)) == sorted(["disk.raw", *others])
+    assert not elsewhere.exists()
 
 
 def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
