@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -580,7 +581,10 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
         else:
-            written = _restore_qcow2(repo, point_id, target, progress)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
+                raw = os.path.join(d, "image.raw")
+                written = repo.restore(point_id, raw, progress)
+                _convert_qcow2(raw, target)
     emit(as_json, {"point": point_id, "target": target, "format": fmt, "data_bytes": written},
          f"restored {point_id} to {target} ({fmt}, {human(written)} of data)")
 
@@ -626,33 +630,11 @@ def _restored_tracking(info: dict[str, Any]) -> str:
             "first backup is full")
 
 
-def _restore_qcow2(repo: Repository, point_id: str, target: str,
-                   progress: Callable[[int, int], None] | None) -> int:
-    """The point restored to a raw image beside ``target``, converted to qcow2 beside it too,
-    renamed over it. The scratch files are ``TARGET.partial-TOKEN*``, locked while this runs:
-    what a killed restore left, the next restore to the target removes (repo/restore.py).
-    -> bytes of data written."""
-    from blocktrail.repo.restore import locked_partial, partial_path, remove_stale_partials
-
-    fio = OsFileIO()
-    with contextlib.suppress(OSError):  # the target's directory may not be listable
-        remove_stale_partials(fio, target)
-    holder = partial_path(target)
-    with locked_partial(fio, holder):
-        try:
-            written = repo.restore(point_id, holder + ".raw", progress)
-            _convert_qcow2(holder + ".raw", holder + ".qcow2", target)
-        finally:
-            for scratch in (holder + ".raw", holder):
-                with contextlib.suppress(FileNotFoundError):
-                    fio.unlink(scratch)
-    return written
-
-
-def _convert_qcow2(raw: str, converted: str, target: str) -> None:
-    """``raw`` converted to the qcow2 file ``converted`` (beside ``target``, on its file
-    system) and put at ``target`` the way every file reaches its place: fsynced, renamed over
-    it, the directory fsynced. On any failure the target is as it was."""
+def _convert_qcow2(raw: str, target: str) -> None:
+    """``raw`` converted to a qcow2 file at ``target`` the way every file reaches its place: written
+    beside it (``raw``'s folder is in the target's directory, on its file system), fsynced,
+    renamed over it, the directory fsynced. On any failure the target is as it was."""
+    converted = os.path.join(os.path.dirname(raw), "image.qcow2")
     fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
     try:
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, converted],
@@ -685,7 +667,7 @@ def _convert_qcow2(raw: str, converted: str, target: str) -> None:
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
-            fio.unlink(converted)
+            os.unlink(converted)
 
 
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),

@@ -5,10 +5,6 @@ are fetched with one ranged read; many such reads are in flight at once, so a re
 object storage is bound by the link, not by round trips. The image is written through the file
 layer (blocktrail.fileio): a ``.partial-*`` file beside the target, fsync, rename, fsync the
 directory; on any damage (or a full file system) nothing is left at the target.
-
-The partial file is locked (flock) while it is written: one that a killed restore left (as big
-as the disk, holding what it wrote) is removed by the next restore to the same target, and one
-that a restore running now holds is left alone.
 """
 
 from __future__ import annotations
@@ -37,87 +33,35 @@ REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to wr
 Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) in one read
 
 
-PARTIAL = ".partial-"  # TARGET.partial-TOKEN...: what a restore to TARGET writes first
-TOKEN_CHARS = 8
-
-
-def partial_path(target: str) -> str:
-    """A new name beside ``target`` for what a restore to it writes first (the holder of its
-    lock; more scratch files of the same restore may add a suffix to it)."""
-    return f"{target}{PARTIAL}{secrets.token_hex(TOKEN_CHARS // 2)}"
-
-
-def remove_stale_partials(fio: FileIO, target: str) -> list[str]:
-    """Remove the ``TARGET.partial-TOKEN*`` files that restores to ``target`` killed before
-    they ended left beside it. A restore holds the lock of ``TARGET.partial-TOKEN`` while it
-    runs: its files stay. Only files a restore makes are touched: a restore's files whose
-    holder is gone, and symbolic links (which another user may have put in a shared
-    directory), stay. -> the names removed."""
-    directory, base = os.path.split(os.path.abspath(target))
-    prefix = base + PARTIAL
-    restores: dict[str, list[str]] = {}
-    for name in fio.listdir(directory):
-        if name.startswith(prefix) and not os.path.islink(os.path.join(directory, name)):
-            restores.setdefault(name[len(prefix) : len(prefix) + TOKEN_CHARS], []).append(name)
-    removed = []
-    for token, names in sorted(restores.items()):
-        holder = os.path.join(directory, prefix + token)
-        if prefix + token not in names:
-            continue
-        try:
-            lock = fio.lock_exclusive(holder)
-        except OSError:  # held by a running restore (BlockingIOError), or not a file
-            continue
-        try:
-            for name in sorted(names, reverse=True):  # the holder last
-                with contextlib.suppress(OSError):
-                    fio.unlink(os.path.join(directory, name))
-                    removed.append(name)
-        finally:
-            lock.release()
-    return removed
-
-
-@contextlib.contextmanager
-def locked_partial(fio: FileIO, path: str) -> Iterator[None]:
-    """Hold the lock of the partial file ``path`` (created here if missing) while the restore
-    runs: `remove_stale_partials` leaves its files alone."""
-    lock = fio.lock_exclusive(path)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def restore_point(store: Store, point: RestorePoint, target: str,
                   progress: Progress | None = None, fileio: FileIO | None = None) -> int:
     """Write ``point``'s image to ``target`` (sparse). -> bytes of data written."""
     fio = fileio or OsFileIO()
-    with contextlib.suppress(OSError):  # the target's directory may not be listable
-        remove_stale_partials(fio, target)
-    partial = partial_path(target)
+    partial = f"{target}.partial-{secrets.token_hex(4)}"
     try:
-        with locked_partial(fio, partial):
-            return _restore_to(store, point, target, partial, fio, progress)
+        handle = fio.open(partial, create=True)
     except OSError as exc:
         if is_no_space(exc):
             raise _target_full(target, exc) from exc
         raise
-
-
-def _restore_to(store: Store, point: RestorePoint, target: str, partial: str, fio: FileIO,
-                progress: Progress | None) -> int:
     try:
-        handle = fio.open(partial, create=True)
-        try:
-            written = _restore_into(store, handle, point, progress)
-            handle.fsync()
-        finally:
-            handle.close()
-        fio.rename(partial, target)
-    except BaseException:
+        written = _restore_into(store, handle, point, progress)
+        handle.fsync()
+    except BaseException as exc:
+        handle.close()
         with contextlib.suppress(OSError):
             fio.unlink(partial)
+        if isinstance(exc, OSError) and is_no_space(exc):
+            raise _target_full(target, exc) from exc
+        raise
+    handle.close()
+    try:
+        fio.rename(partial, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            fio.unlink(partial)
+        if isinstance(exc, OSError) and is_no_space(exc):
+            raise _target_full(target, exc) from exc
         raise
     fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
     return written

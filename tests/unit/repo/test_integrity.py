@@ -384,37 +384,6 @@ def test_a_restore_whose_rename_fails_leaves_nothing(local_repo: Repository, tmp
     assert os.listdir(target.parent) == []
 
 
-def test_a_restore_removes_what_killed_restores_left_but_not_a_running_one(
-        local_repo: Repository, tmp_path: Path) -> None:
-    """A killed restore leaves its partial file (as big as the disk, holding what it wrote);
-    the next restore to that target removes it, and the scratch files of a killed qcow2
-    restore with it. A restore running now holds its lock: its files stay."""
-    point = store(local_repo, "d", image(19, 4))
-    out = tmp_path / "out"
-    out.mkdir()
-    target = out / "disk.raw"
-    stale = ["disk.raw.partial-0badc0de", "disk.raw.partial-5ca1ab1e.raw",
-             "disk.raw.partial-5ca1ab1e.raw.partial-00000001", "disk.raw.partial-5ca1ab1e.qcow2",
-             "disk.raw.partial-5ca1ab1e"]
-    running = ["disk.raw.partial-a11a11a1", "disk.raw.partial-a11a11a1.raw"]
-    others = ["disk.raw.partial", "other.raw.partial-0badc0de", "disk.raw.partialX",
-              "disk.raw.partial-0000beef.raw"]  # its holder is gone: not known to be a restore's
-    for name in stale + running + others:
-        (out / name).write_bytes(b"x" * 4096)
-    elsewhere = tmp_path / "elsewhere"
-    (out / "disk.raw.partial-1ee71ee7").symlink_to(elsewhere)  # dangling: never followed
-    others.append("disk.raw.partial-1ee71ee7")
-    held = OsFileIO().lock_exclusive(str(out / running[0]))
-    try:
-        local_repo.restore(point.id, str(target))
-    finally:
-        held.release()
-    assert sorted(os.listdir(out)) == sorted(["disk.raw", *running, *others])
-    local_repo.restore(point.id, str(target))  # nothing holds it now: gone too
-    assert sorted(os.listdir(out)) == sorted(["disk.raw", *others])
-    assert not elsewhere.exists()
-
-
 def test_a_trailer_entry_of_a_copy_in_quarantine_is_still_checked(repo: Repository,
                                                                   target: RepoTarget) -> None:
     point = store(repo, "d", image(17, 3))
