@@ -34,7 +34,7 @@ def _seal_chunks(codec: Codec, batch: list[Buffer],
     out: list[Sealed] = []
     new: set[bytes] = set()
     for data in batch:
-        if data[:_ZERO_PREFIX] == _ZEROS_PREFIX and is_zeros(data):
+        if data[:_ZERO_PREFIX] == _ZEROS_PREFIX[: len(data)] and is_zeros(data):
             out.append((ZERO_DIGEST, None, len(data)))
             continue
         name = codec.name(KIND_CHUNK, data)

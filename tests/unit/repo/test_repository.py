@@ -67,14 +67,16 @@ def test_round_trip_holes_and_sparse_restore(repo: Repository, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("where", [0, 63, 64, CS // 2, CS - 1])
+@pytest.mark.parametrize("tail", [CS // 3, 10], ids=["short-tail", "tail-under-64"])
 def test_a_chunk_of_zeros_but_one_byte_is_no_hole(repo: Repository, tmp_path: Path,
-                                                   where: int) -> None:
+                                                   where: int, tail: int) -> None:
     """Holes are found by comparing with zeros, the first bytes first: one byte anywhere makes
-    the chunk data, stored and restored as it was."""
+    the chunk data, stored and restored as it was; a short last chunk of zeros, even one
+    shorter than the bytes compared first, is a hole (the audit and verify say so too)."""
     almost = bytearray(CS)
     almost[where] = 0x5A
-    writer = repo.begin("d", 2 * CS + CS // 3, None)  # the last chunk short
-    chunks = [bytes(CS), bytes(almost), bytes(CS // 3)]
+    writer = repo.begin("d", 2 * CS + tail, None)  # the last chunk short
+    chunks = [bytes(CS), bytes(almost), bytes(tail)]
     for i, data in enumerate(chunks):
         writer.put_chunk(i, data)
     point = writer.commit(kind="full", change_id=None)
