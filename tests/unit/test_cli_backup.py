@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -145,6 +146,30 @@ def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
                  "--format", "qcow2"]) == 15
     assert sorted(p.name for p in out.iterdir()) == ["old.qcow2"]
     assert (out / "old.qcow2").read_bytes() == b"the previous image"
+
+
+def test_a_qcow2_restore_whose_raw_step_does_not_fit_names_the_target(
+        disk_and_repo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The image is restored raw beside the target before qemu-img converts it: a full file
+    system there is exit 15 naming the target the user gave, not the scratch file."""
+    disk_dir, repo_dir = disk_and_repo
+    _, report = run(capsys, "backup", disk_dir, "--repo", repo_dir)
+    point = report["point"]["id"]  # type: ignore[index]
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("blocktrail.fileio.os.pwrite", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.qcow2").write_bytes(b"the previous image")
+    assert main(["restore", repo_dir, point, "--to", str(out / "old.qcow2"),
+                 "--format", "qcow2"]) == 15
+    err = capsys.readouterr().err
+    assert f"restore target {out / 'old.qcow2'} is full" in err, err
+    assert "image.raw" not in err and "left as it was" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["old.qcow2"]
 
 
 def test_check_verify_and_repair_list_damaged_objects(disk_and_repo: tuple[str, str],

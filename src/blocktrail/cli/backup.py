@@ -583,7 +583,12 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
         else:
             with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
                 raw = os.path.join(d, "image.raw")
-                written = repo.restore(point_id, raw, progress)
+                try:
+                    written = repo.restore(point_id, raw, progress)
+                except NoSpace as exc:  # named for the target, not the scratch file
+                    raise NoSpace(f"the file system of the restore target {target} is full: "
+                                  "free space there, or restore elsewhere, and retry; the "
+                                  "target was left as it was") from exc
                 _convert_qcow2(raw, target)
     emit(as_json, {"point": point_id, "target": target, "format": fmt, "data_bytes": written},
          f"restored {point_id} to {target} ({fmt}, {human(written)} of data)")
