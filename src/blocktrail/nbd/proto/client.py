@@ -73,7 +73,7 @@ from blocktrail.nbd.proto.events import (
     TlsMode,
     block_size_problem,
 )
-from blocktrail.nbd.proto.machine import StateMachine
+from blocktrail.nbd.proto.machine import MachineEnum, StateMachine
 from blocktrail.nbd.proto.transmission import RECEIVE_SIZE, Transmission
 
 _GREETING = struct.Struct(">QQH")
@@ -83,7 +83,7 @@ _BLOCK_SIZE = struct.Struct(">III")
 MAX_OPTION_REPLY = 64 * 1024
 
 
-class State(Enum):
+class State(MachineEnum):
     GREETING = auto()
     OPTIONS = auto()
     TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
@@ -91,7 +91,7 @@ class State(Enum):
     CLOSED = auto()
 
 
-class Input(Enum):
+class Input(MachineEnum):
     # from the server (refused: RemoteProtocolError, and the connection is closed)
     GREETING = auto()  # the server's greeting
     OPTION_REPLY = auto()  # an option reply; negotiation goes on

@@ -19,6 +19,15 @@ from typing import Generic, TypeVar
 
 from blocktrail.nbd.proto.errors import LocalProtocolError, RemoteProtocolError
 
+
+class MachineEnum(Enum):
+    """The base of a table's states and inputs: its members hash by identity, one C call
+    (Enum's own ``__hash__`` is Python code, and every request looks the table up a few
+    times). Their equality is identity already."""
+
+    __hash__ = object.__hash__
+
+
 StateT = TypeVar("StateT", bound=Enum)
 InputT = TypeVar("InputT", bound=Enum)
 

@@ -44,7 +44,7 @@ import operator
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum, auto
+from enum import auto
 from types import MappingProxyType
 from typing import Final, Protocol
 
@@ -84,7 +84,7 @@ from blocktrail.nbd.proto.events import (
     StartTls,
     TlsMode,
 )
-from blocktrail.nbd.proto.machine import StateMachine
+from blocktrail.nbd.proto.machine import MachineEnum, StateMachine
 
 # Per request: dictionary lookups, not enum calls. Every allowed combination of flags, made once.
 _COMMANDS = MappingProxyType({int(c): c for c in Command})
@@ -124,7 +124,7 @@ class ExportCatalog(Protocol):
     def names(self) -> list[str]: ...
 
 
-class State(Enum):
+class State(MachineEnum):
     CLIENT_FLAGS = auto()
     OPTIONS = auto()
     TLS_HANDSHAKE = auto()  # STARTTLS acknowledged; waiting for tls_established()
@@ -133,7 +133,7 @@ class State(Enum):
     CLOSED = auto()  # ABORT, or a protocol error: nothing more is read or sent
 
 
-class Input(Enum):
+class Input(MachineEnum):
     # from the client (refused: RemoteProtocolError, and the connection is closed)
     FLAGS = auto()  # the client's flags
     OPTION = auto()  # an option, answered (refusals included): negotiation goes on
