@@ -121,6 +121,18 @@ exit 1
 """
 
 
+def restore_over_an_old_qcow2(repo_dir: str, point: str, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
+    """``restore --format qcow2`` over out/old.qcow2, which must fail for want of space
+    (exit 15). -> (out, what it printed on stderr)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.qcow2").write_bytes(b"the previous image")
+    assert main(["restore", repo_dir, point, "--to", str(out / "old.qcow2"),
+                 "--format", "qcow2"]) == 15
+    return out, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("message", ["No space left on device", "Disk quota exceeded"])
 def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
         disk_and_repo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -135,12 +147,7 @@ def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
     (tools / "qemu-img").write_text(FULL_QEMU_IMG.replace("$1", message))
     (tools / "qemu-img").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.qcow2").write_bytes(b"the previous image")
-    assert main(["restore", repo_dir, point, "--to", str(out / "old.qcow2"),
-                 "--format", "qcow2"]) == 15
-    err = capsys.readouterr().err
+    out, err = restore_over_an_old_qcow2(repo_dir, point, tmp_path, capsys)
     assert "NoSpace" in err and "left as it was" in err, err
     assert main(["restore", repo_dir, point, "--to", str(out / "new.qcow2"),
                  "--format", "qcow2"]) == 15
@@ -161,12 +168,7 @@ def test_a_qcow2_restore_whose_raw_step_does_not_fit_names_the_target(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("blocktrail.fileio.os.pwrite", full)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.qcow2").write_bytes(b"the previous image")
-    assert main(["restore", repo_dir, point, "--to", str(out / "old.qcow2"),
-                 "--format", "qcow2"]) == 15
-    err = capsys.readouterr().err
+    out, err = restore_over_an_old_qcow2(repo_dir, point, tmp_path, capsys)
     assert f"restore target {out / 'old.qcow2'} is full" in err, err
     assert "image.raw" not in err and "left as it was" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["old.qcow2"]

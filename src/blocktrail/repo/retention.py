@@ -1,10 +1,10 @@
 """Which restore points `forget` keeps (restic-style policies, per disk).
 
-Whatever the policy says, a point that taints (failed verification, or its audit caught the
-tracker missing changes) is kept while a kept point has it in its parent chain, with the points
-between them: that point inherited its wrong chunks, and only the chain tells a backup that it
-is no base (backup/base.py). Forgotten, it would leave the child looking whole, and the next
-backup incremental on it, silently wrong. Once no kept point builds on it, it goes.
+Whatever the policy says, a point that taints (`RestorePoint.taint`) is kept while a kept point
+has it in its parent chain, with the points between them: that point inherited its wrong
+chunks, and only the chain tells a backup that it is no base (backup/base.py). Forgotten, it
+would leave the child looking whole, and the next backup incremental on it, silently wrong.
+Once no kept point builds on it, it goes.
 """
 
 from __future__ import annotations

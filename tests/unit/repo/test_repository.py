@@ -666,13 +666,32 @@ def test_a_point_published_and_verified_while_prune_lists_keeps_its_verify_recor
     assert repo.point(published[0].id).verify_state == "ok"
 
 
+def after_forget_looks_at_leases(monkeypatch: pytest.MonkeyPatch,
+                                 act: Callable[[], None]) -> list[str]:
+    """Run ``act`` once, right after forget's first look at the leases of running backups
+    (before it deletes anything). -> one entry per look forget took."""
+    from blocktrail.repo import forget
+
+    looked = forget.running_bases
+    calls: list[str] = []
+
+    def then_act(store_: Store) -> set[str]:
+        bases = looked(store_)
+        if not calls:
+            act()
+        calls.append("looked")
+        return bases
+
+    monkeypatch.setattr(forget, "running_bases", then_act)
+    return calls
+
+
 def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
         repo: Repository, target: RepoTarget, monkeypatch: pytest.MonkeyPatch) -> None:
     """forget looks at the leases, then a backup names its base in its lease and finds it
     there, then forget deletes it: forget looks again after deleting, and puts it back (with
     its verify record), so the base of a running incremental is never forgotten."""
     from blocktrail.backup.base import choose_base
-    from blocktrail.repo import forget
 
     old = store(repo, "d", image(51, 4))
     repo.set_verify_state(old.id, "ok")
@@ -680,20 +699,14 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     cannot = {newer.id: "it cannot carry the incremental"}  # the backup builds on `old`
     backup = target.open()
     lease = backup.disk_lease("d")
-    looked = forget.running_bases
-    calls: list[str] = []
 
-    def then_a_backup_starts(store_: Store) -> set[str]:
-        bases = looked(store_)
-        if not calls:  # between forget's look at the leases and its deletions
-            choice = choose_base(backup, "d", cannot)
-            assert choice.point is not None and choice.point.id == old.id
-            backup.record_base(lease, old.id)
-            backup.point(old.id)  # the backup checks that its base is there: it is
-        calls.append("looked")
-        return bases
+    def a_backup_starts() -> None:
+        choice = choose_base(backup, "d", cannot)
+        assert choice.point is not None and choice.point.id == old.id
+        backup.record_base(lease, old.id)
+        backup.point(old.id)  # the backup checks that its base is there: it is
 
-    monkeypatch.setattr(forget, "running_bases", then_a_backup_starts)
+    calls = after_forget_looks_at_leases(monkeypatch, a_backup_starts)
     try:
         result = repo.forget_points(RetentionPolicy(keep_last=1), "d")
     finally:
@@ -711,8 +724,6 @@ def test_a_base_put_back_takes_back_the_failed_point_it_builds_on(
     back, and so does the failed point of its chain (and the one between), or the next backup
     would take the base's child for a good base. The children go first: no listing meanwhile
     sees a child without its parent."""
-    from blocktrail.repo import forget
-
     full = store(repo, "d", image(61, 4))
     failed = store(repo, "d", image(62, 4), parent=full.id, only={1})
     repo.set_verify_state(failed.id, "failed")
@@ -721,21 +732,14 @@ def test_a_base_put_back_takes_back_the_failed_point_it_builds_on(
     store(repo, "d", image(65, 4))  # the newest, full: the policy keeps it alone
     backup = target.open()
     lease = backup.disk_lease("d")
-    looked = forget.running_bases
     deleted: list[str] = []
-
-    def then_a_backup_starts(store_: Store) -> set[str]:
-        bases = looked(store_)
-        if not deleted:
-            backup.record_base(lease, base.id)
-        return bases
 
     def delete(name: str, *args: Any) -> None:
         deleted.append(name)
         real_delete(name, *args)
 
     real_delete = repo.backend.delete
-    monkeypatch.setattr(forget, "running_bases", then_a_backup_starts)
+    after_forget_looks_at_leases(monkeypatch, lambda: backup.record_base(lease, base.id))
     monkeypatch.setattr(repo.backend, "delete", delete)
     try:
         result = repo.forget_points(RetentionPolicy(keep_last=1), "d")

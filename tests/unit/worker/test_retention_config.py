@@ -3,6 +3,8 @@ repository; the job file's keys and its refusals."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,13 +60,22 @@ def test_never_forgets_a_failed_point_a_kept_point_builds_on() -> None:
     assert keep == {newest.id, between.id, failed.id}
 
 
-def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def backed_up(tmp_path: Path, count: int
+              ) -> Iterator[tuple[Disk, Repository, list[RestorePoint]]]:
+    """A disk of 1 MiB and a repository holding ``count`` backups of it, chunk i changed
+    before backup i (the first full, the others incremental)."""
     with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
             Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
         made = []
-        for i in range(5):
+        for i in range(count):
             disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
             made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+        yield disk, repo, made
+
+
+def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> None:
+    with backed_up(tmp_path, 5) as (disk, repo, made):
         repo.set_verify_state(made[1].id, "ok")
         retained = apply_retention(repo, disk.disk_id, Retention(last=2), tz=UTC)
         assert {p.id for p in retained.forgotten} == {made[0].id, made[2].id}
@@ -79,12 +90,7 @@ def test_applied_to_a_repository_then_pruned_it_checks_clean(tmp_path: Path) -> 
 
 
 def test_the_base_of_a_running_backup_and_verify_records_on_a_repository(tmp_path: Path) -> None:
-    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
-            Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
-        made = []
-        for i in range(4):
-            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
-            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+    with backed_up(tmp_path, 4) as (disk, repo, made):
         repo.set_verify_state(made[0].id, "unverified")
         repo.set_verify_state(made[2].id, "failed")
         # another process backs the disk up from made[1] (its lease names the base)
@@ -115,12 +121,7 @@ def test_a_job_run_says_which_points_it_kept_for_a_failed_one(tmp_path: Path) ->
         result_json,
     )
 
-    with Disk.create(tmp_path / "d", 1 << 20, 65536) as disk, \
-            Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION) as repo:
-        made = []
-        for i in range(3):
-            disk.pwrite(bytes([i + 1]) * 65536, i * 65536)
-            made.append(run_backup(LocalDiskSource(disk), repo, BackupOptions()).point)
+    with backed_up(tmp_path, 3) as (disk, repo, made):
         repo.set_verify_state(made[1].id, "failed")
         job = parse_config('[[job]]\nname = "j"\nhost = "unix:/h"\ndisks = ["d"]\n'
                            'repository = "/r"\nevery = "1h"\n[job.keep]\nlast = 1\n',
