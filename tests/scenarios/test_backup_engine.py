@@ -19,6 +19,7 @@ from blocktrail.disk import Disk
 from blocktrail.errors import DiskIOFailure
 from blocktrail.extents import Extent
 from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo.restore import RANGE_BYTES
 from faulty import DropsMarksDuringConsolidation
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION
@@ -305,6 +306,36 @@ def test_the_audit_reads_each_stored_chunk_once_and_neighbours_together(
     # 65 stored chunks, one pack, stored one after the other: the 4 MiB of them in one read
     # (not 192 reads, one per sampled place that holds data)
     assert len(audit_reads) == 1 and audit_reads[0][2] >= 4 * MiB
+
+
+def test_a_restore_of_an_incremental_reads_each_pack_in_long_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In disk order an incremental's changes lie amid its base's chunks; the restore still
+    reads the base's pack and the incremental's in long runs, not one read per change."""
+    rng = random.Random(5)
+    disk = Disk.create(tmp_path / "disk", 16 * MiB)
+    disk.pwrite(rng.randbytes(16 * MiB), 0)  # 256 chunks, stored in disk order
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    run_backup(source, repo)
+    for place in range(3, 256, 8):  # 32 changes, one chunk in every 8
+        disk.pwrite(rng.randbytes(CS), place * CS)
+    second = run_backup(source, repo)
+    assert second.kind == "incremental"
+    reads: list[tuple[str, int]] = []
+    read_range = Repository.read_range
+
+    def counted(self: Repository, pack_id: str, offset: int, length: int, label: str) -> bytes:
+        reads.append((pack_id, length))
+        return read_range(self, pack_id, offset, length, label)
+
+    monkeypatch.setattr(Repository, "read_range", counted)
+    assert restore_bytes(repo, second.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    packs = {pack for pack, _ in reads}
+    # at most RANGE_BYTES a read: 16 MiB of base and 2 MiB of changes take a few reads
+    # (read one run per change, they took 65)
+    assert len(reads) <= 18 * MiB // RANGE_BYTES + 2 * len(packs) < 12
+    assert sum(length for _, length in reads) < 19 * MiB
 
 
 def test_the_audit_finds_a_damaged_repeated_chunk_in_every_place_and_stores_it_once(

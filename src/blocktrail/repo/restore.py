@@ -1,8 +1,9 @@
 """Restore: a restore point's disk image written to a file, every chunk checked.
 
 Chunks that lie close together in one pack (a full backup stores a disk's chunks in disk order)
-are fetched with one ranged read; many such reads are in flight at once, so a restore from
-object storage is bound by the link, not by round trips. The image is written through the file
+are fetched with one ranged read, also where an incremental's changes come between them; many
+such reads are in flight at once, so a restore from object storage is bound by the link, not by
+round trips. The image is written through the file
 layer (blocktrail.fileio): a ``.partial-*`` file beside the target, fsync, rename, fsync the
 directory; on any damage (or a full file system) nothing is left at the target.
 """
@@ -126,23 +127,27 @@ def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
 
 
 def ranged_runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
-    """Entries grouped into reads: consecutive ones whose copies lie close together in one
-    pack. An object without a usable copy is a run of its own (its read says why)."""
-    run: Run = []
-    start = end = 0
+    """Entries grouped into reads: in the order given, those whose copies lie close together in
+    one pack, also where entries from other packs come in between (an incremental's changes
+    amid its base's chunks, in disk order: each pack is still read in long runs, not cut at
+    every change). An object without a usable copy is a run of its own (its read says why)."""
+    open_runs: dict[str, tuple[Run, int, int]] = {}  # pack -> (its run, start, end)
     for index, name in entries:
         loc = store.index.get(name)
-        if run and (loc is None or run[-1][2] is None or loc.pack_id != run[-1][2].pack_id
-                    or not end <= loc.offset <= end + RANGE_GAP
-                    or loc.offset + loc.length - start > RANGE_BYTES):
+        if loc is None:
+            yield [(index, name, None)]
+            continue
+        current = open_runs.get(loc.pack_id)
+        if current is not None:
+            run, start, end = current
+            if end <= loc.offset <= end + RANGE_GAP \
+                    and loc.offset + loc.length - start <= RANGE_BYTES:
+                run.append((index, name, loc))
+                open_runs[loc.pack_id] = (run, start, loc.offset + loc.length)
+                continue
             yield run
-            run = []
-        if not run and loc is not None:
-            start = loc.offset
-        run.append((index, name, loc))
-        if loc is not None:
-            end = loc.offset + loc.length
-    if run:
+        open_runs[loc.pack_id] = ([(index, name, loc)], loc.offset, loc.offset + loc.length)
+    for run, _, _ in open_runs.values():
         yield run
 
 
