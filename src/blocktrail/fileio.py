@@ -59,6 +59,14 @@ class FileIO(Protocol):
         """Write ``path`` whole or not at all: ``path.tmp``, fsync, rename, fsync the
         directory. On failure the temporary file is removed."""
         ...
+    def create_unnamed(self, directory: str) -> FileHandle | None:
+        """A new empty file in ``directory`` that has no name yet (Linux's O_TMPFILE): if the
+        process dies before `link_unnamed` names it, nothing is left. None where the file
+        system cannot make one (the caller makes a named file instead)."""
+        ...
+    def link_unnamed(self, handle: FileHandle, path: str) -> None:
+        """Give a file of `create_unnamed` the name ``path``, which must not exist."""
+        ...
     def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
     def rmdir(self, path: str) -> None:
@@ -304,6 +312,36 @@ class OsFileIO:
         return OsFileHandle(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                                     0o600))
 
+    def create_unnamed(self, directory: str) -> FileHandle | None:
+        flag = getattr(os, "O_TMPFILE", None)
+        if flag is None:
+            return None
+        try:
+            fd = os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:  # a file system (or kernel) without it
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return None
+            raise
+        if not os.path.exists(f"/proc/self/fd/{fd}"):  # linked through /proc: without it,
+            os.close(fd)                               # a named file from the start
+            return None
+        return OsFileHandle(fd)
+
+    def link_unnamed(self, handle: FileHandle, path: str) -> None:
+        fd = handle.dup()
+        if fd is None:
+            raise ValueError("not a file of create_unnamed")
+        try:  # linkat(AT_SYMLINK_FOLLOW): os.link calls plain link() without a dir_fd
+            dir_fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY
+                             | os.O_CLOEXEC)
+            try:
+                os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+            finally:
+                os.close(dir_fd)
+        finally:
+            os.close(fd)
+
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
@@ -395,6 +433,10 @@ class SimulatedFileHandle:
     def __init__(self, fs: SimulatedFileIO, inode: _Inode) -> None:
         self._fs = fs
         self._inode = inode
+
+    @property
+    def inode(self) -> _Inode:
+        return self._inode
 
     def pread(self, count: int, offset: int) -> bytes:
         with self._fs.mutex:
@@ -526,6 +568,19 @@ class SimulatedFileIO:
 
     def open_read(self, path: str) -> FileHandle:
         return self.open(path)
+
+    def create_unnamed(self, directory: str) -> FileHandle | None:
+        with self.mutex:
+            self._check_dir(os.path.join(directory, "x"))
+            return SimulatedFileHandle(self, self._new_inode())
+
+    def link_unnamed(self, handle: FileHandle, path: str) -> None:
+        assert isinstance(handle, SimulatedFileHandle)
+        with self.mutex:
+            self._check_dir(path)
+            if path in self.entries:
+                raise FileExistsError(errno.EEXIST, "file exists", path)
+            self.entries[path] = handle.inode
 
     def _check_dir(self, path: str) -> None:
         if os.path.dirname(path) not in self.dirs:

@@ -7,9 +7,10 @@ is left on disk. Trials K = 1, 2, ... run until the operation completes without 
 sweeps every crash point of the operation exactly once.
 
 The mutations counted are those of the one file layer (`blocktrail.fileio`): a write (pwrite),
-a hole punched (fallocate), a truncate, an fsync/fdatasync, a file created, a rename, an unlink,
-a directory made or removed, a directory fsynced. `test_crash_points.py` checks with strace
-that nothing the operations do to their files bypasses this layer.
+a hole punched (fallocate), a truncate, an fsync/fdatasync, a file created (also one with no
+name), a file named (link), a rename, an unlink, a directory made or removed, a directory
+fsynced. `test_crash_points.py` checks with strace that nothing the operations do to their
+files bypasses this layer.
 
 The child reports to the parent over a pipe, one JSON object per line (`Reporter.send`); the
 last line may be missing when the kill came first.
@@ -112,11 +113,21 @@ def _install() -> None:
     real_rename, real_unlink = OsFileIO.rename, OsFileIO.unlink
     real_makedirs, real_fsync_dir = OsFileIO.makedirs, OsFileIO.fsync_dir
     real_lock, real_rmdir = OsFileIO.lock_exclusive, OsFileIO.rmdir
+    real_create_unnamed, real_link_unnamed = OsFileIO.create_unnamed, OsFileIO.link_unnamed
 
     def open_(self: OsFileIO, path: str, *, create: bool = False) -> FileHandle:
         if create and not os.path.exists(path):
             SWITCH.point("create", path)
         return _CountedHandle(real_open(self, path, create=create), path)
+
+    def create_unnamed(self: OsFileIO, directory: str) -> FileHandle | None:
+        SWITCH.point("create", directory)  # a file with no name: nothing a kill leaves
+        made = real_create_unnamed(self, directory)
+        return None if made is None else _CountedHandle(made, directory)
+
+    def link_unnamed(self: OsFileIO, handle: FileHandle, path: str) -> None:
+        SWITCH.point("link", path)
+        real_link_unnamed(self, handle, path)
 
     def create_empty(self: OsFileIO, path: str) -> FileHandle:
         SWITCH.point("create", path)
@@ -150,6 +161,8 @@ def _install() -> None:
 
     OsFileIO.open = open_  # type: ignore[method-assign]
     OsFileIO.create_empty = create_empty  # type: ignore[method-assign]
+    OsFileIO.create_unnamed = create_unnamed  # type: ignore[method-assign]
+    OsFileIO.link_unnamed = link_unnamed  # type: ignore[method-assign]
     OsFileIO.rename = rename  # type: ignore[method-assign]
     OsFileIO.unlink = unlink  # type: ignore[method-assign]
     OsFileIO.makedirs = makedirs  # type: ignore[method-assign]

@@ -363,12 +363,16 @@ def _restore_judge(fmt: str) -> Callable[[Golden, Path, Trial, Path], None]:
         where = f"restore ({fmt}) killed at mutation {trial.kill_at}"
         target, p3 = path.parent / "target", g.ids[2]
         old = target.read_bytes() == OLD_TARGET
-        # Beside the target, a kill may leave the file the image was being written to (never
-        # under the target's name): restore.py writes ``TARGET.partial-*``, and the CLI's
-        # qcow2 conversion works in a temporary directory beside the target. Nothing else.
+        # Beside the target, a kill may leave the file the image was written to (never under
+        # the target's name): restore.py writes a file with no name, named
+        # ``TARGET.partial-*`` only once it is whole, and the CLI's qcow2 conversion works in a
+        # temporary directory beside the target. Nothing else.
         others = {p.name for p in target.parent.iterdir()} - {"repo", "target"}
         scratch_name = "target.partial-" if fmt == "raw" else "tmp"
         assert all(name.startswith(scratch_name) for name in others), f"{where}: {others}"
+        if fmt == "raw":  # a raw restore's leftover is the whole image, or there is none
+            assert all((target.parent / name).read_bytes() == g.contents[p3]
+                       for name in others), f"{where}: a partial image is left"
         if trial.completed:
             assert not others and not old, where
         if not old:
@@ -505,7 +509,7 @@ _SYSCALL_KIND = {"pwrite64": "write", "write": "write", "pwritev": "write",
                  "renameat": "rename", "renameat2": "rename", "unlink": "unlink",
                  "unlinkat": "unlink", "ftruncate": "truncate", "truncate": "truncate",
                  "fallocate": "fallocate", "mkdir": "mkdir", "mkdirat": "mkdir",
-                 "rmdir": "rmdir"}
+                 "rmdir": "rmdir", "link": "link", "linkat": "link"}
 
 
 def test_no_repository_mutation_bypasses_the_file_layer(tmp_path: Path) -> None:

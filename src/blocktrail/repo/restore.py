@@ -3,9 +3,10 @@
 Chunks that lie close together in one pack (a full backup stores a disk's chunks in disk order)
 are fetched with one ranged read, also where an incremental's changes come between them; many
 such reads are in flight at once, so a restore from object storage is bound by the link, not by
-round trips. The image is written through the file
-layer (blocktrail.fileio): a ``.partial-*`` file beside the target, fsync, rename, fsync the
-directory; on any damage (or a full file system) nothing is left at the target.
+round trips. The image is written through the file layer (blocktrail.fileio): a file beside
+the target with no name until it is whole (a killed restore leaves nothing), fsync, named
+``.partial-*``, renamed over the target, fsync the directory; on any damage (or a full file
+system) nothing is left at the target.
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) i
 
 def restore_point(store: Store, point: RestorePoint, target: str,
                   progress: Progress | None = None, fileio: FileIO | None = None) -> int:
-    """Write ``point``'s image to ``target`` (sparse). -> bytes of data written."""
+    """Write ``point``'s image to ``target`` (sparse). -> bytes of data written.
+
+    The image is written to a file with no name in the target's directory (O_TMPFILE), which
+    a killed restore leaves nowhere; once whole and fsynced it is named ``TARGET.partial-*``
+    and renamed over the target. Where the file system has no such files, it is written under
+    that name from the start."""
     fio = fileio or OsFileIO()
+    directory = os.path.dirname(os.path.abspath(target))
     partial = f"{target}.partial-{secrets.token_hex(4)}"
     try:
-        handle = fio.open(partial, create=True)
+        handle = fio.create_unnamed(directory)
+        named = handle is None  # whether ``partial`` is this restore's file, to remove
+        if handle is None:
+            handle = fio.open(partial, create=True)
     except OSError as exc:
         if is_no_space(exc):
             raise _target_full(target, exc) from exc
@@ -48,10 +58,14 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     try:
         written = _restore_into(store, handle, point, progress)
         handle.fsync()
+        if not named:
+            fio.link_unnamed(handle, partial)
+            named = True
     except BaseException as exc:
         handle.close()
-        with contextlib.suppress(OSError):
-            fio.unlink(partial)
+        if named:
+            with contextlib.suppress(OSError):
+                fio.unlink(partial)
         if isinstance(exc, OSError) and is_no_space(exc):
             raise _target_full(target, exc) from exc
         raise
@@ -64,7 +78,7 @@ def restore_point(store: Store, point: RestorePoint, target: str,
         if isinstance(exc, OSError) and is_no_space(exc):
             raise _target_full(target, exc) from exc
         raise
-    fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
+    fio.fsync_dir(directory)
     return written
 
 

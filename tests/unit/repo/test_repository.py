@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from blocktrail.errors import InvalidArgument, NoSpace
-from blocktrail.fileio import FileHandle, OsFileIO
+from blocktrail.fileio import FileHandle, OsFileIO, SimulatedFileIO
 from blocktrail.repo import Repository, RetentionPolicy, layout
 from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
@@ -417,6 +417,49 @@ def test_flipped_byte_in_a_chunk_is_reported_and_restore_refuses(
         fresh.restore(inc.id, str(target))  # check put the damaged copy in quarantine
     assert not target.exists() and not list(tmp_path.glob("out.raw.partial*"))
     assert restored(fresh, full, tmp_path)  # the other point still restores
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_a_restore_names_its_file_only_once_the_image_is_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+    """The image is written to a file with no name (O_TMPFILE), which a killed restore leaves
+    nowhere, named beside the target once whole and renamed over it. Where the file system
+    cannot make such a file, it is written under ``TARGET.partial-*`` from the start."""
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    chunks = image(7, 24)
+    point = store(repo, "d", chunks)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "disk.raw").write_bytes(b"old")
+    if not unnamed:
+        monkeypatch.setattr(OsFileIO, "create_unnamed", lambda self, directory: None)
+    seen: list[set[str]] = []
+    repo.restore(point.id, str(out / "disk.raw"),
+                 lambda done, total: seen.append(set(os.listdir(out))))
+    assert seen and (out / "disk.raw").read_bytes() == b"".join(chunks)
+    assert os.listdir(out) == ["disk.raw"]
+    if unnamed:  # while it is written, the old target alone has a name
+        assert all(names == {"disk.raw"} for names in seen), seen
+    else:
+        assert all(len(names) == 2 and any(n.startswith("disk.raw.partial-") for n in names)
+                   for names in seen), seen
+
+
+def test_a_file_with_no_name_is_lost_with_the_power_until_it_is_named() -> None:
+    fs = SimulatedFileIO()
+    fs.makedirs("/d")
+    fs.fsync_dir("/")
+    lost = fs.create_unnamed("/d")
+    kept = fs.create_unnamed("/d")
+    assert lost is not None and kept is not None
+    kept.pwrite(b"whole", 0)
+    kept.fsync()
+    fs.link_unnamed(kept, "/d/kept")
+    with pytest.raises(FileExistsError):
+        fs.link_unnamed(lost, "/d/kept")
+    fs.fsync_dir("/d")
+    fs.power_loss()
+    assert fs.listdir("/d") == ["kept"] and fs.read_file("/d/kept") == b"whole"
 
 
 def test_truncated_manifest_is_reported(repo: Repository, tmp_path: Path,
