@@ -42,6 +42,7 @@ from blocktrail.backup.verify import verify_point
 from blocktrail.cli.backup import restore as restore_command
 from blocktrail.errors import BlocktrailError, StaleChangeId
 from blocktrail.extents import Extent
+from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.prune import PruneReport
@@ -335,8 +336,12 @@ def _prune_judge(beside_writer: bool) -> Callable[[Golden, Path, Trial, Path], N
 OLD_TARGET = random.Random(5).randbytes(100_000)  # what the restore target held
 
 
-def _restore_operate(fmt: str) -> Callable[[Golden, Path, Reporter], None]:
+def _restore_operate(fmt: str, *, unnamed: bool = True
+                     ) -> Callable[[Golden, Path, Reporter], None]:
+    """``unnamed`` False: as on a file system without files with no name (O_TMPFILE)."""
     def operate(g: Golden, path: Path, reporter: Reporter) -> None:
+        if not unnamed:  # in the child only
+            OsFileIO.create_unnamed = lambda self, directory: None  # type: ignore[method-assign]
         target, point = path.parent / "target", g.ids[2]
         if fmt == "raw":
             with open_repo(path) as repo:
@@ -358,20 +363,24 @@ def _image_of(target: Path, fmt: str, scratch: Path) -> bytes:
     return data
 
 
-def _restore_judge(fmt: str) -> Callable[[Golden, Path, Trial, Path], None]:
+def _restore_judge(fmt: str, *, unnamed: bool = True
+                   ) -> Callable[[Golden, Path, Trial, Path], None]:
     def judge(g: Golden, path: Path, trial: Trial, scratch: Path) -> None:
-        where = f"restore ({fmt}) killed at mutation {trial.kill_at}"
+        where = f"restore ({fmt}{'' if unnamed else ', named files'}) killed at mutation " \
+            f"{trial.kill_at}"
         target, p3 = path.parent / "target", g.ids[2]
         old = target.read_bytes() == OLD_TARGET
         # Beside the target, a kill may leave the file the image was written to (never under
-        # the target's name): restore.py writes a file with no name, named
-        # ``TARGET.partial-*`` only once it is whole, and the CLI's qcow2 conversion works in a
-        # temporary directory beside the target. Nothing else.
+        # the target's name): a restore writes a file with no name (the qcow2 one converts
+        # one such file into another), named ``TARGET.partial-*`` only once it is whole:
+        # nothing else, and never part of an image. Without such files, the raw image is
+        # ``TARGET.partial-*`` from the start, and the qcow2 conversion works in a temporary
+        # directory beside the target.
         others = {p.name for p in target.parent.iterdir()} - {"repo", "target"}
-        scratch_name = "target.partial-" if fmt == "raw" else "tmp"
+        scratch_name = "tmp" if fmt == "qcow2" and not unnamed else "target.partial-"
         assert all(name.startswith(scratch_name) for name in others), f"{where}: {others}"
-        if fmt == "raw":  # a raw restore's leftover is the whole image, or there is none
-            assert all((target.parent / name).read_bytes() == g.contents[p3]
+        if unnamed:
+            assert all(_image_of(target.parent / name, fmt, scratch) == g.contents[p3]
                        for name in others), f"{where}: a partial image is left"
         if trial.completed:
             assert not others and not old, where
@@ -455,6 +464,11 @@ OPERATIONS = [
               "rename target"),
     Operation("restore-qcow2", "three", _restore_operate("qcow2"), _restore_judge("qcow2"), 9,
               "rename target"),
+    Operation("restore-raw-named", "three", _restore_operate("raw", unnamed=False),
+              _restore_judge("raw", unnamed=False), 6, "rename target"),
+    Operation("restore-qcow2-scratch-directory", "three",
+              _restore_operate("qcow2", unnamed=False), _restore_judge("qcow2", unnamed=False),
+              9, "rename target"),
     Operation("repair", "damaged-trailer", _repair_operate, _repair_judge, 15,
               r"unlink \w+\.pack"),
     Operation("verify-heal", "damaged-chunk", _heal_operate, _heal_judge, 20, MANIFEST),
@@ -473,7 +487,7 @@ def lay_out_trial(g: Golden, operation: Operation, where: Path) -> Path:
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda o: o.name)
 def test_repository_operation_killed_at_every_step(golden: Golden, operation: Operation,
                                                    tmp_path: Path) -> None:
-    if operation.name == "restore-qcow2" and shutil.which("qemu-img") is None:
+    if operation.name.startswith("restore-qcow2") and shutil.which("qemu-img") is None:
         pytest.skip("qemu-img (Debian package qemu-utils) is missing")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -500,10 +514,10 @@ def test_repository_operation_killed_at_every_step(golden: Golden, operation: Op
     assert outcomes[-1] and not any(outcomes[:-1])
 
 
-# Every operation but the qcow2 restore, whose temporary directory (made and removed by
-# `tempfile`) and qemu-img's own writes of the converted file are not the file layer's: the
-# converted file reaches the target through it (fsync, rename, directory fsync).
-STRACED = [o.name for o in OPERATIONS if o.name != "restore-qcow2"]
+# Every operation but the qcow2 restore, whose converted file qemu-img writes itself (not
+# through the file layer): it reaches the target through it (fsync, link, rename, directory
+# fsync).
+STRACED = [o.name for o in OPERATIONS if not o.name.startswith("restore-qcow2")]
 _SYSCALL_KIND = {"pwrite64": "write", "write": "write", "pwritev": "write",
                  "fsync": "fsync", "fdatasync": "fsync", "rename": "rename",
                  "renameat": "rename", "renameat2": "rename", "unlink": "unlink",

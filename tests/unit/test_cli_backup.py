@@ -13,6 +13,7 @@ import pytest
 
 from blocktrail.cli.main import main
 from blocktrail.disk import Disk
+from blocktrail.fileio import OsFileIO
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, object]:
@@ -91,7 +92,17 @@ def test_forget_says_which_failed_point_it_keeps_for_a_kept_one(
         "verification" in capsys.readouterr().out
 
 
+@pytest.fixture(params=["unnamed", "scratch-directory"])
+def qcow2_scratch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where a qcow2 restore makes its raw image and its conversion: files with no name
+    (O_TMPFILE), or, on a file system without them, a temporary directory beside the target."""
+    if request.param == "scratch-directory":
+        monkeypatch.setattr(OsFileIO, "create_unnamed", lambda self, directory: None)
+    return str(request.param)
+
+
 @pytest.mark.interop
+@pytest.mark.usefixtures("qcow2_scratch")
 def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str, str],
                                                        tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,8 +113,11 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     disk_dir, repo_dir = disk_and_repo
     _, report = run(capsys, "backup", disk_dir, "--repo", repo_dir)
     point = report["point"]["id"]  # type: ignore[index]
-    target = tmp_path / "restored.qcow2"
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "restored.qcow2"
     assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
+    assert os.listdir(out) == ["restored.qcow2"]
     raw = tmp_path / "source.raw"
     with Disk.open(disk_dir) as disk:
         raw.write_bytes(disk.pread(disk.size_bytes, 0))
@@ -134,6 +148,7 @@ def restore_over_an_old_qcow2(repo_dir: str, point: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("message", ["No space left on device", "Disk quota exceeded"])
+@pytest.mark.usefixtures("qcow2_scratch")
 def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
         disk_and_repo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], message: str) -> None:
@@ -155,6 +170,7 @@ def test_a_qcow2_restore_that_does_not_fit_keeps_the_target_as_it_was(
     assert (out / "old.qcow2").read_bytes() == b"the previous image"
 
 
+@pytest.mark.usefixtures("qcow2_scratch")
 def test_a_qcow2_restore_whose_raw_step_does_not_fit_names_the_target(
         disk_and_repo: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
-import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +26,7 @@ from blocktrail.cli.password import (
 from blocktrail.cli.progress import progress_bar, spinner
 from blocktrail.cli.target import host_option, nbd_tls_options, tls_parameters
 from blocktrail.errors import ExitCode as Exit
-from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
-from blocktrail.fileio import OsFileIO
+from blocktrail.errors import InvalidArgument
 from blocktrail.names import check_disk_name, check_snapshot_name
 from blocktrail.nbd.uri import is_nbd_uri
 
@@ -581,15 +577,8 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
         if fmt == "raw":
             written = repo.restore(point_id, target, progress)
         else:
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
-                raw = os.path.join(d, "image.raw")
-                try:
-                    written = repo.restore(point_id, raw, progress)
-                except NoSpace as exc:  # named for the target, not the scratch file
-                    raise NoSpace(f"the file system of the restore target {target} is full: "
-                                  "free space there, or restore elsewhere, and retry; the "
-                                  "target was left as it was") from exc
-                _convert_qcow2(raw, target)
+            from blocktrail.cli.qcow2 import restore_qcow2
+            written = restore_qcow2(repo, point_id, target, progress)
     emit(as_json, {"point": point_id, "target": target, "format": fmt, "data_bytes": written},
          f"restored {point_id} to {target} ({fmt}, {human(written)} of data)")
 
@@ -633,50 +622,6 @@ def _restored_tracking(info: dict[str, Any]) -> str:
                 "point's disk ID already) and new change tracking: its first backup is full")
     return ("with new change tracking (the point has no change ID of a blocktrail disk): its "
             "first backup is full")
-
-
-def _convert_qcow2(raw: str, target: str) -> None:
-    """``raw`` converted to a qcow2 file at ``target`` the way every file reaches its place: written
-    beside it (``raw``'s folder is in the target's directory, on its file system), fsynced,
-    renamed over it, the directory fsynced. On any failure the target is as it was."""
-    converted = os.path.join(os.path.dirname(raw), "image.qcow2")
-    fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
-    try:
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, converted],
-                       check=True, capture_output=True, text=True)
-        handle = fio.open(converted)
-        try:
-            handle.fsync()
-        finally:
-            handle.close()
-        fio.rename(converted, target)
-        fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
-    except FileNotFoundError as exc:
-        if exc.filename == "qemu-img":
-            raise InvalidArgument("--format qcow2 needs qemu-img (Debian package "
-                                  "qemu-utils)") from None
-        raise
-    except subprocess.CalledProcessError as exc:
-        detail = exc.stderr.strip()
-        if any(why in detail for why in _NO_SPACE_MESSAGES):
-            raise NoSpace(f"the file system of the restore target {target} is full "
-                          f"({detail}): free space there, or restore elsewhere, and retry; "
-                          "the target was left as it was") from exc
-        raise InvalidArgument(f"qemu-img convert failed: {detail}; the target {target} was "
-                              "left as it was") from exc
-    except OSError as exc:
-        if is_no_space(exc):
-            raise NoSpace(f"the file system of the restore target {target} is full "
-                          f"({exc.strerror}): free space there, or restore elsewhere, and "
-                          "retry; the target was left as it was") from exc
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(converted)
-
-
-_NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
-                      "No space left on device", "Disk quota exceeded")
 
 
 @click.command("verify")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from blocktrail.errors import InvalidArgument, is_no_space
-from blocktrail.fileio import FileIO, is_zeros
+from blocktrail.fileio import FileHandle, FileIO, is_zeros
 from blocktrail.repo import crypto, keys, layout
 from blocktrail.repo.backend import Backend
 from blocktrail.repo.check import CheckReport, check_repository
@@ -29,7 +29,7 @@ from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, Buffer, EncryptedCodec, PlainCodec
 from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
-from blocktrail.repo.restore import restore_point
+from blocktrail.repo.restore import restore_into, restore_point
 from blocktrail.repo.retention import RetentionPolicy
 from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.sink import PackSink
@@ -235,6 +235,12 @@ class Repository(Store):
         """Write the point's disk image to ``target`` (sparse). Every chunk is checked; on
         any damage nothing is left at ``target``. -> bytes of data written."""
         return restore_point(self, self.point(point_id), target, progress, fileio)
+
+    def restore_into(self, point_id: str, handle: FileHandle,
+                     progress: Progress | None = None) -> int:
+        """Write the point's disk image into an open file (sparse, every chunk checked; not
+        fsynced). -> bytes of data written."""
+        return restore_into(self, handle, self.point(point_id), progress)
 
     # ------------------------------------------------------------------ check, repair, prune
 

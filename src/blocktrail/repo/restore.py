@@ -56,7 +56,7 @@ def restore_point(store: Store, point: RestorePoint, target: str,
             raise _target_full(target, exc) from exc
         raise
     try:
-        written = _restore_into(store, handle, point, progress)
+        written = restore_into(store, handle, point, progress)
         handle.fsync()
         if not named:
             fio.link_unnamed(handle, partial)
@@ -82,8 +82,10 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     return written
 
 
-def _restore_into(store: Store, handle: FileHandle, point: RestorePoint,
-                  progress: Progress | None) -> int:
+def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
+                 progress: Progress | None) -> int:
+    """Write ``point``'s image into an open file (sparse; not fsynced). -> bytes of data
+    written."""
     handle.truncate(point.size_bytes)
     entries = [(i, n) for i, n in store.page_entries(point) if n != ZERO_DIGEST]
     fetched, repeats = _split_repeats(entries, point.chunk_size)

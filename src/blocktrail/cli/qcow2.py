@@ -1,0 +1,130 @@
+"""A restore to a qcow2 file: the raw image, converted by qemu-img, reaches the target as every
+restored file does (written beside it, fsynced, renamed over it, the directory fsynced).
+
+Both the raw image and the converted one are files with no name (O_TMPFILE) that qemu-img reads
+and writes as ``/dev/fd/N``: a killed restore leaves nothing; the converted file is named
+``TARGET.partial-*`` only once whole, just before the rename. Where the file system has no such
+files, both are made in a private temporary directory beside the target instead (a killed
+restore leaves that directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
+from blocktrail.fileio import FileHandle, OsFileIO
+from blocktrail.repo import Repository
+from blocktrail.repo.restore import Progress
+
+_NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                      "No space left on device", "Disk quota exceeded")
+
+
+def restore_qcow2(repo: Repository, point_id: str, target: str,
+                  progress: Progress | None) -> int:
+    """-> bytes of data restored. On any failure the target is as it was."""
+    fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
+    directory = os.path.dirname(os.path.abspath(target))
+    raw = fio.create_unnamed(directory)
+    if raw is None:
+        return _restore_in_scratch_directory(repo, point_id, target, progress)
+    try:
+        with _target_full_named(target):
+            written = repo.restore_into(point_id, raw, progress)
+        converted = fio.create_unnamed(directory)
+        if converted is None:
+            raise OSError(errno.EOPNOTSUPP, f"{directory} made one file with no name, and "
+                                            "then no more")
+        try:
+            with _fd(raw) as raw_fd, _fd(converted) as out_fd:
+                _convert(f"/dev/fd/{raw_fd}", f"/dev/fd/{out_fd}", target, (raw_fd, out_fd))
+            with _target_full_named(target):
+                converted.fsync()
+                partial = f"{target}.partial-{secrets.token_hex(4)}"
+                fio.link_unnamed(converted, partial)
+                try:
+                    fio.rename(partial, target)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        fio.unlink(partial)
+                    raise
+                fio.fsync_dir(directory)
+        finally:
+            converted.close()
+    finally:
+        raw.close()
+    return written
+
+
+def _restore_in_scratch_directory(repo: Repository, point_id: str, target: str,
+                                  progress: Progress | None) -> int:
+    fio = OsFileIO()
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
+        raw, converted = os.path.join(d, "image.raw"), os.path.join(d, "image.qcow2")
+        with _target_full_named(target):
+            written = repo.restore(point_id, raw, progress)
+        _convert(raw, converted, target)
+        with _target_full_named(target):
+            handle = fio.open(converted)
+            try:
+                handle.fsync()
+            finally:
+                handle.close()
+            fio.rename(converted, target)
+            fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
+    return written
+
+
+def _convert(raw: str, converted: str, target: str, fds: tuple[int, ...] = ()) -> None:
+    try:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, converted],
+                       check=True, capture_output=True, text=True, pass_fds=fds)
+    except FileNotFoundError as exc:
+        if exc.filename == "qemu-img":
+            raise InvalidArgument("--format qcow2 needs qemu-img (Debian package "
+                                  "qemu-utils)") from None
+        raise
+    except subprocess.CalledProcessError as exc:
+        detail = exc.stderr.strip()
+        if any(why in detail for why in _NO_SPACE_MESSAGES):
+            raise _target_full(target, detail) from exc
+        raise InvalidArgument(f"qemu-img convert failed: {detail}; the target {target} was "
+                              "left as it was") from exc
+
+
+@contextlib.contextmanager
+def _fd(handle: FileHandle) -> Iterator[int]:
+    """An OS descriptor of ``handle``'s file, for qemu-img to open as ``/dev/fd/N``."""
+    fd = handle.dup()
+    if fd is None:
+        raise ValueError("a file with no OS descriptor")
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _target_full_named(target: str) -> Iterator[None]:
+    """A full file system, named for the target (not for a scratch file)."""
+    try:
+        yield
+    except NoSpace as exc:
+        raise _target_full(target, None) from exc
+    except OSError as exc:
+        if is_no_space(exc):
+            raise _target_full(target, exc.strerror) from exc
+        raise
+
+
+def _target_full(target: str, detail: str | None) -> NoSpace:
+    why = f" ({detail})" if detail else ""
+    return NoSpace(f"the file system of the restore target {target} is full{why}: free space "
+                   "there, or restore elsewhere, and retry; the target was left as it was")
