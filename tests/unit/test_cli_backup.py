@@ -118,6 +118,7 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     target = out / "restored.qcow2"
     assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
     assert os.listdir(out) == ["restored.qcow2"]
+    assert target.stat().st_mode & 0o777 == 0o600  # as a raw restore's, whatever the umask
     raw = tmp_path / "source.raw"
     with Disk.open(disk_dir) as disk:
         raw.write_bytes(disk.pread(disk.size_bytes, 0))

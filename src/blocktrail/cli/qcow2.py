@@ -2,10 +2,11 @@
 restored file does (written beside it, fsynced, renamed over it, the directory fsynced).
 
 Both the raw image and the converted one are files with no name (O_TMPFILE) that qemu-img reads
-and writes as ``/dev/fd/N``: a killed restore leaves nothing; the converted file is named
+and writes as ``/proc/self/fd/N``: a killed restore leaves nothing; the converted file is named
 ``TARGET.partial-*`` only once whole, just before the rename. Where the file system has no such
 files, both are made in a private temporary directory beside the target instead (a killed
-restore leaves that directory).
+restore leaves that directory). Either way the file is its owner's alone (mode 0600), as a raw
+restore's is.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository
-from blocktrail.repo.restore import Progress
+from blocktrail.repo.restore import Progress, partial_name, target_directory
 
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
                       "No space left on device", "Disk quota exceeded")
@@ -31,7 +31,7 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                   progress: Progress | None) -> int:
     """-> bytes of data restored. On any failure the target is as it was."""
     fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
-    directory = os.path.dirname(os.path.abspath(target))
+    directory = target_directory(target)
     raw = fio.create_unnamed(directory)
     if raw is None:
         return _restore_in_scratch_directory(repo, point_id, target, progress)
@@ -44,10 +44,11 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                                             "then no more")
         try:
             with _fd(raw) as raw_fd, _fd(converted) as out_fd:
-                _convert(f"/dev/fd/{raw_fd}", f"/dev/fd/{out_fd}", target, (raw_fd, out_fd))
+                _convert(f"/proc/self/fd/{raw_fd}", f"/proc/self/fd/{out_fd}", target,
+                         (raw_fd, out_fd))
             with _target_full_named(target):
                 converted.fsync()
-                partial = f"{target}.partial-{secrets.token_hex(4)}"
+                partial = partial_name(target)
                 fio.link_unnamed(converted, partial)
                 try:
                     fio.rename(partial, target)
@@ -66,10 +67,12 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
 def _restore_in_scratch_directory(repo: Repository, point_id: str, target: str,
                                   progress: Progress | None) -> int:
     fio = OsFileIO()
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(target))) as d:
+    directory = target_directory(target)
+    with tempfile.TemporaryDirectory(dir=directory) as d:
         raw, converted = os.path.join(d, "image.raw"), os.path.join(d, "image.qcow2")
         with _target_full_named(target):
             written = repo.restore(point_id, raw, progress)
+            fio.open(converted, create=True).close()  # mode 0600: qemu-img keeps it
         _convert(raw, converted, target)
         with _target_full_named(target):
             handle = fio.open(converted)
@@ -78,7 +81,7 @@ def _restore_in_scratch_directory(repo: Repository, point_id: str, target: str,
             finally:
                 handle.close()
             fio.rename(converted, target)
-            fio.fsync_dir(os.path.dirname(os.path.abspath(target)))
+            fio.fsync_dir(directory)
     return written
 
 
@@ -101,7 +104,8 @@ def _convert(raw: str, converted: str, target: str, fds: tuple[int, ...] = ()) -
 
 @contextlib.contextmanager
 def _fd(handle: FileHandle) -> Iterator[int]:
-    """An OS descriptor of ``handle``'s file, for qemu-img to open as ``/dev/fd/N``."""
+    """An OS descriptor of ``handle``'s file, for qemu-img to open as ``/proc/self/fd/N``
+    (which `OsFileIO.create_unnamed` made sure there is)."""
     fd = handle.dup()
     if fd is None:
         raise ValueError("a file with no OS descriptor")

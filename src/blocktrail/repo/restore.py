@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from blocktrail.errors import NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
@@ -31,6 +31,7 @@ WRITEBACK_BYTES = 64 << 20
 RANGE_BYTES = 8 << 20  # at most this much in one read
 RANGE_GAP = 256 << 10  # bytes of other objects a read may carry between two wanted ones
 REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to write again
+OPEN_RUN_ENTRIES = 4096  # entries that may wait in reads still open (`ranged_runs`)
 
 Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) in one read
 
@@ -44,8 +45,8 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     and renamed over the target. Where the file system has no such files, it is written under
     that name from the start."""
     fio = fileio or OsFileIO()
-    directory = os.path.dirname(os.path.abspath(target))
-    partial = f"{target}.partial-{secrets.token_hex(4)}"
+    directory = target_directory(target)
+    partial = partial_name(target)
     try:
         handle = fio.create_unnamed(directory)
         named = handle is None  # whether ``partial`` is this restore's file, to remove
@@ -80,6 +81,26 @@ def restore_point(store: Store, point: RestorePoint, target: str,
         raise
     fio.fsync_dir(directory)
     return written
+
+
+def target_directory(target: str) -> str:
+    """The directory ``target`` is in, as the kernel finds it (``a/link/../b``: where ``link``
+    leads, then up), where its file is made, named and renamed, and which is fsynced."""
+    return os.path.dirname(target) or "."
+
+
+def partial_name(target: str) -> str:
+    """``TARGET.partial-TOKEN``, the name an image gets beside its target once it is whole,
+    before it is renamed over it; the target's name cut short where the whole would be longer
+    than a file name may be there."""
+    suffix = f".partial-{secrets.token_hex(4)}"
+    directory, name = os.path.split(target)
+    try:
+        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    encoded = os.fsencode(name)[: max(1, longest - len(suffix))]
+    return os.path.join(directory, os.fsdecode(encoded) + suffix)
 
 
 def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
@@ -142,27 +163,38 @@ def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
     return fetched, repeats
 
 
-def ranged_runs(store: Store, entries: list[tuple[int, bytes]]) -> Iterator[Run]:
+def ranged_runs(store: Store, entries: Iterable[tuple[int, bytes]]) -> Iterator[Run]:
     """Entries grouped into reads: in the order given, those whose copies lie close together in
     one pack, also where entries from other packs come in between (an incremental's changes
     amid its base's chunks, in disk order: each pack is still read in long runs, not cut at
-    every change). An object without a usable copy is a run of its own (its read says why)."""
-    open_runs: dict[str, tuple[Run, int, int]] = {}  # pack -> (its run, start, end)
+    every change). At most OPEN_RUN_ENTRIES entries wait in runs still open (past that, the run
+    that grew least recently goes), so the first read starts early and memory stays bounded
+    however many packs take turns. An object without a usable copy is a run of its own (its
+    read says why)."""
+    # pack -> (its run, start, end), the one that grew least recently first
+    open_runs: dict[str, tuple[Run, int, int]] = {}
+    held = 0
     for index, name in entries:
         loc = store.index.get(name)
         if loc is None:
             yield [(index, name, None)]
             continue
-        current = open_runs.get(loc.pack_id)
-        if current is not None:
-            run, start, end = current
-            if end <= loc.offset <= end + RANGE_GAP \
-                    and loc.offset + loc.length - start <= RANGE_BYTES:
-                run.append((index, name, loc))
-                open_runs[loc.pack_id] = (run, start, loc.offset + loc.length)
-                continue
+        current = open_runs.pop(loc.pack_id, None)  # put back last: the youngest
+        if current is not None and current[2] <= loc.offset <= current[2] + RANGE_GAP \
+                and loc.offset + loc.length - current[1] <= RANGE_BYTES:
+            current[0].append((index, name, loc))
+            open_runs[loc.pack_id] = (current[0], current[1], loc.offset + loc.length)
+        else:
+            if current is not None:
+                held -= len(current[0])
+                yield current[0]
+            open_runs[loc.pack_id] = ([(index, name, loc)], loc.offset, loc.offset + loc.length)
+        held += 1
+        while held > OPEN_RUN_ENTRIES:
+            oldest = next(iter(open_runs))
+            run = open_runs.pop(oldest)[0]
+            held -= len(run)
             yield run
-        open_runs[loc.pack_id] = ([(index, name, loc)], loc.offset, loc.offset + loc.length)
     for run, _, _ in open_runs.values():
         yield run
 

@@ -4,15 +4,18 @@ together also where chunks of other packs come between them in disk order."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import pairwise
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blocktrail.repo import restore
 from blocktrail.repo.packs import Location
-from blocktrail.repo.restore import RANGE_BYTES, RANGE_GAP, ranged_runs
+from blocktrail.repo.restore import OPEN_RUN_ENTRIES, RANGE_BYTES, RANGE_GAP, ranged_runs
 
 KiB = 1 << 10
 
@@ -39,11 +42,13 @@ def layouts(draw: Any) -> tuple[SimpleNamespace, list[tuple[int, bytes]]]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(layouts())
+@given(layouts(), st.sampled_from([1, 3, OPEN_RUN_ENTRIES]))
 def test_every_chunk_is_in_one_read_of_one_stretch_of_one_pack(
-        layout: tuple[SimpleNamespace, list[tuple[int, bytes]]]) -> None:
+        layout: tuple[SimpleNamespace, list[tuple[int, bytes]]], held: int) -> None:
+    """Also when few entries may wait in open runs (``held``)."""
     store, entries = layout
-    runs = list(ranged_runs(store, entries))  # type: ignore[arg-type]
+    with patch.object(restore, "OPEN_RUN_ENTRIES", held):
+        runs = list(ranged_runs(store, entries))  # type: ignore[arg-type]
     assert sorted((i, n) for run in runs for i, n, _ in run) == entries
     for run in runs:
         assert all(loc == store.index.get(name) for _, name, loc in run)
@@ -76,3 +81,33 @@ def test_a_pack_read_goes_on_past_chunks_of_other_packs() -> None:
         entries.append((i, name))
     runs = list(ranged_runs(SimpleNamespace(index=index), entries))  # type: ignore[arg-type]
     assert sorted(run[0][2].pack_id for run in runs) == ["base", "inc"]
+
+
+def test_runs_of_many_packs_taking_turns_start_early_and_stay_bounded() -> None:
+    """Chunks of 1000 small packs in turn (an image made of many incrementals): the first read
+    is yielded after at most OPEN_RUN_ENTRIES entries, not after the whole image, and no more
+    than that many wait in open runs."""
+    packs = 1000
+    index = {}
+    entries = []
+    for i in range(20 * packs):
+        name = i.to_bytes(4, "big")
+        index[name] = Location(f"p{i % packs}", (i // packs) * 64 * KiB, 64 * KiB, 64 * KiB)
+        entries.append((i, name))
+    pulled = 0
+
+    def walked() -> Iterator[tuple[int, bytes]]:
+        nonlocal pulled
+        for entry in entries:
+            pulled += 1
+            yield entry
+
+    runs = ranged_runs(SimpleNamespace(index=index), walked())  # type: ignore[arg-type]
+    first = next(runs)
+    assert pulled <= OPEN_RUN_ENTRIES + 1 and len(first) >= 2
+    held_most = 0
+    taken = len(first)
+    for run in runs:
+        taken += len(run)
+        held_most = max(held_most, pulled - taken)
+    assert taken == len(entries) and held_most <= OPEN_RUN_ENTRIES

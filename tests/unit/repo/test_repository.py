@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -443,6 +444,48 @@ def test_a_restore_names_its_file_only_once_the_image_is_whole(
     else:
         assert all(len(names) == 2 and any(n.startswith("disk.raw.partial-") for n in names)
                    for names in seen), seen
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_a_restore_to_a_name_as_long_as_a_name_may_be(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+    """The name the image has beside its target before the rename is cut to what a file name
+    may be there: a target named with 255 bytes restores. The file is its owner's alone."""
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    chunks = image(8, 4)
+    point = store(repo, "d", chunks)
+    if not unnamed:
+        monkeypatch.setattr(OsFileIO, "create_unnamed", lambda self, directory: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / ("é" * 100 + "x" * 55)  # 255 bytes
+    repo.restore(point.id, str(target))
+    assert target.read_bytes() == b"".join(chunks) and os.listdir(out) == [target.name]
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_restore_through_a_linked_directory_and_up(tmp_path: Path) -> None:
+    """``LINK/../FILE``: the image is made, named and renamed where the kernel finds FILE (up
+    from where LINK leads), on that file system, and that directory is the one fsynced."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system at /dev/shm")
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    chunks = image(9, 4)
+    point = store(repo, "d", chunks)
+    elsewhere = Path(tempfile.mkdtemp(dir=other))
+    try:
+        (elsewhere / "sub").mkdir()
+        (tmp_path / "link").symlink_to(elsewhere / "sub")
+        synced: list[str] = []
+        fio = OsFileIO()
+        fio.fsync_dir = lambda path: synced.append(os.path.realpath(path))  # type: ignore[method-assign]
+        repo.restore(point.id, str(tmp_path / "link" / ".." / "out.raw"), fileio=fio)
+        assert (elsewhere / "out.raw").read_bytes() == b"".join(chunks)
+        assert sorted(os.listdir(elsewhere)) == ["out.raw", "sub"]
+        assert synced == [os.path.realpath(elsewhere)]
+    finally:
+        shutil.rmtree(elsewhere)
 
 
 def test_a_file_with_no_name_is_lost_with_the_power_until_it_is_named() -> None:
