@@ -31,7 +31,7 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                   progress: Progress | None) -> int:
     """-> bytes of data restored. On any failure the target is as it was."""
     fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
-    directory = target_directory(target)
+    directory, partial = target_directory(target), partial_name(target)
     raw = fio.create_unnamed(directory)
     if raw is None:
         return _restore_in_scratch_directory(repo, point_id, target, progress)
@@ -48,7 +48,6 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                          (raw_fd, out_fd))
             with _target_full_named(target):
                 converted.fsync()
-                partial = partial_name(target)
                 fio.link_unnamed(converted, partial)
                 try:
                     fio.rename(partial, target)
@@ -68,6 +67,7 @@ def _restore_in_scratch_directory(repo: Repository, point_id: str, target: str,
                                   progress: Progress | None) -> int:
     fio = OsFileIO()
     directory = target_directory(target)
+    partial_name(target)  # a name too long: refused before anything is written
     with tempfile.TemporaryDirectory(dir=directory) as d:
         raw, converted = os.path.join(d, "image.raw"), os.path.join(d, "image.qcow2")
         with _target_full_named(target):

@@ -12,6 +12,7 @@ system) nothing is left at the target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
@@ -92,15 +93,20 @@ def target_directory(target: str) -> str:
 def partial_name(target: str) -> str:
     """``TARGET.partial-TOKEN``, the name an image gets beside its target once it is whole,
     before it is renamed over it; the target's name cut short where the whole would be longer
-    than a file name may be there."""
+    than a file name may be there. A target whose own name is too long is refused here, before
+    anything is written."""
     suffix = f".partial-{secrets.token_hex(4)}"
     directory, name = os.path.split(target)
     try:
         longest = os.pathconf(directory or ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         longest = 255
-    encoded = os.fsencode(name)[: max(1, longest - len(suffix))]
-    return os.path.join(directory, os.fsdecode(encoded) + suffix)
+    encoded = os.fsencode(name)
+    if len(encoded) > longest:
+        raise OSError(errno.ENAMETOOLONG, f"{os.strerror(errno.ENAMETOOLONG)}: a file name "
+                      f"there has at most {longest} bytes", target)
+    return os.path.join(directory, os.fsdecode(encoded[: max(1, longest - len(suffix))])
+                        + suffix)
 
 
 def restore_into(store: Store, handle: FileHandle, point: RestorePoint,

@@ -462,6 +462,11 @@ def test_a_restore_to_a_name_as_long_as_a_name_may_be(
     repo.restore(point.id, str(target))
     assert target.read_bytes() == b"".join(chunks) and os.listdir(out) == [target.name]
     assert target.stat().st_mode & 0o777 == 0o600
+    written: list[int] = []
+    with pytest.raises(OSError, match="at most 255 bytes") as raised:  # one byte more
+        repo.restore(point.id, str(out / ("y" * 256)), lambda done, total: written.append(done))
+    assert raised.value.errno == errno.ENAMETOOLONG and not written  # refused before writing
+    assert os.listdir(out) == [target.name]
 
 
 def test_a_restore_through_a_linked_directory_and_up(tmp_path: Path) -> None:
