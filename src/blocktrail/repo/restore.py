@@ -12,12 +12,11 @@ system) nothing is left at the target.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 
-from blocktrail.errors import NoSpace, is_no_space
+from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
@@ -92,21 +91,39 @@ def target_directory(target: str) -> str:
 
 def partial_name(target: str) -> str:
     """``TARGET.partial-TOKEN``, the name an image gets beside its target once it is whole,
-    before it is renamed over it; the target's name cut short where the whole would be longer
-    than a file name may be there. A target whose own name is too long is refused here, before
-    anything is written."""
+    before it is renamed over it; the target's name cut short (never inside a character) where
+    the whole would be longer than a file name may be there. A target that cannot be named
+    (empty, its own name or its path too long) is refused here, before anything is written
+    (`InvalidArgument`)."""
     suffix = f".partial-{secrets.token_hex(4)}"
     directory, name = os.path.split(target)
-    try:
-        longest = os.pathconf(directory or ".", "PC_NAME_MAX")
-    except (OSError, ValueError):
-        longest = 255
+    if not name:
+        raise InvalidArgument(f"restore target {target!r}: give a file name")
+    longest = _limit(directory, "PC_NAME_MAX", 255)
     encoded = os.fsencode(name)
     if len(encoded) > longest:
-        raise OSError(errno.ENAMETOOLONG, f"{os.strerror(errno.ENAMETOOLONG)}: a file name "
-                      f"there has at most {longest} bytes", target)
-    return os.path.join(directory, os.fsdecode(encoded[: max(1, longest - len(suffix))])
-                        + suffix)
+        raise InvalidArgument(f"restore target {target}: its name has {len(encoded)} bytes, "
+                              f"and a file name there has at most {longest}")
+    head = encoded[: longest - len(suffix)]
+    with contextlib.suppress(UnicodeDecodeError):
+        encoded.decode()  # UTF-8: cut at a character, not inside one
+        head = head.decode(errors="ignore").encode()
+    partial = os.path.join(directory, os.fsdecode(head) + suffix)
+    longest_path = _limit(directory, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(partial)) >= longest_path:
+        raise InvalidArgument(f"restore target {target}: its path is too long to name the "
+                              f"image beside it (a path there has under {longest_path} bytes)")
+    return partial
+
+
+def _limit(directory: str, name: str, default: int) -> int:
+    """A file system's limit (`os.pathconf`), or ``default`` where it says none or nonsense
+    (no more than the room a partial name's suffix takes)."""
+    try:
+        value = os.pathconf(directory or ".", name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 32 else default
 
 
 def restore_into(store: Store, handle: FileHandle, point: RestorePoint,

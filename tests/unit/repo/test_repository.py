@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from blocktrail.repo.errors import (
 )
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
+from blocktrail.repo.restore import partial_name
 from blocktrail.repo.store import Store
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, TEST_TIMING, RepoTarget, SeaweedFS
 
@@ -463,10 +465,24 @@ def test_a_restore_to_a_name_as_long_as_a_name_may_be(
     assert target.read_bytes() == b"".join(chunks) and os.listdir(out) == [target.name]
     assert target.stat().st_mode & 0o777 == 0o600
     written: list[int] = []
-    with pytest.raises(OSError, match="at most 255 bytes") as raised:  # one byte more
-        repo.restore(point.id, str(out / ("y" * 256)), lambda done, total: written.append(done))
-    assert raised.value.errno == errno.ENAMETOOLONG and not written  # refused before writing
-    assert os.listdir(out) == [target.name]
+    deep = out / "d"  # a path of 4080 bytes: the target's fits PATH_MAX, its partial's not
+    while len(os.fsencode(deep)) < 4080:
+        deep /= "d" * min(250, 4080 - len(os.fsencode(deep)) - 1)
+    deep.mkdir(parents=True)
+    for refused, why in [(out / ("y" * 256), "has 256 bytes, and a file name there has at "
+                          "most 255"), (str(out) + "/", "give a file name"),
+                         (deep / "img.raw", "path is too long")]:
+        with pytest.raises(InvalidArgument, match=why):  # refused before anything is written
+            repo.restore(point.id, str(refused), lambda done, total: written.append(done))
+    assert not written and sorted(os.listdir(out)) == ["d", target.name]
+    assert os.listdir(deep) == []
+
+
+def test_a_name_cut_short_is_cut_at_a_character(tmp_path: Path) -> None:
+    """255 bytes of UTF-8: of its first 238 bytes (255 less the suffix), the cut keeps the x
+    and 118 whole é, not the first byte of the 119th."""
+    partial = os.path.basename(partial_name(str(tmp_path / ("x" + "é" * 127))))
+    assert re.fullmatch(r"xé{118}\.partial-[0-9a-f]{8}", partial), partial
 
 
 def test_a_restore_through_a_linked_directory_and_up(tmp_path: Path) -> None:
