@@ -86,10 +86,17 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
+_ZERO_PREFIX = 64  # data whose first bytes are not all zero is compared (and copied) no further
+_ZEROS_PREFIX = bytes(_ZERO_PREFIX)
+
+
 def is_zeros(data: bytes | bytearray | memoryview) -> bool:
-    """Whether ``data`` is all zero bytes: one memcmp against a cached zero buffer of its
-    length (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us). A view is
-    copied first: comparing one with bytes goes byte by byte (~110 us per 64 KiB)."""
+    """Whether ``data`` is all zero bytes: its first bytes first (most data is not zeros, and
+    is told from them at once), then one memcmp against a cached zero buffer of its length
+    (bytes.count(0) counts every byte: ~90 us per 64 KiB against ~5 us). A view is copied
+    before that: comparing one with bytes goes byte by byte (~110 us per 64 KiB)."""
+    if data[:_ZERO_PREFIX] != _ZEROS_PREFIX[: len(data)]:
+        return False
     if isinstance(data, memoryview):
         data = data.tobytes()
     return data == _zeros(len(data))

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository
-from blocktrail.repo.restore import Progress, partial_name, target_directory
+from blocktrail.repo.restore import Progress, partial_name, replace_target, target_directory
 
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
                       "No space left on device", "Disk quota exceeded")
@@ -47,15 +47,7 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                 _convert(f"/proc/self/fd/{raw_fd}", f"/proc/self/fd/{out_fd}", target,
                          (raw_fd, out_fd))
             with _target_full_named(target):
-                converted.fsync()
-                fio.link_unnamed(converted, partial)
-                try:
-                    fio.rename(partial, target)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        fio.unlink(partial)
-                    raise
-                fio.fsync_dir(directory)
+                replace_target(fio, converted, partial, target, named=False)
         finally:
             converted.close()
     finally:
@@ -77,11 +69,9 @@ def _restore_in_scratch_directory(repo: Repository, point_id: str, target: str,
         with _target_full_named(target):
             handle = fio.open(converted)
             try:
-                handle.fsync()
+                replace_target(fio, handle, converted, target, named=True)
             finally:
                 handle.close()
-            fio.rename(converted, target)
-            fio.fsync_dir(directory)
     return written
 
 

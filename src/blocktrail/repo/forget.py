@@ -5,10 +5,9 @@ A point that a running backup of its disk builds on (its lease names it as the b
 whatever the policy says (Proxmox Backup Server's rule): the next forget decides again. One that
 a backup takes as its base while it is being forgotten is put back (`delete_points`).
 
-A point that taints (`RestorePoint.taint`: failed verification, its audit caught the tracker
-missing changes, or it records a dirty bitmap the NBD server had refused) is kept while a point
-that stays (kept by the policy or as a base) has it in its parent chain, with the points between
-them (repo/retention.py, `kept_for_taint`): without it, the child would look like a good base.
+A point that taints (`RestorePoint.taint` says why) is kept while a point that stays (kept by
+the policy or as a base) has it in its parent chain, with the points between them
+(repo/retention.py, `kept_for_taint`): without it, the child would look like a good base.
 """
 
 from __future__ import annotations

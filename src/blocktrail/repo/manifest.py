@@ -90,10 +90,6 @@ class RestorePoint:
             return "refused-bitmap"
         return None
 
-    @property
-    def taints(self) -> bool:
-        return self.taint is not None
-
     def to_bytes(self) -> bytes:
         """The manifest file: version 2, its checksum computed now (a rewrite recomputes it)."""
         obj = {"format": FORMAT, "version": VERSION, **asdict(self)}

@@ -45,42 +45,46 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     and renamed over the target. Where the file system has no such files, it is written under
     that name from the start."""
     fio = fileio or OsFileIO()
-    directory = target_directory(target)
     partial = partial_name(target)
     try:
-        handle = fio.create_unnamed(directory)
-        named = handle is None  # whether ``partial`` is this restore's file, to remove
+        handle = fio.create_unnamed(target_directory(target))
+        named = handle is None  # ``partial`` is its name from the start: removed on failure
         if handle is None:
             handle = fio.open(partial, create=True)
+        try:
+            written = restore_into(store, handle, point, progress)
+            replace_target(fio, handle, partial, target, named=named)
+        except BaseException:
+            if named:
+                with contextlib.suppress(OSError):
+                    fio.unlink(partial)
+            raise
+        finally:
+            handle.close()
     except OSError as exc:
         if is_no_space(exc):
             raise _target_full(target, exc) from exc
         raise
-    try:
-        written = restore_into(store, handle, point, progress)
-        handle.fsync()
-        if not named:
-            fio.link_unnamed(handle, partial)
-            named = True
-    except BaseException as exc:
-        handle.close()
-        if named:
-            with contextlib.suppress(OSError):
-                fio.unlink(partial)
-        if isinstance(exc, OSError) and is_no_space(exc):
-            raise _target_full(target, exc) from exc
-        raise
-    handle.close()
+    return written
+
+
+def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *,
+                   named: bool) -> None:
+    """Put a file written whole over ``target``: fsync it, name it ``partial`` (a file of
+    `FileIO.create_unnamed`; ``named``: it has that name already), rename it over the target,
+    fsync the directory. A name given here is taken back if the rename fails; the caller
+    closes ``handle``, and removes ``partial`` on failure when it was ``named``."""
+    handle.fsync()
+    if not named:
+        fio.link_unnamed(handle, partial)
     try:
         fio.rename(partial, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            fio.unlink(partial)
-        if isinstance(exc, OSError) and is_no_space(exc):
-            raise _target_full(target, exc) from exc
+    except BaseException:
+        if not named:
+            with contextlib.suppress(OSError):
+                fio.unlink(partial)
         raise
-    fio.fsync_dir(directory)
-    return written
+    fio.fsync_dir(target_directory(target))
 
 
 def target_directory(target: str) -> str:

@@ -63,6 +63,6 @@ def kept_for_taint(points: list[RestorePoint], kept: set[str]) -> set[str]:
         if point_id not in by_id:
             continue
         chain = parent_chain(by_id[point_id], by_id)
-        last = max((n for n, link in enumerate(chain) if link.taints), default=-1)
+        last = max((n for n, link in enumerate(chain) if link.taint is not None), default=-1)
         more.update(link.id for link in chain[: last + 1])
     return more - kept

@@ -17,8 +17,6 @@ from blocktrail.repo.objects import KIND_CHUNK, KIND_PAGE, KIND_TABLE, ZERO_DIGE
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store, stamp
 
-_ZERO_PREFIX = 64  # a chunk whose first bytes are not all zero is compared no further
-_ZEROS_PREFIX = bytes(_ZERO_PREFIX)
 BATCH_BYTES = 1 << 20  # chunks sealed per task on the pool: fewer futures, less GIL traffic
 MAX_IN_FLIGHT = 8  # batches handed to the pool and not yet packed
 Sealed = tuple[bytes, bytes | bytearray | None, int]  # name, envelope (None: nothing to store),
@@ -34,7 +32,7 @@ def _seal_chunks(codec: Codec, batch: list[Buffer],
     out: list[Sealed] = []
     new: set[bytes] = set()
     for data in batch:
-        if data[:_ZERO_PREFIX] == _ZEROS_PREFIX[: len(data)] and is_zeros(data):
+        if is_zeros(data):
             out.append((ZERO_DIGEST, None, len(data)))
             continue
         name = codec.name(KIND_CHUNK, data)

@@ -9,10 +9,9 @@ Whatever the policy says, these points of a disk are never forgotten:
 - the newest point whose verify state is ``ok``: the last one known to equal its source;
 - the base of a backup of the disk that is running (named in its lease; the caller names
   others to protect);
-- a point that taints (failed verification, its audit caught the tracker missing changes, or
-  it records a dirty bitmap's label the NBD server had refused: `RestorePoint.taint`), while a
-  point kept has it in its parent chain (and the points between): it tells the next backup
-  that the kept point is no base (`forget` keeps it so too, repo/retention.py).
+- a point that taints (`RestorePoint.taint` says why), while a point kept has it in its parent
+  chain (and the points between): it tells the next backup that the kept point is no base
+  (`forget` keeps it so too, repo/retention.py).
 
 Otherwise a point whose verify state is ``failed`` counts like any other.
 """
