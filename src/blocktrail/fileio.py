@@ -1,8 +1,9 @@
-"""The one small layer every disk and tracker file operation goes through.
+"""The one small layer every disk, tracker and local repository file operation goes through.
 
 `OsFileIO` is the real thing. `SimulatedFileIO` is an in-memory file system for tests that can
-lose power: `power_loss()` drops every write, create, rename and unlink that was not made durable
-(file data by `fsync`, directory entries by `fsync_dir`), as a machine that loses power would.
+lose power: `power_loss()` drops every write, create, mkdir, rename and unlink that was not made
+durable (file data by `fsync`, directory entries, a new directory's too, by `fsync_dir` of the
+directory holding them), as a machine that loses power would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,12 +74,24 @@ class FileIO(Protocol):
     def rmdir(self, path: str) -> None:
         """Remove an empty directory."""
         ...
-    def listdir(self, path: str) -> list[str]: ...
-    def makedirs(self, path: str) -> None: ...
+    def listdir(self, path: str) -> list[str]:
+        """The names in directory ``path``, files and directories, sorted."""
+        ...
+    def isdir(self, path: str) -> bool: ...
+    def makedirs(self, path: str) -> None:
+        """Make directory ``path`` and its missing parents, durably: when it returns, each
+        new directory's entry in its parent was fsynced (else a file made durable in a new
+        directory could vanish with it at a power loss)."""
+        ...
     def fsync_dir(self, path: str) -> None: ...
     def seal(self, path: str) -> Seal: ...
     def lock_exclusive(self, path: str) -> FileLock:
         """Lock ``path`` (created if missing); raises BlockingIOError if it is held."""
+        ...
+    def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
+        """A shared or exclusive lock on ``path`` (created if missing; its content is never
+        used, nor made durable), against other holders on this machine, also threads of this
+        process. ``wait``: until it is free; else None when it is held the other way."""
         ...
 
 
@@ -234,11 +248,15 @@ class OsFileHandle:
 
 class _OsLock:
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self._fd: int | None = fd
 
     def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # also for a copy a fork may hold
+            finally:
+                os.close(fd)
 
 
 def _aligned_memory(view: memoryview) -> bool:
@@ -387,8 +405,19 @@ class OsFileIO:
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))
 
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        missing = []
+        while path and not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another process:
+                os.mkdir(directory)                      # its entry is synced here too
+        for directory in missing:
+            self.fsync_dir(os.path.dirname(directory) or ".")
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -402,12 +431,21 @@ class OsFileIO:
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
     def lock_exclusive(self, path: str) -> FileLock:
+        taken = self.lock(path, exclusive=True, wait=False)
+        if taken is None:
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
+        return taken
+
+    def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(fd, mode)
+        except BaseException as exc:
             os.close(fd)
-            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked") from None
+            if isinstance(exc, BlockingIOError):
+                return None
+            raise
         return _OsLock(fd)
 
 
@@ -526,12 +564,16 @@ class SimulatedFileHandle:
 
 
 class _SimLock:
-    def __init__(self, fs: SimulatedFileIO, path: str) -> None:
-        self._fs, self._path = fs, path
+    def __init__(self, fs: SimulatedFileIO, path: str, exclusive: bool) -> None:
+        self._fs, self._path, self._exclusive = fs, path, exclusive
+        self._boot = fs.boots  # a lock of a process that lost the power is no lock any more
+        self._held = True
 
     def release(self) -> None:
         with self._fs.mutex:
-            self._fs.locks.discard(self._path)
+            if self._held and self._boot == self._fs.boots:
+                self._fs.unlock(self._path, self._exclusive)
+            self._held = False
 
 
 class SimulatedFileIO:
@@ -542,13 +584,18 @@ class SimulatedFileIO:
         self.entries: dict[str, _Inode] = {}
         self.durable_entries: dict[str, _Inode] = {}
         self.dirs: set[str] = set()
-        self.locks: set[str] = set()
+        self.durable_dirs: set[str] = set()  # whose entry in their parent was fsynced
+        self.locks: dict[str, int] = {}  # path -> holders: -1 exclusive, else how many share
+        self.boots = 0  # power losses so far
+        self._lock_freed = threading.Condition(self.mutex)
         self.op_counts: dict[str, int] = {}
         self._next_inode = 1
         self._clock = 1
 
     def tick(self, inode: _Inode) -> None:
-        self._clock += 1
+        """A change of ``inode``: its times move on (nanoseconds of the real clock, each change
+        later than the one before)."""
+        self._clock = max(self._clock + 1, time.time_ns())
         inode.mtime = inode.ctime = self._clock
 
     def count_op(self, name: str) -> None:
@@ -590,7 +637,7 @@ class SimulatedFileIO:
             self.entries[path] = handle.inode
 
     def _check_dir(self, path: str) -> None:
-        if os.path.dirname(path) not in self.dirs:
+        if not self.isdir(os.path.dirname(path)):
             raise FileNotFoundError(errno.ENOENT, "no such directory", os.path.dirname(path))
 
     def exists(self, path: str) -> bool:
@@ -634,26 +681,45 @@ class SimulatedFileIO:
 
     def listdir(self, path: str) -> list[str]:
         with self.mutex:
-            prefix = path.rstrip("/") + "/"
-            return sorted(p[len(prefix) :] for p in self.entries if p.startswith(prefix)
-                          and "/" not in p[len(prefix) :])
+            path = path.rstrip("/") or "/"
+            return sorted(os.path.basename(name) for name in (*self.entries, *self.dirs)
+                          if os.path.dirname(name) == path)
+
+    def isdir(self, path: str) -> bool:
+        with self.mutex:
+            return path in self.dirs or path in ("/", "")
+
+    def mkdir(self, path: str) -> None:
+        """The system call: the new entry is lost with the power until its parent is
+        fsynced (`makedirs` does that)."""
+        with self.mutex:
+            self._check_dir(path)
+            if path in self.dirs or path in self.entries:
+                raise FileExistsError(errno.EEXIST, "file exists", path)
+            self.dirs.add(path)
 
     def makedirs(self, path: str) -> None:
         with self.mutex:
-            while path and path not in ("/", "."):
-                self.dirs.add(path)
+            missing = []
+            while path not in ("/", "", ".") and path not in self.dirs:
+                missing.append(path)
                 path = os.path.dirname(path)
+            for directory in reversed(missing):
+                self.mkdir(directory)
+            for directory in missing:
+                self.fsync_dir(os.path.dirname(directory) or "/")
 
     def fsync_dir(self, path: str) -> None:
         with self.mutex:
             self.count_op("fsync_dir")
-            prefix = path.rstrip("/") + "/"
-            for name in [p for p in self.durable_entries if p.startswith(prefix)]:
-                if "/" not in name[len(prefix) :]:
-                    del self.durable_entries[name]
+            path = path.rstrip("/") or "/"
+            for name in [p for p in self.durable_entries if os.path.dirname(p) == path]:
+                del self.durable_entries[name]
             for name, ino in self.entries.items():
-                if name.startswith(prefix) and "/" not in name[len(prefix) :]:
+                if os.path.dirname(name) == path:
                     self.durable_entries[name] = ino
+            self.durable_dirs = {d for d in self.durable_dirs if os.path.dirname(d) != path}
+            self.durable_dirs.update(d for d in self.dirs if os.path.dirname(d) == path)
 
     def seal(self, path: str) -> Seal:
         with self.mutex:
@@ -661,19 +727,47 @@ class SimulatedFileIO:
             return (ino.size, ino.mtime, ino.ctime, ino.number)
 
     def lock_exclusive(self, path: str) -> FileLock:
+        taken = self.lock(path, exclusive=True, wait=False)
+        if taken is None:
+            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
+        return taken
+
+    def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         with self.mutex:
-            if path in self.locks:
-                raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
-            self.locks.add(path)
-            return _SimLock(self, path)
+            while (self.locks.get(path, 0) != 0 if exclusive
+                   else self.locks.get(path, 0) < 0):
+                if not wait:
+                    return None
+                self._lock_freed.wait()
+            self.locks[path] = -1 if exclusive else self.locks.get(path, 0) + 1
+            return _SimLock(self, path, exclusive)
+
+    def unlock(self, path: str, exclusive: bool) -> None:
+        with self.mutex:
+            held = self.locks.get(path, 0)
+            if held == -1 or held == 1:
+                del self.locks[path]
+            elif held > 1 and not exclusive:
+                self.locks[path] = held - 1
+            self._lock_freed.notify_all()
 
     def power_loss(self) -> None:
-        """Forget everything that was not made durable; release every lock (the process died)."""
+        """Forget everything that was not made durable: a directory whose entry was not
+        fsynced is gone with all in it; release every lock (the process died)."""
         with self.mutex:
-            self.entries = dict(self.durable_entries)
+            kept: set[str] = set()
+            for directory in sorted(self.durable_dirs, key=len):  # parents first
+                if os.path.dirname(directory) in kept or os.path.dirname(directory) in ("/", ""):
+                    kept.add(directory)
+            self.dirs, self.durable_dirs = kept, set(kept)
+            self.entries = {path: ino for path, ino in self.durable_entries.items()
+                            if os.path.dirname(path) in kept
+                            or os.path.dirname(path) in ("/", "")}
+            self.durable_entries = dict(self.entries)
             for ino in self.entries.values():
                 ino.lose_unsynced()
             self.locks.clear()
+            self.boots += 1
 
     def tamper(self, path: str, data: bytes, offset: int, *, keep_mtime: bool = False) -> None:
         """Write to a file as a program other than blocktrail would (tests); ``keep_mtime``:

@@ -13,13 +13,19 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
-import fcntl
 import os
 import threading
 import time
 from collections.abc import Iterator
 
-from blocktrail.fileio import DIRECT_MIN_BYTES, FileHandle, FileIO, OsFileIO, pread_direct
+from blocktrail.fileio import (
+    DIRECT_MIN_BYTES,
+    FileHandle,
+    FileIO,
+    FileLock,
+    OsFileIO,
+    pread_direct,
+)
 from blocktrail.repo.backend import (
     BackendReadOnly,
     ObjectExists,
@@ -46,16 +52,6 @@ class _Cached:
         self.retired = False  # out of the cache: the last reader closes it
 
 
-class HostLock:
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class LocalBackend:
     remote = False
     host_locks = True
@@ -66,7 +62,7 @@ class LocalBackend:
         self.fio = fileio or OsFileIO()
         self._handles: dict[str, _Cached] = {}
         self._handles_lock = threading.Lock()
-        self._root_seen = os.path.isdir(root) or self.fio.exists(root)
+        self._root_seen = self.fio.isdir(root)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
@@ -88,33 +84,31 @@ class LocalBackend:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """The objects lock: one create, replace or leftover sweep at a time on this machine."""
-        path = os.path.join(self.root, LOCK_NAME)
         with self._writing():
-            self._make_parent(path, lock=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            taken = self._lock(LOCK_NAME, exclusive=True, wait=True)
+        assert taken is not None  # waited for
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             with self._writing():
                 yield
         finally:
-            os.close(fd)  # releases the flock
+            taken.release()
 
-    def _make_parent(self, path: str, *, lock: bool = False) -> None:
-        """Make the directory ``path`` goes in (``lock``: a lock file's, on the real file
-        system; else through the file layer), but never the repository's own once it was
+    def _lock(self, name: str, *, exclusive: bool, wait: bool) -> FileLock | None:
+        path = os.path.join(self.root, name)
+        self._make_parent(path)
+        return self.fio.lock(path, exclusive=exclusive, wait=wait)
+
+    def _make_parent(self, path: str) -> None:
+        """Make the directory ``path`` goes in, but never the repository's own once it was
         there: a repository moved away or unmounted is not made again, empty, where it was
         (FileNotFoundError)."""
-        exists = os.path.isdir if lock else self.fio.exists
         parent = os.path.dirname(path)
-        if exists(parent):
+        if self.fio.isdir(parent):
             return
-        if self._root_seen and not exists(self.root):
+        if self._root_seen and not self.fio.isdir(self.root):
             raise FileNotFoundError(errno.ENOENT, "the repository directory is gone (moved "
                                     "away or unmounted?)", self.root)
-        if lock:
-            os.makedirs(parent, exist_ok=True)
-        else:
-            self.fio.makedirs(parent)
+        self.fio.makedirs(parent)
         self._root_seen = True
 
     def _info(self, name: str, path: str) -> ObjectInfo:
@@ -236,7 +230,7 @@ class LocalBackend:
         for entry in names:
             path = os.path.join(top, entry)
             rel = f"{rel_top}/{entry}" if rel_top else entry
-            if os.path.isdir(path):
+            if self.fio.isdir(path):
                 yield from self._walk(path, rel)
             else:
                 yield rel
@@ -264,21 +258,12 @@ class LocalBackend:
     def now(self) -> float:
         return time.time()
 
-    def host_lock(self, *, exclusive: bool, wait: bool) -> HostLock | None:
+    def host_lock(self, *, exclusive: bool, wait: bool) -> FileLock | None:
         """The machine-wide repository lock (flock on ``locks/repo.lock``): shared by every
         writer, exclusive for a prune or repair that runs with no writer at all. None when
         ``wait`` is false and it is held the other way."""
-        path = os.path.join(self.root, HOST_LOCK_NAME)
         with self._writing():  # taken to write: a repository that refuses writes says so now
-            self._make_parent(path, lock=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, mode)
-        except OSError:
-            os.close(fd)
-            return None
-        return HostLock(fd)
+            return self._lock(HOST_LOCK_NAME, exclusive=exclusive, wait=wait)
 
     def leftovers(self) -> builtins.list[str]:
         return sorted(rel for rel in self._walk(self.root, "") if rel.endswith(".tmp"))

@@ -306,8 +306,7 @@ def _init_local(backend: LocalBackend,
         for sub in LOCAL_DIRECTORIES:
             fio.makedirs(os.path.join(backend.root, sub))
         for lock in (LOCK_NAME, HOST_LOCK_NAME):
-            os.close(os.open(os.path.join(backend.root, lock), os.O_RDWR | os.O_CREAT
-                             | os.O_CLOEXEC, 0o600))
+            fio.open(os.path.join(backend.root, lock), create=True).close()
         created = _create(backend, encryption)
         fio.fsync_dir(os.path.dirname(os.path.abspath(backend.root)))
     except OSError as exc:

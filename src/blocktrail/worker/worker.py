@@ -300,5 +300,6 @@ def save_state(path: str, states: dict[str, TaskState], checks: dict[str, float]
     doc = {"format": STATE_FORMAT, "version": 1,
            "tasks": {k: s.to_json() for k, s in sorted(states.items())}, "checks": checks}
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    OsFileIO().replace_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+    fio = OsFileIO()
+    fio.makedirs(directory)
+    fio.replace_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())

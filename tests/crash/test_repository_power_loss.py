@@ -1,0 +1,306 @@
+"""A local repository losing power at every durability point of its life (CrashMonkey style).
+
+The kill sweeps (test_repository_crash_points.py) kill the process: the kernel keeps what it
+was given. A power loss also takes what no fsync made durable: file data, and directory
+entries (a file's, and a new directory's in its parent) whose directory was not fsynced. Here
+the repository runs on the simulated file system, which keeps exactly what was made durable
+(`SimulatedFileIO.power_loss`). One life of a repository (init, a full backup, two
+incrementals, a forget, a prune, a restore to a file) runs once per durability operation
+(fsync, directory fsync), losing power just before the N-th; then the machine comes back
+(another process) and, against what the test backed up:
+
+- a step that returned is durable: its points restore bit-identical; a forgotten point stays
+  forgotten; the restored file is whole;
+- the step that was cut is all or nothing: a point it published restores bit-identical, the
+  target holds its old bytes or the whole image;
+- `check --read-data` finds nothing wrong (what a cut may leave, ``*.tmp`` files and unused
+  packs, is no problem);
+- the rest of the life, run again from the step that was cut, ends where an uninterrupted life
+  does, and a prune then leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
+from blocktrail.repo import Repository
+from blocktrail.repo import leases as repo_leases
+from blocktrail.repo.retention import RetentionPolicy
+from s3server import TEST_ENCRYPTION, TEST_PASSWORD
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_repository_crash_points import IMAGES, backup
+
+ROOT = "/sim/repo"
+TARGET = "/sim/out/disk.raw"
+OLD_TARGET = b"the target's bytes before the restore"
+
+
+class PowerLoss(Exception):
+    """The machine lost power."""
+
+
+class PowerCutFileIO(SimulatedFileIO):
+    """Loses power just before its ``cut_at``-th durability operation: what was not durable
+    is gone at once, and nothing more reaches the disk (every later change raises)."""
+
+    def __init__(self, cut_at: int) -> None:
+        super().__init__()
+        self.cut_at, self.count, self.dead = cut_at, 0, False
+
+    def count_op(self, name: str) -> None:
+        with self.mutex:
+            self._alive()
+            self.count += 1
+            if self.count == self.cut_at:
+                self.dead = True
+                self.power_loss()
+                self._lock_freed.notify_all()  # no thread waits for a lock forever
+                raise PowerLoss(f"power lost before durability operation {self.count}")
+        super().count_op(name)
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise PowerLoss("the power is off")
+
+    def tick(self, inode: Any) -> None:  # every write, hole punch and truncate
+        self._alive()
+        super().tick(inode)
+
+    def open(self, path: str, *, create: bool = False) -> FileHandle:
+        self._alive()
+        return super().open(path, create=create)
+
+    def create_unnamed(self, directory: str) -> FileHandle | None:
+        self._alive()
+        return super().create_unnamed(directory)
+
+    def link_unnamed(self, handle: FileHandle, path: str) -> None:
+        self._alive()
+        super().link_unnamed(handle, path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._alive()
+        super().rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._alive()
+        super().unlink(path)
+
+    def rmdir(self, path: str) -> None:
+        self._alive()
+        super().rmdir(path)
+
+    def mkdir(self, path: str) -> None:
+        self._alive()
+        super().mkdir(path)
+
+    def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
+        self._alive()
+        return super().lock(path, exclusive=exclusive, wait=wait)
+
+    def restart(self) -> None:
+        """The machine is back: the disk holds what was durable."""
+        self.dead = False
+        self.cut_at = 0
+
+
+@contextlib.contextmanager
+def first_life() -> Iterator[None]:
+    """The process of the life that loses power: its leases name a process that is gone once
+    the machine is back (the same PID, another start), as a killed writer's do."""
+    real = repo_leases.process_identity
+
+    def identity(pid: int | None = None) -> str | None:
+        found = real(pid)
+        return None if found is None else found.rsplit("/", 1)[0] + "/first-life"
+
+    repo_leases.process_identity = identity
+    try:
+        yield
+    finally:
+        repo_leases.process_identity = real
+
+
+@dataclass
+class Life:
+    """What the test knows, step by step: the points acknowledged, the points forgotten."""
+
+    fs: PowerCutFileIO
+    points: dict[str, bytes] = field(default_factory=dict)  # point -> the bytes it restores
+    forgotten: set[str] = field(default_factory=set)
+    restored: bool = False
+    step: int = 0  # the steps that returned
+
+    def repo(self) -> Repository:
+        return Repository.open(ROOT, self.fs, password=TEST_PASSWORD)
+
+
+def _init(life: Life) -> None:
+    life.fs.makedirs("/sim/out")
+    life.fs.fsync_dir("/sim")  # the test's own directories, whatever makedirs does
+    life.fs.fsync_dir("/")
+    life.fs.replace_atomic(TARGET, OLD_TARGET)
+    Repository.init(ROOT, life.fs, encryption=TEST_ENCRYPTION).close()
+
+
+def _backup(generation: int) -> Callable[[Life], None]:
+    def step(life: Life) -> None:
+        with life.repo() as repo:
+            life.points[backup(repo, generation)] = IMAGES[generation - 1]
+    return step
+
+
+def _forget(life: Life) -> None:
+    """Keep the newest point (a run again after a cut forgets what the cut run left)."""
+    with life.repo() as repo:
+        forgotten = {p.id for p in repo.forget(RetentionPolicy(keep_last=1))}
+    life.forgotten = set(life.points) - {max(life.points)}
+    assert forgotten <= life.forgotten
+
+
+def _prune(life: Life) -> None:
+    with life.repo() as repo:
+        repo.prune()
+
+
+def _restore(life: Life) -> None:
+    with life.repo() as repo:
+        newest = max(life.points.keys() - life.forgotten)
+        repo.restore(newest, TARGET, fileio=life.fs)
+    life.restored = True
+
+
+STEPS: list[Callable[[Life], None]] = [_init, _backup(1), _backup(2), _backup(3), _forget,
+                                       _prune, _restore]
+
+
+def _run(life: Life) -> None:
+    while life.step < len(STEPS):
+        STEPS[life.step](life)
+        life.step += 1
+
+
+def _image(repo: Repository, point_id: str) -> bytes:
+    """The point's image, restored into memory (the simulated file system)."""
+    scratch = SimulatedFileIO()
+    scratch.makedirs("/x")
+    repo.restore(point_id, "/x/image", fileio=scratch)
+    return scratch.read_file("/x/image")
+
+
+def _judge(life: Life, where: str) -> None:
+    """The repository after the machine came back, against what returned before the cut."""
+    fs = life.fs
+    if life.step == 0 and not fs.exists(f"{ROOT}/config.json"):
+        return  # init was cut before it made a repository
+    with life.repo() as repo:
+        listed = {p.id for p in repo.points()}
+        acknowledged = life.points.keys() - life.forgotten
+        if STEPS[life.step] is _forget:  # the points it forgets are gone or whole
+            acknowledged = {max(acknowledged)}
+        assert acknowledged <= listed, f"{where}: points that were backed up are gone: " \
+            f"{sorted(acknowledged - listed)}"
+        assert not (listed & life.forgotten), f"{where}: forgotten points are back"
+        for point_id in listed:
+            content = life.points.get(point_id)
+            if content is None:  # published by the backup that was cut: a point from now on
+                content = life.points[point_id] = IMAGES[life.step - 1]
+            assert _image(repo, point_id) == content, \
+                f"{where}: restore point {point_id} does not restore to what was backed up"
+        report = repo.check(read_data=True)
+        assert report.ok, f"{where}: check finds {[p.detail for p in report.problems]}"
+    target = fs.read_file(TARGET) if fs.exists(TARGET) else None
+    newest = IMAGES[2]
+    if life.restored:
+        assert target == newest, f"{where}: the restored image is not whole"
+    elif life.step >= 1:
+        assert target in (OLD_TARGET, newest), f"{where}: the target is neither old nor whole"
+
+
+def _finish(life: Life, where: str) -> None:
+    """The rest of the life, run again from the step that was cut; then nothing is left."""
+    if life.step == 0 and life.fs.exists(f"{ROOT}/config.json"):
+        life.step = 1  # init made the repository before the cut: the life goes on from there
+    _run(life)
+    with life.repo() as repo:
+        assert {p.id for p in repo.points()} == set(life.points) - life.forgotten, where
+        repo.prune()
+        report = repo.check(read_data=True)
+        assert report.ok, f"{where}: check finds {[p.detail for p in report.problems]}"
+        assert (report.unreferenced_files, report.temp_files) == (0, 0), where
+        assert not repo.backend.leftovers(), where
+    assert life.fs.read_file(TARGET) == IMAGES[2], where
+
+
+def _durability_operations() -> int:
+    life = Life(PowerCutFileIO(0))
+    with first_life():
+        _run(life)
+    return life.fs.count
+
+
+def test_a_repository_loses_power_at_every_durability_point() -> None:
+    total = _durability_operations()
+    assert total >= 50, total  # every step makes its writes durable
+    for cut_at in range(1, total + 1):
+        life = Life(PowerCutFileIO(cut_at))
+        with first_life():
+            try:
+                _run(life)
+            except Exception:  # whatever the operation made of the loss
+                if not life.fs.dead:
+                    raise
+        where = f"power lost before durability operation {cut_at} of {total}, " \
+                f"in step {life.step} ({STEPS[life.step].__name__})"
+        assert life.fs.dead, f"{where}: the life ended without reaching it"
+        life.fs.restart()
+        _judge(life, where)
+        _finish(life, where)
+
+
+def test_a_new_directory_is_lost_with_the_power_until_its_parent_is_synced() -> None:
+    fs = SimulatedFileIO()
+    fs.makedirs("/r/packs")
+    fs.mkdir("/r/packs/ab")  # the system call alone
+    fs.replace_atomic("/r/packs/ab/1.pack", b"pack")  # the file and its directory synced
+    fs.power_loss()
+    assert fs.listdir("/r/packs") == [] and not fs.exists("/r/packs/ab/1.pack")
+    fs.makedirs("/r/packs/cd")  # synced in its parent
+    fs.replace_atomic("/r/packs/cd/2.pack", b"pack")
+    fs.power_loss()
+    assert fs.listdir("/r/packs") == ["cd"] and fs.read_file("/r/packs/cd/2.pack") == b"pack"
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_makedirs_syncs_each_new_directory_in_its_parent(tmp_path: Path, depth: int) -> None:
+    """The real file system: every directory `OsFileIO.makedirs` makes is followed by an fsync
+    of its parent (strace, from outside)."""
+    import re
+    import subprocess
+
+    from hostproc import require_tools
+    require_tools("strace")
+    made = tmp_path.joinpath(*[f"d{i}" for i in range(depth)])
+    log = tmp_path / "strace.log"
+    subprocess.run(["strace", "-f", "-qq", "-y", "-o", str(log), "-e", "trace=mkdir,fsync",
+                    sys.executable, "-c", "import sys; from blocktrail.fileio import OsFileIO; "
+                    "OsFileIO().makedirs(sys.argv[1])", str(made)], check=True, timeout=60)
+    made_dirs: list[str] = []
+    synced: list[str] = []
+    for line in log.read_text().splitlines():
+        if m := re.search(r'mkdir\("([^"]+)"', line):
+            made_dirs.append(m.group(1))
+        elif m := re.search(r"fsync\(\d+<([^>]+)>", line):
+            synced.append(m.group(1))
+    assert made_dirs == [str(tmp_path.joinpath(*[f"d{i}" for i in range(n + 1)]))
+                         for n in range(depth)]
+    assert sorted(synced) == sorted(str(Path(d).parent) for d in made_dirs)
