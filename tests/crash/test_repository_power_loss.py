@@ -5,14 +5,15 @@ was given. A power loss also takes what no fsync made durable: file data, and di
 entries (a file's, and a new directory's in its parent) whose directory was not fsynced. Here
 the repository runs on the simulated file system, which keeps exactly what was made durable
 (`SimulatedFileIO.power_loss`). One life of a repository (init, a full backup, two
-incrementals, a forget, a prune, a restore to a file) runs once per durability operation
-(fsync, directory fsync), losing power just before the N-th; then the machine comes back
-(another process) and, against what the test backed up:
+incrementals, a forget, a prune beside a writer, a restore to a file, a new password) runs
+once per durability operation (fsync, directory fsync), losing power just before the N-th;
+then the machine comes back (another process) and, against what the test backed up:
 
 - a step that returned is durable: its points restore bit-identical; a forgotten point stays
   forgotten; the restored file is whole;
 - the step that was cut is all or nothing: a point it published restores bit-identical, the
-  target holds its old bytes or the whole image;
+  target holds its old bytes or the whole image, the repository opens with the old password
+  or the new one;
 - `check --read-data` finds nothing wrong (what a cut may leave, ``*.tmp`` files and unused
   packs, is no problem);
 - the rest of the life, run again from the step that was cut, ends where an uninterrupted life
@@ -33,6 +34,7 @@ import pytest
 from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo import leases as repo_leases
+from blocktrail.repo.errors import PasswordInUse, WrongPassword
 from blocktrail.repo.retention import RetentionPolicy
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
@@ -42,6 +44,7 @@ from test_repository_crash_points import IMAGES, backup
 ROOT = "/sim/repo"
 TARGET = "/sim/out/disk.raw"
 OLD_TARGET = b"the target's bytes before the restore"
+NEW_PASSWORD = "a new password"
 
 
 class PowerLoss(Exception):
@@ -138,10 +141,19 @@ class Life:
     points: dict[str, bytes] = field(default_factory=dict)  # point -> the bytes it restores
     forgotten: set[str] = field(default_factory=set)
     restored: bool = False
+    password: str = TEST_PASSWORD
     step: int = 0  # the steps that returned
 
     def repo(self) -> Repository:
-        return Repository.open(ROOT, self.fs, password=TEST_PASSWORD)
+        """The repository, opened with its password (while a new one is being set, with
+        either: never with neither)."""
+        try:
+            return Repository.open(ROOT, self.fs, password=self.password)
+        except WrongPassword:
+            if STEPS[self.step] is not _passwd:
+                raise
+            self.password = NEW_PASSWORD
+            return Repository.open(ROOT, self.fs, password=self.password)
 
 
 def _init(life: Life) -> None:
@@ -168,8 +180,15 @@ def _forget(life: Life) -> None:
 
 
 def _prune(life: Life) -> None:
+    """Beside a writer holding the repository lock shared, as every backup does: the
+    two-phase path through ``gc/`` (condemn, name the writers, then mark again and sweep)."""
     with life.repo() as repo:
-        repo.prune()
+        writer = repo.backend.host_lock(exclusive=False, wait=True)
+        assert writer is not None
+        try:
+            repo.prune()
+        finally:
+            writer.release()
 
 
 def _restore(life: Life) -> None:
@@ -179,8 +198,19 @@ def _restore(life: Life) -> None:
     life.restored = True
 
 
+def _passwd(life: Life) -> None:
+    with life.repo() as repo:
+        try:
+            repo.change_password(NEW_PASSWORD)
+        except PasswordInUse as exc:  # a cut one made the new key file: finish as it says
+            assert f"repo key remove {repo.key_id}" in exc.message
+            with Repository.open(ROOT, life.fs, password=NEW_PASSWORD) as renewed:
+                renewed.remove_key(str(repo.key_id))
+    life.password = NEW_PASSWORD
+
+
 STEPS: list[Callable[[Life], None]] = [_init, _backup(1), _backup(2), _backup(3), _forget,
-                                       _prune, _restore]
+                                       _prune, _restore, _passwd]
 
 
 def _run(life: Life) -> None:
@@ -239,6 +269,8 @@ def _finish(life: Life, where: str) -> None:
         assert (report.unreferenced_files, report.temp_files) == (0, 0), where
         assert not repo.backend.leftovers(), where
     assert life.fs.read_file(TARGET) == IMAGES[2], where
+    with pytest.raises(WrongPassword):
+        Repository.open(ROOT, life.fs, password=TEST_PASSWORD)
 
 
 def _durability_operations() -> int:

@@ -325,10 +325,12 @@ def encrypted_config(config: dict[str, Any], keys: MasterKeys, cipher: int) -> d
 # ------------------------------------------------------------------------------ managing keys
 
 def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
-            kdf: KdfParams, existing: Iterable[KeyFile] = ()) -> KeyFile:
+            kdf: KdfParams, existing: Iterable[KeyFile] = (), replacing: str | None = None
+            ) -> KeyFile:
     """A new key file for ``password`` (create-only: whole or not at all); refused when the
-    password already opens one of ``existing`` (each password is one key file's)."""
-    refuse_password_in_use(existing, password, repo_id)
+    password already opens one of ``existing`` (each password is one key file's).
+    ``replacing``: the key a `passwd` replaces with it."""
+    refuse_password_in_use(existing, password, repo_id, replacing)
     key = wrap(keys, password, repo_id, kdf)
     try:
         backend.create(key.name, key.to_bytes())
@@ -338,13 +340,20 @@ def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
     return key
 
 
-def refuse_password_in_use(existing: Iterable[KeyFile], password: bytes, repo_id: str) -> None:
+def refuse_password_in_use(existing: Iterable[KeyFile], password: bytes, repo_id: str,
+                           replacing: str | None = None) -> None:
+    """``replacing``: the key a `passwd` replaces (a `passwd` cut short left the new key file
+    beside it: the error says how to finish)."""
     for key in existing:
         with contextlib.suppress(RepositoryError):  # a damaged key file opens nothing
             if open_key(key, password, repo_id) is not None:
+                cut_short = "" if replacing is None else (
+                    f"; if it is what a `passwd` to this password cut short left, finish that: "
+                    f"`blocktrail repo key remove {replacing}`, with the new password")
                 raise PasswordInUse(f"the new password already opens key {key.id}: choose "
                                     "another (to change that key's password, open the "
-                                    "repository with it and use `blocktrail repo key passwd`)")
+                                    "repository with it and use `blocktrail repo key passwd`"
+                                    f"{cut_short})")
 
 
 def remove_key(backend: Backend, key_id: str, in_use: str | None) -> None:
@@ -382,6 +391,6 @@ def change_password(backend: Backend, repo_id: str, keys: MasterKeys, key_id: st
                           "gone (another command removed it or changed its password): open "
                           "the repository again")
     new = add_key(backend, repo_id, keys, new_password, kdf,
-                  [k for k in scan.usable if k.id != key_id])
+                  [k for k in scan.usable if k.id != key_id], replacing=key_id)
     backend.delete(name, scan.etags[name])
     return new

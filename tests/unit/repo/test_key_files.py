@@ -267,7 +267,8 @@ def test_a_password_is_one_key_files(two_keys: tuple[Path, str, str], tmp_path: 
             repo.add_key(SECOND, TEST_KDF)
         with pytest.raises(PasswordInUse, match=f"already opens key {first}"):
             repo.add_key(TEST_PASSWORD, TEST_KDF)
-        with pytest.raises(PasswordInUse, match=f"already opens key {second}"):
+        with pytest.raises(PasswordInUse, match=f"already opens key {second}.*cut short left, "
+                           f"finish that: `blocktrail repo key remove {first}`"):
             repo.change_password(SECOND)
         renewed = repo.change_password(TEST_PASSWORD, KdfParams(2, 1024, 1))  # its own: fine
         assert renewed.kdf.time_cost == 2
