@@ -13,7 +13,7 @@ from typing import Any
 from blocktrail.errors import InvalidArgument, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, is_zeros
 from blocktrail.repo import crypto, keys, layout
-from blocktrail.repo.backend import Backend
+from blocktrail.repo.backend import Backend, ObjectNotFound
 from blocktrail.repo.check import CheckReport, check_repository
 from blocktrail.repo.errors import (
     PasswordRequired,
@@ -72,6 +72,7 @@ class Repository(Store):
                     if isinstance(backend, S3Backend):
                         backend.create_bucket()
                 Store.probe_conditional_writes(backend)
+                _clear_a_cut_init(backend)
                 config, unlocked = _create(backend, encryption)
         except BaseException:
             backend.close()
@@ -297,12 +298,40 @@ def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], U
     return config, Unlocked(EncryptedCodec(master, cipher), key.id, master)
 
 
+_DATA = (layout.PACKS, layout.INDEX, layout.POINTS, layout.VERIFY, layout.QUARANTINE,
+         layout.GC, layout.LEASES)
+
+
+def _clear_a_cut_init(backend: Backend) -> None:
+    """Delete the key files an init cut short left (written before the config, which was
+    not): they wrap keys no data was ever written with; left, the old password would open one
+    of them (of a repository nobody has), and an unencrypted config beside them would look
+    like a downgrade. A location with a config is refused, and so is one with a repository's
+    data but no config.json: it is no new repository (its config lost?), and a new config
+    there would make its data unreadable and the next prune delete it."""
+    try:
+        backend.info(layout.CONFIG)
+    except ObjectNotFound:
+        pass
+    else:
+        raise RepositoryExists(f"{backend.url} already holds a repository")
+    found = [info.name for prefix in _DATA for info in backend.list(prefix)]
+    if found:
+        raise RepositoryExists(
+            f"{backend.url} holds a repository's objects ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}) but no config.json: it is not new. If its "
+            "config.json was lost, put it back from a copy; a new repository here would make "
+            "its data unreadable. Nothing was written")
+    for info in backend.list(layout.KEYS):
+        if layout.key_id_of(info.name) is not None:
+            backend.delete(info.name)
+
+
 def _init_local(backend: LocalBackend,
                 encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
-    if fio.exists(backend.path(layout.CONFIG)):
-        raise RepositoryExists(f"{backend.root} already holds a repository")
     try:
+        _clear_a_cut_init(backend)
         for sub in LOCAL_DIRECTORIES:
             fio.makedirs(os.path.join(backend.root, sub))
         for lock in (LOCK_NAME, HOST_LOCK_NAME):

@@ -24,6 +24,7 @@ from blocktrail.repo.errors import (
     ManifestCorrupt,
     ObjectMissing,
     RepositoryError,
+    RepositoryExists,
 )
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
@@ -873,3 +874,36 @@ def test_a_parent_of_another_size_is_refused_before_anything_is_written(
     writer.put_chunk(0, bytes([1]) * CS)
     point = writer.commit(kind="incremental", change_id=None)
     assert point.parent == parent.id
+
+
+def test_init_again_after_an_init_cut_short_starts_clean(target: RepoTarget) -> None:
+    """An encrypted init cut before its config was written left its key file: an init there
+    again (encrypted or not) deletes it, and the repository it makes opens (an unencrypted
+    one would otherwise look downgraded; an encrypted one would keep a key file that opens
+    with the old password and belongs to no repository)."""
+    Repository.init(target.location, s3=target.s3, timing=TEST_TIMING,
+                    encryption=TEST_ENCRYPTION).close()
+    target.delete(layout.CONFIG)  # what a cut init leaves: the key file alone
+    with target.init() as repo:
+        own = repo.key_id
+    assert target.names(layout.KEYS) == ([layout.key_file(own)] if own is not None else [])
+    with target.open() as repo:
+        assert repo.check().ok
+
+
+def test_init_refuses_a_repository_whose_config_is_lost(target: RepoTarget) -> None:
+    """Data but no config.json: no new repository (its data would become unreadable, and a
+    prune would delete it); nothing is written."""
+    with target.init() as repo:
+        writer = repo.begin("d", CS, None)
+        writer.put_chunk(0, b"\x05" * CS)
+        writer.commit(kind="full", change_id=None)
+    target.delete(layout.CONFIG)
+    before = target.names()
+    with pytest.raises(RepositoryExists, match=r"holds a repository's objects \(.*\) but no "
+                       r"config\.json: it is not new.*Nothing was written"):
+        target.init()
+    assert target.names() == before
+    target.write(layout.CONFIG, b"{}")
+    with pytest.raises(RepositoryExists, match="already holds a repository"):
+        target.init()
