@@ -414,8 +414,11 @@ class OsFileIO:
             missing.append(path)
             path = os.path.dirname(path)
         for directory in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # made meanwhile by another process:
-                os.mkdir(directory)                      # its entry is synced here too
+            try:
+                os.mkdir(directory)
+            except FileExistsError:  # made meanwhile by another process (its entry is synced
+                if not os.path.isdir(directory):  # here too), or a file is in the way
+                    raise
         for directory in missing:
             self.fsync_dir(os.path.dirname(directory) or ".")
 

@@ -83,3 +83,10 @@ def test_a_lock_taken_before_a_power_loss_is_no_lock_after_it() -> None:
     assert new is not None
     old.release()  # the dead process's: it releases nothing of the new one's
     assert fs.lock("/d/l", exclusive=False, wait=False) is None
+
+
+def test_makedirs_through_a_file_fails(fio_and_dir: tuple[FileIO, str]) -> None:
+    fio, d = fio_and_dir
+    fio.replace_atomic(f"{d}/f", b"x")
+    with pytest.raises(OSError):
+        fio.makedirs(f"{d}/f/sub")
