@@ -772,6 +772,18 @@ class SimulatedFileIO:
             self.locks.clear()
             self.boots += 1
 
+    def copy_disk_from(self, other: SimulatedFileIO) -> None:
+        """Hold what ``other`` holds durably (a copy of its disk), and nothing else."""
+        with self.mutex, other.mutex:
+            copies = {id(ino): _Inode(ino.number, dict(ino.durable_pages), ino.durable_size,
+                                      dict(ino.durable_pages), ino.durable_size, ino.mtime,
+                                      ino.ctime) for ino in other.durable_entries.values()}
+            self.entries = {p: copies[id(ino)] for p, ino in other.durable_entries.items()}
+            self.durable_entries = dict(self.entries)
+            self.dirs, self.durable_dirs = set(other.durable_dirs), set(other.durable_dirs)
+            self._next_inode = max(self._next_inode, other._next_inode)
+            self.locks.clear()
+
     def tamper(self, path: str, data: bytes, offset: int, *, keep_mtime: bool = False) -> None:
         """Write to a file as a program other than blocktrail would (tests); ``keep_mtime``:
         then put its modification time back, as `touch -d` does (the change time moves on)."""

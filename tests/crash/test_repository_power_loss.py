@@ -23,6 +23,7 @@ then the machine comes back (another process) and, against what the test backed 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,15 +32,18 @@ from typing import Any
 
 import pytest
 
+from blocktrail.backup.verify import verify_point
+from blocktrail.errors import BlocktrailError
 from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
-from blocktrail.repo import Repository
+from blocktrail.repo import Repository, layout
 from blocktrail.repo import leases as repo_leases
 from blocktrail.repo.errors import PasswordInUse, WrongPassword
+from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.retention import RetentionPolicy
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_repository_crash_points import IMAGES, backup
+from test_repository_crash_points import CS, IMAGES, MemorySource, backup
 
 ROOT = "/sim/repo"
 TARGET = "/sim/out/disk.raw"
@@ -297,6 +301,95 @@ def test_a_repository_loses_power_at_every_durability_point() -> None:
         life.fs.restart()
         _judge(life, where)
         _finish(life, where)
+
+
+# ------------------------------------------------------------------ repairing what is damaged
+
+@dataclass(frozen=True)
+class Mending:
+    name: str
+    damage: str  # "trailer": the last byte of a pack; "chunk": a byte inside P3's chunk 3
+    operate: Callable[[Repository], object]
+
+
+def _heal(repo: Repository) -> object:
+    source = MemorySource(3)
+    source.create_snapshot("p3")
+    return verify_point(repo, max(p.id for p in repo.points()), source, "p3", heal=True)
+
+
+MENDINGS = [Mending("repair", "trailer", lambda repo: repo.repair()),
+            Mending("verify-heal", "chunk", _heal)]
+
+
+def _damaged(mending: Mending) -> tuple[PowerCutFileIO, list[str], set[tuple[str, str]]]:
+    """Three points, then the damage, all durable. -> (the file system, the points, what
+    check finds)."""
+    life = Life(PowerCutFileIO(0))
+    with first_life():
+        for step in STEPS[:4]:
+            step(life)
+    fs = life.fs
+    with life.repo() as repo:
+        chunk = IMAGES[0][:CS] if mending.damage == "trailer" else IMAGES[2][3 * CS : 4 * CS]
+        loc = repo.index.get(repo.codec.name(KIND_CHUNK, chunk))
+        assert loc is not None
+        path = repo.backend.path(layout.pack(loc.pack_id))
+    offset = fs.seal(path)[0] - 1 if mending.damage == "trailer" else loc.offset + loc.length // 2
+    fs.tamper(path, bytes([fs.read_file(path)[offset] ^ 1]), offset)
+    fs.open(path).fsync()
+    with _copy(fs).repo() as repo:  # on a copy: a check that finds damage quarantines it
+        damage = {(p.kind, p.name) for p in repo.check(read_data=True).problems}
+    assert {kind for kind, _ in damage} == {"pack" if mending.damage == "trailer" else "chunk"}
+    return fs, sorted(life.points), damage
+
+
+def _copy(fs: SimulatedFileIO) -> Life:
+    """A life on a copy of the disk of ``fs``, all its steps done, its power cut nowhere."""
+    copy = PowerCutFileIO(0)
+    copy.copy_disk_from(fs)
+    return Life(copy, step=len(STEPS))
+
+
+@pytest.mark.parametrize("mending", MENDINGS, ids=lambda m: m.name)
+def test_a_repair_loses_power_at_every_durability_point(mending: Mending) -> None:
+    """`repo repair` of a pack with a damaged trailer, `verify --heal` of a damaged chunk:
+    after a cut, every point restores bit-identical (the healed one, or it is refused until
+    healed), check finds nothing but the damage being mended, and mending again ends clean."""
+    golden, points, damage = _damaged(mending)
+    contents = dict(zip(points, IMAGES, strict=True))
+    for cut_at in itertools.count(1):
+        life = _copy(golden)
+        life.fs.cut_at = cut_at
+        with first_life(), life.repo() as repo:
+            try:
+                mending.operate(repo)
+            except Exception:
+                if not life.fs.dead:
+                    raise
+        if not life.fs.dead:
+            break
+        where = f"{mending.name}: power lost before durability operation {cut_at}"
+        life.fs.restart()
+        with life.repo() as repo:
+            assert sorted(p.id for p in repo.points()) == points, where
+            for point_id, content in contents.items():
+                try:
+                    image: bytes | None = _image(repo, point_id)
+                except BlocktrailError:  # refused: the damaged chunk is not healed yet
+                    image = None
+                assert image == content or (image is None and mending.damage == "chunk"), \
+                    f"{where}: point {point_id} restores to other bytes"
+            problems = {(p.kind, p.name) for p in repo.check(read_data=True).problems}
+            assert problems <= damage, f"{where}: check finds {problems - damage}"
+            mending.operate(repo)
+            for point_id, content in contents.items():
+                assert _image(repo, point_id) == content, f"{where}, then mended again"
+            repo.prune()
+            report = repo.check(read_data=True)
+            assert report.ok, f"{where}, then mended again: {report.problems}"
+            assert (report.unreferenced_files, report.temp_files) == (0, 0), where
+    assert cut_at > 4, f"{mending.name}: only {cut_at - 1} durability operations"
 
 
 def test_a_new_directory_is_lost_with_the_power_until_its_parent_is_synced() -> None:
