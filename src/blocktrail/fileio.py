@@ -81,7 +81,8 @@ class FileIO(Protocol):
     def makedirs(self, path: str) -> None:
         """Make directory ``path`` and its missing parents, durably: when it returns, each
         new directory's entry in its parent was fsynced (else a file made durable in a new
-        directory could vanish with it at a power loss)."""
+        directory could vanish with it at a power loss), but in an existing parent that this
+        user may not read (which cannot be opened to be synced)."""
         ...
     def fsync_dir(self, path: str) -> None: ...
     def seal(self, path: str) -> Seal: ...
@@ -420,7 +421,12 @@ class OsFileIO:
                 if not os.path.isdir(directory):  # here too), or a file is in the way
                     raise
         for directory in missing:
-            self.fsync_dir(os.path.dirname(directory) or ".")
+            parent = os.path.dirname(directory) or "."
+            try:
+                self.fsync_dir(parent)
+            except PermissionError:  # a parent this user may write but not read (a drop box
+                if parent in missing:  # directory, mode 1733) cannot be opened to be synced:
+                    raise              # the kernel writes its entry back in its own time
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -754,18 +760,22 @@ class SimulatedFileIO:
                 self.locks[path] = held - 1
             self._lock_freed.notify_all()
 
+    def _on_disk(self) -> tuple[set[str], dict[str, _Inode]]:
+        """What a power loss leaves: the directories whose entry, and whose parents' entries,
+        were synced, and the synced entries in them."""
+        kept: set[str] = set()
+        for directory in sorted(self.durable_dirs, key=len):  # parents first
+            if os.path.dirname(directory) in kept or os.path.dirname(directory) in ("/", ""):
+                kept.add(directory)
+        return kept, {path: ino for path, ino in self.durable_entries.items()
+                      if os.path.dirname(path) in kept or os.path.dirname(path) in ("/", "")}
+
     def power_loss(self) -> None:
         """Forget everything that was not made durable: a directory whose entry was not
         fsynced is gone with all in it; release every lock (the process died)."""
         with self.mutex:
-            kept: set[str] = set()
-            for directory in sorted(self.durable_dirs, key=len):  # parents first
-                if os.path.dirname(directory) in kept or os.path.dirname(directory) in ("/", ""):
-                    kept.add(directory)
+            kept, self.entries = self._on_disk()
             self.dirs, self.durable_dirs = kept, set(kept)
-            self.entries = {path: ino for path, ino in self.durable_entries.items()
-                            if os.path.dirname(path) in kept
-                            or os.path.dirname(path) in ("/", "")}
             self.durable_entries = dict(self.entries)
             for ino in self.entries.values():
                 ino.lose_unsynced()
@@ -775,12 +785,13 @@ class SimulatedFileIO:
     def copy_disk_from(self, other: SimulatedFileIO) -> None:
         """Hold what ``other`` holds durably (a copy of its disk), and nothing else."""
         with self.mutex, other.mutex:
+            kept, entries = other._on_disk()
             copies = {id(ino): _Inode(ino.number, dict(ino.durable_pages), ino.durable_size,
                                       dict(ino.durable_pages), ino.durable_size, ino.mtime,
-                                      ino.ctime) for ino in other.durable_entries.values()}
-            self.entries = {p: copies[id(ino)] for p, ino in other.durable_entries.items()}
+                                      ino.ctime) for ino in entries.values()}
+            self.entries = {p: copies[id(ino)] for p, ino in entries.items()}
             self.durable_entries = dict(self.entries)
-            self.dirs, self.durable_dirs = set(other.durable_dirs), set(other.durable_dirs)
+            self.dirs, self.durable_dirs = set(kept), set(kept)
             self._next_inode = max(self._next_inode, other._next_inode)
             self.locks.clear()
 

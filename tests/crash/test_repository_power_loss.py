@@ -38,6 +38,7 @@ from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
 from blocktrail.repo import Repository, layout
 from blocktrail.repo import leases as repo_leases
 from blocktrail.repo.errors import PasswordInUse, WrongPassword
+from blocktrail.repo.localdir import LocalBackend
 from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.retention import RetentionPolicy
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
@@ -207,7 +208,7 @@ def _passwd(life: Life) -> None:
         try:
             repo.change_password(NEW_PASSWORD)
         except PasswordInUse as exc:  # a cut one made the new key file: finish as it says
-            assert f"repo key remove {repo.key_id}" in exc.message
+            assert f"repo key remove {ROOT} {repo.key_id}`" in exc.message
             with Repository.open(ROOT, life.fs, password=NEW_PASSWORD) as renewed:
                 renewed.remove_key(str(repo.key_id))
     life.password = NEW_PASSWORD
@@ -429,3 +430,30 @@ def test_makedirs_syncs_each_new_directory_in_its_parent(tmp_path: Path, depth: 
     assert made_dirs == [str(tmp_path.joinpath(*[f"d{i}" for i in range(n + 1)]))
                          for n in range(depth)]
     assert sorted(synced) == sorted(str(Path(d).parent) for d in made_dirs)
+
+
+def test_a_directory_a_killed_process_made_is_synced_before_a_file_goes_in() -> None:
+    """A process killed between its mkdir and the fsync of the parent left the directory
+    unsynced: the next writer into it syncs it first, so the file it publishes there survives
+    a power loss."""
+    fs = SimulatedFileIO()
+    fs.makedirs("/r/packs")
+    fs.mkdir("/r/packs/ab")  # what the killed process left
+    backend = LocalBackend("/r", fs)
+    backend.create("packs/ab/" + "0" * 32 + ".pack", b"pack")
+    fs.power_loss()
+    assert fs.read_file("/r/packs/ab/" + "0" * 32 + ".pack") == b"pack"
+
+
+def test_a_copy_of_a_disk_holds_what_a_power_loss_leaves() -> None:
+    fs = SimulatedFileIO()
+    fs.makedirs("/r/packs")
+    fs.mkdir("/r/packs/ab")
+    fs.replace_atomic("/r/packs/ab/1.pack", b"pack")  # synced in a directory that is not
+    fs.replace_atomic("/r/kept", b"kept")
+    copy = SimulatedFileIO()
+    copy.copy_disk_from(fs)
+    fs.power_loss()
+    for disk in (copy, fs):
+        assert disk.listdir("/r/packs") == [] and not disk.exists("/r/packs/ab/1.pack")
+        assert disk.read_file("/r/kept") == b"kept"

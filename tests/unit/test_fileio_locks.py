@@ -90,3 +90,26 @@ def test_makedirs_through_a_file_fails(fio_and_dir: tuple[FileIO, str]) -> None:
     fio.replace_atomic(f"{d}/f", b"x")
     with pytest.raises(OSError):
         fio.makedirs(f"{d}/f/sub")
+
+
+def test_makedirs_in_a_parent_it_may_write_but_not_read(tmp_path: Path) -> None:
+    """A drop-box directory (mode 1733: others may add, not list) cannot be opened to be
+    synced: its new subdirectories are made all the same, as a plain mkdir makes them, and
+    the ones made below them are synced. (Root reads any directory: the refusal is made.)"""
+    refused = str(tmp_path / "drop")
+
+    class DropBox(OsFileIO):
+        synced: list[str] = []
+
+        def fsync_dir(self, path: str) -> None:
+            if path == refused:
+                raise PermissionError(13, "Permission denied", path)
+            self.synced.append(path)
+            super().fsync_dir(path)
+
+    (tmp_path / "drop").mkdir()
+    DropBox().makedirs(f"{refused}/x/y")
+    assert (tmp_path / "drop/x/y").is_dir() and DropBox.synced == [f"{refused}/x"]
+    refused = f"{refused}/x/z"  # one it made itself must be synced
+    with pytest.raises(PermissionError):
+        DropBox().makedirs(f"{refused}/w")

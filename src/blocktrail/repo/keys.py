@@ -19,6 +19,7 @@ import hmac
 import json
 import re
 import secrets
+import shlex
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -330,7 +331,8 @@ def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
     """A new key file for ``password`` (create-only: whole or not at all); refused when the
     password already opens one of ``existing`` (each password is one key file's).
     ``replacing``: the key a `passwd` replaces with it."""
-    refuse_password_in_use(existing, password, repo_id, replacing)
+    refuse_password_in_use(existing, password, repo_id,
+                           None if replacing is None else (replacing, backend.url))
     key = wrap(keys, password, repo_id, kdf)
     try:
         backend.create(key.name, key.to_bytes())
@@ -341,15 +343,16 @@ def add_key(backend: Backend, repo_id: str, keys: MasterKeys, password: bytes,
 
 
 def refuse_password_in_use(existing: Iterable[KeyFile], password: bytes, repo_id: str,
-                           replacing: str | None = None) -> None:
-    """``replacing``: the key a `passwd` replaces (a `passwd` cut short left the new key file
-    beside it: the error says how to finish)."""
+                           replacing: tuple[str, str] | None = None) -> None:
+    """``replacing``: (the key a `passwd` replaces, the repository's location): a `passwd`
+    cut short left the new key file beside it, and the error says how to finish."""
     for key in existing:
         with contextlib.suppress(RepositoryError):  # a damaged key file opens nothing
             if open_key(key, password, repo_id) is not None:
                 cut_short = "" if replacing is None else (
                     f"; if it is what a `passwd` to this password cut short left, finish that: "
-                    f"`blocktrail repo key remove {replacing}`, with the new password")
+                    f"`blocktrail repo key remove {shlex.quote(replacing[1])} {replacing[0]}`, "
+                    "with the new password")
                 raise PasswordInUse(f"the new password already opens key {key.id}: choose "
                                     "another (to change that key's password, open the "
                                     "repository with it and use `blocktrail repo key passwd`"

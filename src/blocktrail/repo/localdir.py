@@ -63,6 +63,7 @@ class LocalBackend:
         self._handles: dict[str, _Cached] = {}
         self._handles_lock = threading.Lock()
         self._root_seen = self.fio.isdir(root)
+        self._durable_dirs: set[str] = set()  # made or synced in their parent by this process
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
@@ -99,17 +100,24 @@ class LocalBackend:
         return self.fio.lock(path, exclusive=exclusive, wait=wait)
 
     def _make_parent(self, path: str) -> None:
-        """Make the directory ``path`` goes in, but never the repository's own once it was
-        there: a repository moved away or unmounted is not made again, empty, where it was
-        (FileNotFoundError)."""
+        """Make the directory ``path`` goes in, durably, but never the repository's own once
+        it was there: a repository moved away or unmounted is not made again, empty, where it
+        was (FileNotFoundError). One found there already is synced in its parent, once per
+        process: a process killed between its mkdir and that fsync left it unsynced, and a
+        file written into it would be lost with it at a power loss."""
         parent = os.path.dirname(path)
         if self.fio.isdir(parent):
+            if parent not in self._durable_dirs:
+                if os.path.normpath(parent) != os.path.normpath(self.root):  # init synced it
+                    self.fio.fsync_dir(os.path.dirname(parent))
+                self._durable_dirs.add(parent)
             return
         if self._root_seen and not self.fio.isdir(self.root):
             raise FileNotFoundError(errno.ENOENT, "the repository directory is gone (moved "
                                     "away or unmounted?)", self.root)
         self.fio.makedirs(parent)
         self._root_seen = True
+        self._durable_dirs.add(parent)
 
     def _info(self, name: str, path: str) -> ObjectInfo:
         try:

@@ -72,7 +72,6 @@ class Repository(Store):
                     if isinstance(backend, S3Backend):
                         backend.create_bucket()
                 Store.probe_conditional_writes(backend)
-                _clear_a_cut_init(backend)
                 config, unlocked = _create(backend, encryption)
         except BaseException:
             backend.close()
@@ -280,8 +279,16 @@ def _new_password(password: PasswordSource) -> bytes:
 
 def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     """Write the key file (encrypted), then the config: once the config exists, so does the
-    repository, and it opens."""
+    repository, and it opens. The key files an init cut short left (written before a config
+    that was not) go: they wrap keys no data was written with; left, the old password would
+    open one of them after a `passwd` (a key of no repository), and an unencrypted config
+    beside them would look like a downgrade. An encrypted init deletes them only once its
+    config won (another init may be writing its key and config at this moment); an
+    unencrypted one before its config, which cannot be opened beside them."""
+    strays = _refuse_data_without_config(backend)
     if not encryption.enabled:
+        for name in strays:
+            backend.delete(name)
         return Store.create_config(backend, Store.new_config(False)), Unlocked(PlainCodec())
     if encryption.password is None:
         raise PasswordRequired("a new encrypted repository needs a password")
@@ -295,43 +302,47 @@ def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], U
     except BaseException:
         backend.delete(key.name)
         raise
+    for name in strays:
+        backend.delete(name)
     return config, Unlocked(EncryptedCodec(master, cipher), key.id, master)
 
 
-_DATA = (layout.PACKS, layout.INDEX, layout.POINTS, layout.VERIFY, layout.QUARANTINE,
-         layout.GC, layout.LEASES)
+# What a repository holds besides its config and key files, by the names each may have:
+# manifests and index files first (every repository has some; they are few to list).
+_DATA: tuple[tuple[str, Callable[[str], object]], ...] = (
+    (layout.POINTS, layout.point_id_of), (layout.INDEX, layout.index_filename_of),
+    (layout.PACKS, layout.pack_id_of), (layout.VERIFY, layout.verify_record_of),
+    (layout.GC, layout.gc_run_of), (layout.LEASES, layout.is_lease_name),
+    (layout.QUARANTINE, lambda name: name.endswith(".json")))
 
 
-def _clear_a_cut_init(backend: Backend) -> None:
-    """Delete the key files an init cut short left (written before the config, which was
-    not): they wrap keys no data was ever written with; left, the old password would open one
-    of them (of a repository nobody has), and an unencrypted config beside them would look
-    like a downgrade. A location with a config is refused, and so is one with a repository's
-    data but no config.json: it is no new repository (its config lost?), and a new config
-    there would make its data unreadable and the next prune delete it."""
+def _refuse_data_without_config(backend: Backend) -> list[str]:
+    """Refuse a location with a config, and one with a repository's data but no config.json:
+    that is no new repository (its config lost?); a new config there would make its data
+    unreadable, and the next prune would delete it. -> the key files there (an init cut
+    short left them)."""
     try:
         backend.info(layout.CONFIG)
     except ObjectNotFound:
         pass
     else:
         raise RepositoryExists(f"{backend.url} already holds a repository")
-    found = [info.name for prefix in _DATA for info in backend.list(prefix)]
-    if found:
-        raise RepositoryExists(
-            f"{backend.url} holds a repository's objects ({', '.join(found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}) but no config.json: it is not new. If its "
-            "config.json was lost, put it back from a copy; a new repository here would make "
-            "its data unreadable. Nothing was written")
-    for info in backend.list(layout.KEYS):
-        if layout.key_id_of(info.name) is not None:
-            backend.delete(info.name)
+    for prefix, names_one in _DATA:
+        found = next((info.name for info in backend.list(prefix) if names_one(info.name)), None)
+        if found is not None:
+            raise RepositoryExists(
+                f"{backend.url} holds a repository's objects ({found}) but no config.json: it "
+                "is not new. If its config.json was lost, put it back from a copy; a new "
+                "repository here would make its data unreadable. Nothing was written")
+    return [info.name for info in backend.list(layout.KEYS)
+            if layout.key_id_of(info.name) is not None]
 
 
 def _init_local(backend: LocalBackend,
                 encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
     try:
-        _clear_a_cut_init(backend)
+        _refuse_data_without_config(backend)  # before a directory is made
         for sub in LOCAL_DIRECTORIES:
             fio.makedirs(os.path.join(backend.root, sub))
         for lock in (LOCK_NAME, HOST_LOCK_NAME):

@@ -6,6 +6,7 @@ names the file at fault, and no interleaving of key commands leaves a repository
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -268,7 +269,8 @@ def test_a_password_is_one_key_files(two_keys: tuple[Path, str, str], tmp_path: 
         with pytest.raises(PasswordInUse, match=f"already opens key {first}"):
             repo.add_key(TEST_PASSWORD, TEST_KDF)
         with pytest.raises(PasswordInUse, match=f"already opens key {second}.*cut short left, "
-                           f"finish that: `blocktrail repo key remove {first}`"):
+                           f"finish that: `blocktrail repo key remove {re.escape(str(path))} "
+                           f"{first}`, with the new password"):
             repo.change_password(SECOND)
         renewed = repo.change_password(TEST_PASSWORD, KdfParams(2, 1024, 1))  # its own: fine
         assert renewed.kdf.time_cost == 2

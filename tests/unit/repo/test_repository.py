@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from blocktrail.errors import InvalidArgument, NoSpace
 from blocktrail.fileio import FileHandle, OsFileIO, SimulatedFileIO
-from blocktrail.repo import Repository, RetentionPolicy, layout
+from blocktrail.repo import Encryption, Repository, RetentionPolicy, layout
 from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
     ManifestCorrupt,
@@ -26,6 +27,7 @@ from blocktrail.repo.errors import (
     RepositoryError,
     RepositoryExists,
 )
+from blocktrail.repo.keys import TEST_KDF
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import partial_name
@@ -907,3 +909,48 @@ def test_init_refuses_a_repository_whose_config_is_lost(target: RepoTarget) -> N
     target.write(layout.CONFIG, b"{}")
     with pytest.raises(RepositoryExists, match="already holds a repository"):
         target.init()
+
+
+def test_two_inits_at_once_leave_the_winner_whole(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Init B starts while init A has written its key file but not its config (B sees A's key
+    as one a cut init left); A's config wins: A's repository keeps its key and opens, B is
+    refused and takes only its own key away."""
+    from blocktrail.repo.localdir import LocalBackend
+    a_key, b_key, a_done = threading.Event(), threading.Event(), threading.Event()
+    real_create = LocalBackend.create
+
+    def create(self: LocalBackend, name: str, data: Any) -> Any:
+        me = threading.current_thread().name
+        if name == layout.CONFIG:
+            (b_key if me == "A" else a_done).wait(30)
+        try:
+            return real_create(self, name, data)
+        finally:
+            if name.startswith(layout.KEYS):
+                (a_key if me == "A" else b_key).set()
+            elif name == layout.CONFIG and me == "A":
+                a_done.set()
+
+    monkeypatch.setattr(LocalBackend, "create", create)
+    outcome: dict[str, object] = {}
+
+    def init(me: str, password: str) -> None:
+        try:
+            Repository.init(tmp_path / "repo", encryption=Encryption(password, kdf=TEST_KDF)
+                            ).close()
+            outcome[me] = "created"
+        except RepositoryExists as exc:
+            outcome[me] = exc
+
+    a = threading.Thread(target=init, args=("A", "a-password"), name="A")
+    a.start()
+    assert a_key.wait(30)
+    b = threading.Thread(target=init, args=("B", "b-password"), name="B")
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert outcome["A"] == "created" and isinstance(outcome["B"], RepositoryExists)
+    with Repository.open(tmp_path / "repo", password="a-password") as repo:
+        assert repo.check().ok
+        assert [k.id for k in repo.key_files()] == [repo.key_id]
