@@ -96,18 +96,19 @@ class LocalBackend:
 
     def _lock(self, name: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         path = os.path.join(self.root, name)
-        self._make_parent(path)
+        self._make_parent(path, durable=False)  # a lock needs no file that outlives a crash
         return self.fio.lock(path, exclusive=exclusive, wait=wait)
 
-    def _make_parent(self, path: str) -> None:
+    def _make_parent(self, path: str, *, durable: bool = True) -> None:
         """Make the directory ``path`` goes in, durably, but never the repository's own once
         it was there: a repository moved away or unmounted is not made again, empty, where it
         was (FileNotFoundError). One found there already is synced in its parent, once per
         process: a process killed between its mkdir and that fsync left it unsynced, and a
-        file written into it would be lost with it at a power loss."""
+        file written into it would be lost with it at a power loss. ``durable``: False for a
+        lock file's directory (nothing in it must outlive a crash), which is not synced."""
         parent = os.path.dirname(path)
         if self.fio.isdir(parent):
-            if parent not in self._durable_dirs:
+            if durable and parent not in self._durable_dirs:
                 if os.path.normpath(parent) != os.path.normpath(self.root):  # init synced it
                     self.fio.fsync_dir(os.path.dirname(parent))
                 self._durable_dirs.add(parent)
