@@ -691,6 +691,8 @@ class SimulatedFileIO:
     def listdir(self, path: str) -> list[str]:
         with self.mutex:
             path = path.rstrip("/") or "/"
+            if not self.isdir(path):
+                raise FileNotFoundError(errno.ENOENT, "no such directory", path)
             return sorted(os.path.basename(name) for name in (*self.entries, *self.dirs)
                           if os.path.dirname(name) == path)
 
@@ -722,6 +724,8 @@ class SimulatedFileIO:
         with self.mutex:
             self.count_op("fsync_dir")
             path = path.rstrip("/") or "/"
+            if not self.isdir(path):
+                raise FileNotFoundError(errno.ENOENT, "no such directory", path)
             for name in [p for p in self.durable_entries if os.path.dirname(p) == path]:
                 del self.durable_entries[name]
             for name, ino in self.entries.items():
