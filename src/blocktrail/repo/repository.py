@@ -6,6 +6,7 @@ repair, forget and prune (each in its own module).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from blocktrail.errors import InvalidArgument, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, is_zeros
 from blocktrail.repo import crypto, keys, layout
-from blocktrail.repo.backend import Backend, ObjectNotFound
+from blocktrail.repo.backend import Backend, BackendError, ObjectNotFound
 from blocktrail.repo.check import CheckReport, check_repository
 from blocktrail.repo.errors import (
     PasswordRequired,
@@ -302,8 +303,9 @@ def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], U
     except BaseException:
         backend.delete(key.name)
         raise
-    for name in strays:
-        backend.delete(name)
+    for name in strays:  # the repository exists now: one left (a store that failed) is
+        with contextlib.suppress(BackendError, OSError):  # harmless, a key of no repository
+            backend.delete(name)
     return config, Unlocked(EncryptedCodec(master, cipher), key.id, master)
 
 

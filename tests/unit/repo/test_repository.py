@@ -954,3 +954,25 @@ def test_two_inits_at_once_leave_the_winner_whole(tmp_path: Path,
     with Repository.open(tmp_path / "repo", password="a-password") as repo:
         assert repo.check().ok
         assert [k.id for k in repo.key_files()] == [repo.key_id]
+
+
+def test_an_init_that_cannot_delete_a_stray_key_is_made_all_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its config is written the repository exists: a stray key file the store then
+    fails to delete stays (a key of no repository), and init does not fail for it."""
+    from blocktrail.repo.localdir import LocalBackend
+    path = tmp_path / "repo"
+    Repository.init(path, encryption=TEST_ENCRYPTION).close()
+    (path / layout.CONFIG).unlink()  # what a cut init leaves: its key file
+    real_delete = LocalBackend.delete
+
+    def delete(self: LocalBackend, name: str, etag: str | None = None) -> None:
+        if name.startswith(layout.KEYS):
+            raise BackendUnavailable("the store is gone for a moment")
+        real_delete(self, name, etag)
+
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+    Repository.init(path, encryption=TEST_ENCRYPTION).close()
+    monkeypatch.undo()
+    with Repository.open(path, password=TEST_PASSWORD) as repo:
+        assert repo.check().ok and len(repo.key_files()) == 2
