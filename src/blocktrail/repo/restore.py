@@ -73,7 +73,9 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
     """Put a file written whole over ``target``: fsync it, name it ``partial`` (a file of
     `FileIO.create_unnamed`; ``named``: it has that name already), rename it over the target,
     fsync the directory. A name given here is taken back if the rename fails; the caller
-    closes ``handle``, and removes ``partial`` on failure when it was ``named``."""
+    closes ``handle``, and removes ``partial`` on failure when it was ``named``. A directory
+    this user may write but not read (a drop box, mode 1733) cannot be opened to be synced:
+    the new name there is written back by the kernel in its own time, as one `cp` makes."""
     handle.fsync()
     if not named:
         fio.link_unnamed(handle, partial)
@@ -84,7 +86,8 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
             with contextlib.suppress(OSError):
                 fio.unlink(partial)
         raise
-    fio.fsync_dir(target_directory(target))
+    with contextlib.suppress(PermissionError):
+        fio.fsync_dir(target_directory(target))
 
 
 def target_directory(target: str) -> str:

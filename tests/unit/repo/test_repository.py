@@ -452,6 +452,32 @@ def test_a_restore_names_its_file_only_once_the_image_is_whole(
 
 
 @pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
+def test_a_restore_into_a_directory_it_may_write_but_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+    """A drop box (mode 1733) cannot be opened to be synced: the restore succeeds all the same,
+    as a `cp` there would, instead of failing after the target was replaced. (Root reads any
+    directory: the refusal is made.)"""
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    chunks = image(9, 4)
+    point = store(repo, "d", chunks)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    real_fsync_dir = OsFileIO.fsync_dir
+
+    def fsync_dir(self: OsFileIO, path: str) -> None:
+        if Path(path) == drop:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        real_fsync_dir(self, path)
+
+    monkeypatch.setattr(OsFileIO, "fsync_dir", fsync_dir)
+    if not unnamed:
+        monkeypatch.setattr(OsFileIO, "create_unnamed", lambda self, directory: None)
+    assert repo.restore(point.id, str(drop / "disk.raw")) > 0
+    assert (drop / "disk.raw").read_bytes() == b"".join(chunks)
+    assert os.listdir(drop) == ["disk.raw"]
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
 def test_a_restore_to_a_name_as_long_as_a_name_may_be(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
     """The name the image has beside its target before the rename is cut to what a file name
