@@ -155,7 +155,7 @@ class Life:
         try:
             return Repository.open(ROOT, self.fs, password=self.password)
         except WrongPassword:
-            if STEPS[self.step] is not _passwd:
+            if self.step >= len(STEPS) or STEPS[self.step] is not _passwd:
                 raise
             self.password = NEW_PASSWORD
             return Repository.open(ROOT, self.fs, password=self.password)
