@@ -247,6 +247,13 @@ class OsFileHandle:
         os.close(self._fd)
 
 
+def _exclusive_or_busy(taken: FileLock | None, path: str) -> FileLock:
+    """`FileIO.lock_exclusive` from `FileIO.lock`: BlockingIOError where it is held."""
+    if taken is None:
+        raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
+    return taken
+
+
 class _OsLock:
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
@@ -440,10 +447,7 @@ class OsFileIO:
         return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
     def lock_exclusive(self, path: str) -> FileLock:
-        taken = self.lock(path, exclusive=True, wait=False)
-        if taken is None:
-            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
-        return taken
+        return _exclusive_or_busy(self.lock(path, exclusive=True, wait=False), path)
 
     def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -740,10 +744,7 @@ class SimulatedFileIO:
             return (ino.size, ino.mtime, ino.ctime, ino.number)
 
     def lock_exclusive(self, path: str) -> FileLock:
-        taken = self.lock(path, exclusive=True, wait=False)
-        if taken is None:
-            raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is locked")
-        return taken
+        return _exclusive_or_busy(self.lock(path, exclusive=True, wait=False), path)
 
     def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         with self.mutex:

@@ -73,7 +73,8 @@ class Repository(Store):
                     if isinstance(backend, S3Backend):
                         backend.create_bucket()
                 Store.probe_conditional_writes(backend)
-                config, unlocked = _create(backend, encryption)
+                config, unlocked = _create(backend, encryption,
+                                           _refuse_data_without_config(backend))
         except BaseException:
             backend.close()
             raise
@@ -278,15 +279,16 @@ def _new_password(password: PasswordSource) -> bytes:
     return secret
 
 
-def _create(backend: Backend, encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
+def _create(backend: Backend, encryption: Encryption,
+            strays: list[str]) -> tuple[dict[str, Any], Unlocked]:
     """Write the key file (encrypted), then the config: once the config exists, so does the
     repository, and it opens. The key files an init cut short left (written before a config
     that was not) go: they wrap keys no data was written with; left, the old password would
     open one of them after a `passwd` (a key of no repository), and an unencrypted config
     beside them would look like a downgrade. An encrypted init deletes them only once its
     config won (another init may be writing its key and config at this moment); an
-    unencrypted one before its config, which cannot be opened beside them."""
-    strays = _refuse_data_without_config(backend)
+    unencrypted one before its config, which cannot be opened beside them. ``strays``: the
+    key files `_refuse_data_without_config` found."""
     if not encryption.enabled:
         for name in strays:
             backend.delete(name)
@@ -344,12 +346,12 @@ def _init_local(backend: LocalBackend,
                 encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
     try:
-        _refuse_data_without_config(backend)  # before a directory is made
+        strays = _refuse_data_without_config(backend)  # before a directory is made
         for sub in LOCAL_DIRECTORIES:
             fio.makedirs(os.path.join(backend.root, sub))
         for lock in (LOCK_NAME, HOST_LOCK_NAME):
             fio.open(os.path.join(backend.root, lock), create=True).close()
-        created = _create(backend, encryption)
+        created = _create(backend, encryption, strays)
         fio.fsync_dir(os.path.dirname(os.path.abspath(backend.root)))
     except OSError as exc:
         if not is_no_space(exc):
