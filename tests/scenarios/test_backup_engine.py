@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blocktrail.backup.engine import BackupOptions, run_backup
-from blocktrail.backup.plan import ReadPlan, audit_sample
+from blocktrail.backup.engine import AUDIT_RUN_BYTES, BackupOptions, run_backup
+from blocktrail.backup.plan import ReadPlan, audit_sample, stored_copy_sample
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
@@ -306,6 +306,104 @@ def test_the_audit_reads_each_stored_chunk_once_and_neighbours_together(
     # 65 stored chunks, one pack, stored one after the other: the 4 MiB of them in one read
     # (not 192 reads, one per sampled place that holds data)
     assert len(audit_reads) == 1 and audit_reads[0][2] >= 4 * MiB
+
+
+def test_the_stored_copy_sample_is_aligned_runs_of_unchanged_chunks() -> None:
+    plan = ReadPlan("incremental", [3, 9, 10, 40], None)
+    picked = stored_copy_sample(plan, 64 * CS, CS, want=16, run_chunks=8,
+                                rng=random.Random(4))
+    runs = {index // 8 for index in picked}
+    assert len(runs) == 2 and not set(picked) & set(plan.chunks)
+    assert picked == sorted(index for run in runs for index in range(run * 8, run * 8 + 8)
+                            if index not in plan.chunks)
+    everything = stored_copy_sample(plan, 64 * CS + 5, CS, want=61, run_chunks=8,
+                                    rng=random.Random(4))
+    assert everything == [index for index in range(65) if index not in plan.chunks]
+    assert stored_copy_sample(replace(plan, kind="full"), 64 * CS, CS, want=16, run_chunks=8,
+                              rng=random.Random(4)) == []
+
+
+def test_each_chunk_is_as_likely_in_the_stored_copy_sample_as_in_a_scattered_one() -> None:
+    plan = ReadPlan("incremental", [0], None)
+    trials, total, want = 4000, 1024, 64
+    counts = [0] * total
+    for seed in range(trials):
+        for index in stored_copy_sample(plan, total * CS, CS, want=want, run_chunks=8,
+                                        rng=random.Random(seed)):
+            counts[index] += 1
+    expected = trials * want / total  # 250 each: 64 of 1024 chunks a trial
+    sigma = math.sqrt(trials * (want / total) * (1 - want / total))
+    assert counts[0] == 0
+    assert all(abs(count - expected) < 5 * sigma for count in counts[1:]), \
+        (min(counts[1:]), max(counts), expected)
+
+
+def test_the_audit_reads_stored_copies_in_a_few_ranged_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """About as many stored chunks as the source sample, read as runs of neighbours: with 10%
+    of 1023 unchanged chunks (103) one read per run of 8, not one per chunk."""
+    disk = Disk.create(tmp_path / "disk", 64 * MiB)
+    disk.pwrite(random.Random(6).randbytes(64 * MiB), 0)
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    run_backup(source, repo)
+    disk.pwrite(b"\x01", 5 * MiB)
+    audit_reads: list[int] = []
+    read_range = Repository.read_range
+
+    def counted(self: Repository, pack_id: str, offset: int, length: int, label: str) -> bytes:
+        if "audit" in label:
+            audit_reads.append(length)
+        return read_range(self, pack_id, offset, length, label)
+
+    monkeypatch.setattr(Repository, "read_range", counted)
+    report = run_backup(source, repo, BackupOptions(audit_percent=10, seed=3))
+    assert report.kind == "incremental" and report.audit.sampled_chunks == 102
+    assert report.audit.tracker_trusted and not report.audit.damaged_areas
+    assert len(audit_reads) <= 16  # 13 runs (neighbours share a read; one may span two packs)
+    assert sum(audit_reads) >= 90 * CS
+
+
+def _stored_only(repo: Repository, size: int, changed: list[int], seed: int) -> list[int]:
+    """The chunks whose stored copies a backup with ``seed`` reads and whose source it does
+    not (the engine draws both samples from one generator, in this order)."""
+    plan, rng = ReadPlan("incremental", changed, None), random.Random(seed)
+    sample = audit_sample(plan, size, CS, percent=1.0, minimum=16, rng=rng)
+    stored = stored_copy_sample(plan, size, CS, want=len(sample),
+                                run_chunks=AUDIT_RUN_BYTES // CS, rng=rng)
+    return sorted(set(stored) - set(sample))
+
+
+@pytest.mark.parametrize("lying", [False, True], ids=["same", "tracker-missed"])
+def test_a_damaged_copy_found_outside_the_source_sample_is_stored_again(
+        tmp_path: Path, lying: bool) -> None:
+    """The audit reads the source of a chunk it found damaged in the repository, also where
+    its source sample did not take it: the right bytes are stored again, and a source that
+    differs from the base (the tracker missed a change) is a mismatch."""
+    disk = Disk.create(tmp_path / "disk", 16 * MiB, tracker_class=DropsMarksDuringConsolidation)
+    disk.pwrite(random.Random(7).randbytes(16 * MiB), 0)
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    full = run_backup(source, repo)
+    place = _stored_only(repo, 16 * MiB, [0], seed=5)[0]
+    name = repo.chunk_digests(full.point.id, [place])[place]
+    assert name is not None
+    flip(object_file(tmp_path / "repo", repo.index[name]), repo.index[name].offset + 1000)
+    disk.create_snapshot("vm-snap")
+    disk.pwrite(b"\x01", 5)  # chunk 0: the one change the tracker reports
+    consolidation = disk.begin_remove_snapshot("vm-snap")
+    if lying:  # written during the consolidation: a change the faulty tracker never saw
+        disk.pwrite(b"\x02" * 100, place * CS)
+    while not consolidation.step():
+        pass
+    report = run_backup(source, repo, BackupOptions(seed=5))
+    assert report.kind == "incremental"
+    assert report.audit.damaged_areas == (Extent(place * CS, CS),)
+    assert report.audit.mismatched_areas == ((Extent(place * CS, CS),) if lying else ())
+    # where the source changed, the base's bytes are gone: only the base lacks them
+    problems = repo.check(read_data=True).problems
+    assert [p.affected_points for p in problems] == ([(full.point.id,)] if lying else [])
+    assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
 
 
 def test_a_restore_of_an_incremental_reads_each_pack_in_long_runs(

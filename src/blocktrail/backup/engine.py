@@ -5,8 +5,9 @@ base point all fall back to a full read (and say why); every incremental re-read
 of the chunks the tracker calls unchanged and compares them with the base point's hashes.
 
 Nor does it trust the repository blindly: a damaged base point is passed over (base.py), chunks
-the repository lost are read from the source again, and the audit also reads the sampled chunks'
-stored bytes, so a damaged stored copy is put in quarantine and stored again.
+the repository lost are read from the source again, and the audit also reads the stored bytes of
+as many unchanged chunks (in runs: a few ranged reads instead of one per chunk), so a damaged
+stored copy is put in quarantine and stored again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
-from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read
+from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read, stored_copy_sample
 from blocktrail.backup.source import Source, SourceSnapshot, read_exact
 from blocktrail.extents import Extent, merge
 from blocktrail.fileio import is_zeros
@@ -35,6 +36,7 @@ READ_RUN_BYTES = 4 << 20
 READ_GAP_BYTES = 256 << 10  # a full backup reads through holes this small (no I/O, fewer reads)
 READ_THREADS = 8  # reads in flight: scattered reads gain from a deep device queue
 REMOTE_AUDIT_THREADS = 32  # the audit's reads of stored chunks from object storage: round trips
+AUDIT_RUN_BYTES = 512 << 10  # the audit reads stored copies in runs of this much of the disk
 Progress = Callable[[int, int], None]
 
 
@@ -98,6 +100,9 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
         sample = audit_sample(plan, snapshot.size_bytes, store.chunk_size,
                               percent=options.audit_percent, minimum=options.audit_minimum,
                               rng=rng)
+        stored_sample = stored_copy_sample(
+            plan, snapshot.size_bytes, store.chunk_size, want=len(sample),
+            run_chunks=AUDIT_RUN_BYTES // store.chunk_size, rng=rng)
         writer = store.begin(source.disk_id, snapshot.size_bytes,
                              parent=base.point_id if plan.kind == "incremental" and base else None,
                              lease=lease, reload=False)  # the base choice just read it
@@ -107,7 +112,8 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
         checking = ThreadPoolExecutor(1, thread_name_prefix="blocktrail-audit")
         try:
             checked = checking.submit(_audit_check, source, snapshot, store,
-                                      base if plan.kind == "incremental" else None, sample)
+                                      base if plan.kind == "incremental" else None, sample,
+                                      stored_sample)
             try:
                 bytes_read = _copy_chunks(source, snapshot, plan, writer.put_chunks,
                                           store.chunk_size, progress)
@@ -116,7 +122,8 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
                 raise
             finally:
                 wait([checked])  # it reads the snapshot: done before the snapshot goes
-            audit = _audit_apply(checked.result(), store.chunk_size, writer.put_chunk)
+            audit = _audit_apply(checked.result(), len(sample), store.chunk_size,
+                                 writer.put_chunk)
         except BaseException:
             writer.close()  # nothing is published; the snapshot goes below
             raise
@@ -241,12 +248,15 @@ class _AuditFinding:
 
 
 def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
-                 base: BasePoint | None, sample: list[int]) -> list[_AuditFinding]:
-    """Re-read chunks the tracker calls unchanged, from the source and from the repository,
-    and compare; stores nothing (`_audit_apply` does). -> what differs, per chunk sampled."""
-    if base is None or not sample:
+                 base: BasePoint | None, sample: list[int], stored_sample: list[int]
+                 ) -> list[_AuditFinding]:
+    """Re-read chunks the tracker calls unchanged, and compare: ``sample`` from the source,
+    with the base's names for them; ``stored_sample`` from the repository, each stored copy's
+    envelope checked. Stores nothing (`_audit_apply` does). -> what differs, per chunk of
+    either sample."""
+    if base is None or not (sample or stored_sample):
         return []
-    expected = store.chunk_digests(base.point_id, sample)
+    expected = store.chunk_digests(base.point_id, sorted({*sample, *stored_sample}))
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
 
@@ -260,20 +270,28 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
         digest = None if is_zeros(data) else store.codec.name(KIND_CHUNK, data)
         return len(data), (data if digest != expected[index] else None)
 
-    names = {name for name in expected.values() if name is not None}
+    names = {name for index in stored_sample if (name := expected[index]) is not None}
     threads = REMOTE_AUDIT_THREADS if store.backend.remote else READ_THREADS
     with ThreadPoolExecutor(threads, thread_name_prefix="blocktrail-audit-stored") as pool:
         runs = [pool.submit(_check_stored_run, store, run, where)
                 for run in ranged_runs(store, sorted(((0, name) for name in names),
                                                      key=lambda entry: _place(store, entry[1])))]
-        compared = list(read_ahead(sample, compare, window=64, threads=READ_THREADS))
+        compared = dict(zip(sample, read_ahead(sample, compare, window=64,
+                                               threads=READ_THREADS), strict=True))
         stored: dict[bytes, tuple[bool, bool]] = {}
         for run in runs:
             stored.update(run.result())
     findings = []
-    for index, (length, differing) in zip(sample, compared, strict=True):
+    for index in sorted({*sample, *stored_sample}):
         name = expected[index]
-        copy_damaged, lost = stored[name] if name is not None else (False, False)
+        copy_damaged, lost = stored.get(name, (False, False)) if name is not None \
+            else (False, False)
+        if index in compared:
+            length, differing = compared[index]
+        elif copy_damaged:  # outside the source sample: the source is read only if needed
+            length, differing = compare(index)
+        else:
+            continue
         keep = differing
         if keep is None and lost:  # the same content, with no intact stored copy left
             keep = read_source(index)
@@ -306,7 +324,7 @@ def _check_stored_run(store: Repository, run: Run, where: str
     return {name: (name in damaged, name in lost) for _, name, _ in run}
 
 
-def _audit_apply(findings: list[_AuditFinding], chunk_size: int,
+def _audit_apply(findings: list[_AuditFinding], sampled: int, chunk_size: int,
                  put: Callable[[int, Buffer], None]) -> AuditReport:
     """Store what the audit found: a source that differs stores the right data (the tracker
     missed a change); a stored copy that is damaged is in quarantine, and its content is
@@ -321,7 +339,7 @@ def _audit_apply(findings: list[_AuditFinding], chunk_size: int,
             mismatched.append(extent)
         if found.copy_damaged:
             damaged.append(extent)
-    return AuditReport(len(findings), tuple(merge(mismatched)), tuple(merge(damaged)))
+    return AuditReport(sampled, tuple(merge(mismatched)), tuple(merge(damaged)))
 
 
 __all__ = ["AuditReport", "BackupOptions", "BackupReport", "ReadPlan", "choose_base",

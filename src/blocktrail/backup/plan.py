@@ -83,3 +83,24 @@ def audit_sample(plan: ReadPlan, size_bytes: int, chunk_size: int, *, percent: f
         if index not in changed:
             picked.add(index)
     return sorted(picked)
+
+
+def stored_copy_sample(plan: ReadPlan, size_bytes: int, chunk_size: int, *, want: int,
+                       run_chunks: int, rng: random.Random) -> list[int]:
+    """About ``want`` chunks the tracker says are unchanged, whose stored copies the audit
+    reads: the unchanged chunks of random aligned runs of ``run_chunks`` (each run one ranged
+    read where its chunks lie together in a pack, as a full backup stores them, instead of
+    one read per chunk). Each chunk is about as likely to be picked as in a scattered sample
+    of ``want``; every one is picked when ``want`` is all of them."""
+    if plan.kind != "incremental" or want <= 0:
+        return []
+    run_chunks = max(1, run_chunks)
+    total = -(-size_bytes // chunk_size)
+    changed = set(plan.chunks)
+    runs = -(-total // run_chunks)
+    unchanged = total - len(changed)
+    picked = range(runs) if want >= unchanged else \
+        sorted(rng.sample(range(runs), min(runs, -(-want // run_chunks))))
+    return [index for run in picked
+            for index in range(run * run_chunks, min(total, (run + 1) * run_chunks))
+            if index not in changed]
