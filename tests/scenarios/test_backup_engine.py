@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from blocktrail.disk import Disk
 from blocktrail.errors import DiskIOFailure
 from blocktrail.extents import Extent
 from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo.objects import KIND_PAGE
 from blocktrail.repo.restore import RANGE_BYTES
 from faulty import DropsMarksDuringConsolidation
 from repodamage import flip, object_file
@@ -403,6 +406,42 @@ def test_a_damaged_copy_found_outside_the_source_sample_is_stored_again(
     # where the source changed, the base's bytes are gone: only the base lacks them
     problems = repo.check(read_data=True).problems
     assert [p.affected_points for p in problems] == ([(full.point.id,)] if lying else [])
+    assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
+def test_an_incremental_reads_the_pages_of_its_base_several_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each page of the base that the incremental changes is a round trip on object storage:
+    they are read several at once, not one after the other."""
+    disk = Disk.create(tmp_path / "disk", 512 * MiB)  # 8 pages of 1024 chunks
+    for page in range(8):
+        disk.pwrite(b"\x01" * CS, page * 1024 * CS + 3 * CS)
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    source = LocalDiskSource(disk)
+    run_backup(source, repo)
+    for page in range(8):
+        disk.pwrite(b"\x02", page * 1024 * CS + 7 * CS)
+    reading, most = 0, 0
+    lock = threading.Lock()
+    read_page = Repository.read_page
+
+    def slow(self: Repository, hexname: str, point_id: str = "", kind: int = KIND_PAGE
+             ) -> bytes:
+        nonlocal reading, most
+        with lock:
+            reading += 1
+            most = max(most, reading)
+        time.sleep(0.02)
+        try:
+            return read_page(self, hexname, point_id, kind)
+        finally:
+            with lock:
+                reading -= 1
+
+    monkeypatch.setattr(Repository, "read_page", slow)
+    report = run_backup(source, repo)
+    assert report.kind == "incremental" and report.chunks_read == 8
+    assert most >= 2
     assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
 
 

@@ -104,9 +104,9 @@ def prepare_incremental(store: Repository, point: RestorePoint,
     """-> (why ``point`` cannot carry this incremental, or None; the chunks of the point the
     repository has no usable copy of: the backup reads them from the source again)."""
     try:
-        pages = store.pages_of(point)
-        for page_no in sorted({index // point.page_chunks for index in plan.chunks}):
-            store.point_page(point, page_no, pages)  # the writer reads them at commit
+        # the pages the incremental changes must be readable: the writer reads them at commit
+        for _ in store.point_pages(point, (index // point.page_chunks for index in plan.chunks)):
+            pass
         if not store.lost_objects() and not store.index.damaged_files:
             return None, []
         changed = set(plan.chunks)

@@ -540,14 +540,22 @@ class Store:
         _check_width(plain, point.page_width(page_no), f"page {hexname}", "chunks", point)
         return plain
 
+    def point_pages(self, point: RestorePoint, page_nos: Iterable[int]
+                    ) -> Iterator[tuple[int, bytes]]:
+        """(page number, page) of pages ``page_nos`` of ``point`` in ascending order
+        (`point_page`), several read at once (on object storage each is a round trip), a
+        bounded number held."""
+        pages = self.pages_of(point)
+        wanted = sorted(set(page_nos))
+        window = 16 if self.backend.remote else 2
+        reads = read_ahead(wanted, lambda n: self.point_page(point, n, pages), window=window,
+                           executor=self.io_pool)
+        return zip(wanted, reads, strict=True)
+
     def page_entries(self, point: RestorePoint) -> Iterator[tuple[int, bytes]]:
         """(chunk index, digest) for every chunk of the point; ZERO_DIGEST for holes."""
         chunks = -(-point.size_bytes // point.chunk_size)
-        pages = self.pages_of(point)
-        window = 16 if self.backend.remote else 2
-        reads = read_ahead(range(len(pages)), lambda n: self.point_page(point, n, pages),
-                           window=window, executor=self.io_pool)
-        for page_no, plain in enumerate(reads):
+        for page_no, plain in self.point_pages(point, range(-(-chunks // point.page_chunks))):
             base = page_no * point.page_chunks
             for slot in range(min(point.page_chunks, chunks - base)):
                 yield base + slot, plain[slot * 32 : slot * 32 + 32]
@@ -556,11 +564,12 @@ class Store:
         """The digests of chunks ``indexes`` of a point (None: a hole)."""
         point = self.point(point_id)
         wanted = set(indexes)
+        by_page: dict[int, list[int]] = {}
+        for index in wanted:
+            by_page.setdefault(index // point.page_chunks, []).append(index)
         out: dict[int, bytes | None] = {}
-        pages = self.pages_of(point)
-        for page_no in sorted({i // point.page_chunks for i in wanted}):
-            plain = self.point_page(point, page_no, pages)
-            for index in [i for i in wanted if i // point.page_chunks == page_no]:
+        for page_no, plain in self.point_pages(point, by_page):
+            for index in by_page[page_no]:
                 slot = index % point.page_chunks
                 name = plain[slot * 32 : slot * 32 + 32]
                 out[index] = None if name == ZERO_DIGEST else name

@@ -188,19 +188,22 @@ class PointWriter:
         by_page: dict[int, dict[int, bytes]] = {}
         for index, name in self._entries.items():
             by_page.setdefault(index // pc, {})[index % pc] = name
-        self._parent_pages = repo.pages_of(parent) if parent is not None else None
+        parent_pages = self._parent_pages = repo.pages_of(parent) if parent is not None else None
+        kept: dict[int, str] = {}  # the parent's pages that stay as they are
+        if parent_pages is not None:
+            kept = {n: parent_pages[n] for n in range(count) if n not in by_page
+                    and repo.has_chunk(bytes.fromhex(parent_pages[n]))}
+        # the parent's other pages (changed, or lost), several read at once
+        read = repo.point_pages(parent, (n for n in range(count) if n not in kept)) \
+            if parent is not None else None
         out: list[str] = []
         for page_no in range(count):
-            width = min(pc, chunks - page_no * pc)
-            changes = by_page.get(page_no)
-            if self._parent_pages is not None and not changes \
-                    and repo.has_chunk(bytes.fromhex(self._parent_pages[page_no])):
-                out.append(self._parent_pages[page_no])
+            if page_no in kept:
+                out.append(kept[page_no])
                 continue
-            if parent is not None and self._parent_pages is not None:
-                plain = bytearray(repo.point_page(parent, page_no, self._parent_pages))
-            else:
-                plain = bytearray(32 * width)
+            plain = bytearray(next(read)[1] if read is not None
+                              else 32 * min(pc, chunks - page_no * pc))
+            changes = by_page.get(page_no)
             for slot, name in (changes or {}).items():
                 plain[slot * 32 : slot * 32 + 32] = name
             out.append(self._store(KIND_PAGE, bytes(plain)))
