@@ -20,12 +20,12 @@ from blocktrail.backup.verify import verify_point
 from blocktrail.disk import Disk
 from blocktrail.errors import DiskIOFailure
 from blocktrail.extents import Extent
-from blocktrail.repo import Repository, RetentionPolicy
+from blocktrail.repo import Repository, RetentionPolicy, layout
 from blocktrail.repo.objects import KIND_PAGE
 from blocktrail.repo.restore import RANGE_BYTES
 from faulty import DropsMarksDuringConsolidation
 from repodamage import flip, object_file
-from s3server import TEST_ENCRYPTION
+from s3server import TEST_ENCRYPTION, RepoTarget
 
 MiB, CS = 1 << 20, 64 * 1024
 
@@ -342,12 +342,12 @@ def test_each_chunk_is_as_likely_in_the_stored_copy_sample_as_in_a_scattered_one
 
 
 def test_the_audit_reads_stored_copies_in_a_few_ranged_reads(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: RepoTarget) -> None:
     """About as many stored chunks as the source sample, read as runs of neighbours: with 10%
     of 1023 unchanged chunks (103) one read per run of 8, not one per chunk."""
     disk = Disk.create(tmp_path / "disk", 64 * MiB)
     disk.pwrite(random.Random(6).randbytes(64 * MiB), 0)
-    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    repo = target.init()
     source = LocalDiskSource(disk)
     run_backup(source, repo)
     disk.pwrite(b"\x01", 5 * MiB)
@@ -379,19 +379,19 @@ def _stored_only(repo: Repository, size: int, changed: list[int], seed: int) -> 
 
 @pytest.mark.parametrize("lying", [False, True], ids=["same", "tracker-missed"])
 def test_a_damaged_copy_found_outside_the_source_sample_is_stored_again(
-        tmp_path: Path, lying: bool) -> None:
+        tmp_path: Path, lying: bool, target: RepoTarget) -> None:
     """The audit reads the source of a chunk it found damaged in the repository, also where
     its source sample did not take it: the right bytes are stored again, and a source that
     differs from the base (the tracker missed a change) is a mismatch."""
     disk = Disk.create(tmp_path / "disk", 16 * MiB, tracker_class=DropsMarksDuringConsolidation)
     disk.pwrite(random.Random(7).randbytes(16 * MiB), 0)
-    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    repo = target.init()
     source = LocalDiskSource(disk)
     full = run_backup(source, repo)
     place = _stored_only(repo, 16 * MiB, [0], seed=5)[0]
     name = repo.chunk_digests(full.point.id, [place])[place]
     assert name is not None
-    flip(object_file(tmp_path / "repo", repo.index[name]), repo.index[name].offset + 1000)
+    target.flip(layout.pack(repo.index[name].pack_id), repo.index[name].offset + 1000)
     disk.create_snapshot("vm-snap")
     disk.pwrite(b"\x01", 5)  # chunk 0: the one change the tracker reports
     consolidation = disk.begin_remove_snapshot("vm-snap")
