@@ -445,6 +445,61 @@ def test_an_incremental_reads_the_pages_of_its_base_several_at_once(
     assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
 
 
+def test_the_pages_of_a_base_that_lie_together_are_read_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: RepoTarget) -> None:
+    """A backup stores its pages one after the other: the incremental reads the 8 pages of
+    its base it changes in one ranged read, not 8 (each a round trip on object storage)."""
+    disk = Disk.create(tmp_path / "disk", 512 * MiB)  # 8 pages of 1024 chunks
+    for page in range(8):  # pages of different content: 8 page objects
+        disk.pwrite(bytes([page + 1]) * CS, page * 1024 * CS + 3 * CS)
+    target.init().close()
+    source = LocalDiskSource(disk)
+    with target.open() as repo:
+        run_backup(source, repo)
+    for page in range(8):
+        disk.pwrite(bytes([page + 11]), page * 1024 * CS + 7 * CS)
+    page_reads: list[str] = []
+    read_range = Repository.read_range
+
+    def counted(self: Repository, pack_id: str, offset: int, length: int, label: str) -> bytes:
+        if label.startswith("page"):
+            page_reads.append(label)
+        return read_range(self, pack_id, offset, length, label)
+
+    monkeypatch.setattr(Repository, "read_range", counted)
+    with target.open() as repo:  # nothing read yet
+        report = run_backup(source, repo)
+        assert report.kind == "incremental" and report.chunks_read == 8
+        assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+    # one read of the 8 pages, one of the page table; the restore: the new point's table and
+    # its 8 pages, read together again
+    assert len(page_reads) == 4, page_reads
+
+
+def test_a_damaged_page_among_pages_read_together_is_found_as_when_read_alone(
+        tmp_path: Path, target: RepoTarget) -> None:
+    """Reading pages together changes nothing about a damaged one: it is put in quarantine,
+    and the base that needs it is passed over (the backup reads everything, and says why)."""
+    disk = Disk.create(tmp_path / "disk", 512 * MiB)
+    for page in range(8):
+        disk.pwrite(bytes([page + 1]) * CS, page * 1024 * CS + 3 * CS)
+    source = LocalDiskSource(disk)
+    with target.init() as repo:
+        full = run_backup(source, repo)
+        page_name = bytes.fromhex(repo.pages_of(full.point)[5])
+        loc = repo.index[page_name]
+    target.flip(layout.pack(loc.pack_id), loc.offset + loc.length - 3)
+    for page in range(8):
+        disk.pwrite(bytes([page + 11]), page * 1024 * CS + 7 * CS)
+    with target.open() as repo:
+        report = run_backup(source, repo)
+        assert report.kind == "full"
+        assert any(full.point.id in why and page_name.hex() in why
+                   for why in report.passed_over), report.passed_over
+        assert (page_name, loc.pack_id, loc.offset) in repo.quarantined()
+        assert restore_bytes(repo, report.point.id, tmp_path) == disk.pread(disk.size_bytes, 0)
+
+
 def test_a_restore_of_an_incremental_reads_each_pack_in_long_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In disk order an incremental's changes lie amid its base's chunks; the restore still
