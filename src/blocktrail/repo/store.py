@@ -515,11 +515,14 @@ class Store:
         label = "page" if kind == KIND_PAGE else "page table"
         where = f"{label} {hexname}" + (f" of restore point {point_id}" if point_id else "")
         plain = self.read_object(key[0], kind, where)
+        self._keep_page(key, plain)
+        return plain
+
+    def _keep_page(self, key: tuple[bytes, int], plain: bytes) -> None:
         with self._pages_lock:
             self._pages[key] = plain
             while len(self._pages) > PAGES_KEPT:
                 self._pages.popitem(last=False)
-        return plain
 
     def pages_of(self, point: RestorePoint) -> list[str]:
         """The point's page digests, read from its page tables (each must list as many as
@@ -592,10 +595,7 @@ class Store:
                                         KIND_PAGE, name, f"page {name.hex()}")
             except RepositoryError:
                 continue
-            with self._pages_lock:
-                self._pages[(name, KIND_PAGE)] = plain
-                while len(self._pages) > PAGES_KEPT:
-                    self._pages.popitem(last=False)
+            self._keep_page((name, KIND_PAGE), plain)
 
     def page_entries(self, point: RestorePoint) -> Iterator[tuple[int, bytes]]:
         """(chunk index, digest) for every chunk of the point; ZERO_DIGEST for holes."""
