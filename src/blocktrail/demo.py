@@ -237,7 +237,8 @@ def _rounds(api: HostClient, source: HostDiskSource, repo: Repository, guest: Qe
             f"{report.point.stats['bytes_stored'] / MiB:.2f} MiB (qemu-io writes patterns: "
             f"they compress) in {report.seconds:.2f} s; "
             f"audit re-read {report.audit.sampled_chunks} unchanged chunks: "
-            f"{'all match' if report.audit.tracker_trusted else 'MISMATCH'}")
+            f"{'all match' if report.audit.tracker_trusted else 'MISMATCH'}, "
+            f"{report.audit.stored_copies_checked} stored copies checked")
         say(f"         restored in {restore_s:.2f} s; qemu-img compare with the export "
             f"disk0@{name} in {compare_s:.2f} s: {'identical' if same else 'DIFFERENT'}")
         if previous is not None:

@@ -363,6 +363,8 @@ def test_the_audit_reads_stored_copies_in_a_few_ranged_reads(
     report = run_backup(source, repo, BackupOptions(audit_percent=10, seed=3))
     assert report.kind == "incremental" and report.audit.sampled_chunks == 102
     assert report.audit.tracker_trusted and not report.audit.damaged_areas
+    assert 96 <= report.audit.stored_copies_checked <= 104  # 13 runs of 8, less the change
+    assert report.point.audit["stored_copies_checked"] == report.audit.stored_copies_checked
     assert len(audit_reads) <= 16  # 13 runs (neighbours share a read; one may span two packs)
     assert sum(audit_reads) >= 90 * CS
 

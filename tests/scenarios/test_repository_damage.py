@@ -320,6 +320,7 @@ def test_the_audit_reads_stored_bytes_and_stores_a_damaged_chunk_again(
     assert code == 0 and out["kind"] == "incremental"  # type: ignore[index]
     assert out["audit"]["tracker_trusted"]  # type: ignore[index]
     assert out["audit"]["damaged_in_repository"] == [[2 * CS, CS]]  # type: ignore[index]
+    assert out["audit"]["stored_copies_checked"] > 0  # type: ignore[index]
     with repo.open() as opened:
         point = opened.point(out["point"]["id"])  # type: ignore[index]
         assert point.audit["damaged_in_repository"] == [[2 * CS, CS]]

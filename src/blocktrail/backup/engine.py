@@ -51,9 +51,10 @@ class BackupOptions:
 
 @dataclass(frozen=True, slots=True)
 class AuditReport:
-    sampled_chunks: int
+    sampled_chunks: int  # of the source, compared with the base's names for them
     mismatched_areas: tuple[Extent, ...]  # the source differs: the tracker missed changes
     damaged_areas: tuple[Extent, ...] = ()  # the stored copy was damaged (now in quarantine)
+    stored_copies_checked: int = 0  # distinct stored chunks read and checked
 
     @property
     def tracker_trusted(self) -> bool:
@@ -122,7 +123,8 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
                 raise
             finally:
                 wait([checked])  # it reads the snapshot: done before the snapshot goes
-            audit = _audit_apply(checked.result(), len(sample), store.chunk_size,
+            findings, stored_checked = checked.result()
+            audit = _audit_apply(findings, len(sample), stored_checked, store.chunk_size,
                                  writer.put_chunk)
         except BaseException:
             writer.close()  # nothing is published; the snapshot goes below
@@ -133,6 +135,7 @@ def _run_leased(source: Source, store: Repository, options: BackupOptions,
             change_id=snapshot.change_id, kind=plan.kind, fallback_reason=plan.fallback_reason,
             tracker_trusted=audit.tracker_trusted,
             audit={"sampled_chunks": audit.sampled_chunks,
+                   "stored_copies_checked": audit.stored_copies_checked,
                    "mismatches": [[e.offset, e.length] for e in audit.mismatched_areas],
                    "damaged_in_repository": [[e.offset, e.length]
                                              for e in audit.damaged_areas]},
@@ -249,13 +252,13 @@ class _AuditFinding:
 
 def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
                  base: BasePoint | None, sample: list[int], stored_sample: list[int]
-                 ) -> list[_AuditFinding]:
+                 ) -> tuple[list[_AuditFinding], int]:
     """Re-read chunks the tracker calls unchanged, and compare: ``sample`` from the source,
     with the base's names for them; ``stored_sample`` from the repository, each stored copy's
-    envelope checked. Stores nothing (`_audit_apply` does). -> what differs, per chunk of
-    either sample."""
+    envelope checked. Stores nothing (`_audit_apply` does). -> (what differs, per chunk of
+    either sample; how many distinct stored chunks were read)."""
     if base is None or not (sample or stored_sample):
-        return []
+        return [], 0
     expected = store.chunk_digests(base.point_id, sorted({*sample, *stored_sample}))
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
@@ -297,7 +300,7 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
             keep = read_source(index)
         findings.append(_AuditFinding(index, keep, length, differing is not None,
                                       copy_damaged, lost))
-    return findings
+    return findings, len(names)
 
 
 def _place(store: Repository, name: bytes) -> tuple[str, int]:
@@ -324,8 +327,8 @@ def _check_stored_run(store: Repository, run: Run, where: str
     return {name: (name in damaged, name in lost) for _, name, _ in run}
 
 
-def _audit_apply(findings: list[_AuditFinding], sampled: int, chunk_size: int,
-                 put: Callable[[int, Buffer], None]) -> AuditReport:
+def _audit_apply(findings: list[_AuditFinding], sampled: int, stored_checked: int,
+                 chunk_size: int, put: Callable[[int, Buffer], None]) -> AuditReport:
     """Store what the audit found: a source that differs stores the right data (the tracker
     missed a change); a stored copy that is damaged is in quarantine, and its content is
     stored again when no intact copy is left."""
@@ -339,7 +342,8 @@ def _audit_apply(findings: list[_AuditFinding], sampled: int, chunk_size: int,
             mismatched.append(extent)
         if found.copy_damaged:
             damaged.append(extent)
-    return AuditReport(sampled, tuple(merge(mismatched)), tuple(merge(damaged)))
+    return AuditReport(sampled, tuple(merge(mismatched)), tuple(merge(damaged)),
+                       stored_checked)
 
 
 __all__ = ["AuditReport", "BackupOptions", "BackupReport", "ReadPlan", "choose_base",

@@ -469,7 +469,8 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
            "bytes_read": report.bytes_read, "bytes_stored": report.point.stats["bytes_stored"],
            "seconds": round(report.seconds, 3), "passed_over": list(report.passed_over),
            "chunks_read_again": report.chunks_read_again,
-           "audit": {"sampled_chunks": audit.sampled_chunks, "tracker_trusted":
+           "audit": {"sampled_chunks": audit.sampled_chunks,
+                     "stored_copies_checked": audit.stored_copies_checked, "tracker_trusted":
                      audit.tracker_trusted, "mismatches": [list(e) for e in
                                                            audit.mismatched_areas],
                      "damaged_in_repository": [list(e) for e in audit.damaged_areas]}}
@@ -485,7 +486,8 @@ def backup(disk_path: str, repo_path: str, endpoint: str | None, region: str | N
         lines.append(f"audit: {audit.sampled_chunks} unchanged chunks re-read, "
                      + ("all match" if audit.tracker_trusted else
                         f"MISMATCH at {[list(e) for e in audit.mismatched_areas]}: the tracker "
-                        "missed changes; stored the right data; the next backup is full"))
+                        "missed changes; stored the right data; the next backup is full")
+                     + f"; {audit.stored_copies_checked} stored copies checked")
     if audit.damaged_areas:
         lines.append(f"audit: the stored copies of {[list(e) for e in audit.damaged_areas]} "
                      "were DAMAGED in the repository: put in quarantine and stored again from "
