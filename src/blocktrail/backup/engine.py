@@ -259,7 +259,8 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
     either sample; how many distinct stored chunks were read)."""
     if base is None or not (sample or stored_sample):
         return [], 0
-    expected = store.chunk_digests(base.point_id, sorted({*sample, *stored_sample}))
+    audited = sorted({*sample, *stored_sample})
+    expected = store.chunk_digests(base.point_id, audited)
     cs = store.chunk_size
     where = f"audit of restore point {base.point_id}"
 
@@ -285,7 +286,7 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
         for run in runs:
             stored.update(run.result())
     findings = []
-    for index in sorted({*sample, *stored_sample}):
+    for index in audited:
         name = expected[index]
         copy_damaged, lost = stored.get(name, (False, False)) if name is not None \
             else (False, False)
