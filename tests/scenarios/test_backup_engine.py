@@ -22,7 +22,7 @@ from blocktrail.errors import DiskIOFailure
 from blocktrail.extents import Extent
 from blocktrail.repo import Repository, RetentionPolicy, layout
 from blocktrail.repo.objects import KIND_PAGE
-from blocktrail.repo.restore import RANGE_BYTES
+from blocktrail.repo.runs import RANGE_BYTES
 from faulty import DropsMarksDuringConsolidation
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION, RepoTarget

@@ -48,7 +48,8 @@ from blocktrail.repo.backend import BackendDenied, BackendReadOnly
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.location import is_s3_url
 from blocktrail.repo.objects import ZERO_DIGEST
-from blocktrail.repo.restore import Run, fetch_run, ranged_runs
+from blocktrail.repo.restore import fetch_run
+from blocktrail.repo.runs import Run, ranged_runs
 
 log = logging.getLogger("blocktrail.restore")
 CACHE_BYTES = 64 << 20  # recently fetched chunks (1024 of 64 KiB)

@@ -30,7 +30,8 @@ from blocktrail.repo.errors import PointNotFound, RepositoryError
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.objects import KIND_CHUNK, Buffer
 from blocktrail.repo.quarantine import DamagedCopy
-from blocktrail.repo.restore import Run, fetch_run, ranged_runs
+from blocktrail.repo.restore import fetch_run
+from blocktrail.repo.runs import Run, place, ranged_runs
 
 READ_RUN_BYTES = 4 << 20
 READ_GAP_BYTES = 256 << 10  # a full backup reads through holes this small (no I/O, fewer reads)
@@ -279,7 +280,7 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
     with ThreadPoolExecutor(threads, thread_name_prefix="blocktrail-audit-stored") as pool:
         runs = [pool.submit(_check_stored_run, store, run, where)
                 for run in ranged_runs(store, sorted(((0, name) for name in names),
-                                                     key=lambda entry: _place(store, entry[1])))]
+                                                     key=lambda entry: place(store, entry[1])))]
         compared = dict(zip(sample, read_ahead(sample, compare, window=64,
                                                threads=READ_THREADS), strict=True))
         stored: dict[bytes, tuple[bool, bool]] = {}
@@ -302,11 +303,6 @@ def _audit_check(source: Source, snapshot: SourceSnapshot, store: Repository,
         findings.append(_AuditFinding(index, keep, length, differing is not None,
                                       copy_damaged, lost))
     return findings, len(names)
-
-
-def _place(store: Repository, name: bytes) -> tuple[str, int]:
-    loc = store.index.get(name)
-    return ("", 0) if loc is None else (loc.pack_id, loc.offset)
 
 
 def _check_stored_run(store: Repository, run: Run, where: str

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
@@ -22,18 +22,13 @@ from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
-from blocktrail.repo.packs import Location
 from blocktrail.repo.quarantine import DamagedCopy
+from blocktrail.repo.runs import Run, ranged_runs
 from blocktrail.repo.store import Store
 
 Progress = Callable[[int, int], None]
 WRITEBACK_BYTES = 64 << 20
-RANGE_BYTES = 8 << 20  # at most this much in one read
-RANGE_GAP = 256 << 10  # bytes of other objects a read may carry between two wanted ones
 REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to write again
-OPEN_RUN_ENTRIES = 4096  # entries that may wait in reads still open (`ranged_runs`)
-
-Run = list[tuple[int, bytes, Location | None]]  # (chunk index, digest, where) in one read
 
 
 def restore_point(store: Store, point: RestorePoint, target: str,
@@ -191,42 +186,6 @@ def _split_repeats(entries: list[tuple[int, bytes]], chunk_size: int
             seen.add(name)
             fetched.append((index, name))
     return fetched, repeats
-
-
-def ranged_runs(store: Store, entries: Iterable[tuple[int, bytes]]) -> Iterator[Run]:
-    """Entries grouped into reads: in the order given, those whose copies lie close together in
-    one pack, also where entries from other packs come in between (an incremental's changes
-    amid its base's chunks, in disk order: each pack is still read in long runs, not cut at
-    every change). At most OPEN_RUN_ENTRIES entries wait in runs still open (past that, the run
-    that grew least recently goes), so the first read starts early and memory stays bounded
-    however many packs take turns. An object without a usable copy is a run of its own (its
-    read says why)."""
-    # pack -> (its run, start, end), the one that grew least recently first
-    open_runs: dict[str, tuple[Run, int, int]] = {}
-    held = 0
-    for index, name in entries:
-        loc = store.index.get(name)
-        if loc is None:
-            yield [(index, name, None)]
-            continue
-        current = open_runs.pop(loc.pack_id, None)  # put back last: the youngest
-        if current is not None and current[2] <= loc.offset <= current[2] + RANGE_GAP \
-                and loc.offset + loc.length - current[1] <= RANGE_BYTES:
-            current[0].append((index, name, loc))
-            open_runs[loc.pack_id] = (current[0], current[1], loc.offset + loc.length)
-        else:
-            if current is not None:
-                held -= len(current[0])
-                yield current[0]
-            open_runs[loc.pack_id] = ([(index, name, loc)], loc.offset, loc.offset + loc.length)
-        held += 1
-        while held > OPEN_RUN_ENTRIES:
-            oldest = next(iter(open_runs))
-            run = open_runs.pop(oldest)[0]
-            held -= len(run)
-            yield run
-    for run, _, _ in open_runs.values():
-        yield run
 
 
 def fetch_run(store: Store, run: Run, where: str,

@@ -68,6 +68,7 @@ from blocktrail.repo.objects import (
 )
 from blocktrail.repo.packs import Location, read_trailer, trailer_length
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
+from blocktrail.repo.runs import Run, place, ranged_runs
 
 FORMAT = "blocktrail-repository"
 VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
@@ -76,8 +77,6 @@ CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
 VERIFY_FORMAT = "blocktrail-verify"
 PAGES_KEPT = 256  # pages and tables read, kept in memory (32 KiB each: 8 MiB)
-PAGE_RUN_GAP = 256 << 10  # bytes of other objects a read of pages lying together may carry
-PAGE_RUN_BYTES = 8 << 20  # at most this much in one read of pages
 _LOST_ADVICE = ("The next backup of the disk stores that content again if the disk still "
                 "has it; `blocktrail verify POINT --against SOURCE --heal` stores it again from "
                 "the source of a restore point")
@@ -568,31 +567,25 @@ class Store:
         names = {bytes.fromhex(h) for h in hexnames}
         with self._pages_lock:
             names -= {name for name, kind in self._pages if kind == KIND_PAGE}
-        placed = sorted((loc.pack_id, loc.offset, loc.length, name) for name in names
-                        if (loc := self.index.get(name)) is not None)
-        runs: list[list[tuple[str, int, int, bytes]]] = []
-        for entry in placed:
-            run = runs[-1] if runs else None
-            if run is not None and run[0][0] == entry[0] \
-                    and entry[1] - (run[-1][1] + run[-1][2]) <= PAGE_RUN_GAP \
-                    and entry[1] + entry[2] - run[0][1] <= PAGE_RUN_BYTES:
-                run.append(entry)
-            else:
-                runs.append([entry])
-        for _ in self.io_pool.map(self._read_page_run, [run for run in runs if len(run) > 1]):
+        placed = sorted(names, key=lambda name: place(self, name))
+        runs = [run for run in ranged_runs(self, ((0, name) for name in placed)) if len(run) > 1]
+        for _ in self.io_pool.map(self._read_page_run, runs):
             pass
 
-    def _read_page_run(self, run: list[tuple[str, int, int, bytes]]) -> None:
-        pack_id, first = run[0][0], run[0][1]
-        end = run[-1][1] + run[-1][2]
+    def _read_page_run(self, run: Run) -> None:
+        first, last = run[0][2], run[-1][2]
+        assert first is not None and last is not None  # a run of more than one has places
         try:
-            data = memoryview(self.read_range(pack_id, first, end - first, "pages"))
+            data = memoryview(self.read_range(first.pack_id, first.offset,
+                                              last.offset + last.length - first.offset, "pages"))
         except (RepositoryError, BackendError):
             return
-        for _, offset, length, name in run:
+        for _, name, loc in run:
+            assert loc is not None
+            at = loc.offset - first.offset
             try:
-                plain = self.codec.open(data[offset - first : offset - first + length],
-                                        KIND_PAGE, name, f"page {name.hex()}")
+                plain = self.codec.open(data[at : at + loc.length], KIND_PAGE, name,
+                                        f"page {name.hex()}")
             except RepositoryError:
                 continue
             self._keep_page((name, KIND_PAGE), plain)

@@ -13,9 +13,9 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocktrail.repo import restore
+from blocktrail.repo import runs as runs_module
 from blocktrail.repo.packs import Location
-from blocktrail.repo.restore import OPEN_RUN_ENTRIES, RANGE_BYTES, RANGE_GAP, ranged_runs
+from blocktrail.repo.runs import OPEN_RUN_ENTRIES, RANGE_BYTES, RANGE_GAP, ranged_runs
 
 KiB = 1 << 10
 
@@ -47,7 +47,7 @@ def test_every_chunk_is_in_one_read_of_one_stretch_of_one_pack(
         layout: tuple[SimpleNamespace, list[tuple[int, bytes]]], held: int) -> None:
     """Also when few entries may wait in open runs (``held``)."""
     store, entries = layout
-    with patch.object(restore, "OPEN_RUN_ENTRIES", held):
+    with patch.object(runs_module, "OPEN_RUN_ENTRIES", held):
         runs = list(ranged_runs(store, entries))  # type: ignore[arg-type]
     assert sorted((i, n) for run in runs for i, n, _ in run) == entries
     for run in runs:
