@@ -3,7 +3,8 @@
 `OsFileIO` is the real thing. `SimulatedFileIO` is an in-memory file system for tests that can
 lose power: `power_loss()` drops every write, create, mkdir, rename and unlink that was not made
 durable (file data by `fsync`, directory entries, a new directory's too, by `fsync_dir` of the
-directory holding them), as a machine that loses power would.
+directory holding them; a directory's rename by `fsync_dir` of either parent), as a machine
+that loses power would.
 """
 
 from __future__ import annotations
@@ -598,6 +599,8 @@ class SimulatedFileIO:
         self.durable_entries: dict[str, _Inode] = {}
         self.dirs: set[str] = set()
         self.durable_dirs: set[str] = set()  # whose entry in their parent was fsynced
+        # directories renamed since their parents were fsynced: (old, new), oldest first
+        self.dir_renames: list[tuple[str, str]] = []
         self.locks: dict[str, int] = {}  # path -> holders: -1 exclusive, else how many share
         self.boots = 0  # power losses so far
         self._lock_freed = threading.Condition(self.mutex)
@@ -675,8 +678,27 @@ class SimulatedFileIO:
     def rename(self, src: str, dst: str) -> None:
         with self.mutex:
             self._check_dir(dst)
+            if src in self.dirs:
+                self._rename_dir(src, dst)
+                return
             self.entries[dst] = self._inode(src)
             del self.entries[src]
+
+    def _rename_dir(self, src: str, dst: str) -> None:
+        """A directory moves with all in it, onto nothing or an empty directory. With the
+        power it moves back, all at once, until the parent of either name is fsynced (one
+        journal commit): its entries synced meanwhile are kept under the old name."""
+        if dst in self.entries:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", dst)
+        if dst == src or dst.startswith(src + "/"):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself", dst)
+        if dst in self.dirs:
+            if self.listdir(dst):
+                raise OSError(errno.ENOTEMPTY, "directory not empty", dst)
+            self.dirs.discard(dst)
+        self.entries = {_moved(p, src, dst): ino for p, ino in self.entries.items()}
+        self.dirs = {_moved(d, src, dst) for d in self.dirs}
+        self.dir_renames.append((src, dst))
 
     def unlink(self, path: str) -> None:
         with self.mutex:
@@ -730,13 +752,38 @@ class SimulatedFileIO:
             path = path.rstrip("/") or "/"
             if not self.isdir(path):
                 raise FileNotFoundError(errno.ENOENT, "no such directory", path)
-            for name in [p for p in self.durable_entries if os.path.dirname(p) == path]:
+            self._commit_dir_renames(path)
+            durable = self._durable_name(path)  # where the power leaves this directory
+            for name in [p for p in self.durable_entries if os.path.dirname(p) == durable]:
                 del self.durable_entries[name]
             for name, ino in self.entries.items():
                 if os.path.dirname(name) == path:
-                    self.durable_entries[name] = ino
-            self.durable_dirs = {d for d in self.durable_dirs if os.path.dirname(d) != path}
-            self.durable_dirs.update(d for d in self.dirs if os.path.dirname(d) == path)
+                    self.durable_entries[os.path.join(durable, os.path.basename(name))] = ino
+            self.durable_dirs = {d for d in self.durable_dirs if os.path.dirname(d) != durable}
+            self.durable_dirs.update(os.path.join(durable, os.path.basename(d))
+                                     for d in self.dirs if os.path.dirname(d) == path)
+
+    def _commit_dir_renames(self, parent: str) -> None:
+        """The directory renames into or out of ``parent`` become durable (and, in order,
+        those before them)."""
+        touching = [i for i, (src, dst) in enumerate(self.dir_renames)
+                    if parent in (os.path.dirname(src), os.path.dirname(dst))]
+        if not touching:
+            return
+        done, self.dir_renames = (self.dir_renames[: touching[-1] + 1],
+                                  self.dir_renames[touching[-1] + 1 :])
+        for src, dst in done:
+            self.durable_entries = {_moved(p, src, dst): ino
+                                    for p, ino in self.durable_entries.items()
+                                    if p != dst and not p.startswith(dst + "/")}
+            self.durable_dirs = {_moved(d, src, dst) for d in self.durable_dirs
+                                 if d != dst and not d.startswith(dst + "/")}
+
+    def _durable_name(self, path: str) -> str:
+        """The name ``path`` has on the disk: before the renames not yet durable."""
+        for src, dst in reversed(self.dir_renames):
+            path = _moved(path, dst, src)
+        return path
 
     def seal(self, path: str) -> Seal:
         with self.mutex:
@@ -748,6 +795,9 @@ class SimulatedFileIO:
 
     def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
         with self.mutex:
+            if path not in self.entries and not self.isdir(path):  # created, not made durable
+                self._check_dir(path)
+                self.entries[path] = self._new_inode()
             while (self.locks.get(path, 0) != 0 if exclusive
                    else self.locks.get(path, 0) < 0):
                 if not wait:
@@ -781,6 +831,7 @@ class SimulatedFileIO:
         with self.mutex:
             kept, self.entries = self._on_disk()
             self.dirs, self.durable_dirs = kept, set(kept)
+            self.dir_renames = []
             self.durable_entries = dict(self.entries)
             for ino in self.entries.values():
                 ino.lose_unsynced()
@@ -809,3 +860,10 @@ class SimulatedFileIO:
             SimulatedFileHandle(self, ino).pwrite(data, offset)
             if keep_mtime:
                 ino.mtime = mtime
+
+
+def _moved(path: str, src: str, dst: str) -> str:
+    """``path`` once the directory ``src`` is renamed ``dst``."""
+    if path == src:
+        return dst
+    return dst + path[len(src):] if path.startswith(src + "/") else path
