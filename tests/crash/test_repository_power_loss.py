@@ -28,13 +28,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from blocktrail.backup.verify import verify_point
 from blocktrail.errors import BlocktrailError
-from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
+from blocktrail.fileio import SimulatedFileIO
 from blocktrail.repo import Repository, layout
 from blocktrail.repo import leases as repo_leases
 from blocktrail.repo.errors import PasswordInUse, WrongPassword
@@ -44,81 +43,13 @@ from blocktrail.repo.retention import RetentionPolicy
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 sys.path.insert(0, str(Path(__file__).parent))
+from powercut import PowerCutFileIO
 from test_repository_crash_points import CS, IMAGES, MemorySource, backup
 
 ROOT = "/sim/repo"
 TARGET = "/sim/out/disk.raw"
 OLD_TARGET = b"the target's bytes before the restore"
 NEW_PASSWORD = "a new password"
-
-
-class PowerLoss(Exception):
-    """The machine lost power."""
-
-
-class PowerCutFileIO(SimulatedFileIO):
-    """Loses power just before its ``cut_at``-th durability operation: what was not durable
-    is gone at once, and nothing more reaches the disk (every later change raises)."""
-
-    def __init__(self, cut_at: int) -> None:
-        super().__init__()
-        self.cut_at, self.count, self.dead = cut_at, 0, False
-
-    def count_op(self, name: str) -> None:
-        with self.mutex:
-            self._alive()
-            self.count += 1
-            if self.count == self.cut_at:
-                self.dead = True
-                self.power_loss()
-                self._lock_freed.notify_all()  # no thread waits for a lock forever
-                raise PowerLoss(f"power lost before durability operation {self.count}")
-        super().count_op(name)
-
-    def _alive(self) -> None:
-        if self.dead:
-            raise PowerLoss("the power is off")
-
-    def tick(self, inode: Any) -> None:  # every write, hole punch and truncate
-        self._alive()
-        super().tick(inode)
-
-    def open(self, path: str, *, create: bool = False) -> FileHandle:
-        self._alive()
-        return super().open(path, create=create)
-
-    def create_unnamed(self, directory: str) -> FileHandle | None:
-        self._alive()
-        return super().create_unnamed(directory)
-
-    def link_unnamed(self, handle: FileHandle, path: str) -> None:
-        self._alive()
-        super().link_unnamed(handle, path)
-
-    def rename(self, src: str, dst: str) -> None:
-        self._alive()
-        super().rename(src, dst)
-
-    def unlink(self, path: str) -> None:
-        self._alive()
-        super().unlink(path)
-
-    def rmdir(self, path: str) -> None:
-        self._alive()
-        super().rmdir(path)
-
-    def mkdir(self, path: str) -> None:
-        self._alive()
-        super().mkdir(path)
-
-    def lock(self, path: str, *, exclusive: bool, wait: bool) -> FileLock | None:
-        self._alive()
-        return super().lock(path, exclusive=exclusive, wait=wait)
-
-    def restart(self) -> None:
-        """The machine is back: the disk holds what was durable."""
-        self.dead = False
-        self.cut_at = 0
 
 
 @contextlib.contextmanager
