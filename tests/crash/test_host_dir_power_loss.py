@@ -1,0 +1,138 @@
+"""The host's data directory losing power at every durability point (CrashMonkey style): its
+creation with a first disk, and the upgrade of a version 1 directory, which moves every disk
+from DATA/NAME to DATA/disks/NAME and writes host.json last.
+
+Each runs on the simulated file system, once per durability operation, losing power just
+before the N-th; when the machine is back, the next start of the host finds:
+
+- a created disk whole or absent, and absent ones can be created again;
+- after an upgrade cut anywhere, every disk (each one once) with its content, its snapshot and
+  its change IDs (the same tracking epoch: the moves are no reason for a full backup);
+- what a start that returned did is durable: a power loss right after it loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from blocktrail.disk import Disk
+from blocktrail.errors import DiskExists
+from blocktrail.host.registry import DiskRegistry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from powercut import PowerCutFileIO, PowerLoss
+
+ROOT = "/sim/data"
+KiB = 1024
+SIZE = 256 * KiB
+GRANULARITY = 4096
+# version 1 disks, among them names of the host's own entries
+V1_DISKS = ("d0", "disks", "host.json", "host.lock", "x.tmp")
+
+
+def _after_cut(base: PowerCutFileIO | None, cut_at: int) -> PowerCutFileIO:
+    fs = PowerCutFileIO(0)
+    if base is None:
+        fs.makedirs("/sim")
+    else:
+        fs.copy_disk_from(base)
+    fs.count, fs.cut_at = 0, cut_at
+    return fs
+
+
+def _start(fs: PowerCutFileIO) -> DiskRegistry:
+    return DiskRegistry(ROOT, fileio=fs)
+
+
+def test_a_created_disk_is_whole_or_absent_wherever_the_power_goes(tmp_path: Path) -> None:
+    cut_at, outcomes = 1, {"absent": 0, "whole": 0}
+    while True:
+        fs = _after_cut(None, cut_at)
+        try:
+            registry = _start(fs)
+            registry.create("d0", SIZE, GRANULARITY).pwrite(b"first", 0)
+            registry.get("d0").flush()
+        except PowerLoss:
+            fs.restart()
+            registry = _start(fs)
+            try:
+                if "d0" in registry.names():
+                    outcomes["whole"] += 1
+                    disk = registry.get("d0")
+                    assert disk.size_bytes == SIZE
+                    assert disk.pread(5, 0) in (b"first", bytes(5))
+                    try:
+                        registry.create("d0", SIZE, GRANULARITY)
+                    except DiskExists:
+                        pass
+                    else:
+                        raise AssertionError("d0 was created twice")
+                else:
+                    outcomes["absent"] += 1
+                    assert registry.create("d0", SIZE, GRANULARITY).size_bytes == SIZE
+            finally:
+                registry.close()
+            cut_at += 1
+            continue
+        fs.cut_at = 0  # it returned: the power lost now (the host never closed) takes nothing
+        fs.power_loss()
+        fs.restart()
+        registry = _start(fs)
+        try:
+            assert registry.get("d0").pread(5, 0) == b"first"
+        finally:
+            registry.close()
+        break
+    assert outcomes["absent"] and outcomes["whole"], outcomes
+
+
+def _version1() -> tuple[PowerCutFileIO, dict[str, tuple[str, str, bytes]]]:
+    fs = PowerCutFileIO(0)
+    fs.makedirs(ROOT)
+    before = {}
+    for name in V1_DISKS:
+        with Disk.create(f"{ROOT}/{name}", SIZE, GRANULARITY, fileio=fs) as disk:
+            disk.pwrite(name.encode() * 10, 0)
+            snap = disk.create_snapshot("s1")
+            disk.pwrite(b"after", SIZE // 2)
+            before[name] = (snap.change_id, disk.current_change_id, disk.pread(SIZE, 0))
+    fs.replace_atomic(f"{ROOT}/vms.json", json.dumps({"vm1": ["d0"]}).encode())
+    return fs, before
+
+
+def _check_upgraded(fs: PowerCutFileIO, before: dict[str, tuple[str, str, bytes]]) -> None:
+    registry = _start(fs)
+    try:
+        assert sorted(registry.names()) == sorted(V1_DISKS)
+        for name, (snap_id, current, content) in before.items():
+            disk = registry.get(name)
+            assert disk.current_change_id == current, name  # the same epoch: no reset
+            assert [(e.offset, e.length) for e in disk.query_changed_areas(
+                snap_id).changed_areas] == [(SIZE // 2, GRANULARITY)], name
+            assert disk.pread(SIZE, 0) == content, name
+        assert registry.vm("vm1").disks == ("d0",)
+    finally:
+        registry.close()
+    assert sorted(fs.listdir(ROOT)) == ["disks", "host.json", "host.lock", "vms.json"]
+
+
+def test_an_upgrade_cut_anywhere_keeps_every_disk_and_its_change_ids() -> None:
+    base, before = _version1()
+    cut_at = 1
+    while True:
+        fs = _after_cut(base, cut_at)
+        try:
+            _start(fs)  # left open: the power goes before it would close
+        except PowerLoss:
+            fs.restart()
+            _check_upgraded(fs, before)
+            cut_at += 1
+            continue
+        fs.cut_at = 0  # it returned: the power lost now (the host never closed) takes nothing
+        fs.power_loss()
+        fs.restart()
+        _check_upgraded(fs, before)
+        break
+    assert cut_at > len(V1_DISKS), "the upgrade should pass through many durability points"
