@@ -16,6 +16,7 @@ import fcntl
 import functools
 import mmap
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,12 @@ class FileIO(Protocol):
         ...
     def link_unnamed(self, handle: FileHandle, path: str) -> None:
         """Give a file of `create_unnamed` the name ``path``, which must not exist."""
+        ...
+    def take_access(self, handle: FileHandle, path: str) -> None:
+        """Give the file of ``handle`` the permissions, owner and group of the regular file
+        ``path`` it is about to replace, as far as this user may (the owner where files may be
+        given away, as by root; the group where this user is in it); nothing when ``path`` is
+        missing or no regular file. Set-ID and sticky bits are not taken."""
         ...
     def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
@@ -361,6 +368,27 @@ class OsFileIO:
             return None
         return OsFileHandle(fd)
 
+    def take_access(self, handle: FileHandle, path: str) -> None:
+        try:
+            replaced = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        fd = handle.dup()
+        if not stat.S_ISREG(replaced.st_mode) or fd is None:
+            if fd is not None:
+                os.close(fd)
+            return
+        try:
+            for owner in (replaced.st_uid, -1):  # the owner and group, else the group alone
+                try:
+                    os.fchown(fd, owner, replaced.st_gid)
+                    break
+                except PermissionError:
+                    continue
+            os.fchmod(fd, stat.S_IMODE(replaced.st_mode) & 0o777)
+        finally:
+            os.close(fd)
+
     def link_unnamed(self, handle: FileHandle, path: str) -> None:
         fd = handle.dup()
         if fd is None:
@@ -643,6 +671,9 @@ class SimulatedFileIO:
         with self.mutex:
             self._check_dir(os.path.join(directory, "x"))
             return SimulatedFileHandle(self, self._new_inode())
+
+    def take_access(self, handle: FileHandle, path: str) -> None:
+        """Files here have no permissions or owners."""
 
     def link_unnamed(self, handle: FileHandle, path: str) -> None:
         assert isinstance(handle, SimulatedFileHandle)

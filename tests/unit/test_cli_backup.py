@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -119,6 +120,14 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
     assert os.listdir(out) == ["restored.qcow2"]
     assert target.stat().st_mode & 0o777 == 0o600  # as a raw restore's, whatever the umask
+    target.chmod(0o640)  # restored again over it: the image takes the file's permissions
+    assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
+    assert os.listdir(out) == ["restored.qcow2"]
+    assert target.stat().st_mode & 0o777 == 0o640
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # renamed over, it would be a file: refused before anything is written
+    assert main(["restore", repo_dir, point, "--to", str(fifo), "--format", "qcow2"]) == 2
+    assert "is a FIFO" in capsys.readouterr().err and stat.S_ISFIFO(fifo.lstat().st_mode)
     raw = tmp_path / "source.raw"
     with Disk.open(disk_dir) as disk:
         raw.write_bytes(disk.pread(disk.size_bytes, 0))

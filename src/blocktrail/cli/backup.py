@@ -536,7 +536,9 @@ def _disk_names(host: str) -> dict[str, str]:
 @click.argument("point_id", metavar="POINT")
 @s3_options
 @click.option("--to", "target", default=None, type=click.Path(dir_okay=False),
-              help="The file to write (not with --instant).")
+              help="The file to write: a new one, or one replaced whole, whose permissions "
+                   "and owner the image takes (a symbolic link is written through; a device "
+                   "is refused). Not with --instant.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
               help="Of the file --to: raw (the default) or qcow2.")
 @click.option("--instant", is_flag=True,

@@ -5,8 +5,8 @@ Both the raw image and the converted one are files with no name (O_TMPFILE) that
 and writes as ``/proc/self/fd/N``: a killed restore leaves nothing; the converted file is named
 ``TARGET.partial-*`` only once whole, just before the rename. Where the file system has no such
 files, both are made in a private temporary directory beside the target instead (a killed
-restore leaves that directory). Either way the file is its owner's alone (mode 0600), as a raw
-restore's is.
+restore leaves that directory). Either way the file gets the permissions a raw restore's gets
+(`replace_target`): its owner's alone, or those of the file it replaces.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from collections.abc import Iterator
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Repository
-from blocktrail.repo.restore import Progress, partial_name, replace_target, target_directory
+from blocktrail.repo.restore import (
+    Progress,
+    partial_name,
+    replace_target,
+    restore_target,
+    target_directory,
+)
 
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
                       "No space left on device", "Disk quota exceeded")
@@ -31,6 +37,7 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
                   progress: Progress | None) -> int:
     """-> bytes of data restored. On any failure the target is as it was."""
     fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
+    target = restore_target(target)
     directory, partial = target_directory(target), partial_name(target)
     raw = fio.create_unnamed(directory)
     if raw is None:

@@ -6,7 +6,8 @@ such reads are in flight at once, so a restore from object storage is bound by t
 round trips. The image is written through the file layer (blocktrail.fileio): a file beside
 the target with no name until it is whole (a killed restore leaves nothing), fsync, named
 ``.partial-*``, renamed over the target, fsync the directory; on any damage (or a full file
-system) nothing is left at the target.
+system) nothing is left at the target. A target that is no regular file is refused first
+(`restore_target`), and a file replaced hands its permissions and owner to the image.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
@@ -40,6 +42,7 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     and renamed over the target. Where the file system has no such files, it is written under
     that name from the start."""
     fio = fileio or OsFileIO()
+    target = restore_target(target)
     partial = partial_name(target)
     try:
         handle = fio.create_unnamed(target_directory(target))
@@ -71,6 +74,7 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
     closes ``handle``, and removes ``partial`` on failure when it was ``named``. A directory
     this user may write but not read (a drop box, mode 1733) cannot be opened to be synced:
     the new name there is written back by the kernel in its own time, as one `cp` makes."""
+    fio.take_access(handle, target)
     handle.fsync()
     if not named:
         fio.link_unnamed(handle, partial)
@@ -83,6 +87,36 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
         raise
     with contextlib.suppress(PermissionError):
         fio.fsync_dir(target_directory(target))
+
+
+_KINDS = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def restore_target(target: str) -> str:
+    """Where a restore to ``target`` puts its image: ``target`` when it is missing or a
+    regular file; through a symbolic link, the regular file it leads to (the link stays, as
+    `cp` writes through one). Anything else is refused here, before anything is read or
+    written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
+    file, and a link that leads nowhere may be a typo."""
+    if not os.path.basename(target):
+        return target  # no file name: `partial_name` says so
+    try:
+        found = os.stat(target)
+    except OSError as exc:
+        if os.path.islink(target):
+            raise InvalidArgument(f"restore target {target} is a symbolic link to "
+                                  f"{os.readlink(target)!r}, which leads to no file "
+                                  f"({exc.strerror})") from None
+        return target  # missing (it is made), or a name the checks that follow refuse
+    if stat.S_ISREG(found.st_mode):
+        return os.path.realpath(target) if os.path.islink(target) else target
+    kind = next((name for test, name in _KINDS if test(found.st_mode)), "no regular file")
+    hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "
+            "--nbd unix:SOCKET`) and copy it with `nbdcopy 'nbd+unix:///POINT?socket=SOCKET' "
+            "DEVICE`, or restore to a file and copy that." if kind.endswith("device") else "")
+    raise InvalidArgument(f"restore target {target} is {kind}: a restore writes an image file, "
+                          f"which would replace it.{hint}")
 
 
 def target_directory(target: str) -> str:
