@@ -104,6 +104,17 @@ class FileIO(Protocol):
         ...
 
 
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (`os.stat`'s ``st_mode``) is, for a message: "a FIFO"."""
+    return next((kind for test, kind in _KINDS if test(mode)), "a file of an unknown kind")
+
+
 @functools.lru_cache(maxsize=16)  # a few lengths recur (a chunk, a read); others come and go
 def _zeros(length: int) -> bytes:
     return bytes(length)

@@ -27,7 +27,7 @@ from blocktrail.errors import (
     io_error,
 )
 from blocktrail.extents import Extent
-from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO, is_zeros
+from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO, file_kind, is_zeros
 
 IMPORT_CHUNK = 1 << 20
 # A disk being built: DIR/.creating-NAME-RANDOM (never a disk name: those start with a letter or
@@ -35,8 +35,6 @@ IMPORT_CHUNK = 1 << 20
 # and the next build of the same name removes those of its name (remove_stale_builds).
 BUILDING_PREFIX = ".creating-"
 STALE_BUILD_S = 60.0  # a build directory unchanged this long and unlocked was left by a kill
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISSOCK, "a socket"))
 
 
 def import_raw(source: str | os.PathLike[str], path: str | os.PathLike[str],
@@ -257,12 +255,9 @@ class RawImage:
 
 
 def _check_kind(path: str, mode: int) -> None:
-    for test, kind in _KINDS:
-        if test(mode):
-            raise InvalidArgument(f"cannot import {path!r}: it is {kind}, not a raw image "
-                                  "(a regular file or a block device)")
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-        raise InvalidArgument(f"cannot import {path!r}: not a regular file or a block device")
+        raise InvalidArgument(f"cannot import {path!r}: it is {file_kind(mode)}, not a raw "
+                              "image (a regular file or a block device)")
 
 
 def _why(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 
 from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
-from blocktrail.fileio import FileHandle, FileIO, OsFileIO, start_writeback
+from blocktrail.fileio import FileHandle, FileIO, OsFileIO, file_kind, start_writeback
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
@@ -89,10 +89,6 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
         fio.fsync_dir(target_directory(target))
 
 
-_KINDS = ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
-
-
 def restore_target(target: str) -> str:
     """Where a restore to ``target`` puts its image: ``target`` when it is missing or a
     regular file; through a symbolic link, the regular file it leads to (the link stays, as
@@ -111,7 +107,7 @@ def restore_target(target: str) -> str:
         return target  # missing (it is made), or a name the checks that follow refuse
     if stat.S_ISREG(found.st_mode):
         return os.path.realpath(target) if os.path.islink(target) else target
-    kind = next((name for test, name in _KINDS if test(found.st_mode)), "no regular file")
+    kind = file_kind(found.st_mode)
     hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "
             "--nbd unix:SOCKET`) and copy it with `nbdcopy 'nbd+unix:///POINT?socket=SOCKET' "
             "DEVICE`, or restore to a file and copy that." if kind.endswith("device") else "")
