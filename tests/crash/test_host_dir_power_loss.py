@@ -20,6 +20,7 @@ from pathlib import Path
 from blocktrail.disk import Disk
 from blocktrail.errors import DiskExists
 from blocktrail.host.registry import DiskRegistry
+from upgradekit import Before, check_disks_kept
 
 sys.path.insert(0, str(Path(__file__).parent))
 from powercut import PowerCutFileIO, PowerLoss
@@ -88,7 +89,7 @@ def test_a_created_disk_is_whole_or_absent_wherever_the_power_goes(tmp_path: Pat
     assert outcomes["absent"] and outcomes["whole"], outcomes
 
 
-def _version1() -> tuple[PowerCutFileIO, dict[str, tuple[str, str, bytes]]]:
+def _version1() -> tuple[PowerCutFileIO, Before]:
     fs = PowerCutFileIO(0)
     fs.makedirs(ROOT)
     before = {}
@@ -102,16 +103,10 @@ def _version1() -> tuple[PowerCutFileIO, dict[str, tuple[str, str, bytes]]]:
     return fs, before
 
 
-def _check_upgraded(fs: PowerCutFileIO, before: dict[str, tuple[str, str, bytes]]) -> None:
+def _check_upgraded(fs: PowerCutFileIO, before: Before) -> None:
     registry = _start(fs)
     try:
-        assert sorted(registry.names()) == sorted(V1_DISKS)
-        for name, (snap_id, current, content) in before.items():
-            disk = registry.get(name)
-            assert disk.current_change_id == current, name  # the same epoch: no reset
-            assert [(e.offset, e.length) for e in disk.query_changed_areas(
-                snap_id).changed_areas] == [(SIZE // 2, GRANULARITY)], name
-            assert disk.pread(SIZE, 0) == content, name
+        check_disks_kept(registry, before, (SIZE // 2, GRANULARITY))
         assert registry.vm("vm1").disks == ("d0",)
     finally:
         registry.close()

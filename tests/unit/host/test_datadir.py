@@ -29,6 +29,7 @@ from blocktrail.errors import (
 from blocktrail.fileio import FileHandle, FileLock, OsFileIO
 from blocktrail.host.datadir import FORMAT, VERSION
 from blocktrail.host.registry import DiskRegistry
+from upgradekit import Before, check_disks_kept
 
 MiB = 1 << 20
 # Names a disk may have that the host's own entries had (or have) in DATA.
@@ -196,7 +197,7 @@ def test_leftovers_of_a_killed_create_are_removed_at_start(tmp_path: Path) -> No
 V1_DISKS = ("d0", "api-token", "disks", "host.json", "host.lock", "x.tmp")
 
 
-def _version1(data: Path) -> dict[str, tuple[str, str, bytes]]:
+def _version1(data: Path) -> Before:
     """A version 1 data directory: disks in DATA/NAME, with writes and snapshots; -> per disk
     (the change ID of its snapshot, its current change ID, its content)."""
     data.mkdir()
@@ -212,16 +213,10 @@ def _version1(data: Path) -> dict[str, tuple[str, str, bytes]]:
     return out
 
 
-def _check_upgraded(data: Path, before: dict[str, tuple[str, str, bytes]]) -> None:
+def _check_upgraded(data: Path, before: Before) -> None:
     registry = DiskRegistry(str(data))
     try:
-        assert sorted(registry.names()) == sorted(V1_DISKS)
-        for name, (snap_id, current, content) in before.items():
-            disk = registry.get(name)
-            assert disk.current_change_id == current, name  # the same epoch: no reset
-            assert [(e.offset, e.length) for e in disk.query_changed_areas(
-                snap_id).changed_areas] == [(MiB, 4096)], name
-            assert disk.pread(2 * MiB, 0) == content
+        check_disks_kept(registry, before, (MiB, 4096))
         assert registry.vm("vm1").disks == ("d0", "api-token")
     finally:
         registry.close()
