@@ -40,11 +40,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Any
 
 from blocktrail.disk.restoring import ChunkUnavailable
-from blocktrail.errors import BlocktrailError, CorruptMetadata, NoSpace
+from blocktrail.errors import BlocktrailError, CorruptMetadata
 from blocktrail.passwords import NO_SOURCES, PasswordSources, password_source
 from blocktrail.pipeline import background_priority
 from blocktrail.repo import Repository, RestorePoint
-from blocktrail.repo.backend import BackendDenied, BackendReadOnly
 from blocktrail.repo.leases import Lease
 from blocktrail.repo.location import is_s3_url
 from blocktrail.repo.objects import ZERO_DIGEST
@@ -519,7 +518,7 @@ class RepositoryChunkSource:
         try:
             point = repo.point(self.point_id)
             if self._hold_lease:
-                lease = self._take_lease(repo, point.id)
+                lease = repo.reader_lease(point.id)
             if self._chunk_size is not None and point.chunk_size != self._chunk_size:
                 raise CorruptMetadata(
                     f"restore point {point.id} has chunks of {point.chunk_size} bytes, not "
@@ -537,21 +536,6 @@ class RepositoryChunkSource:
             raise
         self._chunk_size, self._size_bytes = point.chunk_size, point.size_bytes
         return _Connection(repo, point, pages, lease)
-
-    def _take_lease(self, repo: Repository, point_id: str) -> Lease | None:
-        """A writer lease naming the point as its base; None where none can be written."""
-        try:
-            lease = repo.writer_lease(f"read restore point {point_id}")
-        except (BackendDenied, BackendReadOnly, NoSpace) as exc:
-            log.info("reading restore point %s in %s without a lease (%s): a forget and prune "
-                     "there may remove it meanwhile", point_id, self.location, exc)
-            return None
-        try:
-            repo.record_base(lease, point_id)
-        except BaseException:
-            lease.release()
-            raise
-        return lease
 
     def _page_digests(self, conn: _Connection, page_no: int) -> list[bytes]:
         hexname = conn.pages[page_no]

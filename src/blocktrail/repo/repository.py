@@ -7,14 +7,21 @@ repair, forget and prune (each in its own module).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from blocktrail.errors import InvalidArgument, is_no_space
+from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import FileHandle, FileIO, is_zeros
 from blocktrail.repo import crypto, keys, layout
-from blocktrail.repo.backend import Backend, BackendError, ObjectNotFound
+from blocktrail.repo.backend import (
+    Backend,
+    BackendDenied,
+    BackendError,
+    BackendReadOnly,
+    ObjectNotFound,
+)
 from blocktrail.repo.check import CheckReport, check_repository
 from blocktrail.repo.errors import (
     PasswordRequired,
@@ -30,13 +37,14 @@ from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, Buffer, EncryptedCodec, PlainCodec
 from blocktrail.repo.prune import PruneReport, prune_repository
 from blocktrail.repo.repair import RepairReport, repair_repository
-from blocktrail.repo.restore import restore_into, restore_point
+from blocktrail.repo.restore import restore_into, restore_point, restore_target
 from blocktrail.repo.retention import RetentionPolicy
 from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.sink import PackSink
 from blocktrail.repo.store import Store
 from blocktrail.repo.writer import PointWriter, check_parent
 
+log = logging.getLogger("blocktrail.restore")
 Progress = Callable[[int, int], None]
 LOCAL_DIRECTORIES = ("packs", "index", "points", "locks", "quarantine", "verify", "leases",
                      "gc", "keys")
@@ -235,14 +243,48 @@ class Repository(Store):
     def restore(self, point_id: str, target: str, progress: Progress | None = None,
                 fileio: FileIO | None = None) -> int:
         """Write the point's disk image to ``target`` (sparse). Every chunk is checked; on
-        any damage nothing is left at ``target``. -> bytes of data written."""
-        return restore_point(self, self.point(point_id), target, progress, fileio)
+        any damage nothing is left at ``target``. A target that is no regular file is refused
+        before anything is read. -> bytes of data written."""
+        target = restore_target(target)
+        with self.reading(point_id) as point:
+            return restore_point(self, point, target, progress, fileio)
 
     def restore_into(self, point_id: str, handle: FileHandle,
                      progress: Progress | None = None) -> int:
         """Write the point's disk image into an open file (sparse, every chunk checked; not
         fsynced). -> bytes of data written."""
-        return restore_into(self, handle, self.point(point_id), progress)
+        with self.reading(point_id) as point:
+            return restore_into(self, handle, point, progress)
+
+    @contextlib.contextmanager
+    def reading(self, point_id: str) -> Iterator[RestorePoint]:
+        """The point, kept from `forget` and `prune` while the caller reads it (a reader
+        lease, `reader_lease`)."""
+        lease = self.reader_lease(point_id)
+        try:
+            yield self.point(point_id)  # read once its lease names it: a forget puts it back
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def reader_lease(self, point_id: str) -> Lease | None:
+        """A writer lease naming the point as its base, as a running incremental's does: no
+        forget removes the point and no prune sweeps while it is held. None where none can be
+        written (a read-only repository, no write permission, a full one): then a forget and
+        prune may remove the point meanwhile, and what reads it fails rather than make
+        anything up."""
+        try:
+            lease = self.writer_lease(f"read restore point {point_id}")
+        except (BackendDenied, BackendReadOnly, NoSpace) as exc:
+            log.info("reading restore point %s in %s without a lease (%s): a forget and prune "
+                     "there may remove it meanwhile", point_id, self.location, exc)
+            return None
+        try:
+            self.record_base(lease, point_id)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     # ------------------------------------------------------------------ check, repair, prune
 

@@ -94,9 +94,10 @@ def restore_target(target: str) -> str:
     regular file; through a symbolic link, the regular file it leads to (the link stays, as
     `cp` writes through one). Anything else is refused here, before anything is read or
     written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
-    file, and a link that leads nowhere may be a typo."""
+    file, and a link that leads nowhere may be a typo; so is a name that cannot be named
+    beside (`partial_name`)."""
     if not os.path.basename(target):
-        return target  # no file name: `partial_name` says so
+        partial_name(target)  # no file name: it says so
     try:
         found = os.stat(target)
     except OSError as exc:
@@ -104,9 +105,12 @@ def restore_target(target: str) -> str:
             raise InvalidArgument(f"restore target {target} is a symbolic link to "
                                   f"{os.readlink(target)!r}, which leads to no file "
                                   f"({exc.strerror})") from None
-        return target  # missing (it is made), or a name the checks that follow refuse
+        partial_name(target)  # a name too long is refused here too
+        return target  # missing: it is made
     if stat.S_ISREG(found.st_mode):
-        return os.path.realpath(target) if os.path.islink(target) else target
+        target = os.path.realpath(target) if os.path.islink(target) else target
+        partial_name(target)
+        return target
     kind = file_kind(found.st_mode)
     hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "
             "--nbd unix:SOCKET`) and copy it with `nbdcopy 'nbd+unix:///POINT?socket=SOCKET' "

@@ -854,6 +854,34 @@ def test_a_point_a_backup_takes_as_its_base_while_it_is_forgotten_is_put_back(
     assert repo.check(read_data=True).ok
 
 
+def test_a_restore_keeps_its_point_from_forget_and_prune(
+        repo: Repository, target: RepoTarget, tmp_path: Path) -> None:
+    """A restore to a file holds a lease naming its point (as an incremental names its base):
+    a forget meanwhile that would remove the point keeps it, and a prune deletes nothing it
+    reads. Once the restore is done, they remove it."""
+    chunks = image(71, 40)
+    old = store(repo, "d", chunks)
+    store(repo, "d", image(72, 4))  # the newest: `keep_last=1` keeps it alone
+    other = target.open()  # another process's view
+    meanwhile: list[Any] = []
+
+    def progress(done: int, total: int) -> None:
+        if not meanwhile:  # the first chunks are written, the rest still to be read
+            meanwhile.append(other.forget_points(RetentionPolicy(keep_last=1), "d"))
+            meanwhile.append(other.prune())
+
+    out = tmp_path / "old.raw"
+    repo.restore(old.id, str(out), progress)
+    assert out.read_bytes() == b"".join(chunks)
+    forgot, pruned = meanwhile
+    assert [p.id for p in forgot.kept_as_base] == [old.id] and forgot.forgotten == ()
+    assert pruned.packs_deleted == 0
+    assert not list(repo.backend.list(layout.LEASES))  # released
+    assert [p.id for p in other.forget(RetentionPolicy(keep_last=1), "d")] == [old.id]
+    assert other.prune().packs_deleted >= 1
+    assert repo.check(read_data=True).ok
+
+
 def test_a_base_put_back_takes_back_the_failed_point_it_builds_on(
         repo: Repository, target: RepoTarget, monkeypatch: pytest.MonkeyPatch) -> None:
     """A backup names a point as its base after forget looked at the leases: the base comes
