@@ -137,9 +137,24 @@ def check_repository(repo: Store, *, read_data: bool = False,
     return CheckReport(
         points=len(points), chunks_referenced=sum(
             1 for kind in walk.kinds.values() if kind == KIND_CHUNK),
-        chunks_read=chunks_read, problems=tuple(walk.problems),
+        chunks_read=chunks_read, problems=tuple(_gone_meanwhile(repo, walk.problems)),
         unreferenced_files=len(repo.pack_ids() - used_packs), temp_files=len(repo.temp_files()),
         quarantined=tuple(walk.found), quarantined_before=quarantined_before)
+
+
+def _gone_meanwhile(repo: Store, problems: list[Problem]) -> list[Problem]:
+    """Without what a forget and prune beside this check made look missing: an object or a
+    pack whose restore points are all gone by now (forgotten after the manifests were read),
+    or a pack no point used that no index file names any more (deleted by a prune as dead,
+    which also takes it out of the index).
+    The manifests and the index are listed and read again to tell; what a point that is still
+    there misses stays a problem."""
+    if not any(p.cause == "missing" for p in problems):
+        return problems
+    now = {layout.point_id_of(info.name) for info in repo.backend.list(layout.POINTS)}
+    named = repo.reload_index().named_packs()  # a pack deleted by hand stays named
+    return [p for p in problems if p.cause != "missing" or set(p.affected_points) & now
+            or (not p.affected_points and (p.kind != "pack" or p.name in named))]
 
 
 def _check_manifests(repo: Store, walk: _Walk) -> list[RestorePoint]:

@@ -232,6 +232,11 @@ class ChunkIndex:
         """Objects an index file names whose every copy is unusable (damaged, pack gone)."""
         return frozenset(self._lost)
 
+    def named_packs(self) -> set[str]:
+        """The packs the index files name: with a usable copy, or gone."""
+        return {loc.pack_id for loc in self._usable.values()} | {
+            pack for _, pack in self._lost.values() if pack is not None}
+
     def why_missing(self, name: bytes) -> str:
         lost = self._lost.get(name)
         return "it is in no index file" if lost is None else lost[0]

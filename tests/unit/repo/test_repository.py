@@ -283,6 +283,40 @@ def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
     assert repo.check(read_data=True).ok
 
 
+@pytest.mark.parametrize("when", ["before the index is read", "before the packs are read"])
+def test_a_check_beside_a_forget_and_prune_finds_nothing_wrong(
+        repo: Repository, target: RepoTarget, monkeypatch: pytest.MonkeyPatch,
+        when: str) -> None:
+    """A forget and a prune run while check reads: after it read the manifests (the index it
+    reads next no longer names a forgotten point's objects), or after it listed the packs (a
+    pack it lists is deleted as dead before it reads it). Check reports nothing (it reads the
+    manifests and the index again before it says a thing is missing), where it said a
+    forgotten point's page table, or a dead pack, was missing. What a kept point misses is
+    still reported."""
+    old = store(repo, "d", image(91, 8))
+    kept = store(repo, "d", image(92, 8))  # the newest: `keep_last=1` keeps it alone
+    other = target.open()  # another process's view
+    ran: list[Any] = []
+    hooked = "reload_index" if when == "before the index is read" else "pack_sizes"
+    real = getattr(repo, hooked)
+
+    def forget_and_prune_first() -> Any:
+        if not ran:
+            ran.append(other.forget(RetentionPolicy(keep_last=1), "d"))
+            ran.append(other.prune())
+        return real()
+
+    monkeypatch.setattr(repo, hooked, forget_and_prune_first)
+    report = repo.check(read_data=True)
+    monkeypatch.undo()
+    assert [p.id for p in ran[0]] == [old.id] and ran[1].packs_deleted >= 1
+    assert report.ok, report.problems
+    pack = next(iter({loc.pack_id for _, loc in repo.index.items()}))
+    repo.backend.delete(layout.pack(pack))  # a pack the kept point needs, gone
+    found = repo.check()
+    assert not found.ok and found.affected_points == {kept.id}
+
+
 @pytest.mark.encrypted_s3
 def test_prune_keeps_naming_a_copy_a_writer_deduplicated_against(
         repo: Repository, tmp_path: Path, target: RepoTarget) -> None:
