@@ -107,6 +107,12 @@ class SnapshotReadsInFlight(DiskBusy):
     slowly, or not at all)."""
 
 
+class TargetBusy(BlocktrailError):
+    """A restore's target file is locked by another process (the image of a running VM)."""
+
+    exit_code = ExitCode.BUSY
+
+
 class DiskClosed(BlocktrailError):
     exit_code = ExitCode.BUSY
 

@@ -17,6 +17,7 @@ import functools
 import mmap
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,6 +114,27 @@ _KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
 def file_kind(mode: int) -> str:
     """What a file of ``mode`` (`os.stat`'s ``st_mode``) is, for a message: "a FIFO"."""
     return next((kind for test, kind in _KINDS if test(mode)), "a file of an unknown kind")
+
+
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: type, whence, start, length, pid
+
+
+def locked_by_another(path: str) -> bool:
+    """Whether another open file holds a POSIX or OFD lock on any byte of the file ``path``
+    (QEMU locks the image files of a running VM so); False where it cannot be asked (no read
+    permission)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                             _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @functools.lru_cache(maxsize=16)  # a few lengths recur (a chunk, a read); others come and go

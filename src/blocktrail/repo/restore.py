@@ -18,8 +18,15 @@ import secrets
 import stat
 from collections.abc import Callable
 
-from blocktrail.errors import InvalidArgument, NoSpace, is_no_space
-from blocktrail.fileio import FileHandle, FileIO, OsFileIO, file_kind, start_writeback
+from blocktrail.errors import InvalidArgument, NoSpace, TargetBusy, is_no_space
+from blocktrail.fileio import (
+    FileHandle,
+    FileIO,
+    OsFileIO,
+    file_kind,
+    locked_by_another,
+    start_writeback,
+)
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
@@ -95,7 +102,8 @@ def restore_target(target: str) -> str:
     `cp` writes through one). Anything else is refused here, before anything is read or
     written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
     file, and a link that leads nowhere may be a typo; so is a name that cannot be named
-    beside (`partial_name`)."""
+    beside (`partial_name`). A file another process holds a lock on (a running VM's image)
+    is refused (`TargetBusy`): the VM's writes would go on into the file replaced."""
     if not os.path.basename(target):
         partial_name(target)  # no file name: it says so
     try:
@@ -110,6 +118,11 @@ def restore_target(target: str) -> str:
     if stat.S_ISREG(found.st_mode):
         target = os.path.realpath(target) if os.path.islink(target) else target
         partial_name(target)
+        if locked_by_another(target):
+            raise TargetBusy(f"restore target {target} is in use: another process holds a lock "
+                             "on it (QEMU locks the image of a running VM, which would go on "
+                             "writing into the file replaced, and lose those writes). Stop it "
+                             "first, or restore to another file")
         return target
     kind = file_kind(found.st_mode)
     hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "

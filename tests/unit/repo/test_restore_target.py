@@ -2,22 +2,28 @@
 permissions, owner and group the image takes, so that a hypervisor that read the old one reads
 the new one), the file a symbolic link leads to (the link stays). Anything else (a device node,
 a FIFO, a socket, a directory, a link to nothing) is refused before anything is read or written:
-renamed over, a device node would be replaced by a file."""
+renamed over, a device node would be replaced by a file. So is a file another process holds a
+lock on: a running VM's image."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import stat
+import struct
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from test_repository import image, store
 
-from blocktrail.errors import InvalidArgument
+from blocktrail.errors import InvalidArgument, TargetBusy
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo.manifest import RestorePoint
+from hostproc import require_tools
 from s3server import TEST_ENCRYPTION
 
 ROOT = os.geteuid() == 0
@@ -110,3 +116,52 @@ def test_what_is_no_regular_file_is_refused_and_left_alone(
             assert "nbdcopy" in refused.value.message, name
     assert {p.name: (p.lstat().st_mode, p.lstat().st_ino) for p in out.iterdir()} == before
     assert not (out / "nowhere").exists()
+
+
+def _qemu_like_lock(path: Path) -> int:
+    """A shared lock on byte 100 of ``path``, on a descriptor of its own (an open file
+    description, as another process's): what QEMU takes on the image of a running VM."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
+                                                   100, 1, 0))  # struct flock
+    return fd
+
+
+def test_a_file_another_process_holds_a_lock_on_is_left_alone(
+        point: tuple[Repository, RestorePoint, bytes], tmp_path: Path) -> None:
+    """A running VM's image (QEMU holds locks on it): replaced, the VM would go on writing into
+    the old file, and those writes would be lost. Refused; once the lock is gone, restored."""
+    repo, restore_point, content = point
+    target = tmp_path / "vm.raw"
+    target.write_bytes(b"the image a VM runs on")
+    fd = _qemu_like_lock(target)
+    try:
+        with pytest.raises(TargetBusy, match="in use"):
+            repo.restore(restore_point.id, str(target))
+        assert target.read_bytes() == b"the image a VM runs on"
+    finally:
+        os.close(fd)
+    repo.restore(restore_point.id, str(target))
+    assert target.read_bytes() == content
+
+
+@pytest.mark.interop
+def test_an_image_qemu_nbd_serves_is_left_alone(tmp_path: Path) -> None:
+    require_tools("qemu-nbd")
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    restore_point = store(repo, "d", image(4, 4))
+    target = tmp_path / "vm.raw"
+    target.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", str(target)])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sock.exists(), "qemu-nbd did not start"
+        with pytest.raises(TargetBusy, match="in use"):
+            repo.restore(restore_point.id, str(target))
+        assert target.read_bytes() == bytes(1 << 20)
+    finally:
+        server.terminate()
+        server.wait(10)
