@@ -75,8 +75,9 @@ class FileIO(Protocol):
     def take_access(self, handle: FileHandle, path: str) -> None:
         """Give the file of ``handle`` the permissions, owner and group of the regular file
         ``path`` it is about to replace, as far as this user may (the owner where files may be
-        given away, as by root; the group where this user is in it); nothing when ``path`` is
-        missing or no regular file. Set-ID and sticky bits are not taken."""
+        given away, as by root; the group where this user is in it; what the file system cannot
+        keep, it does not); nothing when ``path`` is missing or no regular file. Set-ID and
+        sticky bits are not taken."""
         ...
     def rename(self, src: str, dst: str) -> None: ...
     def unlink(self, path: str) -> None: ...
@@ -411,14 +412,14 @@ class OsFileIO:
             if fd is not None:
                 os.close(fd)
             return
-        try:
+        try:  # as far as permitted, and as the file system can (vfat, CIFS: a restore
+            # that wrote a whole image does not fail over a file mode)
             for owner in (replaced.st_uid, -1):  # the owner and group, else the group alone
-                try:
+                with contextlib.suppress(OSError):
                     os.fchown(fd, owner, replaced.st_gid)
                     break
-                except PermissionError:
-                    continue
-            os.fchmod(fd, stat.S_IMODE(replaced.st_mode) & 0o777)
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, stat.S_IMODE(replaced.st_mode) & 0o777)
         finally:
             os.close(fd)
 

@@ -63,6 +63,23 @@ def test_a_replaced_file_keeps_its_permissions_owner_and_group(
     assert stat.S_IMODE(new.stat().st_mode) == 0o600
 
 
+def test_a_file_system_that_keeps_no_modes_or_owners_restores_all_the_same(
+        point: tuple[Repository, RestorePoint, bytes], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vfat or CIFS refuse chmod and chown: the image is restored, with the mode it has."""
+    repo, restore_point, content = point
+    target = tmp_path / "vm.raw"
+    target.write_bytes(b"old")
+
+    def refused(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    monkeypatch.setattr(os, "fchown", refused)
+    repo.restore(restore_point.id, str(target))
+    assert target.read_bytes() == content
+
+
 def test_a_symbolic_link_is_written_through(point: tuple[Repository, RestorePoint, bytes],
                                             tmp_path: Path) -> None:
     repo, restore_point, content = point
