@@ -107,8 +107,9 @@ class SnapshotReadsInFlight(DiskBusy):
     slowly, or not at all)."""
 
 
-class TargetBusy(BlocktrailError):
-    """A restore's target file is locked by another process (the image of a running VM)."""
+class FileInUse(BlocktrailError):
+    """A file another process holds a lock on (the image of a running VM): not replaced by a
+    restore, nor imported."""
 
     exit_code = ExitCode.BUSY
 

@@ -129,13 +129,19 @@ def locked_by_another(path: str) -> bool:
     except OSError:
         return False
     try:
-        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                             _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-        return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
-    except OSError:
-        return False
+        return lock_held(fd)
     finally:
         os.close(fd)
+
+
+def lock_held(fd: int) -> bool:
+    """`locked_by_another` of an open file (its own locks, on ``fd``, do not count)."""
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                             _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return False
+    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
 
 
 @functools.lru_cache(maxsize=16)  # a few lengths recur (a chunk, a read); others come and go

@@ -23,11 +23,19 @@ from blocktrail.errors import (
     BlocktrailError,
     DiskExists,
     DiskIOFailure,
+    FileInUse,
     InvalidArgument,
     io_error,
 )
 from blocktrail.extents import Extent
-from blocktrail.fileio import FileIO, OsFileHandle, OsFileIO, file_kind, is_zeros
+from blocktrail.fileio import (
+    FileIO,
+    OsFileHandle,
+    OsFileIO,
+    file_kind,
+    is_zeros,
+    lock_held,
+)
 
 IMPORT_CHUNK = 1 << 20
 # A disk being built: DIR/.creating-NAME-RANDOM (never a disk name: those start with a letter or
@@ -202,6 +210,11 @@ class RawImage:
                 raise InvalidArgument(f"cannot import {path!r}: it was replaced while it was "
                                       "opened; try again")
             _check_kind(path, after.st_mode)
+            if lock_held(fd):
+                raise FileInUse(f"cannot import {path!r}: it is in use: another process holds "
+                                "a lock on it (QEMU locks the image of a running VM, which "
+                                "changes it while it is read: the copy would mix its states). "
+                                "Stop it first, or import a copy made while it was stopped")
             block = stat.S_ISBLK(after.st_mode)
             size = os.lseek(fd, 0, os.SEEK_END) if block else after.st_size  # a device's
             # st_size is 0

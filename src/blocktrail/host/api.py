@@ -32,6 +32,7 @@ from blocktrail.errors import (
     DiskExists,
     DiskIOFailure,
     DiskNotFound,
+    FileInUse,
     HostBusy,
     InvalidArgument,
     NoSpace,
@@ -83,7 +84,7 @@ _STATUS: list[tuple[type[BlocktrailError], int]] = [
     (Unauthorized, 401),
     (DiskNotFound, 404), (SnapshotNotFound, 404), (VmNotFound, 404),
     (DiskExists, 409), (SnapshotExists, 409), (DiskBusy, 409), (DiskClosed, 409),
-    (HostBusy, 409),
+    (HostBusy, 409), (FileInUse, 409),
     (ChangeIdError, 422), (OutOfRange, 416), (InvalidArgument, 400), (ReadOnly, 400),
     (NoSpace, 507),
 ]

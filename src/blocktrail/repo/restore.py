@@ -18,7 +18,7 @@ import secrets
 import stat
 from collections.abc import Callable
 
-from blocktrail.errors import InvalidArgument, NoSpace, TargetBusy, is_no_space
+from blocktrail.errors import FileInUse, InvalidArgument, NoSpace, is_no_space
 from blocktrail.fileio import (
     FileHandle,
     FileIO,
@@ -103,7 +103,7 @@ def restore_target(target: str) -> str:
     written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
     file, and a link that leads nowhere may be a typo; so is a name that cannot be named
     beside (`partial_name`). A file another process holds a lock on (a running VM's image)
-    is refused (`TargetBusy`): the VM's writes would go on into the file replaced."""
+    is refused (`FileInUse`): the VM's writes would go on into the file replaced."""
     if not os.path.basename(target):
         partial_name(target)  # no file name: it says so
     try:
@@ -119,7 +119,7 @@ def restore_target(target: str) -> str:
         target = os.path.realpath(target) if os.path.islink(target) else target
         partial_name(target)
         if locked_by_another(target):
-            raise TargetBusy(f"restore target {target} is in use: another process holds a lock "
+            raise FileInUse(f"restore target {target} is in use: another process holds a lock "
                              "on it (QEMU locks the image of a running VM, which would go on "
                              "writing into the file replaced, and lose those writes). Stop it "
                              "first, or restore to another file")

@@ -5,9 +5,11 @@ InvalidArgument and creates nothing, and a FIFO never blocks the importer."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import BUILDING_PREFIX, import_raw
-from blocktrail.errors import DiskExists, DiskNoSpace, InvalidArgument
+from blocktrail.errors import DiskExists, DiskNoSpace, FileInUse, InvalidArgument
 
 MiB = 1 << 20
 
@@ -93,6 +95,25 @@ def test_a_fifo_a_directory_and_a_socket_are_refused(fifo: Path, tmp_path: Path)
         _refused(tmp_path / "sock", tmp_path, "a socket")
     finally:
         sock.close()
+
+
+def test_an_image_another_process_holds_a_lock_on_is_refused(tmp_path: Path) -> None:
+    """A running VM's image (QEMU holds a shared lock on its byte 100): it changes while it is
+    read, and the copy would mix its states. Refused, nothing created; imported once the lock
+    is gone."""
+    raw = tmp_path / "vm.raw"
+    raw.write_bytes(os.urandom(MiB))
+    fd = os.open(raw, os.O_RDWR)  # an open file of its own, as another process's
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
+                                                   100, 1, 0))  # struct flock
+    try:
+        with pytest.raises(FileInUse, match="in use"):
+            import_raw(raw, tmp_path / "d")
+        _nothing_created(tmp_path, tmp_path / "d")
+    finally:
+        os.close(fd)
+    with import_raw(raw, tmp_path / "d") as disk:
+        assert disk.pread(MiB, 0) == raw.read_bytes()
 
 
 def test_a_file_swapped_for_a_fifo_after_the_check_does_not_block(

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from test_repository import image, store
 
-from blocktrail.errors import InvalidArgument, TargetBusy
+from blocktrail.disk.importer import import_raw
+from blocktrail.errors import FileInUse, InvalidArgument
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo.manifest import RestorePoint
@@ -153,7 +154,7 @@ def test_a_file_another_process_holds_a_lock_on_is_left_alone(
     target.write_bytes(b"the image a VM runs on")
     fd = _qemu_like_lock(target)
     try:
-        with pytest.raises(TargetBusy, match="in use"):
+        with pytest.raises(FileInUse, match="in use"):
             repo.restore(restore_point.id, str(target))
         assert target.read_bytes() == b"the image a VM runs on"
     finally:
@@ -163,7 +164,7 @@ def test_a_file_another_process_holds_a_lock_on_is_left_alone(
 
 
 @pytest.mark.interop
-def test_an_image_qemu_nbd_serves_is_left_alone(tmp_path: Path) -> None:
+def test_an_image_qemu_nbd_serves_is_neither_replaced_nor_imported(tmp_path: Path) -> None:
     require_tools("qemu-nbd")
     repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
     restore_point = store(repo, "d", image(4, 4))
@@ -176,9 +177,12 @@ def test_an_image_qemu_nbd_serves_is_left_alone(tmp_path: Path) -> None:
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert sock.exists(), "qemu-nbd did not start"
-        with pytest.raises(TargetBusy, match="in use"):
+        with pytest.raises(FileInUse, match="in use"):
             repo.restore(restore_point.id, str(target))
         assert target.read_bytes() == bytes(1 << 20)
+        with pytest.raises(FileInUse, match="in use"):  # nor imported: it changes meanwhile
+            import_raw(target, tmp_path / "imported")
+        assert not (tmp_path / "imported").exists()
     finally:
         server.terminate()
         server.wait(10)
