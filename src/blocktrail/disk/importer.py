@@ -221,8 +221,14 @@ class RawImage:
             image = cls(path, fd, size, block)
             try:
                 image.check_whole()
+                kind = container_format(image.pread(min(size, 512), 0))
             except DiskIOFailure as exc:  # not even its end can be read: no raw image
                 raise InvalidArgument(f"cannot import {path!r}: {exc.message}") from exc
+            if kind is not None:
+                raise InvalidArgument(
+                    f"cannot import {path!r}: it is a {kind} image, not a raw one (its data "
+                    f"would be taken for the disk's); convert it first (`qemu-img convert -O "
+                    f"raw {path} IMAGE.raw`) and import that")
         except BaseException:
             os.close(fd)
             raise
@@ -265,6 +271,19 @@ class RawImage:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+# The headers of the image formats QEMU also reads (qemu's block drivers probe them so).
+_CONTAINERS = ((0, b"QFI\xfb", "qcow2"), (0, b"QED\x00", "QED"), (0, b"KDMV", "VMDK"),
+               (0, b"# Disk DescriptorFile", "VMDK descriptor"), (0, b"vhdxfile", "VHDX"),
+               (0, b"conectix", "VHD"), (64, b"\x7f\x10\xda\xbe", "VDI"))
+
+
+def container_format(head: bytes) -> str | None:
+    """The image format whose header ``head`` (an image's first bytes) is, if any: a disk's
+    first sector is a boot record or a partition table, never one of these."""
+    return next((name for at, magic, name in _CONTAINERS
+                 if head[at : at + len(magic)] == magic), None)
 
 
 def _check_kind(path: str, mode: int) -> None:

@@ -97,6 +97,27 @@ def test_a_fifo_a_directory_and_a_socket_are_refused(fifo: Path, tmp_path: Path)
         sock.close()
 
 
+@pytest.mark.parametrize(("header", "kind"), [
+    (b"QFI\xfb\x00\x00\x00\x03", "qcow2"), (b"KDMV", "VMDK"), (b"vhdxfile", "VHDX"),
+    (b"conectix", "VHD"), (bytes(64) + b"\x7f\x10\xda\xbe", "VDI")])
+def test_an_image_of_another_format_is_refused(tmp_path: Path, header: bytes,
+                                               kind: str) -> None:
+    """Imported as raw, a qcow2 (or VMDK, VHDX, VHD, VDI) file's bytes would be taken for the
+    disk's: a disk that boots nothing, whose backups all succeed. Refused, saying how to
+    convert it."""
+    source = tmp_path / "vm.img"
+    source.write_bytes(header + bytes(MiB - len(header)))
+    _refused(source, tmp_path, f"it is a {kind} image, not a raw one")
+
+
+def test_a_qcow2_image_qemu_img_made_is_refused(tmp_path: Path) -> None:
+    from hostproc import require_tools
+    require_tools("qemu-img")
+    source = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "1M"], check=True)
+    _refused(source, tmp_path, "qemu-img convert -O raw")
+
+
 def test_an_image_another_process_holds_a_lock_on_is_refused(tmp_path: Path) -> None:
     """A running VM's image (QEMU holds a shared lock on its byte 100): it changes while it is
     read, and the copy would mix its states. Refused, nothing created; imported once the lock
