@@ -124,6 +124,9 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     assert run(capsys, "restore", repo_dir, point, "--to", str(target), "--format", "qcow2")[0] == 0
     assert os.listdir(out) == ["restored.qcow2"]
     assert target.stat().st_mode & 0o777 == 0o640
+    named = tmp_path / "vm.QCOW2"  # no --format: a raw image under a qcow2 name is refused
+    assert main(["restore", repo_dir, point, "--to", str(named)]) == 2
+    assert "--format qcow2" in capsys.readouterr().err and not named.exists()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # renamed over, it would be a file: refused before anything is written
     assert main(["restore", repo_dir, point, "--to", str(fifo), "--format", "qcow2"]) == 2

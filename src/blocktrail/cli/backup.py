@@ -540,7 +540,8 @@ def _disk_names(host: str) -> dict[str, str]:
                    "and owner the image takes (a symbolic link is written through; a device "
                    "is refused). Not with --instant.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
-              help="Of the file --to: raw (the default) or qcow2.")
+              help="Of the file --to: raw (the default) or qcow2 (a name ending in .qcow2 "
+                   "needs it said).")
 @click.option("--instant", is_flag=True,
               help="Create the disk --disk on the host --host whose content is POINT at once "
                    "(readable and bootable over NBD now, its writes tracked; the rest is copied "
@@ -575,6 +576,9 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
         raise InvalidArgument("give --to FILE (or --instant --host API --disk NAME)")
     if disk_name is not None or fill_rate is not None:
         raise InvalidArgument("--disk and --fill-rate go with --instant")
+    if fmt is None and target.lower().endswith(".qcow2"):  # raw bytes under that name: a
+        raise InvalidArgument(f"--to {target}: its name says qcow2; give --format qcow2 for "
+                              "a qcow2 image, or --format raw for a raw one of that name")
     fmt = fmt or "raw"
     with open_repo(repo_path, endpoint, region, profile, writes=False) as repo, \
             progress_bar("restore", as_json, unit_bytes=repo.chunk_size) as progress:
