@@ -87,7 +87,10 @@ def test_an_nbd_uri_of_the_hosts_snapshot_export_with_its_change_id(
     assert full["point"]["change_id"] == f"qemu:dirty-bitmap:{first}"  # type: ignore[index]
     inc = cli(capsys, "backup", s2, "--repo", repo, "--disk-id", "disk0", "--bitmap", first)
     assert inc["kind"] == "incremental" and inc["bytes_read"] == 128 << 10
-    verdict = cli(capsys, "verify", repo, inc["point"]["id"], "--against", s2)  # type: ignore[index]
+    point = inc["point"]["id"]  # type: ignore[index]
+    code = main(["verify", repo, point, "--against", s2])  # the URI is another disk ID
+    assert code == 2 and "give verify the same --disk-id" in capsys.readouterr().err
+    verdict = cli(capsys, "verify", repo, point, "--against", s2, "--disk-id", "disk0")
     assert verdict["identical"]
     code = main(["backup", "disk0", "--repo", repo, "--bitmap", "bm0"])
     assert code == 2 and "--bitmap and --disk-id are for NBD URIs" in capsys.readouterr().err

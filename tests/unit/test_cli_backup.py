@@ -53,6 +53,10 @@ def test_backup_points_restore_verify(disk_and_repo: tuple[str, str], tmp_path: 
         assert target.read_bytes() == disk.pread(disk.size_bytes, 0)
     code, verdict = run(capsys, "verify", repo_dir, point, "--against", disk_dir)
     assert code == 0 and verdict["identical"]  # type: ignore[index]
+    Disk.create(tmp_path / "other", 8 << 20).close()  # another disk: its verdict would be
+    assert main(["verify", repo_dir, point, "--against", str(tmp_path / "other")]) == 2
+    assert "verify a point against the disk it was taken of" in capsys.readouterr().err
+    assert run(capsys, "points", repo_dir)[1][-1]["verify_state"] == "ok"  # type: ignore[index]
     with Disk.open(disk_dir) as disk:
         disk.pwrite(b"\x01" * 10, 0)  # the disk moved on: verify reports it, exit code 13
     code, verdict = run(capsys, "verify", repo_dir, point, "--against", disk_dir)

@@ -64,8 +64,9 @@ class _Comparison:
 def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str | None, *,
                  heal: bool = False, progress: Progress | None = None,
                  lease: Lease | None = None) -> VerifyReport:
-    """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary
-    snapshot of the live disk), and read every stored chunk. Records the verify state; with
+    """Compare every chunk of the point with the source's ``snapshot`` (None: a temporary snapshot
+    of the live disk), and read every stored chunk. The source must be the point's disk (its
+    disk ID): another disk is refused before anything is read. Records the verify state; with
     ``heal``, stores lost chunks again (their bytes have the stored digest: any state of the
     source that still holds them will do) and writes a corrected successor for differences
     (under ``lease``, the disk's lease the caller holds; None: one taken for it) when
@@ -73,6 +74,11 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
     repository that may only be read gets the comparison without the record
     (`VerifyReport.not_recorded`)."""
     with repo.reading(point_id) as point:  # no forget or prune takes it meanwhile
+        if source.disk_id != point.disk_id:  # its state would be recorded from another disk
+            raise InvalidArgument(
+                f"restore point {point.id} was taken of disk {point.disk_id!r}, and the source "
+                f"is disk {source.disk_id!r}: verify a point against the disk it was taken of "
+                "(an NBD export backed up with --disk-id: give verify the same --disk-id)")
         temporary = snapshot is None
         if snapshot is None:
             taken = source.create_snapshot(f"blocktrail-verify-{point.id}")

@@ -644,6 +644,9 @@ def _restored_tracking(info: dict[str, Any]) -> str:
 @click.option("--bitmap", default=None, metavar="NAME",
               help="NBD URIs: the dirty bitmap the point was backed up with (--heal writes a "
                    "corrected point only against the point's own state).")
+@click.option("--disk-id", "disk_id", default=None, metavar="ID",
+              help="NBD URIs: the disk's identity in the repository, as given to its backup "
+                   "(default: the URI). A point is verified only against its own disk.")
 @click.option("--heal", is_flag=True,
               help="Store lost chunks again; write a corrected restore point if they differ "
                    "and the source is the point's own snapshot.")
@@ -651,7 +654,7 @@ def _restored_tracking(info: dict[str, Any]) -> str:
 def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | None,
            profile: str | None, against: str, host: str | None,
            tls_certificates: str | None, tls_psk_file: str | None, tls_username: str | None,
-           bitmap: str | None, heal: bool, as_json: bool) -> None:
+           bitmap: str | None, disk_id: str | None, heal: bool, as_json: bool) -> None:
     """Compare POINT with its source chunk by chunk, without trusting the tracker."""
     from blocktrail.backup.verify import verify_point
     disk_path, snapshot = against, ""
@@ -660,7 +663,7 @@ def verify(repo_path: str, point_id: str, endpoint: str | None, region: str | No
         if at:
             check_snapshot_name(snapshot)
     with open_repo(repo_path, endpoint, region, profile, writes=heal) as repo, \
-            open_source(disk_path, host, bitmap=bitmap,
+            open_source(disk_path, host, bitmap=bitmap, disk_id=disk_id,
                         tls=tls_parameters(tls_certificates, tls_psk_file, tls_username)) as src, \
             progress_bar("verify", as_json, unit_bytes=repo.chunk_size) as progress:
         report = verify_point(repo, point_id, src, snapshot or None, heal=heal,
