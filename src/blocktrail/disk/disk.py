@@ -117,6 +117,8 @@ class Disk:
             raise InvalidArgument(f"size must not be negative: {size_bytes}")
         if -(-size_bytes // granularity) > MAX_GRANULES:
             raise InvalidArgument(f"{size_bytes} bytes is more than 2^32 granules of {granularity}")
+        if fileio.exists(path) and not fileio.isdir(path):
+            raise DiskExists(f"{path} already exists and is not a directory")
         if fileio.exists(os.path.join(path, META_FILE)) or (
                 fileio.exists(path) and not _only_create_leftovers(fileio.listdir(path))):
             raise DiskExists(f"{path} already exists and is not empty")

@@ -114,6 +114,9 @@ def restore_target(target: str) -> str:
                                   f"{os.readlink(target)!r}, which leads to no file "
                                   f"({exc.strerror})") from None
         partial_name(target)  # a name too long is refused here too
+        if not os.path.isdir(target_directory(target)):
+            raise InvalidArgument(f"restore target {target}: its directory "
+                                  f"{target_directory(target)} does not exist") from None
         return target  # missing: it is made
     if stat.S_ISREG(found.st_mode):
         target = os.path.realpath(target) if os.path.islink(target) else target

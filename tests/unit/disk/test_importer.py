@@ -213,6 +213,10 @@ def test_an_existing_target_is_not_touched(tmp_path: Path) -> None:
         import_raw(raw, target)
     assert [p.name for p in target.iterdir()] == ["keep"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(BUILDING_PREFIX)]
+    for made in (lambda: import_raw(raw, raw), lambda: Disk.create(raw, MiB)):  # a file
+        with pytest.raises(DiskExists, match="already exists"):  # not "Not a directory"
+            made()
+    assert raw.read_bytes() == b"\x01" * 4096
 
 
 @pytest.fixture

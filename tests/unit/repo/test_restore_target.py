@@ -134,6 +134,8 @@ def test_what_is_no_regular_file_is_refused_and_left_alone(
             assert "nbdcopy" in refused.value.message, name
     assert {p.name: (p.lstat().st_mode, p.lstat().st_ino) for p in out.iterdir()} == before
     assert not (out / "nowhere").exists()
+    with pytest.raises(InvalidArgument, match=r"its directory .* does not exist"):
+        repo.restore(restore_point.id, str(out / "no such directory" / "vm.raw"))
 
 
 def _qemu_like_lock(path: Path) -> int:
