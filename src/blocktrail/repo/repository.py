@@ -245,7 +245,7 @@ class Repository(Store):
         """Write the point's disk image to ``target`` (sparse). Every chunk is checked; on
         any damage nothing is left at ``target``. A target that is no regular file is refused
         before anything is read. -> bytes of data written."""
-        target = restore_target(target)
+        target = restore_target(target, fileio)
         with self.reading(point_id) as point:
             return restore_point(self, point, target, progress, fileio)
 

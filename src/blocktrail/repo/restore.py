@@ -49,7 +49,7 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     and renamed over the target. Where the file system has no such files, it is written under
     that name from the start."""
     fio = fileio or OsFileIO()
-    target = restore_target(target)
+    target = restore_target(target, fio)
     partial = partial_name(target)
     try:
         handle = fio.create_unnamed(target_directory(target))
@@ -96,14 +96,15 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
         fio.fsync_dir(target_directory(target))
 
 
-def restore_target(target: str) -> str:
+def restore_target(target: str, fio: FileIO | None = None) -> str:
     """Where a restore to ``target`` puts its image: ``target`` when it is missing or a
     regular file; through a symbolic link, the regular file it leads to (the link stays, as
     `cp` writes through one). Anything else is refused here, before anything is read or
     written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
     file, and a link that leads nowhere may be a typo; so is a name that cannot be named
     beside (`partial_name`). A file another process holds a lock on (a running VM's image)
-    is refused (`FileInUse`): the VM's writes would go on into the file replaced."""
+    is refused (`FileInUse`): the VM's writes would go on into the file replaced. ``fio``: the
+    file layer the target's directory is looked up in (the kinds and locks are the system's)."""
     if not os.path.basename(target):
         partial_name(target)  # no file name: it says so
     try:
@@ -114,7 +115,7 @@ def restore_target(target: str) -> str:
                                   f"{os.readlink(target)!r}, which leads to no file "
                                   f"({exc.strerror})") from None
         partial_name(target)  # a name too long is refused here too
-        if not os.path.isdir(target_directory(target)):
+        if not (fio or OsFileIO()).isdir(target_directory(target)):
             raise InvalidArgument(f"restore target {target}: its directory "
                                   f"{target_directory(target)} does not exist") from None
         return target  # missing: it is made
