@@ -131,6 +131,14 @@ def test_restore_as_qcow2_compares_equal_with_qemu_img(disk_and_repo: tuple[str,
     named = tmp_path / "vm.QCOW2"  # no --format: a raw image under a qcow2 name is refused
     assert main(["restore", repo_dir, point, "--to", str(named)]) == 2
     assert "--format qcow2" in capsys.readouterr().err and not named.exists()
+    odd = tmp_path / "odd"  # a disk of 1000 bytes: qemu-img would make a qcow2 of 1024
+    with Disk.create(odd, 1000) as disk:
+        disk.pwrite(b"\x05" * 1000, 0)
+    _, small = run(capsys, "backup", str(odd), "--repo", repo_dir)
+    small_point = small["point"]["id"]  # type: ignore[index]
+    qcow2 = tmp_path / "odd.qcow2"
+    assert main(["restore", repo_dir, small_point, "--to", str(qcow2), "--format", "qcow2"]) == 2
+    assert "restore it as raw" in capsys.readouterr().err and not qcow2.exists()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # renamed over, it would be a file: refused before anything is written
     assert main(["restore", repo_dir, point, "--to", str(fifo), "--format", "qcow2"]) == 2

@@ -29,6 +29,7 @@ from blocktrail.repo.restore import (
     target_directory,
 )
 
+QCOW2_SECTOR = 512  # qemu-img rounds a qcow2 image's size up to whole sectors
 _NO_SPACE_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
                       "No space left on device", "Disk quota exceeded")
 
@@ -38,6 +39,11 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
     """-> bytes of data restored. On any failure the target is as it was."""
     fio = OsFileIO()  # the file layer, as every write of a restore: the crash sweeps see it
     target = restore_target(target)
+    size = repo.point(point_id).size_bytes
+    if size % QCOW2_SECTOR:
+        raise InvalidArgument(f"restore point {point_id} holds {size} bytes, not whole "
+                              f"{QCOW2_SECTOR}-byte sectors: a qcow2 image of it would be "
+                              "larger than the disk was; restore it as raw")
     directory, partial = target_directory(target), partial_name(target)
     raw = fio.create_unnamed(directory)
     if raw is None:
