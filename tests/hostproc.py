@@ -3,11 +3,13 @@ check that the tools nobody here wrote are installed (a failure under CI, a skip
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -164,3 +166,13 @@ class HostProcess:
             return client.call(method, path, **kwargs)
         finally:
             client.close()
+
+
+def qemu_like_lock(path: str | os.PathLike[str]) -> int:
+    """A shared lock on byte 100 of ``path``, on a descriptor of its own (an open file
+    description, as another process's): what QEMU takes on the image of a running VM. -> the
+    descriptor (closing it drops the lock)."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
+                                                   100, 1, 0))  # struct flock
+    return fd

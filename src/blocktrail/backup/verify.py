@@ -74,43 +74,48 @@ def verify_point(repo: Repository, point_id: str, source: Source, snapshot: str 
     repository that may only be read gets the comparison without the record
     (`VerifyReport.not_recorded`)."""
     with repo.reading(point_id) as point:  # no forget or prune takes it meanwhile
-        if source.disk_id != point.disk_id:  # its state would be recorded from another disk
+        return _verify(repo, point, source, snapshot, heal, progress, lease)
+
+
+def _verify(repo: Repository, point: RestorePoint, source: Source, snapshot: str | None,
+            heal: bool, progress: Progress | None, lease: Lease | None) -> VerifyReport:
+    if source.disk_id != point.disk_id:  # its state would be recorded from another disk
+        raise InvalidArgument(
+            f"restore point {point.id} was taken of disk {point.disk_id!r}, and the source "
+            f"is disk {source.disk_id!r}: verify a point against the disk it was taken of "
+            "(an NBD export backed up with --disk-id: give verify the same --disk-id)")
+    temporary = snapshot is None
+    if snapshot is None:
+        taken = source.create_snapshot(f"blocktrail-verify-{point.id}")
+        snapshot, change_id = taken.name, taken.change_id
+    else:
+        change_id = source.existing_snapshot(snapshot).change_id
+    try:
+        size = source.snapshot_size(snapshot)
+        if size != point.size_bytes:
             raise InvalidArgument(
-                f"restore point {point.id} was taken of disk {point.disk_id!r}, and the source "
-                f"is disk {source.disk_id!r}: verify a point against the disk it was taken of "
-                "(an NBD export backed up with --disk-id: give verify the same --disk-id)")
-        temporary = snapshot is None
-        if snapshot is None:
-            taken = source.create_snapshot(f"blocktrail-verify-{point.id}")
-            snapshot, change_id = taken.name, taken.change_id
-        else:
-            change_id = source.existing_snapshot(snapshot).change_id
+                f"the source holds {size} bytes, restore point {point.id} {point.size_bytes}: "
+                "it is not this point's disk state (verify against DISK@SNAPSHOT of the point)")
+        found = _compare(repo, point, source, snapshot, progress)
+        restored = repo.store_chunks(found.lost) if heal and found.lost else 0
+        healed, not_healed = None, None
+        if found.differing and heal:
+            if change_id == point.change_id:
+                healed = _write_healed(repo, point, found.corrected, lease)
+            else:
+                not_healed = _not_its_state(point, None if temporary else snapshot, change_id)
+        whole = not found.differing and (not found.damaged or heal)
+        not_recorded = None
         try:
-            size = source.snapshot_size(snapshot)
-            if size != point.size_bytes:
-                raise InvalidArgument(
-                    f"the source holds {size} bytes, restore point {point.id} {point.size_bytes}: "
-                    "it is not this point's disk state (verify against DISK@SNAPSHOT of the point)")
-            found = _compare(repo, point, source, snapshot, progress)
-            restored = repo.store_chunks(found.lost) if heal and found.lost else 0
-            healed, not_healed = None, None
-            if found.differing and heal:
-                if change_id == point.change_id:
-                    healed = _write_healed(repo, point, found.corrected, lease)
-                else:
-                    not_healed = _not_its_state(point, None if temporary else snapshot, change_id)
-            whole = not found.differing and (not found.damaged or heal)
-            not_recorded = None
-            try:
-                point = repo.set_verify_state(point.id, "ok" if whole else "failed")
-            except (BackendReadOnly, BackendDenied) as exc:  # the comparison stands all the same
-                not_recorded = exc.message
-            return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
-                                tuple(merge(found.damaged)), tuple(found.copies), restored,
-                                not_recorded, not_healed)
-        finally:
-            if temporary:
-                source.remove_snapshot(snapshot)
+            point = repo.set_verify_state(point.id, "ok" if whole else "failed")
+        except (BackendReadOnly, BackendDenied) as exc:  # the comparison stands all the same
+            not_recorded = exc.message
+        return VerifyReport(point, found.compared, tuple(merge(found.differing)), healed,
+                            tuple(merge(found.damaged)), tuple(found.copies), restored,
+                            not_recorded, not_healed)
+    finally:
+        if temporary:
+            source.remove_snapshot(snapshot)
 
 
 def _not_its_state(point: RestorePoint, snapshot: str | None, change_id: str | None) -> str:

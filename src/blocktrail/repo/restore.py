@@ -32,7 +32,7 @@ from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.quarantine import DamagedCopy
-from blocktrail.repo.runs import Run, ranged_runs
+from blocktrail.repo.runs import Run, ranged_runs, read_run
 from blocktrail.repo.store import Store
 
 Progress = Callable[[int, int], None]
@@ -42,14 +42,14 @@ REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to wr
 
 def restore_point(store: Store, point: RestorePoint, target: str,
                   progress: Progress | None = None, fileio: FileIO | None = None) -> int:
-    """Write ``point``'s image to ``target`` (sparse). -> bytes of data written.
+    """Write ``point``'s image to ``target`` (as `restore_target` gives it: checked; sparse).
+    -> bytes of data written.
 
     The image is written to a file with no name in the target's directory (O_TMPFILE), which
     a killed restore leaves nowhere; once whole and fsynced it is named ``TARGET.partial-*``
     and renamed over the target. Where the file system has no such files, it is written under
     that name from the start."""
     fio = fileio or OsFileIO()
-    target = restore_target(target, fio)
     partial = partial_name(target)
     try:
         handle = fio.create_unnamed(target_directory(target))
@@ -105,8 +105,7 @@ def restore_target(target: str, fio: FileIO | None = None) -> str:
     beside (`partial_name`). A file another process holds a lock on (a running VM's image)
     is refused (`FileInUse`): the VM's writes would go on into the file replaced. ``fio``: the
     file layer the target's directory is looked up in (the kinds and locks are the system's)."""
-    if not os.path.basename(target):
-        partial_name(target)  # no file name: it says so
+    partial_name(target)  # a name that cannot be named beside it: refused first
     try:
         found = os.stat(target)
     except OSError as exc:
@@ -114,19 +113,19 @@ def restore_target(target: str, fio: FileIO | None = None) -> str:
             raise InvalidArgument(f"restore target {target} is a symbolic link to "
                                   f"{os.readlink(target)!r}, which leads to no file "
                                   f"({exc.strerror})") from None
-        partial_name(target)  # a name too long is refused here too
         if not (fio or OsFileIO()).isdir(target_directory(target)):
             raise InvalidArgument(f"restore target {target}: its directory "
                                   f"{target_directory(target)} does not exist") from None
         return target  # missing: it is made
     if stat.S_ISREG(found.st_mode):
-        target = os.path.realpath(target) if os.path.islink(target) else target
-        partial_name(target)
+        if os.path.islink(target):
+            target = os.path.realpath(target)
+            partial_name(target)
         if locked_by_another(target):
             raise FileInUse(f"restore target {target} is in use: another process holds a lock "
-                             "on it (QEMU locks the image of a running VM, which would go on "
-                             "writing into the file replaced, and lose those writes). Stop it "
-                             "first, or restore to another file")
+                            "on it (QEMU locks the image of a running VM, which would go on "
+                            "writing into the file replaced, and lose those writes). Stop it "
+                            "first, or restore to another file")
         return target
     kind = file_kind(found.st_mode)
     hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "
@@ -244,19 +243,10 @@ def fetch_run(store: Store, run: Run, where: str,
     """The plain bytes of a run's chunks: one ranged read, each envelope checked; a damaged
     copy is put in quarantine (and appended to ``found``) and the next copy read
     (`Store.read_object`)."""
-    first, last = run[0][2], run[-1][2]
-    if first is None or last is None:
+    if run[0][2] is None:  # no usable copy: a run of its own, read (and refused) alone
         return [(index, store.read_chunk(name, where, found)) for index, name, _ in run]
-    label = f"chunks of {where}"
-    data = memoryview(store.read_range(first.pack_id, first.offset,
-                                       last.offset + last.length - first.offset, label))
     out = []
-    for index, name, loc in run:
-        if loc is None:  # never in a run of more than one entry
-            out.append((index, store.read_chunk(name, where)))
-            continue
-        at = loc.offset - first.offset
-        envelope = data[at : at + loc.length]
+    for index, name, loc, envelope in read_run(store, run, f"chunks of {where}"):
         chunk_label = f"chunk {name.hex()} ({where})"
         try:
             plain = store.codec.open(envelope, KIND_CHUNK, name,

@@ -28,6 +28,10 @@ class Indexed(Protocol):
     def index(self) -> Locations: ...
 
 
+class RangeReader(Protocol):
+    def read_range(self, pack_id: str, offset: int, length: int, label: str) -> bytes: ...
+
+
 def ranged_runs(store: Indexed, entries: Iterable[tuple[int, bytes]]) -> Iterator[Run]:
     """Entries grouped into reads: in the order given, those whose copies lie close together in
     one pack, also where entries from other packs come in between (an incremental's changes
@@ -68,3 +72,17 @@ def place(store: Indexed, name: bytes) -> tuple[str, int]:
     """Where ``name``'s usable copy is, as a sort key: (pack, offset); first if it has none."""
     loc = store.index.get(name)
     return ("", 0) if loc is None else (loc.pack_id, loc.offset)
+
+
+def read_run(store: RangeReader, run: Run, label: str
+             ) -> Iterator[tuple[int, bytes, Location, memoryview]]:
+    """The envelopes of a run whose entries all have a place (what `ranged_runs` groups): one
+    ranged read, sliced. -> (index, object name, where, envelope) per entry."""
+    first, last = run[0][2], run[-1][2]
+    assert first is not None and last is not None
+    data = memoryview(store.read_range(first.pack_id, first.offset,
+                                       last.offset + last.length - first.offset, label))
+    for index, name, loc in run:
+        assert loc is not None  # in a run with others, every entry has a place
+        at = loc.offset - first.offset
+        yield index, name, loc, data[at : at + loc.length]

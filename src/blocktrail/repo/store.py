@@ -68,7 +68,7 @@ from blocktrail.repo.objects import (
 )
 from blocktrail.repo.packs import Location, read_trailer, trailer_length
 from blocktrail.repo.quarantine import KIND_NAMES, CopyKey, DamagedCopy
-from blocktrail.repo.runs import Run, place, ranged_runs
+from blocktrail.repo.runs import Run, place, ranged_runs, read_run
 
 FORMAT = "blocktrail-repository"
 VERSION = 2  # 2: leases, verify records, garbage collection beside writers (1 still opens)
@@ -573,19 +573,13 @@ class Store:
             pass
 
     def _read_page_run(self, run: Run) -> None:
-        first, last = run[0][2], run[-1][2]
-        assert first is not None and last is not None  # a run of more than one has places
         try:
-            data = memoryview(self.read_range(first.pack_id, first.offset,
-                                              last.offset + last.length - first.offset, "pages"))
+            envelopes = list(read_run(self, run, "pages"))
         except (RepositoryError, BackendError):
             return
-        for _, name, loc in run:
-            assert loc is not None
-            at = loc.offset - first.offset
+        for _, name, _, envelope in envelopes:
             try:
-                plain = self.codec.open(data[at : at + loc.length], KIND_PAGE, name,
-                                        f"page {name.hex()}")
+                plain = self.codec.open(envelope, KIND_PAGE, name, f"page {name.hex()}")
             except RepositoryError:
                 continue
             self._keep_page((name, KIND_PAGE), plain)

@@ -5,11 +5,9 @@ InvalidArgument and creates nothing, and a FIFO never blocks the importer."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -21,6 +19,7 @@ import pytest
 from blocktrail.disk import Disk
 from blocktrail.disk.importer import BUILDING_PREFIX, import_raw
 from blocktrail.errors import DiskExists, DiskNoSpace, FileInUse, InvalidArgument
+from hostproc import qemu_like_lock
 
 MiB = 1 << 20
 
@@ -124,9 +123,7 @@ def test_an_image_another_process_holds_a_lock_on_is_refused(tmp_path: Path) -> 
     is gone."""
     raw = tmp_path / "vm.raw"
     raw.write_bytes(os.urandom(MiB))
-    fd = os.open(raw, os.O_RDWR)  # an open file of its own, as another process's
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
-                                                   100, 1, 0))  # struct flock
+    fd = qemu_like_lock(raw)
     try:
         with pytest.raises(FileInUse, match="in use"):
             import_raw(raw, tmp_path / "d")

@@ -7,11 +7,9 @@ lock on: a running VM's image."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import stat
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from blocktrail.errors import FileInUse, InvalidArgument
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo.manifest import RestorePoint
-from hostproc import require_tools
+from hostproc import qemu_like_lock, require_tools
 from s3server import TEST_ENCRYPTION
 
 ROOT = os.geteuid() == 0
@@ -138,15 +136,6 @@ def test_what_is_no_regular_file_is_refused_and_left_alone(
         repo.restore(restore_point.id, str(out / "no such directory" / "vm.raw"))
 
 
-def _qemu_like_lock(path: Path) -> int:
-    """A shared lock on byte 100 of ``path``, on a descriptor of its own (an open file
-    description, as another process's): what QEMU takes on the image of a running VM."""
-    fd = os.open(path, os.O_RDWR)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
-                                                   100, 1, 0))  # struct flock
-    return fd
-
-
 def test_a_file_another_process_holds_a_lock_on_is_left_alone(
         point: tuple[Repository, RestorePoint, bytes], tmp_path: Path) -> None:
     """A running VM's image (QEMU holds locks on it): replaced, the VM would go on writing into
@@ -154,7 +143,7 @@ def test_a_file_another_process_holds_a_lock_on_is_left_alone(
     repo, restore_point, content = point
     target = tmp_path / "vm.raw"
     target.write_bytes(b"the image a VM runs on")
-    fd = _qemu_like_lock(target)
+    fd = qemu_like_lock(target)
     try:
         with pytest.raises(FileInUse, match="in use"):
             repo.restore(restore_point.id, str(target))
