@@ -111,6 +111,11 @@ def writer_lease(session: str) -> str:
     return f"leases/writer-{session}.json"
 
 
+def is_writer_lease(name: str) -> bool:
+    """A lease of a writer of no disk (`writer_lease`): a name of its own, never taken over."""
+    return name.startswith("leases/writer-")
+
+
 def gc_condemned(run: str) -> str:
     return f"gc/{run}.condemned.json"
 

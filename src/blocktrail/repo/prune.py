@@ -103,10 +103,27 @@ def _prune_alone(store: Store) -> PruneReport:
     dead = set(store.pack_ids()) - _live_packs(index, live)
     report.packs_condemned = len(dead)
     _sweep(store, index, live, dead, report)
+    return _finish(store, report)
+
+
+def _finish(store: Store, report: PruneReport) -> PruneReport:
+    """What every prune ends with: the leftovers of writes cut short, and the index read
+    again."""
     report.temp_files_deleted = store.delete_temp_files()
     report.verify_records_deleted = _drop_orphan_verify_records(store)
+    _drop_dead_writer_leases(store)
     store.reload_index()
     return report
+
+
+def _drop_dead_writer_leases(store: Store) -> None:
+    """The leases of writers of no disk (a restore, a verify, serve, a heal) that can publish
+    nothing more: a killed one leaves its lease under a name no one takes over. Each is deleted
+    only as it was seen (its version): one renewed meanwhile stays."""
+    for record in list_leases(store.backend):
+        if layout.is_writer_lease(record.name) and record.expired(store.timing.margin):
+            with contextlib.suppress(BackendError, OSError):  # renewed or gone meanwhile
+                store.backend.delete(record.name, record.info.etag)
 
 
 def _prune_leased(store: Store, lease: Lease, wait_s: float) -> PruneReport:
@@ -137,10 +154,7 @@ def _prune_leased(store: Store, lease: Lease, wait_s: float) -> PruneReport:
         _sweep(store, index, live, {p for r in ready for p in r.packs}, report)
         for run in ready:
             _delete_run(store, run.run)
-    report.temp_files_deleted = store.delete_temp_files()
-    report.verify_records_deleted = _drop_orphan_verify_records(store)
-    store.reload_index()
-    return report
+    return _finish(store, report)
 
 
 # ---------------------------------------------------------------------------- runs

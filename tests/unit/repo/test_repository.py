@@ -9,6 +9,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -281,6 +283,31 @@ def test_a_point_published_while_prune_reads_the_index_keeps_its_index(
     assert restored(target.open(), published[0], tmp_path) == b"".join(chunks)
     repo.prune()
     assert repo.check(read_data=True).ok
+
+
+def test_prune_deletes_the_lease_a_killed_reader_left(tmp_path: Path) -> None:
+    """A restore (or verify, serve) killed while it reads leaves its lease, under a name no one
+    takes over: its process is gone, so forget and prune pass it over, and the next prune
+    deletes it. The lease of a reader still running stays."""
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    point = store(repo, "d", image(95, 4))
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from blocktrail.repo import Repository
+repo = Repository.open({str(tmp_path / "repo")!r}, password={TEST_PASSWORD!r})
+repo.reader_lease({point.id!r})
+os._exit(9)  # killed while it reads: the lease stays
+"""], check=False)
+    assert killed.returncode == 9
+    [left] = [i.name for i in repo.backend.list(layout.LEASES)]
+    running = repo.reader_lease(point.id)
+    assert running is not None
+    try:
+        assert repo.prune().packs_waiting == 0
+        assert [i.name for i in repo.backend.list(layout.LEASES)] == [running.name]
+        assert left != running.name
+    finally:
+        running.release()
 
 
 @pytest.mark.parametrize("when", ["before the index is read", "before the packs are read"])
