@@ -72,3 +72,17 @@ def iter_pieces(offset: int, length: int, piece: int) -> Iterator[tuple[int, int
         stop = min(end, (offset // piece + 1) * piece)
         yield offset, stop - offset
         offset = stop
+
+
+def consecutive(indexes: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive ``indexes`` (ascending)."""
+    first = count = 0
+    for index in indexes:
+        if count and index == first + count:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = index, 1
+    if count:
+        yield first, count

@@ -168,8 +168,9 @@ def is_zeros(data: bytes | bytearray | memoryview) -> bool:
 # --------------------------------------------------------------------------------------------
 # The real file system
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 # The C library the interpreter is linked with (dlopen(NULL)): ctypes.util.find_library runs
 # ldconfig in a child process, a few milliseconds of every command's start.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -177,6 +178,15 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 _ZERO_CHUNK = bytes(1 << 20)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """Linux's fallocate(2) with a ``mode`` (os.posix_fallocate has none): 0, or the errno."""
+    if _fallocate(fd, mode, offset, length) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 # A file this big is written, and a read this big of data read once is read, past the page cache
 DIRECT_MIN_BYTES = 1 << 20
@@ -248,10 +258,10 @@ class OsFileHandle:
         if length <= 0:
             return
         if self._can_punch:
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _fallocate(self._fd, mode, offset, length) == 0:
+            err = fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                            length)
+            if err == 0:
                 return
-            err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise OSError(err, os.strerror(err))
             self._can_punch = False

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from blocktrail.backup.base import BaseChoice, choose_base, prepare_incremental
 from blocktrail.backup.plan import BasePoint, ReadPlan, audit_sample, plan_read, stored_copy_sample
 from blocktrail.backup.source import Source, SourceSnapshot, read_exact
-from blocktrail.extents import Extent, merge
+from blocktrail.extents import Extent, consecutive, merge
 from blocktrail.fileio import is_zeros
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo import Repository, RestorePoint
@@ -219,7 +219,7 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, plan: ReadPlan,
             read += len(data)
         else:
             view = memoryview(data)
-            for run_first, count in _consecutive(wanted):
+            for run_first, count in consecutive(wanted):
                 piece = view[(run_first - first) * chunk_size :
                              (run_first - first + count) * chunk_size]
                 put_run(run_first, piece)
@@ -228,17 +228,6 @@ def _copy_chunks(source: Source, snapshot: SourceSnapshot, plan: ReadPlan,
         if progress is not None:
             progress(done, total)
     return read
-
-
-def _consecutive(indexes: list[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive ``indexes`` (ascending)."""
-    start = prev = indexes[0]
-    for index in indexes[1:]:
-        if index != prev + 1:
-            yield start, prev - start + 1
-            start = index
-        prev = index
-    yield start, prev - start + 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -537,8 +537,9 @@ def _disk_names(host: str) -> dict[str, str]:
 @s3_options
 @click.option("--to", "target", default=None, type=click.Path(dir_okay=False),
               help="The file to write: a new one, or one replaced whole, whose permissions "
-                   "and owner the image takes (a symbolic link is written through; a device "
-                   "is refused). Not with --instant.")
+                   "and owner the image takes (a symbolic link is written through); or a "
+                   "block device (raw only) of at least the point's size, written in place. "
+                   "Not with --instant.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "qcow2"]), default=None,
               help="Of the file --to: raw (the default) or qcow2 (a name ending in .qcow2 "
                    "needs it said).")
@@ -557,8 +558,9 @@ def restore(repo_path: str, point_id: str, endpoint: str | None, region: str | N
             profile: str | None, target: str | None, fmt: str | None, instant: bool,
             host: str | None, disk_name: str | None, fill_rate: str | None,
             as_json: bool) -> None:
-    """Write restore point POINT to the file --to (every chunk's hash is checked), or, with
-    --instant, restore it into a new disk on a host that is usable at once."""
+    """Write restore point POINT to the file or block device --to (every chunk's hash is
+    checked), or, with --instant, restore it into a new disk on a host that is usable at
+    once."""
     if instant:
         if endpoint or region or profile:
             raise InvalidArgument("--instant: the host reaches an s3:// repository with its own "

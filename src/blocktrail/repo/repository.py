@@ -243,9 +243,9 @@ class Repository(Store):
     def restore(self, point_id: str, target: str, progress: Progress | None = None,
                 fileio: FileIO | None = None) -> int:
         """Write the point's disk image to ``target`` (sparse). Every chunk is checked; on
-        any damage nothing is left at ``target``. A target that is no regular file is refused
-        before anything is read. -> bytes of data written."""
-        target = restore_target(target, fileio)
+        any damage nothing is left at ``target``. A block device is written in place. A target
+        that is neither is refused before anything is read. -> bytes of data written."""
+        target = restore_target(target, fileio, devices=True)
         with self.reading(point_id) as point:
             return restore_point(self, point, target, progress, fileio)
 

@@ -7,7 +7,8 @@ round trips. The image is written through the file layer (blocktrail.fileio): a 
 the target with no name until it is whole (a killed restore leaves nothing), fsync, named
 ``.partial-*``, renamed over the target, fsync the directory; on any damage (or a full file
 system) nothing is left at the target. A target that is no regular file is refused first
-(`restore_target`), and a file replaced hands its permissions and owner to the image.
+(`restore_target`), and a file replaced hands its permissions and owner to the image. A block
+device is written in place instead (blocktrail.repo.device).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import secrets
 import stat
 from collections.abc import Callable
 
-from blocktrail.errors import FileInUse, InvalidArgument, NoSpace, is_no_space
+from blocktrail.errors import BlocktrailError, FileInUse, InvalidArgument, NoSpace, is_no_space
+from blocktrail.extents import consecutive
 from blocktrail.fileio import (
     FileHandle,
     FileIO,
@@ -28,6 +30,7 @@ from blocktrail.fileio import (
     start_writeback,
 )
 from blocktrail.pipeline import read_ahead
+from blocktrail.repo.device import open_device
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
@@ -48,7 +51,9 @@ def restore_point(store: Store, point: RestorePoint, target: str,
     The image is written to a file with no name in the target's directory (O_TMPFILE), which
     a killed restore leaves nowhere; once whole and fsynced it is named ``TARGET.partial-*``
     and renamed over the target. Where the file system has no such files, it is written under
-    that name from the start."""
+    that name from the start. A block device is written in place (`restore_to_device`)."""
+    if is_block_device(target):
+        return restore_to_device(store, point, target, progress)
     fio = fileio or OsFileIO()
     partial = partial_name(target)
     try:
@@ -70,6 +75,39 @@ def restore_point(store: Store, point: RestorePoint, target: str,
         if is_no_space(exc):
             raise _target_full(target, exc) from exc
         raise
+    return written
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def restore_to_device(store: Store, point: RestorePoint, device: str,
+                      progress: Progress | None = None) -> int:
+    """Write ``point``'s image onto the block device ``device``, in place: its holes zeroed,
+    the rest of a larger device left as it is, fsynced. Refused before the first write where
+    the device is in use or too small, or a chunk has no copy (blocktrail.repo.device); an
+    error after it says the device holds part of the image. -> bytes of data written."""
+    handle = open_device(device, point.size_bytes)
+    try:
+        written = restore_into(store, handle, point, progress, in_place=True)
+        handle.fsync()
+    except BlocktrailError as exc:
+        if not handle.changed:
+            raise
+        raise type(exc)(f"{exc.message}; {device} holds part of the image now (a device is "
+                        "written in place): restore again once this is fixed") from exc
+    except OSError as exc:
+        if not handle.changed:
+            raise
+        raise OSError(exc.errno, f"{exc.strerror}; {device} holds part of the image now (a "
+                                 "device is written in place): restore again once this is "
+                                 "fixed", device) from exc
+    finally:
+        handle.close()
     return written
 
 
@@ -96,23 +134,29 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
         fio.fsync_dir(target_directory(target))
 
 
-def restore_target(target: str, fio: FileIO | None = None) -> str:
+def restore_target(target: str, fio: FileIO | None = None, *, devices: bool = False) -> str:
     """Where a restore to ``target`` puts its image: ``target`` when it is missing or a
     regular file; through a symbolic link, the regular file it leads to (the link stays, as
-    `cp` writes through one). Anything else is refused here, before anything is read or
-    written (`InvalidArgument`): renamed over, a device node or a FIFO would be replaced by a
-    file, and a link that leads nowhere may be a typo; so is a name that cannot be named
-    beside (`partial_name`). A file another process holds a lock on (a running VM's image)
-    is refused (`FileInUse`): the VM's writes would go on into the file replaced. ``fio``: the
-    file layer the target's directory is looked up in (the kinds and locks are the system's)."""
-    partial_name(target)  # a name that cannot be named beside it: refused first
+    `cp` writes through one); with ``devices``, a block device (through a link, as
+    /dev/VG/LV leads to /dev/dm-N: the device), written in place. Anything else is refused
+    here, before anything is read or written (`InvalidArgument`): renamed over, a character
+    device or a FIFO would be replaced by a file, and a link that leads nowhere may be a typo;
+    so is a name that cannot be named beside (`partial_name`). A file another process holds a
+    lock on (a running VM's image) is refused (`FileInUse`): the VM's writes would go on into
+    the file replaced. ``fio``: the file layer the target's directory is looked up in (the
+    kinds and locks are the system's)."""
     try:
-        found = os.stat(target)
+        found: os.stat_result | OSError = os.stat(target)
     except OSError as exc:
+        found = exc
+    if devices and isinstance(found, os.stat_result) and stat.S_ISBLK(found.st_mode):
+        return os.path.realpath(target)
+    partial_name(target)  # a name that cannot be named beside it: refused first
+    if isinstance(found, OSError):
         if os.path.islink(target):
             raise InvalidArgument(f"restore target {target} is a symbolic link to "
                                   f"{os.readlink(target)!r}, which leads to no file "
-                                  f"({exc.strerror})") from None
+                                  f"({found.strerror})") from None
         if not (fio or OsFileIO()).isdir(target_directory(target)):
             raise InvalidArgument(f"restore target {target}: its directory "
                                   f"{target_directory(target)} does not exist") from None
@@ -128,11 +172,12 @@ def restore_target(target: str, fio: FileIO | None = None) -> str:
                             "first, or restore to another file")
         return target
     kind = file_kind(found.st_mode)
-    hint = (" To put a restore point onto a device, serve it (`blocktrail serve REPO POINT "
-            "--nbd unix:SOCKET`) and copy it with `nbdcopy 'nbd+unix:///POINT?socket=SOCKET' "
-            "DEVICE`, or restore to a file and copy that." if kind.endswith("device") else "")
-    raise InvalidArgument(f"restore target {target} is {kind}: a restore writes an image file, "
-                          f"which would replace it.{hint}")
+    if stat.S_ISBLK(found.st_mode):
+        raise InvalidArgument(f"restore target {target} is a block device: this restore writes "
+                              "an image file only (a raw restore writes onto a device)")
+    what = "an image file, or onto a block device" if devices else "an image file"
+    raise InvalidArgument(f"restore target {target} is {kind}: a restore writes {what}, and "
+                          "would replace it")
 
 
 def target_directory(target: str) -> str:
@@ -179,13 +224,26 @@ def _limit(directory: str, name: str, default: int) -> int:
 
 
 def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
-                 progress: Progress | None) -> int:
+                 progress: Progress | None, *, in_place: bool = False) -> int:
     """Write ``point``'s image into an open file (sparse; not fsynced). -> bytes of data
-    written."""
-    handle.truncate(point.size_bytes)
-    entries = [(i, n) for i, n in store.page_entries(point) if n != ZERO_DIGEST]
+    written. ``in_place``: into a file (a device) that holds something already and keeps its
+    size: the point's holes are zeroed (`FileHandle.punch_hole`) and the rest is left as it
+    is, once every chunk is known to have a copy (found missing, nothing was written)."""
+    entries: list[tuple[int, bytes]] = []
+    holes: list[tuple[int, bytes]] = []
+    for index, name in store.page_entries(point):
+        (holes if name == ZERO_DIGEST else entries).append((index, name))
     fetched, repeats = _split_repeats(entries, point.chunk_size)
     where = f"restore point {point.id}"
+    if in_place:
+        for _, name in fetched:
+            if store.index.get(name) is None:
+                store.read_chunk(name, where)  # ObjectMissing, before the device is touched
+        for first, count in consecutive(index for index, _ in holes):
+            offset = first * point.chunk_size  # the last chunk may end inside the device
+            handle.punch_hole(offset, min(count * point.chunk_size, point.size_bytes - offset))
+    else:
+        handle.truncate(point.size_bytes)
     window = 16 if store.backend.remote else 4
     runs = read_ahead(ranged_runs(store, fetched), lambda run: fetch_run(store, run, where),
                       window=window, executor=store.io_pool)
@@ -265,3 +323,4 @@ def _target_full(target: str, exc: OSError) -> NoSpace:
     return NoSpace(f"the file system of the restore target {target} is full "
                    f"({exc.strerror or exc}): free space there, or restore elsewhere, and "
                    "retry; nothing was left at the target")
+

@@ -8,7 +8,8 @@ from itertools import pairwise
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blocktrail.backup.engine import READ_RUN_BYTES, _consecutive, _spans
+from blocktrail.backup.engine import READ_RUN_BYTES, _spans
+from blocktrail.extents import consecutive
 
 CS = 65536
 PER_READ = READ_RUN_BYTES // CS
@@ -32,5 +33,5 @@ def test_spans_cover_every_chunk_once_in_bounded_reads(chunks: set[int], gap: in
         assert wanted[0] == first and wanted[-1] == first + count - 1
         assert count <= PER_READ
         assert all(b - a - 1 <= gap for a, b in pairwise(wanted))
-        runs = list(_consecutive(wanted))
+        runs = list(consecutive(wanted))
         assert [first + k for f, n in runs for k in range(f - first, f - first + n)] == wanted
