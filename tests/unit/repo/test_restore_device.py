@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from blocktrail.repo.device import DeviceHandle
 from blocktrail.repo.errors import ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import restore_into, restore_target
-from hostproc import qemu_like_lock
+from hostproc import qemu_like_lock, require_tools
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
@@ -254,3 +255,25 @@ def test_the_cli_restores_raw_onto_a_device_and_refuses_qcow2(
     report = json.loads(capsys.readouterr().out)
     assert report["target"] == device and report["format"] == "raw"
     assert _read_device(device)[: len(content)] == content
+
+
+@pytest.mark.interop
+def test_a_device_qemu_nbd_serves_is_left_alone(
+        point: tuple[Repository, RestorePoint, bytes], loop_device: str,
+        tmp_path: Path) -> None:
+    """QEMU locks a device it runs a VM on, as it locks an image file."""
+    require_tools("qemu-nbd")
+    repo, restore_point, _ = point
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", loop_device])
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sock.exists(), "qemu-nbd did not start"
+        with pytest.raises(FileInUse, match="lock"):
+            repo.restore(restore_point.id, loop_device)
+    finally:
+        server.terminate()
+        server.wait()
+    assert _read_device(loop_device) == GARBAGE * 8 * CS
