@@ -34,6 +34,15 @@ class ClearsIntentBeforeResetCommits(ChangeTracker):
         return change_id
 
 
+class SkipsWriteIntent(ChangeTracker):
+    """Marks a write in memory only, with no durable write-intent bit before its data: a crash
+    before the next checkpoint forgets writes whose data reached the disk (flushed, or taken
+    by the disk unasked)."""
+
+    def mark(self, offset: int, length: int) -> None:
+        self._mark_open(offset, length)
+
+
 TRACKERS: dict[str, type[ChangeTracker]] = {
     "good": ChangeTracker,
     "drops-marks-during-consolidation": DropsMarksDuringConsolidation,

@@ -21,9 +21,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from blocktrail.extents import Extent, clip, merge
+
+if TYPE_CHECKING:
+    import random
 
 # (size, mtime_ns, ctime_ns, inode): what is remembered of a file that nothing may change. The
 # change time is set by the kernel on every change (a write, `touch -d`, chmod) and cannot be
@@ -561,9 +564,25 @@ class _Inode:
         self.durable_pages = dict(self.pages)
         self.durable_size = self.size
 
-    def lose_unsynced(self) -> None:
-        self.pages = dict(self.durable_pages)
-        self.size = self.durable_size
+    def lose_unsynced(self, torn: random.Random | None = None) -> None:
+        """Back to what was synced; ``torn``: each page written since, and the size, are the
+        new ones or the old ones at random, as the disk took them before the power went."""
+        pages, size = dict(self.durable_pages), self.durable_size
+        if torn is not None:
+            for page in self.pages.keys() | self.durable_pages.keys():
+                new = self.pages.get(page)
+                if new != self.durable_pages.get(page) and torn.random() < 0.5:
+                    if new is None:
+                        del pages[page]
+                    else:
+                        pages[page] = new
+            size = torn.choice((size, self.size))
+            last, keep = divmod(size, _PAGE)
+            for page in [p for p in pages if p > last or (p == last and not keep)]:
+                del pages[page]  # past the end: never read back (a file grown later reads 0)
+            if keep and last in pages:
+                pages[last] = pages[last][:keep] + bytes(_PAGE - keep)
+        self.pages, self.size = pages, size
 
 
 class SimulatedFileHandle:
@@ -683,6 +702,9 @@ class SimulatedFileIO:
         self.boots = 0  # power losses so far
         self._lock_freed = threading.Condition(self.mutex)
         self.op_counts: dict[str, int] = {}
+        # None: a power loss drops every write not synced; else each of their pages, and each
+        # file's size, survives or not at random (as a disk that took some of them)
+        self.torn: random.Random | None = None
         self._next_inode = 1
         self._clock = 1
 
@@ -907,15 +929,16 @@ class SimulatedFileIO:
                       if os.path.dirname(path) in kept or os.path.dirname(path) in ("/", "")}
 
     def power_loss(self) -> None:
-        """Forget everything that was not made durable: a directory whose entry was not
-        fsynced is gone with all in it; release every lock (the process died)."""
+        """Forget everything that was not made durable (file data: as `torn` says): a
+        directory whose entry was not fsynced is gone with all in it; release every lock (the
+        process died)."""
         with self.mutex:
             kept, self.entries = self._on_disk()
             self.dirs, self.durable_dirs = kept, set(kept)
             self.dir_renames = []
             self.durable_entries = dict(self.entries)
             for ino in self.entries.values():
-                ino.lose_unsynced()
+                ino.lose_unsynced(self.torn)
             self.locks.clear()
             self.boots += 1
 

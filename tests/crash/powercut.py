@@ -1,8 +1,10 @@
 """A simulated machine that loses power at a chosen durability operation (fsync, directory
-fsync): the sweeps of the repository and of disk imports run on it."""
+fsync): the sweeps of the repository, of disk imports and of the host's data directory run on
+it, each also with the unsynced file data torn (`SimulatedFileIO.torn`)."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
@@ -14,11 +16,15 @@ class PowerLoss(Exception):
 
 class PowerCutFileIO(SimulatedFileIO):
     """Loses power just before its ``cut_at``-th durability operation: what was not durable
-    is gone at once, and nothing more reaches the disk (every later change raises)."""
+    is gone at once (``torn``, a seed: of the file data written since the last sync, each
+    page and each file's size survives or not at random), and nothing more reaches the disk
+    (every later change raises)."""
 
-    def __init__(self, cut_at: int) -> None:
+    def __init__(self, cut_at: int, torn: int | None = None) -> None:
         super().__init__()
         self.cut_at, self.count, self.dead = cut_at, 0, False
+        if torn is not None:
+            self.torn = random.Random(torn)
 
     def count_op(self, name: str) -> None:
         with self.mutex:

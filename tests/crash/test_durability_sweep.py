@@ -25,6 +25,7 @@ from faulty import (
     ClearsIntentBeforeResetCommits,
     DropsMarksDuringConsolidation,
     ForgetsGrownArea,
+    SkipsWriteIntent,
     reported_granules,
 )
 
@@ -251,9 +252,12 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
 
 
 def _run(seed: int, crash_at: int,
-         tracker_class: type[ChangeTracker] = ChangeTracker) -> bool:
-    """-> True if the workload completed before the crash point."""
+         tracker_class: type[ChangeTracker] = ChangeTracker, *, torn: bool = False) -> bool:
+    """-> True if the workload completed before the crash point. ``torn``: of what was
+    written since the last sync, each page survives or not at random (SimulatedFileIO.torn)."""
     fs = power_loss_at(crash_at)
+    if torn:
+        fs.torn = random.Random(seed * 1000 + crash_at)
     model = Model(bytearray(SIZE))
     try:
         disk = Disk.create(PATH, SIZE, GRANULARITY, cluster_size=CLUSTER, fileio=fs,
@@ -283,16 +287,17 @@ def _run(seed: int, crash_at: int,
     return True
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
 @pytest.mark.parametrize("seed", range(1, 7))
-def test_power_loss_at_every_durability_point(seed: int) -> None:
+def test_power_loss_at_every_durability_point(seed: int, torn: bool) -> None:
     crash_at = 1
-    while not _run(seed, crash_at):
+    while not _run(seed, crash_at, torn=torn):
         crash_at += 1
     assert crash_at > 50, "the workload should pass through many durability points"
 
 
 @pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea,
-                                    ClearsIntentBeforeResetCommits])
+                                    ClearsIntentBeforeResetCommits, SkipsWriteIntent])
 def test_sweep_finds_faulty_trackers(faulty: type[ChangeTracker]) -> None:
     with pytest.raises(AssertionError, match="but not reported"):
         for seed in range(1, 7):

@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from blocktrail.disk import Disk
 from blocktrail.errors import DiskExists
 from blocktrail.host.registry import DiskRegistry
@@ -33,8 +35,8 @@ GRANULARITY = 4096
 V1_DISKS = ("d0", "disks", "host.json", "host.lock", "x.tmp")
 
 
-def _after_cut(base: PowerCutFileIO | None, cut_at: int) -> PowerCutFileIO:
-    fs = PowerCutFileIO(0)
+def _after_cut(base: PowerCutFileIO | None, cut_at: int, torn: bool) -> PowerCutFileIO:
+    fs = PowerCutFileIO(0, cut_at if torn else None)
     if base is None:
         fs.makedirs("/sim")
     else:
@@ -47,10 +49,12 @@ def _start(fs: PowerCutFileIO) -> DiskRegistry:
     return DiskRegistry(ROOT, fileio=fs)
 
 
-def test_a_created_disk_is_whole_or_absent_wherever_the_power_goes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+def test_a_created_disk_is_whole_or_absent_wherever_the_power_goes(tmp_path: Path,
+                                                                   torn: bool) -> None:
     cut_at, outcomes = 1, {"absent": 0, "whole": 0}
     while True:
-        fs = _after_cut(None, cut_at)
+        fs = _after_cut(None, cut_at, torn)
         try:
             registry = _start(fs)
             registry.create("d0", SIZE, GRANULARITY).pwrite(b"first", 0)
@@ -113,11 +117,12 @@ def _check_upgraded(fs: PowerCutFileIO, before: Before) -> None:
     assert sorted(fs.listdir(ROOT)) == ["disks", "host.json", "host.lock", "vms.json"]
 
 
-def test_an_upgrade_cut_anywhere_keeps_every_disk_and_its_change_ids() -> None:
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+def test_an_upgrade_cut_anywhere_keeps_every_disk_and_its_change_ids(torn: bool) -> None:
     base, before = _version1()
     cut_at = 1
     while True:
-        fs = _after_cut(base, cut_at)
+        fs = _after_cut(base, cut_at, torn)
         try:
             _start(fs)  # left open: the power goes before it would close
         except PowerLoss:

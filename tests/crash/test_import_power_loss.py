@@ -62,8 +62,8 @@ def _check_whole(disk: Disk, image: bytes) -> None:
             assert g in reported, f"granule {g} holds imported data but is not reported"
 
 
-def _fresh(cut_at: int) -> PowerCutFileIO:
-    fs = PowerCutFileIO(0)
+def _fresh(cut_at: int, torn: bool) -> PowerCutFileIO:
+    fs = PowerCutFileIO(0, cut_at if torn else None)
     fs.makedirs(PARENT)
     fs.count, fs.cut_at = 0, cut_at
     return fs
@@ -73,12 +73,14 @@ def _import(source: Path, fs: PowerCutFileIO) -> Disk:
     return import_raw(source, TARGET, GRANULARITY, cluster_size=CLUSTER, fileio=fs)
 
 
-def test_an_import_losing_power_anywhere_leaves_a_whole_disk_or_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+def test_an_import_losing_power_anywhere_leaves_a_whole_disk_or_none(tmp_path: Path,
+                                                                     torn: bool) -> None:
     image = _image(tmp_path)
     source = tmp_path / "image.raw"
     cut_at, outcomes = 1, {"absent": 0, "whole": 0}
     while True:
-        fs = _fresh(cut_at)
+        fs = _fresh(cut_at, torn)
         try:
             disk = _import(source, fs)
         except PowerLoss:

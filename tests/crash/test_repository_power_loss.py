@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -216,11 +217,12 @@ def _durability_operations() -> int:
     return life.fs.count
 
 
-def test_a_repository_loses_power_at_every_durability_point() -> None:
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+def test_a_repository_loses_power_at_every_durability_point(torn: bool) -> None:
     total = _durability_operations()
     assert total >= 50, total  # every step makes its writes durable
     for cut_at in range(1, total + 1):
-        life = Life(PowerCutFileIO(cut_at))
+        life = Life(PowerCutFileIO(cut_at, cut_at if torn else None))
         with first_life():
             try:
                 _run(life)
@@ -283,8 +285,9 @@ def _copy(fs: SimulatedFileIO) -> Life:
     return Life(copy, step=len(STEPS))
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
 @pytest.mark.parametrize("mending", MENDINGS, ids=lambda m: m.name)
-def test_a_repair_loses_power_at_every_durability_point(mending: Mending) -> None:
+def test_a_repair_loses_power_at_every_durability_point(mending: Mending, torn: bool) -> None:
     """`repo repair` of a pack with a damaged trailer, `verify --heal` of a damaged chunk:
     after a cut, every point restores bit-identical (the healed one, or it is refused until
     healed), check finds nothing but the damage being mended, and mending again ends clean."""
@@ -293,6 +296,7 @@ def test_a_repair_loses_power_at_every_durability_point(mending: Mending) -> Non
     for cut_at in itertools.count(1):
         life = _copy(golden)
         life.fs.cut_at = cut_at
+        life.fs.torn = random.Random(cut_at) if torn else None
         with first_life(), life.repo() as repo:
             try:
                 mending.operate(repo)

@@ -1,0 +1,76 @@
+"""The simulated file system's torn power loss (`SimulatedFileIO.torn`): of what was written to
+a file since its last sync, each 4 KiB page survives whole or not at all, at random, and so
+does the file's new size; what was synced always survives. The power-loss sweeps run with it
+too (tests/crash)."""
+
+from __future__ import annotations
+
+import random
+
+from blocktrail.fileio import SimulatedFileIO
+
+PAGE = 4096
+OLD, NEW = b"o", b"n"
+
+
+def _after_power_loss(seed: int) -> bytes:
+    """Four synced pages of OLD; then pages 1 and 2 overwritten with NEW, page 4 appended,
+    nothing synced; the power lost with ``seed``. -> the file's content."""
+    fs = SimulatedFileIO()
+    fs.makedirs("/d")
+    fs.replace_atomic("/d/f", OLD * 4 * PAGE)
+    handle = fs.open("/d/f")
+    handle.pwrite(NEW * 2 * PAGE, PAGE)
+    handle.pwrite(NEW * PAGE, 4 * PAGE)
+    fs.torn = random.Random(seed)
+    fs.power_loss()
+    return fs.read_file("/d/f")
+
+
+def test_each_unsynced_page_survives_whole_or_not_at_all() -> None:
+    seen: set[tuple[bytes, ...]] = set()
+    for seed in range(64):
+        content = _after_power_loss(seed)
+        assert len(content) in (4 * PAGE, 5 * PAGE), seed
+        pages = tuple(content[i : i + PAGE] for i in range(0, len(content), PAGE))
+        assert pages[0] == pages[3] == OLD * PAGE, seed  # never written since the sync
+        for page in pages[1:3]:
+            assert page in (OLD * PAGE, NEW * PAGE), seed
+        if len(pages) == 5:
+            assert pages[4] in (NEW * PAGE, bytes(PAGE)), seed  # the size came, the data not
+        seen.add(tuple(p[:1] for p in pages))
+    assert len(seen) >= 8, f"too few of the possible outcomes came up: {sorted(seen)}"
+
+
+def test_a_size_lost_takes_the_data_past_it_along() -> None:
+    """A file whose growth was lost reads zeros where it grows again, not the lost data."""
+    lost = 0
+    for seed in range(32):
+        fs = SimulatedFileIO()
+        fs.makedirs("/d")
+        fs.replace_atomic("/d/f", OLD * (PAGE + 100))
+        handle = fs.open("/d/f")
+        handle.pwrite(NEW * 2 * PAGE, PAGE)
+        fs.torn = random.Random(seed)
+        fs.power_loss()
+        handle = fs.open("/d/f")
+        if handle.size() == PAGE + 100:
+            lost += 1
+            handle.truncate(3 * PAGE)
+            tail = handle.pread(3 * PAGE - (PAGE + 100), PAGE + 100)
+            assert tail == bytes(len(tail)), seed
+    assert 0 < lost < 32
+
+
+def test_what_was_synced_survives_every_torn_power_loss() -> None:
+    for seed in range(16):
+        fs = SimulatedFileIO()
+        fs.makedirs("/d")
+        fs.replace_atomic("/d/f", OLD * 3 * PAGE)
+        handle = fs.open("/d/f")
+        handle.pwrite(NEW * PAGE, PAGE)
+        handle.fsync()
+        handle.pwrite(OLD * PAGE, 2 * PAGE)  # the same bytes again: nothing to lose
+        fs.torn = random.Random(seed)
+        fs.power_loss()
+        assert fs.read_file("/d/f") == OLD * PAGE + NEW * PAGE + OLD * PAGE
