@@ -12,6 +12,7 @@ that differs between c's point and s; the refused change IDs are exactly the sta
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -174,11 +175,15 @@ class DiskMachine(RuleBasedStateMachine):
         else:
             self.model += bytes(size - len(self.model))
 
-    @rule(power_loss=st.booleans())
-    def crash(self, power_loss: bool) -> None:
+    @rule(power_loss=st.sampled_from(["none", "unsynced lost", "unsynced torn"]),
+          seed=st.integers(0, 1 << 16))
+    def crash(self, power_loss: str, seed: int) -> None:
+        """The process dies after a flush; the power too, perhaps (what was not synced lost,
+        or each page of it kept or lost at random)."""
         self.disk.flush()
         self.disk.abandon()
-        if power_loss:
+        if power_loss != "none":
+            self.fs.torn = random.Random(seed) if power_loss == "unsynced torn" else None
             self.fs.power_loss()
         self.consolidation = None
         self._open()
