@@ -48,6 +48,9 @@ log = logging.getLogger("blocktrail.restore")
 Progress = Callable[[int, int], None]
 LOCAL_DIRECTORIES = ("packs", "index", "points", "locks", "quarantine", "verify", "leases",
                      "gc", "keys")
+# What a directory may hold that a repository is made in: what an init cut short left, and what
+# a new file system holds
+_INIT_OVER = frozenset((*LOCAL_DIRECTORIES, layout.CONFIG + ".tmp", "lost+found"))
 
 
 class Repository(Store):
@@ -384,11 +387,29 @@ def _refuse_data_without_config(backend: Backend) -> list[str]:
             if layout.key_id_of(info.name) is not None]
 
 
+def _refuse_foreign_files(backend: LocalBackend) -> None:
+    """A repository is made in a new or empty directory: files of others there would be mixed
+    with its own (and a mistyped path, a home or a VM image directory, would get nine
+    directories of a repository added to it)."""
+    try:
+        names = backend.fio.listdir(backend.root)
+    except FileNotFoundError:
+        return
+    foreign = [name for name in names if name not in _INIT_OVER]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise InvalidArgument(f"{backend.root} is not empty ({shown}): a repository is made in "
+                              "a new or empty directory (give a new one, such as "
+                              f"{os.path.join(backend.root, 'repo')}); nothing was written")
+
+
 def _init_local(backend: LocalBackend,
                 encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
     try:
         strays = _refuse_data_without_config(backend)  # before a directory is made
+        _refuse_foreign_files(backend)
         for sub in LOCAL_DIRECTORIES:
             fio.makedirs(os.path.join(backend.root, sub))
         for lock in (LOCK_NAME, HOST_LOCK_NAME):

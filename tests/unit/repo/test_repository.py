@@ -1091,3 +1091,21 @@ def test_an_init_that_cannot_delete_a_stray_key_is_made_all_the_same(
     monkeypatch.undo()
     with Repository.open(path, password=TEST_PASSWORD) as repo:
         assert repo.check().ok and len(repo.key_files()) == 2
+
+
+def test_init_refuses_a_directory_holding_files_of_others(tmp_path: Path) -> None:
+    """A mistyped path (a home, a directory of VM images): nothing is added to it. A new file
+    system's lost+found is no obstacle, nor is what an init cut short left (other tests)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "vm1.raw").write_bytes(b"an image")
+    (home / ".profile").write_text("")
+    with pytest.raises(InvalidArgument, match=r"is not empty \(\.profile, vm1\.raw\).*nothing "
+                                              "was written"):
+        Repository.init(home, encryption=TEST_ENCRYPTION)
+    assert sorted(p.name for p in home.iterdir()) == [".profile", "vm1.raw"]
+    mounted = tmp_path / "mnt"
+    (mounted / "lost+found").mkdir(parents=True)
+    Repository.init(mounted, encryption=TEST_ENCRYPTION).close()
+    with Repository.open(mounted, password=TEST_PASSWORD) as repo:
+        assert repo.check().ok
