@@ -179,7 +179,8 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
              "dd iflag=direct": ["dd", f"if={layer}", "of=/dev/null", "bs=4M", "iflag=direct",
                                  "status=none"]}
     raws: dict[str, list[float]] = {name: [] for name in reads}
-    ours, floors = [], []
+    ours, floors, in_memory = [], [], []
+    memory = _memory_directory(size)
     for pair in range(pairs):
         repo = os.path.join(work, f"full-repo-{pair}")
         subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL,
@@ -192,8 +193,17 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
         stored = du_bytes(repo)
         shutil.rmtree(repo)
         floors.append(_read_and_write(layer, os.path.join(work, "written.raw"), stored))
+        if memory is not None:
+            in_memory.append(_backup_into_memory(disk_dir, memory))
     our = statistics.median(ours)
     rows = []
+    if in_memory:
+        mem, cat = statistics.median(in_memory), statistics.median(raws["cat"])
+        rows.append(Row("full backup into a repository in memory vs raw read (cat) (MiB/s)",
+                        size / MiB / mem, size / MiB / cat, "MiB/s",
+                        f"median of {pairs}: {mem:.2f} s vs {cat:.2f} s (each: "
+                        f"{', '.join(f'{m:.2f}' for m in in_memory)}); the repository in "
+                        f"{memory} (tmpfs): the disk's device only reads, as for cat"))
     for name, times in raws.items():
         raw = statistics.median(times)
         each = ", ".join(f"{o:.2f}/{r:.2f}" for o, r in zip(ours, times, strict=True))
@@ -208,6 +218,30 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
                     f"{', '.join(f'{f:.2f}' for f in floors)}); the repository shares the "
                     "disk's device, so no backup into it beats this"))
     return rows
+
+
+def _memory_directory(size: int) -> str | None:
+    """/dev/shm when it is a tmpfs with room for a repository of a disk of ``size`` bytes
+    (and some to spare); else None."""
+    try:
+        found = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if found.f_bavail * found.f_frsize > 2 * size else None
+
+
+def _backup_into_memory(disk_dir: str, memory: str) -> float:
+    """Seconds of a full backup of ``disk_dir`` into a new repository in ``memory``, caches
+    dropped first (the repository is removed after)."""
+    repo = tempfile.mkdtemp(prefix="bt-bench-repo-", dir=memory)
+    os.rmdir(repo)  # a repository is made in a new directory
+    try:
+        subprocess.run([*BT, "repo", "init", repo], check=True, stdout=subprocess.DEVNULL,
+                       env=bt_env())
+        _drop_caches()
+        return _run([*BT, "backup", disk_dir, "--repo", repo])
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
 
 
 def _read_and_write(layer: str, target: str, count: int) -> float:
