@@ -7,7 +7,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from blocktrail.fileio import FileHandle, FileLock, SimulatedFileIO
+from blocktrail.fileio import FileHandle, FileLock
+from blocktrail.simfileio import SimulatedFileIO
 
 
 class PowerLoss(Exception):

@@ -19,7 +19,8 @@ import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.errors import DiskClosed, DiskIOFailure, DiskNotFound, StaleChangeId
-from blocktrail.fileio import FileHandle, SimulatedFileIO
+from blocktrail.fileio import FileHandle
+from blocktrail.simfileio import SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
 from faulty import (
     ClearsIntentBeforeResetCommits,

@@ -34,13 +34,13 @@ import pytest
 
 from blocktrail.backup.verify import verify_point
 from blocktrail.errors import BlocktrailError
-from blocktrail.fileio import SimulatedFileIO
 from blocktrail.repo import Repository, layout
 from blocktrail.repo import leases as repo_leases
 from blocktrail.repo.errors import PasswordInUse, WrongPassword
 from blocktrail.repo.localdir import LocalBackend
 from blocktrail.repo.objects import KIND_CHUNK
 from blocktrail.repo.retention import RetentionPolicy
+from blocktrail.simfileio import SimulatedFileIO
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
 sys.path.insert(0, str(Path(__file__).parent))

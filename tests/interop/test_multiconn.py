@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.fileio import SimulatedFileIO
 from blocktrail.nbd.blocking import BlockingNbdClient
+from blocktrail.simfileio import SimulatedFileIO
 from hostproc import cli_json, require_tools, running_host
 
 pytestmark = pytest.mark.interop

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 
 from blocktrail.disk import Consolidation, Disk
 from blocktrail.errors import InvalidChangeId, StaleChangeId
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
 from faulty import DropsMarksDuringConsolidation, ForgetsGrownArea
 

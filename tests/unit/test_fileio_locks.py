@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from blocktrail.fileio import FileIO, OsFileIO, SimulatedFileIO
+from blocktrail.fileio import FileIO, OsFileIO
+from blocktrail.simfileio import SimulatedFileIO
 
 
 @pytest.fixture(params=["os", "simulated"])

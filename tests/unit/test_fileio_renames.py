@@ -8,7 +8,7 @@ import errno
 
 import pytest
 
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 
 
 def _fs() -> SimulatedFileIO:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 
 PAGE = 4096
 OLD, NEW = b"o", b"n"

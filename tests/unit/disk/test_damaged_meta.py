@@ -12,7 +12,7 @@ import pytest
 
 from blocktrail.disk import Disk
 from blocktrail.errors import CorruptMetadata, StaleChangeId
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
 from blocktrail.tracking.tracker import EpochRecord
 

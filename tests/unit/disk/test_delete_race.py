@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from blocktrail.disk import Consolidation, Disk
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 
 PATH = "/sim/disk"
 

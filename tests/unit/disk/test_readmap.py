@@ -12,7 +12,7 @@ import pytest
 
 from blocktrail.disk import Disk, consolidation
 from blocktrail.errors import OutOfRange, SnapshotNotFound, SnapshotReadsInFlight
-from blocktrail.fileio import SimulatedFileIO
+from blocktrail.simfileio import SimulatedFileIO
 
 MiB = 1 << 20
 

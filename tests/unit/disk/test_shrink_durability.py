@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.fileio import FileHandle, SimulatedFileIO
+from blocktrail.fileio import FileHandle
+from blocktrail.simfileio import SimulatedFileIO
 
 PATH = "/sim/disk"
 SIZE, SHRUNK = 16384, 1000

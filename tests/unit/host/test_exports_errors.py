@@ -8,10 +8,11 @@ import errno
 import pytest
 
 from blocktrail.disk import Disk
-from blocktrail.fileio import FileHandle, SimulatedFileIO
+from blocktrail.fileio import FileHandle
 from blocktrail.host.exports import Target
 from blocktrail.nbd.proto import Command, CommandFlag, Errno, Request
 from blocktrail.nbd.proto.errors import RequestFailed
+from blocktrail.simfileio import SimulatedFileIO
 
 
 class FailingWrites(SimulatedFileIO):

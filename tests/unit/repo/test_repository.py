@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from blocktrail.errors import InvalidArgument, NoSpace
-from blocktrail.fileio import FileHandle, OsFileIO, SimulatedFileIO
+from blocktrail.fileio import FileHandle, OsFileIO
 from blocktrail.repo import Encryption, Repository, RetentionPolicy, layout
 from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
@@ -34,6 +34,7 @@ from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import partial_name
 from blocktrail.repo.store import Store
+from blocktrail.simfileio import SimulatedFileIO
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD, TEST_TIMING, RepoTarget, SeaweedFS
 
 CS = 64 * 1024
