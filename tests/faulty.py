@@ -4,7 +4,10 @@ The test suites must fail against these: that is the proof they would catch the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from blocktrail.disk import Disk
+from blocktrail.fileio import FileIO
 from blocktrail.tracking import ChangeId, ChangeTracker
 
 
@@ -41,6 +44,22 @@ class SkipsWriteIntent(ChangeTracker):
 
     def mark(self, offset: int, length: int) -> None:
         self._mark_open(offset, length)
+
+
+class ClearsIntentAtRecovery(ChangeTracker):
+    """A recovery that takes the write-intent bits into memory and clears them at once, before
+    they are durable anywhere else: a second crash during the recovery loses those writes.
+    Only a crash of the recovery itself shows it."""
+
+    @classmethod
+    def load(cls, fileio: FileIO, directory: str, granularity: int, size_bytes: int,
+             meta: dict[str, Any], *, crashed: bool,
+             restart_reason: str | None) -> ChangeTracker:
+        tracker = super().load(fileio, directory, granularity, size_bytes, meta,
+                               crashed=crashed, restart_reason=restart_reason)
+        if crashed and not tracker.new_epoch_pending:
+            tracker._intent.clear()
+        return tracker
 
 
 TRACKERS: dict[str, type[ChangeTracker]] = {

@@ -23,6 +23,7 @@ from blocktrail.fileio import FileHandle
 from blocktrail.simfileio import SimulatedFileIO
 from blocktrail.tracking import ChangeTracker
 from faulty import (
+    ClearsIntentAtRecovery,
     ClearsIntentBeforeResetCommits,
     DropsMarksDuringConsolidation,
     ForgetsGrownArea,
@@ -253,9 +254,12 @@ def _check(disk: Disk, candidates: list[Model]) -> None:
 
 
 def _run(seed: int, crash_at: int,
-         tracker_class: type[ChangeTracker] = ChangeTracker, *, torn: bool = False) -> bool:
+         tracker_class: type[ChangeTracker] = ChangeTracker, *, torn: bool = False,
+         recovery_cut: bool = False) -> bool:
     """-> True if the workload completed before the crash point. ``torn``: of what was
-    written since the last sync, each page survives or not at random (SimulatedFileIO.torn)."""
+    written since the last sync, each page survives or not at random (SimulatedFileIO.torn).
+    ``recovery_cut``: the recovery that follows loses power too, at each of its durability
+    operations in turn (`_recover_through_a_second_loss`)."""
     fs = power_loss_at(crash_at)
     if torn:
         fs.torn = random.Random(seed * 1000 + crash_at)
@@ -279,6 +283,9 @@ def _run(seed: int, crash_at: int,
         disk.abandon()
         fs.power_loss()
         fs.at = 0
+        if recovery_cut:
+            _recover_through_a_second_loss(fs, [harness.before, harness.model], tracker_class,
+                                           seed * 1000 + crash_at if torn else None)
         with Disk.open(PATH, fileio=fs, tracker_class=tracker_class) as reopened:
             _check(reopened, [harness.before, harness.model])
         # recovery is stable across reopens
@@ -288,6 +295,28 @@ def _run(seed: int, crash_at: int,
     return True
 
 
+def _recover_through_a_second_loss(after: SimulatedFileIO, candidates: list[Model],
+                                   tracker_class: type[ChangeTracker], torn: int | None) -> None:
+    """On copies of the disk ``after`` a power loss left: the recovery (the next open) loses
+    power too, before its 1st durability operation, its 2nd, ... until it completes; after
+    each, the next open must still find the state before or after the first loss's step."""
+    cut_at, total = 1, None
+    while total is None:
+        copy = power_loss_at(cut_at)
+        copy.copy_disk_from(after)
+        if torn is not None:
+            copy.torn = random.Random(torn + cut_at)
+        try:
+            Disk.open(PATH, fileio=copy, tracker_class=tracker_class).abandon()
+            total = cut_at - 1  # it completed without reaching the cut
+        except PowerLoss:
+            copy.power_loss()
+            copy.at = 0
+            with Disk.open(PATH, fileio=copy, tracker_class=tracker_class) as reopened:
+                _check(reopened, candidates)
+        cut_at += 1
+
+
 @pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
 @pytest.mark.parametrize("seed", range(1, 7))
 def test_power_loss_at_every_durability_point(seed: int, torn: bool) -> None:
@@ -295,6 +324,26 @@ def test_power_loss_at_every_durability_point(seed: int, torn: bool) -> None:
     while not _run(seed, crash_at, torn=torn):
         crash_at += 1
     assert crash_at > 50, "the workload should pass through many durability points"
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+@pytest.mark.parametrize("seed", range(1, 3))
+def test_power_lost_again_during_recovery(seed: int, torn: bool) -> None:
+    """Compound failures: after a loss at each durability point, the recovery is cut at each of
+    its own (SQLite's and CrashMonkey's crash during recovery)."""
+    crash_at = 1
+    while not _run(seed, crash_at, torn=torn, recovery_cut=True):
+        crash_at += 1
+
+
+def test_only_a_loss_during_recovery_finds_a_recovery_that_clears_its_intent_early() -> None:
+    crash_at = 1
+    while not _run(1, crash_at, ClearsIntentAtRecovery):
+        crash_at += 1
+    with pytest.raises(AssertionError, match="but not reported"):
+        crash_at = 1
+        while not _run(1, crash_at, ClearsIntentAtRecovery, recovery_cut=True):
+            crash_at += 1
 
 
 @pytest.mark.parametrize("faulty", [DropsMarksDuringConsolidation, ForgetsGrownArea,
