@@ -298,23 +298,26 @@ def _run(seed: int, crash_at: int,
 def _recover_through_a_second_loss(after: SimulatedFileIO, candidates: list[Model],
                                    tracker_class: type[ChangeTracker], torn: int | None) -> None:
     """On copies of the disk ``after`` a power loss left: the recovery (the next open) loses
-    power too, before its 1st durability operation, its 2nd, ... until it completes; after
-    each, the next open must still find the state before or after the first loss's step."""
-    cut_at, total = 1, None
-    while total is None:
-        copy = power_loss_at(cut_at)
-        copy.copy_disk_from(after)
-        if torn is not None:
-            copy.torn = random.Random(torn + cut_at)
-        try:
-            Disk.open(PATH, fileio=copy, tracker_class=tracker_class).abandon()
-            total = cut_at - 1  # it completed without reaching the cut
-        except PowerLoss:
-            copy.power_loss()
-            copy.at = 0
-            with Disk.open(PATH, fileio=copy, tracker_class=tracker_class) as reopened:
-                _check(reopened, candidates)
-        cut_at += 1
+    power too, before its 1st durability operation, its 2nd, ... until it completes; then it
+    fails with a full disk at its 1st write, fsync or replace, its 2nd, ... After each, the
+    next open must still find the state before or after the first loss's step."""
+    for second in (power_loss_at, full_disk_at):
+        cut_at, done = 1, False
+        while not done:
+            copy = second(cut_at)
+            copy.copy_disk_from(after)
+            if torn is not None:
+                copy.torn = random.Random(torn + cut_at)
+            try:
+                Disk.open(PATH, fileio=copy, tracker_class=tracker_class).abandon()
+                done = True  # it completed without reaching the cut
+            except (PowerLoss, DiskIOFailure) as exc:
+                if isinstance(exc, PowerLoss):
+                    copy.power_loss()
+                copy.at = 0
+                with Disk.open(PATH, fileio=copy, tracker_class=tracker_class) as reopened:
+                    _check(reopened, candidates)
+            cut_at += 1
 
 
 @pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
@@ -330,7 +333,8 @@ def test_power_loss_at_every_durability_point(seed: int, torn: bool) -> None:
 @pytest.mark.parametrize("seed", range(1, 3))
 def test_power_lost_again_during_recovery(seed: int, torn: bool) -> None:
     """Compound failures: after a loss at each durability point, the recovery is cut at each of
-    its own (SQLite's and CrashMonkey's crash during recovery)."""
+    its own durability operations, and fails with a full disk at each of its writes (SQLite's
+    and CrashMonkey's failures during recovery)."""
     crash_at = 1
     while not _run(seed, crash_at, torn=torn, recovery_cut=True):
         crash_at += 1
