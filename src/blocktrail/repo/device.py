@@ -8,6 +8,8 @@ program that opened it exclusively), one that another process holds a lock on (Q
 devices of a running VM) is refused, and so is one smaller than the image. What the image
 leaves as holes is zeroed on the device (discarded where the device then reads zeros, else
 zeroed by the kernel, else written), so the device reads as the point, not as what it held.
+Devices are the system's: they are opened here, not through a `FileIO` (a simulated file
+system has none).
 """
 
 from __future__ import annotations

@@ -137,8 +137,8 @@ def replace_target(fio: FileIO, handle: FileHandle, partial: str, target: str, *
 def restore_target(target: str, fio: FileIO | None = None, *, devices: bool = False) -> str:
     """Where a restore to ``target`` puts its image: ``target`` when it is missing or a
     regular file; through a symbolic link, the regular file it leads to (the link stays, as
-    `cp` writes through one); with ``devices``, a block device (through a link, as
-    /dev/VG/LV leads to /dev/dm-N: the device), written in place. Anything else is refused
+    `cp` writes through one); with ``devices``, a block device (also through a link, as
+    /dev/VG/LV leads to /dev/dm-N), written in place. Anything else is refused
     here, before anything is read or written (`InvalidArgument`): renamed over, a character
     device or a FIFO would be replaced by a file, and a link that leads nowhere may be a typo;
     so is a name that cannot be named beside (`partial_name`). A file another process holds a
@@ -150,7 +150,7 @@ def restore_target(target: str, fio: FileIO | None = None, *, devices: bool = Fa
     except OSError as exc:
         found = exc
     if devices and isinstance(found, os.stat_result) and stat.S_ISBLK(found.st_mode):
-        return os.path.realpath(target)
+        return target  # opened through a link, never replaced: named as it was given
     partial_name(target)  # a name that cannot be named beside it: refused first
     if isinstance(found, OSError):
         if os.path.islink(target):

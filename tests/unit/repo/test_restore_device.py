@@ -149,7 +149,7 @@ def test_only_a_raw_restore_takes_a_block_device(tmp_path: Path) -> None:
     node = tmp_path / "blk"
     os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(7, 250))
     (tmp_path / "lv").symlink_to(node)
-    assert restore_target(str(tmp_path / "lv"), devices=True) == str(node)
+    assert restore_target(str(tmp_path / "lv"), devices=True) == str(tmp_path / "lv")
     with pytest.raises(InvalidArgument, match="a block device: this restore writes an image"):
         restore_target(str(node))
     chr_node = tmp_path / "chr"
