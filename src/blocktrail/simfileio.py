@@ -4,7 +4,7 @@
 create, mkdir, rename and unlink that was not made durable (file data by `fsync`, directory
 entries, a new directory's too, by `fsync_dir` of the directory holding them; a directory's
 rename by `fsync_dir` of either parent), as a machine that loses power would; with `torn` set,
-the file data written since a sync survives page by page at random instead.
+the file data written since a sync survives sector by sector at random instead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 _PAGE = 4096
+_SECTOR = 512  # a torn power loss keeps or loses whole sectors
 
 
 @dataclass
@@ -41,17 +42,19 @@ class _Inode:
         self.durable_size = self.size
 
     def lose_unsynced(self, torn: random.Random | None = None) -> None:
-        """Back to what was synced; ``torn``: each page written since, and the size, are the
-        new ones or the old ones at random, as the disk took them before the power went."""
+        """Back to what was synced; ``torn``: each sector written since (512 bytes: what a disk
+        writes whole or not at all), and the size, are the new ones or the old ones at random,
+        as the disk took them before the power went."""
         pages, size = dict(self.durable_pages), self.durable_size
         if torn is not None:
             for page in self.pages.keys() | self.durable_pages.keys():
-                new = self.pages.get(page)
-                if new != self.durable_pages.get(page) and torn.random() < 0.5:
-                    if new is None:
-                        del pages[page]
-                    else:
-                        pages[page] = new
+                new, old = self.pages.get(page), self.durable_pages.get(page)
+                if new == old:
+                    continue
+                new_bytes, old_bytes = new or bytes(_PAGE), old or bytes(_PAGE)
+                pages[page] = b"".join(
+                    (new_bytes if torn.random() < 0.5 else old_bytes)[at : at + _SECTOR]
+                    for at in range(0, _PAGE, _SECTOR))
             size = torn.choice((size, self.size))
             last, keep = divmod(size, _PAGE)
             for page in [p for p in pages if p > last or (p == last and not keep)]:
@@ -178,7 +181,7 @@ class SimulatedFileIO:
         self.boots = 0  # power losses so far
         self._lock_freed = threading.Condition(self.mutex)
         self.op_counts: dict[str, int] = {}
-        # None: a power loss drops every write not synced; else each of their pages, and each
+        # None: a power loss drops every write not synced; else each of their sectors, and each
         # file's size, survives or not at random (as a disk that took some of them)
         self.torn: random.Random | None = None
         self._next_inode = 1

@@ -18,7 +18,7 @@ class PowerLoss(Exception):
 class PowerCutFileIO(SimulatedFileIO):
     """Loses power just before its ``cut_at``-th durability operation: what was not durable
     is gone at once (``torn``, a seed: of the file data written since the last sync, each
-    page and each file's size survives or not at random), and nothing more reaches the disk
+    sector and each file's size survives or not at random), and nothing more reaches the disk
     (every later change raises)."""
 
     def __init__(self, cut_at: int, torn: int | None = None) -> None:

@@ -257,7 +257,7 @@ def _run(seed: int, crash_at: int,
          tracker_class: type[ChangeTracker] = ChangeTracker, *, torn: bool = False,
          recovery_cut: bool = False) -> bool:
     """-> True if the workload completed before the crash point. ``torn``: of what was
-    written since the last sync, each page survives or not at random (SimulatedFileIO.torn).
+    written since the last sync, each sector survives or not at random (SimulatedFileIO.torn).
     ``recovery_cut``: the recovery that follows loses power too, at each of its durability
     operations in turn (`_recover_through_a_second_loss`)."""
     fs = power_loss_at(crash_at)

@@ -179,7 +179,7 @@ class DiskMachine(RuleBasedStateMachine):
           seed=st.integers(0, 1 << 16))
     def crash(self, power_loss: str, seed: int) -> None:
         """The process dies after a flush; the power too, perhaps (what was not synced lost,
-        or each page of it kept or lost at random)."""
+        or each sector of it kept or lost at random)."""
         self.disk.flush()
         self.disk.abandon()
         if power_loss != "none":

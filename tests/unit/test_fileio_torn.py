@@ -1,7 +1,7 @@
 """The simulated file system's torn power loss (`SimulatedFileIO.torn`): of what was written to
-a file since its last sync, each 4 KiB page survives whole or not at all, at random, and so
-does the file's new size; what was synced always survives. The power-loss sweeps run with it
-too (tests/crash)."""
+a file since its last sync, each 512-byte sector survives whole or not at all, at random (a disk
+writes a sector whole), and so does the file's new size; what was synced always survives. The
+power-loss sweeps run with it too (tests/crash)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 
 from blocktrail.simfileio import SimulatedFileIO
 
-PAGE = 4096
+PAGE, SECTOR = 4096, 512
 OLD, NEW = b"o", b"n"
 
 
@@ -27,19 +27,23 @@ def _after_power_loss(seed: int) -> bytes:
     return fs.read_file("/d/f")
 
 
-def test_each_unsynced_page_survives_whole_or_not_at_all() -> None:
-    seen: set[tuple[bytes, ...]] = set()
+def test_each_unsynced_sector_survives_whole_or_not_at_all() -> None:
+    seen: set[bytes] = set()
     for seed in range(64):
         content = _after_power_loss(seed)
         assert len(content) in (4 * PAGE, 5 * PAGE), seed
-        pages = tuple(content[i : i + PAGE] for i in range(0, len(content), PAGE))
-        assert pages[0] == pages[3] == OLD * PAGE, seed  # never written since the sync
-        for page in pages[1:3]:
-            assert page in (OLD * PAGE, NEW * PAGE), seed
-        if len(pages) == 5:
-            assert pages[4] in (NEW * PAGE, bytes(PAGE)), seed  # the size came, the data not
-        seen.add(tuple(p[:1] for p in pages))
-    assert len(seen) >= 8, f"too few of the possible outcomes came up: {sorted(seen)}"
+        sectors = [content[i : i + SECTOR] for i in range(0, len(content), SECTOR)]
+        per_page = PAGE // SECTOR
+        for index, sector in enumerate(sectors):
+            page = index // per_page
+            if page in (0, 3):  # never written since the sync
+                assert sector == OLD * SECTOR, seed
+            elif page in (1, 2):
+                assert sector in (OLD * SECTOR, NEW * SECTOR), seed
+            else:  # the size came; the data, or not
+                assert sector in (NEW * SECTOR, bytes(SECTOR)), seed
+        seen.add(bytes(s[0] for s in sectors[per_page : 3 * per_page]))
+    assert len(seen) >= 32, f"too few of the possible outcomes came up: {len(seen)}"
 
 
 def test_a_size_lost_takes_the_data_past_it_along() -> None:
