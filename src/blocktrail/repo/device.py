@@ -15,6 +15,7 @@ system has none).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 from blocktrail.errors import FileInUse, InvalidArgument
@@ -32,6 +33,7 @@ from blocktrail.fileio import (
 ZERO_MODES = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
 _ZERO_WRITE = bytes(1 << 20)
+_BLKROGET = 0x125E  # linux/fs.h: _IO(0x12, 94), whether the device is read-only (an int)
 
 
 class DeviceHandle(OsFileHandle):
@@ -59,10 +61,10 @@ class DeviceHandle(OsFileHandle):
         end = min(offset + length, self._size)
         if end <= offset:
             return
-        self.changed = True
         for mode in list(self._modes):
             err = fallocate(self._fd, mode, offset, end - offset)
             if err == 0:
+                self.changed = True
                 return
             if err == errno.EINVAL:  # a range not of whole logical blocks: written below
                 break
@@ -88,6 +90,9 @@ def open_device(path: str, image_bytes: int) -> DeviceHandle:
                             "exclusively. Unmount it, or stop what holds it, first") from None
         raise
     try:
+        if fcntl.ioctl(fd, _BLKROGET, b"\0" * 4) != b"\0" * 4:
+            raise InvalidArgument(f"restore target {path} is a read-only device: nothing was "
+                                  "written")
         if lock_held(fd):
             raise FileInUse(f"restore target {path} is in use: another process holds a lock "
                             "on it (QEMU locks the devices of a running VM, which would go on "

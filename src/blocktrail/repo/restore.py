@@ -103,9 +103,9 @@ def restore_to_device(store: Store, point: RestorePoint, device: str,
     except OSError as exc:
         if not handle.changed:
             raise
-        raise OSError(exc.errno, f"{exc.strerror}; {device} holds part of the image now (a "
-                                 "device is written in place): restore again once this is "
-                                 "fixed", device) from exc
+        raise OSError(exc.errno, f"{exc.strerror} ({device}); it holds part of the image now "
+                                 "(a device is written in place): restore again once this is "
+                                 "fixed") from exc
     finally:
         handle.close()
     return written

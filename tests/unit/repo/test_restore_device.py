@@ -135,8 +135,10 @@ def test_a_device_that_fails_zeroing_otherwise_fails_the_restore(
     _prefilled(path, CS)
     fd = os.open(path, os.O_RDWR)
     try:
+        handle = DeviceHandle(fd, str(path))
         with pytest.raises(OSError, match="zeroing"):
-            DeviceHandle(fd, str(path)).punch_hole(0, CS)
+            handle.punch_hole(0, CS)
+        assert not handle.changed  # nothing was zeroed: the restore says nothing was written
     finally:
         os.close(fd)
 
@@ -198,11 +200,11 @@ def test_a_restore_onto_a_device_reads_back_as_the_point(
     assert link.is_symlink() and stat.S_ISBLK(os.stat(device).st_mode)
 
 
-def test_a_device_in_use_locked_or_too_small_is_left_alone(
+def test_a_device_in_use_locked_read_only_or_too_small_is_left_alone(
         point: tuple[Repository, RestorePoint, bytes], loop_device: str,
         tmp_path: Path) -> None:
     repo, restore_point, _ = point
-    device = loop_device
+    device, backing = loop_device, tmp_path / "backing.img"
     held = os.open(device, os.O_RDONLY | os.O_EXCL)  # as a mounted file system, or LVM
     try:
         with pytest.raises(FileInUse, match="mounted, or held"):
@@ -215,6 +217,13 @@ def test_a_device_in_use_locked_or_too_small_is_left_alone(
             repo.restore(restore_point.id, device)
     finally:
         os.close(locked)
+    read_only = subprocess.run(["losetup", "--find", "--show", "--read-only", str(backing)],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        with pytest.raises(InvalidArgument, match="read-only device: nothing was written"):
+            repo.restore(restore_point.id, read_only)
+    finally:
+        subprocess.run(["losetup", "--detach", read_only], check=True)
     small = tmp_path / "small.img"
     _prefilled(small, restore_point.size_bytes - 512)
     made = subprocess.run(["losetup", "--find", "--show", str(small)], capture_output=True,
