@@ -34,6 +34,7 @@ from blocktrail.repo.backend import (
     PreconditionFailed,
     check_name,
 )
+from blocktrail.repo.layout import VERIFY
 
 LOCK_NAME = "locks/objects.lock"
 HOST_LOCK_NAME = "locks/repo.lock"  # the repository lock of blocktrail before leases
@@ -263,6 +264,9 @@ class LocalBackend:
                     return
                 self.fio.unlink(path)
         self.fio.fsync_dir(os.path.dirname(path))
+        if name.startswith(VERIFY):  # a point's own directory goes with its last record
+            with contextlib.suppress(OSError):  # (else forgotten points leave one each)
+                self.fio.rmdir(os.path.dirname(path))
 
     def now(self) -> float:
         return time.time()

@@ -1110,3 +1110,22 @@ def test_init_refuses_a_directory_holding_files_of_others(tmp_path: Path) -> Non
     Repository.init(mounted, encryption=TEST_ENCRYPTION).close()
     with Repository.open(mounted, password=TEST_PASSWORD) as repo:
         assert repo.check().ok
+
+
+def test_a_forgotten_point_leaves_no_directory_of_its_verify_records(tmp_path: Path) -> None:
+    """verify/POINT/ goes with the point's last record: forgotten points leave no empty
+    directories behind, which every listing of the verify records would walk."""
+    repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
+    chunks = image(6, 4)
+    old = store(repo, "d", chunks)
+    new = store(repo, "d", chunks)
+    for point in (old, new):
+        repo.record_verify(point.id, "ok")
+        repo.record_verify(point.id, "ok")  # two records: the directory stays until both go
+    assert sorted(p.name for p in (tmp_path / "repo" / "verify").iterdir()) == \
+        sorted([old.id, new.id])
+    assert [p.id for p in repo.forget(RetentionPolicy(keep_last=1))] == [old.id]
+    assert [p.name for p in (tmp_path / "repo" / "verify").iterdir()] == [new.id]
+    assert repo.point(new.id).verify_state == "ok"
+    repo.prune()
+    assert repo.check(read_data=True).ok
