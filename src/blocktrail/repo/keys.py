@@ -169,12 +169,6 @@ def open_key(key: KeyFile, password: bytes, repo_id: str) -> tuple[MasterKeys, s
     return None
 
 
-def unwrap(key: KeyFile, password: bytes, repo_id: str) -> MasterKeys | None:
-    """The master keys, or None when the password is not this key file's (for ``repo_id``)."""
-    opened = open_key(key, password, repo_id)
-    return opened[0] if opened is not None and opened[1] == repo_id else None
-
-
 @dataclass(frozen=True, slots=True)
 class DamagedKeyFile:
     """A key file that cannot open anything, and why."""

@@ -32,7 +32,7 @@ from blocktrail.repo.errors import (
     RepositoryError,
     WrongPassword,
 )
-from blocktrail.repo.keys import TEST_KDF, KeyFile, unwrap
+from blocktrail.repo.keys import TEST_KDF, KeyFile, open_key
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import (
     HEADER_ENCRYPTED,
@@ -54,6 +54,12 @@ KEYS = MasterKeys(bytes(range(32)), bytes(range(32, 64)))
 SALT = bytes(range(100, 116))
 NONCE = (7).to_bytes(12, "big")
 PLAIN = bytes(range(200))  # zstd does not shrink it: stored as it is
+
+
+def unwrap(key: KeyFile, password: bytes, repo_id: str) -> MasterKeys | None:
+    """The master keys, or None when the password is not this key file's (for ``repo_id``)."""
+    opened = open_key(key, password, repo_id)
+    return opened[0] if opened is not None and opened[1] == repo_id else None
 
 
 def fixed_codec(cipher: int) -> EncryptedCodec:
