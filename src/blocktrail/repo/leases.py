@@ -171,6 +171,13 @@ def list_leases(backend: Backend) -> list[LeaseRecord]:
     return records
 
 
+def live_writers(backend: Backend, margin: float) -> list[LeaseRecord]:
+    """The leases of processes that may still write (all but the maintenance lease) and
+    have not run out, nor have a holder that is a gone process of this machine."""
+    return [record for record in list_leases(backend)
+            if record.purpose != "maintenance" and not record.expired(margin)]
+
+
 def _withdraw(backend: Backend, name: str, data: bytes) -> None:
     with contextlib.suppress(BackendError, OSError):
         if backend.load(name) == data:

@@ -41,7 +41,14 @@ from blocktrail.repo import layout
 from blocktrail.repo.backend import BackendError, ObjectNotFound
 from blocktrail.repo.errors import ManifestCorrupt, ObjectMissing, RepositoryError
 from blocktrail.repo.index import ChunkIndex
-from blocktrail.repo.leases import Lease, LeaseRecord, boot_clock, list_leases, read_lease
+from blocktrail.repo.leases import (
+    Lease,
+    LeaseRecord,
+    boot_clock,
+    list_leases,
+    live_writers,
+    read_lease,
+)
 from blocktrail.repo.objects import ZERO_DIGEST
 from blocktrail.repo.packs import Location
 from blocktrail.repo.store import (
@@ -82,7 +89,10 @@ def prune_repository(store: Store, wait_s: float = 0.0) -> PruneReport:
         alone = backend.host_lock(exclusive=True, wait=False)
         if alone is not None:  # no writer on this machine, and none can start meanwhile
             try:
-                return _prune_alone(store)
+                # nor a writer of another machine that shares the directory through a file
+                # system whose locks do not reach here (its lease is live): else as below
+                if not live_writers(backend, store.timing.margin):
+                    return _prune_alone(store)
             finally:
                 alone.release()
     with Lease.acquire(backend, layout.MAINTENANCE_LEASE, purpose="maintenance",

@@ -21,7 +21,7 @@ from blocktrail.repo import index as index_file
 from blocktrail.repo import layout
 from blocktrail.repo.backend import ObjectNotFound
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing, RepositoryBusy, RepositoryError
-from blocktrail.repo.leases import Lease, list_leases
+from blocktrail.repo.leases import Lease, live_writers
 from blocktrail.repo.manifest import TABLE_PAGES, RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, KIND_TABLE, ZERO_DIGEST
 from blocktrail.repo.packs import Location, read_trailer, walk_envelopes
@@ -94,23 +94,25 @@ _BUSY = "cannot repair the repository: backups are running in this repository; t
 @contextlib.contextmanager
 def _alone(repo: Store) -> Iterator[None]:
     """Repair runs with no writer: on a local directory under the machine-wide lock taken
-    exclusively; on object storage under the maintenance lease, refusing while any writer's
-    lease is live (a writer that starts meanwhile is safe: repair deletes only packs whose
-    intact objects it copied, and index files it read)."""
+    exclusively (and no writer's lease live: one of another machine sharing the directory,
+    whose lock this one may not see); on object storage under the maintenance lease,
+    refusing while any writer's lease is live (a writer that starts meanwhile is safe: repair
+    deletes only packs whose intact objects it copied, and index files it read)."""
     backend = repo.backend
     if backend.host_locks:
         lock = backend.host_lock(exclusive=True, wait=False)
         if lock is None:
             raise RepositoryBusy(_BUSY)
         try:
+            if live_writers(backend, repo.timing.margin):
+                raise RepositoryBusy(_BUSY)
             yield
         finally:
             lock.release()
         return
     with Lease.acquire(backend, layout.MAINTENANCE_LEASE, purpose="maintenance",
                        timing=repo.timing, what="repair the repository"):
-        if any(w.purpose != "maintenance" and not w.expired(repo.timing.margin)
-               for w in list_leases(backend)):
+        if live_writers(backend, repo.timing.margin):
             raise RepositoryBusy(_BUSY)
         yield
 

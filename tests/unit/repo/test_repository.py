@@ -26,6 +26,7 @@ from blocktrail.repo.backend import Backend, BackendError, BackendUnavailable
 from blocktrail.repo.errors import (
     ManifestCorrupt,
     ObjectMissing,
+    RepositoryBusy,
     RepositoryError,
     RepositoryExists,
 )
@@ -1128,4 +1129,34 @@ def test_a_forgotten_point_leaves_no_directory_of_its_verify_records(tmp_path: P
     assert [p.name for p in (tmp_path / "repo" / "verify").iterdir()] == [new.id]
     assert repo.point(new.id).verify_state == "ok"
     repo.prune()
+    assert repo.check(read_data=True).ok
+
+
+def test_prune_and_repair_of_a_local_directory_wait_for_a_writer_of_another_machine(
+        tmp_path: Path) -> None:
+    """A directory shared by two machines through a file system whose locks do not reach from
+    one to the other (SMB, sshfs): the other machine's backup holds no lock this one sees, only
+    its lease. Prune does not take the quick path of a directory with no writer (which would
+    delete, at once, a dead pack the writer deduplicated against), and repair refuses."""
+    root = tmp_path / "repo"
+    repo = Repository.init(root, encryption=TEST_ENCRYPTION)
+    chunks = image(22, 4)
+    old = store(repo, "x", chunks)
+    repo.delete_manifest(old.id)  # its pack is dead now
+    elsewhere = Repository.open(root, password=TEST_PASSWORD)
+    elsewhere.backend.host_locks = False  # type: ignore[misc]  # the other machine's view
+    writer = elsewhere.begin("d", 4 * CS, None)  # it read the index: it may use that pack
+    for i, data in enumerate(chunks):
+        writer.put_chunk(i, data)
+    report = repo.prune()
+    assert report.packs_condemned == 1 and report.packs_deleted == 0
+    assert report.packs_waiting == 1 and len(report.waiting_for) == 1
+    with pytest.raises(RepositoryBusy):
+        repo.repair()
+    point = writer.commit(kind="full", change_id=None)
+    assert point.stats["new_chunks"] == 0  # it deduplicated against the dead pack
+    report = repo.prune()  # the writer is gone: the pack is needed now, and kept
+    assert report.packs_deleted == 0 and report.packs_waiting == 0
+    assert restored(Repository.open(root, password=TEST_PASSWORD), point, tmp_path) == \
+        b"".join(chunks)
     assert repo.check(read_data=True).ok
