@@ -1,6 +1,7 @@
 """The host's data directory losing power at every durability point (CrashMonkey style): its
-creation with a first disk, and the upgrade of a version 1 directory, which moves every disk
-from DATA/NAME to DATA/disks/NAME and writes host.json last.
+creation with a first disk, the upgrade of a version 1 directory, which moves every disk
+from DATA/NAME to DATA/disks/NAME and writes host.json last, and a VM snapshot taken and
+removed.
 
 Each runs on the simulated file system, once per durability operation, losing power just
 before the N-th; when the machine is back, the next start of the host finds:
@@ -8,7 +9,9 @@ before the N-th; when the machine is back, the next start of the host finds:
 - a created disk whole or absent, and absent ones can be created again;
 - after an upgrade cut anywhere, every disk (each one once) with its content, its snapshot and
   its change IDs (the same tracking epoch: the moves are no reason for a full backup);
-- what a start that returned did is durable: a power loss right after it loses nothing.
+- a VM snapshot on both disks of the VM or on neither;
+- what a start or a VM snapshot that returned did is durable: a power loss right after it loses
+  nothing.
 """
 
 from __future__ import annotations
@@ -136,3 +139,62 @@ def test_an_upgrade_cut_anywhere_keeps_every_disk_and_its_change_ids(torn: bool)
         _check_upgraded(fs, before)
         break
     assert cut_at > len(V1_DISKS), "the upgrade should pass through many durability points"
+
+
+def _vm_with_disks(snapshot: bool) -> PowerCutFileIO:
+    """A host's data directory: disks a and b with data, the VM vm of both (and its snapshot
+    s1), all durable."""
+    fs = PowerCutFileIO(0)
+    fs.makedirs("/sim")
+    registry = _start(fs)
+    for name in ("a", "b"):
+        disk = registry.create(name, SIZE, GRANULARITY)
+        disk.pwrite(name.encode() * 5000, 1000)
+        disk.flush()
+    registry.define_vm("vm", ["a", "b"])
+    if snapshot:
+        registry.vm_snapshot("vm", "s1")
+    registry.close()
+    return fs
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
+@pytest.mark.parametrize("removing", [False, True], ids=["take", "remove"])
+def test_a_vm_snapshot_cut_anywhere_is_on_every_disk_or_on_none(removing: bool,
+                                                               torn: bool) -> None:
+    """A VM snapshot taken, or removed, while the power goes: after the restart the snapshot
+    is on both disks of the VM or on neither (the kill sweep checks the same for a killed
+    host), and each disk holds what was written."""
+    base = _vm_with_disks(snapshot=removing)
+    cut_at = 1
+    while True:
+        fs = _after_cut(base, cut_at, torn)
+        try:
+            registry = _start(fs)
+            if removing:
+                registry.vm_remove_snapshot("vm", "s1")
+            else:
+                registry.vm_snapshot("vm", "s1")
+        except PowerLoss:
+            fs.restart()
+            done = False
+        else:
+            fs.cut_at = 0
+            fs.power_loss()  # the host never closed: what returned must be durable
+            fs.restart()
+            done = True
+        registry = _start(fs)
+        try:
+            having = [d for d in ("a", "b")
+                      if "s1" in {s.name for s in registry.get(d).snapshots}]
+            assert having in ([], ["a", "b"]), f"cut {cut_at}: the VM snapshot is on {having}"
+            if done:
+                assert having == ([] if removing else ["a", "b"]), f"cut {cut_at}"
+            for name in ("a", "b"):
+                assert registry.get(name).pread(5000, 1000) == name.encode() * 5000
+        finally:
+            registry.close()
+        if done:
+            break
+        cut_at += 1
+    assert cut_at > 3, f"only {cut_at - 1} durability operations"
