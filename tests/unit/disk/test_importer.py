@@ -6,7 +6,6 @@ InvalidArgument and creates nothing, and a FIFO never blocks the importer."""
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from blocktrail.disk import Disk
 from blocktrail.disk.importer import BUILDING_PREFIX, import_raw
 from blocktrail.errors import DiskExists, DiskNoSpace, FileInUse, InvalidArgument
 from hostproc import qemu_like_lock
+from loopdevices import loop_device as attached
 
 MiB = 1 << 20
 
@@ -218,22 +218,13 @@ def test_an_existing_target_is_not_touched(tmp_path: Path) -> None:
 
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
     backing = tmp_path / "backing.img"
     with open(backing, "wb") as f:
         f.truncate(8 * MiB)
         f.seek(2 * MiB)
         f.write(b"\x42" * 100_000)
-    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"no loop device: {made.stderr.strip()}")
-    device = made.stdout.strip()
-    try:
+    with attached(backing) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_a_block_device_is_imported_at_its_size(loop_device: str, tmp_path: Path) -> None:

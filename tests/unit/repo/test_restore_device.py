@@ -28,6 +28,7 @@ from blocktrail.repo.errors import ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import restore_into, restore_target
 from hostproc import qemu_like_lock, require_tools
+from loopdevices import loop_device as attached
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
 
@@ -165,19 +166,9 @@ def test_only_a_raw_restore_takes_a_block_device(tmp_path: Path) -> None:
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[str]:
     """A loop device over a file of 8 chunks of garbage."""
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    backing = tmp_path / "backing.img"
-    _prefilled(backing, 8 * CS)
-    made = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"no loop device here: {made.stderr.strip()}")
-    device = made.stdout.strip()
-    try:
+    _prefilled(tmp_path / "backing.img", 8 * CS)
+    with attached(tmp_path / "backing.img") as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 def _read_device(device: str) -> bytes:
@@ -217,22 +208,14 @@ def test_a_device_in_use_locked_read_only_or_too_small_is_left_alone(
             repo.restore(restore_point.id, device)
     finally:
         os.close(locked)
-    read_only = subprocess.run(["losetup", "--find", "--show", "--read-only", str(backing)],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        with pytest.raises(InvalidArgument, match="read-only device: nothing was written"):
-            repo.restore(restore_point.id, read_only)
-    finally:
-        subprocess.run(["losetup", "--detach", read_only], check=True)
+    with attached(backing, read_only=True) as read_only, \
+            pytest.raises(InvalidArgument, match="read-only device: nothing was written"):
+        repo.restore(restore_point.id, read_only)
     small = tmp_path / "small.img"
     _prefilled(small, restore_point.size_bytes - 512)
-    made = subprocess.run(["losetup", "--find", "--show", str(small)], capture_output=True,
-                          text=True, check=True)
-    try:
-        with pytest.raises(InvalidArgument, match="nothing was written"):
-            repo.restore(restore_point.id, made.stdout.strip())
-    finally:
-        subprocess.run(["losetup", "--detach", made.stdout.strip()], check=True)
+    with attached(small) as too_small, \
+            pytest.raises(InvalidArgument, match="nothing was written"):
+        repo.restore(restore_point.id, too_small)
     assert small.read_bytes() == GARBAGE * (restore_point.size_bytes - 512)
     assert _read_device(device) == GARBAGE * 8 * CS
 
