@@ -61,7 +61,8 @@ class _Inode:
                 del pages[page]  # past the end: never read back (a file grown later reads 0)
             if keep and last in pages:
                 pages[last] = pages[last][:keep] + bytes(_PAGE - keep)
-        self.pages, self.size = pages, size
+        self.pages, self.size = pages, size  # what the disk holds now: durable, torn or not
+        self.durable_pages, self.durable_size = dict(pages), size
 
 
 class SimulatedFileHandle:

@@ -121,8 +121,40 @@ def _reopen(fs: PowerCutFileIO) -> Disk:
     return Disk.open(PATH, fileio=fs, chunk_sources=PointSource.opener)
 
 
+def _fill_to_the_end(disk: Disk) -> None:
+    while disk.fill(3) is not None:
+        pass
+
+
+def _recover_through_a_second_loss(after: PowerCutFileIO, candidates: tuple[bytes, bytes],
+                                   torn: int | None) -> int:
+    """On copies of the disk ``after`` the first loss left: the recovery (the reopen) and the
+    rest of the fill lose power too, before their 1st durability operation, their 2nd, ...
+    until they complete; after each, the disk must read as before. -> the cuts made."""
+    cut_at = 1
+    while True:
+        copy = PowerCutFileIO(0, None if torn is None else torn + cut_at)
+        copy.copy_disk_from(after)
+        copy.count, copy.cut_at = 0, cut_at
+        try:
+            with _reopen(copy) as disk:
+                _fill_to_the_end(disk)
+            return cut_at - 1
+        except PowerLoss:
+            copy.restart()
+        with _reopen(copy) as disk:
+            _check(disk, candidates)
+            _fill_to_the_end(disk)
+            _check(disk, candidates)
+        cut_at += 1
+
+
+@pytest.mark.parametrize("recovery_cut", [False, True], ids=["once", "again in recovery"])
 @pytest.mark.parametrize("torn", [False, True], ids=["unsynced lost", "unsynced torn"])
-def test_an_instant_restore_losing_power_anywhere_reads_as_the_point(torn: bool) -> None:
+def test_an_instant_restore_losing_power_anywhere_reads_as_the_point(torn: bool,
+                                                                    recovery_cut: bool) -> None:
+    """``recovery_cut``: after each loss, the reopen and the rest of the fill lose power too,
+    at each of their durability operations in turn (compound failures)."""
     cut_at, outcomes = 1, {"absent": 0, "restoring": 0, "local": 0}
     while True:
         fs = PowerCutFileIO(0, cut_at if torn else None)
@@ -144,10 +176,14 @@ def test_an_instant_restore_losing_power_anywhere_reads_as_the_point(torn: bool)
                 continue
             outcomes["local" if disk.restore_progress is None else "restoring"] += 1
             where = f"power lost before durability operation {cut_at}"
+            if recovery_cut:
+                disk.close()  # (its reads and closing make nothing durable it had not)
+                _recover_through_a_second_loss(fs, (run.before, run.after),
+                                               cut_at * 1000 if torn else None)
+                disk = _reopen(fs)
             try:
                 _check(disk, (run.before, run.after))
-                while disk.fill(3) is not None:
-                    pass
+                _fill_to_the_end(disk)
                 assert disk.restore_progress is None, where
                 final = disk.pread(disk.size_bytes, 0)
                 _check(disk, (run.before, run.after))

@@ -256,11 +256,14 @@ class Disk:
                 layer.seal = None  # its filling writes it; a removed snapshot's is merged into
             elif layer.snapshot is not None and (layer.seal is None or restart is not None):
                 layer.seal = disk._stack.seal_of(layer)
+        # Open, durably, before any layer is touched: a crash from here on is an unclean
+        # shutdown (else the cut below, which changes the top's times even where it frees
+        # nothing, would look like an edit of a closed disk and restart tracking).
+        disk._commit()
         # Repeat the cut a crash may have undone, durably: a later grow commits a larger size,
         # past which an undone cut would bring the old bytes back.
         chain.drop_beyond(layers[-1], meta.cluster_size, meta.size_bytes)
         layers[-1].flush()
-        disk._commit()
         if tracker.new_epoch_pending:  # durable now: the old intent can go
             tracker.after_commit()
         disk._delete_unreferenced()
