@@ -176,3 +176,24 @@ def qemu_like_lock(path: str | os.PathLike[str]) -> int:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET,
                                                    100, 1, 0))  # struct flock
     return fd
+
+
+@contextmanager
+def qemu_nbd_serving(path: str | os.PathLike[str], sock: Path) -> Iterator[None]:
+    """``qemu-nbd`` serving the raw image or device ``path`` on ``sock``, once it holds its
+    locks on it (it makes its socket before it opens the image: the socket alone says nothing
+    about the locks)."""
+    from blocktrail.fileio import locked_by_another
+
+    require_tools("qemu-nbd")
+    server = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", str(path)])
+    try:
+        deadline = time.monotonic() + 10
+        while not (sock.exists() and locked_by_another(str(path))):
+            assert server.poll() is None, "qemu-nbd ended"
+            assert time.monotonic() < deadline, "qemu-nbd took no lock on the image in 10 s"
+            time.sleep(0.02)
+        yield
+    finally:
+        server.terminate()
+        server.wait()

@@ -10,8 +10,6 @@ import errno
 import json
 import os
 import stat
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from blocktrail.repo.device import DeviceHandle
 from blocktrail.repo.errors import ObjectMissing
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import restore_into, restore_target
-from hostproc import qemu_like_lock, require_tools
+from hostproc import qemu_like_lock, qemu_nbd_serving
 from loopdevices import loop_device as attached
 from repodamage import flip, object_file
 from s3server import TEST_ENCRYPTION, TEST_PASSWORD
@@ -254,18 +252,8 @@ def test_a_device_qemu_nbd_serves_is_left_alone(
         point: tuple[Repository, RestorePoint, bytes], loop_device: str,
         tmp_path: Path) -> None:
     """QEMU locks a device it runs a VM on, as it locks an image file."""
-    require_tools("qemu-nbd")
     repo, restore_point, _ = point
-    sock = tmp_path / "nbd.sock"
-    server = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", loop_device])
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sock.exists(), "qemu-nbd did not start"
-        with pytest.raises(FileInUse, match="lock"):
-            repo.restore(restore_point.id, loop_device)
-    finally:
-        server.terminate()
-        server.wait()
+    with qemu_nbd_serving(loop_device, tmp_path / "nbd.sock"), \
+            pytest.raises(FileInUse, match="lock"):
+        repo.restore(restore_point.id, loop_device)
     assert _read_device(loop_device) == GARBAGE * 8 * CS

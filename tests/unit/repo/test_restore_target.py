@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import stat
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from blocktrail.errors import FileInUse, InvalidArgument
 from blocktrail.fileio import OsFileIO
 from blocktrail.repo import Repository
 from blocktrail.repo.manifest import RestorePoint
-from hostproc import qemu_like_lock, require_tools
+from hostproc import qemu_like_lock, qemu_nbd_serving
 from s3server import TEST_ENCRYPTION
 
 ROOT = os.geteuid() == 0
@@ -153,24 +151,14 @@ def test_a_file_another_process_holds_a_lock_on_is_left_alone(
 
 @pytest.mark.interop
 def test_an_image_qemu_nbd_serves_is_neither_replaced_nor_imported(tmp_path: Path) -> None:
-    require_tools("qemu-nbd")
     repo = Repository.init(tmp_path / "repo", encryption=TEST_ENCRYPTION)
     restore_point = store(repo, "d", image(4, 4))
     target = tmp_path / "vm.raw"
     target.write_bytes(bytes(1 << 20))
-    sock = tmp_path / "nbd.sock"
-    server = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", str(target)])
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert sock.exists(), "qemu-nbd did not start"
+    with qemu_nbd_serving(target, tmp_path / "nbd.sock"):
         with pytest.raises(FileInUse, match="in use"):
             repo.restore(restore_point.id, str(target))
         assert target.read_bytes() == bytes(1 << 20)
         with pytest.raises(FileInUse, match="in use"):  # nor imported: it changes meanwhile
             import_raw(target, tmp_path / "imported")
         assert not (tmp_path / "imported").exists()
-    finally:
-        server.terminate()
-        server.wait(10)
