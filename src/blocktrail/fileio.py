@@ -260,7 +260,11 @@ class OsFileHandle:
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise OSError(err, os.strerror(err))
             self._can_punch = False
-        end = min(offset + length, self.size())
+        self.write_zeros(offset, min(offset + length, self.size()))
+
+    def write_zeros(self, offset: int, end: int) -> None:
+        """Write zero bytes over ``[offset, end)``, a megabyte at a time (where no hole can be
+        punched, nor the range zeroed otherwise)."""
         while offset < end:
             n = min(len(_ZERO_CHUNK), end - offset)
             self.pwrite(_ZERO_CHUNK[:n], offset)

@@ -32,7 +32,6 @@ from blocktrail.fileio import (
 # the kernel zero the range (WRITE ZEROES, or zero pages it writes itself).
 ZERO_MODES = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-_ZERO_WRITE = bytes(1 << 20)
 _BLKROGET = 0x125E  # linux/fs.h: _IO(0x12, 94), whether the device is read-only (an int)
 
 
@@ -71,10 +70,7 @@ class DeviceHandle(OsFileHandle):
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
                 raise OSError(err, f"{os.strerror(err)}: zeroing {self.path}")
             self._modes.remove(mode)  # this device cannot: not asked again
-        while offset < end:
-            count = min(len(_ZERO_WRITE), end - offset)
-            self.pwrite(memoryview(_ZERO_WRITE)[:count], offset)
-            offset += count
+        self.write_zeros(offset, end)
 
 
 def open_device(path: str, image_bytes: int) -> DeviceHandle:

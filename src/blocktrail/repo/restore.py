@@ -95,17 +95,14 @@ def restore_to_device(store: Store, point: RestorePoint, device: str,
     try:
         written = restore_into(store, handle, point, progress, in_place=True)
         handle.fsync()
-    except BlocktrailError as exc:
+    except (BlocktrailError, OSError) as exc:
         if not handle.changed:
             raise
-        raise type(exc)(f"{exc.message}; {device} holds part of the image now (a device is "
-                        "written in place): restore again once this is fixed") from exc
-    except OSError as exc:
-        if not handle.changed:
-            raise
-        raise OSError(exc.errno, f"{exc.strerror} ({device}); it holds part of the image now "
-                                 "(a device is written in place): restore again once this is "
-                                 "fixed") from exc
+        partly = (f"{device} holds part of the image now (a device is written in place): "
+                  "restore again once this is fixed")
+        if isinstance(exc, BlocktrailError):
+            raise type(exc)(f"{exc.message}; {partly}") from exc
+        raise OSError(exc.errno, f"{exc.strerror}; {partly}") from exc
     finally:
         handle.close()
     return written
@@ -230,16 +227,19 @@ def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
     size: the point's holes are zeroed (`FileHandle.punch_hole`) and the rest is left as it
     is, once every chunk is known to have a copy (found missing, nothing was written)."""
     entries: list[tuple[int, bytes]] = []
-    holes: list[tuple[int, bytes]] = []
+    holes: list[int] = []
     for index, name in store.page_entries(point):
-        (holes if name == ZERO_DIGEST else entries).append((index, name))
+        if name == ZERO_DIGEST:
+            holes.append(index)
+        else:
+            entries.append((index, name))
     fetched, repeats = _split_repeats(entries, point.chunk_size)
     where = f"restore point {point.id}"
     if in_place:
         for _, name in fetched:
             if store.index.get(name) is None:
                 store.read_chunk(name, where)  # ObjectMissing, before the device is touched
-        for first, count in consecutive(index for index, _ in holes):
+        for first, count in consecutive(holes):
             offset = first * point.chunk_size  # the last chunk may end inside the device
             handle.punch_hole(offset, min(count * point.chunk_size, point.size_bytes - offset))
     else:
