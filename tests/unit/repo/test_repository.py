@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from blocktrail.repo.errors import (
     RepositoryExists,
 )
 from blocktrail.repo.keys import TEST_KDF
+from blocktrail.repo.leases import Timing
 from blocktrail.repo.location import open_backend
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.restore import partial_name
@@ -1160,3 +1162,22 @@ def test_prune_and_repair_of_a_local_directory_wait_for_a_writer_of_another_mach
     assert restored(Repository.open(root, password=TEST_PASSWORD), point, tmp_path) == \
         b"".join(chunks)
     assert repo.check(read_data=True).ok
+
+
+def test_a_damaged_lease_in_a_local_directory_counts_as_a_writer_until_it_runs_out(
+        tmp_path: Path) -> None:
+    """A lease file that does not decode (cut short, edited) may be a writer's of another
+    machine: prune takes its two-phase path and repair refuses, until it runs out."""
+    root = tmp_path / "repo"
+    repo = Repository.init(root, encryption=TEST_ENCRYPTION)
+    old = store(repo, "x", image(23, 2))
+    repo.delete_manifest(old.id)  # its pack is dead now
+    (root / "leases" / "disk-0123456789abcdef0123456789abcdef.json").write_bytes(b"{\"own")
+    report = repo.prune()
+    assert report.packs_condemned == 1 and report.packs_deleted == 0
+    assert report.packs_waiting == 1
+    with pytest.raises(RepositoryBusy):
+        repo.repair()
+    aged = time.time() - 2 * Timing().lease_s - 600  # a damaged lease lasts the default
+    os.utime(root / "leases" / "disk-0123456789abcdef0123456789abcdef.json", (aged, aged))
+    assert repo.prune().packs_deleted == 1
