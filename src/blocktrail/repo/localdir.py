@@ -69,6 +69,24 @@ class LocalBackend:
     def path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
 
+    def file_in_the_way(self) -> str | None:
+        """The file that stands where the repository's directory, or a directory above it,
+        must be (a mistyped path: a VM image, say), else None."""
+        at = os.path.abspath(self.root)
+        while True:
+            if self.fio.isdir(at):
+                return None
+            try:
+                self.fio.seal(at)
+            except OSError:  # nothing there (or a file above it): look above
+                pass
+            else:
+                return at
+            parent = os.path.dirname(at)
+            if parent == at:
+                return None
+            at = parent
+
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """A write the file system refuses (read-only, or not this user's to write) becomes

@@ -11,6 +11,7 @@ from blocktrail.errors import InvalidArgument
 from blocktrail.fileio import FileIO
 from blocktrail.repo import keys
 from blocktrail.repo.backend import Backend, BackendDenied
+from blocktrail.repo.errors import RepositoryNotFound
 from blocktrail.repo.localdir import LocalBackend
 from blocktrail.repo.s3options import S3Options
 from blocktrail.repo.store import Store
@@ -71,6 +72,9 @@ def open_unlocked(location: str | os.PathLike[str], *, fileio: FileIO | None = N
     store that overwrites is refused all the same). The backend is closed on any failure."""
     backend = open_backend(location, fileio=fileio, s3=s3)
     try:
+        if isinstance(backend, LocalBackend) and (file := backend.file_in_the_way()):
+            raise RepositoryNotFound(f"{backend.url} is not a blocktrail repository ({file} is "
+                                     "a file)")
         config = Store.load_config(backend)
         unlocked = keys.unlock(backend, config, password)
         if backend.remote:

@@ -407,6 +407,10 @@ def _refuse_foreign_files(backend: LocalBackend) -> None:
 def _init_local(backend: LocalBackend,
                 encryption: Encryption) -> tuple[dict[str, Any], Unlocked]:
     fio = backend.fio
+    in_the_way = backend.file_in_the_way()
+    if in_the_way is not None:
+        raise InvalidArgument(f"{in_the_way} is a file: a repository is made in a new or empty "
+                              "directory; nothing was written")
     try:
         strays = _refuse_data_without_config(backend)  # before a directory is made
         _refuse_foreign_files(backend)

@@ -30,6 +30,7 @@ from blocktrail.repo.errors import (
     RepositoryBusy,
     RepositoryError,
     RepositoryExists,
+    RepositoryNotFound,
 )
 from blocktrail.repo.keys import TEST_KDF
 from blocktrail.repo.leases import Timing
@@ -1113,6 +1114,23 @@ def test_init_refuses_a_directory_holding_files_of_others(tmp_path: Path) -> Non
     Repository.init(mounted, encryption=TEST_ENCRYPTION).close()
     with Repository.open(mounted, password=TEST_PASSWORD) as repo:
         assert repo.check().ok
+
+
+def test_a_file_where_the_repository_directory_must_be_is_refused_clearly(
+        tmp_path: Path) -> None:
+    """A mistyped path names a file (a VM image), or a path through one: init refuses it
+    before writing anything, and opening says that it is no repository and why, instead of an
+    I/O error about a config.json below a file."""
+    image = tmp_path / "vm1.raw"
+    image.write_bytes(b"an image")
+    for path in (image, image / "repo"):
+        with pytest.raises(InvalidArgument, match=rf"^{image} is a file: .*nothing was written"):
+            Repository.init(path, encryption=TEST_ENCRYPTION)
+        with pytest.raises(RepositoryNotFound, match=rf"^{path} is not a blocktrail "
+                                                     rf"repository \({image} is a file\)"):
+            Repository.open(path, password=TEST_PASSWORD)
+    assert [p.name for p in tmp_path.iterdir()] == ["vm1.raw"]
+    assert image.read_bytes() == b"an image"
 
 
 def test_a_forgotten_point_leaves_no_directory_of_its_verify_records(tmp_path: Path) -> None:
