@@ -84,6 +84,10 @@ def open_device(path: str, image_bytes: int) -> DeviceHandle:
             raise FileInUse(f"restore target {path} is in use: it is mounted, or held by "
                             "device mapper (LVM), RAID or another program that opened it "
                             "exclusively. Unmount it, or stop what holds it, first") from None
+        if exc.errno in (errno.ENXIO, errno.ENODEV):
+            raise InvalidArgument(f"restore target {path} is a device node with no device "
+                                  "behind it (a disk gone, or a driver not loaded): nothing "
+                                  "was written") from None
         raise
     try:
         if fcntl.ioctl(fd, _BLKROGET, b"\0" * 4) != b"\0" * 4:

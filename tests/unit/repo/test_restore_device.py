@@ -159,6 +159,31 @@ def test_only_a_raw_restore_takes_a_block_device(tmp_path: Path) -> None:
         restore_target(str(chr_node), devices=True)
 
 
+def _unused_block_major() -> int | None:
+    """A block device major number no driver here has (LANANA's 240-254 are for local use)."""
+    with open("/proc/devices") as f:
+        lines = f.read().partition("Block devices:")[2].split()
+    taken = {int(word) for word in lines if word.isdigit()}
+    return next((major for major in range(240, 255) if major not in taken), None)
+
+
+def test_a_device_node_with_no_device_behind_it_is_refused(
+        point: tuple[Repository, RestorePoint, bytes], tmp_path: Path) -> None:
+    """A node left by a disk that is gone, or whose driver is not loaded (ENXIO at open): a
+    clear refusal, nothing written, not an I/O error."""
+    if os.geteuid() != 0:
+        pytest.skip("making device nodes needs root")
+    repo, restore_point, _ = point
+    major = _unused_block_major()
+    if major is None:
+        pytest.skip("every local-use block major is taken here")
+    node = tmp_path / "gone"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, 0))
+    with pytest.raises(InvalidArgument, match="no device behind it .*nothing was written"):
+        repo.restore(restore_point.id, str(node))
+    assert main(["restore", str(tmp_path / "repo"), restore_point.id, "--to", str(node)]) == 2
+
+
 # -------------------------------------------------------------------- real (loop) devices
 
 @pytest.fixture
