@@ -179,7 +179,7 @@ def test_a_device_node_with_no_device_behind_it_is_refused(
         pytest.skip("every local-use block major is taken here")
     node = tmp_path / "gone"
     os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(major, 0))
-    with pytest.raises(InvalidArgument, match="no device behind it .*nothing was written"):
+    with pytest.raises(InvalidArgument, match=r"no device behind it .*nothing was written"):
         repo.restore(restore_point.id, str(node))
     assert main(["restore", str(tmp_path / "repo"), restore_point.id, "--to", str(node)]) == 2
 
