@@ -42,6 +42,7 @@ from blocktrail.backup.engine import BackupOptions, run_backup
 from blocktrail.backup.sources.local import LocalDiskSource
 from blocktrail.disk.importer import import_raw
 from blocktrail.repo import Encryption, Repository, RetentionPolicy, S3Options
+from blocktrail.repo.objects import ZERO_DIGEST
 
 MiB, GiB = 1 << 20, 1 << 30
 KEY, SECRET, BUCKET = "bench", "bench-secret", "bench"
@@ -146,6 +147,7 @@ class Run:
     full_server_cpu_s: float | None = None  # SeaweedFS's meanwhile
     incrementals_s: list[float] | None = None  # each incremental (the median above)
     full_stored_mib_s: float | None = None  # what the full backup stored, per second
+    restore_fetched_mib_s: float | None = None  # stored bytes the restore read, per second
 
 
 def _count_requests(repo: Repository) -> list[int]:
@@ -199,12 +201,15 @@ def bench_one(work: str, image: str, location: str, s3: S3Options | None,
     start = time.perf_counter()
     repo.restore(inc.point.id, target)
     restore_s = time.perf_counter() - start
+    names = {name for _, name in repo.page_entries(inc.point) if name != ZERO_DIGEST}
+    fetched = sum(loc.length for name in names if (loc := repo.index.get(name)) is not None)
     os.unlink(target)
     repo.close()
     disk.close()
     return Run("S3" if s3 else "local", size / MiB / full_s, statistics.median(incrementals),
                size / MiB / restore_s, requests / (stored / GiB) if s3 else None, cpu,
-               server_cpu, [round(t, 2) for t in incrementals], stored / MiB / full_s)
+               server_cpu, [round(t, 2) for t in incrementals], stored / MiB / full_s,
+               fetched / MiB / restore_s)
 
 
 WORKER = r"""
@@ -257,12 +262,16 @@ def bench_parallel(work: str, image: str, endpoint: str, count: int) -> float:
 CEILING_OBJECT = 16 << 20  # a pack's size
 CEILING_THREADS = 4  # as many as a backup uploads at once (repo/sink.py)
 CEILING_BYTES = 512 << 20
+CEILING_RANGE = 8 << 20  # a restore's reads: ranged GETs of up to this much (repo/runs.py)
+CEILING_READERS = 16  # as many at once as a restore from object storage reads (repo/restore.py)
 
 
 def server_ceiling(endpoint: str, server: Server) -> dict[str, float]:
-    """What the server ingests with no blocktrail in the way: plain boto3 ``put_object`` of
-    random pack-sized objects, as many at once as a backup sends, bodies unsigned with a CRC32
-    as ours are (s3.py). -> MiB/s and the CPU seconds per GiB of the server and the client."""
+    """What the server ingests and serves with no blocktrail in the way: plain boto3
+    ``put_object`` of random pack-sized objects, as many at once as a backup sends, bodies
+    unsigned with a CRC32 as ours are (s3.py); then ranged ``get_object`` of them, as large and
+    as many at once as a restore reads, the bodies read and dropped. -> MiB/s and the CPU
+    seconds per GiB of the server and the client, of each."""
     import boto3
     from botocore.config import Config
 
@@ -272,7 +281,7 @@ def server_ceiling(endpoint: str, server: Server) -> dict[str, float]:
         config=Config(s3={"addressing_style": "path", "payload_signing_enabled": False},
                       request_checksum_calculation="when_required",
                       response_checksum_validation="when_required",
-                      max_pool_connections=CEILING_THREADS))
+                      max_pool_connections=CEILING_READERS))
     body = os.urandom(CEILING_OBJECT)
     crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
     prefix = f"ceiling-{secrets.token_hex(3)}"
@@ -287,9 +296,23 @@ def server_ceiling(endpoint: str, server: Server) -> dict[str, float]:
         list(pool.map(put, range(count)))
     seconds = time.perf_counter() - start
     gib = CEILING_BYTES / GiB
-    return {"mib_s": CEILING_BYTES / MiB / seconds,
-            "server_cpu_s_per_gib": (server.cpu_seconds() - server_cpu) / gib,
-            "client_cpu_s_per_gib": (time.process_time() - cpu) / gib}
+    out = {"mib_s": CEILING_BYTES / MiB / seconds,
+           "server_cpu_s_per_gib": (server.cpu_seconds() - server_cpu) / gib,
+           "client_cpu_s_per_gib": (time.process_time() - cpu) / gib}
+
+    def get(part: int) -> None:
+        index, at = divmod(part * CEILING_RANGE, CEILING_OBJECT)
+        client.get_object(Bucket=BUCKET, Key=f"{prefix}/{index}",
+                          Range=f"bytes={at}-{at + CEILING_RANGE - 1}")["Body"].read()
+
+    start, cpu, server_cpu = time.perf_counter(), time.process_time(), server.cpu_seconds()
+    with ThreadPoolExecutor(CEILING_READERS) as pool:
+        list(pool.map(get, range(CEILING_BYTES // CEILING_RANGE)))
+    seconds = time.perf_counter() - start
+    out |= {"get_mib_s": CEILING_BYTES / MiB / seconds,
+            "get_server_cpu_s_per_gib": (server.cpu_seconds() - server_cpu) / gib,
+            "get_client_cpu_s_per_gib": (time.process_time() - cpu) / gib}
+    return out
 
 
 def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> float:
@@ -417,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{ceiling['client_cpu_s_per_gib']:.1f}); the S3 full backup stored "
           f"{remote['full_stored_mib_s']:.0f} MiB/s, "
           f"{remote['full_stored_mib_s'] / ceiling['mib_s']:.2f}x of that")
+    print(f"and ranged GETs of {CEILING_RANGE >> 20} MiB of them, {CEILING_READERS} at once: "
+          f"{ceiling['get_mib_s']:.0f} MiB/s, its CPU {ceiling['get_server_cpu_s_per_gib']:.1f} "
+          f"s per GiB (the client's {ceiling['get_client_cpu_s_per_gib']:.1f}); the S3 restore "
+          f"read {remote['restore_fetched_mib_s']:.0f} MiB/s of stored data, "
+          f"{remote['restore_fetched_mib_s'] / ceiling['get_mib_s']:.2f}x of that")
     print(f"prune of {args.points} points (half forgotten): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in out["gc_s"].items()))
     return 0
