@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import queue
 import socket
@@ -61,6 +62,9 @@ REPLY_HOLD_RECEIVED = 1 << 20
 # option replies queued unsent past which negotiation reads no more options
 NEGOTIATION_QUEUE_BYTES = 1 << 20
 SEND_BUFFER_BYTES = 4 << 20
+ACCEPT_BATCH = 64  # connections taken per wake-up of the loop, at most
+ACCEPT_RETRY_S = 1.0  # out of file descriptors: listening again after this long
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,7 @@ class NbdServer:
         self.workers = _Workers(limits.disk_threads, "nbd-disk")
         self.senders = SenderThreads("nbd-wire")
         self._connections: set[asyncio.Task[None]] = set()
-        self._accepting: list[asyncio.Task[None]] = []
+        self._listeners: list[socket.socket] = []
         self.refused_connections = 0
 
     @property
@@ -92,29 +96,57 @@ class NbdServer:
 
     def listen(self, sock: socket.socket) -> None:
         """Accept connections on ``sock`` (bound, listening, non-blocking) from now on."""
-        self._accepting.append(asyncio.create_task(self._accept(sock)))
+        self._listeners.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock)
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, _ = await loop.sock_accept(listener)
-            if len(self._connections) >= self.limits.max_connections:
-                self.refused_connections += 1
-                sock.close()
-                continue
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):  # fewer stalls of the wire on a full buffer
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(_Connection(self, sock).run())
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+    def _accept(self, listener: socket.socket) -> None:
+        """Take the connections waiting on ``listener`` (a reader callback: no task is woken,
+        and no reader added and removed again, per connection). Out of file descriptors or
+        memory, it stops listening for `ACCEPT_RETRY_S` (the connections wait in the backlog)
+        instead of waking the loop again at once for each."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    continue  # that one connection failed (ECONNABORTED, say)
+                log.error("NBD: cannot accept a connection (%s); trying again in %g s", exc,
+                          ACCEPT_RETRY_S)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY_S, self._listen_again, listener)
+                return
+            self._admit(sock)
+
+    def _listen_again(self, listener: socket.socket) -> None:
+        if listener in self._listeners:  # not closed meanwhile
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _admit(self, sock: socket.socket) -> None:
+        if len(self._connections) >= self.limits.max_connections:
+            self.refused_connections += 1
+            sock.close()
+            return
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # fewer stalls of the wire on a full buffer
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.create_task(_Connection(self, sock).run())
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
 
     async def close(self) -> None:
-        for task in [*self._accepting, *self._connections]:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            if listener.fileno() >= 0:  # else closed already, and its reader with it
+                loop.remove_reader(listener.fileno())
+        self._listeners.clear()
+        for task in self._connections:
             task.cancel()
-        await asyncio.gather(*self._accepting, *self._connections, return_exceptions=True)
+        await asyncio.gather(*self._connections, return_exceptions=True)
         self.workers.close()
         self.senders.close()
 

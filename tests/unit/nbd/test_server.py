@@ -5,6 +5,7 @@ backpressure, and the limits (connections, negotiation time, connect/disconnect 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import select
@@ -65,7 +66,9 @@ class Served:
 
 @contextmanager
 def serve(tmp_path: Path, limits: ServerLimits | None = None,
-          size: int = 8 * MiB) -> Iterator[Served]:
+          size: int = 8 * MiB,
+          listener: Callable[[socket.socket], socket.socket] = lambda sock: sock
+          ) -> Iterator[Served]:
     disk = Disk.create(tmp_path / "d0", size)
     path = str(tmp_path / "nbd.sock")
     loop = asyncio.new_event_loop()
@@ -74,7 +77,7 @@ def serve(tmp_path: Path, limits: ServerLimits | None = None,
 
     async def main() -> None:
         server = NbdServer(DiskCatalog.of({"d0": disk}), limits or ServerLimits())
-        server.listen(bind(Endpoint(unix_path=path)))
+        server.listen(listener(bind(Endpoint(unix_path=path))))
         ready.set_result(server)
         await stop.wait()
         await server.close()
@@ -534,6 +537,42 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
             raise ConnectionError("the server closed the connection")
         out += chunk
     return bytes(out)
+
+
+class _OutOfDescriptors(socket.socket):
+    """A listener whose first ``failing`` accepts fail as a process out of file descriptors
+    sees them (EMFILE); the connection stays in the backlog."""
+
+    failing = 2
+    calls = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        type(self).calls += 1
+        if type(self).calls <= self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+def test_a_server_out_of_descriptors_pauses_accepting_and_serves_the_client_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No busy loop on a connection it cannot take yet (the listener stays readable): it stops
+    listening for a while, says why, and takes the connection once it can."""
+    monkeypatch.setattr(server_module, "ACCEPT_RETRY_S", 0.3)
+
+    def failing(sock: socket.socket) -> socket.socket:
+        wrapped = _OutOfDescriptors(sock.family, sock.type, fileno=sock.detach())
+        wrapped.setblocking(False)
+        return wrapped
+
+    with serve(tmp_path, listener=failing) as s:
+        started = time.monotonic()
+        c = s.client()  # waits in the backlog through two failed accepts
+        assert time.monotonic() - started >= 0.5
+        c.send(READ, 0, 512)
+        assert c.reply().error == 0
+    assert _OutOfDescriptors.calls <= 4  # 2 failures, the client, the empty backlog
+    assert "cannot accept a connection" in caplog.text and "Too many open files" in caplog.text
 
 
 def test_connection_flood_is_capped_and_silent_clients_time_out(tmp_path: Path) -> None:
