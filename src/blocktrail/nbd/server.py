@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import queue
 import socket
@@ -64,7 +63,6 @@ NEGOTIATION_QUEUE_BYTES = 1 << 20
 SEND_BUFFER_BYTES = 4 << 20
 ACCEPT_BATCH = 64  # connections taken per wake-up of the loop, at most
 ACCEPT_RETRY_S = 1.0  # out of file descriptors: listening again after this long
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +100,16 @@ class NbdServer:
     def _accept(self, listener: socket.socket) -> None:
         """Take the connections waiting on ``listener`` (a reader callback: no task is woken,
         and no reader added and removed again, per connection). Out of file descriptors or
-        memory, it stops listening for `ACCEPT_RETRY_S` (the connections wait in the backlog)
-        instead of waking the loop again at once for each."""
+        memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), it stops listening for `ACCEPT_RETRY_S` (the
+        connections wait in the backlog) instead of waking the loop again at once for each."""
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    continue  # that one connection failed (ECONNABORTED, say)
+            except ConnectionAbortedError:
+                continue  # that one went before it was taken
+            except OSError as exc:  # out of resources (or anything else): no busy loop
                 log.error("NBD: cannot accept a connection (%s); trying again in %g s", exc,
                           ACCEPT_RETRY_S)
                 loop = asyncio.get_running_loop()
