@@ -276,7 +276,8 @@ class RepoTarget:
         if self.encrypted:
             with self.open() as repo:
                 data = repo.codec.open_file(KIND_INDEX, name, data, name)
-        return index_file.decode(data, name)
+        return {key: index_file.unpack(packed)
+                for key, packed in index_file.decode(data, name).items()}
 
     def trailer_start(self, data: bytes) -> int:
         """Where a pack's trailer entries start (an encrypted one's MAC follows them)."""

@@ -4,8 +4,10 @@ they make together."""
 from __future__ import annotations
 
 import struct
+import sys
 import threading
-from collections.abc import ItemsView, KeysView, ValuesView
+from array import array
+from collections.abc import Iterator, KeysView
 
 from blake3 import blake3
 
@@ -19,6 +21,9 @@ MAGIC = b"BTIX"
 VERSION = 1
 HEADER = struct.Struct("<4sII4x")
 ENTRY = struct.Struct("<32s16sQII")
+# An entry after its name (pack, offset, length, plain length): how the chunk index holds each
+# location in memory, as the index file has it (one bytes object, not a tuple of four).
+PACKED = struct.Struct("<16sQII")
 MIN_ENVELOPE = OBJECT_HEADER.size  # the smallest envelope: a header, no payload
 MAX_END = 1 << 62  # no pack is this big: an entry ending past it is damaged
 
@@ -30,24 +35,48 @@ def encode(locations: dict[bytes, Location]) -> bytes:
     return body + blake3(body).digest()
 
 
-def decode(data: bytes, where: str) -> dict[bytes, Location]:
+def decode(data: bytes, where: str) -> dict[bytes, bytes]:
+    """An index file's entries: name -> location, packed (`unpack` makes it a `Location`)."""
     if len(data) < HEADER.size + 32 or blake3(data[:-32]).digest() != data[-32:]:
         raise RepositoryError(f"{where}: index file is damaged (checksum mismatch)")
     magic, version, count = HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION or len(data) != HEADER.size + count * ENTRY.size + 32:
         raise RepositoryError(f"{where}: not a version {VERSION} index file")
-    pack_ids: dict[bytes, str] = {}  # a pack holds hundreds of entries: one str for all
-    out: dict[bytes, Location] = {}
-    for name, pack, offset, length, plain in ENTRY.iter_unpack(memoryview(data)[HEADER.size:-32]):
+    body = data[HEADER.size:-32]
+    if count:
+        _check_ranges(body, where)
+    size, name = ENTRY.size, 32
+    return {body[at : at + name]: body[at + name : at + size]
+            for at in range(0, len(body), size)}
+
+
+def _check_ranges(body: bytes, where: str) -> None:
+    """Every entry's envelope is at least `MIN_ENVELOPE` long and ends before `MAX_END`:
+    checked on whole columns (the entries are 64 bytes: offset at 48, length at 56), and entry
+    by entry only to name one that fails."""
+    words, quads = array("I"), array("Q")
+    words.frombytes(body)
+    quads.frombytes(body)
+    if sys.byteorder != "little":
+        words.byteswap()
+        quads.byteswap()
+    lengths, offsets = words[14 :: ENTRY.size // 4], quads[6 :: ENTRY.size // 8]
+    if min(lengths) >= MIN_ENVELOPE and max(offsets) + max(lengths) <= MAX_END:
+        return
+    for name, _, offset, length, _ in ENTRY.iter_unpack(body):
         if length < MIN_ENVELOPE or offset + length > MAX_END:
             raise RepositoryError(f"{where}: index file is damaged (it names object "
                                   f"{name.hex()} at offset {offset} with {length} bytes, "
                                   "which no pack can hold)")
-        pack_id = pack_ids.get(pack)
-        if pack_id is None:
-            pack_id = pack_ids[pack] = pack.hex()
-        out[name] = Location(pack_id, offset, length, plain)
-    return out
+
+
+def pack(loc: Location) -> bytes:
+    return PACKED.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.plain_length)
+
+
+def unpack(packed: bytes) -> Location:
+    pack_id, offset, length, plain = PACKED.unpack(packed)
+    return Location(pack_id.hex(), offset, length, plain)
 
 
 def layered(copies: dict[bytes, list[Location]], waiting: frozenset[str],
@@ -79,7 +108,10 @@ class ChunkIndex:
 
     Copies in **condemned** packs (a garbage collection is about to delete them) are read like
     any other, but a new restore point never refers to them: `referenceable` is false for an
-    object whose every usable copy is in one, so a writer stores it again."""
+    object whose every usable copy is in one, so a writer stores it again.
+
+    Each location is held packed (`PACKED`, as its index file has it): an index of millions of
+    chunks holds one small bytes object per chunk, not a tuple of four objects."""
 
     def __init__(self, existing_packs: set[str], quarantined: set[CopyKey],
                  condemned: frozenset[str] = frozenset()) -> None:
@@ -87,8 +119,8 @@ class ChunkIndex:
         self.condemned = condemned
         self._quarantined = quarantined
         self._q_digests = {key[0] for key in quarantined}
-        self._usable: dict[bytes, Location] = {}
-        self._spares: dict[bytes, list[Location]] = {}  # more intact copies, used in turn
+        self._usable: dict[bytes, bytes] = {}  # name -> its copy in use, packed
+        self._spares: dict[bytes, list[bytes]] = {}  # more intact copies, used in turn, packed
         self._lost: dict[bytes, tuple[str, str | None]] = {}  # no usable copy: why, lost pack
         self.damaged_files: list[tuple[str, str]] = []  # index files that do not decode
         self.damaged_entries: list[tuple[bytes, str]] = []  # (object, what is wrong): entries
@@ -100,9 +132,10 @@ class ChunkIndex:
 
     # ---------------------------------------------------------------- building
 
-    def add_file(self, entries: dict[bytes, Location]) -> None:
-        """Merge one decoded index file (files earlier merged win; later copies are spares)."""
-        packs = {loc.pack_id for loc in entries.values()}
+    def add_file(self, entries: dict[bytes, bytes]) -> None:
+        """Merge one decoded index file (`decode`: packed locations; files earlier merged
+        win, later copies are spares)."""
+        packs = {packed[:16].hex() for packed in {packed[:16] for packed in entries.values()}}
         if packs <= self._packs and not (self._q_digests and entries.keys() & self._q_digests):
             for name in entries.keys() & self._usable.keys():  # the usual case: no checks
                 self._add_spare(name, entries.pop(name))
@@ -111,7 +144,8 @@ class ChunkIndex:
                     del self._lost[name]
             self._usable.update(entries)
             return
-        for name, loc in entries.items():
+        for name, packed in entries.items():
+            loc = unpack(packed)
             why = self._unusable(name, loc)
             if why is None:
                 self.add({name: loc})
@@ -129,33 +163,37 @@ class ChunkIndex:
                     "in quarantine"), None
         return None
 
-    def _add_spare(self, name: bytes, loc: Location) -> None:
-        if loc != self._usable[name] and loc not in self._spares.get(name, ()):
-            self._spares.setdefault(name, []).append(loc)
+    def _add_spare(self, name: bytes, packed: bytes) -> None:
+        if packed != self._usable[name] and packed not in self._spares.get(name, ()):
+            self._spares.setdefault(name, []).append(packed)
 
     def add(self, locations: dict[bytes, Location]) -> None:
         """Objects just stored (their pack is durable and an index file names them)."""
         with self._lock:
             for name, loc in locations.items():
+                packed = pack(loc)
                 if name in self._usable:
-                    self._add_spare(name, loc)
+                    self._add_spare(name, packed)
                 else:
-                    self._usable[name] = loc
+                    self._usable[name] = packed
                     self._lost.pop(name, None)
 
     def drop(self, name: bytes, pack_id: str, offset: int, why: str) -> Location | None:
         """Stop using the copy of ``name`` at ``pack_id``, ``offset`` (found damaged);
         -> the copy used from now on, if any."""
+        def damaged(packed: bytes) -> bool:
+            loc = unpack(packed)
+            return (loc.pack_id, loc.offset) == (pack_id, offset)
+
         with self._lock:
-            spares = [loc for loc in self._spares.get(name, [])
-                      if (loc.pack_id, loc.offset) != (pack_id, offset)]
+            spares = [packed for packed in self._spares.get(name, []) if not damaged(packed)]
             self._spares[name] = spares
             current = self._usable.get(name)
-            if current is not None and (current.pack_id, current.offset) != (pack_id, offset):
-                return current
+            if current is not None and not damaged(current):
+                return unpack(current)
             if spares:
                 self._usable[name] = spares.pop(0)
-                return self._usable[name]
+                return unpack(self._usable[name])
             self._usable.pop(name, None)
             self._lost[name] = why, None
             return None
@@ -164,13 +202,13 @@ class ChunkIndex:
                    why: str) -> None:
         """Stop using one index entry of ``name`` (not the copy: other entries that locate
         it rightly stay), recording ``why`` in `damaged_entries`."""
+        def wrong(packed: bytes) -> bool:
+            loc = unpack(packed)
+            return (loc.pack_id, loc.offset, loc.length) == (pack_id, offset, length)
+
         with self._lock:
             self.damaged_entries.append((name, why))
-
-            def wrong(loc: Location) -> bool:
-                return (loc.pack_id, loc.offset, loc.length) == (pack_id, offset, length)
-
-            spares = [loc for loc in self._spares.get(name, []) if not wrong(loc)]
+            spares = [packed for packed in self._spares.get(name, []) if not wrong(packed)]
             self._spares[name] = spares
             current = self._usable.get(name)
             if current is None or not wrong(current):
@@ -185,14 +223,16 @@ class ChunkIndex:
 
     def copies(self, name: bytes) -> list[Location]:
         """Every usable copy of ``name``: the one used, then the spares."""
-        loc = self._usable.get(name)
-        return [] if loc is None else [loc, *self._spares.get(name, ())]
+        packed = self._usable.get(name)
+        return [] if packed is None else \
+            [unpack(packed), *map(unpack, self._spares.get(name, ()))]
 
     def get(self, name: bytes) -> Location | None:
-        return self._usable.get(name)
+        packed = self._usable.get(name)
+        return None if packed is None else unpack(packed)
 
     def __getitem__(self, name: bytes) -> Location:
-        return self._usable[name]
+        return unpack(self._usable[name])
 
     def __contains__(self, name: object) -> bool:
         return name in self._usable
@@ -203,30 +243,32 @@ class ChunkIndex:
     def names(self) -> KeysView[bytes]:
         return self._usable.keys()
 
-    def items(self) -> ItemsView[bytes, Location]:
-        return self._usable.items()
+    def items(self) -> Iterator[tuple[bytes, Location]]:
+        return ((name, unpack(packed)) for name, packed in self._usable.items())
 
-    def values(self) -> ValuesView[Location]:
-        return self._usable.values()
+    def values(self) -> Iterator[Location]:
+        return map(unpack, self._usable.values())
 
     def locations(self) -> dict[bytes, Location]:
-        return dict(self._usable)
+        return dict(self.items())
 
     def referenceable(self, name: bytes) -> bool:
         """A new restore point may refer to ``name``: a usable copy outside condemned packs."""
-        loc = self._usable.get(name)
-        if loc is None:
+        packed = self._usable.get(name)
+        if packed is None:
             return False
-        if not self.condemned or loc.pack_id not in self.condemned:
+        if not self.condemned or packed[:16].hex() not in self.condemned:
             return True
-        return any(s.pack_id not in self.condemned for s in self._spares.get(name, ()))
+        return any(spare[:16].hex() not in self.condemned
+                   for spare in self._spares.get(name, ()))
 
     def unreferenceable(self) -> frozenset[bytes]:
         """Objects with usable copies only in condemned packs."""
         if not self.condemned:
             return frozenset()
-        return frozenset(n for n, loc in self._usable.items()
-                         if loc.pack_id in self.condemned and not self.referenceable(n))
+        condemned = {bytes.fromhex(pack_id) for pack_id in self.condemned}
+        return frozenset(n for n, packed in self._usable.items()
+                         if packed[:16] in condemned and not self.referenceable(n))
 
     def lost(self) -> frozenset[bytes]:
         """Objects an index file names whose every copy is unusable (damaged, pack gone)."""
@@ -234,7 +276,7 @@ class ChunkIndex:
 
     def named_packs(self) -> set[str]:
         """The packs the index files name: with a usable copy, or gone."""
-        return {loc.pack_id for loc in self._usable.values()} | {
+        return {raw.hex() for raw in {packed[:16] for packed in self._usable.values()}} | {
             pack for _, pack in self._lost.values() if pack is not None}
 
     def why_missing(self, name: bytes) -> str:

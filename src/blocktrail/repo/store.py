@@ -329,7 +329,7 @@ class Store:
         raise RepositoryError(f"{self.location}: the index files keep changing while they are "
                               "read; try again")
 
-    def _read_index_file(self, name: str) -> dict[bytes, Location] | RepositoryError | None:
+    def _read_index_file(self, name: str) -> dict[bytes, bytes] | RepositoryError | None:
         try:
             data = self.backend.load(layout.index_file(name))
         except ObjectNotFound:
