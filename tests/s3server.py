@@ -276,7 +276,7 @@ class RepoTarget:
         if self.encrypted:
             with self.open() as repo:
                 data = repo.codec.open_file(KIND_INDEX, name, data, name)
-        return {key: index_file.unpack(packed)
+        return {key: index_file.unpack_location(packed)
                 for key, packed in index_file.decode(data, name).items()}
 
     def trailer_start(self, data: bytes) -> int:

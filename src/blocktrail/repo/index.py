@@ -36,7 +36,8 @@ def encode(locations: dict[bytes, Location]) -> bytes:
 
 
 def decode(data: bytes, where: str) -> dict[bytes, bytes]:
-    """An index file's entries: name -> location, packed (`unpack` makes it a `Location`)."""
+    """An index file's entries: name -> location, packed (`unpack_location` makes it a
+    `Location`)."""
     if len(data) < HEADER.size + 32 or blake3(data[:-32]).digest() != data[-32:]:
         raise RepositoryError(f"{where}: index file is damaged (checksum mismatch)")
     magic, version, count = HEADER.unpack_from(data)
@@ -45,8 +46,8 @@ def decode(data: bytes, where: str) -> dict[bytes, bytes]:
     body = data[HEADER.size:-32]
     if count:
         _check_ranges(body, where)
-    size, name = ENTRY.size, 32
-    return {body[at : at + name]: body[at + name : at + size]
+    size, name_bytes = ENTRY.size, 32
+    return {body[at : at + name_bytes]: body[at + name_bytes : at + size]
             for at in range(0, len(body), size)}
 
 
@@ -70,11 +71,11 @@ def _check_ranges(body: bytes, where: str) -> None:
                                   "which no pack can hold)")
 
 
-def pack(loc: Location) -> bytes:
+def pack_location(loc: Location) -> bytes:
     return PACKED.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.plain_length)
 
 
-def unpack(packed: bytes) -> Location:
+def unpack_location(packed: bytes) -> Location:
     pack_id, offset, length, plain = PACKED.unpack(packed)
     return Location(pack_id.hex(), offset, length, plain)
 
@@ -135,7 +136,8 @@ class ChunkIndex:
     def add_file(self, entries: dict[bytes, bytes]) -> None:
         """Merge one decoded index file (`decode`: packed locations; files earlier merged
         win, later copies are spares)."""
-        packs = {packed[:16].hex() for packed in {packed[:16] for packed in entries.values()}}
+        raw_packs = {packed[:16] for packed in entries.values()}
+        packs = {raw.hex() for raw in raw_packs}
         if packs <= self._packs and not (self._q_digests and entries.keys() & self._q_digests):
             for name in entries.keys() & self._usable.keys():  # the usual case: no checks
                 self._add_spare(name, entries.pop(name))
@@ -145,7 +147,7 @@ class ChunkIndex:
             self._usable.update(entries)
             return
         for name, packed in entries.items():
-            loc = unpack(packed)
+            loc = unpack_location(packed)
             why = self._unusable(name, loc)
             if why is None:
                 self.add({name: loc})
@@ -171,7 +173,7 @@ class ChunkIndex:
         """Objects just stored (their pack is durable and an index file names them)."""
         with self._lock:
             for name, loc in locations.items():
-                packed = pack(loc)
+                packed = pack_location(loc)
                 if name in self._usable:
                     self._add_spare(name, packed)
                 else:
@@ -182,7 +184,7 @@ class ChunkIndex:
         """Stop using the copy of ``name`` at ``pack_id``, ``offset`` (found damaged);
         -> the copy used from now on, if any."""
         def damaged(packed: bytes) -> bool:
-            loc = unpack(packed)
+            loc = unpack_location(packed)
             return (loc.pack_id, loc.offset) == (pack_id, offset)
 
         with self._lock:
@@ -190,10 +192,10 @@ class ChunkIndex:
             self._spares[name] = spares
             current = self._usable.get(name)
             if current is not None and not damaged(current):
-                return unpack(current)
+                return unpack_location(current)
             if spares:
                 self._usable[name] = spares.pop(0)
-                return unpack(self._usable[name])
+                return unpack_location(self._usable[name])
             self._usable.pop(name, None)
             self._lost[name] = why, None
             return None
@@ -203,7 +205,7 @@ class ChunkIndex:
         """Stop using one index entry of ``name`` (not the copy: other entries that locate
         it rightly stay), recording ``why`` in `damaged_entries`."""
         def wrong(packed: bytes) -> bool:
-            loc = unpack(packed)
+            loc = unpack_location(packed)
             return (loc.pack_id, loc.offset, loc.length) == (pack_id, offset, length)
 
         with self._lock:
@@ -225,14 +227,14 @@ class ChunkIndex:
         """Every usable copy of ``name``: the one used, then the spares."""
         packed = self._usable.get(name)
         return [] if packed is None else \
-            [unpack(packed), *map(unpack, self._spares.get(name, ()))]
+            [unpack_location(packed), *map(unpack_location, self._spares.get(name, ()))]
 
     def get(self, name: bytes) -> Location | None:
         packed = self._usable.get(name)
-        return None if packed is None else unpack(packed)
+        return None if packed is None else unpack_location(packed)
 
     def __getitem__(self, name: bytes) -> Location:
-        return unpack(self._usable[name])
+        return unpack_location(self._usable[name])
 
     def __contains__(self, name: object) -> bool:
         return name in self._usable
@@ -244,10 +246,10 @@ class ChunkIndex:
         return self._usable.keys()
 
     def items(self) -> Iterator[tuple[bytes, Location]]:
-        return ((name, unpack(packed)) for name, packed in self._usable.items())
+        return ((name, unpack_location(packed)) for name, packed in self._usable.items())
 
     def values(self) -> Iterator[Location]:
-        return map(unpack, self._usable.values())
+        return map(unpack_location, self._usable.values())
 
     def locations(self) -> dict[bytes, Location]:
         return dict(self.items())

@@ -41,7 +41,8 @@ def test_decode_refuses_exactly_the_files_with_an_entry_no_pack_can_hold(
             index_file.decode(data, "index/x.idx")
         return
     decoded = index_file.decode(data, "index/x.idx")
-    assert {name: index_file.unpack(packed) for name, packed in decoded.items()} == locations
+    assert {name: index_file.unpack_location(packed)
+            for name, packed in decoded.items()} == locations
     index = ChunkIndex(set(PACKS), set())
     index.add_file(decoded)
     assert index.locations() == locations
@@ -56,7 +57,7 @@ def test_an_entry_that_fits_beside_others_that_fit_is_no_damage() -> None:
     long = Location(PACKS[1], 0, (1 << 32) - 1, 1)
     decoded = index_file.decode(index_file.encode(dict(zip(_names(2), [far, long],
                                                            strict=True))), "index/x.idx")
-    assert sorted(map(index_file.unpack, decoded.values())) == sorted([far, long])
+    assert sorted(map(index_file.unpack_location, decoded.values())) == sorted([far, long])
 
 
 def test_spares_condemned_packs_and_drops_see_the_same_locations() -> None:
