@@ -72,7 +72,10 @@ def _check_ranges(body: bytes, where: str) -> None:
 
 
 def pack_location(loc: Location) -> bytes:
-    return PACKED.pack(bytes.fromhex(loc.pack_id), loc.offset, loc.length, loc.plain_length)
+    raw = bytes.fromhex(loc.pack_id)
+    if len(raw) != 16 or raw.hex() != loc.pack_id:  # a pack ID is 32 lowercase hex digits
+        raise ValueError(f"not a pack ID: {loc.pack_id!r}")
+    return PACKED.pack(raw, loc.offset, loc.length, loc.plain_length)
 
 
 def unpack_location(packed: bytes) -> Location:

@@ -79,3 +79,11 @@ def test_spares_condemned_packs_and_drops_see_the_same_locations() -> None:
     only_condemned.add({name: first})
     assert not only_condemned.referenceable(name)
     assert only_condemned.unreferenceable() == {name}
+
+
+@pytest.mark.parametrize("pack_id", ["ab", "AB" * 16, "ab" * 17, "zz" * 16])
+def test_a_location_whose_pack_is_no_pack_id_is_not_taken(pack_id: str) -> None:
+    """Held packed, a pack ID that is not 32 lowercase hex digits would come back as another
+    one (cut, padded or lowercased): it is refused instead."""
+    with pytest.raises(ValueError):
+        ChunkIndex(set(PACKS), set()).add({_names(1)[0]: Location(pack_id, 0, 100, 52)})
