@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -105,9 +106,11 @@ class HostProcess:
     """`blocktrail host` on unix sockets under ``root``, which a test may SIGKILL and start
     again on the same data directory; its stderr (the host's log) in ``root/host.log``."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None,
+                 max_files: int | None = None) -> None:
         self.root = root
         self.env = env
+        self.max_files = max_files  # the process's limit of open files (RLIMIT_NOFILE)
         root.mkdir(parents=True, exist_ok=True)
         self.api_socket, self.nbd_socket = root / "api.sock", root / "nbd.sock"
         self.log = root / "host.log"
@@ -127,7 +130,8 @@ class HostProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "blocktrail.cli.main", "host", "--data",
                  str(self.root / "data"), "--api", self.endpoint, "--nbd",
-                 f"unix:{self.nbd_socket}"], stderr=log, env=self.env)
+                 f"unix:{self.nbd_socket}"], stderr=log, env=self.env,
+                preexec_fn=None if self.max_files is None else self._limit_files)
         deadline = time.monotonic() + timeout_s
         while not (self.api_socket.exists() and self.nbd_socket.exists()):
             assert self.proc.poll() is None, f"the host did not start: {self.log.read_text()}"
@@ -135,6 +139,10 @@ class HostProcess:
             time.sleep(0.05)
         time.sleep(0.2)
         return self
+
+    def _limit_files(self) -> None:
+        assert self.max_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_files, self.max_files))
 
     def kill(self) -> None:
         assert self.proc is not None
