@@ -127,12 +127,18 @@ class NbdServer:
             self.refused_connections += 1
             sock.close()
             return
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):  # fewer stalls of the wire on a full buffer
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.create_task(_Connection(self, sock).run())
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # fewer stalls of the wire on a full buffer
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):  # reset already: its first read says so
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(self, sock)
+        except BaseException:
+            sock.close()
+            raise
+        task = asyncio.create_task(connection.run())
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
