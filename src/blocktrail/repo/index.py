@@ -255,7 +255,8 @@ class ChunkIndex:
         return map(unpack_location, self._usable.values())
 
     def locations(self) -> dict[bytes, Location]:
-        return dict(self.items())
+        """A copy (taken at once: writers may add to the index meanwhile)."""
+        return {name: unpack_location(packed) for name, packed in dict(self._usable).items()}
 
     def referenceable(self, name: bytes) -> bool:
         """A new restore point may refer to ``name``: a usable copy outside condemned packs."""
