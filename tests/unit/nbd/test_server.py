@@ -559,6 +559,7 @@ def test_a_server_out_of_descriptors_pauses_accepting_and_serves_the_client_afte
     """No busy loop on a connection it cannot take yet (the listener stays readable): it stops
     listening for a while, says why, and takes the connection once it can."""
     monkeypatch.setattr(server_module, "ACCEPT_RETRY_S", 0.3)
+    monkeypatch.setattr(_OutOfDescriptors, "calls", 0)
 
     def failing(sock: socket.socket) -> socket.socket:
         wrapped = _OutOfDescriptors(sock.family, sock.type, fileno=sock.detach())
