@@ -6,7 +6,6 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from array import array
 from collections.abc import Iterator, KeysView
 
 from blake3 import blake3
@@ -53,17 +52,15 @@ def decode(data: bytes, where: str) -> dict[bytes, bytes]:
 
 def _check_ranges(body: bytes, where: str) -> None:
     """Every entry's envelope is at least `MIN_ENVELOPE` long and ends before `MAX_END`:
-    checked on whole columns (the entries are 64 bytes: offset at 48, length at 56), and entry
-    by entry only to name one that fails."""
-    words, quads = array("I"), array("Q")
-    words.frombytes(body)
-    quads.frombytes(body)
-    if sys.byteorder != "little":
-        words.byteswap()
-        quads.byteswap()
-    lengths, offsets = words[14 :: ENTRY.size // 4], quads[6 :: ENTRY.size // 8]
-    if min(lengths) >= MIN_ENVELOPE and max(offsets) + max(lengths) <= MAX_END:
-        return
+    checked on whole columns where the machine is little-endian, as the file is (views of the
+    entries' offsets at byte 48 and lengths at byte 56, no copy), and entry by entry to name
+    one that fails (or on a big-endian machine)."""
+    if sys.byteorder == "little":
+        view = memoryview(body)
+        lengths = view.cast("I")[14 :: ENTRY.size // 4]
+        offsets = view.cast("Q")[6 :: ENTRY.size // 8]
+        if min(lengths) >= MIN_ENVELOPE and max(offsets) + max(lengths) <= MAX_END:
+            return
     for name, _, offset, length, _ in ENTRY.iter_unpack(body):
         if length < MIN_ENVELOPE or offset + length > MAX_END:
             raise RepositoryError(f"{where}: index file is damaged (it names object "
@@ -121,6 +118,7 @@ class ChunkIndex:
                  condemned: frozenset[str] = frozenset()) -> None:
         self._packs = existing_packs
         self.condemned = condemned
+        self._condemned_raw = frozenset(bytes.fromhex(pack_id) for pack_id in condemned)
         self._quarantined = quarantined
         self._q_digests = {key[0] for key in quarantined}
         self._usable: dict[bytes, bytes] = {}  # name -> its copy in use, packed
@@ -263,18 +261,16 @@ class ChunkIndex:
         packed = self._usable.get(name)
         if packed is None:
             return False
-        if not self.condemned or packed[:16].hex() not in self.condemned:
+        if packed[:16] not in self._condemned_raw:
             return True
-        return any(spare[:16].hex() not in self.condemned
-                   for spare in self._spares.get(name, ()))
+        return any(spare[:16] not in self._condemned_raw for spare in self._spares.get(name, ()))
 
     def unreferenceable(self) -> frozenset[bytes]:
         """Objects with usable copies only in condemned packs."""
-        if not self.condemned:
+        if not self._condemned_raw:
             return frozenset()
-        condemned = {bytes.fromhex(pack_id) for pack_id in self.condemned}
         return frozenset(n for n, packed in self._usable.items()
-                         if packed[:16] in condemned and not self.referenceable(n))
+                         if packed[:16] in self._condemned_raw and not self.referenceable(n))
 
     def lost(self) -> frozenset[bytes]:
         """Objects an index file names whose every copy is unusable (damaged, pack gone)."""
