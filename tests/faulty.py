@@ -9,6 +9,7 @@ from typing import Any
 from blocktrail.disk import Disk
 from blocktrail.fileio import FileIO
 from blocktrail.tracking import ChangeId, ChangeTracker
+from blocktrail.tracking.answers import KeptAnswers, Runs
 
 
 class DropsMarksDuringConsolidation(ChangeTracker):
@@ -35,6 +36,27 @@ class ClearsIntentBeforeResetCommits(ChangeTracker):
         change_id = super().restart(reason)
         self._intent.clear()
         return change_id
+
+
+class _EpochBlindAnswers(KeptAnswers):
+    def get(self, key: tuple[str, int, int]) -> Runs | None:
+        return super().get(("", *key[1:]))
+
+    def put(self, key: tuple[str, int, int], runs: Runs) -> None:
+        super().put(("", *key[1:]), runs)
+
+    def clear(self) -> None:
+        pass
+
+
+class KeepsAnswersAcrossEpochs(ChangeTracker):
+    """Keeps a snapshot's dirty map by its sequence numbers alone, past the epoch they belong
+    to: after a revert, the next snapshot takes the same number and is answered with the map of
+    the one reverted away."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._answers = _EpochBlindAnswers()
 
 
 class SkipsWriteIntent(ChangeTracker):

@@ -631,23 +631,46 @@ class Disk:
 
     def query_changed_areas(self, change_id: str, start_offset: int = 0,
                             snapshot: str | Snapshot | None = None, *,
-                            end_offset: int | None = None) -> DiskChangeInfo:
+                            end_offset: int | None = None,
+                            max_extents: int = MAX_EXTENTS_PER_ANSWER) -> DiskChangeInfo:
         """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
         allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
-        the end of the disk). ``snapshot``: by name, or the record `snapshots` gave
-        (`SnapshotRemoved` once that one is gone). See docs/tracking.md."""
+        the end of the disk), and ends where its ``max_extents``-th area does when more follow.
+        ``snapshot``: by name, or the record `snapshots` gave (`SnapshotRemoved` once that one
+        is gone). See docs/tracking.md."""
         with self._lock.shared():
             snap = self._resolve(snapshot)
             end, until = self._query_bounds(change_id, start_offset, snap, end_offset)
             if change_id.strip() == ALL_ALLOCATED:
-                return self._allocated_areas(snap, start_offset, end)
+                return self._allocated_areas(snap, start_offset, end, max_extents)
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
-                                       start_offset=start_offset)
+                                       start_offset=start_offset, max_extents=max_extents)
+
+    def changed_areas_kept(self, change_id: str, snapshot: Snapshot) -> bool:
+        """Whether the areas changed after ``change_id`` up to ``snapshot`` are kept whole
+        (tracking/answers.py), so that a question about any window of them costs no join: a
+        hint, never waiting (False when the disk is busy, or the question would be refused)."""
+        if change_id.strip() == ALL_ALLOCATED:
+            return False
+        counted = self._lock.acquire_shared(blocking=False)
+        if counted is None:
+            return False
+        try:
+            snap = self._resolve(snapshot)
+            if snap is None:
+                return False
+            until = self._tracker.resolve(snap.change_id)
+            return self._tracker.is_kept(change_id, until)
+        except BlocktrailError:
+            return False
+        finally:
+            self._lock.release_shared(counted)
 
     def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
                                 snapshot: str | Snapshot | None = None, *,
-                                end_offset: int | None = None,
-                                max_granules: int) -> DiskChangeInfo | None:
+                                end_offset: int | None = None, max_granules: int,
+                                max_extents: int = MAX_EXTENTS_PER_ANSWER
+                                ) -> DiskChangeInfo | None:
         """`query_changed_areas` answered at once when nothing would make it wait (a change of
         the layer structure) and it joins at most ``max_granules`` marked granules (its cost
         grows with them); None otherwise. ``"*"`` is never answered here. Errors are raised
@@ -664,7 +687,8 @@ class Disk:
                                           start_offset=start_offset) > max_granules:
                 return None
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
-                                       start_offset=start_offset)
+                                       start_offset=start_offset, join_up_to=max_granules,
+                                       max_extents=max_extents)
         finally:
             self._lock.release_shared(counted)
 
@@ -761,7 +785,8 @@ class Disk:
             self._stack.guard(self._delete_unreferenced)
             return str(change_id)
 
-    def _allocated_areas(self, snapshot: Snapshot | None, start: int, end: int) -> DiskChangeInfo:
+    def _allocated_areas(self, snapshot: Snapshot | None, start: int, end: int,
+                         max_extents: int) -> DiskChangeInfo:
         g = self.granularity
         lo, hi = start // g * g, -(-end // g) * g  # whole granules, as the tracker answers
         found = [layer.allocated(lo, hi) for layer in self._view_layers(snapshot)]
@@ -776,8 +801,8 @@ class Disk:
         run_ends = np.concatenate((np.flatnonzero(new_run)[1:] - 1, [len(firsts) - 1]))
         offsets = np.maximum(firsts[new_run], start)
         ends = np.minimum(lasts[run_ends], end)
-        if len(offsets) > MAX_EXTENTS_PER_ANSWER:
-            offsets, ends = offsets[:MAX_EXTENTS_PER_ANSWER], ends[:MAX_EXTENTS_PER_ANSWER]
+        if len(offsets) > max_extents:
+            offsets, ends = offsets[:max_extents], ends[:max_extents]
             end = int(ends[-1])
         return DiskChangeInfo.from_arrays(start, end - start, offsets, ends - offsets)
 

@@ -207,31 +207,39 @@ class Target:
             lo, hi, covered = self._areas(change_id, start, end, now=now)
             return descriptors((lo, hi), start, covered, inside, outside, one=False)
         # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
-        # may be shorter than asked: look at a growing window until the extent ends inside it.
-        window = REQ_ONE_FIRST_WINDOW
+        # may be shorter than asked: look at a growing window until the extent ends inside it
+        # (the first area found ends before the next one starts, or before the window does).
+        # A snapshot's answer kept whole costs the same for any window: all of it at once.
+        kept = self.frozen is not None and self.disk.changed_areas_kept(change_id, self.frozen)
+        window = end - start if kept else REQ_ONE_FIRST_WINDOW
         while True:
-            lo, hi, covered = self._areas(change_id, start, min(end, start + window), now=now)
+            stop = min(end, start + window)
+            lo, hi, covered = self._areas(change_id, start, stop, now=now, max_extents=1)
             payload = descriptors((lo, hi), start, covered, inside, outside, one=True)
-            if covered == end or int.from_bytes(payload[:4], "big") < covered - start:
+            if covered < stop or covered == end or \
+                    int.from_bytes(payload[:4], "big") < covered - start:
                 return payload
             window *= 8
 
-    def _areas(self, change_id: str, start: int, end: int, *,
-               now: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    def _areas(self, change_id: str, start: int, end: int, *, now: bool,
+               max_extents: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """Offsets and ends of the marked areas inside [start, covered), and ``covered``: the
-        end, or less once more areas were found than one reply can carry (`MAX_DESCRIPTORS`:
-        the client asks again from where the reply ends). ``now``: without waiting and small,
-        else `_NotNow`."""
+        end, or where the ``max_extents``-th area ends when more follow (`MAX_DESCRIPTORS`:
+        what one reply carries; the client asks again from where the reply ends). ``now``:
+        without waiting and small, else `_NotNow`."""
         los, his = [], []
         pos, areas = start, 0
+        max_extents = MAX_DESCRIPTORS if max_extents is None else max_extents
         with _as_reply_errors():
-            while pos < end and areas < MAX_DESCRIPTORS:
+            while pos < end and areas < max_extents:
                 if not now:
                     info = self.disk.query_changed_areas(change_id, pos, self.frozen,
-                                                         end_offset=end)
+                                                         end_offset=end,
+                                                         max_extents=max_extents - areas)
                 elif (found := self.disk.try_query_changed_areas(
                         change_id, pos, self.frozen, end_offset=end,
-                        max_granules=NOW_BLOCK_STATUS_GRANULES)) is not None:
+                        max_granules=NOW_BLOCK_STATUS_GRANULES,
+                        max_extents=max_extents - areas)) is not None:
                     info = found
                 else:
                     raise _NotNow
@@ -240,10 +248,12 @@ class Target:
                 areas += len(info.offsets)
                 pos = info.end
         covered = min(pos, end)
-        lo = np.clip(np.concatenate(los), start, covered)
-        hi = np.clip(np.concatenate(his), start, covered)
+        lo = los[0] if len(los) == 1 else np.concatenate(los)
+        hi = his[0] if len(his) == 1 else np.concatenate(his)
+        if len(lo) and (lo[0] < start or hi[-1] > covered):  # the wire's bounds, whatever came
+            lo, hi = np.clip(lo, start, covered), np.clip(hi, start, covered)
         keep = lo < hi
-        return lo[keep], hi[keep], covered
+        return (lo, hi, covered) if keep.all() else (lo[keep], hi[keep], covered)
 
 
 def descriptors(marked: tuple[np.ndarray, np.ndarray], start: int, end: int, inside: int,

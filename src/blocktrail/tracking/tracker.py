@@ -32,6 +32,7 @@ from blocktrail.errors import (
 )
 from blocktrail.fileio import FileIO
 from blocktrail.tracking import interval_file
+from blocktrail.tracking.answers import MAX_JOINED_GRANULES, KeptAnswers, Runs, runs_of, runs_within
 from blocktrail.tracking.changeid import ChangeId, new_epoch
 from blocktrail.tracking.info import DiskChangeInfo
 from blocktrail.tracking.intent import IntentLog, region_bytes_for
@@ -107,6 +108,7 @@ class ChangeTracker:
         self.consolidation_active = False
         self.marks_during_consolidation = 0
         self._checkpoint_after_commit = False
+        self._answers = KeptAnswers()  # closed questions answered (answers.py)
 
     # ---------------------------------------------------------------- construction
 
@@ -279,6 +281,7 @@ class ChangeTracker:
         epoch's write-intent bits), so a crash in between never reopens the old epoch with
         its intent gone."""
         self._epochs.append(EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None))
+        self._answers.clear()
         self._intervals.clear()
         self._open = BitMap()
         self.seq = 0
@@ -291,6 +294,7 @@ class ChangeTracker:
             seq = self.resolve(change_id)
         except StaleChangeId:
             return self.restart(reason + " (the snapshot predates the current epoch)")
+        self._answers.clear()
         for later in [s for s in self._intervals if s > seq]:
             del self._intervals[later]
         self._epochs.append(
@@ -337,26 +341,62 @@ class ChangeTracker:
         raise InvalidChangeId(f"change ID {cid} does not belong to this disk")
 
     def query(self, change_id: str, *, until_seq: int | None, size_bytes: int,
-              start_offset: int) -> DiskChangeInfo:
+              start_offset: int, join_up_to: int = MAX_JOINED_GRANULES,
+              max_extents: int = MAX_EXTENTS_PER_ANSWER) -> DiskChangeInfo:
+        """The granules marked after ``change_id`` up to ``until_seq`` (None: up to now),
+        inside [start_offset, size_bytes): at most ``max_extents`` areas, the answer ending
+        where the last of them does when there are more. A closed question (``until_seq``
+        given) whose intervals hold at most ``join_up_to`` granules is answered whole once and
+        kept (answers.py); any other, for the window asked."""
         if not 0 <= start_offset < size_bytes:
             raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
         lo, hi = self._granules(start_offset, size_bytes)
-        sets = [_window(self._intervals[s][1], lo, hi)
-                for s in self._joined(change_id, until_seq)]
+        joined = self._joined(change_id, until_seq)
+        if until_seq is not None and (runs := self._closed_runs(joined, join_up_to)) is not None:
+            return _runs_to_change_info(runs_within(runs, lo, hi, max_extents + 1),
+                                        self.granularity, start_offset, size_bytes, max_extents)
+        sets = [_window(self._intervals[s][1], lo, hi) for s in joined]
         if until_seq is None:
             with self._marks_lock:  # writers go on marking it: a copy
                 sets.append(_window(self._open, lo, hi, copy=True))
         union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
-        return _to_change_info(union, self.granularity, start_offset, size_bytes)
+        return _runs_to_change_info(runs_within(runs_of(union), lo, hi, max_extents + 1),
+                                    self.granularity, start_offset, size_bytes, max_extents)
+
+    def is_kept(self, change_id: str, until_seq: int) -> bool:
+        """Whether the closed question's answer is kept (answers.py): any window of it costs
+        no join. False also for a change ID that `query` would refuse."""
+        try:
+            joined = self._joined(change_id, until_seq)
+        except (InvalidChangeId, StaleChangeId, CorruptMetadata):
+            return False
+        return self._answers.get((self.epoch, joined.start, joined.stop)) is not None
+
+    def _closed_runs(self, joined: range, join_up_to: int) -> Runs | None:
+        """The runs of the closed intervals ``joined``, kept or joined now when they hold at
+        most ``join_up_to`` granules; else None."""
+        key = (self.epoch, joined.start, joined.stop)
+        runs = self._answers.get(key)
+        if runs is None:
+            sets = [self._intervals[s][1] for s in joined]
+            if sum(len(b) for b in sets) > join_up_to:
+                return None
+            union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
+            runs = runs_of(union)
+            self._answers.put(key, runs)
+        return runs
 
     def marked_bound(self, change_id: str, *, until_seq: int | None, size_bytes: int,
                      start_offset: int) -> int:
         """At most how many granules `query` joins for this question (the sum of the
         intervals' counts inside its window, not their union): what answering it costs grows
-        with this."""
+        with this. 0 for a closed question answered before (kept)."""
         lo, hi = self._granules(start_offset, size_bytes)
-        bound = sum(self._intervals[s][1].range_cardinality(lo, hi)
-                    for s in self._joined(change_id, until_seq))
+        joined = self._joined(change_id, until_seq)
+        if until_seq is not None and self._answers.get(
+                (self.epoch, joined.start, joined.stop)) is not None:
+            return 0
+        bound = sum(self._intervals[s][1].range_cardinality(lo, hi) for s in joined)
         if until_seq is None:
             with self._marks_lock:
                 bound += self._open.range_cardinality(lo, hi)
@@ -528,22 +568,15 @@ def _window(granules: BitMap, lo: int, hi: int, *, copy: bool = False) -> BitMap
     return BitMap(granules) if copy else granules
 
 
-def _to_change_info(granules: BitMap, granularity: int, start_offset: int,
-                    size_bytes: int) -> DiskChangeInfo:
-    lo = start_offset // granularity
-    hi = -(-size_bytes // granularity)
-    arr = np.frombuffer(granules.to_array(), dtype=np.uint32) if len(granules) else None
-    if arr is None:
+def _runs_to_change_info(runs: Runs, granularity: int, start_offset: int, size_bytes: int,
+                         max_extents: int) -> DiskChangeInfo:
+    """The answer for [start_offset, size_bytes) from the runs of granules inside it."""
+    starts, ends = runs
+    if not len(starts):
         return DiskChangeInfo(start_offset, size_bytes - start_offset, ())
-    arr = arr[np.searchsorted(arr, lo) : np.searchsorted(arr, hi)]
-    if not len(arr):
-        return DiskChangeInfo(start_offset, size_bytes - start_offset, ())
-    breaks = np.flatnonzero(np.diff(arr) != 1)
-    starts = arr[np.concatenate(([0], breaks + 1))].astype(np.int64)
-    ends = arr[np.concatenate((breaks, [len(arr) - 1]))].astype(np.int64) + 1
     end_offset = size_bytes
-    if len(starts) > MAX_EXTENTS_PER_ANSWER:
-        starts, ends = starts[:MAX_EXTENTS_PER_ANSWER], ends[:MAX_EXTENTS_PER_ANSWER]
+    if len(starts) > max_extents:
+        starts, ends = starts[:max_extents], ends[:max_extents]
         end_offset = min(int(ends[-1]) * granularity, size_bytes)
     lo_b = np.maximum(starts * granularity, start_offset)
     hi_b = np.minimum(ends * granularity, end_offset)

@@ -16,6 +16,7 @@ from blocktrail.host.exports import DiskCatalog
 from blocktrail.nbd.proto import Command, CommandFlag, Request
 from blocktrail.nbd.proto.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, STATE_DIRTY
 from blocktrail.nbd.proto.errors import RequestFailed
+from blocktrail.tracking import ChangeTracker
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -69,19 +70,24 @@ def test_large_or_allocation_questions_go_to_a_worker(disk: Disk,
     target = DiskCatalog.of({"d0": disk}).target("d0@s1")
     assert target is not None
     dirty = {1: DIRTY_BITMAP_PREFIX + since}
-    monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 20)
-    assert target.block_status_now(status(0, SIZE), dirty) is not None  # 20 granules: at once
     monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 19)
-    assert target.block_status_now(status(0, SIZE), dirty) is None
+    assert target.block_status_now(status(0, SIZE), dirty) is None  # 20 granules: a worker's
     # the bound counts the granules inside the window asked for, not the whole disk's
-    assert target.block_status_now(status(0, GRAIN), dirty) == \
-        target.block_status(status(0, GRAIN), dirty)
+    window = target.block_status_now(status(0, GRAIN), dirty)
+    assert window is not None
     monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 0)
     assert target.block_status_now(status(SIZE - GRAIN, GRAIN), dirty) is not None  # none
     assert target.block_status_now(status(0, GRAIN), dirty) is None
     assert target.block_status_now(status(0, SIZE), {1: BASE_ALLOCATION}) is None
     assert target.block_status_now(status(0, SIZE), {1: BASE_ALLOCATION, 2: dirty[1]}) is None
-
+    monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 20)
+    whole = target.block_status_now(status(0, SIZE), dirty)  # 20 granules: at once, and kept
+    assert whole is not None
+    monkeypatch.setattr(exports, "NOW_BLOCK_STATUS_GRANULES", 0)
+    # a snapshot's answer, kept, costs no join any more: at once, whatever the window
+    assert target.block_status_now(status(0, SIZE), dirty) == whole
+    assert target.block_status_now(status(0, GRAIN), dirty) == window
+    assert target.block_status(status(0, SIZE), dirty) == whole
 
 def test_a_question_that_would_wait_goes_to_a_worker(disk: Disk) -> None:
     since = disk.create_snapshot("s0").change_id
@@ -110,8 +116,6 @@ def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past `MAX_DESCRIPTORS` the areas further on are not even looked up: the reply covers
     a prefix of the request (the client asks again from its end), exactly."""
-    from blocktrail.tracking import tracker as tracker_module
-    monkeypatch.setattr(tracker_module, "MAX_EXTENTS_PER_ANSWER", 50)
     monkeypatch.setattr(exports, "MAX_DESCRIPTORS", 64)
     blocks = list(range(0, 1000, 3))  # 334 areas apart from each other
     with Disk.create(str(tmp_path / "d1"), SIZE) as disk:
@@ -121,8 +125,9 @@ def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends
         queries: list[int] = []
         query = disk.query_changed_areas
 
-        def counted(*args: object, **kwargs: object) -> object:
-            queries.append(1)
+        def counted(*args: object, **kwargs: int) -> object:  # a disk answering 50 at most
+            queries.append(kwargs["max_extents"])
+            kwargs["max_extents"] = min(kwargs["max_extents"], 50)
             return query(*args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(disk, "query_changed_areas", counted)
@@ -131,7 +136,7 @@ def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends
         (_, payload), = target.block_status(status(0, SIZE), {1: DIRTY_BITMAP_PREFIX + since})
     pairs = [(int.from_bytes(payload[i:i + 4], "big"), int.from_bytes(payload[i + 4:i + 8], "big"))
              for i in range(0, len(payload), 8)]
-    assert len(pairs) == 64 and len(queries) == 2  # not all 7 windows of 50 areas
+    assert len(pairs) == 64 and queries == [64, 14]  # not all 7 windows of 50 areas
     pos = 0
     for length, flags in pairs:  # every descriptor says what the disk holds
         marked = {b for b in blocks if pos // GRAIN <= b < (pos + length) // GRAIN}
@@ -140,3 +145,29 @@ def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends
             assert marked == set(range(pos // GRAIN, (pos + length) // GRAIN))
         pos += length
     assert 0 < pos < SIZE
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_one_extent_from_any_offset_is_the_first_of_the_whole_answer(
+        disk: Disk, kept: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REQ_ONE (QEMU asks so): the extent from an offset, whole, whether it ends inside the first
+    window looked at or far past it, from a snapshot's answer kept whole or not (the growing
+    windows), and from the live disk."""
+    if not kept:  # every window joined afresh
+        monkeypatch.setattr(ChangeTracker, "_closed_runs", lambda self, joined, up_to: None)
+    since = disk.create_snapshot("s0").change_id
+    runs = [(0, 1), (3, 40), (60, 61), (62, 63), (200, 330), (900, 1024)]  # granules
+    for first, end in runs:
+        disk.pwrite(b"d" * ((end - first) * GRAIN), first * GRAIN)
+    disk.create_snapshot("s1")
+    disk.pwrite(b"e" * GRAIN, 500 * GRAIN)
+    dirty = {1: DIRTY_BITMAP_PREFIX + since}
+    offsets = sorted({g * GRAIN + d for first, end in runs for g in (first, end - 1, end)
+                      for d in (0, 1) if g * GRAIN + d < SIZE} | {100 * GRAIN + 7, 499 * GRAIN})
+    for name in ("d0@s1", "d0"):
+        target = DiskCatalog.of({"d0": disk}).target(name)
+        assert target is not None
+        for offset in offsets:
+            (_, one), = target.block_status(status(offset, SIZE - offset, one=True), dirty)
+            (_, whole), = target.block_status(status(offset, SIZE - offset), dirty)
+            assert one == whole[:8], (name, offset)
