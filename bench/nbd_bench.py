@@ -10,7 +10,9 @@
   (``--rounds`` times each, in turn; best and median reported);
 - dirty-bitmap listing: ``nbdinfo --map=qemu:dirty-bitmap:...`` after 1% and 10% of the 64 KiB
   blocks changed, our snapshot export vs ``qemu-nbd -B`` on a qcow2 image with a persistent
-  bitmap (the two maps are compared, too; 15 runs each, in turn, medians reported);
+  bitmap (the two maps are compared, too; 15 runs each, in turn, medians reported); and the
+  same maps read as QEMU reads them, one extent a request (``qemu-img map`` over NBD with
+  ``x-dirty-bitmap``, ``NBD_CMD_FLAG_REQ_ONE``; 3 runs each, medians);
 - 4 KiB random writes at queue depth 32 over 4 connections (fio's nbd engine, one connection
   per job): IOPS into an empty disk on our host (tracking on) vs qemu-nbd on an empty raw file,
   ``--rounds`` times each, in turn (who goes first alternates), medians reported: the virtual
@@ -273,6 +275,20 @@ def _map(sock: str, export: str, context: str) -> tuple[float, list[tuple[int, i
     return seconds, dirty
 
 
+REQ_ONE_RUNS = 3
+
+
+def _qemu_map(sock: str, export: str, context: str) -> tuple[float, int]:
+    """``qemu-img map`` of a dirty map over NBD: QEMU's client asks for one extent a request
+    (``NBD_CMD_FLAG_REQ_ONE``), from where the last one ended. -> seconds, extents listed."""
+    options = (f"driver=nbd,server.type=unix,server.path={sock},export={export},"
+               f"x-dirty-bitmap={context}")
+    start = time.perf_counter()
+    out = subprocess.run(["qemu-img", "map", "--output=json", "--image-opts", options],
+                         check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - start, len(json.loads(out))
+
+
 def dirty_listing(work: str, image: str, size: int) -> list[Row]:
     data = os.path.join(work, "map-data")
     qcow2 = os.path.join(work, "img.qcow2")
@@ -298,6 +314,12 @@ def dirty_listing(work: str, image: str, size: int) -> list[Row]:
                 ours_t.append(t)
                 t, peer_map = _map(peer_sock, "d0", f"qemu:dirty-bitmap:{bitmap}")
                 peer_t.append(t)
+            ours_one, peer_one = [], []
+            for _ in range(REQ_ONE_RUNS):
+                t, ours_extents = _qemu_map(ours_sock, f"d0@s{step}", f"qemu:dirty-bitmap:{since}")
+                ours_one.append(t)
+                t, peer_extents = _qemu_map(peer_sock, "d0", f"qemu:dirty-bitmap:{bitmap}")
+                peer_one.append(t)
         want = sorted((o, BLOCK) for o, _ in changes)
         same = _blocks(ours_map) == _blocks(peer_map) == _blocks(want)
         rows.append(Row(f"dirty map, {fraction:.0%} changed (ms)",
@@ -305,6 +327,10 @@ def dirty_listing(work: str, image: str, size: int) -> list[Row]:
                         "ms", f"median of {MAP_RUNS} (best {min(ours_t) * 1000:.2f} vs "
                         f"{min(peer_t) * 1000:.2f}); {len(ours_map)} vs {len(peer_map)} dirty "
                         "extents; maps " + ("equal the change" if same else "DIFFER")))
+        rows.append(Row(f"dirty map one extent a request, {fraction:.0%} (ms)",
+                        statistics.median(ours_one) * 1000, statistics.median(peer_one) * 1000,
+                        "ms", f"qemu-img map over NBD (REQ_ONE), median of {REQ_ONE_RUNS}; "
+                        f"{ours_extents} vs {peer_extents} extents"))
         with Disk.open(_d0(data)) as disk:
             since = next(s.change_id for s in disk.snapshots if s.name == f"s{step}")
     shutil.rmtree(data)
