@@ -28,9 +28,10 @@ Runs = tuple[GranuleArray, GranuleArray]  # first granule of each run, and the o
 # Runs kept per tracker (16 bytes each): 8 MiB at most, however fragmented the answers are.
 MAX_KEPT_RUNS = 1 << 19
 # A closed question is answered whole (and kept) when its intervals hold at most this many
-# granules together (256 GiB of changes at 64 KiB); a larger one is answered for the window asked
-# only, each time.
-MAX_JOINED_GRANULES = 1 << 22
+# granules together (32 GiB of changes at 64 KiB): it has no more runs than granules, so it is
+# always kept. A larger one is answered for the window asked only, each time (a small window
+# of it costs its own size, not the whole answer's).
+MAX_JOINED_GRANULES = MAX_KEPT_RUNS
 
 _EMPTY: GranuleArray = np.empty(0, dtype=np.int64)
 
@@ -70,11 +71,16 @@ class KeptAnswers:
             self._runs = 0
 
 
-def runs_of(granules: BitMap) -> Runs:
-    """The runs of consecutive granules of ``granules``: (firsts, ends), sorted."""
+def runs_of(granules: BitMap, lo: int = 0, hi: int | None = None) -> Runs:
+    """The runs of consecutive granules of ``granules`` inside [lo, hi): (firsts, ends),
+    sorted."""
     if not granules:
         return _EMPTY, _EMPTY
     arr = np.frombuffer(granules.to_array(), dtype=np.uint32)
+    if lo > 0 or hi is not None:
+        arr = arr[np.searchsorted(arr, lo) : len(arr) if hi is None else np.searchsorted(arr, hi)]
+        if not len(arr):
+            return _EMPTY, _EMPTY
     breaks = np.flatnonzero(np.diff(arr) != 1)
     firsts = arr[np.concatenate(([0], breaks + 1))].astype(np.int64)
     ends = arr[np.concatenate((breaks, [len(arr) - 1]))].astype(np.int64) + 1

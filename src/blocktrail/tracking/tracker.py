@@ -360,8 +360,8 @@ class ChangeTracker:
             with self._marks_lock:  # writers go on marking it: a copy
                 sets.append(_window(self._open, lo, hi, copy=True))
         union = BitMap.union(*sets) if len(sets) > 1 else (sets[0] if sets else BitMap())
-        return _runs_to_change_info(runs_within(runs_of(union), lo, hi, max_extents + 1),
-                                    self.granularity, start_offset, size_bytes, max_extents)
+        return _runs_to_change_info(runs_of(union, lo, hi), self.granularity, start_offset,
+                                    size_bytes, max_extents)
 
     def is_kept(self, change_id: str, until_seq: int) -> bool:
         """Whether the closed question's answer is kept (answers.py): any window of it costs

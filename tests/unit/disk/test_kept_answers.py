@@ -113,3 +113,11 @@ def test_kept_answers_hold_a_bounded_number_of_runs() -> None:
     assert kept.get(("e", 0, 1)) is three and kept.get(("e", 1, 2)) is two
     kept.put(("e", 0, 3), runs_of(BitMap(range(0, 20, 2))))  # 10 runs: never kept
     assert kept.get(("e", 0, 3)) is None
+
+
+def test_runs_of_a_window_are_those_of_the_whole_clipped() -> None:
+    granules = BitMap([0, 1, 2, 5, 9, 10, 11, 12, 30])
+    for lo in range(0, 32, 3):
+        for hi in range(lo + 1, 34, 4):
+            assert [r.tolist() for r in runs_of(granules, lo, hi)] == \
+                [r.tolist() for r in runs_within(runs_of(granules), lo, hi)]
