@@ -638,6 +638,7 @@ class Disk:
         the end of the disk), and ends where its ``max_extents``-th area does when more follow.
         ``snapshot``: by name, or the record `snapshots` gave (`SnapshotRemoved` once that one
         is gone). See docs/tracking.md."""
+        _check_max_extents(max_extents)
         with self._lock.shared():
             snap = self._resolve(snapshot)
             end, until = self._query_bounds(change_id, start_offset, snap, end_offset)
@@ -675,6 +676,7 @@ class Disk:
         the layer structure) and it joins at most ``max_granules`` marked granules (its cost
         grows with them); None otherwise. ``"*"`` is never answered here. Errors are raised
         as by `query_changed_areas`. (An event loop answers small dirty-map questions so.)"""
+        _check_max_extents(max_extents)
         if change_id.strip() == ALL_ALLOCATED:
             return None
         counted = self._lock.acquire_shared(blocking=False)
@@ -973,3 +975,8 @@ def _readonly(buf: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 def _reraise(exc: BaseException) -> None:
     raise exc
+
+
+def _check_max_extents(max_extents: int) -> None:
+    if max_extents < 1:
+        raise InvalidArgument(f"max_extents must be at least 1, not {max_extents}")

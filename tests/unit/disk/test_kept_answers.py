@@ -11,6 +11,7 @@ import pytest
 from pyroaring import BitMap
 
 from blocktrail.disk import Disk
+from blocktrail.errors import InvalidArgument
 from blocktrail.tracking import ChangeTracker
 from blocktrail.tracking.answers import KeptAnswers, runs_of, runs_within
 from faulty import KeepsAnswersAcrossEpochs
@@ -121,3 +122,25 @@ def test_runs_of_a_window_are_those_of_the_whole_clipped() -> None:
         for hi in range(lo + 1, 34, 4):
             assert [r.tolist() for r in runs_of(granules, lo, hi)] == \
                 [r.tolist() for r in runs_within(runs_of(granules), lo, hi)]
+
+
+def test_an_answer_of_n_extents_ends_where_the_nth_does(tmp_path: Path) -> None:
+    with Disk.create(str(tmp_path / "d"), SIZE, granularity=GRAIN) as disk:
+        since = disk.create_snapshot("s0").change_id
+        for g in (3, 4, 10, 20):
+            disk.pwrite(b"a" * GRAIN, g * GRAIN)
+        disk.create_snapshot("s1")
+        for snapshot in ("s1", None):
+            one = disk.query_changed_areas(since, 0, snapshot, max_extents=1)
+            assert [(e.offset, e.length) for e in one.changed_areas] == [(3 * GRAIN, 2 * GRAIN)]
+            assert one.end == 5 * GRAIN
+            two = disk.query_changed_areas(since, 4 * GRAIN + 5, snapshot, max_extents=2)
+            assert [(e.offset, e.length) for e in two.changed_areas] == \
+                [(4 * GRAIN + 5, GRAIN - 5), (10 * GRAIN, GRAIN)]
+            assert two.end == 11 * GRAIN
+            assert disk.query_changed_areas(since, 21 * GRAIN, snapshot, max_extents=1).end \
+                == SIZE  # none left: the answer covers the rest
+        with pytest.raises(InvalidArgument, match="at least 1"):
+            disk.query_changed_areas(since, 0, "s1", max_extents=0)
+        with pytest.raises(InvalidArgument, match="at least 1"):
+            disk.try_query_changed_areas(since, 0, "s1", max_granules=10, max_extents=0)
