@@ -632,10 +632,11 @@ class Disk:
     def query_changed_areas(self, change_id: str, start_offset: int = 0,
                             snapshot: str | Snapshot | None = None, *,
                             end_offset: int | None = None,
-                            max_extents: int = MAX_EXTENTS_PER_ANSWER) -> DiskChangeInfo:
+                            max_extents: int | None = None) -> DiskChangeInfo:
         """Areas written after ``change_id`` up to the snapshot's point (or now); ``"*"``: all
         allocated areas. The answer covers ``[start_offset, end_offset)`` at most (default: to
-        the end of the disk), and ends where its ``max_extents``-th area does when more follow.
+        the end of the disk), and ends where its ``max_extents``-th area does when more follow
+        (default: 65,536).
         ``snapshot``: by name, or the record `snapshots` gave (`SnapshotRemoved` once that one
         is gone). See docs/tracking.md."""
         _check_max_extents(max_extents)
@@ -643,7 +644,8 @@ class Disk:
             snap = self._resolve(snapshot)
             end, until = self._query_bounds(change_id, start_offset, snap, end_offset)
             if change_id.strip() == ALL_ALLOCATED:
-                return self._allocated_areas(snap, start_offset, end, max_extents)
+                return self._allocated_areas(snap, start_offset, end,
+                                             max_extents or MAX_EXTENTS_PER_ANSWER)
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset, max_extents=max_extents)
 
@@ -670,8 +672,7 @@ class Disk:
     def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
                                 snapshot: str | Snapshot | None = None, *,
                                 end_offset: int | None = None, max_granules: int,
-                                max_extents: int = MAX_EXTENTS_PER_ANSWER
-                                ) -> DiskChangeInfo | None:
+                                max_extents: int | None = None) -> DiskChangeInfo | None:
         """`query_changed_areas` answered at once when nothing would make it wait (a change of
         the layer structure) and it joins at most ``max_granules`` marked granules (its cost
         grows with them); None otherwise. ``"*"`` is never answered here. Errors are raised
@@ -977,6 +978,6 @@ def _reraise(exc: BaseException) -> None:
     raise exc
 
 
-def _check_max_extents(max_extents: int) -> None:
-    if max_extents < 1:
+def _check_max_extents(max_extents: int | None) -> None:
+    if max_extents is not None and max_extents < 1:
         raise InvalidArgument(f"max_extents must be at least 1, not {max_extents}")

@@ -342,14 +342,16 @@ class ChangeTracker:
 
     def query(self, change_id: str, *, until_seq: int | None, size_bytes: int,
               start_offset: int, join_up_to: int = MAX_JOINED_GRANULES,
-              max_extents: int = MAX_EXTENTS_PER_ANSWER) -> DiskChangeInfo:
+              max_extents: int | None = None) -> DiskChangeInfo:
         """The granules marked after ``change_id`` up to ``until_seq`` (None: up to now),
-        inside [start_offset, size_bytes): at most ``max_extents`` areas, the answer ending
-        where the last of them does when there are more. A closed question (``until_seq``
+        inside [start_offset, size_bytes): at most ``max_extents`` areas (default
+        `MAX_EXTENTS_PER_ANSWER`), the answer ending where the last of them does when there
+        are more. A closed question (``until_seq``
         given) whose intervals hold at most ``join_up_to`` granules is answered whole once and
         kept (answers.py); any other, for the window asked."""
         if not 0 <= start_offset < size_bytes:
             raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        max_extents = MAX_EXTENTS_PER_ANSWER if max_extents is None else max_extents
         lo, hi = self._granules(start_offset, size_bytes)
         joined = self._joined(change_id, until_seq)
         if until_seq is not None and (runs := self._closed_runs(joined, join_up_to)) is not None:
