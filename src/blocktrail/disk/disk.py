@@ -655,19 +655,15 @@ class Disk:
         hint, never waiting (False when the disk is busy, or the question would be refused)."""
         if change_id.strip() == ALL_ALLOCATED:
             return False
-        counted = self._lock.acquire_shared(blocking=False)
-        if counted is None:
-            return False
-        try:
-            snap = self._resolve(snapshot)
-            if snap is None:
+        with self._lock.shared_if_free() as held:
+            if not held:
                 return False
-            until = self._tracker.resolve(snap.change_id)
-            return self._tracker.is_kept(change_id, until)
-        except BlocktrailError:
-            return False
-        finally:
-            self._lock.release_shared(counted)
+            try:
+                snap = self._resolve(snapshot)
+                return snap is not None and self._tracker.is_kept(
+                    change_id, self._tracker.resolve(snap.change_id))
+            except BlocktrailError:
+                return False
 
     def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
                                 snapshot: str | Snapshot | None = None, *,
@@ -680,10 +676,9 @@ class Disk:
         _check_max_extents(max_extents)
         if change_id.strip() == ALL_ALLOCATED:
             return None
-        counted = self._lock.acquire_shared(blocking=False)
-        if counted is None:
-            return None
-        try:
+        with self._lock.shared_if_free() as held:
+            if not held:
+                return None
             end, until = self._query_bounds(change_id, start_offset, self._resolve(snapshot),
                                             end_offset)
             if self._tracker.marked_bound(change_id, until_seq=until, size_bytes=end,
@@ -692,8 +687,6 @@ class Disk:
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset, join_up_to=max_granules,
                                        max_extents=max_extents)
-        finally:
-            self._lock.release_shared(counted)
 
     def _query_bounds(self, change_id: str, start_offset: int, snap: Snapshot | None,
                       end_offset: int | None) -> tuple[int, int | None]:

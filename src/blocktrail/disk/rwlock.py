@@ -11,7 +11,9 @@ wait) and notifies only when an exclusive holder is waiting for it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from types import TracebackType
 
 
@@ -56,6 +58,16 @@ class DiskLock:
     def shared(self) -> _Shared:
         """``with lock.shared():`` holds the lock shared."""
         return self._shared
+
+    @contextlib.contextmanager
+    def shared_if_free(self) -> Iterator[bool]:
+        """``with lock.shared_if_free() as held:`` holds the lock shared when that takes no
+        waiting (``held`` True), else holds nothing (False)."""
+        counted = self.acquire_shared(blocking=False)
+        try:
+            yield counted is not None
+        finally:
+            self.release_shared(counted)
 
     def acquire_shared(self, *, blocking: bool = True) -> bool | None:
         """Take the lock shared; -> whether the hold was counted (pass it to `release_shared`),
