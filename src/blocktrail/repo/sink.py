@@ -9,8 +9,10 @@ fails there).
 On object storage several packs are uploaded at once, and each is followed by a small
 **checkpoint** index file naming only it: a backup cut off by a lost connection leaves packs
 that an index file names, so the next backup of the disk deduplicates against them instead of
-uploading them again. At publish one index file names everything the sink stored, and the
-checkpoints are deleted. Whatever no restore point comes to use is collected by `prune`.
+uploading them again. The last pack has none: the index file that names everything the sink
+stored follows it at once (`publish`, or the caller's own). Then the checkpoints are deleted,
+several at once (each is a round trip). Whatever no restore point comes to use is collected by
+`prune`.
 
 With a lease, nothing is uploaded or published once it is lost (repo/leases.py).
 """
@@ -82,9 +84,10 @@ class PackSink:
             self._hand_over()
         return True
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, *, last: bool = False) -> None:
         """Give the full pack to a pack-writing thread (a bounded number in flight), so
-        reading, hashing and compressing go on while it is written."""
+        reading, hashing and compressing go on while it is written. The ``last`` pack gets
+        no checkpoint: an index file naming it follows at once."""
         if not self._pack.entries:
             return
         while len(self._writes) >= self._in_flight:
@@ -94,7 +97,8 @@ class PackSink:
         locations = pack.locations()
         self._written.append(pack.pack_id)
         self._writes.append((self._writer.submit(self._write, pack.pack_id, pack.finish(),
-                                                 locations), pack.buffer))
+                                                 locations, self._checkpoint and not last),
+                             pack.buffer))
         self._new.update(locations)
         self._in_pack.clear()
 
@@ -103,11 +107,12 @@ class PackSink:
         future.result()  # a failed write surfaces here
         self._spare.append(data)
 
-    def _write(self, pack_id: str, data: memoryview, locations: dict[bytes, Location]) -> None:
+    def _write(self, pack_id: str, data: memoryview, locations: dict[bytes, Location],
+               checkpoint: bool) -> None:
         if self._lease is not None:
             self._lease.check(f"upload pack {pack_id}")
         self._store.write_pack(pack_id, data, self._consequence)
-        if self._checkpoint:
+        if checkpoint:
             name = new_index_name()
             if self._lease is not None:
                 self._lease.check(f"upload index file {name}")
@@ -122,8 +127,9 @@ class PackSink:
         self._spare.clear()
 
     def finish_packs(self) -> dict[bytes, Location]:
-        """Write the last pack and wait until every pack is durable; -> where each object is."""
-        self._hand_over()
+        """Write the last pack and wait until every pack is durable; -> where each object is.
+        The caller names them all in an index file next (`publish` does)."""
+        self._hand_over(last=True)
         self._wait()
         return dict(self._new)
 
@@ -143,10 +149,15 @@ class PackSink:
                                     self._consequence)
             self._store.add_locations(locations)
         self._published = True
-        for name in self._checkpoints:  # the index file just written names it all
-            with contextlib.suppress(BackendError, OSError):
-                self._store.delete_index(name)
+        # the index file just written names it all; a checkpoint left (a delete failed) only
+        # names objects twice, and the next prune merges it away
+        for _ in self._store.io_pool.map(self._drop_checkpoint, self._checkpoints):
+            pass
         return locations
+
+    def _drop_checkpoint(self, name: str) -> None:
+        with contextlib.suppress(BackendError, OSError):
+            self._store.delete_index(name)
 
     def close(self) -> None:
         """Done, or given up: packs being written finish; unless an index file names them

@@ -779,12 +779,16 @@ def test_fault_sweep_prune(tmp_path: Path) -> None:
 
 class FailingBackend:
     """A backend whose ``fail_at``-th operation fails as a store that went away would (after
-    its retries): `BackendUnavailable`. Every operation after it works again."""
+    its retries): `BackendUnavailable`. Every operation after it works again. ``failed``:
+    the operation and object name that failed (None: none did; the run asked fewer)."""
 
     OPERATIONS = ("create", "replace", "load", "info", "list", "delete")
 
     def __init__(self, inner: Backend, fail_at: int) -> None:
         self.inner, self.fail_at, self.ops = inner, fail_at, 0
+        self.failed: tuple[str, str] | None = None
+        self.log: list[tuple[str, str]] = []  # (operation, object name) of each, in turn
+        self._lock = threading.Lock()  # operations come from several threads
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -792,8 +796,13 @@ class FailingBackend:
             return attr
 
         def operation(*args: Any, **kwargs: Any) -> Any:
-            self.ops += 1
-            if self.ops == self.fail_at:
+            with self._lock:
+                self.ops += 1
+                self.log.append((name, str(args[0]) if args else ""))
+                fail = self.ops == self.fail_at
+                if fail:
+                    self.failed = (name, str(args[0]) if args else "")
+            if fail:
                 raise BackendUnavailable(f"injected: {name} {args[:1]} failed")
             return attr(*args, **kwargs)
 
@@ -801,8 +810,10 @@ class FailingBackend:
 
 
 def test_fault_sweep_backup_on_object_storage(s3_server: SeaweedFS, tmp_path: Path) -> None:
-    """The store fails at the 1st, 2nd, ... request of an incremental backup: every run
-    succeeds or raises, and leaves a repository that checks clean and restores every point."""
+    """The store fails at the 1st, 2nd, ... request of an incremental backup, up to its last:
+    every run succeeds or raises, and leaves a repository that checks clean and restores every
+    point. The lease is gone, unless its own delete was the request that failed: then it
+    stays, held by nobody, until it expires."""
     golden = RepoTarget("s3", s3_server.new_url("sweep"), s3_server)
     chunks = image(30, 40)
     newer = list(chunks)
@@ -814,25 +825,54 @@ def test_fault_sweep_backup_on_object_storage(s3_server: SeaweedFS, tmp_path: Pa
     while True:
         work = golden.copy(f"run{n}")
         backend = open_backend(work.location, s3=work.s3)
-        done = False
+        failing = FailingBackend(backend, n)
         try:
-            with Repository.on(FailingBackend(backend, n), TEST_TIMING,
-                               password=TEST_PASSWORD) as faulty:
+            with Repository.on(failing, TEST_TIMING, password=TEST_PASSWORD) as faulty:
                 store(faulty, "d", newer, parent=first.id, only=set(range(0, 40, 3)))
-            done = True
         except (BackendError, RepositoryError):
-            pass
+            assert failing.failed is not None  # nothing else fails here
         with work.open() as fresh:
             report = fresh.check(read_data=True)
             assert report.ok, (n, report.problems)
             assert restored(fresh, fresh.point(first.id), tmp_path) == b"".join(chunks)
             for point in fresh.points():
                 assert restored(fresh, point, tmp_path) in (b"".join(chunks), b"".join(newer))
-            assert not work.names("leases/"), n  # a failed writer leaves no lease behind
-        if done:
+            leases = work.names("leases/")
+            if failing.failed is not None and failing.failed[0] == "delete" \
+                    and failing.failed[1].startswith("leases/"):
+                assert leases == [failing.failed[1]], n  # its release failed: it expires
+            else:
+                assert not leases, (n, failing.failed)  # a failed writer leaves no lease
+        if failing.failed is None:  # every request of the run has failed once
             break
         n += 1
     assert n > 10
+
+
+def test_checkpoints_name_each_pack_but_the_last_and_go_once_published(
+        s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On object storage each pack but the last is followed by a checkpoint index file naming
+    it (a backup cut off keeps what it uploaded); the last one is named by the index file that
+    publishes them all, at once, and then every checkpoint is deleted."""
+    monkeypatch.setattr("blocktrail.repo.sink.PACK_TARGET_BYTES", 3 * CS)  # several packs
+    target = RepoTarget("s3", s3_server.new_url("checkpoints"), s3_server)
+    target.init().close()
+    recording = FailingBackend(open_backend(target.location, s3=target.s3), 0)
+    chunks = image(31, 13)
+    with Repository.on(recording, TEST_TIMING, password=TEST_PASSWORD) as repo:
+        point = store(repo, "d", chunks)
+    created = [name for op, name in recording.log if op == "create"]
+    packs = [name for name in created if name.startswith("packs/")]
+    index_files = [name for name in created if name.startswith("index/")]
+    assert len(packs) >= 3
+    assert len(index_files) == len(packs)  # a checkpoint for each pack but the last, then one
+    deleted = {name for op, name in recording.log if op == "delete"
+               and name.startswith("index/")}
+    assert deleted == set(index_files[:-1])
+    assert target.names("index/") == [index_files[-1]]
+    with target.open() as fresh:
+        assert fresh.check(read_data=True).ok
+        assert restored(fresh, point, tmp_path) == b"".join(chunks)
 
 
 def test_layered_index_files_keep_spares_only_where_a_waiting_run_may_delete_the_first() -> None:
