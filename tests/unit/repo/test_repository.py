@@ -713,22 +713,19 @@ def _sweep(tmp_path: Path, prepare: Callable[[Repository], object],
     while True:
         work = tmp_path / f"run{n}"
         shutil.copytree(golden, work)
-        done = False
+        fails = FailNth(n, errno.ENOSPC if n % 3 == 0 else errno.EIO)
         try:
-            with Repository.open(work, FailNth(n, errno.ENOSPC if n % 3 == 0 else errno.EIO),
-                                 password=TEST_PASSWORD) \
-                    as faulty:
+            with Repository.open(work, fails, password=TEST_PASSWORD) as faulty:
                 operation(faulty)
-            done = True
         except (OSError, RepositoryError, NoSpace):
-            pass
+            assert fails.ops >= n  # only the failure injected fails it
         with Repository.open(work, password=TEST_PASSWORD) as fresh:
             report = fresh.check(read_data=True)
             assert report.ok, (n, report.problems)
             verify(fresh, work)
         shutil.rmtree(work)
-        if done:
-            return n
+        if fails.ops < n:  # every operation of the run has failed once (also where the
+            return n  # failure was expected and passed over, as a lease's removal)
         n += 1
 
 
