@@ -14,7 +14,7 @@ pytestmark = pytest.mark.interop
 
 def test_the_demo_runs_end_to_end() -> None:
     require_tools("qemu-io", "qemu-img")
-    result = subprocess.run([sys.executable, "-m", "blocktrail.demo", "--size-mib", "128",
+    result = subprocess.run([sys.executable, "-m", "blocktrail.cli.demo", "--size-mib", "128",
                              "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -31,8 +31,6 @@ ALLOWED: dict[str, set[str]] = {
             "host", "worker", "passwords"},
     "worker": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo",
                "backup", "host", "passwords"},
-    "demo": {"extents", "errors", "names", "fileio", "tracking", "disk", "nbd", "repo", "backup",
-             "host"},
 }
 NO_IO_MODULES = {"asyncio", "socket", "ssl", "threading", "selectors"}
 
