@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -35,6 +36,7 @@ from blocktrail.errors import ExitCode
 from blocktrail.repo import Repository, RetentionPolicy, S3Options
 from blocktrail.repo.backend import BackendDenied, BucketNotFound
 from blocktrail.repo.errors import ConditionalWritesUnsupported
+from blocktrail.repo.leases import LEASE_VARIABLE, timing_from_environment
 from s3server import (
     ACCESS_KEY,
     SECRET_KEY,
@@ -45,12 +47,13 @@ from s3server import (
 )
 
 MiB = 1 << 20
-# the lease of the backup processes these tests start: long enough that its margin (a quarter:
-# 5 s) outlasts a renewal slowed by the whole suite's load on two cores (one slower than the
-# margin loses the lease, as it must, and the backup stops before the test is done with it)
-LEASE_S = 20
-LEASE_ENV = {"BLOCKTRAIL_LEASE_SECONDS": str(LEASE_S)}
-LEASE_EXPIRED_AFTER = LEASE_S + LEASE_S / 4 + 2  # duration, margin, and Last-Modified's second
+# the lease of the backup processes these tests start: long enough that its margin (5 s)
+# outlasts a renewal slowed by the whole suite's load on two cores (one slower than the margin
+# loses the lease, as it must, and the backup stops before the test is done with it)
+LEASE_ENV = {LEASE_VARIABLE: "20"}
+with mock.patch.dict(os.environ, LEASE_ENV):
+    LEASE_TIMING = timing_from_environment()  # what those processes make of it
+LEASE_EXPIRED_AFTER = LEASE_TIMING.lease_s + LEASE_TIMING.margin + 2  # + Last-Modified's second
 # the many-writers test, larger by hand: BLOCKTRAIL_S3_DISK_MIB=64 BLOCKTRAIL_S3_ROUNDS=6
 DISK_MIB = int(os.environ.get("BLOCKTRAIL_S3_DISK_MIB", "6"))
 ROUNDS = int(os.environ.get("BLOCKTRAIL_S3_ROUNDS", "3"))
