@@ -146,11 +146,14 @@ class _NoSpaceHandle:
     def __init__(self, inner: FileHandle, fs: NoSpaceAt) -> None:
         self._inner, self._fs = inner, fs
 
-    def pwrite(self, data: bytes | bytearray, offset: int) -> None:
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if self._fs.ops + 1 == self._fs.fail_at:
             self._inner.pwrite(data[: len(data) // 2], offset)
         self._fs.tick("write")
         self._inner.pwrite(data, offset)
+
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        self.pwrite(data, offset)  # the same failure, wherever the bytes go past the cache
 
     def fsync(self) -> None:
         self._fs.tick("fsync")

@@ -29,6 +29,11 @@ Seal = tuple[int, int, int, int]
 class FileHandle(Protocol):
     def pread(self, count: int, offset: int) -> bytes: ...
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        """`pwrite`, past the page cache where the handle can (the whole aligned blocks of
+        page-aligned memory written at an aligned offset: O_DIRECT), the rest through it. The
+        same bytes either way; durable only after `fsync`, as any write."""
+        ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def truncate(self, size: int) -> None: ...
     def size(self) -> int: ...
@@ -210,6 +215,8 @@ class OsFileHandle:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._can_punch = True
+        self._direct: int | None = None  # a descriptor of its own, O_DIRECT (`pwrite_direct`)
+        self._direct_refused = False
 
     def pread(self, count: int, offset: int) -> bytes:
         data = os.pread(self._fd, count, offset)
@@ -222,6 +229,34 @@ class OsFileHandle:
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
+
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        done = 0
+        if not offset % _DIRECT_ALIGN and _aligned_memory(data):
+            bulk = len(data) - len(data) % _DIRECT_ALIGN
+            direct = self._direct_descriptor() if bulk else None
+            try:
+                while direct is not None and done < bulk:
+                    written = os.pwrite(direct, data[done:bulk], offset + done)
+                    done += written
+                    if not written or written % _DIRECT_ALIGN:  # the rest through the cache
+                        break
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_refused = True  # this file system: everything through the cache
+        self.pwrite(data[done:], offset + done)
+
+    def _direct_descriptor(self) -> int | None:
+        """This file opened again for writing with O_DIRECT (a descriptor of its own: the
+        handle's own descriptor keeps its flags), at first use; None where that is refused."""
+        if self._direct is None and not self._direct_refused:
+            try:
+                self._direct = os.open(f"/proc/self/fd/{self._fd}",
+                                       os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                self._direct_refused = True
+        return None if self._direct_refused else self._direct
 
     def write_direct(self, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` as the whole of this new, empty file, its whole blocks with O_DIRECT
@@ -301,6 +336,10 @@ class OsFileHandle:
         return os.dup(self._fd)
 
     def close(self) -> None:
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            with contextlib.suppress(OSError):
+                os.close(direct)
         os.close(self._fd)
 
 

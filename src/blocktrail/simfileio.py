@@ -101,6 +101,9 @@ class SimulatedFileHandle:
                 pos, src = pos + n, src[n:]
             ino.size = max(ino.size, offset + len(data))
 
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        self.pwrite(data, offset)  # as O_DIRECT: durable only after fsync (a device's cache)
+
     def punch_hole(self, offset: int, length: int) -> None:
         with self._fs.mutex:
             ino = self._inode

@@ -81,6 +81,10 @@ class _CountedHandle:
         SWITCH.point("write", self._path)
         self._inner.pwrite(data, offset)
 
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        SWITCH.point("write", self._path)
+        self._inner.pwrite_direct(data, offset)
+
     def punch_hole(self, offset: int, length: int) -> None:
         if length > 0:
             SWITCH.point("fallocate", self._path)

@@ -172,3 +172,100 @@ def test_a_full_backup_reads_the_disk_past_the_cache(tmp_path: Path,
     assert sum(direct) == 16 << 20  # every byte, in reads of a few MiB
     repo.restore(point.id, str(tmp_path / "restored"))
     assert (tmp_path / "restored").read_bytes() == content
+
+
+def _direct_writes(monkeypatch: pytest.MonkeyPatch, handle: fileio.OsFileHandle
+                   ) -> list[tuple[int, int]]:
+    """(offset, length) of each write through the handle's O_DIRECT descriptor."""
+    seen: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if fd == handle._direct:
+            seen.append((offset, len(data)))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(fileio.os, "pwrite", pwrite)
+    return seen
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, 1 << 20), (65536, 3 * 4096 + 5),
+                                                (4096, 100), (0, 0)])
+def test_pwrite_direct_writes_whole_blocks_past_the_cache_and_the_tail_through_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int, length: int) -> None:
+    handle = OsFileIO().open(str(tmp_path / "image"), create=True)
+    assert isinstance(handle, fileio.OsFileHandle)
+    seen = _direct_writes(monkeypatch, handle)
+    memory = mmap.mmap(-1, max(length, 1))
+    data = os.urandom(length)
+    memory[:length] = data
+    handle.pwrite(b"\xff" * (offset + length + 8192), 0)  # written over, in place
+    handle.pwrite_direct(memoryview(memory)[:length], offset)
+    handle.close()
+    got = (tmp_path / "image").read_bytes()
+    assert got[offset : offset + length] == data
+    assert got[:offset] + got[offset + length :] == b"\xff" * (len(got) - length)
+    bulk = length - length % 4096
+    assert sum(n for _, n in seen) == bulk and all(o == offset for o, _ in seen[:1])
+
+
+def test_pwrite_direct_of_memory_or_offsets_o_direct_cannot_take_goes_through_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = OsFileIO().open(str(tmp_path / "image"), create=True)
+    assert isinstance(handle, fileio.OsFileHandle)
+    seen = _direct_writes(monkeypatch, handle)
+    memory = memoryview(mmap.mmap(-1, 3 << 16))
+    memory[:] = os.urandom(3 << 16)
+    handle.pwrite_direct(memory[1 : (1 << 16) + 1], 0)  # memory not page-aligned
+    handle.pwrite_direct(memory[: 1 << 16], 100)  # an offset not block-aligned
+    handle.pwrite_direct(memoryview(bytearray(memory[: 1 << 16])), 1 << 17)  # a bytearray
+    handle.close()
+    assert seen == [] or all(n % 4096 == 0 for _, n in seen)
+    got = (tmp_path / "image").read_bytes()
+    assert got[1 << 17 :] == memory[: 1 << 16]
+    assert got[100 : 100 + (1 << 16)] == memory[: 1 << 16]
+    assert got[:100] == memory[1:101]
+
+
+@pytest.mark.parametrize("refusal", ["open", "write"])
+def test_where_o_direct_is_refused_pwrite_direct_writes_through_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
+    handle = OsFileIO().open(str(tmp_path / "image"), create=True)
+    assert isinstance(handle, fileio.OsFileHandle)
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def no_direct_open(path: str, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def no_direct_write(fd: int, data: Any, offset: int) -> int:
+        if fd == handle._direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    with monkeypatch.context() as patch:
+        if refusal == "open":
+            patch.setattr(fileio.os, "open", no_direct_open)
+        else:
+            patch.setattr(fileio.os, "pwrite", no_direct_write)
+        memory = memoryview(mmap.mmap(-1, 1 << 20))
+        memory[:] = os.urandom(1 << 20)
+        for _ in range(2):  # refused once: not asked again
+            handle.pwrite_direct(memory, 0)
+    assert handle._direct_refused
+    handle.close()
+    assert (tmp_path / "image").read_bytes() == memory
+
+
+def test_pwrite_direct_into_a_tmpfs_file_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs took no O_DIRECT before Linux 6.6: either way the bytes are the same."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as file:
+        handle = OsFileIO().open(file.name)
+        memory = memoryview(mmap.mmap(-1, 1 << 20))
+        memory[:] = os.urandom(1 << 20)
+        handle.pwrite_direct(memory, 4096)
+        handle.close()
+        assert Path(file.name).read_bytes() == bytes(4096) + memory

@@ -49,6 +49,10 @@ class DeviceHandle(OsFileHandle):
         self.changed = True
         super().pwrite(data, offset)
 
+    def pwrite_direct(self, data: memoryview, offset: int) -> None:
+        self.changed = True
+        super().pwrite_direct(data, offset)
+
     def size(self) -> int:
         return self._size
 

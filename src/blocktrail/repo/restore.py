@@ -3,12 +3,13 @@
 Chunks that lie close together in one pack (a full backup stores a disk's chunks in disk order)
 are fetched with one ranged read, also where an incremental's changes come between them; many
 such reads are in flight at once, so a restore from object storage is bound by the link, not by
-round trips. The image is written through the file layer (blocktrail.fileio): a file beside
-the target with no name until it is whole (a killed restore leaves nothing), fsync, named
-``.partial-*``, renamed over the target, fsync the directory; on any damage (or a full file
-system) nothing is left at the target. A target that is no regular file is refused first
-(`restore_target`), and a file replaced hands its permissions and owner to the image. A block
-device is written in place instead (blocktrail.repo.device).
+round trips. Consecutive chunks are written together, past the page cache where the file
+system allows it (blocktrail.repo.imagewriter). The image is written through the file layer
+(blocktrail.fileio): a file beside the target with no name until it is whole (a killed restore
+leaves nothing), fsync, named ``.partial-*``, renamed over the target, fsync the directory; on
+any damage (or a full file system) nothing is left at the target. A target that is no regular
+file is refused first (`restore_target`), and a file replaced hands its permissions and owner to
+the image. A block device is written in place instead (blocktrail.repo.device).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from blocktrail.fileio import (
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.device import open_device
 from blocktrail.repo.errors import ChunkCorrupt, ObjectMissing
+from blocktrail.repo.imagewriter import ImageWriter
 from blocktrail.repo.manifest import RestorePoint
 from blocktrail.repo.objects import KIND_CHUNK, ZERO_DIGEST
 from blocktrail.repo.quarantine import DamagedCopy
@@ -251,28 +253,30 @@ def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
     wanted = {name for _, name in repeats}
     names = dict(fetched)
     written = flushed = done = 0
+    with ImageWriter(handle) as image:
 
-    def write(index: int, data: bytes) -> None:
-        nonlocal written, done
-        expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
-        if len(data) != expected:
-            raise ChunkCorrupt(f"chunk {index} of {where} has {len(data)} bytes, not {expected}")
-        handle.pwrite(data, index * point.chunk_size)
-        written += len(data)
-        done += 1
+        def write(index: int, data: bytes) -> None:
+            nonlocal written, done
+            expected = min(point.chunk_size, point.size_bytes - index * point.chunk_size)
+            if len(data) != expected:
+                raise ChunkCorrupt(f"chunk {index} of {where} has {len(data)} bytes, not "
+                                   f"{expected}")
+            image.pwrite(data, index * point.chunk_size)
+            written += len(data)
+            done += 1
 
-    for chunks in runs:
-        for index, data in chunks:
-            write(index, data)
-            if names[index] in wanted:
-                kept[names[index]] = data
-        if written - flushed >= WRITEBACK_BYTES:  # start writing back as we go, so the
-            start_writeback(handle)               # final fsync finds little left
-            flushed = written
-        if progress is not None:
-            progress(done, len(entries))
-    for index, name in repeats:  # a chunk that recurs: read once, written again from memory
-        write(index, kept[name])
+        for chunks in runs:
+            for index, data in chunks:
+                write(index, data)
+                if names[index] in wanted:
+                    kept[names[index]] = data
+            if written - flushed >= WRITEBACK_BYTES:  # what went through the page cache is
+                start_writeback(handle)               # written back as we go: the final
+                flushed = written                     # fsync finds little left
+            if progress is not None:
+                progress(done, len(entries))
+        for index, name in repeats:  # a chunk that recurs: read once, written again from memory
+            write(index, kept[name])
     if progress is not None:
         progress(done, len(entries))
     return written
