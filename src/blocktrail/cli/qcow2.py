@@ -50,7 +50,7 @@ def restore_qcow2(repo: Repository, point_id: str, target: str,
         return _restore_in_scratch_directory(repo, point_id, target, progress)
     try:
         with _target_full_named(target):
-            written = repo.restore_into(point_id, raw, progress)
+            written = repo.restore_into(point_id, raw, progress, cached=True)  # read next
         converted = fio.create_unnamed(directory)
         if converted is None:
             raise OSError(errno.EOPNOTSUPP, f"{directory} made one file with no name, and "

@@ -28,10 +28,14 @@ RUN_BYTES = 8 << 20  # one buffer: one write
 class ImageWriter:
     """Writes of one image file (`pwrite`), gathered; a context manager: on leaving it every
     write given is in the file (not yet durable: the caller fsyncs), or, after an error, none
-    is in flight any more."""
+    is in flight any more. ``cached``: the runs are written through the page cache, for a
+    file that is read again at once."""
 
-    def __init__(self, handle: FileHandle, run_bytes: int = RUN_BYTES) -> None:
+    def __init__(self, handle: FileHandle, run_bytes: int = RUN_BYTES, *,
+                 cached: bool = False) -> None:
         self._handle = handle
+        # ``cached``: through the page cache all the same (a file that is read again at once)
+        self._write = handle.pwrite if cached else handle.pwrite_direct
         self._run_bytes = run_bytes
         self._free = [memoryview(mmap.mmap(-1, run_bytes)) for _ in range(2)]
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="image-writer")
@@ -61,7 +65,7 @@ class ImageWriter:
     def _hand_over(self) -> None:
         run, self._run = self._run, None
         if run is not None and self._used:
-            self._in_flight.append((self._writer.submit(self._handle.pwrite_direct,
+            self._in_flight.append((self._writer.submit(self._write,
                                                         run[: self._used], self._start), run))
         elif run is not None:
             self._free.append(run)

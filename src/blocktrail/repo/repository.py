@@ -253,11 +253,12 @@ class Repository(Store):
             return restore_point(self, point, target, progress, fileio)
 
     def restore_into(self, point_id: str, handle: FileHandle,
-                     progress: Progress | None = None) -> int:
+                     progress: Progress | None = None, *, cached: bool = False) -> int:
         """Write the point's disk image into an open file (sparse, every chunk checked; not
-        fsynced). -> bytes of data written."""
+        fsynced). -> bytes of data written. ``cached``: through the page cache (a file read
+        again at once, such as the raw image a qcow2 restore converts)."""
         with self.reading(point_id) as point:
-            return restore_into(self, handle, point, progress)
+            return restore_into(self, handle, point, progress, cached=cached)
 
     @contextlib.contextmanager
     def reading(self, point_id: str) -> Iterator[RestorePoint]:

@@ -223,11 +223,14 @@ def _limit(directory: str, name: str, default: int) -> int:
 
 
 def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
-                 progress: Progress | None, *, in_place: bool = False) -> int:
+                 progress: Progress | None, *, in_place: bool = False,
+                 cached: bool = False) -> int:
     """Write ``point``'s image into an open file (sparse; not fsynced). -> bytes of data
     written. ``in_place``: into a file (a device) that holds something already and keeps its
     size: the point's holes are zeroed (`FileHandle.punch_hole`) and the rest is left as it
-    is, once every chunk is known to have a copy (found missing, nothing was written)."""
+    is, once every chunk is known to have a copy (found missing, nothing was written).
+    ``cached``: written through the page cache (`ImageWriter`), for a file read again at
+    once."""
     entries: list[tuple[int, bytes]] = []
     holes: list[int] = []
     for index, name in store.page_entries(point):
@@ -253,7 +256,7 @@ def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
     wanted = {name for _, name in repeats}
     names = dict(fetched)
     written = flushed = done = 0
-    with ImageWriter(handle) as image:
+    with ImageWriter(handle, cached=cached) as image:
 
         def write(index: int, data: bytes) -> None:
             nonlocal written, done

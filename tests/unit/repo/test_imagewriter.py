@@ -93,6 +93,17 @@ def test_consecutive_chunks_go_out_as_one_write_past_the_cache(tmp_path: Path) -
     assert data == b"".join(chunks[:20]) + bytes(10 * 4096) + b"".join(chunks[20:])
 
 
+def test_cached_runs_go_through_the_page_cache(tmp_path: Path) -> None:
+    """For a file read again at once (the raw image a qcow2 restore converts)."""
+    handle = Recorded(OsFileIO().open(str(tmp_path / "image"), create=True))
+    with ImageWriter(handle, RUN, cached=True) as image:
+        for index in range(20):
+            image.pwrite(bytes([index]) * 4096, index * 4096)
+    assert handle.writes == [("pwrite", 0, RUN), ("pwrite", RUN, 4 * 4096)]
+    handle.inner.close()
+    assert (tmp_path / "image").read_bytes() == b"".join(bytes([i]) * 4096 for i in range(20))
+
+
 @pytest.mark.parametrize("fail_at", [1, 2, 3])
 def test_a_failed_write_is_the_error_and_nothing_is_written_after_it(tmp_path: Path,
                                                                     fail_at: int) -> None:
