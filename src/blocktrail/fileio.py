@@ -267,22 +267,13 @@ class OsFileHandle:
         written through the cache. Durable only after `fsync`, as any write."""
         view = memoryview(data)
         bulk = len(view) - len(view) % _DIRECT_ALIGN
-        written = 0
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        if bulk:
-            try:
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-                bounce = view if _aligned_memory(view) else _aligned_buffer(bulk)
-                if bounce is not view:
-                    bounce[:bulk] = view[:bulk]
-                written = os.pwrite(self._fd, bounce[:bulk], 0)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                written = 0  # refused: everything through the cache
-            finally:
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
-        self.pwrite(view[written:], written)  # the tail, or what a short write left
+        if not bulk or _aligned_memory(view):
+            self.pwrite_direct(view, 0)
+            return
+        bounce = _aligned_buffer(bulk)
+        bounce[:bulk] = view[:bulk]
+        self.pwrite_direct(bounce[:bulk], 0)
+        self.pwrite(view[bulk:], bulk)  # the tail
 
     def punch_hole(self, offset: int, length: int) -> None:
         if length <= 0:

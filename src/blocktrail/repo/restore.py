@@ -28,7 +28,6 @@ from blocktrail.fileio import (
     OsFileIO,
     file_kind,
     locked_by_another,
-    start_writeback,
 )
 from blocktrail.pipeline import read_ahead
 from blocktrail.repo.device import open_device
@@ -41,7 +40,6 @@ from blocktrail.repo.runs import Run, ranged_runs, read_run
 from blocktrail.repo.store import Store
 
 Progress = Callable[[int, int], None]
-WRITEBACK_BYTES = 64 << 20
 REPEAT_BYTES = 256 << 20  # chunks that recur in the image, kept in memory to write again
 
 
@@ -255,7 +253,7 @@ def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
     kept: dict[bytes, bytes] = {}
     wanted = {name for _, name in repeats}
     names = dict(fetched)
-    written = flushed = done = 0
+    written = done = 0
     with ImageWriter(handle, cached=cached) as image:
 
         def write(index: int, data: bytes) -> None:
@@ -273,9 +271,6 @@ def restore_into(store: Store, handle: FileHandle, point: RestorePoint,
                 write(index, data)
                 if names[index] in wanted:
                     kept[names[index]] = data
-            if written - flushed >= WRITEBACK_BYTES:  # what went through the page cache is
-                start_writeback(handle)               # written back as we go: the final
-                flushed = written                     # fsync finds little left
             if progress is not None:
                 progress(done, len(entries))
         for index, name in repeats:  # a chunk that recurs: read once, written again from memory
