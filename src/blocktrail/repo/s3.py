@@ -44,6 +44,7 @@ import boto3
 import botocore.exceptions
 import botocore.loaders
 import botocore.session
+import botocore.utils
 from botocore.config import Config
 
 from blocktrail.errors import InvalidArgument
@@ -101,6 +102,21 @@ def _crc32(body: bytes) -> str:
     return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
 
 
+def _timestamp(value: str) -> datetime:
+    """A timestamp of a reply. botocore's own parser (dateutil) takes most of the client's
+    time in a listing: 0.1 ms a name, 4 s for 25,600 packs. Read with
+    `datetime.fromisoformat` where it is ISO 8601 with its zone (a listing's LastModified);
+    anything else (an HTTP date, a time with no zone) as botocore reads it."""
+    try:
+        found = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        found = None
+    if found is None or found.tzinfo is None:
+        parsed: datetime = botocore.utils.parse_timestamp(value)
+        return parsed
+    return found
+
+
 @functools.cache
 def _service_descriptions() -> Any:
     """botocore's loader of its (static) service descriptions, shared by every client of this
@@ -136,6 +152,7 @@ def _bad_endpoint(exc: Exception) -> str:
 class S3Backend:
     remote = True
     host_locks = False  # many machines: leases only
+    list_page: int | None = None  # names asked per listing page (None: the server's, 1000)
 
     def __init__(self, bucket: str, prefix: str, options: S3Options | None = None) -> None:
         options = options or S3Options()
@@ -146,6 +163,8 @@ class S3Backend:
         try:
             core = botocore.session.Session()
             core.register_component("data_loader", _service_descriptions())
+            core.get_component("response_parser_factory").set_parser_defaults(
+                timestamp_parser=_timestamp)
             session = boto3.session.Session(botocore_session=core, profile_name=options.profile,
                                             region_name=options.region)
             self.client: Any = self._client(session, options)
@@ -355,6 +374,8 @@ class S3Backend:
         found: builtins.list[ObjectInfo] = []
         tokens: set[str] = set()
         kwargs: dict[str, Any] = {"Prefix": full}
+        if self.list_page is not None:
+            kwargs["MaxKeys"] = self.list_page
         while True:
             page = self._call("listing", prefix, "list_objects_v2", **kwargs)
             now = self._date(page)

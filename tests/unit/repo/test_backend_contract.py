@@ -84,6 +84,22 @@ def test_list_by_prefix_in_name_order(backend: Backend) -> None:
     assert backend.list("quarantine/") == []
 
 
+def test_a_listing_of_many_pages_is_whole(backend: Backend) -> None:
+    """A prefix of more names than a listing page holds (pages of 3 here, on S3) is listed
+    page by page: every name once, in name order, with its size."""
+    if isinstance(backend, S3Backend):
+        backend.list_page = 3
+    names = ["packs/0a.pack", *(f"packs/{f:02x}/{i}.pack" for f in (0, 7, 255)
+                                for i in range(4)), "packs/7f/cd/deep.pack"]
+    for name in [*reversed(names), "packsx/not-in-packs"]:
+        backend.create(name, name.encode())
+    listed = backend.list("packs/")
+    assert [i.name for i in listed] == sorted(names)
+    assert all(i.size == len(i.name) for i in listed)
+    assert [i.name for i in backend.list("packs/07/")] == [f"packs/07/{i}.pack"
+                                                            for i in range(4)]
+
+
 def test_replace_only_the_version_read(backend: Backend) -> None:
     first = backend.create("leases/x.json", b"one")
     second = backend.replace("leases/x.json", b"two", first.etag)

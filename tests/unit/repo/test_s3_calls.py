@@ -6,13 +6,17 @@ suite's, test_backend_contract.py, run on SeaweedFS.)"""
 from __future__ import annotations
 
 import datetime
+import email.utils
 import hashlib
 from collections.abc import Iterator
 
+import botocore.utils
 import pytest
 from botocore.stub import Stubber
+from hypothesis import given
+from hypothesis import strategies as st
 
-from blocktrail.repo import s3reads
+from blocktrail.repo import s3, s3reads
 from blocktrail.repo.backend import BackendUnavailable, ObjectExists
 from blocktrail.repo.s3 import S3Backend
 from blocktrail.repo.s3options import S3Options
@@ -156,3 +160,18 @@ def test_a_put_signs_its_headers_and_its_crc32_but_not_its_body(
     assert headers["x-amz-checksum-crc32"] == crc
     signed = headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
     assert {"x-amz-checksum-crc32", "x-amz-content-sha256", "if-none-match"} <= set(signed)
+
+
+@given(st.datetimes(min_value=datetime.datetime(1970, 1, 2), timezones=st.just(datetime.UTC)),
+       st.sampled_from(["iso-z", "iso-offset", "iso-no-zone", "http"]))
+def test_a_timestamp_is_read_as_botocore_reads_it(when: datetime.datetime, form: str) -> None:
+    """The listing's timestamps are read without botocore's parser (its cost is most of a
+    listing's), to the same instant: ISO 8601 as S3 sends it (milliseconds and Z), with an
+    offset, with no zone (botocore's reading), and an HTTP date."""
+    text = {"iso-z": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03}Z",
+            "iso-offset": when.isoformat(),
+            "iso-no-zone": when.replace(tzinfo=None).isoformat(),
+            "http": email.utils.format_datetime(when, usegmt=True)}[form]
+    theirs = botocore.utils.parse_timestamp(text)
+    assert s3._timestamp(text) == theirs
+    assert (s3._timestamp(text).tzinfo is None) == (theirs.tzinfo is None)
