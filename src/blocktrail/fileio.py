@@ -267,8 +267,8 @@ class OsFileHandle:
         written through the cache. Durable only after `fsync`, as any write."""
         view = memoryview(data)
         bulk = len(view) - len(view) % _DIRECT_ALIGN
-        if not bulk or _aligned_memory(view):
-            self.pwrite_direct(view, 0)
+        if not bulk or self._direct_refused or _aligned_memory(view):  # no copy that no
+            self.pwrite_direct(view, 0)                                # O_DIRECT write reads
             return
         bounce = _aligned_buffer(bulk)
         bounce[:bulk] = view[:bulk]
