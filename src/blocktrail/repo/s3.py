@@ -46,6 +46,7 @@ import botocore.loaders
 import botocore.session
 import botocore.utils
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 
 from blocktrail.errors import InvalidArgument
 from blocktrail.repo import s3reads
@@ -106,13 +107,18 @@ def _timestamp(value: str) -> datetime:
     """A timestamp of a reply. botocore's own parser (dateutil) takes most of the client's
     time in a listing: 0.1 ms a name, 4 s for 25,600 packs. Read with
     `datetime.fromisoformat` where it is ISO 8601 with its zone (a listing's LastModified);
-    anything else (an HTTP date, a time with no zone) as botocore reads it."""
+    anything else (an HTTP date, a time with no zone) as botocore reads it. One that reads as
+    no time at all is a reply that cannot be parsed (botocore's parser would raise a bare
+    ValueError out of the call)."""
     try:
         found = datetime.fromisoformat(value)
     except (TypeError, ValueError):
         found = None
     if found is None or found.tzinfo is None:
-        parsed: datetime = botocore.utils.parse_timestamp(value)
+        try:
+            parsed: datetime = botocore.utils.parse_timestamp(value)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
+            raise ResponseParserError(f"unreadable timestamp {value!r}: {exc}") from exc
         return parsed
     return found
 
@@ -225,6 +231,10 @@ class S3Backend:
                 raise self._no_credentials(exc) from exc
             except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
                 raise self._unreachable(what, name, exc) from exc
+            except ResponseParserError as exc:  # malformed XML, a timestamp that is none
+                raise BackendUnavailable(f"{self.url} at {self.endpoint}: {what} {name}: the "
+                                         f"store's reply cannot be read ({exc}); nothing was "
+                                         "taken from it; retry later") from exc
             # Another conditional write or delete of the object was under way: retried, as
             # boto3 retries what is transient (it does not retry this one).
             s3reads.pause(attempt)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import email.utils
 import hashlib
+import http.server
+import threading
 from collections.abc import Iterator
 
 import botocore.utils
@@ -175,3 +177,54 @@ def test_a_timestamp_is_read_as_botocore_reads_it(when: datetime.datetime, form:
     theirs = botocore.utils.parse_timestamp(text)
     assert s3._timestamp(text) == theirs
     assert (s3._timestamp(text).tzinfo is None) == (theirs.tzinfo is None)
+
+
+_LISTING = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.'
+            'com/doc/2006-03-01/"><Name>bucket</Name><Prefix>pre/packs/</Prefix><KeyCount>1'
+            '</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents><Key>'
+            'pre/packs/ab/a.pack</Key><LastModified>{modified}</LastModified><ETag>"e"</ETag>'
+            '<Size>1</Size></Contents></ListBucketResult>')
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    (_LISTING.format(modified="2025-01-01T00:00:00.000Z"), None),
+    (_LISTING.format(modified="not a time"), "reply cannot be read.*not a time"),
+    (_LISTING.format(modified="2025-13-01T00:00:00.000Z"), "reply cannot be read.*2025-13-01"),
+    (_LISTING.format(modified="9999999999999999999"), "reply cannot be read.*99999"),
+    (_LISTING.format(modified="2025-01-01T00:00:00.000Z")[:-40], "listing packs/"),
+], ids=["good", "words", "month-13", "huge-number", "cut-short"])
+def test_a_listing_reply_that_cannot_be_read_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch, body: str, error: str | None) -> None:
+    """A store (or a proxy) that answers a listing with a timestamp that is no time, or with
+    XML cut short: the backend's error for a store that cannot be used now (exit 10), never a
+    bare ValueError (an "internal error"); nothing of the reply is taken. A good reply lists
+    its name."""
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "calls-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "calls-secret")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = S3Backend("bucket", "pre", S3Options(
+        endpoint=f"http://127.0.0.1:{server.server_address[1]}", region="us-east-1",
+        max_attempts=1))
+    try:
+        if error is None:
+            assert [i.name for i in backend.list("packs/")] == ["packs/ab/a.pack"]
+        else:
+            with pytest.raises(BackendUnavailable, match=error):
+                backend.list("packs/")
+    finally:
+        backend.close()
+        server.shutdown()
+        server.server_close()
