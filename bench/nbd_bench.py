@@ -362,13 +362,15 @@ def qemu_backup(work: str, image: str, size: int) -> list[Row]:
         return time.perf_counter() - start, json.loads(out)
 
     cmd, sock = qemu_nbd(qcow2, "qcow2", work, "-r", "-B", "bm0")
-    with running(cmd, sock):
-        backup(sock)  # the base point, taken when bm0 starts recording
+    with running(cmd, sock):  # the base point, taken while bm0 records: the incremental's
+        backup(sock, "--bitmap", "bm0")  # base must name the bitmap (else it is refused)
     changes = scattered_changes(size, 0.01, seed=11)
     _qemu_io_writes(qcow2, changes)
     with running(cmd, sock):
         inc_s, inc = backup(sock, "--bitmap", "bm0")
         full_s, full = backup(sock, "--full")
+    if inc["kind"] != "incremental":
+        raise RuntimeError(f"the backup with bm0 was not incremental: {inc['fallback_reason']}")
     return [Row("backup of a qemu-nbd export, 1% dirty bitmap vs full re-read (s)", inc_s,
                 full_s, "s", f"incremental read {int(str(inc['bytes_read'])) / MiB:.0f} MiB "
                 f"({inc['kind']}), full read {int(str(full['bytes_read'])) / MiB:.0f} MiB")]
