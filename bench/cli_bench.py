@@ -164,13 +164,13 @@ def incremental(work: str, image: str, size: int, rounds: int
             peers.append(restic.backup(copy, f"incr-{round_}").seconds)
     start = min(_until_open(command, os.path.join(repo, "config.json")) for _ in range(3))
     each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=False))
-    rows = []
-    if restic is not None:
-        rows.append(Row("incremental backup of a 1% change, whole command (s)",
-                        statistics.median(ours), statistics.median(peers), "s",
-                        f"median of {rounds} (each: {each}); {len(changes)} scattered 64 KiB "
-                        f"blocks of {size / GiB:g} GiB each; peer: restic backup"))
-    return rows, repo, start
+    peer = statistics.median(peers) if peers else float("nan")
+    each = each if restic is not None else ", ".join(f"{o:.2f}" for o in ours)
+    missing = "" if restic is not None else " (not run: no restic; apt-get install restic)"
+    return [Row("incremental backup of a 1% change, whole command (s)",
+                statistics.median(ours), peer, "s",
+                f"median of {rounds} (each: {each}); {len(changes)} scattered 64 KiB blocks of "
+                f"{size / GiB:g} GiB each; peer: restic backup{missing}")], repo, start
 
 
 def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
