@@ -163,10 +163,12 @@ def incremental(work: str, image: str, size: int, rounds: int
             os.sync()
             peers.append(restic.backup(copy, f"incr-{round_}").seconds)
     start = min(_until_open(command, os.path.join(repo, "config.json")) for _ in range(3))
-    each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=False))
-    peer = statistics.median(peers) if peers else float("nan")
-    each = each if restic is not None else ", ".join(f"{o:.2f}" for o in ours)
-    missing = "" if restic is not None else " (not run: no restic; apt-get install restic)"
+    if restic is not None:
+        each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=True))
+        peer, missing = statistics.median(peers), ""
+    else:  # our times alone, and why the peer's are missing
+        each = ", ".join(f"{o:.2f}" for o in ours)
+        peer, missing = float("nan"), " (not run: no restic; apt-get install restic)"
     return [Row("incremental backup of a 1% change, whole command (s)",
                 statistics.median(ours), peer, "s",
                 f"median of {rounds} (each: {each}); {len(changes)} scattered 64 KiB blocks of "
