@@ -8,8 +8,6 @@ from __future__ import annotations
 import datetime
 import email.utils
 import hashlib
-import http.server
-import threading
 from collections.abc import Iterator
 
 import botocore.utils
@@ -22,6 +20,7 @@ from blocktrail.repo import s3, s3reads
 from blocktrail.repo.backend import BackendUnavailable, ObjectExists
 from blocktrail.repo.s3 import S3Backend
 from blocktrail.repo.s3options import S3Options
+from scriptedhttp import Script, serving
 
 NOW = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 
@@ -199,32 +198,17 @@ def test_a_listing_reply_that_cannot_be_read_is_a_clear_error(
     XML cut short: the backend's error for a store that cannot be used now (exit 10), never a
     bare ValueError (an "internal error"); nothing of the reply is taken. A good reply lists
     its name."""
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "calls-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "calls-secret")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    backend = S3Backend("bucket", "pre", S3Options(
-        endpoint=f"http://127.0.0.1:{server.server_address[1]}", region="us-east-1",
-        max_attempts=1))
-    try:
-        if error is None:
-            assert [i.name for i in backend.list("packs/")] == ["packs/ab/a.pack"]
-        else:
-            with pytest.raises(BackendUnavailable, match=error):
-                backend.list("packs/")
-    finally:
-        backend.close()
-        server.shutdown()
-        server.server_close()
+    script = Script([(200, {"Content-Type": "application/xml"}, body.encode())])
+    with serving(script) as endpoint:
+        backend = S3Backend("bucket", "pre", S3Options(endpoint=endpoint, region="us-east-1",
+                                                       max_attempts=1))
+        try:
+            if error is None:
+                assert [i.name for i in backend.list("packs/")] == ["packs/ab/a.pack"]
+            else:
+                with pytest.raises(BackendUnavailable, match=error):
+                    backend.list("packs/")
+        finally:
+            backend.close()

@@ -5,12 +5,9 @@ suite's, test_backend_contract.py, run on SeaweedFS.)"""
 
 from __future__ import annotations
 
-import http.server
 import socket
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -25,69 +22,7 @@ from blocktrail.repo.backend import (
 )
 from blocktrail.repo.s3 import S3Backend
 from blocktrail.repo.s3options import S3Options
-
-OBJECT = bytes(range(256)) * 4
-
-
-@dataclass
-class Script:
-    """What the server answers, in turn: (status, headers, body), "reset" (the connection is
-    closed without an answer), "short" (a 206 that promises more bytes than it sends) or "bad
-    length" (a Content-Length that is no number)."""
-
-    steps: list[object] = field(default_factory=list)
-    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-
-
-def _handler(script: Script) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            script.seen.append((self.path, dict(self.headers.items())))
-            step = script.steps.pop(0) if script.steps else (200, {}, OBJECT)
-            if step == "reset":
-                self.connection.shutdown(socket.SHUT_RDWR)
-                self.close_connection = True
-                return
-            if step == "bad length":  # a Content-Length that is no number
-                self.send_response(200)
-                self.send_header("Content-Length", "4O")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(OBJECT[:40])
-                self.close_connection = True
-                return
-            if step == "short":
-                self.send_response(206)
-                self.send_header("Content-Length", "100")
-                self.send_header("Content-Range", f"bytes 0-99/{len(OBJECT)}")
-                self.end_headers()
-                self.wfile.write(OBJECT[:40])
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-                self.close_connection = True
-                return
-            assert isinstance(step, tuple)
-            status, headers, body = step
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_CONNECT(self) -> None:  # as an HTTPS proxy: note where to, and refuse
-            script.seen.append(("CONNECT " + self.path, dict(self.headers.items())))
-            self.send_response(403)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            self.close_connection = True
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    return Handler
+from scriptedhttp import OBJECT, Script, serving
 
 
 @pytest.fixture
@@ -103,14 +38,8 @@ def server(monkeypatch: pytest.MonkeyPatch, credentials: None) -> Iterator[tuple
     pauses: list[int] = []
     monkeypatch.setattr(s3reads, "pause", pauses.append)
     script = Script()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(script))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(script) as endpoint:
+        yield endpoint, script
 
 
 def _backend(endpoint: str, attempts: int = 4) -> S3Backend:
