@@ -205,19 +205,19 @@ def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
         if memory is not None:
             in_memory.append(_backup_into_memory(disk_dir, memory))
     our = statistics.median(ours)
+    raw_medians = {name: statistics.median(times) for name, times in raws.items()}
     rows = []
     if in_memory:
         mem = statistics.median(in_memory)
-        for name, times in raws.items():
-            raw = statistics.median(times)
+        each = ", ".join(f"{m:.2f}" for m in in_memory)
+        for name, raw in raw_medians.items():
             rows.append(Row(f"full backup into a repository in memory vs raw read ({name}) "
                             "(MiB/s)", size / MiB / mem, size / MiB / raw, "MiB/s",
-                            f"median of {pairs}: {mem:.2f} s vs {raw:.2f} s (each: "
-                            f"{', '.join(f'{m:.2f}' for m in in_memory)}); the repository in "
-                            f"{memory} (tmpfs), as on another device: the disk's device "
-                            "only reads, as for the raw read"))
+                            f"median of {pairs}: {mem:.2f} s vs {raw:.2f} s (each: {each}); "
+                            f"the repository in {memory} (tmpfs), as on another device: the "
+                            "disk's device only reads, as for the raw read"))
     for name, times in raws.items():
-        raw = statistics.median(times)
+        raw = raw_medians[name]
         each = ", ".join(f"{o:.2f}/{r:.2f}" for o, r in zip(ours, times, strict=True))
         rows.append(Row(f"full backup vs raw read ({name}) of the disk file (MiB/s)",
                         size / MiB / our, size / MiB / raw, "MiB/s",
