@@ -43,6 +43,7 @@ from typing import Any
 import boto3
 import botocore.exceptions
 import botocore.loaders
+import botocore.parsers
 import botocore.session
 import botocore.utils
 from botocore.config import Config
@@ -107,20 +108,50 @@ def _timestamp(value: str) -> datetime:
     """A timestamp of a reply. botocore's own parser (dateutil) takes most of the client's
     time in a listing: 0.1 ms a name, 4 s for 25,600 packs. Read with
     `datetime.fromisoformat` where it is ISO 8601 with its zone (a listing's LastModified);
-    anything else (an HTTP date, a time with no zone) as botocore reads it. One that reads as
-    no time at all is a reply that cannot be parsed (botocore's parser would raise a bare
-    ValueError out of the call)."""
+    anything else (an HTTP date, a time with no zone) as botocore reads it (what reads as no
+    time at all raises, as any value that is not of its type: `_CheckedParser`)."""
     try:
         found = datetime.fromisoformat(value)
     except (TypeError, ValueError):
         found = None
     if found is None or found.tzinfo is None:
-        try:
-            parsed: datetime = botocore.utils.parse_timestamp(value)
-        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
-            raise ResponseParserError(f"unreadable timestamp {value!r}: {exc}") from exc
+        parsed: datetime = botocore.utils.parse_timestamp(value)
         return parsed
     return found
+
+
+_UNREADABLE_VALUE = (TypeError, ValueError, OverflowError, RuntimeError)
+
+
+class _CheckedParser:
+    """One of botocore's reply parsers. A value that does not read as its type (a size that is
+    no number, a timestamp that is no time) raises a bare ValueError or RuntimeError out of
+    botocore's: here it is what it is, a reply that cannot be parsed (`ResponseParserError`,
+    as malformed XML is)."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+
+    def parse(self, response: dict[str, Any], shape: Any) -> Any:
+        try:
+            return self._parser.parse(response, shape)
+        except _UNREADABLE_VALUE as exc:
+            raise ResponseParserError(f"a value that is not of its type: {exc}") from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+class _CheckedParserFactory:
+    """botocore's parser factory (the client asks it only for `create_parser`), its parsers
+    checked (`_CheckedParser`), timestamps read by `_timestamp`."""
+
+    def __init__(self) -> None:
+        self._factory = botocore.parsers.ResponseParserFactory()
+        self._factory.set_parser_defaults(timestamp_parser=_timestamp)
+
+    def create_parser(self, protocol_name: str) -> _CheckedParser:
+        return _CheckedParser(self._factory.create_parser(protocol_name))
 
 
 @functools.cache
@@ -169,8 +200,7 @@ class S3Backend:
         try:
             core = botocore.session.Session()
             core.register_component("data_loader", _service_descriptions())
-            core.get_component("response_parser_factory").set_parser_defaults(
-                timestamp_parser=_timestamp)
+            core.register_component("response_parser_factory", _CheckedParserFactory())
             session = boto3.session.Session(botocore_session=core, profile_name=options.profile,
                                             region_name=options.region)
             self.client: Any = self._client(session, options)
@@ -232,9 +262,7 @@ class S3Backend:
             except botocore.exceptions.BotoCoreError as exc:  # connection refused, timeouts
                 raise self._unreachable(what, name, exc) from exc
             except ResponseParserError as exc:  # malformed XML, a timestamp that is none
-                raise BackendUnavailable(f"{self.url} at {self.endpoint}: {what} {name}: the "
-                                         f"store's reply cannot be read ({exc}); nothing was "
-                                         "taken from it; retry later") from exc
+                raise self._unreadable(what, name, exc) from exc
             # Another conditional write or delete of the object was under way: retried, as
             # boto3 retries what is transient (it does not retry this one).
             s3reads.pause(attempt)
@@ -246,6 +274,12 @@ class S3Backend:
         return BackendDenied(f"{self.url}: the credentials cannot be obtained ({exc}): check "
                              "their source (the profile's credential_process, SSO login or "
                              "role; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+
+    def _unreadable(self, what: str, name: str, why: object) -> BackendUnavailable:
+        """A reply that cannot be read."""
+        return BackendUnavailable(f"{self.url} at {self.endpoint}: {what} {name}: the store's "
+                                  f"reply cannot be read ({why}); nothing was taken from it; "
+                                  "retry later")
 
     def _unreachable(self, what: str, name: str, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(f"{self.url} at {self.endpoint} cannot be reached ({what} "
