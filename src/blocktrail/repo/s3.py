@@ -276,7 +276,7 @@ class S3Backend:
                              "role; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 
     def _unreadable(self, what: str, name: str, why: object) -> BackendUnavailable:
-        """A reply that cannot be read."""
+        """A reply that cannot be read: malformed, or without what every such reply holds."""
         return BackendUnavailable(f"{self.url} at {self.endpoint}: {what} {name}: the store's "
                                   f"reply cannot be read ({why}); nothing was taken from it; "
                                   "retry later")
@@ -312,10 +312,16 @@ class S3Backend:
             return BackendUnavailable(f"{message}; gave up after the retries")
         return BackendError(message)
 
-    @staticmethod
-    def _date(response: Any) -> float:
+    def _date(self, response: Any) -> float:
+        """The store's clock when it answered (its Date header; 0.0 where it gave none: a
+        lease then never looks expired by it)."""
         header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        return parsedate_to_datetime(header).timestamp() if header else 0.0
+        if not header:
+            return 0.0
+        try:
+            return parsedate_to_datetime(header).timestamp()
+        except _UNREADABLE_VALUE as exc:
+            raise self._unreadable("reading", "the Date header", f"{header!r}: {exc}") from exc
 
     def create(self, name: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
         body = bytes(data)
@@ -408,9 +414,13 @@ class S3Backend:
 
     def info(self, name: str) -> ObjectInfo:
         response = self._call("reading", name, "head_object", Key=self.key(name))
-        modified: datetime = response["LastModified"]
-        return ObjectInfo(name, int(response["ContentLength"]), modified.timestamp(),
-                          str(response.get("ETag", "")), self._date(response))
+        try:
+            modified: datetime = response["LastModified"]
+            size = int(response["ContentLength"])
+        except KeyError as exc:
+            raise self._unreadable("reading", name, f"no {exc.args[0]}") from exc
+        return ObjectInfo(name, size, modified.timestamp(), str(response.get("ETag", "")),
+                          self._date(response))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         full = self.key(prefix.rstrip("/")) + "/" if prefix.endswith("/") else self.key(prefix)
@@ -424,8 +434,12 @@ class S3Backend:
             page = self._call("listing", prefix, "list_objects_v2", **kwargs)
             now = self._date(page)
             for item in page.get("Contents", []):
-                found.append(ObjectInfo(item["Key"][skip:], int(item["Size"]),
-                                        item["LastModified"].timestamp(),
+                try:  # an entry lacking one of these (botocore checks the types of those given)
+                    key, size, modified = item["Key"], int(item["Size"]), item["LastModified"]
+                except KeyError as exc:
+                    raise self._unreadable("listing", prefix,
+                                           f"an entry with no {exc.args[0]}") from exc
+                found.append(ObjectInfo(key[skip:], size, modified.timestamp(),
                                         str(item.get("ETag", "")), now))
             if not page.get("IsTruncated"):
                 return sorted(found, key=lambda i: i.name)

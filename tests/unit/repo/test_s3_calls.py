@@ -75,6 +75,29 @@ def test_a_listing_cut_short_is_never_taken_for_whole(
         backend.list("packs/")
 
 
+@pytest.mark.parametrize("date", ["not a date", "Mon, 32 Jan 2025 00:00:00 GMT"])
+def test_a_date_header_that_is_no_date_is_a_clear_error(
+        stubbed: tuple[S3Backend, Stubber], date: str) -> None:
+    """The store's clock comes from its Date header (lease expiry compares it with the
+    objects' times): one that is no date is a reply that cannot be read (exit 10), not an
+    internal error, and no lease is judged by it."""
+    backend, stubber = stubbed
+    page = {**_page("packs/a"), "ResponseMetadata": {"HTTPHeaders": {"date": date}}}
+    stubber.add_response("list_objects_v2", page, {"Bucket": "bucket", "Prefix": "pre/packs/"})
+    with pytest.raises(BackendUnavailable, match="Date header: the store's reply cannot be read"):
+        backend.list("packs/")
+
+
+@pytest.mark.parametrize(("reply", "missing"), [({"ContentLength": 1}, "LastModified"),
+                                                 ({"LastModified": NOW}, "ContentLength")])
+def test_an_object_s_information_without_its_size_or_time_is_a_clear_error(
+        stubbed: tuple[S3Backend, Stubber], reply: dict[str, object], missing: str) -> None:
+    backend, stubber = stubbed
+    stubber.add_response("head_object", reply, {"Bucket": "bucket", "Key": "pre/leases/a"})
+    with pytest.raises(BackendUnavailable, match=f"reply cannot be read \\(no {missing}\\)"):
+        backend.info("leases/a")
+
+
 def _put(body: bytes) -> dict[str, object]:
     return {"ETag": f'"{hashlib.md5(body).hexdigest()}"'}
 
@@ -191,13 +214,21 @@ _LISTING = ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http
     (_LISTING.format(modified="2025-13-01T00:00:00.000Z"), "reply cannot be read.*2025-13-01"),
     (_LISTING.format(modified="9999999999999999999"), "reply cannot be read.*99999"),
     (_LISTING.format(modified="2025-01-01T00:00:00.000Z")[:-40], "listing packs/"),
-], ids=["good", "words", "month-13", "huge-number", "cut-short"])
+    (_LISTING.format(modified="x").replace("<LastModified>x</LastModified>", ""),
+     "reply cannot be read.*an entry with no LastModified"),
+    (_LISTING.format(modified="2025-01-01T00:00:00.000Z").replace("<Size>1</Size>", ""),
+     "reply cannot be read.*an entry with no Size"),
+    (_LISTING.format(modified="2025-01-01T00:00:00.000Z").replace("<Size>1<", "<Size>one<"),
+     "reply cannot be read.*one"),
+], ids=["good", "words", "month-13", "huge-number", "cut-short", "no-time", "no-size",
+        "size-words"])
 def test_a_listing_reply_that_cannot_be_read_is_a_clear_error(
         monkeypatch: pytest.MonkeyPatch, body: str, error: str | None) -> None:
-    """A store (or a proxy) that answers a listing with a timestamp that is no time, or with
-    XML cut short: the backend's error for a store that cannot be used now (exit 10), never a
-    bare ValueError (an "internal error"); nothing of the reply is taken. A good reply lists
-    its name."""
+    """A store (or a proxy) that answers a listing with a value that is not of its type (a
+    timestamp that is no time, a size that is no number), an entry with no time or no size,
+    or XML cut short: the backend's error for a store that cannot be used now (exit 10),
+    never a bare ValueError or KeyError (an "internal error"); nothing of the reply is taken.
+    A good reply lists its name."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "calls-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "calls-secret")
     script = Script([(200, {"Content-Type": "application/xml"}, body.encode())])
