@@ -115,7 +115,10 @@ SAMPLE_BYTES = 4096  # each of the two samples that decide whether compressing m
 def _incompressible(plain: Buffer) -> bool:
     """Whether ``plain`` looks like random data (already compressed or encrypted): two
     samples, from its start and its middle, do not shrink by a sixteenth. Compressing such a
-    chunk whole costs as much as hashing it, for nothing."""
+    chunk whole costs as much as hashing it, for nothing. The samples are compressed at the
+    level the chunk would be: zstd's faster, negative levels do not entropy-code literals, so
+    data of few distinct byte values and no repeats (hex, base64) would look random to them,
+    where level 1 halves it."""
     if len(plain) < 4 * SAMPLE_BYTES:
         return False
     middle = len(plain) // 2

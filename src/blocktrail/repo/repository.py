@@ -215,7 +215,7 @@ class Repository(Store):
             if own:
                 held.release()
             raise
-        return PointWriter(self, disk_id, size_bytes, parent_point, held, self.pool,
+        return PointWriter(self, disk_id, size_bytes, parent_point, held, self.seal_pool,
                            release_lease=own)
 
     def store_chunks(self, chunks: Iterable[Buffer]) -> int:

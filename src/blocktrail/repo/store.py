@@ -112,6 +112,12 @@ class Store:
         self._index_lock = threading.Lock()
         cpus = max(2, os.cpu_count() or 2)
         self.pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="blocktrail-repo")
+        # Sealing a new point's chunks (hash, compress, encrypt) leaves one core to the thread
+        # that reads the disk and packs what is sealed, and to the pack writer: on two cores,
+        # two sealing threads beside them take more CPU and no less time than one
+        # (docs/operations.md).
+        self.seal_pool = ThreadPoolExecutor(max_workers=max(1, cpus - 1),
+                                            thread_name_prefix="blocktrail-seal")
         self.io_pool = ThreadPoolExecutor(max_workers=16 if backend.remote else cpus,
                                           thread_name_prefix="blocktrail-io")
         self._quarantine_lock = threading.Lock()  # restore threads may find the same copy
@@ -190,6 +196,7 @@ class Store:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.seal_pool.shutdown(wait=True)
         self.io_pool.shutdown(wait=True)
         self.backend.close()
 
