@@ -114,9 +114,9 @@ class Store:
         self.pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="blocktrail-repo")
         # Sealing a new point's chunks (hash, compress, encrypt) leaves one core to the thread
         # that reads the disk and packs what is sealed, and to the pack writer: on two cores,
-        # two sealing threads beside them take more CPU and no less time than one
+        # two sealing threads beside them take more CPU and more time than one
         # (docs/operations.md).
-        self.seal_pool = ThreadPoolExecutor(max_workers=max(1, cpus - 1),
+        self.seal_pool = ThreadPoolExecutor(max_workers=cpus - 1,
                                             thread_name_prefix="blocktrail-seal")
         self.io_pool = ThreadPoolExecutor(max_workers=16 if backend.remote else cpus,
                                           thread_name_prefix="blocktrail-io")
