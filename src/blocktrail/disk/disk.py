@@ -681,12 +681,9 @@ class Disk:
                 return None
             end, until = self._query_bounds(change_id, start_offset, self._resolve(snapshot),
                                             end_offset)
-            if self._tracker.marked_bound(change_id, until_seq=until, size_bytes=end,
-                                          start_offset=start_offset) > max_granules:
-                return None
-            return self._tracker.query(change_id, until_seq=until, size_bytes=end,
-                                       start_offset=start_offset, join_up_to=max_granules,
-                                       max_extents=max_extents)
+            return self._tracker.try_query(change_id, until_seq=until, size_bytes=end,
+                                           start_offset=start_offset, max_granules=max_granules,
+                                           max_extents=max_extents)
 
     def _query_bounds(self, change_id: str, start_offset: int, snap: Snapshot | None,
                       end_offset: int | None) -> tuple[int, int | None]:

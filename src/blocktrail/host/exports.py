@@ -13,7 +13,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -69,6 +69,9 @@ class Target:
 
     disk: Disk
     frozen: Snapshot | None
+    # dirty maps found kept whole (`Disk.changed_areas_kept`) on this export: a hint of what a
+    # question costs, asked once per connection, not per request (QEMU asks one extent a time)
+    kept_maps: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def snapshot(self) -> str | None:
@@ -210,7 +213,11 @@ class Target:
         # may be shorter than asked: look at a growing window until the extent ends inside it
         # (the first area found ends before the next one starts, or before the window does).
         # A snapshot's answer kept whole costs the same for any window: all of it at once.
-        kept = self.frozen is not None and self.disk.changed_areas_kept(change_id, self.frozen)
+        kept = change_id in self.kept_maps
+        if not kept and self.frozen is not None and self.disk.changed_areas_kept(change_id,
+                                                                                  self.frozen):
+            kept = True
+            self.kept_maps.add(change_id)
         window = end - start if kept else REQ_ONE_FIRST_WINDOW
         while True:
             stop = min(end, start + window)

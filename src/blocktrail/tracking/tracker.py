@@ -351,9 +351,35 @@ class ChangeTracker:
         kept (answers.py); any other, for the window asked."""
         if not 0 <= start_offset < size_bytes:
             raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        return self._answer(self._joined(change_id, until_seq), until_seq, size_bytes,
+                            start_offset, join_up_to, max_extents)
+
+    def try_query(self, change_id: str, *, until_seq: int | None, size_bytes: int,
+                  start_offset: int, max_granules: int,
+                  max_extents: int | None = None) -> DiskChangeInfo | None:
+        """`query`, when it joins at most ``max_granules`` marked granules (the sum of the
+        intervals' counts inside its window, not their union: what answering costs grows with
+        it; none for a closed question answered before, kept); else None."""
+        if not 0 <= start_offset < size_bytes:
+            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        joined = self._joined(change_id, until_seq)
+        if until_seq is None or self._answers.get(
+                (self.epoch, joined.start, joined.stop)) is None:
+            lo, hi = self._granules(start_offset, size_bytes)
+            bound = sum(self._intervals[s][1].range_cardinality(lo, hi) for s in joined)
+            if until_seq is None:
+                with self._marks_lock:
+                    bound += self._open.range_cardinality(lo, hi)
+            if bound > max_granules:
+                return None
+        return self._answer(joined, until_seq, size_bytes, start_offset, max_granules,
+                            max_extents)
+
+    def _answer(self, joined: range, until_seq: int | None, size_bytes: int, start_offset: int,
+                join_up_to: int, max_extents: int | None) -> DiskChangeInfo:
+        """`query`'s answer, the closed intervals it joins found (``joined``)."""
         max_extents = MAX_EXTENTS_PER_ANSWER if max_extents is None else max_extents
         lo, hi = self._granules(start_offset, size_bytes)
-        joined = self._joined(change_id, until_seq)
         if until_seq is not None and (runs := self._closed_runs(joined, join_up_to)) is not None:
             return _runs_to_change_info(runs_within(runs, lo, hi, max_extents + 1),
                                         self.granularity, start_offset, size_bytes, max_extents)
@@ -387,22 +413,6 @@ class ChangeTracker:
             runs = runs_of(union)
             self._answers.put(key, runs)
         return runs
-
-    def marked_bound(self, change_id: str, *, until_seq: int | None, size_bytes: int,
-                     start_offset: int) -> int:
-        """At most how many granules `query` joins for this question (the sum of the
-        intervals' counts inside its window, not their union): what answering it costs grows
-        with this. 0 for a closed question answered before (kept)."""
-        lo, hi = self._granules(start_offset, size_bytes)
-        joined = self._joined(change_id, until_seq)
-        if until_seq is not None and self._answers.get(
-                (self.epoch, joined.start, joined.stop)) is not None:
-            return 0
-        bound = sum(self._intervals[s][1].range_cardinality(lo, hi) for s in joined)
-        if until_seq is None:
-            with self._marks_lock:
-                bound += self._open.range_cardinality(lo, hi)
-        return bound
 
     def _joined(self, change_id: str, until_seq: int | None) -> range:
         """The sequences of the closed intervals a question joins: after ``change_id``, up to
