@@ -172,6 +172,8 @@ class _Connection:
         self._room = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._waiting = False
+        self._readable: asyncio.Future[None] | None = None  # what `_until_readable` awaits
+        self._watched = False  # the socket is registered with the loop for reading
 
     async def run(self) -> None:
         try:
@@ -182,6 +184,7 @@ class _Connection:
         except (NbdError, TimeoutError, OSError):  # protocol and TLS errors end the connection
             pass
         finally:
+            self._unwatch()
             if self._session is not None:
                 with contextlib.suppress(NbdError), self._tls_lock:
                     self._session.close()  # close_notify, queued behind the last reply
@@ -190,18 +193,49 @@ class _Connection:
                 await asyncio.to_thread(self._wire.close)
             self._sock.close()
 
-    async def _receive(self) -> None:
+    async def _receive(self, *, wait_first: bool = False) -> None:
+        """Receive what comes next (in plaintext: into the core's buffer). ``wait_first``: the
+        socket was found empty just now, so wait before trying it."""
         if self._session is not None:
-            self._decrypt(await self._loop.sock_recv(self._sock, RECEIVE_BYTES))
+            self._decrypt(await self._recv_bytes())
             return
-        with self._lock:  # the core lends a buffer: a large write's payload lands in place
-            buffer = self._proto.get_buffer()
-        count = await self._loop.sock_recv_into(self._sock, buffer)
-        with self._lock:
-            if count:
-                self._proto.buffer_updated(count)
-            else:
-                self._proto.receive_data(b"")
+        if wait_first:
+            await self._until_readable()
+        while self._receive_now() is None:
+            await self._until_readable()
+
+    async def _recv_bytes(self) -> bytes:
+        """Bytes from the socket as they come (b"": EOF): TLS records."""
+        while True:
+            try:
+                return self._sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, InterruptedError):
+                await self._until_readable()
+
+    async def _until_readable(self) -> None:
+        """Wait until the socket has something to read (or is closed). The socket stays
+        registered with the loop from one wait to the next (no epoll_ctl, no future of the
+        loop's sock_recv per request); `_on_readable` takes it off when nobody waits."""
+        self._readable = waiter = self._loop.create_future()
+        if not self._watched:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._watched = True
+        try:
+            await waiter
+        finally:
+            self._readable = None
+
+    def _on_readable(self) -> None:
+        waiter = self._readable
+        if waiter is None:  # nobody reads now (replies are awaited, say): stop watching, or
+            self._unwatch()  # the loop would call this on each of its turns until then
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            self._watched = False
+            self._loop.remove_reader(self._sock.fileno())
 
     def _receive_now(self) -> int | None:
         """Receive what the socket holds already, without waiting (in plaintext): how many
@@ -246,8 +280,7 @@ class _Connection:
         try:
             while not session.do_handshake():
                 self._wire.send([session.ciphertext_to_send()], raw=True)
-                session.receive_ciphertext(await self._loop.sock_recv(self._sock,
-                                                                      RECEIVE_BYTES))
+                session.receive_ciphertext(await self._recv_bytes())
         finally:  # the last flight, or the alert that says why the handshake failed
             self._wire.send([session.ciphertext_to_send()], raw=True)
         self._session = session
@@ -308,6 +341,7 @@ class _Connection:
                 self._send_done(done)
                 await self._until(self._has_room)
                 continue
+            drained = False  # the socket had nothing more an instant ago
             if not done:
                 held = 0
             elif len(done) < REPLY_BATCH_BYTES and held < REPLY_HOLD_RECEIVED:
@@ -315,9 +349,10 @@ class _Connection:
                 if received is not None:  # more requests were there: their replies go out
                     held += received  # with these, unless receiving them takes long
                     continue
+                drained = True
             self._send_done(done)
             held = 0
-            await self._receive()
+            await self._receive(wait_first=drained)
 
     def _send_done(self, done: bytearray) -> None:
         """Send the replies of requests done at once. The batch counts against the limits as
