@@ -349,8 +349,7 @@ class ChangeTracker:
         are more. A closed question (``until_seq``
         given) whose intervals hold at most ``join_up_to`` granules is answered whole once and
         kept (answers.py); any other, for the window asked."""
-        if not 0 <= start_offset < size_bytes:
-            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        _check_window(start_offset, size_bytes)
         return self._answer(self._joined(change_id, until_seq), until_seq, size_bytes,
                             start_offset, join_up_to, max_extents)
 
@@ -360,29 +359,27 @@ class ChangeTracker:
         """`query`, when it joins at most ``max_granules`` marked granules (the sum of the
         intervals' counts inside its window, not their union: what answering costs grows with
         it; none for a closed question answered before, kept); else None."""
-        if not 0 <= start_offset < size_bytes:
-            raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
+        _check_window(start_offset, size_bytes)
         joined = self._joined(change_id, until_seq)
-        if until_seq is None or self._answers.get(
-                (self.epoch, joined.start, joined.stop)) is None:
-            lo, hi = self._granules(start_offset, size_bytes)
-            bound = sum(self._intervals[s][1].range_cardinality(lo, hi) for s in joined)
-            if until_seq is None:
-                with self._marks_lock:
-                    bound += self._open.range_cardinality(lo, hi)
-            if bound > max_granules:
-                return None
+        if until_seq is not None and (runs := self._answers.get(self._key(joined))) is not None:
+            return self._from_runs(runs, size_bytes, start_offset, max_extents)
+        lo, hi = self._granules(start_offset, size_bytes)
+        bound = sum(self._intervals[s][1].range_cardinality(lo, hi) for s in joined)
+        if until_seq is None:
+            with self._marks_lock:
+                bound += self._open.range_cardinality(lo, hi)
+        if bound > max_granules:
+            return None
         return self._answer(joined, until_seq, size_bytes, start_offset, max_granules,
                             max_extents)
 
     def _answer(self, joined: range, until_seq: int | None, size_bytes: int, start_offset: int,
                 join_up_to: int, max_extents: int | None) -> DiskChangeInfo:
         """`query`'s answer, the closed intervals it joins found (``joined``)."""
+        if until_seq is not None and (runs := self._closed_runs(joined, join_up_to)) is not None:
+            return self._from_runs(runs, size_bytes, start_offset, max_extents)
         max_extents = MAX_EXTENTS_PER_ANSWER if max_extents is None else max_extents
         lo, hi = self._granules(start_offset, size_bytes)
-        if until_seq is not None and (runs := self._closed_runs(joined, join_up_to)) is not None:
-            return _runs_to_change_info(runs_within(runs, lo, hi, max_extents + 1),
-                                        self.granularity, start_offset, size_bytes, max_extents)
         sets = [_window(self._intervals[s][1], lo, hi) for s in joined]
         if until_seq is None:
             with self._marks_lock:  # writers go on marking it: a copy
@@ -391,6 +388,14 @@ class ChangeTracker:
         return _runs_to_change_info(runs_of(union, lo, hi), self.granularity, start_offset,
                                     size_bytes, max_extents)
 
+    def _from_runs(self, runs: Runs, size_bytes: int, start_offset: int,
+                   max_extents: int | None) -> DiskChangeInfo:
+        """The answer for [start_offset, size_bytes) out of a closed question's whole runs."""
+        max_extents = MAX_EXTENTS_PER_ANSWER if max_extents is None else max_extents
+        lo, hi = self._granules(start_offset, size_bytes)
+        return _runs_to_change_info(runs_within(runs, lo, hi, max_extents + 1),
+                                    self.granularity, start_offset, size_bytes, max_extents)
+
     def is_kept(self, change_id: str, until_seq: int) -> bool:
         """Whether the closed question's answer is kept (answers.py): any window of it costs
         no join. False also for a change ID that `query` would refuse."""
@@ -398,12 +403,12 @@ class ChangeTracker:
             joined = self._joined(change_id, until_seq)
         except (InvalidChangeId, StaleChangeId, CorruptMetadata):
             return False
-        return self._answers.get((self.epoch, joined.start, joined.stop)) is not None
+        return self._answers.get(self._key(joined)) is not None
 
     def _closed_runs(self, joined: range, join_up_to: int) -> Runs | None:
         """The runs of the closed intervals ``joined``, kept or joined now when they hold at
         most ``join_up_to`` granules; else None."""
-        key = (self.epoch, joined.start, joined.stop)
+        key = self._key(joined)
         runs = self._answers.get(key)
         if runs is None:
             sets = [self._intervals[s][1] for s in joined]
@@ -413,6 +418,10 @@ class ChangeTracker:
             runs = runs_of(union)
             self._answers.put(key, runs)
         return runs
+
+    def _key(self, joined: range) -> tuple[str, int, int]:
+        """What a closed question's answer is kept under (answers.py)."""
+        return self.epoch, joined.start, joined.stop
 
     def _joined(self, change_id: str, until_seq: int | None) -> range:
         """The sequences of the closed intervals a question joins: after ``change_id``, up to
@@ -567,6 +576,11 @@ def _load_history(fileio: FileIO, directory: str, listed: list[tuple[int, str]],
         for r in intent.set_regions:
             open_marks.add_range(r * per_region, (r + 1) * per_region)
     return _History(intervals, open_marks, intent)
+
+
+def _check_window(start_offset: int, size_bytes: int) -> None:
+    if not 0 <= start_offset < size_bytes:
+        raise OutOfRange(f"start offset {start_offset} is outside the disk (size {size_bytes})")
 
 
 def _window(granules: BitMap, lo: int, hi: int, *, copy: bool = False) -> BitMap:
