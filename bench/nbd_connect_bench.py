@@ -10,7 +10,10 @@ client is the sans-IO client core on a blocking socket (the same for both, and c
 difference is the server's); the connections run one after the other. Reported per connection:
 wall time (median and mean) and the server process's CPU time (user + system, from
 /proc/PID/stat, over the whole loop). ``--nbdinfo N`` adds ``nbdinfo --map=CONTEXT`` run N times
-(process start included, for both).
+(process start included, for both). ``--floor`` adds a third server, the replay floor
+(bench/nbd_replay.py): what our host sent in one recorded connection of the same client,
+replayed byte for byte by a minimal asyncio server with no NBD logic. What asyncio and the
+socket calls cost is in its row; what our host's own work adds is the difference to ours.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from bench import nbd_replay
 from bench.measure import process_cpu_seconds
 from bench.nbd_bench import running
 from blocktrail.disk import Disk
@@ -122,6 +127,38 @@ def loop(pid: int, path: str, export: str, context: str, count: int) -> tuple[fl
     return statistics.median(times) * 1000, statistics.mean(times) * 1000, cpu / count * 1000
 
 
+def nbdinfo_map(uri: str, context: str) -> str:
+    return subprocess.run(["nbdinfo", f"--map={context}", uri], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def replay_floor(work: str, ours_sock: str, context: str, args: argparse.Namespace,
+                 label: str) -> list[Row]:
+    """The replay floor's rows for our client (and nbdinfo): each records one connection of
+    its client to our host, then runs its loop against the replay of it."""
+    rows = []
+    clients: list[tuple[str, Callable[[str], object], Callable[[int, str], Row]]] = [(
+        "client", lambda path: one_connection(path, "d0@s1", context),
+        lambda pid, sock: Row("replay floor", label,
+                              *loop(pid, sock, "d0@s1", context, args.connections)))]
+    if args.nbdinfo:
+        clients.append((
+            "nbdinfo", lambda path: nbdinfo_map(f"nbd+unix:///d0@s1?socket={path}", context),
+            lambda pid, sock: Row("replay floor (nbdinfo)", label, *nbdinfo_loop(
+                pid, f"nbd+unix:///d0@s1?socket={sock}", context, args.nbdinfo))))
+    for name, client, measure in clients:
+        recording = nbd_replay.record(ours_sock, client)
+        saved = os.path.join(work, f"replay-{name}.json")
+        nbd_replay.save(recording, saved)
+        sock = os.path.join(work, f"replay-{name}.sock")
+        with running([PY, "-m", "bench.nbd_replay", sock, saved], sock) as pid:
+            if name == "nbdinfo" and nbdinfo_map(f"nbd+unix:///d0@s1?socket={sock}", context) \
+                    != nbdinfo_map(f"nbd+unix:///d0@s1?socket={ours_sock}", context):
+                raise RuntimeError("the replay's map differs from the host's")
+            rows.append(measure(pid, sock))
+    return rows
+
+
 def nbdinfo_loop(pid: int, uri: str, context: str, count: int) -> tuple[float, float, float]:
     times = []
     cpu = process_cpu_seconds(pid)
@@ -138,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--nbdinfo", type=int, default=0, metavar="N")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the replay floor: our host's replies, replayed with no logic")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     missing = [t for t in ("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo") if not shutil.which(t)]
@@ -173,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.nbdinfo)))
                     rows.append(Row("qemu-nbd (nbdinfo)", label, *nbdinfo_loop(
                         peer, f"nbd+unix:///d0?socket={peer_sock}", peer_ctx, args.nbdinfo)))
+                if args.floor:
+                    rows += replay_floor(work, ours_sock, ours_ctx, args, label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
