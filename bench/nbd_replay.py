@@ -36,7 +36,8 @@ def record(upstream: str, run_client: Callable[[str], object]) -> Recording:
         with socket.socket(socket.AF_UNIX) as listener:
             listener.bind(path)
             listener.listen(1)
-            relay = threading.Thread(target=_relay, args=(listener, upstream, pieces))
+            relay = threading.Thread(target=_relay, args=(listener, upstream, pieces),
+                                     daemon=True)  # a client that never came: no hang at exit
             relay.start()
             try:
                 run_client(path)
