@@ -19,6 +19,7 @@ socket calls cost is in its row; what our host's own work adds is the difference
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from bench import nbd_replay
@@ -137,26 +138,32 @@ def replay_floor(work: str, ours_sock: str, context: str, args: argparse.Namespa
     """The replay floor's rows for our client (and nbdinfo): each records one connection of
     its client to our host, then runs its loop against the replay of it."""
     rows = []
-    clients: list[tuple[str, Callable[[str], object], Callable[[int, str], Row]]] = [(
-        "client", lambda path: one_connection(path, "d0@s1", context),
-        lambda pid, sock: Row("replay floor", label,
-                              *loop(pid, sock, "d0@s1", context, args.connections)))]
+    with replaying(work, ours_sock, "client",
+                   lambda path: one_connection(path, "d0@s1", context)) as (pid, sock):
+        rows.append(Row("replay floor", label,
+                        *loop(pid, sock, "d0@s1", context, args.connections)))
     if args.nbdinfo:
-        clients.append((
-            "nbdinfo", lambda path: nbdinfo_map(f"nbd+unix:///d0@s1?socket={path}", context),
-            lambda pid, sock: Row("replay floor (nbdinfo)", label, *nbdinfo_loop(
-                pid, f"nbd+unix:///d0@s1?socket={sock}", context, args.nbdinfo))))
-    for name, client, measure in clients:
-        recording = nbd_replay.record(ours_sock, client)
-        saved = os.path.join(work, f"replay-{name}.json")
-        nbd_replay.save(recording, saved)
-        sock = os.path.join(work, f"replay-{name}.sock")
-        with running([PY, "-m", "bench.nbd_replay", sock, saved], sock) as pid:
-            if name == "nbdinfo" and nbdinfo_map(f"nbd+unix:///d0@s1?socket={sock}", context) \
-                    != nbdinfo_map(f"nbd+unix:///d0@s1?socket={ours_sock}", context):
+        host_map: list[str] = []  # what the host answered the recorded run
+        with replaying(work, ours_sock, "nbdinfo", lambda path: host_map.append(
+                nbdinfo_map(f"nbd+unix:///d0@s1?socket={path}", context))) as (pid, sock):
+            uri = f"nbd+unix:///d0@s1?socket={sock}"
+            if nbdinfo_map(uri, context) != host_map[0]:
                 raise RuntimeError("the replay's map differs from the host's")
-            rows.append(measure(pid, sock))
+            rows.append(Row("replay floor (nbdinfo)", label,
+                            *nbdinfo_loop(pid, uri, context, args.nbdinfo)))
     return rows
+
+
+@contextlib.contextmanager
+def replaying(work: str, ours_sock: str, name: str,
+              client: Callable[[str], object]) -> Iterator[tuple[int, str]]:
+    """One run of ``client`` against our host recorded, then replayed by its own server
+    process until the end: -> (its pid, its socket)."""
+    saved = os.path.join(work, f"replay-{name}.json")
+    nbd_replay.save(nbd_replay.record(ours_sock, client), saved)
+    sock = os.path.join(work, f"replay-{name}.sock")
+    with running([PY, "-m", "bench.nbd_replay", sock, saved], sock) as pid:
+        yield pid, sock
 
 
 def nbdinfo_loop(pid: int, uri: str, context: str, count: int) -> tuple[float, float, float]:
