@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from blocktrail.backup.plan import BasePoint, ReadPlan
 from blocktrail.repo import Repository, RestorePoint
 from blocktrail.repo.errors import RepositoryError
-from blocktrail.repo.manifest import link_problems, parent_chain
+from blocktrail.repo.manifest import PointLookup, link_problems, parent_chain
 from blocktrail.repo.objects import ZERO_DIGEST
+from blocktrail.repo.pointwalk import PointWalk
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,27 +42,37 @@ class BaseChoice:
 def choose_base(store: Repository, disk_id: str,
                 exclude: dict[str, str] | None = None) -> BaseChoice:
     """The newest whole restore point of the disk that no newer tainted point rules out (see
-    the module's note); None, with the reason in ``no_base``, once a tainted one is reached."""
+    the module's note); None, with the reason in ``no_base``, once a tainted one is reached.
+    The manifests are read newest first, as far as the choice needs: the points newer than
+    the base, and the parents their chains name."""
     exclude = exclude or {}
-    points, damaged = store.scan_points()
-    store.reload_index()  # after the manifests: it names every object of the points read
-    passed = [f"{name}: {message}" for name, message in damaged]
-    by_id = {p.id: p for p in points}
+    walk = PointWalk(store)
+    # After the listing: an index file names every object of a listed point (written first).
+    store.reload_index()
     lost = store.lost_objects()
-    for point in reversed([p for p in points if p.disk_id == disk_id]):
-        tainted = _tainted(point, by_id)
+    passed: list[str] = []
+
+    def choice(point: RestorePoint | None, no_base: str | None = None) -> BaseChoice:
+        base = None if point is None else \
+            BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size)
+        damaged = [f"{name}: {message}" for name, message in walk.damaged]
+        return BaseChoice(base, point, (*damaged, *passed), no_base)
+
+    for point in walk.newest_first():
+        if point.disk_id != disk_id:
+            continue
+        tainted = _tainted(point, walk)
         if tainted is not None:
-            return BaseChoice(None, None, tuple(passed), tainted)
-        why = exclude.get(point.id) or _not_whole(store, point, by_id, lost)
+            return choice(None, tainted)
+        why = exclude.get(point.id) or _not_whole(store, point, walk, lost)
         if why is not None:
             passed.append(f"restore point {point.id}: {why}")
             continue
-        base = BasePoint(point.id, point.change_id, point.size_bytes, point.chunk_size)
-        return BaseChoice(base, point, tuple(passed))
-    return BaseChoice(None, None, tuple(passed))
+        return choice(point)
+    return choice(None)
 
 
-def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
+def _tainted(point: RestorePoint, by_id: PointLookup) -> str | None:
     """Why neither ``point`` nor any older point may be the base: it, or a point of its parent
     chain up to its full or healed point, taints (`RestorePoint.taint`). A forgotten parent
     ends the chain: nothing more is known of it, and `forget` keeps a tainted point while a
@@ -84,7 +95,7 @@ def _tainted(point: RestorePoint, by_id: dict[str, RestorePoint]) -> str | None:
     return None
 
 
-def _not_whole(store: Repository, point: RestorePoint, by_id: dict[str, RestorePoint],
+def _not_whole(store: Repository, point: RestorePoint, by_id: PointLookup,
                lost: frozenset[bytes]) -> str | None:
     problems = link_problems(point, by_id.get(point.parent) if point.parent else None)
     if problems:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from blake3 import blake3
 
@@ -211,10 +210,17 @@ def _epoch_and_sequence(change_id: str | None) -> tuple[str, int] | None:
     return epoch, int(seq)
 
 
-def parent_chain(point: RestorePoint, by_id: Mapping[str, RestorePoint]) -> list[RestorePoint]:
+class PointLookup(Protocol):
+    """Restore points by ID: a dict of them, or a walk that reads a manifest when it is asked
+    for (repo/pointwalk.py). None: no such point, or its manifest is damaged."""
+
+    def get(self, point_id: str, /) -> RestorePoint | None: ...
+
+
+def parent_chain(point: RestorePoint, by_id: PointLookup) -> list[RestorePoint]:
     """``point``, its parent, that one's parent, ... up to the first full or healed point, that
-    one included: the points whose chunks ``point`` may have inherited. A parent not in
-    ``by_id`` (forgotten, or its manifest damaged) ends it."""
+    one included: the points whose chunks ``point`` may have inherited. A parent ``by_id``
+    does not give (forgotten, or its manifest damaged) ends it."""
     chain: list[RestorePoint] = []
     link: RestorePoint | None = point
     seen: set[str] = set()

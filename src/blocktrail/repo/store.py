@@ -16,7 +16,7 @@ import secrets
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -681,6 +681,17 @@ class Store:
             elif isinstance(result, ManifestCorrupt):
                 damaged.append((filename, result))
         return good, damaged
+
+    def read_point(self, filename: str, verify_records: Mapping[str, list[str]]
+                   ) -> RestorePoint | ManifestCorrupt | None:
+        """The manifest ``points/<filename>``, checked, with the state of its newest verify
+        record named in ``verify_records`` (as `verify_records` gives them); the error that
+        says it is damaged; or None: it was forgotten since it was listed."""
+        result = self._load_or_error(filename)
+        if not isinstance(result, RestorePoint):
+            return result
+        names = verify_records.get(result.id)
+        return _with_state(result, self._read_verify(result.id, names[-1]) if names else None)
 
     def _load_or_error(self, filename: str) -> RestorePoint | ManifestCorrupt | None:
         try:
