@@ -55,7 +55,7 @@ class PointWalk:
 
     def _read_files(self, files: list[str]) -> None:
         store, records = self._store, self._verify_records
-        results = store.io_pool.map(lambda filename: store.read_point(filename, records), files)
+        results = store.read_all(lambda filename: store.read_point(filename, records), files)
         for filename, result in zip(files, results, strict=True):
             if isinstance(result, ManifestCorrupt):
                 self.damaged.append((filename, result.message))

@@ -16,10 +16,10 @@ import secrets
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from blake3 import blake3
 
@@ -77,6 +77,9 @@ CHUNK_SIZE = 64 * 1024
 PAGE_CHUNKS = 1024
 VERIFY_FORMAT = "blocktrail-verify"
 PAGES_KEPT = 256  # pages and tables read, kept in memory (32 KiB each: 8 MiB)
+LOCAL_READ_SLICE = 64  # small files read in turn by one task of the I/O threads (`read_all`)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 _LOST_ADVICE = ("The next backup of the disk stores that content again if the disk still "
                 "has it; `blocktrail verify POINT --against SOURCE --heal` stores it again from "
                 "the source of a restore point")
@@ -193,6 +196,21 @@ class Store:
             "object is ever overwritten and leases exclude each other; use a store that "
             "supports them (AWS S3, MinIO, Ceph RGW, SeaweedFS) or a proxy that passes the "
             "header through")
+
+    def read_all(self, read: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+        """``read(item)`` for each of ``items`` (small files: manifests, index files, verify
+        records), the results in order, on the I/O threads: a task each on object storage (a
+        request each, waiting for the network), slices of `LOCAL_READ_SLICE` in a local
+        directory. There such a read is mostly Python work under the GIL, which a task (a
+        future) each makes slower than reading them in turn: 2,068 index files, warm, on two
+        cores took 0.33 s a task each, 0.19-0.26 s in slices, 0.16-0.18 s in turn; slices
+        still overlap reads that wait for the disk."""
+        if self.backend.remote:
+            return list(self.io_pool.map(read, items))
+        slices = [items[i : i + LOCAL_READ_SLICE] for i in range(0, len(items), LOCAL_READ_SLICE)]
+        return [result for part in self.io_pool.map(lambda part: [read(item) for item in part],
+                                                      slices)
+                for result in part]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -319,7 +337,7 @@ class Store:
             sizes, misplaced = packs.result()
             loaded = ChunkIndex(set(sizes), quarantined.result(), condemned.result())
             loaded.misplaced = misplaced
-            results = list(self.io_pool.map(self._read_index_file, names))
+            results = self.read_all(self._read_index_file, names)
             if any(r is None for r in results):
                 continue
             loaded.files = names
@@ -674,7 +692,7 @@ class Store:
         states = self.verify_states()
         good: list[RestorePoint] = []
         damaged: list[tuple[str, ManifestCorrupt]] = []
-        for filename, result in zip(files, self.io_pool.map(self._load_or_error, files),
+        for filename, result in zip(files, self.read_all(self._load_or_error, files),
                                     strict=True):
             if isinstance(result, RestorePoint):
                 good.append(_with_state(result, states.get(result.id)))
@@ -783,7 +801,7 @@ class Store:
     def verify_states(self) -> dict[str, str]:
         """point id -> the state its newest verify record gives."""
         newest = {pid: names[-1] for pid, names in self.verify_records().items()}
-        states = self.io_pool.map(lambda item: self._read_verify(*item), newest.items())
+        states = self.read_all(lambda item: self._read_verify(*item), list(newest.items()))
         return dict(zip(newest, states, strict=True))
 
     def verify_state(self, point_id: str) -> str | None:

@@ -1236,3 +1236,24 @@ def test_a_damaged_lease_in_a_local_directory_counts_as_a_writer_until_it_runs_o
     aged = time.time() - 2 * Timing().lease_s - 600  # a damaged lease lasts the default
     os.utime(root / "leases" / "disk-0123456789abcdef0123456789abcdef.json", (aged, aged))
     assert repo.prune().packs_deleted == 1
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_small_files_are_read_in_order_a_slice_a_task_locally(
+        repo: Repository, remote: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`read_all`: results in the order of the items, on the I/O threads; in a local directory
+    each task reads a slice of them in turn, on object storage each one its own."""
+    from blocktrail.repo.store import LOCAL_READ_SLICE
+    monkeypatch.setattr(repo.backend, "remote", remote)
+    threads: dict[int, set[str]] = {}
+
+    def read(item: int) -> int:
+        threads.setdefault(item // LOCAL_READ_SLICE, set()).add(threading.current_thread().name)
+        return item * 3
+
+    items = list(range(3 * LOCAL_READ_SLICE + 5))
+    assert repo.read_all(read, items) == [i * 3 for i in items]
+    assert repo.read_all(read, []) == []
+    assert all(name.startswith("blocktrail-io") for names in threads.values() for name in names)
+    if not remote:
+        assert all(len(names) == 1 for names in threads.values())
