@@ -1,6 +1,6 @@
 """What a user waits for at the command line, as whole commands, side by side in one run.
 
-    .venv/bin/python -m bench.cli_bench [--size-gib 4] [--json]
+    .venv/bin/python -m bench.cli_bench [--size-gib 4] [--history N] [--json]
 
 - start-up: ``blocktrail --help`` and ``blocktrail points REPO`` (best of five), against the
   interpreter doing nothing (``python -c pass``) and ``restic version``; and the start-up of
@@ -12,7 +12,10 @@
   the same image file (restic 0.14 from Debian; page cache warm for both, as the change was just
   written; written back first, so that neither waits behind what the other wrote, such as
   restic's copy of the image and its repository), ``--incrementals`` rounds, each a new change
-  (the median reported, each printed);
+  (the median reported, each printed); with ``--history N``, then again once the repository
+  also holds N restore points of N/20 other disks, taken after the disk's last backup (what a
+  long history of many disks costs the command: its choice of the base, its chunk index),
+  against the command's own median before;
   the repository is encrypted (the default: argon2id t=3 m=64 MiB p=4, as a user gets), as
   restic's is, so both pay their key derivation once per command;
 - a full backup of a local disk against a raw sequential read of its file, through the page
@@ -175,6 +178,37 @@ def incremental(work: str, image: str, size: int, rounds: int
                 f"{size / GiB:g} GiB each; peer: restic backup{missing}")], repo, start
 
 
+def with_history(work: str, repo: str, size: int, rounds: int, points: int, disks: int,
+                 without: float) -> Row:
+    """The incremental again, once the repository also holds ``points`` restore points of
+    ``disks`` other (small) disks, all newer than the disk's last point but the one backup
+    taken after them: what a repository's history costs the command (its base choice, its
+    index). ``without``: the command's median before (the peer)."""
+    from blocktrail.repo import Repository
+
+    disk_dir = os.path.join(work, "disk")
+    command = [*BT, "backup", disk_dir, "--repo", repo]
+    with Repository.open(repo, password=PASSWORD.encode()) as opened:
+        chunk = opened.chunk_size
+        for n in range(points):
+            writer = opened.begin(f"other-{n % disks:04d}", 2 * chunk, None, reload=False)
+            writer.put_chunk(0, n.to_bytes(8, "little") * (chunk // 8))
+            writer.commit(kind="full", change_id=None)
+    times = []
+    for round_ in range(rounds + 1):  # the first makes the disk's point the newest again
+        with Disk.open(disk_dir) as disk:
+            for offset, data in scattered_changes(size, 0.01, seed=101 + round_):
+                disk.pwrite(data, offset)
+        os.sync()
+        times.append(_run(command))
+    each = ", ".join(f"{t:.2f}" for t in times[1:])
+    return Row(f"incremental backup of a 1% change, whole command, the repository also "
+               f"holding {points} points of {disks} other disks (s)",
+               statistics.median(times[1:]), without, "s",
+               f"median of {rounds} (each: {each}); peer: the same command before they were "
+               "added (the median above)")
+
+
 def full_vs_raw_read(work: str, image: str, size: int, pairs: int) -> list[Row]:
     """``pairs`` rounds of two raw reads (through the page cache, ``cat``, and past it, ``dd
     iflag=direct``, as the backup reads) and a full backup into a new repository, in turn
@@ -269,7 +303,7 @@ def _read_and_write(layer: str, target: str, count: int) -> float:
                                f"count={blocks}", "oflag=direct", "status=none"])]
     for proc in procs:
         if proc.wait() != 0:
-            raise RuntimeError(f"{proc.args} failed")
+            raise RuntimeError(f"{proc.args!r} failed")
     seconds = time.perf_counter() - start
     os.unlink(target)
     return seconds
@@ -282,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="incremental backups by both, each of a new change (median)")
     parser.add_argument("--full-pairs", type=count, default=3, metavar="N",
                         help="raw reads and full backups, in turn (medians reported)")
+    parser.add_argument("--history", type=int, default=0, metavar="N",
+                        help="then N restore points of other disks (N/20 of them) in the "
+                             "repository, and the incrementals again (default 0: not run; "
+                             "each point takes a commit with its fsyncs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     size = int(args.size_gib * GiB)
@@ -295,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         write_image(image, size)
         inc_rows, repo, backup_start = incremental(work, image, size, args.incrementals)
         rows = startup(repo, backup_start) + inc_rows
+        if args.history > 0:
+            rows.append(with_history(work, repo, size, args.incrementals, args.history,
+                                     max(1, args.history // 20), inc_rows[0].ours))
         rows += full_vs_raw_read(work, image, size, args.full_pairs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
