@@ -181,9 +181,10 @@ def incremental(work: str, image: str, size: int, rounds: int
 def with_history(work: str, repo: str, size: int, rounds: int, points: int, disks: int,
                  without: float) -> Row:
     """The incremental again, once the repository also holds ``points`` restore points of
-    ``disks`` other (small) disks, all newer than the disk's last point but the one backup
-    taken after them: what a repository's history costs the command (its base choice, its
-    index). ``without``: the command's median before (the peer)."""
+    ``disks`` other (small) disks, written after the disk's last backup (the first backup
+    after them is not timed: it makes the disk's point the newest again): what a repository's
+    history costs the command (its base choice, its index). ``without``: the command's median
+    before (the peer)."""
     from blocktrail.repo import Repository
 
     disk_dir = os.path.join(work, "disk")
@@ -317,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-pairs", type=count, default=3, metavar="N",
                         help="raw reads and full backups, in turn (medians reported)")
     parser.add_argument("--history", type=int, default=0, metavar="N",
-                        help="then N restore points of other disks (N/20 of them) in the "
-                             "repository, and the incrementals again (default 0: not run; "
-                             "each point takes a commit with its fsyncs)")
+                        help="then N restore points of N/20 other disks in the repository, "
+                             "and the incrementals again (default 0: not run; each point "
+                             "takes a commit with its fsyncs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     size = int(args.size_gib * GiB)
