@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import blocktrail
-from bench.measure import count
+from bench.measure import count, count_or_none
 from bench.peers import Restic
 from bench.workload import apply_to_file, du_bytes, scattered_changes, write_image
 from blocktrail.disk import Disk
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="incremental backups by both, each of a new change (median)")
     parser.add_argument("--full-pairs", type=count, default=3, metavar="N",
                         help="raw reads and full backups, in turn (medians reported)")
-    parser.add_argument("--history", type=int, default=0, metavar="N",
+    parser.add_argument("--history", type=count_or_none, default=0, metavar="N",
                         help="then N restore points of N/20 other disks in the repository, "
                              "and the incrementals again (default 0: not run; each point "
                              "takes a commit with its fsyncs)")

@@ -22,3 +22,14 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("takes a count of 1 or more")
     return value
+
+
+def count_or_none(text: str) -> int:
+    """An argparse type: 0 (not run) or a `count`."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return count(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: takes 0 (not run) or a count of 1 or "
+                                         "more") from None
