@@ -5,6 +5,7 @@ reads where the repository holds other disks and a long history."""
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from blocktrail.backup import base
 from blocktrail.backup.base import BaseChoice, choose_base
 from blocktrail.repo import Repository, RestorePoint
+from blocktrail.repo.manifest import body_checksum
 from blocktrail.repo.pointwalk import BATCH
 from blocktrail.repo.store import Store
 from s3server import RepoTarget
@@ -154,3 +156,26 @@ def test_the_walk_chooses_what_reading_every_manifest_chooses(
     assert set(walked.passed_over) <= set(model.passed_over)
     if walked.point is None and walked.no_base is None:  # walked to the end: read them all
         assert sorted(walked.passed_over) == sorted(model.passed_over)
+
+
+@pytest.mark.parametrize("parent", ["../keys/x", "20991231T000000000Z-00000000", "itself"])
+def test_a_parent_that_names_no_listed_point_is_read_from_nowhere(
+        tmp_path: Path, counted: list[str], parent: str) -> None:
+    """A manifest whose parent (its checksum made anew) is a path, a point no listing holds, or
+    itself: the walk reads only manifests the listing holds, and chooses what reading them
+    all chooses."""
+    target = RepoTarget("local", str(tmp_path / "repo"))
+    repo = target.init()
+    full = add_point(repo, "mine", None)
+    edited = add_point(repo, "mine", full)
+    name = f"points/{edited.id}.json"
+    body = json.loads(target.read(name))
+    del body["checksum"]
+    body["parent"] = edited.id if parent == "itself" else parent
+    body["checksum"] = body_checksum(body)
+    target.write(name, json.dumps(body).encode())
+    walked = choose_base(repo, "mine")
+    assert set(counted) <= {full.id, edited.id}
+    model = choose_base_reading_all(repo, "mine", {})
+    assert (walked.point and walked.point.id) == (model.point and model.point.id)
+    assert walked.passed_over == model.passed_over and walked.no_base == model.no_base
