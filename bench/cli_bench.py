@@ -12,10 +12,12 @@
   the same image file (restic 0.14 from Debian; page cache warm for both, as the change was just
   written; written back first, so that neither waits behind what the other wrote, such as
   restic's copy of the image and its repository), ``--incrementals`` rounds, each a new change
-  (the median reported, each printed); with ``--history N``, then again once the repository
-  also holds N restore points of N/20 other disks, taken after the disk's last backup (what a
-  long history of many disks costs the command: its choice of the base, its chunk index),
-  against the command's own median before;
+  (the median reported, each printed); then as many again without the audit
+  (``--audit-sample 0``), what the audit's reads of unchanged chunks cost; with
+  ``--history N``, then again once the repository also holds N restore points of N/20
+  other disks, taken after the disk's last backup (what a long history of many disks costs
+  the command: its choice of the base, its chunk index), against the command's own median
+  before;
   the repository is encrypted (the default: argon2id t=3 m=64 MiB p=4, as a user gets), as
   restic's is, so both pay their key derivation once per command;
 - a full backup of a local disk against a raw sequential read of its file, through the page
@@ -166,6 +168,13 @@ def incremental(work: str, image: str, size: int, rounds: int
             os.sync()
             peers.append(restic.backup(copy, f"incr-{round_}").seconds)
     start = min(_until_open(command, os.path.join(repo, "config.json")) for _ in range(3))
+    unaudited = []  # the same command without its audit: what the audit's reads cost
+    for round_ in range(rounds):
+        with Disk.open(disk_dir) as disk:
+            for offset, data in scattered_changes(size, 0.01, seed=911 + round_):
+                disk.pwrite(data, offset)
+        os.sync()
+        unaudited.append(_run([*command, "--audit-sample", "0"]))
     if restic is not None:
         each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=True))
         peer, missing = statistics.median(peers), ""
@@ -175,7 +184,12 @@ def incremental(work: str, image: str, size: int, rounds: int
     return [Row("incremental backup of a 1% change, whole command (s)",
                 statistics.median(ours), peer, "s",
                 f"median of {rounds} (each: {each}); {len(changes)} scattered 64 KiB blocks of "
-                f"{size / GiB:g} GiB each; peer: restic backup{missing}")], repo, start
+                f"{size / GiB:g} GiB each; peer: restic backup{missing}"),
+            Row("the same, without the audit (--audit-sample 0), whole command (s)",
+                statistics.median(unaudited), peer, "s",
+                f"median of {rounds} (each: {', '.join(f'{u:.2f}' for u in unaudited)}), "
+                "each of a new change; the audit re-reads 1% of the unchanged chunks from the "
+                "disk and from the repository")], repo, start
 
 
 def with_history(work: str, repo: str, size: int, rounds: int, points: int, disks: int,
