@@ -157,11 +157,7 @@ def incremental(work: str, image: str, size: int, rounds: int
         restic.backup(copy, "full")
     ours, peers = [], []
     for round_ in range(rounds):
-        changes = scattered_changes(size, 0.01, seed=11 + round_)
-        with Disk.open(disk_dir) as disk:
-            for offset, data in changes:
-                disk.pwrite(data, offset)
-        os.sync()  # neither command waits behind the writeback of what came before it
+        changes = _change(disk_dir, size, seed=11 + round_)
         ours.append(_run(command))
         if restic is not None:
             apply_to_file(copy, changes)
@@ -170,10 +166,7 @@ def incremental(work: str, image: str, size: int, rounds: int
     start = min(_until_open(command, os.path.join(repo, "config.json")) for _ in range(3))
     unaudited = []  # the same command without its audit: what the audit's reads cost
     for round_ in range(rounds):
-        with Disk.open(disk_dir) as disk:
-            for offset, data in scattered_changes(size, 0.01, seed=911 + round_):
-                disk.pwrite(data, offset)
-        os.sync()
+        _change(disk_dir, size, seed=911 + round_)
         unaudited.append(_run([*command, "--audit-sample", "0"]))
     if restic is not None:
         each = ", ".join(f"{o:.2f}/{p:.2f}" for o, p in zip(ours, peers, strict=True))
@@ -190,6 +183,17 @@ def incremental(work: str, image: str, size: int, rounds: int
                 f"median of {rounds} (each: {', '.join(f'{u:.2f}' for u in unaudited)}), "
                 "each of a new change; the audit re-reads 1% of the unchanged chunks from the "
                 "disk and from the repository")], repo, start
+
+
+def _change(disk_dir: str, size: int, *, seed: int) -> list[tuple[int, bytes]]:
+    """Write a new 1% change (scattered 64 KiB blocks) to the disk, and write it back, so that
+    the command timed next does not wait behind that writeback; -> the change."""
+    changes = scattered_changes(size, 0.01, seed=seed)
+    with Disk.open(disk_dir) as disk:
+        for offset, data in changes:
+            disk.pwrite(data, offset)
+    os.sync()
+    return changes
 
 
 def with_history(work: str, repo: str, size: int, rounds: int, points: int, disks: int,
@@ -211,10 +215,7 @@ def with_history(work: str, repo: str, size: int, rounds: int, points: int, disk
             writer.commit(kind="full", change_id=None)
     times = []
     for round_ in range(rounds + 1):  # the first makes the disk's point the newest again
-        with Disk.open(disk_dir) as disk:
-            for offset, data in scattered_changes(size, 0.01, seed=101 + round_):
-                disk.pwrite(data, offset)
-        os.sync()
+        _change(disk_dir, size, seed=101 + round_)
         times.append(_run(command))
     each = ", ".join(f"{t:.2f}" for t in times[1:])
     return Row(f"incremental backup of a 1% change, whole command, the repository also "
