@@ -109,6 +109,9 @@ class ChangeTracker:
         self.marks_during_consolidation = 0
         self._checkpoint_after_commit = False
         self._answers = KeptAnswers()  # closed questions answered (answers.py)
+        # `_inherited_chain` of `_epochs`, made again only when an epoch is added (a query
+        # resolves its change ID, and QEMU asks a dirty map one extent a request)
+        self._chain: tuple[list[EpochRecord], str | None] | None = None
 
     # ---------------------------------------------------------------- construction
 
@@ -281,6 +284,7 @@ class ChangeTracker:
         epoch's write-intent bits), so a crash in between never reopens the old epoch with
         its intent gone."""
         self._epochs.append(EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, None))
+        self._chain = None
         self._answers.clear()
         self._intervals.clear()
         self._open = BitMap()
@@ -299,6 +303,7 @@ class ChangeTracker:
             del self._intervals[later]
         self._epochs.append(
             EpochRecord(new_epoch(), _now(), reason, TRACKER_FORMAT, (self.epoch, seq)))
+        self._chain = None
         self._open = BitMap()
         self.seq = seq
         return self.current_change_id
@@ -308,7 +313,9 @@ class ChangeTracker:
     def resolve(self, change_id: str) -> int:
         """The sequence, in the current epoch's numbering, of a valid change ID."""
         cid = ChangeId.parse(change_id)
-        chain, loop = _inherited_chain(self._epochs)
+        if self._chain is None:
+            self._chain = _inherited_chain(self._epochs)
+        chain, loop = self._chain
         if loop is not None:  # a load restarts such a history: only a damaged state gets here
             raise CorruptMetadata(
                 f"{self._dir}: the tracker's epochs in disk.json inherit in a loop (through "
@@ -372,6 +379,24 @@ class ChangeTracker:
             return None
         return self._answer(joined, until_seq, size_bytes, start_offset, max_granules,
                             max_extents)
+
+    def first_kept_area(self, change_id: str, *, until_seq: int, size_bytes: int,
+                        start_offset: int) -> tuple[int, int] | None:
+        """The first area of the closed question's answer that ends past ``start_offset``,
+        clipped to [start_offset, size_bytes): (offset, end); (size_bytes, size_bytes) when
+        none does. Only from an answer kept whole (answers.py): None when it is not kept (then
+        `query` or `try_query` answers). What `query` answers with ``max_extents=1``, without
+        its arrays: QEMU asks a snapshot's dirty map one extent a request."""
+        _check_window(start_offset, size_bytes)
+        runs = self._answers.get(self._key(self._joined(change_id, until_seq)))
+        if runs is None:
+            return None
+        firsts, ends = runs
+        g = self.granularity
+        i = int(ends.searchsorted(start_offset // g, side="right"))  # the first run ending past
+        if i == len(ends) or int(firsts[i]) * g >= size_bytes:
+            return size_bytes, size_bytes
+        return max(int(firsts[i]) * g, start_offset), min(int(ends[i]) * g, size_bytes)
 
     def _answer(self, joined: range, until_seq: int | None, size_bytes: int, start_offset: int,
                 join_up_to: int, max_extents: int | None) -> DiskChangeInfo:
