@@ -685,6 +685,24 @@ class Disk:
                                            start_offset=start_offset, max_granules=max_granules,
                                            max_extents=max_extents)
 
+    def try_first_changed_area(self, change_id: str, start_offset: int, snapshot: Snapshot, *,
+                               end_offset: int | None = None) -> tuple[int, int] | None:
+        """The first area changed after ``change_id`` up to ``snapshot`` that ends past
+        ``start_offset``, clipped to [start_offset, end_offset): (offset, end), or (end, end)
+        when there is none; what `query_changed_areas` answers with ``max_extents=1``. Only
+        when the answer is kept whole (`changed_areas_kept`) and nothing makes it wait; None
+        otherwise. Errors are raised as by `query_changed_areas`."""
+        if change_id.strip() == ALL_ALLOCATED:
+            return None
+        with self._lock.shared_if_free() as held:
+            if not held:
+                return None
+            snap = self._resolve(snapshot)
+            end, until = self._query_bounds(change_id, start_offset, snap, end_offset)
+            assert until is not None  # a snapshot's point
+            return self._tracker.first_kept_area(change_id, until_seq=until, size_bytes=end,
+                                                 start_offset=start_offset)
+
     def _query_bounds(self, change_id: str, start_offset: int, snap: Snapshot | None,
                       end_offset: int | None) -> tuple[int, int | None]:
         """A query's checks (the disk usable, the range); -> where its answer ends, and the

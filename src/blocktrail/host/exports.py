@@ -42,6 +42,7 @@ from blocktrail.tracking import ALL_ALLOCATED
 
 _FUA = int(CommandFlag.FUA)
 _NOT_NOW = int(CommandFlag.FUA | CommandFlag.NO_HOLE)  # FUA waits for a flush; NO_HOLE writes
+_REQ_ONE = int(CommandFlag.REQ_ONE)
 MAX_DESCRIPTORS = 1 << 16
 REQ_ONE_FIRST_WINDOW = 1 << 20
 ZERO_WRITE_BYTES = 1 << 20
@@ -187,7 +188,7 @@ class Target:
             raise RequestFailed("no meta context was negotiated", errno=Errno.EINVAL)
         self.check_range(Command.BLOCK_STATUS, request.offset, request.length)
         start, end = request.offset, request.offset + request.length
-        one = bool(request.flags & CommandFlag.REQ_ONE)
+        one = bool(int.__and__(request.flags, _REQ_ONE))  # not Flag's own `&`: per request
         out = []
         for context_id, name in sorted(contexts.items()):
             if name == BASE_ALLOCATION:
@@ -212,12 +213,24 @@ class Target:
         # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
         # may be shorter than asked: look at a growing window until the extent ends inside it
         # (the first area found ends before the next one starts, or before the window does).
-        # A snapshot's answer kept whole costs the same for any window: all of it at once.
+        # A snapshot's answer kept whole costs the same for any window: its first area past
+        # the offset is looked up in it (no arrays; when it is no longer kept, or the disk is
+        # busy, the window below is the whole rest, answered as any question).
         kept = change_id in self.kept_maps
         if not kept and self.frozen is not None and self.disk.changed_areas_kept(change_id,
                                                                                   self.frozen):
             kept = True
             self.kept_maps.add(change_id)
+        if kept and self.frozen is not None and inside != outside:
+            with _as_reply_errors():
+                area = self.disk.try_first_changed_area(change_id, start, self.frozen,
+                                                        end_offset=end)
+            if area is not None:
+                area_start, area_end = area
+                if area_start >= end:  # none before the end
+                    return _PAIR.pack(end - start, outside)
+                return _PAIR.pack(area_start - start, outside) if area_start > start \
+                    else _PAIR.pack(area_end - start, inside)
         window = end - start if kept else REQ_ONE_FIRST_WINDOW
         while True:
             stop = min(end, start + window)

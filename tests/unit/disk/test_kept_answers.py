@@ -11,7 +11,7 @@ import pytest
 from pyroaring import BitMap
 
 from blocktrail.disk import Disk
-from blocktrail.errors import InvalidArgument
+from blocktrail.errors import InvalidArgument, OutOfRange, SnapshotRemoved, StaleChangeId
 from blocktrail.tracking import ChangeTracker
 from blocktrail.tracking.answers import KeptAnswers, runs_of, runs_within
 from faulty import KeepsAnswersAcrossEpochs
@@ -27,9 +27,20 @@ def _granules(disk: Disk, since: str, snapshot: str, start: int = 0,
             for g in range(o // GRAIN, -(-(o + n) // GRAIN))}
 
 
-def _revert_then_same_number(tmp_path: Path, tracker_class: type[ChangeTracker]) -> set[int]:
+def _first(disk: Disk, since: str, snapshot: str) -> set[int]:
+    """The granules of the first area of the map (`Disk.try_first_changed_area`: from the
+    answer kept whole, as QEMU's one-extent questions are answered)."""
+    record = next(s for s in disk.snapshots if s.name == snapshot)
+    area = disk.try_first_changed_area(since, 0, record)
+    assert area is not None  # kept: the map was just asked for whole
+    return set(range(area[0] // GRAIN, -(-area[1] // GRAIN)))
+
+
+def _revert_then_same_number(tmp_path: Path, tracker_class: type[ChangeTracker]
+                             ) -> tuple[set[int], set[int]]:
     """s1 holds granule 10; reverted to s0, the disk writes granule 20 and takes s1 again
-    (the same sequence number, in a new epoch): what the map of s0..s1 says."""
+    (the same sequence number, in a new epoch): what the map of s0..s1 says, whole and its
+    first area."""
     with Disk.create(str(tmp_path / "d"), SIZE, granularity=GRAIN,
                      tracker_class=tracker_class) as disk:
         since = disk.create_snapshot("s0").change_id
@@ -39,20 +50,21 @@ def _revert_then_same_number(tmp_path: Path, tracker_class: type[ChangeTracker])
         disk.revert_to_snapshot("s0")
         disk.pwrite(b"b" * GRAIN, 20 * GRAIN)
         disk.create_snapshot("s1")
-        return _granules(disk, since, "s1")
+        return _granules(disk, since, "s1"), _first(disk, since, "s1")
 
 
 def test_a_revert_never_leaves_a_stale_answer(tmp_path: Path) -> None:
-    assert _revert_then_same_number(tmp_path, ChangeTracker) == {20}
+    assert _revert_then_same_number(tmp_path, ChangeTracker) == ({20}, {20})
 
 
 def test_the_revert_test_catches_answers_kept_across_epochs(tmp_path: Path) -> None:
-    assert _revert_then_same_number(tmp_path, KeepsAnswersAcrossEpochs) == {10}
+    assert _revert_then_same_number(tmp_path, KeepsAnswersAcrossEpochs) == ({10}, {10})
 
 
-def _reset_then_same_numbers(tmp_path: Path, tracker_class: type[ChangeTracker]) -> set[int]:
+def _reset_then_same_numbers(tmp_path: Path, tracker_class: type[ChangeTracker]
+                             ) -> tuple[set[int], set[int]]:
     """s0..s1 holds granule 10; after a reset, s2..s3 (the same sequence numbers, in a new
-    epoch) holds granule 40: what the map of s2..s3 says."""
+    epoch) holds granule 40: what the map of s2..s3 says, whole and its first area."""
     with Disk.create(str(tmp_path / "d"), SIZE, granularity=GRAIN,
                      tracker_class=tracker_class) as disk:
         since = disk.create_snapshot("s0").change_id
@@ -63,15 +75,15 @@ def _reset_then_same_numbers(tmp_path: Path, tracker_class: type[ChangeTracker])
         since = disk.create_snapshot("s2").change_id
         disk.pwrite(b"c" * GRAIN, 40 * GRAIN)
         disk.create_snapshot("s3")
-        return _granules(disk, since, "s3")
+        return _granules(disk, since, "s3"), _first(disk, since, "s3")
 
 
 def test_a_reset_never_leaves_a_stale_answer(tmp_path: Path) -> None:
-    assert _reset_then_same_numbers(tmp_path, ChangeTracker) == {40}
+    assert _reset_then_same_numbers(tmp_path, ChangeTracker) == ({40}, {40})
 
 
 def test_the_reset_test_catches_answers_kept_across_epochs(tmp_path: Path) -> None:
-    assert _reset_then_same_numbers(tmp_path, KeepsAnswersAcrossEpochs) == {10}
+    assert _reset_then_same_numbers(tmp_path, KeepsAnswersAcrossEpochs) == ({10}, {10})
 
 
 def test_every_window_of_a_kept_answer_is_what_a_fresh_join_says(
@@ -144,3 +156,33 @@ def test_an_answer_of_n_extents_ends_where_the_nth_does(tmp_path: Path) -> None:
             disk.query_changed_areas(since, 0, "s1", max_extents=0)
         with pytest.raises(InvalidArgument, match="at least 1"):
             disk.try_query_changed_areas(since, 0, "s1", max_granules=10, max_extents=0)
+
+
+def test_the_first_area_is_that_of_a_one_extent_answer(tmp_path: Path) -> None:
+    """`Disk.try_first_changed_area` (the answer kept whole, no arrays) says what
+    `query_changed_areas` with ``max_extents=1`` says, for any window; None until the answer
+    is kept; and refuses what the query refuses."""
+    rng = random.Random(5)
+    with Disk.create(str(tmp_path / "d"), SIZE, granularity=GRAIN) as disk:
+        since = disk.create_snapshot("s0").change_id
+        for _ in range(80):
+            disk.pwrite(b"x" * rng.choice((1, GRAIN, 3 * GRAIN)), rng.randrange(SIZE - 3 * GRAIN))
+        record = disk.create_snapshot("s1")
+        assert disk.try_first_changed_area(since, 0, record) is None  # not joined yet
+        disk.query_changed_areas(since, 0, "s1")  # joined whole, and kept
+        for _ in range(400):
+            start = rng.randrange(SIZE)
+            end = rng.choice((None, min(SIZE, start + rng.choice((1, 700, GRAIN, 9 * GRAIN)))))
+            one = disk.query_changed_areas(since, start, "s1", end_offset=end, max_extents=1)
+            expected = (int(one.offsets[0]), int(one.offsets[0] + one.lengths[0])) if len(one) \
+                else (one.end, one.end)
+            assert disk.try_first_changed_area(since, start, record, end_offset=end) \
+                == expected, (start, end)
+        with pytest.raises(OutOfRange):
+            disk.try_first_changed_area(since, SIZE, record)
+        disk.reset_tracking()
+        with pytest.raises(StaleChangeId):
+            disk.try_first_changed_area(since, 0, record)
+        disk.remove_snapshot("s1")
+        with pytest.raises(SnapshotRemoved):
+            disk.try_first_changed_area(since, 0, record)

@@ -151,8 +151,9 @@ def test_an_answer_of_more_areas_than_a_reply_carries_stops_where_the_reply_ends
 def test_one_extent_from_any_offset_is_the_first_of_the_whole_answer(
         disk: Disk, kept: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """REQ_ONE (QEMU asks so): the extent from an offset, whole, whether it ends inside the first
-    window looked at or far past it, from a snapshot's answer kept whole or not (the growing
-    windows), and from the live disk."""
+    window looked at or far past it, from a snapshot's answer kept whole (its first area alone,
+    `Disk.try_first_changed_area`) or not (the growing windows), and from the live disk; also
+    when the request ends before the disk does."""
     if not kept:  # every window joined afresh
         monkeypatch.setattr(ChangeTracker, "_closed_runs", lambda self, joined, up_to: None)
     since = disk.create_snapshot("s0").change_id
@@ -168,6 +169,7 @@ def test_one_extent_from_any_offset_is_the_first_of_the_whole_answer(
         target = DiskCatalog.of({"d0": disk}).target(name)
         assert target is not None
         for offset in offsets:
-            (_, one), = target.block_status(status(offset, SIZE - offset, one=True), dirty)
-            (_, whole), = target.block_status(status(offset, SIZE - offset), dirty)
-            assert one == whole[:8], (name, offset)
+            for length in {SIZE - offset, *(min(n, SIZE - offset) for n in (1, GRAIN + 3))}:
+                (_, one), = target.block_status(status(offset, length, one=True), dirty)
+                (_, whole), = target.block_status(status(offset, length), dirty)
+                assert one == whole[:8], (name, offset, length)
