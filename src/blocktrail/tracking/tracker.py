@@ -110,7 +110,9 @@ class ChangeTracker:
         self._checkpoint_after_commit = False
         self._answers = KeptAnswers()  # closed questions answered (answers.py)
         # `_inherited_chain` of `_epochs`, made again only when an epoch is added (a query
-        # resolves its change ID, and QEMU asks a dirty map one extent a request)
+        # resolves its change ID, and QEMU asks a dirty map one extent a request). Queries on
+        # two threads may both make it: the same value; epochs are added with the disk's lock
+        # held exclusively, so never while a query runs.
         self._chain: tuple[list[EpochRecord], str | None] | None = None
 
     # ---------------------------------------------------------------- construction
