@@ -94,6 +94,10 @@ def test_a_question_that_would_wait_goes_to_a_worker(disk: Disk) -> None:
     disk.pwrite(b"x" * GRAIN, 0)
     assert disk.try_query_changed_areas(since, max_granules=10) is not None
     assert disk.try_query_changed_areas("*", max_granules=10) is None  # allocation: never
+    s1 = disk.create_snapshot("s1")
+    disk.query_changed_areas(since, 0, s1)  # kept whole
+    assert disk.try_first_changed_area(since, 0, s1) == (0, GRAIN)
+    assert disk.try_first_changed_area("*", 0, s1) is None  # allocation: never
     held, release = threading.Event(), threading.Event()
 
     def change_structure() -> None:  # as a snapshot being taken holds the disk
@@ -106,6 +110,7 @@ def test_a_question_that_would_wait_goes_to_a_worker(disk: Disk) -> None:
     try:
         assert held.wait(10)
         assert disk.try_query_changed_areas(since, max_granules=10) is None
+        assert disk.try_first_changed_area(since, 0, s1) is None
     finally:
         release.set()
         thread.join()
