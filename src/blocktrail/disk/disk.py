@@ -649,22 +649,6 @@ class Disk:
             return self._tracker.query(change_id, until_seq=until, size_bytes=end,
                                        start_offset=start_offset, max_extents=max_extents)
 
-    def changed_areas_kept(self, change_id: str, snapshot: Snapshot) -> bool:
-        """Whether the areas changed after ``change_id`` up to ``snapshot`` are kept whole
-        (tracking/answers.py), so that a question about any window of them costs no join: a
-        hint, never waiting (False when the disk is busy, or the question would be refused)."""
-        if change_id.strip() == ALL_ALLOCATED:
-            return False
-        with self._lock.shared_if_free() as held:
-            if not held:
-                return False
-            try:
-                snap = self._resolve(snapshot)
-                return snap is not None and self._tracker.is_kept(
-                    change_id, self._tracker.resolve(snap.change_id))
-            except BlocktrailError:
-                return False
-
     def try_query_changed_areas(self, change_id: str, start_offset: int = 0,
                                 snapshot: str | Snapshot | None = None, *,
                                 end_offset: int | None = None, max_granules: int,
@@ -690,7 +674,7 @@ class Disk:
         """The first area changed after ``change_id`` up to ``snapshot`` that ends past
         ``start_offset``, clipped to [start_offset, end_offset): (offset, end), or (end, end)
         when there is none; what `query_changed_areas` answers with ``max_extents=1``. Only
-        when the answer is kept whole (`changed_areas_kept`) and nothing makes it wait; None
+        when the answer is kept whole (tracking/answers.py) and nothing makes it wait; None
         otherwise. Errors are raised as by `query_changed_areas`."""
         if change_id.strip() == ALL_ALLOCATED:
             return None

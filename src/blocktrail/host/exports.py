@@ -13,7 +13,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -70,9 +70,6 @@ class Target:
 
     disk: Disk
     frozen: Snapshot | None
-    # dirty maps found kept whole (`Disk.changed_areas_kept`) on this export: a hint of what a
-    # question costs, asked once per connection, not per request (QEMU asks one extent a time)
-    kept_maps: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def snapshot(self) -> str | None:
@@ -210,18 +207,14 @@ class Target:
         if not one:
             lo, hi, covered = self._areas(change_id, start, end, now=now)
             return descriptors((lo, hi), start, covered, inside, outside, one=False)
-        # One extent is wanted (QEMU asks so, from each offset to the end of the disk), and it
-        # may be shorter than asked: look at a growing window until the extent ends inside it
-        # (the first area found ends before the next one starts, or before the window does).
-        # A snapshot's answer kept whole costs the same for any window: its first area past
-        # the offset is looked up in it (no arrays; when it is no longer kept, or the disk is
-        # busy, the window below is the whole rest, answered as any question).
-        kept = change_id in self.kept_maps
-        if not kept and self.frozen is not None and self.disk.changed_areas_kept(change_id,
-                                                                                  self.frozen):
-            kept = True
-            self.kept_maps.add(change_id)
-        if kept and self.frozen is not None and inside != outside:
+        # One extent is wanted (QEMU asks so, from each offset to the end of the disk). A
+        # snapshot's answer kept whole gives its first area past the offset at once (no
+        # arrays). Otherwise (not kept: the first question, the live disk, too large; or the
+        # disk is busy) the extent may be shorter than asked: look at a growing window until
+        # it ends inside it (the first area found ends before the next one starts, or before
+        # the window does). That question joins a snapshot's answer whole and keeps it, when
+        # it is not too large to keep.
+        if self.frozen is not None and inside != outside:
             with _as_reply_errors():
                 area = self.disk.try_first_changed_area(change_id, start, self.frozen,
                                                         end_offset=end)
@@ -231,7 +224,7 @@ class Target:
                     return _PAIR.pack(end - start, outside)
                 return _PAIR.pack(area_start - start, outside) if area_start > start \
                     else _PAIR.pack(area_end - start, inside)
-        window = end - start if kept else REQ_ONE_FIRST_WINDOW
+        window = REQ_ONE_FIRST_WINDOW
         while True:
             stop = min(end, start + window)
             lo, hi, covered = self._areas(change_id, start, stop, now=now, max_extents=1)

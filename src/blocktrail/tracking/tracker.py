@@ -423,15 +423,6 @@ class ChangeTracker:
         return _runs_to_change_info(runs_within(runs, lo, hi, max_extents + 1),
                                     self.granularity, start_offset, size_bytes, max_extents)
 
-    def is_kept(self, change_id: str, until_seq: int) -> bool:
-        """Whether the closed question's answer is kept (answers.py): any window of it costs
-        no join. False also for a change ID that `query` would refuse."""
-        try:
-            joined = self._joined(change_id, until_seq)
-        except (InvalidChangeId, StaleChangeId, CorruptMetadata):
-            return False
-        return self._answers.get(self._key(joined)) is not None
-
     def _closed_runs(self, joined: range, join_up_to: int) -> Runs | None:
         """The runs of the closed intervals ``joined``, kept or joined now when they hold at
         most ``join_up_to`` granules; else None."""
